@@ -33,7 +33,8 @@ from torch import nn
 from .cli import UserError
 from .h5 import put, write_root_attrs
 
-__all__ = ["Recorder", "Run", "load", "save_atomic", "per_example_stats", "evaluate"]
+__all__ = ["Recorder", "Run", "load", "save_atomic", "per_example_stats", "evaluate", "accuracies",
+           "SUBSETS"]
 
 DYN_NAMES = ("loss", "correct", "margin")
 METRICS = ("train_accuracy", "clean_accuracy", "noisy_accuracy", "noisy_true_accuracy",
@@ -76,6 +77,25 @@ def evaluate(model: nn.Module, batches: Iterable) -> dict[str, np.ndarray]:
     finally:
         model.train(was_training)
     return {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in out.items()}
+
+
+SUBSETS = ("clean", "noisy", "noisy_true", "test")
+
+
+def accuracies(model: nn.Module, data, *, batch_size: int = 1024) -> dict[str, float]:
+    """Accuracy of ``model`` (eval mode) on the standard subsets of a :class:`memloc.data.Data`.
+
+    ``clean``: clean training examples; ``noisy``: noisy training examples w.r.t. their given
+    (wrong) labels, i.e. the fraction still memorised; ``noisy_true``: noisy examples w.r.t. their
+    true labels; ``test``: the test set. Keys are :data:`SUBSETS`.
+    """
+    train = evaluate(model, data.train.batches(batch_size))
+    order = np.argsort(train["idx"])
+    pred, correct = train["pred"][order], train["correct"][order].astype(bool)
+    noisy = data.is_noisy
+    test = evaluate(model, data.test.batches(batch_size))
+    return {"clean": _mean(correct[~noisy]), "noisy": _mean(correct[noisy]),
+            "noisy_true": _mean(pred[noisy] == data.label_true[noisy]), "test": _mean(test["correct"])}
 
 
 def _batches(data, batch_size):
