@@ -1,0 +1,220 @@
+"""Figures (PNG) for every result of a run, and one ``report.md`` tying them together.
+
+``python -m memloc.report RUN [--out DIR]`` (default ``RUN/report``). Each analysis has one
+plotting function in :data:`PLOTTERS`: it reads ``RUN/results/<name>.h5`` (skipped if absent),
+writes its PNGs into the output folder and returns the Markdown section of the report.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import cli  # noqa: E402
+from .h5 import dims  # noqa: E402
+from .run import Run, load  # noqa: E402
+
+__all__ = ["make_report", "PLOTTERS", "parse_args", "main"]
+
+COLORS = {"clean": "tab:blue", "noisy": "tab:red", "noisy_true": "tab:orange", "test": "tab:green",
+          "total": "tab:gray"}
+LABELS = {"clean": "clean train", "noisy": "noisy train (given label)",
+          "noisy_true": "noisy train (true label)", "test": "test"}
+
+
+def _save(fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):  # percentages to 0.1, small numbers (cosines, rates) to 0.001
+        if isinstance(v, (float, np.floating)):
+            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _short(names) -> list[str]:
+    """Layer names short enough for tick labels."""
+    return [n if len(n) <= 18 else "…" + n[-17:] for n in names]
+
+
+def plot_training(run: Run, out: Path) -> str:
+    """Accuracy curves over epochs, and mean loss of clean vs noisy examples."""
+    m = run.metrics()
+    epochs = np.arange(len(m["test_accuracy"]))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key in ("clean", "noisy", "noisy_true", "test"):
+        a.plot(epochs, 100 * m[f"{key}_accuracy"], color=COLORS[key], label=LABELS[key])
+    a.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy during training", ylim=(0, 101))
+    a.legend(fontsize=8)
+    loss = run.dynamics("loss", "end")
+    for key, rows in (("clean", ~run.is_noisy), ("noisy", run.is_noisy)):
+        if rows.any():
+            b.plot(epochs, loss[:, rows].mean(1), color=COLORS[key], label=f"{key} examples")
+    b.set(xlabel="epoch", ylabel="mean loss (given label)", title="loss at epoch end", yscale="log")
+    b.legend(fontsize=8)
+    name = _save(fig, out, "training.png")
+    last = {k: float(v[-1]) for k, v in m.items()}
+    rows = [[LABELS[k], 100 * last[f"{k}_accuracy"]] for k in ("clean", "noisy", "noisy_true", "test")]
+    return ("## Training\n\n"
+            f"{run.num_train} training examples, {int(run.is_noisy.sum())} with noisy labels; "
+            f"{run.final_epoch} epochs.\n\n![training]({name})\n\n"
+            + _table(["final accuracy on", "%"], rows))
+
+
+def _names(f, key="layers/names") -> list[str]:
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in f[key][:]]
+
+
+def _grid(n: int, width: float = 3.2, height: float = 2.6, **kw):
+    """A figure with one small axis per layer (at most 4 per row); unused axes hidden."""
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, **kw)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def plot_gradients(run: Run, out: Path) -> str:
+    """Per-layer gradient norms (clean / noisy / total) over epochs and the clean-noisy cosine heatmap."""
+    with h5py.File(run.results_path("gradients")) as f:
+        layers, epochs = _names(f), f["epochs"][:]
+        q = {k: f[k][:] for k in ("norm_clean", "norm_noisy", "norm_total", "cosine")}
+    n = len(layers)
+    fig, axes = _grid(n, sharex=True)
+    for i, ax in enumerate(axes.flat[:n]):
+        for key in ("clean", "noisy", "total"):
+            ax.plot(epochs, q[f"norm_{key}"][:, i], color=COLORS[key], label=key)
+        ax.set_yscale("log")
+        ax.set_title(_short([layers[i]])[0], fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0, 0].set_ylabel("||grad|| / sqrt(#params)")
+    axes[0, 0].legend(fontsize=7)
+    norms = _save(fig, out, "gradients_norms.png")
+    fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(epochs) + 2), max(2.5, 0.35 * n + 1.2)))
+    im = ax.imshow(q["cosine"].T, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(n), _short(layers), fontsize=7)
+    step = max(1, len(epochs) // 15)
+    ax.set_xticks(range(0, len(epochs), step), epochs[::step])
+    ax.set(xlabel="epoch", title="cosine(clean gradient, noisy gradient)")
+    fig.colorbar(im, ax=ax)
+    cos = _save(fig, out, "gradients_cosine.png")
+    later = epochs >= 2
+    rows = [[layers[i], f"{np.nanmean(q['norm_clean'][later, i]):.3g}", f"{np.nanmean(q['norm_noisy'][later, i]):.3g}",
+             np.nanmean(q["cosine"][later, i])] for i in range(n)]
+    return ("## Gradient accounting\n\nNorm of the gradient of the mean clean, noisy and total loss, per "
+            "parameter, and the cosine between the clean and noisy gradients.\n\n"
+            f"![gradient norms]({norms})\n\n![cosine]({cos})\n\nMeans over epochs >= 2:\n\n"
+            + _table(["layer", "clean norm", "noisy norm", "cosine"], rows))
+
+
+def _heatmaps(acc: np.ndarray, subsets: list[str], layers: list[str], xs, xlabel: str, title: str,
+              out: Path, name: str) -> str:
+    """One heatmap per subset of an accuracy array (layer, x, subset)."""
+    fig, axes = plt.subplots(1, len(subsets), figsize=(3.4 * len(subsets) + 1, max(2.4, 0.35 * len(layers) + 1.3)),
+                             squeeze=False)
+    step = max(1, -(-len(xs) // 6))
+    for j, (ax, sub) in enumerate(zip(axes[0], subsets)):
+        im = ax.imshow(100 * acc[:, :, j], aspect="auto", vmin=0, vmax=100, cmap="viridis", interpolation="nearest")
+        ax.set_title(LABELS.get(sub, sub), fontsize=9)
+        ax.set_xticks(range(0, len(xs), step), np.asarray(xs)[::step])
+        ax.set_xlabel(xlabel)
+        ax.set_yticks(range(len(layers)), _short(layers) if j == 0 else [], fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), label="accuracy (%)")
+    fig.suptitle(title, fontsize=10, y=1.04)
+    fig.savefig(out / name, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def _accuracy_rows(layers, subsets, acc_per_layer, base, base_label):
+    rows = [[layers[i]] + [100 * a for a in acc_per_layer[i]] for i in range(len(layers))]
+    return _table(["layer"] + [LABELS.get(s, s) for s in subsets], rows + [[base_label] + [100 * b for b in base]])
+
+
+def plot_rewind(run: Run, out: Path) -> str:
+    """Heatmaps [layer x rewind epoch] of clean / noisy / test accuracy."""
+    with h5py.File(run.results_path("rewind")) as f:
+        layers, subsets, epochs = _names(f), _names(f, "subsets/names"), f["epochs"][:]
+        acc, base = f["accuracy"][:], f["baseline"][:]   # (R, L, S), (S,)
+    name = _heatmaps(acc.transpose(1, 0, 2), subsets, layers, epochs, "rewound to epoch",
+                     "rewinding one layer of the final model", out, "rewind.png")
+    e0 = int(np.argmin(epochs))
+    return (f"## Layer rewinding\n\nOne layer at a time is put back to an earlier checkpoint.\n\n![rewind]({name})\n\n"
+            f"Accuracy (%) with the layer rewound to epoch {epochs[e0]}:\n\n"
+            + _accuracy_rows(layers, subsets, acc[e0], base, "(no rewinding)"))
+
+
+def plot_retrain(run: Run, out: Path) -> str:
+    """Curves per layer of clean / noisy / test accuracy while retraining it on clean data."""
+    with h5py.File(run.results_path("retrain")) as f:
+        layers, subsets, epochs = _names(f), _names(f, "subsets/names"), f["epochs"][:]
+        acc, base = f["accuracy"][:], f["baseline"][:]   # (L, E+1, S)
+    n = len(layers)
+    fig, axes = _grid(n, sharey=True)
+    for i, ax in enumerate(axes.flat[:n]):
+        for j, sub in enumerate(subsets):
+            ax.plot(epochs, 100 * acc[i, :, j], color=COLORS.get(sub), label=LABELS.get(sub, sub))
+        ax.set_title(_short([layers[i]])[0], fontsize=9)
+        ax.set_ylim(0, 101)
+        ax.set_xlabel("retraining epoch")
+    axes[0, 0].set_ylabel("accuracy (%)")
+    axes[0, 0].legend(fontsize=7)
+    name = _save(fig, out, "retrain.png")
+    return ("## Layer retraining\n\nOne layer at a time is reset to initialisation and retrained alone on the "
+            f"clean examples.\n\n![retrain]({name})\n\nAccuracy (%) after retraining:\n\n"
+            + _accuracy_rows(layers, subsets, acc[:, -1], base, "(final model)"))
+
+
+PLOTTERS = {"training": plot_training, "gradients": plot_gradients, "rewind": plot_rewind,
+            "retrain": plot_retrain}
+
+
+def make_report(run_dir, out_dir=None) -> Path:
+    """Write every available figure and ``report.md`` for the run; returns the Markdown path."""
+    run = load(run_dir)
+    out = Path(out_dir) if out_dir is not None else run.path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = run.config
+    sections = [f"# memloc report: `{run.path.name}`\n\n"
+                + _table(["setting", "value"], [[k, json.dumps(v)] for k, v in sorted(cfg.items())])]
+    for name, plot in cli.progress(list(PLOTTERS.items()), desc="report", unit="figure"):
+        if name != "training" and not run.results_path(name).exists():
+            continue
+        sections.append(plot(run, out))
+    md = out / "report.md"
+    md.write_text("\n\n".join(sections) + "\n")
+    return md
+
+
+def parse_args(argv=None):
+    p = cli.parser("memloc.report", "Figures (PNG) for every result file of a run and a report.md summary.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", default=None, help="output folder (default RUN/report)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with cli.user_errors("memloc.report"):
+        md = make_report(args.run, args.out)
+        print(f"report: {md}")
+    return md
+
+
+if __name__ == "__main__":
+    main()
