@@ -7,6 +7,7 @@ writes its PNGs into the output folder and returns the Markdown section of the r
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -18,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from . import cli  # noqa: E402
 from .h5 import dims  # noqa: E402
-from .run import Run, load  # noqa: E402
+from .run import SUBSETS, Run, load  # noqa: E402
 
 __all__ = ["make_report", "PLOTTERS", "parse_args", "main"]
 
@@ -180,8 +181,73 @@ def plot_retrain(run: Run, out: Path) -> str:
             + _accuracy_rows(layers, subsets, acc[:, -1], base, "(final model)"))
 
 
+def plot_flip(run: Run, out: Path) -> str:
+    """Units needed to flip noisy vs clean examples, and where the critical units are."""
+    with h5py.File(run.results_path("flip")) as f:
+        cfg = json.loads(f.attrs["config"])
+        searched = f["examples/status"][:] == 0
+        noisy = f["examples/is_noisy"][:].astype(bool)
+        n_units, flipped = f["examples/n_units"][:], f["examples/flipped"][:]
+        hist = f["examples/layer_hist"][:]                      # (K, R, L)
+        layers = _names(f)
+        collateral = f["examples/collateral"][:] if "examples/collateral" in f else None
+    cap = int(cfg.get("max_units", n_units.max(initial=0)))
+    count = np.where(flipped, n_units, cap + 1).mean(1)      # the neuron-count score
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    bins = np.histogram_bin_edges(count[searched], bins=min(cap + 2, 40)) if searched.any() else 10
+    groups = {"clean": searched & ~noisy, "noisy": searched & noisy}
+    for key, rows in groups.items():
+        if rows.any():
+            a.hist(count[rows], bins=bins, alpha=0.6, color=COLORS[key], label=f"{key} (n={rows.sum()})")
+    a.set(xlabel=f"units zeroed to flip the prediction (> {cap} = not flipped)", ylabel="examples",
+          title="units needed")
+    a.legend(fontsize=8)
+    width = 0.4
+    x = np.arange(len(layers))
+    for k, (key, rows) in enumerate(groups.items()):
+        total = hist[rows].sum(axis=(0, 1)).astype(float)
+        if total.sum():
+            b.bar(x + (k - 0.5) * width, 100 * total / total.sum(), width, color=COLORS[key], label=key)
+    b.set_xticks(x, _short(layers), rotation=45 if len(layers) > 4 else 0, ha="right" if len(layers) > 4 else "center",
+                 fontsize=7)
+    b.set(ylabel="% of zeroed units", title="layer of the critical units")
+    b.legend(fontsize=8)
+    name = _save(fig, out, "flip.png")
+    rows = []
+    for key, r in groups.items():
+        if r.any():
+            rows.append([key, int(r.sum()), float(np.median(count[r])), 100 * float(flipped[r].mean())])
+    text = (f"## Unit zeroing (flip)\n\nGreedy gradient-guided zeroing of units (site `{cfg.get('site')}`, "
+            f"at most {cap} units) until the example's prediction changes.\n\n![flip]({name})\n\n"
+            + _table(["examples", "searched", "median units", "% flipped"], rows))
+    if groups["clean"].any() and groups["noisy"].any():
+        from sklearn.metrics import roc_auc_score
+        auc = roc_auc_score(noisy[searched], -count[searched])
+        text += f"\n\nAUROC of 'fewer units = noisy' on the searched examples: {auc:.3f}."
+    if collateral is not None and np.isfinite(collateral).any():
+        mean = np.nanmean(collateral[searched], axis=(0, 1))
+        text += ("\n\nMean accuracy (%) of the model with one example's units zeroed (collateral damage): "
+                 + ", ".join(f"{LABELS.get(s, s)} {100 * v:.1f}" for s, v in zip(SUBSETS, mean)) + ".")
+    return text
+
+
+def plot_detect(run: Run, out: Path) -> str:
+    """The detection table of every score and its ROC / precision-recall curves."""
+    path = run.results_path("detect")
+    with h5py.File(path) as f:
+        names, metrics = _names(f, "scores/names"), _names(f, "metrics/names")
+        values, size = f["metrics/values"][:], f["subset/size"][:]
+    roc = path.with_name("detect_roc.png")
+    text = "## Noise detection\n\nHow well each per-example score ranks the noisy examples first.\n\n"
+    if roc.exists():
+        shutil.copy(roc, out / "detect_roc.png")
+        text += "![detection curves](detect_roc.png)\n\n"
+    rows = [[n] + [float(v) for v in values[i]] + [int(size[i])] for i, n in enumerate(names)]
+    return text + _table(["score"] + metrics + ["examples"], rows)
+
+
 PLOTTERS = {"training": plot_training, "gradients": plot_gradients, "rewind": plot_rewind,
-            "retrain": plot_retrain}
+            "retrain": plot_retrain, "flip": plot_flip, "detect": plot_detect}
 
 
 def make_report(run_dir, out_dir=None) -> Path:
