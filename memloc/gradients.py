@@ -32,7 +32,7 @@ from torch import nn
 from . import cli
 from .data import ExampleSet
 from .layers import add_layer_args, check_positive, setup, table, write_results
-from .units import NORM_TYPES, Layer, _eval_mode
+from .units import NORM_TYPES, Layer, eval_mode
 
 __all__ = ["QUANTITIES", "BN_MODES", "layer_gradients", "gradients", "parse_args", "main"]
 
@@ -52,7 +52,7 @@ def _in_mode(model: nn.Module, bn_mode: str):
                 m.train()
         yield model
         return
-    with _eval_mode(model):
+    with eval_mode(model):
         yield model
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Layer", "UnitSpace", "Structure", "trace", "unit_masks", "HookNotFiredError",
+__all__ = ["Layer", "UnitSpace", "Structure", "trace", "unit_masks", "HookNotFiredError", "eval_mode",
            "hooks_of", "SITES"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -119,7 +119,8 @@ def _kind(m: nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
+    """Put every module of ``model`` in eval mode inside the block; restore each module's flag after."""
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -149,7 +150,7 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> Structure:
         for name, m in modules.items():
             if isinstance(m, WEIGHT_TYPES) or _is_norm(m):
                 handles.append(m.register_forward_hook(make_hook(name)))
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             logits = model(example_input)
     finally:
         for h in handles:
