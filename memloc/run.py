@@ -346,7 +346,11 @@ class Run:
             raise UserError(f"run {str(self.path)!r} was recorded from a custom model "
                             f"({spec.get('class')}); pass model_fn= to memloc.run.load")
         from .models import build_model
-        return build_model(spec["spec"], spec["in_shape"], spec["num_classes"], **spec.get("options", {}))
+        model = build_model(spec["spec"], spec["in_shape"], spec["num_classes"], **spec.get("options", {}))
+        if spec.get("etd"):  # example-tied dropout layers (memloc.train --etd-after)
+            from .dropout import insert_example_tied_dropout
+            insert_example_tied_dropout(model, **spec["etd"])
+        return model
 
     def model(self, epoch: int | None = None, device="cpu") -> nn.Module:
         """The model with the checkpoint of ``epoch`` (default final) loaded, in eval mode."""

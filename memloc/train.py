@@ -10,6 +10,7 @@ optimiser and schedule state are saved beside the checkpoints).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -49,6 +50,11 @@ DEFAULTS = dict(
     schedule="onecycle",    # onecycle (linear up to the peak, then down to 0) | cosine | constant
     warmup=0.2,             # fraction of steps spent rising to the peak (onecycle)
     seed=0,                 # model initialisation, batch order, dropout
+    etd_after=None,         # example-tied dropout after these modules (comma-separated names or
+                            # glob patterns, e.g. "features.1,classifier.1" or "layer*"); None = none
+    etd_kind="example_tied",  # example_tied | standard (dropout p = 1 - p_gen) | fixed (sparse mask)
+    p_gen=0.4,              # fraction of units always kept (generalisation units)
+    p_mem=0.1,              # probability that a memorisation unit is kept for a given example
 )
 
 
@@ -77,8 +83,26 @@ def _model_options(cfg) -> dict:
     return {} if cfg.get("width") is None else {"width": cfg["width"]}
 
 
+def _etd_spec(cfg) -> dict | None:
+    """Keyword arguments of :func:`memloc.dropout.insert_example_tied_dropout`, or None."""
+    if not cfg.get("etd_after"):
+        return None
+    return {"after": [a.strip() for a in str(cfg["etd_after"]).split(",") if a.strip()],
+            "p_gen": cfg["p_gen"], "p_mem": cfg["p_mem"], "seed": cfg["seed"], "kind": cfg["etd_kind"]}
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2 ** 63)
+
+
+def _with_ids(forward_context, example_ids):
+    """``forward_context`` extended to bind the batch's example ids to the dropout layers."""
+    @contextlib.contextmanager
+    def context(model, idx):
+        with example_ids(model, idx), (contextlib.nullcontext() if forward_context is None
+                                       else forward_context(model, idx)):
+            yield
+    return context
 
 
 def train(run_dir, cfg: dict | None = None, *, device="cpu", resume: bool = False, argv=None,
@@ -114,11 +138,16 @@ def train(run_dir, cfg: dict | None = None, *, device="cpu", resume: bool = Fals
     data = build_data(cfg, device)
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"], data.in_shape, data.num_classes, **_model_options(cfg))
+    etd = _etd_spec(cfg)
+    if etd is not None:
+        from .dropout import example_ids, insert_example_tied_dropout
+        insert_example_tied_dropout(model, **etd)
+        forward_context = _with_ids(forward_context, example_ids)
     if prepare_model is not None:
         prepare_model(model, cfg)
     model.to(device)
     spec = {"spec": cfg["model"], "in_shape": list(data.in_shape), "num_classes": data.num_classes,
-            "options": _model_options(cfg)}
+            "options": _model_options(cfg), **({"etd": etd} if etd else {})}
     opt = _optimizer(cfg, model.parameters())
     steps_per_epoch = math.ceil(len(data.train) / cfg["batch_size"])
     total = steps_per_epoch * cfg["epochs"]

