@@ -36,12 +36,12 @@ def _save(fig, out: Path, name: str) -> str:
     return name
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    def fmt(v):  # percentages to 0.1, small numbers (cosines, rates) to 0.001
+def _table(header: list[str], rows: list[list], digits: int = 3) -> str:
+    """A Markdown table; floats with ``digits`` decimals, NaN as '-'."""
+    def fmt(v):
         if isinstance(v, (float, np.floating)):
-            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
+            return "-" if np.isnan(v) else f"{v:.{digits}f}"
         return str(v)
-
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -73,7 +73,7 @@ def plot_training(run: Run, out: Path) -> str:
     return ("## Training\n\n"
             f"{run.num_train} training examples, {int(run.is_noisy.sum())} with noisy labels; "
             f"{run.final_epoch} epochs.\n\n![training]({name})\n\n"
-            + _table(["final accuracy on", "%"], rows))
+            + _table(["final accuracy on", "%"], rows, digits=1))
 
 
 def _names(f, key="layers/names") -> list[str]:
@@ -116,7 +116,7 @@ def plot_gradients(run: Run, out: Path) -> str:
     cos = _save(fig, out, "gradients_cosine.png")
     later = epochs >= 2
     rows = [[layers[i], f"{np.nanmean(q['norm_clean'][later, i]):.3g}", f"{np.nanmean(q['norm_noisy'][later, i]):.3g}",
-             np.nanmean(q["cosine"][later, i])] for i in range(n)]
+             float(np.nanmean(q["cosine"][later, i]))] for i in range(n)]
     return ("## Gradient accounting\n\nNorm of the gradient of the mean clean, noisy and total loss, per "
             "parameter, and the cosine between the clean and noisy gradients.\n\n"
             f"![gradient norms]({norms})\n\n![cosine]({cos})\n\nMeans over epochs >= 2:\n\n"
@@ -144,7 +144,8 @@ def _heatmaps(acc: np.ndarray, subsets: list[str], layers: list[str], xs, xlabel
 
 def _accuracy_rows(layers, subsets, acc_per_layer, base, base_label):
     rows = [[layers[i]] + [100 * a for a in acc_per_layer[i]] for i in range(len(layers))]
-    return _table(["layer"] + [LABELS.get(s, s) for s in subsets], rows + [[base_label] + [100 * b for b in base]])
+    return _table(["layer"] + [LABELS.get(s, s) for s in subsets], rows + [[base_label] + [100 * b for b in base]],
+                  digits=1)
 
 
 def plot_rewind(run: Run, out: Path) -> str:
@@ -219,7 +220,7 @@ def plot_flip(run: Run, out: Path) -> str:
             rows.append([key, int(r.sum()), float(np.median(count[r])), 100 * float(flipped[r].mean())])
     text = (f"## Unit zeroing (flip)\n\nGreedy gradient-guided zeroing of units (site `{cfg.get('site')}`, "
             f"at most {cap} units) until the example's prediction changes.\n\n![flip]({name})\n\n"
-            + _table(["examples", "searched", "median units", "% flipped"], rows))
+            + _table(["examples", "searched", "median units", "% flipped"], rows, digits=1))
     if groups["clean"].any() and groups["noisy"].any():
         from sklearn.metrics import roc_auc_score
         auc = roc_auc_score(noisy[searched], -count[searched])
@@ -246,8 +247,29 @@ def plot_detect(run: Run, out: Path) -> str:
     return text + _table(["score"] + metrics + ["examples"], rows)
 
 
+def plot_dropout(run: Run, out: Path) -> str:
+    """Example-tied dropout: accuracy per subset in test mode vs drop mode (bar chart and table)."""
+    with h5py.File(run.results_path("dropout")) as f:
+        acc, modes, subsets = f["accuracy"][:], _names(f, "modes/names"), _names(f, "subsets/names")
+        layers = _names(f)
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    x = np.arange(len(subsets))
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        ax.bar(x + (i - (len(modes) - 1) / 2) * width, 100 * acc[i], width, label=f"{mode} mode")
+    ax.set_xticks(x, [LABELS.get(s, s) for s in subsets], fontsize=8)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 101), title="example-tied dropout: before / after dropping")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(modes))
+    name = _save(fig, out, "dropout.png")
+    rows = [[f"{m} mode"] + [100 * float(v) for v in acc[i]] for i, m in enumerate(modes)]
+    return ("## Example-tied dropout\n\nMemorisation units are scaled by p_mem in test mode and dropped in drop "
+            f"mode (dropout layers after: {', '.join(layers)}).\n\n![dropout]({name})\n\n"
+            + _table(["model"] + [LABELS.get(s, s) for s in subsets], rows, digits=1))
+
+
 PLOTTERS = {"training": plot_training, "gradients": plot_gradients, "rewind": plot_rewind,
-            "retrain": plot_retrain, "flip": plot_flip, "detect": plot_detect}
+            "retrain": plot_retrain, "flip": plot_flip, "detect": plot_detect,
+            "dropout": plot_dropout}
 
 
 def make_report(run_dir, out_dir=None) -> Path:

@@ -1,0 +1,49 @@
+"""Integration: ``python -m memloc demo OUT --quick`` end to end, and the report on its own."""
+import re
+
+import h5py
+import matplotlib.image as mpimg
+import pytest
+
+from memloc import report
+from memloc.demo import main as demo_main
+
+RESULTS = {
+    "mnist5k-mlp": ["gradients", "rewind", "retrain", "flip", "scores", "detect"],
+    "mnist5k-lenet-etd": ["dropout"],
+}
+FIGURES = {
+    "mnist5k-mlp": ["training", "gradients_norms", "gradients_cosine", "rewind", "retrain", "flip", "detect_roc"],
+    "mnist5k-lenet-etd": ["training", "dropout"],
+}
+
+
+def test_demo_quick_produces_every_result_and_figure(tmp_path, capsys):
+    out = tmp_path / "demo"
+    demo_main([str(out), "--quick", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    for run, names in RESULTS.items():
+        for name in names:
+            path = out / run / "results" / f"{name}.h5"
+            assert str(path) in printed
+            with h5py.File(path) as f:
+                assert f.attrs["memloc_schema"] == f"memloc.{name}"
+        md = (out / run / "report" / "report.md").read_text()
+        linked = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md))
+        assert {f"{fig}.png" for fig in FIGURES[run]} <= linked
+        for fig in linked:
+            img = mpimg.imread(out / run / "report" / fig)
+            assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0
+    with pytest.raises(SystemExit) as e:  # never overwrites an earlier demo
+        demo_main([str(out), "--quick", "--device", "cpu"])
+    assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_report_on_training_only(tiny_run, tmp_path, capsys):
+    md = report.main([str(tiny_run.path), "--out", str(tmp_path / "rep")])
+    text = md.read_text()
+    assert "## Training" in text and "## Layer rewinding" not in text
+    assert mpimg.imread(tmp_path / "rep" / "training.png").shape[0] > 100
+    with pytest.raises(SystemExit) as e:
+        report.main([str(tmp_path)])
+    assert e.value.code == 2 and "not a memloc run" in capsys.readouterr().err
