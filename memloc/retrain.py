@@ -30,7 +30,7 @@ from . import cli
 from .layers import (accuracy_datasets, accuracy_row, add_layer_args, check_positive, copy_layer, describe,
                      setup, table, write_results)
 from .run import SUBSETS
-from .train import _epoch_seed, lr_factor
+from .train import epoch_seed, lr_factor
 from .units import Layer
 
 __all__ = ["HYPER", "retrain_layer", "retrain", "parse_args", "main"]
@@ -87,7 +87,7 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
         for epoch in range(1, epochs + 1):
             for m in own:
                 m.training = True  # the layer's own modules only (not their children)
-            gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+            gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
             for x, y, _ in clean.batches(batch_size, shuffle=True, generator=gen):
                 if len(y) < 2:  # a single example breaks batch-statistics norms
                     continue

@@ -24,7 +24,7 @@ from .data import NOISE_KINDS, build_data
 from .models import build_model
 from .run import Recorder, _load_ckpt, load, save_atomic
 
-__all__ = ["DEFAULTS", "train", "parse_args", "main", "lr_factor"]
+__all__ = ["DEFAULTS", "train", "parse_args", "main", "lr_factor", "epoch_seed"]
 
 # Hyper-parameters; the defaults reach the issue's acceptance figures for the MLP on mnist5k
 # (100% of noisy labels memorised, ~90% test accuracy in about a minute on 2 CPU cores).
@@ -91,7 +91,8 @@ def _etd_spec(cfg) -> dict | None:
             "p_gen": cfg["p_gen"], "p_mem": cfg["p_mem"], "seed": cfg["seed"], "kind": cfg["etd_kind"]}
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s batch order and dropout noise (so a resumed run replays it)."""
     return (seed * 1_000_003 + epoch) % (2 ** 63)
 
 
@@ -168,7 +169,7 @@ def train(run_dir, cfg: dict | None = None, *, device="cpu", resume: bool = Fals
     bar = cli.progress(range(rec.epoch + 1, cfg["epochs"] + 1), desc=f"train {cfg['model']}",
                        initial=rec.epoch, total=cfg["epochs"], unit="epoch")
     for epoch in bar:
-        seed = _epoch_seed(cfg["seed"], epoch)
+        seed = epoch_seed(cfg["seed"], epoch)
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         model.train()

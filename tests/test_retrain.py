@@ -16,7 +16,7 @@ from memloc.h5 import dims, read_config
 from memloc.layers import select_layers
 from memloc.rewind import rewind
 from memloc.run import SUBSETS
-from memloc.train import _epoch_seed, train
+from memloc.train import epoch_seed, train
 from memloc.units import trace
 
 
@@ -76,7 +76,7 @@ def reference_retrain(model, init, layer, clean, *, epochs, lr, batch_size, mome
     n = len(clean)
     total, step = math.ceil(n / batch_size) * epochs, 0
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
         for s in range(0, n, batch_size):
             rows = order[s:s + batch_size]
             grads = torch.autograd.grad(F.cross_entropy(m(clean.x[rows]), clean.y[rows]), params)
