@@ -13,7 +13,8 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["UserError", "user_errors", "add_device_arg", "resolve_device", "progress", "parser"]
+__all__ = ["UserError", "user_errors", "add_device_arg", "resolve_device", "progress", "parser",
+           "check_positive"]
 
 
 class UserError(Exception):
@@ -38,6 +39,13 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with memloc's conventions (defaults shown in ``--help``)."""
     return argparse.ArgumentParser(prog=prog, description=description,
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def check_positive(args, *names: str) -> None:
+    """:class:`UserError` unless every ``args.<name>`` (e.g. ``batch_size``) is at least 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:

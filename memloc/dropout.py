@@ -468,8 +468,7 @@ def main(argv=None):
     args = parse_args(argv)
     with cli.user_errors("memloc.dropout"):
         from .run import SUBSETS, load
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+        cli.check_positive(args, "batch_size")
         device = cli.resolve_device(args.device)
         run = load(args.run)
         model = run.model(args.epoch, device=device)

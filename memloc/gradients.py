@@ -31,7 +31,7 @@ from torch import nn
 
 from . import cli
 from .data import ExampleSet
-from .layers import add_layer_args, check_positive, setup, table, write_results
+from .layers import add_layer_args, setup, table, write_results
 from .units import NORM_TYPES, Layer, eval_mode
 
 __all__ = ["QUANTITIES", "BN_MODES", "layer_gradients", "gradients", "parse_args", "main"]
@@ -155,7 +155,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with cli.user_errors("memloc.gradients"):
-        check_positive(args, "batch_size")
+        cli.check_positive(args, "batch_size")
         s = setup(args.run, device=args.device, layers=args.layers, epochs=args.epochs)
         epochs = s.epochs
         res = gradients(s.run, epochs, s.layers, s.data, device=s.device, batch_size=args.batch_size,

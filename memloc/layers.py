@@ -24,7 +24,7 @@ from .run import SUBSETS, Run, accuracies, load
 from .units import Layer, Structure, trace
 
 __all__ = ["open_run", "select_layers", "parse_epochs", "copy_layer", "merged_layer", "accuracy_row",
-           "accuracy_datasets", "describe", "Setup", "setup", "add_layer_args", "check_positive", "table",
+           "accuracy_datasets", "describe", "Setup", "setup", "add_layer_args", "table",
            "write_results"]
 
 
@@ -165,13 +165,6 @@ def add_layer_args(p, *, epochs_help: str | None = None) -> None:
                        help=epochs_help + ": all, final, or comma-separated checkpoint epochs and "
                                           "ranges, e.g. 0,5,10 or 0-30:5")
     cli.add_device_arg(p)
-
-
-def check_positive(args, *names: str) -> None:
-    """:class:`UserError` unless every ``args.<name>`` (e.g. ``batch_size``) is at least 1."""
-    for name in names:
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
 def table(layers: Sequence[Layer], columns: Sequence[str], values, fmt: str = "10.3f") -> str:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cli
-from .layers import (accuracy_datasets, accuracy_row, add_layer_args, check_positive, copy_layer, describe,
+from .layers import (accuracy_datasets, accuracy_row, add_layer_args, copy_layer, describe,
                      setup, table, write_results)
 from .run import SUBSETS
 from .train import epoch_seed, lr_factor
@@ -134,7 +134,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with cli.user_errors("memloc.retrain"):
-        check_positive(args, "epochs_retrain", "batch_size")
+        cli.check_positive(args, "epochs_retrain", "batch_size")
         if not args.lr > 0:
             raise cli.UserError(f"--lr must be positive, got {args.lr}")
         s = setup(args.run, device=args.device, layers=args.layers)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import cli
-from .layers import (accuracy_datasets, accuracy_row, add_layer_args, check_positive, copy_layer, describe,
+from .layers import (accuracy_datasets, accuracy_row, add_layer_args, copy_layer, describe,
                      setup, table, write_results)
 from .run import SUBSETS
 from .units import Layer
@@ -74,7 +74,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with cli.user_errors("memloc.rewind"):
-        check_positive(args, "batch_size")
+        cli.check_positive(args, "batch_size")
         s = setup(args.run, device=args.device, layers=args.layers, epochs=args.epochs)
         epochs = s.epochs
         model = s.run.model(None, s.device)

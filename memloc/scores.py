@@ -523,8 +523,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with cli.user_errors("memloc.scores"):
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+        cli.check_positive(args, "batch_size")
         run = load(args.run)
         names = _select(args.scores, run)
         epoch_k = default_epoch_k(run.final_epoch) if args.epoch_k is None else args.epoch_k

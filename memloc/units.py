@@ -212,9 +212,8 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> Structure:
     return Structure(layers, spaces)
 
 
-def _mask_hook(mask: torch.Tensor, dim: int, name: str, fired: set):
+def _mask_hook(mask: torch.Tensor, dim: int, name: str):
     def hook(mod, inp, out):
-        fired.add(name)
         m = mask.to(out.dtype)
         if m.ndim == 1:
             m = m.unsqueeze(0)
@@ -276,6 +275,6 @@ def unit_masks(model: nn.Module, structure: Structure, masks, *, site: str = "pr
         if mask.shape[-1] != s.size:
             raise ValueError(f"mask for {name!r} has {mask.shape[-1]} units, the layer has {s.size}")
         module = s.module_at(site)
-        hooks[module] = _mask_hook(mask, s.dim, module, set())
+        hooks[module] = _mask_hook(mask, s.dim, module)
     with hooks_of(model, hooks):
         yield
