@@ -35,10 +35,19 @@ def user_errors(prog: str):
         raise SystemExit(130) from None
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` unless the help text already speaks of its default or X is None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with memloc's conventions (defaults shown in ``--help``)."""
-    return argparse.ArgumentParser(prog=prog, description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter)
 
 
 def check_positive(args, *names: str) -> None:

@@ -156,3 +156,26 @@ def test_dispatcher(capsys):
     with pytest.raises(SystemExit) as e:
         dispatcher.main(["train", "--help"])
     assert e.value.code == 0 and "--noise" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", list(dispatcher.COMMANDS))
+def test_every_option_is_explained_in_help(command, capsys, monkeypatch):
+    """--help of every command explains each option and shows each default at most once."""
+    import argparse
+    import importlib
+    import re
+
+    class Captured(Exception):
+        pass
+
+    def capture(parser, *args, **kw):
+        raise Captured(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(Captured) as e:
+        importlib.import_module(f"memloc.{command}").main([])
+    parser = e.value.args[0]
+    unexplained = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not unexplained, f"{command}: options without help: {unexplained}"
+    text = parser.format_help()
+    assert not re.search(r"\(default[^()]*\)\s*\(default", text), text
