@@ -317,21 +317,24 @@ def test_cli_errors(tiny_run, etd_tiny_run, tmp_path, capsys):
 
 # ---------------------------------------------------------------------- science
 def test_drop_mode_removes_memorisation_on_mnist(tmp_path):
-    """lenet (width 1) on MNIST-5k, 10% noise, dropout after every ReLU, p_gen 0.4, p_mem 0.2.
+    """The issue's acceptance run: lenet (width 4) on MNIST-5k, 10% noise, dropout after every
+    ReLU, p_gen 0.2, p_mem 0.05, 40 epochs, seed 0.
 
     Every noisy label is memorised through the examples' own masks (train mode); dropping the
-    memorisation units leaves <= 10% of them (measured 3.75%) at a cost of <= 5 points of clean
-    training accuracy (measured 1.2). The issue's full criterion (test accuracy not lower than
-    in test mode) needs a wider lenet and is checked by scripts/etd_experiment.py (see
-    artifacts/etd_experiment.md); this narrow one loses ~2 points of test accuracy (94.2 ->
-    92.1, still above the plain lenet's ~91.5), so the test allows 3.
+    memorisation units leaves <= 10% of them (measured 1.5%) at a cost of <= 5 points of clean
+    training accuracy (measured 0.2). Test accuracy in drop mode equals test mode's on average:
+    over 5 seeds (artifacts/etd_seeds.md) the change is +0.0 ± 0.1 points, single runs between
+    -0.3 and +0.5 (this one, with 2 CPU threads: 96.1 -> 95.9; with 1 thread the same seed trains
+    differently and gives 96.0 -> 96.5), so the test allows half a point of seed noise.
     """
-    run = train(tmp_path / "etd", {"model": "lenet", "epochs": 40, "p_gen": 0.4, "p_mem": 0.2,
+    run = train(tmp_path / "etd", {"model": "lenet", "width": 4, "epochs": 40, "p_gen": 0.2, "p_mem": 0.05,
                                    "etd_after": "features.1,features.4,classifier.1,classifier.3"})
     acc = {m: dict(zip(memloc.run.SUBSETS, row))
            for m, row in zip(dropout.EVAL_MODES, dropout.evaluate_modes(run.model(), run.data()))}
-    assert acc["train"]["noisy"] >= 0.9 and acc["train"]["clean"] >= 0.99
+    assert acc["train"]["noisy"] >= 0.99 and acc["train"]["clean"] >= 0.99
     assert acc["drop"]["noisy"] <= 0.10
     assert acc["test"]["clean"] - acc["drop"]["clean"] <= 0.05
-    assert acc["drop"]["test"] >= acc["test"]["test"] - 0.03
-    assert acc["drop"]["noisy_true"] >= 0.85       # the noisy examples get their true labels back
+    assert acc["drop"]["test"] >= acc["test"]["test"] - 0.005
+    assert acc["drop"]["noisy_true"] >= 0.90       # the noisy examples get their true labels back
+    recorded = run.metrics()    # the trainer's epoch-end evaluation runs in eval (= test) mode,
+    assert recorded["noisy_accuracy"][-1] == pytest.approx(acc["test"]["noisy"])   # which hides them too
