@@ -50,6 +50,10 @@ def _in_mode(model: nn.Module, bn_mode: str):
         for m in model.modules():
             if isinstance(m, NORM_TYPES):
                 m.train()
+        from .dropout import dropout_layers
+        for layer in dropout_layers(model).values():  # one hooked on a norm would follow its train flag
+            if layer.mode == "auto":
+                layer.mode = "test"
         yield model
         return
     with eval_mode(model):

@@ -96,6 +96,22 @@ def test_bn_train_mode_uses_batch_statistics_and_keeps_running_stats(tiny_run):
         G.layer_gradients(model, data.train, is_noisy, layers, bn_mode="bogus")
 
 
+def test_bn_train_mode_sees_example_tied_dropout_in_test_mode(tiny_run):
+    """A dropout layer hooked on a BatchNorm follows its train flag; gradients keeps it in test mode."""
+    from memloc.dropout import insert_example_tied_dropout, set_mode
+    data = tiny_run.data()
+    data.train = data.train.subset(np.arange(200))
+    model = bn_model(data)
+    insert_example_tied_dropout(model, after=["prep.1", "layer2"], p_gen=0.4, p_mem=0.2)
+    layers = trace(model, data.train.x[:2]).layers
+    got = G.layer_gradients(model, data.train, data.is_noisy, layers, batch_size=64, bn_mode="train")
+    set_mode(model, "test")
+    assert_close(got, G.layer_gradients(model, data.train, data.is_noisy, layers, batch_size=64, bn_mode="train"))
+    set_mode(model, "drop")
+    dropped = G.layer_gradients(model, data.train, data.is_noisy, layers, batch_size=64, bn_mode="train")
+    assert not np.allclose(got["norm_total"], dropped["norm_total"])   # the mode reaches the copy
+
+
 def test_without_noisy_examples_noisy_quantities_are_nan(tiny_run):
     data = tiny_run.data()
     model = tiny_run.model()
