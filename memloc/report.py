@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import cli  # noqa: E402
-from .h5 import dims  # noqa: E402
+from .h5 import dims, read_config  # noqa: E402
 from .run import SUBSETS, Run, load  # noqa: E402
 
 __all__ = ["make_report", "PLOTTERS", "parse_args", "main"]
@@ -252,6 +252,7 @@ def plot_dropout(run: Run, out: Path) -> str:
     with h5py.File(run.results_path("dropout")) as f:
         acc, modes, subsets = f["accuracy"][:], _names(f, "modes/names"), _names(f, "subsets/names")
         layers = _names(f)
+        recalibrated = read_config(f).get("recalibrate_bn", False)
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     x = np.arange(len(subsets))
     width = 0.8 / len(modes)
@@ -263,7 +264,9 @@ def plot_dropout(run: Run, out: Path) -> str:
     name = _save(fig, out, "dropout.png")
     rows = [[f"{m} mode"] + [100 * float(v) for v in acc[i]] for i, m in enumerate(modes)]
     return ("## Example-tied dropout\n\nMemorisation units are scaled by p_mem in test mode and dropped in drop "
-            f"mode (dropout layers after: {', '.join(layers)}).\n\n![dropout]({name})\n\n"
+            f"mode (dropout layers after: {', '.join(layers)})"
+            + ("; BatchNorm statistics were re-estimated in test and drop mode (--recalibrate-bn)" if recalibrated else "")
+            + f".\n\n![dropout]({name})\n\n"
             + _table(["model"] + [LABELS.get(s, s) for s in subsets], rows, digits=1))
 
 

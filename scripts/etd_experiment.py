@@ -51,23 +51,26 @@ def parse_args(argv=None):
     p.add_argument("--p-gen", type=float, nargs="+", default=[0.2, 0.4])
     p.add_argument("--p-mem", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--no-baselines", action="store_true", help="only the example-tied dropout grid")
+    p.add_argument("--recalibrate-bn", action="store_true",
+                   help="re-estimate BatchNorm statistics in test and drop mode before evaluating them")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="training seeds (model init, batch order, masks); cells are means over them")
     p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (1 CPU thread each if > 1)")
-    p.add_argument("--runs", default=None, help="directory for the run directories (default: temporary)")
+    p.add_argument("--runs", default=None, help="directory for the run directories (default: temporary); "
+                   "finished runs found there are evaluated again, not retrained")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "etd_experiment.md"))
     p.add_argument("--from-json", default=None, metavar="JSON",
                    help="train nothing: re-render the table of a saved JSON (written beside every table)")
     return p.parse_args(argv)
 
 
-def run_one(runs: Path, name: str, cfg: dict, threads: int = 2) -> dict:
+def run_one(runs: Path, name: str, cfg: dict, threads: int = 2, recalibrate_bn: bool = False) -> dict:
     torch.set_num_threads(min(threads, torch.get_num_threads()))
     t = time.time()
-    run = train(runs / name, cfg)
+    run = train(runs / name, cfg, resume=True)   # resume: a finished run is only loaded
     model, data = run.model(), run.data()
     if cfg.get("etd_after"):
-        acc = evaluate_modes(model, data)
+        acc = evaluate_modes(model, data, recalibrate_bn=recalibrate_bn)
     else:  # plain model: the same number in every column
         a = accuracies(model, data)
         acc = np.array([[a[s] for s in SUBSETS]] * len(EVAL_MODES))
@@ -142,7 +145,9 @@ def write_table(out: Path, meta: dict, rows: list[dict]) -> None:
         f"Model `{args.model}`" + (f" (width {args.width})" if args.width else "") +
         f", {args.epochs} epochs (memloc.train defaults otherwise), dropout after `{args.etd_after}`, "
         f"seed(s) {', '.join(map(str, seeds))}; 4,000 training examples (400 noisy), 1,000 test. "
-        f"Total {meta['minutes']:.1f} min ({meta['how']}), torch {meta['torch']}.",
+        f"Total {meta['minutes']:.1f} min ({meta['how']}), torch {meta['torch']}."
+        + (" BatchNorm statistics re-estimated in test and drop mode before evaluating them "
+           "(`--recalibrate-bn`)." if getattr(args, "recalibrate_bn", False) else ""),
         "",
         "Accuracies in percent. *train-mode noisy*: noisy examples w.r.t. their given (wrong) labels, each "
         "seen through its own training mask (what the network memorised). *test*: memorisation units "
@@ -186,7 +191,7 @@ def main(argv=None):
     threads = 1 if args.jobs > 1 else 2
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         done = list(pool.map(run_one, [runs] * len(todo), [f"{n}_s{c['seed']}" for n, c in todo],
-                             [c for _, c in todo], [threads] * len(todo)))
+                             [c for _, c in todo], [threads] * len(todo), [args.recalibrate_bn] * len(todo)))
     meta = {"args": vars(args), "minutes": (time.time() - t0) / 60, "torch": torch.__version__,
             "command": f"python scripts/{Path(__file__).name} {' '.join(argv if argv is not None else sys.argv[1:])}",
             "how": f"{args.jobs} parallel run(s), {threads} CPU thread(s) each"}

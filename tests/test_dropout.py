@@ -295,6 +295,55 @@ def test_dropout_cli_writes_results(etd_tiny_run, capsys):
     assert acc[0, 1] == np.mean(pred[data.is_noisy] == data.label_given[data.is_noisy])
 
 
+def test_recalibrate_norms_equals_batch_statistics_reference(tiny_run):
+    """Every BatchNorm's new running mean / var = the average over batches of its input's batch mean
+    and unbiased variance, in the dropout layers' current mode; evaluate_modes leaves the model alone."""
+    data = tiny_run.data()
+    sub = data.train.subset(np.arange(300))
+    torch.manual_seed(0)
+    model = build_model("resnet9", data.in_shape, data.num_classes, width=4).eval()
+    insert_example_tied_dropout(model, after=["prep", "layer1.0", "layer2"], p_gen=0.4, p_mem=0.2)
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for mode in ("drop", "test"):
+        set_mode(model, mode)
+        ref = copy.deepcopy(model)   # reference: batch statistics seen by each norm in train mode
+        seen = {n: [] for n in norms}
+        hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach()))
+                 for n, m in ref.named_modules() if n in norms]
+        try:
+            for m in ref.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.train()
+            with torch.no_grad():
+                for x, _, _ in sub.batches(100):
+                    ref(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        assert dropout.recalibrate_norms(model, sub, batch_size=100) == len(norms) == 8
+        assert not model.training and all(m.momentum == 0.1 for m in norms.values())
+        for n, m in norms.items():
+            batches = seen[n]
+            mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+            var = torch.stack([b.transpose(0, 1).flatten(1).var(1) for b in batches]).mean(0)
+            torch.testing.assert_close(m.running_mean, mean, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(m.running_var, var, rtol=1e-4, atol=1e-5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dropout.evaluate_modes(model, data, modes=("test", "drop"), recalibrate_bn=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert [l.mode for l in dropout_layers(model).values()] == ["test"] * 3
+    mlp = build_model("mlp", data.in_shape, data.num_classes)
+    assert dropout.recalibrate_norms(mlp, sub) == 0
+
+
+def test_dropout_cli_recalibrate_bn_without_norms_changes_nothing(etd_tiny_run, capsys):
+    plain = dropout.main([str(etd_tiny_run.path), "--device", "cpu"])
+    recal = dropout.main([str(etd_tiny_run.path), "--device", "cpu", "--recalibrate-bn"])
+    np.testing.assert_array_equal(plain, recal)
+    with h5py.File(etd_tiny_run.results_path("dropout")) as f:
+        assert json.loads(f.attrs["config"])["recalibrate_bn"] is True
+
+
 def _exit2(capsys, fn, argv, match):
     with pytest.raises(SystemExit) as e:
         fn(argv)
