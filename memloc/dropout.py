@@ -55,7 +55,7 @@ from .h5 import atomic_h5, put, write_root_attrs
 
 __all__ = ["ExampleTiedDropout", "StandardDropout", "FixedSparseDropout", "KINDS", "MODES",
            "insert_example_tied_dropout", "remove_example_tied_dropout", "dropout_layers",
-           "set_mode", "example_ids", "example_masks", "evaluate_modes", "recalibrate_norms", "parse_args", "main"]
+           "set_mode", "auto_as_test", "example_ids", "example_masks", "evaluate_modes", "recalibrate_norms", "parse_args", "main"]
 
 MODES = ("auto", "train", "test", "drop")
 _ATTR = "_memloc_unit_dropout"   # instance attribute of a hooked module (outside _modules / state_dict)
@@ -395,6 +395,24 @@ def set_mode(model: nn.Module, mode: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def auto_as_test(model: nn.Module):
+    """Inside the block, dropout layers of ``model`` in ``auto`` mode act as in ``test`` mode.
+
+    For passes that put only the norms in train mode (batch statistics): an ``auto`` layer follows
+    the train flag of the module it is hooked on, so one hooked on a norm would switch to
+    ``train`` mode and ask for example ids.
+    """
+    layers = [layer for layer in dropout_layers(model).values() if layer.mode == "auto"]
+    try:
+        for layer in layers:
+            layer.mode = "test"
+        yield
+    finally:
+        for layer in layers:
+            layer.mode = "auto"
+
+
+@contextlib.contextmanager
 def example_ids(model: nn.Module, ids):
     """Bind the example ids ``ids`` (B,) of the next forward passes to every dropout layer of ``model``."""
     layers = list(_layers_or_error(model).values())
@@ -432,7 +450,8 @@ def recalibrate_norms(model: nn.Module, examples, *, batch_size: int = 1024) -> 
     masks; in ``test`` or ``drop`` mode the activations reaching each norm are distributed
     differently. This resets the running mean / variance of every batch norm and replaces them
     by the average over the batches of ``examples`` (forward passes only, labels unused, every
-    other module in eval mode and the dropout layers in their current mode). Returns the number
+    other module in eval mode and the dropout layers in their current mode, ``auto`` acting as
+    ``test``: :func:`auto_as_test`). Returns the number
     of norms recalibrated (0: nothing to do).
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -447,7 +466,7 @@ def recalibrate_norms(model: nn.Module, examples, *, batch_size: int = 1024) -> 
             m.reset_running_stats()
             m.momentum = None          # cumulative average over the batches
             m.train()
-        with torch.no_grad():
+        with torch.no_grad(), auto_as_test(model):
             for x, _, _ in examples.batches(batch_size):
                 model(x)
     finally:
@@ -472,11 +491,12 @@ def evaluate_modes(model: nn.Module, data, *, modes=EVAL_MODES, batch_size: int 
     from .run import SUBSETS, accuracies
     layers = _layers_or_error(model)
     old = {name: layer.mode for name, layer in layers.items()}
+    unknown = [mode for mode in modes if mode not in EVAL_MODES]
+    if unknown:
+        raise UserError(f"unknown evaluation mode {unknown[0]!r}; valid: {', '.join(EVAL_MODES)}")
     out = np.full((len(modes), len(SUBSETS)), np.nan)
     try:
         for i, mode in enumerate(modes):
-            if mode not in EVAL_MODES:
-                raise UserError(f"unknown evaluation mode {mode!r}; valid: {', '.join(EVAL_MODES)}")
             set_mode(model, mode)
             if mode == "train":
                 no_test = data.test.subset(np.zeros(len(data.test), bool))

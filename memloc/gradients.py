@@ -31,6 +31,7 @@ from torch import nn
 
 from . import cli
 from .data import ExampleSet
+from .dropout import auto_as_test
 from .layers import add_layer_args, setup, table, write_results
 from .units import NORM_TYPES, Layer, eval_mode
 
@@ -50,11 +51,8 @@ def _in_mode(model: nn.Module, bn_mode: str):
         for m in model.modules():
             if isinstance(m, NORM_TYPES):
                 m.train()
-        from .dropout import dropout_layers
-        for layer in dropout_layers(model).values():  # one hooked on a norm would follow its train flag
-            if layer.mode == "auto":
-                layer.mode = "test"
-        yield model
+        with auto_as_test(model):
+            yield model
         return
     with eval_mode(model):
         yield model

@@ -332,8 +332,25 @@ def test_recalibrate_norms_equals_batch_statistics_reference(tiny_run):
     dropout.evaluate_modes(model, data, modes=("test", "drop"), recalibrate_bn=True)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert [l.mode for l in dropout_layers(model).values()] == ["test"] * 3
+    with pytest.raises(UserError, match="unknown evaluation mode 'auto'"):
+        dropout.evaluate_modes(model, data, modes=("test", "auto"))
     mlp = build_model("mlp", data.in_shape, data.num_classes)
     assert dropout.recalibrate_norms(mlp, sub) == 0
+
+
+def test_recalibrate_norms_with_a_layer_hooked_on_a_norm_in_auto_mode(tiny_run):
+    """Only the norms are in train mode while recalibrating: an auto layer hooked on one acts as test."""
+    data = tiny_run.data()
+    sub = data.train.subset(np.arange(200))
+    torch.manual_seed(0)
+    model = build_model("resnet9", data.in_shape, data.num_classes, width=4).eval()
+    insert_example_tied_dropout(model, after=["prep.1"], p_gen=0.4, p_mem=0.2)
+    pinned = copy.deepcopy(model)
+    set_mode(pinned, "test")
+    dropout.recalibrate_norms(model, sub, batch_size=50)
+    dropout.recalibrate_norms(pinned, sub, batch_size=50)
+    assert all(torch.equal(v, pinned.state_dict()[k]) for k, v in model.state_dict().items())
+    assert [l.mode for l in dropout_layers(model).values()] == ["auto"]
 
 
 def test_dropout_cli_recalibrate_bn_without_norms_changes_nothing(etd_tiny_run, capsys):
