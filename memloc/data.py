@@ -20,10 +20,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .cli import UserError
+from .errors import MemlocError
+from .runtime import import_object
 
 __all__ = ["ExampleSet", "Data", "DATASETS", "NOISE_KINDS", "load_arrays", "make_noisy_labels",
-           "stratified_split", "build_data"]
+           "stratified_split", "build_data", "register_data", "make_data"]
 
 
 @dataclass
@@ -108,7 +109,7 @@ def stratified_split(y: np.ndarray, test_size: int | float, seed: int):
     try:
         tr, te = train_test_split(rows, test_size=test_size, stratify=y, random_state=seed)
     except ValueError as e:
-        raise UserError(f"cannot split {len(y)} examples with test size {test_size}: {e}") from None
+        raise MemlocError(f"cannot split {len(y)} examples with test size {test_size}: {e}") from None
     return np.sort(tr), np.sort(te)
 
 
@@ -140,10 +141,10 @@ _TV = {  # name -> (torchvision class, number of classes)
 def _torchvision(name, *, data_root=None, download=False, **_):
     import torchvision.datasets as tvd
     if data_root is None:
-        raise UserError(f"dataset {name!r} is read from disk: give --data-root DIR "
-                        "(add --download to fetch it there once)")
+        raise MemlocError(f"dataset {name!r} is read from disk: give data_root=DIR (add download=True "
+                         "to fetch it there once)", argument="data_root")
     if not download and not Path(data_root).is_dir():
-        raise UserError(f"data root {str(data_root)!r} does not exist (add --download to fetch {name} there)")
+        raise MemlocError(f"data root {str(data_root)!r} does not exist (download=True fetches {name} there)")
     cls_name, n_classes = _TV[name]
     cls = getattr(tvd, cls_name)
     out = []
@@ -154,7 +155,7 @@ def _torchvision(name, *, data_root=None, download=False, **_):
             else:
                 ds = cls(str(data_root), train=train, download=download)
         except RuntimeError as e:
-            raise UserError(f"{name} not found under {str(data_root)!r} ({e}); add --download to fetch it") from None
+            raise MemlocError(f"{name} not found under {str(data_root)!r} ({e}); download=True fetches it") from None
         x = np.asarray(ds.data)
         y = np.asarray(ds.labels if name == "svhn" else ds.targets, dtype=np.int64)
         if x.ndim == 3:            # (N, H, W) grey
@@ -170,7 +171,7 @@ def _imagefolder(path, *, img_size=None, test_size=0.2, split_seed=0, **_):
     from torchvision import datasets as tvd, transforms as T
     root = Path(path)
     if not root.is_dir():
-        raise UserError(f"image folder {path!r} does not exist")
+        raise MemlocError(f"image folder {path!r} does not exist")
     size = img_size or 32
     tf = T.Compose([T.Resize((size, size)), T.ToTensor()])
 
@@ -178,7 +179,7 @@ def _imagefolder(path, *, img_size=None, test_size=0.2, split_seed=0, **_):
         try:
             ds = tvd.ImageFolder(str(folder), transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
-            raise UserError(f"cannot read image folder {str(folder)!r}: {e}") from None
+            raise MemlocError(f"cannot read image folder {str(folder)!r}: {e}") from None
         xs = torch.stack([ds[i][0] for i in range(len(ds))]).numpy()
         return xs, np.asarray(ds.targets, dtype=np.int64), ds.classes
 
@@ -186,7 +187,7 @@ def _imagefolder(path, *, img_size=None, test_size=0.2, split_seed=0, **_):
         x_tr, y_tr, classes = read(root / "train")
         x_te, y_te, classes_te = read(root / ("test" if (root / "test").is_dir() else "val"))
         if classes != classes_te:
-            raise UserError(f"train and test folders of {path!r} have different classes")
+            raise MemlocError(f"train and test folders of {path!r} have different classes")
         return x_tr, y_tr, x_te, y_te, np.arange(len(y_tr)), np.arange(len(y_te)), len(classes)
     x, y, classes = read(root)
     return _single_split(x, y, test_size, split_seed) + (len(classes),)
@@ -209,7 +210,7 @@ def load_arrays(name: str, **options):
     if name.startswith("imagefolder:"):
         return _imagefolder(name.split(":", 1)[1], **options)
     if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, imagefolder:PATH")
+        raise MemlocError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, imagefolder:PATH")
     return DATASETS[name](**options)
 
 
@@ -226,11 +227,11 @@ def make_noisy_labels(labels, rate: float, *, num_classes: int, kind: str = "sym
     """
     labels = np.asarray(labels, dtype=np.int64)
     if not (0.0 <= rate < 1.0) or math.isnan(rate):
-        raise UserError(f"noise rate must be in [0, 1), got {rate}")
+        raise MemlocError(f"noise rate must be in [0, 1), got {rate}")
     if kind not in NOISE_KINDS:
-        raise UserError(f"unknown noise kind {kind!r}; valid: {', '.join(NOISE_KINDS)}")
+        raise MemlocError(f"unknown noise kind {kind!r}; valid: {', '.join(NOISE_KINDS)}")
     if num_classes < 2:
-        raise UserError("label noise needs at least 2 classes")
+        raise MemlocError("label noise needs at least 2 classes")
     n = len(labels)
     k = math.floor(rate * n)
     rng = np.random.default_rng(seed)
@@ -245,15 +246,65 @@ def make_noisy_labels(labels, rate: float, *, num_classes: int, kind: str = "sym
     return given, is_noisy
 
 
+_REGISTERED: dict = {}
+
+
+def register_data(name: str):
+    """Decorator: ``@memloc.register_data("mydata")`` on a function returning a :class:`Data`.
+
+    A run recorded with ``data_spec={"dataset": "mydata", "options": {...}}`` rebuilds its data by
+    calling it with those options (an import path ``"pkg.module:factory"`` works without registering).
+    """
+    def deco(fn):
+        if name in DATASETS or name.startswith("imagefolder:"):
+            raise MemlocError(f"dataset name {name!r} is built in; choose another")
+        _REGISTERED[name] = fn
+        return fn
+    return deco
+
+
+def make_data(x_train, label_given, x_test=None, y_test=None, *, label_true=None, num_classes=None,
+              name: str = "custom") -> Data:
+    """A :class:`Data` from tensors / arrays: inputs (N, ...), given labels (N,), optional test set.
+
+    ``label_true`` defaults to ``label_given`` (no known noise); ids are positions ``0..N-1``.
+    """
+    xt = torch.as_tensor(np.asarray(x_train) if not torch.is_tensor(x_train) else x_train).float()
+    given = np.asarray(torch.as_tensor(label_given).cpu(), dtype=np.int64)
+    true = given if label_true is None else np.asarray(torch.as_tensor(label_true).cpu(), dtype=np.int64)
+    if len(xt) != len(given) or len(true) != len(given):
+        raise MemlocError(f"x_train ({len(xt)}), label_given ({len(given)}) and label_true ({len(true)}) "
+                          "must have one entry per training example")
+    if x_test is None:
+        x_test, y_test = xt[:0], np.zeros(0, np.int64)
+    xe = torch.as_tensor(np.asarray(x_test) if not torch.is_tensor(x_test) else x_test).float()
+    ye = np.asarray(torch.as_tensor(y_test).cpu(), dtype=np.int64)
+    c = int(num_classes or max(given.max(initial=0), true.max(initial=0), ye.max(initial=0)) + 1)
+    train = ExampleSet(xt, torch.from_numpy(given), torch.arange(len(given)))
+    test = ExampleSet(xe, torch.from_numpy(ye), torch.arange(len(ye)))
+    return Data(name, train, test, c, true, given, given != true)
+
+
 def build_data(cfg: dict, device="cpu") -> Data:
-    """Build the dataset described by a run config (keys of :func:`memloc.train.parse_args`)."""
+    """Build the dataset described by a run config (keys of :data:`memloc.train.DEFAULTS`).
+
+    ``cfg["dataset"]`` is a built-in name, a name registered with :func:`register_data` or an
+    import path ``pkg.module:factory`` (then called with ``cfg["options"]`` and returning a Data).
+    """
+    name = str(cfg.get("dataset"))
+    if name in _REGISTERED or (":" in name and not name.startswith("imagefolder:")):
+        factory = _REGISTERED.get(name) or import_object(name, "dataset factory")
+        data = factory(**cfg.get("options", {}))
+        if not isinstance(data, Data):
+            raise MemlocError(f"dataset factory {name!r} returned a {type(data).__name__}, not a memloc.data.Data")
+        return data.to(device)
     x_tr, y_tr, x_te, y_te, src_tr, src_te, n_classes = load_arrays(
         cfg["dataset"], data_root=cfg.get("data_root"), download=cfg.get("download", False),
         split_seed=cfg.get("split_seed", 0), test_size=cfg.get("test_size"), img_size=cfg.get("img_size"))
     if cfg.get("train_size"):
         n = int(cfg["train_size"])
         if not 0 < n < len(y_tr):
-            raise UserError(f"--train-size must be between 1 and {len(y_tr) - 1}, got {n}")
+            raise MemlocError(f"train_size must be between 1 and {len(y_tr) - 1}, got {n}")
         keep, _ = stratified_split(y_tr, len(y_tr) - n, cfg.get("split_seed", 0))
         x_tr, y_tr, src_tr = x_tr[keep], y_tr[keep], src_tr[keep]
     given, is_noisy = make_noisy_labels(y_tr, cfg.get("noise", 0.0), num_classes=n_classes,

@@ -1,7 +1,8 @@
 """How well does each per-example score find the mislabeled training examples?
 
-``python -m memloc.detect RUN`` reads ``RUN/results/scores.h5`` (:mod:`memloc.scores`) and the
-run's ``is_noisy`` mask and, for every score, ranks examples by ``direction * score`` (higher =
+``memloc.detect(run_or_scores, *, is_noisy=None)`` (command: ``python -m memloc detect RUN``) reads
+the ``"scores"`` result of a run (:mod:`memloc.scores`) and the run's ``is_noisy`` mask and, for
+every score, ranks examples by ``direction * score`` (higher =
 flagged as noisy) and reports
 
 * ``auroc``: area under the ROC curve (:func:`sklearn.metrics.roc_auc_score`; 0.5 = chance);
@@ -15,24 +16,23 @@ only (neuron_count: the flip sample) reports that subset's size and noise rate (
 level). When some score is partial, every score is evaluated again on the *common* subset (the
 examples where all scores are defined) so they can be compared on the same examples.
 
-Writes ``RUN/results/detect.h5``: ``/scores/{names, direction}`` (S,), ``/metrics/names`` (M,),
-``/metrics/values`` (S, M) dims ``["score", "metric"]``, ``/subset/{size, noisy, base_rate}`` (S,);
-when a score is partial also ``/common/index`` (K,) example ids and ``/common/values`` (S, M);
-and ROC / precision-recall curves in ``RUN/results/detect_roc.png``.
+Returns the ``"detect"`` result: ``values`` (score, metric), ``direction``, ``size``, ``noisy``,
+``base_rate`` (score); when a score is partial also ``common_values`` (score, metric) and
+``common_example``. The report draws the ROC / precision-recall curves (:func:`plot_curves`).
 """
 from __future__ import annotations
 
 import numpy as np
 from sklearn import metrics as skm
+import xarray as xr
 
-from . import cli
-from .cli import UserError
-from .h5 import atomic_h5, put, write_root_attrs
-from .run import load
-from .scores import read_scores
+from .errors import MemlocError
+from .results import Result
+from .run import as_run
+from .runtime import split_list
 
 __all__ = ["auroc", "average_precision", "precision_at_k", "METRICS", "detection_metrics",
-           "detection_table", "format_table", "plot_curves", "run_detection", "parse_args", "main"]
+           "detection_table", "format_table", "plot_curves", "detect"]
 
 
 def _binary(is_noisy) -> np.ndarray:
@@ -75,7 +75,7 @@ def detection_metrics(score: np.ndarray, is_noisy: np.ndarray, *, direction: int
     Returns ``{metric: value, "size": n, "noisy": noisy count, "base_rate": noisy / n}``.
     """
     if direction not in (1, -1):
-        raise ValueError(f"direction must be +1 or -1, got {direction!r}")
+        raise MemlocError(f"direction must be +1 or -1, got {direction!r}", argument="direction")
     score, y = np.asarray(score, dtype=np.float64), _binary(is_noisy)
     if score.shape != y.shape:
         raise ValueError(f"score {score.shape} and is_noisy {y.shape} differ in shape")
@@ -151,78 +151,48 @@ def plot_curves(scores: dict[str, np.ndarray], is_noisy: np.ndarray, directions:
     plt.close(fig)
 
 
-# ------------------------------------------------------------------ CLI
-def parse_args(argv=None):
-    p = cli.parser("memloc.detect", "Noise-detection quality (AUROC, average precision, precision at the "
-                   "true noise rate) of every score in RUN/results/scores.h5; writes RUN/results/detect.h5 "
-                   "and RUN/results/detect_roc.png.")
-    p.add_argument("run", help="run directory with results/scores.h5 (python -m memloc.scores RUN)")
-    p.add_argument("--scores", default="all", help="comma-separated score names to evaluate, or 'all'")
-    return p.parse_args(argv)
+def detect(source, *, names="all", is_noisy=None) -> Result:
+    """Detection quality of every stored score against the known noise.
 
-
-def run_detection(run, names="all") -> dict:
-    """Detection tables of a run's stored scores.
-
-    Returns ``{"own": table over each score's own subset, "common": table over the examples where
-    every score is defined (None if that is all examples), "common_rows": their ids, "scores":
-    {name: (N,)}, "directions": {name: +1 | -1}}``.
+    ``source``: a :class:`memloc.Run` / run path (its ``"scores"`` result and ``is_noisy``), or a
+    ``"scores"`` :class:`memloc.Result` with ``is_noisy`` (N,). ``names``: scores to evaluate
+    (default all). Returns the ``"detect"`` result.
     """
-    path = run.results_path("scores")
-    if not path.is_file():
-        raise UserError(f"no scores for this run ({str(path)!r}): run `python -m memloc.scores {run.path}` first")
-    index, values, attrs = read_scores(path)
-    if not np.array_equal(index, np.arange(run.num_train)):
-        raise UserError(f"{str(path)!r} does not list the run's {run.num_train} training examples in order")
+    if isinstance(source, Result):
+        if source.name != "scores" or is_noisy is None:
+            raise MemlocError("detect needs a run, or a 'scores' result together with is_noisy")
+        res, noisy = source, np.asarray(is_noisy, dtype=bool)
+    else:
+        run = as_run(source, need_checkpoints=False)
+        if not run.results_path("scores").is_file():
+            raise MemlocError(f"no scores for run {str(run.path)!r}: compute and save scores first")
+        res, noisy = run.result("scores"), run.is_noisy if is_noisy is None else np.asarray(is_noisy, bool)
+    index = res["example"].values
+    if not np.array_equal(index, np.arange(len(noisy))):
+        raise MemlocError(f"the scores do not list the {len(noisy)} training examples in order")
+    values = {k: res[k].values for k in res.data_vars}
     if names not in (None, "all"):
-        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        wanted = split_list(names)
         bad = [n for n in wanted if n not in values]
         if bad or not wanted:
-            raise UserError(f"score {', '.join(map(repr, bad)) or '(none given)'} not in {str(path)!r}; "
-                            f"available: {', '.join(values)}")
+            raise MemlocError(f"score {', '.join(map(repr, bad)) or '(none given)'} not among the stored scores; "
+                              f"available: {', '.join(values)}", argument="names")
         values = {n: values[n] for n in wanted}
     if not values:
-        raise UserError(f"{str(path)!r} holds no scores")
-    directions = {n: int(attrs[n]["direction"]) for n in values}
+        raise MemlocError("the scores result holds no scores")
+    directions = {n: int(res[n].attrs["direction"]) for n in values}
     rows = np.flatnonzero(np.logical_and.reduce([np.isfinite(v) for v in values.values()]))
-    full = len(rows) == run.num_train
-    return {"own": detection_table(values, run.is_noisy, directions),
-            "common": None if full else detection_table(values, run.is_noisy, directions, rows=rows),
-            "common_rows": rows, "scores": values, "directions": directions}
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    with cli.user_errors("memloc.detect"):
-        run = load(args.run)
-        res = run_detection(run, args.scores)
-        own, shared = res["own"], res["common"]
-        path = run.results_path("detect")
-        with atomic_h5(path) as f:
-            write_root_attrs(f, "memloc.detect", {"scores": own["names"], "metrics": own["metrics"],
-                                                  "noise_rate": float(run.is_noisy.mean())}, argv)
-            put(f, "scores/names", np.array(own["names"]), dims=["score"])
-            put(f, "scores/direction", own["direction"], dims=["score"])
-            put(f, "metrics/names", np.array(own["metrics"]), dims=["metric"])
-            put(f, "metrics/values", own["values"], dims=["score", "metric"])
-            for k in ("size", "noisy", "base_rate"):
-                put(f, f"subset/{k}", own[k], dims=["score"])
-            if shared is not None:
-                put(f, "common/index", res["common_rows"], dims=["example"])
-                put(f, "common/values", shared["values"], dims=["score", "metric"])
-        png = path.with_name("detect_roc.png")
-        plot_curves(res["scores"], run.is_noisy, res["directions"], png,
-                    title=f"{run.path.name}: {int(run.is_noisy.sum())} of {run.num_train} labels noisy")
-        print(f"noise detection on {run.path} ({int(run.is_noisy.sum())} of {run.num_train} labels noisy); "
-              "each score over the examples where it is defined:")
-        print(format_table(own))
-        if shared is not None:
-            print(f"\nevery score on the {len(res['common_rows'])} examples where all are defined "
-                  f"({shared['noisy'][0]} noisy):")
-            print(format_table(shared))
-        print(f"wrote {path} and {png}")
-    return res
+    own = detection_table(values, noisy, directions)
+    data = {"values": (("score", "metric"), own["values"]), "direction": ("score", own["direction"]),
+            **{k: ("score", own[k]) for k in ("size", "noisy", "base_rate")}}
+    if len(rows) < len(noisy):
+        data["common_values"] = (("score", "metric"), detection_table(values, noisy, directions, rows=rows)["values"])
+        data["common_example"] = ("common", rows.astype(np.int64))
+    ds = xr.Dataset(data, coords={"score": own["names"], "metric": own["metrics"]})
+    return Result("detect", ds, config={"scores": own["names"], "metrics": own["metrics"],
+                                        "noise_rate": float(noisy.mean())})
 
 
 if __name__ == "__main__":
-    main()
+    from .commands import module_main
+    module_main("detect")

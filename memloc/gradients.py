@@ -1,6 +1,7 @@
 """Gradient accounting per layer: how much do clean and mislabeled examples pull on each layer?
 
-``python -m memloc.gradients RUN [--epochs all] [--layers ...] [--bn-mode eval|train]``
+``memloc.gradients(run_or_model, data=None, *, checkpoints="all", layers=None, bn_mode="eval")``
+(command: ``python -m memloc gradients RUN``).
 
 For every checkpoint epoch and every layer, with ``g_c`` the gradient of the mean cross-entropy
 over the *clean* training examples, ``g_n`` over the *noisy* ones (w.r.t. their given labels)
@@ -11,12 +12,12 @@ and ``g = (n_c g_c + n_n g_n) / N`` the gradient of the mean over all training e
 * ``cosine = <g_c, g_n> / (||g_c|| ||g_n||)`` (NaN when either is zero).
 
 One forward and two backward passes per batch (the clean part with ``retain_graph``, then the
-noisy part). Norm layers run in eval mode (running statistics) by default; ``--bn-mode train``
+noisy part). Norm layers run in eval mode (running statistics) by default; ``bn_mode="train"``
 uses batch statistics (on a copy of the model, so no running statistic changes). Weight decay
 is not part of the loss.
 
-Writes ``RUN/results/gradients.h5``: ``/epochs`` (E,), ``/layers/{names,kinds,numel}`` (L,),
-``/norm_clean``, ``/norm_noisy``, ``/norm_total``, ``/cosine`` (E, L) with dims ``[epoch, layer]``.
+Returns a :class:`memloc.results.Result` ``"gradients"``: ``norm`` (epoch, layer, subset) with
+subset = clean / noisy / all, and ``cosine`` (epoch, layer).
 """
 from __future__ import annotations
 
@@ -28,14 +29,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+import xarray as xr
 
-from . import cli
 from .data import ExampleSet
 from .dropout import auto_as_test
-from .layers import add_layer_args, setup, table, write_results
-from .units import NORM_TYPES, Layer, eval_mode
+from .errors import MemlocError
+from .evaluate import eval_mode
+from .results import Result
+from .runtime import check_range, progress
+from .schemas import GRADIENT_PARTS
+from .selection import layer_coords, prepare
+from .units import NORM_TYPES, Layer
 
-__all__ = ["QUANTITIES", "BN_MODES", "layer_gradients", "gradients", "parse_args", "main"]
+__all__ = ["QUANTITIES", "BN_MODES", "layer_gradients", "gradients"]
 
 QUANTITIES = ("norm_clean", "norm_noisy", "norm_total", "cosine")
 BN_MODES = ("eval", "train")
@@ -45,7 +51,7 @@ BN_MODES = ("eval", "train")
 def _in_mode(model: nn.Module, bn_mode: str):
     """``model`` in eval mode, or a copy with its norm layers in train mode (``bn_mode="train"``)."""
     if bn_mode not in BN_MODES:
-        raise ValueError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
+        raise MemlocError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
     if bn_mode == "train":
         model = copy.deepcopy(model).eval()  # batch statistics would update the caller's running stats
         for m in model.modules():
@@ -110,7 +116,7 @@ def _gradient_sums(model, examples, is_noisy, layers, batch_size):
     n_noisy = int(noisy_by_id[examples.idx].sum())
     counts = {"clean": len(examples) - n_noisy, "noisy": n_noisy}
     sums = {part: [torch.zeros_like(p) for p in params] for part in counts}
-    for x, y, idx in cli.progress(examples.batches(batch_size), desc="gradients", unit="batch",
+    for x, y, idx in progress(examples.batches(batch_size), desc="gradients", unit="batch",
                                   total=-(-len(examples) // batch_size)):
         losses = F.cross_entropy(model(x), y, reduction="none")
         noisy = noisy_by_id[idx]
@@ -128,53 +134,37 @@ def _gradient_sums(model, examples, is_noisy, layers, batch_size):
     return out
 
 
-def gradients(run, epochs: Sequence[int], layers: Sequence[Layer], data, *, device="cpu",
-              batch_size: int = 1024, bn_mode: str = "eval") -> dict[str, np.ndarray]:
-    """:func:`layer_gradients` at every checkpoint in ``epochs`` -> ``{q: (E, L) array}``."""
-    model = run.build_model().to(device)
+def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str = "eval",
+              batch_size: int = 1024, device="auto") -> Result:
+    """:func:`layer_gradients` at every selected checkpoint of a run (or of a model).
+
+    ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` (then
+    ``checkpoints`` is ``{epoch: state_dict}`` or None for its own weights, epoch -1); ``layers``:
+    names (default all). Returns the ``"gradients"`` result: ``norm`` (epoch, layer, subset) and
+    ``cosine`` (epoch, layer).
+    """
+    if bn_mode not in BN_MODES:
+        raise MemlocError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
+    check_range("batch_size", batch_size, low=1, integer=True)
+    p = prepare(source, data, device=device, layers=layers, checkpoints=checkpoints)
+    model = copy.deepcopy(p.model).requires_grad_(True)
     rows = []
-    for epoch in cli.progress(epochs, desc="epochs", unit="epoch"):
-        model.load_state_dict(run.checkpoint(epoch))
-        rows.append(layer_gradients(model, data.train, data.is_noisy, layers,
+    for epoch in progress(list(p.states), desc="checkpoints", unit="checkpoint"):
+        model.load_state_dict(p.state(epoch))
+        rows.append(layer_gradients(model, p.data.train, p.data.is_noisy, p.layers,
                                     batch_size=batch_size, bn_mode=bn_mode))
-    return {q: np.stack([r[q] for r in rows]) for q in QUANTITIES}
-
-
-def parse_args(argv=None):
-    p = cli.parser("memloc.gradients", "Per-layer gradient norms of the mean clean, noisy and total "
-                   "training loss (divided by sqrt(#params of the layer)) and the cosine between the "
-                   "clean and noisy gradients, at every chosen checkpoint. Writes RUN/results/gradients.h5.")
-    p.add_argument("run", help="run directory (from python -m memloc.train)")
-    add_layer_args(p, epochs_help="checkpoint epochs to analyse")
-    p.add_argument("--bn-mode", choices=BN_MODES, default="eval",
-                   help="norm layers use running statistics (eval) or batch statistics (train; "
-                        "the checkpoints' running statistics are not changed)")
-    p.add_argument("--batch-size", type=int, default=1024,
-                   help="examples per forward pass (with --bn-mode train also the statistics batch)")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    with cli.user_errors("memloc.gradients"):
-        cli.check_positive(args, "batch_size")
-        s = setup(args.run, device=args.device, layers=args.layers, epochs=args.epochs)
-        epochs = s.epochs
-        res = gradients(s.run, epochs, s.layers, s.data, device=s.device, batch_size=args.batch_size,
-                        bn_mode=args.bn_mode)
-        config = {"epochs": epochs, "bn_mode": args.bn_mode, "batch_size": args.batch_size,
-                  "loss": "cross_entropy mean", "normalisation": "norm / sqrt(numel)"}
-        path = write_results(s, "gradients", config, argv,
-                             {"epochs": (np.asarray(epochs, np.int64), ["epoch"]),
-                              **{q: (res[q], ["epoch", "layer"]) for q in QUANTITIES}})
-        shown = np.asarray(epochs) >= 2 if max(epochs) >= 2 else np.ones(len(epochs), bool)
-        print(f"{path}: {len(epochs)} epochs x {len(s.layers)} layers; means over epochs "
-              f"{', '.join(map(str, np.asarray(epochs)[shown])) if shown.sum() < 6 else '>= 2'}:")
-        with np.errstate(all="ignore"):
-            means = np.stack([np.nanmean(res[q][shown], axis=0) for q in QUANTITIES], axis=1)
-        print(table(s.layers, QUANTITIES, means, fmt="10.3g"))
-    return res
+    norm = np.stack([np.stack([r[f"norm_{'total' if part == 'all' else part}"] for part in GRADIENT_PARTS], -1)
+                     for r in rows]).reshape(len(rows), len(p.layers), len(GRADIENT_PARTS))
+    cosine = np.stack([r["cosine"] for r in rows]).reshape(len(rows), len(p.layers))
+    ds = xr.Dataset({"norm": (("checkpoint", "layer", "subset"), norm), "cosine": (("checkpoint", "layer"), cosine)},
+                    coords={"checkpoint": np.array(list(p.states), dtype=np.int64), **layer_coords(p.layers),
+                            "subset": list(GRADIENT_PARTS)})
+    config = {"checkpoints": list(p.states), "layers": [l.name for l in p.layers], "bn_mode": bn_mode,
+              "batch_size": batch_size, "device": str(p.device), "loss": "cross_entropy mean",
+              "normalisation": "norm / sqrt(numel)"}
+    return Result("gradients", ds, config=config)
 
 
 if __name__ == "__main__":
-    main()
+    from .commands import module_main
+    module_main("gradients")

@@ -1,45 +1,23 @@
-"""HDF5 conventions shared by every memloc file (see DESIGN.md, "HDF5 conventions").
+"""HDF5 writing for ``run.h5`` (appended to every epoch, so plain h5py rather than a result file).
 
 * root attrs ``memloc_schema``, ``memloc_schema_version``, ``memloc_version``, ``created``,
   ``argv``, ``config`` (JSON string);
-* every result dataset carries a ``dims`` attribute naming its axes;
-* arrays are gzip(4)+shuffle compressed and chunked along their first (example) axis;
-* whole files are written atomically: :func:`atomic_h5` writes ``PATH.tmp`` and ``os.replace``-s it.
+* every dataset carries a ``dims`` attribute naming its axes;
+* arrays are gzip(4)+shuffle compressed and chunked along their first (example) axis.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import h5py
 import numpy as np
 
-__all__ = ["atomic_h5", "write_root_attrs", "put", "read_config", "dims", "SCHEMA_VERSION"]
+__all__ = ["write_root_attrs", "put", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
-
-
-@contextlib.contextmanager
-def atomic_h5(path: str | os.PathLike, mode: str = "w"):
-    """Open ``PATH.tmp`` for writing and move it onto ``PATH`` only if the block succeeds.
-
-    A killed or failing writer leaves the previous ``PATH`` (if any) untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_root_attrs(f: h5py.File, schema: str, config: dict, argv: Sequence[str] | None = None) -> None:
@@ -80,12 +58,3 @@ def put(group: h5py.Group, name: str, data, dims: Sequence[str] | None = None,
     for k, v in attrs.items():
         ds.attrs[k] = v
     return ds
-
-
-def read_config(f: h5py.File) -> dict:
-    return json.loads(f.attrs["config"])
-
-
-def dims(ds: h5py.Dataset) -> list[str]:
-    """The axis names of a dataset written by :func:`put`."""
-    return [d.decode() if isinstance(d, bytes) else str(d) for d in ds.attrs["dims"]]

@@ -1,19 +1,24 @@
-"""Model factory: built-in ``mlp``, ``lenet``, ``resnet9``, plus ``timm:NAME`` and ``torchvision:NAME``.
+"""Model registry: built-in ``mlp``, ``lenet``, ``resnet9``, ``timm:NAME``, ``torchvision:NAME``,
+models registered with :func:`register_model`, and import paths ``pkg.module:factory``.
 
 ``build_model(spec, in_shape, num_classes, **options)`` returns a fresh, randomly initialised
 classifier mapping (B, *in_shape) to (B, num_classes) logits. Nothing is downloaded:
-pretrained weights are never requested.
+pretrained weights are never requested. A registered / imported factory is called with
+``in_shape`` and ``num_classes`` only if its signature names them, plus ``options``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 from torch import nn
 
-from .cli import UserError
+from .errors import MemlocError
+from .runtime import import_object
 
-__all__ = ["MLP", "LeNet", "ResNet9", "MODELS", "build_model"]
+__all__ = ["MLP", "LeNet", "ResNet9", "MODELS", "build_model", "register_model", "model_name_of", "import_path_of",
+           "spec_name"]
 
 
 class MLP(nn.Module):
@@ -96,7 +101,7 @@ class ResNet9(nn.Module):
 def _timm(name, in_shape, num_classes, **options):
     import timm
     if name not in timm.list_models():
-        raise UserError(f"unknown timm model {name!r} (see timm.list_models())")
+        raise MemlocError(f"unknown timm model {name!r} (see timm.list_models())")
     kw = dict(pretrained=False, num_classes=num_classes, in_chans=in_shape[0], **options)
     try:
         return timm.create_model(name, img_size=tuple(in_shape[1:]), **kw)
@@ -115,13 +120,13 @@ def _adapt_in_chans(model: nn.Module, in_chans: int) -> None:
                     in_chans, child.out_channels, child.kernel_size, child.stride, child.padding,
                     child.dilation, child.groups, child.bias is not None, child.padding_mode))
                 return
-    raise UserError(f"cannot adapt {type(model).__name__} to {in_chans} input channels")
+    raise MemlocError(f"cannot adapt {type(model).__name__} to {in_chans} input channels")
 
 
 def _torchvision(name, in_shape, num_classes, **options):
     import torchvision
     if name not in torchvision.models.list_models():
-        raise UserError(f"unknown torchvision model {name!r} (see torchvision.models.list_models())")
+        raise MemlocError(f"unknown torchvision model {name!r} (see torchvision.models.list_models())")
     kw = dict(weights=None, num_classes=num_classes, **options)
     if name.startswith(("vit_", "swin_", "maxvit")):
         kw.setdefault("image_size", in_shape[1])
@@ -135,23 +140,99 @@ def _torchvision(name, in_shape, num_classes, **options):
 
 
 MODELS = {"mlp": MLP, "lenet": LeNet, "resnet9": ResNet9}
+_REGISTERED: dict = {}
+
+
+def register_model(name: str):
+    """Decorator: ``@memloc.register_model("mynet")`` on a model class or a factory function.
+
+    Runs recorded with ``model_spec="mynet"`` (or from an instance of a registered class) rebuild
+    the model by name in every analysis and command, as long as the defining module is imported
+    (from the command line, give the import path ``pkg.module:factory`` instead).
+    """
+    def deco(factory):
+        if name in MODELS or ":" in name:
+            raise MemlocError(f"model name {name!r} is built in or contains ':'; choose another")
+        _REGISTERED[name] = factory
+        return factory
+    return deco
+
+
+def import_path_of(name: str) -> str | None:
+    """``module:qualname`` of a registered factory, if another process could import it."""
+    factory = _REGISTERED.get(name)
+    module = getattr(factory, "__module__", None)
+    if factory is None or module in (None, "__main__") or "<locals>" in getattr(factory, "__qualname__", "<locals>"):
+        return None
+    return f"{module}:{factory.__qualname__}"
+
+
+def spec_name(spec: dict) -> str:
+    """The name to build a recorded model spec with: its registered name if registered in this
+    process, else the import path recorded beside it (so commands in a fresh process work)."""
+    name = spec["spec"]
+    if name in _REGISTERED or name in MODELS or ":" in name or not spec.get("import"):
+        return name
+    return spec["import"]
+
+
+def model_name_of(model: nn.Module) -> str | None:
+    """The registered name of ``model``'s class, if it was registered as a class."""
+    for name, factory in _REGISTERED.items():
+        if factory is type(model):
+            return name
+    return None
+
+
+def _call_factory(factory, spec, in_shape, num_classes, options):
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kw = dict(options)
+    if "in_shape" in params:
+        kw["in_shape"] = in_shape
+    if "num_classes" in params:
+        kw["num_classes"] = num_classes
+    try:
+        model = factory(**kw)
+    except TypeError as e:
+        raise MemlocError(f"bad options for model {spec!r}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise MemlocError(f"model factory {spec!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def build_model(spec: str, in_shape, num_classes: int, **options) -> nn.Module:
-    """A fresh classifier. ``spec``: ``mlp``, ``lenet``, ``resnet9``, ``timm:NAME`` or ``torchvision:NAME``.
+    """A fresh classifier. ``spec``: ``mlp``, ``lenet``, ``resnet9``, ``timm:NAME``,
+    ``torchvision:NAME``, a :func:`register_model` name or ``pkg.module:factory``.
 
     ``options`` go to the constructor (``width`` for lenet/resnet9, ``hidden`` for mlp, timm kwargs...).
     """
-    in_shape = tuple(int(s) for s in in_shape)
+    in_shape = tuple(int(s) for s in in_shape) if in_shape is not None else None
+    valid = f"{', '.join(MODELS)}, timm:NAME, torchvision:NAME, a registered name or pkg.module:factory"
+    if spec in _REGISTERED:
+        return _call_factory(_REGISTERED[spec], spec, in_shape, num_classes, options)
     prefix, _, name = spec.partition(":")
     if name:
         factories = {"timm": _timm, "torchvision": _torchvision}
-        if prefix not in factories:
-            raise UserError(f"unknown model family {prefix!r}; valid: {', '.join(MODELS)}, timm:NAME, torchvision:NAME")
-        return factories[prefix](name, in_shape, num_classes, **options)
+        if prefix in factories:
+            return factories[prefix](name, in_shape, num_classes, **options)
+        if not _importable(prefix):
+            raise MemlocError(f"unknown model family or module {prefix!r}; valid: {valid}")
+        return _call_factory(import_object(spec, "model factory"), spec, in_shape, num_classes, options)
     if spec not in MODELS:
-        raise UserError(f"unknown model {spec!r}; valid: {', '.join(MODELS)}, timm:NAME, torchvision:NAME")
+        raise MemlocError(f"unknown model {spec!r}; valid: {valid} (a memloc.register_model name is known only "
+                          "in a process that imported the module registering it)")
     try:
         return MODELS[spec](in_shape, num_classes, **options)
     except TypeError as e:
-        raise UserError(f"bad options for model {spec!r}: {e}") from None
+        raise MemlocError(f"bad options for model {spec!r}: {e}") from None

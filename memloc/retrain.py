@@ -1,39 +1,40 @@
 """Layer retraining: reset one layer to its initialisation and retrain only it on clean data.
 
-``python -m memloc.retrain RUN [--layers ...] [--epochs-retrain 20] [--lr 0.1]``
+``memloc.retrain(run_or_model, data=None, *, layers=None, epochs=20, lr=0.1, reset_to=0)``
+(command: ``python -m memloc retrain RUN``).
 
 For every layer, a copy of the final model gets that layer's tensors (parameters and its norm's
-buffers) from checkpoint ``--reset-epoch`` (default 0, the initialisation); every other parameter
+buffers) from checkpoint ``reset_to`` (default 0, the initialisation); every other parameter
 is frozen and every other module stays in eval mode, so no other parameter *or buffer* (e.g.
 another layer's BatchNorm running statistics) changes. Only the layer is trained, on the clean
 training examples, with SGD (momentum, weight decay) and a one-cycle schedule (learning rate
 rising linearly from 0 to ``--lr`` at the middle of training, then back to 0). After every epoch
-(and before the first) the model is evaluated on the subsets of :data:`memloc.run.SUBSETS`. A
+(and before the first) the model is evaluated on the subsets of :data:`memloc.evaluate.SUBSETS`. A
 layer that clean data alone can bring back to high clean and test accuracy, while the noisy
 labels stay unlearned, is not needed for memorisation. Seeded and deterministic.
 
-Writes ``RUN/results/retrain.h5``: ``/layers/{names,kinds,numel}`` (L,), ``/epochs`` (E+1,) =
-0..E, ``/subsets/names`` (4,), ``/accuracy`` (L, E+1, 4) dims ``[layer, epoch, subset]``,
-``/baseline`` (4,) the final model's accuracies.
+Returns the ``"retrain"`` result: ``accuracy`` (layer, epoch, subset) with epoch = 0..E and
+``baseline`` (subset), the final model's accuracies.
 """
 from __future__ import annotations
 
 import copy
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+import xarray as xr
 
-from . import cli
-from .layers import (accuracy_datasets, accuracy_row, add_layer_args, copy_layer, describe,
-                     setup, table, write_results)
-from .run import SUBSETS
-from .train import epoch_seed, lr_factor
+from .errors import MemlocError
+from .evaluate import SUBSETS, accuracy_row
+from .optim import epoch_seed, make_optimizer, make_schedule
+from .results import Result
+from .runtime import check_range, progress
+from .selection import copy_layer, layer_coords, prepare
 from .units import Layer
 
-__all__ = ["HYPER", "retrain_layer", "retrain", "parse_args", "main"]
+__all__ = ["HYPER", "retrain_layer", "retrain"]
 
 # Retraining hyper-parameters (the paper's: 20 epochs, one-cycle peaking at lr 0.1 mid-way).
 HYPER = dict(
@@ -62,7 +63,7 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
 
     Returns
     -------
-    curve : (epochs + 1, 4) accuracies over :data:`memloc.run.SUBSETS`; row 0 = just after the reset.
+    curve : (epochs + 1, 4) accuracies over :data:`memloc.evaluate.SUBSETS`; row 0 = just after the reset.
     model : the retrained copy.
     """
     work = copy.deepcopy(model).eval()
@@ -78,9 +79,8 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
     curve = [accuracy_row(work, data, batch_size=eval_batch_size)]
     if not trainable:  # e.g. a norm without affine parameters: nothing to retrain
         return np.asarray(curve * (epochs + 1), dtype=np.float64), work
-    opt = torch.optim.SGD(trainable, lr=lr, momentum=momentum, nesterov=momentum > 0,
-                          weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, "onecycle", 0.5))
+    opt = make_optimizer(trainable, "sgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = make_schedule(opt, steps, "onecycle", 0.5)
     device = trainable[0].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -101,60 +101,40 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
     return np.asarray(curve, dtype=np.float64), work
 
 
-def retrain(model: nn.Module, init: dict[str, torch.Tensor], layers: Sequence[Layer], data,
-            **options) -> np.ndarray:
-    """:func:`retrain_layer` for every layer -> (L, epochs + 1, 4) accuracies."""
-    curves = [retrain_layer(model, init, l, data, **options)[0]
-              for l in cli.progress(layers, desc="retrain", unit="layer")]
-    if not curves:
-        return np.zeros((0, options.get("epochs", HYPER["epochs"]) + 1, len(SUBSETS)))
-    return np.stack(curves)
+def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["epochs"],
+            lr: float = HYPER["lr"], batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
+            weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
+            eval_batch_size: int = 1024, device="auto") -> Result:
+    """:func:`retrain_layer` for every layer (or those named in ``layers``) of the final model.
 
-
-def parse_args(argv=None):
-    p = cli.parser("memloc.retrain", "Reset one layer at a time to its initialisation, freeze every "
-                   "other parameter and buffer, retrain only that layer on the clean training "
-                   "examples (one-cycle schedule) and record clean / noisy / test accuracy after "
-                   "every epoch. Writes RUN/results/retrain.h5.")
-    p.add_argument("run", help="run directory (from python -m memloc.train)")
-    add_layer_args(p)
-    p.add_argument("--reset-epoch", type=int, default=0,
-                   help="checkpoint whose tensors the layer is reset to (0 = initialisation)")
-    p.add_argument("--epochs-retrain", type=int, default=HYPER["epochs"], help="retraining epochs")
-    p.add_argument("--lr", type=float, default=HYPER["lr"],
-                   help="peak learning rate of the one-cycle schedule (reached half-way)")
-    p.add_argument("--batch-size", type=int, default=HYPER["batch_size"], help="retraining batch size")
-    p.add_argument("--momentum", type=float, default=HYPER["momentum"], help="SGD (Nesterov) momentum")
-    p.add_argument("--weight-decay", type=float, default=HYPER["weight_decay"],
-                   help="weight decay of the retrained layer")
-    p.add_argument("--seed", type=int, default=HYPER["seed"], help="seed of the batch order")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    with cli.user_errors("memloc.retrain"):
-        cli.check_positive(args, "epochs_retrain", "batch_size")
-        if not args.lr > 0:
-            raise cli.UserError(f"--lr must be positive, got {args.lr}")
-        s = setup(args.run, device=args.device, layers=args.layers)
-        init = s.run.checkpoint(args.reset_epoch)
-        model = s.run.model(None, s.device)
-        hyper = dict(epochs=args.epochs_retrain, lr=args.lr, batch_size=args.batch_size,
-                     momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed)
-        acc = retrain(model, init, s.layers, s.data, **hyper)
-        baseline = accuracy_row(model, s.data)
-        config = {**hyper, "reset_epoch": args.reset_epoch, "final_epoch": s.run.final_epoch,
-                  "schedule": "onecycle, peak at 0.5", "train_subset": "clean"}
-        path = write_results(s, "retrain", config, argv,
-                             {"epochs": (np.arange(args.epochs_retrain + 1), ["epoch"]),
-                              **accuracy_datasets(acc, ["layer", "epoch", "subset"], baseline)})
-        print(f"{path}: {len(s.layers)} layers x {args.epochs_retrain} epochs; "
-              f"final model: {describe(baseline)}")
-        print(f"after retraining (reset to epoch {args.reset_epoch}):\n"
-              + table(s.layers, SUBSETS, acc[:, -1]))
-    return acc
+    ``source``: a :class:`memloc.Run` / run path (``reset_to``: a checkpoint epoch), or an
+    ``nn.Module`` with ``data`` (``reset_to``: a state_dict holding the layers' reset tensors).
+    Returns the ``"retrain"`` result: ``accuracy`` (layer, epoch, subset) and ``baseline`` (subset).
+    """
+    check_range("epochs", epochs, low=1, integer=True)
+    check_range("batch_size", batch_size, low=1, integer=True)
+    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    check_range("lr", lr, low=0)
+    if not lr > 0:
+        raise MemlocError(f"lr must be positive, got {lr}", argument="lr")
+    if isinstance(source, nn.Module) and not isinstance(reset_to, dict):
+        raise MemlocError("reset_to must be a state_dict when a model is passed instead of a run")
+    p = prepare(source, data, device=device, layers=layers, checkpoints=None if isinstance(source, nn.Module) else "final")
+    init = reset_to if isinstance(reset_to, dict) else p.run.checkpoint(reset_to)
+    hyper = dict(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed)
+    curves = [retrain_layer(p.model, init, l, p.data, eval_batch_size=eval_batch_size, **hyper)[0]
+              for l in progress(p.layers, desc="retrain", unit="layer")]
+    acc = np.stack(curves) if curves else np.zeros((0, epochs + 1, len(SUBSETS)))
+    baseline = accuracy_row(p.model, p.data, batch_size=eval_batch_size)
+    ds = xr.Dataset({"accuracy": (("layer", "epoch", "subset"), acc), "baseline": (("subset",), baseline)},
+                    coords={**layer_coords(p.layers), "epoch": np.arange(epochs + 1), "subset": list(SUBSETS)})
+    config = {**hyper, "reset_to": reset_to if not isinstance(reset_to, dict) else "state_dict",
+              "layers": [l.name for l in p.layers], "eval_batch_size": eval_batch_size, "device": str(p.device),
+              "final_epoch": p.run.final_epoch if p.run is not None else None,
+              "schedule": "onecycle, peak at 0.5", "train_subset": "clean"}
+    return Result("retrain", ds, config=config)
 
 
 if __name__ == "__main__":
-    main()
+    from .commands import module_main
+    module_main("retrain")

@@ -1,17 +1,17 @@
 """Layer rewinding: put one layer of the final model back to an earlier checkpoint.
 
-``python -m memloc.rewind RUN [--epochs all] [--layers ...]``
+``memloc.rewind(run_or_model, data=None, *, checkpoints="all", layers=None)`` (command:
+``python -m memloc.rewind RUN``).
 
 For every rewind epoch ``e`` and every layer, the layer's parameters *and* its norm's buffers
 (running statistics) are copied from checkpoint ``e`` into a copy of the final model, which is
-then evaluated (eval mode) on the subsets of :data:`memloc.run.SUBSETS`: clean training
+then evaluated (eval mode) on the subsets of :data:`memloc.evaluate.SUBSETS`: clean training
 examples, noisy training examples w.r.t. their given labels (the fraction still memorised) and
 w.r.t. their true labels, and the test set. If memorisation lived in one layer, rewinding that
 layer would drop the noisy accuracy while keeping the clean and test accuracy.
 
-Writes ``RUN/results/rewind.h5``: ``/epochs`` (R,) rewind epochs, ``/layers/{names,kinds,numel}``
-(L,), ``/subsets/names`` (4,), ``/accuracy`` (R, L, 4) dims ``[rewind_epoch, layer, subset]``,
-``/baseline`` (4,) the unrewound final model's accuracies.
+Returns the ``"rewind"`` result: ``accuracy`` (checkpoint, layer, subset) and ``baseline``
+(subset), the unrewound final model's accuracies.
 """
 from __future__ import annotations
 
@@ -21,17 +21,19 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+import xarray as xr
 
-from . import cli
-from .layers import (accuracy_datasets, accuracy_row, add_layer_args, copy_layer, describe,
-                     setup, table, write_results)
-from .run import SUBSETS
+from .errors import MemlocError
+from .evaluate import SUBSETS, accuracy_row
+from .results import Result
+from .runtime import check_range, progress
+from .selection import copy_layer, layer_coords, prepare
 from .units import Layer
 
-__all__ = ["rewind", "parse_args", "main"]
+__all__ = ["rewind", "rewind_layers"]
 
 
-def rewind(model: nn.Module, states: Iterable[dict[str, torch.Tensor]], layers: Sequence[Layer], data, *,
+def rewind_layers(model: nn.Module, states: Iterable[dict[str, torch.Tensor]], layers: Sequence[Layer], data, *,
            batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Accuracies of ``model`` with one layer at a time replaced by its tensors in each of ``states``.
 
@@ -39,12 +41,12 @@ def rewind(model: nn.Module, states: Iterable[dict[str, torch.Tensor]], layers: 
     ----------
     model : the final model (not modified; a copy is edited).
     states : R state_dicts (e.g. earlier checkpoints), consumed one at a time.
-    layers : the L layers to rewind (a :func:`memloc.layers.merged_layer` rewinds several at once).
+    layers : the L layers to rewind (a :func:`memloc.selection.merged_layer` rewinds several at once).
     data : :class:`memloc.data.Data` on the model's device.
 
     Returns
     -------
-    accuracy : (R, L, 4) array over :data:`memloc.run.SUBSETS`.
+    accuracy : (R, L, 4) array over :data:`memloc.evaluate.SUBSETS`.
     baseline : (4,) accuracies of ``model`` itself.
     """
     work = copy.deepcopy(model).eval()
@@ -61,34 +63,30 @@ def rewind(model: nn.Module, states: Iterable[dict[str, torch.Tensor]], layers: 
     return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(layers), len(SUBSETS)), baseline
 
 
-def parse_args(argv=None):
-    p = cli.parser("memloc.rewind", "Rewind one layer at a time of the final model to an earlier "
-                   "checkpoint (parameters and norm buffers) and record accuracy on clean train, "
-                   "noisy train (given and true labels) and test. Writes RUN/results/rewind.h5.")
-    p.add_argument("run", help="run directory (from python -m memloc.train)")
-    add_layer_args(p, epochs_help="checkpoint epochs to rewind to")
-    p.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size")
-    return p.parse_args(argv)
+def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size: int = 1024,
+           device="auto") -> Result:
+    """Rewind every layer (or those named in ``layers``) of the final model to each checkpoint.
 
-
-def main(argv=None):
-    args = parse_args(argv)
-    with cli.user_errors("memloc.rewind"):
-        cli.check_positive(args, "batch_size")
-        s = setup(args.run, device=args.device, layers=args.layers, epochs=args.epochs)
-        epochs = s.epochs
-        model = s.run.model(None, s.device)
-        states = (s.run.checkpoint(e) for e in cli.progress(epochs, desc="rewind", unit="epoch"))
-        acc, baseline = rewind(model, states, s.layers, s.data, batch_size=args.batch_size)
-        config = {"epochs": epochs, "final_epoch": s.run.final_epoch, "batch_size": args.batch_size}
-        path = write_results(s, "rewind", config, argv,
-                             {"epochs": (np.asarray(epochs, np.int64), ["rewind_epoch"]),
-                              **accuracy_datasets(acc, ["rewind_epoch", "layer", "subset"], baseline)})
-        print(f"{path}: {len(epochs)} rewind epochs x {len(s.layers)} layers; final model "
-              f"(epoch {s.run.final_epoch}): {describe(baseline)}")
-        print(f"rewound to epoch {epochs[0]}:\n" + table(s.layers, SUBSETS, acc[0]))
-    return acc, baseline
+    ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` and
+    ``checkpoints={epoch: state_dict}``. Returns the ``"rewind"`` result: ``accuracy``
+    (checkpoint, layer, subset) and ``baseline`` (subset).
+    """
+    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    if isinstance(source, nn.Module) and not isinstance(checkpoints, dict):
+        raise MemlocError("checkpoints must be a mapping {epoch: state_dict} to rewind to when a model is passed",
+                          argument="checkpoints")
+    p = prepare(source, data, device=device, layers=layers, checkpoints=checkpoints)
+    epochs = list(p.states)
+    states = (p.state(e) for e in progress(epochs, desc="rewind", unit="checkpoint"))
+    acc, baseline = rewind_layers(p.model, states, p.layers, p.data, batch_size=eval_batch_size)
+    ds = xr.Dataset({"accuracy": (("checkpoint", "layer", "subset"), acc), "baseline": (("subset",), baseline)},
+                    coords={"checkpoint": np.array(epochs, dtype=np.int64), **layer_coords(p.layers),
+                            "subset": list(SUBSETS)})
+    config = {"checkpoints": epochs, "layers": [l.name for l in p.layers], "eval_batch_size": eval_batch_size,
+              "final_epoch": p.run.final_epoch if p.run is not None else None, "device": str(p.device)}
+    return Result("rewind", ds, config=config)
 
 
 if __name__ == "__main__":
-    main()
+    from .commands import module_main
+    module_main("rewind")

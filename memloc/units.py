@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .evaluate import eval_mode
+
 __all__ = ["Layer", "UnitSpace", "Structure", "trace", "unit_masks", "HookNotFiredError", "eval_mode",
-           "hooks_of", "SITES"]
+           "Hooks", "hooks_of", "SITES"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 WEIGHT_TYPES = CONV_TYPES + (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention)
@@ -118,16 +120,32 @@ def _kind(m: nn.Module) -> str:
     return "attention"
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put every module of ``model`` in eval mode inside the block; restore each module's flag after."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in flags.items():
-            m.train(t)
+class Hooks:
+    """The one place memloc adds hooks: every handle is kept and removed together.
+
+    ``with Hooks() as h: h.forward(module, fn)`` removes them on leaving the block (also on error);
+    a persistent owner (example-tied dropout) keeps the object and calls :meth:`remove`.
+    """
+
+    def __init__(self):
+        self.handles: list = []
+
+    def forward(self, module: nn.Module, fn, *, with_kwargs: bool = False):
+        """``module.register_forward_hook(fn)``; returns the handle."""
+        handle = module.register_forward_hook(fn, with_kwargs=with_kwargs)
+        self.handles.append(handle)
+        return handle
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+    def __enter__(self) -> "Hooks":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.remove()
+        return False
 
 
 def trace(model: nn.Module, example_input: torch.Tensor) -> Structure:
@@ -138,23 +156,18 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> Structure:
     modules = dict(model.named_modules())
     events: list[tuple[str, list[int], object]] = []   # (name, input ids, output) in call order
     keep: list[object] = []                            # keep tensors alive so ids stay unique
-    handles = []
-
     def make_hook(name):
         def hook(mod, inp, out):
             keep.append((inp, out))
             events.append((name, [id(t) for t in inp if torch.is_tensor(t)], out))
         return hook
 
-    try:
+    with Hooks() as hooks:
         for name, m in modules.items():
             if isinstance(m, WEIGHT_TYPES) or _is_norm(m):
-                handles.append(m.register_forward_hook(make_hook(name)))
+                hooks.forward(m, make_hook(name))
         with torch.no_grad(), eval_mode(model):
             logits = model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
 
     first: dict[str, tuple[list[int], object]] = {}
     for name, in_ids, out in events:
@@ -237,7 +250,6 @@ def hooks_of(model: nn.Module, hooks: dict[str, object], *, require_fired: bool 
     if missing:
         raise KeyError(f"no module named {missing[0]!r} in {type(model).__name__}")
     fired: set[str] = set()
-    handles = []
 
     def wrap(name, fn):
         def hook(mod, inp, out):
@@ -245,13 +257,10 @@ def hooks_of(model: nn.Module, hooks: dict[str, object], *, require_fired: bool 
             return fn(mod, inp, out)
         return hook
 
-    try:
+    with Hooks() as h:
         for name, fn in hooks.items():
-            handles.append(modules[name].register_forward_hook(wrap(name, fn)))
+            h.forward(modules[name], wrap(name, fn))
         yield
-    finally:
-        for h in handles:
-            h.remove()
     not_fired = [n for n in hooks if n not in fired]
     if require_fired and not_fired:
         raise HookNotFiredError(f"hooks on {', '.join(not_fired)} never fired: those modules are not on the forward path")

@@ -7,7 +7,7 @@ on the same examples, reference batch and settings, it times
 
 * ``reference``: ``reference_flip`` of ``tests/test_flip.py`` (loaded from that file, so the test and
   the benchmark use one reference), one example after the other;
-* ``batched``: :class:`memloc.flip.FlipSearch` with ``--group-size`` searches at once;
+* ``batched``: :class:`memloc.flip.search.FlipSearch` with ``--group-size`` searches at once;
 * ``raw``: a plain training forward+backward (cross-entropy, parameter gradients, no hooks) of
   batches of ``group size x (copies + B)`` rows, the rows one batched step processes;
 
@@ -18,6 +18,7 @@ fraction of the raw throughput in the same unit, and whether the unit sequences 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import platform
@@ -33,9 +34,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from memloc import flip  # noqa: E402
 from memloc.run import load  # noqa: E402
 from memloc.train import train  # noqa: E402
+
+flip = importlib.import_module("memloc.flip")   # the module (``memloc.flip`` is bound to the function)
 
 RUNS = {"mlp": {"model": "mlp"}, "lenet": {"model": "lenet", "epochs": 40}}
 

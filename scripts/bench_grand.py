@@ -5,7 +5,7 @@ process (rounds interleaved, median of the rounds):
 
 * ``plain``: forward + ``loss.backward()`` per batch (batch-summed gradients, the cost of one
   training step without the optimiser);
-* ``hooks``: :func:`memloc.scores.grad_norms` with per-layer norm tricks (the default);
+* ``hooks``: :func:`memloc.scores.gradnorm.grad_norms` with per-layer norm tricks (the default);
 * ``vmap``: ``torch.func.vmap(grad(...))`` over the whole model;
 * ``loop``: one forward + backward per example (timed on ``--loop-n`` examples, scaled to N).
 
@@ -17,6 +17,7 @@ methods agree (float32, rtol 1e-3).
 """
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import sys
@@ -29,17 +30,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from memloc import cli  # noqa: E402
+from memloc.commands.runner import Formatter  # noqa: E402
 from memloc.data import build_data  # noqa: E402
+from memloc.errors import MemlocError  # noqa: E402
 from memloc.models import build_model  # noqa: E402
-from memloc.scores import grad_norms  # noqa: E402
+from memloc.runtime import resolve_device  # noqa: E402
+from memloc.scores.gradnorm import grad_norms  # noqa: E402
 
 OPTIONS = {"resnet9": {"width": 16}}   # a CPU-sized ResNet-9 (batch norm: exercises the BN rule)
 
 
 def parse_args(argv=None):
-    p = cli.parser("bench_grand.py", "Per-example gradient norms (hooks / vmap / loop) vs one plain "
-                   "forward+backward over the same data, side by side.")
+    p = argparse.ArgumentParser(prog="bench_grand.py", formatter_class=Formatter,
+                                description="Per-example gradient norms (hooks / vmap / loop) vs one plain "
+                                "forward+backward over the same data, side by side.")
     p.add_argument("--models", default="mlp,lenet,resnet9", help="comma-separated model specs")
     p.add_argument("--n", type=int, default=1024, help="examples (MNIST-5k training set)")
     p.add_argument("--loop-n", type=int, default=128, help="examples timed for the per-example loop")
@@ -48,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-vmap", action="store_true", help="skip vmap (slow and memory-hungry for wide MLPs)")
     p.add_argument("--out", default=None, help="write the Markdown table here")
-    cli.add_device_arg(p)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to compute; auto = cuda if available, else cpu")
     return p.parse_args(argv)
 
 
@@ -124,10 +129,10 @@ def table(rows, args, device) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    with cli.user_errors("bench_grand.py"):
+    try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        device = cli.resolve_device(args.device)
+        device = resolve_device(args.device)
         data = build_data({"dataset": "mnist5k", "noise": 0.0}, device)
         rows = []
         for spec in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -149,6 +154,12 @@ def main(argv=None):
                 "vmap(grad) over the whole model; `loop` = one backward per example. Goal: hooks within 3x "
                 "of plain.\n\n" + text)
             print(f"wrote {args.out}")
+    except MemlocError as e:   # a user mistake: one line, exit status 2
+        print(f"bench_grand.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("bench_grand.py: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

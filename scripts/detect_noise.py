@@ -21,22 +21,27 @@ import shlex
 import sys
 from pathlib import Path
 
-import h5py
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memloc import cli, detect, scores  # noqa: E402
-from memloc.cli import UserError  # noqa: E402
-from memloc.h5 import read_config  # noqa: E402
+import memloc  # noqa: E402
+from memloc.commands import flip as flip_command  # noqa: E402  (flags of `memloc flip`, its settings check)
+from memloc.commands import scores as scores_command  # noqa: E402
+from memloc.commands.runner import Formatter  # noqa: E402
+from memloc.detect import format_table  # noqa: E402
+from memloc.errors import MemlocError  # noqa: E402
 from memloc.run import load  # noqa: E402
+from memloc.scores import SCORES  # noqa: E402
 from memloc.train import DEFAULTS, train  # noqa: E402
 
 EPOCHS = {"mlp": 30, "lenet": 40}   # the test fixtures' settings: ~all noisy labels memorised
 
 
 def parse_args(argv=None):
-    p = cli.parser("detect_noise.py", "Train (or reuse) runs under label noise, run the flip search on a "
-                   "sample, compute every per-example score and compare them as noise detectors.")
+    p = argparse.ArgumentParser(prog="detect_noise.py", formatter_class=Formatter,
+                                description="Train (or reuse) runs under label noise, run the flip search on a "
+                                "sample, compute every per-example score and compare them as noise detectors.")
     p.add_argument("--run", default=None, help="reuse this existing run directory (then --models, --dataset, "
                    "--noise... are ignored)")
     p.add_argument("--dataset", default="mnist5k", help="dataset of the runs to train")
@@ -47,12 +52,14 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None,
                    help=f"training epochs (default per model: {EPOCHS}, else {DEFAULTS['epochs']})")
     p.add_argument("--runs-dir", default="runs", help="where new runs are written")
-    p.add_argument("--flip-examples", default="noisy:200,clean:200", help="--examples of memloc.flip")
-    p.add_argument("--flip-args", default="", help="more memloc.flip options, as one quoted string")
+    p.add_argument("--flip-examples", default="noisy:200,clean:200", help="--examples of memloc flip")
+    p.add_argument("--flip-args", default="", help="more memloc flip options (its flags, e.g. '--max-units 50 "
+                   "--checkpoint 20'), as one quoted string")
     p.add_argument("--no-flip", action="store_true", help="skip the flip search (no neuron count)")
-    p.add_argument("--epoch-k", type=int, default=None, help="--epoch-k of memloc.scores (el2n, grand)")
+    p.add_argument("--checkpoint-k", type=int, default=None, help="--checkpoint-k of memloc scores (el2n, grand)")
     p.add_argument("--markdown", default=None, help="write the tables to this Markdown file")
-    cli.add_device_arg(p)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to compute; auto = cuda if available, else cpu")
     return p.parse_args(argv)
 
 
@@ -74,8 +81,41 @@ def train_or_reuse(args, model: str):
     return train(path, cfg, device=args.device, resume=True)
 
 
+def run_flip(run, args) -> None:
+    """memloc.flip with --flip-examples and the memloc flip flags of --flip-args, saved to
+    RUN/results/flip.h5 (resumable); skipped when that file already holds these settings."""
+    p = argparse.ArgumentParser(prog="detect_noise.py --flip-args", add_help=False)
+    flip_command.arguments(p)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    opts = p.parse_args(["--examples", args.flip_examples, "--device", args.device, *shlex.split(args.flip_args)])
+    out = run.results_path("flip")
+    if out.exists() and not opts.overwrite:
+        if flip_command.already_done(opts, run):
+            print(f"detect_noise.py: {out} is already complete for these settings (nothing to do)", file=sys.stderr)
+            return
+        raise MemlocError(f"{str(out)!r} exists with different settings; add --overwrite to --flip-args to replace it")
+    memloc.flip(run, **vars(opts)).save(out)
+    print(out)
+
+
+def detect_tables(det, is_noisy) -> tuple[dict, dict | None, np.ndarray]:
+    """The ``detect`` result as :func:`memloc.detect.format_table` tables: over each score's own
+    examples, over the examples where every score is defined (None if that is all), and those ids."""
+    own = {"names": [str(n) for n in det["score"].values], "direction": det["direction"].values,
+           "size": det["size"].values, "noisy": det["noisy"].values, "base_rate": det["base_rate"].values,
+           "values": det["values"].values}
+    if "common_values" not in det:
+        return own, None, np.arange(len(is_noisy))
+    rows = det["common_example"].values
+    k, noisy = len(own["names"]), int(np.asarray(is_noisy)[rows].sum())
+    common = {**own, "values": det["common_values"].values, "size": np.full(k, len(rows)),
+              "noisy": np.full(k, noisy), "base_rate": np.full(k, noisy / len(rows) if len(rows) else np.nan)}
+    return own, common, rows
+
+
 def analyse(run, args) -> dict:
-    """Flip (if available), scores, detection; returns detect's result plus what was done."""
+    """Flip (if available), scores, detection; returns detect's tables plus what was done."""
     flip_note = None
     if args.no_flip:
         flip_note = "flip search skipped (--no-flip): no neuron count"
@@ -83,24 +123,27 @@ def analyse(run, args) -> dict:
         flip_note = "memloc.flip is not available in this checkout: no neuron count"
         print(f"detect_noise.py: {flip_note}", file=sys.stderr)
     else:
-        from memloc import flip
-        flip.main([str(run.path), "--examples", args.flip_examples, "--device", args.device,
-                   *shlex.split(args.flip_args)])
-    names = [n for n in scores.SCORES if n != "neuron_count" or not flip_note]
-    argv = [str(run.path), "--device", args.device, "--scores", ",".join(names)]
-    if args.epoch_k is not None:
-        argv += ["--epoch-k", str(args.epoch_k)]
-    scores.main(argv)
-    res = detect.main([str(run.path)])
-    res["flip_note"] = flip_note
-    return res
+        run_flip(run, args)
+    names = [n for n in SCORES if n != "neuron_count" or not flip_note]
+    sc = memloc.scores(run, names=names, checkpoint_k=args.checkpoint_k, device=args.device)
+    print(scores_command.summary(sc, args))   # one line per score: direction, defined, mean
+    print(f"wrote {sc.save(run.results_path('scores'))}")
+    det = memloc.detect(sc, is_noisy=run.is_noisy)
+    own, common, rows = detect_tables(det, run.is_noisy)
+    print(f"noise detection on {run.path} ({int(run.is_noisy.sum())} of {run.num_train} labels noisy); "
+          "each score over the examples where it is defined:")
+    print(format_table(own))
+    if common is not None:
+        print(f"\nevery score on the {len(rows)} examples where all are defined ({common['noisy'][0]} noisy):")
+        print(format_table(common))
+    print(f"wrote {det.save(run.results_path('detect'))}")
+    return {"own": own, "common": common, "common_rows": rows, "flip_note": flip_note}
 
 
 def markdown_section(run, res, args) -> str:
     m = run.metrics()
     cfg = run.config
-    with h5py.File(run.results_path("scores"), "r") as f:
-        epoch_k = read_config(f)["epoch_k"]
+    epoch_k = run.result("scores").config["checkpoint_k"]
     lines = [f"## {cfg.get('model')} on {cfg.get('dataset')}, {cfg.get('noise'):g} {cfg.get('noise_kind')} noise",
              "",
              f"Run: {run.final_epoch} epochs (seed {cfg.get('seed')}); at the end: clean train "
@@ -110,16 +153,15 @@ def markdown_section(run, res, args) -> str:
     if res["flip_note"]:
         lines += [f"Neuron count: **not available** ({res['flip_note']}).", ""]
     else:
-        with h5py.File(run.results_path("flip"), "r") as f:
-            fc = read_config(f)
+        fc = run.result("flip").config
         lines += [f"Neuron count: `memloc.flip --examples {fc.get('examples')}` (max_units {fc.get('max_units')}, "
-                  f"repeats {fc.get('repeats')}, site {fc.get('site')}, epoch {fc.get('epoch')}).", ""]
+                  f"repeats {fc.get('repeats')}, site {fc.get('site')}, epoch {fc.get('checkpoint')}).", ""]
     lines += ["Each score over the examples where it is defined (`dir`: +1 = higher means noisy, "
               "-1 = lower does; chance: AUROC 0.5, AP = base rate):", "",
-              detect.format_table(res["own"], markdown=True), ""]
+              format_table(res["own"], markdown=True), ""]
     if res["common"] is not None:
         lines += [f"Every score on the same {len(res['common_rows'])} examples (where all are defined, "
-                  "i.e. the flip sample):", "", detect.format_table(res["common"], markdown=True), ""]
+                  "i.e. the flip sample):", "", format_table(res["common"], markdown=True), ""]
     return "\n".join(lines)
 
 
@@ -144,9 +186,9 @@ def summary_table(results) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    with cli.user_errors("detect_noise.py"):
+    try:
         if args.noise_kind not in ("symmetric", "pair"):
-            raise UserError(f"unknown --noise-kind {args.noise_kind!r}; valid: symmetric, pair")
+            raise MemlocError(f"unknown --noise-kind {args.noise_kind!r}; valid: symmetric, pair")
         runs = [load(args.run)] if args.run else [train_or_reuse(args, m.strip())
                                                   for m in args.models.split(",") if m.strip()]
         results = [(run, analyse(run, args)) for run in runs]
@@ -163,6 +205,13 @@ def main(argv=None):
             Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
             Path(args.markdown).write_text(text)
             print(f"wrote {args.markdown}")
+    except MemlocError as e:   # a user mistake: one line, exit status 2
+        print(f"detect_noise.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("detect_noise.py: interrupted; finished work is saved (rerun to continue where supported)",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Example-tied dropout on MNIST-5k with 10% label noise: p_gen x p_mem grid and baselines.
 
 For every configuration a model is trained with ``memloc.train`` (dropout layers inserted after
-``--etd-after``) and evaluated with :func:`memloc.dropout.evaluate_modes`:
+``--etd-after``) and evaluated with :func:`memloc.evaluate_dropout`:
 
 * ``train`` mode: each training example through its own training-time mask (what was memorised);
 * ``test``  mode: memorisation units scaled by p_mem (the usual evaluation);
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memloc.dropout import EVAL_MODES, evaluate_modes
-from memloc.run import SUBSETS, accuracies
+from memloc.dropout import EVAL_MODES, evaluate_dropout
+from memloc.evaluate import SUBSETS, accuracies
 from memloc.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,11 +68,11 @@ def run_one(runs: Path, name: str, cfg: dict, threads: int = 2, recalibrate_bn: 
     torch.set_num_threads(min(threads, torch.get_num_threads()))
     t = time.time()
     run = train(runs / name, cfg, resume=True)   # resume: a finished run is only loaded
-    model, data = run.model(), run.data()
     if cfg.get("etd_after"):
-        acc = evaluate_modes(model, data, recalibrate_bn=recalibrate_bn)
+        res = evaluate_dropout(run, modes=EVAL_MODES, recalibrate_bn=recalibrate_bn, device="cpu")
+        acc = res["accuracy"].sel(mode=list(EVAL_MODES), subset=list(SUBSETS)).values
     else:  # plain model: the same number in every column
-        a = accuracies(model, data)
+        a = accuracies(run.model(), run.data())
         acc = np.array([[a[s] for s in SUBSETS]] * len(EVAL_MODES))
         acc[0, 3] = np.nan
     row = {"name": name, "seed": cfg["seed"], "kind": cfg.get("etd_kind", "example_tied") if cfg.get("etd_after") else "none",

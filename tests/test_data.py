@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from memloc.cli import UserError
+from memloc.errors import MemlocError as UserError
 from memloc.data import build_data, load_arrays, make_noisy_labels
 
 
@@ -80,7 +80,7 @@ def test_train_size_subsample():
 def test_unknown_dataset_and_missing_root(tmp_path):
     with pytest.raises(UserError, match="unknown dataset 'nope'.*mnist5k"):
         load_arrays("nope")
-    with pytest.raises(UserError, match="--data-root"):
+    with pytest.raises(UserError, match="data_root"):
         load_arrays("cifar10")
     with pytest.raises(UserError, match="does not exist"):
         load_arrays("cifar10", data_root=str(tmp_path / "missing"))

@@ -5,8 +5,11 @@ import h5py
 import matplotlib.image as mpimg
 import pytest
 
-from memloc import report
-from memloc.demo import main as demo_main
+from memloc.commands import run as cli_run
+
+
+def demo_main(argv):
+    return cli_run("demo", argv)
 
 RESULTS = {
     "mnist5k-mlp": ["gradients", "rewind", "retrain", "flip", "scores", "detect"],
@@ -40,10 +43,10 @@ def test_demo_quick_produces_every_result_and_figure(tmp_path, capsys):
 
 
 def test_report_on_training_only(tiny_run, tmp_path, capsys):
-    md = report.main([str(tiny_run.path), "--out", str(tmp_path / "rep")])
+    md = cli_run("report", [str(tiny_run.path), "--out", str(tmp_path / "rep")])
     text = md.read_text()
     assert "## Training" in text and "## Layer rewinding" not in text
     assert mpimg.imread(tmp_path / "rep" / "training.png").shape[0] > 100
     with pytest.raises(SystemExit) as e:
-        report.main([str(tmp_path)])
+        cli_run("report", [str(tmp_path)])
     assert e.value.code == 2 and "not a memloc run" in capsys.readouterr().err

@@ -3,17 +3,20 @@ reproducibility from the same seed, partial scores (neuron count), CLI errors, a
 on the MNIST-5k MLP run (early-training scores find the noisy labels; the memorised final loss
 is the weakest of them).
 """
+import importlib
 import shutil
 
-import h5py
 import numpy as np
 import pytest
 
-from memloc import detect, scores
-from memloc.h5 import dims
+from memloc.commands import run as cli_run
+from memloc.report import report
 from memloc.run import load
 from memloc.train import train
 from test_scores import write_flip_h5
+
+detect = importlib.import_module("memloc.detect")      # the modules (``memloc.detect`` etc. are the functions)
+scores = importlib.import_module("memloc.scores")
 
 
 # ----------------------------------------------------------------------------- known answers
@@ -65,31 +68,33 @@ def test_cli_file_figure_and_common_subset(tiny_copy, capsys):
     run = tiny_copy
     ids = np.concatenate([np.flatnonzero(run.is_noisy)[:5], np.flatnonzero(~run.is_noisy)[:7]])
     write_flip_h5(run, ids, np.zeros(12), np.arange(1, 13)[:, None], np.ones((12, 1)), max_units=20)
-    scores.main([str(run.path), "--scores", "el2n,aum,neuron_count"])
-    res = detect.main([str(run.path)])
+    cli_run("scores", [str(run.path), "--scores", "el2n,aum,neuron_count"])
+    res = cli_run("detect", [str(run.path)])
     out = capsys.readouterr().out
     assert "every score on the 12 examples where all are defined (5 noisy)" in out
-    with h5py.File(run.results_path("detect"), "r") as f:
-        names = [n.decode() for n in f["scores/names"][:]]
-        assert names == ["el2n", "aum", "neuron_count"]
-        assert [n.decode() for n in f["metrics/names"][:]] == list(detect.METRICS)
-        values = f["metrics/values"][:]
-        assert dims(f["metrics/values"]) == ["score", "metric"] and values.shape == (3, 3)
-        np.testing.assert_array_equal(f["subset/size"][:], [run.num_train, run.num_train, 12])
-        np.testing.assert_array_equal(f["common/index"][:], np.sort(ids))
-        common = f["common/values"][:]
-    _, stored, _ = scores.read_scores(run.results_path("scores"))
+    stored = run.result("detect")
+    names = stored["score"].values.tolist()
+    assert names == ["el2n", "aum", "neuron_count"]
+    assert stored["metric"].values.tolist() == list(detect.METRICS)
+    values = stored["values"].values
+    assert stored["values"].dims == ("score", "metric") and values.shape == (3, 3)
+    np.testing.assert_array_equal(stored["size"].values, [run.num_train, run.num_train, 12])
+    np.testing.assert_array_equal(stored["common_example"].values, np.sort(ids))
+    common = stored["common_values"].values
+    saved = run.result("scores")
     for i, name in enumerate(names):
-        m = detect.detection_metrics(stored[name], run.is_noisy, direction=scores.SCORES[name].direction)
+        m = detect.detection_metrics(saved[name].values, run.is_noisy, direction=scores.SCORES[name].direction)
         np.testing.assert_allclose(values[i], [m[k] for k in detect.METRICS])
-        m = detect.detection_metrics(stored[name][np.sort(ids)], run.is_noisy[np.sort(ids)],
+        m = detect.detection_metrics(saved[name].values[np.sort(ids)], run.is_noisy[np.sort(ids)],
                                      direction=scores.SCORES[name].direction)
         np.testing.assert_allclose(common[i], [m[k] for k in detect.METRICS])
     # neuron counts 1..5 for the noisy ids, 6..12 for the clean ones: fewer units = noisy -> perfect
     np.testing.assert_allclose(values[2], [1.0, 1.0, 1.0])
-    png = run.results_path("detect").with_name("detect_roc.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert res["common"] is not None and len(res["common_rows"]) == 12
+    # the ROC figure is drawn by the report (into the report folder), no longer by detect
+    md = report(run)
+    png = md.with_name("detect_roc.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "detect_roc.png" in md.read_text()
+    assert "common_values" in res and res.sizes["common"] == 12
 
 
 def test_same_seed_same_table(tmp_path):
@@ -97,25 +102,24 @@ def test_same_seed_same_table(tmp_path):
     tables = []
     for name in ("a", "b"):
         run = train(tmp_path / name, cfg, device="cpu")
-        scores.main([str(run.path), "--device", "cpu"])
-        detect.main([str(run.path)])
-        with h5py.File(run.results_path("detect"), "r") as f:
-            tables.append(f["metrics/values"][:])
+        cli_run("scores", [str(run.path), "--device", "cpu"])
+        cli_run("detect", [str(run.path)])
+        tables.append(run.result("detect")["values"].values)
     np.testing.assert_array_equal(tables[0], tables[1])
     assert np.isfinite(tables[0]).all()
 
 
 @pytest.mark.parametrize("setup, argv, message", [
-    ("none", [], "run `python -m memloc.scores"),
-    ("scores", ["--scores", "aum,bogus"], "score 'bogus' not in"),
+    ("none", [], "no scores for run"),
+    ("scores", ["--scores", "aum,bogus"], "score 'bogus' not among the stored scores"),
     ("norun", [], "no run.json"),
 ])
 def test_cli_errors_exit_2(tiny_copy, tmp_path, capsys, setup, argv, message):
     path = tmp_path / "empty" if setup == "norun" else tiny_copy.path
     if setup == "scores":
-        scores.main([str(path), "--scores", "aum"])
+        cli_run("scores", [str(path), "--scores", "aum"])
     with pytest.raises(SystemExit) as e:
-        detect.main([str(path), *argv])
+        cli_run("detect", [str(path), *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
 
@@ -125,7 +129,8 @@ def test_mlp_run_early_scores_find_noisy_labels(mlp_run):
     """MNIST-5k MLP, 10% symmetric noise, ~all noisy labels memorised by the end of training."""
     run = mlp_run
     assert run.metrics()["noisy_accuracy"][-1] > 0.95
-    values = scores.compute_scores(run, "final_loss,el2n,grand,aum,confidence,forgetting")
+    res = scores.scores(run, names="final_loss,el2n,grand,aum,confidence,forgetting")
+    values = {name: res[name].values for name in res.data_vars}
     table = detect.detection_table(values, run.is_noisy, {n: scores.SCORES[n].direction for n in values})
     auroc = dict(zip(table["names"], table["values"][:, 0]))
     ap = dict(zip(table["names"], table["values"][:, 1]))

@@ -1,22 +1,24 @@
 """Example-tied dropout: masks, mode arithmetic, insertion into any model, training, CLI, science."""
 import copy
+import importlib
 import json
 
-import h5py
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import memloc
-from memloc import dropout
-from memloc.cli import UserError
+from memloc.commands import run as cli_run
 from memloc.dropout import (ExampleTiedDropout, FixedSparseDropout, StandardDropout, dropout_layers,
                             example_ids, example_masks, insert_example_tied_dropout,
                             remove_example_tied_dropout, set_mode)
 from memloc.models import build_model
 from memloc.run import load
+from memloc.errors import MemlocError
+from memloc.evaluate import SUBSETS, accuracies
 from memloc.train import train
+
+dropout = importlib.import_module("memloc.dropout")
 
 TINY_ETD = {"dataset": "digits", "model": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.1,
             "etd_after": "act1,act2", "p_gen": 0.4, "p_mem": 0.2}
@@ -139,15 +141,15 @@ def test_baselines():
 
 def test_train_mode_without_ids_and_bad_ids_are_errors():
     etd = ExampleTiedDropout(0.4, 0.1).train()
-    with pytest.raises(UserError, match="no example ids are bound"):
+    with pytest.raises(MemlocError, match="no example ids are bound"):
         etd(torch.randn(2, 5))
     with pytest.raises(ValueError, match="integer vector of the batch size 2"):
         etd(torch.randn(2, 5), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="integer vector"):
         etd(torch.randn(2, 5), torch.tensor([1.0, 2.0]))
-    with pytest.raises(UserError, match="p_gen"):
+    with pytest.raises(MemlocError, match="p_gen"):
         ExampleTiedDropout(0.0, 0.1)
-    with pytest.raises(UserError, match="p_mem"):
+    with pytest.raises(MemlocError, match="p_mem"):
         ExampleTiedDropout(0.5, 1.5)
 
 
@@ -189,7 +191,7 @@ def test_insert_into_models(spec, opts, shape, after, expected):
         assert torch.equal(twin(x), out["drop"])
         set_mode(twin, "auto")
         twin.train()
-        with pytest.raises(UserError, match="no example ids are bound"):
+        with pytest.raises(MemlocError, match="no example ids are bound"):
             twin(x)
         with example_ids(twin, torch.arange(4)):
             assert all(l._ids is None for l in layers.values())  # bound to twin's layers only
@@ -207,21 +209,21 @@ def test_insert_into_models(spec, opts, shape, after, expected):
 
 def test_insert_errors():
     model = build_model("lenet", (1, 28, 28), 10)
-    with pytest.raises(UserError, match=r"no module of LeNet matches 'feature\.1'.*candidates: features, features\.0"):
+    with pytest.raises(MemlocError, match=r"no module of LeNet matches 'feature\.1'.*candidates: features, features\.0"):
         insert_example_tied_dropout(model, ["feature.1"], p_gen=0.4, p_mem=0.1)
-    with pytest.raises(UserError, match="unknown dropout kind 'nope'; valid: example_tied, standard, fixed"):
+    with pytest.raises(MemlocError, match="unknown dropout kind 'nope'; valid: example_tied, standard, fixed"):
         insert_example_tied_dropout(model, "features.1", p_gen=0.4, kind="nope")
-    with pytest.raises(UserError, match="needs p_mem"):
+    with pytest.raises(MemlocError, match="needs p_mem"):
         insert_example_tied_dropout(model, "features.1", p_gen=0.4)
-    with pytest.raises(UserError, match="has no example-tied dropout layers"):
+    with pytest.raises(MemlocError, match="has no example-tied dropout layers"):
         set_mode(model, "drop")
-    with pytest.raises(UserError, match="has no example-tied dropout layers"):
+    with pytest.raises(MemlocError, match="has no example-tied dropout layers"):
         with example_ids(model, [0]):
             pass
     insert_example_tied_dropout(model, "features.1", p_gen=0.4, p_mem=0.1)
-    with pytest.raises(UserError, match="already has a dropout layer"):
+    with pytest.raises(MemlocError, match="already has a dropout layer"):
         insert_example_tied_dropout(model, "features.*", p_gen=0.4, p_mem=0.1)
-    with pytest.raises(UserError, match="unknown dropout mode 'eval'; valid: auto, train, test, drop"):
+    with pytest.raises(MemlocError, match="unknown dropout mode 'eval'; valid: auto, train, test, drop"):
         set_mode(model, "eval")
 
 
@@ -269,24 +271,24 @@ def test_training_resume_with_etd_is_identical(etd_tiny_run, tmp_path):
 
 
 def test_dropout_cli_writes_results(etd_tiny_run, capsys):
-    acc = dropout.main([str(etd_tiny_run.path), "--device", "cpu"])
+    acc = cli_run("dropout", [str(etd_tiny_run.path), "--device", "cpu", "--overwrite"])["accuracy"].values
     out = capsys.readouterr().out
     assert "drop" in out and "noisy_true" in out
-    with h5py.File(etd_tiny_run.results_path("dropout")) as f:
-        assert f.attrs["memloc_schema"] == "memloc.dropout"
-        assert [s.decode() for s in f["modes/names"][:]] == ["train", "test", "drop"]
-        assert [s.decode() for s in f["subsets/names"][:]] == list(memloc.run.SUBSETS)
-        assert list(f["accuracy"].attrs["dims"]) == ["mode", "subset"]
-        np.testing.assert_array_equal(f["accuracy"][:], acc)
-        assert [s.decode() for s in f["layers/names"][:]] == ["act1", "act2"]
-        assert f["layers/units"][:].tolist() == [512, 512] and f["layers/gen_units"][:].tolist() == [204, 204]
-        assert json.loads(f.attrs["config"])["etd"]["p_mem"] == 0.2
-    # the test-mode and drop-mode rows are memloc.run.accuracies of the model in that mode
+    f = etd_tiny_run.result("dropout")
+    assert f.attrs["memloc_schema"] == "memloc.dropout"
+    assert list(f["mode"].values) == ["train", "test", "drop"]
+    assert list(f["subset"].values) == list(SUBSETS)
+    assert f["accuracy"].dims == ("mode", "subset")
+    np.testing.assert_array_equal(f["accuracy"].values, acc)
+    assert list(f["layer"].values) == ["act1", "act2"]
+    assert f["units"].values.tolist() == [512, 512] and f["gen_units"].values.tolist() == [204, 204]
+    assert f.config["etd"]["p_mem"] == 0.2
+    # the test-mode and drop-mode rows are memloc.evaluate.accuracies of the model in that mode
     model, data = etd_tiny_run.model(), etd_tiny_run.data()
     for row, mode in ((1, "test"), (2, "drop")):
         set_mode(model, mode)
-        ref = memloc.run.accuracies(model, data)
-        np.testing.assert_allclose(acc[row], [ref[s] for s in memloc.run.SUBSETS])
+        ref = accuracies(model, data)
+        np.testing.assert_allclose(acc[row], [ref[s] for s in SUBSETS])
     assert np.isnan(acc[0, 3]) and not np.isnan(acc[0, :3]).any()
     # train mode: each training example through its own mask, as at presentation
     set_mode(model, "train")
@@ -332,7 +334,7 @@ def test_recalibrate_norms_equals_batch_statistics_reference(tiny_run):
     dropout.evaluate_modes(model, data, modes=("test", "drop"), recalibrate_bn=True)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert [l.mode for l in dropout_layers(model).values()] == ["test"] * 3
-    with pytest.raises(UserError, match="unknown evaluation mode 'auto'"):
+    with pytest.raises(MemlocError, match="unknown evaluation mode 'auto'"):
         dropout.evaluate_modes(model, data, modes=("test", "auto"))
     mlp = build_model("mlp", data.in_shape, data.num_classes)
     assert dropout.recalibrate_norms(mlp, sub) == 0
@@ -354,31 +356,35 @@ def test_recalibrate_norms_with_a_layer_hooked_on_a_norm_in_auto_mode(tiny_run):
 
 
 def test_dropout_cli_recalibrate_bn_without_norms_changes_nothing(etd_tiny_run, capsys):
-    plain = dropout.main([str(etd_tiny_run.path), "--device", "cpu"])
-    recal = dropout.main([str(etd_tiny_run.path), "--device", "cpu", "--recalibrate-bn"])
+    plain = cli_run("dropout", [str(etd_tiny_run.path), "--device", "cpu", "--overwrite"])["accuracy"].values
+    recal = cli_run("dropout", [str(etd_tiny_run.path), "--device", "cpu", "--recalibrate-bn",
+                                "--overwrite"])["accuracy"].values
     np.testing.assert_array_equal(plain, recal)
-    with h5py.File(etd_tiny_run.results_path("dropout")) as f:
-        assert json.loads(f.attrs["config"])["recalibrate_bn"] is True
+    assert etd_tiny_run.result("dropout").config["recalibrate_bn"] is True
 
 
-def _exit2(capsys, fn, argv, match):
+def _exit2(capsys, command, argv, match, *, one_line=True):
     with pytest.raises(SystemExit) as e:
-        fn(argv)
+        cli_run(command, argv)
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert "Traceback" not in err and match in err, err
+    assert f"memloc {command}: error:" in err, err
+    if one_line:   # library errors; argparse errors come with a usage line
+        assert len(err.strip().splitlines()) == 1, err
 
 
 def test_cli_errors(tiny_run, etd_tiny_run, tmp_path, capsys):
-    from memloc import train as train_mod
-    _exit2(capsys, dropout.main, [str(tiny_run.path)], "has no example-tied dropout layers")
-    _exit2(capsys, dropout.main, [str(tmp_path / "missing")], "not a memloc run directory")
-    _exit2(capsys, dropout.main, [str(etd_tiny_run.path), "--epoch", "99"], "no checkpoint for epoch 99")
-    _exit2(capsys, dropout.main, [str(etd_tiny_run.path), "--batch-size", "0"], "--batch-size must be at least 1")
+    _exit2(capsys, "dropout", [str(tiny_run.path), "--overwrite"], "has no example-tied dropout layers")
+    _exit2(capsys, "dropout", [str(tmp_path / "missing")], "not a memloc run directory")
+    _exit2(capsys, "dropout", [str(etd_tiny_run.path), "--checkpoint", "99", "--overwrite"],
+           "no checkpoint for epoch 99")
+    _exit2(capsys, "dropout", [str(etd_tiny_run.path), "--eval-batch-size", "0"],
+           "argument --eval-batch-size: expected an integer >= 1, got '0'", one_line=False)
     base = [str(tmp_path / "t"), "--dataset", "digits", "--epochs", "1"]
-    _exit2(capsys, train_mod.main, base + ["--etd-after", "fc9"], "no module of MLP matches 'fc9'")
-    _exit2(capsys, train_mod.main, base + ["--etd-after", "act1", "--p-gen", "0"], "p_gen must be in (0, 1]")
-    _exit2(capsys, train_mod.main, base + ["--etd-after", "act1", "--etd-kind", "x"], "unknown dropout kind 'x'")
+    _exit2(capsys, "train", base + ["--etd-after", "fc9"], "no module of MLP matches 'fc9'")
+    _exit2(capsys, "train", base + ["--etd-after", "act1", "--p-gen", "0"], "p_gen must be in (0, 1]")
+    _exit2(capsys, "train", base + ["--etd-after", "act1", "--etd-kind", "x"], "unknown dropout kind 'x'")
 
 
 # ---------------------------------------------------------------------- science
@@ -395,7 +401,7 @@ def test_drop_mode_removes_memorisation_on_mnist(tmp_path):
     """
     run = train(tmp_path / "etd", {"model": "lenet", "width": 4, "epochs": 40, "p_gen": 0.2, "p_mem": 0.05,
                                    "etd_after": "features.1,features.4,classifier.1,classifier.3"})
-    acc = {m: dict(zip(memloc.run.SUBSETS, row))
+    acc = {m: dict(zip(SUBSETS, row))
            for m, row in zip(dropout.EVAL_MODES, dropout.evaluate_modes(run.model(), run.data()))}
     assert acc["train"]["noisy"] >= 0.99 and acc["train"]["clean"] >= 0.99
     assert acc["drop"]["noisy"] <= 0.10

@@ -4,21 +4,25 @@ no leaking hooks / no weight edits, bad input, and the paper's finding on the MN
 ``reference_flip`` below is the slow reference; ``scripts/bench_flip.py`` loads it from this file.
 """
 import copy
+import importlib
 import json
 import shutil
 
-import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memloc import flip
-from memloc.h5 import dims, read_config
-from memloc.run import accuracies, load
+from memloc.commands import run as cli_run
+from memloc.errors import MemlocError
+from memloc.evaluate import SUBSETS, accuracies
+from memloc.flip.store import read_parts
 from memloc.train import train
 from memloc.units import trace, unit_masks
+
+flip = importlib.import_module("memloc.flip")      # the module (``memloc.flip`` is the function)
+store = importlib.import_module("memloc.flip.store")
 
 
 @pytest.fixture(autouse=True)
@@ -210,50 +214,50 @@ def test_select_examples_grammar():
     assert b[:2].tolist() == [3, 7] and len(set(b.tolist())) == 5 and noisy[b].all()
     for spec, msg in [("50", "0..49"), ("ids:-1", "neither"), ("noisy:6", "only 5 noisy"),
                       ("bogus:3", "unknown pool"), ("noisy:x", "COUNT"), ("", "empty"), ("4-2", "empty")]:
-        with pytest.raises(flip.UserError, match=msg):
+        with pytest.raises(MemlocError, match=msg):
             flip.select_examples(spec, noisy)
-    with pytest.raises(flip.UserError, match="no noisy"):
+    with pytest.raises(MemlocError, match="no noisy"):
         flip.select_examples("noisy:2", np.zeros(50, bool))
 
 
 # ----------------------------------------------------------------------------- the results file
-def _read(path):
-    with h5py.File(path, "r") as f:
-        arrays = {}
-        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-        return arrays, read_config(f), {name: dims(f[name]) for name in arrays}
+def _read(run):
+    """The saved flip result of ``run`` (RUN/results/flip.h5)."""
+    return run.result("flip")
 
 
 def test_file_schema_and_collateral(tiny_run, capsys):
     """tiny_run has not memorised its noisy labels: those are recorded with status 1, not searched."""
-    flip.main([str(tiny_run.path), "--examples", "noisy:6,clean:5", "--repeats", "2", "--collateral",
-               "--max-units", "40", "--ref-batch-size", "32", "--group-size", "3"])
+    cli_run("flip", [str(tiny_run.path), "--examples", "noisy:6,clean:5", "--repeats", "2", "--collateral",
+                     "--max-units", "40", "--ref-batch-size", "32", "--group-size", "3"])
     err = capsys.readouterr().err
-    a, cfg, d = _read(tiny_run.results_path("flip"))
-    k = len(a["examples/index"])
-    assert k == 11 and cfg["max_units"] == 40 and cfg["repeats"] == 2 and cfg["epoch"] == tiny_run.final_epoch
-    status, n, fl = a["examples/status"], a["examples/n_units"], a["examples/flipped"]
-    assert status.dtype == np.int8 and n.shape == fl.shape == (k, 2) and d["examples/n_units"] == ["example", "repeat"]
+    res = _read(tiny_run)
+    cfg = res.config
+    k = res.sizes["example"]
+    assert k == 11 and cfg["max_units"] == 40 and cfg["repeats"] == 2 and cfg["checkpoint"] == tiny_run.final_epoch
+    status, n, fl = res["status"].values, res["n_units"].values, res["flipped"].values
+    assert status.dtype == np.int8 and n.shape == fl.shape == (k, 2) and res["n_units"].dims == ("example", "repeat")
     assert (status == 1).any() and f"{int((status == 1).sum())} of 11 examples are misclassified" in err
-    assert (n[status == 1] == 0).all() and not fl[status == 1].any() and (status[~a["examples/is_noisy"]] == 0).any()
-    off = a["units/offsets"]
+    assert (n[status == 1] == 0).all() and not fl[status == 1].any() and (status[~res["is_noisy"].values] == 0).any()
+    off = res["unit_offsets"].values
     assert off.shape == (k * 2 + 1,) and np.array_equal(np.diff(off), n.reshape(-1))
-    hist = a["examples/layer_hist"]
+    hist = res["layer_hist"].values
     assert hist.shape == (k, 2, 2) and np.array_equal(hist.sum(2), n)
-    assert a["layers/names"].tolist() == [b"fc1", b"fc2"] and a["layers/offsets"].tolist() == [0, a["layers/sizes"][0]]
-    col = a["examples/collateral"]
-    assert col.shape == (k, 2, 4) and d["examples/collateral"] == ["example", "repeat", "subset"]
+    assert res["layer"].values.tolist() == ["fc1", "fc2"]
+    assert res["layer_offset"].values.tolist() == [0, res["layer_size"].values[0]]
+    col = res["collateral"].values
+    assert col.shape == (k, 2, 4) and res["collateral"].dims == ("example", "repeat", "subset")
     assert np.isnan(col[status == 1]).all() and np.isfinite(col[status == 0]).all()
-    assert a["subsets/names"].tolist() == [s.encode() for s in flip.SUBSET_NAMES]
+    assert res["subset"].values.tolist() == list(SUBSETS)
     # the collateral accuracies are those of the model with that search's units zeroed
     row = int(np.flatnonzero(status == 0)[0]) * 2 + 1
     model, data = tiny_run.model(), tiny_run.data()
     structure = trace(model, data.train.x[:1])
     mask = torch.ones(structure.n_units)
-    mask[torch.as_tensor(a["units/ids"][off[row]:off[row + 1]])] = 0
+    mask[torch.as_tensor(res["unit_ids"].values[off[row]:off[row + 1]])] = 0
     with unit_masks(model, structure, mask):
         acc = accuracies(model, data)
-    assert np.allclose(col.reshape(-1, 4)[row], [acc[s] for s in flip.SUBSET_NAMES])
+    assert np.allclose(col.reshape(-1, 4)[row], [acc[s] for s in SUBSETS])
     for r in (0, 1):     # every searched row either flipped or hit the cap
         assert ((fl[:, r] & (n[:, r] <= 40)) | (~fl[:, r] & ((n[:, r] == 40) | (status == 1)))).all()
 
@@ -262,12 +266,12 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_run, monkeypatch):
     args = [str(tiny_run.path), "--examples", "clean:7", "--max-units", "30", "--repeats", "2",
             "--group-size", "3", "--ref-batch-size", "16", "--dtype", "float64", "--seed", "4"]
     out = tiny_run.results_path("flip")
-    flip.main(args + ["--overwrite"])
-    want, cfg, _ = _read(out)
-    assert cfg["dtype"] == "float64"
+    cli_run("flip", args + ["--overwrite"])
+    want = _read(tiny_run)
+    assert want.config["dtype"] == "float64"
     out.unlink()
 
-    write, calls = flip._write_part, []
+    write, calls = store.write_part, []
 
     def dies_after_first(*a, **kw):
         if calls:
@@ -275,12 +279,12 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_run, monkeypatch):
         calls.append(1)
         return write(*a, **kw)
 
-    monkeypatch.setattr(flip, "_write_part", dies_after_first)
+    monkeypatch.setattr(store, "write_part", dies_after_first)
     with pytest.raises(RuntimeError, match="killed"):
-        flip.main(args + ["--group-size", "2"])      # the group size may change between sessions
+        cli_run("flip", args + ["--group-size", "2"])      # the group size may change between sessions
     partial = out.with_name("flip.partial")
     assert not out.exists() and len(list(partial.glob("part_*.h5"))) == 1
-    monkeypatch.setattr(flip, "_write_part", write)
+    monkeypatch.setattr(store, "write_part", write)
 
     searched = []
     run_searches = flip.FlipSearch.run
@@ -291,21 +295,22 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_run, monkeypatch):
         return run_searches(self, x, y, ids, tasks, **kw)
 
     monkeypatch.setattr(flip.FlipSearch, "run", spy)
-    flip.main(args)
-    assert len(searched) == 2 * (want["examples/status"] == 0).sum() - 2 > 0   # the 2 saved are not redone
-    got, _, _ = _read(out)
-    assert not partial.exists() and got.keys() == want.keys()
-    for name in want:
-        assert np.array_equal(got[name], want[name], equal_nan=got[name].dtype.kind == "f"), name
+    cli_run("flip", args)
+    assert len(searched) == 2 * (want["status"].values == 0).sum() - 2 > 0   # the 2 saved are not redone
+    got = _read(tiny_run)
+    assert not partial.exists() and set(got.variables) == set(want.variables)
+    for name in want.variables:
+        a, b = got[name].values, want[name].values
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
 
 
 def test_rerun_and_settings_conflicts(tiny_run, capsys):
     args = [str(tiny_run.path), "--examples", "ids:0,1", "--max-units", "5", "--ref-batch-size", "8"]
-    flip.main(args + ["--overwrite"])
-    flip.main(args)
+    cli_run("flip", args + ["--overwrite"])
+    cli_run("flip", args)
     assert "already complete" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        flip.main(args[:-1] + ["9"])
+        cli_run("flip", args[:-1] + ["9"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "different settings" in err and "--overwrite" in err and "Traceback" not in err
@@ -315,9 +320,9 @@ def test_rerun_and_settings_conflicts(tiny_run, capsys):
     (partial / "settings.json").write_text(json.dumps({"seed": 99}))
     tiny_run.results_path("flip").unlink()
     with pytest.raises(SystemExit):
-        flip.main(args)
+        cli_run("flip", args)
     assert "interrupted search with different settings" in capsys.readouterr().err
-    flip.main(args + ["--overwrite"])
+    cli_run("flip", args + ["--overwrite"])
     assert not partial.exists() and tiny_run.results_path("flip").exists()
 
 
@@ -331,12 +336,12 @@ def clean_run(tmp_path_factory):
     (["--examples", "noisy:5"], "has no noisy"),
     (["--examples", "ids:3,100000"], "example ids must be in 0.."),
     (["--ref-batch-size", "100000"], "--ref-batch-size must be in"),
-    (["--epoch", "99"], "no checkpoint for epoch 99"),
-    (["--max-units", "0"], "at least 1"),
+    (["--checkpoint", "99"], "no checkpoint for epoch 99"),
+    (["--max-units", "0"], "--max-units: expected an integer >= 1"),   # range-checked by argparse now
 ])
 def test_bad_input_is_a_clear_error(clean_run, capsys, extra, msg):
     with pytest.raises(SystemExit) as e:
-        flip.main([str(clean_run.path), "--examples", "clean:2", *extra])
+        cli_run("flip", [str(clean_run.path), "--examples", "clean:2", *extra])
     err = capsys.readouterr().err
     assert e.value.code == 2 and msg in err and "Traceback" not in err
     assert not clean_run.results_path("flip").exists() and not clean_run.results_path("flip").with_name("flip.partial").exists()
@@ -346,11 +351,11 @@ def test_bad_input_is_a_clear_error(clean_run, capsys, extra, msg):
 def test_noisy_examples_flip_with_fewer_units(mlp_run):
     """Maini et al.: memorised (mislabeled) examples need fewer zeroed units to flip than clean ones."""
     from sklearn.metrics import roc_auc_score
-    flip.main([str(mlp_run.path), "--examples", "noisy:50,clean:50", "--max-units", "100", "--overwrite"])
-    a, _, _ = _read(mlp_run.results_path("flip"))
-    ok = a["examples/status"] == 0
-    score = np.where(a["examples/flipped"], a["examples/n_units"], 101).mean(1)[ok]
-    noisy = a["examples/is_noisy"][ok]
+    cli_run("flip", [str(mlp_run.path), "--examples", "noisy:50,clean:50", "--max-units", "100", "--overwrite"])
+    res = _read(mlp_run)
+    ok = res["status"].values == 0
+    score = np.where(res["flipped"].values, res["n_units"].values, 101).mean(1)[ok]
+    noisy = res["is_noisy"].values[ok]
     assert ok.sum() >= 95
     assert np.median(score[noisy]) < np.median(score[~noisy])
     assert roc_auc_score(noisy, -score) > 0.8      # 0.94 over 100 + 100 examples
@@ -367,7 +372,7 @@ def test_ctrl_c_saves_finished_searches(tiny_run, monkeypatch, capsys):
 
     monkeypatch.setattr(flip.FlipSearch, "run", interrupted)
     with pytest.raises(SystemExit) as e:
-        flip.main([str(tiny_run.path), "--examples", "clean:8", "--max-units", "10", "--group-size", "50"])
+        cli_run("flip", [str(tiny_run.path), "--examples", "clean:8", "--max-units", "10", "--group-size", "50"])
     assert e.value.code == 130 and "rerun to continue" in capsys.readouterr().err
     partial = tiny_run.results_path("flip").with_name("flip.partial")
-    assert sum(len(h5py.File(p, "r")["example"]) for p in partial.glob("part_*.h5")) == 3
+    assert len(read_parts(partial)) == 3

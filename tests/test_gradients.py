@@ -3,17 +3,26 @@
 Error paths and atomic writing of all three layer analyses are tested in test_rewind.py.
 """
 import copy
+import importlib
 
-import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from memloc import gradients as G
-from memloc.h5 import dims, read_config
+from memloc.commands import run as cli_run
 from memloc.models import build_model
 from memloc.units import trace
+
+G = importlib.import_module("memloc.gradients")   # memloc.gradients is the function
+
+# the old per-quantity arrays, as views of the result: norm (checkpoint, layer, subset), cosine (checkpoint, layer)
+PART = {"norm_clean": "clean", "norm_noisy": "noisy", "norm_total": "all"}
+
+
+def quantity(res, q):
+    """``q`` of :data:`G.QUANTITIES` as a (checkpoint, layer) DataArray of a gradients result."""
+    return res["cosine"] if q == "cosine" else res["norm"].sel(subset=PART[q])
 
 
 def reference(model, examples, is_noisy, layers, *, batch_size=None):
@@ -122,31 +131,34 @@ def test_without_noisy_examples_noisy_quantities_are_nan(tiny_run):
 
 
 def test_cli_file_matches_library(tiny_run, capsys):
-    res = G.main([str(tiny_run.path), "--epochs", "0,2-4", "--layers", "fc1,head", "--device", "cpu"])
-    path = tiny_run.results_path("gradients")
+    res = cli_run("gradients", [str(tiny_run.path), "--checkpoints", "0,2-4", "--layers", "fc1,head",
+                                "--device", "cpu", "--overwrite"])
     data = tiny_run.data()
-    with h5py.File(path, "r") as f:
-        assert f.attrs["memloc_schema"] == "memloc.gradients"
-        assert read_config(f)["bn_mode"] == "eval"
-        assert list(f["epochs"][:]) == [0, 2, 3, 4]
-        assert list(f["layers/names"].asstr()[:]) == ["fc1", "head"]
-        for q in G.QUANTITIES:
-            assert dims(f[q]) == ["epoch", "layer"] and f[q].shape == (4, 2)
-            np.testing.assert_array_equal(f[q][:], res[q])
-        model = tiny_run.model(3)
-        layers = [l for l in trace(model, data.train.x[:2]).layers if l.name in ("fc1", "head")]
-        want = G.layer_gradients(model, data.train, data.is_noisy, layers)
-        for q in G.QUANTITIES:
-            np.testing.assert_allclose(f[q][2], want[q], rtol=1e-6)
+    f = tiny_run.result("gradients")
+    assert f.attrs["memloc_schema"] == "memloc.gradients"
+    assert f.config["bn_mode"] == "eval"
+    assert list(f["checkpoint"].values) == [0, 2, 3, 4]
+    assert list(f["layer"].values) == ["fc1", "head"]
+    assert f["norm"].dims == ("checkpoint", "layer", "subset") and list(f["subset"].values) == ["clean", "noisy", "all"]
+    for q in G.QUANTITIES:
+        assert quantity(f, q).dims == ("checkpoint", "layer") and quantity(f, q).shape == (4, 2)
+        np.testing.assert_array_equal(quantity(f, q).values, quantity(res, q).values)
+    model = tiny_run.model(3)
+    layers = [l for l in trace(model, data.train.x[:2]).layers if l.name in ("fc1", "head")]
+    want = G.layer_gradients(model, data.train, data.is_noisy, layers)
+    for q in G.QUANTITIES:
+        np.testing.assert_allclose(quantity(f, q).values[2], want[q], rtol=1e-6)
     assert "gradients.h5" in capsys.readouterr().out
 
 
 def test_mlp_clean_and_noisy_gradients_conflict(mlp_run):
     """The acceptance figures: clean and noisy gradients point against each other, and the mean
     noisy loss pulls at least as hard as the mean clean loss on every layer."""
-    res = G.main([str(mlp_run.path), "--device", "cpu"])
+    res = cli_run("gradients", [str(mlp_run.path), "--device", "cpu", "--overwrite"])
+    cosine, noisy, clean = (quantity(res, q).values for q in ("cosine", "norm_noisy", "norm_clean"))
     epochs = np.asarray(mlp_run.epochs)
+    assert list(res["checkpoint"].values) == list(epochs)
     later = epochs >= 2
-    assert np.nanmean(res["cosine"][later]) < 0
-    assert np.all(res["cosine"][later].mean(0) < 0)  # every layer
-    assert np.all(res["norm_noisy"][later].mean(0) > res["norm_clean"][later].mean(0))
+    assert np.nanmean(cosine[later]) < 0
+    assert np.all(cosine[later].mean(0) < 0)  # every layer
+    assert np.all(noisy[later].mean(0) > clean[later].mean(0))

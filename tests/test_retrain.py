@@ -3,21 +3,23 @@
 Error paths and atomic writing are tested with the other layer analyses in test_rewind.py.
 """
 import copy
+import importlib
 import math
 
-import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from memloc import retrain as RT
-from memloc.h5 import dims, read_config
-from memloc.layers import select_layers
-from memloc.rewind import rewind
-from memloc.run import SUBSETS
-from memloc.train import epoch_seed, train
+from memloc.commands import run as cli_run
+from memloc.evaluate import SUBSETS
+from memloc.optim import epoch_seed
+from memloc.rewind import rewind_layers
+from memloc.selection import select_layers
+from memloc.train import train
 from memloc.units import trace
+
+RT = importlib.import_module("memloc.retrain")   # memloc.retrain is the function
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_only_the_layer_changes_not_even_other_bn_buffers(bn_run):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in final.items())  # caller's model untouched
     assert all(p.requires_grad for p in model.parameters()) and not model.training
     # row 0 is the model right after the reset: the same as rewinding the layer to epoch 0
-    assert np.array_equal(curve[0], rewind(model, [init], [layer], data)[0][0, 0])
+    assert np.array_equal(curve[0], rewind_layers(model, [init], [layer], data)[0][0, 0])
 
 
 def test_deterministic(tiny_run):
@@ -105,16 +107,16 @@ def test_matches_hand_written_one_cycle_sgd(tiny_run):
 def test_cli_on_mlp_run(mlp_run):
     """Schema, and what holds on the MNIST MLP: every layer retrained alone on clean data fits the
     clean data again, and the noisy labels come back (if at all) far less than before."""
-    acc = RT.main([str(mlp_run.path), "--epochs-retrain", "5", "--device", "cpu"])
-    with h5py.File(mlp_run.results_path("retrain"), "r") as f:
-        assert f.attrs["memloc_schema"] == "memloc.retrain"
-        cfg = read_config(f)
-        assert (cfg["epochs"], cfg["lr"], cfg["reset_epoch"]) == (5, 0.1, 0)
-        assert list(f["layers/names"].asstr()[:]) == ["fc1", "fc2", "head"]
-        assert list(f["epochs"][:]) == list(range(6))
-        assert dims(f["accuracy"]) == ["layer", "epoch", "subset"] and f["accuracy"].shape == (3, 6, 4)
-        np.testing.assert_array_equal(f["accuracy"][:], acc)
-        baseline = f["baseline"][:]
+    acc = cli_run("retrain", [str(mlp_run.path), "--epochs", "5", "--device", "cpu", "--overwrite"])["accuracy"].values
+    f = mlp_run.result("retrain")
+    assert f.attrs["memloc_schema"] == "memloc.retrain"
+    cfg = f.config
+    assert (cfg["epochs"], cfg["lr"], cfg["reset_to"]) == (5, 0.1, 0)
+    assert list(f["layer"].values) == ["fc1", "fc2", "head"]
+    assert list(f["epoch"].values) == list(range(6))
+    assert f["accuracy"].dims == ("layer", "epoch", "subset") and f["accuracy"].shape == (3, 6, 4)
+    np.testing.assert_array_equal(f["accuracy"].values, acc)
+    baseline = f["baseline"].values
     clean, noisy, test = (SUBSETS.index(s) for s in ("clean", "noisy", "test"))
     assert baseline[noisy] > 0.95
     assert np.all(acc[:, -1, clean] > 0.98)

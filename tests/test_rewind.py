@@ -1,18 +1,21 @@
-"""memloc.rewind, plus what the three layer analyses share (memloc.layers): command-line error
+"""memloc.rewind, plus what the three layer analyses share (memloc.selection): command-line error
 paths and atomic results files of gradients, rewind and retrain."""
+import importlib
 import shutil
 
-import h5py
+import h5netcdf.core
 import numpy as np
 import pytest
 import torch
 
-from memloc import gradients, layers as L, retrain, rewind as R
-from memloc.cli import UserError
-from memloc.h5 import dims
-from memloc.run import SUBSETS, accuracies
+import memloc.selection as L
+from memloc.commands import run as cli_run
+from memloc.errors import MemlocError
+from memloc.evaluate import SUBSETS, accuracies
 from memloc.train import train
 from memloc.units import trace
+
+R = importlib.import_module("memloc.rewind")   # memloc.rewind is the function
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def test_rewind_to_final_epoch_changes_nothing(bn_run):
     model = bn_run.model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     layers = structure(bn_run, data).layers
-    acc, baseline = R.rewind(model, [bn_run.checkpoint()], layers, data)
+    acc, baseline = R.rewind_layers(model, [bn_run.checkpoint()], layers, data)
     assert acc.shape == (1, len(layers), len(SUBSETS))
     assert np.array_equal(acc[0], np.broadcast_to(baseline, acc[0].shape))
     want = accuracies(model, data)
@@ -45,7 +48,7 @@ def test_rewinding_one_layer_equals_loading_its_tensors(bn_run):
     layers = structure(bn_run, data).layers
     layer = layers[2]
     assert layer.buffers  # a conv with its BatchNorm: running statistics are rewound too
-    acc, _ = R.rewind(bn_run.model(), [bn_run.checkpoint(0), bn_run.checkpoint(1)], layers, data)
+    acc, _ = R.rewind_layers(bn_run.model(), [bn_run.checkpoint(0), bn_run.checkpoint(1)], layers, data)
     for row, epoch in enumerate((0, 1)):
         state = bn_run.checkpoint()
         early = bn_run.checkpoint(epoch)
@@ -60,7 +63,7 @@ def test_rewinding_everything_gives_the_earlier_model(bn_run, mlp_run):
     for run in (bn_run, mlp_run):
         data = run.data()
         everything = L.merged_layer(structure(run, data).layers)
-        acc, _ = R.rewind(run.model(), [run.checkpoint(0), run.checkpoint(1)], [everything], data)
+        acc, _ = R.rewind_layers(run.model(), [run.checkpoint(0), run.checkpoint(1)], [everything], data)
         for row, epoch in enumerate((0, 1)):
             want = accuracies(run.model(epoch), data)
             assert list(acc[row, 0]) == [want[s] for s in SUBSETS]
@@ -71,15 +74,16 @@ def test_rewinding_everything_gives_the_earlier_model(bn_run, mlp_run):
 def test_cli_on_mlp_run(mlp_run):
     """Schema, and the robust science: rewinding any single layer to its initialisation costs the
     memorised (noisy) examples more accuracy than the clean ones."""
-    acc, baseline = R.main([str(mlp_run.path), "--epochs", "0,1,final", "--device", "cpu"])
-    with h5py.File(mlp_run.results_path("rewind"), "r") as f:
-        assert f.attrs["memloc_schema"] == "memloc.rewind"
-        assert list(f["epochs"][:]) == [0, 1, mlp_run.final_epoch]
-        assert list(f["layers/names"].asstr()[:]) == ["fc1", "fc2", "head"]
-        assert list(f["subsets/names"].asstr()[:]) == list(SUBSETS)
-        assert dims(f["accuracy"]) == ["rewind_epoch", "layer", "subset"]
-        np.testing.assert_array_equal(f["accuracy"][:], acc)
-        np.testing.assert_array_equal(f["baseline"][:], baseline)
+    res = cli_run("rewind", [str(mlp_run.path), "--checkpoints", "0,1,final", "--device", "cpu", "--overwrite"])
+    acc, baseline = res["accuracy"].values, res["baseline"].values
+    f = mlp_run.result("rewind")
+    assert f.attrs["memloc_schema"] == "memloc.rewind"
+    assert list(f["checkpoint"].values) == [0, 1, mlp_run.final_epoch]
+    assert list(f["layer"].values) == ["fc1", "fc2", "head"]
+    assert list(f["subset"].values) == list(SUBSETS)
+    assert f["accuracy"].dims == ("checkpoint", "layer", "subset")
+    np.testing.assert_array_equal(f["accuracy"].values, acc)
+    np.testing.assert_array_equal(f["baseline"].values, baseline)
     clean, noisy = SUBSETS.index("clean"), SUBSETS.index("noisy")
     assert baseline[noisy] > 0.95
     drop = baseline - acc[0]                      # (layer, subset) at epoch 0
@@ -88,23 +92,25 @@ def test_cli_on_mlp_run(mlp_run):
 
 
 # --------------------------------------------------------------------------- shared plumbing
-def test_parse_epochs_and_select_layers(tiny_run):
+def test_parse_checkpoints_and_select_layers(tiny_run):
     avail = tiny_run.epochs  # 0..4
-    assert L.parse_epochs("all", avail) == avail
-    assert L.parse_epochs("final,0, 2-3", avail) == [0, 2, 3, 4]
-    assert L.parse_epochs("0-4:2", avail) == [0, 2, 4]
-    for bad, msg in (("5", "no checkpoint for epoch 5; available: 0-4"), ("x", "bad epoch"),
-                     ("1-2:0", "bad epoch")):
-        with pytest.raises(UserError, match=msg):
-            L.parse_epochs(bad, avail)
+    assert L.parse_checkpoints("all", avail) == avail
+    assert L.parse_checkpoints("final,0, 2-3", avail) == [0, 2, 3, 4]
+    assert L.parse_checkpoints("0-4:2", avail) == [0, 2, 4]
+    for bad, msg in (("5", "no checkpoint for epoch 5; available: 0-4"), ("x", "bad checkpoint 'x'"),
+                     ("1-2:0", "bad checkpoint '1-2:0'")):
+        with pytest.raises(MemlocError, match=msg):
+            L.parse_checkpoints(bad, avail)
     s = structure(tiny_run, tiny_run.data())
     assert [l.name for l in L.select_layers(s, ["head", "fc1"])] == ["fc1", "head"]  # forward order
-    with pytest.raises(UserError, match="unknown layer 'fc9'; valid: fc1, fc2, head"):
+    with pytest.raises(MemlocError, match="unknown layer 'fc9'; valid: fc1, fc2, head"):
         L.select_layers(s, "fc1,fc9")
 
 
-MODULES = {"gradients": gradients, "rewind": R, "retrain": retrain}
-FAST = {"gradients": ["--epochs", "0,4"], "rewind": ["--epochs", "0"], "retrain": ["--epochs-retrain", "1"]}
+MODULES = ("gradients", "rewind", "retrain")
+FAST = {"gradients": ["--checkpoints", "0,4"], "rewind": ["--checkpoints", "0"], "retrain": ["--epochs", "1"]}
+BATCH_FLAGS = {"gradients": ["--batch-size"], "rewind": ["--eval-batch-size"],
+               "retrain": ["--batch-size", "--eval-batch-size"]}
 
 
 @pytest.fixture()
@@ -119,53 +125,65 @@ def no_ckpt_run(tiny_run, tmp_path):
 @pytest.mark.parametrize("name", MODULES)
 def test_bad_input_exits_2_with_one_line(name, tiny_run, no_ckpt_run, tmp_path, capsys):
     run = str(tiny_run.path)
-    epoch_flag = ["--reset-epoch", "99"] if name == "retrain" else ["--epochs", "3,99"]
+    epoch_flag = ["--reset-checkpoint", "99"] if name == "retrain" else ["--checkpoints", "3,99"]
     cases = [([str(no_ckpt_run)], "has no checkpoints"),
              ([str(tmp_path / "nowhere")], "not a memloc run directory"),
              ([run, *epoch_flag], "no checkpoint for epoch 99"),
-             ([run, "--layers", "fc1", "nope"], "unknown layer 'nope'; valid: fc1, fc2, head"),
-             ([run, "--batch-size", "0"], "--batch-size must be at least 1")]
-    for argv, msg in cases:
+             ([run, "--layers", "fc1,nope"], "unknown layer 'nope'; valid: fc1, fc2, head")]
+    for argv, msg in cases:   # library errors: one line, the command's name, no traceback
         with pytest.raises(SystemExit) as e:
-            MODULES[name].main(argv + ["--device", "cpu"])
+            cli_run(name, argv + ["--device", "cpu", "--overwrite"])
         err = capsys.readouterr().err
         assert e.value.code == 2, argv
-        assert f"memloc.{name}: error:" in err and msg in err and "Traceback" not in err, err
+        assert f"memloc {name}: error:" in err and msg in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    # batch sizes are range-checked by argparse now (usage line + error line, exit 2)
+    for flag in BATCH_FLAGS[name]:
+        with pytest.raises(SystemExit) as e:
+            cli_run(name, [run, flag, "0", "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2, flag
+        assert f"memloc {name}: error: argument {flag}: expected an integer >= 1, got '0'" in err, err
+        assert "Traceback" not in err
     with pytest.raises(SystemExit) as e:  # argparse errors exit 2 as well
-        MODULES[name].main([run, "--no-such-option"])
+        cli_run(name, [run, "--no-such-option"])
     assert e.value.code == 2
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_rerun_replaces_atomically_and_a_failed_run_leaves_the_old_file(name, tiny_run, monkeypatch):
+def test_rerun_replaces_atomically_and_a_failed_run_leaves_the_old_file(name, tiny_run, monkeypatch, capsys):
     run = tiny_run.path
     path = run / "results" / f"{name}.h5"
-    MODULES[name].main([str(run), "--layers", "fc1", *FAST[name], "--device", "cpu"])
-    with h5py.File(path, "r") as f:
-        assert list(f["layers/names"].asstr()[:]) == ["fc1"]
-    MODULES[name].main([str(run), "--layers", "fc2,head", *FAST[name], "--device", "cpu"])  # fresh file
-    with h5py.File(path, "r") as f:
-        assert list(f["layers/names"].asstr()[:]) == ["fc2", "head"]
+    cli_run(name, [str(run), "--layers", "fc1", *FAST[name], "--device", "cpu", "--overwrite"])
+    assert list(tiny_run.result(name)["layer"].values) == ["fc1"]
+    content = path.read_bytes()
+    with pytest.raises(SystemExit) as e:   # an existing result is kept unless --overwrite
+        cli_run(name, [str(run), "--layers", "fc2,head", *FAST[name], "--device", "cpu"])
+    assert e.value.code == 2 and "exists" in capsys.readouterr().err
+    assert path.read_bytes() == content
+    cli_run(name, [str(run), "--layers", "fc2,head", *FAST[name], "--device", "cpu", "--overwrite"])  # fresh file
+    assert list(tiny_run.result(name)["layer"].values) == ["fc2", "head"]
     content = path.read_bytes()
 
     calls = []
-    real_put = L.put
+    real_create = h5netcdf.core.Group.create_variable
 
-    def failing_put(*args, **kw):  # die half-way through writing the new file
+    def failing_create(*args, **kw):  # die half-way through writing the new file
         calls.append(args[1])
         if len(calls) == 3:
             raise interrupt
-        return real_put(*args, **kw)
+        return real_create(*args, **kw)
 
-    monkeypatch.setattr(L, "put", failing_put)
+    monkeypatch.setattr(h5netcdf.core.Group, "create_variable", failing_create)
     for interrupt, code in ((RuntimeError("disk on fire"), None), (KeyboardInterrupt(), 130)):
         calls.clear()
+        argv = [str(run), *FAST[name], "--device", "cpu", "--overwrite"]
         if code is None:
             with pytest.raises(RuntimeError, match="disk on fire"):
-                MODULES[name].main([str(run), *FAST[name], "--device", "cpu"])
+                cli_run(name, argv)
         else:
             with pytest.raises(SystemExit) as e:  # Ctrl-C: exit 130, nothing half-written
-                MODULES[name].main([str(run), *FAST[name], "--device", "cpu"])
+                cli_run(name, argv)
             assert e.value.code == code
         assert len(calls) == 3
         assert path.read_bytes() == content

@@ -1,42 +1,50 @@
 """memloc.scores: known answers on hand-built dynamics, GraNd equal to a per-example backward loop
-(MLP, conv + batch-norm models, modules without a norm rule), flip.h5 -> neuron count, the CLI.
+(MLP, conv + batch-norm models, modules without a norm rule), the flip result -> neuron count, the CLI.
 
-``write_flip_h5`` (a flip result per the schema, written by hand) is also used by test_detect.py.
+``write_flip_h5`` (a flip result per the schema, built by hand) is also used by test_detect.py.
 """
 import copy
-import json
+import importlib
 import shutil
 
-import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import xarray as xr
 from torch import nn
 
-from memloc import scores
-from memloc.h5 import dims, write_root_attrs
+from memloc.commands import run as cli_run
+from memloc.evaluate import SUBSETS
 from memloc.models import build_model
+from memloc.results import Result
 from memloc.run import load
+
+scores = importlib.import_module("memloc.scores")      # the package (``memloc.scores`` is the function)
 
 
 def write_flip_h5(run, index, status, n_units, flipped, *, max_units, is_noisy=None):
-    """A results/flip.h5 with the examples datasets the schema defines (units/layers left empty)."""
+    """Save a results/flip.h5 "flip" result with the given per-example values (units/layers left empty)."""
     index = np.asarray(index, dtype=np.int64)
     n_units, flipped = np.asarray(n_units, dtype=np.int32), np.asarray(flipped, dtype=bool)
-    path = run.results_path("flip")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        write_root_attrs(f, "memloc.flip", {"epoch": run.final_epoch, "site": "pre_norm",
-                                            "max_units": max_units, "repeats": n_units.shape[1]}, [])
-        f["examples/index"] = index
-        f["examples/is_noisy"] = run.is_noisy[index] if is_noisy is None else is_noisy
-        f["examples/status"] = np.asarray(status, dtype=np.int8)
-        f["examples/n_units"] = n_units
-        f["examples/flipped"] = flipped
-        f["units/ids"] = np.zeros(0, np.int64)
-        f["units/offsets"] = np.zeros(n_units.size + 1, np.int64)
-    return path
+    status = np.asarray(status, dtype=np.int8)
+    k, repeats = n_units.shape
+    count = np.where(status == 0, np.where(flipped, n_units, max_units + 1).mean(1), np.nan)
+    ds = xr.Dataset(
+        {"is_noisy": ("example", run.is_noisy[index] if is_noisy is None else np.asarray(is_noisy, dtype=bool)),
+         "label": ("example", run.label_given[index].astype(np.int64)),
+         "status": ("example", status), "neuron_count": ("example", count),
+         "n_units": (("example", "repeat"), n_units), "flipped": (("example", "repeat"), flipped),
+         "layer_hist": (("example", "repeat", "layer"), np.zeros((k, repeats, 0), np.int32)),
+         "collateral": (("example", "repeat", "subset"), np.full((k, repeats, len(SUBSETS)), np.nan)),
+         "unit_ids": ("zeroed", np.zeros(0, np.int64)), "unit_offsets": ("row", np.zeros(n_units.size + 1, np.int64)),
+         "layer_size": ("layer", np.zeros(0, np.int64)), "layer_offset": ("layer", np.zeros(0, np.int64)),
+         "reference": (("repeat", "ref"), np.zeros((repeats, 0), np.int64))},
+        coords={"example": index, "repeat": np.arange(repeats), "layer": np.zeros(0, dtype=str),
+                "subset": list(SUBSETS)})
+    res = Result("flip", ds, config={"checkpoint": run.final_epoch, "site": "pre_norm", "max_units": max_units,
+                                     "repeats": repeats})
+    return res.save(run.results_path("flip"))
 
 
 @pytest.fixture
@@ -206,19 +214,20 @@ def test_grad_norms_reused_module_needs_vmap():
 def test_cli_writes_every_score_with_attrs(tiny_copy, capsys):
     run = tiny_copy
     write_flip_h5(run, [4, 1, 2], [0, 0, 1], [[3], [200], [0]], [[True], [False], [False]], max_units=50)
-    path = scores.main([str(run.path), "--device", "cpu"])
-    assert path == run.results_path("scores")
-    with h5py.File(path, "r") as f:
-        assert sorted(f["scores"]) == sorted(scores.SCORES)
-        np.testing.assert_array_equal(f["examples/index"][:], np.arange(run.num_train))
-        for name, ds in f["scores"].items():
-            assert ds.shape == (run.num_train,) and dims(ds) == ["example"]
-            assert ds.attrs["direction"] == scores.SCORES[name].direction and ds.attrs["description"]
-        k = scores.default_epoch_k(run.final_epoch)
-        assert f["scores/el2n"].attrs["epoch"] == k == json.loads(f.attrs["config"])["epoch_k"]
-        nc = f["scores/neuron_count"][:]
-        aum = f["scores/aum"][:]
-        el2n = f["scores/el2n"][:]
+    res = cli_run("scores", [str(run.path), "--device", "cpu"])
+    assert run.results_path("scores").is_file()
+    stored = run.result("scores")
+    assert stored.equals(res)
+    assert sorted(stored.data_vars) == sorted(scores.SCORES)
+    np.testing.assert_array_equal(stored["example"].values, np.arange(run.num_train))
+    for name, da in stored.data_vars.items():
+        assert da.shape == (run.num_train,) and da.dims == ("example",)
+        assert da.attrs["direction"] == scores.SCORES[name].direction and da.attrs["description"]
+    k = scores.default_epoch_k(run.final_epoch)
+    assert stored["el2n"].attrs["epoch"] == k == stored.config["checkpoint_k"]
+    nc = stored["neuron_count"].values
+    aum = stored["aum"].values
+    el2n = stored["el2n"].values
     expected = np.full(run.num_train, np.nan)
     expected[[4, 1]] = [3, 51]           # not flipped counts max_units + 1; status 1 has no score
     np.testing.assert_array_equal(nc, expected)
@@ -233,29 +242,29 @@ def test_cli_writes_every_score_with_attrs(tiny_copy, capsys):
 
 
 def test_cli_subset_epoch_and_no_flip(tiny_copy, capsys):
-    path = scores.main([str(tiny_copy.path), "--scores", "grand,forgetting", "--epoch-k", "2"])
-    with h5py.File(path, "r") as f:
-        assert sorted(f["scores"]) == ["forgetting", "grand"]
-        assert f["scores/grand"].attrs["epoch"] == 2
-        grand = f["scores/grand"][:]
+    cli_run("scores", [str(tiny_copy.path), "--scores", "grand,forgetting", "--checkpoint-k", "2"])
+    stored = tiny_copy.result("scores")
+    assert sorted(stored.data_vars) == ["forgetting", "grand"]
+    assert stored["grand"].attrs["epoch"] == 2
+    grand = stored["grand"].values
     run = tiny_copy
     model, data = run.model(2), run.data()
     rows = np.arange(0, run.num_train, 97)
     np.testing.assert_allclose(grand[rows], reference_grad_norms(model, data.train.x[rows], data.train.y[rows]),
                                rtol=1e-4)
-    scores.main([str(tiny_copy.path)])   # "all" without flip.h5: neuron_count skipped
+    cli_run("scores", [str(tiny_copy.path), "--overwrite"])   # "all" without flip.h5: neuron_count skipped
     assert "neuron_count skipped" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--scores", "el2n,bogus"], "unknown score 'bogus'; valid: all, final_loss"),
-    (["--scores", "neuron_count"], "run `python -m memloc.flip"),
-    (["--epoch-k", "99"], "--epoch-k must be between 0 and 4"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--scores", "neuron_count"], "run flip on"),
+    (["--checkpoint-k", "99"], "--checkpoint-k must be an integer in [0, 4]"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),   # range-checked by argparse now
 ])
 def test_cli_errors_exit_2(tiny_copy, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
-        scores.main([str(tiny_copy.path), *argv])
+        cli_run("scores", [str(tiny_copy.path), *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
     assert not tiny_copy.results_path("scores").exists()
@@ -263,7 +272,7 @@ def test_cli_errors_exit_2(tiny_copy, capsys, argv, message):
 
 def test_cli_no_run_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        scores.main([str(tmp_path)])
+        cli_run("scores", [str(tmp_path)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no run.json" in err and "Traceback" not in err
 
@@ -273,6 +282,6 @@ def test_corrupt_flip_file_is_a_user_error(tiny_copy, capsys):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"not hdf5")
     with pytest.raises(SystemExit) as e:
-        scores.main([str(tiny_copy.path), "--scores", "neuron_count"])
+        cli_run("scores", [str(tiny_copy.path), "--scores", "neuron_count"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "cannot read the flip results" in err and "Traceback" not in err
+    assert e.value.code == 2 and "cannot read result file" in err and "flip.h5" in err and "Traceback" not in err

@@ -1,6 +1,5 @@
 """Trainer, Recorder and run-directory tests (real runs on mnist5k / digits)."""
 import json
-import shutil
 
 import h5py
 import numpy as np
@@ -9,11 +8,16 @@ import torch
 from torch import nn
 
 import memloc
-from memloc import __main__ as dispatcher
-from memloc.cli import UserError
+from memloc import commands as dispatcher
+from memloc.commands import run as cli_run
 from memloc.data import build_data
-from memloc.run import Recorder
-from memloc.train import main, train
+from memloc.errors import MemlocError as UserError
+from memloc.recorder import Recorder
+from memloc.train import train
+
+
+def main(argv):
+    return cli_run("train", argv)
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 4, "batch_size": 64, "lr": 0.1}
 
@@ -99,6 +103,9 @@ def test_cli_resume_and_errors(tmp_path, capsys):
     _exit2(capsys, args, "already exists")
     _exit2(capsys, args + ["--resume", "--lr", "0.3"], "differ from the stored run")
     main(args + ["--resume"])  # nothing left to do: returns the finished run
+    _exit2(capsys, args + ["--overwrite", "--resume"], "exclude each other")
+    main(args + ["--overwrite"])  # trains anew into the same directory
+    _exit2(capsys, [str(tmp_path), "--dataset", "digits", "--overwrite"], "not a memloc run directory")
     _exit2(capsys, [str(tmp_path / "a"), "--dataset", "nope"], "unknown dataset")
     _exit2(capsys, [str(tmp_path / "b"), "--model", "nope", "--dataset", "digits"], "unknown model")
     _exit2(capsys, [str(tmp_path / "c"), "--dataset", "cifar10", "--data-root", str(tmp_path / "no")], "does not exist")
@@ -162,7 +169,6 @@ def test_dispatcher(capsys):
 def test_every_option_is_explained_in_help(command, capsys, monkeypatch):
     """--help of every command explains each option and shows each default at most once."""
     import argparse
-    import importlib
     import re
 
     class Captured(Exception):
@@ -173,7 +179,7 @@ def test_every_option_is_explained_in_help(command, capsys, monkeypatch):
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     with pytest.raises(Captured) as e:
-        importlib.import_module(f"memloc.{command}").main([])
+        dispatcher.run(command, [])
     parser = e.value.args[0]
     unexplained = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
     assert not unexplained, f"{command}: options without help: {unexplained}"

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from memloc.cli import UserError
+from memloc.errors import MemlocError as UserError
 from memloc.models import build_model
 from memloc.units import HookNotFiredError, trace, unit_masks
 

@@ -1,27 +1,19 @@
-"""Figures (PNG) for every result of a run, and one ``report.md`` tying them together.
-
-``python -m memloc.report RUN [--out DIR]`` (default ``RUN/report``). Each analysis has one
-plotting function in :data:`PLOTTERS`: it reads ``RUN/results/<name>.h5`` (skipped if absent),
-writes its PNGs into the output folder and returns the Markdown section of the report.
-"""
+"""One plotting function per result (:data:`PLOTTERS`): it draws from the result object (never
+from raw file keys), writes its PNGs into the output folder and returns its Markdown section."""
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
-import h5py
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import cli  # noqa: E402
-from .h5 import dims, read_config  # noqa: E402
-from .run import SUBSETS, Run, load  # noqa: E402
+from ..detect import plot_curves  # noqa: E402
+from ..run import Run  # noqa: E402
 
-__all__ = ["make_report", "PLOTTERS", "parse_args", "main"]
+__all__ = ["PLOTTERS", "plot_training", "table"]
 
 COLORS = {"clean": "tab:blue", "noisy": "tab:red", "noisy_true": "tab:orange", "test": "tab:green",
           "total": "tab:gray"}
@@ -36,7 +28,7 @@ def _save(fig, out: Path, name: str) -> str:
     return name
 
 
-def _table(header: list[str], rows: list[list], digits: int = 3) -> str:
+def table(header: list[str], rows: list[list], digits: int = 3) -> str:
     """A Markdown table; floats with ``digits`` decimals, NaN as '-'."""
     def fmt(v):
         if isinstance(v, (float, np.floating)):
@@ -73,11 +65,11 @@ def plot_training(run: Run, out: Path) -> str:
     return ("## Training\n\n"
             f"{run.num_train} training examples, {int(run.is_noisy.sum())} with noisy labels; "
             f"{run.final_epoch} epochs.\n\n![training]({name})\n\n"
-            + _table(["final accuracy on", "%"], rows, digits=1))
+            + table(["final accuracy on", "%"], rows, digits=1))
 
 
-def _names(f, key="layers/names") -> list[str]:
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in f[key][:]]
+def _names(res, coord: str = "layer") -> list[str]:
+    return [str(n) for n in res[coord].values]
 
 
 def _grid(n: int, width: float = 3.2, height: float = 2.6, **kw):
@@ -90,11 +82,11 @@ def _grid(n: int, width: float = 3.2, height: float = 2.6, **kw):
     return fig, axes
 
 
-def plot_gradients(run: Run, out: Path) -> str:
-    """Per-layer gradient norms (clean / noisy / total) over epochs and the clean-noisy cosine heatmap."""
-    with h5py.File(run.results_path("gradients")) as f:
-        layers, epochs = _names(f), f["epochs"][:]
-        q = {k: f[k][:] for k in ("norm_clean", "norm_noisy", "norm_total", "cosine")}
+def plot_gradients(res, out: Path, run: Run | None = None) -> str:
+    """Per-layer gradient norms (clean / noisy / all) over epochs and the clean-noisy cosine heatmap."""
+    layers, epochs = _names(res), res["checkpoint"].values
+    q = {f"norm_{'total' if k == 'all' else k}": res["norm"].sel(subset=k).values for k in ("clean", "noisy", "all")}
+    q["cosine"] = res["cosine"].values
     n = len(layers)
     fig, axes = _grid(n, sharex=True)
     for i, ax in enumerate(axes.flat[:n]):
@@ -120,7 +112,7 @@ def plot_gradients(run: Run, out: Path) -> str:
     return ("## Gradient accounting\n\nNorm of the gradient of the mean clean, noisy and total loss, per "
             "parameter, and the cosine between the clean and noisy gradients.\n\n"
             f"![gradient norms]({norms})\n\n![cosine]({cos})\n\nMeans over epochs >= 2:\n\n"
-            + _table(["layer", "clean norm", "noisy norm", "cosine"], rows))
+            + table(["layer", "clean norm", "noisy norm", "cosine"], rows))
 
 
 def _heatmaps(acc: np.ndarray, subsets: list[str], layers: list[str], xs, xlabel: str, title: str,
@@ -144,15 +136,14 @@ def _heatmaps(acc: np.ndarray, subsets: list[str], layers: list[str], xs, xlabel
 
 def _accuracy_rows(layers, subsets, acc_per_layer, base, base_label):
     rows = [[layers[i]] + [100 * a for a in acc_per_layer[i]] for i in range(len(layers))]
-    return _table(["layer"] + [LABELS.get(s, s) for s in subsets], rows + [[base_label] + [100 * b for b in base]],
+    return table(["layer"] + [LABELS.get(s, s) for s in subsets], rows + [[base_label] + [100 * b for b in base]],
                   digits=1)
 
 
-def plot_rewind(run: Run, out: Path) -> str:
+def plot_rewind(res, out: Path, run: Run | None = None) -> str:
     """Heatmaps [layer x rewind epoch] of clean / noisy / test accuracy."""
-    with h5py.File(run.results_path("rewind")) as f:
-        layers, subsets, epochs = _names(f), _names(f, "subsets/names"), f["epochs"][:]
-        acc, base = f["accuracy"][:], f["baseline"][:]   # (R, L, S), (S,)
+    layers, subsets, epochs = _names(res), _names(res, "subset"), res["checkpoint"].values
+    acc, base = res["accuracy"].values, res["baseline"].values   # (R, L, S), (S,)
     name = _heatmaps(acc.transpose(1, 0, 2), subsets, layers, epochs, "rewound to epoch",
                      "rewinding one layer of the final model", out, "rewind.png")
     e0 = int(np.argmin(epochs))
@@ -161,11 +152,10 @@ def plot_rewind(run: Run, out: Path) -> str:
             + _accuracy_rows(layers, subsets, acc[e0], base, "(no rewinding)"))
 
 
-def plot_retrain(run: Run, out: Path) -> str:
+def plot_retrain(res, out: Path, run: Run | None = None) -> str:
     """Curves per layer of clean / noisy / test accuracy while retraining it on clean data."""
-    with h5py.File(run.results_path("retrain")) as f:
-        layers, subsets, epochs = _names(f), _names(f, "subsets/names"), f["epochs"][:]
-        acc, base = f["accuracy"][:], f["baseline"][:]   # (L, E+1, S)
+    layers, subsets, epochs = _names(res), _names(res, "subset"), res["epoch"].values
+    acc, base = res["accuracy"].values, res["baseline"].values   # (L, E+1, S)
     n = len(layers)
     fig, axes = _grid(n, sharey=True)
     for i, ax in enumerate(axes.flat[:n]):
@@ -182,16 +172,15 @@ def plot_retrain(run: Run, out: Path) -> str:
             + _accuracy_rows(layers, subsets, acc[:, -1], base, "(final model)"))
 
 
-def plot_flip(run: Run, out: Path) -> str:
+def plot_flip(res, out: Path, run: Run | None = None) -> str:
     """Units needed to flip noisy vs clean examples, and where the critical units are."""
-    with h5py.File(run.results_path("flip")) as f:
-        cfg = json.loads(f.attrs["config"])
-        searched = f["examples/status"][:] == 0
-        noisy = f["examples/is_noisy"][:].astype(bool)
-        n_units, flipped = f["examples/n_units"][:], f["examples/flipped"][:]
-        hist = f["examples/layer_hist"][:]                      # (K, R, L)
-        layers = _names(f)
-        collateral = f["examples/collateral"][:] if "examples/collateral" in f else None
+    cfg = res.config
+    searched = res["status"].values == 0
+    noisy = res["is_noisy"].values.astype(bool)
+    n_units, flipped = res["n_units"].values, res["flipped"].values
+    hist = res["layer_hist"].values                              # (K, R, L)
+    layers = _names(res)
+    collateral = res["collateral"].values
     cap = int(cfg.get("max_units", n_units.max(initial=0)))
     count = np.where(flipped, n_units, cap + 1).mean(1)      # the neuron-count score
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -212,7 +201,8 @@ def plot_flip(run: Run, out: Path) -> str:
     b.set_xticks(x, _short(layers), rotation=45 if len(layers) > 4 else 0, ha="right" if len(layers) > 4 else "center",
                  fontsize=7)
     b.set(ylabel="% of zeroed units", title="layer of the critical units")
-    b.legend(fontsize=8)
+    if b.get_legend_handles_labels()[0]:   # no units zeroed at all: nothing to label
+        b.legend(fontsize=8)
     name = _save(fig, out, "flip.png")
     rows = []
     for key, r in groups.items():
@@ -220,7 +210,7 @@ def plot_flip(run: Run, out: Path) -> str:
             rows.append([key, int(r.sum()), float(np.median(count[r])), 100 * float(flipped[r].mean())])
     text = (f"## Unit zeroing (flip)\n\nGreedy gradient-guided zeroing of units (site `{cfg.get('site')}`, "
             f"at most {cap} units) until the example's prediction changes.\n\n![flip]({name})\n\n"
-            + _table(["examples", "searched", "median units", "% flipped"], rows, digits=1))
+            + table(["examples", "searched", "median units", "% flipped"], rows, digits=1))
     if groups["clean"].any() and groups["noisy"].any():
         from sklearn.metrics import roc_auc_score
         auc = roc_auc_score(noisy[searched], -count[searched])
@@ -228,31 +218,31 @@ def plot_flip(run: Run, out: Path) -> str:
     if collateral is not None and np.isfinite(collateral).any():
         mean = np.nanmean(collateral[searched], axis=(0, 1))
         text += ("\n\nMean accuracy (%) of the model with one example's units zeroed (collateral damage): "
-                 + ", ".join(f"{LABELS.get(s, s)} {100 * v:.1f}" for s, v in zip(SUBSETS, mean)) + ".")
+                 + ", ".join(f"{LABELS.get(s, s)} {100 * v:.1f}" for s, v in zip(_names(res, "subset"), mean)) + ".")
     return text
 
 
-def plot_detect(run: Run, out: Path) -> str:
-    """The detection table of every score and its ROC / precision-recall curves."""
-    path = run.results_path("detect")
-    with h5py.File(path) as f:
-        names, metrics = _names(f, "scores/names"), _names(f, "metrics/names")
-        values, size = f["metrics/values"][:], f["subset/size"][:]
-    roc = path.with_name("detect_roc.png")
+def plot_detect(res, out: Path, run: Run | None = None) -> str:
+    """The detection table of every score and its ROC / precision-recall curves (from the run's scores)."""
+    names, metrics = _names(res, "score"), _names(res, "metric")
+    values, size = res["values"].values, res["size"].values
     text = "## Noise detection\n\nHow well each per-example score ranks the noisy examples first.\n\n"
-    if roc.exists():
-        shutil.copy(roc, out / "detect_roc.png")
+    if run is not None and run.results_path("scores").is_file():
+        sc = run.result("scores")
+        kept = [n for n in names if n in sc]
+        plot_curves({n: sc[n].values for n in kept}, run.is_noisy, {n: int(sc[n].attrs["direction"]) for n in kept},
+                    out / "detect_roc.png",
+                    title=f"{run.path.name}: {int(run.is_noisy.sum())} of {run.num_train} labels noisy")
         text += "![detection curves](detect_roc.png)\n\n"
     rows = [[n] + [float(v) for v in values[i]] + [int(size[i])] for i, n in enumerate(names)]
-    return text + _table(["score"] + metrics + ["examples"], rows)
+    return text + table(["score"] + metrics + ["examples"], rows)
 
 
-def plot_dropout(run: Run, out: Path) -> str:
+def plot_dropout(res, out: Path, run: Run | None = None) -> str:
     """Example-tied dropout: accuracy per subset in test mode vs drop mode (bar chart and table)."""
-    with h5py.File(run.results_path("dropout")) as f:
-        acc, modes, subsets = f["accuracy"][:], _names(f, "modes/names"), _names(f, "subsets/names")
-        layers = _names(f)
-        recalibrated = read_config(f).get("recalibrate_bn", False)
+    acc, modes, subsets = res["accuracy"].values, _names(res, "mode"), _names(res, "subset")
+    layers = _names(res)
+    recalibrated = res.config.get("recalibrate_bn", False)
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     x = np.arange(len(subsets))
     width = 0.8 / len(modes)
@@ -265,47 +255,10 @@ def plot_dropout(run: Run, out: Path) -> str:
     rows = [[f"{m} mode"] + [100 * float(v) for v in acc[i]] for i, m in enumerate(modes)]
     return ("## Example-tied dropout\n\nMemorisation units are scaled by p_mem in test mode and dropped in drop "
             f"mode (dropout layers after: {', '.join(layers)})"
-            + ("; BatchNorm statistics were re-estimated in test and drop mode (--recalibrate-bn)" if recalibrated else "")
+            + ("; BatchNorm statistics were re-estimated in test and drop mode (recalibrate_bn)" if recalibrated else "")
             + f".\n\n![dropout]({name})\n\n"
-            + _table(["model"] + [LABELS.get(s, s) for s in subsets], rows, digits=1))
+            + table(["model"] + [LABELS.get(s, s) for s in subsets], rows, digits=1))
 
 
-PLOTTERS = {"training": plot_training, "gradients": plot_gradients, "rewind": plot_rewind,
-            "retrain": plot_retrain, "flip": plot_flip, "detect": plot_detect,
-            "dropout": plot_dropout}
-
-
-def make_report(run_dir, out_dir=None) -> Path:
-    """Write every available figure and ``report.md`` for the run; returns the Markdown path."""
-    run = load(run_dir)
-    out = Path(out_dir) if out_dir is not None else run.path / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = run.config
-    sections = [f"# memloc report: `{run.path.name}`\n\n"
-                + _table(["setting", "value"], [[k, json.dumps(v)] for k, v in sorted(cfg.items())])]
-    for name, plot in cli.progress(list(PLOTTERS.items()), desc="report", unit="figure"):
-        if name != "training" and not run.results_path(name).exists():
-            continue
-        sections.append(plot(run, out))
-    md = out / "report.md"
-    md.write_text("\n\n".join(sections) + "\n")
-    return md
-
-
-def parse_args(argv=None):
-    p = cli.parser("memloc.report", "Figures (PNG) for every result file of a run and a report.md summary.")
-    p.add_argument("run", help="run directory")
-    p.add_argument("--out", default=None, help="output folder (default RUN/report)")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    with cli.user_errors("memloc.report"):
-        md = make_report(args.run, args.out)
-        print(f"report: {md}")
-    return md
-
-
-if __name__ == "__main__":
-    main()
+PLOTTERS = {"gradients": plot_gradients, "rewind": plot_rewind, "retrain": plot_retrain, "flip": plot_flip,
+            "detect": plot_detect, "dropout": plot_dropout}

@@ -1,0 +1,161 @@
+"""The one runner every command goes through, and the option helpers the command modules share."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MemlocError
+from ..results import Result
+
+__all__ = ["run_command", "Formatter", "add_checkpoints", "add_layers", "add_eval_batch_size", "positive_int",
+           "nonnegative_int", "positive_float", "nonnegative_float", "layer_table", "describe"]
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` unless the help text already speaks of its default or X is None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+def _number(kind, low, strict, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not np.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _number(int, 1, False, "an integer >= 1")
+nonnegative_int = _number(int, 0, False, "an integer >= 0")
+positive_float = _number(float, 0, True, "a finite number > 0")
+nonnegative_float = _number(float, 0, False, "a finite number >= 0")
+
+
+def add_checkpoints(p, what: str, default="all") -> None:
+    p.add_argument("--checkpoints", default=default,
+                   help=f"{what}: all, final, or comma-separated checkpoint epochs and ranges, e.g. 0,5,10 or 0-30:5")
+
+
+def add_layers(p) -> None:
+    p.add_argument("--layers", default=None, metavar="NAME,...",
+                   help="comma-separated layers to analyse (memloc.units.trace names, e.g. fc1,head; an unknown "
+                        "name lists the valid ones); default: every layer")
+
+
+def add_eval_batch_size(p) -> None:
+    p.add_argument("--eval-batch-size", type=positive_int, default=1024, help="examples per evaluation forward pass")
+
+
+def layer_table(names, columns, values, fmt: str = "10.3f") -> str:
+    """A plain-text table: one row per layer name, one column per name in ``columns``; values (L, C)."""
+    width = max([24] + [len(n) for n in names])
+    lines = [f"{'layer':<{width}} " + " ".join(f"{c:>10}" for c in columns)]
+    lines += [f"{n:<{width}} " + " ".join(f"{v:{fmt}}" for v in row) for n, row in zip(names, values)]
+    return "\n".join(lines)
+
+
+def describe(row, subsets) -> str:
+    """``clean 0.998, noisy 0.120, ...`` for an accuracy row."""
+    return ", ".join(f"{k} {v:.3f}" for k, v in zip(subsets, row))
+
+
+def _flags(parser, extra: dict) -> dict[str, str]:
+    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+    return {**flags, **extra}
+
+
+def _translate(message: str, argument: str | None, flags: dict[str, str]) -> str:
+    """Library argument names -> the command's flags, in a MemlocError message."""
+    if argument in flags and message.startswith(argument):
+        message = flags[argument] + message[len(argument):]
+    for dest, flag in flags.items():   # "overwrite=True" -> "--overwrite", "data_root=DIR" -> "--data-root DIR"
+        message = re.sub(rf"\b{re.escape(dest)}=True\b", flag, message)
+        message = re.sub(rf"\b{re.escape(dest)}=(?=\S)", flag + " ", message)
+    return message
+
+
+def _writable(path: Path) -> None:
+    """:class:`MemlocError` unless ``path`` can be written (checked before any work is done)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MemlocError(f"cannot create the output folder {str(path.parent)!r}: {e.strerror}") from None
+    if path.is_dir():
+        raise MemlocError(f"output {str(path)!r} is a folder")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise MemlocError(f"output {str(path)!r} is not writable")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``memloc X: error: ...``, exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser(name, mod):
+    p = _Parser(prog=f"memloc {name}", description=mod.DESCRIPTION, formatter_class=Formatter)
+    if getattr(mod, "RUN", True):
+        p.add_argument("run", metavar="RUN", help="run directory (written by memloc train or a Recorder)")
+    mod.arguments(p)
+    if getattr(mod, "RESULT", None) or getattr(mod, "OVERWRITE", False):
+        p.add_argument("--overwrite", action="store_true",
+                       help=getattr(mod, "OVERWRITE_HELP", "replace an existing result (otherwise an existing "
+                                                           "result is an error)"))
+    if getattr(mod, "DEVICE", True):
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="where to compute; auto = cuda if available, else cpu")
+    return p
+
+
+def run_command(name: str, mod, argv: list[str]):
+    """Parse ``argv``, check the output, call ``mod.execute``, save its result, print its summary."""
+    parser = _parser(name, mod)
+    args = parser.parse_args(argv)
+    args.argv = ["memloc", name, *argv]
+    prog = f"memloc {name}"
+    try:
+        result_name = getattr(mod, "RESULT", None)
+        if result_name:
+            from ..run import as_run
+            run = as_run(args.run, need_checkpoints=False)
+            args.out = run.results_path(result_name)
+            _writable(args.out)
+            if args.out.exists() and not args.overwrite:
+                done = getattr(mod, "already_done", None)
+                if done is not None and done(args, run):
+                    print(f"{prog}: {args.out} is already complete for these settings (nothing to do)",
+                          file=sys.stderr)
+                    return run.result(result_name)
+                raise MemlocError(f"{str(args.out)!r} exists (possibly with different settings); "
+                                  "use overwrite=True to replace it")
+        result = mod.execute(args)
+        if isinstance(result, Result) and result_name:
+            result.save(args.out, argv=args.argv)
+        text = mod.summary(result, args)
+        if text:
+            print(text)
+        if isinstance(result, Result) and result_name:
+            print(f"wrote {args.out}")
+        return result
+    except MemlocError as e:
+        message = _translate(str(e), e.argument, _flags(parser, getattr(mod, "FLAGS", {})))
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {getattr(mod, 'INTERRUPTED', 'nothing was written')}", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -1,0 +1,139 @@
+"""Flip searches over the examples of a run (or of a model and data), returned as a result."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ..errors import MemlocError
+from ..evaluate import SUBSETS, accuracies
+from ..results import Result
+from ..runtime import check_range, progress
+from ..selection import resolve
+from ..units import SITES, unit_masks
+from .search import FlipSearch
+from .select import reference_batches, select_examples
+from .store import PartStore, csr, layer_histogram
+
+__all__ = ["flip", "DTYPES", "REF_POOLS"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+REF_POOLS = ("clean", "all")
+
+
+def _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise_ratio, site, ref_pool, dtype):
+    for name, value in (("max_units", max_units), ("repeats", repeats), ("group_size", group_size),
+                        ("eval_batch_size", eval_batch_size)):
+        check_range(name, value, low=1, integer=True)
+    check_range("noise_samples", noise_samples, low=0, integer=True)
+    check_range("noise_ratio", noise_ratio, low=0)
+    for name, value, valid in (("site", site, SITES), ("ref_pool", ref_pool, REF_POOLS), ("dtype", dtype, DTYPES)):
+        if value not in valid:
+            raise MemlocError(f"unknown {name} {value!r}; valid: {', '.join(valid)}", argument=name)
+
+
+def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint: int | None = None,
+         max_units: int = 100, noise_samples: int = 0, noise_ratio: float = 0.01, repeats: int = 1,
+         site: str = "pre_norm", collateral: bool = False, group_size: int = 32, ref_batch_size: int = 64,
+         ref_pool: str = "clean", seed: int = 0, dtype: str = "float32", eval_batch_size: int = 1024,
+         device="auto", resume_dir="auto", overwrite: bool = False, log=None) -> Result:
+    """Greedy unit-zeroing searches (see :mod:`memloc.flip`) of the ``examples`` of a run.
+
+    ``source``: a :class:`memloc.Run` / run path (``checkpoint``: its epoch, default final), or an
+    ``nn.Module`` with ``data`` (a :class:`memloc.data.Data`; ``is_noisy`` comes from it).
+    ``resume_dir``: folder of the resumable part files (``"auto"``: ``RUN/results/flip.partial``
+    for a run, none for a model); finished searches found there with the same settings are not
+    redone; ``overwrite`` discards parts made with other settings. The parts are deleted when
+    the result is saved (:meth:`memloc.Result.save`). ``log(message)`` receives progress notes
+    (misclassified examples, resumption). Returns the ``"flip"`` result.
+    """
+    log = log or (lambda msg: None)
+    _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise_ratio, site, ref_pool, dtype)
+    src = resolve(source, data, device=device, checkpoint=checkpoint)
+    model, data, dev, epoch = src.model, src.data, src.device, src.checkpoint
+    if resume_dir == "auto":
+        resume_dir = None if src.run is None else src.run.results_path("flip").with_name("flip.partial")
+    is_noisy, given = np.asarray(data.is_noisy, bool), np.asarray(data.label_given)
+    ids = select_examples(examples, is_noisy, seed=seed)
+    pool = np.arange(len(is_noisy)) if ref_pool == "all" else np.flatnonzero(~is_noisy)
+    refs = reference_batches(pool, ref_batch_size, repeats, seed=seed)
+    config = {"checkpoint": epoch, "site": site, "max_units": max_units, "repeats": repeats,
+              "noise_samples": noise_samples, "noise_ratio": noise_ratio, "ref_batch_size": ref_batch_size,
+              "ref_pool": ref_pool, "seed": seed, "examples": examples, "dtype": dtype,
+              "collateral": collateral, "num_examples": len(ids)}
+    train = data.train
+    x, y = train.x[ids], train.y[ids]
+    ridx = torch.as_tensor(refs, device=dev)
+    search = FlipSearch(model, train.x[ridx], train.y[ridx], refs, site=site, dtype=DTYPES[dtype])
+    structure = search.structure
+    status = (search.predict(x) != y).cpu().numpy().astype(np.int8)
+    if status.any():
+        log(f"memloc.flip: {int(status.sum())} of {len(ids)} examples are misclassified by the model "
+            "and are recorded with status 1 (not searched)")
+    store = PartStore(resume_dir, {**config, "example_ids": ids.tolist()}, overwrite=overwrite)
+    todo = [(k, r) for k in np.flatnonzero(status == 0) for r in range(repeats) if (int(ids[k]), r) not in store.done]
+    if store.done:
+        log(f"memloc.flip: resuming: {len(store.done)} searches already saved, {len(todo)} to go")
+    _search(search, store, x, y, ids, todo, data, model, collateral=collateral, group_size=group_size,
+            eval_batch_size=eval_batch_size, max_units=max_units, noise_samples=noise_samples,
+            noise_ratio=noise_ratio, seed=seed)
+    result = _result(store, ids, is_noisy, given, status, repeats, structure, refs, max_units, config)
+    result.parts = store.folder
+    return result
+
+
+def _search(search, store, x, y, ids, todo, data, model, *, collateral, group_size, eval_batch_size, **kw):
+    """Run the searches ``todo``, saving finished ones in ``store`` (also on Ctrl-C)."""
+    structure, dev = search.structure, x.device
+    pending: list = []
+    last = time.monotonic()
+    bar = progress(total=len(todo), desc="flip", unit="search")
+    try:
+        for t in search.run(x, y, ids, todo, group_size=group_size, **kw):
+            col = np.full(len(SUBSETS), np.nan)
+            if collateral:
+                mask = torch.ones(structure.n_units, device=dev)
+                mask[torch.as_tensor(t.units, device=dev)] = 0
+                with unit_masks(model, structure, mask, site=search.site):
+                    acc = accuracies(model, data, batch_size=eval_batch_size)
+                col = np.array([acc[s] for s in SUBSETS])
+            pending.append((int(ids[t.k]), t.repeat, t.units, t.flipped, col))
+            bar.update(1)
+            if len(pending) >= group_size or time.monotonic() - last > 30:
+                store.add(pending)
+                pending, last = [], time.monotonic()
+        store.add(pending)
+    except KeyboardInterrupt:
+        store.add(pending)
+        raise
+    finally:
+        bar.close()
+
+
+def _result(store, ids, is_noisy, given, status, repeats, structure, refs, max_units, config) -> Result:
+    k = len(ids)
+    rows, n_units, flipped = [], np.zeros((k, repeats), np.int32), np.zeros((k, repeats), bool)
+    col = np.full((k, repeats, len(SUBSETS)), np.nan)
+    for i, example in enumerate(ids):
+        for r in range(repeats):
+            units, f, c = store.done.get((int(example), r), (np.zeros(0, np.int64), False, col[i, r]))
+            rows.append(units)
+            n_units[i, r], flipped[i, r], col[i, r] = len(units), f, c
+    flat, offsets = csr(rows)
+    sizes = np.array([s.size for s in structure.spaces], dtype=np.int64)
+    count = np.where(flipped, n_units, max_units + 1).mean(1) if repeats else np.full(k, np.nan)
+    ds = xr.Dataset(
+        {"is_noisy": ("example", is_noisy[ids]), "label": ("example", given[ids].astype(np.int64)),
+         "status": ("example", status), "neuron_count": ("example", np.where(status == 0, count, np.nan)),
+         "n_units": (("example", "repeat"), n_units), "flipped": (("example", "repeat"), flipped),
+         "layer_hist": (("example", "repeat", "layer"), layer_histogram(flat, offsets, sizes).reshape(k, repeats, len(sizes))),
+         "collateral": (("example", "repeat", "subset"), col),
+         "unit_ids": ("zeroed", flat), "unit_offsets": ("row", offsets),
+         "layer_size": ("layer", sizes),
+         "layer_offset": ("layer", np.array([s.offset for s in structure.spaces], dtype=np.int64)),
+         "reference": (("repeat", "ref"), np.asarray(refs, dtype=np.int64))},
+        coords={"example": np.asarray(ids, dtype=np.int64), "repeat": np.arange(repeats),
+                "layer": [s.name for s in structure.spaces], "subset": list(SUBSETS)})
+    return Result("flip", ds, config=config)

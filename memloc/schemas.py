@@ -1,0 +1,126 @@
+"""The one definition of every result file: variables, their dimensions and what they mean.
+
+:class:`memloc.results.Result` checks datasets against these on creation and on load, and the
+README's "Results" section is generated from them (:func:`markdown`; a test keeps them equal).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["SCHEMA_VERSION", "Var", "Schema", "SCHEMAS", "markdown", "SUBSETS", "GRADIENT_PARTS"]
+
+SCHEMA_VERSION = 2
+SUBSETS = ("clean", "noisy", "noisy_true", "test")   # accuracy subsets of memloc.evaluate.accuracies
+GRADIENT_PARTS = ("clean", "noisy", "all")
+
+
+@dataclass(frozen=True)
+class Var:
+    dims: tuple[str, ...]
+    doc: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Schema:
+    name: str
+    doc: str
+    coords: dict[str, Var]
+    variables: dict[str, Var]
+    attrs: dict[str, str] = field(default_factory=dict)   # variable attributes worth naming
+
+    def check(self, ds) -> None:
+        """:class:`MemlocError` unless ``ds`` has every required variable with its dims, nothing else."""
+        from .errors import MemlocError
+        spec = {**self.coords, **self.variables}
+        for key, var in spec.items():
+            if key not in ds.variables:
+                if not var.optional:
+                    raise MemlocError(f"result {self.name!r} lacks variable {key!r}")
+                continue
+            if tuple(ds[key].dims) != var.dims:
+                raise MemlocError(f"result {self.name!r}: {key!r} has dims {tuple(ds[key].dims)}, "
+                                  f"the schema says {var.dims}")
+        extra = [k for k in ds.variables if k not in spec]
+        if extra:
+            raise MemlocError(f"result {self.name!r} has variables outside its schema: {', '.join(map(str, extra))}")
+
+
+def _layer_coords(dim: str = "layer") -> dict[str, Var]:
+    return {dim: Var((dim,), "layer name (memloc.units.trace)"),
+            "layer_kind": Var((dim,), "conv | linear | embedding | attention | norm | param"),
+            "layer_numel": Var((dim,), "parameters in the layer")}
+
+
+_SUBSET = {"subset": Var(("subset",), "clean, noisy (given labels), noisy_true (true labels), test")}
+_EXAMPLE = {"example": Var(("example",), "training example id (0..N-1, the row of run.h5 /examples)")}
+_SCORES = ("final_loss", "confidence", "variability", "forgetting", "el2n", "grand", "aum", "neuron_count")
+
+SCHEMAS: dict[str, Schema] = {s.name: s for s in [
+    Schema("gradients", "per-layer gradient accounting (memloc.gradients)",
+           {"checkpoint": Var(("checkpoint",), "checkpoint epoch (-1: a model passed in directly)"), **_layer_coords(),
+            "subset": Var(("subset",), "clean, noisy, all: whose mean loss the gradient is of")},
+           {"norm": Var(("checkpoint", "layer", "subset"), "L2 norm of the gradient of the subset's mean loss / sqrt(layer_numel)"),
+            "cosine": Var(("checkpoint", "layer"), "cosine between the clean and the noisy gradient (NaN if one is 0)")}),
+    Schema("rewind", "one layer at a time put back to an earlier checkpoint (memloc.rewind)",
+           {"checkpoint": Var(("checkpoint",), "epoch of the checkpoint the layer is rewound to"),
+            **_layer_coords(), **_SUBSET},
+           {"accuracy": Var(("checkpoint", "layer", "subset"), "accuracy with the layer rewound"),
+            "baseline": Var(("subset",), "accuracy of the model itself")}),
+    Schema("retrain", "one layer at a time reset and retrained alone on clean data (memloc.retrain)",
+           {**_layer_coords(), "epoch": Var(("epoch",), "retraining epoch (0 = just after the reset)"), **_SUBSET},
+           {"accuracy": Var(("layer", "epoch", "subset"), "accuracy while the layer is retrained"),
+            "baseline": Var(("subset",), "accuracy of the model itself")}),
+    Schema("flip", "greedy gradient-guided unit zeroing until the prediction flips (memloc.flip)",
+           {**_EXAMPLE, "repeat": Var(("repeat",), "search repeat (own reference batch)"),
+            "layer": Var(("layer",), "unit space (layer) name"), **_SUBSET},
+           {"is_noisy": Var(("example",), "the example's given label is wrong"),
+            "label": Var(("example",), "given label searched"),
+            "status": Var(("example",), "0 = searched, 1 = misclassified by the model (not searched)"),
+            "neuron_count": Var(("example",), "mean units to flip over repeats (not flipped = max_units + 1; NaN = not searched)"),
+            "n_units": Var(("example", "repeat"), "units zeroed"),
+            "flipped": Var(("example", "repeat"), "the prediction left the given label"),
+            "layer_hist": Var(("example", "repeat", "layer"), "zeroed units per layer"),
+            "collateral": Var(("example", "repeat", "subset"), "accuracy with the example's units zeroed (NaN = not measured)"),
+            "unit_ids": Var(("zeroed",), "global unit ids in zeroing order, all searches concatenated"),
+            "unit_offsets": Var(("row",), "search example*R + repeat spans unit_ids[unit_offsets[row]:unit_offsets[row+1]]"),
+            "layer_size": Var(("layer",), "units in the layer"),
+            "layer_offset": Var(("layer",), "global id of the layer's first unit"),
+            "reference": Var(("repeat", "ref"), "example ids of each repeat's reference batch")}),
+    Schema("scores", "per-example memorisation / label-noise scores (memloc.scores)",
+           dict(_EXAMPLE),
+           {name: Var(("example",), f"score {name} (see memloc.scores.SCORES)", optional=True) for name in _SCORES},
+           {"direction": "+1: higher = more likely mislabeled, -1: lower is",
+            "epoch": "checkpoint epoch (el2n, grand)"}),
+    Schema("detect", "how well each score finds the mislabeled examples (memloc.detect)",
+           {"score": Var(("score",), "score name"), "metric": Var(("metric",), "auroc, ap, prec_at_k")},
+           {"values": Var(("score", "metric"), "each score over the examples where it is defined"),
+            "direction": Var(("score",), "+1 / -1 (see scores)"),
+            "size": Var(("score",), "examples where the score is defined"),
+            "noisy": Var(("score",), "noisy examples among them"),
+            "base_rate": Var(("score",), "noisy / size (the AP of chance)"),
+            "common_values": Var(("score", "metric"), "every score on the examples where all are defined", optional=True),
+            "common_example": Var(("common",), "ids of those examples", optional=True)}),
+    Schema("dropout", "example-tied dropout evaluated per mode (memloc.dropout)",
+           {"mode": Var(("mode",), "train, test, drop"), **_SUBSET,
+            "layer": Var(("layer",), "module the dropout layer follows")},
+           {"accuracy": Var(("mode", "subset"), "accuracy with every dropout layer in the mode (train: test is NaN)"),
+            "layer_kind": Var(("layer",), "example_tied | standard | fixed"),
+            "units": Var(("layer",), "units of the layer"),
+            "gen_units": Var(("layer",), "generalisation units (always kept)")}),
+]}
+
+
+def markdown() -> str:
+    """The README's description of every result file, generated from :data:`SCHEMAS`."""
+    out = []
+    for s in SCHEMAS.values():
+        out.append(f"#### `results/{s.name}.h5`: {s.doc}\n")
+        out.append("| variable | dims | meaning |\n|---|---|---|")
+        for key, var in {**s.coords, **s.variables}.items():
+            kind = "coord" if key in s.coords else ("optional" if var.optional else "")
+            out.append(f"| `{key}`{' (' + kind + ')' if kind else ''} | ({', '.join(var.dims)}) | {var.doc} |")
+        for key, doc in s.attrs.items():
+            out.append(f"| attribute `{key}` | | {doc} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

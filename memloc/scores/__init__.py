@@ -1,0 +1,208 @@
+"""Per-example memorisation / label-noise scores of a run.
+
+``memloc.scores(run_or_model, data=None, *, names="all", checkpoint_k=None)`` returns the
+``"scores"`` result (command: ``python -m memloc scores RUN``).
+
+Every score is a pure function (arrays in, arrays out) registered in :data:`SCORES` with its
+**direction**: ``+1`` if a higher raw value means "more likely mislabeled / memorised", ``-1`` if
+a lower one does. Raw values are stored; a detector ranks by ``direction * score``.
+
+=============  ====  =========================================================================
+name           dir   definition (dynamics of ``run.h5``; p = probability of the *given* label)
+=============  ====  =========================================================================
+final_loss     +1    cross-entropy at the end of training (final checkpoint, eval mode)
+confidence     -1    mean over epochs of p at presentation, p = exp(-loss) (Swayamdipta et
+                     al. 2020, dataset cartography: training-time forward passes)
+variability    +1    population std over epochs of that p (cartography); memorised noisy
+                     labels climb from p ~ 0 to p ~ 1, easy clean ones sit at p ~ 1
+forgetting     +1    forgetting events (Toneva et al. 2019): 1 -> 0 transitions of correctness
+                     between consecutive presentations; never-learned examples get the number
+                     of epochs, more than any learned example can reach (ranked most forgettable)
+el2n           +1    ||softmax(f(x)) - onehot(y)||_2 with the checkpoint of epoch k (Paul et al.
+                     2021; one run, no averaging over seeds)
+grand          +1    per-example norm of the loss gradient over all trainable parameters with the
+                     checkpoint of epoch k, eval mode (Paul et al. 2021)
+aum            -1    area under the margin (Pleiss et al. 2020): mean over presentations of the
+                     given-label logit minus the largest other logit
+neuron_count   -1    mean over repeats of the units zeroed until the prediction flipped
+                     (``results/flip.h5``; not flipped = max_units + 1); NaN where not searched
+                     or misclassified (Maini et al. 2023: memorised examples flip with fewer units)
+=============  ====  =========================================================================
+
+Epoch k (``checkpoint_k``) defaults to 10% of training (at least 1), as Paul et al. score at epoch
+20 of 200. On the MNIST-5k runs (one-cycle schedule, 10% noise) EL2N's AUROC is 0.99 at epochs
+3-6 (MLP) and 0.98-1.00 at epochs 4-15 (lenet) and falls once noisy labels are being memorised.
+GraNd's per-example norms are computed in one forward and one backward pass per batch from each
+layer's input and output gradient (:func:`grad_norms`, ``grad_method``).
+
+The ``"scores"`` result has one variable per score over the ``example`` dimension, with
+attributes ``description``, ``direction`` (and ``epoch`` for el2n / grand).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from ..errors import MemlocError
+from ..evaluate import evaluate
+from ..results import Result
+from ..run import Run, as_run
+from ..runtime import check_range, resolve_device, split_list
+from ..selection import resolve
+from .functions import aum, confidence, el2n, final_loss, forgetting_events, neuron_count, variability
+from .gradnorm import GRAD_NORM_METHODS, grad_norms
+
+__all__ = ["final_loss", "confidence", "variability", "forgetting_events", "el2n", "aum", "neuron_count",
+           "grad_norms", "GRAD_NORM_METHODS", "Score", "SCORES", "default_epoch_k", "scores", "select_scores"]
+
+
+class _Inputs:
+    """What the scores read from a run, or from a model and data (loaded lazily, cached)."""
+
+    def __init__(self, run: Run | None, model, data, *, epoch_k, device, batch_size: int, grad_method: str):
+        self.run, self.epoch_k, self.device = run, epoch_k, device
+        self.batch_size, self.grad_method = batch_size, grad_method
+        self._model, self._data = model, data
+
+    def dynamics(self, name: str, when: str) -> np.ndarray:
+        if self.run is None:
+            raise MemlocError(f"score needs a run's training dynamics ({when} {name}); pass a run, or "
+                              f"only model scores (el2n, grand) with a model", argument="names")
+        return self.run.dynamics(name, when)
+
+    def presentation(self, name: str) -> np.ndarray:
+        """(epoch, N) presentation dynamics without the initialisation row."""
+        return self.dynamics(name, "presentation")[1:]
+
+    def train(self):
+        if self._data is None:
+            self._data = self.run.data(self.device)
+        train = self._data.to(self.device).train
+        if not torch.equal(train.idx.cpu(), torch.arange(len(train))):
+            raise MemlocError("the training set does not list its examples in id order")
+        return train
+
+    def given(self) -> np.ndarray:
+        return self.run.label_given if self.run is not None else np.asarray(self._data.label_given)
+
+    def model_k(self) -> nn.Module:
+        return self._model if self.run is None else self.run.model(self.epoch_k, device=self.device)
+
+    def logits_k(self) -> np.ndarray:
+        return evaluate(self.model_k(), self.train().batches(self.batch_size), logits=True)["logits"]
+
+    def neuron_count(self) -> np.ndarray:
+        if self.run is None:
+            raise MemlocError("neuron_count needs a run with a flip result", argument="names")
+        if not self.run.results_path("flip").is_file():
+            raise MemlocError(f"neuron_count needs {str(self.run.results_path('flip'))!r}: "
+                              f"run flip on {str(self.run.path)!r} first", argument="names")
+        res = self.run.result("flip")
+        index = res["example"].values
+        if len(index) and (index.min() < 0 or index.max() >= self.run.num_train):
+            raise MemlocError(f"the flip result lists example ids outside 0..{self.run.num_train - 1}")
+        if "max_units" not in res.config:
+            raise MemlocError("the flip result does not record max_units in its config")
+        return neuron_count(index, res["status"].values, res["n_units"].values, res["flipped"].values,
+                            num_examples=self.run.num_train, max_units=int(res.config["max_units"]))
+
+
+@dataclass(frozen=True)
+class Score:
+    """A registered score: the pure function, how to feed it, its direction."""
+
+    func: Callable
+    compute: Callable[[_Inputs], np.ndarray]
+    direction: int          # +1: higher = more likely noisy; -1: lower = more likely noisy
+    description: str
+    at_epoch_k: bool = False
+
+
+SCORES: dict[str, Score] = {
+    "final_loss": Score(final_loss, lambda i: final_loss(i.dynamics("loss", "end")), +1,
+                        "cross-entropy of the given label at the end of training (final checkpoint, eval mode)"),
+    "confidence": Score(confidence, lambda i: confidence(i.presentation("loss")), -1,
+                        "cartography confidence: mean over epochs of p(given label) at presentation"),
+    "variability": Score(variability, lambda i: variability(i.presentation("loss")), +1,
+                         "cartography variability: std over epochs of p(given label) at presentation"),
+    "forgetting": Score(forgetting_events, lambda i: forgetting_events(i.presentation("correct")), +1,
+                        "forgetting events (1 -> 0 between consecutive presentations); "
+                        "never learned = number of epochs"),
+    "el2n": Score(el2n, lambda i: el2n(i.logits_k(), i.given()), +1,
+                  "EL2N: ||softmax - onehot(given label)||_2 at epoch k", at_epoch_k=True),
+    "grand": Score(grad_norms, lambda i: grad_norms(i.model_k(), i.train().x, i.train().y, method=i.grad_method,
+                                                     batch_size=i.batch_size), +1,
+                   "GraNd: per-example loss-gradient norm over all parameters at epoch k (eval mode)",
+                   at_epoch_k=True),
+    "aum": Score(aum, lambda i: aum(i.presentation("margin")), -1,
+                 "area under the margin: mean over presentations of given-label logit minus largest other"),
+    "neuron_count": Score(neuron_count, lambda i: i.neuron_count(), -1,
+                          "units zeroed until the prediction flips (mean over repeats; not flipped = "
+                          "max_units + 1; NaN = not searched)"),
+}
+MODEL_SCORES = ("el2n", "grand")
+
+
+def default_epoch_k(final_epoch: int) -> int:
+    """Epoch of the EL2N / GraNd checkpoint: 10% of training (Paul et al. use epoch 20 of 200), >= 1."""
+    return min(final_epoch, max(1, round(0.1 * final_epoch)))
+
+
+def select_scores(names, run: Run | None) -> list[str]:
+    """Score names from ``"all"`` (every score whose inputs exist) or a list / comma-separated string."""
+    if names in (None, "all", ["all"]):
+        if run is None:
+            return list(MODEL_SCORES)
+        return [n for n in SCORES if n != "neuron_count" or run.results_path("flip").is_file()]
+    names = split_list(names)
+    bad = [n for n in names if n not in SCORES]
+    if bad or not names:
+        raise MemlocError(f"unknown score {', '.join(map(repr, bad)) or '(none given)'}; "
+                          f"valid: all, {', '.join(SCORES)}", argument="names")
+    return list(dict.fromkeys(names))
+
+
+def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, grad_method: str = "hooks",
+           batch_size: int = 256, device="auto") -> Result:
+    """Scores of every training example: the ``"scores"`` result, one (example,) variable per score.
+
+    ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` (then only the
+    model scores el2n and grand, computed on that model). ``names``: ``"all"`` (every score whose
+    inputs exist: neuron_count only with a flip result) or names of :data:`SCORES`.
+    ``checkpoint_k``: the checkpoint epoch of el2n and grand (default :func:`default_epoch_k`).
+    """
+    check_range("batch_size", batch_size, low=1, integer=True)
+    if grad_method not in GRAD_NORM_METHODS:
+        raise MemlocError(f"unknown grad_method {grad_method!r}; valid: {', '.join(GRAD_NORM_METHODS)}",
+                          argument="grad_method")
+    if isinstance(source, nn.Module):
+        src = resolve(source, data, device=device)
+        run, model, data, dev, n = None, src.model, src.data, src.device, len(src.data.label_given)
+    else:
+        run, model, dev = as_run(source), None, resolve_device(device)
+        n = run.num_train
+    chosen = select_scores(names, run)
+    epoch_k = None
+    if run is not None:
+        epoch_k = default_epoch_k(run.final_epoch) if checkpoint_k is None else checkpoint_k
+        check_range("checkpoint_k", epoch_k, low=0, high=run.final_epoch, integer=True)
+    inp = _Inputs(run, model, data, epoch_k=epoch_k, device=dev, batch_size=batch_size, grad_method=grad_method)
+    variables = {}
+    for name in chosen:
+        values = np.asarray(SCORES[name].compute(inp), dtype=np.float64)
+        if values.shape != (n,):
+            raise AssertionError(f"score {name} has shape {values.shape}, expected ({n},)")
+        s = SCORES[name]
+        attrs = {"description": s.description, "direction": s.direction}
+        if s.at_epoch_k:
+            attrs["epoch"] = -1 if epoch_k is None else int(epoch_k)
+        variables[name] = xr.Variable(("example",), values, attrs)
+    ds = xr.Dataset(variables, coords={"example": np.arange(n)})
+    config = {"checkpoint_k": epoch_k, "scores": chosen, "grad_method": grad_method, "batch_size": batch_size,
+              "device": str(dev)}
+    return Result("scores", ds, config=config)

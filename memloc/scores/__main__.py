@@ -1,0 +1,3 @@
+from ..commands import module_main
+
+module_main("scores")
