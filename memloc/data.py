@@ -167,6 +167,19 @@ def _torchvision(name, *, data_root=None, download=False, **_):
     return x_tr, y_tr, x_te, y_te, np.arange(len(y_tr)), np.arange(len(y_te)), n_classes
 
 
+def _stack_images(ds) -> np.ndarray:
+    """Every image of an ImageFolder as one array; an unreadable image is refused by its file name
+    (a silently skipped image would shift every example id after it)."""
+    xs = []
+    for i in range(len(ds)):
+        try:
+            xs.append(ds[i][0])
+        except (OSError, ValueError, SyntaxError) as e:   # PIL's errors for truncated / non-image files
+            raise MemlocError(f"cannot read image {ds.samples[i][0]!r} ({type(e).__name__}: {e}); remove or "
+                              "replace it") from None
+    return torch.stack(xs).numpy() if xs else np.zeros((0, 3, 1, 1), np.float32)
+
+
 def _imagefolder(path, *, img_size=None, test_size=0.2, split_seed=0, **_):
     from torchvision import datasets as tvd, transforms as T
     root = Path(path)
@@ -180,8 +193,7 @@ def _imagefolder(path, *, img_size=None, test_size=0.2, split_seed=0, **_):
             ds = tvd.ImageFolder(str(folder), transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
             raise MemlocError(f"cannot read image folder {str(folder)!r}: {e}") from None
-        xs = torch.stack([ds[i][0] for i in range(len(ds))]).numpy()
-        return xs, np.asarray(ds.targets, dtype=np.int64), ds.classes
+        return _stack_images(ds), np.asarray(ds.targets, dtype=np.int64), ds.classes
 
     if (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir()):
         x_tr, y_tr, classes = read(root / "train")

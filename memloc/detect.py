@@ -29,7 +29,7 @@ import xarray as xr
 from .errors import MemlocError
 from .results import Result
 from .run import as_run
-from .runtime import split_list
+from .runtime import atomic_path, split_list
 
 __all__ = ["auroc", "average_precision", "precision_at_k", "METRICS", "detection_metrics",
            "detection_table", "format_table", "plot_curves", "detect"]
@@ -147,7 +147,8 @@ def plot_curves(scores: dict[str, np.ndarray], is_noisy: np.ndarray, directions:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

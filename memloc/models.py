@@ -212,6 +212,17 @@ def _importable(module: str) -> bool:
 
 
 def build_model(spec: str, in_shape, num_classes: int, **options) -> nn.Module:
+    """A fresh classifier (see :func:`_build`); a model that cannot take ``in_shape`` is one clear error."""
+    try:
+        return _build(spec, in_shape, num_classes, **options)
+    except RuntimeError as e:
+        raise MemlocError(f"model {spec!r} cannot be built for inputs of shape {tuple(in_shape or ())} "
+                          f"({str(e).splitlines()[0][:200]})", argument="model") from None
+    except TypeError as e:   # unknown options (e.g. a run.json edited by hand) reach timm / torchvision
+        raise MemlocError(f"bad options for model {spec!r}: {e}") from None
+
+
+def _build(spec: str, in_shape, num_classes: int, **options) -> nn.Module:
     """A fresh classifier. ``spec``: ``mlp``, ``lenet``, ``resnet9``, ``timm:NAME``,
     ``torchvision:NAME``, a :func:`register_model` name or ``pkg.module:factory``.
 

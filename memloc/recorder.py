@@ -15,8 +15,9 @@ from .evaluate import evaluate, nanmean, per_example_stats, subset_accuracies
 from .h5 import put, write_root_attrs
 from .inputs import as_batches
 from .models import import_path_of, model_name_of
-from .run import DYN_NAMES, METRICS, checkpoint_epochs, load_checkpoint, open_h5, save_atomic
-from .runtime import atomic_path
+from .run import (DYN_NAMES, METRICS, check_new_run_dir, checkpoint_epochs, complete_rows, is_complete,
+                  load_checkpoint, open_h5, save_atomic)
+from .runtime import FileLock, atomic_path
 
 __all__ = ["Recorder"]
 
@@ -75,13 +76,15 @@ class Recorder:
         self._presentation = self._empty()
         self.h5_path = self.dir / "run.h5"
         self.ckpt_dir = self.dir / "checkpoints"
-        if resume and (self.dir / "run.json").exists():
+        if not (resume and is_complete(self.dir)):
+            check_new_run_dir(self.dir, clear=False)    # a finished run: "already exists", before the lock
+        self.lock = FileLock(self.dir / "writer.lock",
+                             f"run {str(self.dir)!r} is being written by another process (training or resuming it)")
+        if resume and is_complete(self.dir):
             self.epoch = self._last_complete_epoch()
             self.rewind_to(self.epoch)
             return
-        if self.dir.exists() and any(self.dir.iterdir()):
-            raise MemlocError(f"run directory {str(self.dir)!r} already exists and is not empty "
-                              "(resume it, or choose a new directory)")
+        check_new_run_dir(self.dir)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         info = {"memloc_version": _version(), "created": _now(), "config": config or {},
                 "model": self._model_spec(model, model_spec, model_options),
@@ -116,7 +119,7 @@ class Recorder:
                 "margin": np.full(self.n, np.nan, np.float32)}
 
     def _create_h5(self, config, test_labels, source_index, argv):
-        with h5py.File(self.h5_path, "w") as f:
+        with h5py.File(self.h5_path, "w", locking=False) as f:
             write_root_attrs(f, "memloc.run", config, argv)
             ex = f.create_group("examples")
             put(ex, "index", np.arange(self.n), dims=["example"])
@@ -166,7 +169,8 @@ class Recorder:
         if self.eval_test is not None:
             t = evaluate(self.model, self.eval_test.batches(self.eval_batch_size))
             metrics.update(test_accuracy=nanmean(t["correct"]), test_loss=nanmean(t["loss"]))
-        with h5py.File(self.h5_path, "a") as f:
+        save_atomic(self.model.state_dict(), self.ckpt_dir / f"epoch_{self.epoch:04d}.pt")   # before its rows
+        with open_h5(self.h5_path, "a") as f:
             for when, rows in (("presentation", self._presentation), ("end", end_rows)):
                 for k in DYN_NAMES:
                     ds = f[f"dynamics/{when}/{k}"]
@@ -176,14 +180,19 @@ class Recorder:
                 ds = f[f"metrics/{k}"]
                 ds.resize(self.epoch + 1, axis=0)
                 ds[self.epoch] = metrics[k]
-        save_atomic(self.model.state_dict(), self.ckpt_dir / f"epoch_{self.epoch:04d}.pt")
+            f.flush()
+            f.attrs["epochs_complete"] = self.epoch    # last: readers see this epoch from now on
         self._presentation = self._empty()
         return {k: float(v) for k, v in metrics.items()}
+
+    def close(self) -> None:
+        """Release the run directory for other writers (also when this object is garbage collected)."""
+        self.lock.release()
 
     # ------------------------------------------------------------------ resuming
     def _last_complete_epoch(self) -> int:
         with open_h5(self.h5_path) as f:
-            rows = f["dynamics/end/loss"].shape[0]
+            rows = len(range(f["dynamics/end/loss"].shape[0])[complete_rows(f)])
         done = [e for e in checkpoint_epochs(self.ckpt_dir) if e < rows]
         if not done:
             raise MemlocError(f"{str(self.dir)!r} has no complete epoch to resume from")
@@ -191,7 +200,8 @@ class Recorder:
 
     def rewind_to(self, epoch: int) -> None:
         """Forget everything after ``epoch``: truncate dynamics, delete later checkpoints, load ``epoch``."""
-        with h5py.File(self.h5_path, "a") as f:
+        with open_h5(self.h5_path, "a") as f:
+            f.attrs["epochs_complete"] = epoch
             for when in ("presentation", "end"):
                 for k in DYN_NAMES:
                     f[f"dynamics/{when}/{k}"].resize(epoch + 1, axis=0)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,8 +38,8 @@ from .models import build_model, spec_name
 from .results import load_result
 from .runtime import atomic_path
 
-__all__ = ["Run", "load", "as_run", "save_atomic", "load_checkpoint", "checkpoint_epochs", "DYN_NAMES",
-           "METRICS"]
+__all__ = ["Run", "load", "as_run", "save_atomic", "load_checkpoint", "checkpoint_epochs", "is_complete",
+           "check_new_run_dir", "DYN_NAMES", "METRICS"]
 
 DYN_NAMES = ("loss", "correct", "margin")
 METRICS = ("train_accuracy", "clean_accuracy", "noisy_accuracy", "noisy_true_accuracy",
@@ -60,11 +62,26 @@ def checkpoint_epochs(ckpt_dir: Path) -> list[int]:
     return sorted(out)
 
 
-def open_h5(path: Path):
-    try:
-        return h5py.File(path, "r")
-    except (OSError, FileNotFoundError) as e:
-        raise MemlocError(f"cannot read {str(path)!r}: {e}") from None
+def open_h5(path: Path, mode: str = "r", *, tries: int = 50):
+    """``run.h5`` without HDF5 file locking: a writer (training) and any number of readers (a
+    notebook watching the run, analyses) work at once. A reader that catches the writer between
+    two metadata updates retries; readers only look at complete epochs (``epochs_complete``)."""
+    if not Path(path).is_file():
+        raise MemlocError(f"cannot read {str(path)!r}: no such file")
+    for attempt in range(tries):
+        try:
+            return h5py.File(path, mode, locking=False)
+        except OSError as e:
+            if attempt == tries - 1:
+                raise MemlocError(f"cannot read {str(path)!r}: {e}") from None
+            time.sleep(0.05)
+
+
+def complete_rows(f) -> slice:
+    """The rows of the epochs the writer has finished (0..epochs_complete; all rows in files that
+    predate the attribute)."""
+    last = f.attrs.get("epochs_complete")
+    return slice(None) if last is None else slice(0, int(last) + 1)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -78,11 +95,40 @@ def load_checkpoint(path: Path) -> dict:
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+MEMLOC_FILES = ("run.json", "run.h5", "checkpoints", "writer.lock")
+
+
+def is_complete(path) -> bool:
+    """Does ``path`` hold a run directory whose creation finished (its epoch-0 checkpoint exists)?"""
+    path = Path(path)
+    return (path / "run.json").is_file() and (path / "checkpoints" / "epoch_0000.pt").is_file()
+
+
+def check_new_run_dir(path, *, clear: bool = True) -> None:
+    """Make ``path`` ready for a new run: refuse a complete run or foreign files; clear what a
+    creation killed before its first checkpoint left behind (it is redone; ``clear=False``: only check)."""
+    path = Path(path)
+    if not path.exists() or not any(path.iterdir()):
+        return
+    if is_complete(path):
+        raise MemlocError(f"run directory {str(path)!r} already exists (resume it, or choose a new directory)")
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in MEMLOC_FILES and not p.name.startswith("run.json.tmp"))
+    if foreign:
+        raise MemlocError(f"directory {str(path)!r} is not empty and not a memloc run ({', '.join(foreign[:5])}); "
+                          "choose a new directory")
+    for p in path.iterdir() if clear else ():   # an interrupted creation: nothing finished is lost
+        if p.name == "writer.lock":
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def ranges(xs: list[int]) -> str:
     """``0-30`` for a contiguous list, else the items."""
     if not xs:
         return "none"
-    return f"{xs[0]}-{xs[-1]}" if xs == list(range(xs[0], xs[-1] + 1)) else ", ".join(map(str, xs))
+    if len(xs) > 1 and xs == list(range(xs[0], xs[-1] + 1)):
+        return f"{xs[0]}-{xs[-1]}"
+    return ", ".join(map(str, xs))
 
 
 class Run:
@@ -99,10 +145,14 @@ class Run:
         self.config: dict = self.info.get("config", {})
         self._model_fn, self._data = model_fn, data
         with open_h5(self.path / "run.h5") as f:
-            ex = f["examples"]
-            self.label_true = ex["label_true"][:]
-            self.label_given = ex["label_given"][:]
-            self.is_noisy = ex["is_noisy"][:].astype(bool)
+            try:
+                ex = f["examples"]
+                self.label_true = ex["label_true"][:]
+                self.label_given = ex["label_given"][:]
+                self.is_noisy = ex["is_noisy"][:].astype(bool)
+            except KeyError:
+                raise MemlocError(f"run {str(self.path)!r} is still being created (or its creation was "
+                                  "interrupted: rerun the command that creates it)") from None
 
     def __repr__(self):
         return f"Run({str(self.path)!r}, epochs={self.epochs[-1] if self.epochs else None}, N={self.num_train})"
@@ -186,12 +236,12 @@ class Run:
             if key not in f:
                 valid = ", ".join(f"dynamics/{w}/{n}" for w in ("presentation", "end") for n in DYN_NAMES)
                 raise MemlocError(f"run.h5 has no {key!r}; valid: {valid}")
-            return f[key][:]
+            return f[key][complete_rows(f)]
 
     def metrics(self) -> dict[str, np.ndarray]:
         """Per-epoch metrics (train / clean / noisy / test accuracy, test loss)."""
         with open_h5(self.path / "run.h5") as f:
-            return {k: f[f"metrics/{k}"][:] for k in f["metrics"]}
+            return {k: f[f"metrics/{k}"][complete_rows(f)] for k in f["metrics"]}
 
 
 def load(path, *, model_fn: Callable[[], nn.Module] | None = None, data=None) -> Run:

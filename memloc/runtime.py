@@ -9,7 +9,8 @@ from tqdm.auto import tqdm
 
 from .errors import MemlocError
 
-__all__ = ["resolve_device", "progress", "split_list", "check_range", "import_object", "atomic_path"]
+__all__ = ["resolve_device", "progress", "split_list", "check_range", "in_range", "describe_range", "import_object",
+           "atomic_path", "FileLock"]
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -42,16 +43,37 @@ def split_list(value) -> list[str] | None:
     return [s.strip() for item in items for s in str(item).split(",") if s.strip()]
 
 
-def check_range(name: str, value, *, low=None, high=None, integer: bool = False) -> None:
-    """:class:`MemlocError` unless ``low <= value <= high`` (bounds optional) and finite."""
+def describe_range(low=None, high=None, *, integer: bool = False, low_open: bool = False,
+                   high_open: bool = False) -> str:
+    """``an integer >= 1``, ``a finite number in (0, 1]``, ..."""
+    what = "an integer" if integer else "a finite number"
+    if low is not None and high is not None:
+        return f"{what} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{what} {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{what} {'<' if high_open else '<='} {high}"
+    return what
+
+
+def in_range(value, low=None, high=None, *, integer: bool = False, low_open: bool = False,
+             high_open: bool = False) -> bool:
     import math
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (not integer or float(value).is_integer())
-    ok = ok and (low is None or value >= low) and (high is None or value <= high)
-    if not ok:
-        rng = (f">= {low}" if high is None else f"<= {high}" if low is None
-               else f"in [{low}, {high}]")
-        raise MemlocError(f"{name} must be {'an integer ' if integer else ''}{rng}, got {value!r}", argument=name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    if integer and not float(value).is_integer():
+        return False
+    if low is not None and (value < low or (low_open and value == low)):
+        return False
+    return high is None or (value <= high and not (high_open and value == high))
+
+
+def check_range(name: str, value, *, low=None, high=None, integer: bool = False, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """:class:`MemlocError` naming ``name`` unless ``value`` is finite and in the range."""
+    if not in_range(value, low, high, integer=integer, low_open=low_open, high_open=high_open):
+        rng = describe_range(low, high, integer=integer, low_open=low_open, high_open=high_open)
+        raise MemlocError(f"{name} must be {rng}, got {value!r}", argument=name)
 
 
 def import_object(path: str, what: str = "object"):
@@ -80,6 +102,10 @@ class atomic_path:
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.parent.glob(self.path.name + ".tmp*"):   # left by killed writers
+            pid = stale.name[len(self.path.name) + 4:]
+            if pid.isdigit() and not _alive(int(pid)):
+                stale.unlink(missing_ok=True)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -89,4 +115,53 @@ class atomic_path:
         finally:
             if self.tmp.exists():
                 self.tmp.unlink()
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FileLock:
+    """An exclusive, non-blocking lock on ``path`` (``flock``), held until :meth:`release`.
+
+    ``FileLock(path, busy="message")`` raises :class:`MemlocError` with ``busy`` (plus the holder's
+    pid) when another process holds it. Released automatically when the process ends.
+    """
+
+    def __init__(self, path, busy: str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            import fcntl
+        except ImportError:   # no flock on this platform: no protection, no error
+            return
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip()
+            self.file.close()
+            raise MemlocError(f"{busy}{f' (pid {holder})' if holder else ''}") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+
+    def __enter__(self) -> "FileLock":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
         return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -44,6 +45,9 @@ def parse_checkpoints(spec: str | Sequence[int] | None, available: Sequence[int]
     available = sorted(int(e) for e in available)
     final = available[-1] if available else None
     if spec is None or (isinstance(spec, str) and spec.strip() == "all"):
+        missing = sorted(set(range(final + 1)) - set(available)) if available else []
+        if missing:
+            warnings.warn(f"checkpoints of epochs {ranges(missing)} are missing; using the {len(available)} that exist")
         return available
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out: set[int] = set()
@@ -58,6 +62,8 @@ def parse_checkpoints(spec: str | Sequence[int] | None, available: Sequence[int]
                               "epochs and ranges like 0,5,10 or 0-30:5")
         lo = int(m.group(1))
         hi = lo if m.group(2) is None else int(m.group(2))
+        if final is None or hi > final:     # before materialising a huge range
+            raise MemlocError(f"no checkpoint for epoch {hi}; available: {ranges(available)}", argument="checkpoints")
         out.update(range(lo, hi + 1, int(m.group(3) or 1)))
     missing = sorted(out - set(available))
     if missing:

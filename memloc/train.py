@@ -21,13 +21,14 @@ import torch.nn.functional as F
 
 from .data import NOISE_KINDS, build_data
 from .errors import MemlocError
+from .evaluate import eval_mode
 from .models import build_model
 from .optim import epoch_seed, lr_factor, make_optimizer, make_schedule
 from .recorder import Recorder
-from .run import load, load_checkpoint, save_atomic
+from .run import check_new_run_dir, is_complete, load, load_checkpoint, save_atomic
 from .runtime import check_range, progress, resolve_device
 
-__all__ = ["DEFAULTS", "OPTIONS", "train"]
+__all__ = ["DEFAULTS", "OPTIONS", "RANGES", "train"]
 
 # Hyper-parameters: (default, help). The defaults reach the issue's acceptance figures for the MLP
 # on mnist5k (100% of noisy labels memorised, ~90% test accuracy in about a minute on 2 CPU cores).
@@ -65,6 +66,16 @@ OPTIONS = dict(
     p_mem=(0.1, "probability that a memorisation unit is kept for a given example"),
 )
 DEFAULTS = {key: default for key, (default, _) in OPTIONS.items()}
+# valid values of the numeric options: key -> (int | float, low, high, low open, high open); None = no bound
+RANGES = {
+    "split_seed": (int, 0, None, False, False), "noise_seed": (int, 0, None, False, False),
+    "seed": (int, 0, None, False, False), "test_size": (float, 0, None, True, False),
+    "train_size": (int, 1, None, False, False), "img_size": (int, 1, None, False, False),
+    "noise": (float, 0, 1, False, True), "width": (int, 1, None, False, False), "epochs": (int, 1, None, False, False),
+    "batch_size": (int, 1, None, False, False), "lr": (float, 0, None, True, False),
+    "momentum": (float, 0, 1, False, True), "weight_decay": (float, 0, None, False, False),
+    "warmup": (float, 0, 1, False, False), "p_gen": (float, 0, 1, True, False), "p_mem": (float, 0, 1, False, False),
+}
 
 
 def _model_options(cfg) -> dict:
@@ -89,6 +100,19 @@ def _with_ids(forward_context, example_ids):
     return context
 
 
+def _check_fits(model, data, name) -> None:
+    """One clear error when the model does not take the dataset's inputs or give its classes."""
+    with torch.no_grad(), eval_mode(model):
+        try:
+            out = model(data.train.x[:2])
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise MemlocError(f"model {name!r} does not take this dataset's inputs of shape {data.in_shape} "
+                              f"({str(e).splitlines()[0][:200]})", argument="model") from None
+    if not torch.is_tensor(out) or out.ndim != 2 or out.shape[1] != data.num_classes:
+        raise MemlocError(f"model {name!r} gives outputs of shape {tuple(getattr(out, 'shape', ()))}, not "
+                          f"(batch, {data.num_classes}) logits for this dataset's classes", argument="model")
+
+
 def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = False, argv=None,
           on_epoch_end=None, prepare_model=None, forward_context=None, eval_batch_size: int = 1024):
     """Train with config ``cfg`` (keys of :data:`DEFAULTS`) into ``run_dir``; returns the :class:`Run`.
@@ -103,23 +127,21 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
         raise MemlocError(f"unknown config keys: {', '.join(sorted(unknown))}")
     if cfg["noise_kind"] not in NOISE_KINDS:
         raise MemlocError(f"unknown noise kind {cfg['noise_kind']!r}; valid: {', '.join(NOISE_KINDS)}")
-    for key in ("epochs", "batch_size"):
-        check_range(key, cfg[key], low=1, integer=True)
-    for key in ("lr", "momentum", "weight_decay"):
-        check_range(key, cfg[key], low=0)
-    check_range("warmup", cfg["warmup"], low=0, high=1)
+    for key, (kind, low, high, low_open, high_open) in RANGES.items():
+        if cfg[key] is not None:
+            check_range(key, cfg[key], low=low, high=high, integer=kind is int, low_open=low_open, high_open=high_open)
     lr_factor(0, 1, cfg["schedule"], cfg["warmup"])  # validates the schedule name
     run_dir = Path(run_dir)
     device = resolve_device(device)
-    if resume and (run_dir / "run.json").exists():
+    if resume and is_complete(run_dir):
         stored = json.loads((run_dir / "run.json").read_text()).get("config", {})
         diff = {k for k in cfg if stored.get(k, DEFAULTS[k]) != cfg[k]}
         if diff:
             raise MemlocError("resume with settings that differ from the stored run: "
                             + ", ".join(f"{k} (stored {stored.get(k)!r}, given {cfg[k]!r})" for k in sorted(diff)))
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise MemlocError(f"run directory {str(run_dir)!r} already exists and is not empty "
-                        "(resume it, or choose a new directory)")
+    else:
+        check_new_run_dir(run_dir, clear=False)   # fail before any work; the Recorder clears under its lock
+        resume = False
 
     data = build_data(cfg, device)
     torch.manual_seed(cfg["seed"])
@@ -132,6 +154,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     if prepare_model is not None:
         prepare_model(model, cfg)
     model.to(device)
+    _check_fits(model, data, cfg["model"])
     spec = {"spec": cfg["model"], "in_shape": list(data.in_shape), "num_classes": data.num_classes,
             "options": _model_options(cfg), **({"etd": etd} if etd else {})}
     opt = make_optimizer(model.parameters(), cfg["optimizer"], lr=cfg["lr"], momentum=cfg["momentum"],
@@ -142,41 +165,44 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
                    label_given=data.label_given, test_labels=data.test.y.cpu().numpy(), config=cfg,
                    model_spec=spec, resume=resume, source_index=data.source_index, argv=argv,
                    eval_batch_size=eval_batch_size)
-    state_path = run_dir / "checkpoints" / "trainer_state.pt"
-    if rec.epoch > 0:
-        state = load_checkpoint(state_path) if state_path.exists() else None
-        if state is None or state["epoch"] > rec.epoch:
-            raise MemlocError(f"cannot resume {str(run_dir)!r}: optimiser state for epoch {rec.epoch} is missing")
-        if state["epoch"] < rec.epoch:
-            rec.rewind_to(state["epoch"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-    bar = progress(range(rec.epoch + 1, cfg["epochs"] + 1), desc=f"train {cfg['model']}",
-                       initial=rec.epoch, total=cfg["epochs"], unit="epoch")
-    for epoch in bar:
-        seed = epoch_seed(cfg["seed"], epoch)
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        model.train()
-        for x, y, idx in data.train.batches(cfg["batch_size"], shuffle=True, generator=gen):
-            if forward_context is not None:
-                with forward_context(model, idx):
+    try:
+        state_path = run_dir / "checkpoints" / "trainer_state.pt"
+        if rec.epoch > 0:
+            state = load_checkpoint(state_path) if state_path.exists() else None
+            if state is None or state["epoch"] > rec.epoch:
+                raise MemlocError(f"cannot resume {str(run_dir)!r}: optimiser state for epoch {rec.epoch} is missing")
+            if state["epoch"] < rec.epoch:
+                rec.rewind_to(state["epoch"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        bar = progress(range(rec.epoch + 1, cfg["epochs"] + 1), desc=f"train {cfg['model']}",
+                           initial=rec.epoch, total=cfg["epochs"], unit="epoch")
+        for epoch in bar:
+            seed = epoch_seed(cfg["seed"], epoch)
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
+            model.train()
+            for x, y, idx in data.train.batches(cfg["batch_size"], shuffle=True, generator=gen):
+                if forward_context is not None:
+                    with forward_context(model, idx):
+                        logits = model(x)
+                else:
                     logits = model(x)
-            else:
-                logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            rec.record_batch(idx, logits, y)
-        metrics = rec.end_epoch()
-        save_atomic({"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                    state_path)
-        bar.set_postfix(train=f"{metrics['train_accuracy']:.3f}", noisy=f"{metrics['noisy_accuracy']:.3f}",
-                        test=f"{metrics['test_accuracy']:.3f}")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                rec.record_batch(idx, logits, y)
+            metrics = rec.end_epoch()
+            save_atomic({"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                        state_path)
+            bar.set_postfix(train=f"{metrics['train_accuracy']:.3f}", noisy=f"{metrics['noisy_accuracy']:.3f}",
+                            test=f"{metrics['test_accuracy']:.3f}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, metrics)
+    finally:
+        rec.close()
     return load(run_dir)
 
 

@@ -383,7 +383,7 @@ def test_cli_errors(tiny_run, etd_tiny_run, tmp_path, capsys):
            "argument --eval-batch-size: expected an integer >= 1, got '0'", one_line=False)
     base = [str(tmp_path / "t"), "--dataset", "digits", "--epochs", "1"]
     _exit2(capsys, "train", base + ["--etd-after", "fc9"], "no module of MLP matches 'fc9'")
-    _exit2(capsys, "train", base + ["--etd-after", "act1", "--p-gen", "0"], "p_gen must be in (0, 1]")
+    _exit2(capsys, "train", base + ["--etd-after", "act1", "--p-gen", "0"], "--p-gen: expected a finite number in (0, 1]")
     _exit2(capsys, "train", base + ["--etd-after", "act1", "--etd-kind", "x"], "unknown dropout kind 'x'")
 
 

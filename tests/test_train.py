@@ -109,8 +109,8 @@ def test_cli_resume_and_errors(tmp_path, capsys):
     _exit2(capsys, [str(tmp_path / "a"), "--dataset", "nope"], "unknown dataset")
     _exit2(capsys, [str(tmp_path / "b"), "--model", "nope", "--dataset", "digits"], "unknown model")
     _exit2(capsys, [str(tmp_path / "c"), "--dataset", "cifar10", "--data-root", str(tmp_path / "no")], "does not exist")
-    _exit2(capsys, [str(tmp_path / "d"), "--dataset", "digits", "--noise", "1.0"], "noise rate")
-    _exit2(capsys, [str(tmp_path / "e"), "--dataset", "digits", "--noise", "-0.2"], "noise rate")
+    _exit2(capsys, [str(tmp_path / "d"), "--dataset", "digits", "--noise", "1.0"], "--noise")
+    _exit2(capsys, [str(tmp_path / "e"), "--dataset", "digits", "--noise", "-0.2"], "--noise")
     _exit2(capsys, [str(tmp_path / "f"), "--dataset", "digits", "--epochs", "0"], "--epochs")
 
 

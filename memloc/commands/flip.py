@@ -1,9 +1,12 @@
 """``memloc flip RUN``: greedy gradient-guided unit zeroing (:func:`memloc.flip`)."""
+import json
 import sys
 
 import numpy as np
 
-from ..flip import DTYPES, REF_POOLS, flip, select_examples
+from ..flip import DTYPES, REF_POOLS, flip
+from ..flip.driver import part_settings, settings
+from ..flip.store import PartStore
 from ..run import load
 from ..units import SITES
 from .runner import add_eval_batch_size, nonnegative_float, nonnegative_int, positive_int
@@ -33,7 +36,7 @@ def arguments(p):
                    help="noise norm as a fraction of the input's norm")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="searches per example, each with its own reference batch")
-    p.add_argument("--ref-batch-size", type=int, default=64,
+    p.add_argument("--ref-batch-size", type=positive_int, default=64,
                    help="reference batch size B (the objective is the reference batch's mean loss minus the "
                         "example's loss)")
     p.add_argument("--ref-pool", default="clean", choices=REF_POOLS,
@@ -48,7 +51,7 @@ def arguments(p):
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="computation precision; float64 makes the unit sequences independent of --group-size "
                         "and of interruptions (near-ties are not decided by rounding), at 2-4x the CPU time")
-    p.add_argument("--seed", type=int, default=0, help="seed of example sampling, reference batches and noise")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of example sampling, reference batches and noise")
     add_eval_batch_size(p)
 
 
@@ -59,14 +62,24 @@ def _options(args) -> dict:
                 ref_pool=args.ref_pool, seed=args.seed, dtype=args.dtype)
 
 
+def _requested(args, run):
+    """The config and part-file settings this command would search with."""
+    options = {k: v for k, v in _options(args).items() if k != "group_size"}
+    options["checkpoint"] = run.final_epoch if args.checkpoint is None else args.checkpoint
+    config, ids, _ = settings(run.is_noisy, **options)
+    return config, part_settings(config, ids)
+
+
 def already_done(args, run) -> bool:
     """Does the saved flip result hold exactly these settings?"""
     stored = run.result("flip").config
-    options = _options(args)
-    want = {k: v for k, v in options.items() if k not in ("group_size", "checkpoint")}
-    want["checkpoint"] = run.final_epoch if args.checkpoint is None else args.checkpoint
-    want["num_examples"] = len(select_examples(args.examples, run.is_noisy, seed=args.seed))
-    return all(stored.get(k) == v for k, v in want.items())
+    return all(stored.get(k) == v for k, v in _requested(args, run)[0].items())
+
+
+def resumable(args, run) -> bool:
+    """Is an interrupted search with exactly these settings saved (e.g. one started with --overwrite)?"""
+    parts = run.results_path("flip").with_name("flip.partial")
+    return PartStore.saved_settings(parts) == json.loads(json.dumps(_requested(args, run)[1]))
 
 
 def execute(args):

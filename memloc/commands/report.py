@@ -18,8 +18,6 @@ def execute(args):
     out = Path(args.out) if args.out is not None else Path(args.run) / "report"
     if (out / "report.md").exists() and not args.overwrite:
         raise MemlocError(f"{str(out / 'report.md')!r} exists; use overwrite=True to replace it")
-    if out.exists() and not out.is_dir():
-        raise MemlocError(f"output folder {str(out)!r} is a file")
     return report(args.run, out)
 
 

@@ -1,7 +1,7 @@
 """``memloc retrain RUN``: layer retraining on clean data (:func:`memloc.retrain`)."""
 from ..retrain import HYPER, retrain
 from .runner import (add_eval_batch_size, add_layers, describe, layer_table, nonnegative_float, nonnegative_int,
-                     positive_float, positive_int)
+                     number, positive_float, positive_int)
 
 RESULT = "retrain"
 DESCRIPTION = ("Reset one layer at a time to its initialisation, freeze every other parameter and buffer, "
@@ -18,10 +18,10 @@ def arguments(p):
     p.add_argument("--lr", type=positive_float, default=HYPER["lr"],
                    help="peak learning rate of the one-cycle schedule (reached half-way)")
     p.add_argument("--batch-size", type=positive_int, default=HYPER["batch_size"], help="retraining batch size")
-    p.add_argument("--momentum", type=nonnegative_float, default=HYPER["momentum"], help="SGD (Nesterov) momentum")
+    p.add_argument("--momentum", type=number(float, 0, 1, high_open=True), default=HYPER["momentum"], help="SGD (Nesterov) momentum")
     p.add_argument("--weight-decay", type=nonnegative_float, default=HYPER["weight_decay"],
                    help="weight decay of the retrained layer")
-    p.add_argument("--seed", type=int, default=HYPER["seed"], help="seed of the batch order")
+    p.add_argument("--seed", type=nonnegative_int, default=HYPER["seed"], help="seed of the batch order")
     add_eval_batch_size(p)
 
 

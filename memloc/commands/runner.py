@@ -5,14 +5,15 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import MemlocError
 from ..results import Result
+from ..runtime import FileLock, describe_range, in_range
 
-__all__ = ["run_command", "Formatter", "add_checkpoints", "add_layers", "add_eval_batch_size", "positive_int",
+__all__ = ["run_command", "Formatter", "number", "add_checkpoints", "add_layers", "add_eval_batch_size", "positive_int",
            "nonnegative_int", "positive_float", "nonnegative_float", "layer_table", "describe"]
 
 
@@ -26,23 +27,29 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _number(kind, low, strict, what):
+def number(kind=float, low=None, high=None, *, low_open: bool = False, high_open: bool = False):
+    """An argparse type: ``kind`` (int / float) in the range, finite; the range is kept on the
+    function (``.range``) so tests can derive every option's valid values from the parsers."""
+    integer = kind is int
+    what = describe_range(low, high, integer=integer, low_open=low_open, high_open=high_open)
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not np.isfinite(value) or value < low or (strict and value == low):
+        if not in_range(value, low, high, integer=integer, low_open=low_open, high_open=high_open):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     parse.__name__ = what
+    parse.range = dict(kind=kind, low=low, high=high, low_open=low_open, high_open=high_open)
     return parse
 
 
-positive_int = _number(int, 1, False, "an integer >= 1")
-nonnegative_int = _number(int, 0, False, "an integer >= 0")
-positive_float = _number(float, 0, True, "a finite number > 0")
-nonnegative_float = _number(float, 0, False, "a finite number >= 0")
+positive_int = number(int, 1)
+nonnegative_int = number(int, 0)
+positive_float = number(float, 0, low_open=True)
+nonnegative_float = number(float, 0)
 
 
 def add_checkpoints(p, what: str, default="all") -> None:
@@ -128,6 +135,7 @@ def run_command(name: str, mod, argv: list[str]):
     args = parser.parse_args(argv)
     args.argv = ["memloc", name, *argv]
     prog = f"memloc {name}"
+    lock = None
     try:
         result_name = getattr(mod, "RESULT", None)
         if result_name:
@@ -135,15 +143,20 @@ def run_command(name: str, mod, argv: list[str]):
             run = as_run(args.run, need_checkpoints=False)
             args.out = run.results_path(result_name)
             _writable(args.out)
+            lock = FileLock(args.out.with_name(f".{result_name}.lock"),
+                            f"another memloc {name} is running on {str(run.path)!r}; wait for it to finish")
             if args.out.exists() and not args.overwrite:
                 done = getattr(mod, "already_done", None)
                 if done is not None and done(args, run):
                     print(f"{prog}: {args.out} is already complete for these settings (nothing to do)",
                           file=sys.stderr)
                     return run.result(result_name)
-                raise MemlocError(f"{str(args.out)!r} exists (possibly with different settings); "
-                                  "use overwrite=True to replace it")
-        result = mod.execute(args)
+                if not getattr(mod, "resumable", lambda *a: False)(args, run):
+                    raise MemlocError(f"{str(args.out)!r} exists (possibly with different settings); "
+                                      "use overwrite=True to replace it")
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *a, **kw: print(f"{prog}: warning: {message}", file=sys.stderr)
+            result = mod.execute(args)
         if isinstance(result, Result) and result_name:
             result.save(args.out, argv=args.argv)
         text = mod.summary(result, args)
@@ -159,3 +172,6 @@ def run_command(name: str, mod, argv: list[str]):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {getattr(mod, 'INTERRUPTED', 'nothing was written')}", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        if lock is not None:
+            lock.release()

@@ -4,14 +4,13 @@ from pathlib import Path
 
 from ..data import NOISE_KINDS
 from ..errors import MemlocError
-from ..train import DEFAULTS, OPTIONS, train
-from .runner import add_eval_batch_size
+from ..train import DEFAULTS, OPTIONS, RANGES, train
+from .runner import add_eval_batch_size, number
 
 OVERWRITE = True
 INTERRUPTED = "finished epochs are saved (rerun with --resume to continue)"
 OVERWRITE_HELP = "delete an existing run directory (one holding run.json) and train anew"
 DESCRIPTION = "Train a classifier under label noise into a memloc run directory (checkpoint every epoch, per-example dynamics)."
-_TYPES = {"test_size": float, "train_size": int, "img_size": int, "width": int, "data_root": str}
 
 
 def arguments(p):
@@ -21,9 +20,12 @@ def arguments(p):
             p.add_argument(flag, action="store_true", help=text)
         elif key == "noise_kind":
             p.add_argument(flag, default=default, choices=NOISE_KINDS, help=text)
-        else:
-            p.add_argument(flag, type=_TYPES.get(key, type(default) if default is not None else str),
+        elif key in RANGES:
+            kind, low, high, low_open, high_open = RANGES[key]
+            p.add_argument(flag, type=number(kind, low, high, low_open=low_open, high_open=high_open),
                            default=default, help=text)
+        else:
+            p.add_argument(flag, default=default, help=text)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     add_eval_batch_size(p)
 

@@ -17,7 +17,7 @@ from .search import FlipSearch
 from .select import reference_batches, select_examples
 from .store import PartStore, csr, layer_histogram
 
-__all__ = ["flip", "DTYPES", "REF_POOLS"]
+__all__ = ["flip", "settings", "part_settings", "DTYPES", "REF_POOLS"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REF_POOLS = ("clean", "all")
@@ -34,6 +34,24 @@ def _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise
             raise MemlocError(f"unknown {name} {value!r}; valid: {', '.join(valid)}", argument=name)
 
 
+def settings(is_noisy, *, checkpoint, examples, max_units, noise_samples, noise_ratio, repeats, site, collateral,
+             ref_batch_size, ref_pool, seed, dtype) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The config a search records, its example ids and its reference batches (R, B)."""
+    ids = select_examples(examples, is_noisy, seed=seed)
+    pool = np.arange(len(is_noisy)) if ref_pool == "all" else np.flatnonzero(~is_noisy)
+    refs = reference_batches(pool, ref_batch_size, repeats, seed=seed)
+    config = {"checkpoint": checkpoint, "site": site, "max_units": max_units, "repeats": repeats,
+              "noise_samples": noise_samples, "noise_ratio": noise_ratio, "ref_batch_size": ref_batch_size,
+              "ref_pool": ref_pool, "seed": seed, "examples": examples, "dtype": dtype,
+              "collateral": collateral, "num_examples": len(ids)}
+    return config, ids, refs
+
+
+def part_settings(config: dict, ids) -> dict:
+    """What the part files of a search must agree on to be resumed."""
+    return {**config, "example_ids": np.asarray(ids).tolist()}
+
+
 def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint: int | None = None,
          max_units: int = 100, noise_samples: int = 0, noise_ratio: float = 0.01, repeats: int = 1,
          site: str = "pre_norm", collateral: bool = False, group_size: int = 32, ref_batch_size: int = 64,
@@ -45,7 +63,7 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
     ``nn.Module`` with ``data`` (a :class:`memloc.data.Data`; ``is_noisy`` comes from it).
     ``resume_dir``: folder of the resumable part files (``"auto"``: ``RUN/results/flip.partial``
     for a run, none for a model); finished searches found there with the same settings are not
-    redone; ``overwrite`` discards parts made with other settings. The parts are deleted when
+    redone (also with ``overwrite``, which only discards parts made with other settings). The parts are deleted when
     the result is saved (:meth:`memloc.Result.save`). ``log(message)`` receives progress notes
     (misclassified examples, resumption). Returns the ``"flip"`` result.
     """
@@ -56,13 +74,10 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
     if resume_dir == "auto":
         resume_dir = None if src.run is None else src.run.results_path("flip").with_name("flip.partial")
     is_noisy, given = np.asarray(data.is_noisy, bool), np.asarray(data.label_given)
-    ids = select_examples(examples, is_noisy, seed=seed)
-    pool = np.arange(len(is_noisy)) if ref_pool == "all" else np.flatnonzero(~is_noisy)
-    refs = reference_batches(pool, ref_batch_size, repeats, seed=seed)
-    config = {"checkpoint": epoch, "site": site, "max_units": max_units, "repeats": repeats,
-              "noise_samples": noise_samples, "noise_ratio": noise_ratio, "ref_batch_size": ref_batch_size,
-              "ref_pool": ref_pool, "seed": seed, "examples": examples, "dtype": dtype,
-              "collateral": collateral, "num_examples": len(ids)}
+    config, ids, refs = settings(is_noisy, checkpoint=epoch, examples=examples, max_units=max_units,
+                                 noise_samples=noise_samples, noise_ratio=noise_ratio, repeats=repeats, site=site,
+                                 collateral=collateral, ref_batch_size=ref_batch_size, ref_pool=ref_pool, seed=seed,
+                                 dtype=dtype)
     train = data.train
     x, y = train.x[ids], train.y[ids]
     ridx = torch.as_tensor(refs, device=dev)
@@ -72,7 +87,7 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
     if status.any():
         log(f"memloc.flip: {int(status.sum())} of {len(ids)} examples are misclassified by the model "
             "and are recorded with status 1 (not searched)")
-    store = PartStore(resume_dir, {**config, "example_ids": ids.tolist()}, overwrite=overwrite)
+    store = PartStore(resume_dir, part_settings(config, ids), overwrite=overwrite)
     todo = [(k, r) for k in np.flatnonzero(status == 0) for r in range(repeats) if (int(ids[k]), r) not in store.done]
     if store.done:
         log(f"memloc.flip: resuming: {len(store.done)} searches already saved, {len(todo)} to go")

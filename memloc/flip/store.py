@@ -80,23 +80,31 @@ class PartStore:
         if self.folder is None:
             return
         marker = self.folder / "settings.json"
-        if self.folder.exists() and (overwrite or not marker.exists()):
-            shutil.rmtree(self.folder)
-        elif self.folder.exists():
-            try:
-                stored = json.loads(marker.read_text())
-            except (OSError, ValueError) as e:
-                raise MemlocError(f"cannot read {str(marker)!r} ({e}); start again with overwrite=True") from None
-            if stored != self.settings:
+        if self.folder.exists() and not marker.exists():
+            shutil.rmtree(self.folder)          # killed before its settings were written: nothing saved yet
+        elif self.folder.exists() and self.stored() != self.settings:
+            if not overwrite:
                 raise MemlocError(f"an interrupted search with different settings is saved in {str(self.folder)!r}; "
                                   "rerun it with its settings to continue, or use overwrite=True to start again",
                                   argument="overwrite")
+            shutil.rmtree(self.folder)          # same settings are resumed even with overwrite
         if not self.folder.exists():
             self.folder.mkdir(parents=True)
             with atomic_path(marker) as tmp:
                 tmp.write_text(json.dumps(self.settings, sort_keys=True))
         self.done = read_parts(self.folder)
         self.number = max([int(p.stem.split("_")[1]) + 1 for p in self.folder.glob("part_*.h5")], default=0)
+
+    def stored(self) -> dict | None:
+        return self.saved_settings(self.folder)
+
+    @staticmethod
+    def saved_settings(folder) -> dict | None:
+        """The settings saved in a parts folder (None if absent or unreadable)."""
+        try:
+            return json.loads((Path(folder) / "settings.json").read_text())
+        except (OSError, ValueError):
+            return None
 
     def add(self, rows: list) -> None:
         """Save finished searches ``(example id, repeat, units, flipped, collateral)``."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import MemlocError
 from ..run import as_run
-from ..runtime import progress
+from ..runtime import atomic_path, progress
 from .plots import PLOTTERS, plot_training, table
 
 __all__ = ["report", "PLOTTERS"]
@@ -23,8 +24,10 @@ def report(source, out=None, *, results: dict | None = None) -> Path:
     only the run's dynamics and its results). ``results``: result objects to draw instead of (or
     besides) the saved ones, ``{name: Result}``.
     """
-    run = as_run(source, need_checkpoints=False)
+    run = as_run(source)       # a run without checkpoints is an error before anything is written
     out = Path(out) if out is not None else run.path / "report"
+    if out.exists() and not out.is_dir():
+        raise MemlocError(f"output folder {str(out)!r} is a file", argument="out")
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(run.config) or {"model": run.info.get("model", {}).get("spec"), "data": run.info.get("data")}
     sections = [f"# memloc report: `{run.path.name}`\n\n"
@@ -38,5 +41,6 @@ def report(source, out=None, *, results: dict | None = None) -> Path:
         if res is not None:
             sections.append(plot(res, out, run))
     md = out / "report.md"
-    md.write_text("\n\n".join(sections) + "\n")
+    with atomic_path(md) as tmp:
+        tmp.write_text("\n\n".join(sections) + "\n")
     return md

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 
 from ..detect import plot_curves  # noqa: E402
 from ..run import Run  # noqa: E402
+from ..runtime import atomic_path  # noqa: E402
 
 __all__ = ["PLOTTERS", "plot_training", "table"]
 
@@ -23,7 +24,8 @@ LABELS = {"clean": "clean train", "noisy": "noisy train (given label)",
 
 def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
+    with atomic_path(out / name) as tmp:    # a killed report never leaves a half-written figure
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return name
 
@@ -129,7 +131,8 @@ def _heatmaps(acc: np.ndarray, subsets: list[str], layers: list[str], xs, xlabel
         ax.set_yticks(range(len(layers)), _short(layers) if j == 0 else [], fontsize=7)
     fig.colorbar(im, ax=axes[0].tolist(), label="accuracy (%)")
     fig.suptitle(title, fontsize=10, y=1.04)
-    fig.savefig(out / name, dpi=110, bbox_inches="tight")
+    with atomic_path(out / name) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
     return name
 

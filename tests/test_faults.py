@@ -1,0 +1,288 @@
+"""Nothing lost, nothing silent: concurrent readers, kills at chosen instants, every number checked,
+one line (exit status 2, no traceback) for every user mistake."""
+import importlib
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import memloc
+from memloc.commands import COMMANDS, run as cli_run
+from memloc.commands.runner import _parser
+from memloc.run import is_complete
+from memloc.runtime import FileLock, in_range
+from memloc.train import train
+
+TINY = {"dataset": "digits", "model": "mlp", "epochs": 4, "batch_size": 64, "lr": 0.1}
+TRAIN_ARGS = ["--dataset", "digits", "--batch-size", "64", "--lr", "0.1", "--device", "cpu"]
+
+
+def _one_line_error(capsys, name, argv, match, code=2):
+    with pytest.raises(SystemExit) as e:
+        cli_run(name, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err and match in err, err
+    return err
+
+
+def _memloc(*argv, **kw):
+    return subprocess.Popen([sys.executable, "-m", "memloc", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _same_checkpoints(a, b):
+    a, b = memloc.load(a), memloc.load(b)
+    assert a.epochs == b.epochs
+    for e in a.epochs:
+        x, y = a.checkpoint(e), b.checkpoint(e)
+        assert all(torch.equal(x[k], y[k]) for k in x), e
+    for k in ("loss", "correct", "margin"):
+        np.testing.assert_array_equal(a.dynamics(k), b.dynamics(k))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted tiny run, the standard every interrupted one must equal."""
+    return train(tmp_path_factory.mktemp("ref") / "ref", TINY, device="cpu")
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    path = tmp_path / "run"
+    shutil.copytree(tiny_run.path, path, ignore=shutil.ignore_patterns("results", "report", "writer.lock"))
+    return path
+
+
+# ----------------------------------------------------------------------------- 1. readers and writers
+def test_readers_never_disturb_training_and_two_writers_are_refused(tmp_path):
+    run = tmp_path / "watched"
+    writer = _memloc("train", run, *TRAIN_ARGS, "--epochs", "60")
+    reads, second = 0, None
+    try:
+        while writer.poll() is None:
+            if is_complete(run):
+                r = memloc.load(run)               # a notebook watching the run
+                loss, acc = r.dynamics("loss"), r.metrics()["test_accuracy"]    # read later: maybe an epoch more
+                assert loss.shape[0] <= len(acc) and np.isfinite(loss).all() and np.isfinite(acc).all()
+                assert r.epochs[-1] >= loss.shape[0] - 1    # every epoch it shows is checkpointed
+                reads += 1
+                if second is None and loss.shape[0] >= 3:   # a second writer while the first one runs
+                    second = _memloc("train", run, *TRAIN_ARGS, "--epochs", "60", "--resume")
+                    second.wait(timeout=120)
+            time.sleep(0.01)
+        out, err = writer.communicate()
+    finally:
+        writer.kill()
+    assert writer.returncode == 0, err
+    assert reads > 10 and memloc.load(run).final_epoch == 60
+    assert second is not None and second.returncode == 2
+    err2 = second.stderr.read()
+    assert "being written by another process" in err2 and "Traceback" not in err2
+
+
+# ----------------------------------------------------------------------------- 2. kills at chosen instants
+@pytest.mark.parametrize("where", ["run.h5", "epoch_0000.pt", "epoch_0002.pt"])
+def test_a_kill_anywhere_is_redone_or_resumed_to_the_same_run(where, reference, tmp_path, monkeypatch):
+    import memloc.recorder as R
+    path = tmp_path / "k"
+    real_save, real_create = R.save_atomic, R.Recorder._create_h5
+
+    def save(obj, p):
+        if p.name == where:
+            raise KeyboardInterrupt        # Ctrl-C (or a kill) exactly while writing it
+        return real_save(obj, p)
+
+    def create(self, *a, **kw):
+        real_create(self, *a, **kw)
+        if where == "run.h5":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(R, "save_atomic", save)
+    monkeypatch.setattr(R.Recorder, "_create_h5", create)
+    with pytest.raises(KeyboardInterrupt):
+        train(path, TINY, device="cpu")
+    monkeypatch.undo()
+    assert path.exists() and is_complete(path) == (where == "epoch_0002.pt")
+    if not is_complete(path):       # nothing finished: the same command simply starts again
+        with pytest.raises(memloc.MemlocError, match="no checkpoints|not a memloc run|no run.json"):
+            memloc.load(path).final_epoch
+        train(path, TINY, device="cpu")
+    else:
+        with pytest.raises(memloc.MemlocError, match="already exists"):
+            train(path, TINY, device="cpu")
+        train(path, TINY, device="cpu", resume=True)
+    _same_checkpoints(path, reference.path)
+    assert not list(path.rglob("*.tmp*"))
+
+
+def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
+    path = tmp_path / "killed"
+    p = _memloc("train", path, *TRAIN_ARGS, "--epochs", "4")
+    try:
+        while not (path / "checkpoints" / "epoch_0002.pt").exists() and p.poll() is None:
+            time.sleep(0.005)
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait()
+    q = _memloc("train", path, *TRAIN_ARGS, "--epochs", "4", "--resume")
+    assert q.wait() == 0, q.stderr.read()
+    _same_checkpoints(path, reference.path)
+
+
+def test_warmup_one_finishes_and_resumes(tmp_path):
+    cfg = {**TINY, "epochs": 2, "warmup": 1.0}
+    full = train(tmp_path / "w", cfg, device="cpu")
+    assert full.final_epoch == 2 and np.isfinite(full.metrics()["test_loss"]).all()
+    assert train(tmp_path / "w", cfg, device="cpu", resume=True).final_epoch == 2
+
+
+def test_killed_flip_overwrite_resumes_without_losing_its_parts(run_copy, monkeypatch, capsys):
+    store = importlib.import_module("memloc.flip.store")
+    base = [str(run_copy), "--examples", "clean:6", "--max-units", "8", "--ref-batch-size", "8", "--device", "cpu",
+            "--dtype", "float64", "--group-size", "2"]
+    cli_run("flip", base + ["--seed", "1"])                      # an earlier result with other settings
+    new = base + ["--seed", "2"]
+    want = cli_run("flip", new + ["--overwrite"])                # what an uninterrupted search gives
+    cli_run("flip", base + ["--seed", "1", "--overwrite"])
+    write, calls = store.write_part, []
+
+    def dies_after_first(*a, **kw):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return write(*a, **kw)
+
+    monkeypatch.setattr(store, "write_part", dies_after_first)
+    with pytest.raises(SystemExit) as e:
+        cli_run("flip", new + ["--overwrite"])
+    assert e.value.code == 130
+    monkeypatch.setattr(store, "write_part", write)
+    capsys.readouterr()
+    got = cli_run("flip", new)                                   # the same command, without --overwrite
+    assert "resuming: 2 searches already saved" in capsys.readouterr().err
+    assert got.equals(want) and not (run_copy / "results" / "flip.partial").exists()
+
+
+# ----------------------------------------------------------------------------- 5. every number checked
+def _numeric_options():
+    for name in COMMANDS:
+        parser = _parser(name, importlib.import_module(f"memloc.commands.{name}"))
+        for action in parser._actions:
+            if action.option_strings and action.type is not None:
+                yield name, action
+
+
+def test_every_numeric_option_has_a_range():
+    """A new numeric option cannot escape the range checks: every typed option declares one."""
+    untyped = [(n, a.option_strings[0]) for n, a in _numeric_options() if not hasattr(a.type, "range")]
+    assert not untyped
+    assert len(list(_numeric_options())) >= 30
+
+
+@pytest.mark.parametrize("name, flag, rng", [(n, max(a.option_strings, key=len), a.type.range)
+                                             for n, a in _numeric_options()])
+def test_bad_numbers_are_one_line_naming_the_option(name, flag, rng, capsys):
+    positional = ["OUT"] if name == "demo" else ["RUN"]
+    bounds = dict(low=rng["low"], high=rng["high"], low_open=rng["low_open"], high_open=rng["high_open"],
+                  integer=rng["kind"] is int)
+    values = ["nan", "inf", "-inf", "-1", "0", "abc"]
+    if rng["high"] is not None:
+        values.append(str(rng["high"] + 1))
+    if rng["kind"] is int:
+        values.append("1.5")
+    for text in values:
+        try:
+            value = rng["kind"](text)
+        except ValueError:
+            value = None
+        if value is not None and in_range(value, **bounds):
+            continue                     # a valid value (e.g. 0 for a seed) is not an error
+        err = _one_line_error(capsys, name, [*positional, flag, text], flag)
+        assert "expected" in err and "Traceback" not in err
+
+
+def test_library_checks_numbers_too(tiny_run):
+    for call, match in [(lambda: memloc.rewind(tiny_run, eval_batch_size=0), "eval_batch_size"),
+                        (lambda: memloc.flip(tiny_run, noise_ratio=math.nan), "noise_ratio"),
+                        (lambda: memloc.retrain(tiny_run, lr=math.inf), "lr"),
+                        (lambda: train("unused", {"lr": math.nan}), "lr"),
+                        (lambda: train("unused", {"noise_seed": -1}), "noise_seed")]:
+        with pytest.raises(memloc.MemlocError, match=match):
+            call()
+
+
+# ----------------------------------------------------------------------------- 6. one line, not a traceback
+def test_output_that_cannot_be_written_is_refused_before_the_work(run_copy, capsys):
+    shutil.rmtree(run_copy / "results", ignore_errors=True)
+    (run_copy / "results").write_text("a file where the results folder should be")
+    _one_line_error(capsys, "rewind", [str(run_copy), "--device", "cpu"], "cannot create the output folder")
+
+
+def test_checkpoint_of_another_architecture(run_copy, capsys):
+    from memloc.models import build_model
+    other = build_model("mlp", (1, 8, 8), 10, hidden=(7,))
+    torch.save(other.state_dict(), run_copy / "checkpoints" / "epoch_0004.pt")
+    _one_line_error(capsys, "rewind", [str(run_copy), "--device", "cpu"], "does not fit its model")
+
+
+def test_model_that_does_not_fit_the_data(tmp_path, capsys):
+    _one_line_error(capsys, "train", [str(tmp_path / "r"), "--dataset", "digits", "--model", "lenet"],
+                    "cannot be built for inputs of shape (1, 8, 8)")
+    assert not (tmp_path / "r").exists()
+
+
+def test_corrupt_image_is_refused_by_name(tmp_path, capsys):
+    from PIL import Image
+    for c in "ab":
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((6, 6, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    (tmp_path / "imgs" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    _one_line_error(capsys, "train", [str(tmp_path / "r"), "--dataset", f"imagefolder:{tmp_path / 'imgs'}",
+                                      "--device", "cpu"], "broken.png")
+
+
+def test_malformed_result_and_unknown_model_options(run_copy, capsys):
+    (run_copy / "results").mkdir()
+    (run_copy / "results" / "rewind.h5").write_bytes(b"garbage")
+    _one_line_error(capsys, "report", [str(run_copy)], "cannot read result file")
+    info = json.loads((run_copy / "run.json").read_text())
+    info["model"]["options"] = {"no_such_option": 3}
+    (run_copy / "run.json").write_text(json.dumps(info))
+    _one_line_error(capsys, "rewind", [str(run_copy), "--device", "cpu", "--overwrite"], "bad options for model")
+
+
+def test_concurrent_runs_of_one_analysis(run_copy, capsys):
+    with FileLock(run_copy / "results" / ".rewind.lock", "held by the test"):
+        _one_line_error(capsys, "rewind", [str(run_copy), "--device", "cpu"], "another memloc rewind is running")
+    cli_run("rewind", [str(run_copy), "--device", "cpu", "--checkpoints", "0"])   # free again
+
+
+# ----------------------------------------------------------------------------- 7. small things
+def test_small_things(run_copy, tmp_path, capsys):
+    stale = run_copy / "results" / "rewind.h5.tmp999999999"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"left by a killed writer")
+    (run_copy / "checkpoints" / "epoch_0002.pt").unlink()
+    cli_run("rewind", [str(run_copy), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "warning: checkpoints of epochs 2 are missing" in err
+    assert not stale.exists() and not list(run_copy.rglob("*.tmp*"))
+    t0 = time.time()
+    _one_line_error(capsys, "rewind", [str(run_copy), "--checkpoints", "0-99999999999", "--overwrite"],
+                    "no checkpoint for epoch 99999999999")
+    assert time.time() - t0 < 30
+    empty = tmp_path / "empty"
+    shutil.copytree(run_copy, empty, ignore=shutil.ignore_patterns("*.pt", "results"))
+    _one_line_error(capsys, "report", [str(empty)], "has no checkpoints")
+    assert not (empty / "report").exists()
+    cli_run("gradients", ["--layers", "fc1", str(run_copy), "--checkpoints", "0", "--device", "cpu"])
