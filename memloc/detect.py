@@ -22,6 +22,8 @@ Returns the ``"detect"`` result: ``values`` (score, metric), ``direction``, ``si
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from sklearn import metrics as skm
 import xarray as xr
@@ -147,9 +149,11 @@ def plot_curves(scores: dict[str, np.ndarray], is_noisy: np.ndarray, directions:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def detect(source, *, names="all", is_noisy=None) -> Result:

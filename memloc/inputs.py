@@ -100,6 +100,9 @@ def as_data(obj) -> Data:
         return obj
     if isinstance(obj, (tuple, list)) and len(obj) in (2, 4) and all(torch.is_tensor(t) for t in obj):
         return make_data(*obj)
+    if isinstance(obj, str):
+        raise MemlocError(f"data must be a memloc.data.Data, got the string {obj!r}: options are keyword-only "
+                          "(e.g. examples='noisy:10')", argument="data")
     raise MemlocError("data must be a memloc.data.Data (memloc.make_data(x, y_given, x_test, y_test, "
                       f"label_true=...) builds one) or a tuple (x_train, y_given[, x_test, y_test]) of tensors; "
                       f"got {type(obj).__name__}", argument="data")

@@ -1,8 +1,10 @@
 """The run directory, write side: :class:`Recorder` writes the memloc run format from any loop."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -11,13 +13,13 @@ import torch
 from torch import nn
 
 from .errors import MemlocError
-from .evaluate import evaluate, nanmean, per_example_stats, subset_accuracies
+from .evaluate import eval_mode, evaluate, nanmean, per_example_stats, subset_accuracies
 from .h5 import put, write_root_attrs
 from .inputs import as_batches
 from .models import import_path_of, model_name_of
-from .run import (DYN_NAMES, METRICS, check_new_run_dir, checkpoint_epochs, complete_rows, is_complete,
-                  load_checkpoint, open_h5, save_atomic)
-from .runtime import FileLock, atomic_path
+from .run import (CREATING, DYN_NAMES, METRICS, check_new_run_dir, checkpoint_epochs, clear_run_dir, complete_rows,
+                  is_complete, load_checkpoint, open_h5, save_atomic)
+from .runtime import FileLock, atomic_path, check_range, make_dir
 
 __all__ = ["Recorder"]
 
@@ -53,8 +55,9 @@ class Recorder:
     def __init__(self, run_dir, model: nn.Module, *, eval_train, label_true=None, label_given=None,
                  eval_test=None, test_labels=None, config: dict | None = None,
                  model_spec: str | dict | None = None, model_options: dict | None = None,
-                 data_spec: str | dict | None = None, resume: bool = False, eval_batch_size: int = 1024,
-                 source_index: dict | None = None, argv=None):
+                 data_spec: str | dict | None = None, resume: bool = False, overwrite: bool = False,
+                 eval_batch_size: int = 1024, source_index: dict | None = None, argv=None):
+        check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
         self.dir = Path(run_dir)
         self.model = model
         self.eval_batch_size = eval_batch_size
@@ -76,18 +79,32 @@ class Recorder:
         self._presentation = self._empty()
         self.h5_path = self.dir / "run.h5"
         self.ckpt_dir = self.dir / "checkpoints"
-        if not (resume and is_complete(self.dir)):
+        if not (resume and is_complete(self.dir)) and not overwrite:
             check_new_run_dir(self.dir, clear=False)    # a finished run: "already exists", before the lock
-        self.lock = FileLock(self.dir / "writer.lock",
-                             f"run {str(self.dir)!r} is being written by another process (training or resuming it)")
-        if resume and is_complete(self.dir):
+        make_dir(self.dir)
+        self.lock = FileLock(self.dir / "writer.lock", f"run {str(self.dir)!r} is being written by another "
+                             "process (training or resuming it)", take_over_own=True)
+        try:
+            self._open(resume, overwrite, config, model_spec, model_options, data_spec, test_labels, source_index,
+                       argv)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, resume, overwrite, config, model_spec, model_options, data_spec, test_labels, source_index,
+              argv):
+        """Resume the run, or create it (under the writer lock)."""
+        if resume and is_complete(self.dir) and not overwrite:
             self.epoch = self._last_complete_epoch()
             self.rewind_to(self.epoch)
             return
+        if overwrite:
+            clear_run_dir(self.dir)
         check_new_run_dir(self.dir)
+        (self.dir / CREATING).touch()           # until epoch 0 is complete: a kill before that is redone
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         info = {"memloc_version": _version(), "created": _now(), "config": config or {},
-                "model": self._model_spec(model, model_spec, model_options),
+                "model": self._model_spec(self.model, model_spec, model_options),
                 "num_train": self.n, "num_test": None if test_labels is None else len(test_labels)}
         if data_spec is not None:
             info["data"] = {"dataset": data_spec} if isinstance(data_spec, str) else dict(data_spec)
@@ -96,20 +113,24 @@ class Recorder:
         self._create_h5(config or {}, test_labels, source_index or {}, argv)
         self.epoch = 0
         self._finish_epoch()
+        (self.dir / CREATING).unlink()
 
     # ------------------------------------------------------------------ writing
     @staticmethod
     def _labels(batches) -> np.ndarray:
         return evaluate_labels(batches)
 
-    @staticmethod
-    def _model_spec(model, spec, options) -> dict:
+    def _model_spec(self, model, spec, options) -> dict:
         cls = f"{type(model).__module__}.{type(model).__qualname__}"
+        x = next(iter(self.eval_train.batches(2)))[0]
+        with torch.no_grad(), eval_mode(model):      # what a factory naming in_shape / num_classes gets
+            shape = {"in_shape": list(x.shape[1:]), "num_classes": int(model(x[:1]).shape[-1])}
         if isinstance(spec, dict):
-            return {"class": cls, **({"import": import_path_of(spec["spec"])} if import_path_of(spec.get("spec", "")) else {}),
+            return {"class": cls, **shape,
+                    **({"import": import_path_of(spec["spec"])} if import_path_of(spec.get("spec", "")) else {}),
                     **spec}
         name = spec if spec is not None else model_name_of(model)
-        out = {"spec": name, "options": dict(options or {}), "class": cls}
+        out = {"spec": name, "options": dict(options or {}), "class": cls, **shape}
         if name is not None and import_path_of(name):
             out["import"] = import_path_of(name)     # for commands in a process that did not register it
         return out
@@ -119,8 +140,9 @@ class Recorder:
                 "margin": np.full(self.n, np.nan, np.float32)}
 
     def _create_h5(self, config, test_labels, source_index, argv):
-        with h5py.File(self.h5_path, "w", locking=False) as f:
+        with atomic_path(self.h5_path) as tmp, h5py.File(tmp, "w", locking=False) as f:
             write_root_attrs(f, "memloc.run", config, argv)
+            f.attrs["epochs_complete"] = -1
             ex = f.create_group("examples")
             put(ex, "index", np.arange(self.n), dims=["example"])
             put(ex, "source_index", source_index.get("train", np.arange(self.n)), dims=["example"])
@@ -170,7 +192,7 @@ class Recorder:
             t = evaluate(self.model, self.eval_test.batches(self.eval_batch_size))
             metrics.update(test_accuracy=nanmean(t["correct"]), test_loss=nanmean(t["loss"]))
         save_atomic(self.model.state_dict(), self.ckpt_dir / f"epoch_{self.epoch:04d}.pt")   # before its rows
-        with open_h5(self.h5_path, "a") as f:
+        with self._edit_h5() as f:
             for when, rows in (("presentation", self._presentation), ("end", end_rows)):
                 for k in DYN_NAMES:
                     ds = f[f"dynamics/{when}/{k}"]
@@ -180,10 +202,18 @@ class Recorder:
                 ds = f[f"metrics/{k}"]
                 ds.resize(self.epoch + 1, axis=0)
                 ds[self.epoch] = metrics[k]
-            f.flush()
-            f.attrs["epochs_complete"] = self.epoch    # last: readers see this epoch from now on
+            f.attrs["epochs_complete"] = self.epoch
         self._presentation = self._empty()
         return {k: float(v) for k, v in metrics.items()}
+
+    @contextlib.contextmanager
+    def _edit_h5(self):
+        """run.h5 opened for appending -- as a copy that replaces it atomically on success, so readers
+        never see a file being modified and a kill leaves the previous epoch's file."""
+        with atomic_path(self.h5_path) as tmp:
+            shutil.copyfile(self.h5_path, tmp)
+            with h5py.File(tmp, "a", locking=False) as f:
+                yield f
 
     def close(self) -> None:
         """Release the run directory for other writers (also when this object is garbage collected)."""
@@ -200,7 +230,7 @@ class Recorder:
 
     def rewind_to(self, epoch: int) -> None:
         """Forget everything after ``epoch``: truncate dynamics, delete later checkpoints, load ``epoch``."""
-        with open_h5(self.h5_path, "a") as f:
+        with self._edit_h5() as f:
             f.attrs["epochs_complete"] = epoch
             for when in ("presentation", "end"):
                 for k in DYN_NAMES:

@@ -114,6 +114,9 @@ def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["
     check_range("epochs", epochs, low=1, integer=True)
     check_range("batch_size", batch_size, low=1, integer=True)
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    check_range("momentum", momentum, low=0, high=1, high_open=True)
+    check_range("weight_decay", weight_decay, low=0)
+    check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     check_range("lr", lr, low=0)
     if not lr > 0:
         raise MemlocError(f"lr must be positive, got {lr}", argument="lr")

@@ -18,6 +18,7 @@ test loss. ``correct`` is int8 (1, 0, or -1 = not presented).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import pickle
@@ -39,7 +40,7 @@ from .results import load_result
 from .runtime import atomic_path
 
 __all__ = ["Run", "load", "as_run", "save_atomic", "load_checkpoint", "checkpoint_epochs", "is_complete",
-           "check_new_run_dir", "DYN_NAMES", "METRICS"]
+           "check_new_run_dir", "clear_run_dir", "epochs_complete", "DYN_NAMES", "METRICS"]
 
 DYN_NAMES = ("loss", "correct", "margin")
 METRICS = ("train_accuracy", "clean_accuracy", "noisy_accuracy", "noisy_true_accuracy",
@@ -63,12 +64,13 @@ def checkpoint_epochs(ckpt_dir: Path) -> list[int]:
 
 
 def open_h5(path: Path, mode: str = "r", *, tries: int = 50):
-    """``run.h5`` without HDF5 file locking: a writer (training) and any number of readers (a
-    notebook watching the run, analyses) work at once. A reader that catches the writer between
-    two metadata updates retries; readers only look at complete epochs (``epochs_complete``)."""
-    if not Path(path).is_file():
-        raise MemlocError(f"cannot read {str(path)!r}: no such file")
+    """``run.h5`` without HDF5 file locking. The writer never modifies the file readers open: it
+    appends each epoch to a copy and renames it into place (:meth:`memloc.recorder.Recorder`), so
+    a reader (a notebook watching the run, an analysis) always sees one consistent file; an open
+    that races the rename is retried."""
     for attempt in range(tries):
+        if not Path(path).is_file():
+            raise MemlocError(f"cannot read {str(path)!r}: no such file")
         try:
             return h5py.File(path, mode, locking=False)
         except OSError as e:
@@ -77,11 +79,15 @@ def open_h5(path: Path, mode: str = "r", *, tries: int = 50):
             time.sleep(0.05)
 
 
-def complete_rows(f) -> slice:
-    """The rows of the epochs the writer has finished (0..epochs_complete; all rows in files that
-    predate the attribute)."""
+def epochs_complete(f) -> int:
+    """The last epoch whose rows are written (-1: none yet; files that predate the attribute: all rows)."""
     last = f.attrs.get("epochs_complete")
-    return slice(None) if last is None else slice(0, int(last) + 1)
+    return f["dynamics/end/loss"].shape[0] - 1 if last is None else int(last)
+
+
+def complete_rows(f) -> slice:
+    """The rows of the epochs the writer has finished (0..epochs_complete)."""
+    return slice(0, epochs_complete(f) + 1)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -95,31 +101,71 @@ def load_checkpoint(path: Path) -> dict:
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-MEMLOC_FILES = ("run.json", "run.h5", "checkpoints", "writer.lock")
+CREATING = ".creating"   # present from the first byte a Recorder writes until epoch 0 is complete
+MEMLOC_FILES = ("run.json", "run.h5", "checkpoints", "writer.lock", CREATING)
 
 
 def is_complete(path) -> bool:
-    """Does ``path`` hold a run directory whose creation finished (its epoch-0 checkpoint exists)?"""
+    """Does ``path`` hold a run whose creation finished (epoch 0 recorded, no creation marker)?"""
     path = Path(path)
-    return (path / "run.json").is_file() and (path / "checkpoints" / "epoch_0000.pt").is_file()
+    if not (path / "run.json").is_file() or (path / CREATING).exists() or not (path / "run.h5").is_file():
+        return False
+    try:
+        with open_h5(path / "run.h5", tries=5) as f:
+            return epochs_complete(f) >= 0
+    except (MemlocError, KeyError):
+        return False
 
 
 def check_new_run_dir(path, *, clear: bool = True) -> None:
-    """Make ``path`` ready for a new run: refuse a complete run or foreign files; clear what a
-    creation killed before its first checkpoint left behind (it is redone; ``clear=False``: only check)."""
+    """Make ``path`` ready for a new run. A complete run is "already exists"; files a creation that
+    was killed before finishing epoch 0 left behind (proved by its marker) are removed and the
+    creation redone (``clear=False``: only check); anything else is refused, never deleted."""
     path = Path(path)
-    if not path.exists() or not any(path.iterdir()):
+    if path.exists() and not path.is_dir():
+        raise MemlocError(f"run directory {str(path)!r} is a file")
+    if not path.exists() or not [p for p in path.iterdir() if p.name != "writer.lock"]:
         return
     if is_complete(path):
-        raise MemlocError(f"run directory {str(path)!r} already exists (resume it, or choose a new directory)")
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in MEMLOC_FILES and not p.name.startswith("run.json.tmp"))
-    if foreign:
-        raise MemlocError(f"directory {str(path)!r} is not empty and not a memloc run ({', '.join(foreign[:5])}); "
+        raise MemlocError(f"run directory {str(path)!r} already exists (resume=True continues it, overwrite=True "
+                          "replaces it; or choose a new directory)")
+    if not (path / CREATING).exists():
+        raise MemlocError(f"directory {str(path)!r} is not empty and not a memloc run being created; "
                           "choose a new directory")
-    for p in path.iterdir() if clear else ():   # an interrupted creation: nothing finished is lost
-        if p.name == "writer.lock":
+    if clear:
+        clear_run_dir(path)
+
+
+# what memloc writes in a run directory, per sub-folder (anything else is the user's: never deleted)
+_OURS = {".": ("run.json", "run.h5", "writer.lock", CREATING, "run.json.tmp*", "run.h5.tmp*"),
+         "checkpoints": ("epoch_*.pt", "trainer_state.pt", "*.tmp*"),
+         "results": ("*.h5", ".*.lock", "*.png", "*.tmp*"), "results/flip.partial": ("part_*.h5", "settings.json*"),
+         "report": ("*.png", "*.md", "*.tmp*")}
+
+
+def _foreign(path: Path) -> list[str]:
+    out = []
+    for p in path.rglob("*"):
+        rel = p.relative_to(path)
+        folder = str(rel.parent).replace("\\", "/")
+        if p.is_dir() and str(rel).replace("\\", "/") in _OURS:
             continue
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if folder not in _OURS or not any(fnmatch.fnmatch(p.name, pat) for pat in _OURS[folder]):
+            out.append(str(rel))
+    return sorted(out)
+
+
+def clear_run_dir(path) -> None:
+    """Delete memloc's files in a run directory (``writer.lock``, held by the caller, stays); a
+    directory holding anything memloc did not write is refused, nothing deleted."""
+    path = Path(path)
+    foreign = _foreign(path)
+    if foreign:
+        raise MemlocError(f"{str(path)!r} holds files memloc did not write ({', '.join(foreign[:5])}); "
+                          "not deleting them")
+    for p in path.iterdir():
+        if p.name != "writer.lock":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def ranges(xs: list[int]) -> str:
@@ -163,8 +209,10 @@ class Run:
 
     @property
     def epochs(self) -> list[int]:
-        """Epochs with a checkpoint (0 = initialisation)."""
-        return checkpoint_epochs(self.path / "checkpoints")
+        """Epochs with a checkpoint and recorded rows (0 = initialisation)."""
+        with open_h5(self.path / "run.h5") as f:
+            last = epochs_complete(f)
+        return [e for e in checkpoint_epochs(self.path / "checkpoints") if e <= last]
 
     @property
     def final_epoch(self) -> int:
@@ -200,7 +248,10 @@ class Run:
             raise MemlocError(f"run {str(self.path)!r} was recorded from an unregistered model "
                               f"({spec.get('class')}): pass model_fn= to memloc.load, or record it with "
                               "model_spec= (a memloc.register_model name or pkg.module:factory)")
-        model = build_model(spec_name(spec), spec.get("in_shape"), spec.get("num_classes"), **spec.get("options", {}))
+        options = dict(spec.get("options", {}))
+        in_shape = options.pop("in_shape", spec.get("in_shape"))
+        num_classes = options.pop("num_classes", spec.get("num_classes"))
+        model = build_model(spec_name(spec), in_shape, num_classes, **options)
         if spec.get("etd"):  # example-tied dropout layers (train(..., etd_after=...))
             insert_example_tied_dropout(model, **spec["etd"])
         return model

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,7 +12,7 @@ from tqdm.auto import tqdm
 from .errors import MemlocError
 
 __all__ = ["resolve_device", "progress", "split_list", "check_range", "in_range", "describe_range", "import_object",
-           "atomic_path", "FileLock"]
+           "atomic_path", "FileLock", "make_dir", "check_creatable"]
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -104,7 +106,11 @@ class atomic_path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for stale in self.path.parent.glob(self.path.name + ".tmp*"):   # left by killed writers
             pid = stale.name[len(self.path.name) + 4:]
-            if pid.isdigit() and not _alive(int(pid)):
+            try:   # an hour old and its process gone (another host's live writer is never that old)
+                old = time.time() - stale.stat().st_mtime > 3600
+            except OSError:
+                continue
+            if pid.isdigit() and old and not _alive(int(pid)):
                 stale.unlink(missing_ok=True)
         return self.tmp
 
@@ -128,34 +134,71 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def check_creatable(path) -> None:
+    """:class:`MemlocError` unless ``path`` exists as a folder or could be created (checked without
+    creating anything, so a later mistake leaves no empty folder behind)."""
+    path = Path(path).absolute()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise MemlocError(f"cannot create the folder {str(path)!r}: {str(p)!r} is a file")
+            if p != path and not os.access(p, os.W_OK | os.X_OK):
+                raise MemlocError(f"cannot create the folder {str(path)!r}: {str(p)!r} is not writable")
+            return
+
+
+def make_dir(path) -> Path:
+    """``mkdir -p`` with one clear error (a parent that is a file, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MemlocError(f"cannot create the folder {str(path)!r}: {e.strerror}") from None
+    return path
+
+
 class FileLock:
     """An exclusive, non-blocking lock on ``path`` (``flock``), held until :meth:`release`.
 
     ``FileLock(path, busy="message")`` raises :class:`MemlocError` with ``busy`` (plus the holder's
-    pid) when another process holds it. Released automatically when the process ends.
+    pid) when another process holds it. Released automatically when the process ends. With
+    ``take_over_own``, a lock an earlier object of this process still holds (a notebook re-running
+    a cell) is taken over with a warning instead.
     """
 
-    def __init__(self, path, busy: str):
+    _held: dict = {}
+
+    def __init__(self, path, busy: str, *, take_over_own: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if take_over_own and key in FileLock._held:
+            warnings.warn(f"taking over {str(self.path)!r} from an earlier object of this process")
+            FileLock._held[key].release()
+        make_dir(self.path.parent)
         self.file = open(self.path, "a+")
+        self.key = key
         try:
             import fcntl
         except ImportError:   # no flock on this platform: no protection, no error
             return
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             self.file.seek(0)
             holder = self.file.read().strip()
             self.file.close()
             raise MemlocError(f"{busy}{f' (pid {holder})' if holder else ''}") from None
+        except OSError as e:   # a filesystem without locks (some network mounts): go on unprotected
+            warnings.warn(f"cannot lock {str(self.path)!r} ({e.strerror}); concurrent writers are not detected")
+        FileLock._held[key] = self
         self.file.seek(0)
         self.file.truncate()
         self.file.write(str(os.getpid()))
         self.file.flush()
 
     def release(self) -> None:
+        if FileLock._held.get(self.key) is self:
+            del FileLock._held[self.key]
         if not self.file.closed:
             self.file.close()
 

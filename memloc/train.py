@@ -26,7 +26,7 @@ from .models import build_model
 from .optim import epoch_seed, lr_factor, make_optimizer, make_schedule
 from .recorder import Recorder
 from .run import check_new_run_dir, is_complete, load, load_checkpoint, save_atomic
-from .runtime import check_range, progress, resolve_device
+from .runtime import check_creatable, check_range, progress, resolve_device
 
 __all__ = ["DEFAULTS", "OPTIONS", "RANGES", "train"]
 
@@ -68,8 +68,8 @@ OPTIONS = dict(
 DEFAULTS = {key: default for key, (default, _) in OPTIONS.items()}
 # valid values of the numeric options: key -> (int | float, low, high, low open, high open); None = no bound
 RANGES = {
-    "split_seed": (int, 0, None, False, False), "noise_seed": (int, 0, None, False, False),
-    "seed": (int, 0, None, False, False), "test_size": (float, 0, None, True, False),
+    "split_seed": (int, 0, 2**32 - 1, False, False), "noise_seed": (int, 0, 2**32 - 1, False, False),
+    "seed": (int, 0, 2**32 - 1, False, False), "test_size": (float, 0, None, True, False),
     "train_size": (int, 1, None, False, False), "img_size": (int, 1, None, False, False),
     "noise": (float, 0, 1, False, True), "width": (int, 1, None, False, False), "epochs": (int, 1, None, False, False),
     "batch_size": (int, 1, None, False, False), "lr": (float, 0, None, True, False),
@@ -113,9 +113,13 @@ def _check_fits(model, data, name) -> None:
                           f"(batch, {data.num_classes}) logits for this dataset's classes", argument="model")
 
 
-def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = False, argv=None,
-          on_epoch_end=None, prepare_model=None, forward_context=None, eval_batch_size: int = 1024):
+def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = False, overwrite: bool = False,
+          argv=None, on_epoch_end=None, prepare_model=None, forward_context=None, eval_batch_size: int = 1024):
     """Train with config ``cfg`` (keys of :data:`DEFAULTS`) into ``run_dir``; returns the :class:`Run`.
+
+    ``resume``: continue a run from its last complete epoch (bit-identical to an uninterrupted run).
+    ``overwrite``: replace the memloc run in ``run_dir`` (deleted only after every check passed,
+    under the run's writer lock; files memloc did not write are never deleted).
 
     ``on_epoch_end(epoch, metrics)`` is called after each saved epoch. ``prepare_model(model, cfg)``
     may modify the freshly built model (e.g. insert layers) before training. ``forward_context(model,
@@ -131,9 +135,18 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
         if cfg[key] is not None:
             check_range(key, cfg[key], low=low, high=high, integer=kind is int, low_open=low_open, high_open=high_open)
     lr_factor(0, 1, cfg["schedule"], cfg["warmup"])  # validates the schedule name
+    if cfg["test_size"] is not None and cfg["test_size"] >= 1 and not float(cfg["test_size"]).is_integer():
+        raise MemlocError(f"test_size must be a fraction in (0, 1) or a whole number of examples, got "
+                          f"{cfg['test_size']}", argument="test_size")
+    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    if resume and overwrite:
+        raise MemlocError("resume=True and overwrite=True exclude each other")
     run_dir = Path(run_dir)
     device = resolve_device(device)
-    if resume and is_complete(run_dir):
+    check_creatable(run_dir)
+    if overwrite:
+        pass
+    elif resume and is_complete(run_dir):
         stored = json.loads((run_dir / "run.json").read_text()).get("config", {})
         diff = {k for k in cfg if stored.get(k, DEFAULTS[k]) != cfg[k]}
         if diff:
@@ -163,7 +176,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     sched = make_schedule(opt, steps_per_epoch * cfg["epochs"], cfg["schedule"], cfg["warmup"])
     rec = Recorder(run_dir, model, eval_train=data.train, eval_test=data.test, label_true=data.label_true,
                    label_given=data.label_given, test_labels=data.test.y.cpu().numpy(), config=cfg,
-                   model_spec=spec, resume=resume, source_index=data.source_index, argv=argv,
+                   model_spec=spec, resume=resume, overwrite=overwrite, source_index=data.source_index, argv=argv,
                    eval_batch_size=eval_batch_size)
     try:
         state_path = run_dir / "checkpoints" / "trainer_state.pt"

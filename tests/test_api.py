@@ -43,6 +43,11 @@ def make_net(width: int = 8):
     return SmallNet(width)
 
 
+def make_shaped(in_shape, num_classes):
+    """A factory that names ``in_shape`` / ``num_classes`` (the Recorder records both)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(in_shape)), num_classes))
+
+
 def _train(run_dir, *, model_spec, etd=None, epochs=EPOCHS):
     """A plain training loop, as in a notebook; the Recorder gets DataLoaders and a Dataset."""
     data = build_data(DATA_SPEC)
@@ -208,6 +213,17 @@ def test_dropout_on_a_users_etd_model(tmp_path, capsys):
     assert np.allclose(direct["accuracy"].values, res["accuracy"].values, equal_nan=True)
     out = cli_run("dropout", [str(run.path), "--device", "cpu"])
     assert memloc.load(run.path).result("dropout").equals(out)
+
+
+def test_factory_with_shapes_and_options_positional_mistake(tmp_path):
+    data = build_data(DATA_SPEC)
+    model = make_shaped((1, 8, 8), 10)
+    memloc.Recorder(tmp_path / "s", model, eval_train=(data.train.x, data.train.y), model_spec="test_api:make_shaped")
+    run = memloc.load(tmp_path / "s")
+    assert run.info["model"]["in_shape"] == [1, 8, 8] and run.info["model"]["num_classes"] == 10
+    assert all(torch.equal(a, b) for a, b in zip(run.model().state_dict().values(), model.state_dict().values()))
+    with pytest.raises(memloc.MemlocError, match="keyword-only"):
+        memloc.flip(run, "noisy:10")
 
 
 def test_import_path_model_from_the_command_line(tmp_path):

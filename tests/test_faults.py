@@ -3,6 +3,7 @@ one line (exit status 2, no traceback) for every user mistake."""
 import importlib
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -90,7 +91,7 @@ def test_readers_never_disturb_training_and_two_writers_are_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 2. kills at chosen instants
-@pytest.mark.parametrize("where", ["run.h5", "epoch_0000.pt", "epoch_0002.pt"])
+@pytest.mark.parametrize("where", ["run.h5", "epoch_0000.pt", "rows0", "epoch_0002.pt"])
 def test_a_kill_anywhere_is_redone_or_resumed_to_the_same_run(where, reference, tmp_path, monkeypatch):
     import memloc.recorder as R
     path = tmp_path / "k"
@@ -106,14 +107,19 @@ def test_a_kill_anywhere_is_redone_or_resumed_to_the_same_run(where, reference, 
         if where == "run.h5":
             raise KeyboardInterrupt
 
+    def copy(*a, **kw):         # the epoch-0 rows, after its checkpoint was saved
+        raise KeyboardInterrupt
+
     monkeypatch.setattr(R, "save_atomic", save)
     monkeypatch.setattr(R.Recorder, "_create_h5", create)
+    if where == "rows0":
+        monkeypatch.setattr(R.shutil, "copyfile", copy)
     with pytest.raises(KeyboardInterrupt):
         train(path, TINY, device="cpu")
     monkeypatch.undo()
     assert path.exists() and is_complete(path) == (where == "epoch_0002.pt")
     if not is_complete(path):       # nothing finished: the same command simply starts again
-        with pytest.raises(memloc.MemlocError, match="no checkpoints|not a memloc run|no run.json"):
+        with pytest.raises(memloc.MemlocError, match="no checkpoints|not a memloc run|no run.json|being created"):
             memloc.load(path).final_epoch
         train(path, TINY, device="cpu")
     else:
@@ -122,6 +128,20 @@ def test_a_kill_anywhere_is_redone_or_resumed_to_the_same_run(where, reference, 
         train(path, TINY, device="cpu", resume=True)
     _same_checkpoints(path, reference.path)
     assert not list(path.rglob("*.tmp*"))
+
+
+def test_overwrite_and_creation_never_delete_what_they_should_not(run_copy, tmp_path, capsys):
+    _one_line_error(capsys, "train", [str(run_copy), *TRAIN_ARGS, "--overwrite", "--schedule", "cosin"],
+                    "unknown schedule")
+    assert is_complete(run_copy) and memloc.load(run_copy).final_epoch == 4     # nothing deleted
+    mine = tmp_path / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "checkpoints" / "notes.txt").write_text("a user's file")
+    _one_line_error(capsys, "train", [str(mine), *TRAIN_ARGS], "not a memloc run being created")
+    _one_line_error(capsys, "train", [str(mine), *TRAIN_ARGS, "--overwrite"], "not deleting them")
+    assert (mine / "checkpoints" / "notes.txt").read_text() == "a user's file"
+    _one_line_error(capsys, "train", [str(tmp_path / "afile" / "x"), *TRAIN_ARGS], "cannot create the folder") \
+        if (tmp_path / "afile").write_text("x") else None
 
 
 def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
@@ -272,6 +292,7 @@ def test_small_things(run_copy, tmp_path, capsys):
     stale = run_copy / "results" / "rewind.h5.tmp999999999"
     stale.parent.mkdir(exist_ok=True)
     stale.write_bytes(b"left by a killed writer")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))      # two hours old, its process gone
     (run_copy / "checkpoints" / "epoch_0002.pt").unlink()
     cli_run("rewind", [str(run_copy), "--device", "cpu"])
     err = capsys.readouterr().err

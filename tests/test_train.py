@@ -105,7 +105,7 @@ def test_cli_resume_and_errors(tmp_path, capsys):
     main(args + ["--resume"])  # nothing left to do: returns the finished run
     _exit2(capsys, args + ["--overwrite", "--resume"], "exclude each other")
     main(args + ["--overwrite"])  # trains anew into the same directory
-    _exit2(capsys, [str(tmp_path), "--dataset", "digits", "--overwrite"], "not a memloc run directory")
+    _exit2(capsys, [str(tmp_path), "--dataset", "digits", "--overwrite"], "not deleting them")
     _exit2(capsys, [str(tmp_path / "a"), "--dataset", "nope"], "unknown dataset")
     _exit2(capsys, [str(tmp_path / "b"), "--model", "nope", "--dataset", "digits"], "unknown model")
     _exit2(capsys, [str(tmp_path / "c"), "--dataset", "cifar10", "--data-root", str(tmp_path / "no")], "does not exist")

@@ -11,6 +11,7 @@ stderr and exit status 2; Ctrl-C exit status 130.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 __all__ = ["COMMANDS", "main", "run", "module_main"]
@@ -44,6 +45,8 @@ def run(name: str, argv=None):
 def main(argv=None) -> int:
     """``memloc <command> [options]``; returns the exit status (errors raise ``SystemExit``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())   # the console script finds pkg.module:factory in the current folder too
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m memloc <command> [options]   (python -m memloc <command> --help)\n\ncommands:")
         for name, text in COMMANDS.items():

@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import shutil
-
 from ..errors import MemlocError
 from . import run
 
@@ -59,12 +57,10 @@ def demo(out, *, quick: bool = False, device: str = "auto", overwrite: bool = Fa
     out = Path(out)
     plan = steps(out, quick, device)
     for target in sorted({a[0] for _, name, a in plan if name == "train"}):
-        if Path(target).exists():
-            if not overwrite:
-                raise MemlocError(f"{target!r} already exists; choose a new output folder or use overwrite=True")
-            if not (Path(target) / "run.json").is_file():
-                raise MemlocError(f"{target!r} is not a memloc run directory; not deleting it")
-            shutil.rmtree(target)
+        if Path(target).exists() and not overwrite:
+            raise MemlocError(f"{target!r} already exists; choose a new output folder or use overwrite=True")
+    if overwrite:    # each training step replaces its run (checked and locked by train itself)
+        plan = [(t, name, a + ["--overwrite"] if name in ("train", "report") else a) for t, name, a in plan]
     t0 = time.time()
     for i, (title, name, step_argv) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {title}: python -m memloc {name} {' '.join(step_argv)}", flush=True)
@@ -72,7 +68,7 @@ def demo(out, *, quick: bool = False, device: str = "auto", overwrite: bool = Fa
     print(f"\ndone in {time.time() - t0:.0f} s. Results:")
     for run_dir in sorted({a[0] for _, name, a in plan if name == "train"}):
         print(f"  {run_dir}/run.h5              training dynamics")
-        for f in sorted((Path(run_dir) / "results").glob("*")):
+        for f in sorted((Path(run_dir) / "results").glob("[!.]*")):
             print(f"  {f}")
         print(f"  {run_dir}/report/report.md   summary with figures")
     return out
@@ -87,7 +83,7 @@ DESCRIPTION = __doc__.split("\n\n")[1].replace("\n", " ")
 
 def arguments(p):
     p.add_argument("out", help="output folder (created; must not hold earlier demo runs unless --overwrite)")
-    p.add_argument("--quick", action="store_true", help="a < 2 minute version with fewer epochs and examples")
+    p.add_argument("--quick", action="store_true", help="a version of about a minute with fewer epochs and examples")
 
 
 def execute(args):

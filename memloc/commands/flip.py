@@ -9,7 +9,7 @@ from ..flip.driver import part_settings, settings
 from ..flip.store import PartStore
 from ..run import load
 from ..units import SITES
-from .runner import add_eval_batch_size, nonnegative_float, nonnegative_int, positive_int
+from .runner import add_eval_batch_size, nonnegative_float, nonnegative_int, number, positive_int
 
 RESULT = "flip"
 DESCRIPTION = ("Greedy gradient-guided unit zeroing: for each example, zero units one at a time (the one whose "
@@ -51,7 +51,7 @@ def arguments(p):
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="computation precision; float64 makes the unit sequences independent of --group-size "
                         "and of interruptions (near-ties are not decided by rounding), at 2-4x the CPU time")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of example sampling, reference batches and noise")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed of example sampling, reference batches and noise")
     add_eval_batch_size(p)
 
 

@@ -21,7 +21,7 @@ def arguments(p):
     p.add_argument("--momentum", type=number(float, 0, 1, high_open=True), default=HYPER["momentum"], help="SGD (Nesterov) momentum")
     p.add_argument("--weight-decay", type=nonnegative_float, default=HYPER["weight_decay"],
                    help="weight decay of the retrained layer")
-    p.add_argument("--seed", type=nonnegative_int, default=HYPER["seed"], help="seed of the batch order")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=HYPER["seed"], help="seed of the batch order")
     add_eval_batch_size(p)
 
 

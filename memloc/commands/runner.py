@@ -147,11 +147,13 @@ def run_command(name: str, mod, argv: list[str]):
                             f"another memloc {name} is running on {str(run.path)!r}; wait for it to finish")
             if args.out.exists() and not args.overwrite:
                 done = getattr(mod, "already_done", None)
-                if done is not None and done(args, run):
+                if getattr(mod, "resumable", lambda *a: False)(args, run):
+                    pass    # an interrupted search with these settings (e.g. started with --overwrite) goes on
+                elif done is not None and done(args, run):
                     print(f"{prog}: {args.out} is already complete for these settings (nothing to do)",
                           file=sys.stderr)
                     return run.result(result_name)
-                if not getattr(mod, "resumable", lambda *a: False)(args, run):
+                else:
                     raise MemlocError(f"{str(args.out)!r} exists (possibly with different settings); "
                                       "use overwrite=True to replace it")
         with warnings.catch_warnings():

@@ -1,15 +1,12 @@
 """``memloc train RUN``: train under label noise into a run directory (:func:`memloc.train`)."""
-import shutil
-from pathlib import Path
-
 from ..data import NOISE_KINDS
-from ..errors import MemlocError
 from ..train import DEFAULTS, OPTIONS, RANGES, train
 from .runner import add_eval_batch_size, number
 
 OVERWRITE = True
 INTERRUPTED = "finished epochs are saved (rerun with --resume to continue)"
-OVERWRITE_HELP = "delete an existing run directory (one holding run.json) and train anew"
+OVERWRITE_HELP = ("replace the memloc run in RUN (only after every check passed; files memloc did not write "
+                  "are never deleted)")
 DESCRIPTION = "Train a classifier under label noise into a memloc run directory (checkpoint every epoch, per-example dynamics)."
 
 
@@ -32,16 +29,9 @@ def arguments(p):
 
 def execute(args):
     cfg = {k: getattr(args, k) for k in DEFAULTS}
-    if cfg["test_size"] is not None and cfg["test_size"] >= 1:
+    if cfg["test_size"] is not None and cfg["test_size"] >= 1 and float(cfg["test_size"]).is_integer():
         cfg["test_size"] = int(cfg["test_size"])
-    run_dir = Path(args.run)
-    if args.overwrite and run_dir.exists():
-        if args.resume:
-            raise MemlocError("resume=True and overwrite=True exclude each other")
-        if not (run_dir / "run.json").is_file():
-            raise MemlocError(f"{str(run_dir)!r} is not a memloc run directory; not deleting it", argument="overwrite")
-        shutil.rmtree(run_dir)
-    return train(run_dir, cfg, device=args.device, resume=args.resume, argv=args.argv,
+    return train(args.run, cfg, device=args.device, resume=args.resume, overwrite=args.overwrite, argv=args.argv,
                  eval_batch_size=args.eval_batch_size)
 
 

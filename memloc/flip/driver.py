@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ import xarray as xr
 from ..errors import MemlocError
 from ..evaluate import SUBSETS, accuracies
 from ..results import Result
-from ..runtime import check_range, progress
+from ..runtime import FileLock, check_range, progress
 from ..selection import resolve
 from ..units import SITES, unit_masks
 from .search import FlipSearch
@@ -23,12 +24,13 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REF_POOLS = ("clean", "all")
 
 
-def _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise_ratio, site, ref_pool, dtype):
+def _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise_ratio, seed, site, ref_pool, dtype):
     for name, value in (("max_units", max_units), ("repeats", repeats), ("group_size", group_size),
                         ("eval_batch_size", eval_batch_size)):
         check_range(name, value, low=1, integer=True)
     check_range("noise_samples", noise_samples, low=0, integer=True)
     check_range("noise_ratio", noise_ratio, low=0)
+    check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     for name, value, valid in (("site", site, SITES), ("ref_pool", ref_pool, REF_POOLS), ("dtype", dtype, DTYPES)):
         if value not in valid:
             raise MemlocError(f"unknown {name} {value!r}; valid: {', '.join(valid)}", argument=name)
@@ -68,7 +70,9 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
     (misclassified examples, resumption). Returns the ``"flip"`` result.
     """
     log = log or (lambda msg: None)
-    _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise_ratio, site, ref_pool, dtype)
+    _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise_ratio, seed, site, ref_pool, dtype)
+    if checkpoint is not None:
+        check_range("checkpoint", checkpoint, low=0, integer=True)
     src = resolve(source, data, device=device, checkpoint=checkpoint)
     model, data, dev, epoch = src.model, src.data, src.device, src.checkpoint
     if resume_dir == "auto":
@@ -87,13 +91,21 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
     if status.any():
         log(f"memloc.flip: {int(status.sum())} of {len(ids)} examples are misclassified by the model "
             "and are recorded with status 1 (not searched)")
-    store = PartStore(resume_dir, part_settings(config, ids), overwrite=overwrite)
-    todo = [(k, r) for k in np.flatnonzero(status == 0) for r in range(repeats) if (int(ids[k]), r) not in store.done]
-    if store.done:
-        log(f"memloc.flip: resuming: {len(store.done)} searches already saved, {len(todo)} to go")
-    _search(search, store, x, y, ids, todo, data, model, collateral=collateral, group_size=group_size,
-            eval_batch_size=eval_batch_size, max_units=max_units, noise_samples=noise_samples,
-            noise_ratio=noise_ratio, seed=seed)
+    lock = None if resume_dir is None else FileLock(
+        Path(resume_dir).parent / f".{Path(resume_dir).name}.lock",
+        f"another flip search is using {str(resume_dir)!r}; wait for it to finish")
+    try:
+        store = PartStore(resume_dir, part_settings(config, ids), overwrite=overwrite)
+        todo = [(k, r) for k in np.flatnonzero(status == 0) for r in range(repeats)
+                if (int(ids[k]), r) not in store.done]
+        if store.done:
+            log(f"memloc.flip: resuming: {len(store.done)} searches already saved, {len(todo)} to go")
+        _search(search, store, x, y, ids, todo, data, model, collateral=collateral, group_size=group_size,
+                eval_batch_size=eval_batch_size, max_units=max_units, noise_samples=noise_samples,
+                noise_ratio=noise_ratio, seed=seed)
+    finally:
+        if lock is not None:
+            lock.release()
     result = _result(store, ids, is_noisy, given, status, repeats, structure, refs, max_units, config)
     result.parts = store.folder
     return result

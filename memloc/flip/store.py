@@ -80,6 +80,9 @@ class PartStore:
         if self.folder is None:
             return
         marker = self.folder / "settings.json"
+        if self.folder.exists() and any(not p.name.startswith(("part_", "settings.json")) for p in self.folder.iterdir()):
+            raise MemlocError(f"resume folder {str(self.folder)!r} holds files that are not flip parts; "
+                              "choose another resume_dir", argument="resume_dir")
         if self.folder.exists() and not marker.exists():
             shutil.rmtree(self.folder)          # killed before its settings were written: nothing saved yet
         elif self.folder.exists() and self.stored() != self.settings:

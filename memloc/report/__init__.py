@@ -30,6 +30,8 @@ def report(source, out=None, *, results: dict | None = None) -> Path:
         raise MemlocError(f"output folder {str(out)!r} is a file", argument="out")
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(run.config) or {"model": run.info.get("model", {}).get("spec"), "data": run.info.get("data")}
+    if not settings.get("etd_after"):   # dropout settings mean nothing without dropout layers
+        settings = {k: v for k, v in settings.items() if k not in ("etd_after", "etd_kind", "p_gen", "p_mem")}
     sections = [f"# memloc report: `{run.path.name}`\n\n"
                 + table(["setting", "value"], [[k, json.dumps(v)] for k, v in sorted(settings.items())]),
                 plot_training(run, out)]

@@ -23,10 +23,12 @@ LABELS = {"clean": "clean train", "noisy": "noisy train (given label)",
 
 
 def _save(fig, out: Path, name: str) -> str:
-    fig.tight_layout()
-    with atomic_path(out / name) as tmp:    # a killed report never leaves a half-written figure
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(out / name) as tmp:    # a killed report never leaves a half-written figure
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return name
 
 
