@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from .dropout import EVAL_MODES, dropout_layers, evaluate_modes
-from .errors import MemlocError
+from .dropout import EVAL_MODES, evaluate_modes, require_dropout_layers
 from .evaluate import SUBSETS
 from .results import Result
 from .runtime import check_range
@@ -29,10 +28,7 @@ def evaluate_dropout(source, data=None, *, checkpoint: int | None = None, modes=
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     src = resolve(source, data, device=device, checkpoint=checkpoint)
     spec = src.run.info.get("model", {}).get("etd", {}) if src.run is not None else {}
-    layers = dropout_layers(src.model)
-    if not layers:
-        raise MemlocError(f"{type(src.model).__name__} has no example-tied dropout layers (insert them with "
-                          "insert_example_tied_dropout, or train with etd_after=...)", argument="source")
+    layers = require_dropout_layers(src.model)
     acc = evaluate_modes(src.model, src.data, modes=modes, batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     ds = xr.Dataset({"accuracy": (("mode", "subset"), acc),
                      "layer_kind": (("layer",), [l.kind for l in layers.values()]),

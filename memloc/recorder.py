@@ -17,8 +17,8 @@ from .evaluate import eval_mode, evaluate, nanmean, per_example_stats, subset_ac
 from .h5 import put, write_root_attrs
 from .inputs import as_batches
 from .models import import_path_of, model_name_of
-from .run import (CREATING, DYN_NAMES, METRICS, check_new_run_dir, checkpoint_epochs, clear_run_dir, complete_rows,
-                  is_complete, load_checkpoint, open_h5, save_atomic)
+from .run import (CREATING, DYN_NAMES, METRICS, check_new_run_dir, checkpoint_epochs, clear_run_dir,
+                  epochs_complete, is_complete, load_checkpoint, open_h5, save_atomic)
 from .runtime import FileLock, atomic_path, check_range, make_dir
 
 __all__ = ["Recorder"]
@@ -222,7 +222,7 @@ class Recorder:
     # ------------------------------------------------------------------ resuming
     def _last_complete_epoch(self) -> int:
         with open_h5(self.h5_path) as f:
-            rows = len(range(f["dynamics/end/loss"].shape[0])[complete_rows(f)])
+            rows = epochs_complete(f) + 1
         done = [e for e in checkpoint_epochs(self.ckpt_dir) if e < rows]
         if not done:
             raise MemlocError(f"{str(self.dir)!r} has no complete epoch to resume from")

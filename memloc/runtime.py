@@ -147,13 +147,13 @@ def check_creatable(path) -> None:
             return
 
 
-def make_dir(path) -> Path:
-    """``mkdir -p`` with one clear error (a parent that is a file, no permission)."""
+def make_dir(path, what: str = "folder") -> Path:
+    """``mkdir -p`` with one clear error (a parent that is a file, no permission) naming ``what``."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MemlocError(f"cannot create the folder {str(path)!r}: {e.strerror}") from None
+        raise MemlocError(f"cannot create the {what} {str(path)!r}: {e.strerror}") from None
     return path
 
 

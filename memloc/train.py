@@ -144,16 +144,15 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     run_dir = Path(run_dir)
     device = resolve_device(device)
     check_creatable(run_dir)
-    if overwrite:
-        pass
-    elif resume and is_complete(run_dir):
+    if resume and is_complete(run_dir):
         stored = json.loads((run_dir / "run.json").read_text()).get("config", {})
         diff = {k for k in cfg if stored.get(k, DEFAULTS[k]) != cfg[k]}
         if diff:
             raise MemlocError("resume with settings that differ from the stored run: "
                             + ", ".join(f"{k} (stored {stored.get(k)!r}, given {cfg[k]!r})" for k in sorted(diff)))
     else:
-        check_new_run_dir(run_dir, clear=False)   # fail before any work; the Recorder clears under its lock
+        if not overwrite:   # fail before any work; the Recorder clears (or overwrites) under its lock
+            check_new_run_dir(run_dir, clear=False)
         resume = False
 
     data = build_data(cfg, device)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import MemlocError
 from ..results import Result
-from ..runtime import FileLock, describe_range, in_range
+from ..runtime import FileLock, describe_range, in_range, make_dir
 
 __all__ = ["run_command", "Formatter", "number", "add_checkpoints", "add_layers", "add_eval_batch_size", "positive_int",
            "nonnegative_int", "positive_float", "nonnegative_float", "layer_table", "describe"]
@@ -97,10 +97,7 @@ def _translate(message: str, argument: str | None, flags: dict[str, str]) -> str
 
 def _writable(path: Path) -> None:
     """:class:`MemlocError` unless ``path`` can be written (checked before any work is done)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MemlocError(f"cannot create the output folder {str(path.parent)!r}: {e.strerror}") from None
+    make_dir(path.parent, "output folder")
     if path.is_dir():
         raise MemlocError(f"output {str(path)!r} is a folder")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -145,17 +142,14 @@ def run_command(name: str, mod, argv: list[str]):
             _writable(args.out)
             lock = FileLock(args.out.with_name(f".{result_name}.lock"),
                             f"another memloc {name} is running on {str(run.path)!r}; wait for it to finish")
-            if args.out.exists() and not args.overwrite:
-                done = getattr(mod, "already_done", None)
-                if getattr(mod, "resumable", lambda *a: False)(args, run):
-                    pass    # an interrupted search with these settings (e.g. started with --overwrite) goes on
-                elif done is not None and done(args, run):
+            resumable = getattr(mod, "resumable", lambda *a: False)   # an interrupted search with these settings
+            if args.out.exists() and not args.overwrite and not resumable(args, run):
+                if getattr(mod, "already_done", lambda *a: False)(args, run):
                     print(f"{prog}: {args.out} is already complete for these settings (nothing to do)",
                           file=sys.stderr)
                     return run.result(result_name)
-                else:
-                    raise MemlocError(f"{str(args.out)!r} exists (possibly with different settings); "
-                                      "use overwrite=True to replace it")
+                raise MemlocError(f"{str(args.out)!r} exists (possibly with different settings); "
+                                  "use overwrite=True to replace it")
         with warnings.catch_warnings():
             warnings.showwarning = lambda message, *a, **kw: print(f"{prog}: warning: {message}", file=sys.stderr)
             result = mod.execute(args)

@@ -36,9 +36,10 @@ Example ids reach the layers without changing the model's forward signature::
 """
 from .evaluate import EVAL_MODES, evaluate_modes, recalibrate_norms
 from .insert import (auto_as_test, dropout_layers, example_ids, insert_example_tied_dropout,
-                     remove_example_tied_dropout, set_mode)
+                     remove_example_tied_dropout, require_dropout_layers, set_mode)
 from .layer import KINDS, MODES, ExampleTiedDropout, FixedSparseDropout, StandardDropout, example_masks
 
 __all__ = ["ExampleTiedDropout", "StandardDropout", "FixedSparseDropout", "KINDS", "MODES", "EVAL_MODES",
            "insert_example_tied_dropout", "remove_example_tied_dropout", "dropout_layers", "set_mode",
-           "auto_as_test", "example_ids", "example_masks", "evaluate_modes", "recalibrate_norms"]
+           "auto_as_test", "example_ids", "example_masks", "evaluate_modes", "recalibrate_norms",
+           "require_dropout_layers"]

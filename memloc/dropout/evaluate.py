@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import MemlocError
 from ..evaluate import SUBSETS, accuracies
-from .insert import _layers_or_error, auto_as_test, example_ids, set_mode
+from .insert import require_dropout_layers, auto_as_test, example_ids, set_mode
 
 __all__ = ["EVAL_MODES", "recalibrate_norms", "evaluate_modes"]
 
@@ -75,7 +75,7 @@ def evaluate_modes(model: nn.Module, data, *, modes=EVAL_MODES, batch_size: int 
     (:func:`recalibrate_norms`; ``train`` mode keeps the statistics training collected). The
     layers' modes (and ``model``) are left as they were.
     """
-    layers = _layers_or_error(model)
+    layers = require_dropout_layers(model)
     old = {name: layer.mode for name, layer in layers.items()}
     unknown = [mode for mode in modes if mode not in EVAL_MODES]
     if unknown:

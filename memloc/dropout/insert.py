@@ -12,7 +12,7 @@ from ..units import Hooks
 from .layer import KINDS, MODES, ExampleTiedDropout, _UnitDropout, layer_seed
 
 __all__ = ["insert_example_tied_dropout", "remove_example_tied_dropout", "dropout_layers", "set_mode",
-           "auto_as_test", "example_ids"]
+           "auto_as_test", "example_ids", "require_dropout_layers"]
 
 _ATTR = "_memloc_unit_dropout"   # instance attribute of a hooked module (outside _modules / state_dict)
 
@@ -120,7 +120,8 @@ def dropout_layers(model: nn.Module) -> dict[str, _UnitDropout]:
     return out
 
 
-def _layers_or_error(model):
+def require_dropout_layers(model) -> dict:
+    """:func:`dropout_layers`, or one clear error when the model has none."""
     layers = dropout_layers(model)
     if not layers:
         raise MemlocError(f"{type(model).__name__} has no example-tied dropout layers "
@@ -133,7 +134,7 @@ def set_mode(model: nn.Module, mode: str) -> dict[str, str]:
     if mode not in MODES:
         raise MemlocError(f"unknown dropout mode {mode!r}; valid: {', '.join(MODES)}")
     old = {}
-    for name, layer in _layers_or_error(model).items():
+    for name, layer in require_dropout_layers(model).items():
         old[name], layer.mode = layer.mode, mode
     return old
 
@@ -159,7 +160,7 @@ def auto_as_test(model: nn.Module):
 @contextlib.contextmanager
 def example_ids(model: nn.Module, ids):
     """Bind the example ids ``ids`` (B,) of the next forward passes to every dropout layer of ``model``."""
-    layers = list(_layers_or_error(model).values())
+    layers = list(require_dropout_layers(model).values())
     old = [layer._ids for layer in layers]
     ids = torch.as_tensor(ids)
     try:
