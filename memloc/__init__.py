@@ -12,14 +12,17 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*found in sys\.modules after import of package 'memloc'",
                         category=RuntimeWarning)
 
+from .agreement import score_agreement  # noqa: E402
 from .data import Data, ExampleSet, make_data, register_data  # noqa: E402
 from .detect import detect  # noqa: E402
 from .dropout import ExampleTiedDropout, example_ids, insert_example_tied_dropout, set_mode  # noqa: E402
 from .etd import evaluate_dropout  # noqa: E402
+from .experiments import clean, jtt, prune  # noqa: E402
 from .errors import MemlocError  # noqa: E402
 from .flip import flip  # noqa: E402
 from .gradients import gradients  # noqa: E402
 from .inputs import WithIds  # noqa: E402
+from .label_issues import find_label_issues  # noqa: E402
 from .models import register_model  # noqa: E402
 from .recorder import Recorder  # noqa: E402
 from .report import report  # noqa: E402
@@ -32,5 +35,6 @@ from .train import train  # noqa: E402
 
 __all__ = ["load", "Run", "Recorder", "WithIds", "Data", "ExampleSet", "make_data", "register_data",
            "register_model", "Result", "load_result", "MemlocError", "train", "gradients", "rewind", "retrain",
-           "flip", "scores", "detect", "evaluate_dropout", "report", "ExampleTiedDropout",
+           "flip", "scores", "score_agreement", "detect", "find_label_issues", "prune", "clean", "jtt",
+           "evaluate_dropout", "report", "ExampleTiedDropout",
            "insert_example_tied_dropout", "set_mode", "example_ids"]

@@ -24,7 +24,7 @@ from .errors import MemlocError
 from .runtime import import_object
 
 __all__ = ["ExampleSet", "Data", "DATASETS", "NOISE_KINDS", "load_arrays", "make_noisy_labels",
-           "stratified_split", "build_data", "register_data", "make_data"]
+           "stratified_split", "build_data", "check_subset", "register_data", "make_data"]
 
 
 @dataclass
@@ -297,32 +297,75 @@ def make_data(x_train, label_given, x_test=None, y_test=None, *, label_true=None
     return Data(name, train, test, c, true, given, given != true)
 
 
-def build_data(cfg: dict, device="cpu") -> Data:
+def check_subset(ids, num_examples: int) -> np.ndarray:
+    """Example ids of a training subset as a sorted int64 array: unique, in ``0..num_examples-1``, not empty."""
+    try:
+        keep = np.asarray(ids, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError):
+        raise MemlocError("subset must be a list of example ids", argument="subset") from None
+    if not len(keep):
+        raise MemlocError("subset is empty: keep at least one example", argument="subset")
+    if keep.min() < 0 or keep.max() >= num_examples:
+        raise MemlocError(f"subset holds ids outside 0..{num_examples - 1}", argument="subset")
+    if len(np.unique(keep)) != len(keep):
+        raise MemlocError("subset lists an example more than once", argument="subset")
+    return np.sort(keep)
+
+
+def build_data(cfg: dict, device="cpu", *, label_given=None) -> Data:
     """Build the dataset described by a run config (keys of :data:`memloc.train.DEFAULTS`).
+
+    Order: split, ``train_size`` subsample, synthetic ``noise``, given labels from the ``labels``
+    file (:mod:`memloc.labels`), then ``subset`` (ids of that training set; the kept examples are
+    renumbered 0..K-1, ``source_index`` still names their rows in the source). ``label_given``:
+    the labels a stored run trained on (used instead of re-reading the labels file).
 
     ``cfg["dataset"]`` is a built-in name, a name registered with :func:`register_data` or an
     import path ``pkg.module:factory`` (then called with ``cfg["options"]`` and returning a Data).
     """
     name = str(cfg.get("dataset"))
+    noise = cfg.get("noise") or 0.0
+    kind, noise_seed = cfg.get("noise_kind", "symmetric"), cfg.get("noise_seed", 0)
     if name in _REGISTERED or (":" in name and not name.startswith("imagefolder:")):
         factory = _REGISTERED.get(name) or import_object(name, "dataset factory")
         data = factory(**cfg.get("options", {}))
         if not isinstance(data, Data):
             raise MemlocError(f"dataset factory {name!r} returned a {type(data).__name__}, not a memloc.data.Data")
-        return data.to(device)
-    x_tr, y_tr, x_te, y_te, src_tr, src_te, n_classes = load_arrays(
-        cfg["dataset"], data_root=cfg.get("data_root"), download=cfg.get("download", False),
-        split_seed=cfg.get("split_seed", 0), test_size=cfg.get("test_size"), img_size=cfg.get("img_size"))
-    if cfg.get("train_size"):
-        n = int(cfg["train_size"])
-        if not 0 < n < len(y_tr):
-            raise MemlocError(f"train_size must be between 1 and {len(y_tr) - 1}, got {n}")
-        keep, _ = stratified_split(y_tr, len(y_tr) - n, cfg.get("split_seed", 0))
-        x_tr, y_tr, src_tr = x_tr[keep], y_tr[keep], src_tr[keep]
-    given, is_noisy = make_noisy_labels(y_tr, cfg.get("noise", 0.0), num_classes=n_classes,
-                                        kind=cfg.get("noise_kind", "symmetric"), seed=cfg.get("noise_seed", 0))
-    xt_tr, xt_te = _standardise(torch.from_numpy(x_tr), torch.from_numpy(x_te))
-    train = ExampleSet(xt_tr, torch.from_numpy(given), torch.arange(len(given)))
-    test = ExampleSet(xt_te, torch.from_numpy(y_te), torch.arange(len(y_te)))
-    return Data(cfg["dataset"], train.to(device), test.to(device), n_classes, y_tr, given, is_noisy,
-                {"train": src_tr, "test": src_te})
+        y_tr, given, is_noisy, n_classes = data.label_true, data.label_given, data.is_noisy, data.num_classes
+        if noise:
+            if is_noisy.any():
+                raise MemlocError(f"dataset factory {name!r} gives its own noisy labels; set noise=0",
+                                  argument="noise")
+            given, is_noisy = make_noisy_labels(y_tr, noise, num_classes=n_classes, kind=kind, seed=noise_seed)
+        src = data.source_index or {"train": np.arange(len(y_tr)), "test": np.arange(len(data.test))}
+        xt_tr, test, src_tr = data.train.x.cpu(), data.test, np.asarray(src["train"])
+        src_te = np.asarray(src.get("test", np.arange(len(data.test))))
+    else:
+        x_tr, y_tr, x_te, y_te, src_tr, src_te, n_classes = load_arrays(
+            cfg["dataset"], data_root=cfg.get("data_root"), download=cfg.get("download", False),
+            split_seed=cfg.get("split_seed", 0), test_size=cfg.get("test_size"), img_size=cfg.get("img_size"))
+        if cfg.get("train_size"):
+            n = int(cfg["train_size"])
+            if not 0 < n < len(y_tr):
+                raise MemlocError(f"train_size must be between 1 and {len(y_tr) - 1}, got {n}")
+            keep, _ = stratified_split(y_tr, len(y_tr) - n, cfg.get("split_seed", 0))
+            x_tr, y_tr, src_tr = x_tr[keep], y_tr[keep], src_tr[keep]
+        given, is_noisy = make_noisy_labels(y_tr, noise, num_classes=n_classes, kind=kind, seed=noise_seed)
+        xt_tr, xt_te = _standardise(torch.from_numpy(x_tr), torch.from_numpy(x_te))
+        test = ExampleSet(xt_te, torch.from_numpy(y_te), torch.arange(len(y_te)))
+    if cfg.get("labels") and label_given is None:     # real noise: the labels of a file (no synthetic noise)
+        from .labels import check_labels, read_labels
+        given = check_labels(read_labels(cfg["labels"]), num_examples=len(y_tr), num_classes=n_classes,
+                             what=f"labels file {str(cfg['labels'])!r}")
+        is_noisy = given != y_tr
+    if cfg.get("subset") is not None:                 # a pruned / cleaned training set: ids of the full one
+        keep = check_subset(cfg["subset"], len(y_tr))
+        xt_tr, y_tr, given, is_noisy, src_tr = xt_tr[keep], y_tr[keep], given[keep], is_noisy[keep], src_tr[keep]
+    if label_given is not None:                       # a run rebuilt: the labels it stored
+        given = np.asarray(label_given, dtype=np.int64)
+        if given.shape != y_tr.shape:
+            raise MemlocError(f"stored given labels ({len(given)}) do not match the rebuilt training set ({len(y_tr)})")
+        is_noisy = given != y_tr
+    train = ExampleSet(xt_tr, torch.from_numpy(np.asarray(given, dtype=np.int64)), torch.arange(len(given)))
+    return Data(name, train.to(device), test.to(device), n_classes, np.asarray(y_tr), np.asarray(given),
+                np.asarray(is_noisy, dtype=bool), {"train": src_tr, "test": src_te})

@@ -147,6 +147,8 @@ def _foreign(path: Path) -> list[str]:
     out = []
     for p in path.rglob("*"):
         rel = p.relative_to(path)
+        if rel.parts[0] == "children":      # child runs of retraining experiments (memloc.experiments)
+            continue
         folder = str(rel.parent).replace("\\", "/")
         if p.is_dir() and str(rel).replace("\\", "/") in _OURS:
             continue
@@ -274,7 +276,8 @@ class Run:
             if spec is None:
                 raise MemlocError(f"run {str(self.path)!r} was recorded without a data spec: pass data= to "
                                   "memloc.load, or record it with data_spec=")
-            self._data = build_data(spec)
+            # a run trained on a labels file is rebuilt with the labels it stored (the file may have moved)
+            self._data = build_data(spec, label_given=self.label_given if spec.get("labels") else None)
             if not (np.array_equal(self._data.label_given, self.label_given)
                     and np.array_equal(self._data.label_true, self.label_true)):
                 raise MemlocError(f"the dataset rebuilt for {str(self.path)!r} does not match its stored labels")

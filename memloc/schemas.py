@@ -54,7 +54,7 @@ def _layer_coords(dim: str = "layer") -> dict[str, Var]:
 
 _SUBSET = {"subset": Var(("subset",), "clean, noisy (given labels), noisy_true (true labels), test")}
 _EXAMPLE = {"example": Var(("example",), "training example id (0..N-1, the row of run.h5 /examples)")}
-_SCORES = ("final_loss", "confidence", "variability", "forgetting", "el2n", "grand", "aum", "neuron_count")
+_SCORES = ("final_loss", "confidence", "variability", "forgetting", "el2n", "grand", "aum", "neuron_count", "tracin")
 
 SCHEMAS: dict[str, Schema] = {s.name: s for s in [
     Schema("gradients", "per-layer gradient accounting (memloc.gradients)",
@@ -108,6 +108,48 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in [
             "layer_kind": Var(("layer",), "example_tied | standard | fixed"),
             "units": Var(("layer",), "units of the layer"),
             "gen_units": Var(("layer",), "generalisation units (always kept)")}),
+    Schema("agreement", "Spearman rank agreement between scores and across runs (memloc.score_agreement)",
+           {"score": Var(("score",), "score name"), "score_b": Var(("score_b",), "score name (the same list)")},
+           {"between": Var(("score", "score_b"), "Spearman correlation of direction x score between the two "
+                           "scores (examples finite in both), mean over runs; > 0: they flag the same examples"),
+            "across_runs": Var(("score",), "Spearman correlation of the score between two runs, mean over "
+                               "run pairs (NaN with one run)"),
+            "pairs": Var(("score",), "run pairs in that mean (those with a defined correlation)")}),
+    Schema("issues", "every training example ranked by suspicion, the suspects flagged, no ground truth used "
+           "(memloc.find_label_issues)",
+           {**_EXAMPLE, "score": Var(("score",), "score name (memloc.scores)")},
+           {"rank": Var(("example",), "1 = most suspicious"),
+            "flagged": Var(("example",), "1 = among the round(rate_estimate x N) most suspicious"),
+            "label_given": Var(("example",), "label trained on"),
+            "label_predicted": Var(("example",), "argmax of the epoch-k probabilities (averaged over runs): the relabelling candidate"),
+            "prob_given": Var(("example",), "epoch-k probability of the given label"),
+            "suspicion": Var(("example",), "the ranking value (higher = more suspicious)"),
+            "scores": Var(("example", "score"), "every score, raw (averaged over runs)"),
+            "direction": Var(("score",), "+1: higher = more likely mislabeled, -1: lower is"),
+            "rate_estimate": Var((), "estimated noise rate (calibrated confident joint) or the rate given")}),
+    Schema("prune", "test accuracy of fresh runs trained on pruned training sets (memloc.prune)",
+           {"score": Var(("score",), "score that chose the kept examples, or random"),
+            "keep": Var(("keep",), "fraction of the training set kept"), "seed": Var(("seed",), "training seed")},
+           {"test_accuracy": Var(("score", "keep", "seed"), "final test accuracy of the run on the kept examples"),
+            "noisy_kept": Var(("score", "keep", "seed"), "share of the noisy examples that were kept (NaN without noise)"),
+            "noisy_share": Var(("score", "keep", "seed"), "share of the kept examples that are noisy"),
+            "full_accuracy": Var(("seed",), "final test accuracy trained on every example")}),
+    Schema("clean", "drop (or relabel) flagged examples and retrain: test accuracy before / after (memloc.clean)",
+           {"flags": Var(("flags",), "all (no cleaning), memloc (find_label_issues flags), cleanlab (baseline)"),
+            "seed": Var(("seed",), "training seed")},
+           {"test_accuracy": Var(("flags", "seed"), "final test accuracy"),
+            "flagged": Var(("flags",), "examples flagged"),
+            "precision": Var(("flags",), "flagged that are noisy (NaN without ground truth)"),
+            "recall": Var(("flags",), "noisy that are flagged (NaN without ground truth)"),
+            "noise_left": Var(("flags",), "share of the training set still mislabeled after cleaning (NaN without ground truth)")}),
+    Schema("jtt", "just train twice: the identification model's error set upweighted, retrained (memloc.jtt)",
+           {"variant": Var(("variant",), "erm (plain retraining), jtt (error set upweighted)"),
+            "seed": Var(("seed",), "training seed"),
+            "group": Var(("group",), "test, worst_class (worst per-class test accuracy), clean (training, given = true), "
+                                      "noisy_given (memorised), noisy_true (noisy examples w.r.t. true labels)")},
+           {"accuracy": Var(("variant", "seed", "group"), "final accuracy on the group"),
+            "error_set": Var(("error",), "ids of the identification model's misclassified training examples"),
+            "error_set_noisy": Var((), "share of the error set that is noisy (NaN without ground truth)")}),
 ]}
 
 

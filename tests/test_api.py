@@ -150,7 +150,7 @@ def test_every_analysis_from_python(api_run, tmp_path):
 
     sc = memloc.scores(run, device="cpu")
     assert set(sc.data_vars) == {"final_loss", "confidence", "variability", "forgetting", "el2n", "grand", "aum",
-                                 "neuron_count"}
+                                 "neuron_count", "tracin"}
     df = sc.to_dataframe()
     assert df.index.name == "example" and len(df) == run.num_train and "el2n" in df.columns
     assert np.isfinite(df["neuron_count"]).sum() == int((fl["status"].values == 0).sum())

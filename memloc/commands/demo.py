@@ -2,7 +2,8 @@
 
 ``python -m memloc demo OUT [--quick]`` trains an MLP on MNIST-5k with 10% symmetric label noise,
 then runs gradient accounting, layer rewinding, layer retraining, unit zeroing (flip) on a sample
-of noisy and clean examples, the per-example scores, noise detection, a second run with
+of noisy and clean examples, the per-example scores, noise detection, label issues found without
+ground truth and a retraining without them, a second run with
 example-tied dropout evaluated in test and drop mode, and the reports; it ends with a summary of
 where each result lives. Full: a few minutes on 2 CPU cores; ``--quick``: under 2 minutes, with
 fewer epochs and examples (used by the integration test).
@@ -42,6 +43,10 @@ def steps(out: Path, quick: bool, device: str) -> list[tuple[str, str, list[str]
         ("zero units until predictions flip", "flip", [run, "--examples", s["flip_examples"], *dev]),
         ("per-example memorisation scores", "scores", [run, *dev]),
         ("noise detection by every score", "detect", [run]),
+        ("label issues without ground truth (ranked list as CSV)", "issues",
+         [run, "--out", str(out / "mnist5k-mlp-issues.csv"), *dev]),
+        ("drop the flagged examples and retrain (one seed, no cleanlab baseline)", "clean",
+         [run, "--seeds", "0", "--no-cleanlab", *dev]),
         ("report", "report", [run]),
         ("train lenet (width 4) with example-tied dropout after every ReLU", "train",
          [etd, "--dataset", "mnist5k", "--model", "lenet", "--width", "4", "--noise", "0.1",

@@ -13,7 +13,7 @@ from ..errors import MemlocError
 from ..results import Result
 from ..runtime import FileLock, describe_range, in_range, make_dir
 
-__all__ = ["run_command", "Formatter", "number", "add_checkpoints", "add_layers", "add_eval_batch_size", "positive_int",
+__all__ = ["run_command", "check_writable", "Formatter", "number", "add_checkpoints", "add_layers", "add_eval_batch_size", "add_experiment", "seed_table", "mean_se", "positive_int",
            "nonnegative_int", "positive_float", "nonnegative_float", "layer_table", "describe"]
 
 
@@ -67,6 +67,33 @@ def add_eval_batch_size(p) -> None:
     p.add_argument("--eval-batch-size", type=positive_int, default=1024, help="examples per evaluation forward pass")
 
 
+def add_experiment(p) -> None:
+    """``--seeds`` and ``--jobs`` of the retraining experiments (prune, clean, jtt)."""
+    p.add_argument("--seeds", type=number(int, 0, 2**32 - 1), nargs="+", default=[0, 1, 2],
+                   help="training seeds of the fresh runs (mean and standard error over them)")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="runs trained in parallel processes (each with cores / jobs threads); finished runs under "
+                        "RUN/children are reused, interrupted ones resumed")
+
+
+def seed_table(res, dim: str, variable: str = "test_accuracy") -> str:
+    """``name  mean +- s.e. (n seeds)`` per entry of ``dim`` of a (dim, ..., seed) variable."""
+    lines = []
+    for name in res[dim].values:
+        v = res[variable].sel({dim: name}).values
+        lines.append(f"{str(name):<12} {mean_se(v)}")
+    return "\n".join(lines)
+
+
+def mean_se(values, digits: int = 4) -> str:
+    """``0.9123 +- 0.0021``: the mean and its standard error (the value alone for one value)."""
+    import numpy as np
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 1:
+        return f"{v.mean():.{digits}f}"
+    return f"{v.mean():.{digits}f} +- {v.std(ddof=1) / np.sqrt(v.size):.{digits}f}"
+
+
 def layer_table(names, columns, values, fmt: str = "10.3f") -> str:
     """A plain-text table: one row per layer name, one column per name in ``columns``; values (L, C)."""
     width = max([24] + [len(n) for n in names])
@@ -95,8 +122,9 @@ def _translate(message: str, argument: str | None, flags: dict[str, str]) -> str
     return message
 
 
-def _writable(path: Path) -> None:
+def check_writable(path) -> None:
     """:class:`MemlocError` unless ``path`` can be written (checked before any work is done)."""
+    path = Path(path)
     make_dir(path.parent, "output folder")
     if path.is_dir():
         raise MemlocError(f"output {str(path)!r} is a folder")
@@ -139,7 +167,7 @@ def run_command(name: str, mod, argv: list[str]):
             from ..run import as_run
             run = as_run(args.run, need_checkpoints=False)
             args.out = run.results_path(result_name)
-            _writable(args.out)
+            check_writable(args.out)
             lock = FileLock(args.out.with_name(f".{result_name}.lock"),
                             f"another memloc {name} is running on {str(run.path)!r}; wait for it to finish")
             resumable = getattr(mod, "resumable", lambda *a: False)   # an interrupted search with these settings
@@ -155,6 +183,8 @@ def run_command(name: str, mod, argv: list[str]):
             result = mod.execute(args)
         if isinstance(result, Result) and result_name:
             result.save(args.out, argv=args.argv)
+        if hasattr(mod, "after_save"):          # extra outputs, written once the result is safe
+            mod.after_save(result, args)
         text = mod.summary(result, args)
         if text:
             print(text)

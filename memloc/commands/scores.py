@@ -20,7 +20,7 @@ def arguments(p):
     p.add_argument("--grad-method", default="hooks", choices=list(GRAD_NORM_METHODS),
                    help="per-example gradient norms for grand: hooks = per-layer norm tricks, "
                         "vmap = torch.func over the whole model, loop = one backward per example")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="examples per forward pass (el2n, grand)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="examples per forward pass (el2n, grand, tracin)")
 
 
 def execute(args):

@@ -12,7 +12,10 @@ from pathlib import Path
 from ..errors import MemlocError
 from ..run import as_run
 from ..runtime import atomic_path, progress
-from .plots import PLOTTERS, plot_training, table
+from .actions import ACTION_PLOTTERS
+from .plots import PLOTTERS as LOCALISATION_PLOTTERS, plot_training, table
+
+PLOTTERS = {**LOCALISATION_PLOTTERS, **ACTION_PLOTTERS}
 
 __all__ = ["report", "PLOTTERS"]
 

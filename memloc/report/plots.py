@@ -14,7 +14,7 @@ from ..detect import plot_curves  # noqa: E402
 from ..run import Run  # noqa: E402
 from ..runtime import atomic_path  # noqa: E402
 
-__all__ = ["PLOTTERS", "plot_training", "table"]
+__all__ = ["PLOTTERS", "plot_training", "table", "save_figure"]
 
 COLORS = {"clean": "tab:blue", "noisy": "tab:red", "noisy_true": "tab:orange", "test": "tab:green",
           "total": "tab:gray"}
@@ -22,7 +22,7 @@ LABELS = {"clean": "clean train", "noisy": "noisy train (given label)",
           "noisy_true": "noisy train (true label)", "test": "test"}
 
 
-def _save(fig, out: Path, name: str) -> str:
+def save_figure(fig, out: Path, name: str) -> str:
     try:
         fig.tight_layout()
         with atomic_path(out / name) as tmp:    # a killed report never leaves a half-written figure
@@ -63,7 +63,7 @@ def plot_training(run: Run, out: Path) -> str:
             b.plot(epochs, loss[:, rows].mean(1), color=COLORS[key], label=f"{key} examples")
     b.set(xlabel="epoch", ylabel="mean loss (given label)", title="loss at epoch end", yscale="log")
     b.legend(fontsize=8)
-    name = _save(fig, out, "training.png")
+    name = save_figure(fig, out, "training.png")
     last = {k: float(v[-1]) for k, v in m.items()}
     rows = [[LABELS[k], 100 * last[f"{k}_accuracy"]] for k in ("clean", "noisy", "noisy_true", "test")]
     return ("## Training\n\n"
@@ -101,7 +101,7 @@ def plot_gradients(res, out: Path, run: Run | None = None) -> str:
         ax.set_xlabel("epoch")
     axes[0, 0].set_ylabel("||grad|| / sqrt(#params)")
     axes[0, 0].legend(fontsize=7)
-    norms = _save(fig, out, "gradients_norms.png")
+    norms = save_figure(fig, out, "gradients_norms.png")
     fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(epochs) + 2), max(2.5, 0.35 * n + 1.2)))
     im = ax.imshow(q["cosine"].T, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     ax.set_yticks(range(n), _short(layers), fontsize=7)
@@ -109,7 +109,7 @@ def plot_gradients(res, out: Path, run: Run | None = None) -> str:
     ax.set_xticks(range(0, len(epochs), step), epochs[::step])
     ax.set(xlabel="epoch", title="cosine(clean gradient, noisy gradient)")
     fig.colorbar(im, ax=ax)
-    cos = _save(fig, out, "gradients_cosine.png")
+    cos = save_figure(fig, out, "gradients_cosine.png")
     later = epochs >= 2
     rows = [[layers[i], f"{np.nanmean(q['norm_clean'][later, i]):.3g}", f"{np.nanmean(q['norm_noisy'][later, i]):.3g}",
              float(np.nanmean(q["cosine"][later, i]))] for i in range(n)]
@@ -171,7 +171,7 @@ def plot_retrain(res, out: Path, run: Run | None = None) -> str:
         ax.set_xlabel("retraining epoch")
     axes[0, 0].set_ylabel("accuracy (%)")
     axes[0, 0].legend(fontsize=7)
-    name = _save(fig, out, "retrain.png")
+    name = save_figure(fig, out, "retrain.png")
     return ("## Layer retraining\n\nOne layer at a time is reset to initialisation and retrained alone on the "
             f"clean examples.\n\n![retrain]({name})\n\nAccuracy (%) after retraining:\n\n"
             + _accuracy_rows(layers, subsets, acc[:, -1], base, "(final model)"))
@@ -208,7 +208,7 @@ def plot_flip(res, out: Path, run: Run | None = None) -> str:
     b.set(ylabel="% of zeroed units", title="layer of the critical units")
     if b.get_legend_handles_labels()[0]:   # no units zeroed at all: nothing to label
         b.legend(fontsize=8)
-    name = _save(fig, out, "flip.png")
+    name = save_figure(fig, out, "flip.png")
     rows = []
     for key, r in groups.items():
         if r.any():
@@ -256,7 +256,7 @@ def plot_dropout(res, out: Path, run: Run | None = None) -> str:
     ax.set_xticks(x, [LABELS.get(s, s) for s in subsets], fontsize=8)
     ax.set(ylabel="accuracy (%)", ylim=(0, 101), title="example-tied dropout: before / after dropping")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(modes))
-    name = _save(fig, out, "dropout.png")
+    name = save_figure(fig, out, "dropout.png")
     rows = [[f"{m} mode"] + [100 * float(v) for v in acc[i]] for i, m in enumerate(modes)]
     return ("## Example-tied dropout\n\nMemorisation units are scaled by p_mem in test mode and dropped in drop "
             f"mode (dropout layers after: {', '.join(layers)})"

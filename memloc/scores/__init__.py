@@ -27,19 +27,25 @@ aum            -1    area under the margin (Pleiss et al. 2020): mean over prese
 neuron_count   -1    mean over repeats of the units zeroed until the prediction flipped
                      (``results/flip.h5``; not flipped = max_units + 1); NaN where not searched
                      or misclassified (Maini et al. 2023: memorised examples flip with fewer units)
+tracin         +1    TracIn self-influence (TracInCP, Pruthi et al. 2020): sum over the checkpoints
+                     of epochs 1..final of lr_e x ||loss gradient||^2, lr_e the learning rate of
+                     epoch e (:func:`checkpoint_lrs`; 1 for runs without lr / schedule in their
+                     config); one forward + backward pass over the training set per checkpoint
 =============  ====  =========================================================================
 
 Epoch k (``checkpoint_k``) defaults to 10% of training (at least 1), as Paul et al. score at epoch
 20 of 200. On the MNIST-5k runs (one-cycle schedule, 10% noise) EL2N's AUROC is 0.99 at epochs
 3-6 (MLP) and 0.98-1.00 at epochs 4-15 (lenet) and falls once noisy labels are being memorised.
 GraNd's per-example norms are computed in one forward and one backward pass per batch from each
-layer's input and output gradient (:func:`grad_norms`, ``grad_method``).
+layer's input and output gradient (:func:`grad_norms`, ``grad_method``); TracIn reuses them at every
+checkpoint (:func:`tracin_self_influence`), so it costs one such pass per trained epoch.
 
 The ``"scores"`` result has one variable per score over the ``example`` dimension, with
 attributes ``description``, ``direction`` (and ``epoch`` for el2n / grand).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,9 +62,11 @@ from ..runtime import check_range, resolve_device, split_list
 from ..selection import resolve
 from .functions import aum, confidence, el2n, final_loss, forgetting_events, neuron_count, variability
 from .gradnorm import GRAD_NORM_METHODS, grad_norms
+from .tracin import checkpoint_lrs, tracin_self_influence
 
 __all__ = ["final_loss", "confidence", "variability", "forgetting_events", "el2n", "aum", "neuron_count",
-           "grad_norms", "GRAD_NORM_METHODS", "Score", "SCORES", "default_epoch_k", "scores", "select_scores"]
+           "grad_norms", "GRAD_NORM_METHODS", "tracin_self_influence", "checkpoint_lrs", "Score", "SCORES",
+           "default_epoch_k", "scores", "select_scores"]
 
 
 class _Inputs:
@@ -68,6 +76,7 @@ class _Inputs:
         self.run, self.epoch_k, self.device = run, epoch_k, device
         self.batch_size, self.grad_method = batch_size, grad_method
         self._model, self._data = model, data
+        self.tracin_config: dict = {}
 
     def dynamics(self, name: str, when: str) -> np.ndarray:
         if self.run is None:
@@ -95,6 +104,25 @@ class _Inputs:
 
     def logits_k(self) -> np.ndarray:
         return evaluate(self.model_k(), self.train().batches(self.batch_size), logits=True)["logits"]
+
+    def tracin(self) -> np.ndarray:
+        """TracIn self-influence over every trained checkpoint (1..final), weighted by its learning rate."""
+        if self.run is None:
+            raise MemlocError("tracin needs a run's checkpoints; pass a run, or only model scores (el2n, "
+                              "grand) with a model", argument="names")
+        epochs = [e for e in self.run.epochs if e >= 1]
+        if not epochs:
+            raise MemlocError(f"tracin needs a trained checkpoint (epoch >= 1); run {str(self.run.path)!r} "
+                              "has only the initialisation")
+        gaps = sorted(set(range(1, epochs[-1] + 1)) - set(epochs))
+        if gaps:
+            warnings.warn(f"checkpoints of epochs {gaps} are missing: tracin leaves their steps out")
+        weights = checkpoint_lrs(self.run.config, epochs, self.run.num_train)
+        self.tracin_config = {"tracin_epochs": epochs, "tracin_weights": [float(w) for w in weights]}
+        train = self.train()
+        models = (self.run.model(e, device=self.device) for e in epochs)
+        return tracin_self_influence(models, weights, train.x, train.y, method=self.grad_method,
+                                     batch_size=self.batch_size)
 
     def neuron_count(self) -> np.ndarray:
         if self.run is None:
@@ -144,6 +172,9 @@ SCORES: dict[str, Score] = {
     "neuron_count": Score(neuron_count, lambda i: i.neuron_count(), -1,
                           "units zeroed until the prediction flips (mean over repeats; not flipped = "
                           "max_units + 1; NaN = not searched)"),
+    "tracin": Score(tracin_self_influence, lambda i: i.tracin(), +1,
+                    "TracIn self-influence: sum over checkpoints 1..final of lr x ||loss gradient||^2 "
+                    "(eval mode; weights in config tracin_weights)"),
 }
 MODEL_SCORES = ("el2n", "grand")
 
@@ -173,7 +204,9 @@ def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, g
 
     ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` (then only the
     model scores el2n and grand, computed on that model). ``names``: ``"all"`` (every score whose
-    inputs exist: neuron_count only with a flip result) or names of :data:`SCORES`.
+    inputs exist: neuron_count only with a flip result) or names of :data:`SCORES`; tracin (runs
+    only) takes one forward + backward pass over the training set per checkpoint and records its
+    checkpoints and weights in the config (``tracin_epochs``, ``tracin_weights``).
     ``checkpoint_k``: the checkpoint epoch of el2n and grand (default :func:`default_epoch_k`).
     """
     check_range("batch_size", batch_size, low=1, integer=True)
@@ -204,5 +237,5 @@ def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, g
         variables[name] = xr.Variable(("example",), values, attrs)
     ds = xr.Dataset(variables, coords={"example": np.arange(n)})
     config = {"checkpoint_k": epoch_k, "scores": chosen, "grad_method": grad_method, "batch_size": batch_size,
-              "device": str(dev)}
+              "device": str(dev), **inp.tracin_config}
     return Result("scores", ds, config=config)
