@@ -20,7 +20,9 @@ from .etd import evaluate_dropout  # noqa: E402
 from .experiments import clean, jtt, prune  # noqa: E402
 from .errors import MemlocError  # noqa: E402
 from .flip import flip  # noqa: E402
+from .forgetting import forgetting_order  # noqa: E402
 from .gradients import gradients  # noqa: E402
+from .importance import importance  # noqa: E402
 from .inputs import WithIds  # noqa: E402
 from .label_issues import find_label_issues  # noqa: E402
 from .models import register_model  # noqa: E402
@@ -32,9 +34,11 @@ from .rewind import rewind  # noqa: E402
 from .run import Run, load  # noqa: E402
 from .scores import scores  # noqa: E402
 from .train import train  # noqa: E402
+from .unlearn import unlearn  # noqa: E402
 
 __all__ = ["load", "Run", "Recorder", "WithIds", "Data", "ExampleSet", "make_data", "register_data",
            "register_model", "Result", "load_result", "MemlocError", "train", "gradients", "rewind", "retrain",
            "flip", "scores", "score_agreement", "detect", "find_label_issues", "prune", "clean", "jtt",
+           "importance", "unlearn", "forgetting_order",
            "evaluate_dropout", "report", "ExampleTiedDropout",
            "insert_example_tied_dropout", "set_mode", "example_ids"]

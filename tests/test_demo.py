@@ -12,12 +12,13 @@ def demo_main(argv):
     return cli_run("demo", argv)
 
 RESULTS = {
-    "mnist5k-mlp": ["gradients", "rewind", "retrain", "flip", "scores", "detect", "issues", "clean"],
+    "mnist5k-mlp": ["gradients", "rewind", "retrain", "flip", "scores", "detect", "issues", "clean", "importance",
+                    "unlearn"],
     "mnist5k-lenet-etd": ["dropout"],
 }
 FIGURES = {
     "mnist5k-mlp": ["training", "gradients_norms", "gradients_cosine", "rewind", "retrain", "flip", "detect_roc",
-                    "issues", "clean"],
+                    "issues", "clean", "importance", "unlearn"],
     "mnist5k-lenet-etd": ["training", "dropout"],
 }
 

@@ -28,6 +28,9 @@ COMMANDS = {
     "prune": "train on subsets kept by each score (Data Diet, forgetting) vs random",
     "clean": "drop or relabel the flagged examples and retrain; cleanlab as the baseline",
     "jtt": "just train twice: upweight the early model's errors and retrain",
+    "importance": "Fisher (EWC) / MAS parameter importance per layer and unit, clean vs noisy",
+    "unlearn": "remove memorised labels: fine-tuning, ascent, EWC / MAS / LwF, unit zeroing, layer retraining",
+    "forgetting-order": "train on one part then the other: within-task forgetting, with EWC / MAS / LwF protection",
     "dropout": "evaluate an example-tied-dropout run in train, test and drop mode",
     "report": "figures and a summary page for every result of a run",
     "demo": "the whole pipeline on MNIST-5k with 10% noise, from training to report",
@@ -43,7 +46,8 @@ def run(name: str, argv=None):
     if name not in COMMANDS:
         print(f"memloc: error: unknown command {name!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
-    return run_command(name, importlib.import_module(f"memloc.commands.{name}"), list(argv or []))
+    module = importlib.import_module(f"memloc.commands.{name.replace('-', '_')}")
+    return run_command(name, module, list(argv or []))
 
 
 def main(argv=None) -> int:
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m memloc <command> [options]   (python -m memloc <command> --help)\n\ncommands:")
         for name, text in COMMANDS.items():
-            print(f"  {name:<10} {text}")
+            print(f"  {name:<17} {text}")
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
         print(f"memloc: error: unknown command {argv[0]!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)

@@ -3,7 +3,7 @@
 ``python -m memloc demo OUT [--quick]`` trains an MLP on MNIST-5k with 10% symmetric label noise,
 then runs gradient accounting, layer rewinding, layer retraining, unit zeroing (flip) on a sample
 of noisy and clean examples, the per-example scores, noise detection, label issues found without
-ground truth and a retraining without them, a second run with
+ground truth and a retraining without them, Fisher importance and unlearning, a second run with
 example-tied dropout evaluated in test and drop mode, and the reports; it ends with a summary of
 where each result lives. Full: a few minutes on 2 CPU cores; ``--quick``: under 2 minutes, with
 fewer epochs and examples (used by the integration test).
@@ -47,6 +47,8 @@ def steps(out: Path, quick: bool, device: str) -> list[tuple[str, str, list[str]
          [run, "--out", str(out / "mnist5k-mlp-issues.csv"), *dev]),
         ("drop the flagged examples and retrain (one seed, no cleanlab baseline)", "clean",
          [run, "--seeds", "0", "--no-cleanlab", *dev]),
+        ("Fisher importance of clean vs noisy examples", "importance", [run, *dev]),
+        ("unlearn the memorised labels with every method (one seed)", "unlearn", [run, "--seeds", "0", *dev]),
         ("report", "report", [run]),
         ("train lenet (width 4) with example-tied dropout after every ReLU", "train",
          [etd, "--dataset", "mnist5k", "--model", "lenet", "--width", "4", "--noise", "0.1",

@@ -13,9 +13,10 @@ from ..errors import MemlocError
 from ..run import as_run
 from ..runtime import atomic_path, progress
 from .actions import ACTION_PLOTTERS
+from .continual import CONTINUAL_PLOTTERS
 from .plots import PLOTTERS as LOCALISATION_PLOTTERS, plot_training, table
 
-PLOTTERS = {**LOCALISATION_PLOTTERS, **ACTION_PLOTTERS}
+PLOTTERS = {**LOCALISATION_PLOTTERS, **CONTINUAL_PLOTTERS, **ACTION_PLOTTERS}
 
 __all__ = ["report", "PLOTTERS"]
 

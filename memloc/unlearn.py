@@ -1,0 +1,227 @@
+"""Unlearning memorised labels from a trained model, with continual-learning protection.
+
+``memloc.unlearn(run, *, forget="noisy"|"flagged"|"ids:1,2,3", methods=...)`` (command:
+``python -m memloc unlearn RUN``) starts every method from the final checkpoint; the *retain* set
+is every other training example. Methods (:data:`METHODS`):
+
+=============  =================================================================================
+finetune       SGD on the retain set (``epochs``, ``lr``, momentum 0.9, constant lr)
+ascent         gradient *ascent* on the forget set's given labels (``ascent_epochs`` passes at
+               ``ascent_lr``: larger steps destroy the model)
+ewc            finetune + (lambda / 2) sum_i F_i (theta_i - theta*_i)^2, F = diagonal Fisher of the
+               retain set at theta* (Kirkpatrick et al. 2017), divided by its maximum
+mas            finetune + (lambda / 2) sum_i Omega_i (theta_i - theta*_i)^2, Omega = MAS importance
+               of the retain set (Aljundi et al. 2018), divided by its maximum (so lambda is on one
+               scale for both and lr x lambda < 2 keeps the penalty's steps stable)
+lwf            finetune + lambda T^2 KL(p_old^T || p_new^T) on retain batches, T = 2: distillation
+               from the original model's outputs (Li & Hoiem 2017)
+zero           the union of the forget set's flip units zeroed (Maini et al. 2023, section 2.4;
+               needs ``results/flip.h5``; the units of forget examples flip searched)
+retrain_layer  one layer reset to initialisation and retrained alone on the retain set (section
+               2.3); the layer whose retraining left the fewest noisy labels in
+               ``results/retrain.h5``, else the first layer
+=============  =================================================================================
+
+Each is measured on: ``forget_given`` (accuracy on the forget set w.r.t. the given labels: the
+memorisation left), ``forget_true`` (w.r.t. the true labels), ``retain`` (given labels) and
+``test``; plus wall time and passes over the training data. ``forget="flagged"`` uses the flags
+of ``memloc issues`` (``results/issues.h5``), so the loop runs without ground truth.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from torch import nn
+
+from .errors import MemlocError
+from .evaluate import evaluate
+from .importance import param_importance, select_rows
+from .optim import epoch_seed, make_optimizer
+from .results import Result
+from .run import as_run
+from .runtime import check_range, progress, resolve_device, split_list
+
+__all__ = ["METHODS", "GROUPS", "HYPER", "quadratic_penalty", "distillation_loss", "finetune", "unlearn"]
+
+METHODS = ("finetune", "ascent", "ewc", "mas", "lwf", "zero", "retrain_layer")
+GROUPS = ("forget_given", "forget_true", "retain", "test")
+HYPER = dict(epochs=5, lr=0.01, batch_size=128, momentum=0.9, lam={"ewc": 10.0, "mas": 10.0, "lwf": 1.0},
+             temperature=2.0, ascent_lr=0.003, ascent_epochs=3)
+
+
+def quadratic_penalty(model: nn.Module, anchor: dict[str, torch.Tensor], weight: dict[str, torch.Tensor],
+                      lam: float) -> torch.Tensor:
+    """(lam / 2) sum_i weight_i (theta_i - anchor_i)^2 over the parameters named in ``weight`` (EWC, MAS)."""
+    params = dict(model.named_parameters())
+    total = sum((w * (params[k] - anchor[k]).pow(2)).sum() for k, w in weight.items())
+    return 0.5 * lam * total
+
+
+def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """LwF: T^2 KL(softmax(old / T) || softmax(new / T)), mean over the batch."""
+    t = temperature
+    old = F.softmax(old_logits / t, dim=1)
+    return F.kl_div(F.log_softmax(new_logits / t, dim=1), old, reduction="batchmean") * t * t
+
+
+def finetune(model: nn.Module, examples, *, epochs: int, lr: float, batch_size: int = 128, momentum: float = 0.9,
+             seed: int = 0, ascent: bool = False, extra=None) -> nn.Module:
+    """SGD on ``examples`` (an ExampleSet) in train mode: descent on CE (or ascent), plus ``extra(model, x)``."""
+    opt = make_optimizer(model.parameters(), "sgd", lr=lr, momentum=momentum, weight_decay=0.0)
+    for epoch in range(1, epochs + 1):
+        gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        model.train()
+        for x, y, _ in examples.batches(batch_size, shuffle=True, generator=gen):
+            if len(y) < 2:
+                continue
+            loss = F.cross_entropy(model(x), y)
+            loss = -loss if ascent else loss
+            if extra is not None:
+                loss = loss + extra(model, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def _groups(model, data, forget, retain, *, mask_context=None, batch_size: int = 1024) -> np.ndarray:
+    import contextlib
+    ctx = mask_context or contextlib.nullcontext
+    with ctx():
+        train = evaluate(model, data.train.batches(batch_size))
+        test = evaluate(model, data.test.batches(batch_size))
+    order = np.argsort(train["idx"])
+    correct, pred = train["correct"][order].astype(bool), train["pred"][order]
+    return np.array([correct[forget].mean(), (pred[forget] == data.label_true[forget]).mean(),
+                     correct[retain].mean(), test["correct"].mean() if len(test["correct"]) else np.nan])
+
+
+def _zero_context(run, model, data, forget):
+    from .units import trace, unit_masks
+    if not run.results_path("flip").is_file():
+        raise MemlocError(f"method zero needs {str(run.results_path('flip'))!r}: run memloc flip on the forget "
+                          "examples first", argument="methods")
+    res = run.result("flip")
+    ids, off, reps = res["unit_ids"].values, res["unit_offsets"].values, res.sizes["repeat"]
+    searched = np.flatnonzero(np.isin(res["example"].values, forget) & (res["status"].values == 0))
+    if not len(searched):
+        raise MemlocError("flip searched none of the forget examples: run memloc flip on them first",
+                          argument="methods")
+    units = np.unique(np.concatenate([ids[off[i * reps + r]:off[i * reps + r + 1]] for i in searched
+                                      for r in range(reps)]))
+    structure = trace(model, data.train.x[:2])
+    mask = torch.ones(structure.n_units, device=data.train.x.device)
+    mask[torch.as_tensor(units, device=mask.device)] = 0
+    site = res.config.get("site", "pre_norm")
+    return (lambda: unit_masks(model, structure, mask, site=site)), units
+
+
+def _critical_layer(run, structure):
+    if run.results_path("retrain").is_file():
+        res = run.result("retrain")
+        acc = res["accuracy"].sel(subset="noisy").isel(epoch=-1).values
+        return structure.layer(str(res["layer"].values[int(np.nanargmin(acc))]))
+    return structure.layers[0]
+
+
+def unlearn(run, *, forget: str = "noisy", methods=METHODS, seeds=(0, 1, 2), epochs: int = HYPER["epochs"],
+            lr: float = HYPER["lr"], lam: dict | float | None = None, batch_size: int = HYPER["batch_size"],
+            retrain_epochs: int = 20, ascent_lr: float = HYPER["ascent_lr"], ascent_epochs: int = HYPER["ascent_epochs"],
+            device="auto") -> Result:
+    """The ``"unlearn"`` result: accuracy (technique, seed, group), seconds, passes, the forget ids."""
+    from .experiments.children import check_seeds
+    from .retrain import retrain_layer
+    from .units import trace
+    run = as_run(run)
+    names = split_list(methods) or []
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise MemlocError(f"methods names no unlearning method ({', '.join(map(repr, bad)) or 'none given'}); "
+                          f"valid: {', '.join(METHODS)}", argument="methods")
+    seeds = check_seeds(seeds)
+    check_range("epochs", epochs, low=1, integer=True)
+    check_range("lr", lr, low=0, low_open=True)
+    check_range("ascent_lr", ascent_lr, low=0, low_open=True)
+    check_range("ascent_epochs", ascent_epochs, low=1, integer=True)
+    check_range("retrain_epochs", retrain_epochs, low=1, integer=True)
+    lams = dict(HYPER["lam"])
+    if isinstance(lam, dict):
+        lams.update(lam)
+    elif lam is not None:
+        lams = {k: float(lam) for k in lams}
+    for k, v in lams.items():
+        check_range("lam", v, low=0)
+    dev = resolve_device(device)
+    data = run.data(dev)
+    flagged = run.result("issues")["flagged"].values if forget == "flagged" and run.results_path("issues").is_file() \
+        else None
+    forget_ids = select_rows(data, str(forget), flagged=flagged, argument="forget")
+    if not len(forget_ids):
+        raise MemlocError(f"forget {forget!r} is an empty set of examples", argument="forget")
+    retain_ids = np.setdiff1d(np.arange(len(data.label_given)), forget_ids)
+    if not len(retain_ids):
+        raise MemlocError(f"forget {forget!r} holds every training example; nothing to retain",
+                          argument="forget")
+    retain = data.train.subset(retain_ids)
+    original = run.model(device=dev)
+    anchor = {k: p.detach().clone() for k, p in original.named_parameters()}
+    baseline = _groups(original, data, forget_ids, retain_ids)
+    structure = trace(original, data.train.x[:2])
+    n = len(data.label_given)
+    acc = np.zeros((len(names), len(seeds), len(GROUPS)))
+    seconds = np.zeros((len(names), len(seeds)))
+    passes = np.zeros(len(names))
+    fine = len(retain_ids) / n * epochs
+    for i, m in enumerate(progress(names, desc="unlearn", unit="method")):
+        weight = None
+        if m in ("ewc", "mas"):       # importance of the retain set at theta*, computed once per method
+            t0 = time.perf_counter()
+            weight = param_importance(original, retain.x, retain.y, method="fisher" if m == "ewc" else "mas")
+            scale = max(float(w.max()) for w in weight.values()) or 1.0
+            weight = {k: w / scale for k, w in weight.items()}     # max 1: lambda on one scale, lr x lambda < 2 stable
+            setup = time.perf_counter() - t0
+        else:
+            setup = 0.0
+        for j, s in enumerate(seeds):
+            t0 = time.perf_counter()
+            model, ctx = copy.deepcopy(original), None
+            torch.manual_seed(s)
+            if m == "finetune":
+                finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=s)
+            elif m == "ascent":
+                finetune(model, data.train.subset(forget_ids), epochs=ascent_epochs, lr=ascent_lr,
+                         batch_size=batch_size, seed=s, ascent=True)
+            elif m in ("ewc", "mas"):
+                finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=s,
+                         extra=lambda mod, x, w=weight, lm=lams[m]: quadratic_penalty(mod, anchor, w, lm))
+            elif m == "lwf":
+                def distil(mod, x):
+                    with torch.no_grad():
+                        old = original(x)
+                    return lams["lwf"] * distillation_loss(mod(x), old, HYPER["temperature"])
+                finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=s, extra=distil)
+            elif m == "zero":
+                ctx, _ = _zero_context(run, model, data, forget_ids)
+            else:
+                layer = _critical_layer(run, structure)
+                retain_data = copy.copy(data)
+                retain_data.is_noisy = np.isin(np.arange(n), forget_ids)   # retrain_layer trains on "clean" = retain
+                _, model = retrain_layer(model, run.checkpoint(0), layer, retain_data, epochs=retrain_epochs, seed=s)
+            seconds[i, j] = time.perf_counter() - t0 + setup
+            acc[i, j] = _groups(model, data, forget_ids, retain_ids, mask_context=ctx)
+        passes[i] = {"finetune": fine, "ascent": len(forget_ids) / n * ascent_epochs, "ewc": fine + len(retain_ids) / n,
+                     "mas": fine + len(retain_ids) / n, "lwf": fine * 1.5, "zero": 0.0,
+                     "retrain_layer": len(retain_ids) / n * retrain_epochs}[m]
+    ds = xr.Dataset({"accuracy": (("technique", "seed", "group"), acc), "baseline": ("group", baseline),
+                     "seconds": (("technique", "seed"), seconds), "passes": ("technique", passes),
+                     "forget": ("forget", forget_ids)},
+                    coords={"technique": names, "seed": seeds, "group": list(GROUPS)})
+    config = {"forget": forget, "methods": names, "seeds": seeds, "epochs": epochs, "lr": lr, "lam": lams,
+              "ascent_lr": ascent_lr, "ascent_epochs": ascent_epochs,
+              "batch_size": batch_size, "retrain_epochs": retrain_epochs, "device": str(dev)}
+    return Result("unlearn", ds, config=config)

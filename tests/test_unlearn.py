@@ -1,0 +1,191 @@
+"""Importance maps (Fisher, MAS) and unlearning: known answers against loops, scope, errors."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memloc
+from memloc.commands import run as cli_run
+from memloc.data import ExampleSet
+from memloc.importance import layer_importance, param_importance, unit_importance
+from memloc.units import trace
+from memloc.unlearn import _zero_context, distillation_loss, finetune, quadratic_penalty
+
+TINY = {"dataset": "digits", "model": "mlp", "epochs": 20, "batch_size": 64, "lr": 0.1, "noise": 0.2}  # memorises 69%
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+
+
+def _loop(model, x, y, method):
+    out = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for i in range(len(y)):
+        model.zero_grad()
+        z = model(x[i:i + 1])
+        loss = F.cross_entropy(z, y[i:i + 1]) if method == "fisher" else z.pow(2).sum()
+        loss.backward()
+        for k, p in model.named_parameters():
+            out[k] += p.grad.pow(2) if method == "fisher" else p.grad.abs()
+    return {k: v / len(y) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("method", ["fisher", "mas"])
+def test_importance_equals_its_definition_by_a_loop(method):
+    model = _tiny_model()
+    x, y = torch.randn(13, 6, dtype=torch.float64), torch.randint(0, 3, (13,))
+    fast = param_importance(model, x, y, method=method, batch_size=5)
+    slow = _loop(model, x, y, method)
+    for k in slow:
+        assert torch.allclose(fast[k], slow[k], rtol=1e-10, atol=1e-14), k
+
+
+def test_layer_and_unit_aggregation():
+    model = _tiny_model()
+    x, y = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 3, (9,))
+    imp = param_importance(model, x, y)
+    structure = trace(model, x[:2])
+    per_layer = layer_importance(imp, structure)
+    first = structure.layers[0]
+    assert per_layer[0] == pytest.approx(float(sum(imp[k].sum() for k in first.params) / first.numel))
+    units = unit_importance(imp, model, structure)
+    w, b = imp["1.weight"], imp["1.bias"]
+    assert units[:4] == pytest.approx(((w.sum(1) + b) / 7).numpy())       # weight row (6) + bias (1)
+    assert len(units) == structure.n_units
+
+
+def test_penalties_and_distillation_equal_hand_computation():
+    model = _tiny_model()
+    anchor = {k: p.detach() + 0.1 for k, p in model.named_parameters()}
+    weight = {k: torch.full_like(p, 2.0) for k, p in model.named_parameters()}
+    n = sum(p.numel() for p in model.parameters())
+    assert float(quadratic_penalty(model, anchor, weight, 3.0).detach()) == pytest.approx(0.5 * 3.0 * 2.0 * 0.01 * n)
+    new, old = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.0, 1.0, 3.0]])
+    p = torch.softmax(old / 2, 1)
+    q = torch.softmax(new / 2, 1)
+    assert float(distillation_loss(new, old, 2.0)) == pytest.approx(float(4 * (p * (p / q).log()).sum()), rel=1e-6)
+
+
+def test_a_large_penalty_keeps_the_parameters_put():
+    model = _tiny_model().float()
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    data = ExampleSet(x, y, torch.arange(64))
+    anchor = {k: p.detach().clone() for k, p in model.named_parameters()}
+    ones = {k: torch.ones_like(p) for k, p in model.named_parameters()}
+
+    def moved(lam):
+        m = finetune(copy.deepcopy(model), data, epochs=5, lr=1e-2, momentum=0.0, batch_size=8,
+                     extra=lambda mod, _x: quadratic_penalty(mod, anchor, ones, lam))
+        return max(float((p - anchor[k]).detach().abs().max()) for k, p in m.named_parameters())
+
+    free, held = moved(0.0), moved(100.0)      # lr x lambda = 1: each step pulls all the way back
+    assert held < 0.1 * free
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    run = memloc.train(tmp_path_factory.mktemp("ul") / "small", TINY, device="cpu")
+    memloc.flip(run, examples="noisy:20,clean:5", device="cpu").save(run.results_path("flip"))
+    return run
+
+
+def test_zeroing_touches_exactly_the_forget_sets_flip_units(small):
+    run = memloc.load(small.path)
+    data, model = run.data(), run.model()
+    flip = run.result("flip")
+    forget = np.flatnonzero(run.is_noisy)
+    ctx, units = _zero_context(run, model, data, forget)
+    reps, ids, off = flip.sizes["repeat"], flip["unit_ids"].values, flip["unit_offsets"].values
+    rows = [i for i, e in enumerate(flip["example"].values) if run.is_noisy[e] and flip["status"].values[i] == 0]
+    expect = np.unique(np.concatenate([ids[off[i * reps + r]:off[i * reps + r + 1]] for i in rows for r in range(reps)]))
+    assert np.array_equal(units, expect)
+    structure = trace(model, data.train.x[:2])
+    space = structure.spaces[0]
+    module = dict(model.named_modules())[space.module]
+
+    def activation(masked):
+        acts = {}
+        with ctx() if masked else torch.no_grad():   # registered after the mask's hook: sees the masked output
+            hook = module.register_forward_hook(lambda m, i, o: acts.setdefault("a", o.detach()))
+            try:
+                model(data.train.x[:8])
+            finally:
+                hook.remove()
+        return acts["a"]
+
+    masked, plain = activation(True), activation(False)
+    zeroed = torch.from_numpy(np.isin(np.arange(space.size) + space.offset, units))
+    assert zeroed.any() and torch.all(masked[:, zeroed] == 0)
+    assert torch.equal(masked[:, ~zeroed], plain[:, ~zeroed])        # every other unit untouched
+
+
+def test_unlearn_result_and_cli(small, capsys):
+    res = memloc.unlearn(small, methods="finetune,ewc,lwf,ascent,zero,retrain_layer", seeds=[0, 1], epochs=1,
+                         retrain_epochs=2, device="cpu")
+    run = memloc.load(small.path)
+    assert res["accuracy"].shape == (6, 2, 4) and np.array_equal(res["forget"].values, np.flatnonzero(run.is_noisy))
+    final = run.metrics()
+    assert float(res["baseline"].sel(group="forget_given")) == pytest.approx(final["noisy_accuracy"][-1])
+    assert float(res["baseline"].sel(group="test")) == pytest.approx(final["test_accuracy"][-1])
+    assert np.all((res["accuracy"].values >= 0) & (res["accuracy"].values <= 1))
+    z = res["accuracy"].sel(technique="zero").values
+    assert np.array_equal(z[0], z[1])                                    # deterministic: no seed involved
+    assert res["passes"].sel(technique="zero") == 0 and res["seconds"].values.min() >= 0
+    cli_run("unlearn", [str(small.path), "--method", "finetune", "--seeds", "0", "--epochs", "1", "--device", "cpu"])
+    assert "forget_given" in capsys.readouterr().out and run.results_path("unlearn").is_file()
+
+
+def test_unlearn_and_importance_refuse_bad_input(small, tmp_path, capsys):
+    bare = memloc.train(tmp_path / "bare", {**TINY, "epochs": 1}, device="cpu")
+    cases = [("unlearn", [small.path, "--forget", "ids:"], "empty"),
+             ("unlearn", [small.path, "--forget", "ids:99999"], "outside"),
+             ("unlearn", [small.path, "--method", "magic"], "--method"),
+             ("unlearn", [small.path, "--lambda", "-1"], "--lambda"),
+             ("unlearn", [small.path, "--forget", "flagged"], "memloc issues"),
+             ("unlearn", [bare.path, "--method", "zero"], "flip"),
+             ("importance", [small.path, "--subsets", "weird"], "--subsets")]
+    for name, argv, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            cli_run(name, [str(a) for a in argv] + ["--device", "cpu", "--overwrite"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and needle in err, (argv, err)
+    assert not bare.results_path("unlearn").exists()
+
+
+def test_importance_on_a_run(small):
+    res = memloc.importance(small, subsets="clean,noisy,class:3", device="cpu")
+    run = memloc.load(small.path)
+    assert list(res["subset"].values) == ["clean", "noisy", "class:3"]
+    assert int(res["examples"].sel(subset="noisy")) == run.is_noisy.sum()
+    assert int(res["examples"].sel(subset="class:3")) == (run.label_given == 3).sum()
+    assert "flip_overlap" in res and 0 <= float(res["flip_overlap"]) <= 1
+    # noisy (memorised) examples have larger loss gradients than fitted clean ones
+    assert np.all(res["layer_importance"].sel(subset="noisy").values > res["layer_importance"].sel(subset="clean").values)
+
+
+def test_forgetting_order_splits_and_phases(small, capsys):
+    from memloc.forgetting import split_parts
+    from memloc.scores import forgetting_events
+    run = memloc.load(small.path)
+    a, b = split_parts(run, "random")
+    assert len(np.intersect1d(a, b)) == 0 and np.array_equal(np.union1d(a, b), np.arange(run.num_train))
+    counts = forgetting_events(run.dynamics("correct", "presentation")[1:])
+    f, u = split_parts(run, "forgettable_first")
+    assert len(f) == len(u) and np.all(counts[f] > 0) and np.all(counts[u] == 0)
+    u2, f2 = split_parts(run, "unforgettable_first")
+    assert np.array_equal(u2, u) and np.array_equal(f2, f)
+    res = memloc.forgetting_order(small, orders="random,forgettable_first", protect="none,ewc,lwf", epochs=2,
+                                  device="cpu")
+    assert res["accuracy"].shape == (2, 3, 5, 2) and list(res["size"].sel(order="random").values) == [len(a), len(b)]
+    acc = res["accuracy"].values
+    assert np.array_equal(acc[:, 0, :3], acc[:, 1, :3]) and np.array_equal(acc[:, 0, :3], acc[:, 2, :3])  # phase 1 shared
+    assert not np.array_equal(acc[:, 0, 3:], acc[:, 1, 3:])                                               # protection acts
+    for argv, needle in [(["--orders", "sideways"], "--orders"), (["--protect", "magic"], "--protect")]:
+        with pytest.raises(SystemExit) as e:
+            cli_run("forgetting-order", [str(small.path), *argv, "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
