@@ -20,7 +20,13 @@ zero           the union of the forget set's flip units zeroed (Maini et al. 202
 retrain_layer  one layer reset to initialisation and retrained alone on the retain set (section
                2.3); the layer whose retraining left the fewest noisy labels in
                ``results/retrain.h5``, else the first layer
+etd_drop       a run trained with example-tied dropout (``train --etd-after``) evaluated in drop
+               mode: its memorisation units dropped (Maini et al. 2023, section 4)
 =============  =================================================================================
+
+``methods=None`` (default) runs every method whose inputs exist (zero: a flip result; etd_drop:
+dropout layers). In runs with example-tied dropout the fine-tuning methods run its layers in test
+mode (memorisation units scaled by p_mem), which needs no example ids.
 
 Each is measured on: ``forget_given`` (accuracy on the forget set w.r.t. the given labels: the
 memorisation left), ``forget_true`` (w.r.t. the true labels), ``retain`` (given labels) and
@@ -46,9 +52,9 @@ from .results import Result
 from .run import as_run
 from .runtime import check_range, progress, resolve_device, split_list
 
-__all__ = ["METHODS", "GROUPS", "HYPER", "quadratic_penalty", "distillation_loss", "finetune", "unlearn"]
+__all__ = ["METHODS", "GROUPS", "HYPER", "available_methods", "quadratic_penalty", "distillation_loss", "finetune", "unlearn"]
 
-METHODS = ("finetune", "ascent", "ewc", "mas", "lwf", "zero", "retrain_layer")
+METHODS = ("finetune", "ascent", "ewc", "mas", "lwf", "zero", "retrain_layer", "etd_drop")
 GROUPS = ("forget_given", "forget_true", "retain", "test")
 HYPER = dict(epochs=5, lr=0.01, batch_size=128, momentum=0.9, lam={"ewc": 10.0, "mas": 10.0, "lwf": 1.0},
              temperature=2.0, ascent_lr=0.003, ascent_epochs=3)
@@ -129,7 +135,13 @@ def _critical_layer(run, structure):
     return structure.layers[0]
 
 
-def unlearn(run, *, forget: str = "noisy", methods=METHODS, seeds=(0, 1, 2), epochs: int = HYPER["epochs"],
+def available_methods(run) -> list[str]:
+    """The methods whose inputs ``run`` has (zero: a flip result; etd_drop: example-tied dropout layers)."""
+    has_etd = bool(run.info.get("model", {}).get("etd"))
+    return [m for m in METHODS if (m != "zero" or run.results_path("flip").is_file()) and (m != "etd_drop" or has_etd)]
+
+
+def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs: int = HYPER["epochs"],
             lr: float = HYPER["lr"], lam: dict | float | None = None, batch_size: int = HYPER["batch_size"],
             retrain_epochs: int = 20, ascent_lr: float = HYPER["ascent_lr"], ascent_epochs: int = HYPER["ascent_epochs"],
             device="auto") -> Result:
@@ -138,7 +150,11 @@ def unlearn(run, *, forget: str = "noisy", methods=METHODS, seeds=(0, 1, 2), epo
     from .retrain import retrain_layer
     from .units import trace
     run = as_run(run)
-    names = split_list(methods) or []
+    names = available_methods(run) if methods in (None, "all") else (split_list(methods) or [])
+    has_etd = bool(run.info.get("model", {}).get("etd"))
+    if "etd_drop" in names and not has_etd:
+        raise MemlocError(f"method etd_drop needs a run trained with example-tied dropout (train --etd-after); "
+                          f"{str(run.path)!r} has none", argument="methods")
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
         raise MemlocError(f"methods names no unlearning method ({', '.join(map(repr, bad)) or 'none given'}); "
@@ -169,6 +185,9 @@ def unlearn(run, *, forget: str = "noisy", methods=METHODS, seeds=(0, 1, 2), epo
                           argument="forget")
     retain = data.train.subset(retain_ids)
     original = run.model(device=dev)
+    if has_etd:          # dropout layers scale memorisation units by p_mem, also while fine-tuning (no ids needed)
+        from .dropout import set_mode
+        set_mode(original, "test")
     anchor = {k: p.detach().clone() for k, p in original.named_parameters()}
     baseline = _groups(original, data, forget_ids, retain_ids)
     structure = trace(original, data.train.x[:2])
@@ -207,6 +226,9 @@ def unlearn(run, *, forget: str = "noisy", methods=METHODS, seeds=(0, 1, 2), epo
                 finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=s, extra=distil)
             elif m == "zero":
                 ctx, _ = _zero_context(run, model, data, forget_ids)
+            elif m == "etd_drop":
+                from .dropout import set_mode
+                set_mode(model, "drop")
             else:
                 layer = _critical_layer(run, structure)
                 retain_data = copy.copy(data)
@@ -215,7 +237,7 @@ def unlearn(run, *, forget: str = "noisy", methods=METHODS, seeds=(0, 1, 2), epo
             seconds[i, j] = time.perf_counter() - t0 + setup
             acc[i, j] = _groups(model, data, forget_ids, retain_ids, mask_context=ctx)
         passes[i] = {"finetune": fine, "ascent": len(forget_ids) / n * ascent_epochs, "ewc": fine + len(retain_ids) / n,
-                     "mas": fine + len(retain_ids) / n, "lwf": fine * 1.5, "zero": 0.0,
+                     "mas": fine + len(retain_ids) / n, "lwf": fine * 1.5, "zero": 0.0, "etd_drop": 0.0,
                      "retrain_layer": len(retain_ids) / n * retrain_epochs}[m]
     ds = xr.Dataset({"accuracy": (("technique", "seed", "group"), acc), "baseline": ("group", baseline),
                      "seconds": (("technique", "seed"), seconds), "passes": ("technique", passes),

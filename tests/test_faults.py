@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import memloc
-from memloc.commands import COMMANDS, run as cli_run
+from memloc.commands import COMMANDS, command_module, run as cli_run
 from memloc.commands.runner import _parser
 from memloc.run import is_complete
 from memloc.runtime import FileLock, in_range
@@ -195,7 +195,7 @@ def test_killed_flip_overwrite_resumes_without_losing_its_parts(run_copy, monkey
 # ----------------------------------------------------------------------------- 5. every number checked
 def _numeric_options():
     for name in COMMANDS:
-        parser = _parser(name, importlib.import_module(f"memloc.commands.{name}"))
+        parser = _parser(name, command_module(name))
         for action in parser._actions:
             if action.option_strings and action.type is not None:
                 yield name, action

@@ -189,3 +189,18 @@ def test_forgetting_order_splits_and_phases(small, capsys):
             cli_run("forgetting-order", [str(small.path), *argv, "--device", "cpu"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_etd_drop_equals_the_dropout_analysis_and_needs_dropout_layers(small, tmp_path, capsys):
+    etd = memloc.train(tmp_path / "etd", {**TINY, "epochs": 4, "etd_after": "act1,act2", "p_gen": 0.4, "p_mem": 0.2},
+                       device="cpu")
+    res = memloc.unlearn(etd, seeds=[0], epochs=1, retrain_epochs=1, device="cpu")
+    assert "etd_drop" in res["technique"].values and "zero" not in res["technique"].values     # no flip result
+    drop = memloc.evaluate_dropout(etd, device="cpu")["accuracy"].sel(mode="drop")
+    got = res["accuracy"].sel(technique="etd_drop", seed=0)
+    assert float(got.sel(group="forget_given")) == pytest.approx(float(drop.sel(subset="noisy")))
+    assert float(got.sel(group="test")) == pytest.approx(float(drop.sel(subset="test")))
+    with pytest.raises(SystemExit) as e:
+        cli_run("unlearn", [str(small.path), "--method", "etd_drop", "--device", "cpu", "--overwrite"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "example-tied dropout" in err and len(err.strip().splitlines()) == 1

@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 
-__all__ = ["COMMANDS", "main", "run", "module_main"]
+__all__ = ["COMMANDS", "main", "run", "module_main", "command_module"]
 
 COMMANDS = {
     "train": "train a model under label noise into a run directory",
@@ -46,8 +46,12 @@ def run(name: str, argv=None):
     if name not in COMMANDS:
         print(f"memloc: error: unknown command {name!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(f"memloc.commands.{name.replace('-', '_')}")
-    return run_command(name, module, list(argv or []))
+    return run_command(name, command_module(name), list(argv or []))
+
+
+def command_module(name: str):
+    """The module of command ``name`` (``forgetting-order`` -> ``memloc.commands.forgetting_order``)."""
+    return importlib.import_module(f"memloc.commands.{name.replace('-', '_')}")
 
 
 def main(argv=None) -> int:

@@ -15,8 +15,9 @@ def arguments(p):
     p.add_argument("--forget", default="noisy",
                    help="examples to forget: noisy (ground truth), flagged (memloc issues' flags: no ground truth), "
                         "class:C or ids:1,2,3")
-    p.add_argument("--method", dest="methods", default=",".join(METHODS),
-                   help=f"comma-separated methods: {', '.join(METHODS)}")
+    p.add_argument("--method", dest="methods", default="all",
+                   help=f"comma-separated methods, or all (every method whose inputs exist: zero needs a flip result, "
+                        f"etd_drop a run with example-tied dropout): {', '.join(METHODS)}")
     p.add_argument("--epochs", type=positive_int, default=HYPER["epochs"], help="fine-tuning epochs over the retain set")
     p.add_argument("--lr", type=positive_float, default=HYPER["lr"], help="fine-tuning learning rate (SGD, momentum 0.9)")
     p.add_argument("--lambda", dest="lam", type=nonnegative_float, default=None,
