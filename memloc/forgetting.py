@@ -13,7 +13,8 @@ parts (given labels) after every epoch. Splits (:data:`ORDERS`):
 In the second phase the first part can be protected: an EWC or MAS penalty (importance of the
 first part at the end of the first phase, divided by its maximum) or LwF distillation from the
 first-phase model on the second part's inputs (:mod:`memloc.unlearn`'s losses). Plain SGD with
-momentum 0.9 at a constant ``lr``; seeded.
+momentum 0.9 at a constant ``lr`` (one optimiser per phase); batch orders seeded by (seed, epoch).
+Runs with example-tied dropout train with those layers in test mode.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import xarray as xr
 from .errors import MemlocError
 from .evaluate import evaluate
 from .importance import param_importance
+from .optim import make_optimizer
 from .results import Result
 from .run import as_run
 from .runtime import check_range, progress, resolve_device, split_list
@@ -78,7 +80,11 @@ def forgetting_order(run, *, orders=ORDERS, protect=PROTECTIONS, epochs: int = 1
     check_range("epochs", epochs, low=1, integer=True)
     check_range("lr", lr, low=0, low_open=True)
     check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
+    check_range("batch_size", batch_size, low=1, integer=True)
     lams = {**HYPER["lam"], **(lam or {})}
+    for key, value in lams.items():
+        check_range("lam", value, low=0)
+    orders, protect = list(dict.fromkeys(orders)), list(dict.fromkeys(protect))
     dev = resolve_device(device)
     data = run.data(dev)
     acc = np.zeros((len(orders), len(protect), 2 * epochs + 1, 2))
@@ -89,9 +95,13 @@ def forgetting_order(run, *, orders=ORDERS, protect=PROTECTIONS, epochs: int = 1
         first, second = data.train.subset(first_ids), data.train.subset(second_ids)
         torch.manual_seed(seed)
         model = run.build_model().to(dev)
+        if run.info.get("model", {}).get("etd"):     # example-tied dropout: test mode (no example ids needed)
+            from .dropout import set_mode
+            set_mode(model, "test")
         curve = [(_accuracy(model, first), _accuracy(model, second))]
-        for e in range(epochs):           # phase 1, shared by every protection
-            finetune(model, first, epochs=1, lr=lr, batch_size=batch_size, seed=seed + e)
+        opt = make_optimizer(model.parameters(), "sgd", lr=lr, momentum=0.9, weight_decay=0.0)
+        for e in range(1, epochs + 1):    # phase 1, shared by every protection; one optimiser (momentum kept)
+            finetune(model, first, epochs=1, lr=lr, batch_size=batch_size, seed=seed, optimizer=opt, first_epoch=e)
             curve.append((_accuracy(model, first), _accuracy(model, second)))
         anchor = {k: p.detach().clone() for k, p in model.named_parameters()}
         for j, p in enumerate(protect):
@@ -101,17 +111,20 @@ def forgetting_order(run, *, orders=ORDERS, protect=PROTECTIONS, epochs: int = 1
                 w = param_importance(model, first.x, first.y, method="fisher" if p == "ewc" else "mas")
                 scale = max(float(v.max()) for v in w.values()) or 1.0
                 w = {k: v / scale for k, v in w.items()}
-                extra = lambda mod, x, w=w, lm=lams[p]: quadratic_penalty(mod, anchor, w, lm)  # noqa: E731
+                extra = lambda mod, x, z, w=w, lm=lams[p]: quadratic_penalty(mod, anchor, w, lm)  # noqa: E731
             elif p == "lwf":
                 old = copy.deepcopy(model).eval()
 
-                def extra(mod, x, old=old):
+                def extra(mod, x, logits, old=old):
                     with torch.no_grad():
                         target = old(x)
-                    return lams["lwf"] * distillation_loss(mod(x), target, HYPER["temperature"])
+                    return lams["lwf"] * distillation_loss(logits, target, HYPER["temperature"])
             rows = list(curve)
-            for e in range(epochs):       # phase 2
-                finetune(work, second, epochs=1, lr=lr, batch_size=batch_size, seed=seed + epochs + e, extra=extra)
+            torch.manual_seed(seed + 1)   # every protection's phase 2 starts from the same random state
+            opt2 = make_optimizer(work.parameters(), "sgd", lr=lr, momentum=0.9, weight_decay=0.0)
+            for e in range(epochs + 1, 2 * epochs + 1):      # phase 2
+                finetune(work, second, epochs=1, lr=lr, batch_size=batch_size, seed=seed, extra=extra, optimizer=opt2,
+                         first_epoch=e)
                 rows.append((_accuracy(work, first), _accuracy(work, second)))
             acc[i, j] = rows
     ds = xr.Dataset({"accuracy": (("order", "protect", "epoch", "part"), acc), "size": (("order", "part"), sizes)},

@@ -30,7 +30,7 @@ from .evaluate import eval_mode
 from .results import Result
 from .runtime import check_range, progress
 from .selection import layer_coords, resolve
-from .units import Structure, trace
+from .units import CONV_TYPES, Structure, trace
 
 __all__ = ["METHODS", "param_importance", "unit_importance", "layer_importance", "importance", "select_rows", "flip_units"]
 
@@ -80,8 +80,8 @@ def layer_importance(imp: dict[str, torch.Tensor], structure: Structure) -> np.n
     return np.asarray(out)
 
 
-def _unit_params(model: nn.Module, structure: Structure) -> list[tuple[int, list[str]]]:
-    """(offset, parameter names whose dim 0 indexes the space's units) of every unit space."""
+def _unit_params(model: nn.Module, structure: Structure) -> list[tuple[int, list[tuple[str, int]]]]:
+    """(offset, [(parameter name, the dim that indexes the space's units)]) of every unit space."""
     modules = dict(model.named_modules())
     out = []
     for space in structure.spaces:
@@ -89,9 +89,11 @@ def _unit_params(model: nn.Module, structure: Structure) -> list[tuple[int, list
         for mod in (space.module, space.norm):
             if mod is None:
                 continue
+            transposed = isinstance(modules[mod], CONV_TYPES[3:]) and modules[mod].groups == 1
             for pname, p in modules[mod].named_parameters(recurse=False):
-                if p.ndim >= 1 and p.shape[0] == space.size:
-                    names.append(f"{mod}.{pname}")
+                dim = 1 if transposed and pname == "weight" else 0     # ConvTranspose weight: (in, out, ...)
+                if p.ndim > dim and p.shape[dim] == space.size:
+                    names.append((f"{mod}.{pname}", dim))
         out.append((space.offset, names))
     return out
 
@@ -100,11 +102,11 @@ def unit_importance(imp: dict[str, torch.Tensor], model: nn.Module, structure: S
     """(n_units,) mean importance of the parameters producing each unit (weight row / filter, bias, norm)."""
     out = np.full(structure.n_units, np.nan)
     for space, (offset, names) in zip(structure.spaces, _unit_params(model, structure)):
-        names = [n for n in names if n in imp]
-        if not names:
+        rows = [imp[n].movedim(d, 0).reshape(space.size, -1) for n, d in names if n in imp]
+        if not rows:
             continue
-        sums = sum(imp[n].reshape(space.size, -1).sum(1) for n in names)
-        counts = sum(imp[n].reshape(space.size, -1).shape[1] for n in names)
+        sums = sum(r.sum(1) for r in rows)
+        counts = sum(r.shape[1] for r in rows)
         out[offset:offset + space.size] = (sums / counts).cpu().numpy()
     return out
 
@@ -141,15 +143,19 @@ def select_rows(data, subset: str, *, flagged=None, argument: str = "subsets") -
                       argument=argument)
 
 
-def flip_units(run) -> np.ndarray | None:
-    """Global ids of every unit flip zeroed for a noisy example (None without a flip result)."""
+def flip_units(run, examples=None) -> np.ndarray | None:
+    """Global ids of every unit zeroed by a flip search that flipped, for the noisy examples (or the
+    example ids ``examples``); None without a flip result. Searches that hit max_units unflipped are left out."""
     if run is None or not run.results_path("flip").is_file():
         return None
     res = run.result("flip")
     ids, off = res["unit_ids"].values, res["unit_offsets"].values
     repeats = res.sizes["repeat"]
-    noisy = res["is_noisy"].values.astype(bool)
-    rows = [i * repeats + r for i in np.flatnonzero(noisy & (res["status"].values == 0)) for r in range(repeats)]
+    chosen = (res["is_noisy"].values.astype(bool) if examples is None
+              else np.isin(res["example"].values, np.asarray(examples)))
+    flipped = res["flipped"].values.astype(bool)
+    rows = [i * repeats + r for i in np.flatnonzero(chosen & (res["status"].values == 0)) for r in range(repeats)
+            if flipped[i, r]]
     return np.unique(np.concatenate([ids[off[r]:off[r + 1]] for r in rows])) if rows else np.zeros(0, np.int64)
 
 

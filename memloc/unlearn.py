@@ -24,6 +24,14 @@ etd_drop       a run trained with example-tied dropout (``train --etd-after``) e
                mode: its memorisation units dropped (Maini et al. 2023, section 4)
 =============  =================================================================================
 
+Conventions: both penalties are (lambda / 2) sum w (theta - theta*)^2 (Aljundi et al. write MAS
+without the 1/2); LwF is Hinton's T^2-scaled KL (Li & Hoiem weight a T-softened cross-entropy
+without T^2, so lambda = 1 here is 4x theirs at T = 2).
+
+``forget="flagged"`` uses no ground truth to choose the examples, but two methods read results
+that did: ``retrain_layer`` picks its layer from ``results/retrain.h5`` (the noisy subset of the
+run's noise mask) and ``zero`` uses the flip searches that exist (usually of noisy examples).
+
 ``methods=None`` (default) runs every method whose inputs exist (zero: a flip result; etd_drop:
 dropout layers). In runs with example-tied dropout the fine-tuning methods run its layers in test
 mode (memorisation units scaled by p_mem), which needs no example ids.
@@ -76,19 +84,22 @@ def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temper
 
 
 def finetune(model: nn.Module, examples, *, epochs: int, lr: float, batch_size: int = 128, momentum: float = 0.9,
-             seed: int = 0, ascent: bool = False, extra=None) -> nn.Module:
-    """SGD on ``examples`` (an ExampleSet) in train mode: descent on CE (or ascent), plus ``extra(model, x)``."""
-    opt = make_optimizer(model.parameters(), "sgd", lr=lr, momentum=momentum, weight_decay=0.0)
-    for epoch in range(1, epochs + 1):
+             seed: int = 0, ascent: bool = False, extra=None, optimizer=None, first_epoch: int = 1) -> nn.Module:
+    """SGD on ``examples`` (an ExampleSet) in train mode: descent on CE (or ascent), plus
+    ``extra(model, x, logits)``. ``optimizer`` (reused across calls, momentum kept) and
+    ``first_epoch`` (batch orders seeded by ``(seed, epoch)``) let a caller train epoch by epoch."""
+    opt = optimizer or make_optimizer(model.parameters(), "sgd", lr=lr, momentum=momentum, weight_decay=0.0)
+    for epoch in range(first_epoch, first_epoch + epochs):
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         model.train()
         for x, y, _ in examples.batches(batch_size, shuffle=True, generator=gen):
             if len(y) < 2:
                 continue
-            loss = F.cross_entropy(model(x), y)
+            logits = model(x)                 # one forward: BN statistics and dropout masks shared by both terms
+            loss = F.cross_entropy(logits, y)
             loss = -loss if ascent else loss
             if extra is not None:
-                loss = loss + extra(model, x)
+                loss = loss + extra(model, x, logits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -108,30 +119,31 @@ def _groups(model, data, forget, retain, *, mask_context=None, batch_size: int =
 
 
 def _zero_context(run, model, data, forget):
+    from .importance import flip_units
     from .units import trace, unit_masks
-    if not run.results_path("flip").is_file():
-        raise MemlocError(f"method zero needs {str(run.results_path('flip'))!r}: run memloc flip on the forget "
+    units = flip_units(run, examples=forget)
+    if units is None:
+        raise MemlocError(f"methods: zero needs {str(run.results_path('flip'))!r}: run memloc flip on the forget "
                           "examples first", argument="methods")
-    res = run.result("flip")
-    ids, off, reps = res["unit_ids"].values, res["unit_offsets"].values, res.sizes["repeat"]
-    searched = np.flatnonzero(np.isin(res["example"].values, forget) & (res["status"].values == 0))
-    if not len(searched):
-        raise MemlocError("flip searched none of the forget examples: run memloc flip on them first",
-                          argument="methods")
-    units = np.unique(np.concatenate([ids[off[i * reps + r]:off[i * reps + r + 1]] for i in searched
-                                      for r in range(reps)]))
+    if not len(units):
+        raise MemlocError("methods: zero needs flip searches of forget examples that flipped; flip has none: run "
+                          "memloc flip on them first", argument="methods")
     structure = trace(model, data.train.x[:2])
     mask = torch.ones(structure.n_units, device=data.train.x.device)
     mask[torch.as_tensor(units, device=mask.device)] = 0
-    site = res.config.get("site", "pre_norm")
+    site = run.result("flip").config.get("site", "pre_norm")
     return (lambda: unit_masks(model, structure, mask, site=site)), units
 
 
 def _critical_layer(run, structure):
+    """The layer whose retraining left the fewest noisy labels in ``results/retrain.h5`` (which
+    uses the run's noise mask), else the first layer."""
     if run.results_path("retrain").is_file():
         res = run.result("retrain")
         acc = res["accuracy"].sel(subset="noisy").isel(epoch=-1).values
-        return structure.layer(str(res["layer"].values[int(np.nanargmin(acc))]))
+        name = str(res["layer"].values[int(np.nanargmin(acc))]) if np.isfinite(acc).any() else None
+        if name in structure.layer_names:
+            return structure.layer(name)
     return structure.layers[0]
 
 
@@ -141,26 +153,59 @@ def available_methods(run) -> list[str]:
     return [m for m in METHODS if (m != "zero" or run.results_path("flip").is_file()) and (m != "etd_drop" or has_etd)]
 
 
+def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, structure, *, epochs, lr,
+                batch_size, seed, ascent_lr, ascent_epochs, retrain_epochs) -> dict:
+    """Apply unlearning method ``m`` to ``model`` (a copy); returns ``{"model": ..., "mask": context or None}``."""
+    from .retrain import retrain_layer
+    mask = None
+    if m == "finetune":
+        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    elif m == "ascent":
+        finetune(model, data.train.subset(forget_ids), epochs=ascent_epochs, lr=ascent_lr, batch_size=batch_size,
+                 seed=seed, ascent=True)
+    elif m in ("ewc", "mas"):
+        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                 extra=lambda mod, x, z: quadratic_penalty(mod, anchor, weight, lams[m]))
+    elif m == "lwf":
+        def distil(mod, x, logits):
+            with torch.no_grad():
+                old = original(x)
+            return lams["lwf"] * distillation_loss(logits, old, HYPER["temperature"])
+        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, extra=distil)
+    elif m == "zero":
+        mask, _ = _zero_context(run, model, data, forget_ids)
+    elif m == "etd_drop":
+        from .dropout import set_mode
+        set_mode(model, "drop")
+    else:
+        retain_data = copy.copy(data)        # retrain_layer trains on data.clean_train: here the retain set
+        retain_data.is_noisy = np.isin(np.arange(len(data.label_given)), forget_ids)
+        _, model = retrain_layer(model, run.checkpoint(0), _critical_layer(run, structure), retain_data,
+                                 epochs=retrain_epochs, seed=seed)
+    return {"model": model, "mask": mask}
+
+
 def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs: int = HYPER["epochs"],
             lr: float = HYPER["lr"], lam: dict | float | None = None, batch_size: int = HYPER["batch_size"],
             retrain_epochs: int = 20, ascent_lr: float = HYPER["ascent_lr"], ascent_epochs: int = HYPER["ascent_epochs"],
             device="auto") -> Result:
     """The ``"unlearn"`` result: accuracy (technique, seed, group), seconds, passes, the forget ids."""
     from .experiments.children import check_seeds
-    from .retrain import retrain_layer
     from .units import trace
     run = as_run(run)
     names = available_methods(run) if methods in (None, "all") else (split_list(methods) or [])
     has_etd = bool(run.info.get("model", {}).get("etd"))
     if "etd_drop" in names and not has_etd:
-        raise MemlocError(f"method etd_drop needs a run trained with example-tied dropout (train --etd-after); "
+        raise MemlocError(f"methods: etd_drop needs a run trained with example-tied dropout (train --etd-after); "
                           f"{str(run.path)!r} has none", argument="methods")
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
         raise MemlocError(f"methods names no unlearning method ({', '.join(map(repr, bad)) or 'none given'}); "
                           f"valid: {', '.join(METHODS)}", argument="methods")
-    seeds = check_seeds(seeds)
+    names = list(dict.fromkeys(names))
+    seeds = list(dict.fromkeys(check_seeds(seeds)))
     check_range("epochs", epochs, low=1, integer=True)
+    check_range("batch_size", batch_size, low=1, integer=True)
     check_range("lr", lr, low=0, low_open=True)
     check_range("ascent_lr", ascent_lr, low=0, low_open=True)
     check_range("ascent_epochs", ascent_epochs, low=1, integer=True)
@@ -191,6 +236,8 @@ def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs
     anchor = {k: p.detach().clone() for k, p in original.named_parameters()}
     baseline = _groups(original, data, forget_ids, retain_ids)
     structure = trace(original, data.train.x[:2])
+    if "zero" in names:          # before any method runs: a missing input fails first, nothing computed
+        _zero_context(run, original, data, forget_ids)
     n = len(data.label_given)
     acc = np.zeros((len(names), len(seeds), len(GROUPS)))
     seconds = np.zeros((len(names), len(seeds)))
@@ -209,33 +256,14 @@ def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs
         for j, s in enumerate(seeds):
             t0 = time.perf_counter()
             model, ctx = copy.deepcopy(original), None
-            torch.manual_seed(s)
-            if m == "finetune":
-                finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=s)
-            elif m == "ascent":
-                finetune(model, data.train.subset(forget_ids), epochs=ascent_epochs, lr=ascent_lr,
-                         batch_size=batch_size, seed=s, ascent=True)
-            elif m in ("ewc", "mas"):
-                finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=s,
-                         extra=lambda mod, x, w=weight, lm=lams[m]: quadratic_penalty(mod, anchor, w, lm))
-            elif m == "lwf":
-                def distil(mod, x):
-                    with torch.no_grad():
-                        old = original(x)
-                    return lams["lwf"] * distillation_loss(mod(x), old, HYPER["temperature"])
-                finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=s, extra=distil)
-            elif m == "zero":
-                ctx, _ = _zero_context(run, model, data, forget_ids)
-            elif m == "etd_drop":
-                from .dropout import set_mode
-                set_mode(model, "drop")
-            else:
-                layer = _critical_layer(run, structure)
-                retain_data = copy.copy(data)
-                retain_data.is_noisy = np.isin(np.arange(n), forget_ids)   # retrain_layer trains on "clean" = retain
-                _, model = retrain_layer(model, run.checkpoint(0), layer, retain_data, epochs=retrain_epochs, seed=s)
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                torch.manual_seed(s)
+                ctx = _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, structure,
+                                  epochs=epochs, lr=lr, batch_size=batch_size, seed=s, ascent_lr=ascent_lr,
+                                  ascent_epochs=ascent_epochs, retrain_epochs=retrain_epochs)
+                model = ctx.pop("model")
             seconds[i, j] = time.perf_counter() - t0 + setup
-            acc[i, j] = _groups(model, data, forget_ids, retain_ids, mask_context=ctx)
+            acc[i, j] = _groups(model, data, forget_ids, retain_ids, mask_context=ctx.get("mask"))
         passes[i] = {"finetune": fine, "ascent": len(forget_ids) / n * ascent_epochs, "ewc": fine + len(retain_ids) / n,
                      "mas": fine + len(retain_ids) / n, "lwf": fine * 1.5, "zero": 0.0, "etd_drop": 0.0,
                      "retrain_layer": len(retain_ids) / n * retrain_epochs}[m]

@@ -79,7 +79,7 @@ def test_a_large_penalty_keeps_the_parameters_put():
 
     def moved(lam):
         m = finetune(copy.deepcopy(model), data, epochs=5, lr=1e-2, momentum=0.0, batch_size=8,
-                     extra=lambda mod, _x: quadratic_penalty(mod, anchor, ones, lam))
+                     extra=lambda mod, _x, _z: quadratic_penalty(mod, anchor, ones, lam))
         return max(float((p - anchor[k]).detach().abs().max()) for k, p in m.named_parameters())
 
     free, held = moved(0.0), moved(100.0)      # lr x lambda = 1: each step pulls all the way back
@@ -101,7 +101,10 @@ def test_zeroing_touches_exactly_the_forget_sets_flip_units(small):
     ctx, units = _zero_context(run, model, data, forget)
     reps, ids, off = flip.sizes["repeat"], flip["unit_ids"].values, flip["unit_offsets"].values
     rows = [i for i, e in enumerate(flip["example"].values) if run.is_noisy[e] and flip["status"].values[i] == 0]
-    expect = np.unique(np.concatenate([ids[off[i * reps + r]:off[i * reps + r + 1]] for i in rows for r in range(reps)]))
+    spans = [ids[off[i * reps + r]:off[i * reps + r + 1]] for i in rows for r in range(reps) if flip["flipped"].values[i, r]]
+    assert all(len(sp) == flip["n_units"].values[i, r] for sp, (i, r) in
+               zip(spans, [(i, r) for i in rows for r in range(reps) if flip["flipped"].values[i, r]]))
+    expect = np.unique(np.concatenate(spans))
     assert np.array_equal(units, expect)
     structure = trace(model, data.train.x[:2])
     space = structure.spaces[0]
@@ -200,6 +203,8 @@ def test_etd_drop_equals_the_dropout_analysis_and_needs_dropout_layers(small, tm
     got = res["accuracy"].sel(technique="etd_drop", seed=0)
     assert float(got.sel(group="forget_given")) == pytest.approx(float(drop.sel(subset="noisy")))
     assert float(got.sel(group="test")) == pytest.approx(float(drop.sel(subset="test")))
+    fo = memloc.forgetting_order(etd, orders="random", protect="none,lwf", epochs=1, device="cpu")   # no ids needed
+    assert fo["accuracy"].shape == (1, 2, 3, 2)
     with pytest.raises(SystemExit) as e:
         cli_run("unlearn", [str(small.path), "--method", "etd_drop", "--device", "cpu", "--overwrite"])
     err = capsys.readouterr().err
