@@ -26,13 +26,12 @@ import xarray as xr
 
 from .errors import MemlocError
 from .evaluate import evaluate
-from .importance import param_importance
 from .optim import make_optimizer
 from .results import Result
 from .run import as_run
-from .runtime import check_range, progress, resolve_device, split_list
+from .runtime import check_choices, check_range, progress, resolve_device
 from .scores import forgetting_events
-from .unlearn import HYPER, distillation_loss, finetune, quadratic_penalty
+from .unlearn import HYPER, distillation_term, finetune, penalty_term, protection_weights
 
 __all__ = ["ORDERS", "PROTECTIONS", "split_parts", "forgetting_order"]
 
@@ -68,15 +67,8 @@ def forgetting_order(run, *, orders=ORDERS, protect=PROTECTIONS, epochs: int = 1
     """The ``"forgetting"`` result: ``accuracy`` (order, protect, epoch, part), epoch 0..2E (E = ``epochs``
     per phase; epoch E = the end of the first phase), part = first / second."""
     run = as_run(run)
-    orders, protect = split_list(orders) or [], split_list(protect) or []
-    bad = [p for p in protect if p not in PROTECTIONS]
-    if bad or not protect:
-        raise MemlocError(f"protect names no protection ({', '.join(map(repr, bad)) or 'none given'}); valid: "
-                          f"{', '.join(PROTECTIONS)}", argument="protect")
-    unknown = [o for o in orders if o not in ORDERS]
-    if unknown or not orders:
-        raise MemlocError(f"orders names no split ({', '.join(map(repr, unknown)) or 'none given'}); valid: "
-                          f"{', '.join(ORDERS)}", argument="orders")
+    protect = check_choices("protect", protect, PROTECTIONS, "protection")
+    orders = check_choices("orders", orders, ORDERS, "split")
     check_range("epochs", epochs, low=1, integer=True)
     check_range("lr", lr, low=0, low_open=True)
     check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
@@ -84,7 +76,6 @@ def forgetting_order(run, *, orders=ORDERS, protect=PROTECTIONS, epochs: int = 1
     lams = {**HYPER["lam"], **(lam or {})}
     for key, value in lams.items():
         check_range("lam", value, low=0)
-    orders, protect = list(dict.fromkeys(orders)), list(dict.fromkeys(protect))
     dev = resolve_device(device)
     data = run.data(dev)
     acc = np.zeros((len(orders), len(protect), 2 * epochs + 1, 2))
@@ -108,17 +99,9 @@ def forgetting_order(run, *, orders=ORDERS, protect=PROTECTIONS, epochs: int = 1
             work = copy.deepcopy(model)
             extra = None
             if p in ("ewc", "mas"):
-                w = param_importance(model, first.x, first.y, method="fisher" if p == "ewc" else "mas")
-                scale = max(float(v.max()) for v in w.values()) or 1.0
-                w = {k: v / scale for k, v in w.items()}
-                extra = lambda mod, x, z, w=w, lm=lams[p]: quadratic_penalty(mod, anchor, w, lm)  # noqa: E731
+                extra = penalty_term(anchor, protection_weights(model, first, p), lams[p])
             elif p == "lwf":
-                old = copy.deepcopy(model).eval()
-
-                def extra(mod, x, logits, old=old):
-                    with torch.no_grad():
-                        target = old(x)
-                    return lams["lwf"] * distillation_loss(logits, target, HYPER["temperature"])
+                extra = distillation_term(copy.deepcopy(model).eval(), lams["lwf"])
             rows = list(curve)
             torch.manual_seed(seed + 1)   # every protection's phase 2 starts from the same random state
             opt2 = make_optimizer(work.parameters(), "sgd", lr=lr, momentum=0.9, weight_decay=0.0)

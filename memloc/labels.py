@@ -30,7 +30,7 @@ def split_key(spec: str) -> tuple[Path, str | None]:
     return Path(text), None
 
 
-def _read_csv(path: Path) -> np.ndarray:
+def _read_csv(path: Path, argument: str) -> np.ndarray:
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
     if rows and not rows[0][-1].strip().lstrip("-").isdigit():
@@ -40,53 +40,54 @@ def _read_csv(path: Path) -> np.ndarray:
             ids = np.array([int(r[0]) for r in rows])
             labels = np.array([int(r[-1]) for r in rows])
             if not np.array_equal(np.sort(ids), np.arange(len(ids))):
-                raise MemlocError(f"labels file {str(path)!r}: the id column must list 0..{len(ids) - 1} once each",
-                                  argument="labels")
+                raise MemlocError(f"{argument} file {str(path)!r}: the id column must list 0..{len(ids) - 1} once each",
+                                  argument=argument)
             return labels[np.argsort(ids)]
         return np.array([int(r[0]) for r in rows])
     except ValueError as e:
-        raise MemlocError(f"labels file {str(path)!r} has a non-integer entry ({e})", argument="labels") from None
+        raise MemlocError(f"{argument} file {str(path)!r} has a non-integer entry ({e})", argument=argument) from None
 
 
-def _read_pt(path: Path, key: str | None) -> np.ndarray:
+def _read_pt(path: Path, key: str | None, argument: str) -> np.ndarray:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:   # noqa: BLE001 - any unreadable file is the user's to fix
-        raise MemlocError(f"cannot read labels file {str(path)!r} ({type(e).__name__}: {e})", argument="labels") from None
+        raise MemlocError(f"cannot read {argument} file {str(path)!r} ({type(e).__name__}: {e})", argument=argument) from None
     if isinstance(obj, dict):
         if key is None or key not in obj:
             what = "name one" if key is None else f"no key {key!r}"
-            raise MemlocError(f"labels file {str(path)!r} holds a dict ({what}: {', '.join(map(str, obj))}); "
-                              f"give it as {path}:KEY", argument="labels")
+            raise MemlocError(f"{argument} file {str(path)!r} holds a dict ({what}: {', '.join(map(str, obj))}); "
+                              f"give it as {path}:KEY", argument=argument)
         obj = obj[key]
     elif key is not None:
-        raise MemlocError(f"labels file {str(path)!r} is not a dict; drop ':{key}'", argument="labels")
+        raise MemlocError(f"{argument} file {str(path)!r} is not a dict; drop ':{key}'", argument=argument)
     return np.asarray(obj.cpu() if torch.is_tensor(obj) else obj)
 
 
-def read_labels(spec) -> np.ndarray:
-    """The labels in ``spec`` (a path, ``FILE.pt:KEY``) as an int64 array; one clear error otherwise."""
+def read_labels(spec, *, argument: str = "labels") -> np.ndarray:
+    """The labels (or ids) in ``spec`` (a path, ``FILE.pt:KEY``) as an int64 array; one clear error
+    otherwise, naming ``argument`` (the option the file was given to)."""
     path, key = split_key(spec)
     if not path.is_file():
-        raise MemlocError(f"labels file {str(path)!r} does not exist", argument="labels")
+        raise MemlocError(f"{argument} file {str(path)!r} does not exist", argument=argument)
     suffix = path.suffix.lower()
     if suffix == ".npy":
         try:
             labels = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as e:
-            raise MemlocError(f"cannot read labels file {str(path)!r} ({e})", argument="labels") from None
+            raise MemlocError(f"cannot read {argument} file {str(path)!r} ({e})", argument=argument) from None
     elif suffix in (".csv", ".txt"):
-        labels = _read_csv(path)
+        labels = _read_csv(path, argument)
     elif suffix == ".pt":
-        labels = _read_pt(path, key)
+        labels = _read_pt(path, key, argument)
     else:
-        raise MemlocError(f"labels file {str(path)!r}: unknown format {suffix or '(no suffix)'}; valid: .npy, .csv, "
-                          ".txt, .pt", argument="labels")
+        raise MemlocError(f"{argument} file {str(path)!r}: unknown format {suffix or '(no suffix)'}; valid: .npy, .csv, "
+                          ".txt, .pt", argument=argument)
     labels = np.asarray(labels).squeeze()
     if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer)
                                 or (np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0))):
-        raise MemlocError(f"labels file {str(path)!r} must hold one integer label per example, got "
-                          f"{labels.dtype} of shape {labels.shape}", argument="labels")
+        raise MemlocError(f"{argument} file {str(path)!r} must hold one integer label per example, got "
+                          f"{labels.dtype} of shape {labels.shape}", argument=argument)
     return labels.astype(np.int64)
 
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .errors import MemlocError
 
-__all__ = ["resolve_device", "progress", "split_list", "check_range", "in_range", "describe_range", "import_object",
+__all__ = ["resolve_device", "progress", "split_list", "check_range", "in_range", "describe_range", "check_choices", "import_object",
            "atomic_path", "FileLock", "make_dir", "check_creatable"]
 
 
@@ -76,6 +76,17 @@ def check_range(name: str, value, *, low=None, high=None, integer: bool = False,
     if not in_range(value, low, high, integer=integer, low_open=low_open, high_open=high_open):
         rng = describe_range(low, high, integer=integer, low_open=low_open, high_open=high_open)
         raise MemlocError(f"{name} must be {rng}, got {value!r}", argument=name)
+
+
+def check_choices(name: str, values, valid, what: str) -> list[str]:
+    """``values`` (a list or comma-separated string) as a list without repeats, each one of ``valid``;
+    :class:`MemlocError` naming ``name`` when one is not, or none is given."""
+    chosen = split_list(values) or []
+    bad = [v for v in chosen if v not in valid]
+    if bad or not chosen:
+        raise MemlocError(f"{name} names no {what} ({', '.join(map(repr, bad)) or 'none given'}); valid: "
+                          f"{', '.join(valid)}", argument=name)
+    return list(dict.fromkeys(chosen))
 
 
 def import_object(path: str, what: str = "object"):

@@ -129,10 +129,7 @@ def _id_list(value, key: str) -> list[int] | None:
         return None
     if isinstance(value, (str, Path)):
         from .labels import read_labels
-        try:
-            value = read_labels(value)
-        except MemlocError as e:
-            raise MemlocError(str(e).replace("labels file", f"{key} file"), argument=key) from None
+        value = read_labels(value, argument=key)
     try:
         return [int(i) for i in np.asarray(value, dtype=np.int64).reshape(-1)]
     except (TypeError, ValueError):

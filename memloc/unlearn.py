@@ -58,9 +58,10 @@ from .importance import param_importance, select_rows
 from .optim import epoch_seed, make_optimizer
 from .results import Result
 from .run import as_run
-from .runtime import check_range, progress, resolve_device, split_list
+from .runtime import check_choices, check_range, progress, resolve_device
 
-__all__ = ["METHODS", "GROUPS", "HYPER", "available_methods", "quadratic_penalty", "distillation_loss", "finetune", "unlearn"]
+__all__ = ["METHODS", "GROUPS", "HYPER", "available_methods", "quadratic_penalty", "distillation_loss",
+           "protection_weights", "penalty_term", "distillation_term", "finetune", "unlearn"]
 
 METHODS = ("finetune", "ascent", "ewc", "mas", "lwf", "zero", "retrain_layer", "etd_drop")
 GROUPS = ("forget_given", "forget_true", "retain", "test")
@@ -81,6 +82,28 @@ def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temper
     t = temperature
     old = F.softmax(old_logits / t, dim=1)
     return F.kl_div(F.log_softmax(new_logits / t, dim=1), old, reduction="batchmean") * t * t
+
+
+def protection_weights(model: nn.Module, examples, kind: str) -> dict[str, torch.Tensor]:
+    """EWC (``kind="ewc"``: diagonal Fisher) or MAS importance of ``examples`` at ``model``, divided by its
+    maximum (lambda on one scale for both; lr x lambda < 2 keeps the penalty's steps stable)."""
+    weight = param_importance(model, examples.x, examples.y, method="fisher" if kind == "ewc" else "mas")
+    scale = max(float(w.max()) for w in weight.values()) or 1.0
+    return {k: w / scale for k, w in weight.items()}
+
+
+def penalty_term(anchor: dict[str, torch.Tensor], weight: dict[str, torch.Tensor], lam: float):
+    """The ``extra`` of :func:`finetune` adding the EWC / MAS :func:`quadratic_penalty`."""
+    return lambda model, x, logits: quadratic_penalty(model, anchor, weight, lam)
+
+
+def distillation_term(teacher: nn.Module, lam: float, temperature: float = HYPER["temperature"]):
+    """The ``extra`` of :func:`finetune` adding LwF's :func:`distillation_loss` from ``teacher``'s outputs."""
+    def term(model, x, logits):
+        with torch.no_grad():
+            target = teacher(x)
+        return lam * distillation_loss(logits, target, temperature)
+    return term
 
 
 def finetune(model: nn.Module, examples, *, epochs: int, lr: float, batch_size: int = 128, momentum: float = 0.9,
@@ -165,13 +188,10 @@ def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, o
                  seed=seed, ascent=True)
     elif m in ("ewc", "mas"):
         finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                 extra=lambda mod, x, z: quadratic_penalty(mod, anchor, weight, lams[m]))
+                 extra=penalty_term(anchor, weight, lams[m]))
     elif m == "lwf":
-        def distil(mod, x, logits):
-            with torch.no_grad():
-                old = original(x)
-            return lams["lwf"] * distillation_loss(logits, old, HYPER["temperature"])
-        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, extra=distil)
+        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                 extra=distillation_term(original, lams["lwf"]))
     elif m == "zero":
         mask, _ = _zero_context(run, model, data, forget_ids)
     elif m == "etd_drop":
@@ -193,16 +213,12 @@ def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs
     from .experiments.children import check_seeds
     from .units import trace
     run = as_run(run)
-    names = available_methods(run) if methods in (None, "all") else (split_list(methods) or [])
+    names = available_methods(run) if methods in (None, "all") else check_choices("methods", methods, METHODS,
+                                                                                  "unlearning method")
     has_etd = bool(run.info.get("model", {}).get("etd"))
     if "etd_drop" in names and not has_etd:
         raise MemlocError(f"methods: etd_drop needs a run trained with example-tied dropout (train --etd-after); "
                           f"{str(run.path)!r} has none", argument="methods")
-    bad = [m for m in names if m not in METHODS]
-    if bad or not names:
-        raise MemlocError(f"methods names no unlearning method ({', '.join(map(repr, bad)) or 'none given'}); "
-                          f"valid: {', '.join(METHODS)}", argument="methods")
-    names = list(dict.fromkeys(names))
     seeds = list(dict.fromkeys(check_seeds(seeds)))
     check_range("epochs", epochs, low=1, integer=True)
     check_range("batch_size", batch_size, low=1, integer=True)
@@ -247,9 +263,7 @@ def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs
         weight = None
         if m in ("ewc", "mas"):       # importance of the retain set at theta*, computed once per method
             t0 = time.perf_counter()
-            weight = param_importance(original, retain.x, retain.y, method="fisher" if m == "ewc" else "mas")
-            scale = max(float(w.max()) for w in weight.values()) or 1.0
-            weight = {k: w / scale for k, w in weight.items()}     # max 1: lambda on one scale, lr x lambda < 2 stable
+            weight = protection_weights(original, retain, m)
             setup = time.perf_counter() - t0
         else:
             setup = 0.0

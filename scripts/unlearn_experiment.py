@@ -27,6 +27,7 @@ from _markdown import add_common, finish  # noqa: E402
 from memloc.commands.runner import Formatter, mean_se  # noqa: E402
 from memloc.experiments.children import train_runs  # noqa: E402
 from memloc.importance import flip_units  # noqa: E402
+from memloc.report.continual import draw_pareto  # noqa: E402
 from memloc.train import resolve_config  # noqa: E402
 from memloc.units import trace  # noqa: E402
 from memloc.unlearn import GROUPS, HYPER  # noqa: E402
@@ -121,15 +122,7 @@ def pareto(results, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.8), squeeze=False)
     for ax, ((model, forget), res) in zip(axes[0], results.items()):
-        base = res["baseline"]
-        for m in res["technique"].values:
-            r = res["accuracy"].sel(technique=m)
-            removed = 100 * (1 - r.sel(group="forget_given").values)
-            test = 100 * r.sel(group="test").values
-            ax.errorbar(removed.mean(), test.mean(), xerr=removed.std(), yerr=test.std(), fmt="o", capsize=3, label=str(m))
-        ax.axhline(100 * float(base.sel(group="test")), color="gray", lw=1, ls="--", label="trained model")
-        ax.set(xlabel="memorised labels removed (%)", ylabel="test accuracy (%)", title=f"{model}, forget = {forget}",
-               xlim=(-3, 103))
+        draw_pareto(ax, res, f"{model}, forget = {forget}")
     axes[0, -1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

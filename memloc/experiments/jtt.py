@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import MemlocError
-from ..evaluate import accuracies, evaluate
+from ..evaluate import evaluate, nanmean, subset_accuracies
 from ..results import Result
 from ..run import as_run
 from ..runtime import check_range, resolve_device
@@ -36,12 +36,14 @@ def error_set(run, id_epoch: int) -> np.ndarray:
 
 def group_accuracies(model, data, *, batch_size: int = 1024) -> np.ndarray:
     """Accuracy on :data:`GROUPS` (NaN for the noisy groups without noise) as a (5,) array."""
-    acc = accuracies(model, data, batch_size=batch_size)
+    train = evaluate(model, data.train.batches(batch_size))           # one pass over each set
     test = evaluate(model, data.test.batches(batch_size))
+    order = np.argsort(train["idx"])
+    acc = subset_accuracies(train["correct"][order], train["pred"][order], data.is_noisy, data.label_true)
     labels = data.test.y.cpu().numpy()[np.argsort(test["idx"])]
     correct = test["correct"][np.argsort(test["idx"])]
     per_class = [correct[labels == c].mean() for c in np.unique(labels)]
-    return np.array([acc["test"], min(per_class) if per_class else np.nan, acc["clean"], acc["noisy"],
+    return np.array([nanmean(correct), min(per_class) if per_class else np.nan, acc["clean"], acc["noisy"],
                      acc["noisy_true"]], dtype=np.float64)
 
 

@@ -21,7 +21,7 @@ import xarray as xr
 from ..errors import MemlocError
 from ..results import Result
 from ..run import as_run
-from ..runtime import check_range, resolve_device, split_list
+from ..runtime import check_choices, check_range, resolve_device, split_list
 from ..scores import SCORES, default_epoch_k, scores as compute_scores
 from .children import check_seeds, parent_config, subset_config, train_children
 
@@ -82,11 +82,7 @@ def prune(run, *, by=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3),
     run = as_run(run)
     also = [as_run(r) for r in (also or [])]
     base = parent_config(run)
-    names = split_list(by) or []
-    bad = [n for n in names if n not in SCORES or n == "neuron_count"]
-    if bad or not names:
-        raise MemlocError(f"by names no pruning score ({', '.join(map(repr, bad)) or 'none given'}); valid: "
-                          f"{', '.join(n for n in SCORES if n != 'neuron_count')}", argument="by")
+    names = check_choices("by", by, [n for n in SCORES if n != "neuron_count"], "pruning score")
     keeps = [float(k) for k in (keep if isinstance(keep, (list, tuple)) else split_list(keep))]
     for k in keeps:
         check_range("keep", k, low=0, high=1, low_open=True)

@@ -8,7 +8,7 @@ import numpy as np
 from ..run import Run
 from .plots import plt, save_figure, table
 
-__all__ = ["CONTINUAL_PLOTTERS", "plot_importance", "plot_unlearn", "plot_forgetting"]
+__all__ = ["CONTINUAL_PLOTTERS", "draw_pareto", "plot_importance", "plot_unlearn", "plot_forgetting"]
 
 
 def plot_importance(res, out: Path, run: Run | None = None) -> str:
@@ -34,18 +34,24 @@ def plot_importance(res, out: Path, run: Run | None = None) -> str:
     return text
 
 
+def draw_pareto(ax, res, title: str) -> None:
+    """Memorisation removed (1 - forget_given) vs test accuracy per method of an ``"unlearn"`` result,
+    mean +- std over seeds, with the trained model's test accuracy as a dashed line."""
+    for m in res["technique"].values:
+        r = res["accuracy"].sel(technique=m)
+        removed, test = 100 * (1 - r.sel(group="forget_given").values), 100 * r.sel(group="test").values
+        ax.errorbar(removed.mean(), test.mean(), xerr=removed.std(), yerr=test.std(), fmt="o", capsize=3,
+                    label=str(m))
+    ax.axhline(100 * float(res["baseline"].sel(group="test")), color="gray", ls="--", lw=1, label="trained model")
+    ax.set(xlabel="memorised labels removed (%)", ylabel="test accuracy (%)", xlim=(-3, 103), title=title)
+
+
 def plot_unlearn(res, out: Path, run: Run | None = None) -> str:
     """Memorisation removed vs test accuracy per method (Pareto view), and the table."""
     methods, groups = [str(m) for m in res["technique"].values], [str(g) for g in res["group"].values]
     acc = res["accuracy"].values                       # (method, seed, group)
-    gi = {g: i for i, g in enumerate(groups)}
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for i, m in enumerate(methods):
-        removed, test = 100 * (1 - acc[i, :, gi["forget_given"]]), 100 * acc[i, :, gi["test"]]
-        ax.errorbar(removed.mean(), test.mean(), xerr=removed.std(), yerr=test.std(), fmt="o", capsize=3, label=m)
-    ax.axhline(100 * res["baseline"].values[gi["test"]], color="gray", ls="--", lw=1, label="trained model")
-    ax.set(xlabel="memorised labels removed (%)", ylabel="test accuracy (%)", xlim=(-3, 103),
-           title=f"unlearning: forget = {res.config.get('forget')}")
+    draw_pareto(ax, res, f"unlearning: forget = {res.config.get('forget')}")
     ax.legend(fontsize=7)
     name = save_figure(fig, out, "unlearn.png")
     rows = [["(trained)"] + [100 * float(v) for v in res["baseline"].values] + ["-"]]
