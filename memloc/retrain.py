@@ -15,6 +15,11 @@ labels stay unlearned, is not needed for memorisation. Seeded and deterministic.
 
 Returns the ``"retrain"`` result: ``accuracy`` (layer, epoch, subset) with epoch = 0..E and
 ``baseline`` (subset), the final model's accuracies.
+
+Everything that runs before the retrained layer is frozen: with ``prefix_cache`` (default) its
+output is computed once for the whole dataset and every training and evaluation pass starts from
+it (see :mod:`memloc.prefix`; the same results, bit for bit; training batches take the cached rows
+only where their batch sizes are checked to round as a batch of their own does).
 """
 from __future__ import annotations
 
@@ -26,9 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 import xarray as xr
 
+from .distributed import shard, world
 from .errors import MemlocError
 from .evaluate import SUBSETS, accuracy_row
 from .optim import epoch_seed, make_optimizer, make_schedule
+from .parts import Parts, parts_folder
+from .prefix import CACHE_MB, PrefixCache
 from .results import Result
 from .runtime import check_range, progress
 from .selection import copy_layer, layer_coords, prepare
@@ -51,7 +59,8 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
                   epochs: int = HYPER["epochs"], lr: float = HYPER["lr"],
                   batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
                   weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
-                  eval_batch_size: int = 1024) -> tuple[np.ndarray, nn.Module]:
+                  eval_batch_size: int = 1024, prefix_cache: bool = True,
+                  prefix_cache_mb: float = CACHE_MB) -> tuple[np.ndarray, nn.Module]:
     """Reset ``layer`` of a copy of ``model`` to ``init`` and retrain only it on ``data.clean_train``.
 
     Parameters
@@ -60,6 +69,8 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
     init : a state_dict holding the layer's reset tensors (e.g. the epoch-0 checkpoint).
     layer : the layer to reset and retrain (its modules run in train mode, all others in eval).
     data : :class:`memloc.data.Data` on the model's device.
+    prefix_cache : compute what runs before the layer once (within ``prefix_cache_mb`` MiB of
+        activations; :class:`memloc.prefix.PrefixCache`) instead of in every pass. Same results.
 
     Returns
     -------
@@ -75,8 +86,13 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
     modules = dict(work.named_modules())
     own = [modules[m] for m in layer.modules if m in modules]
     clean = data.clean_train
+    cache = PrefixCache(work, [layer], data, batch_size=eval_batch_size, budget_mb=prefix_cache_mb,
+                        extra_rows=len(clean), enabled=prefix_cache)
+    net, cached = cache.pick(0)
+    train_net, train_set = _training_pass(cache, clean, cached.clean_train if net is not work else None,
+                                          batch_size, seed)
     steps = max(1, -(-len(clean) // batch_size)) * epochs
-    curve = [accuracy_row(work, data, batch_size=eval_batch_size)]
+    curve = [accuracy_row(net, cached, batch_size=eval_batch_size)]
     if not trainable:  # e.g. a norm without affine parameters: nothing to retrain
         return np.asarray(curve * (epochs + 1), dtype=np.float64), work
     opt = make_optimizer(trainable, "sgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -88,28 +104,53 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
             for m in own:
                 m.training = True  # the layer's own modules only (not their children)
             gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-            for x, y, _ in clean.batches(batch_size, shuffle=True, generator=gen):
+            for x, y, _ in train_set.batches(batch_size, shuffle=True, generator=gen):
                 if len(y) < 2:  # a single example breaks batch-statistics norms
                     continue
-                loss = F.cross_entropy(work(x), y)
+                loss = F.cross_entropy(train_net(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
             work.eval()
-            curve.append(accuracy_row(work, data, batch_size=eval_batch_size))
+            curve.append(accuracy_row(net, cached, batch_size=eval_batch_size))
     return np.asarray(curve, dtype=np.float64), work
+
+
+def _training_pass(cache: PrefixCache, clean, cached_clean, batch_size: int, seed: int):
+    """``(net, examples)`` for the training batches: the cut and the cached clean rows when the
+    batch sizes of an epoch (a full batch, the last one) take them bit for bit, else the model and ``clean``."""
+    if cached_clean is None:
+        return cache.model, clean
+    order = torch.randperm(len(clean), generator=torch.Generator().manual_seed(epoch_seed(seed, 1)))
+    tail = len(clean) % batch_size
+    probes = [order[:batch_size]] + ([order[-tail:]] if tail > 1 else [])  # single rows are skipped
+    for rows in probes:
+        rows = rows.to(clean.y.device)
+        if not cache.same_rows(0, clean.x[rows], cached_clean.x[rows]):
+            return cache.model, clean
+    return cache.pick(0)[0], cached_clean
 
 
 def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["epochs"],
             lr: float = HYPER["lr"], batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
             weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
-            eval_batch_size: int = 1024, device="auto") -> Result:
+            eval_batch_size: int = 1024, device="auto", prefix_cache: bool = True,
+            prefix_cache_mb: float = CACHE_MB, resume_dir=None, overwrite: bool = False) -> Result | None:
     """:func:`retrain_layer` for every layer (or those named in ``layers``) of the final model.
 
     ``source``: a :class:`memloc.Run` / run path (``reset_to``: a checkpoint epoch), or an
     ``nn.Module`` with ``data`` (``reset_to``: a state_dict holding the layers' reset tensors).
+    ``prefix_cache=False`` recomputes the whole model in every pass (see :func:`retrain_layer`).
     Returns the ``"retrain"`` result: ``accuracy`` (layer, epoch, subset) and ``baseline`` (subset).
+
+    ``resume_dir``: folder of resumable part files (:class:`memloc.parts.Parts`; ``"auto"``:
+    ``RUN/results/retrain.partial`` for a run, as ``memloc retrain`` uses; None, the default:
+    nothing saved in one process): each retrained layer is saved there, and a rerun with the same
+    settings takes them instead of recomputing them (``overwrite`` discards parts made with other
+    settings); they are deleted when the result is saved (:meth:`memloc.Result.save`). Under
+    torchrun (:mod:`memloc.distributed`) the layers are split across the processes (None then means
+    ``"auto"``) and rank 0 returns the merged result, the other ranks None.
     """
     check_range("epochs", epochs, low=1, integer=True)
     check_range("batch_size", batch_size, low=1, integer=True)
@@ -118,6 +159,7 @@ def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["
     check_range("weight_decay", weight_decay, low=0)
     check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     check_range("lr", lr, low=0)
+    check_range("prefix_cache_mb", prefix_cache_mb, low=0)
     if not lr > 0:
         raise MemlocError(f"lr must be positive, got {lr}", argument="lr")
     if isinstance(source, nn.Module) and not isinstance(reset_to, dict):
@@ -125,17 +167,31 @@ def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["
     p = prepare(source, data, device=device, layers=layers, checkpoints=None if isinstance(source, nn.Module) else "final")
     init = reset_to if isinstance(reset_to, dict) else p.run.checkpoint(reset_to)
     hyper = dict(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed)
-    curves = [retrain_layer(p.model, init, l, p.data, eval_batch_size=eval_batch_size, **hyper)[0]
-              for l in progress(p.layers, desc="retrain", unit="layer")]
-    acc = np.stack(curves) if curves else np.zeros((0, epochs + 1, len(SUBSETS)))
-    baseline = accuracy_row(p.model, p.data, batch_size=eval_batch_size)
-    ds = xr.Dataset({"accuracy": (("layer", "epoch", "subset"), acc), "baseline": (("subset",), baseline)},
-                    coords={**layer_coords(p.layers), "epoch": np.arange(epochs + 1), "subset": list(SUBSETS)})
     config = {**hyper, "reset_to": reset_to if not isinstance(reset_to, dict) else "state_dict",
               "layers": [l.name for l in p.layers], "eval_batch_size": eval_batch_size, "device": str(p.device),
               "final_epoch": p.run.final_epoch if p.run is not None else None,
               "schedule": "onecycle, peak at 0.5", "train_subset": "clean"}
-    return Result("retrain", ds, config=config)
+    parts = Parts(parts_folder(resume_dir, p.run, "retrain"), {**config, "device": p.device.type}, what="retrain",
+                  overwrite=overwrite)
+    try:
+        for i in progress(shard([i for i in range(len(p.layers)) if (i,) not in parts.done]), desc="retrain",
+                          unit="layer"):
+            curve = retrain_layer(p.model, init, p.layers[i], p.data, eval_batch_size=eval_batch_size,
+                                  prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb, **hyper)[0]
+            parts.add({(i,): curve})
+        parts.gather()
+    finally:
+        parts.release()
+    if world()[0] > 0:
+        return None             # rank 0 merges the parts and returns the result
+    curves = [parts.done[(i,)] for i in range(len(p.layers))]
+    acc = np.stack(curves) if curves else np.zeros((0, epochs + 1, len(SUBSETS)))
+    baseline = accuracy_row(p.model, p.data, batch_size=eval_batch_size)
+    ds = xr.Dataset({"accuracy": (("layer", "epoch", "subset"), acc), "baseline": (("subset",), baseline)},
+                    coords={**layer_coords(p.layers), "epoch": np.arange(epochs + 1), "subset": list(SUBSETS)})
+    result = Result("retrain", ds, config=config)
+    result.parts = parts.folder
+    return result
 
 
 if __name__ == "__main__":

@@ -71,9 +71,11 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in [
            {**_layer_coords(), "epoch": Var(("epoch",), "retraining epoch (0 = just after the reset)"), **_SUBSET},
            {"accuracy": Var(("layer", "epoch", "subset"), "accuracy while the layer is retrained"),
             "baseline": Var(("subset",), "accuracy of the model itself")}),
-    Schema("flip", "greedy gradient-guided unit zeroing until the prediction flips (memloc.flip)",
+    Schema("flip", "greedy gradient-guided unit zeroing until the prediction flips (memloc.flip); at "
+           "config site = weight the units are parameter items (a conv filter, or one element of any other "
+           "parameter) and the layers are parameters",
            {**_EXAMPLE, "repeat": Var(("repeat",), "search repeat (own reference batch)"),
-            "layer": Var(("layer",), "unit space (layer) name"), **_SUBSET},
+            "layer": Var(("layer",), "unit space (layer) name (weight site: parameter name)"), **_SUBSET},
            {"is_noisy": Var(("example",), "the example's given label is wrong"),
             "label": Var(("example",), "given label searched"),
             "status": Var(("example",), "0 = searched, 1 = misclassified by the model (not searched)"),

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -151,11 +152,17 @@ def _zero_context(run, model, data, forget):
     if not len(units):
         raise MemlocError("methods: zero needs flip searches of forget examples that flipped; flip has none: run "
                           "memloc flip on them first", argument="methods")
-    structure = trace(model, data.train.x[:2])
+    site = run.result("flip").config.get("site", "pre_norm")
+    if site == "weight":     # the flip searches zeroed parameter items (the official rule)
+        from .flip.weights import weight_items, weight_masks
+        structure = weight_items(model)
+        zeroing = weight_masks
+    else:
+        structure = trace(model, data.train.x[:2])
+        zeroing = partial(unit_masks, site=site)
     mask = torch.ones(structure.n_units, device=data.train.x.device)
     mask[torch.as_tensor(units, device=mask.device)] = 0
-    site = run.result("flip").config.get("site", "pre_norm")
-    return (lambda: unit_masks(model, structure, mask, site=site)), units
+    return (lambda: zeroing(model, structure, mask)), units
 
 
 def _critical_layer(run, structure):

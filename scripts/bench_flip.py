@@ -1,13 +1,16 @@
 """Benchmark memloc.flip: the batched search against the one-example-at-a-time reference, side by side.
 
-    python scripts/bench_flip.py [--mlp-run RUN] [--lenet-run RUN] [--out artifacts/bench_flip.md]
+    python scripts/bench_flip.py [--mlp-run RUN] [--lenet-run RUN] [--sites pre_norm,weight] [--out artifacts/bench_flip.md]
 
-For each model (the MNIST-5k MLP and lenet runs; trained into a temporary directory unless given),
-on the same examples, reference batch and settings, it times
+For each model (the MNIST-5k MLP and lenet runs; trained into a temporary directory unless given)
+and each site (units at ``pre_norm``; parameter items by the official rule at ``weight``), on the
+same examples, reference batch and settings, it times
 
-* ``reference``: ``reference_flip`` of ``tests/test_flip.py`` (loaded from that file, so the test and
-  the benchmark use one reference), one example after the other;
-* ``batched``: :class:`memloc.flip.search.FlipSearch` with ``--group-size`` searches at once;
+* ``reference``: ``reference_flip`` of ``tests/test_flip.py`` (units) or ``reference_weight_flip`` of
+  ``tests/test_flip_weights.py`` (the official rule item by item), loaded from those files so the
+  tests and the benchmark use one reference, one example after the other;
+* ``batched``: :class:`memloc.flip.search.FlipSearch` (or :class:`memloc.flip.weights.WeightFlipSearch`)
+  with ``--group-size`` searches at once;
 * ``raw``: a plain training forward+backward (cross-entropy, parameter gradients, no hooks) of
   batches of ``group size x (copies + B)`` rows, the rows one batched step processes;
 
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from memloc.flip.weights import WeightFlipSearch  # noqa: E402
 from memloc.run import load  # noqa: E402
 from memloc.train import train  # noqa: E402
 
@@ -42,14 +46,26 @@ flip = importlib.import_module("memloc.flip")   # the module (``memloc.flip`` is
 RUNS = {"mlp": {"model": "mlp"}, "lenet": {"model": "lenet", "epochs": 40}}
 
 
-def load_reference():
-    spec = importlib.util.spec_from_file_location("memloc_test_flip", ROOT / "tests" / "test_flip.py")
+def _test_module(name):
+    spec = importlib.util.spec_from_file_location(f"memloc_{name}", ROOT / "tests" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.reference_flip
+    return module
 
 
-def bench_model(name, run, reference_flip, args, ref_batch_size):
+def load_reference(site):
+    """(search class, reference(model, structure, x, y, id, rx, ry, ref_ids, dtype=, **kw))."""
+    if site == "weight":
+        ref = _test_module("test_flip_weights").reference_weight_flip
+        return (lambda model, rx, ry, refs, dtype: WeightFlipSearch(model, rx, ry, refs, dtype=dtype),
+                lambda model, structure, *a, **kw: ref(model, *a, 0, **kw))
+    ref = _test_module("test_flip").reference_flip
+    return (lambda model, rx, ry, refs, dtype: flip.FlipSearch(model, rx, ry, refs, site=site, dtype=dtype),
+            lambda model, structure, *a, **kw: ref(model, structure, *a, 0, site=site, **kw))
+
+
+def bench_model(name, run, site, args, ref_batch_size):
+    make_search, reference_flip = load_reference(site)
     dtype = flip.DTYPES[args.dtype]
     data, model = run.data(), run.model()
     ids = flip.select_examples(args.examples, run.is_noisy, seed=args.seed)
@@ -59,7 +75,7 @@ def bench_model(name, run, reference_flip, args, ref_batch_size):
     kw = dict(max_units=args.max_units, noise_samples=args.noise_samples, noise_ratio=args.noise_ratio, seed=args.seed)
 
     t0 = time.perf_counter()
-    search = flip.FlipSearch(model, rx, ry, refs, dtype=dtype)
+    search = make_search(model, rx, ry, refs, dtype)
     ok = (search.predict(x) == y).numpy()
     tasks = [(k, 0) for k in np.flatnonzero(ok)]
     batched = {t.k: (t.units.tolist(), t.flipped)
@@ -67,7 +83,7 @@ def bench_model(name, run, reference_flip, args, ref_batch_size):
     t_batched = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ref = {k: reference_flip(model, search.structure, x[k], y[k], int(ids[k]), rx[0], ry[0], refs[0], 0,
+    ref = {k: reference_flip(model, search.structure, x[k], y[k], int(ids[k]), rx[0], ry[0], refs[0],
                              dtype=dtype, **kw) for k, _ in tasks}
     t_ref = time.perf_counter() - t0
 
@@ -88,7 +104,9 @@ def bench_model(name, run, reference_flip, args, ref_batch_size):
     same = sum(batched[k] == (ref[k][0], ref[k][1]) for k, _ in tasks)
     # rows the batched search pushed through forward+backward (its target-only checks not counted)
     computed = search.stats["example_steps"] * copies + search.stats["reference_evaluations"] * ref_batch_size
-    return {"model": name, "B": ref_batch_size, "examples": len(tasks), "steps": steps,
+    flipped = [f for _, f in batched.values()]
+    return {"model": name, "site": site, "B": ref_batch_size, "flipped": f"{sum(flipped)}/{len(flipped)}",
+            "median_items": float(np.median([len(u) for u, _ in batched.values()])) if batched else float("nan"), "examples": len(tasks), "steps": steps,
             "reference_evaluations": search.stats["reference_evaluations"], "reference_s": t_ref,
             "batched_s": t_batched, "speedup": t_ref / t_batched, "batched_steps_per_s": steps / t_batched,
             "raw_steps_per_s": args.group_size / t_raw, "raw_fraction": steps / t_batched / (args.group_size / t_raw),
@@ -103,6 +121,7 @@ def main(argv=None):
     p.add_argument("--mlp-run", help="MNIST-5k MLP run (default: train one into a temporary directory)")
     p.add_argument("--lenet-run", help="MNIST-5k lenet run (default: train one, 40 epochs)")
     p.add_argument("--models", default="mlp,lenet")
+    p.add_argument("--sites", default="pre_norm,weight", help="comma-separated sites (pre_norm, post_norm, weight)")
     p.add_argument("--examples", default="noisy:50,clean:50")
     p.add_argument("--max-units", type=int, default=100)
     p.add_argument("--ref-batch-sizes", default="64,16", help="comma-separated reference batch sizes B")
@@ -115,30 +134,35 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "artifacts" / "bench_flip.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    reference_flip = load_reference()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             given = getattr(args, f"{name}_run")
             run = load(given) if given else train(Path(tmp) / name, RUNS[name], device="cpu")
-            for b in map(int, args.ref_batch_sizes.split(",")):
-                res = bench_model(name, run, reference_flip, args, b)
-                print(json.dumps(res), flush=True)
-                results.append(res)
+            for site in args.sites.split(","):
+                for b in map(int, args.ref_batch_sizes.split(",")):
+                    res = bench_model(name, run, site, args, b)
+                    print(json.dumps(res), flush=True)
+                    results.append(res)
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
     lines = ["# memloc.flip benchmark", "",
              f"`python scripts/bench_flip.py {' '.join(sys.argv[1:] if argv is None else argv)}` on "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
              f"dtype {args.dtype}; settings `{json.dumps(settings)}`.", "",
-             "| model | B | searches | example-steps | reference evaluations | row ratio | reference s | batched s | "
-             "speed-up | batched steps/s | raw fwd+bwd steps/s | fraction of raw | hardware fraction | identical sequences |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | site | B | searches | flipped | median zeroed | example-steps | reference evaluations | row ratio | "
+             "reference s | batched s | speed-up | batched steps/s | raw fwd+bwd steps/s | fraction of raw | "
+             "hardware fraction | identical sequences |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['B']} | {r['examples']} | {r['steps']} | {r['reference_evaluations']} | "
+        lines.append(f"| {r['model']} | {r['site']} | {r['B']} | {r['examples']} | {r['flipped']} | {r['median_items']:g} | "
+                     f"{r['steps']} | {r['reference_evaluations']} | "
                      f"{r['row_ratio']:.1f} | "
                      f"{r['reference_s']:.2f} | {r['batched_s']:.2f} | {r['speedup']:.1f}x | {r['batched_steps_per_s']:.0f} | "
                      f"{r['raw_steps_per_s']:.0f} | {r['raw_fraction']:.0%} | {r['hardware_fraction']:.0%} | {r['identical']} |")
-    lines += ["", "* example-step: one forward/backward of one example's copies and its reference batch (copies + B "
+    lines += ["", "* site: `pre_norm` zeroes units (channels / features, memloc's default); `weight` zeroes parameter "
+              "items by the official rule (a conv filter, or one element of any other parameter), each search with "
+              "its own weights (`torch.func.vmap` over `functional_call`); median zeroed counts units or items.",
+              "* example-step: one forward/backward of one example's copies and its reference batch (copies + B "
               "rows), as the reference implementation does it; the reference does one per zeroed unit plus one.",
               "* raw fwd+bwd steps/s: a plain training forward+backward (parameter gradients, no hooks) of batches "
               "of group-size x (copies + B) rows, divided into example-steps; fraction of raw = batched steps/s over it.",

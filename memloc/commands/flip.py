@@ -5,17 +5,19 @@ import sys
 import numpy as np
 
 from ..flip import DTYPES, REF_POOLS, flip
-from ..flip.driver import part_settings, settings
+from ..flip.driver import PROTOCOLS, SITES, part_settings, protocol_options, settings
 from ..flip.store import PartStore
 from ..run import load
-from ..units import SITES
 from .runner import add_eval_batch_size, nonnegative_float, nonnegative_int, number, positive_int
 
 RESULT = "flip"
-DESCRIPTION = ("Greedy gradient-guided unit zeroing: for each example, zero units one at a time (the one whose "
+SHARDED = True     # torchrun --nproc-per-node K -m memloc flip RUN: every K-th search per process
+DESCRIPTION = ("Greedy gradient-guided unit zeroing: for each example, zero units (or, with --site weight, "
+               "parameter items as in the authors' code) one at a time (the one whose "
                "zeroing most raises the example's loss relative to a reference batch's loss, to first order) "
                "until the prediction changes. Writes RUN/results/flip.h5; an interrupted run continues when the "
-               "same command is run again.")
+               "same command is run again. Under torchrun (torchrun --nproc-per-node K -m memloc flip RUN ...) the "
+               "searches are split across the K processes and rank 0 writes the merged result.")
 INTERRUPTED = "finished searches are saved (rerun to continue)"
 OVERWRITE_HELP = "replace an existing flip.h5 (or an interrupted search) made with other settings"
 
@@ -30,19 +32,27 @@ def arguments(p):
                    help="checkpoint epoch to analyse (default: the final one)")
     p.add_argument("--max-units", type=positive_int, default=100,
                    help="give up after zeroing this many units (recorded as not flipped)")
-    p.add_argument("--noise-samples", type=nonnegative_int, default=0,
-                   help="average the target's logits over this many Gaussian-noised copies of it (0 = off)")
-    p.add_argument("--noise-ratio", type=nonnegative_float, default=0.01,
-                   help="noise norm as a fraction of the input's norm")
-    p.add_argument("--repeats", type=positive_int, default=1,
-                   help="searches per example, each with its own reference batch")
-    p.add_argument("--ref-batch-size", type=positive_int, default=64,
+    p.add_argument("--protocol", default="memloc", choices=list(PROTOCOLS),
+                   help="defaults of the six options below: memloc (site pre_norm, no noise, B = 64) or paper (the "
+                        "authors' released code: site weight, logits averaged over 5 noised copies, B = 512, capped "
+                        "at the clean pool); options given explicitly always win")
+    p.add_argument("--site", default=None, choices=SITES,
+                   help="what is zeroed: a unit at its layer's output (pre_norm, memloc's default: one channel / "
+                        "feature, comparable across layers), after the norm that follows it (post_norm), or a "
+                        "parameter item by the official rule (weight: a whole conv filter, any other weight, bias or "
+                        "norm scale / shift element by element, scored by weight x gradient)")
+    p.add_argument("--noise-samples", type=nonnegative_int, default=None,
+                   help="average the target's logits over this many Gaussian-noised copies of it (0 = off; "
+                        "default 0, paper protocol 5)")
+    p.add_argument("--noise-ratio", type=nonnegative_float, default=None,
+                   help="noise norm as a fraction of the input's norm (default 0.01)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="searches per example, each with its own reference batch (default 1)")
+    p.add_argument("--ref-batch-size", type=positive_int, default=None,
                    help="reference batch size B (the objective is the reference batch's mean loss minus the "
-                        "example's loss)")
-    p.add_argument("--ref-pool", default="clean", choices=REF_POOLS,
-                   help="draw reference batches from clean training examples or from all of them")
-    p.add_argument("--site", default="pre_norm", choices=SITES,
-                   help="zero a unit at its layer's output (pre_norm) or after the norm that follows it (post_norm)")
+                        "example's loss; default 64, paper protocol 512)")
+    p.add_argument("--ref-pool", default=None, choices=REF_POOLS,
+                   help="draw reference batches from clean training examples (default) or from all of them")
     p.add_argument("--collateral", action="store_true",
                    help="also record clean-train / noisy-train / noisy-true / test accuracy with each example's "
                         "units zeroed (one pass over the data per search)")
@@ -55,16 +65,19 @@ def arguments(p):
     add_eval_batch_size(p)
 
 
+PROTOCOL_OPTIONS = ("site", "noise_samples", "noise_ratio", "repeats", "ref_batch_size", "ref_pool")
+
+
 def _options(args) -> dict:
     return dict(examples=args.examples, checkpoint=args.checkpoint, max_units=args.max_units,
-                noise_samples=args.noise_samples, noise_ratio=args.noise_ratio, repeats=args.repeats, site=args.site,
-                collateral=args.collateral, group_size=args.group_size, ref_batch_size=args.ref_batch_size,
-                ref_pool=args.ref_pool, seed=args.seed, dtype=args.dtype)
+                collateral=args.collateral, group_size=args.group_size, seed=args.seed, dtype=args.dtype,
+                protocol=args.protocol, **{k: getattr(args, k) for k in PROTOCOL_OPTIONS})
 
 
 def _requested(args, run):
     """The config and part-file settings this command would search with."""
-    options = {k: v for k, v in _options(args).items() if k != "group_size"}
+    options = {k: v for k, v in _options(args).items() if k not in ("group_size", "protocol") + PROTOCOL_OPTIONS}
+    options.update(protocol_options(args.protocol, run.is_noisy, **{k: getattr(args, k) for k in PROTOCOL_OPTIONS}))
     options["checkpoint"] = run.final_epoch if args.checkpoint is None else args.checkpoint
     config, ids, _ = settings(run.is_noisy, **options)
     return config, part_settings(config, ids)
@@ -92,8 +105,9 @@ def summary(res, args):
     noisy = res["is_noisy"].values.astype(bool)
     count = res["neuron_count"].values
     parts = [f"{searched.sum()} of {res.sizes['example']} examples searched"]
+    word = "items" if res.config.get("site") == "weight" else "units"
     for key, rows in (("noisy", searched & noisy), ("clean", searched & ~noisy)):
         if rows.any():
-            parts.append(f"{key}: median {np.median(count[rows]):g} units, "
+            parts.append(f"{key}: median {np.median(count[rows]):g} {word}, "
                          f"{100 * res['flipped'].values[rows].mean():.0f}% flipped")
     return "; ".join(parts)

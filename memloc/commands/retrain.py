@@ -4,9 +4,13 @@ from .runner import (add_eval_batch_size, add_layers, describe, layer_table, non
                      number, positive_float, positive_int)
 
 RESULT = "retrain"
+SHARDED = True     # torchrun --nproc-per-node K -m memloc retrain RUN: the layers split K ways
 DESCRIPTION = ("Reset one layer at a time to its initialisation, freeze every other parameter and buffer, "
                "retrain only that layer on the clean training examples (one-cycle schedule) and record clean / "
-               "noisy / test accuracy after every epoch. Writes RUN/results/retrain.h5.")
+               "noisy / test accuracy after every epoch. Writes RUN/results/retrain.h5; an interrupted run "
+               "continues when the same command is run again.")
+INTERRUPTED = "finished work is saved (rerun to continue)"
+OVERWRITE_HELP = "replace an existing retrain.h5 (or an interrupted retrain saved with other settings)"
 FLAGS = {"reset_to": "--reset-checkpoint"}
 
 
@@ -28,7 +32,8 @@ def arguments(p):
 def execute(args):
     return retrain(args.run, layers=args.layers, reset_to=args.reset_checkpoint, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
-                   seed=args.seed, eval_batch_size=args.eval_batch_size, device=args.device)
+                   seed=args.seed, eval_batch_size=args.eval_batch_size, device=args.device,
+                   resume_dir="auto", overwrite=args.overwrite)
 
 
 def summary(res, args):

@@ -3,9 +3,12 @@ from ..rewind import rewind
 from .runner import add_checkpoints, add_eval_batch_size, add_layers, describe, layer_table
 
 RESULT = "rewind"
+SHARDED = True     # torchrun --nproc-per-node K -m memloc rewind RUN: the (checkpoint, layer) cells split K ways
 DESCRIPTION = ("Rewind one layer at a time of the final model to an earlier checkpoint (parameters and norm "
                "buffers) and record accuracy on clean train, noisy train (given and true labels) and test. "
-               "Writes RUN/results/rewind.h5.")
+               "Writes RUN/results/rewind.h5; an interrupted run continues when the same command is run again.")
+INTERRUPTED = "finished work is saved (rerun to continue)"
+OVERWRITE_HELP = "replace an existing rewind.h5 (or an interrupted rewind saved with other settings)"
 
 
 def arguments(p):
@@ -16,7 +19,8 @@ def arguments(p):
 
 def execute(args):
     return rewind(args.run, checkpoints=args.checkpoints, layers=args.layers,
-                  eval_batch_size=args.eval_batch_size, device=args.device)
+                  eval_batch_size=args.eval_batch_size, device=args.device,
+                  resume_dir="auto", overwrite=args.overwrite)
 
 
 def summary(res, args):

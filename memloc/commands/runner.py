@@ -154,6 +154,17 @@ def _parser(name, mod):
     return p
 
 
+def _join_processes(prog: str, mod, args) -> int:
+    """Under torchrun, join the process group if the command splits its work (``SHARDED``);
+    returns this process's rank (0 outside torchrun)."""
+    from ..distributed import init_from_env, requested_world
+    if requested_world() == 1:
+        return 0
+    from ..runtime import resolve_device
+    device = resolve_device(getattr(args, "device", "cpu") or "cpu")
+    return init_from_env(device, command=prog, sharded=getattr(mod, "SHARDED", False))[0]
+
+
 def run_command(name: str, mod, argv: list[str]):
     """Parse ``argv``, check the output, call ``mod.execute``, save its result, print its summary."""
     parser = _parser(name, mod)
@@ -162,14 +173,16 @@ def run_command(name: str, mod, argv: list[str]):
     prog = f"memloc {name}"
     lock = None
     try:
+        rank = _join_processes(prog, mod, args)
         result_name = getattr(mod, "RESULT", None)
         if result_name:
             from ..run import as_run
             run = as_run(args.run, need_checkpoints=False)
             args.out = run.results_path(result_name)
             check_writable(args.out)
-            lock = FileLock(args.out.with_name(f".{result_name}.lock"),
-                            f"another memloc {name} is running on {str(run.path)!r}; wait for it to finish")
+            lock = None if rank > 0 else FileLock(  # split across processes: rank 0 holds it for all
+                args.out.with_name(f".{result_name}.lock"),
+                f"another memloc {name} is running on {str(run.path)!r}; wait for it to finish")
             resumable = getattr(mod, "resumable", lambda *a: False)   # an interrupted search with these settings
             if args.out.exists() and not args.overwrite and not resumable(args, run):
                 if getattr(mod, "already_done", lambda *a: False)(args, run):
@@ -181,6 +194,8 @@ def run_command(name: str, mod, argv: list[str]):
         with warnings.catch_warnings():
             warnings.showwarning = lambda message, *a, **kw: print(f"{prog}: warning: {message}", file=sys.stderr)
             result = mod.execute(args)
+        if rank > 0:
+            return result           # rank 0 saves and reports
         if isinstance(result, Result) and result_name:
             result.save(args.out, argv=args.argv)
         if hasattr(mod, "after_save"):          # extra outputs, written once the result is safe

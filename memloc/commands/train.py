@@ -1,7 +1,10 @@
 """``memloc train RUN``: train under label noise into a run directory (:func:`memloc.train`)."""
+import argparse
+import sys
+
 from ..data import NOISE_KINDS
 from ..train import DEFAULTS, OPTIONS, RANGES, train
-from .runner import add_eval_batch_size, number
+from .runner import _parser, add_eval_batch_size, number
 
 OVERWRITE = True
 INTERRUPTED = "finished epochs are saved (rerun with --resume to continue)"
@@ -27,9 +30,19 @@ def arguments(p):
     add_eval_batch_size(p)
 
 
+def _given(argv) -> set[str]:
+    """The options this command line sets explicitly (a --recipe fills only the others): the same
+    parser, with every default suppressed."""
+    parser = _parser("train", sys.modules[__name__])
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def execute(args):
-    cfg = {k: getattr(args, k) for k in DEFAULTS}
-    if cfg["test_size"] is not None and cfg["test_size"] >= 1 and float(cfg["test_size"]).is_integer():
+    given = _given(args.argv[2:])
+    cfg = {k: getattr(args, k) for k in DEFAULTS if k in given}   # the library fills the rest
+    if cfg.get("test_size") is not None and cfg["test_size"] >= 1 and float(cfg["test_size"]).is_integer():
         cfg["test_size"] = int(cfg["test_size"])
     return train(args.run, cfg, device=args.device, resume=args.resume, overwrite=args.overwrite, argv=args.argv,
                  eval_batch_size=args.eval_batch_size)

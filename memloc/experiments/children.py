@@ -66,6 +66,9 @@ def check_seeds(seeds) -> list[int]:
 
 
 def _digest(cfg: dict) -> str:
+    """A config's identity; options added later count only when they differ from their default."""
+    from ..train import DEFAULTS, LATER_OPTIONS
+    cfg = {k: v for k, v in cfg.items() if not (k in LATER_OPTIONS and v == DEFAULTS[k])}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -8,20 +8,48 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..distributed import barrier, rank_suffix, shard, world
 from ..errors import MemlocError
 from ..evaluate import SUBSETS, accuracies
 from ..results import Result
 from ..runtime import FileLock, check_range, progress
 from ..selection import resolve
-from ..units import SITES, unit_masks
+from ..units import SITES as UNIT_SITES
 from .search import FlipSearch
 from .select import reference_batches, select_examples
 from .store import PartStore, csr, layer_histogram
+from .weights import WeightFlipSearch
 
-__all__ = ["flip", "settings", "part_settings", "DTYPES", "REF_POOLS"]
+__all__ = ["flip", "settings", "part_settings", "DTYPES", "REF_POOLS", "SITES", "PROTOCOLS", "protocol_options"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REF_POOLS = ("clean", "all")
+SITES = UNIT_SITES + ("weight",)
+#: Defaults of the options a protocol sets (explicit values always win). ``paper``: the official
+#: code's rule and settings (weight site, logits averaged over 5 noised copies of norm 0.01 x the
+#: input's, a 512-example reference batch, one search per example); memloc's default zeroes units
+#: (one mechanism per channel / feature, comparable across layers and architectures, and 40-200x
+#: fewer candidates per step), no noise (deterministic, cheaper) and a 64-example reference batch.
+PROTOCOLS = {
+    "memloc": {"site": "pre_norm", "noise_samples": 0, "noise_ratio": 0.01, "ref_batch_size": 64, "repeats": 1,
+               "ref_pool": "clean"},
+    "paper": {"site": "weight", "noise_samples": 5, "noise_ratio": 0.01, "ref_batch_size": 512, "repeats": 1,
+              "ref_pool": "clean"},
+}
+
+
+def protocol_options(protocol: str, is_noisy=None, **given) -> dict:
+    """The options of ``protocol`` with the ``given`` ones that are not None put over them. With the
+    run's ``is_noisy``, a reference batch size taken from the protocol is capped at the size of
+    the reference pool (an explicit size is not)."""
+    if protocol not in PROTOCOLS:
+        raise MemlocError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}", argument="protocol")
+    options = {**PROTOCOLS[protocol], **{k: v for k, v in given.items() if v is not None}}
+    if is_noisy is not None and given.get("ref_batch_size") is None:
+        is_noisy = np.asarray(is_noisy, bool)
+        pool = len(is_noisy) if options["ref_pool"] == "all" else int((~is_noisy).sum())
+        options["ref_batch_size"] = max(1, min(options["ref_batch_size"], pool))
+    return options
 
 
 def _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise_ratio, seed, site, ref_pool, dtype):
@@ -55,10 +83,11 @@ def part_settings(config: dict, ids) -> dict:
 
 
 def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint: int | None = None,
-         max_units: int = 100, noise_samples: int = 0, noise_ratio: float = 0.01, repeats: int = 1,
-         site: str = "pre_norm", collateral: bool = False, group_size: int = 32, ref_batch_size: int = 64,
-         ref_pool: str = "clean", seed: int = 0, dtype: str = "float32", eval_batch_size: int = 1024,
-         device="auto", resume_dir="auto", overwrite: bool = False, log=None) -> Result:
+         max_units: int = 100, noise_samples: int | None = None, noise_ratio: float | None = None,
+         repeats: int | None = None, site: str | None = None, collateral: bool = False, group_size: int = 32,
+         ref_batch_size: int | None = None, ref_pool: str | None = None, protocol: str = "memloc", seed: int = 0,
+         dtype: str = "float32", eval_batch_size: int = 1024, device="auto", resume_dir="auto",
+         overwrite: bool = False, log=None) -> Result:
     """Greedy unit-zeroing searches (see :mod:`memloc.flip`) of the ``examples`` of a run.
 
     ``source``: a :class:`memloc.Run` / run path (``checkpoint``: its epoch, default final), or an
@@ -67,14 +96,24 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
     for a run, none for a model); finished searches found there with the same settings are not
     redone (also with ``overwrite``, which only discards parts made with other settings). The parts are deleted when
     the result is saved (:meth:`memloc.Result.save`). ``log(message)`` receives progress notes
-    (misclassified examples, resumption). Returns the ``"flip"`` result.
+    (misclassified examples, resumption). ``protocol`` (``memloc`` | ``paper``, :data:`PROTOCOLS`)
+    supplies the options left at None: ``site``, ``noise_samples``, ``noise_ratio``,
+    ``ref_batch_size``, ``repeats``, ``ref_pool``. ``site="weight"`` zeroes parameter items by the
+    official rule (:mod:`memloc.flip.weights`). Returns the ``"flip"`` result.
     """
     log = log or (lambda msg: None)
-    _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise_ratio, seed, site, ref_pool, dtype)
+    chosen = dict(site=site, noise_samples=noise_samples, noise_ratio=noise_ratio, ref_batch_size=ref_batch_size,
+                  repeats=repeats, ref_pool=ref_pool)
+    opts = protocol_options(protocol, **chosen)
+    _check(max_units, opts["repeats"], group_size, eval_batch_size, opts["noise_samples"], opts["noise_ratio"], seed,
+           opts["site"], opts["ref_pool"], dtype)
     if checkpoint is not None:
         check_range("checkpoint", checkpoint, low=0, integer=True)
     src = resolve(source, data, device=device, checkpoint=checkpoint)
     model, data, dev, epoch = src.model, src.data, src.device, src.checkpoint
+    opts = protocol_options(protocol, data.is_noisy, **chosen)
+    site, noise_samples, noise_ratio, repeats, ref_batch_size, ref_pool = (
+        opts[k] for k in ("site", "noise_samples", "noise_ratio", "repeats", "ref_batch_size", "ref_pool"))
     if resume_dir == "auto":
         resume_dir = None if src.run is None else src.run.results_path("flip").with_name("flip.partial")
     is_noisy, given = np.asarray(data.is_noisy, bool), np.asarray(data.label_given)
@@ -85,27 +124,42 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
     train = data.train
     x, y = train.x[ids], train.y[ids]
     ridx = torch.as_tensor(refs, device=dev)
-    search = FlipSearch(model, train.x[ridx], train.y[ridx], refs, site=site, dtype=DTYPES[dtype])
+    search = (WeightFlipSearch if site == "weight" else FlipSearch)(model, train.x[ridx], train.y[ridx], refs,
+                                                                     site=site, dtype=DTYPES[dtype])
     structure = search.structure
     status = (search.predict(x) != y).cpu().numpy().astype(np.int8)
-    if status.any():
+    rank, size = world()
+    if size > 1 and resume_dir is None:
+        raise MemlocError("a flip search split across processes needs a run (or resume_dir) for its part files",
+                          argument="resume_dir")
+    if status.any() and rank == 0:
         log(f"memloc.flip: {int(status.sum())} of {len(ids)} examples are misclassified by the model "
             "and are recorded with status 1 (not searched)")
-    lock = None if resume_dir is None else FileLock(
+    lock = None if resume_dir is None or rank > 0 else FileLock(
         Path(resume_dir).parent / f".{Path(resume_dir).name}.lock",
         f"another flip search is using {str(resume_dir)!r}; wait for it to finish")
     try:
-        store = PartStore(resume_dir, part_settings(config, ids), overwrite=overwrite)
+        if rank == 0:
+            store = PartStore(resume_dir, part_settings(config, ids), overwrite=overwrite, suffix=rank_suffix())
+        barrier()               # split across processes: rank 0 has opened (or cleared) the parts folder
+        if rank > 0:
+            store = PartStore(resume_dir, part_settings(config, ids), attach=True, suffix=rank_suffix())
+        barrier()               # every rank has read the same parts: no part is written before that
         todo = [(k, r) for k in np.flatnonzero(status == 0) for r in range(repeats)
                 if (int(ids[k]), r) not in store.done]
-        if store.done:
+        if store.done and rank == 0:
             log(f"memloc.flip: resuming: {len(store.done)} searches already saved, {len(todo)} to go")
-        _search(search, store, x, y, ids, todo, data, model, collateral=collateral, group_size=group_size,
+        _search(search, store, x, y, ids, shard(todo), data, model, collateral=collateral, group_size=group_size,
                 eval_batch_size=eval_batch_size, max_units=max_units, noise_samples=noise_samples,
                 noise_ratio=noise_ratio, seed=seed)
+        barrier()               # every rank's parts are written
+        if size > 1:
+            store.reload()
     finally:
         if lock is not None:
             lock.release()
+    if rank > 0:
+        return None             # rank 0 merges the parts and writes the result
     result = _result(store, ids, is_noisy, given, status, repeats, structure, refs, max_units, config)
     result.parts = store.folder
     return result
@@ -123,7 +177,7 @@ def _search(search, store, x, y, ids, todo, data, model, *, collateral, group_si
             if collateral:
                 mask = torch.ones(structure.n_units, device=dev)
                 mask[torch.as_tensor(t.units, device=dev)] = 0
-                with unit_masks(model, structure, mask, site=search.site):
+                with search.zeroing(model, mask):
                     acc = accuracies(model, data, batch_size=eval_batch_size)
                 col = np.array([acc[s] for s in SUBSETS])
             pending.append((int(ids[t.k]), t.repeat, t.units, t.flipped, col))

@@ -74,26 +74,34 @@ class FlipSearch:
                  structure: Structure | None = None, cache_prefix: bool = True, cache_mb: float = 256):
         if site not in SITES:
             raise ValueError(f"unknown site {site!r}; valid: {', '.join(SITES)}")
-        device = ref_x.device
-        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.dtype, self.device, self.site = dtype, device, site
-        self.ref_x = ref_x.to(dtype)
-        self.ref_y = ref_y.to(device).long()
-        self.ref_ids = torch.as_tensor(np.asarray(ref_ids), device=device).long()
-        self._ref_sets = [set(row.tolist()) for row in self.ref_ids.cpu()]
+        self._setup(model, ref_x, ref_y, ref_ids, dtype)
+        self.site = site
         self.structure = structure or trace(self.model, self.ref_x[0, :1])
         if self.structure.n_units == 0:
             raise MemlocError(f"{type(model).__name__} has no units (no conv/linear layer before the logits)")
-        itemsize = torch.finfo(dtype).bits // 8
-        self._memo: OrderedDict = OrderedDict()
-        self._memo_max = max(64, int(cache_mb * 2 ** 20 / (self.structure.n_units * itemsize)))
-        self.stats = {"example_steps": 0, "reference_evaluations": 0}
+        self._setup_memo(cache_mb)
         self.first = self.structure.spaces[0].module
         self.prefix = None
         if cache_prefix:
             self.prefix = self._prefix_outputs()
             if self.prefix is not None and not self._prefix_agrees():
                 self.prefix = None
+
+    def _setup(self, model, ref_x, ref_y, ref_ids, dtype):
+        """A private frozen eval-mode copy of ``model`` in ``dtype`` and the reference batches."""
+        device = ref_x.device
+        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.dtype, self.device = dtype, device
+        self.ref_x = ref_x.to(dtype)
+        self.ref_y = ref_y.to(device).long()
+        self.ref_ids = torch.as_tensor(np.asarray(ref_ids), device=device).long()
+        self._ref_sets = [set(row.tolist()) for row in self.ref_ids.cpu()]
+
+    def _setup_memo(self, cache_mb):
+        itemsize = torch.finfo(self.dtype).bits // 8
+        self._memo: OrderedDict = OrderedDict()
+        self._memo_max = max(64, int(cache_mb * 2 ** 20 / (self.structure.n_units * itemsize)))
+        self.stats = {"example_steps": 0, "reference_evaluations": 0}
 
     # -- one forward/backward
     def _terms(self, masks, xt, yt, ref_masks, ref_repeats, excluded, *, use_prefix=True):
@@ -121,12 +129,23 @@ class FlipSearch:
             with hooks_of(self.model, hooks), unit_masks(self.model, self.structure, rows, site=self.site):
                 logits = self.model(inputs.to(self.dtype))
             target_logits = logits[:g * nt].view(g, nt, -1).mean(1)
-            ref_loss = F.cross_entropy(logits[g * nt:], self.ref_y[ref_repeats].flatten(), reduction="none").view(m, b)
-            keep = (self.ref_ids[ref_repeats] != excluded[:, None]).to(self.dtype)
-            ref_term = (ref_loss * keep).sum(1) / keep.sum(1).clamp_min(1)
-            objective = ref_term.sum() - F.cross_entropy(target_logits, yt, reduction="sum")
+            objective = self._objective(target_logits, yt, logits[g * nt:].view(m, b, logits.shape[-1]), ref_repeats,
+                                        excluded)
             grad_t, grad_r = torch.autograd.grad(objective, [masks, ref_masks])
         return target_logits.argmax(1), grad_t, grad_r
+
+    def _objective(self, target_logits, yt, ref_logits, ref_repeats, excluded):
+        """Sum over searches of O = (mean reference loss without the target) - target loss.
+
+        ``target_logits`` (G, C) (the copies' mean), ``ref_logits`` (M, B, C) or None (M = 0)."""
+        objective = -F.cross_entropy(target_logits, yt, reduction="sum")
+        if ref_logits is not None and len(ref_logits):
+            m, b = ref_logits.shape[:2]
+            ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), self.ref_y[ref_repeats].flatten(),
+                                       reduction="none").view(m, b)
+            keep = (self.ref_ids[ref_repeats] != excluded[:, None]).to(self.dtype)
+            objective = objective + ((ref_loss * keep).sum(1) / keep.sum(1).clamp_min(1)).sum()
+        return objective
 
     def objective_grad(self, masks: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
                        repeats: torch.Tensor, target_ids: torch.Tensor, *, use_prefix: bool = True):
@@ -179,7 +198,7 @@ class FlipSearch:
                                             torch.stack([s["xt"] for s in check]))
                 flipped = (pred != y[[s["k"] for s in check]]).cpu().numpy()
                 for s, f in zip(check, flipped):
-                    if f or len(s["units"]) >= max_units:
+                    if f or len(s["units"]) >= max_units or s.get("stuck"):
                         yield FlipTrace(s["k"], s["r"], np.array(s["units"], dtype=np.int64), bool(f))
                     else:
                         slots.append(s)
@@ -188,29 +207,45 @@ class FlipSearch:
                     break
             if not slots:
                 continue
-            # one forward/backward: every target term, and the reference terms not memoised yet
             masks = torch.stack([s["mask"] for s in slots])
-            keys = [(s["r"], s["excluded"], frozenset(s["units"])) for s in slots]
-            misses = list(dict.fromkeys(key for key in keys if key not in self._memo))
-            first_slot = {key: i for i, key in reversed(list(enumerate(keys)))}
-            _, grad_t, grad_r = self._terms(
-                masks, torch.stack([s["xt"] for s in slots]), y[[s["k"] for s in slots]],
-                masks[[first_slot[key] for key in misses]],
-                torch.tensor([key[0] for key in misses], dtype=torch.long, device=self.device),
-                torch.tensor([key[1] for key in misses], dtype=torch.long, device=self.device))
-            for key, grad in zip(misses, grad_r):
-                self._memo[key] = grad
-            for key in keys:
-                self._memo.move_to_end(key)
-            grad = grad_t + torch.stack([self._memo[key] for key in keys])
-            while len(self._memo) > self._memo_max:
-                self._memo.popitem(last=False)
-            self.stats["example_steps"] += len(slots)
-            self.stats["reference_evaluations"] += len(misses)
-            best = (grad * masks).masked_fill(masks == 0, float("-inf")).argmax(1).tolist()
-            for s, j in zip(slots, best):
-                s["units"].append(j)
-                s["mask"][j] = 0
+            grad = self._step(slots, masks, torch.stack([s["xt"] for s in slots]), y[[s["k"] for s in slots]])
+            for s, j, ok in zip(slots, *self._choose(grad, masks)):
+                if ok:
+                    s["units"].append(j)
+                    s["mask"][j] = 0
+                else:
+                    s["stuck"] = True
+
+    def _step(self, slots: list[dict], masks: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor) -> torch.Tensor:
+        """``dO/dmask`` (G, n_units) of the running searches: one forward/backward of every target
+        term and of the reference terms not memoised yet."""
+        keys = [(s["r"], s["excluded"], frozenset(s["units"])) for s in slots]
+        misses = list(dict.fromkeys(key for key in keys if key not in self._memo))
+        first_slot = {key: i for i, key in reversed(list(enumerate(keys)))}
+        _, grad_t, grad_r = self._terms(
+            masks, xt, yt, masks[[first_slot[key] for key in misses]],
+            torch.tensor([key[0] for key in misses], dtype=torch.long, device=self.device),
+            torch.tensor([key[1] for key in misses], dtype=torch.long, device=self.device))
+        for key, grad in zip(misses, grad_r):
+            self._memo[key] = grad
+        for key in keys:
+            self._memo.move_to_end(key)
+        grad = grad_t + torch.stack([self._memo[key] for key in keys])
+        while len(self._memo) > self._memo_max:
+            self._memo.popitem(last=False)
+        self.stats["example_steps"] += len(slots)
+        self.stats["reference_evaluations"] += len(misses)
+        return grad
+
+    def _choose(self, grad: torch.Tensor, masks: torch.Tensor):
+        """Per search: the unit to zero next (highest ``mask x dO/dmask`` among kept units; ties to the
+        lowest id) and whether to zero it (always, at the unit sites)."""
+        best = (grad * masks).masked_fill(masks == 0, float("-inf")).argmax(1).tolist()
+        return best, [True] * len(best)
+
+    def zeroing(self, model: nn.Module, mask: torch.Tensor):
+        """Context in which ``model`` (of this search's structure) runs with the units ``mask`` zeroed."""
+        return unit_masks(model, self.structure, mask, site=self.site)
 
     def _predict_masked(self, masks: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         """Argmax of the mean logits of ``xt`` (G, copies, ...) under ``masks`` (G, n_units)."""

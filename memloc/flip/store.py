@@ -38,10 +38,12 @@ def layer_histogram(units: np.ndarray, offsets: np.ndarray, lengths: np.ndarray)
     return hist
 
 
-def write_part(folder: Path, number: int, rows: list[tuple[int, int, np.ndarray, bool, np.ndarray]]) -> None:
-    """Save finished searches ``(example id, repeat, units, flipped, collateral)`` as one part file."""
+def write_part(folder: Path, number: int, rows: list[tuple[int, int, np.ndarray, bool, np.ndarray]],
+               suffix: str = "") -> None:
+    """Save finished searches ``(example id, repeat, units, flipped, collateral)`` as one part file
+    (``suffix``: the writing rank's, so processes of one search never write the same file)."""
     flat, offsets = csr([r[2] for r in rows])
-    with atomic_path(folder / f"part_{number:06d}.h5") as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(folder / f"part_{number:06d}{suffix}.h5") as tmp, h5py.File(tmp, "w") as f:
         put(f, "example", np.array([r[0] for r in rows], dtype=np.int64), dims=["search"])
         put(f, "repeat", np.array([r[1] for r in rows], dtype=np.int64), dims=["search"])
         put(f, "flipped", np.array([r[3] for r in rows], dtype=bool), dims=["search"])
@@ -70,14 +72,23 @@ def _canonical(obj) -> object:
 
 
 class PartStore:
-    """The part files of one search (``folder`` None: nothing is saved, nothing resumed)."""
+    """The part files of one search (``folder`` None: nothing is saved, nothing resumed).
 
-    def __init__(self, folder, settings: dict, *, overwrite: bool = False):
+    ``attach=True`` (the other ranks of a search split across processes, once rank 0 has opened
+    the folder) only reads the folder; ``suffix`` names this process's part files."""
+
+    def __init__(self, folder, settings: dict, *, overwrite: bool = False, attach: bool = False, suffix: str = ""):
         self.folder = None if folder is None else Path(folder)
         self.settings = _canonical(settings)
         self.done: dict = {}
         self.number = 0
+        self.suffix = suffix
         if self.folder is None:
+            return
+        if attach:
+            if self.stored() != self.settings:
+                raise MemlocError(f"{str(self.folder)!r} does not hold this search's settings (rank 0 opens it first)")
+            self.reload()
             return
         marker = self.folder / "settings.json"
         if self.folder.exists() and any(not p.name.startswith(("part_", "settings.json")) for p in self.folder.iterdir()):
@@ -95,6 +106,10 @@ class PartStore:
             self.folder.mkdir(parents=True)
             with atomic_path(marker) as tmp:
                 tmp.write_text(json.dumps(self.settings, sort_keys=True))
+        self.reload()
+
+    def reload(self) -> None:
+        """Read every part in the folder again (those other processes wrote too)."""
         self.done = read_parts(self.folder)
         self.number = max([int(p.stem.split("_")[1]) + 1 for p in self.folder.glob("part_*.h5")], default=0)
 
@@ -114,7 +129,7 @@ class PartStore:
         if not rows:
             return
         if self.folder is not None:
-            write_part(self.folder, self.number, rows)
+            write_part(self.folder, self.number, rows, self.suffix)
             self.number += 1
         for ex, rep, units, flipped, col in rows:
             self.done[(int(ex), int(rep))] = (units, bool(flipped), np.asarray(col))

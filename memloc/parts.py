@@ -1,0 +1,135 @@
+"""Resumable work items of an analysis (rewind, retrain), also split across processes.
+
+An analysis whose work falls into independent items (a rewound (checkpoint, layer) cell, a
+retrained layer) saves each finished item, or a small batch of them, as an atomically written
+part file (``part_NNNNNN[_r<rank>].npz``: the items' integer keys and their float64 values) in a
+folder that also holds ``settings.json``, the analysis settings. A rerun with the same settings
+reads the parts back and computes only what is missing; parts made with other settings are never
+mixed in (an error, or discarded with ``overwrite``). Under torchrun (:mod:`memloc.distributed`)
+rank 0 opens the folder, the other ranks attach to it, each rank saves its own share and
+:meth:`Parts.gather` makes every rank's items visible to all. The folder is deleted with the saved
+result (``result.parts``, see :meth:`memloc.Result.save`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .distributed import barrier, rank_suffix, world
+from .errors import MemlocError
+from .runtime import FileLock, atomic_path
+
+__all__ = ["Parts", "parts_folder"]
+
+SETTINGS = "settings.json"
+
+
+def _canonical(obj) -> object:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _stored(folder: Path):
+    try:
+        return json.loads((folder / SETTINGS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def parts_folder(resume_dir, run, name: str):
+    """The parts folder an analysis ``name`` of ``run`` (None for a bare model) uses: ``resume_dir``
+    itself, or ``RUN/results/<name>.partial`` for ``"auto"`` and, split across processes (the ranks
+    share their work through it), for None."""
+    if resume_dir == "auto" or (resume_dir is None and world()[1] > 1):
+        return None if run is None else run.results_path(name).with_name(f"{name}.partial")
+    return resume_dir
+
+
+class Parts:
+    """The part files of one analysis (``folder`` None: nothing is saved or resumed; one process only).
+
+    ``done`` maps each finished item's key (a tuple of ints) to its value (a float64 array).
+    Collective under torchrun: every rank constructs it (rank 0 first, then a barrier), every
+    rank calls :meth:`gather` once its share is saved. Rank 0 holds a lock on the folder from
+    construction to :meth:`release`.
+    """
+
+    def __init__(self, folder, settings: dict, *, what: str, overwrite: bool = False):
+        self.folder = None if folder is None else Path(folder)
+        self.settings = _canonical(settings)
+        self.what = what
+        self.done: dict[tuple, np.ndarray] = {}
+        self.number = 0
+        rank, size = world()
+        if self.folder is None:
+            if size > 1:
+                raise MemlocError(f"{what} split across processes needs a run for its part files")
+            return
+        busy = f"another {what} is using {str(self.folder)!r}; wait for it to finish"
+        self.lock = None if rank > 0 else FileLock(self.folder.parent / f".{self.folder.name}.lock", busy)
+        try:
+            if rank == 0:
+                self._open(overwrite)
+            barrier()               # rank 0 has opened (or cleared) the folder
+            if rank > 0 and _stored(self.folder) != self.settings:
+                raise MemlocError(f"{str(self.folder)!r} does not hold this {what}'s settings (rank 0 opens it first)")
+            self._reload()
+            barrier()               # every rank has read the folder before any writes to it (same work lists)
+        except BaseException:
+            self.release()
+            raise
+
+    def _open(self, overwrite: bool) -> None:
+        folder = self.folder
+        if folder.exists():
+            if any(not p.name.startswith(("part_", SETTINGS)) for p in folder.iterdir()):
+                raise MemlocError(f"parts folder {str(folder)!r} holds files that are not {self.what} parts; "
+                                  "move them away")
+            stored = _stored(folder)
+            if stored is not None and stored != self.settings and not overwrite:
+                raise MemlocError(f"an interrupted {self.what} with different settings is saved in {str(folder)!r}; "
+                                  "rerun it with its settings to continue, or use overwrite=True to start again",
+                                  argument="overwrite")
+            if stored != self.settings:     # other settings (overwrite), or killed before any was saved
+                shutil.rmtree(folder)
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            with atomic_path(folder / SETTINGS) as tmp:
+                tmp.write_text(json.dumps(self.settings, sort_keys=True))
+
+    def _reload(self) -> None:
+        done, number = {}, 0
+        for p in sorted(self.folder.glob("part_*.npz")):
+            try:
+                with np.load(p) as f:
+                    keys, values = f["keys"], f["values"]
+            except (OSError, KeyError, ValueError) as e:
+                raise MemlocError(f"cannot read partial result {str(p)!r} ({e}); delete it to redo its items") from None
+            done.update({tuple(int(k) for k in key): value for key, value in zip(keys, values)})
+            number = max(number, int(p.stem.split("_")[1]) + 1)
+        self.done, self.number = done, number
+
+    def add(self, items: dict[tuple, np.ndarray]) -> None:
+        """Save finished items ``{key: value}`` (keys: tuples of ints of one length; values: arrays of one shape)."""
+        if not items:
+            return
+        items = {tuple(int(k) for k in key): np.asarray(v, dtype=np.float64) for key, v in items.items()}
+        if self.folder is not None:
+            path = self.folder / f"part_{self.number:06d}{rank_suffix()}.npz"
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, keys=np.array(list(items), dtype=np.int64), values=np.stack(list(items.values())))
+            self.number += 1
+        self.done.update(items)
+
+    def gather(self) -> None:
+        """Wait for every rank's parts and read them all (nothing to do in one process)."""
+        barrier()                   # every rank's parts are written
+        if self.folder is not None and world()[1] > 1:
+            self._reload()
+
+    def release(self) -> None:
+        lock, self.lock = getattr(self, "lock", None), None
+        if lock is not None:
+            lock.release()

@@ -1,0 +1,102 @@
+"""Throughput of analyses split across processes: 1 process against torchrun with K, side by side.
+
+    python scripts/bench_shard.py [--run RUN] [--analyses flip] [--procs 2] [--out artifacts/bench_shard.md]
+
+For each analysis it runs the same command (``memloc <analysis> RUN ...``) once in one process
+and once under ``torchrun --standalone --nproc-per-node K``, every process with 1 torch thread,
+alternating ``--repeats`` times, and reports the best wall times, the speed-up and whether the
+two results are identical (float64 searches). The run is the MNIST-5k lenet (40 epochs; trained
+into a temporary directory unless ``--run`` is given). Wall times include starting Python and torch in
+every process (a few seconds), as a user sees them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import memloc  # noqa: E402
+from memloc.train import train  # noqa: E402
+
+ANALYSES = {
+    "flip": ["--examples", "any:1500", "--repeats", "2", "--dtype", "float64", "--max-units", "60"],
+    "rewind": [],
+    "retrain": ["--epochs", "10"],
+}
+COMPARED = {"flip": ("n_units", "flipped", "unit_ids", "unit_offsets"), "rewind": ("accuracy",),
+            "retrain": ("accuracy",)}
+
+
+def timed(cmd, env, check=True) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", help="run directory (default: train the MNIST-5k MLP into a temporary directory)")
+    p.add_argument("--analyses", default="flip", help=f"comma-separated, of {', '.join(ANALYSES)}")
+    p.add_argument("--procs", type=int, default=2, help="processes under torchrun")
+    p.add_argument("--repeats", type=int, default=2, help="alternating timings of each (the best is kept)")
+    p.add_argument("--out", default=str(ROOT / "artifacts" / "bench_shard.md"))
+    args = p.parse_args(argv)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run = memloc.load(args.run) if args.run else train(Path(tmp) / "lenet", {"model": "lenet", "epochs": 40},
+                                                            device="cpu")
+        for name in args.analyses.split(","):
+            out = run.results_path(name)
+            base = ["-m", "memloc", name, str(run.path), *ANALYSES[name], "--device", "cpu", "--overwrite"]
+            one = [sys.executable, *base]
+            many = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                    str(args.procs), *base]
+            times = {"one": [], "many": [], "one_idle": [], "many_idle": []}
+            results = {}
+            for _ in range(args.repeats):
+                for key, cmd in (("one", one), ("many", many)):
+                    out.unlink(missing_ok=True)
+                    times[key].append(timed(cmd, env))
+                    # the same command again stops at the existing result ("already complete", or "exists"
+                    # with exit status 2): start-up, loading and checks only
+                    times[f"{key}_idle"].append(timed([c for c in cmd if c != "--overwrite"], env, check=False))
+                    res = memloc.load(run.path).result(name)
+                    results[key] = {k: res[k].values for k in COMPARED[name]}
+            same = all(np.array_equal(results["one"][k], results["many"][k], equal_nan=True) for k in COMPARED[name])
+            t1, tk = min(times["one"]), min(times["many"])
+            i1, ik = min(times["one_idle"]), min(times["many_idle"])
+            rows.append(f"| {name} | `{' '.join(ANALYSES[name])}` | {t1:.1f} | {tk:.1f} | {t1 / tk:.2f}x | {i1:.1f} | "
+                        f"{ik:.1f} | {(t1 - i1) / max(tk - ik, 1e-9):.2f}x | {'yes' if same else 'NO'} |")
+            print(rows[-1], flush=True)
+            out.unlink(missing_ok=True)
+    lines = ["# Analyses split across processes (torchrun, gloo on CPU)", "",
+             f"`python scripts/bench_shard.py {' '.join(sys.argv[1:] if argv is None else argv)}` on "
+             f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}; "
+             f"run {run.config.get('model')} on {run.config.get('dataset')} ({run.final_epoch} epochs); every process 1 torch thread; best of {args.repeats} "
+             "alternating timings, wall time of the whole command (Python and torch start-up included).", "",
+             f"| analysis | options | 1 process s | {args.procs} processes s | speed-up | 1 process start-up s | "
+             f"{args.procs} processes start-up s | speed-up of the work | identical result |",
+             "|---|---|---|---|---|---|---|---|---|", *rows, "",
+             "* start-up: the same command run again once its result exists (it stops at 'already complete' or "
+             "'exists'): "
+             "starting Python, torch and torchrun's processes, loading the run. Speed-up of the work = (1 process "
+             "- its start-up) / (K processes - their start-up)."]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Analyses split across processes (torchrun, gloo on CPU) give exactly the single-process result;
+a killed run's finished parts are kept and the rest is redone."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import memloc
+from memloc.commands import run as cli_run
+from memloc.train import train
+
+TINY = {"dataset": "digits", "model": "mlp", "epochs": 20, "batch_size": 64, "lr": 0.1, "noise": 0.2}
+FLIP = ["--examples", "noisy:12,clean:12", "--dtype", "float64", "--collateral", "--repeats", "2",
+        "--max-units", "40", "--device", "cpu"]
+MANY = ["--examples", "any:300", "--dtype", "float64", "--repeats", "2", "--max-units", "40", "--group-size", "1",
+        "--device", "cpu"]        # 600 searches, each saved as a part of its own: time to kill the run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("dist") / "tiny", TINY, device="cpu")
+
+
+def _torchrun(args, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "memloc", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _descendants(pid):
+    """Process ids below ``pid`` (Linux /proc), deepest first."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for c in map(int, children):
+            out = [*_descendants(c), c, *out]
+    return out
+
+
+def _arrays(res):
+    return {k: res[k].values for k in ("n_units", "flipped", "neuron_count", "unit_ids", "unit_offsets",
+                                       "layer_hist", "collateral", "status", "reference")}
+
+
+def _assert_same(a, b):
+    for k in a:
+        assert np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f"), k
+
+
+def _single(run, extra=(), args=FLIP):
+    out = run.results_path("flip")
+    out.unlink(missing_ok=True)
+    cli_run("flip", [str(run.path), *args, *extra])
+    res = _arrays(run.result("flip"))
+    out.unlink()
+    return res
+
+
+def test_flip_on_two_processes_equals_one(run):
+    want = _single(run)
+    p = _torchrun(["flip", str(run.path), *FLIP])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert out.count("wrote ") == 1          # rank 0 alone saves and reports
+    got = _arrays(memloc.load(run.path).result("flip"))
+    _assert_same(want, got)
+    assert not run.results_path("flip").with_name("flip.partial").exists()     # parts gone once saved
+    run.results_path("flip").unlink()
+
+
+def test_killed_processes_resume_from_their_parts(run, capsys):
+    want = _single(run, [], args=MANY)
+    parts = run.results_path("flip").with_name("flip.partial")
+    p = _torchrun(["flip", str(run.path), *MANY])
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and p.poll() is None:
+            names = [q.name for q in parts.glob("part_*.h5")] if parts.exists() else []
+            if any("_r0" in n for n in names) and any("_r1" in n for n in names):
+                break
+            time.sleep(0.01)
+    finally:
+        for pid in [*_descendants(p.pid), p.pid]:      # the workers, then torchrun: no rank writes on
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.communicate()
+    assert not run.results_path("flip").exists(), "the search finished before it could be killed"
+    saved = len(list(parts.glob("part_*.h5")))
+    assert saved >= 2
+    cli_run("flip", [str(run.path), *MANY])       # rerun (here in one process)
+    assert "resuming" in capsys.readouterr().err
+    _assert_same(want, _arrays(memloc.load(run.path).result("flip")))
+    run.results_path("flip").unlink()
+
+
+def test_commands_that_do_not_split_refuse_torchrun(run, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        cli_run("gradients", [str(run.path), "--device", "cpu"])
+    assert e.value.code == 2 and "does not split its work" in capsys.readouterr().err

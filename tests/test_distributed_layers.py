@@ -1,0 +1,140 @@
+"""rewind and retrain split across processes (torchrun, gloo on CPU) give exactly the
+single-process result; an interrupted run's saved items are resumed, not recomputed."""
+import importlib
+
+import numpy as np
+import pytest
+
+import memloc
+from memloc.commands import COMMANDS, command_module, run as cli_run
+from memloc.parts import Parts
+from memloc.train import train
+from test_distributed import _torchrun
+
+R = importlib.import_module("memloc.rewind")     # memloc.rewind / memloc.retrain are the functions
+T = importlib.import_module("memloc.retrain")
+
+TINY = {"dataset": "digits", "model": "mlp", "epochs": 6, "batch_size": 64, "lr": 0.1, "noise": 0.2}
+ARGS = {"rewind": ["--device", "cpu"], "retrain": ["--epochs", "2", "--device", "cpu"]}
+KW = {"rewind": {"checkpoints": "0,3,6"}, "retrain": {"epochs": 1, "layers": "fc2,head"}}   # the resume tests
+KW_ARGS = {"rewind": ["--checkpoints", "0,3,6"], "retrain": ["--epochs", "1", "--layers", "fc2,head"]}   # the same
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("dist_layers") / "tiny", TINY, device="cpu")
+
+
+def _arrays(res):
+    return {k: res[k].values for k in ("accuracy", "baseline")}
+
+
+def _assert_same(a, b):
+    for k in a:
+        assert a[k].shape == b[k].shape and np.array_equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", ["rewind", "retrain"])
+def test_two_processes_equal_one(name, run):
+    out = run.results_path(name)
+    out.unlink(missing_ok=True)
+    want = _arrays(cli_run(name, [str(run.path), *ARGS[name]]))
+    out.unlink()
+    p = _torchrun([name, str(run.path), *ARGS[name]])
+    stdout, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert stdout.count("wrote ") == 1           # rank 0 alone saves and reports
+    _assert_same(want, _arrays(memloc.load(run.path).result(name)))
+    assert not out.with_name(f"{name}.partial").exists()      # parts gone once saved
+    out.unlink()
+
+
+
+def _interrupt_after_first_part(analysis, run, monkeypatch, **kw):
+    """Run ``analysis`` with its parts saved until the first part is written, then fail."""
+    add = Parts.add
+
+    def add_then_fail(self, items):
+        add(self, items)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(Parts, "add", add_then_fail)
+    with pytest.raises(RuntimeError, match="killed"):
+        analysis(run, device="cpu", resume_dir="auto", **kw)
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("name", ["rewind", "retrain"])
+def test_interrupted_run_resumes_without_recomputing(name, run, monkeypatch):
+    analysis = getattr(memloc, name)
+    want = _arrays(analysis(run, device="cpu", **KW[name]))     # in one process, by default no parts
+    parts = run.results_path(name).with_name(f"{name}.partial")
+    assert not parts.exists()
+    _interrupt_after_first_part(analysis, run, monkeypatch, **KW[name])
+    files = list(parts.glob("part_*.npz"))
+    assert len(files) == 1 and (parts / "settings.json").exists()
+    with np.load(files[0]) as f:
+        saved = {tuple(k) for k in f["keys"].tolist()}
+
+    computed = []
+    if name == "rewind":
+        accuracy = R._Rewinder.accuracy
+
+        def counted(self, state, i):
+            computed.append(i)
+            return accuracy(self, state, i)
+        monkeypatch.setattr(R._Rewinder, "accuracy", counted)
+    else:
+        retrain_layer = T.retrain_layer
+
+        def counted(model, init, layer, *a, **kw):
+            computed.append(layer.name)
+            return retrain_layer(model, init, layer, *a, **kw)
+        monkeypatch.setattr(T, "retrain_layer", counted)
+    res = analysis(run, device="cpu", resume_dir="auto", **KW[name])
+    cells = res["accuracy"].shape[0] * (res.sizes["layer"] if name == "rewind" else 1)
+    assert len(computed) == cells - len(saved) > 0       # the saved items were not redone
+    _assert_same(want, _arrays(res))
+    assert res.parts == parts
+    res.save(run.results_path(name))
+    assert not parts.exists()
+    run.results_path(name).unlink()
+
+
+
+@pytest.mark.parametrize("name", ["rewind", "retrain"])
+def test_two_processes_finish_an_interrupted_run(name, run, monkeypatch):
+    want = _arrays(getattr(memloc, name)(run, device="cpu", **KW[name]))
+    _interrupt_after_first_part(getattr(memloc, name), run, monkeypatch, **KW[name])
+    parts = run.results_path(name).with_name(f"{name}.partial")
+    assert len(list(parts.glob("part_*.npz"))) == 1
+    p = _torchrun([name, str(run.path), *KW_ARGS[name], "--device", "cpu"])     # the same settings as KW
+    stdout, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    _assert_same(want, _arrays(memloc.load(run.path).result(name)))
+    assert not parts.exists()
+    run.results_path(name).unlink()
+
+
+def test_parts_of_other_settings_are_not_mixed_in(run):
+    parts = run.results_path("rewind").with_name("rewind.partial")
+    store = Parts(parts, {"checkpoints": [0]}, what="rewind")
+    store.add({(0, 0): np.zeros(4)})
+    store.release()
+    with pytest.raises(memloc.MemlocError, match="different settings"):
+        memloc.rewind(run, checkpoints="0", device="cpu", resume_dir="auto")
+    res = memloc.rewind(run, checkpoints="0", device="cpu", resume_dir="auto", overwrite=True)
+    assert res["accuracy"].values.any()          # the zeros of the other settings were discarded
+    res.save(run.results_path("rewind"))
+    assert not parts.exists()
+    run.results_path("rewind").unlink()
+
+
+
+def test_which_commands_split_their_work(run, monkeypatch, capsys):
+    sharded = {n for n in COMMANDS if getattr(command_module(n), "SHARDED", False)}
+    assert sharded == {"flip", "rewind", "retrain"}
+    monkeypatch.setenv("WORLD_SIZE", "2")       # the others refuse torchrun (each process would redo it all)
+    with pytest.raises(SystemExit) as e:
+        cli_run("gradients", [str(run.path), "--device", "cpu"])
+    assert e.value.code == 2 and "does not split its work" in capsys.readouterr().err
