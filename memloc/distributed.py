@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .errors import MemlocError
 
-__all__ = ["world", "requested_world", "init_from_env", "is_main", "barrier", "shard", "rank_suffix"]
+__all__ = ["world", "requested_world", "init_from_env", "is_main", "barrier", "broadcast", "shard", "rank_suffix"]
 
 
 def requested_world() -> int:
@@ -64,6 +64,15 @@ def barrier() -> None:
     """Wait for every rank (nothing outside a process group)."""
     if world()[1] > 1:
         dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself outside a group); also a synchronisation point."""
+    if world()[1] == 1:
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shard(items: Sequence) -> list:

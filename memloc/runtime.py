@@ -34,6 +34,9 @@ def progress(iterable=None, **kw):
     kw.setdefault("leave", False)
     kw.setdefault("dynamic_ncols", True)
     kw.setdefault("disable", None)
+    from .distributed import world
+    if world()[0] > 0:          # split across processes: rank 0 shows the bars
+        kw["disable"] = True
     return tqdm(iterable, **kw)
 
 

@@ -208,3 +208,16 @@ def test_unlearn_zero_and_importance_after_weight_site_flip(mlp_run):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # importance does not compare units with parameter items
     assert "flip_overlap" not in importance(mlp_run, subsets="clean,noisy", device="cpu")
+
+
+def test_only_conv_weights_are_filters():
+    """A 3-D parameter that is not a conv weight (a ViT's position embedding) is zeroed element by element."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(2, 3, 2)
+            self.pos = nn.Parameter(torch.randn(1, 3, 4))
+
+    items = {sp.name: sp for sp in weights.weight_items(Tokens()).spaces}
+    assert (items["conv.weight"].size, items["conv.weight"].filter) == (3, True)
+    assert (items["pos"].size, items["pos"].filter) == (12, False) and items["conv.bias"].size == 3

@@ -186,8 +186,9 @@ def run_command(name: str, mod, argv: list[str]):
             resumable = getattr(mod, "resumable", lambda *a: False)   # an interrupted search with these settings
             if args.out.exists() and not args.overwrite and not resumable(args, run):
                 if getattr(mod, "already_done", lambda *a: False)(args, run):
-                    print(f"{prog}: {args.out} is already complete for these settings (nothing to do)",
-                          file=sys.stderr)
+                    if rank == 0:
+                        print(f"{prog}: {args.out} is already complete for these settings (nothing to do)",
+                              file=sys.stderr)
                     return run.result(result_name)
                 raise MemlocError(f"{str(args.out)!r} exists (possibly with different settings); "
                                   "use overwrite=True to replace it")

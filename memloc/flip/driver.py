@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..distributed import barrier, rank_suffix, shard, world
+from ..distributed import barrier, broadcast, rank_suffix, shard, world
 from ..errors import MemlocError
 from ..evaluate import SUBSETS, accuracies
 from ..results import Result
@@ -128,6 +128,7 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
                                                                      site=site, dtype=DTYPES[dtype])
     structure = search.structure
     status = (search.predict(x) != y).cpu().numpy().astype(np.int8)
+    status = broadcast(status)      # split across processes: every rank works from rank 0's list
     rank, size = world()
     if size > 1 and resume_dir is None:
         raise MemlocError("a flip search split across processes needs a run (or resume_dir) for its part files",
@@ -139,9 +140,18 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
         Path(resume_dir).parent / f".{Path(resume_dir).name}.lock",
         f"another flip search is using {str(resume_dir)!r}; wait for it to finish")
     try:
+        failure = None
         if rank == 0:
-            store = PartStore(resume_dir, part_settings(config, ids), overwrite=overwrite, suffix=rank_suffix())
-        barrier()               # split across processes: rank 0 has opened (or cleared) the parts folder
+            try:
+                store = PartStore(resume_dir, part_settings(config, ids), overwrite=overwrite, suffix=rank_suffix())
+            except MemlocError as e:
+                failure = e
+        # split across processes: rank 0 has opened (or cleared) the parts folder, or every rank stops
+        message = broadcast(None if failure is None else (str(failure), failure.argument))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise MemlocError(message[0], argument=message[1])
         if rank > 0:
             store = PartStore(resume_dir, part_settings(config, ids), attach=True, suffix=rank_suffix())
         barrier()               # every rank has read the same parts: no part is written before that
@@ -195,6 +205,11 @@ def _search(search, store, x, y, ids, todo, data, model, *, collateral, group_si
 
 def _result(store, ids, is_noisy, given, status, repeats, structure, refs, max_units, config) -> Result:
     k = len(ids)
+    missing = [(int(e), r) for e, st in zip(ids, status) if st == 0 for r in range(repeats)
+               if (int(e), r) not in store.done]
+    if missing:
+        raise MemlocError(f"{len(missing)} searches are missing from the saved parts (first: example {missing[0][0]}, "
+                          f"repeat {missing[0][1]}); run the same command again to finish them")
     rows, n_units, flipped = [], np.zeros((k, repeats), np.int32), np.zeros((k, repeats), bool)
     col = np.full((k, repeats, len(SUBSETS)), np.nan)
     for i, example in enumerate(ids):

@@ -1,7 +1,7 @@
 """The weight site: the authors' official zeroing rule (pratyushmaini/localizing-memorization).
 
-The released code scores *parameters*, not units: every conv filter (a weight of 3 or more dims,
-summed over its in-channels and kernel; the official code does this for 2-D convs) is one item,
+The released code scores *parameters*, not units: every conv filter (the weight of a conv module
+along its first dim, summed over the rest; the official code does this for every 4-D parameter) is one item,
 and every other parameter element (linear weights, biases, BatchNorm scale / shift) is an item
 of its own. An item's score is ``weight x dO/dweight`` summed over the item, which is exactly
 ``dO/dm`` for a multiplicative mask ``m`` on the item; zeroed items score 0. The highest score is
@@ -41,6 +41,7 @@ class ItemSpace:
     item_shape: tuple
     size: int
     offset: int
+    filter: bool = False     # a conv module's weight: one item per output filter
 
 
 @dataclass
@@ -62,11 +63,14 @@ class WeightItems:
 
 def weight_items(model: nn.Module) -> WeightItems:
     """The zeroing items of ``model``'s parameters (see the module docstring)."""
+    from ..units import CONV_TYPES
+    filters = {f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, CONV_TYPES)}
     spaces, offset = [], 0
     for name, p in model.named_parameters():
-        item_shape = (p.shape[0],) + (1,) * (p.dim() - 1) if p.dim() >= 3 else tuple(p.shape)
+        conv = name in filters and p.dim() >= 3
+        item_shape = (p.shape[0],) + (1,) * (p.dim() - 1) if conv else tuple(p.shape)
         size = int(torch.Size(item_shape).numel())
-        spaces.append(ItemSpace(name, tuple(p.shape), item_shape, size, offset))
+        spaces.append(ItemSpace(name, tuple(p.shape), item_shape, size, offset, conv))
         offset += size
     if not spaces:
         raise MemlocError(f"{type(model).__name__} has no parameters to zero")
@@ -109,7 +113,7 @@ class WeightFlipSearch(FlipSearch):
         #: conv nets: all searches at once under vmap; models without conv weights (MLPs, transformers):
         #: one search at a time, since each search's weight gradient is as large as the model and
         #: batching them only adds memory traffic (0.1-0.2x on the MNIST-5k MLP, artifacts/bench_flip.md)
-        self.batched = any(len(sp.shape) >= 3 for sp in self.structure.spaces)
+        self.batched = any(sp.filter for sp in self.structure.spaces)
         self._setup_memo(cache_mb)
         self.prefix = None
 
