@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .errors import MemlocError
 
-__all__ = ["world", "requested_world", "init_from_env", "is_main", "barrier", "broadcast", "shard", "rank_suffix"]
+__all__ = ["world", "requested_world", "init_from_env", "barrier", "broadcast", "shard", "rank_suffix"]
 
 
 def requested_world() -> int:
@@ -54,10 +54,6 @@ def init_from_env(device: torch.device | str, *, command: str = "this command", 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return world()
-
-
-def is_main() -> bool:
-    return world()[0] == 0
 
 
 def barrier() -> None:

@@ -1,13 +1,14 @@
-"""Resumable work items of an analysis (rewind, retrain), also split across processes.
+"""Resumable work items of an analysis (flip, rewind, retrain), also split across processes.
 
-An analysis whose work falls into independent items (a rewound (checkpoint, layer) cell, a
-retrained layer) saves each finished item, or a small batch of them, as an atomically written
-part file (``part_NNNNNN[_r<rank>].npz``: the items' integer keys and their float64 values) in a
-folder that also holds ``settings.json``, the analysis settings. A rerun with the same settings
+An analysis whose work falls into independent items (a flip search, a rewound (checkpoint, layer)
+cell, a retrained layer) saves each finished item, or a small batch of them, as an atomically
+written part file (``part_NNNNNN[_r<rank>]<suffix>``, in the analysis's :class:`Format`: by default
+:data:`NPZ`, the items' integer keys and their float64 values) in a folder that also holds
+``settings.json``, the analysis settings. A rerun with the same settings
 reads the parts back and computes only what is missing; parts made with other settings are never
 mixed in (an error, or discarded with ``overwrite``). Under torchrun (:mod:`memloc.distributed`)
-rank 0 opens the folder, the other ranks attach to it, each rank saves its own share and
-:meth:`Parts.gather` makes every rank's items visible to all. The folder is deleted with the saved
+rank 0 opens the folder (its errors stop every rank), the other ranks attach to it, each rank
+saves its own share and :meth:`Parts.gather` makes every rank's items visible to all. The folder is deleted with the saved
 result (``result.parts``, see :meth:`memloc.Result.save`).
 """
 from __future__ import annotations
@@ -18,24 +19,60 @@ from pathlib import Path
 
 import numpy as np
 
-from .distributed import barrier, rank_suffix, world
+from .distributed import barrier, broadcast, rank_suffix, world
 from .errors import MemlocError
 from .runtime import FileLock, atomic_path
 
-__all__ = ["Parts", "parts_folder"]
+__all__ = ["Format", "NPZ", "Parts", "parts_folder", "saved_settings", "read_folder"]
 
 SETTINGS = "settings.json"
+
+
+class Format:
+    """How items ``{key (tuple of ints): value}`` are written to and read from one part file."""
+
+    suffix = ".npz"
+
+    def value(self, v):
+        """The value as :attr:`Parts.done` holds it (as read back from a file)."""
+        return np.asarray(v, dtype=np.float64)
+
+    def write(self, path: Path, items: dict) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, keys=np.array(list(items), dtype=np.int64), values=np.stack(list(items.values())))
+
+    def read(self, path: Path) -> dict:
+        with np.load(path) as f:
+            keys, values = f["keys"], f["values"]
+        return {tuple(int(k) for k in key): value for key, value in zip(keys, values)}
+
+
+#: float64 arrays of one shape per item (rewind cells, retrained layers)
+NPZ = Format()
 
 
 def _canonical(obj) -> object:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
-def _stored(folder: Path):
+def saved_settings(folder) -> dict | None:
+    """The settings saved in a parts folder (None if absent or unreadable)."""
     try:
-        return json.loads((folder / SETTINGS).read_text())
+        return json.loads((Path(folder) / SETTINGS).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_folder(folder, fmt: Format = NPZ) -> tuple[dict, int]:
+    """Every item saved in ``folder`` and the next free part number."""
+    done, number = {}, 0
+    for p in sorted(Path(folder).glob(f"part_*{fmt.suffix}")):
+        try:
+            done.update(fmt.read(p))
+        except (OSError, KeyError, ValueError) as e:
+            raise MemlocError(f"cannot read partial result {str(p)!r} ({e}); delete it to redo what it holds") from None
+        number = max(number, int(p.stem.split("_")[1]) + 1)
+    return done, number
 
 
 def parts_folder(resume_dir, run, name: str):
@@ -51,29 +88,39 @@ class Parts:
     """The part files of one analysis (``folder`` None: nothing is saved or resumed; one process only).
 
     ``done`` maps each finished item's key (a tuple of ints) to its value (a float64 array).
-    Collective under torchrun: every rank constructs it (rank 0 first, then a barrier), every
+    Collective under torchrun: every rank constructs it (rank 0 opens the folder first), every
     rank calls :meth:`gather` once its share is saved. Rank 0 holds a lock on the folder from
     construction to :meth:`release`.
     """
 
-    def __init__(self, folder, settings: dict, *, what: str, overwrite: bool = False):
+    def __init__(self, folder, settings: dict, *, what: str, overwrite: bool = False, fmt: Format = NPZ):
         self.folder = None if folder is None else Path(folder)
         self.settings = _canonical(settings)
-        self.what = what
+        self.what, self.fmt, self.lock = what, fmt, None
         self.done: dict[tuple, np.ndarray] = {}
         self.number = 0
         rank, size = world()
         if self.folder is None:
             if size > 1:
-                raise MemlocError(f"{what} split across processes needs a run for its part files")
+                raise MemlocError(f"{what} split across processes needs a run (or resume_dir) for its part files",
+                                  argument="resume_dir")
             return
-        busy = f"another {what} is using {str(self.folder)!r}; wait for it to finish"
-        self.lock = None if rank > 0 else FileLock(self.folder.parent / f".{self.folder.name}.lock", busy)
         try:
+            failure = None
             if rank == 0:
-                self._open(overwrite)
-            barrier()               # rank 0 has opened (or cleared) the folder
-            if rank > 0 and _stored(self.folder) != self.settings:
+                try:
+                    self.lock = FileLock(self.folder.parent / f".{self.folder.name}.lock",
+                                         f"another {what} is using {str(self.folder)!r}; wait for it to finish")
+                    self._open(overwrite)
+                except MemlocError as e:
+                    failure = e
+            # rank 0 has opened (or cleared) the folder, or every rank stops with its error
+            message = broadcast(None if failure is None else (str(failure), failure.argument))
+            if failure is not None:
+                raise failure
+            if message is not None:
+                raise MemlocError(message[0], argument=message[1])
+            if rank > 0 and saved_settings(self.folder) != self.settings:
                 raise MemlocError(f"{str(self.folder)!r} does not hold this {what}'s settings (rank 0 opens it first)")
             self._reload()
             barrier()               # every rank has read the folder before any writes to it (same work lists)
@@ -86,8 +133,8 @@ class Parts:
         if folder.exists():
             if any(not p.name.startswith(("part_", SETTINGS)) for p in folder.iterdir()):
                 raise MemlocError(f"parts folder {str(folder)!r} holds files that are not {self.what} parts; "
-                                  "move them away")
-            stored = _stored(folder)
+                                  "move them away or choose another resume_dir", argument="resume_dir")
+            stored = saved_settings(folder)
             if stored is not None and stored != self.settings and not overwrite:
                 raise MemlocError(f"an interrupted {self.what} with different settings is saved in {str(folder)!r}; "
                                   "rerun it with its settings to continue, or use overwrite=True to start again",
@@ -100,26 +147,16 @@ class Parts:
                 tmp.write_text(json.dumps(self.settings, sort_keys=True))
 
     def _reload(self) -> None:
-        done, number = {}, 0
-        for p in sorted(self.folder.glob("part_*.npz")):
-            try:
-                with np.load(p) as f:
-                    keys, values = f["keys"], f["values"]
-            except (OSError, KeyError, ValueError) as e:
-                raise MemlocError(f"cannot read partial result {str(p)!r} ({e}); delete it to redo its items") from None
-            done.update({tuple(int(k) for k in key): value for key, value in zip(keys, values)})
-            number = max(number, int(p.stem.split("_")[1]) + 1)
-        self.done, self.number = done, number
+        self.done, self.number = read_folder(self.folder, self.fmt)
 
-    def add(self, items: dict[tuple, np.ndarray]) -> None:
-        """Save finished items ``{key: value}`` (keys: tuples of ints of one length; values: arrays of one shape)."""
+    def add(self, items: dict) -> None:
+        """Save finished items ``{key: value}`` (keys: tuples of ints of one length; values as the format takes)."""
         if not items:
             return
-        items = {tuple(int(k) for k in key): np.asarray(v, dtype=np.float64) for key, v in items.items()}
+        items = {tuple(int(k) for k in key): self.fmt.value(v) for key, v in items.items()}
         if self.folder is not None:
-            path = self.folder / f"part_{self.number:06d}{rank_suffix()}.npz"
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, keys=np.array(list(items), dtype=np.int64), values=np.stack(list(items.values())))
+            with atomic_path(self.folder / f"part_{self.number:06d}{rank_suffix()}{self.fmt.suffix}") as tmp:
+                self.fmt.write(tmp, items)
             self.number += 1
         self.done.update(items)
 
@@ -130,6 +167,6 @@ class Parts:
             self._reload()
 
     def release(self) -> None:
-        lock, self.lock = getattr(self, "lock", None), None
+        lock, self.lock = self.lock, None
         if lock is not None:
             lock.release()

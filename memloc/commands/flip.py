@@ -6,7 +6,7 @@ import numpy as np
 
 from ..flip import DTYPES, REF_POOLS, flip
 from ..flip.driver import PROTOCOLS, SITES, part_settings, protocol_options, settings
-from ..flip.store import PartStore
+from ..parts import saved_settings
 from ..run import load
 from .runner import add_eval_batch_size, nonnegative_float, nonnegative_int, number, positive_int
 
@@ -92,7 +92,7 @@ def already_done(args, run) -> bool:
 def resumable(args, run) -> bool:
     """Is an interrupted search with exactly these settings saved (e.g. one started with --overwrite)?"""
     parts = run.results_path("flip").with_name("flip.partial")
-    return PartStore.saved_settings(parts) == json.loads(json.dumps(_requested(args, run)[1]))
+    return saved_settings(parts) == json.loads(json.dumps(_requested(args, run)[1]))
 
 
 def execute(args):

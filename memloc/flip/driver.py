@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
 
-from ..distributed import barrier, broadcast, rank_suffix, shard, world
+from ..distributed import broadcast, shard, world
 from ..errors import MemlocError
 from ..evaluate import SUBSETS, accuracies
 from ..results import Result
-from ..runtime import FileLock, check_range, progress
+from ..parts import Parts, parts_folder
+from ..runtime import check_range, progress
 from ..selection import resolve
 from ..units import SITES as UNIT_SITES
 from .search import FlipSearch
 from .select import reference_batches, select_examples
-from .store import PartStore, csr, layer_histogram
+from .store import FLIP_PARTS, csr, layer_histogram
 from .weights import WeightFlipSearch
 
 __all__ = ["flip", "settings", "part_settings", "DTYPES", "REF_POOLS", "SITES", "PROTOCOLS", "protocol_options"]
@@ -114,8 +114,6 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
     opts = protocol_options(protocol, data.is_noisy, **chosen)
     site, noise_samples, noise_ratio, repeats, ref_batch_size, ref_pool = (
         opts[k] for k in ("site", "noise_samples", "noise_ratio", "repeats", "ref_batch_size", "ref_pool"))
-    if resume_dir == "auto":
-        resume_dir = None if src.run is None else src.run.results_path("flip").with_name("flip.partial")
     is_noisy, given = np.asarray(data.is_noisy, bool), np.asarray(data.label_given)
     config, ids, refs = settings(is_noisy, checkpoint=epoch, examples=examples, max_units=max_units,
                                  noise_samples=noise_samples, noise_ratio=noise_ratio, repeats=repeats, site=site,
@@ -129,56 +127,34 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
     structure = search.structure
     status = (search.predict(x) != y).cpu().numpy().astype(np.int8)
     status = broadcast(status)      # split across processes: every rank works from rank 0's list
-    rank, size = world()
-    if size > 1 and resume_dir is None:
-        raise MemlocError("a flip search split across processes needs a run (or resume_dir) for its part files",
-                          argument="resume_dir")
+    rank = world()[0]
     if status.any() and rank == 0:
         log(f"memloc.flip: {int(status.sum())} of {len(ids)} examples are misclassified by the model "
             "and are recorded with status 1 (not searched)")
-    lock = None if resume_dir is None or rank > 0 else FileLock(
-        Path(resume_dir).parent / f".{Path(resume_dir).name}.lock",
-        f"another flip search is using {str(resume_dir)!r}; wait for it to finish")
+    parts = Parts(parts_folder(resume_dir, src.run, "flip"), part_settings(config, ids), what="search",
+                  overwrite=overwrite, fmt=FLIP_PARTS)
     try:
-        failure = None
-        if rank == 0:
-            try:
-                store = PartStore(resume_dir, part_settings(config, ids), overwrite=overwrite, suffix=rank_suffix())
-            except MemlocError as e:
-                failure = e
-        # split across processes: rank 0 has opened (or cleared) the parts folder, or every rank stops
-        message = broadcast(None if failure is None else (str(failure), failure.argument))
-        if failure is not None:
-            raise failure
-        if message is not None:
-            raise MemlocError(message[0], argument=message[1])
-        if rank > 0:
-            store = PartStore(resume_dir, part_settings(config, ids), attach=True, suffix=rank_suffix())
-        barrier()               # every rank has read the same parts: no part is written before that
         todo = [(k, r) for k in np.flatnonzero(status == 0) for r in range(repeats)
-                if (int(ids[k]), r) not in store.done]
-        if store.done and rank == 0:
-            log(f"memloc.flip: resuming: {len(store.done)} searches already saved, {len(todo)} to go")
-        _search(search, store, x, y, ids, shard(todo), data, model, collateral=collateral, group_size=group_size,
+                if (int(ids[k]), r) not in parts.done]
+        if parts.done and rank == 0:
+            log(f"memloc.flip: resuming: {len(parts.done)} searches already saved, {len(todo)} to go")
+        _search(search, parts, x, y, ids, shard(todo), data, model, collateral=collateral, group_size=group_size,
                 eval_batch_size=eval_batch_size, max_units=max_units, noise_samples=noise_samples,
                 noise_ratio=noise_ratio, seed=seed)
-        barrier()               # every rank's parts are written
-        if size > 1:
-            store.reload()
+        parts.gather()
     finally:
-        if lock is not None:
-            lock.release()
+        parts.release()
     if rank > 0:
         return None             # rank 0 merges the parts and writes the result
-    result = _result(store, ids, is_noisy, given, status, repeats, structure, refs, max_units, config)
-    result.parts = store.folder
+    result = _result(parts, ids, is_noisy, given, status, repeats, structure, refs, max_units, config)
+    result.parts = parts.folder
     return result
 
 
-def _search(search, store, x, y, ids, todo, data, model, *, collateral, group_size, eval_batch_size, **kw):
-    """Run the searches ``todo``, saving finished ones in ``store`` (also on Ctrl-C)."""
+def _search(search, parts, x, y, ids, todo, data, model, *, collateral, group_size, eval_batch_size, **kw):
+    """Run the searches ``todo``, saving finished ones in ``parts`` (also on Ctrl-C)."""
     structure, dev = search.structure, x.device
-    pending: list = []
+    pending: dict = {}
     last = time.monotonic()
     bar = progress(total=len(todo), desc="flip", unit="search")
     try:
@@ -190,23 +166,23 @@ def _search(search, store, x, y, ids, todo, data, model, *, collateral, group_si
                 with search.zeroing(model, mask):
                     acc = accuracies(model, data, batch_size=eval_batch_size)
                 col = np.array([acc[s] for s in SUBSETS])
-            pending.append((int(ids[t.k]), t.repeat, t.units, t.flipped, col))
+            pending[(int(ids[t.k]), t.repeat)] = (t.units, t.flipped, col)
             bar.update(1)
             if len(pending) >= group_size or time.monotonic() - last > 30:
-                store.add(pending)
-                pending, last = [], time.monotonic()
-        store.add(pending)
+                parts.add(pending)
+                pending, last = {}, time.monotonic()
+        parts.add(pending)
     except KeyboardInterrupt:
-        store.add(pending)
+        parts.add(pending)
         raise
     finally:
         bar.close()
 
 
-def _result(store, ids, is_noisy, given, status, repeats, structure, refs, max_units, config) -> Result:
+def _result(parts, ids, is_noisy, given, status, repeats, structure, refs, max_units, config) -> Result:
     k = len(ids)
     missing = [(int(e), r) for e, st in zip(ids, status) if st == 0 for r in range(repeats)
-               if (int(e), r) not in store.done]
+               if (int(e), r) not in parts.done]
     if missing:
         raise MemlocError(f"{len(missing)} searches are missing from the saved parts (first: example {missing[0][0]}, "
                           f"repeat {missing[0][1]}); run the same command again to finish them")
@@ -214,7 +190,7 @@ def _result(store, ids, is_noisy, given, status, repeats, structure, refs, max_u
     col = np.full((k, repeats, len(SUBSETS)), np.nan)
     for i, example in enumerate(ids):
         for r in range(repeats):
-            units, f, c = store.done.get((int(example), r), (np.zeros(0, np.int64), False, col[i, r]))
+            units, f, c = parts.done.get((int(example), r), (np.zeros(0, np.int64), False, col[i, r]))
             rows.append(units)
             n_units[i, r], flipped[i, r], col[i, r] = len(units), f, c
     flat, offsets = csr(rows)
