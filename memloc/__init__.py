@@ -33,10 +33,12 @@ from .retrain import retrain  # noqa: E402
 from .rewind import rewind  # noqa: E402
 from .run import Run, load  # noqa: E402
 from .scores import scores  # noqa: E402
+from .stream import StreamedSet, set_streaming, streaming  # noqa: E402
 from .train import train  # noqa: E402
 from .unlearn import unlearn  # noqa: E402
 
-__all__ = ["load", "Run", "Recorder", "WithIds", "Data", "ExampleSet", "make_data", "register_data",
+__all__ = ["load", "Run", "Recorder", "WithIds", "Data", "ExampleSet", "StreamedSet", "set_streaming", "streaming",
+           "make_data", "register_data",
            "register_model", "Result", "load_result", "MemlocError", "train", "gradients", "rewind", "retrain",
            "flip", "scores", "score_agreement", "detect", "find_label_issues", "prune", "clean", "jtt",
            "importance", "unlearn", "forgetting_order",

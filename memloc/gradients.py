@@ -32,9 +32,11 @@ from torch import nn
 import xarray as xr
 
 from .data import ExampleSet
+from .distributed import shard, world
 from .dropout import auto_as_test
 from .errors import MemlocError
 from .evaluate import eval_mode
+from .parts import Parts, parts_folder
 from .results import Result
 from .runtime import check_range, progress
 from .schemas import GRADIENT_PARTS
@@ -135,34 +137,55 @@ def _gradient_sums(model, examples, is_noisy, layers, batch_size):
 
 
 def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str = "eval",
-              batch_size: int = 1024, device="auto") -> Result:
+              batch_size: int = 1024, device="auto", resume_dir=None, overwrite: bool = False) -> Result | None:
     """:func:`layer_gradients` at every selected checkpoint of a run (or of a model).
 
     ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` (then
     ``checkpoints`` is ``{epoch: state_dict}`` or None for its own weights, epoch -1); ``layers``:
     names (default all). Returns the ``"gradients"`` result: ``norm`` (epoch, layer, subset) and
     ``cosine`` (epoch, layer).
+
+    ``resume_dir``: folder of resumable part files (:class:`memloc.parts.Parts`; ``"auto"``:
+    ``RUN/results/gradients.partial`` for a run, as ``memloc gradients`` uses; None, the default:
+    nothing saved in one process): each finished checkpoint is saved there, and a rerun with the
+    same settings takes it instead of recomputing it (``overwrite`` discards parts made with other
+    settings); they are deleted when the result is saved (:meth:`memloc.Result.save`). Under
+    torchrun (:mod:`memloc.distributed`) the checkpoints are split across the processes (None then
+    means ``"auto"``) and rank 0 returns the merged result, the other ranks None.
     """
     if bn_mode not in BN_MODES:
         raise MemlocError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
     check_range("batch_size", batch_size, low=1, integer=True)
     p = prepare(source, data, device=device, layers=layers, checkpoints=checkpoints)
     model = copy.deepcopy(p.model).requires_grad_(True)
-    rows = []
-    for epoch in progress(list(p.states), desc="checkpoints", unit="checkpoint"):
-        model.load_state_dict(p.state(epoch))
-        rows.append(layer_gradients(model, p.data.train, p.data.is_noisy, p.layers,
-                                    batch_size=batch_size, bn_mode=bn_mode))
+    epochs = list(p.states)
+    config = {"checkpoints": epochs, "layers": [l.name for l in p.layers], "bn_mode": bn_mode,
+              "batch_size": batch_size, "device": str(p.device), "loss": "cross_entropy mean",
+              "normalisation": "norm / sqrt(numel)"}
+    parts = Parts(parts_folder(resume_dir, p.run, "gradients"), {**config, "device": p.device.type},
+                  what="gradients", overwrite=overwrite)
+    try:        # one item per checkpoint: its (layer, quantity) array
+        for epoch in progress(shard([e for e in epochs if (e,) not in parts.done]), desc="checkpoints",
+                              unit="checkpoint"):
+            model.load_state_dict(p.state(epoch))
+            row = layer_gradients(model, p.data.train, p.data.is_noisy, p.layers, batch_size=batch_size,
+                                  bn_mode=bn_mode)
+            parts.add({(epoch,): np.stack([row[q] for q in QUANTITIES], -1).reshape(len(p.layers), len(QUANTITIES))})
+        parts.gather()
+    finally:
+        parts.release()
+    if world()[0] > 0:
+        return None             # rank 0 merges the parts and returns the result
+    rows = [dict(zip(QUANTITIES, parts.done[(e,)].T)) for e in epochs]
     norm = np.stack([np.stack([r[f"norm_{'total' if part == 'all' else part}"] for part in GRADIENT_PARTS], -1)
                      for r in rows]).reshape(len(rows), len(p.layers), len(GRADIENT_PARTS))
     cosine = np.stack([r["cosine"] for r in rows]).reshape(len(rows), len(p.layers))
     ds = xr.Dataset({"norm": (("checkpoint", "layer", "subset"), norm), "cosine": (("checkpoint", "layer"), cosine)},
                     coords={"checkpoint": np.array(list(p.states), dtype=np.int64), **layer_coords(p.layers),
                             "subset": list(GRADIENT_PARTS)})
-    config = {"checkpoints": list(p.states), "layers": [l.name for l in p.layers], "bn_mode": bn_mode,
-              "batch_size": batch_size, "device": str(p.device), "loss": "cross_entropy mean",
-              "normalisation": "norm / sqrt(numel)"}
-    return Result("gradients", ds, config=config)
+    result = Result("gradients", ds, config=config)
+    result.parts = parts.folder
+    return result
 
 
 if __name__ == "__main__":

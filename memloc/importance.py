@@ -174,8 +174,9 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
     train = src.data.train
     per_layer, per_unit, sizes = [], [], []
     for name in names:
-        rows = torch.as_tensor(select_rows(src.data, name, flagged=flagged), device=train.x.device)
-        imp = param_importance(src.model, train.x[rows], train.y[rows], method=method, batch_size=batch_size)
+        rows = select_rows(src.data, name, flagged=flagged)
+        part = train.subset(rows)        # a streamed set's rows are read batch by batch
+        imp = param_importance(src.model, part.x, part.y, method=method, batch_size=batch_size)
         per_layer.append(layer_importance(imp, structure))
         per_unit.append(unit_importance(imp, src.model, structure))
         sizes.append(len(rows))

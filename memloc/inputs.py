@@ -1,9 +1,9 @@
 """What the analyses and the Recorder accept as examples, turned into ``(x, y, idx)`` batches.
 
-Accepted: a :class:`memloc.data.ExampleSet`; a tuple of tensors ``(x, y)`` or ``(x, y, idx)``; a
-torch ``Dataset`` whose items are ``(x, y)`` or ``(x, y, idx)``; a ``DataLoader`` yielding such
-batches (without ids only when it does not shuffle: ids are then positions); or any re-iterable of
-``(x, y, idx)`` batches. Without ids, example ids are positions ``0..N-1`` in iteration order.
+Accepted: a :class:`memloc.data.ExampleSet` or :class:`memloc.stream.StreamedSet`; a tuple of
+tensors ``(x, y)`` or ``(x, y, idx)``; a torch ``Dataset`` whose items are ``(x, y)`` or
+``(x, y, idx)``; a ``DataLoader`` yielding such batches (without ids only when it does not shuffle:
+ids are then positions); or any re-iterable of ``(x, y, idx)`` batches. Without ids, example ids are positions ``0..N-1`` in iteration order.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from .data import Data, ExampleSet, make_data
 from .errors import MemlocError
+from .stream import StreamedSet
 
 __all__ = ["as_batches", "as_data", "WithIds", "EXPECTED"]
 
@@ -72,7 +73,7 @@ class _Batches:
 
 def as_batches(obj, *, batch_size: int = 1024, name: str = "data", device=None):
     """An object with ``.batches(batch_size)`` yielding ``(x, y, idx)`` for any accepted input."""
-    if isinstance(obj, ExampleSet):
+    if isinstance(obj, (ExampleSet, StreamedSet)):
         return obj if device is None else obj.to(device)
     if isinstance(obj, (tuple, list)) and len(obj) in (2, 3) and all(torch.is_tensor(t) for t in obj):
         x, y = obj[0], obj[1]

@@ -49,14 +49,16 @@ class Recorder:
     ``model_options``) so every analysis and command can rebuild the model; ``data_spec``: a
     built-in dataset config, a :func:`memloc.register_data` name or ``pkg.module:factory`` so they
     can rebuild the data. ``resume=True`` reopens an existing run at its last complete epoch and
-    loads that checkpoint into ``model``.
+    loads that checkpoint into ``model``. ``evaluated``: a new run's epoch-0 evaluation done
+    elsewhere (see :meth:`end_epoch`).
     """
 
     def __init__(self, run_dir, model: nn.Module, *, eval_train, label_true=None, label_given=None,
                  eval_test=None, test_labels=None, config: dict | None = None,
                  model_spec: str | dict | None = None, model_options: dict | None = None,
                  data_spec: str | dict | None = None, resume: bool = False, overwrite: bool = False,
-                 eval_batch_size: int = 1024, source_index: dict | None = None, argv=None):
+                 eval_batch_size: int = 1024, source_index: dict | None = None, argv=None,
+                 evaluated: dict | None = None):
         check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
         self.dir = Path(run_dir)
         self.model = model
@@ -86,13 +88,13 @@ class Recorder:
                              "process (training or resuming it)", take_over_own=True)
         try:
             self._open(resume, overwrite, config, model_spec, model_options, data_spec, test_labels, source_index,
-                       argv)
+                       argv, evaluated)
         except BaseException:
             self.lock.release()
             raise
 
     def _open(self, resume, overwrite, config, model_spec, model_options, data_spec, test_labels, source_index,
-              argv):
+              argv, evaluated):
         """Resume the run, or create it (under the writer lock)."""
         if resume and is_complete(self.dir) and not overwrite:
             self.epoch = self._last_complete_epoch()
@@ -112,7 +114,7 @@ class Recorder:
             tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
         self._create_h5(config or {}, test_labels, source_index or {}, argv)
         self.epoch = 0
-        self._finish_epoch()
+        self._finish_epoch(evaluated)
         (self.dir / CREATING).unlink()
 
     # ------------------------------------------------------------------ writing
@@ -172,13 +174,18 @@ class Recorder:
         for k in DYN_NAMES:
             self._presentation[k][rows] = stats[k].cpu().numpy()
 
-    def end_epoch(self) -> dict[str, float]:
-        """Evaluate at epoch end, append the epoch's dynamics, save the checkpoint; returns metrics."""
-        self.epoch += 1
-        return self._finish_epoch()
+    def end_epoch(self, evaluated: dict | None = None) -> dict[str, float]:
+        """Evaluate at epoch end, append the epoch's dynamics, save the checkpoint; returns metrics.
 
-    def _finish_epoch(self) -> dict[str, float]:
-        end = evaluate(self.model, self.eval_train.batches(self.eval_batch_size))
+        ``evaluated``: the end-of-epoch passes done elsewhere (e.g. split across processes), as
+        ``{"train": ..., "test": ...}`` outputs of :func:`memloc.evaluate.evaluate` over ``eval_train``
+        / ``eval_test`` with this model; None: the Recorder evaluates."""
+        self.epoch += 1
+        return self._finish_epoch(evaluated)
+
+    def _finish_epoch(self, evaluated: dict | None = None) -> dict[str, float]:
+        end = (evaluated["train"] if evaluated is not None
+               else evaluate(self.model, self.eval_train.batches(self.eval_batch_size)))
         if len(end["idx"]) != self.n or not np.array_equal(np.sort(end["idx"]), np.arange(self.n)):
             raise MemlocError(f"eval_train must yield every example id 0..{self.n - 1} exactly once "
                               f"(got {len(end['idx'])} examples)")
@@ -189,7 +196,8 @@ class Recorder:
         metrics = {"train_accuracy": nanmean(end_rows["correct"]), **{f"{k}_accuracy": v for k, v in acc.items()},
                    "test_accuracy": np.nan, "test_loss": np.nan}
         if self.eval_test is not None:
-            t = evaluate(self.model, self.eval_test.batches(self.eval_batch_size))
+            t = (evaluated["test"] if evaluated is not None
+                 else evaluate(self.model, self.eval_test.batches(self.eval_batch_size)))
             metrics.update(test_accuracy=nanmean(t["correct"]), test_loss=nanmean(t["loss"]))
         save_atomic(self.model.state_dict(), self.ckpt_dir / f"epoch_{self.epoch:04d}.pt")   # before its rows
         with self._edit_h5() as f:

@@ -36,6 +36,7 @@ from .errors import MemlocError
 from .evaluate import SUBSETS, accuracy_row
 from .optim import epoch_seed, make_optimizer, make_schedule
 from .parts import Parts, parts_folder
+from .precision import apply_channels_last, autocast, check_precision, grad_scaler
 from .prefix import CACHE_MB, PrefixCache
 from .results import Result
 from .runtime import check_range, progress
@@ -60,7 +61,7 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
                   batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
                   weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
                   eval_batch_size: int = 1024, prefix_cache: bool = True,
-                  prefix_cache_mb: float = CACHE_MB) -> tuple[np.ndarray, nn.Module]:
+                  prefix_cache_mb: float = CACHE_MB, precision: str = "fp32") -> tuple[np.ndarray, nn.Module]:
     """Reset ``layer`` of a copy of ``model`` to ``init`` and retrain only it on ``data.clean_train``.
 
     Parameters
@@ -71,6 +72,8 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
     data : :class:`memloc.data.Data` on the model's device.
     prefix_cache : compute what runs before the layer once (within ``prefix_cache_mb`` MiB of
         activations; :class:`memloc.prefix.PrefixCache`) instead of in every pass. Same results.
+    precision : ``"fp32"``, ``"bf16"`` or ``"fp16"``: forward passes and the loss under autocast, the
+        fp16 loss scaled (:mod:`memloc.precision`).
 
     Returns
     -------
@@ -86,17 +89,20 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
     modules = dict(work.named_modules())
     own = [modules[m] for m in layer.modules if m in modules]
     clean = data.clean_train
-    cache = PrefixCache(work, [layer], data, batch_size=eval_batch_size, budget_mb=prefix_cache_mb,
-                        extra_rows=len(clean), enabled=prefix_cache)
-    net, cached = cache.pick(0)
-    train_net, train_set = _training_pass(cache, clean, cached.clean_train if net is not work else None,
-                                          batch_size, seed)
+    device = clean.y.device
+    with autocast(precision, device):
+        cache = PrefixCache(work, [layer], data, batch_size=eval_batch_size, budget_mb=prefix_cache_mb,
+                            extra_rows=len(clean), enabled=prefix_cache)
+        net, cached = cache.pick(0)
+        train_net, train_set = _training_pass(cache, clean, cached.clean_train if net is not work else None,
+                                              batch_size, seed)
+        curve = [accuracy_row(net, cached, batch_size=eval_batch_size)]
     steps = max(1, -(-len(clean) // batch_size)) * epochs
-    curve = [accuracy_row(net, cached, batch_size=eval_batch_size)]
     if not trainable:  # e.g. a norm without affine parameters: nothing to retrain
         return np.asarray(curve * (epochs + 1), dtype=np.float64), work
     opt = make_optimizer(trainable, "sgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = make_schedule(opt, steps, "onecycle", 0.5)
+    scaler = grad_scaler(precision, device)
     device = trainable[0].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -107,13 +113,16 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
             for x, y, _ in train_set.batches(batch_size, shuffle=True, generator=gen):
                 if len(y) < 2:  # a single example breaks batch-statistics norms
                     continue
-                loss = F.cross_entropy(train_net(x), y)
+                with autocast(precision, device):
+                    loss = F.cross_entropy(train_net(x), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
             work.eval()
-            curve.append(accuracy_row(net, cached, batch_size=eval_batch_size))
+            with autocast(precision, device):
+                curve.append(accuracy_row(net, cached, batch_size=eval_batch_size))
     return np.asarray(curve, dtype=np.float64), work
 
 
@@ -136,7 +145,8 @@ def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["
             lr: float = HYPER["lr"], batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
             weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
             eval_batch_size: int = 1024, device="auto", prefix_cache: bool = True,
-            prefix_cache_mb: float = CACHE_MB, resume_dir=None, overwrite: bool = False) -> Result | None:
+            prefix_cache_mb: float = CACHE_MB, resume_dir=None, overwrite: bool = False,
+            precision: str = "fp32") -> Result | None:
     """:func:`retrain_layer` for every layer (or those named in ``layers``) of the final model.
 
     ``source``: a :class:`memloc.Run` / run path (``reset_to``: a checkpoint epoch), or an
@@ -151,6 +161,9 @@ def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["
     settings); they are deleted when the result is saved (:meth:`memloc.Result.save`). Under
     torchrun (:mod:`memloc.distributed`) the layers are split across the processes (None then means
     ``"auto"``) and rank 0 returns the merged result, the other ranks None.
+
+    ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (see :func:`retrain_layer`); recorded
+    in the config.
     """
     check_range("epochs", epochs, low=1, integer=True)
     check_range("batch_size", batch_size, low=1, integer=True)
@@ -160,24 +173,28 @@ def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["
     check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     check_range("lr", lr, low=0)
     check_range("prefix_cache_mb", prefix_cache_mb, low=0)
+    check_precision(precision)
     if not lr > 0:
         raise MemlocError(f"lr must be positive, got {lr}", argument="lr")
     if isinstance(source, nn.Module) and not isinstance(reset_to, dict):
         raise MemlocError("reset_to must be a state_dict when a model is passed instead of a run")
     p = prepare(source, data, device=device, layers=layers, checkpoints=None if isinstance(source, nn.Module) else "final")
     init = reset_to if isinstance(reset_to, dict) else p.run.checkpoint(reset_to)
+    check_precision(precision, p.device)
+    apply_channels_last(p.model, precision, p.device)
     hyper = dict(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed)
     config = {**hyper, "reset_to": reset_to if not isinstance(reset_to, dict) else "state_dict",
               "layers": [l.name for l in p.layers], "eval_batch_size": eval_batch_size, "device": str(p.device),
               "final_epoch": p.run.final_epoch if p.run is not None else None,
-              "schedule": "onecycle, peak at 0.5", "train_subset": "clean"}
+              "schedule": "onecycle, peak at 0.5", "train_subset": "clean", "precision": precision}
     parts = Parts(parts_folder(resume_dir, p.run, "retrain"), {**config, "device": p.device.type}, what="retrain",
                   overwrite=overwrite)
     try:
         for i in progress(shard([i for i in range(len(p.layers)) if (i,) not in parts.done]), desc="retrain",
                           unit="layer"):
             curve = retrain_layer(p.model, init, p.layers[i], p.data, eval_batch_size=eval_batch_size,
-                                  prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb, **hyper)[0]
+                                  prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb, precision=precision,
+                                  **hyper)[0]
             parts.add({(i,): curve})
         parts.gather()
     finally:
@@ -186,7 +203,8 @@ def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["
         return None             # rank 0 merges the parts and returns the result
     curves = [parts.done[(i,)] for i in range(len(p.layers))]
     acc = np.stack(curves) if curves else np.zeros((0, epochs + 1, len(SUBSETS)))
-    baseline = accuracy_row(p.model, p.data, batch_size=eval_batch_size)
+    with autocast(precision, p.device):
+        baseline = accuracy_row(p.model, p.data, batch_size=eval_batch_size)
     ds = xr.Dataset({"accuracy": (("layer", "epoch", "subset"), acc), "baseline": (("subset",), baseline)},
                     coords={**layer_coords(p.layers), "epoch": np.arange(epochs + 1), "subset": list(SUBSETS)})
     result = Result("retrain", ds, config=config)

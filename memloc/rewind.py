@@ -31,6 +31,7 @@ from .distributed import shard, world
 from .errors import MemlocError
 from .evaluate import SUBSETS, accuracy_row
 from .parts import Parts, parts_folder
+from .precision import apply_channels_last, autocast, check_precision
 from .prefix import CACHE_MB, PrefixCache
 from .results import Result
 from .runtime import check_range, progress
@@ -88,7 +89,7 @@ class _Rewinder:
 
 def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size: int = 1024,
            device="auto", prefix_cache: bool = True, prefix_cache_mb: float = CACHE_MB, resume_dir=None,
-           overwrite: bool = False) -> Result | None:
+           overwrite: bool = False, precision: str = "fp32") -> Result | None:
     """Rewind every layer (or those named in ``layers``) of the final model to each checkpoint.
 
     ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` and
@@ -104,26 +105,35 @@ def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size
     torchrun (:mod:`memloc.distributed`) the (checkpoint, layer) cells are split across the
     processes (None then means ``"auto"``) and rank 0 returns the merged result, the other ranks
     None.
+
+    ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: every forward pass (the prefix
+    cache included) under autocast (:mod:`memloc.precision`); recorded in the config.
     """
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     check_range("prefix_cache_mb", prefix_cache_mb, low=0)
+    check_precision(precision)
     if isinstance(source, nn.Module) and not isinstance(checkpoints, dict):
         raise MemlocError("checkpoints must be a mapping {epoch: state_dict} to rewind to when a model is passed",
                           argument="checkpoints")
     p = prepare(source, data, device=device, layers=layers, checkpoints=checkpoints)
     epochs = list(p.states)
+    check_precision(precision, p.device)
+    apply_channels_last(p.model, precision, p.device)
     config = {"checkpoints": epochs, "layers": [l.name for l in p.layers], "eval_batch_size": eval_batch_size,
-              "final_epoch": p.run.final_epoch if p.run is not None else None, "device": str(p.device)}
+              "final_epoch": p.run.final_epoch if p.run is not None else None, "device": str(p.device),
+              "precision": precision}
     parts = Parts(parts_folder(resume_dir, p.run, "rewind"), {**config, "device": p.device.type}, what="rewind",
                   overwrite=overwrite)
     try:
         todo = [(e, i) for e in epochs for i in range(len(p.layers)) if (e, i) not in parts.done]
         mine = shard(todo)
-        rewinder = _Rewinder(p.model, p.layers, p.data, batch_size=eval_batch_size, prefix_cache=prefix_cache,
-                             prefix_cache_mb=prefix_cache_mb)
-        for e in progress([e for e in epochs if any(c[0] == e for c in mine)], desc="rewind", unit="checkpoint"):
-            state = p.state(e)
-            parts.add({(e, i): rewinder.accuracy(state, i) for e_, i in mine if e_ == e})
+        with autocast(precision, p.device):
+            rewinder = _Rewinder(p.model, p.layers, p.data, batch_size=eval_batch_size, prefix_cache=prefix_cache,
+                                 prefix_cache_mb=prefix_cache_mb)
+            for e in progress([e for e in epochs if any(c[0] == e for c in mine)], desc="rewind",
+                              unit="checkpoint"):
+                state = p.state(e)
+                parts.add({(e, i): rewinder.accuracy(state, i) for e_, i in mine if e_ == e})
         parts.gather()
     finally:
         parts.release()

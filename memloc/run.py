@@ -269,19 +269,22 @@ class Run:
                               f"({str(e).splitlines()[0]})") from None
         return m.to(device).eval()
 
-    def data(self, device="cpu"):
-        """The run's :class:`memloc.data.Data`, rebuilt from its data spec and checked against run.h5."""
+    def data(self, device="cpu", *, stream: str | None = None):
+        """The run's :class:`memloc.data.Data`, rebuilt from its data spec and checked against run.h5,
+        on ``device`` or streamed (``stream``: auto | on | off; None: the process-wide setting,
+        :mod:`memloc.stream`). Built once on the host (image folders too large for it stay on disk)."""
         if self._data is None:
             spec = self.info.get("data") or (self.config if "dataset" in self.config else None)
             if spec is None:
                 raise MemlocError(f"run {str(self.path)!r} was recorded without a data spec: pass data= to "
                                   "memloc.load, or record it with data_spec=")
             # a run trained on a labels file is rebuilt with the labels it stored (the file may have moved)
-            self._data = build_data(spec, label_given=self.label_given if spec.get("labels") else None)
+            self._data = build_data(spec, label_given=self.label_given if spec.get("labels") else None,
+                                    stream=stream)
             if not (np.array_equal(self._data.label_given, self.label_given)
                     and np.array_equal(self._data.label_true, self.label_true)):
                 raise MemlocError(f"the dataset rebuilt for {str(self.path)!r} does not match its stored labels")
-        return self._data.to(device)
+        return self._data.to(device, stream=stream)
 
     def dynamics(self, name: str, when: str = "end") -> np.ndarray:
         """``/dynamics/<when>/<name>`` as an (epoch, N) array (when: presentation | end)."""

@@ -11,7 +11,18 @@ the optimiser and schedule state are saved beside the checkpoints).
 
 ``augment`` ("crop", "flip", "crop+flip"; :mod:`memloc.augment`) augments the training batches on
 their device, never the evaluation passes; ``recipe="paper"`` fills every option not given with the
-paper's settings (:mod:`memloc.recipes`).
+paper's settings (:mod:`memloc.recipes`). ``precision`` ("fp32", "bf16", "fp16"; :mod:`memloc.precision`)
+runs the training forward passes, the loss and the evaluation passes under autocast (fp16 with a loss
+scaler; conv nets on CUDA in channels_last); the default fp32 trains exactly as before.
+
+Inside a process group of K ranks (``torchrun --nproc-per-node K -m memloc train RUN ...``, see
+:mod:`memloc.distributed`) one run is trained with DistributedDataParallel: every rank draws the same
+batches (and augmentation) and trains on its contiguous slice of each, the loss weighted so that the
+averaged gradient is the whole batch's; rank 0 gathers the slices' logits for the per-example
+dynamics. The end-of-epoch evaluation is split by batches across the ranks and gathered; rank 0
+alone writes the run directory. Equal to
+one-process training up to the order of floating-point sums, except for batch norm on the CPU and
+random layers such as standard dropout (per-rank noise); see :func:`memloc.ddp.data_parallel`.
 """
 from __future__ import annotations
 
@@ -22,14 +33,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .augment import augment_batch, augment_generator, parse_augment
 from .data import NOISE_KINDS, build_data
+from .ddp import batch_loss, data_parallel, evaluate_split
+from .distributed import all_gather_rows, local_rows, on_rank0, split_bounds, world
 from .errors import MemlocError
 from .evaluate import eval_mode
 from .models import build_model
 from .optim import epoch_seed, lr_factor, make_optimizer, make_schedule
+from .precision import apply_channels_last, autocast, check_precision, grad_scaler, to_channels_last
 from .recipes import recipe_options
 from .recorder import Recorder
 from .run import check_new_run_dir, is_complete, load, load_checkpoint, save_atomic
@@ -76,6 +89,9 @@ OPTIONS = dict(
                    "--augment-pad zeros each side, crop back at a random offset), flip (random horizontal flip), "
                    "crop+flip, or none; needs image inputs (N, C, H, W); seeded by (seed, epoch) (default: none)"),
     augment_pad=(4, "pixels of zero padding on each side before the random crop of --augment crop"),
+    precision=("fp32", "fp32, bf16 or fp16: run the training and evaluation forward passes (and the loss) under "
+                       "autocast in that type; fp16 scales the loss; on CUDA, conv nets also switch to "
+                       "channels_last (see memloc.precision)"),
     labels=(None, "given labels from a file instead of synthetic noise: one label per training example (.npy, "
                   ".csv / .txt: one per line or id,label; .pt, a dict's entry as FILE.pt:KEY, e.g. CIFAR-10N's "
                   "CIFAR-10_human.pt:worse_label); the true labels stay the dataset's own"),
@@ -95,7 +111,7 @@ OPTIONS = dict(
 DEFAULTS = {key: default for key, (default, _) in OPTIONS.items()}
 #: options added after run configs were first hashed: while they hold their default they are not part
 #: of a config's identity (:func:`memloc.experiments.children.child_path`), so older runs keep theirs
-LATER_OPTIONS = ("recipe", "augment", "augment_pad")
+LATER_OPTIONS = ("recipe", "augment", "augment_pad", "precision")
 # valid values of the numeric options: key -> (int | float, low, high, low open, high open); None = no bound
 RANGES = {
     "split_seed": (int, 0, 2**32 - 1, False, False), "noise_seed": (int, 0, 2**32 - 1, False, False),
@@ -168,6 +184,7 @@ def resolve_config(cfg: dict | None) -> dict:
         cfg = recipe_options(cfg["recipe"], cfg)
     cfg = {**DEFAULTS, **cfg}
     cfg["augment"] = "+".join(parse_augment(cfg["augment"])) or None
+    check_precision(cfg["precision"])
     if cfg["labels"] is not None:
         if cfg["noise"]:
             raise MemlocError("labels (given labels from a file) and synthetic noise exclude each other; leave "
@@ -197,6 +214,34 @@ def _loss_weights(cfg, n: int, device) -> torch.Tensor | None:
     return (w / w.mean()).to(device)
 
 
+def _check_run_dir(run_dir: Path, cfg: dict, resume: bool, overwrite: bool) -> bool:
+    """Check ``run_dir`` before any work (rank 0 alone under torchrun); returns whether to resume."""
+    check_creatable(run_dir)
+    if resume and is_complete(run_dir):
+        stored = json.loads((run_dir / "run.json").read_text()).get("config", {})
+        diff = {k for k in cfg if stored.get(k, DEFAULTS[k]) != cfg[k]}
+        if diff:
+            raise MemlocError("resume with settings that differ from the stored run: "
+                            + ", ".join(f"{k} (stored {stored.get(k)!r}, given {cfg[k]!r})" for k in sorted(diff)))
+        return True
+    if not overwrite:   # fail before any work; the Recorder clears (or overwrites) under its lock
+        check_new_run_dir(run_dir, clear=False)
+    return False
+
+
+def _trainer_state(rec: Recorder, state_path: Path) -> dict | None:
+    """The optimiser / schedule state saved with the run's last epoch (None for a new run); rewinds
+    the run to the state's epoch when that is earlier (a kill between checkpoint and state)."""
+    if rec.epoch == 0:
+        return None
+    state = load_checkpoint(state_path) if state_path.exists() else None
+    if state is None or state["epoch"] > rec.epoch:
+        raise MemlocError(f"cannot resume {str(rec.dir)!r}: optimiser state for epoch {rec.epoch} is missing")
+    if state["epoch"] < rec.epoch:
+        rec.rewind_to(state["epoch"])
+    return state
+
+
 def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = False, overwrite: bool = False,
           argv=None, on_epoch_end=None, prepare_model=None, forward_context=None, eval_batch_size: int = 1024):
     """Train with config ``cfg`` (keys of :data:`DEFAULTS`) into ``run_dir``; returns the :class:`Run`.
@@ -208,6 +253,10 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     ``on_epoch_end(epoch, metrics)`` is called after each saved epoch. ``prepare_model(model, cfg)``
     may modify the freshly built model (e.g. insert layers) before training. ``forward_context(model,
     idx)`` may return a context manager wrapped around each training forward (e.g. to bind example ids).
+
+    In a process group of several ranks (torchrun) every rank calls ``train`` with the same arguments;
+    they train one run together (DDP) and rank 0 writes it: it returns the Run on rank 0, None on the
+    others. ``on_epoch_end`` is called on every rank.
     """
     cfg = resolve_config(cfg)
     if cfg["noise_kind"] not in NOISE_KINDS:
@@ -224,17 +273,12 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
         raise MemlocError("resume=True and overwrite=True exclude each other")
     run_dir = Path(run_dir)
     device = resolve_device(device)
-    check_creatable(run_dir)
-    if resume and is_complete(run_dir):
-        stored = json.loads((run_dir / "run.json").read_text()).get("config", {})
-        diff = {k for k in cfg if stored.get(k, DEFAULTS[k]) != cfg[k]}
-        if diff:
-            raise MemlocError("resume with settings that differ from the stored run: "
-                            + ", ".join(f"{k} (stored {stored.get(k)!r}, given {cfg[k]!r})" for k in sorted(diff)))
-    else:
-        if not overwrite:   # fail before any work; the Recorder clears (or overwrites) under its lock
-            check_new_run_dir(run_dir, clear=False)
-        resume = False
+    precision = check_precision(cfg["precision"], device)
+    rank, parts = world()      # parts > 1 under torchrun: one run, each batch split across the processes
+    if cfg["batch_size"] < parts:
+        raise MemlocError(f"batch_size {cfg['batch_size']} is smaller than the number of processes ({parts}); "
+                          "each process trains on a slice of every batch", argument="batch_size")
+    resume = on_rank0(_check_run_dir, run_dir, cfg, resume, overwrite)   # only rank 0 touches run_dir
 
     data = build_data(cfg, device)
     augment = parse_augment(cfg["augment"])
@@ -252,6 +296,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
         prepare_model(model, cfg)
     model.to(device)
     _check_fits(model, data, cfg["model"])
+    layout = apply_channels_last(model, precision, device)   # conv nets on CUDA in 16 bits: channels_last
     spec = {"spec": cfg["model"], "in_shape": list(data.in_shape), "num_classes": data.num_classes,
             "options": _model_options(cfg), **({"etd": etd} if etd else {})}
     opt = make_optimizer(model.parameters(), cfg["optimizer"], lr=cfg["lr"], momentum=cfg["momentum"],
@@ -259,55 +304,85 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     weights = _loss_weights(cfg, len(data.train), device)
     steps_per_epoch = math.ceil(len(data.train) / cfg["batch_size"])
     sched = make_schedule(opt, steps_per_epoch * cfg["epochs"], cfg["schedule"], cfg["warmup"])
-    rec = Recorder(run_dir, model, eval_train=data.train, eval_test=data.test, label_true=data.label_true,
-                   label_given=data.label_given, test_labels=data.test.y.cpu().numpy(), config=cfg,
-                   model_spec=spec, resume=resume, overwrite=overwrite, source_index=data.source_index, argv=argv,
-                   eval_batch_size=eval_batch_size)
+    scaler = grad_scaler(precision, device)     # fp16 only; otherwise the plain backward and step
+    state_path = run_dir / "checkpoints" / "trainer_state.pt"
+    rec = None
+    # a new run's epoch-0 evaluation, split across the ranks like every epoch's (the Recorder's in one process)
+    initial = evaluate_split(model, data, eval_batch_size, device, precision) if parts > 1 and not resume else None
+
+    def open_run():     # rank 0 alone: create the run (epoch 0) or reopen it; every rank gets (epoch, state)
+        nonlocal rec
+        with autocast(precision, device):           # the epoch-0 evaluation in the run's precision
+            rec = Recorder(run_dir, model, eval_train=data.train, eval_test=data.test, label_true=data.label_true,
+                           label_given=data.label_given, test_labels=data.test.y.cpu().numpy(), config=cfg,
+                           model_spec=spec, resume=resume, overwrite=overwrite, source_index=data.source_index,
+                           argv=argv, eval_batch_size=eval_batch_size, evaluated=initial)
+        try:
+            state = _trainer_state(rec, state_path)
+            return rec.epoch, state
+        except BaseException:
+            rec.close()
+            raise
+
+    def finish_epoch(epoch, evaluated):    # rank 0 alone: record the evaluation, checkpoint, save the state
+        with autocast(precision, device):
+            metrics = rec.end_epoch(evaluated)
+        save_atomic({"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}, state_path)
+        return metrics
+
+    start, state = on_rank0(open_run)
     try:
-        state_path = run_dir / "checkpoints" / "trainer_state.pt"
-        if rec.epoch > 0:
-            state = load_checkpoint(state_path) if state_path.exists() else None
-            if state is None or state["epoch"] > rec.epoch:
-                raise MemlocError(f"cannot resume {str(run_dir)!r}: optimiser state for epoch {rec.epoch} is missing")
-            if state["epoch"] < rec.epoch:
-                rec.rewind_to(state["epoch"])
+        if state is not None:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-        bar = progress(range(rec.epoch + 1, cfg["epochs"] + 1), desc=f"train {cfg['model']}",
-                           initial=rec.epoch, total=cfg["epochs"], unit="epoch")
+            if "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
+        net = data_parallel(model, device)     # after rank 0 loaded the checkpoint: DDP copies its weights
+        bar = progress(range(start + 1, cfg["epochs"] + 1), desc=f"train {cfg['model']}",
+                           initial=start, total=cfg["epochs"], unit="epoch")
         for epoch in bar:
             seed = epoch_seed(cfg["seed"], epoch)
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
             aug_gen = augment_generator(cfg["seed"], epoch) if augment else None
-            model.train()
+            net.train()
+            # every rank draws the same global batches (and augmentation) and trains on its slice of each
             for x, y, idx in data.train.batches(cfg["batch_size"], shuffle=True, generator=gen):
                 if augment:
                     x = augment_batch(x, augment, cfg["augment_pad"], aug_gen)
-                if forward_context is not None:
-                    with forward_context(model, idx):
-                        logits = model(x)
-                else:
-                    logits = model(x)
-                if weights is None:
-                    loss = F.cross_entropy(logits, y)
-                else:
-                    loss = (F.cross_entropy(logits, y, reduction="none") * weights[idx]).mean()
+                rows = local_rows(len(y))      # all of it in one process
+                xs, ys, ids = x[rows], y[rows], idx[rows]
+                if layout:
+                    xs = to_channels_last(xs)
+                with autocast(precision, device):
+                    if forward_context is not None:
+                        with forward_context(model, ids):
+                            logits = net(xs)
+                    else:
+                        logits = net(xs)
+                    loss = batch_loss(logits, ys, None if weights is None else weights[ids], len(y), parts)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
-                rec.record_batch(idx, logits, y)
-            metrics = rec.end_epoch()
-            save_atomic({"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                        state_path)
+                if parts > 1:       # the whole batch's logits, in batch order, for rank 0's Recorder
+                    sizes = np.diff(split_bounds(len(y), parts)).tolist()
+                    logits = all_gather_rows(logits.detach().float(), sizes)
+                if rec is not None:
+                    rec.record_batch(idx, logits, y)
+            # the end-of-epoch evaluation: split across the ranks (gathered), in one process by the Recorder
+            evaluated = evaluate_split(model, data, eval_batch_size, device, precision) if parts > 1 else None
+            metrics = on_rank0(finish_epoch, epoch, evaluated)
             bar.set_postfix(train=f"{metrics['train_accuracy']:.3f}", noisy=f"{metrics['noisy_accuracy']:.3f}",
                             test=f"{metrics['test_accuracy']:.3f}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
     finally:
-        rec.close()
-    return load(run_dir)
+        if rec is not None:
+            rec.close()
+    return load(run_dir) if rank == 0 else None
 
 
 if __name__ == "__main__":

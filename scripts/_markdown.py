@@ -18,3 +18,28 @@ def add_common(p, runs_dir: str) -> None:
     p.add_argument("--jobs", type=int, default=1, help="trainings in parallel (processes)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--markdown", default=None, help="write the tables to this Markdown file")
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (else what :mod:`platform` knows)."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device=None) -> str:
+    """One line naming the machine: CPU model, cores, torch threads, torch version and ``device``
+    (with the GPU's name on CUDA)."""
+    import os
+
+    import torch
+    where = "CPU" if device is None or str(device) == "cpu" else str(device)
+    if str(device).startswith("cuda"):
+        where = f"{device} ({torch.cuda.get_device_name(device)})"
+    return (f"{cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s), "
+            f"torch {torch.__version__}, device {where}")

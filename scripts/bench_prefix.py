@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _markdown import finish  # noqa: E402
+from _markdown import cpu_name, finish  # noqa: E402
 from memloc.evaluate import accuracy_row  # noqa: E402
 from memloc.prefix import PrefixCache  # noqa: E402
 from memloc.retrain import retrain  # noqa: E402
@@ -38,16 +37,6 @@ from memloc.train import train  # noqa: E402
 from memloc.units import trace  # noqa: E402
 
 RUNS = {"mlp": {"model": "mlp"}, "lenet": {"model": "lenet", "epochs": 40}}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def get_run(name: str, args, tmp: str):

@@ -44,6 +44,31 @@ def timed(cmd, env, check=True) -> float:
     return time.perf_counter() - t0
 
 
+def compare(run, name, options, procs, repeats, env, *, compared=COMPARED, startup=True) -> dict:
+    """``memloc NAME RUN OPTIONS`` in 1 process and under torchrun with ``procs``, alternating ``repeats``
+    times: the best wall times ``one`` / ``many``, with ``startup`` also those of the same command
+    once its result exists (``one_idle`` / ``many_idle``: start-up only), and whether the results'
+    ``compared[name]`` arrays are identical (``same``). The result file is removed afterwards."""
+    out = run.results_path(name)
+    base = ["-m", "memloc", name, str(run.path), *options, "--device", "cpu", "--overwrite"]
+    one = [sys.executable, *base]
+    many = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *base]
+    times = {"one": [], "many": [], "one_idle": [], "many_idle": []}
+    results = {}
+    for _ in range(repeats):
+        for key, cmd in (("one", one), ("many", many)):
+            out.unlink(missing_ok=True)
+            times[key].append(timed(cmd, env))
+            if startup:  # the same command again stops at the existing result ("already complete", or
+                # "exists" with exit status 2): start-up, loading and checks only
+                times[f"{key}_idle"].append(timed([c for c in cmd if c != "--overwrite"], env, check=False))
+            res = memloc.load(run.path).result(name)
+            results[key] = {k: res[k].values for k in compared[name]}
+    out.unlink(missing_ok=True)
+    same = all(np.array_equal(results["one"][k], results["many"][k], equal_nan=True) for k in compared[name])
+    return {**{k: min(v) if v else float("nan") for k, v in times.items()}, "same": same}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -59,29 +84,11 @@ def main(argv=None):
         run = memloc.load(args.run) if args.run else train(Path(tmp) / "lenet", {"model": "lenet", "epochs": 40},
                                                             device="cpu")
         for name in args.analyses.split(","):
-            out = run.results_path(name)
-            base = ["-m", "memloc", name, str(run.path), *ANALYSES[name], "--device", "cpu", "--overwrite"]
-            one = [sys.executable, *base]
-            many = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                    str(args.procs), *base]
-            times = {"one": [], "many": [], "one_idle": [], "many_idle": []}
-            results = {}
-            for _ in range(args.repeats):
-                for key, cmd in (("one", one), ("many", many)):
-                    out.unlink(missing_ok=True)
-                    times[key].append(timed(cmd, env))
-                    # the same command again stops at the existing result ("already complete", or "exists"
-                    # with exit status 2): start-up, loading and checks only
-                    times[f"{key}_idle"].append(timed([c for c in cmd if c != "--overwrite"], env, check=False))
-                    res = memloc.load(run.path).result(name)
-                    results[key] = {k: res[k].values for k in COMPARED[name]}
-            same = all(np.array_equal(results["one"][k], results["many"][k], equal_nan=True) for k in COMPARED[name])
-            t1, tk = min(times["one"]), min(times["many"])
-            i1, ik = min(times["one_idle"]), min(times["many_idle"])
+            c = compare(run, name, ANALYSES[name], args.procs, args.repeats, env)
+            t1, tk, i1, ik = c["one"], c["many"], c["one_idle"], c["many_idle"]
             rows.append(f"| {name} | `{' '.join(ANALYSES[name])}` | {t1:.1f} | {tk:.1f} | {t1 / tk:.2f}x | {i1:.1f} | "
-                        f"{ik:.1f} | {(t1 - i1) / max(tk - ik, 1e-9):.2f}x | {'yes' if same else 'NO'} |")
+                        f"{ik:.1f} | {(t1 - i1) / max(tk - ik, 1e-9):.2f}x | {'yes' if c['same'] else 'NO'} |")
             print(rows[-1], flush=True)
-            out.unlink(missing_ok=True)
     lines = ["# Analyses split across processes (torchrun, gloo on CPU)", "",
              f"`python scripts/bench_shard.py {' '.join(sys.argv[1:] if argv is None else argv)}` on "
              f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}; "

@@ -16,6 +16,17 @@ from memloc.train import train
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def train_interrupted(path, cfg, epoch: int = 1, **kw):
+    """Train ``cfg`` into ``path`` and stop it after ``epoch`` as Ctrl-C would (a kill); the run is
+    left at that epoch, to be resumed."""
+    def stop(e, metrics):
+        if e == epoch:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(path, cfg, on_epoch_end=stop, **kw)
+
+
 @pytest.fixture(scope="session")
 def mlp_run(tmp_path_factory):
     return train(tmp_path_factory.mktemp("runs") / "mlp", {"model": "mlp"}, device="cpu")

@@ -14,6 +14,7 @@ from memloc.commands import run as cli_run
 from memloc.data import make_data, register_data
 from memloc.experiments.children import _digest, child_path, parent_config
 from memloc.train import DEFAULTS, LATER_OPTIONS, resolve_config, train
+from conftest import train_interrupted
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.1}
 AUG = {**TINY, "augment": "crop+flip", "augment_pad": 2}
@@ -115,12 +116,7 @@ def test_augmented_training_is_deterministic_and_evaluation_unaugmented(tmp_path
 def test_resume_after_a_kill_is_bit_identical(tmp_path):
     full = train(tmp_path / "full", AUG, device="cpu")
 
-    def killed_after_1(epoch, metrics):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "cut", AUG, device="cpu", on_epoch_end=killed_after_1)
+    train_interrupted(tmp_path / "cut", AUG, device="cpu")
     assert memloc.load(tmp_path / "cut").final_epoch == 1
     _same_runs(full, train(tmp_path / "cut", AUG, device="cpu", resume=True))
 

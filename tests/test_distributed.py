@@ -107,5 +107,5 @@ def test_killed_processes_resume_from_their_parts(run, capsys):
 def test_commands_that_do_not_split_refuse_torchrun(run, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as e:
-        cli_run("gradients", [str(run.path), "--device", "cpu"])
+        cli_run("importance", [str(run.path), "--device", "cpu"])
     assert e.value.code == 2 and "does not split its work" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from memloc.run import load
 from memloc.errors import MemlocError
 from memloc.evaluate import SUBSETS, accuracies
 from memloc.train import train
+from conftest import train_interrupted
 
 dropout = importlib.import_module("memloc.dropout")
 
@@ -257,12 +258,7 @@ def test_training_stores_and_rebuilds_the_layers(etd_tiny_run, tmp_path):
 
 
 def test_training_resume_with_etd_is_identical(etd_tiny_run, tmp_path):
-    def stop_at_1(epoch, metrics):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "cut", TINY_ETD, on_epoch_end=stop_at_1)
+    train_interrupted(tmp_path / "cut", TINY_ETD)
     cut = train(tmp_path / "cut", TINY_ETD, resume=True)
     for e in etd_tiny_run.epochs:
         a, b = etd_tiny_run.checkpoint(e), cut.checkpoint(e)

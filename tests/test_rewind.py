@@ -187,7 +187,7 @@ def test_rerun_replaces_atomically_and_a_failed_run_leaves_the_old_file(name, ti
             assert e.value.code == code
         assert len(calls) == 3
         assert path.read_bytes() == content
-        kept = [f"{name}.h5"] + ([f"{name}.partial"] if name != "gradients" else [])  # parts kept for a rerun
+        kept = [f"{name}.h5", f"{name}.partial"]    # parts kept for a rerun
         assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith(name)) == kept
     monkeypatch.undo()      # a rerun takes the kept parts and deletes them with the saved result
     cli_run(name, [str(run), *FAST[name], "--device", "cpu", "--overwrite"])

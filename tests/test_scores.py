@@ -190,6 +190,21 @@ def test_grad_norms_frozen_parameters_are_left_out():
         np.testing.assert_allclose(scores.grad_norms(model, x, y, method=method), ref, rtol=1e-10)
 
 
+def test_grad_norms_free_their_activations():
+    """Each batch's hook records (inputs, outputs, output gradients) are freed: an output's gradient
+    hook held its record, which held the output, a cycle the collector could not see (230 MB kept
+    per lenet call)."""
+    import gc
+    from memloc.scores.gradnorm import _Call
+    torch.manual_seed(0)
+    model = build_model("lenet", (1, 28, 28), 10)
+    x, y = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
+    for _ in range(2):
+        scores.grad_norms(model, x, y, batch_size=16)
+    gc.collect()
+    assert sum(isinstance(o, _Call) for o in gc.get_objects()) == 0
+
+
 def test_grad_norms_reused_module_needs_vmap():
     class Twice(nn.Module):
         def __init__(self):

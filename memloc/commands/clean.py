@@ -7,6 +7,7 @@ from ..scores import SCORES
 from .runner import add_experiment, number, seed_table
 
 RESULT = "clean"
+SHARDED = True     # torchrun --nproc-per-node K -m memloc clean RUN: the fresh runs split K ways (rank r trains every K-th)
 DESCRIPTION = ("Flag label issues without ground truth (memloc issues), drop them (or --relabel them with the early "
                "model's prediction), train fresh runs with the run's recipe and compare test accuracy with training "
                "on all the data; cleanlab on K-fold out-of-sample probabilities of the same recipe is the baseline. "

@@ -8,7 +8,7 @@ from ..flip import DTYPES, REF_POOLS, flip
 from ..flip.driver import PROTOCOLS, SITES, part_settings, protocol_options, settings
 from ..parts import saved_settings
 from ..run import load
-from .runner import add_eval_batch_size, nonnegative_float, nonnegative_int, number, positive_int
+from .runner import add_eval_batch_size, add_precision, nonnegative_float, nonnegative_int, number, positive_int
 
 RESULT = "flip"
 SHARDED = True     # torchrun --nproc-per-node K -m memloc flip RUN: every K-th search per process
@@ -63,6 +63,9 @@ def arguments(p):
                         "and of interruptions (near-ties are not decided by rounding), at 2-4x the CPU time")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed of example sampling, reference batches and noise")
     add_eval_batch_size(p)
+    add_precision(p, "run the searches' forward passes under autocast in bf16 or fp16 (faster on GPUs with tensor "
+                     "cores; unit sequences can differ from fp32 at near-ties; needs --dtype float32); fp32 (default) "
+                     "computes exactly as without this option")
 
 
 PROTOCOL_OPTIONS = ("site", "noise_samples", "noise_ratio", "repeats", "ref_batch_size", "ref_pool")
@@ -71,6 +74,7 @@ PROTOCOL_OPTIONS = ("site", "noise_samples", "noise_ratio", "repeats", "ref_batc
 def _options(args) -> dict:
     return dict(examples=args.examples, checkpoint=args.checkpoint, max_units=args.max_units,
                 collateral=args.collateral, group_size=args.group_size, seed=args.seed, dtype=args.dtype,
+                precision=args.precision,
                 protocol=args.protocol, **{k: getattr(args, k) for k in PROTOCOL_OPTIONS})
 
 
@@ -85,7 +89,7 @@ def _requested(args, run):
 
 def already_done(args, run) -> bool:
     """Does the saved flip result hold exactly these settings?"""
-    stored = run.result("flip").config
+    stored = {"precision": "fp32", **run.result("flip").config}     # results from before --precision: fp32
     return all(stored.get(k) == v for k, v in _requested(args, run)[0].items())
 
 

@@ -5,6 +5,9 @@ from ..gradients import BN_MODES, gradients
 from .runner import add_checkpoints, add_layers, layer_table, positive_int
 
 RESULT = "gradients"
+SHARDED = True     # torchrun --nproc-per-node K -m memloc gradients RUN: the checkpoints split K ways
+INTERRUPTED = "finished work is saved (rerun to continue)"
+OVERWRITE_HELP = "replace an existing gradients.h5 (or an interrupted gradients run saved with other settings)"
 DESCRIPTION = ("Per-layer gradient norms of the mean clean, noisy and total training loss (divided by "
                "sqrt(#params of the layer)) and the cosine between the clean and noisy gradients, at every "
                "chosen checkpoint. Writes RUN/results/gradients.h5.")
@@ -22,7 +25,7 @@ def arguments(p):
 
 def execute(args):
     return gradients(args.run, checkpoints=args.checkpoints, layers=args.layers, bn_mode=args.bn_mode,
-                     batch_size=args.batch_size, device=args.device)
+                     batch_size=args.batch_size, device=args.device, resume_dir="auto", overwrite=args.overwrite)
 
 
 def summary(res, args):

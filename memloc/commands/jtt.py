@@ -4,6 +4,7 @@ from ..experiments.jtt import GROUPS
 from .runner import add_experiment, mean_se, nonnegative_int, positive_float
 
 RESULT = "jtt"
+SHARDED = True     # torchrun --nproc-per-node K -m memloc jtt RUN: the fresh runs split K ways (rank r trains every K-th)
 DESCRIPTION = ("JTT (Liu et al. 2021): the training examples the run's model of epoch T misclassifies are upweighted "
                "by LAMBDA in fresh runs with the run's recipe; accuracy of ERM and JTT on test, the worst test class, "
                "clean and noisy training examples. Writes RUN/results/jtt.h5; fresh runs live under RUN/children.")

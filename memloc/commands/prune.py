@@ -7,6 +7,7 @@ from ..scores import SCORES
 from .runner import add_experiment, mean_se, nonnegative_int, number
 
 RESULT = "prune"
+SHARDED = True     # torchrun --nproc-per-node K -m memloc prune RUN: the fresh runs split K ways (rank r trains every K-th)
 DESCRIPTION = ("Keep a fraction of the training set chosen by each score (and at random, the reference), train a "
                "fresh run on each kept set with the run's own recipe and seeds, record test accuracy and the share "
                "of noisy examples kept. GraNd at initialisation and EL2N at epoch k as in Data Diet; forgetting "

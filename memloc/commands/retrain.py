@@ -1,7 +1,7 @@
 """``memloc retrain RUN``: layer retraining on clean data (:func:`memloc.retrain`)."""
 from ..retrain import HYPER, retrain
-from .runner import (add_eval_batch_size, add_layers, describe, layer_table, nonnegative_float, nonnegative_int,
-                     number, positive_float, positive_int)
+from .runner import (add_eval_batch_size, add_layers, add_precision, describe, layer_table, nonnegative_float,
+                     nonnegative_int, number, positive_float, positive_int)
 
 RESULT = "retrain"
 SHARDED = True     # torchrun --nproc-per-node K -m memloc retrain RUN: the layers split K ways
@@ -27,13 +27,14 @@ def arguments(p):
                    help="weight decay of the retrained layer")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=HYPER["seed"], help="seed of the batch order")
     add_eval_batch_size(p)
+    add_precision(p)
 
 
 def execute(args):
     return retrain(args.run, layers=args.layers, reset_to=args.reset_checkpoint, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
                    seed=args.seed, eval_batch_size=args.eval_batch_size, device=args.device,
-                   resume_dir="auto", overwrite=args.overwrite)
+                   resume_dir="auto", overwrite=args.overwrite, precision=args.precision)
 
 
 def summary(res, args):

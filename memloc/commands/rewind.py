@@ -1,6 +1,6 @@
 """``memloc rewind RUN``: layer rewinding (:func:`memloc.rewind`)."""
 from ..rewind import rewind
-from .runner import add_checkpoints, add_eval_batch_size, add_layers, describe, layer_table
+from .runner import add_checkpoints, add_eval_batch_size, add_layers, add_precision, describe, layer_table
 
 RESULT = "rewind"
 SHARDED = True     # torchrun --nproc-per-node K -m memloc rewind RUN: the (checkpoint, layer) cells split K ways
@@ -15,12 +15,13 @@ def arguments(p):
     add_checkpoints(p, "checkpoints to rewind to")
     add_layers(p)
     add_eval_batch_size(p)
+    add_precision(p)
 
 
 def execute(args):
     return rewind(args.run, checkpoints=args.checkpoints, layers=args.layers,
                   eval_batch_size=args.eval_batch_size, device=args.device,
-                  resume_dir="auto", overwrite=args.overwrite)
+                  resume_dir="auto", overwrite=args.overwrite, precision=args.precision)
 
 
 def summary(res, args):

@@ -13,7 +13,7 @@ from ..errors import MemlocError
 from ..results import Result
 from ..runtime import FileLock, describe_range, in_range, make_dir
 
-__all__ = ["run_command", "check_writable", "Formatter", "number", "add_checkpoints", "add_layers", "add_eval_batch_size", "add_experiment", "seed_table", "mean_se", "positive_int",
+__all__ = ["run_command", "check_writable", "Formatter", "number", "add_checkpoints", "add_layers", "add_eval_batch_size", "add_precision", "add_experiment", "seed_table", "mean_se", "positive_int",
            "nonnegative_int", "positive_float", "nonnegative_float", "layer_table", "describe"]
 
 
@@ -65,6 +65,15 @@ def add_layers(p) -> None:
 
 def add_eval_batch_size(p) -> None:
     p.add_argument("--eval-batch-size", type=positive_int, default=1024, help="examples per evaluation forward pass")
+
+
+def add_precision(p, help: str | None = None) -> None:
+    """``--precision fp32|bf16|fp16`` (:mod:`memloc.precision`)."""
+    from ..precision import PRECISIONS
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help=help or "run the forward passes under autocast in bf16 or fp16 (faster on GPUs with "
+                                "tensor cores; results close to, not equal to, fp32; conv nets on CUDA also switch "
+                                "to channels_last); fp32 (default) computes exactly as without this option")
 
 
 def add_experiment(p) -> None:
@@ -151,6 +160,13 @@ def _parser(name, mod):
     if getattr(mod, "DEVICE", True):
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="where to compute; auto = cuda if available, else cpu")
+        p.add_argument("--stream", default=None, choices=["auto", "on", "off"],
+                       help="stream the data through a DataLoader instead of holding it on the device; auto: "
+                            "when it exceeds half the free GPU memory (image folders larger than half the free "
+                            "RAM: read from disk); default $MEMLOC_STREAM, else auto")
+        p.add_argument("--workers", type=nonnegative_int, default=None,
+                       help="DataLoader processes decoding streamed image files (0: this process); default "
+                            "min(4, cpus)")
     return p
 
 
@@ -192,7 +208,9 @@ def run_command(name: str, mod, argv: list[str]):
                     return run.result(result_name)
                 raise MemlocError(f"{str(args.out)!r} exists (possibly with different settings); "
                                   "use overwrite=True to replace it")
-        with warnings.catch_warnings():
+        from ..stream import streaming
+        with warnings.catch_warnings(), streaming(getattr(args, "stream", None),
+                                                  workers=getattr(args, "workers", None)):
             warnings.showwarning = lambda message, *a, **kw: print(f"{prog}: warning: {message}", file=sys.stderr)
             result = mod.execute(args)
         if rank > 0:

@@ -4,13 +4,20 @@ import sys
 
 from ..data import NOISE_KINDS
 from ..train import DEFAULTS, OPTIONS, RANGES, train
-from .runner import _parser, add_eval_batch_size, number
+from .runner import _parser, add_eval_batch_size, add_precision, number
 
 OVERWRITE = True
+SHARDED = True     # torchrun --nproc-per-node K -m memloc train RUN: one run, each batch split K ways (DDP)
 INTERRUPTED = "finished epochs are saved (rerun with --resume to continue)"
 OVERWRITE_HELP = ("replace the memloc run in RUN (only after every check passed; files memloc did not write "
                   "are never deleted)")
-DESCRIPTION = "Train a classifier under label noise into a memloc run directory (checkpoint every epoch, per-example dynamics)."
+DESCRIPTION = ("Train a classifier under label noise into a memloc run directory (checkpoint every epoch, "
+               "per-example dynamics). Under torchrun --nproc-per-node K, one run is trained with "
+               "DistributedDataParallel: each batch of --batch-size examples is split into K slices, the "
+               "evaluation passes by batches, and rank 0 alone writes RUN; equal to one process up to "
+               "rounding, except batch norm on the "
+               "CPU (per-process statistics; on CUDA it becomes SyncBatchNorm) and standard dropout "
+               "(per-process noise).")
 
 
 def arguments(p):
@@ -20,6 +27,8 @@ def arguments(p):
             p.add_argument(flag, action="store_true", help=text)
         elif key == "noise_kind":
             p.add_argument(flag, default=default, choices=NOISE_KINDS, help=text)
+        elif key == "precision":
+            add_precision(p, text)
         elif key in RANGES:
             kind, low, high, low_open, high_open = RANGES[key]
             p.add_argument(flag, type=number(kind, low, high, low_open=low_open, high_open=high_open),

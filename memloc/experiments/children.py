@@ -8,6 +8,12 @@ experiment that needs the same config, an interrupted one resumes (bit-identical
 whose config equals the parent's is the parent itself. ``jobs > 1`` trains children in parallel
 processes (each with ``cores // jobs`` torch threads; results then differ from a one-process
 run in the last float bits, as any change of thread count does).
+
+Under torchrun (:mod:`memloc.distributed`) the children are split across the processes: rank 0's
+list is the one trained, rank r trains every K-th child of it (each a one-process training run in
+its own folder; ``jobs`` parallel ones per rank), and every rank waits until all are finished.
+What an experiment computes before and after its children (its scores, the evaluations) each rank
+computes alone (:func:`memloc.distributed.alone`), and rank 0 returns the result.
 """
 from __future__ import annotations
 
@@ -15,11 +21,13 @@ import concurrent.futures as cf
 import hashlib
 import json
 import multiprocessing
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..distributed import alone, broadcast, shard, world
 from ..errors import MemlocError
 from ..run import Run, is_complete, load
 from ..runtime import check_range, progress
@@ -109,12 +117,36 @@ def _train_one(path: str, cfg: dict, device: str, threads: int) -> str:
 
 
 def train_runs(jobs_list: list[tuple[Path, dict]], *, jobs: int = 1, device="cpu", desc: str = "runs") -> None:
-    """Train (or resume) every ``(path, cfg)`` not finished yet, ``jobs`` at a time, with a progress bar."""
+    """Train (or resume) every ``(path, cfg)`` not finished yet, ``jobs`` at a time, with a progress bar.
+
+    In a process group each rank trains its share (every K-th run of rank 0's list) and returns when
+    every run is finished."""
     check_range("jobs", jobs, low=1, integer=True)
-    todo = {}
-    for p, cfg in jobs_list:
-        if not _finished(Path(p), cfg["epochs"]):
-            todo.setdefault(str(p), cfg)
+    runs = {}
+    for p, cfg in broadcast([(str(p), cfg) for p, cfg in jobs_list]):     # rank 0's list on every rank
+        runs.setdefault(p, cfg)
+    device = torch.device(device)
+    if world()[1] > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())      # this rank's GPU, also in spawned workers
+    todo = {p: cfg for p, cfg in shard(list(runs.items())) if not _finished(Path(p), cfg["epochs"])}
+    with alone():           # each run is a one-process training
+        _train(todo, jobs=jobs, device=device, desc=desc)
+    _wait_for(runs)
+
+
+def _wait_for(runs: dict, poll: float = 1.0) -> None:
+    """In a process group: wait until every run (trained by the other ranks) is finished. Files, not a
+    collective: the ranks' shares may take hours apart; a rank that fails stops them all (torchrun)."""
+    if world()[1] == 1:
+        return
+    left = list(runs)
+    while left:
+        left = [p for p in left if not _finished(Path(p), runs[p]["epochs"])]
+        if left:
+            time.sleep(poll)
+
+
+def _train(todo: dict, *, jobs: int, device, desc: str) -> None:
     if jobs > 1 and len(todo) > 1:
         from ..data import _REGISTERED
         local = sorted({c["dataset"] for c in todo.values() if c["dataset"] in _REGISTERED})
@@ -144,8 +176,9 @@ def train_runs(jobs_list: list[tuple[Path, dict]], *, jobs: int = 1, device="cpu
 
 def train_children(parent: Run, children: list[tuple[str, dict]], *, jobs: int = 1, device="cpu",
                    desc: str = "runs") -> list[Run]:
-    """Train (or reuse / resume) every ``(label, cfg)`` child of ``parent``; returns their runs in order."""
-    paths = [child_path(parent, label, cfg) for label, cfg in children]
+    """Train (or reuse / resume) every ``(label, cfg)`` child of ``parent``; returns their runs in order
+    (in a process group: rank 0's children on every rank, once all are trained)."""
+    paths, children = broadcast(([child_path(parent, label, cfg) for label, cfg in children], children))
     train_runs([(p, cfg) for p, (_, cfg) in zip(paths, children) if p != parent.path], jobs=jobs, device=device,
                desc=desc)
     return [load(p) for p in paths]

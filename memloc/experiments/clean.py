@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..distributed import alone, world
 from ..errors import MemlocError
 from ..evaluate import evaluate
 from ..label_issues import find_label_issues, flag_quality
@@ -68,13 +69,16 @@ def cleanlab_flags(parent, base: dict, *, folds: int = 5, jobs: int = 1, device=
 
 
 def clean(run, *, by: str = "combined", relabel: bool = False, seeds=(0, 1, 2), baseline: bool = True,
-          folds: int = 5, jobs: int = 1, device="auto") -> Result:
-    """The ``"clean"`` result: test accuracy per method (all, memloc, cleanlab) and seed."""
+          folds: int = 5, jobs: int = 1, device="auto") -> Result | None:
+    """The ``"clean"`` result: test accuracy per method (all, memloc, cleanlab) and seed. Under torchrun
+    the fresh runs (and the cleanlab folds) are split across the processes
+    (:mod:`memloc.experiments.children`) and rank 0 returns the result, the other ranks None."""
     run = as_run(run)
     base = parent_config(run)
     seeds = check_seeds(seeds)
     dev = resolve_device(device)
-    issues = find_label_issues(run, by=by, device=dev)
+    with alone():       # under torchrun every rank flags alone; the children are split (train_children)
+        issues = find_label_issues(run, by=by, device=dev)
     flags = {"memloc": issues["flagged"].values.astype(bool)}
     predicted = {"memloc": issues["label_predicted"].values}
     if baseline:
@@ -90,6 +94,8 @@ def clean(run, *, by: str = "combined", relabel: bool = False, seeds=(0, 1, 2), 
                       cleaned_config(run, base, f, relabel=relabel, predicted=predicted[name], seed=s, stem=name))
                      for s in seeds]
     runs = train_children(run, children, jobs=jobs, device=dev, desc="clean")
+    if world()[0] > 0:
+        return None             # rank 0 evaluates and returns the result
     acc = np.array([float(r.metrics()["test_accuracy"][-1]) for r in runs]).reshape(len(methods), len(seeds))
     known = bool(run.is_noisy.any())
     quality = {m: flag_quality(f, run.is_noisy) if known else {"precision": np.nan, "recall": np.nan}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from ..distributed import world
 from ..errors import MemlocError
 from ..evaluate import evaluate, nanmean, subset_accuracies
 from ..results import Result
@@ -48,11 +49,13 @@ def group_accuracies(model, data, *, batch_size: int = 1024) -> np.ndarray:
 
 
 def jtt(run, *, id_epoch: int | None = None, upweight: float = 5.0, seeds=(0, 1, 2), jobs: int = 1,
-        device="auto", batch_size: int = 1024) -> Result:
+        device="auto", batch_size: int = 1024) -> Result | None:
     """The ``"jtt"`` result: group accuracies of ERM and JTT runs per seed, and the error set.
 
     ``id_epoch`` (default: 10% of training, the identification model of an early-stopped ERM
     run; Liu et al. tune T on a validation set) and ``upweight`` (lambda_up; Liu et al. use 5-100).
+    Under torchrun the fresh runs are split across the processes (:mod:`memloc.experiments.children`)
+    and rank 0 returns the result, the other ranks None.
     """
     from ..scores import default_epoch_k
     run = as_run(run)
@@ -69,6 +72,8 @@ def jtt(run, *, id_epoch: int | None = None, upweight: float = 5.0, seeds=(0, 1,
     children += [(f"jtt-T{id_epoch}-up{upweight:g}-s{s}",
                   {**base, "seed": s, "upweight": float(upweight), "upweight_ids": errors.tolist()}) for s in seeds]
     runs = train_children(run, children, jobs=jobs, device=dev, desc="jtt")
+    if world()[0] > 0:
+        return None             # rank 0 evaluates and returns the result
     data = run.data(dev)
     acc = np.stack([group_accuracies(r.model(device=dev), data, batch_size=batch_size) for r in runs])
     noisy = run.is_noisy

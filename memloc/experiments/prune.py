@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from ..distributed import alone, world
 from ..errors import MemlocError
 from ..results import Result
 from ..run import as_run
@@ -75,10 +76,12 @@ def prune_values(runs, names, *, checkpoint_k=None, grand_epoch: int = 0, device
 
 def prune(run, *, by=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3), mode: str = "hardest",
           offset: float = 0.1, seeds=(0, 1, 2), checkpoint_k: int | None = None, grand_epoch: int = 0,
-          also=(), jobs: int = 1, device="auto") -> Result:
+          also=(), jobs: int = 1, device="auto") -> Result | None:
     """The ``"prune"`` result: test accuracy of fresh runs on kept subsets, per score (and random),
     keep fraction and seed; with the share of noisy examples kept. ``also``: more runs of the same
-    data whose scores are averaged with ``run``'s (the fresh runs use ``run``'s recipe)."""
+    data whose scores are averaged with ``run``'s (the fresh runs use ``run``'s recipe). Under torchrun
+    the fresh runs are split across the processes (:mod:`memloc.experiments.children`) and rank 0
+    returns the result, the other ranks None."""
     run = as_run(run)
     also = [as_run(r) for r in (also or [])]
     base = parent_config(run)
@@ -94,7 +97,8 @@ def prune(run, *, by=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3),
                           argument="mode")
     check_range("grand_epoch", grand_epoch, low=0, high=run.final_epoch, integer=True)
     dev = resolve_device(device)
-    values = prune_values([run, *also], names, checkpoint_k=checkpoint_k, grand_epoch=grand_epoch, device=dev)
+    with alone():       # under torchrun every rank scores alone; the children are split (train_children)
+        values = prune_values([run, *also], names, checkpoint_k=checkpoint_k, grand_epoch=grand_epoch, device=dev)
     methods = [*names, "random"]
     label = lambda m, k, s: f"prune-{m}-{mode if m != 'random' else 'random'}-{k:g}-s{s}"  # noqa: E731
     subsets, children = {}, []
@@ -107,6 +111,8 @@ def prune(run, *, by=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3),
                 children.append((label(m, k, s), {**subset_config(base, ids, run.num_train), "seed": s}))
     children += [(f"all-s{s}", {**base, "seed": s}) for s in seeds]
     runs = train_children(run, children, jobs=jobs, device=dev, desc="prune")
+    if world()[0] > 0:
+        return None             # rank 0 evaluates and returns the result
     final = {}
     for (name, _), r in zip(children, runs):
         final[name] = float(r.metrics()["test_accuracy"][-1])

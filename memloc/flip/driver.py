@@ -12,6 +12,7 @@ from ..errors import MemlocError
 from ..evaluate import SUBSETS, accuracies
 from ..results import Result
 from ..parts import Parts, parts_folder
+from ..precision import apply_channels_last, autocast, check_precision
 from ..runtime import check_range, progress
 from ..selection import resolve
 from ..units import SITES as UNIT_SITES
@@ -52,7 +53,8 @@ def protocol_options(protocol: str, is_noisy=None, **given) -> dict:
     return options
 
 
-def _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise_ratio, seed, site, ref_pool, dtype):
+def _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise_ratio, seed, site, ref_pool, dtype,
+           precision="fp32"):
     for name, value in (("max_units", max_units), ("repeats", repeats), ("group_size", group_size),
                         ("eval_batch_size", eval_batch_size)):
         check_range(name, value, low=1, integer=True)
@@ -62,17 +64,20 @@ def _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise
     for name, value, valid in (("site", site, SITES), ("ref_pool", ref_pool, REF_POOLS), ("dtype", dtype, DTYPES)):
         if value not in valid:
             raise MemlocError(f"unknown {name} {value!r}; valid: {', '.join(valid)}", argument=name)
+    if check_precision(precision) != "fp32" and dtype != "float32":
+        raise MemlocError(f"precision {precision} (autocast to 16 bits) and dtype {dtype} exclude each other; use "
+                          "dtype float32 with it", argument="precision")
 
 
 def settings(is_noisy, *, checkpoint, examples, max_units, noise_samples, noise_ratio, repeats, site, collateral,
-             ref_batch_size, ref_pool, seed, dtype) -> tuple[dict, np.ndarray, np.ndarray]:
+             ref_batch_size, ref_pool, seed, dtype, precision="fp32") -> tuple[dict, np.ndarray, np.ndarray]:
     """The config a search records, its example ids and its reference batches (R, B)."""
     ids = select_examples(examples, is_noisy, seed=seed)
     pool = np.arange(len(is_noisy)) if ref_pool == "all" else np.flatnonzero(~is_noisy)
     refs = reference_batches(pool, ref_batch_size, repeats, seed=seed)
     config = {"checkpoint": checkpoint, "site": site, "max_units": max_units, "repeats": repeats,
               "noise_samples": noise_samples, "noise_ratio": noise_ratio, "ref_batch_size": ref_batch_size,
-              "ref_pool": ref_pool, "seed": seed, "examples": examples, "dtype": dtype,
+              "ref_pool": ref_pool, "seed": seed, "examples": examples, "dtype": dtype, "precision": precision,
               "collateral": collateral, "num_examples": len(ids)}
     return config, ids, refs
 
@@ -87,7 +92,7 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
          repeats: int | None = None, site: str | None = None, collateral: bool = False, group_size: int = 32,
          ref_batch_size: int | None = None, ref_pool: str | None = None, protocol: str = "memloc", seed: int = 0,
          dtype: str = "float32", eval_batch_size: int = 1024, device="auto", resume_dir="auto",
-         overwrite: bool = False, log=None) -> Result:
+         overwrite: bool = False, log=None, precision: str = "fp32") -> Result:
     """Greedy unit-zeroing searches (see :mod:`memloc.flip`) of the ``examples`` of a run.
 
     ``source``: a :class:`memloc.Run` / run path (``checkpoint``: its epoch, default final), or an
@@ -99,18 +104,22 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
     (misclassified examples, resumption). ``protocol`` (``memloc`` | ``paper``, :data:`PROTOCOLS`)
     supplies the options left at None: ``site``, ``noise_samples``, ``noise_ratio``,
     ``ref_batch_size``, ``repeats``, ``ref_pool``. ``site="weight"`` zeroes parameter items by the
-    official rule (:mod:`memloc.flip.weights`). Returns the ``"flip"`` result.
+    official rule (:mod:`memloc.flip.weights`). ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``;
+    16 bits only with ``dtype="float32"``) runs the searches' forward passes under autocast
+    (:mod:`memloc.precision`). Returns the ``"flip"`` result.
     """
     log = log or (lambda msg: None)
     chosen = dict(site=site, noise_samples=noise_samples, noise_ratio=noise_ratio, ref_batch_size=ref_batch_size,
                   repeats=repeats, ref_pool=ref_pool)
     opts = protocol_options(protocol, **chosen)
     _check(max_units, opts["repeats"], group_size, eval_batch_size, opts["noise_samples"], opts["noise_ratio"], seed,
-           opts["site"], opts["ref_pool"], dtype)
+           opts["site"], opts["ref_pool"], dtype, precision)
     if checkpoint is not None:
         check_range("checkpoint", checkpoint, low=0, integer=True)
     src = resolve(source, data, device=device, checkpoint=checkpoint)
     model, data, dev, epoch = src.model, src.data, src.device, src.checkpoint
+    check_precision(precision, dev)
+    apply_channels_last(model, precision, dev)
     opts = protocol_options(protocol, data.is_noisy, **chosen)
     site, noise_samples, noise_ratio, repeats, ref_batch_size, ref_pool = (
         opts[k] for k in ("site", "noise_samples", "noise_ratio", "repeats", "ref_batch_size", "ref_pool"))
@@ -118,14 +127,15 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
     config, ids, refs = settings(is_noisy, checkpoint=epoch, examples=examples, max_units=max_units,
                                  noise_samples=noise_samples, noise_ratio=noise_ratio, repeats=repeats, site=site,
                                  collateral=collateral, ref_batch_size=ref_batch_size, ref_pool=ref_pool, seed=seed,
-                                 dtype=dtype)
+                                 dtype=dtype, precision=precision)
     train = data.train
     x, y = train.x[ids], train.y[ids]
     ridx = torch.as_tensor(refs, device=dev)
-    search = (WeightFlipSearch if site == "weight" else FlipSearch)(model, train.x[ridx], train.y[ridx], refs,
-                                                                     site=site, dtype=DTYPES[dtype])
+    with autocast(precision, dev):
+        search = (WeightFlipSearch if site == "weight" else FlipSearch)(model, train.x[ridx], train.y[ridx], refs,
+                                                                         site=site, dtype=DTYPES[dtype])
+        status = (search.predict(x) != y).cpu().numpy().astype(np.int8)
     structure = search.structure
-    status = (search.predict(x) != y).cpu().numpy().astype(np.int8)
     status = broadcast(status)      # split across processes: every rank works from rank 0's list
     rank = world()[0]
     if status.any() and rank == 0:
@@ -138,9 +148,10 @@ def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint
                 if (int(ids[k]), r) not in parts.done]
         if parts.done and rank == 0:
             log(f"memloc.flip: resuming: {len(parts.done)} searches already saved, {len(todo)} to go")
-        _search(search, parts, x, y, ids, shard(todo), data, model, collateral=collateral, group_size=group_size,
-                eval_batch_size=eval_batch_size, max_units=max_units, noise_samples=noise_samples,
-                noise_ratio=noise_ratio, seed=seed)
+        with autocast(precision, dev):
+            _search(search, parts, x, y, ids, shard(todo, key=lambda t: t[0]), data, model, collateral=collateral,
+                    group_size=group_size, eval_batch_size=eval_batch_size, max_units=max_units,
+                    noise_samples=noise_samples, noise_ratio=noise_ratio, seed=seed)
         parts.gather()
     finally:
         parts.release()

@@ -54,15 +54,19 @@ import torch
 import xarray as xr
 from torch import nn
 
+from ..distributed import world
 from ..errors import MemlocError
 from ..evaluate import evaluate
+from ..parts import parts_folder
+from ..precision import autocast, check_precision
 from ..results import Result
 from ..run import Run, as_run
 from ..runtime import check_range, resolve_device, split_list
 from ..selection import resolve
 from .functions import aum, confidence, el2n, final_loss, forgetting_events, neuron_count, variability
-from .gradnorm import GRAD_NORM_METHODS, grad_norms
-from .tracin import checkpoint_lrs, tracin_self_influence
+from .gradnorm import GRAD_NORM_METHODS, batch_grad_norms, grad_norms
+from .passes import GRAD_NORMS, LOGITS, run_passes
+from .tracin import checkpoint_lrs, tracin_from_norms, tracin_self_influence
 
 __all__ = ["final_loss", "confidence", "variability", "forgetting_events", "el2n", "aum", "neuron_count",
            "grad_norms", "GRAD_NORM_METHODS", "tracin_self_influence", "checkpoint_lrs", "Score", "SCORES",
@@ -72,11 +76,33 @@ __all__ = ["final_loss", "confidence", "variability", "forgetting_events", "el2n
 class _Inputs:
     """What the scores read from a run, or from a model and data (loaded lazily, cached)."""
 
-    def __init__(self, run: Run | None, model, data, *, epoch_k, device, batch_size: int, grad_method: str):
-        self.run, self.epoch_k, self.device = run, epoch_k, device
+    def __init__(self, run: Run | None, model, data, *, epoch_k, device, batch_size: int, grad_method: str,
+                 precision: str = "fp32"):
+        self.run, self.epoch_k, self.device, self.precision = run, epoch_k, device, precision
         self.batch_size, self.grad_method = batch_size, grad_method
         self._model, self._data = model, data
         self.tracin_config: dict = {}
+        self.passes: dict = {}      # {(kind, epoch): array over the training set}, from run_passes
+        self.parts = None           # their parts folder
+        self.model_epoch = -1 if run is None else epoch_k    # the epoch of el2n and grand's model
+
+    def run_passes(self, passes, *, folder, overwrite: bool) -> bool:
+        """Compute the expensive passes (:mod:`memloc.scores.passes`); False on ranks > 0."""
+        settings = {"grad_method": self.grad_method, "batch_size": self.batch_size, "device": self.device.type,
+                    "precision": self.precision}
+        model_at = (lambda e: self._model) if self.run is None else (lambda e: self.run.model(e, device=self.device))
+        merged, self.parts = run_passes(passes, self.train(), model_at, self.cell, batch_size=self.batch_size,
+                                        folder=folder, settings=settings, overwrite=overwrite)
+        self.passes = merged or {}
+        return merged is not None
+
+    def cell(self, kind: int, model: nn.Module, examples) -> np.ndarray:
+        """One cell of a pass: the logits or gradient norms of ``model`` on ``examples``."""
+        batches = examples.batches(self.batch_size)
+        if kind == LOGITS:      # in the chosen precision; the gradient norms stay float32
+            with autocast(self.precision, self.device):
+                return evaluate(model, batches, logits=True)["logits"]
+        return batch_grad_norms(model, batches, method=self.grad_method)
 
     def dynamics(self, name: str, when: str) -> np.ndarray:
         if self.run is None:
@@ -99,14 +125,8 @@ class _Inputs:
     def given(self) -> np.ndarray:
         return self.run.label_given if self.run is not None else np.asarray(self._data.label_given)
 
-    def model_k(self) -> nn.Module:
-        return self._model if self.run is None else self.run.model(self.epoch_k, device=self.device)
-
-    def logits_k(self) -> np.ndarray:
-        return evaluate(self.model_k(), self.train().batches(self.batch_size), logits=True)["logits"]
-
-    def tracin(self) -> np.ndarray:
-        """TracIn self-influence over every trained checkpoint (1..final), weighted by its learning rate."""
+    def tracin_epochs(self) -> list[int]:
+        """The checkpoints TracIn sums over (1..final), its weights recorded in :attr:`tracin_config`."""
         if self.run is None:
             raise MemlocError("tracin needs a run's checkpoints; pass a run, or only model scores (el2n, "
                               "grand) with a model", argument="names")
@@ -117,12 +137,16 @@ class _Inputs:
         gaps = sorted(set(range(1, epochs[-1] + 1)) - set(epochs))
         if gaps:
             warnings.warn(f"checkpoints of epochs {gaps} are missing: tracin leaves their steps out")
-        weights = checkpoint_lrs(self.run.config, epochs, self.run.num_train)
-        self.tracin_config = {"tracin_epochs": epochs, "tracin_weights": [float(w) for w in weights]}
-        train = self.train()
-        models = (self.run.model(e, device=self.device) for e in epochs)
-        return tracin_self_influence(models, weights, train.x, train.y, method=self.grad_method,
-                                     batch_size=self.batch_size)
+        if not self.tracin_config:
+            weights = checkpoint_lrs(self.run.config, epochs, self.run.num_train)
+            self.tracin_config = {"tracin_epochs": epochs, "tracin_weights": [float(w) for w in weights]}
+        return epochs
+
+    def tracin(self) -> np.ndarray:
+        """TracIn self-influence over every trained checkpoint (1..final), weighted by its learning rate."""
+        epochs = self.tracin_epochs()
+        return tracin_from_norms((self.passes[GRAD_NORMS, e] for e in epochs), self.tracin_config["tracin_weights"],
+                                 num_examples=len(self.given()))
 
     def neuron_count(self) -> np.ndarray:
         if self.run is None:
@@ -149,6 +173,7 @@ class Score:
     direction: int          # +1: higher = more likely noisy; -1: lower = more likely noisy
     description: str
     at_epoch_k: bool = False
+    passes: Callable[[_Inputs], list] | None = None     # the expensive passes (kind, epoch) it reads
 
 
 SCORES: dict[str, Score] = {
@@ -161,12 +186,12 @@ SCORES: dict[str, Score] = {
     "forgetting": Score(forgetting_events, lambda i: forgetting_events(i.presentation("correct")), +1,
                         "forgetting events (1 -> 0 between consecutive presentations); "
                         "never learned = number of epochs"),
-    "el2n": Score(el2n, lambda i: el2n(i.logits_k(), i.given()), +1,
-                  "EL2N: ||softmax - onehot(given label)||_2 at epoch k", at_epoch_k=True),
-    "grand": Score(grad_norms, lambda i: grad_norms(i.model_k(), i.train().x, i.train().y, method=i.grad_method,
-                                                     batch_size=i.batch_size), +1,
+    "el2n": Score(el2n, lambda i: el2n(i.passes[LOGITS, i.model_epoch], i.given()), +1,
+                  "EL2N: ||softmax - onehot(given label)||_2 at epoch k", at_epoch_k=True,
+                  passes=lambda i: [(LOGITS, i.model_epoch)]),
+    "grand": Score(grad_norms, lambda i: i.passes[GRAD_NORMS, i.model_epoch], +1,
                    "GraNd: per-example loss-gradient norm over all parameters at epoch k (eval mode)",
-                   at_epoch_k=True),
+                   at_epoch_k=True, passes=lambda i: [(GRAD_NORMS, i.model_epoch)]),
     "aum": Score(aum, lambda i: aum(i.presentation("margin")), -1,
                  "area under the margin: mean over presentations of given-label logit minus largest other"),
     "neuron_count": Score(neuron_count, lambda i: i.neuron_count(), -1,
@@ -174,7 +199,8 @@ SCORES: dict[str, Score] = {
                           "max_units + 1; NaN = not searched)"),
     "tracin": Score(tracin_self_influence, lambda i: i.tracin(), +1,
                     "TracIn self-influence: sum over checkpoints 1..final of lr x ||loss gradient||^2 "
-                    "(eval mode; weights in config tracin_weights)"),
+                    "(eval mode; weights in config tracin_weights)",
+                    passes=lambda i: [(GRAD_NORMS, e) for e in i.tracin_epochs()]),
 }
 MODEL_SCORES = ("el2n", "grand")
 
@@ -199,7 +225,8 @@ def select_scores(names, run: Run | None) -> list[str]:
 
 
 def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, grad_method: str = "hooks",
-           batch_size: int = 256, device="auto") -> Result:
+           batch_size: int = 256, device="auto", resume_dir=None, overwrite: bool = False,
+           precision: str = "fp32") -> Result | None:
     """Scores of every training example: the ``"scores"`` result, one (example,) variable per score.
 
     ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` (then only the
@@ -208,11 +235,25 @@ def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, g
     only) takes one forward + backward pass over the training set per checkpoint and records its
     checkpoints and weights in the config (``tracin_epochs``, ``tracin_weights``).
     ``checkpoint_k``: the checkpoint epoch of el2n and grand (default :func:`default_epoch_k`).
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``): el2n's forward passes under autocast
+    (:mod:`memloc.precision`); the per-example gradient norms (grand, tracin) stay float32, the
+    dynamics scores read what training recorded.
+
+    The expensive passes (the logits of el2n, the gradient norms of grand and of every tracin
+    checkpoint) are computed in cells of whole batches (:mod:`memloc.scores.passes`).
+    ``resume_dir``: folder of resumable part files (:class:`memloc.parts.Parts`; ``"auto"``:
+    ``RUN/results/scores.partial`` for a run, as ``memloc scores`` uses; None, the default: nothing
+    saved in one process): each finished cell is saved there, and a rerun with the same settings
+    takes it instead of recomputing it (``overwrite`` discards parts made with other settings);
+    they are deleted when the result is saved (:meth:`memloc.Result.save`). Under torchrun
+    (:mod:`memloc.distributed`) the cells are split across the processes (None then means
+    ``"auto"``) and rank 0 returns the merged result (equal to one process's), the other ranks None.
     """
     check_range("batch_size", batch_size, low=1, integer=True)
     if grad_method not in GRAD_NORM_METHODS:
         raise MemlocError(f"unknown grad_method {grad_method!r}; valid: {', '.join(GRAD_NORM_METHODS)}",
                           argument="grad_method")
+    check_precision(precision)
     if isinstance(source, nn.Module):
         src = resolve(source, data, device=device)
         run, model, data, dev, n = None, src.model, src.data, src.device, len(src.data.label_given)
@@ -224,10 +265,18 @@ def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, g
     if run is not None:
         epoch_k = default_epoch_k(run.final_epoch) if checkpoint_k is None else checkpoint_k
         check_range("checkpoint_k", epoch_k, low=0, high=run.final_epoch, integer=True)
-    inp = _Inputs(run, model, data, epoch_k=epoch_k, device=dev, batch_size=batch_size, grad_method=grad_method)
+    inp = _Inputs(run, model, data, epoch_k=epoch_k, device=dev, batch_size=batch_size, grad_method=grad_method,
+                  precision=check_precision(precision, dev))
+    # the scores read from the run first, on every rank: their errors stop all before any pass
+    computed = {name: SCORES[name].compute(inp) for name in chosen if SCORES[name].passes is None}
+    passes = [p for name in chosen if SCORES[name].passes is not None for p in SCORES[name].passes(inp)]
+    if passes and not inp.run_passes(passes, folder=parts_folder(resume_dir, run, "scores"), overwrite=overwrite):
+        return None                 # rank 0 merges the passes and returns the result
+    if world()[0] > 0:
+        return None
     variables = {}
     for name in chosen:
-        values = np.asarray(SCORES[name].compute(inp), dtype=np.float64)
+        values = np.asarray(computed[name] if name in computed else SCORES[name].compute(inp), dtype=np.float64)
         if values.shape != (n,):
             raise AssertionError(f"score {name} has shape {values.shape}, expected ({n},)")
         s = SCORES[name]
@@ -237,5 +286,7 @@ def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, g
         variables[name] = xr.Variable(("example",), values, attrs)
     ds = xr.Dataset(variables, coords={"example": np.arange(n)})
     config = {"checkpoint_k": epoch_k, "scores": chosen, "grad_method": grad_method, "batch_size": batch_size,
-              "device": str(dev), **inp.tracin_config}
-    return Result("scores", ds, config=config)
+              "device": str(dev), "precision": precision, **inp.tracin_config}
+    result = Result("scores", ds, config=config)
+    result.parts = inp.parts
+    return result

@@ -8,7 +8,7 @@ against ``torch.func.vmap`` and a one-backward-per-example loop in the tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from ..evaluate import eval_mode
 from ..runtime import progress
 from ..units import Hooks
 
-__all__ = ["grad_norms", "GRAD_NORM_METHODS"]
+__all__ = ["grad_norms", "batch_grad_norms", "GRAD_NORM_METHODS"]
 
 
 def grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str = "hooks",
@@ -44,14 +44,21 @@ def grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: st
     -------
     (N,) float64 numpy array.
     """
+    batches = ((x[s:s + batch_size], y[s:s + batch_size])
+               for s in progress(range(0, len(y), batch_size), desc=f"grand ({method})", unit="batch"))
+    return batch_grad_norms(model, batches, method=method)
+
+
+def batch_grad_norms(model: nn.Module, batches: Iterable, *, method: str = "hooks") -> np.ndarray:
+    """:func:`grad_norms` over ``(x, y, ...)`` batches (e.g. :meth:`memloc.data.ExampleSet.batches`),
+    concatenated in order: the same values as :func:`grad_norms` on the same batches."""
     if method not in GRAD_NORM_METHODS:
         raise MemlocError(f"unknown gradient-norm method {method!r}; valid: {', '.join(GRAD_NORM_METHODS)}")
     if not any(p.requires_grad for p in model.parameters()):
         raise MemlocError("the model has no trainable parameters")
     fn = GRAD_NORM_METHODS[method]
     with eval_mode(model):
-        sq = [fn(model, x[s:s + batch_size], y[s:s + batch_size])
-              for s in progress(range(0, len(y), batch_size), desc=f"grand ({method})", unit="batch")]
+        sq = [fn(model, batch[0], batch[1]) for batch in batches]
     return torch.cat(sq).sqrt().cpu().numpy() if sq else np.zeros(0)
 
 
@@ -200,15 +207,21 @@ def _hooks_sq(model, x, y):
             calls[name].append(call)
         return hook
 
-    with Hooks() as hooks:
-        for name, m in owners.items():
-            hooks.forward(m, hook_for(name), with_kwargs=True)
-        loss = F.cross_entropy(model(x), y, reduction="sum")  # sum: each example's own gradient
-        # the output-gradient hooks fire during this backward (its batch-summed result is unused)
-        torch.autograd.grad(loss, [p for m in owners.values() for p in _trainable(m, False).values()],
-                            allow_unused=True)
-    with torch.no_grad():  # torch.func transforms inside still differentiate
-        return _combine(owners, calls, len(y), y.device)
+    try:
+        with Hooks() as hooks:
+            for name, m in owners.items():
+                hooks.forward(m, hook_for(name), with_kwargs=True)
+            loss = F.cross_entropy(model(x), y, reduction="sum")  # sum: each example's own gradient
+            # the output-gradient hooks fire during this backward (its batch-summed result is unused)
+            torch.autograd.grad(loss, [p for m in owners.values() for p in _trainable(m, False).values()],
+                                allow_unused=True)
+        with torch.no_grad():  # torch.func transforms inside still differentiate
+            return _combine(owners, calls, len(y), y.device)
+    finally:
+        # an output holds its gradient hook, the hook its call, the call the output: a cycle through
+        # autograd's C++ side that Python's collector cannot free (each batch's activations leaked)
+        for call in (c for cs in calls.values() for c in cs):
+            call.args, call.kwargs, call.outs, call.grads = (), {}, [], []
 
 
 def _combine(owners, calls, n, device):

@@ -26,7 +26,7 @@ from ..errors import MemlocError
 from ..optim import lr_factor
 from .gradnorm import grad_norms
 
-__all__ = ["tracin_self_influence", "checkpoint_lrs", "SCHEDULE_KEYS"]
+__all__ = ["tracin_self_influence", "tracin_from_norms", "checkpoint_lrs", "SCHEDULE_KEYS"]
 
 SCHEDULE_KEYS = ("lr", "schedule", "epochs", "batch_size")   # config keys checkpoint_lrs needs
 
@@ -48,16 +48,23 @@ def tracin_self_influence(models: Iterable[nn.Module], weights, x: torch.Tensor,
     -------
     (N,) float64 numpy array (higher = more self-influence = more likely mislabeled / memorised).
     """
+    norms = (grad_norms(model, x, y, method=method, batch_size=batch_size) for model in models)
+    return tracin_from_norms(norms, weights, num_examples=len(y))
+
+
+def tracin_from_norms(norms: Iterable[np.ndarray], weights, *, num_examples: int) -> np.ndarray:
+    """TracInCP self-influence from each checkpoint's (N,) per-example gradient norms (any iterable,
+    consumed one at a time): ``sum_c weights[c] * norms[c] ** 2``, added up in checkpoint order."""
     weights = np.asarray(weights, dtype=np.float64)
     if weights.ndim != 1 or not np.all(np.isfinite(weights)) or np.any(weights < 0):
         raise MemlocError("weights must be a list of finite learning rates >= 0, one per checkpoint",
                           argument="weights")
-    total = np.zeros(len(y), dtype=np.float64)
+    total = np.zeros(num_examples, dtype=np.float64)
     used = 0
-    for model in models:
+    for norm in norms:
         if used == len(weights):
             raise MemlocError(f"more models than weights ({len(weights)})", argument="models")
-        total += weights[used] * grad_norms(model, x, y, method=method, batch_size=batch_size) ** 2
+        total += weights[used] * np.asarray(norm, dtype=np.float64) ** 2
         used += 1
     if used != len(weights):
         raise MemlocError(f"{used} models for {len(weights)} weights: give one weight per checkpoint",

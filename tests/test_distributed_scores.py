@@ -1,0 +1,149 @@
+"""scores (el2n, grand, tracin and the rest), gradients and a retraining grid (prune) split across
+processes (torchrun, gloo on CPU) give exactly the single-process result (float64 arrays); a run
+interrupted after some parts were saved is finished by the next run without redoing them."""
+import importlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import memloc
+from memloc.commands import run as cli_run
+from memloc.evaluate import evaluate
+from memloc.train import train
+from test_distributed import _torchrun
+from test_distributed_layers import _interrupt_after_first_part
+
+S = importlib.import_module("memloc.scores")     # the package (memloc.scores is the function)
+
+TINY = {"dataset": "digits", "model": "mlp", "epochs": 4, "batch_size": 64, "lr": 0.1, "noise": 0.2}
+ARGS = {"scores": ["--batch-size", "64", "--device", "cpu"],        # every score (no flip: no neuron_count)
+        "gradients": ["--batch-size", "256", "--device", "cpu"]}
+PRUNE = ["--by", "el2n", "--keep", "0.5", "--seeds", "0", "--device", "cpu"]   # 2 fresh runs: 1 per rank
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("dist_scores") / "tiny", TINY, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The reference in this process computes with the workers' one thread (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _arrays(res):
+    return {k: res[k].values for k in res.data_vars}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f"), k
+
+
+def _single(name, run, args):
+    out = run.results_path(name)
+    out.unlink(missing_ok=True)
+    res = cli_run(name, [str(run.path), *args])
+    out.unlink()
+    return res
+
+
+def _distributed(name, run, args):
+    p = _torchrun([name, str(run.path), *args])
+    stdout, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert stdout.count("wrote ") == 1               # rank 0 alone saves and reports
+    res = memloc.load(run.path).result(name)
+    assert not run.results_path(name).with_name(f"{name}.partial").exists()     # parts gone once saved
+    run.results_path(name).unlink()
+    return res
+
+
+@pytest.mark.parametrize("name", ["scores", "gradients"])
+def test_two_processes_equal_one(name, run):
+    want = _single(name, run, ARGS[name])
+    if name == "scores":
+        assert {"el2n", "grand", "tracin", "forgetting"} <= set(want.data_vars)
+        assert all(want[k].dtype == np.float64 for k in want.data_vars)
+    got = _distributed(name, run, ARGS[name])
+    _assert_same(_arrays(want), _arrays(got))
+    assert got.config == {**want.config}
+
+
+def test_cells_equal_the_whole_set_functions(run):
+    """The cell-split passes give what one pass over the whole training set gives."""
+    res = memloc.scores(run, names="el2n,grand,tracin", batch_size=64, device="cpu")
+    k = res.config["checkpoint_k"]
+    model, train_set = run.model(k), run.data("cpu").train
+    assert np.array_equal(res["grand"].values, S.grad_norms(model, train_set.x, train_set.y, batch_size=64))
+    logits = evaluate(model, train_set.batches(64), logits=True)["logits"]
+    assert np.array_equal(res["el2n"].values, S.el2n(logits, run.label_given))
+    epochs = res.config["tracin_epochs"]
+    want = S.tracin_self_influence((run.model(e) for e in epochs), res.config["tracin_weights"], train_set.x,
+                                   train_set.y, batch_size=64)
+    assert np.array_equal(res["tracin"].values, want)
+
+
+@pytest.mark.parametrize("name", ["scores", "gradients"])
+def test_a_rank_part_is_kept_and_the_rest_finished_in_one_process(name, run, monkeypatch):
+    kw = {"scores": {"names": "grand,tracin", "batch_size": 64}, "gradients": {"checkpoints": "0,2,4"}}[name]
+    argv = {"scores": ["--scores", "grand,tracin", "--batch-size", "64"], "gradients": ["--checkpoints", "0,2,4"]}[name]
+    want = _arrays(getattr(memloc, name)(run, device="cpu", **kw))
+    parts = run.results_path(name).with_name(f"{name}.partial")
+    _interrupt_after_first_part(getattr(memloc, name), run, monkeypatch, **kw)
+    (first,) = parts.glob("part_*.npz")
+    first.rename(first.with_name(first.stem + "_r1.npz"))     # as rank 1 of a killed torchrun leaves it
+    with np.load(parts / f"{first.stem}_r1.npz") as f:
+        saved = {tuple(k) for k in f["keys"].tolist()}
+
+    computed = []
+    if name == "scores":
+        cell = S._Inputs.cell
+
+        def counted(self, kind, model, examples):
+            computed.append(kind)
+            return cell(self, kind, model, examples)
+        monkeypatch.setattr(S._Inputs, "cell", counted)
+    else:
+        G = importlib.import_module("memloc.gradients")
+        layer_gradients = G.layer_gradients
+
+        def counted(*a, **k):
+            computed.append(1)
+            return layer_gradients(*a, **k)
+        monkeypatch.setattr(G, "layer_gradients", counted)
+    got = cli_run(name, [str(run.path), *argv, "--device", "cpu"])
+    total = 3 if name == "gradients" else len(set(got.config["tracin_epochs"]) | {got.config["checkpoint_k"]}) * \
+        -(-len(run.label_given) // S.passes.block_rows(len(run.label_given), 64))
+    assert len(saved) == 1 and len(computed) == total - 1        # the saved part was not redone
+    _assert_same(want, _arrays(got))
+    assert not parts.exists()
+    run.results_path(name).unlink()
+
+
+def test_prune_grid_on_two_processes_equals_one(run):
+    """The fresh runs of a grid are split across the ranks (each a one-process training); rank 0
+    evaluates. Retrained in one process afterwards, the result is the same."""
+    got = _distributed("prune", run, PRUNE)
+    children = sorted(p.name for p in (run.path / "children").iterdir())
+    assert len(children) == 2                    # el2n and random (all-s0 is the parent itself)
+    for c in (run.path / "children").iterdir():
+        assert memloc.load(c).final_epoch == TINY["epochs"]
+    shutil.rmtree(run.path / "children")
+    want = _single("prune", run, PRUNE)
+    assert sorted(p.name for p in (run.path / "children").iterdir()) == children
+    _assert_same(_arrays(want), _arrays(got))
+
+
+def test_commands_that_split_their_work():
+    from memloc.commands import COMMANDS, command_module
+    sharded = {n for n in COMMANDS if getattr(command_module(n), "SHARDED", False)}
+    assert {"scores", "gradients", "prune", "clean", "jtt"} <= sharded
