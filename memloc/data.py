@@ -23,7 +23,7 @@ from .errors import MemlocError
 from .examples import ExampleSet
 from .datasets import DATASETS, _standardise, _take, load_arrays, stratified_split
 from .runtime import import_object
-from .stream import ImageFiles, StreamedSet, should_stream, stream_mode
+from .stream import STATS_ROWS, ImageFiles, StreamedSet, channel_stats, should_stream, stream_mode
 
 __all__ = ["ExampleSet", "StreamedSet", "Data", "DATASETS", "NOISE_KINDS", "load_arrays", "make_noisy_labels",
            "stratified_split", "build_data", "check_subset", "register_data", "make_data"]
@@ -237,6 +237,10 @@ def build_data(cfg: dict, device="cpu", *, label_given=None, stream: str | None 
         if isinstance(x_tr, ImageFiles):                    # read from disk: statistics of one streamed pass
             mean, std = x_tr.channel_stats()
             xt_tr, xt_te = x_tr.standardised(mean, std), x_te.standardised(mean, std)
+        elif name.startswith("imagefolder:"):               # the same statistics, from the decoded images
+            x_tr, x_te = torch.from_numpy(x_tr), torch.from_numpy(x_te)
+            mean, std = channel_stats(x_tr[s:s + STATS_ROWS] for s in range(0, len(x_tr), STATS_ROWS))
+            xt_tr, xt_te = (x_tr - mean) / std, (x_te - mean) / std
         else:
             xt_tr, xt_te = _standardise(torch.from_numpy(x_tr), torch.from_numpy(x_te))
         test = _examples(xt_te, y_te)

@@ -13,7 +13,7 @@ from .distributed import all_gather_rows, broadcast_state, world
 from .evaluate import evaluate
 from .precision import autocast
 
-__all__ = ["batch_loss", "evaluate_split", "data_parallel"]
+__all__ = ["batch_loss", "evaluate_split", "sync_batchnorm", "data_parallel"]
 
 
 def batch_loss(logits, y, w, batch: int, parts: int) -> torch.Tensor:
@@ -49,26 +49,33 @@ def evaluate_split(model: nn.Module, data, batch_size: int, device: torch.device
     return out
 
 
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """In a process group on CUDA, ``model`` with its batch norms turned into SyncBatchNorm
+    (statistics of the whole global batch, as in one process; parameters and buffers kept). Called on
+    the freshly built model, before layers or hooks are added to it (example-tied dropout may hook a
+    batch norm: a module replaced later would lose its hook). ``model`` itself otherwise."""
+    if world()[1] == 1 or device.type != "cuda":
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` wrapped in DistributedDataParallel when training across a process group (``model``
     itself in one process; checkpoints always save ``model``, so their keys never change).
 
-    Batch norms: on CUDA they become SyncBatchNorm (statistics of the whole global batch, as in one
-    process; the parameters and buffers are kept). torch's SyncBatchNorm does not run on the CPU,
-    where each rank normalises its slice with its own statistics and the running statistics are rank
-    0's (DDP broadcasts its buffers): such a run differs from one-process training (a warning says so)."""
+    Batch norms: on CUDA they are SyncBatchNorm already (:func:`sync_batchnorm`). torch's
+    SyncBatchNorm does not run on the CPU, where each rank normalises its slice with its own
+    statistics and the running statistics are rank 0's (DDP broadcasts its buffers): such a run
+    differs from one-process training (a warning says so)."""
     rank, parts = world()
     if parts == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
     # harmless (size-1 dimensions, e.g. the first conv of grayscale images): not worth a line per process
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if device.type == "cuda":
-        if has_bn:
-            nn.SyncBatchNorm.convert_sync_batchnorm(model)     # replaces the (child) batch norms in place
         return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
-    if has_bn and rank == 0:
+    if rank == 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         warnings.warn(f"batch norm across {parts} CPU processes normalises each process's slice of a batch "
                       "with its own statistics (SyncBatchNorm needs CUDA): the run differs from one-process "
                       "training")

@@ -23,7 +23,7 @@ from .distributed import barrier, broadcast, rank_suffix, world
 from .errors import MemlocError
 from .runtime import FileLock, atomic_path
 
-__all__ = ["Format", "NPZ", "Parts", "parts_folder", "saved_settings", "read_folder"]
+__all__ = ["Format", "NPZ", "Parts", "parts_folder", "saved_settings", "canonical_settings", "read_folder"]
 
 SETTINGS = "settings.json"
 
@@ -53,6 +53,16 @@ NPZ = Format()
 
 def _canonical(obj) -> object:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+#: settings added after part files were first written, with their defaults: a setting at its default
+#: is left out, so that parts saved before it existed still resume
+LATER_DEFAULTS = {"precision": "fp32"}
+
+
+def canonical_settings(settings: dict) -> dict:
+    """``settings`` as a parts folder stores and compares them (JSON values, later defaults left out)."""
+    return _canonical({k: v for k, v in settings.items() if k not in LATER_DEFAULTS or LATER_DEFAULTS[k] != v})
 
 
 def saved_settings(folder) -> dict | None:
@@ -95,7 +105,7 @@ class Parts:
 
     def __init__(self, folder, settings: dict, *, what: str, overwrite: bool = False, fmt: Format = NPZ):
         self.folder = None if folder is None else Path(folder)
-        self.settings = _canonical(settings)
+        self.settings = canonical_settings(settings)
         self.what, self.fmt, self.lock = what, fmt, None
         self.done: dict[tuple, np.ndarray] = {}
         self.number = 0

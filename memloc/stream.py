@@ -87,6 +87,7 @@ def _transform(size: int):
     return T.Compose([T.Resize((size, size)), T.ToTensor()])
 
 
+STATS_ROWS = 256    # images per chunk of the statistics' sums (the same chunks in memory and streamed)
 _STATS: dict = {}   # (paths, size) -> per-channel (mean, std) of the decoded images
 
 
@@ -134,24 +135,33 @@ class ImageFiles:
         """Every image at once, (N, 3, size, size) float32 (standardised when ``mean`` is set)."""
         return self.read(slice(None)).numpy()
 
-    def channel_stats(self, *, workers: int | None = None, batch_size: int = 256):
-        """Per-channel mean and standard deviation (unbiased, like ``torch.std``) of the decoded
-        images, each (1, 3, 1, 1) float32, from one streamed pass (float64 sums; cached per process)."""
+    def channel_stats(self, *, workers: int | None = None, batch_size: int = STATS_ROWS):
+        """Per-channel mean and standard deviation of the decoded images (:func:`channel_stats`) from
+        one streamed pass (cached per process)."""
         key = (tuple(self.paths), self.size)
         if key not in _STATS:
             raw = ImageFiles(self.paths, self.size)
-            total = torch.zeros(3, dtype=torch.float64)
-            squares = torch.zeros(3, dtype=torch.float64)
-            for x in _loader(raw, _chunks(len(raw), batch_size), workers):
-                x = x.double()
-                total += x.sum(dim=(0, 2, 3))
-                squares += x.pow(2).sum(dim=(0, 2, 3))
-            n = len(raw) * self.size * self.size
-            mean = total / max(n, 1)
-            var = (squares - n * mean ** 2) / max(n - 1, 1)
-            _STATS[key] = (mean.float().view(1, 3, 1, 1),
-                           var.clamp_min(0).sqrt().float().clamp_min(1e-8).view(1, 3, 1, 1))
+            _STATS[key] = channel_stats(_loader(raw, _chunks(len(raw), batch_size), workers))
         return _STATS[key]
+
+
+def channel_stats(chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation (unbiased, like ``torch.std``) over ``chunks`` of
+    (n, C, H, W) images, each (1, C, 1, 1) float32, from float64 sums: the same numbers bit for bit
+    whether the images are decoded in memory or streamed from disk, when the chunks are the same
+    (:data:`STATS_ROWS` rows each)."""
+    total = squares = None
+    n = 0
+    for x in chunks:
+        x = x.double()
+        total = x.sum(dim=(0, 2, 3)) + (0 if total is None else total)
+        squares = x.pow(2).sum(dim=(0, 2, 3)) + (0 if squares is None else squares)
+        n += x.shape[0] * x.shape[2] * x.shape[3]
+    if total is None:
+        raise MemlocError("no images to compute the standardisation statistics of")
+    mean = total / max(n, 1)
+    var = (squares - n * mean ** 2) / max(n - 1, 1)
+    return mean.float().view(1, -1, 1, 1), var.clamp_min(0).sqrt().float().clamp_min(1e-8).view(1, -1, 1, 1)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -36,7 +36,7 @@ import torch
 
 from .augment import augment_batch, augment_generator, parse_augment
 from .data import NOISE_KINDS, build_data
-from .ddp import batch_loss, data_parallel, evaluate_split
+from .ddp import batch_loss, data_parallel, evaluate_split, sync_batchnorm
 from .distributed import all_gather_rows, local_rows, on_rank0, split_bounds, world
 from .errors import MemlocError
 from .evaluate import eval_mode
@@ -287,6 +287,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
                           f"shape {tuple(data.in_shape)} per example (leave augment out)", argument="augment")
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"], data.in_shape, data.num_classes, **_model_options(cfg))
+    model = sync_batchnorm(model, device)       # torchrun on CUDA: batch statistics of the whole batch
     etd = _etd_spec(cfg)
     if etd is not None:
         from .dropout import example_ids, insert_example_tied_dropout

@@ -33,9 +33,11 @@ ANALYSES = {
     "flip": ["--examples", "any:1500", "--repeats", "2", "--dtype", "float64", "--max-units", "60"],
     "rewind": [],
     "retrain": ["--epochs", "10"],
+    "scores": ["--scores", "grand,tracin"],
+    "gradients": [],
 }
 COMPARED = {"flip": ("n_units", "flipped", "unit_ids", "unit_offsets"), "rewind": ("accuracy",),
-            "retrain": ("accuracy",)}
+            "retrain": ("accuracy",), "scores": ("grand", "tracin"), "gradients": ("norm", "cosine")}
 
 
 def timed(cmd, env, check=True) -> float:

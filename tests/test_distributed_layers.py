@@ -133,7 +133,7 @@ def test_parts_of_other_settings_are_not_mixed_in(run):
 
 def test_which_commands_split_their_work(run, monkeypatch, capsys):
     sharded = {n for n in COMMANDS if getattr(command_module(n), "SHARDED", False)}
-    assert {"flip", "rewind", "retrain", "scores", "gradients", "prune", "clean", "jtt"} <= sharded
+    assert sharded == {"flip", "rewind", "retrain", "scores", "gradients", "prune", "clean", "jtt", "train"}
     monkeypatch.setenv("WORLD_SIZE", "2")       # the others refuse torchrun (each process would redo it all)
     with pytest.raises(SystemExit) as e:
         cli_run("importance", [str(run.path), "--device", "cpu"])

@@ -311,3 +311,11 @@ def test_registered_dataset_takes_subset_labels_and_noise(tmp_path):
     assert noisy.is_noisy.sum() == 10 and np.array_equal(noisy.label_true, y.numpy())
     np.save(tmp_path / "l.npy", (y.numpy() + 1) % 4)
     assert memloc.data.build_data({"dataset": "toy-li", "labels": str(tmp_path / "l.npy")}).is_noisy.all()
+
+
+def test_train_runs_takes_device_auto(tmp_path):
+    """The experiment scripts pass ``--device auto`` to train_runs (as every command does)."""
+    from memloc.experiments.children import train_runs
+    cfg = resolve_config({"dataset": "digits", "model": "mlp", "epochs": 1, "train_size": 200})
+    train_runs([(tmp_path / "a", cfg)], device="auto")
+    assert memloc.load(tmp_path / "a").final_epoch == 1

@@ -1,17 +1,16 @@
 """``memloc flip RUN``: greedy gradient-guided unit zeroing (:func:`memloc.flip`)."""
-import json
 import sys
 
 import numpy as np
 
 from ..flip import DTYPES, REF_POOLS, flip
 from ..flip.driver import PROTOCOLS, SITES, part_settings, protocol_options, settings
-from ..parts import saved_settings
+from ..parts import canonical_settings, saved_settings
 from ..run import load
 from .runner import add_eval_batch_size, add_precision, nonnegative_float, nonnegative_int, number, positive_int
 
 RESULT = "flip"
-SHARDED = True     # torchrun --nproc-per-node K -m memloc flip RUN: every K-th search per process
+SHARDED = True     # torchrun --nproc-per-node K -m memloc flip RUN: every K-th example (its repeats) per process
 DESCRIPTION = ("Greedy gradient-guided unit zeroing: for each example, zero units (or, with --site weight, "
                "parameter items as in the authors' code) one at a time (the one whose "
                "zeroing most raises the example's loss relative to a reference batch's loss, to first order) "
@@ -96,7 +95,7 @@ def already_done(args, run) -> bool:
 def resumable(args, run) -> bool:
     """Is an interrupted search with exactly these settings saved (e.g. one started with --overwrite)?"""
     parts = run.results_path("flip").with_name("flip.partial")
-    return saved_settings(parts) == json.loads(json.dumps(_requested(args, run)[1]))
+    return saved_settings(parts) == canonical_settings(_requested(args, run)[1])
 
 
 def execute(args):

@@ -30,7 +30,7 @@ import torch
 from ..distributed import alone, broadcast, shard, world
 from ..errors import MemlocError
 from ..run import Run, is_complete, load
-from ..runtime import check_range, progress
+from ..runtime import check_range, progress, resolve_device
 
 __all__ = ["parent_config", "subset_config", "check_seeds", "child_path", "train_runs", "train_children", "save_array"]
 
@@ -125,7 +125,7 @@ def train_runs(jobs_list: list[tuple[Path, dict]], *, jobs: int = 1, device="cpu
     runs = {}
     for p, cfg in broadcast([(str(p), cfg) for p, cfg in jobs_list]):     # rank 0's list on every rank
         runs.setdefault(p, cfg)
-    device = torch.device(device)
+    device = resolve_device(device)     # 'auto' too
     if world()[1] > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())      # this rank's GPU, also in spawned workers
     todo = {p: cfg for p, cfg in shard(list(runs.items())) if not _finished(Path(p), cfg["epochs"])}
