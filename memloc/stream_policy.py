@@ -9,6 +9,7 @@ import os
 import torch
 
 from .errors import MemlocError
+from .runtime import check_range
 
 __all__ = ["STREAM_MODES", "FRACTION", "stream_settings", "set_streaming", "streaming", "stream_mode",
            "should_stream"]
@@ -27,24 +28,23 @@ def stream_mode(stream=None) -> str:
     return mode
 
 
-def _whole(name: str, value, what: str) -> int:
-    """``value`` as a whole number >= 0, else a MemlocError naming ``name`` (``what`` it counts)."""
-    try:
-        n = int(value)
-        ok = n == float(value) and n >= 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise MemlocError(f"{name} must be a whole number >= 0 ({what}), got {value!r}", argument=name)
-    return n
+def _whole(name: str, value) -> int:
+    """``value`` (a number, or its text from the environment) as an integer >= 0 (:func:`check_range`)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass                # refused below, with the text as given
+    check_range(name, value, low=0, integer=True)
+    return int(value)
 
 
 def _check_workers(workers) -> int:
-    return _whole("workers", workers, "loader processes; 0 = load in this process")
+    return _whole("workers", workers)
 
 
 def _check_limit(limit) -> int:
-    return _whole("limit", limit, "bytes")
+    return _whole("limit", limit)
 
 
 def stream_settings() -> dict:
