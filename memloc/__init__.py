@@ -1,46 +1,61 @@
 """memloc: where in a network are mislabeled (memorised) training examples stored?
 
-The public API. Every analysis takes a run (:func:`load`) or a model plus data, keyword-only
+The public face. Every analysis takes a run (:func:`load`) or a model plus data, keyword-only
 options, and returns a :class:`Result` (an ``xarray.Dataset`` with a schema; ``.save(path)``).
+
+Nothing is imported until it is used (PEP 562): ``import memloc`` costs no more than importing
+the standard library, and ``memloc.rewind`` imports the rewind analysis (and torch) on first use.
+The package's layers, lowest first (imports only run downwards; ``tests/test_layout.py``):
+
+``core`` (runs, data, models, units, results) < ``scale`` (torch.distributed, resumable parts,
+DDP, prefix reuse) < ``training`` < ``analyses`` < ``actions`` < ``reporting`` < ``cli`` < this face
+and the ``python -m memloc.<command>`` entry files beside it.
 """
-__version__ = "0.2.0"
+from __future__ import annotations
 
-import warnings
+import importlib
 
-# ``python -m memloc.rewind`` imports this package (and so memloc.rewind) before running the module
-# as __main__; runpy's warning about that is harmless here.
-warnings.filterwarnings("ignore", message=r".*found in sys\.modules after import of package 'memloc'",
-                        category=RuntimeWarning)
+from .core import __version__
 
-from .agreement import score_agreement  # noqa: E402
-from .data import Data, ExampleSet, make_data, register_data  # noqa: E402
-from .detect import detect  # noqa: E402
-from .dropout import ExampleTiedDropout, example_ids, insert_example_tied_dropout, set_mode  # noqa: E402
-from .etd import evaluate_dropout  # noqa: E402
-from .experiments import clean, jtt, prune  # noqa: E402
-from .errors import MemlocError  # noqa: E402
-from .flip import flip  # noqa: E402
-from .forgetting import forgetting_order  # noqa: E402
-from .gradients import gradients  # noqa: E402
-from .importance import importance  # noqa: E402
-from .inputs import WithIds  # noqa: E402
-from .label_issues import find_label_issues  # noqa: E402
-from .models import register_model  # noqa: E402
-from .recorder import Recorder  # noqa: E402
-from .report import report  # noqa: E402
-from .results import Result, load_result  # noqa: E402
-from .retrain import retrain  # noqa: E402
-from .rewind import rewind  # noqa: E402
-from .run import Run, load  # noqa: E402
-from .scores import scores  # noqa: E402
-from .stream import StreamedSet, set_streaming, streaming  # noqa: E402
-from .train import train  # noqa: E402
-from .unlearn import unlearn  # noqa: E402
+#: public name -> the module that defines it (loaded on first access)
+_FACE = {
+    # runs, data and models
+    "load": "memloc.core.run", "Run": "memloc.core.run", "Recorder": "memloc.core.recorder",
+    "WithIds": "memloc.core.inputs", "Data": "memloc.core.data", "ExampleSet": "memloc.core.data",
+    "make_data": "memloc.core.data", "register_data": "memloc.core.data", "register_model": "memloc.core.models",
+    "StreamedSet": "memloc.core.stream", "set_streaming": "memloc.core.stream", "streaming": "memloc.core.stream",
+    "Result": "memloc.core.results", "load_result": "memloc.core.results", "MemlocError": "memloc.core.errors",
+    "ExampleTiedDropout": "memloc.core.dropout", "insert_example_tied_dropout": "memloc.core.dropout",
+    "set_mode": "memloc.core.dropout", "example_ids": "memloc.core.dropout",
+    # training
+    "train": "memloc.training.train",
+    # analyses
+    "gradients": "memloc.analyses.gradients", "rewind": "memloc.analyses.rewind",
+    "retrain": "memloc.analyses.retrain", "flip": "memloc.analyses.flip", "scores": "memloc.analyses.scores",
+    "score_agreement": "memloc.analyses.agreement", "detect": "memloc.analyses.detect",
+    "find_label_issues": "memloc.analyses.label_issues", "importance": "memloc.analyses.importance",
+    "evaluate_dropout": "memloc.analyses.etd",
+    "estimate_joint": "memloc.analyses.arrays", "estimate_noise_rate": "memloc.analyses.arrays",
+    "rank_label_issues": "memloc.analyses.arrays", "find_label_issues_in_arrays": "memloc.analyses.arrays",
+    "scores_from_arrays": "memloc.analyses.arrays",
+    # actions
+    "prune": "memloc.actions.prune", "clean": "memloc.actions.clean", "jtt": "memloc.actions.jtt",
+    "unlearn": "memloc.actions.unlearn", "forgetting_order": "memloc.actions.forgetting",
+    # reporting
+    "report": "memloc.reporting",
+}
 
-__all__ = ["load", "Run", "Recorder", "WithIds", "Data", "ExampleSet", "StreamedSet", "set_streaming", "streaming",
-           "make_data", "register_data",
-           "register_model", "Result", "load_result", "MemlocError", "train", "gradients", "rewind", "retrain",
-           "flip", "scores", "score_agreement", "detect", "find_label_issues", "prune", "clean", "jtt",
-           "importance", "unlearn", "forgetting_order",
-           "evaluate_dropout", "report", "ExampleTiedDropout",
-           "insert_example_tied_dropout", "set_mode", "example_ids"]
+__all__ = ["__version__", *_FACE]
+
+
+def __getattr__(name: str):
+    home = _FACE.get(name)
+    if home is None:
+        raise AttributeError(f"module 'memloc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value          # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_FACE))

@@ -1,7 +1,7 @@
-"""``python -m memloc <command> [args]`` (see :mod:`memloc.commands`)."""
+"""``python -m memloc <command> [args]`` (see :mod:`memloc.cli`)."""
 import sys
 
-from memloc.commands import main
+from memloc.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

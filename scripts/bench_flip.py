@@ -9,7 +9,7 @@ same examples, reference batch and settings, it times
 * ``reference``: ``reference_flip`` of ``tests/test_flip.py`` (units) or ``reference_weight_flip`` of
   ``tests/test_flip_weights.py`` (the official rule item by item), loaded from those files so the
   tests and the benchmark use one reference, one example after the other;
-* ``batched``: :class:`memloc.flip.search.FlipSearch` (or :class:`memloc.flip.weights.WeightFlipSearch`)
+* ``batched``: :class:`memloc.analyses.flip.search.FlipSearch` (or :class:`memloc.analyses.flip.weights.WeightFlipSearch`)
   with ``--group-size`` searches at once;
 * ``raw``: a plain training forward+backward (cross-entropy, parameter gradients, no hooks) of
   batches of ``group size x (copies + B)`` rows, the rows one batched step processes;
@@ -37,9 +37,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from memloc.flip.weights import WeightFlipSearch  # noqa: E402
-from memloc.run import load  # noqa: E402
-from memloc.train import train  # noqa: E402
+from memloc.analyses.flip.weights import WeightFlipSearch  # noqa: E402
+from memloc.core.run import load  # noqa: E402
+from memloc.training.train import train  # noqa: E402
 
 flip = importlib.import_module("memloc.flip")   # the module (``memloc.flip`` is bound to the function)
 

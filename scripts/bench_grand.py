@@ -5,7 +5,7 @@ process (rounds interleaved, median of the rounds):
 
 * ``plain``: forward + ``loss.backward()`` per batch (batch-summed gradients, the cost of one
   training step without the optimiser);
-* ``hooks``: :func:`memloc.scores.gradnorm.grad_norms` with per-layer norm tricks (the default);
+* ``hooks``: :func:`memloc.analyses.scores.gradnorm.grad_norms` with per-layer norm tricks (the default);
 * ``vmap``: ``torch.func.vmap(grad(...))`` over the whole model;
 * ``loop``: one forward + backward per example (timed on ``--loop-n`` examples, scaled to N).
 
@@ -30,12 +30,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from memloc.commands.runner import Formatter  # noqa: E402
-from memloc.data import build_data  # noqa: E402
-from memloc.errors import MemlocError  # noqa: E402
-from memloc.models import build_model  # noqa: E402
-from memloc.runtime import resolve_device  # noqa: E402
-from memloc.scores.gradnorm import grad_norms  # noqa: E402
+from memloc.cli.runner import Formatter  # noqa: E402
+from memloc.core.data import build_data  # noqa: E402
+from memloc.core.errors import MemlocError  # noqa: E402
+from memloc.core.models import build_model  # noqa: E402
+from memloc.core.runtime import resolve_device  # noqa: E402
+from memloc.analyses.scores.gradnorm import grad_norms  # noqa: E402
 
 OPTIONS = {"resnet9": {"width": 16}}   # a CPU-sized ResNet-9 (batch norm: exercises the BN rule)
 
@@ -149,7 +149,7 @@ def main(argv=None):
                 "# GraNd: per-example gradient norms vs one plain forward + backward\n\n"
                 f"Made by `{cmd}` (measured side by side in one process).\n\n"
                 "Seconds per 1,000 examples. `plain` = forward + `loss.backward()` per batch; `hooks` = "
-                "`memloc.scores.grad_norms` default (per-layer norm tricks from layer inputs and output "
+                "`memloc.analyses.scores.grad_norms` default (per-layer norm tricks from layer inputs and output "
                 "gradients; one forward + one backward + per-layer reductions); `vmap` = torch.func "
                 "vmap(grad) over the whole model; `loop` = one backward per example. Goal: hooks within 3x "
                 "of plain.\n\n" + text)

@@ -5,10 +5,10 @@
 For each model (the MNIST-5k MLP and lenet runs; trained into a temporary directory unless given),
 in one process, on the same run, checkpoints and settings, it times :func:`memloc.rewind` and
 :func:`memloc.retrain` with ``prefix_cache=False`` (every pass runs the whole model) and ``True``
-(what runs before the changed layer is computed once; :mod:`memloc.prefix`), alternating the two
+(what runs before the changed layer is computed once; :mod:`memloc.scale.prefix`), alternating the two
 ``--repeats`` times and keeping each one's fastest time, and checks that the saved arrays
 (``accuracy``, ``baseline``) are identical. Times are also given in units of one raw pass: one
-evaluation of the final model on the train and test sets (``memloc.evaluate.accuracy_row``),
+evaluation of the final model on the train and test sets (``memloc.core.evaluate.accuracy_row``),
 measured in the same process.
 """
 from __future__ import annotations
@@ -28,13 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _markdown import cpu_name, finish  # noqa: E402
-from memloc.evaluate import accuracy_row  # noqa: E402
-from memloc.prefix import PrefixCache  # noqa: E402
-from memloc.retrain import retrain  # noqa: E402
-from memloc.rewind import rewind  # noqa: E402
-from memloc.run import load  # noqa: E402
-from memloc.train import train  # noqa: E402
-from memloc.units import trace  # noqa: E402
+from memloc.core.evaluate import accuracy_row  # noqa: E402
+from memloc.scale.prefix import PrefixCache  # noqa: E402
+from memloc.analyses.retrain import retrain  # noqa: E402
+from memloc.analyses.rewind import rewind  # noqa: E402
+from memloc.core.run import load  # noqa: E402
+from memloc.training.train import train  # noqa: E402
+from memloc.core.units import trace  # noqa: E402
 
 RUNS = {"mlp": {"model": "mlp"}, "lenet": {"model": "lenet", "epochs": 40}}
 

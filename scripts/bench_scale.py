@@ -57,7 +57,7 @@ def mnist_shifted(n: int):
     MNIST-5k's 4,000 training images and their copies shifted by :data:`SHIFTS` (only those are made)."""
     import torch
     import torch.nn.functional as F
-    from memloc.data import _standardise, load_arrays, make_data
+    from memloc.core.data import _standardise, load_arrays, make_data
     x, y, x_te, y_te, *_ = load_arrays("mnist5k")
     total = len(SHIFTS) * len(y)
     if not 0 < n <= total:
@@ -82,7 +82,7 @@ def __getattr__(name: str):
 
 def mlp(in_shape, num_classes, width: int = 1):
     """MNIST-5k's MLP (784-512-512-10) with hidden layers ``512 x width`` wide."""
-    from memloc.models import MLP
+    from memloc.core.models import MLP
     return MLP(in_shape, num_classes, hidden=(512 * width, 512 * width))
 
 
@@ -93,7 +93,7 @@ def macs_per_example(model_spec: str, width: int) -> int:
     """Multiply-adds of one forward pass of one 28x28 example (conv and linear layers)."""
     import torch
     from torch import nn
-    from memloc.models import build_model
+    from memloc.core.models import build_model
     model, total = build_model(model_spec, (1, 28, 28), 10, width=width), [0]
 
     def count(m, inp, out):
@@ -122,7 +122,7 @@ def worker(task: dict) -> dict:
     import torch
     import torch._dynamo  # noqa: F401  (the first torch optimizer imports it: seconds of start-up, not work)
     import memloc
-    from memloc.runtime import resolve_device
+    from memloc.core.runtime import resolve_device
     torch.set_num_threads(task["threads"])
     device = resolve_device(task["device"])
     name, path, out = task["analysis"], task["run"], {}
@@ -283,8 +283,8 @@ def main(argv=None):
     from _markdown import finish, machine
     from bench_shard import compare
     import memloc
-    from memloc.runtime import resolve_device
-    from memloc.units import trace
+    from memloc.core.runtime import resolve_device
+    from memloc.core.units import trace
     started, load_before = time.time(), os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import memloc  # noqa: E402
-from memloc.train import train  # noqa: E402
+from memloc.training.train import train  # noqa: E402
 
 ANALYSES = {
     "flip": ["--examples", "any:1500", "--repeats", "2", "--dtype", "float64", "--max-units", "60"],

@@ -49,9 +49,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import memloc  # noqa: E402
 from _markdown import finish, machine  # noqa: E402
 from bench_prefix import RUNS  # noqa: E402
-from memloc.runtime import resolve_device  # noqa: E402
-from memloc.scores import select_scores  # noqa: E402
-from memloc.train import DEFAULTS  # noqa: E402
+from memloc.core.runtime import resolve_device  # noqa: E402
+from memloc.analyses.scores import select_scores  # noqa: E402
+from memloc.training.train import DEFAULTS  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 #: rows timed in the first round only (every score at once repeats the per-score rows; detect reads it)
@@ -219,8 +219,8 @@ def bench_model(name, run, args, device, tmp) -> list[dict]:
     data, model = run.data(device), run.model(device=device)
     x, y, autocast = data.train.x, data.train.y, contextlib.nullcontext
     if args.precision != "fp32":    # the raw passes as the analyses run them: autocast (and channels_last)
-        from memloc.precision import apply_channels_last, to_channels_last
-        from memloc.precision import autocast as precision_autocast
+        from memloc.core.precision import apply_channels_last, to_channels_last
+        from memloc.core.precision import autocast as precision_autocast
         if apply_channels_last(model, args.precision, device):
             x = to_channels_last(x)
         autocast = lambda: precision_autocast(args.precision, device)  # noqa: E731

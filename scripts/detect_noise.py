@@ -26,14 +26,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import memloc  # noqa: E402
-from memloc.commands import flip as flip_command  # noqa: E402  (flags of `memloc flip`, its settings check)
-from memloc.commands import scores as scores_command  # noqa: E402
-from memloc.commands.runner import Formatter  # noqa: E402
-from memloc.detect import format_table  # noqa: E402
-from memloc.errors import MemlocError  # noqa: E402
-from memloc.run import load  # noqa: E402
-from memloc.scores import SCORES  # noqa: E402
-from memloc.train import DEFAULTS, train  # noqa: E402
+from memloc.cli import flip as flip_command  # noqa: E402  (flags of `memloc flip`, its settings check)
+from memloc.cli import scores as scores_command  # noqa: E402
+from memloc.cli.runner import Formatter  # noqa: E402
+from memloc.analyses.detect import format_table  # noqa: E402
+from memloc.core.errors import MemlocError  # noqa: E402
+from memloc.core.run import load  # noqa: E402
+from memloc.analyses.scores import SCORES  # noqa: E402
+from memloc.training.train import DEFAULTS, train  # noqa: E402
 
 EPOCHS = {"mlp": 30, "lenet": 40}   # the test fixtures' settings: ~all noisy labels memorised
 
@@ -100,7 +100,7 @@ def run_flip(run, args) -> None:
 
 
 def detect_tables(det, is_noisy) -> tuple[dict, dict | None, np.ndarray]:
-    """The ``detect`` result as :func:`memloc.detect.format_table` tables: over each score's own
+    """The ``detect`` result as :func:`memloc.analyses.detect.format_table` tables: over each score's own
     examples, over the examples where every score is defined (None if that is all), and those ids."""
     own = {"names": [str(n) for n in det["score"].values], "direction": det["direction"].values,
            "size": det["size"].values, "noisy": det["noisy"].values, "base_rate": det["base_rate"].values,

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memloc.dropout import EVAL_MODES, evaluate_dropout
-from memloc.evaluate import SUBSETS, accuracies
-from memloc.train import train
+from memloc.core.dropout import EVAL_MODES, evaluate_dropout
+from memloc.core.evaluate import SUBSETS, accuracies
+from memloc.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memloc  # noqa: E402
 from _markdown import add_common, finish  # noqa: E402
-from memloc.commands.runner import Formatter, mean_se  # noqa: E402
-from memloc.experiments.children import train_runs  # noqa: E402
-from memloc.label_issues import flag_quality  # noqa: E402
-from memloc.train import resolve_config  # noqa: E402
+from memloc.cli.runner import Formatter, mean_se  # noqa: E402
+from memloc.actions.children import train_runs  # noqa: E402
+from memloc.analyses.label_issues import flag_quality  # noqa: E402
+from memloc.training.train import resolve_config  # noqa: E402
 
 EPOCHS = {"mlp": 30, "lenet": 40}
 BY = ("combined", "confidence", "el2n", "aum", "variability", "forgetting", "final_loss")

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memloc  # noqa: E402
 from _markdown import add_common, finish  # noqa: E402
-from memloc.commands.runner import Formatter, mean_se  # noqa: E402
-from memloc.experiments.children import child_path, parent_config, train_runs  # noqa: E402
-from memloc.train import resolve_config  # noqa: E402
+from memloc.cli.runner import Formatter, mean_se  # noqa: E402
+from memloc.actions.children import child_path, parent_config, train_runs  # noqa: E402
+from memloc.training.train import resolve_config  # noqa: E402
 
 AGREE = ("confidence", "el2n", "grand", "aum", "forgetting", "variability", "tracin")
 

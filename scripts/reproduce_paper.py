@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 import memloc  # noqa: E402
 from _markdown import add_common, finish  # noqa: E402
-from memloc.experiments.children import train_runs  # noqa: E402
-from memloc.results import load_result  # noqa: E402
-from memloc.train import resolve_config  # noqa: E402
+from memloc.actions.children import train_runs  # noqa: E402
+from memloc.core.results import load_result  # noqa: E402
+from memloc.training.train import resolve_config  # noqa: E402
 
 BASE = {"dataset": "mnist5k", "noise": 0.1, "seed": 0}
 MODELS = {

@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memloc  # noqa: E402
 from _markdown import add_common, finish  # noqa: E402
-from memloc.commands.runner import Formatter, mean_se  # noqa: E402
-from memloc.experiments.children import train_runs  # noqa: E402
-from memloc.importance import flip_units  # noqa: E402
-from memloc.report.continual import draw_pareto  # noqa: E402
-from memloc.train import resolve_config  # noqa: E402
-from memloc.units import trace  # noqa: E402
-from memloc.unlearn import GROUPS, HYPER  # noqa: E402
+from memloc.cli.runner import Formatter, mean_se  # noqa: E402
+from memloc.actions.children import train_runs  # noqa: E402
+from memloc.analyses.importance import flip_units  # noqa: E402
+from memloc.reporting.continual import draw_pareto  # noqa: E402
+from memloc.training.train import resolve_config  # noqa: E402
+from memloc.core.units import trace  # noqa: E402
+from memloc.actions.unlearn import GROUPS, HYPER  # noqa: E402
 
 EPOCHS = {"mlp": 30, "lenet": 40}
 

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from memloc.train import train
+from memloc.training.train import train
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -13,10 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import memloc
-from memloc.commands import run as cli_run
-from memloc.data import build_data
-from memloc.evaluate import SUBSETS, accuracy_row
-from memloc.units import trace
+from memloc.cli import run as cli_run
+from memloc.core.data import build_data
+from memloc.core.evaluate import SUBSETS, accuracy_row
+from memloc.core.units import trace
 
 DATA_SPEC = {"dataset": "digits", "noise": 0.1}
 EPOCHS = 6

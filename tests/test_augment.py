@@ -1,4 +1,4 @@
-"""On-device augmentation (memloc.augment) and the paper recipe (memloc.recipes): the kernel against
+"""On-device augmentation (memloc.training.augment) and the paper recipe (memloc.training.recipes): the kernel against
 a per-image reference, determinism, resume, "off" = today's training, recipe resolution, errors."""
 import json
 
@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import memloc
-from memloc.augment import augment_batch, augment_generator
-from memloc.commands import run as cli_run
-from memloc.data import make_data, register_data
-from memloc.experiments.children import _digest, child_path, parent_config
-from memloc.train import DEFAULTS, LATER_OPTIONS, resolve_config, train
+from memloc.training.augment import augment_batch, augment_generator
+from memloc.cli import run as cli_run
+from memloc.core.data import make_data, register_data
+from memloc.actions.children import _digest, child_path, parent_config
+from memloc.training.train import DEFAULTS, LATER_OPTIONS, resolve_config, train
 from conftest import train_interrupted
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.1}

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from memloc.errors import MemlocError as UserError
-from memloc.data import build_data, load_arrays, make_noisy_labels
+from memloc.core.errors import MemlocError as UserError
+from memloc.core.data import build_data, load_arrays, make_noisy_labels
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.37, 0.999])

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import memloc
-from memloc.commands import run as cli_run
-from memloc.distributed import split_bounds
-from memloc.evaluate import evaluate
-from memloc.run import checkpoint_epochs
-from memloc.train import train
+from memloc.cli import run as cli_run
+from memloc.scale.distributed import split_bounds
+from memloc.core.evaluate import evaluate
+from memloc.core.run import checkpoint_epochs
+from memloc.training.train import train
 from conftest import train_interrupted
 
 ROOT = Path(__file__).resolve().parents[1]

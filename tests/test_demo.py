@@ -5,7 +5,7 @@ import h5py
 import matplotlib.image as mpimg
 import pytest
 
-from memloc.commands import run as cli_run
+from memloc.cli import run as cli_run
 
 
 def demo_main(argv):

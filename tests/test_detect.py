@@ -9,14 +9,14 @@ import shutil
 import numpy as np
 import pytest
 
-from memloc.commands import run as cli_run
-from memloc.report import report
-from memloc.run import load
-from memloc.train import train
+from memloc.cli import run as cli_run
+from memloc.reporting import report
+from memloc.core.run import load
+from memloc.training.train import train
 from test_scores import write_flip_h5
 
-detect = importlib.import_module("memloc.detect")      # the modules (``memloc.detect`` etc. are the functions)
-scores = importlib.import_module("memloc.scores")
+detect = importlib.import_module("memloc.analyses.detect")      # the modules (``memloc.detect`` etc. are the functions)
+scores = importlib.import_module("memloc.analyses.scores")
 
 
 # ----------------------------------------------------------------------------- known answers

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import memloc
-from memloc.commands import run as cli_run
-from memloc.train import train
+from memloc.cli import run as cli_run
+from memloc.training.train import train
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 20, "batch_size": 64, "lr": 0.1, "noise": 0.2}
 FLIP = ["--examples", "noisy:12,clean:12", "--dtype", "float64", "--collateral", "--repeats", "2",

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 import memloc
-from memloc.commands import COMMANDS, command_module, run as cli_run
-from memloc.parts import Parts
-from memloc.train import train
+from memloc.cli import COMMANDS, command_module, run as cli_run
+from memloc.scale.parts import Parts
+from memloc.training.train import train
 from test_distributed import _torchrun
 
-R = importlib.import_module("memloc.rewind")     # memloc.rewind / memloc.retrain are the functions
-T = importlib.import_module("memloc.retrain")
+R = importlib.import_module("memloc.analyses.rewind")     # memloc.rewind / memloc.retrain are the functions
+T = importlib.import_module("memloc.analyses.retrain")
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 6, "batch_size": 64, "lr": 0.1, "noise": 0.2}
 ARGS = {"rewind": ["--device", "cpu"], "retrain": ["--epochs", "2", "--device", "cpu"]}

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import memloc
-from memloc.commands import run as cli_run
-from memloc.evaluate import evaluate
-from memloc.train import train
+from memloc.cli import run as cli_run
+from memloc.core.evaluate import evaluate
+from memloc.training.train import train
 from test_distributed import _torchrun
 from test_distributed_layers import _interrupt_after_first_part
 
-S = importlib.import_module("memloc.scores")     # the package (memloc.scores is the function)
+S = importlib.import_module("memloc.analyses.scores")     # the package (memloc.scores is the function)
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 4, "batch_size": 64, "lr": 0.1, "noise": 0.2}
 ARGS = {"scores": ["--batch-size", "64", "--device", "cpu"],        # every score (no flip: no neuron_count)
@@ -113,7 +113,7 @@ def test_a_rank_part_is_kept_and_the_rest_finished_in_one_process(name, run, mon
             return cell(self, kind, model, examples)
         monkeypatch.setattr(S._Inputs, "cell", counted)
     else:
-        G = importlib.import_module("memloc.gradients")
+        G = importlib.import_module("memloc.analyses.gradients")
         layer_gradients = G.layer_gradients
 
         def counted(*a, **k):
@@ -144,6 +144,6 @@ def test_prune_grid_on_two_processes_equals_one(run):
 
 
 def test_commands_that_split_their_work():
-    from memloc.commands import COMMANDS, command_module
+    from memloc.cli import COMMANDS, command_module
     sharded = {n for n in COMMANDS if getattr(command_module(n), "SHARDED", False)}
     assert {"scores", "gradients", "prune", "clean", "jtt"} <= sharded

@@ -8,18 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from memloc.commands import run as cli_run
-from memloc.dropout import (ExampleTiedDropout, FixedSparseDropout, StandardDropout, dropout_layers,
+from memloc.cli import run as cli_run
+from memloc.core.dropout import (ExampleTiedDropout, FixedSparseDropout, StandardDropout, dropout_layers,
                             example_ids, example_masks, insert_example_tied_dropout,
                             remove_example_tied_dropout, set_mode)
-from memloc.models import build_model
-from memloc.run import load
-from memloc.errors import MemlocError
-from memloc.evaluate import SUBSETS, accuracies
-from memloc.train import train
+from memloc.core.models import build_model
+from memloc.core.run import load
+from memloc.core.errors import MemlocError
+from memloc.core.evaluate import SUBSETS, accuracies
+from memloc.training.train import train
 from conftest import train_interrupted
 
-dropout = importlib.import_module("memloc.dropout")
+dropout = importlib.import_module("memloc.core.dropout")
 
 TINY_ETD = {"dataset": "digits", "model": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.1,
             "etd_after": "act1,act2", "p_gen": 0.4, "p_mem": 0.2}
@@ -279,7 +279,7 @@ def test_dropout_cli_writes_results(etd_tiny_run, capsys):
     assert list(f["layer"].values) == ["act1", "act2"]
     assert f["units"].values.tolist() == [512, 512] and f["gen_units"].values.tolist() == [204, 204]
     assert f.config["etd"]["p_mem"] == 0.2
-    # the test-mode and drop-mode rows are memloc.evaluate.accuracies of the model in that mode
+    # the test-mode and drop-mode rows are memloc.core.evaluate.accuracies of the model in that mode
     model, data = etd_tiny_run.model(), etd_tiny_run.data()
     for row, mode in ((1, "test"), (2, "drop")):
         set_mode(model, mode)

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import memloc
-from memloc.commands import COMMANDS, command_module, run as cli_run
-from memloc.commands.runner import _parser
-from memloc.run import is_complete
-from memloc.runtime import FileLock, in_range
-from memloc.train import train
+from memloc.cli import COMMANDS, command_module, run as cli_run
+from memloc.cli.runner import _parser
+from memloc.core.run import is_complete
+from memloc.core.runtime import FileLock, in_range
+from memloc.training.train import train
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 4, "batch_size": 64, "lr": 0.1}
 TRAIN_ARGS = ["--dataset", "digits", "--batch-size", "64", "--lr", "0.1", "--device", "cpu"]
@@ -93,7 +93,7 @@ def test_readers_never_disturb_training_and_two_writers_are_refused(tmp_path):
 # ----------------------------------------------------------------------------- 2. kills at chosen instants
 @pytest.mark.parametrize("where", ["run.h5", "epoch_0000.pt", "rows0", "epoch_0002.pt"])
 def test_a_kill_anywhere_is_redone_or_resumed_to_the_same_run(where, reference, tmp_path, monkeypatch):
-    import memloc.recorder as R
+    import memloc.core.recorder as R
     path = tmp_path / "k"
     real_save, real_create = R.save_atomic, R.Recorder._create_h5
 
@@ -166,7 +166,7 @@ def test_warmup_one_finishes_and_resumes(tmp_path):
 
 
 def test_killed_flip_overwrite_resumes_without_losing_its_parts(run_copy, monkeypatch, capsys):
-    store = importlib.import_module("memloc.flip.store")
+    store = importlib.import_module("memloc.analyses.flip.store")
     base = [str(run_copy), "--examples", "clean:6", "--max-units", "8", "--ref-batch-size", "8", "--device", "cpu",
             "--dtype", "float64", "--group-size", "2"]
     cli_run("flip", base + ["--seed", "1"])                      # an earlier result with other settings
@@ -248,7 +248,7 @@ def test_output_that_cannot_be_written_is_refused_before_the_work(run_copy, caps
 
 
 def test_checkpoint_of_another_architecture(run_copy, capsys):
-    from memloc.models import build_model
+    from memloc.core.models import build_model
     other = build_model("mlp", (1, 8, 8), 10, hidden=(7,))
     torch.save(other.state_dict(), run_copy / "checkpoints" / "epoch_0004.pt")
     _one_line_error(capsys, "rewind", [str(run_copy), "--device", "cpu"], "does not fit its model")

@@ -14,15 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memloc.commands import run as cli_run
-from memloc.errors import MemlocError
-from memloc.evaluate import SUBSETS, accuracies
-from memloc.flip.store import read_parts
-from memloc.train import train
-from memloc.units import trace, unit_masks
+from memloc.cli import run as cli_run
+from memloc.core.errors import MemlocError
+from memloc.core.evaluate import SUBSETS, accuracies
+from memloc.analyses.flip.store import read_parts
+from memloc.training.train import train
+from memloc.core.units import trace, unit_masks
 
-flip = importlib.import_module("memloc.flip")      # the module (``memloc.flip`` is the function)
-store = importlib.import_module("memloc.flip.store")
+flip = importlib.import_module("memloc.analyses.flip")      # the module (``memloc.flip`` is the function)
+store = importlib.import_module("memloc.analyses.flip.store")
 
 
 @pytest.fixture(autouse=True)

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memloc.commands import run as cli_run
+from memloc.cli import run as cli_run
 
-flip = importlib.import_module("memloc.flip")
-weights = importlib.import_module("memloc.flip.weights")
+flip = importlib.import_module("memloc.analyses.flip")
+weights = importlib.import_module("memloc.analyses.flip.weights")
 
 
 @pytest.fixture(autouse=True)
@@ -193,8 +193,8 @@ def test_cli_weight_site_and_paper_protocol(mlp_run, capsys):
 
 
 def test_unlearn_zero_and_importance_after_weight_site_flip(mlp_run):
-    from memloc.importance import importance
-    from memloc.unlearn import _zero_context
+    from memloc.analyses.importance import importance
+    from memloc.actions.unlearn import _zero_context
     cli_run("flip", [str(mlp_run.path), "--examples", "noisy:3", "--site", "weight", "--max-units", "40",
                      "--device", "cpu"])
     data, model = mlp_run.data(), mlp_run.model()

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memloc.commands import run as cli_run
-from memloc.models import build_model
-from memloc.units import trace
+from memloc.cli import run as cli_run
+from memloc.core.models import build_model
+from memloc.core.units import trace
 
-G = importlib.import_module("memloc.gradients")   # memloc.gradients is the function
+G = importlib.import_module("memloc.analyses.gradients")   # memloc.gradients is the function
 
 # the old per-quantity arrays, as views of the result: norm (checkpoint, layer, subset), cosine (checkpoint, layer)
 PART = {"norm_clean": "clean", "norm_noisy": "noisy", "norm_total": "all"}
@@ -107,7 +107,7 @@ def test_bn_train_mode_uses_batch_statistics_and_keeps_running_stats(tiny_run):
 
 def test_bn_train_mode_sees_example_tied_dropout_in_test_mode(tiny_run):
     """A dropout layer hooked on a BatchNorm follows its train flag; gradients keeps it in test mode."""
-    from memloc.dropout import insert_example_tied_dropout, set_mode
+    from memloc.core.dropout import insert_example_tied_dropout, set_mode
     data = tiny_run.data()
     data.train = data.train.subset(np.arange(200))
     model = bn_model(data)

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import memloc
-from memloc.commands import run as cli_run
-from memloc.errors import MemlocError
-from memloc.experiments import kept_ids
-from memloc.experiments.children import child_path, parent_config
-from memloc.experiments.jtt import error_set
-from memloc.experiments.prune import prune_values
-from memloc.label_issues import confident_joint_rate, find_label_issues, flag_quality, flag_top, to_csv
-from memloc.train import _loss_weights, resolve_config
+from memloc.cli import run as cli_run
+from memloc.core.errors import MemlocError
+from memloc.actions.prune import kept_ids
+from memloc.actions.children import child_path, parent_config
+from memloc.actions.jtt import error_set
+from memloc.actions.prune import prune_values
+from memloc.analyses.label_issues import confident_joint_rate, find_label_issues, flag_quality, flag_top, to_csv
+from memloc.training.train import _loss_weights, resolve_config
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 2, "batch_size": 64, "lr": 0.1}
 
@@ -46,7 +46,7 @@ def test_confident_joint_recovers_a_known_rate(rate):
     rng = np.random.default_rng(0)
     n, c = 6000, 10
     true = rng.integers(0, c, n)
-    given, noisy = memloc.data.make_noisy_labels(true, rate, num_classes=c, seed=1)
+    given, noisy = memloc.core.data.make_noisy_labels(true, rate, num_classes=c, seed=1)
     alpha = np.ones((n, c))
     alpha[np.arange(n), true] = 12.0
     probs = rng.gamma(alpha)
@@ -59,7 +59,7 @@ def test_confident_joint_equals_cleanlabs_estimate():
     rng = np.random.default_rng(3)
     n, c = 3000, 5
     true = rng.integers(0, c, n)
-    given, _ = memloc.data.make_noisy_labels(true, 0.25, num_classes=c, seed=2)
+    given, _ = memloc.core.data.make_noisy_labels(true, 0.25, num_classes=c, seed=2)
     logits = rng.normal(size=(n, c))
     logits[np.arange(n), true] += 2.0
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
@@ -127,7 +127,7 @@ def test_scores_are_averaged_over_runs_of_the_same_data(small, tmp_path):
 # ----------------------------------------------------------------------------- labels from a file
 @pytest.mark.parametrize("fmt", ["npy", "csv", "pt"])
 def test_labels_file_round_trip(tmp_path, fmt):
-    data = memloc.data.build_data({"dataset": "digits", "noise": 0.0})
+    data = memloc.core.data.build_data({"dataset": "digits", "noise": 0.0})
     labels = data.label_true.copy()
     labels[:50] = (labels[:50] + 3) % 10                             # 50 "annotator errors"
     path = tmp_path / f"labels.{fmt}"
@@ -147,7 +147,7 @@ def test_labels_file_round_trip(tmp_path, fmt):
 
 
 def test_labels_file_errors(tmp_path, capsys):
-    n = len(memloc.data.build_data({"dataset": "digits", "noise": 0.0}).label_true)
+    n = len(memloc.core.data.build_data({"dataset": "digits", "noise": 0.0}).label_true)
     np.save(tmp_path / "short.npy", np.zeros(n - 1, np.int64))
     np.save(tmp_path / "range.npy", np.full(n, 10))
     torch.save({"a": torch.zeros(n)}, tmp_path / "d.pt")
@@ -164,7 +164,7 @@ def test_labels_file_errors(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- subsets and weights
 def test_subset_run_holds_exactly_the_kept_examples(tmp_path):
-    full = memloc.data.build_data({**TINY, "noise": 0.2})
+    full = memloc.core.data.build_data({**TINY, "noise": 0.2})
     keep = np.arange(0, len(full.label_true), 3)
     run = memloc.train(tmp_path / "sub", {**TINY, "noise": 0.2, "epochs": 1, "subset": keep[::-1].tolist()},
                        device="cpu")
@@ -305,17 +305,17 @@ def test_registered_dataset_takes_subset_labels_and_noise(tmp_path):
     def toy():
         return memloc.make_data(x, y, x[:8], y[:8])
 
-    d = memloc.data.build_data({"dataset": "toy-li", "subset": [0, 1, 2], "noise": 0.0})
+    d = memloc.core.data.build_data({"dataset": "toy-li", "subset": [0, 1, 2], "noise": 0.0})
     assert len(d.label_true) == 3 and torch.equal(d.train.x, x[:3])
-    noisy = memloc.data.build_data({"dataset": "toy-li", "noise": 0.25})
+    noisy = memloc.core.data.build_data({"dataset": "toy-li", "noise": 0.25})
     assert noisy.is_noisy.sum() == 10 and np.array_equal(noisy.label_true, y.numpy())
     np.save(tmp_path / "l.npy", (y.numpy() + 1) % 4)
-    assert memloc.data.build_data({"dataset": "toy-li", "labels": str(tmp_path / "l.npy")}).is_noisy.all()
+    assert memloc.core.data.build_data({"dataset": "toy-li", "labels": str(tmp_path / "l.npy")}).is_noisy.all()
 
 
 def test_train_runs_takes_device_auto(tmp_path):
     """The experiment scripts pass ``--device auto`` to train_runs (as every command does)."""
-    from memloc.experiments.children import train_runs
+    from memloc.actions.children import train_runs
     cfg = resolve_config({"dataset": "digits", "model": "mlp", "epochs": 1, "train_size": 200})
     train_runs([(tmp_path / "a", cfg)], device="auto")
     assert memloc.load(tmp_path / "a").final_epoch == 1

@@ -1,4 +1,4 @@
-"""--precision (autocast) and channels_last (memloc.precision): fp32 is today's computation bit for bit
+"""--precision (autocast) and channels_last (memloc.core.precision): fp32 is today's computation bit for bit
 and keeps run identities; bf16 on the CPU trains, rewinds, retrains, scores and flips a small conv net
 with results close to fp32's; fp16 scales the loss and resumes exactly; errors; channels_last equals
 contiguous within float tolerance. CUDA paths are checked only where a GPU exists."""
@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import memloc
-from memloc.commands import COMMANDS, command_module
-from memloc.commands import run as cli_run
-from memloc.commands.runner import _parser
-from memloc.experiments.children import _digest
-from memloc.precision import (PRECISIONS, apply_channels_last, autocast, check_precision, grad_scaler,
+from memloc.cli import COMMANDS, command_module
+from memloc.cli import run as cli_run
+from memloc.cli.runner import _parser
+from memloc.actions.children import _digest
+from memloc.core.precision import (PRECISIONS, apply_channels_last, autocast, check_precision, grad_scaler,
                               to_channels_last, use_channels_last)
-from memloc.retrain import retrain_layer
-from memloc.selection import prepare
-from memloc.train import resolve_config, train
+from memloc.analyses.retrain import retrain_layer
+from memloc.core.selection import prepare
+from memloc.training.train import resolve_config, train
 from conftest import train_interrupted
 
 
@@ -190,7 +190,7 @@ def test_fp16_scales_the_loss_and_resumes_bit_identically(tmp_path):
 # ----------------------------------------------------------------------------- channels_last
 def test_channels_last_equals_contiguous():
     torch.manual_seed(0)
-    for model in (TinyConv((1, 8, 8), 10), memloc.models.build_model("resnet9", (3, 16, 16), 10, width=4)):
+    for model in (TinyConv((1, 8, 8), 10), memloc.core.models.build_model("resnet9", (3, 16, 16), 10, width=4)):
         x = torch.randn(6, *([1, 8, 8] if isinstance(model, TinyConv) else [3, 16, 16]))
         y = torch.arange(6) % 10
         fast = to_channels_last(copy.deepcopy(model))
@@ -222,7 +222,7 @@ def test_channels_last_paths_match_contiguous(tmp_path, monkeypatch):
     plain = train(tmp_path / "plain", cfg, device="cpu")
     rewound = memloc.rewind(plain, checkpoints="0", device="cpu")
     flipped = memloc.flip(plain, examples="clean:3", max_units=5, site="weight", device="cpu", resume_dir=None)
-    monkeypatch.setattr(importlib.import_module("memloc.precision"), "use_channels_last",
+    monkeypatch.setattr(importlib.import_module("memloc.core.precision"), "use_channels_last",
                         lambda model, precision, device: any(isinstance(m, nn.Conv2d) for m in model.modules()))
     fast = train(tmp_path / "fast", cfg, device="cpu")
     for k, t in plain.checkpoint(1).items():

@@ -1,4 +1,4 @@
-"""memloc.prefix: rewind and retrain compute the frozen prefix once, with bit-for-bit the same results;
+"""memloc.scale.prefix: rewind and retrain compute the frozen prefix once, with bit-for-bit the same results;
 where the prefix cannot be cut (skip connections, functional operations, shared weights) they fall
 back to the plain computation by themselves."""
 import numpy as np
@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-import memloc.prefix as P
-from memloc.data import make_data
-from memloc.errors import MemlocError
-from memloc.retrain import retrain, retrain_layer
-from memloc.rewind import rewind, rewind_layers
-from memloc.selection import select_layers
-from memloc.train import train
-from memloc.units import trace
+import memloc.scale.prefix as P
+from memloc.core.data import make_data
+from memloc.core.errors import MemlocError
+from memloc.analyses.retrain import retrain, retrain_layer
+from memloc.analyses.rewind import rewind, rewind_layers
+from memloc.core.selection import select_layers
+from memloc.training.train import train
+from memloc.core.units import trace
 
 
 @pytest.fixture(scope="module")

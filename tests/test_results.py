@@ -9,8 +9,8 @@ import pytest
 import xarray as xr
 
 import memloc
-from memloc.results import Result, load_result
-from memloc.schemas import SCHEMAS, SUBSETS, markdown
+from memloc.core.results import Result, load_result
+from memloc.core.schemas import SCHEMAS, SUBSETS, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 

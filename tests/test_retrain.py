@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memloc.commands import run as cli_run
-from memloc.evaluate import SUBSETS
-from memloc.optim import epoch_seed
-from memloc.rewind import rewind_layers
-from memloc.selection import select_layers
-from memloc.train import train
-from memloc.units import trace
+from memloc.cli import run as cli_run
+from memloc.core.evaluate import SUBSETS
+from memloc.core.optim import epoch_seed
+from memloc.analyses.rewind import rewind_layers
+from memloc.core.selection import select_layers
+from memloc.training.train import train
+from memloc.core.units import trace
 
-RT = importlib.import_module("memloc.retrain")   # memloc.retrain is the function
+RT = importlib.import_module("memloc.analyses.retrain")   # memloc.retrain is the function
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""memloc.rewind, plus what the three layer analyses share (memloc.selection): command-line error
+"""memloc.rewind, plus what the three layer analyses share (memloc.core.selection): command-line error
 paths and atomic results files of gradients, rewind and retrain."""
 import importlib
 import shutil
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-import memloc.selection as L
-from memloc.commands import run as cli_run
-from memloc.errors import MemlocError
-from memloc.evaluate import SUBSETS, accuracies
-from memloc.train import train
-from memloc.units import trace
+import memloc.core.selection as L
+from memloc.cli import run as cli_run
+from memloc.core.errors import MemlocError
+from memloc.core.evaluate import SUBSETS, accuracies
+from memloc.training.train import train
+from memloc.core.units import trace
 
-R = importlib.import_module("memloc.rewind")   # memloc.rewind is the function
+R = importlib.import_module("memloc.analyses.rewind")   # memloc.rewind is the function
 
 
 @pytest.fixture(scope="module")

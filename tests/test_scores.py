@@ -14,13 +14,13 @@ import torch.nn.functional as F
 import xarray as xr
 from torch import nn
 
-from memloc.commands import run as cli_run
-from memloc.evaluate import SUBSETS
-from memloc.models import build_model
-from memloc.results import Result
-from memloc.run import load
+from memloc.cli import run as cli_run
+from memloc.core.evaluate import SUBSETS
+from memloc.core.models import build_model
+from memloc.core.results import Result
+from memloc.core.run import load
 
-scores = importlib.import_module("memloc.scores")      # the package (``memloc.scores`` is the function)
+scores = importlib.import_module("memloc.analyses.scores")      # the package (``memloc.scores`` is the function)
 
 
 def write_flip_h5(run, index, status, n_units, flipped, *, max_units, is_noisy=None):
@@ -195,7 +195,7 @@ def test_grad_norms_free_their_activations():
     hook held its record, which held the output, a cycle the collector could not see (230 MB kept
     per lenet call)."""
     import gc
-    from memloc.scores.gradnorm import _Call
+    from memloc.analyses.scores.gradnorm import _Call
     torch.manual_seed(0)
     model = build_model("lenet", (1, 28, 28), 10)
     x, y = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))

@@ -1,4 +1,4 @@
-"""Streamed data (memloc.stream) gives exactly what data held on the device gives.
+"""Streamed data (memloc.core.stream) gives exactly what data held on the device gives.
 
 Streaming is forced on small sets (``stream="on"``) and compared with the in-memory path: the same
 batches in the same order, bit-identical training checkpoints and dynamics on the CPU, identical
@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 import memloc
-from memloc.commands import run as cli_run
-from memloc.data import ExampleSet, build_data
-from memloc.run import checkpoint_epochs
-from memloc.stream import ImageFiles, StreamedSet, set_streaming, should_stream, stream_settings, streaming
-from memloc.train import train
+from memloc.cli import run as cli_run
+from memloc.core.data import ExampleSet, build_data
+from memloc.core.run import checkpoint_epochs
+from memloc.core.stream import ImageFiles, StreamedSet, set_streaming, should_stream, stream_settings, streaming
+from memloc.training.train import train
 
 CFG = {"dataset": "digits", "train_size": 600, "model": "mlp", "epochs": 2, "batch_size": 64, "lr": 0.1, "noise": 0.1}
 

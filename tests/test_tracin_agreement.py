@@ -11,11 +11,11 @@ import xarray as xr
 from torch import nn
 
 import memloc
-from memloc.detect import auroc
-from memloc.optim import make_optimizer, make_schedule
-from memloc.results import Result, load_result
+from memloc.analyses.detect import auroc
+from memloc.core.optim import make_optimizer, make_schedule
+from memloc.core.results import Result, load_result
 
-scores = importlib.import_module("memloc.scores")      # the package (``memloc.scores`` is the function)
+scores = importlib.import_module("memloc.analyses.scores")      # the package (``memloc.scores`` is the function)
 tracin_self_influence, checkpoint_lrs = scores.tracin_self_influence, scores.checkpoint_lrs
 LRS = [0.5, 0.1, 0.02]
 

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 import memloc
-from memloc import commands as dispatcher
-from memloc.commands import run as cli_run
-from memloc.data import build_data
-from memloc.errors import MemlocError as UserError
-from memloc.recorder import Recorder
-from memloc.train import train
+from memloc import cli as dispatcher
+from memloc.cli import run as cli_run
+from memloc.core.data import build_data
+from memloc.core.errors import MemlocError as UserError
+from memloc.core.recorder import Recorder
+from memloc.training.train import train
 
 
 def main(argv):
@@ -185,3 +185,32 @@ def test_every_option_is_explained_in_help(command, capsys, monkeypatch):
     assert not unexplained, f"{command}: options without help: {unexplained}"
     text = parser.format_help()
     assert not re.search(r"\(default[^()]*\)\s*\(default", text), text
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_memloc_optimisers_match_torch_bit_for_bit_without_loading_dynamo(name):
+    """memloc.core.optim's optimisers skip torch.optim's torch._dynamo import (seconds at start-up)
+    and update exactly as torch's own classes (with a schedule, zero_grad and a state round trip)."""
+    import subprocess
+    import sys
+    code = f"""
+import sys, torch
+from memloc.core.optim import make_optimizer, make_schedule
+def run(make):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    o = make(m.parameters())
+    s = make_schedule(o, 20, "onecycle", 0.3)
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    for i in range(20):
+        o.zero_grad(); torch.nn.functional.cross_entropy(m(x), y).backward(); o.step(); s.step()
+        if i == 9: o.load_state_dict(o.state_dict())
+    return [p.detach().clone() for p in m.parameters()]
+ours = run(lambda p: make_optimizer(p, "{name}", lr=0.05))
+dynamo = "torch._dynamo" in sys.modules
+ref = run(lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4) if "{name}" == "sgd"
+          else torch.optim.AdamW(p, lr=0.05, weight_decay=5e-4))
+print(dynamo, all(torch.equal(a, b) for a, b in zip(ours, ref)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from memloc.errors import MemlocError as UserError
-from memloc.models import build_model
-from memloc.units import HookNotFiredError, trace, unit_masks
+from memloc.core.errors import MemlocError as UserError
+from memloc.core.models import build_model
+from memloc.core.units import HookNotFiredError, trace, unit_masks
 
 
 def _structure(spec, shape=(1, 28, 28), **kw):

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import memloc
-from memloc.commands import run as cli_run
-from memloc.data import ExampleSet
-from memloc.importance import layer_importance, param_importance, unit_importance
-from memloc.units import trace
-from memloc.unlearn import _zero_context, distillation_loss, finetune, quadratic_penalty
+from memloc.cli import run as cli_run
+from memloc.core.data import ExampleSet
+from memloc.analyses.importance import layer_importance, param_importance, unit_importance
+from memloc.core.units import trace
+from memloc.actions.unlearn import _zero_context, distillation_loss, finetune, quadratic_penalty
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 20, "batch_size": 64, "lr": 0.1, "noise": 0.2}  # memorises 69%
 
@@ -171,8 +171,8 @@ def test_importance_on_a_run(small):
 
 
 def test_forgetting_order_splits_and_phases(small, capsys):
-    from memloc.forgetting import split_parts
-    from memloc.scores import forgetting_events
+    from memloc.actions.forgetting import split_parts
+    from memloc.analyses.scores import forgetting_events
     run = memloc.load(small.path)
     a, b = split_parts(run, "random")
     assert len(np.intersect1d(a, b)) == 0 and np.array_equal(np.union1d(a, b), np.arange(run.num_train))

@@ -1,0 +1,184 @@
+"""Child runs: fresh trainings with a parent run's recipe and a few changed settings.
+
+Pruning, cleaning and JTT retrain with the parent's own training config (same model, schedule,
+epochs, data, noise), changing only the training set (``subset``), the given labels (``labels``),
+the loss weights (``upweight``) or the ``seed``. Each child lives in
+``PARENT/children/<label>-<hash of its config>/``: a finished child is reused by every later
+experiment that needs the same config, an interrupted one resumes (bit-identical), and a child
+whose config equals the parent's is the parent itself. ``jobs > 1`` trains children in parallel
+processes (each with ``cores // jobs`` torch threads; results then differ from a one-process
+run in the last float bits, as any change of thread count does).
+
+Under torchrun (:mod:`memloc.scale.distributed`) the children are split across the processes: rank 0's
+list is the one trained, rank r trains every K-th child of it (each a one-process training run in
+its own folder; ``jobs`` parallel ones per rank), and every rank waits until all are finished.
+What an experiment computes before and after its children (its scores, the evaluations) each rank
+computes alone (:func:`memloc.scale.distributed.alone`), and rank 0 returns the result.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..scale.distributed import alone, broadcast, shard, world
+from ..core.errors import MemlocError
+from ..core.run import Run, is_complete, load
+from ..core.runtime import check_range, progress, resolve_device
+
+__all__ = ["parent_config", "subset_config", "check_seeds", "child_path", "train_runs", "train_children", "save_array"]
+
+
+def parent_config(run: Run) -> dict:
+    """The training config of ``run`` (keys of :data:`memloc.training.train.DEFAULTS`); runs recorded by a
+    user's own loop cannot be retrained here."""
+    from ..training.train import DEFAULTS
+    cfg = run.config
+    if "dataset" not in cfg or "model" not in cfg or "epochs" not in cfg:
+        raise MemlocError(f"run {str(run.path)!r} was not trained by memloc train (a Recorder in your own loop): "
+                          "retraining experiments need memloc's trainer and its recipe", argument="run")
+    return {k: cfg.get(k, v) for k, v in DEFAULTS.items()}
+
+
+def subset_config(base: dict, ids, num_train: int) -> dict:
+    """``base`` trained on the examples ``ids`` of the parent's training set of ``num_train``
+    examples (ids of a parent that is itself a subset run are mapped back to ids of the full set;
+    keeping every example keeps the parent's set). Loss weights are dropped: their ids number the
+    parent's examples, not the child's."""
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    cfg = {**base, "upweight": 1.0, "upweight_ids": None}
+    if len(ids) == num_train:
+        return cfg
+    full = base.get("subset")
+    cfg["subset"] = (np.sort(np.asarray(full, dtype=np.int64))[ids] if full is not None else ids).tolist()
+    return cfg
+
+
+def check_seeds(seeds) -> list[int]:
+    """Training seeds as a checked, non-empty list of ints."""
+    try:
+        seeds = [int(s) for s in ([seeds] if np.isscalar(seeds) else seeds)]
+    except (TypeError, ValueError):
+        raise MemlocError("seeds must be whole numbers", argument="seeds") from None
+    if not seeds:
+        raise MemlocError("give at least one seed", argument="seeds")
+    for s in seeds:
+        check_range("seeds", s, low=0, high=2**32 - 1, integer=True)
+    return seeds
+
+
+def _digest(cfg: dict) -> str:
+    """A config's identity; options added later count only when they differ from their default."""
+    from ..training.train import DEFAULTS, LATER_OPTIONS
+    cfg = {k: v for k, v in cfg.items() if not (k in LATER_OPTIONS and v == DEFAULTS[k])}
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def child_path(parent: Run, label: str, cfg: dict) -> Path:
+    """Where the child with ``cfg`` lives: the parent itself when the configs are equal; an existing
+    child with the same config under another label is reused."""
+    if _digest(cfg) == _digest(parent_config(parent)):
+        return parent.path
+    digest = _digest(cfg)
+    found = sorted((parent.path / "children").glob(f"*-{digest}"))
+    return found[0] if found else parent.path / "children" / f"{label}-{digest}"
+
+
+def save_array(parent: Run, stem: str, values) -> str:
+    """Store an array the children read (e.g. relabelled given labels) under ``PARENT/children``; returns its path."""
+    values = np.asarray(values)
+    folder = parent.path.resolve() / "children"      # absolute: the children's configs name it
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}-{hashlib.sha1(values.tobytes()).hexdigest()[:10]}.npy"
+    if not path.exists():
+        from ..core.runtime import atomic_path
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, values)
+    return str(path)
+
+
+def _finished(path: Path, epochs: int) -> bool:
+    return is_complete(path) and load(path).final_epoch >= epochs
+
+
+def _train_one(path: str, cfg: dict, device: str, threads: int) -> str:
+    from ..training.train import train
+    torch.set_num_threads(threads)
+    if not _finished(Path(path), cfg["epochs"]):
+        train(path, cfg, device=device, resume=True, argv=["memloc", "train", path])
+    return path
+
+
+def train_runs(jobs_list: list[tuple[Path, dict]], *, jobs: int = 1, device="cpu", desc: str = "runs") -> None:
+    """Train (or resume) every ``(path, cfg)`` not finished yet, ``jobs`` at a time, with a progress bar.
+
+    In a process group each rank trains its share (every K-th run of rank 0's list) and returns when
+    every run is finished."""
+    check_range("jobs", jobs, low=1, integer=True)
+    runs = {}
+    for p, cfg in broadcast([(str(p), cfg) for p, cfg in jobs_list]):     # rank 0's list on every rank
+        runs.setdefault(p, cfg)
+    device = resolve_device(device)     # 'auto' too
+    if world()[1] > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())      # this rank's GPU, also in spawned workers
+    todo = {p: cfg for p, cfg in shard(list(runs.items())) if not _finished(Path(p), cfg["epochs"])}
+    with alone():           # each run is a one-process training
+        _train(todo, jobs=jobs, device=device, desc=desc)
+    _wait_for(runs)
+
+
+def _wait_for(runs: dict, poll: float = 1.0) -> None:
+    """In a process group: wait until every run (trained by the other ranks) is finished. Files, not a
+    collective: the ranks' shares may take hours apart; a rank that fails stops them all (torchrun)."""
+    if world()[1] == 1:
+        return
+    left = list(runs)
+    while left:
+        left = [p for p in left if not _finished(Path(p), runs[p]["epochs"])]
+        if left:
+            time.sleep(poll)
+
+
+def _train(todo: dict, *, jobs: int, device, desc: str) -> None:
+    if jobs > 1 and len(todo) > 1:
+        from ..core.data import _REGISTERED
+        local = sorted({c["dataset"] for c in todo.values() if c["dataset"] in _REGISTERED})
+        if local:
+            raise MemlocError(f"dataset {local[0]!r} is registered in this process only; parallel runs (jobs > 1) "
+                              "need it as an import path pkg.module:factory, or use jobs=1", argument="jobs")
+    bar = progress(total=len(todo), desc=f"train {desc}", unit="run")
+    try:
+        if jobs == 1 or len(todo) <= 1:
+            for p, cfg in todo.items():
+                _train_one(p, cfg, str(device), torch.get_num_threads())
+                bar.update()
+        else:
+            threads = max(1, torch.get_num_threads() // jobs)
+            ctx = multiprocessing.get_context("spawn")
+            pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+            try:
+                futures = [pool.submit(_train_one, p, cfg, str(device), threads) for p, cfg in todo.items()]
+                for fut in cf.as_completed(futures):
+                    fut.result()
+                    bar.update()
+            finally:            # on an error or Ctrl-C, runs not started yet are not started
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        bar.close()
+
+
+def train_children(parent: Run, children: list[tuple[str, dict]], *, jobs: int = 1, device="cpu",
+                   desc: str = "runs") -> list[Run]:
+    """Train (or reuse / resume) every ``(label, cfg)`` child of ``parent``; returns their runs in order
+    (in a process group: rank 0's children on every rank, once all are trained)."""
+    paths, children = broadcast(([child_path(parent, label, cfg) for label, cfg in children], children))
+    train_runs([(p, cfg) for p, (_, cfg) in zip(paths, children) if p != parent.path], jobs=jobs, device=device,
+               desc=desc)
+    return [load(p) for p in paths]

@@ -1,0 +1,121 @@
+"""Cleaning: drop (or relabel) the flagged examples, retrain with the same recipe, compare.
+
+``memloc.clean(run, by="combined")`` (command: ``python -m memloc clean RUN``) flags label issues
+with :func:`memloc.find_label_issues` (no ground truth), trains fresh runs on the cleaned training
+set (``relabel=True``: flagged examples keep their place with the epoch-k prediction as their
+label) for several seeds, and compares their test accuracy with runs on all the data. The
+baseline is cleanlab, the field's standard tool: ``cleanlab.filter.find_label_issues`` on
+out-of-sample probabilities from K-fold cross-validation with the same recipe (K extra trainings
+on (K-1)/K of the data), cleaned and retrained the same way. Where ground truth exists the
+flagged sets' precision and recall and the noise left after cleaning are recorded too.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ..scale.distributed import alone, world
+from ..core.errors import MemlocError
+from ..core.evaluate import evaluate
+from ..analyses.label_issues import find_label_issues, flag_quality
+from ..core.results import Result
+from ..core.run import as_run
+from ..core.runtime import check_range, resolve_device
+from .children import check_seeds, parent_config, save_array, subset_config, train_children
+
+__all__ = ["clean", "cleanlab_flags", "cleaned_config"]
+
+
+def cleaned_config(parent, base: dict, flagged: np.ndarray, *, relabel: bool, predicted: np.ndarray | None,
+                   seed: int, stem: str) -> dict:
+    """The child config of a cleaned training set: flagged examples dropped, or relabelled."""
+    if not relabel:
+        return {**subset_config(base, np.flatnonzero(~flagged), len(flagged)), "seed": seed}
+    if base.get("subset") is not None:
+        raise MemlocError("relabel needs a run trained on its whole training set (this one was trained on a subset); "
+                          "drop the flagged examples instead", argument="relabel")
+    given = np.where(flagged, predicted, parent.label_given).astype(np.int64)
+    path = save_array(parent, f"labels-{stem}", given)
+    return {**base, "noise": 0.0, "labels": path, "seed": seed}
+
+
+def cleanlab_flags(parent, base: dict, *, folds: int = 5, jobs: int = 1, device="cpu",
+                   batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """cleanlab's issues from K-fold out-of-sample probabilities of the parent's recipe.
+
+    Returns (flagged (N,) bool, out-of-sample probabilities (N, C)). Folds are stratified by the
+    given label and seeded with the parent's seed.
+    """
+    from cleanlab.filter import find_label_issues as cl_find
+    from sklearn.model_selection import StratifiedKFold
+    check_range("folds", folds, low=2, integer=True)
+    given = parent.label_given
+    counts = np.bincount(given)
+    if counts[counts > 0].min() < folds:
+        raise MemlocError(f"a class has fewer than {folds} examples: use fewer folds", argument="folds")
+    split = StratifiedKFold(folds, shuffle=True, random_state=base["seed"]).split(np.zeros(len(given)), given)
+    held = [test for _, test in split]
+    children = [(f"cv{folds}-fold{f}", subset_config(base, np.setdiff1d(np.arange(len(given)), rows), len(given)))
+                for f, rows in enumerate(held)]
+    runs = train_children(parent, children, jobs=jobs, device=device, desc=f"cleanlab {folds}-fold")
+    data = parent.data(device)
+    probs = np.zeros((len(given), data.num_classes))
+    for rows, child in zip(held, runs):
+        part = data.train.subset(rows)
+        logits = evaluate(child.model(device=device), part.batches(batch_size), logits=True)["logits"]
+        probs[rows] = torch.from_numpy(logits).softmax(1).numpy()
+    return np.asarray(cl_find(labels=given, pred_probs=probs), dtype=bool), probs
+
+
+def clean(run, *, by: str = "combined", relabel: bool = False, seeds=(0, 1, 2), baseline: bool = True,
+          folds: int = 5, jobs: int = 1, device="auto") -> Result | None:
+    """The ``"clean"`` result: test accuracy per method (all, memloc, cleanlab) and seed. Under torchrun
+    the fresh runs (and the cleanlab folds) are split across the processes
+    (:mod:`memloc.actions.children`) and rank 0 returns the result, the other ranks None."""
+    run = as_run(run)
+    base = parent_config(run)
+    seeds = check_seeds(seeds)
+    dev = resolve_device(device)
+    with alone():       # under torchrun every rank flags alone; the children are split (train_children)
+        issues = find_label_issues(run, by=by, device=dev)
+    flags = {"memloc": issues["flagged"].values.astype(bool)}
+    predicted = {"memloc": issues["label_predicted"].values}
+    if baseline:
+        flags["cleanlab"], probs = cleanlab_flags(run, base, folds=folds, jobs=jobs, device=dev)
+        predicted["cleanlab"] = probs.argmax(1)
+    for name, f in flags.items():
+        if f.all():
+            raise MemlocError(f"{name} flags every example: nothing left to train on", argument="by")
+    methods = ["all", *flags]
+    children = [(f"all-s{s}", {**base, "seed": s}) for s in seeds]
+    for name, f in flags.items():
+        children += [(f"clean-{name}-{'relabel' if relabel else 'drop'}-s{s}",
+                      cleaned_config(run, base, f, relabel=relabel, predicted=predicted[name], seed=s, stem=name))
+                     for s in seeds]
+    runs = train_children(run, children, jobs=jobs, device=dev, desc="clean")
+    if world()[0] > 0:
+        return None             # rank 0 evaluates and returns the result
+    acc = np.array([float(r.metrics()["test_accuracy"][-1]) for r in runs]).reshape(len(methods), len(seeds))
+    known = bool(run.is_noisy.any())
+    quality = {m: flag_quality(f, run.is_noisy) if known else {"precision": np.nan, "recall": np.nan}
+               for m, f in flags.items()}
+    left = {"all": run.is_noisy.mean() if known else np.nan}
+    for m, f in flags.items():
+        if not known:
+            left[m] = np.nan
+        elif relabel:
+            left[m] = float(np.mean(np.where(f, predicted[m], run.label_given) != run.label_true))
+        else:
+            left[m] = float(run.is_noisy[~f].mean())
+    ds = xr.Dataset(
+        {"test_accuracy": (("flags", "seed"), acc),
+         "flagged": ("flags", np.array([0, *(int(f.sum()) for f in flags.values())])),
+         "precision": ("flags", np.array([np.nan, *(quality[m]["precision"] for m in flags)])),
+         "recall": ("flags", np.array([np.nan, *(quality[m]["recall"] for m in flags)])),
+         "noise_left": ("flags", np.array([left[m] for m in methods]))},
+        coords={"flags": methods, "seed": seeds})
+    config = {"by": by, "relabel": relabel, "seeds": seeds, "baseline": baseline, "folds": folds, "jobs": jobs,
+              "rate_estimate": float(issues["rate_estimate"]), "checkpoint_k": issues.config["checkpoint_k"],
+              "device": str(dev)}
+    return Result("clean", ds, config=config)

@@ -1,0 +1,136 @@
+"""Data pruning: keep a fraction of the training set chosen by a score, train afresh, measure.
+
+``memloc.prune(run, by=["el2n", "grand", "forgetting"], keep=[0.9, 0.7, 0.5, 0.3])`` (command:
+``python -m memloc prune RUN``) scores the parent run's examples, keeps a fraction of them per
+score and mode, trains a fresh run on each kept set with the parent's recipe (several seeds) and
+records the final test accuracy, with random pruning as the reference and the full set as the
+ceiling. As in Data Diet (Paul et al. 2021), GraNd is taken at initialisation (``grand_epoch``)
+and EL2N at an early epoch k; forgetting counts (Toneva et al. 2019) at the end of training.
+
+Modes (which examples are **kept**; scores turned by their direction so high = hard / suspicious):
+``hardest`` (Data Diet's and Toneva's choice: drop the easiest), ``easiest``, ``window`` (skip the
+``offset`` hardest fraction, then keep the next ones: under label noise the hardest examples are
+mostly mislabeled, and Data Diet finds the best window shifts away from them) and ``random``.
+Ties (forgetting counts are integers) are broken by a seeded permutation.
+"""
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from ..scale.distributed import alone, world
+from ..core.errors import MemlocError
+from ..core.results import Result
+from ..core.run import as_run
+from ..core.runtime import check_choices, check_range, resolve_device, split_list
+from ..analyses.scores import SCORES, default_epoch_k, scores as compute_scores
+from .children import check_seeds, parent_config, subset_config, train_children
+
+__all__ = ["MODES", "kept_ids", "prune", "prune_values"]
+
+MODES = ("hardest", "easiest", "window")
+
+
+def kept_ids(values: np.ndarray, keep: float, *, mode: str = "hardest", offset: float = 0.0,
+             seed: int = 0) -> np.ndarray:
+    """Sorted ids of the examples kept: ``round(keep x N)`` of them by ``values`` (higher = harder)
+    in ``mode`` (:data:`MODES` or ``random``: a uniform draw with ``seed``)."""
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    check_range("keep", keep, low=0, high=1, low_open=True)
+    count = max(1, int(round(keep * n)))
+    rng = np.random.default_rng(seed)
+    if mode == "random":
+        return np.sort(rng.choice(n, size=count, replace=False))
+    if mode not in MODES:
+        raise MemlocError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}, random", argument="mode")
+    if not np.isfinite(v).all():
+        raise MemlocError("the pruning score is not defined for every example", argument="by")
+    order = np.lexsort((rng.permutation(n), -v))          # hardest first, ties in a seeded random order
+    if mode == "hardest":
+        rows = order[:count]
+    elif mode == "easiest":
+        rows = order[n - count:]
+    else:
+        check_range("offset", offset, low=0, high=1, high_open=True)
+        start = min(int(round(offset * n)), n - count)
+        rows = order[start:start + count]
+    return np.sort(rows)
+
+
+def prune_values(runs, names, *, checkpoint_k=None, grand_epoch: int = 0, device="cpu") -> dict[str, np.ndarray]:
+    """``direction x score`` (higher = harder) of every named score, averaged over ``runs`` (one run
+    or runs of the same data; Data Diet averages 10): GraNd at ``grand_epoch`` (Data Diet:
+    initialisation), EL2N at ``checkpoint_k`` (default 10% of training), the others as
+    :func:`memloc.scores` computes them."""
+    from ..analyses.label_issues import same_data_runs
+    runs = same_data_runs(runs)
+    k = default_epoch_k(min(r.final_epoch for r in runs)) if checkpoint_k is None else checkpoint_k
+    out = {}
+    for name in names:
+        epoch = grand_epoch if name == "grand" else k
+        out[name] = SCORES[name].direction * np.mean(
+            [compute_scores(r, names=[name], checkpoint_k=epoch, device=device)[name].values for r in runs], axis=0)
+    return out
+
+
+def prune(run, *, by=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3), mode: str = "hardest",
+          offset: float = 0.1, seeds=(0, 1, 2), checkpoint_k: int | None = None, grand_epoch: int = 0,
+          also=(), jobs: int = 1, device="auto") -> Result | None:
+    """The ``"prune"`` result: test accuracy of fresh runs on kept subsets, per score (and random),
+    keep fraction and seed; with the share of noisy examples kept. ``also``: more runs of the same
+    data whose scores are averaged with ``run``'s (the fresh runs use ``run``'s recipe). Under torchrun
+    the fresh runs are split across the processes (:mod:`memloc.actions.children`) and rank 0
+    returns the result, the other ranks None."""
+    run = as_run(run)
+    also = [as_run(r) for r in (also or [])]
+    base = parent_config(run)
+    names = check_choices("by", by, [n for n in SCORES if n != "neuron_count"], "pruning score")
+    keeps = [float(k) for k in (keep if isinstance(keep, (list, tuple)) else split_list(keep))]
+    for k in keeps:
+        check_range("keep", k, low=0, high=1, low_open=True)
+    seeds = check_seeds(seeds)
+    if not keeps:
+        raise MemlocError("give at least one keep fraction", argument="keep")
+    if mode not in MODES:
+        raise MemlocError(f"unknown mode {mode!r}; valid: {', '.join(MODES)} (random is always run as the reference)",
+                          argument="mode")
+    check_range("grand_epoch", grand_epoch, low=0, high=run.final_epoch, integer=True)
+    dev = resolve_device(device)
+    with alone():       # under torchrun every rank scores alone; the children are split (train_children)
+        values = prune_values([run, *also], names, checkpoint_k=checkpoint_k, grand_epoch=grand_epoch, device=dev)
+    methods = [*names, "random"]
+    label = lambda m, k, s: f"prune-{m}-{mode if m != 'random' else 'random'}-{k:g}-s{s}"  # noqa: E731
+    subsets, children = {}, []
+    for m in methods:
+        for k in keeps:
+            for s in seeds:
+                ids = (kept_ids(np.zeros(run.num_train), k, mode="random", seed=s) if m == "random"
+                       else kept_ids(values[m], k, mode=mode, offset=offset))
+                subsets[m, k, s] = ids
+                children.append((label(m, k, s), {**subset_config(base, ids, run.num_train), "seed": s}))
+    children += [(f"all-s{s}", {**base, "seed": s}) for s in seeds]
+    runs = train_children(run, children, jobs=jobs, device=dev, desc="prune")
+    if world()[0] > 0:
+        return None             # rank 0 evaluates and returns the result
+    final = {}
+    for (name, _), r in zip(children, runs):
+        final[name] = float(r.metrics()["test_accuracy"][-1])
+    shape = (len(methods), len(keeps), len(seeds))
+    acc, kept, share = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    noisy = run.is_noisy
+    for i, m in enumerate(methods):
+        for j, k in enumerate(keeps):
+            for t, s in enumerate(seeds):
+                ids = subsets[m, k, s]
+                acc[i, j, t] = final[label(m, k, s)]
+                kept[i, j, t] = noisy[ids].sum() / noisy.sum() if noisy.any() else np.nan
+                share[i, j, t] = noisy[ids].mean()
+    dims = ("score", "keep", "seed")
+    ds = xr.Dataset({"test_accuracy": (dims, acc), "noisy_kept": (dims, kept), "noisy_share": (dims, share),
+                     "full_accuracy": ("seed", np.array([final[f"all-s{s}"] for s in seeds]))},
+                    coords={"score": methods, "keep": keeps, "seed": seeds})
+    k_used = default_epoch_k(run.final_epoch) if checkpoint_k is None else checkpoint_k
+    config = {"by": names, "keep": keeps, "mode": mode, "offset": offset, "seeds": seeds, "checkpoint_k": k_used,
+              "grand_epoch": grand_epoch, "also": [str(r.path) for r in also], "jobs": jobs, "device": str(dev), "epochs": base["epochs"]}
+    return Result("prune", ds, config=config)

@@ -1,0 +1,298 @@
+"""Unlearning memorised labels from a trained model, with continual-learning protection.
+
+``memloc.unlearn(run, *, forget="noisy"|"flagged"|"ids:1,2,3", methods=...)`` (command:
+``python -m memloc unlearn RUN``) starts every method from the final checkpoint; the *retain* set
+is every other training example. Methods (:data:`METHODS`):
+
+=============  =================================================================================
+finetune       SGD on the retain set (``epochs``, ``lr``, momentum 0.9, constant lr)
+ascent         gradient *ascent* on the forget set's given labels (``ascent_epochs`` passes at
+               ``ascent_lr``: larger steps destroy the model)
+ewc            finetune + (lambda / 2) sum_i F_i (theta_i - theta*_i)^2, F = diagonal Fisher of the
+               retain set at theta* (Kirkpatrick et al. 2017), divided by its maximum
+mas            finetune + (lambda / 2) sum_i Omega_i (theta_i - theta*_i)^2, Omega = MAS importance
+               of the retain set (Aljundi et al. 2018), divided by its maximum (so lambda is on one
+               scale for both and lr x lambda < 2 keeps the penalty's steps stable)
+lwf            finetune + lambda T^2 KL(p_old^T || p_new^T) on retain batches, T = 2: distillation
+               from the original model's outputs (Li & Hoiem 2017)
+zero           the union of the forget set's flip units zeroed (Maini et al. 2023, section 2.4;
+               needs ``results/flip.h5``; the units of forget examples flip searched)
+retrain_layer  one layer reset to initialisation and retrained alone on the retain set (section
+               2.3); the layer whose retraining left the fewest noisy labels in
+               ``results/retrain.h5``, else the first layer
+etd_drop       a run trained with example-tied dropout (``train --etd-after``) evaluated in drop
+               mode: its memorisation units dropped (Maini et al. 2023, section 4)
+=============  =================================================================================
+
+Conventions: both penalties are (lambda / 2) sum w (theta - theta*)^2 (Aljundi et al. write MAS
+without the 1/2); LwF is Hinton's T^2-scaled KL (Li & Hoiem weight a T-softened cross-entropy
+without T^2, so lambda = 1 here is 4x theirs at T = 2).
+
+``forget="flagged"`` uses no ground truth to choose the examples, but two methods read results
+that did: ``retrain_layer`` picks its layer from ``results/retrain.h5`` (the noisy subset of the
+run's noise mask) and ``zero`` uses the flip searches that exist (usually of noisy examples).
+
+``methods=None`` (default) runs every method whose inputs exist (zero: a flip result; etd_drop:
+dropout layers). In runs with example-tied dropout the fine-tuning methods run its layers in test
+mode (memorisation units scaled by p_mem), which needs no example ids.
+
+Each is measured on: ``forget_given`` (accuracy on the forget set w.r.t. the given labels: the
+memorisation left), ``forget_true`` (w.r.t. the true labels), ``retain`` (given labels) and
+``test``; plus wall time and passes over the training data. ``forget="flagged"`` uses the flags
+of ``memloc issues`` (``results/issues.h5``), so the loop runs without ground truth.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from torch import nn
+
+from ..core.errors import MemlocError
+from ..core.evaluate import evaluate
+from ..analyses.importance import param_importance, select_rows
+from ..core.optim import epoch_seed, make_optimizer
+from ..core.results import Result
+from ..core.run import as_run
+from ..core.runtime import check_choices, check_range, progress, resolve_device
+
+__all__ = ["METHODS", "GROUPS", "HYPER", "available_methods", "quadratic_penalty", "distillation_loss",
+           "protection_weights", "penalty_term", "distillation_term", "finetune", "unlearn"]
+
+METHODS = ("finetune", "ascent", "ewc", "mas", "lwf", "zero", "retrain_layer", "etd_drop")
+GROUPS = ("forget_given", "forget_true", "retain", "test")
+HYPER = dict(epochs=5, lr=0.01, batch_size=128, momentum=0.9, lam={"ewc": 10.0, "mas": 10.0, "lwf": 1.0},
+             temperature=2.0, ascent_lr=0.003, ascent_epochs=3)
+
+
+def quadratic_penalty(model: nn.Module, anchor: dict[str, torch.Tensor], weight: dict[str, torch.Tensor],
+                      lam: float) -> torch.Tensor:
+    """(lam / 2) sum_i weight_i (theta_i - anchor_i)^2 over the parameters named in ``weight`` (EWC, MAS)."""
+    params = dict(model.named_parameters())
+    total = sum((w * (params[k] - anchor[k]).pow(2)).sum() for k, w in weight.items())
+    return 0.5 * lam * total
+
+
+def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """LwF: T^2 KL(softmax(old / T) || softmax(new / T)), mean over the batch."""
+    t = temperature
+    old = F.softmax(old_logits / t, dim=1)
+    return F.kl_div(F.log_softmax(new_logits / t, dim=1), old, reduction="batchmean") * t * t
+
+
+def protection_weights(model: nn.Module, examples, kind: str) -> dict[str, torch.Tensor]:
+    """EWC (``kind="ewc"``: diagonal Fisher) or MAS importance of ``examples`` at ``model``, divided by its
+    maximum (lambda on one scale for both; lr x lambda < 2 keeps the penalty's steps stable)."""
+    weight = param_importance(model, examples.x, examples.y, method="fisher" if kind == "ewc" else "mas")
+    scale = max(float(w.max()) for w in weight.values()) or 1.0
+    return {k: w / scale for k, w in weight.items()}
+
+
+def penalty_term(anchor: dict[str, torch.Tensor], weight: dict[str, torch.Tensor], lam: float):
+    """The ``extra`` of :func:`finetune` adding the EWC / MAS :func:`quadratic_penalty`."""
+    return lambda model, x, logits: quadratic_penalty(model, anchor, weight, lam)
+
+
+def distillation_term(teacher: nn.Module, lam: float, temperature: float = HYPER["temperature"]):
+    """The ``extra`` of :func:`finetune` adding LwF's :func:`distillation_loss` from ``teacher``'s outputs."""
+    def term(model, x, logits):
+        with torch.no_grad():
+            target = teacher(x)
+        return lam * distillation_loss(logits, target, temperature)
+    return term
+
+
+def finetune(model: nn.Module, examples, *, epochs: int, lr: float, batch_size: int = 128, momentum: float = 0.9,
+             seed: int = 0, ascent: bool = False, extra=None, optimizer=None, first_epoch: int = 1) -> nn.Module:
+    """SGD on ``examples`` (an ExampleSet) in train mode: descent on CE (or ascent), plus
+    ``extra(model, x, logits)``. ``optimizer`` (reused across calls, momentum kept) and
+    ``first_epoch`` (batch orders seeded by ``(seed, epoch)``) let a caller train epoch by epoch."""
+    opt = optimizer or make_optimizer(model.parameters(), "sgd", lr=lr, momentum=momentum, weight_decay=0.0)
+    for epoch in range(first_epoch, first_epoch + epochs):
+        gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        model.train()
+        for x, y, _ in examples.batches(batch_size, shuffle=True, generator=gen):
+            if len(y) < 2:
+                continue
+            logits = model(x)                 # one forward: BN statistics and dropout masks shared by both terms
+            loss = F.cross_entropy(logits, y)
+            loss = -loss if ascent else loss
+            if extra is not None:
+                loss = loss + extra(model, x, logits)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def _groups(model, data, forget, retain, *, mask_context=None, batch_size: int = 1024) -> np.ndarray:
+    import contextlib
+    ctx = mask_context or contextlib.nullcontext
+    with ctx():
+        train = evaluate(model, data.train.batches(batch_size))
+        test = evaluate(model, data.test.batches(batch_size))
+    order = np.argsort(train["idx"])
+    correct, pred = train["correct"][order].astype(bool), train["pred"][order]
+    return np.array([correct[forget].mean(), (pred[forget] == data.label_true[forget]).mean(),
+                     correct[retain].mean(), test["correct"].mean() if len(test["correct"]) else np.nan])
+
+
+def _zero_context(run, model, data, forget):
+    from ..analyses.importance import flip_units
+    from ..core.units import trace, unit_masks
+    units = flip_units(run, examples=forget)
+    if units is None:
+        raise MemlocError(f"methods: zero needs {str(run.results_path('flip'))!r}: run memloc flip on the forget "
+                          "examples first", argument="methods")
+    if not len(units):
+        raise MemlocError("methods: zero needs flip searches of forget examples that flipped; flip has none: run "
+                          "memloc flip on them first", argument="methods")
+    site = run.result("flip").config.get("site", "pre_norm")
+    if site == "weight":     # the flip searches zeroed parameter items (the official rule)
+        from ..analyses.flip.weights import weight_items, weight_masks
+        structure = weight_items(model)
+        zeroing = weight_masks
+    else:
+        structure = trace(model, data.train.x[:2])
+        zeroing = partial(unit_masks, site=site)
+    mask = torch.ones(structure.n_units, device=data.train.x.device)
+    mask[torch.as_tensor(units, device=mask.device)] = 0
+    return (lambda: zeroing(model, structure, mask)), units
+
+
+def _critical_layer(run, structure):
+    """The layer whose retraining left the fewest noisy labels in ``results/retrain.h5`` (which
+    uses the run's noise mask), else the first layer."""
+    if run.results_path("retrain").is_file():
+        res = run.result("retrain")
+        acc = res["accuracy"].sel(subset="noisy").isel(epoch=-1).values
+        name = str(res["layer"].values[int(np.nanargmin(acc))]) if np.isfinite(acc).any() else None
+        if name in structure.layer_names:
+            return structure.layer(name)
+    return structure.layers[0]
+
+
+def available_methods(run) -> list[str]:
+    """The methods whose inputs ``run`` has (zero: a flip result; etd_drop: example-tied dropout layers)."""
+    has_etd = bool(run.info.get("model", {}).get("etd"))
+    return [m for m in METHODS if (m != "zero" or run.results_path("flip").is_file()) and (m != "etd_drop" or has_etd)]
+
+
+def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, structure, *, epochs, lr,
+                batch_size, seed, ascent_lr, ascent_epochs, retrain_epochs) -> dict:
+    """Apply unlearning method ``m`` to ``model`` (a copy); returns ``{"model": ..., "mask": context or None}``."""
+    from ..analyses.retrain import retrain_layer
+    mask = None
+    if m == "finetune":
+        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    elif m == "ascent":
+        finetune(model, data.train.subset(forget_ids), epochs=ascent_epochs, lr=ascent_lr, batch_size=batch_size,
+                 seed=seed, ascent=True)
+    elif m in ("ewc", "mas"):
+        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                 extra=penalty_term(anchor, weight, lams[m]))
+    elif m == "lwf":
+        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                 extra=distillation_term(original, lams["lwf"]))
+    elif m == "zero":
+        mask, _ = _zero_context(run, model, data, forget_ids)
+    elif m == "etd_drop":
+        from ..core.dropout import set_mode
+        set_mode(model, "drop")
+    else:
+        retain_data = copy.copy(data)        # retrain_layer trains on data.clean_train: here the retain set
+        retain_data.is_noisy = np.isin(np.arange(len(data.label_given)), forget_ids)
+        _, model = retrain_layer(model, run.checkpoint(0), _critical_layer(run, structure), retain_data,
+                                 epochs=retrain_epochs, seed=seed)
+    return {"model": model, "mask": mask}
+
+
+def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs: int = HYPER["epochs"],
+            lr: float = HYPER["lr"], lam: dict | float | None = None, batch_size: int = HYPER["batch_size"],
+            retrain_epochs: int = 20, ascent_lr: float = HYPER["ascent_lr"], ascent_epochs: int = HYPER["ascent_epochs"],
+            device="auto") -> Result:
+    """The ``"unlearn"`` result: accuracy (technique, seed, group), seconds, passes, the forget ids."""
+    from .children import check_seeds
+    from ..core.units import trace
+    run = as_run(run)
+    names = available_methods(run) if methods in (None, "all") else check_choices("methods", methods, METHODS,
+                                                                                  "unlearning method")
+    has_etd = bool(run.info.get("model", {}).get("etd"))
+    if "etd_drop" in names and not has_etd:
+        raise MemlocError(f"methods: etd_drop needs a run trained with example-tied dropout (train --etd-after); "
+                          f"{str(run.path)!r} has none", argument="methods")
+    seeds = list(dict.fromkeys(check_seeds(seeds)))
+    check_range("epochs", epochs, low=1, integer=True)
+    check_range("batch_size", batch_size, low=1, integer=True)
+    check_range("lr", lr, low=0, low_open=True)
+    check_range("ascent_lr", ascent_lr, low=0, low_open=True)
+    check_range("ascent_epochs", ascent_epochs, low=1, integer=True)
+    check_range("retrain_epochs", retrain_epochs, low=1, integer=True)
+    lams = dict(HYPER["lam"])
+    if isinstance(lam, dict):
+        lams.update(lam)
+    elif lam is not None:
+        lams = {k: float(lam) for k in lams}
+    for k, v in lams.items():
+        check_range("lam", v, low=0)
+    dev = resolve_device(device)
+    data = run.data(dev)
+    flagged = run.result("issues")["flagged"].values if forget == "flagged" and run.results_path("issues").is_file() \
+        else None
+    forget_ids = select_rows(data, str(forget), flagged=flagged, argument="forget")
+    if not len(forget_ids):
+        raise MemlocError(f"forget {forget!r} is an empty set of examples", argument="forget")
+    retain_ids = np.setdiff1d(np.arange(len(data.label_given)), forget_ids)
+    if not len(retain_ids):
+        raise MemlocError(f"forget {forget!r} holds every training example; nothing to retain",
+                          argument="forget")
+    retain = data.train.subset(retain_ids)
+    original = run.model(device=dev)
+    if has_etd:          # dropout layers scale memorisation units by p_mem, also while fine-tuning (no ids needed)
+        from ..core.dropout import set_mode
+        set_mode(original, "test")
+    anchor = {k: p.detach().clone() for k, p in original.named_parameters()}
+    baseline = _groups(original, data, forget_ids, retain_ids)
+    structure = trace(original, data.train.x[:2])
+    if "zero" in names:          # before any method runs: a missing input fails first, nothing computed
+        _zero_context(run, original, data, forget_ids)
+    n = len(data.label_given)
+    acc = np.zeros((len(names), len(seeds), len(GROUPS)))
+    seconds = np.zeros((len(names), len(seeds)))
+    passes = np.zeros(len(names))
+    fine = len(retain_ids) / n * epochs
+    for i, m in enumerate(progress(names, desc="unlearn", unit="method")):
+        weight = None
+        if m in ("ewc", "mas"):       # importance of the retain set at theta*, computed once per method
+            t0 = time.perf_counter()
+            weight = protection_weights(original, retain, m)
+            setup = time.perf_counter() - t0
+        else:
+            setup = 0.0
+        for j, s in enumerate(seeds):
+            t0 = time.perf_counter()
+            model, ctx = copy.deepcopy(original), None
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                torch.manual_seed(s)
+                ctx = _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, structure,
+                                  epochs=epochs, lr=lr, batch_size=batch_size, seed=s, ascent_lr=ascent_lr,
+                                  ascent_epochs=ascent_epochs, retrain_epochs=retrain_epochs)
+                model = ctx.pop("model")
+            seconds[i, j] = time.perf_counter() - t0 + setup
+            acc[i, j] = _groups(model, data, forget_ids, retain_ids, mask_context=ctx.get("mask"))
+        passes[i] = {"finetune": fine, "ascent": len(forget_ids) / n * ascent_epochs, "ewc": fine + len(retain_ids) / n,
+                     "mas": fine + len(retain_ids) / n, "lwf": fine * 1.5, "zero": 0.0, "etd_drop": 0.0,
+                     "retrain_layer": len(retain_ids) / n * retrain_epochs}[m]
+    ds = xr.Dataset({"accuracy": (("technique", "seed", "group"), acc), "baseline": ("group", baseline),
+                     "seconds": (("technique", "seed"), seconds), "passes": ("technique", passes),
+                     "forget": ("forget", forget_ids)},
+                    coords={"technique": names, "seed": seeds, "group": list(GROUPS)})
+    config = {"forget": forget, "methods": names, "seeds": seeds, "epochs": epochs, "lr": lr, "lam": lams,
+              "ascent_lr": ascent_lr, "ascent_epochs": ascent_epochs,
+              "batch_size": batch_size, "retrain_epochs": retrain_epochs, "device": str(dev)}
+    return Result("unlearn", ds, config=config)

@@ -1,0 +1,187 @@
+"""The weight site: the authors' official zeroing rule (pratyushmaini/localizing-memorization).
+
+The released code scores *parameters*, not units: every conv filter (the weight of a conv module
+along its first dim, summed over the rest; the official code does this for every 4-D parameter) is one item,
+and every other parameter element (linear weights, biases, BatchNorm scale / shift) is an item
+of its own. An item's score is ``weight x dO/dweight`` summed over the item, which is exactly
+``dO/dm`` for a multiplicative mask ``m`` on the item; zeroed items score 0. The highest score is
+zeroed if it is positive; when no item scores above 0 the search stops (not flipped) where the
+official code would loop for ever. Items are numbered in ``named_parameters`` order, row-major
+inside a parameter, so ties go to the first item as in the official ``argmax`` loop.
+
+:class:`WeightFlipSearch` runs many such searches at once: each search has its own item mask and
+``torch.func.functional_call`` under ``vmap`` gives every search its own masked weights in one
+forward/backward (a plain loop over searches when a model's layers refuse ``vmap``). Models without
+conv weights run one search at a time (``WeightFlipSearch.batched`` is False): there every item is a
+weight element, each search's gradient is as large as the model, and batching only adds memory
+traffic.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from ...core.errors import MemlocError
+from .search import FlipSearch
+
+__all__ = ["ItemSpace", "WeightItems", "weight_items", "weight_masks", "WeightFlipSearch"]
+
+
+@dataclass(frozen=True)
+class ItemSpace:
+    """The items of one parameter: ``size`` items numbered from ``offset``; a mask of
+    ``item_shape`` broadcasts over the parameter (``(out, 1, 1, ...)`` for a conv filter)."""
+
+    name: str
+    shape: tuple
+    item_shape: tuple
+    size: int
+    offset: int
+    filter: bool = False     # a conv module's weight: one item per output filter
+
+
+@dataclass
+class WeightItems:
+    """Items of every parameter of a model, in ``named_parameters`` order (the ``spaces`` of a flip
+    result at the weight site; ``n_units`` counts items so the flip driver treats both sites alike)."""
+
+    spaces: list[ItemSpace]
+
+    @property
+    def n_units(self) -> int:
+        return sum(s.size for s in self.spaces)
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{parameter name: (..., *item_shape) mask}`` views of a (..., n_items) tensor."""
+        lead = flat.shape[:-1]
+        return {s.name: flat[..., s.offset:s.offset + s.size].reshape(*lead, *s.item_shape) for s in self.spaces}
+
+
+def weight_items(model: nn.Module) -> WeightItems:
+    """The zeroing items of ``model``'s parameters (see the module docstring)."""
+    from ...core.units import CONV_TYPES
+    filters = {f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, CONV_TYPES)}
+    spaces, offset = [], 0
+    for name, p in model.named_parameters():
+        conv = name in filters and p.dim() >= 3
+        item_shape = (p.shape[0],) + (1,) * (p.dim() - 1) if conv else tuple(p.shape)
+        size = int(torch.Size(item_shape).numel())
+        spaces.append(ItemSpace(name, tuple(p.shape), item_shape, size, offset, conv))
+        offset += size
+    if not spaces:
+        raise MemlocError(f"{type(model).__name__} has no parameters to zero")
+    return WeightItems(spaces)
+
+
+@contextlib.contextmanager
+def weight_masks(model: nn.Module, items: WeightItems, mask: torch.Tensor):
+    """Multiply ``model``'s parameters by the item ``mask`` (n_items,) in place inside the block;
+    the original values are put back on leaving it (also on error)."""
+    params = dict(model.named_parameters())
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, m in items.split(mask.reshape(-1)).items():
+                if bool((m != 1).any()):
+                    saved[name] = params[name].detach().clone()
+                    params[name].mul_(m.to(params[name]))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+class WeightFlipSearch(FlipSearch):
+    """:class:`FlipSearch` at the weight site: the same objective, groups, memoised reference terms
+    and stopping test; items instead of units, chosen by the official rule (highest positive
+    ``weight x gradient``). Parameters as :class:`FlipSearch` (``site``, ``structure`` and
+    ``cache_prefix`` do not apply: the first layer's weights are masked too)."""
+
+    def __init__(self, model: nn.Module, ref_x: torch.Tensor, ref_y: torch.Tensor, ref_ids, *,
+                 dtype: torch.dtype = torch.float32, cache_mb: float = 256, **_ignored):
+        self._setup(model, ref_x, ref_y, ref_ids, dtype)
+        self.site = "weight"
+        self.structure = weight_items(self.model)
+        self._params = {k: v.detach() for k, v in self.model.named_parameters()}
+        self._buffers = {k: v for k, v in self.model.named_buffers()}
+        self._vmap = True
+        #: conv nets: all searches at once under vmap; models without conv weights (MLPs, transformers):
+        #: one search at a time, since each search's weight gradient is as large as the model and
+        #: batching them only adds memory traffic (0.1-0.2x on the MNIST-5k MLP, artifacts/bench_flip.md)
+        self.batched = any(sp.filter for sp in self.structure.spaces)
+        self._setup_memo(cache_mb)
+        self.prefix = None
+
+    def _leaves(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-parameter item masks (G, *item_shape), leaves of their own (no slicing in the graph)."""
+        g = masks.shape[0]
+        return {sp.name: masks[:, sp.offset:sp.offset + sp.size].detach().to(self.dtype).reshape(g, *sp.item_shape)
+                .clone().requires_grad_(True) for sp in self.structure.spaces}
+
+    def _call(self, leaves: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        """Logits (G, n, C) of ``inputs`` (G, n, ...), row g through the weights masked by ``leaves[.][g]``."""
+        def one(mask, x):
+            params = {k: p * mask[k] for k, p in self._params.items()}
+            return functional_call(self.model, (params, self._buffers), (x,))
+
+        if self._vmap:
+            try:
+                return vmap(one)(leaves, inputs)
+            except (RuntimeError, NotImplementedError, ValueError):
+                self._vmap = False      # a layer that vmap cannot batch: one search at a time
+        return torch.stack([one({k: v[i] for k, v in leaves.items()}, x) for i, x in enumerate(inputs)])
+
+    def _flat(self, grads, g: int) -> torch.Tensor:
+        return torch.cat([t.reshape(g, -1) for t in grads], 1)
+
+    def _terms(self, masks, xt, yt, ref_masks, ref_repeats, excluded, *, use_prefix=True):
+        target, ref = self._leaves(masks), self._leaves(ref_masks)
+        with torch.enable_grad():
+            target_logits = self._call(target, xt).mean(1)
+            ref_logits = self._call(ref, self.ref_x[ref_repeats]) if len(ref_masks) else None
+            objective = self._objective(target_logits, yt, ref_logits, ref_repeats, excluded)
+            leaves = list(target.values()) + (list(ref.values()) if len(ref_masks) else [])
+            grads = torch.autograd.grad(objective, leaves)
+        n = len(target)
+        grad_t = self._flat(grads[:n], len(masks))
+        grad_r = self._flat(grads[n:], len(ref_masks)) if len(ref_masks) else torch.zeros_like(ref_masks, dtype=self.dtype)
+        return target_logits.argmax(1), grad_t, grad_r
+
+    def _step(self, slots, masks, xt, yt):
+        if self.batched:
+            return super()._step(slots, masks, xt, yt)
+        grads = []
+        for i, s in enumerate(slots):       # one forward/backward of the target and its reference batch
+            r = torch.tensor([s["r"]], device=self.device)
+            split = self.structure.split(masks[i].to(self.dtype))
+            eff = {k: (p * split[k]).requires_grad_(True) for k, p in self._params.items()}
+            with torch.enable_grad():
+                logits = functional_call(self.model, (eff, self._buffers), (torch.cat([xt[i], self.ref_x[s["r"]]]),))
+                nt = xt.shape[1]
+                objective = self._objective(logits[:nt].mean(0, keepdim=True), yt[i:i + 1], logits[None, nt:], r,
+                                            torch.tensor([s["excluded"]], device=self.device))
+                g = torch.autograd.grad(objective, list(eff.values()))
+            # dO/dmask = p x dO/d(p x mask) (no conv filters here: every item is one element)
+            grads.append(torch.cat([(gk * self._params[k]).reshape(-1) for k, gk in zip(eff, g)]))
+        self.stats["example_steps"] += len(slots)
+        self.stats["reference_evaluations"] += len(slots)
+        return torch.stack(grads)
+
+    def _predict_masked(self, masks: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._call(self._leaves(masks), xt).mean(1).argmax(1)
+
+    def _choose(self, grad: torch.Tensor, masks: torch.Tensor):
+        """The official rule: the item with the highest ``weight x gradient`` (zeroed items score 0),
+        if that score is positive."""
+        score = grad * masks            # zeroed items score 0
+        best = score.argmax(1)
+        return best.tolist(), (score.gather(1, best[:, None])[:, 0] > 0).tolist()
+
+    def zeroing(self, model: nn.Module, mask: torch.Tensor):
+        return weight_masks(model, self.structure, mask)

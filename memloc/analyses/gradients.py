@@ -1,0 +1,188 @@
+"""Gradient accounting per layer: how much do clean and mislabeled examples pull on each layer?
+
+``memloc.gradients(run_or_model, data=None, *, checkpoints="all", layers=None, bn_mode="eval")``
+(command: ``python -m memloc gradients RUN``).
+
+For every checkpoint epoch and every layer, with ``g_c`` the gradient of the mean cross-entropy
+over the *clean* training examples, ``g_n`` over the *noisy* ones (w.r.t. their given labels)
+and ``g = (n_c g_c + n_n g_n) / N`` the gradient of the mean over all training examples:
+
+* ``norm_clean = ||g_c|| / sqrt(numel)``, ``norm_noisy``, ``norm_total`` likewise (numel = the
+  layer's parameter count, so layers of different sizes are comparable);
+* ``cosine = <g_c, g_n> / (||g_c|| ||g_n||)`` (NaN when either is zero).
+
+One forward and two backward passes per batch (the clean part with ``retain_graph``, then the
+noisy part). Norm layers run in eval mode (running statistics) by default; ``bn_mode="train"``
+uses batch statistics (on a copy of the model, so no running statistic changes). Weight decay
+is not part of the loss.
+
+Returns a :class:`memloc.core.results.Result` ``"gradients"``: ``norm`` (epoch, layer, subset) with
+subset = clean / noisy / all, and ``cosine`` (epoch, layer).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+import xarray as xr
+
+from ..core.data import ExampleSet
+from ..scale.distributed import shard, world
+from ..core.dropout import auto_as_test
+from ..core.errors import MemlocError
+from ..core.evaluate import eval_mode
+from ..scale.parts import Parts, parts_folder
+from ..core.results import Result
+from ..core.runtime import check_range, progress
+from ..core.schemas import GRADIENT_PARTS
+from ..core.selection import layer_coords, prepare
+from ..core.units import NORM_TYPES, Layer
+
+__all__ = ["QUANTITIES", "BN_MODES", "layer_gradients", "gradients"]
+
+QUANTITIES = ("norm_clean", "norm_noisy", "norm_total", "cosine")
+BN_MODES = ("eval", "train")
+
+
+@contextlib.contextmanager
+def _in_mode(model: nn.Module, bn_mode: str):
+    """``model`` in eval mode, or a copy with its norm layers in train mode (``bn_mode="train"``)."""
+    if bn_mode not in BN_MODES:
+        raise MemlocError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
+    if bn_mode == "train":
+        model = copy.deepcopy(model).eval()  # batch statistics would update the caller's running stats
+        for m in model.modules():
+            if isinstance(m, NORM_TYPES):
+                m.train()
+        with auto_as_test(model):
+            yield model
+        return
+    with eval_mode(model):
+        yield model
+
+
+def layer_gradients(model: nn.Module, examples: ExampleSet, is_noisy, layers: Sequence[Layer], *,
+                    batch_size: int = 1024, bn_mode: str = "eval") -> dict[str, np.ndarray]:
+    """Per-layer norms of the clean / noisy / total mean-loss gradients and their cosine.
+
+    Parameters
+    ----------
+    model : classifier whose parameters of ``layers`` require grad (its ``.grad`` fields and, with
+        ``bn_mode="train"``, its running statistics are left untouched).
+    examples : the training examples, labels ``y`` = the given (possibly wrong) labels.
+    is_noisy : (N,) bool, indexed by example id (``examples.idx``).
+    layers : the layers to report (from :func:`memloc.core.units.trace`).
+    bn_mode : ``eval`` (running statistics) or ``train`` (batch statistics, batches in order).
+
+    Returns
+    -------
+    ``{q: (L,) float64 array}`` for ``q`` in :data:`QUANTITIES`.
+    """
+    with _in_mode(model, bn_mode) as m:
+        sums = _gradient_sums(m, examples, is_noisy, layers, batch_size)
+    noisy_all = np.asarray(is_noisy, dtype=bool)[examples.idx.cpu().numpy()]
+    n, n_noisy = len(noisy_all), int(noisy_all.sum())
+    n_clean = n - n_noisy
+    out = {q: np.full(len(layers), np.nan) for q in QUANTITIES}
+    for j, layer in enumerate(layers):
+        if not layer.params:  # e.g. a norm without affine parameters
+            continue
+        gc, gn = (torch.cat([g.flatten() for g in sums[part][layer.name]]).double()
+                  for part in ("clean", "noisy"))
+        root = max(layer.numel, 1) ** 0.5
+        norm_c, norm_n = float(gc.norm()), float(gn.norm())
+        if n_clean:
+            out["norm_clean"][j] = norm_c / root
+        if n_noisy:
+            out["norm_noisy"][j] = norm_n / root
+        out["norm_total"][j] = float((gc * (n_clean / n) + gn * (n_noisy / n)).norm()) / root
+        if norm_c > 0 and norm_n > 0:
+            out["cosine"][j] = float(gc @ gn) / (norm_c * norm_n)
+    return out
+
+
+def _gradient_sums(model, examples, is_noisy, layers, batch_size):
+    """``{"clean"|"noisy": {layer name: [grad per parameter]}}`` of the mean clean / noisy loss."""
+    state = dict(model.named_parameters())
+    names = [(l.name, k) for l in layers for k in l.params]
+    params = [state[k] for _, k in names]
+    frozen = [k for _, k in names if not state[k].requires_grad]
+    if frozen:
+        raise ValueError(f"parameter {frozen[0]!r} does not require grad")
+    noisy_by_id = torch.as_tensor(np.asarray(is_noisy, dtype=bool), device=examples.y.device)
+    n_noisy = int(noisy_by_id[examples.idx].sum())
+    counts = {"clean": len(examples) - n_noisy, "noisy": n_noisy}
+    sums = {part: [torch.zeros_like(p) for p in params] for part in counts}
+    for x, y, idx in progress(examples.batches(batch_size), desc="gradients", unit="batch",
+                                  total=-(-len(examples) // batch_size)):
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        noisy = noisy_by_id[idx]
+        parts = [(part, losses[mask].sum() / counts[part])
+                 for part, mask in (("clean", ~noisy), ("noisy", noisy)) if mask.any()]
+        for i, (part, loss) in enumerate(parts):  # two backward passes through one forward graph
+            grads = torch.autograd.grad(loss, params, retain_graph=i + 1 < len(parts), allow_unused=True)
+            for acc, g in zip(sums[part], grads):
+                if g is not None:
+                    acc += g
+    out = {part: {l.name: [] for l in layers} for part in counts}
+    for part in counts:
+        for (layer, _), g in zip(names, sums[part]):
+            out[part][layer].append(g)
+    return out
+
+
+def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str = "eval",
+              batch_size: int = 1024, device="auto", resume_dir=None, overwrite: bool = False) -> Result | None:
+    """:func:`layer_gradients` at every selected checkpoint of a run (or of a model).
+
+    ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` (then
+    ``checkpoints`` is ``{epoch: state_dict}`` or None for its own weights, epoch -1); ``layers``:
+    names (default all). Returns the ``"gradients"`` result: ``norm`` (epoch, layer, subset) and
+    ``cosine`` (epoch, layer).
+
+    ``resume_dir``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
+    ``RUN/results/gradients.partial`` for a run, as ``memloc gradients`` uses; None, the default:
+    nothing saved in one process): each finished checkpoint is saved there, and a rerun with the
+    same settings takes it instead of recomputing it (``overwrite`` discards parts made with other
+    settings); they are deleted when the result is saved (:meth:`memloc.Result.save`). Under
+    torchrun (:mod:`memloc.scale.distributed`) the checkpoints are split across the processes (None then
+    means ``"auto"``) and rank 0 returns the merged result, the other ranks None.
+    """
+    if bn_mode not in BN_MODES:
+        raise MemlocError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
+    check_range("batch_size", batch_size, low=1, integer=True)
+    p = prepare(source, data, device=device, layers=layers, checkpoints=checkpoints)
+    model = copy.deepcopy(p.model).requires_grad_(True)
+    epochs = list(p.states)
+    config = {"checkpoints": epochs, "layers": [l.name for l in p.layers], "bn_mode": bn_mode,
+              "batch_size": batch_size, "device": str(p.device), "loss": "cross_entropy mean",
+              "normalisation": "norm / sqrt(numel)"}
+    parts = Parts(parts_folder(resume_dir, p.run, "gradients"), {**config, "device": p.device.type},
+                  what="gradients", overwrite=overwrite)
+    try:        # one item per checkpoint: its (layer, quantity) array
+        for epoch in progress(shard([e for e in epochs if (e,) not in parts.done]), desc="checkpoints",
+                              unit="checkpoint"):
+            model.load_state_dict(p.state(epoch))
+            row = layer_gradients(model, p.data.train, p.data.is_noisy, p.layers, batch_size=batch_size,
+                                  bn_mode=bn_mode)
+            parts.add({(epoch,): np.stack([row[q] for q in QUANTITIES], -1).reshape(len(p.layers), len(QUANTITIES))})
+        parts.gather()
+    finally:
+        parts.release()
+    if world()[0] > 0:
+        return None             # rank 0 merges the parts and returns the result
+    rows = [dict(zip(QUANTITIES, parts.done[(e,)].T)) for e in epochs]
+    norm = np.stack([np.stack([r[f"norm_{'total' if part == 'all' else part}"] for part in GRADIENT_PARTS], -1)
+                     for r in rows]).reshape(len(rows), len(p.layers), len(GRADIENT_PARTS))
+    cosine = np.stack([r["cosine"] for r in rows]).reshape(len(rows), len(p.layers))
+    ds = xr.Dataset({"norm": (("checkpoint", "layer", "subset"), norm), "cosine": (("checkpoint", "layer"), cosine)},
+                    coords={"checkpoint": np.array(list(p.states), dtype=np.int64), **layer_coords(p.layers),
+                            "subset": list(GRADIENT_PARTS)})
+    result = Result("gradients", ds, config=config)
+    result.parts = parts.folder
+    return result

@@ -1,0 +1,198 @@
+"""Parameter importance maps from continual learning: which parameters matter for which examples?
+
+``memloc.importance(run_or_model, data=None, *, method="fisher"|"mas", subsets=("clean", "noisy"))``
+(command: ``python -m memloc importance RUN``):
+
+* ``fisher`` (EWC, Kirkpatrick et al. 2017): the diagonal empirical Fisher information, the mean
+  over the examples of the squared per-example gradient of the cross-entropy of the *given* label;
+* ``mas`` (Aljundi et al. 2018): Omega, the mean over the examples of the absolute per-example
+  gradient of the squared L2 norm of the output (logits); needs no labels.
+
+Both in eval mode (BatchNorm uses its running statistics, so examples do not interact), with
+per-example gradients from ``torch.func`` (``vmap`` of ``grad``) in batches. Aggregated per
+layer (sum over the layer's parameters / their count, :func:`memloc.core.units.trace` layers) and per
+unit (conv channel / linear feature, the unit ids of :mod:`memloc.flip`: the parameters that
+produce that unit -- its weight row or filter, bias, and its norm's scale and shift -- averaged).
+With a flip result, ``flip_overlap`` is the Jaccard overlap between the units flip zeroed for the
+noisy examples and the same number of top units by the noisy subset's importance.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+import xarray as xr
+
+from ..core.errors import MemlocError
+from ..core.evaluate import eval_mode
+from ..core.results import Result
+from ..core.runtime import check_range, progress
+from ..core.selection import layer_coords, resolve
+from ..core.units import CONV_TYPES, Structure, trace
+
+__all__ = ["METHODS", "param_importance", "unit_importance", "layer_importance", "importance", "select_rows", "flip_units"]
+
+METHODS = ("fisher", "mas")
+
+
+def _example_loss(method: str):
+    def loss(params, buffers, model, x, y):
+        out = functional_call(model, (params, buffers), (x[None],))
+        if method == "fisher":
+            return F.cross_entropy(out, y[None])
+        return out.pow(2).sum()
+    return loss
+
+
+def param_importance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str = "fisher",
+                     batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """Per-parameter importance (same shapes as the trainable parameters) over the examples ``x``.
+
+    ``fisher``: mean_i (d CE(f(x_i), y_i) / d theta)^2; ``mas``: mean_i |d ||f(x_i)||^2 / d theta|.
+    The model is evaluated in eval mode; its weights and train flags are left as they were.
+    """
+    if method not in METHODS:
+        raise MemlocError(f"unknown importance method {method!r}; valid: {', '.join(METHODS)}", argument="method")
+    check_range("batch_size", batch_size, low=1, integer=True)
+    if len(y) == 0:
+        raise MemlocError("importance needs at least one example", argument="subsets")
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    buffers = {k: b.detach() for k, b in model.named_buffers()}
+    per_example = vmap(grad(_example_loss(method)), in_dims=(None, None, None, 0, 0))
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    with eval_mode(model):
+        for s in progress(range(0, len(y), batch_size), desc=f"importance ({method})", unit="batch"):
+            g = per_example(params, buffers, model, x[s:s + batch_size], y[s:s + batch_size])
+            for k in total:
+                total[k] += (g[k].pow(2) if method == "fisher" else g[k].abs()).sum(0)
+    return {k: v / len(y) for k, v in total.items()}
+
+
+def layer_importance(imp: dict[str, torch.Tensor], structure: Structure) -> np.ndarray:
+    """(L,) mean importance per parameter of each traced layer."""
+    out = []
+    for layer in structure.layers:
+        vals = [imp[k] for k in layer.params if k in imp]
+        n = sum(v.numel() for v in vals)
+        out.append(float(sum(v.sum() for v in vals) / n) if n else float("nan"))
+    return np.asarray(out)
+
+
+def _unit_params(model: nn.Module, structure: Structure) -> list[tuple[int, list[tuple[str, int]]]]:
+    """(offset, [(parameter name, the dim that indexes the space's units)]) of every unit space."""
+    modules = dict(model.named_modules())
+    out = []
+    for space in structure.spaces:
+        names = []
+        for mod in (space.module, space.norm):
+            if mod is None:
+                continue
+            transposed = isinstance(modules[mod], CONV_TYPES[3:]) and modules[mod].groups == 1
+            for pname, p in modules[mod].named_parameters(recurse=False):
+                dim = 1 if transposed and pname == "weight" else 0     # ConvTranspose weight: (in, out, ...)
+                if p.ndim > dim and p.shape[dim] == space.size:
+                    names.append((f"{mod}.{pname}", dim))
+        out.append((space.offset, names))
+    return out
+
+
+def unit_importance(imp: dict[str, torch.Tensor], model: nn.Module, structure: Structure) -> np.ndarray:
+    """(n_units,) mean importance of the parameters producing each unit (weight row / filter, bias, norm)."""
+    out = np.full(structure.n_units, np.nan)
+    for space, (offset, names) in zip(structure.spaces, _unit_params(model, structure)):
+        rows = [imp[n].movedim(d, 0).reshape(space.size, -1) for n, d in names if n in imp]
+        if not rows:
+            continue
+        sums = sum(r.sum(1) for r in rows)
+        counts = sum(r.shape[1] for r in rows)
+        out[offset:offset + space.size] = (sums / counts).cpu().numpy()
+    return out
+
+
+def select_rows(data, subset: str, *, flagged=None, argument: str = "subsets") -> np.ndarray:
+    """Training-example ids of ``subset``: clean, noisy, all, flagged (ids given), class:C or ids:1,2,3."""
+    n = len(data.label_given)
+    if subset == "clean":
+        return np.flatnonzero(~data.is_noisy)
+    if subset == "noisy":
+        return np.flatnonzero(data.is_noisy)
+    if subset == "all":
+        return np.arange(n)
+    if subset == "flagged":
+        if flagged is None:
+            raise MemlocError(f"{argument} 'flagged' needs the flags of memloc issues (RUN/results/issues.h5): run it first",
+                              argument=argument)
+        return np.flatnonzero(np.asarray(flagged, dtype=bool))
+    if subset.startswith("class:"):
+        try:
+            c = int(subset.split(":", 1)[1])
+        except ValueError:
+            raise MemlocError(f"{argument} {subset!r} is not class:C", argument=argument) from None
+        return np.flatnonzero(np.asarray(data.label_given) == c)
+    if subset.startswith("ids:"):
+        try:
+            ids = np.array(sorted({int(t) for t in subset[4:].split(",") if t.strip()}), dtype=np.int64)
+        except ValueError:
+            raise MemlocError(f"{argument} {subset!r} is not ids:1,2,3", argument=argument) from None
+        if len(ids) and (ids.min() < 0 or ids.max() >= n):
+            raise MemlocError(f"{argument} {subset!r} holds ids outside 0..{n - 1}", argument=argument)
+        return ids
+    raise MemlocError(f"{argument} names an unknown subset {subset!r}; valid: clean, noisy, all, flagged, class:C, ids:1,2,3",
+                      argument=argument)
+
+
+def flip_units(run, examples=None) -> np.ndarray | None:
+    """Global ids of every unit zeroed by a flip search that flipped, for the noisy examples (or the
+    example ids ``examples``); None without a flip result. Searches that hit max_units unflipped are left out."""
+    if run is None or not run.results_path("flip").is_file():
+        return None
+    res = run.result("flip")
+    ids, off = res["unit_ids"].values, res["unit_offsets"].values
+    repeats = res.sizes["repeat"]
+    chosen = (res["is_noisy"].values.astype(bool) if examples is None
+              else np.isin(res["example"].values, np.asarray(examples)))
+    flipped = res["flipped"].values.astype(bool)
+    rows = [i * repeats + r for i in np.flatnonzero(chosen & (res["status"].values == 0)) for r in range(repeats)
+            if flipped[i, r]]
+    return np.unique(np.concatenate([ids[off[r]:off[r + 1]] for r in rows])) if rows else np.zeros(0, np.int64)
+
+
+def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "noisy"), batch_size: int = 128,
+               device="auto") -> Result:
+    """The ``"importance"`` result: ``layer_importance`` (subset, layer), ``unit_importance`` (subset, unit)."""
+    from ..core.runtime import split_list
+    src = resolve(source, data, device=device)
+    names = split_list(subsets) or []
+    if not names:
+        raise MemlocError("give at least one subset", argument="subsets")
+    flagged = None
+    if "flagged" in names and src.run is not None and src.run.results_path("issues").is_file():
+        flagged = src.run.result("issues")["flagged"].values
+    structure = trace(src.model, src.data.train.x[:2])
+    train = src.data.train
+    per_layer, per_unit, sizes = [], [], []
+    for name in names:
+        rows = select_rows(src.data, name, flagged=flagged)
+        part = train.subset(rows)        # a streamed set's rows are read batch by batch
+        imp = param_importance(src.model, part.x, part.y, method=method, batch_size=batch_size)
+        per_layer.append(layer_importance(imp, structure))
+        per_unit.append(unit_importance(imp, src.model, structure))
+        sizes.append(len(rows))
+    coords = {**layer_coords(structure.layers), "subset": names, "unit": np.arange(structure.n_units),
+              "unit_layer": ("unit", np.repeat([s.name for s in structure.spaces], [s.size for s in structure.spaces]))}
+    variables = {"layer_importance": (("subset", "layer"), np.stack(per_layer)),
+                 "unit_importance": (("subset", "unit"), np.stack(per_unit)),
+                 "examples": ("subset", np.asarray(sizes))}
+    weight_site = src.run is not None and src.run.results_path("flip").is_file() and \
+        src.run.result("flip").config.get("site") == "weight"
+    zeroed = None if weight_site else flip_units(src.run)      # weight-site flips zero parameter items, not units
+    if zeroed is not None and "noisy" in names and len(zeroed):
+        top = np.argsort(-np.nan_to_num(per_unit[names.index("noisy")], nan=-np.inf), kind="stable")[:len(zeroed)]
+        inter = len(np.intersect1d(top, zeroed))
+        variables["flip_overlap"] = ((), inter / (2 * len(zeroed) - inter))
+        variables["flip_units"] = ("zeroed", zeroed)
+    config = {"method": method, "subsets": names, "batch_size": batch_size, "device": str(src.device),
+              "checkpoint": src.checkpoint}
+    return Result("importance", xr.Dataset(variables, coords=coords), config=config)

@@ -1,0 +1,212 @@
+"""Layer retraining: reset one layer to its initialisation and retrain only it on clean data.
+
+``memloc.retrain(run_or_model, data=None, *, layers=None, epochs=20, lr=0.1, reset_to=0)``
+(command: ``python -m memloc retrain RUN``).
+
+For every layer, a copy of the final model gets that layer's tensors (parameters and its norm's
+buffers) from checkpoint ``reset_to`` (default 0, the initialisation); every other parameter
+is frozen and every other module stays in eval mode, so no other parameter *or buffer* (e.g.
+another layer's BatchNorm running statistics) changes. Only the layer is trained, on the clean
+training examples, with SGD (momentum, weight decay) and a one-cycle schedule (learning rate
+rising linearly from 0 to ``--lr`` at the middle of training, then back to 0). After every epoch
+(and before the first) the model is evaluated on the subsets of :data:`memloc.core.evaluate.SUBSETS`. A
+layer that clean data alone can bring back to high clean and test accuracy, while the noisy
+labels stay unlearned, is not needed for memorisation. Seeded and deterministic.
+
+Returns the ``"retrain"`` result: ``accuracy`` (layer, epoch, subset) with epoch = 0..E and
+``baseline`` (subset), the final model's accuracies.
+
+Everything that runs before the retrained layer is frozen: with ``prefix_cache`` (default) its
+output is computed once for the whole dataset and every training and evaluation pass starts from
+it (see :mod:`memloc.scale.prefix`; the same results, bit for bit; training batches take the cached rows
+only where their batch sizes are checked to round as a batch of their own does).
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+import xarray as xr
+
+from ..scale.distributed import shard, world
+from ..core.errors import MemlocError
+from ..core.evaluate import SUBSETS, accuracy_row
+from ..core.optim import epoch_seed, make_optimizer, make_schedule
+from ..scale.parts import Parts, parts_folder
+from ..core.precision import apply_channels_last, autocast, check_precision, grad_scaler
+from ..scale.prefix import CACHE_MB, PrefixCache
+from ..core.results import Result
+from ..core.runtime import check_range, progress
+from ..core.selection import copy_layer, layer_coords, prepare
+from ..core.units import Layer
+
+__all__ = ["HYPER", "retrain_layer", "retrain"]
+
+# Retraining hyper-parameters (the paper's: 20 epochs, one-cycle peaking at lr 0.1 mid-way).
+HYPER = dict(
+    epochs=20,           # retraining epochs
+    lr=0.1,              # peak learning rate, reached half-way
+    batch_size=128,
+    momentum=0.9,        # SGD with Nesterov momentum
+    weight_decay=5e-4,
+    seed=0,              # batch order (and any randomness of the layer's own modules)
+)
+
+
+def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer, data, *,
+                  epochs: int = HYPER["epochs"], lr: float = HYPER["lr"],
+                  batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
+                  weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
+                  eval_batch_size: int = 1024, prefix_cache: bool = True,
+                  prefix_cache_mb: float = CACHE_MB, precision: str = "fp32") -> tuple[np.ndarray, nn.Module]:
+    """Reset ``layer`` of a copy of ``model`` to ``init`` and retrain only it on ``data.clean_train``.
+
+    Parameters
+    ----------
+    model : the trained model (not modified).
+    init : a state_dict holding the layer's reset tensors (e.g. the epoch-0 checkpoint).
+    layer : the layer to reset and retrain (its modules run in train mode, all others in eval).
+    data : :class:`memloc.core.data.Data` on the model's device.
+    prefix_cache : compute what runs before the layer once (within ``prefix_cache_mb`` MiB of
+        activations; :class:`memloc.scale.prefix.PrefixCache`) instead of in every pass. Same results.
+    precision : ``"fp32"``, ``"bf16"`` or ``"fp16"``: forward passes and the loss under autocast, the
+        fp16 loss scaled (:mod:`memloc.core.precision`).
+
+    Returns
+    -------
+    curve : (epochs + 1, 4) accuracies over :data:`memloc.core.evaluate.SUBSETS`; row 0 = just after the reset.
+    model : the retrained copy.
+    """
+    work = copy.deepcopy(model).eval()
+    copy_layer(work, init, layer)
+    for p in work.parameters():
+        p.requires_grad_(False)
+    params = dict(work.named_parameters())
+    trainable = [params[k].requires_grad_(True) for k in layer.params]
+    modules = dict(work.named_modules())
+    own = [modules[m] for m in layer.modules if m in modules]
+    clean = data.clean_train
+    device = clean.y.device
+    with autocast(precision, device):
+        cache = PrefixCache(work, [layer], data, batch_size=eval_batch_size, budget_mb=prefix_cache_mb,
+                            extra_rows=len(clean), enabled=prefix_cache)
+        net, cached = cache.pick(0)
+        train_net, train_set = _training_pass(cache, clean, cached.clean_train if net is not work else None,
+                                              batch_size, seed)
+        curve = [accuracy_row(net, cached, batch_size=eval_batch_size)]
+    steps = max(1, -(-len(clean) // batch_size)) * epochs
+    if not trainable:  # e.g. a norm without affine parameters: nothing to retrain
+        return np.asarray(curve * (epochs + 1), dtype=np.float64), work
+    opt = make_optimizer(trainable, "sgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = make_schedule(opt, steps, "onecycle", 0.5)
+    scaler = grad_scaler(precision, device)
+    device = trainable[0].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for epoch in range(1, epochs + 1):
+            for m in own:
+                m.training = True  # the layer's own modules only (not their children)
+            gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+            for x, y, _ in train_set.batches(batch_size, shuffle=True, generator=gen):
+                if len(y) < 2:  # a single example breaks batch-statistics norms
+                    continue
+                with autocast(precision, device):
+                    loss = F.cross_entropy(train_net(x), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+            work.eval()
+            with autocast(precision, device):
+                curve.append(accuracy_row(net, cached, batch_size=eval_batch_size))
+    return np.asarray(curve, dtype=np.float64), work
+
+
+def _training_pass(cache: PrefixCache, clean, cached_clean, batch_size: int, seed: int):
+    """``(net, examples)`` for the training batches: the cut and the cached clean rows when the
+    batch sizes of an epoch (a full batch, the last one) take them bit for bit, else the model and ``clean``."""
+    if cached_clean is None:
+        return cache.model, clean
+    order = torch.randperm(len(clean), generator=torch.Generator().manual_seed(epoch_seed(seed, 1)))
+    tail = len(clean) % batch_size
+    probes = [order[:batch_size]] + ([order[-tail:]] if tail > 1 else [])  # single rows are skipped
+    for rows in probes:
+        rows = rows.to(clean.y.device)
+        if not cache.same_rows(0, clean.x[rows], cached_clean.x[rows]):
+            return cache.model, clean
+    return cache.pick(0)[0], cached_clean
+
+
+def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["epochs"],
+            lr: float = HYPER["lr"], batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
+            weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
+            eval_batch_size: int = 1024, device="auto", prefix_cache: bool = True,
+            prefix_cache_mb: float = CACHE_MB, resume_dir=None, overwrite: bool = False,
+            precision: str = "fp32") -> Result | None:
+    """:func:`retrain_layer` for every layer (or those named in ``layers``) of the final model.
+
+    ``source``: a :class:`memloc.Run` / run path (``reset_to``: a checkpoint epoch), or an
+    ``nn.Module`` with ``data`` (``reset_to``: a state_dict holding the layers' reset tensors).
+    ``prefix_cache=False`` recomputes the whole model in every pass (see :func:`retrain_layer`).
+    Returns the ``"retrain"`` result: ``accuracy`` (layer, epoch, subset) and ``baseline`` (subset).
+
+    ``resume_dir``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
+    ``RUN/results/retrain.partial`` for a run, as ``memloc retrain`` uses; None, the default:
+    nothing saved in one process): each retrained layer is saved there, and a rerun with the same
+    settings takes them instead of recomputing them (``overwrite`` discards parts made with other
+    settings); they are deleted when the result is saved (:meth:`memloc.Result.save`). Under
+    torchrun (:mod:`memloc.scale.distributed`) the layers are split across the processes (None then means
+    ``"auto"``) and rank 0 returns the merged result, the other ranks None.
+
+    ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (see :func:`retrain_layer`); recorded
+    in the config.
+    """
+    check_range("epochs", epochs, low=1, integer=True)
+    check_range("batch_size", batch_size, low=1, integer=True)
+    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    check_range("momentum", momentum, low=0, high=1, high_open=True)
+    check_range("weight_decay", weight_decay, low=0)
+    check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
+    check_range("lr", lr, low=0)
+    check_range("prefix_cache_mb", prefix_cache_mb, low=0)
+    check_precision(precision)
+    if not lr > 0:
+        raise MemlocError(f"lr must be positive, got {lr}", argument="lr")
+    if isinstance(source, nn.Module) and not isinstance(reset_to, dict):
+        raise MemlocError("reset_to must be a state_dict when a model is passed instead of a run")
+    p = prepare(source, data, device=device, layers=layers, checkpoints=None if isinstance(source, nn.Module) else "final")
+    init = reset_to if isinstance(reset_to, dict) else p.run.checkpoint(reset_to)
+    check_precision(precision, p.device)
+    apply_channels_last(p.model, precision, p.device)
+    hyper = dict(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed)
+    config = {**hyper, "reset_to": reset_to if not isinstance(reset_to, dict) else "state_dict",
+              "layers": [l.name for l in p.layers], "eval_batch_size": eval_batch_size, "device": str(p.device),
+              "final_epoch": p.run.final_epoch if p.run is not None else None,
+              "schedule": "onecycle, peak at 0.5", "train_subset": "clean", "precision": precision}
+    parts = Parts(parts_folder(resume_dir, p.run, "retrain"), {**config, "device": p.device.type}, what="retrain",
+                  overwrite=overwrite)
+    try:
+        for i in progress(shard([i for i in range(len(p.layers)) if (i,) not in parts.done]), desc="retrain",
+                          unit="layer"):
+            curve = retrain_layer(p.model, init, p.layers[i], p.data, eval_batch_size=eval_batch_size,
+                                  prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb, precision=precision,
+                                  **hyper)[0]
+            parts.add({(i,): curve})
+        parts.gather()
+    finally:
+        parts.release()
+    if world()[0] > 0:
+        return None             # rank 0 merges the parts and returns the result
+    curves = [parts.done[(i,)] for i in range(len(p.layers))]
+    acc = np.stack(curves) if curves else np.zeros((0, epochs + 1, len(SUBSETS)))
+    with autocast(precision, p.device):
+        baseline = accuracy_row(p.model, p.data, batch_size=eval_batch_size)
+    ds = xr.Dataset({"accuracy": (("layer", "epoch", "subset"), acc), "baseline": (("subset",), baseline)},
+                    coords={**layer_coords(p.layers), "epoch": np.arange(epochs + 1), "subset": list(SUBSETS)})
+    result = Result("retrain", ds, config=config)
+    result.parts = parts.folder
+    return result

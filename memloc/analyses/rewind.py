@@ -1,0 +1,150 @@
+"""Layer rewinding: put one layer of the final model back to an earlier checkpoint.
+
+``memloc.rewind(run_or_model, data=None, *, checkpoints="all", layers=None)`` (command:
+``python -m memloc.rewind RUN``).
+
+For every rewind epoch ``e`` and every layer, the layer's parameters *and* its norm's buffers
+(running statistics) are copied from checkpoint ``e`` into a copy of the final model, which is
+then evaluated (eval mode) on the subsets of :data:`memloc.core.evaluate.SUBSETS`: clean training
+examples, noisy training examples w.r.t. their given labels (the fraction still memorised) and
+w.r.t. their true labels, and the test set. If memorisation lived in one layer, rewinding that
+layer would drop the noisy accuracy while keeping the clean and test accuracy.
+
+Returns the ``"rewind"`` result: ``accuracy`` (checkpoint, layer, subset) and ``baseline``
+(subset), the unrewound final model's accuracies.
+
+Everything that runs before a rewound layer is the final model's at every checkpoint: with
+``prefix_cache`` (default) its output is computed once for the whole dataset and reused (see
+:mod:`memloc.scale.prefix`; the same accuracies, bit for bit).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+import xarray as xr
+
+from ..scale.distributed import shard, world
+from ..core.errors import MemlocError
+from ..core.evaluate import SUBSETS, accuracy_row
+from ..scale.parts import Parts, parts_folder
+from ..core.precision import apply_channels_last, autocast, check_precision
+from ..scale.prefix import CACHE_MB, PrefixCache
+from ..core.results import Result
+from ..core.runtime import check_range, progress
+from ..core.selection import copy_layer, layer_coords, prepare
+from ..core.units import Layer
+
+__all__ = ["rewind", "rewind_layers"]
+
+
+def rewind_layers(model: nn.Module, states: Iterable[dict[str, torch.Tensor]], layers: Sequence[Layer], data, *,
+                  batch_size: int = 1024, prefix_cache: bool = True,
+                  prefix_cache_mb: float = CACHE_MB) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracies of ``model`` with one layer at a time replaced by its tensors in each of ``states``.
+
+    Parameters
+    ----------
+    model : the final model (not modified; a copy is edited).
+    states : R state_dicts (e.g. earlier checkpoints), consumed one at a time.
+    layers : the L layers to rewind (a :func:`memloc.core.selection.merged_layer` rewinds several at once).
+    data : :class:`memloc.core.data.Data` on the model's device.
+    prefix_cache : compute what runs before each layer once (within ``prefix_cache_mb`` MiB of
+        activations; :class:`memloc.scale.prefix.PrefixCache`) instead of on every pass. Same results.
+
+    Returns
+    -------
+    accuracy : (R, L, 4) array over :data:`memloc.core.evaluate.SUBSETS`.
+    baseline : (4,) accuracies of ``model`` itself.
+    """
+    rewinder = _Rewinder(model, layers, data, batch_size=batch_size, prefix_cache=prefix_cache,
+                         prefix_cache_mb=prefix_cache_mb)
+    rows = [[rewinder.accuracy(state, i) for i in range(len(layers))] for state in states]
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(layers), len(SUBSETS)), rewinder.baseline
+
+
+class _Rewinder:
+    """A copy of ``model`` and its prefix cache; :meth:`accuracy` rewinds one layer to a state."""
+
+    def __init__(self, model, layers, data, *, batch_size, prefix_cache, prefix_cache_mb):
+        self.work = copy.deepcopy(model).eval()
+        self.final = {k: v.detach().clone() for k, v in self.work.state_dict().items()}
+        self.layers, self.batch_size = layers, batch_size
+        self.baseline = accuracy_row(self.work, data, batch_size=batch_size)
+        self.cache = PrefixCache(self.work, layers, data, batch_size=batch_size, budget_mb=prefix_cache_mb,
+                                 enabled=prefix_cache)
+
+    def accuracy(self, state: dict[str, torch.Tensor], i: int) -> np.ndarray:
+        """Accuracies with ``layers[i]`` of the final model replaced by its tensors in ``state``."""
+        layer = self.layers[i]
+        copy_layer(self.work, state, layer)
+        net, cached = self.cache.pick(i)
+        row = accuracy_row(net, cached, batch_size=self.batch_size)
+        copy_layer(self.work, self.final, layer)
+        return np.asarray(row, dtype=np.float64)
+
+
+def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size: int = 1024,
+           device="auto", prefix_cache: bool = True, prefix_cache_mb: float = CACHE_MB, resume_dir=None,
+           overwrite: bool = False, precision: str = "fp32") -> Result | None:
+    """Rewind every layer (or those named in ``layers``) of the final model to each checkpoint.
+
+    ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` and
+    ``checkpoints={epoch: state_dict}``. ``prefix_cache=False`` recomputes the whole model on
+    every pass (see :func:`rewind_layers`). Returns the ``"rewind"`` result: ``accuracy``
+    (checkpoint, layer, subset) and ``baseline`` (subset).
+
+    ``resume_dir``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
+    ``RUN/results/rewind.partial`` for a run, as ``memloc rewind`` uses; None, the default: nothing
+    saved in one process): each checkpoint's finished cells are saved there, and a rerun with the
+    same settings takes them instead of recomputing them (``overwrite`` discards parts made with
+    other settings); they are deleted when the result is saved (:meth:`memloc.Result.save`). Under
+    torchrun (:mod:`memloc.scale.distributed`) the (checkpoint, layer) cells are split across the
+    processes (None then means ``"auto"``) and rank 0 returns the merged result, the other ranks
+    None.
+
+    ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: every forward pass (the prefix
+    cache included) under autocast (:mod:`memloc.core.precision`); recorded in the config.
+    """
+    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    check_range("prefix_cache_mb", prefix_cache_mb, low=0)
+    check_precision(precision)
+    if isinstance(source, nn.Module) and not isinstance(checkpoints, dict):
+        raise MemlocError("checkpoints must be a mapping {epoch: state_dict} to rewind to when a model is passed",
+                          argument="checkpoints")
+    p = prepare(source, data, device=device, layers=layers, checkpoints=checkpoints)
+    epochs = list(p.states)
+    check_precision(precision, p.device)
+    apply_channels_last(p.model, precision, p.device)
+    config = {"checkpoints": epochs, "layers": [l.name for l in p.layers], "eval_batch_size": eval_batch_size,
+              "final_epoch": p.run.final_epoch if p.run is not None else None, "device": str(p.device),
+              "precision": precision}
+    parts = Parts(parts_folder(resume_dir, p.run, "rewind"), {**config, "device": p.device.type}, what="rewind",
+                  overwrite=overwrite)
+    try:
+        todo = [(e, i) for e in epochs for i in range(len(p.layers)) if (e, i) not in parts.done]
+        mine = shard(todo)
+        with autocast(precision, p.device):
+            rewinder = _Rewinder(p.model, p.layers, p.data, batch_size=eval_batch_size, prefix_cache=prefix_cache,
+                                 prefix_cache_mb=prefix_cache_mb)
+            for e in progress([e for e in epochs if any(c[0] == e for c in mine)], desc="rewind",
+                              unit="checkpoint"):
+                state = p.state(e)
+                parts.add({(e, i): rewinder.accuracy(state, i) for e_, i in mine if e_ == e})
+        parts.gather()
+    finally:
+        parts.release()
+    if world()[0] > 0:
+        return None             # rank 0 merges the parts and returns the result
+    acc = np.array([[parts.done[(e, i)] for i in range(len(p.layers))] for e in epochs], dtype=np.float64)
+    acc = acc.reshape(len(epochs), len(p.layers), len(SUBSETS))
+    ds = xr.Dataset({"accuracy": (("checkpoint", "layer", "subset"), acc),
+                     "baseline": (("subset",), rewinder.baseline)},
+                    coords={"checkpoint": np.array(epochs, dtype=np.int64), **layer_coords(p.layers),
+                            "subset": list(SUBSETS)})
+    result = Result("rewind", ds, config=config)
+    result.parts = parts.folder
+    return result

@@ -1,0 +1,292 @@
+"""Per-example memorisation / label-noise scores of a run.
+
+``memloc.scores(run_or_model, data=None, *, names="all", checkpoint_k=None)`` returns the
+``"scores"`` result (command: ``python -m memloc scores RUN``).
+
+Every score is a pure function (arrays in, arrays out) registered in :data:`SCORES` with its
+**direction**: ``+1`` if a higher raw value means "more likely mislabeled / memorised", ``-1`` if
+a lower one does. Raw values are stored; a detector ranks by ``direction * score``.
+
+=============  ====  =========================================================================
+name           dir   definition (dynamics of ``run.h5``; p = probability of the *given* label)
+=============  ====  =========================================================================
+final_loss     +1    cross-entropy at the end of training (final checkpoint, eval mode)
+confidence     -1    mean over epochs of p at presentation, p = exp(-loss) (Swayamdipta et
+                     al. 2020, dataset cartography: training-time forward passes)
+variability    +1    population std over epochs of that p (cartography); memorised noisy
+                     labels climb from p ~ 0 to p ~ 1, easy clean ones sit at p ~ 1
+forgetting     +1    forgetting events (Toneva et al. 2019): 1 -> 0 transitions of correctness
+                     between consecutive presentations; never-learned examples get the number
+                     of epochs, more than any learned example can reach (ranked most forgettable)
+el2n           +1    ||softmax(f(x)) - onehot(y)||_2 with the checkpoint of epoch k (Paul et al.
+                     2021; one run, no averaging over seeds)
+grand          +1    per-example norm of the loss gradient over all trainable parameters with the
+                     checkpoint of epoch k, eval mode (Paul et al. 2021)
+aum            -1    area under the margin (Pleiss et al. 2020): mean over presentations of the
+                     given-label logit minus the largest other logit
+neuron_count   -1    mean over repeats of the units zeroed until the prediction flipped
+                     (``results/flip.h5``; not flipped = max_units + 1); NaN where not searched
+                     or misclassified (Maini et al. 2023: memorised examples flip with fewer units)
+tracin         +1    TracIn self-influence (TracInCP, Pruthi et al. 2020): sum over the checkpoints
+                     of epochs 1..final of lr_e x ||loss gradient||^2, lr_e the learning rate of
+                     epoch e (:func:`checkpoint_lrs`; 1 for runs without lr / schedule in their
+                     config); one forward + backward pass over the training set per checkpoint
+=============  ====  =========================================================================
+
+Epoch k (``checkpoint_k``) defaults to 10% of training (at least 1), as Paul et al. score at epoch
+20 of 200. On the MNIST-5k runs (one-cycle schedule, 10% noise) EL2N's AUROC is 0.99 at epochs
+3-6 (MLP) and 0.98-1.00 at epochs 4-15 (lenet) and falls once noisy labels are being memorised.
+GraNd's per-example norms are computed in one forward and one backward pass per batch from each
+layer's input and output gradient (:func:`grad_norms`, ``grad_method``); TracIn reuses them at every
+checkpoint (:func:`tracin_self_influence`), so it costs one such pass per trained epoch.
+
+The ``"scores"`` result has one variable per score over the ``example`` dimension, with
+attributes ``description``, ``direction`` (and ``epoch`` for el2n / grand).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from ...scale.distributed import world
+from ...core.errors import MemlocError
+from ...core.evaluate import evaluate
+from ...scale.parts import parts_folder
+from ...core.precision import autocast, check_precision
+from ...core.results import Result
+from ...core.run import Run, as_run
+from ...core.runtime import check_range, resolve_device, split_list
+from ...core.selection import resolve
+from .functions import aum, confidence, el2n, final_loss, forgetting_events, neuron_count, variability
+from .gradnorm import GRAD_NORM_METHODS, batch_grad_norms, grad_norms
+from .passes import GRAD_NORMS, LOGITS, run_passes
+from .tracin import checkpoint_lrs, tracin_from_norms, tracin_self_influence
+
+__all__ = ["final_loss", "confidence", "variability", "forgetting_events", "el2n", "aum", "neuron_count",
+           "grad_norms", "GRAD_NORM_METHODS", "tracin_self_influence", "checkpoint_lrs", "Score", "SCORES",
+           "default_epoch_k", "scores", "select_scores"]
+
+
+class _Inputs:
+    """What the scores read from a run, or from a model and data (loaded lazily, cached)."""
+
+    def __init__(self, run: Run | None, model, data, *, epoch_k, device, batch_size: int, grad_method: str,
+                 precision: str = "fp32"):
+        self.run, self.epoch_k, self.device, self.precision = run, epoch_k, device, precision
+        self.batch_size, self.grad_method = batch_size, grad_method
+        self._model, self._data = model, data
+        self.tracin_config: dict = {}
+        self.passes: dict = {}      # {(kind, epoch): array over the training set}, from run_passes
+        self.parts = None           # their parts folder
+        self.model_epoch = -1 if run is None else epoch_k    # the epoch of el2n and grand's model
+
+    def run_passes(self, passes, *, folder, overwrite: bool) -> bool:
+        """Compute the expensive passes (:mod:`memloc.analyses.scores.passes`); False on ranks > 0."""
+        settings = {"grad_method": self.grad_method, "batch_size": self.batch_size, "device": self.device.type,
+                    "precision": self.precision}
+        model_at = (lambda e: self._model) if self.run is None else (lambda e: self.run.model(e, device=self.device))
+        merged, self.parts = run_passes(passes, self.train(), model_at, self.cell, batch_size=self.batch_size,
+                                        folder=folder, settings=settings, overwrite=overwrite)
+        self.passes = merged or {}
+        return merged is not None
+
+    def cell(self, kind: int, model: nn.Module, examples) -> np.ndarray:
+        """One cell of a pass: the logits or gradient norms of ``model`` on ``examples``."""
+        batches = examples.batches(self.batch_size)
+        if kind == LOGITS:      # in the chosen precision; the gradient norms stay float32
+            with autocast(self.precision, self.device):
+                return evaluate(model, batches, logits=True)["logits"]
+        return batch_grad_norms(model, batches, method=self.grad_method)
+
+    def dynamics(self, name: str, when: str) -> np.ndarray:
+        if self.run is None:
+            raise MemlocError(f"score needs a run's training dynamics ({when} {name}); pass a run, or "
+                              f"only model scores (el2n, grand) with a model", argument="names")
+        return self.run.dynamics(name, when)
+
+    def presentation(self, name: str) -> np.ndarray:
+        """(epoch, N) presentation dynamics without the initialisation row."""
+        return self.dynamics(name, "presentation")[1:]
+
+    def train(self):
+        if self._data is None:
+            self._data = self.run.data(self.device)
+        train = self._data.to(self.device).train
+        if not torch.equal(train.idx.cpu(), torch.arange(len(train))):
+            raise MemlocError("the training set does not list its examples in id order")
+        return train
+
+    def given(self) -> np.ndarray:
+        return self.run.label_given if self.run is not None else np.asarray(self._data.label_given)
+
+    def tracin_epochs(self) -> list[int]:
+        """The checkpoints TracIn sums over (1..final), its weights recorded in :attr:`tracin_config`."""
+        if self.run is None:
+            raise MemlocError("tracin needs a run's checkpoints; pass a run, or only model scores (el2n, "
+                              "grand) with a model", argument="names")
+        epochs = [e for e in self.run.epochs if e >= 1]
+        if not epochs:
+            raise MemlocError(f"tracin needs a trained checkpoint (epoch >= 1); run {str(self.run.path)!r} "
+                              "has only the initialisation")
+        gaps = sorted(set(range(1, epochs[-1] + 1)) - set(epochs))
+        if gaps:
+            warnings.warn(f"checkpoints of epochs {gaps} are missing: tracin leaves their steps out")
+        if not self.tracin_config:
+            weights = checkpoint_lrs(self.run.config, epochs, self.run.num_train)
+            self.tracin_config = {"tracin_epochs": epochs, "tracin_weights": [float(w) for w in weights]}
+        return epochs
+
+    def tracin(self) -> np.ndarray:
+        """TracIn self-influence over every trained checkpoint (1..final), weighted by its learning rate."""
+        epochs = self.tracin_epochs()
+        return tracin_from_norms((self.passes[GRAD_NORMS, e] for e in epochs), self.tracin_config["tracin_weights"],
+                                 num_examples=len(self.given()))
+
+    def neuron_count(self) -> np.ndarray:
+        if self.run is None:
+            raise MemlocError("neuron_count needs a run with a flip result", argument="names")
+        if not self.run.results_path("flip").is_file():
+            raise MemlocError(f"neuron_count needs {str(self.run.results_path('flip'))!r}: "
+                              f"run flip on {str(self.run.path)!r} first", argument="names")
+        res = self.run.result("flip")
+        index = res["example"].values
+        if len(index) and (index.min() < 0 or index.max() >= self.run.num_train):
+            raise MemlocError(f"the flip result lists example ids outside 0..{self.run.num_train - 1}")
+        if "max_units" not in res.config:
+            raise MemlocError("the flip result does not record max_units in its config")
+        return neuron_count(index, res["status"].values, res["n_units"].values, res["flipped"].values,
+                            num_examples=self.run.num_train, max_units=int(res.config["max_units"]))
+
+
+@dataclass(frozen=True)
+class Score:
+    """A registered score: the pure function, how to feed it, its direction."""
+
+    func: Callable
+    compute: Callable[[_Inputs], np.ndarray]
+    direction: int          # +1: higher = more likely noisy; -1: lower = more likely noisy
+    description: str
+    at_epoch_k: bool = False
+    passes: Callable[[_Inputs], list] | None = None     # the expensive passes (kind, epoch) it reads
+
+
+SCORES: dict[str, Score] = {
+    "final_loss": Score(final_loss, lambda i: final_loss(i.dynamics("loss", "end")), +1,
+                        "cross-entropy of the given label at the end of training (final checkpoint, eval mode)"),
+    "confidence": Score(confidence, lambda i: confidence(i.presentation("loss")), -1,
+                        "cartography confidence: mean over epochs of p(given label) at presentation"),
+    "variability": Score(variability, lambda i: variability(i.presentation("loss")), +1,
+                         "cartography variability: std over epochs of p(given label) at presentation"),
+    "forgetting": Score(forgetting_events, lambda i: forgetting_events(i.presentation("correct")), +1,
+                        "forgetting events (1 -> 0 between consecutive presentations); "
+                        "never learned = number of epochs"),
+    "el2n": Score(el2n, lambda i: el2n(i.passes[LOGITS, i.model_epoch], i.given()), +1,
+                  "EL2N: ||softmax - onehot(given label)||_2 at epoch k", at_epoch_k=True,
+                  passes=lambda i: [(LOGITS, i.model_epoch)]),
+    "grand": Score(grad_norms, lambda i: i.passes[GRAD_NORMS, i.model_epoch], +1,
+                   "GraNd: per-example loss-gradient norm over all parameters at epoch k (eval mode)",
+                   at_epoch_k=True, passes=lambda i: [(GRAD_NORMS, i.model_epoch)]),
+    "aum": Score(aum, lambda i: aum(i.presentation("margin")), -1,
+                 "area under the margin: mean over presentations of given-label logit minus largest other"),
+    "neuron_count": Score(neuron_count, lambda i: i.neuron_count(), -1,
+                          "units zeroed until the prediction flips (mean over repeats; not flipped = "
+                          "max_units + 1; NaN = not searched)"),
+    "tracin": Score(tracin_self_influence, lambda i: i.tracin(), +1,
+                    "TracIn self-influence: sum over checkpoints 1..final of lr x ||loss gradient||^2 "
+                    "(eval mode; weights in config tracin_weights)",
+                    passes=lambda i: [(GRAD_NORMS, e) for e in i.tracin_epochs()]),
+}
+MODEL_SCORES = ("el2n", "grand")
+
+
+def default_epoch_k(final_epoch: int) -> int:
+    """Epoch of the EL2N / GraNd checkpoint: 10% of training (Paul et al. use epoch 20 of 200), >= 1."""
+    return min(final_epoch, max(1, round(0.1 * final_epoch)))
+
+
+def select_scores(names, run: Run | None) -> list[str]:
+    """Score names from ``"all"`` (every score whose inputs exist) or a list / comma-separated string."""
+    if names in (None, "all", ["all"]):
+        if run is None:
+            return list(MODEL_SCORES)
+        return [n for n in SCORES if n != "neuron_count" or run.results_path("flip").is_file()]
+    names = split_list(names)
+    bad = [n for n in names if n not in SCORES]
+    if bad or not names:
+        raise MemlocError(f"unknown score {', '.join(map(repr, bad)) or '(none given)'}; "
+                          f"valid: all, {', '.join(SCORES)}", argument="names")
+    return list(dict.fromkeys(names))
+
+
+def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, grad_method: str = "hooks",
+           batch_size: int = 256, device="auto", resume_dir=None, overwrite: bool = False,
+           precision: str = "fp32") -> Result | None:
+    """Scores of every training example: the ``"scores"`` result, one (example,) variable per score.
+
+    ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` (then only the
+    model scores el2n and grand, computed on that model). ``names``: ``"all"`` (every score whose
+    inputs exist: neuron_count only with a flip result) or names of :data:`SCORES`; tracin (runs
+    only) takes one forward + backward pass over the training set per checkpoint and records its
+    checkpoints and weights in the config (``tracin_epochs``, ``tracin_weights``).
+    ``checkpoint_k``: the checkpoint epoch of el2n and grand (default :func:`default_epoch_k`).
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``): el2n's forward passes under autocast
+    (:mod:`memloc.core.precision`); the per-example gradient norms (grand, tracin) stay float32, the
+    dynamics scores read what training recorded.
+
+    The expensive passes (the logits of el2n, the gradient norms of grand and of every tracin
+    checkpoint) are computed in cells of whole batches (:mod:`memloc.analyses.scores.passes`).
+    ``resume_dir``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
+    ``RUN/results/scores.partial`` for a run, as ``memloc scores`` uses; None, the default: nothing
+    saved in one process): each finished cell is saved there, and a rerun with the same settings
+    takes it instead of recomputing it (``overwrite`` discards parts made with other settings);
+    they are deleted when the result is saved (:meth:`memloc.Result.save`). Under torchrun
+    (:mod:`memloc.scale.distributed`) the cells are split across the processes (None then means
+    ``"auto"``) and rank 0 returns the merged result (equal to one process's), the other ranks None.
+    """
+    check_range("batch_size", batch_size, low=1, integer=True)
+    if grad_method not in GRAD_NORM_METHODS:
+        raise MemlocError(f"unknown grad_method {grad_method!r}; valid: {', '.join(GRAD_NORM_METHODS)}",
+                          argument="grad_method")
+    check_precision(precision)
+    if isinstance(source, nn.Module):
+        src = resolve(source, data, device=device)
+        run, model, data, dev, n = None, src.model, src.data, src.device, len(src.data.label_given)
+    else:
+        run, model, dev = as_run(source), None, resolve_device(device)
+        n = run.num_train
+    chosen = select_scores(names, run)
+    epoch_k = None
+    if run is not None:
+        epoch_k = default_epoch_k(run.final_epoch) if checkpoint_k is None else checkpoint_k
+        check_range("checkpoint_k", epoch_k, low=0, high=run.final_epoch, integer=True)
+    inp = _Inputs(run, model, data, epoch_k=epoch_k, device=dev, batch_size=batch_size, grad_method=grad_method,
+                  precision=check_precision(precision, dev))
+    # the scores read from the run first, on every rank: their errors stop all before any pass
+    computed = {name: SCORES[name].compute(inp) for name in chosen if SCORES[name].passes is None}
+    passes = [p for name in chosen if SCORES[name].passes is not None for p in SCORES[name].passes(inp)]
+    if passes and not inp.run_passes(passes, folder=parts_folder(resume_dir, run, "scores"), overwrite=overwrite):
+        return None                 # rank 0 merges the passes and returns the result
+    if world()[0] > 0:
+        return None
+    variables = {}
+    for name in chosen:
+        values = np.asarray(computed[name] if name in computed else SCORES[name].compute(inp), dtype=np.float64)
+        if values.shape != (n,):
+            raise AssertionError(f"score {name} has shape {values.shape}, expected ({n},)")
+        s = SCORES[name]
+        attrs = {"description": s.description, "direction": s.direction}
+        if s.at_epoch_k:
+            attrs["epoch"] = -1 if epoch_k is None else int(epoch_k)
+        variables[name] = xr.Variable(("example",), values, attrs)
+    ds = xr.Dataset(variables, coords={"example": np.arange(n)})
+    config = {"checkpoint_k": epoch_k, "scores": chosen, "grad_method": grad_method, "batch_size": batch_size,
+              "device": str(dev), "precision": precision, **inp.tracin_config}
+    result = Result("scores", ds, config=config)
+    result.parts = inp.parts
+    return result

@@ -1,0 +1,252 @@
+"""Per-example gradient norms (GraNd) in one forward and one backward pass per batch.
+
+Per-layer norm tricks from each parameter-owning module's input and output gradient (Linear:
+||a||^2 ||g||^2, Conv2d: per-example unfold product or grouped convolution, BatchNorm in eval mode:
+per-channel sums; any other module: a per-example ``torch.func`` VJP of that module alone), checked
+against ``torch.func.vmap`` and a one-backward-per-example loop in the tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.errors import MemlocError
+from ...core.evaluate import eval_mode
+from ...core.runtime import progress
+from ...core.units import Hooks
+
+__all__ = ["grad_norms", "batch_grad_norms", "GRAD_NORM_METHODS"]
+
+
+def grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str = "hooks",
+               batch_size: int = 256) -> np.ndarray:
+    """Per-example gradient norms ||d CE(f(x_i), y_i) / d theta||_2 over all trainable parameters.
+
+    The model is evaluated in eval mode (batch norm uses its running statistics, so examples do
+    not interact; the training flag is restored afterwards; weights are never modified).
+
+    Parameters
+    ----------
+    model : the classifier; x : (N, ...) inputs and y : (N,) labels on the model's device.
+    method : ``hooks`` (default: per-layer norm tricks from each layer's input and output
+        gradient -- Linear: ||a||^2 ||g||^2, Conv2d: per-example unfold product, BatchNorm in eval
+        mode: per-channel sums; any other parameter-owning module: a per-example ``torch.func``
+        VJP of that module alone), ``vmap`` (``torch.func.vmap(grad(...))`` of the whole model:
+        materialises every per-example gradient) or ``loop`` (one backward per example).
+    batch_size : examples per vectorised pass.
+
+    Returns
+    -------
+    (N,) float64 numpy array.
+    """
+    batches = ((x[s:s + batch_size], y[s:s + batch_size])
+               for s in progress(range(0, len(y), batch_size), desc=f"grand ({method})", unit="batch"))
+    return batch_grad_norms(model, batches, method=method)
+
+
+def batch_grad_norms(model: nn.Module, batches: Iterable, *, method: str = "hooks") -> np.ndarray:
+    """:func:`grad_norms` over ``(x, y, ...)`` batches (e.g. :meth:`memloc.core.data.ExampleSet.batches`),
+    concatenated in order: the same values as :func:`grad_norms` on the same batches."""
+    if method not in GRAD_NORM_METHODS:
+        raise MemlocError(f"unknown gradient-norm method {method!r}; valid: {', '.join(GRAD_NORM_METHODS)}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise MemlocError("the model has no trainable parameters")
+    fn = GRAD_NORM_METHODS[method]
+    with eval_mode(model):
+        sq = [fn(model, batch[0], batch[1]) for batch in batches]
+    return torch.cat(sq).sqrt().cpu().numpy() if sq else np.zeros(0)
+
+
+def _trainable(module: nn.Module, recurse: bool = True) -> dict[str, torch.Tensor]:
+    return {k: p for k, p in module.named_parameters(recurse=recurse) if p.requires_grad}
+
+
+def _sq_norms(grads, batch: bool) -> torch.Tensor:
+    """Sum of squared entries of each gradient tensor, in float64 (per row if ``batch``)."""
+    return sum(g.double().flatten(1 if batch else 0).pow(2).sum(-1) for g in grads if g is not None)
+
+
+def _loop_sq(model, x, y):
+    params = list(_trainable(model).values())
+    out = []
+    for i in range(len(y)):
+        loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+        out.append(_sq_norms(torch.autograd.grad(loss, params, allow_unused=True), batch=False))
+    return torch.stack(out)
+
+
+def _vmap_sq(model, x, y):
+    from torch.func import functional_call, grad, vmap
+    params = {k: p.detach() for k, p in _trainable(model).items()}
+    fixed = {**{k: p for k, p in model.named_parameters() if not p.requires_grad}, **dict(model.named_buffers())}
+
+    def loss_one(p, xi, yi):
+        return F.cross_entropy(functional_call(model, {**p, **fixed}, (xi[None],)), yi[None])
+
+    grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    return _sq_norms(grads.values(), batch=True)
+
+
+def _float_tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _float_tensors(o)]
+    return []
+
+
+@dataclass
+class _Call:
+    """One forward call of a parameter-owning module: inputs, outputs and output gradients."""
+
+    args: tuple
+    kwargs: dict
+    outs: list
+    grads: list
+    versions: list
+
+    def store(self, i, g):
+        self.grads[i] = g
+
+
+def _linear_sq(m: nn.Linear, call: _Call):
+    a, g = call.args[0], call.grads[0]
+    if a.ndim == 2:
+        gg = g.pow(2).sum(1)
+        return {"weight": a.pow(2).sum(1) * gg, "bias": gg}
+    a, g = a.flatten(1, -2), g.flatten(1, -2)  # (B, T, in), (B, T, out)
+    t, n_in, n_out = a.shape[1], a.shape[2], g.shape[2]
+    if t * (n_in + n_out) < n_in * n_out:  # Gram ("ghost") trick is cheaper than materialising
+        w = ((a @ a.mT) * (g @ g.mT)).sum((1, 2))
+    else:
+        w = torch.einsum("bti,bto->boi", a, g).pow(2).sum((1, 2))
+    return {"weight": w, "bias": g.sum(1).pow(2).sum(1)}
+
+
+def _conv2d_sq(m: nn.Conv2d, call: _Call):
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        return None
+    a, g = call.args[0], call.grads[0]
+    b, groups, length = a.shape[0], m.groups, g.shape[2] * g.shape[3]
+    n_in, n_out = m.weight[0].numel(), m.out_channels // groups      # per group: Cin/G * kh * kw, Cout/G
+    if length * (n_in + n_out) < n_in * n_out:
+        # few positions: Gram trick, ||sum_l d_l u_l^T||^2 = sum_{l,l'} (d_l . d_l')(u_l . u_l')
+        u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        u, d = u.reshape(b, groups, n_in, length), g.reshape(b, groups, n_out, length)
+        w = ((u.mT @ u) * (d.mT @ d)).sum((1, 2, 3))
+    else:
+        # all per-example weight gradients at once: one convolution with B * groups groups
+        w = torch.nn.grad.conv2d_weight(a.reshape(1, -1, *a.shape[2:]), (b * m.out_channels, *m.weight.shape[1:]),
+                                        g.reshape(1, -1, *g.shape[2:]), stride=m.stride, padding=m.padding,
+                                        dilation=m.dilation, groups=b * groups).reshape(b, -1).pow(2).sum(1)
+    return {"weight": w, "bias": g.sum((2, 3)).pow(2).sum(1)}
+
+
+def _batchnorm_sq(m: nn.modules.batchnorm._BatchNorm, call: _Call):
+    if m.training or m.running_mean is None:
+        return None
+    a, g = call.args[0], call.grads[0]
+    shape = [1, -1] + [1] * (a.ndim - 2)
+    xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+    b, c = a.shape[:2]
+    return {"weight": (g * xhat).reshape(b, c, -1).sum(2).pow(2).sum(1),
+            "bias": g.reshape(b, c, -1).sum(2).pow(2).sum(1)}
+
+
+def _generic_sq(m: nn.Module, call: _Call, n: int, name: str):
+    """Per-example VJP of this module alone w.r.t. its own parameters (torch.func).
+
+    Needs the batch on dim 0 of every output and of at least one input.
+    """
+    from torch.func import functional_call, vjp, vmap
+    params = {k: p.detach() for k, p in _trainable(m, recurse=False).items()}
+    cots = [torch.zeros_like(o) if gr is None else gr for o, gr in zip(call.outs, call.grads)]
+
+    def batched(v):
+        return 0 if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else None
+
+    def one(args, kwargs, cot):
+        args = tuple(a[None] if batched_dim == 0 else a for a, batched_dim in zip(args, arg_dims))
+        kwargs = {k: v[None] if kw_dims[k] == 0 else v for k, v in kwargs.items()}
+        _, fn = vjp(lambda p: tuple(_float_tensors(functional_call(m, p, args, kwargs))), params)
+        (grads,) = fn(tuple(c[None] for c in cot))
+        return _sq_norms(grads.values(), batch=False)
+
+    arg_dims = tuple(batched(a) for a in call.args)
+    kw_dims = {k: batched(v) for k, v in call.kwargs.items()}
+    if any(o.ndim == 0 or o.shape[0] != n for o in call.outs) or 0 not in (*arg_dims, *kw_dims.values()):
+        raise MemlocError(f"module {name!r} ({type(m).__name__}) does not keep the batch on dim 0; "
+                         "use grad_method='vmap'")
+    return {"*": vmap(one, in_dims=(arg_dims, kw_dims, 0))(call.args, call.kwargs, cots)}
+
+
+# exact types: subclasses may change forward (e.g. timm's BatchNormAct2d applies its activation)
+_NORM_RULES = {nn.Linear: _linear_sq, nn.Conv2d: _conv2d_sq, nn.BatchNorm1d: _batchnorm_sq,
+               nn.BatchNorm2d: _batchnorm_sq, nn.BatchNorm3d: _batchnorm_sq}
+
+
+def _hooks_sq(model, x, y):
+    owners = {name: m for name, m in model.named_modules() if _trainable(m, recurse=False)}
+    calls: dict[str, list[_Call]] = {name: [] for name in owners}
+
+    def hook_for(name):
+        def hook(module, args, kwargs, output):
+            outs = _float_tensors(output)
+            call = _Call(args, kwargs, outs, [None] * len(outs),
+                         [t._version for t in _float_tensors((args, kwargs))])
+            for i, o in enumerate(outs):
+                if o.requires_grad:  # fires with the gradient of the value before any in-place op
+                    o.register_hook(lambda g, i=i, call=call: call.store(i, g.detach()))
+            calls[name].append(call)
+        return hook
+
+    try:
+        with Hooks() as hooks:
+            for name, m in owners.items():
+                hooks.forward(m, hook_for(name), with_kwargs=True)
+            loss = F.cross_entropy(model(x), y, reduction="sum")  # sum: each example's own gradient
+            # the output-gradient hooks fire during this backward (its batch-summed result is unused)
+            torch.autograd.grad(loss, [p for m in owners.values() for p in _trainable(m, False).values()],
+                                allow_unused=True)
+        with torch.no_grad():  # torch.func transforms inside still differentiate
+            return _combine(owners, calls, len(y), y.device)
+    finally:
+        # an output holds its gradient hook, the hook its call, the call the output: a cycle through
+        # autograd's C++ side that Python's collector cannot free (each batch's activations leaked)
+        for call in (c for cs in calls.values() for c in cs):
+            call.args, call.kwargs, call.outs, call.grads = (), {}, [], []
+
+
+def _combine(owners, calls, n, device):
+    """Sum over parameter-owning modules of their per-example squared gradient norms."""
+    total = torch.zeros(n, dtype=torch.float64, device=device)
+    for name, m in owners.items():
+        if len(calls[name]) > 1:
+            raise MemlocError(f"module {name!r} runs {len(calls[name])} times per forward pass; "
+                             "per-layer gradient norms cannot be combined: use grad_method='vmap'")
+        if not calls[name] or all(g is None for g in calls[name][0].grads):
+            continue  # unused by this forward: zero gradient
+        call = calls[name][0]
+        call.args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in call.args)
+        if [t._version for t in _float_tensors((call.args, call.kwargs))] != call.versions:
+            raise MemlocError(f"the input of module {name!r} is modified in place later in the forward "
+                             "pass; use grad_method='vmap'")
+        rule = _NORM_RULES.get(type(m))
+        parts = rule(m, call) if rule is not None else None
+        if parts is None:
+            parts = _generic_sq(m, call, n, name)
+        else:
+            trainable = _trainable(m, recurse=False)
+            parts = {k: v for k, v in parts.items() if k in trainable}
+        total += sum(v.double() for v in parts.values())
+    return total
+
+
+GRAD_NORM_METHODS: dict[str, Callable] = {"hooks": _hooks_sq, "vmap": _vmap_sq, "loop": _loop_sq}

@@ -1,0 +1,101 @@
+"""``memloc demo OUT``: the whole pipeline on the embedded default, from training to report.
+
+``python -m memloc demo OUT [--quick]`` trains an MLP on MNIST-5k with 10% symmetric label noise,
+then runs gradient accounting, layer rewinding, layer retraining, unit zeroing (flip) on a sample
+of noisy and clean examples, the per-example scores, noise detection, label issues found without
+ground truth and a retraining without them, Fisher importance and unlearning, a second run with
+example-tied dropout evaluated in test and drop mode, and the reports; it ends with a summary of
+where each result lives. Full: a few minutes on 2 CPU cores; ``--quick``: under 2 minutes, with
+fewer epochs and examples (used by the integration test).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..core.errors import MemlocError
+from . import run
+
+__all__ = ["steps", "demo"]
+
+# (full, quick) settings; the quick ones trade statistical power for time only.
+SETTINGS = {
+    "epochs": ("30", "15"),
+    "grad_epochs": ("all", "0-15:3"),
+    "rewind_epochs": ("all", "0-15:5"),
+    "retrain_epochs": ("20", "4"),
+    "flip_examples": ("noisy:100,clean:100", "noisy:15,clean:15"),
+    "etd_epochs": ("40", "8"),
+}
+
+
+def steps(out: Path, quick: bool, device: str) -> list[tuple[str, str, list[str]]]:
+    """The demo's commands as ``(title, module, argv)``, in order."""
+    s = {k: v[int(quick)] for k, v in SETTINGS.items()}
+    run, etd = str(out / "mnist5k-mlp"), str(out / "mnist5k-lenet-etd")
+    dev = ["--device", device]
+    return [
+        ("train the MLP on MNIST-5k with 10% label noise", "train",
+         [run, "--dataset", "mnist5k", "--model", "mlp", "--noise", "0.1", "--epochs", s["epochs"], *dev]),
+        ("per-layer gradients of clean and noisy examples", "gradients", [run, "--checkpoints", s["grad_epochs"], *dev]),
+        ("rewind each layer to earlier checkpoints", "rewind", [run, "--checkpoints", s["rewind_epochs"], *dev]),
+        ("retrain each layer on clean data", "retrain", [run, "--epochs", s["retrain_epochs"], *dev]),
+        ("zero units until predictions flip", "flip", [run, "--examples", s["flip_examples"], *dev]),
+        ("per-example memorisation scores", "scores", [run, *dev]),
+        ("noise detection by every score", "detect", [run]),
+        ("label issues without ground truth (ranked list as CSV)", "issues",
+         [run, "--out", str(out / "mnist5k-mlp-issues.csv"), *dev]),
+        ("drop the flagged examples and retrain (one seed, no cleanlab baseline)", "clean",
+         [run, "--seeds", "0", "--no-cleanlab", *dev]),
+        ("Fisher importance of clean vs noisy examples", "importance", [run, *dev]),
+        ("unlearn the memorised labels with every method (one seed)", "unlearn", [run, "--seeds", "0", *dev]),
+        ("report", "report", [run]),
+        ("train lenet (width 4) with example-tied dropout after every ReLU", "train",
+         [etd, "--dataset", "mnist5k", "--model", "lenet", "--width", "4", "--noise", "0.1",
+          "--epochs", s["etd_epochs"], "--etd-after", "features.1,features.4,classifier.1,classifier.3",
+          "--p-gen", "0.2", "--p-mem", "0.05", *dev]),
+        ("example-tied dropout: test vs drop mode", "dropout", [etd, *dev]),
+        ("report (dropout run)", "report", [etd]),
+    ]
+
+
+def demo(out, *, quick: bool = False, device: str = "auto", overwrite: bool = False) -> Path:
+    """Run every step of :func:`steps` (each through its command); returns ``out``."""
+    out = Path(out)
+    plan = steps(out, quick, device)
+    for target in sorted({a[0] for _, name, a in plan if name == "train"}):
+        if Path(target).exists() and not overwrite:
+            raise MemlocError(f"{target!r} already exists; choose a new output folder or use overwrite=True")
+    if overwrite:    # each training step replaces its run (checked and locked by train itself)
+        plan = [(t, name, a + ["--overwrite"] if name in ("train", "report") else a) for t, name, a in plan]
+    t0 = time.time()
+    for i, (title, name, step_argv) in enumerate(plan, 1):
+        print(f"[{i}/{len(plan)}] {title}: python -m memloc {name} {' '.join(step_argv)}", flush=True)
+        run(name, step_argv)
+    print(f"\ndone in {time.time() - t0:.0f} s. Results:")
+    for run_dir in sorted({a[0] for _, name, a in plan if name == "train"}):
+        print(f"  {run_dir}/run.h5              training dynamics")
+        for f in sorted((Path(run_dir) / "results").glob("[!.]*")):
+            print(f"  {f}")
+        print(f"  {run_dir}/report/report.md   summary with figures")
+    return out
+
+
+RUN = False
+INTERRUPTED = "finished steps are kept in OUT"
+OVERWRITE = True
+OVERWRITE_HELP = "delete the demo's earlier run directories in OUT first"
+DESCRIPTION = __doc__.split("\n\n")[1].replace("\n", " ")
+
+
+def arguments(p):
+    p.add_argument("out", help="output folder (created; must not hold earlier demo runs unless --overwrite)")
+    p.add_argument("--quick", action="store_true", help="a version of about a minute with fewer epochs and examples")
+
+
+def execute(args):
+    return demo(args.out, quick=args.quick, device=args.device, overwrite=args.overwrite)
+
+
+def summary(out, args):
+    return ""

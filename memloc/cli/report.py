@@ -1,0 +1,25 @@
+"""``memloc report RUN``: figures and report.md for every result of a run (:func:`memloc.report`)."""
+from pathlib import Path
+
+from ..core.errors import MemlocError
+from ..reporting import report
+
+DEVICE = False
+OVERWRITE = True
+OVERWRITE_HELP = "replace an existing report in the output folder"
+DESCRIPTION = "Figures (PNG) for every result file of a run and a report.md summary."
+
+
+def arguments(p):
+    p.add_argument("--out", default=None, help="output folder (default RUN/report)")
+
+
+def execute(args):
+    out = Path(args.out) if args.out is not None else Path(args.run) / "report"
+    if (out / "report.md").exists() and not args.overwrite:
+        raise MemlocError(f"{str(out / 'report.md')!r} exists; use overwrite=True to replace it")
+    return report(args.run, out)
+
+
+def summary(md, args):
+    return f"report: {md}"

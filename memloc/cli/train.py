@@ -1,0 +1,64 @@
+"""``memloc train RUN``: train under label noise into a run directory (:func:`memloc.train`)."""
+import argparse
+import sys
+
+from ..core.data import NOISE_KINDS
+from ..training.train import DEFAULTS, OPTIONS, RANGES, train
+from .runner import _parser, add_eval_batch_size, add_precision, number
+
+OVERWRITE = True
+SHARDED = True     # torchrun --nproc-per-node K -m memloc train RUN: one run, each batch split K ways (DDP)
+INTERRUPTED = "finished epochs are saved (rerun with --resume to continue)"
+OVERWRITE_HELP = ("replace the memloc run in RUN (only after every check passed; files memloc did not write "
+                  "are never deleted)")
+DESCRIPTION = ("Train a classifier under label noise into a memloc run directory (checkpoint every epoch, "
+               "per-example dynamics). Under torchrun --nproc-per-node K, one run is trained with "
+               "DistributedDataParallel: each batch of --batch-size examples is split into K slices, the "
+               "evaluation passes by batches, and rank 0 alone writes RUN; equal to one process up to "
+               "rounding, except batch norm on the "
+               "CPU (per-process statistics; on CUDA it becomes SyncBatchNorm) and standard dropout "
+               "(per-process noise).")
+
+
+def arguments(p):
+    for key, (default, text) in OPTIONS.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=text)
+        elif key == "noise_kind":
+            p.add_argument(flag, default=default, choices=NOISE_KINDS, help=text)
+        elif key == "precision":
+            add_precision(p, text)
+        elif key in RANGES:
+            kind, low, high, low_open, high_open = RANGES[key]
+            p.add_argument(flag, type=number(kind, low, high, low_open=low_open, high_open=high_open),
+                           default=default, help=text)
+        else:
+            p.add_argument(flag, default=default, help=text)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    add_eval_batch_size(p)
+
+
+def _given(argv) -> set[str]:
+    """The options this command line sets explicitly (a --recipe fills only the others): the same
+    parser, with every default suppressed."""
+    parser = _parser("train", sys.modules[__name__])
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def execute(args):
+    given = _given(args.argv[2:])
+    cfg = {k: getattr(args, k) for k in DEFAULTS if k in given}   # the library fills the rest
+    if cfg.get("test_size") is not None and cfg["test_size"] >= 1 and float(cfg["test_size"]).is_integer():
+        cfg["test_size"] = int(cfg["test_size"])
+    return train(args.run, cfg, device=args.device, resume=args.resume, overwrite=args.overwrite, argv=args.argv,
+                 eval_batch_size=args.eval_batch_size)
+
+
+def summary(run, args):
+    m = run.metrics()
+    return (f"{run.path}: {run.final_epoch} epochs; train {m['train_accuracy'][-1]:.4f}, "
+            f"clean {m['clean_accuracy'][-1]:.4f}, noisy (memorised) {m['noisy_accuracy'][-1]:.4f}, "
+            f"test {m['test_accuracy'][-1]:.4f}")

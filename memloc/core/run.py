@@ -1,0 +1,316 @@
+"""The run directory, read side: :func:`load` opens it as a :class:`Run` (the writer is
+:class:`memloc.core.recorder.Recorder`).
+
+Layout (see DESIGN.md)::
+
+    RUN/run.json                         config, model spec, data spec, sizes, memloc version
+    RUN/run.h5                           /examples, /test, /dynamics, /metrics (schema "memloc.run")
+    RUN/checkpoints/epoch_0000.pt ...    model state_dict per epoch (0 = initialisation), atomic
+    RUN/results/<analysis>.h5            one result file per analysis (memloc.core.results)
+
+``run.h5``: ``/examples/{index, source_index, label_true, label_given, is_noisy}`` (N,) for the
+training examples; ``/test/{index, source_index, label}`` (M,);
+``/dynamics/{presentation,end}/{loss, correct, margin}`` (epoch, N) -- at presentation (train mode,
+the last time an example was seen during that epoch; row 0 and unseen examples are NaN / -1) and
+at epoch end (eval mode, row 0 = initialisation); ``margin`` = given-label logit minus the
+largest other logit; ``/metrics/<name>`` (epoch,) for train / clean / noisy / test accuracy and
+test loss. ``correct`` is int8 (1, 0, or -1 = not presented).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import pickle
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from .data import build_data
+from .dropout import insert_example_tied_dropout
+from .errors import MemlocError
+from .models import build_model, spec_name
+from .results import load_result
+from .runtime import atomic_path
+
+__all__ = ["Run", "load", "as_run", "save_atomic", "load_checkpoint", "checkpoint_epochs", "is_complete",
+           "check_new_run_dir", "clear_run_dir", "epochs_complete", "DYN_NAMES", "METRICS"]
+
+DYN_NAMES = ("loss", "correct", "margin")
+METRICS = ("train_accuracy", "clean_accuracy", "noisy_accuracy", "noisy_true_accuracy",
+           "test_accuracy", "test_loss")
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`memloc.core.runtime.atomic_path`: readers never see a partial file."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def checkpoint_epochs(ckpt_dir: Path) -> list[int]:
+    out = []
+    for p in Path(ckpt_dir).glob("epoch_*.pt"):
+        try:
+            out.append(int(p.stem.split("_")[1]))
+        except (IndexError, ValueError):
+            continue
+    return sorted(out)
+
+
+def open_h5(path: Path, mode: str = "r", *, tries: int = 50):
+    """``run.h5`` without HDF5 file locking. The writer never modifies the file readers open: it
+    appends each epoch to a copy and renames it into place (:meth:`memloc.core.recorder.Recorder`), so
+    a reader (a notebook watching the run, an analysis) always sees one consistent file; an open
+    that races the rename is retried."""
+    for attempt in range(tries):
+        if not Path(path).is_file():
+            raise MemlocError(f"cannot read {str(path)!r}: no such file")
+        try:
+            return h5py.File(path, mode, locking=False)
+        except OSError as e:
+            if attempt == tries - 1:
+                raise MemlocError(f"cannot read {str(path)!r}: {e}") from None
+            time.sleep(0.05)
+
+
+def epochs_complete(f) -> int:
+    """The last epoch whose rows are written (-1: none yet; files that predate the attribute: all rows)."""
+    last = f.attrs.get("epochs_complete")
+    return f["dynamics/end/loss"].shape[0] - 1 if last is None else int(last)
+
+
+def complete_rows(f) -> slice:
+    """The rows of the epochs the writer has finished (0..epochs_complete)."""
+    return slice(0, epochs_complete(f) + 1)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A state_dict saved by memloc, loaded with ``weights_only=True`` (no code runs)."""
+    if not path.exists():
+        raise MemlocError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise MemlocError(f"checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+CREATING = ".creating"   # present from the first byte a Recorder writes until epoch 0 is complete
+MEMLOC_FILES = ("run.json", "run.h5", "checkpoints", "writer.lock", CREATING)
+
+
+def is_complete(path) -> bool:
+    """Does ``path`` hold a run whose creation finished (epoch 0 recorded, no creation marker)?"""
+    path = Path(path)
+    if not (path / "run.json").is_file() or (path / CREATING).exists() or not (path / "run.h5").is_file():
+        return False
+    try:
+        with open_h5(path / "run.h5", tries=5) as f:
+            return epochs_complete(f) >= 0
+    except (MemlocError, KeyError):
+        return False
+
+
+def check_new_run_dir(path, *, clear: bool = True) -> None:
+    """Make ``path`` ready for a new run. A complete run is "already exists"; files a creation that
+    was killed before finishing epoch 0 left behind (proved by its marker) are removed and the
+    creation redone (``clear=False``: only check); anything else is refused, never deleted."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MemlocError(f"run directory {str(path)!r} is a file")
+    if not path.exists() or not [p for p in path.iterdir() if p.name != "writer.lock"]:
+        return
+    if is_complete(path):
+        raise MemlocError(f"run directory {str(path)!r} already exists (resume=True continues it, overwrite=True "
+                          "replaces it; or choose a new directory)")
+    if not (path / CREATING).exists():
+        raise MemlocError(f"directory {str(path)!r} is not empty and not a memloc run being created; "
+                          "choose a new directory")
+    if clear:
+        clear_run_dir(path)
+
+
+# what memloc writes in a run directory, per sub-folder (anything else is the user's: never deleted)
+_OURS = {".": ("run.json", "run.h5", "writer.lock", CREATING, "run.json.tmp*", "run.h5.tmp*"),
+         "checkpoints": ("epoch_*.pt", "trainer_state.pt", "*.tmp*"),
+         "results": ("*.h5", ".*.lock", "*.png", "*.tmp*"), "results/flip.partial": ("part_*.h5", "settings.json*"),
+         "report": ("*.png", "*.md", "*.tmp*")}
+
+
+def _foreign(path: Path) -> list[str]:
+    out = []
+    for p in path.rglob("*"):
+        rel = p.relative_to(path)
+        if rel.parts[0] == "children":      # child runs of retraining experiments (memloc.actions.children)
+            continue
+        folder = str(rel.parent).replace("\\", "/")
+        if p.is_dir() and str(rel).replace("\\", "/") in _OURS:
+            continue
+        if folder not in _OURS or not any(fnmatch.fnmatch(p.name, pat) for pat in _OURS[folder]):
+            out.append(str(rel))
+    return sorted(out)
+
+
+def clear_run_dir(path) -> None:
+    """Delete memloc's files in a run directory (``writer.lock``, held by the caller, stays); a
+    directory holding anything memloc did not write is refused, nothing deleted."""
+    path = Path(path)
+    foreign = _foreign(path)
+    if foreign:
+        raise MemlocError(f"{str(path)!r} holds files memloc did not write ({', '.join(foreign[:5])}); "
+                          "not deleting them")
+    for p in path.iterdir():
+        if p.name != "writer.lock":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def ranges(xs: list[int]) -> str:
+    """``0-30`` for a contiguous list, else the items."""
+    if not xs:
+        return "none"
+    if len(xs) > 1 and xs == list(range(xs[0], xs[-1] + 1)):
+        return f"{xs[0]}-{xs[-1]}"
+    return ", ".join(map(str, xs))
+
+
+class Run:
+    """A run directory opened for analysis (see :func:`load`)."""
+
+    def __init__(self, path, *, model_fn: Callable[[], nn.Module] | None = None, data=None):
+        self.path = Path(path)
+        if not (self.path / "run.json").is_file():
+            raise MemlocError(f"{str(self.path)!r} is not a memloc run directory (no run.json)")
+        try:
+            self.info = json.loads((self.path / "run.json").read_text())
+        except json.JSONDecodeError as e:
+            raise MemlocError(f"{str(self.path / 'run.json')!r} is corrupt: {e}") from None
+        self.config: dict = self.info.get("config", {})
+        self._model_fn, self._data = model_fn, data
+        with open_h5(self.path / "run.h5") as f:
+            try:
+                ex = f["examples"]
+                self.label_true = ex["label_true"][:]
+                self.label_given = ex["label_given"][:]
+                self.is_noisy = ex["is_noisy"][:].astype(bool)
+            except KeyError:
+                raise MemlocError(f"run {str(self.path)!r} is still being created (or its creation was "
+                                  "interrupted: rerun the command that creates it)") from None
+
+    def __repr__(self):
+        return f"Run({str(self.path)!r}, epochs={self.epochs[-1] if self.epochs else None}, N={self.num_train})"
+
+    @property
+    def num_train(self) -> int:
+        return len(self.label_true)
+
+    @property
+    def epochs(self) -> list[int]:
+        """Epochs with a checkpoint and recorded rows (0 = initialisation)."""
+        with open_h5(self.path / "run.h5") as f:
+            last = epochs_complete(f)
+        return [e for e in checkpoint_epochs(self.path / "checkpoints") if e <= last]
+
+    @property
+    def final_epoch(self) -> int:
+        if not self.epochs:
+            raise MemlocError(f"run {str(self.path)!r} has no checkpoints")
+        return self.epochs[-1]
+
+    def results_path(self, name: str) -> Path:
+        return self.path / "results" / f"{name}.h5"
+
+    def result(self, name: str):
+        """The saved result ``RUN/results/<name>.h5`` as a :class:`memloc.core.results.Result`."""
+        path = self.results_path(name)
+        if not path.is_file():
+            have = sorted(p.stem for p in (self.path / "results").glob("*.h5"))
+            raise MemlocError(f"run {str(self.path)!r} has no {name!r} result (has: {', '.join(have) or 'none'})")
+        return load_result(path, name)
+
+    def checkpoint(self, epoch: int | None = None) -> dict:
+        """The model state_dict at ``epoch`` (default: final), loaded with ``weights_only=True``."""
+        epoch = self.final_epoch if epoch is None else int(epoch)
+        if epoch not in self.epochs:
+            raise MemlocError(f"run {str(self.path)!r} has no checkpoint for epoch {epoch} "
+                              f"(available: {ranges(self.epochs)})")
+        return load_checkpoint(self.path / "checkpoints" / f"epoch_{epoch:04d}.pt")
+
+    def build_model(self) -> nn.Module:
+        """A freshly constructed (randomly initialised) model of this run's architecture."""
+        if self._model_fn is not None:
+            return self._model_fn()
+        spec = self.info.get("model", {})
+        if not spec.get("spec"):
+            raise MemlocError(f"run {str(self.path)!r} was recorded from an unregistered model "
+                              f"({spec.get('class')}): pass model_fn= to memloc.load, or record it with "
+                              "model_spec= (a memloc.register_model name or pkg.module:factory)")
+        options = dict(spec.get("options", {}))
+        in_shape = options.pop("in_shape", spec.get("in_shape"))
+        num_classes = options.pop("num_classes", spec.get("num_classes"))
+        model = build_model(spec_name(spec), in_shape, num_classes, **options)
+        if spec.get("etd"):  # example-tied dropout layers (train(..., etd_after=...))
+            insert_example_tied_dropout(model, **spec["etd"])
+        return model
+
+    def model(self, epoch: int | None = None, device="cpu") -> nn.Module:
+        """The model with the checkpoint of ``epoch`` (default final) loaded, in eval mode."""
+        m = self.build_model()
+        state = self.checkpoint(epoch)
+        try:
+            m.load_state_dict(state)
+        except RuntimeError as e:
+            raise MemlocError(f"the checkpoint of run {str(self.path)!r} does not fit its model "
+                              f"({str(e).splitlines()[0]})") from None
+        return m.to(device).eval()
+
+    def data(self, device="cpu", *, stream: str | None = None):
+        """The run's :class:`memloc.core.data.Data`, rebuilt from its data spec and checked against run.h5,
+        on ``device`` or streamed (``stream``: auto | on | off; None: the process-wide setting,
+        :mod:`memloc.core.stream`). Built once on the host (image folders too large for it stay on disk)."""
+        if self._data is None:
+            spec = self.info.get("data") or (self.config if "dataset" in self.config else None)
+            if spec is None:
+                raise MemlocError(f"run {str(self.path)!r} was recorded without a data spec: pass data= to "
+                                  "memloc.load, or record it with data_spec=")
+            # a run trained on a labels file is rebuilt with the labels it stored (the file may have moved)
+            self._data = build_data(spec, label_given=self.label_given if spec.get("labels") else None,
+                                    stream=stream)
+            if not (np.array_equal(self._data.label_given, self.label_given)
+                    and np.array_equal(self._data.label_true, self.label_true)):
+                raise MemlocError(f"the dataset rebuilt for {str(self.path)!r} does not match its stored labels")
+        return self._data.to(device, stream=stream)
+
+    def dynamics(self, name: str, when: str = "end") -> np.ndarray:
+        """``/dynamics/<when>/<name>`` as an (epoch, N) array (when: presentation | end)."""
+        with open_h5(self.path / "run.h5") as f:
+            key = f"dynamics/{when}/{name}"
+            if key not in f:
+                valid = ", ".join(f"dynamics/{w}/{n}" for w in ("presentation", "end") for n in DYN_NAMES)
+                raise MemlocError(f"run.h5 has no {key!r}; valid: {valid}")
+            return f[key][complete_rows(f)]
+
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Per-epoch metrics (train / clean / noisy / test accuracy, test loss)."""
+        with open_h5(self.path / "run.h5") as f:
+            return {k: f[f"metrics/{k}"][complete_rows(f)] for k in f["metrics"]}
+
+
+def load(path, *, model_fn: Callable[[], nn.Module] | None = None, data=None) -> Run:
+    """Open a run directory. ``model_fn`` / ``data`` are needed only for runs whose model / data
+    cannot be rebuilt from ``run.json`` (an unregistered model, data recorded without a spec)."""
+    return Run(path, model_fn=model_fn, data=data)
+
+
+def as_run(source, *, need_checkpoints: bool = True) -> Run:
+    """``source`` as a :class:`Run` (a Run or a path), insisting on at least one checkpoint."""
+    run = source if isinstance(source, Run) else load(source)
+    if need_checkpoints and not run.epochs:
+        raise MemlocError(f"run {str(run.path)!r} has no checkpoints (expected "
+                          f"{str(run.path / 'checkpoints' / 'epoch_0000.pt')!r} ...); train it first")
+    return run

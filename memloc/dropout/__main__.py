@@ -1,3 +1,0 @@
-from ..commands import module_main
-
-module_main("dropout")

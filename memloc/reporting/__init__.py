@@ -1,0 +1,52 @@
+"""Figures (PNG) for every result of a run, and one ``report.md`` tying them together.
+
+``memloc.report(run, out=None)`` (command: ``python -m memloc report RUN [--out DIR]``; default
+``RUN/report``). Each result has one plotting function in :data:`PLOTTERS` that draws from the
+result object; results the run does not have are skipped.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..core.errors import MemlocError
+from ..core.run import as_run
+from ..core.runtime import atomic_path, progress
+from .actions import ACTION_PLOTTERS
+from .continual import CONTINUAL_PLOTTERS
+from .plots import PLOTTERS as LOCALISATION_PLOTTERS, plot_training, table
+
+PLOTTERS = {**LOCALISATION_PLOTTERS, **CONTINUAL_PLOTTERS, **ACTION_PLOTTERS}
+
+__all__ = ["report", "PLOTTERS"]
+
+
+def report(source, out=None, *, results: dict | None = None) -> Path:
+    """Write every available figure and ``report.md`` for a run; returns the Markdown path.
+
+    ``source``: a :class:`memloc.Run` or run path (a run of a custom model works: the report reads
+    only the run's dynamics and its results). ``results``: result objects to draw instead of (or
+    besides) the saved ones, ``{name: Result}``.
+    """
+    run = as_run(source)       # a run without checkpoints is an error before anything is written
+    out = Path(out) if out is not None else run.path / "report"
+    if out.exists() and not out.is_dir():
+        raise MemlocError(f"output folder {str(out)!r} is a file", argument="out")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(run.config) or {"model": run.info.get("model", {}).get("spec"), "data": run.info.get("data")}
+    if not settings.get("etd_after"):   # dropout settings mean nothing without dropout layers
+        settings = {k: v for k, v in settings.items() if k not in ("etd_after", "etd_kind", "p_gen", "p_mem")}
+    sections = [f"# memloc report: `{run.path.name}`\n\n"
+                + table(["setting", "value"], [[k, json.dumps(v)] for k, v in sorted(settings.items())]),
+                plot_training(run, out)]
+    given = dict(results or {})
+    for name, plot in progress(list(PLOTTERS.items()), desc="report", unit="figure"):
+        res = given.get(name)
+        if res is None and run.results_path(name).exists():
+            res = run.result(name)
+        if res is not None:
+            sections.append(plot(res, out, run))
+    md = out / "report.md"
+    with atomic_path(md) as tmp:
+        tmp.write_text("\n\n".join(sections) + "\n")
+    return md

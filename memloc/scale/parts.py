@@ -1,0 +1,182 @@
+"""Resumable work items of an analysis (flip, rewind, retrain), also split across processes.
+
+An analysis whose work falls into independent items (a flip search, a rewound (checkpoint, layer)
+cell, a retrained layer) saves each finished item, or a small batch of them, as an atomically
+written part file (``part_NNNNNN[_r<rank>]<suffix>``, in the analysis's :class:`Format`: by default
+:data:`NPZ`, the items' integer keys and their float64 values) in a folder that also holds
+``settings.json``, the analysis settings. A rerun with the same settings
+reads the parts back and computes only what is missing; parts made with other settings are never
+mixed in (an error, or discarded with ``overwrite``). Under torchrun (:mod:`memloc.scale.distributed`)
+rank 0 opens the folder (its errors stop every rank), the other ranks attach to it, each rank
+saves its own share and :meth:`Parts.gather` makes every rank's items visible to all. The folder is deleted with the saved
+result (``result.parts``, see :meth:`memloc.Result.save`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .distributed import barrier, broadcast, rank_suffix, world
+from ..core.errors import MemlocError
+from ..core.runtime import FileLock, atomic_path
+
+__all__ = ["Format", "NPZ", "Parts", "parts_folder", "saved_settings", "canonical_settings", "read_folder"]
+
+SETTINGS = "settings.json"
+
+
+class Format:
+    """How items ``{key (tuple of ints): value}`` are written to and read from one part file."""
+
+    suffix = ".npz"
+
+    def value(self, v):
+        """The value as :attr:`Parts.done` holds it (as read back from a file)."""
+        return np.asarray(v, dtype=np.float64)
+
+    def write(self, path: Path, items: dict) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, keys=np.array(list(items), dtype=np.int64), values=np.stack(list(items.values())))
+
+    def read(self, path: Path) -> dict:
+        with np.load(path) as f:
+            keys, values = f["keys"], f["values"]
+        return {tuple(int(k) for k in key): value for key, value in zip(keys, values)}
+
+
+#: float64 arrays of one shape per item (rewind cells, retrained layers)
+NPZ = Format()
+
+
+def _canonical(obj) -> object:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+#: settings added after part files were first written, with their defaults: a setting at its default
+#: is left out, so that parts saved before it existed still resume
+LATER_DEFAULTS = {"precision": "fp32"}
+
+
+def canonical_settings(settings: dict) -> dict:
+    """``settings`` as a parts folder stores and compares them (JSON values, later defaults left out)."""
+    return _canonical({k: v for k, v in settings.items() if k not in LATER_DEFAULTS or LATER_DEFAULTS[k] != v})
+
+
+def saved_settings(folder) -> dict | None:
+    """The settings saved in a parts folder (None if absent or unreadable)."""
+    try:
+        return json.loads((Path(folder) / SETTINGS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_folder(folder, fmt: Format = NPZ) -> tuple[dict, int]:
+    """Every item saved in ``folder`` and the next free part number."""
+    done, number = {}, 0
+    for p in sorted(Path(folder).glob(f"part_*{fmt.suffix}")):
+        try:
+            done.update(fmt.read(p))
+        except (OSError, KeyError, ValueError) as e:
+            raise MemlocError(f"cannot read partial result {str(p)!r} ({e}); delete it to redo what it holds") from None
+        number = max(number, int(p.stem.split("_")[1]) + 1)
+    return done, number
+
+
+def parts_folder(resume_dir, run, name: str):
+    """The parts folder an analysis ``name`` of ``run`` (None for a bare model) uses: ``resume_dir``
+    itself, or ``RUN/results/<name>.partial`` for ``"auto"`` and, split across processes (the ranks
+    share their work through it), for None."""
+    if resume_dir == "auto" or (resume_dir is None and world()[1] > 1):
+        return None if run is None else run.results_path(name).with_name(f"{name}.partial")
+    return resume_dir
+
+
+class Parts:
+    """The part files of one analysis (``folder`` None: nothing is saved or resumed; one process only).
+
+    ``done`` maps each finished item's key (a tuple of ints) to its value (a float64 array).
+    Collective under torchrun: every rank constructs it (rank 0 opens the folder first), every
+    rank calls :meth:`gather` once its share is saved. Rank 0 holds a lock on the folder from
+    construction to :meth:`release`.
+    """
+
+    def __init__(self, folder, settings: dict, *, what: str, overwrite: bool = False, fmt: Format = NPZ):
+        self.folder = None if folder is None else Path(folder)
+        self.settings = canonical_settings(settings)
+        self.what, self.fmt, self.lock = what, fmt, None
+        self.done: dict[tuple, np.ndarray] = {}
+        self.number = 0
+        rank, size = world()
+        if self.folder is None:
+            if size > 1:
+                raise MemlocError(f"{what} split across processes needs a run (or resume_dir) for its part files",
+                                  argument="resume_dir")
+            return
+        try:
+            failure = None
+            if rank == 0:
+                try:
+                    self.lock = FileLock(self.folder.parent / f".{self.folder.name}.lock",
+                                         f"another {what} is using {str(self.folder)!r}; wait for it to finish")
+                    self._open(overwrite)
+                except MemlocError as e:
+                    failure = e
+            # rank 0 has opened (or cleared) the folder, or every rank stops with its error
+            message = broadcast(None if failure is None else (str(failure), failure.argument))
+            if failure is not None:
+                raise failure
+            if message is not None:
+                raise MemlocError(message[0], argument=message[1])
+            if rank > 0 and saved_settings(self.folder) != self.settings:
+                raise MemlocError(f"{str(self.folder)!r} does not hold this {what}'s settings (rank 0 opens it first)")
+            self._reload()
+            barrier()               # every rank has read the folder before any writes to it (same work lists)
+        except BaseException:
+            self.release()
+            raise
+
+    def _open(self, overwrite: bool) -> None:
+        folder = self.folder
+        if folder.exists():
+            if any(not p.name.startswith(("part_", SETTINGS)) for p in folder.iterdir()):
+                raise MemlocError(f"parts folder {str(folder)!r} holds files that are not {self.what} parts; "
+                                  "move them away or choose another resume_dir", argument="resume_dir")
+            stored = saved_settings(folder)
+            if stored is not None and stored != self.settings and not overwrite:
+                raise MemlocError(f"an interrupted {self.what} with different settings is saved in {str(folder)!r}; "
+                                  "rerun it with its settings to continue, or use overwrite=True to start again",
+                                  argument="overwrite")
+            if stored != self.settings:     # other settings (overwrite), or killed before any was saved
+                shutil.rmtree(folder)
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            with atomic_path(folder / SETTINGS) as tmp:
+                tmp.write_text(json.dumps(self.settings, sort_keys=True))
+
+    def _reload(self) -> None:
+        self.done, self.number = read_folder(self.folder, self.fmt)
+
+    def add(self, items: dict) -> None:
+        """Save finished items ``{key: value}`` (keys: tuples of ints of one length; values as the format takes)."""
+        if not items:
+            return
+        items = {tuple(int(k) for k in key): self.fmt.value(v) for key, v in items.items()}
+        if self.folder is not None:
+            with atomic_path(self.folder / f"part_{self.number:06d}{rank_suffix()}{self.fmt.suffix}") as tmp:
+                self.fmt.write(tmp, items)
+            self.number += 1
+        self.done.update(items)
+
+    def gather(self) -> None:
+        """Wait for every rank's parts and read them all (nothing to do in one process)."""
+        barrier()                   # every rank's parts are written
+        if self.folder is not None and world()[1] > 1:
+            self._reload()
+
+    def release(self) -> None:
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            lock.release()
