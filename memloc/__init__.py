@@ -25,6 +25,9 @@ _FACE = {
     "make_data": "memloc.core.data", "register_data": "memloc.core.data", "register_model": "memloc.core.models",
     "StreamedSet": "memloc.core.stream", "set_streaming": "memloc.core.stream", "streaming": "memloc.core.stream",
     "Result": "memloc.core.results", "load_result": "memloc.core.results", "MemlocError": "memloc.core.errors",
+    "SequenceSet": "memloc.core.sequences", "tinymem": "memloc.core.sequences", "follows_rule": "memloc.core.sequences",
+    "canaries": "memloc.core.canaries", "TinyGPT": "memloc.core.lm", "hf_causal_lm": "memloc.core.lm",
+    "lm_logits": "memloc.core.lm", "greedy_decode": "memloc.core.lm",
     "ExampleTiedDropout": "memloc.core.dropout", "insert_example_tied_dropout": "memloc.core.dropout",
     "set_mode": "memloc.core.dropout", "example_ids": "memloc.core.dropout",
     # training
@@ -38,6 +41,10 @@ _FACE = {
     "estimate_joint": "memloc.analyses.arrays", "estimate_noise_rate": "memloc.analyses.arrays",
     "rank_label_issues": "memloc.analyses.arrays", "find_label_issues_in_arrays": "memloc.analyses.arrays",
     "scores_from_arrays": "memloc.analyses.arrays",
+    "memorisation": "memloc.analyses.memorisation", "memorisation_from_logits": "memloc.analyses.memorisation",
+    "exposure": "memloc.analyses.exposure", "exposure_estimate": "memloc.analyses.exposure",
+    "sequence_log_likelihood": "memloc.analyses.exposure", "CandidateSpace": "memloc.analyses.exposure",
+    "digit_space": "memloc.analyses.exposure",
     # actions
     "prune": "memloc.actions.prune", "clean": "memloc.actions.clean", "jtt": "memloc.actions.jtt",
     "unlearn": "memloc.actions.unlearn", "forgetting_order": "memloc.actions.forgetting",

@@ -26,8 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import memloc  # noqa: E402
-from memloc.cli import flip as flip_command  # noqa: E402  (flags of `memloc flip`, its settings check)
-from memloc.cli import scores as scores_command  # noqa: E402
+from memloc.core import registry  # noqa: E402
+
+flip_command = registry.command("flip")       # flags of `memloc flip`, its settings check
+scores_command = registry.command("scores")
 from memloc.cli.runner import Formatter  # noqa: E402
 from memloc.analyses.detect import format_table  # noqa: E402
 from memloc.core.errors import MemlocError  # noqa: E402

@@ -27,7 +27,7 @@ from _markdown import add_common, finish  # noqa: E402
 from memloc.cli.runner import Formatter, mean_se  # noqa: E402
 from memloc.actions.children import train_runs  # noqa: E402
 from memloc.analyses.importance import flip_units  # noqa: E402
-from memloc.reporting.continual import draw_pareto  # noqa: E402
+from memloc.actions.unlearn import draw_pareto  # noqa: E402
 from memloc.training.train import resolve_config  # noqa: E402
 from memloc.core.units import trace  # noqa: E402
 from memloc.actions.unlearn import GROUPS, HYPER  # noqa: E402

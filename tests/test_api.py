@@ -226,6 +226,7 @@ def test_factory_with_shapes_and_options_positional_mistake(tmp_path):
         memloc.flip(run, "noisy:10")
 
 
+@pytest.mark.slow
 def test_import_path_model_from_the_command_line(tmp_path):
     """A model given as pkg.module:factory trains and is analysed by commands in fresh processes."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}

@@ -86,6 +86,7 @@ def test_split_bounds():
     assert split_bounds(8, 3) == [0, 3, 6, 8]
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_one_process_run(reference, ids_file, tmp_path):
     out = tmp_path / "two"
     p = _torchrun(["train", str(out), *FLAGS, "--upweight-ids", str(ids_file)])
@@ -97,6 +98,7 @@ def test_two_processes_train_the_one_process_run(reference, ids_file, tmp_path):
     _evaluation_matches_checkpoint(got, 2)
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun(reference, ids_file, tmp_path):
     cut = tmp_path / "cut"
     train_interrupted(cut, {**CFG, "upweight_ids": str(ids_file)}, device="cpu")
@@ -107,7 +109,7 @@ def test_resume_under_torchrun(reference, ids_file, tmp_path):
 
 
 def test_batch_smaller_than_the_processes_is_one_line(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(sys.modules["memloc.train"], "world", lambda: (0, 2))   # as in a group of 2 processes
+    monkeypatch.setattr(sys.modules["memloc.training.train"], "world", lambda: (0, 2))   # as in a group of 2 processes
     with pytest.raises(SystemExit) as e:
         cli_run("train", [str(tmp_path / "r"), "--dataset", "digits", "--batch-size", "1", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
@@ -129,6 +131,7 @@ BN_FLAGS = ["--dataset", "digits", "--train-size", "300", "--model", "resnet9", 
             "--batch-size", "64"]
 
 
+@pytest.mark.slow
 def test_batchnorm_on_cpu_processes_warns(tmp_path):
     p = _torchrun(["train", str(tmp_path / "bn"), *BN_FLAGS, "--device", "cpu"])
     assert p.returncode == 0, p.stderr[-3000:]

@@ -23,6 +23,7 @@ FIGURES = {
 }
 
 
+@pytest.mark.slow
 def test_demo_quick_produces_every_result_and_figure(tmp_path, capsys):
     out = tmp_path / "demo"
     demo_main([str(out), "--quick", "--device", "cpu"])

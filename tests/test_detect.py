@@ -125,6 +125,7 @@ def test_cli_errors_exit_2(tiny_copy, tmp_path, capsys, setup, argv, message):
 
 
 # ----------------------------------------------------------------------------- science
+@pytest.mark.slow
 def test_mlp_run_early_scores_find_noisy_labels(mlp_run):
     """MNIST-5k MLP, 10% symmetric noise, ~all noisy labels memorised by the end of training."""
     run = mlp_run

@@ -65,6 +65,7 @@ def _single(run, extra=(), args=FLIP):
     return res
 
 
+@pytest.mark.slow
 def test_flip_on_two_processes_equals_one(run):
     want = _single(run)
     p = _torchrun(["flip", str(run.path), *FLIP])
@@ -77,6 +78,7 @@ def test_flip_on_two_processes_equals_one(run):
     run.results_path("flip").unlink()
 
 
+@pytest.mark.slow
 def test_killed_processes_resume_from_their_parts(run, capsys):
     want = _single(run, [], args=MANY)
     parts = run.results_path("flip").with_name("flip.partial")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import memloc
-from memloc.cli import COMMANDS, command_module, run as cli_run
+from memloc.cli import run as cli_run
+from memloc.core import registry
 from memloc.scale.parts import Parts
 from memloc.training.train import train
 from test_distributed import _torchrun
@@ -34,6 +35,7 @@ def _assert_same(a, b):
         assert a[k].shape == b[k].shape and np.array_equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["rewind", "retrain"])
 def test_two_processes_equal_one(name, run):
     out = run.results_path(name)
@@ -102,6 +104,7 @@ def test_interrupted_run_resumes_without_recomputing(name, run, monkeypatch):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["rewind", "retrain"])
 def test_two_processes_finish_an_interrupted_run(name, run, monkeypatch):
     want = _arrays(getattr(memloc, name)(run, device="cpu", **KW[name]))
@@ -132,7 +135,7 @@ def test_parts_of_other_settings_are_not_mixed_in(run):
 
 
 def test_which_commands_split_their_work(run, monkeypatch, capsys):
-    sharded = {n for n in COMMANDS if getattr(command_module(n), "SHARDED", False)}
+    sharded = {n for n in registry.commands() if registry.command(n).sharded}
     assert sharded == {"flip", "rewind", "retrain", "scores", "gradients", "prune", "clean", "jtt", "train"}
     monkeypatch.setenv("WORLD_SIZE", "2")       # the others refuse torchrun (each process would redo it all)
     with pytest.raises(SystemExit) as e:

@@ -67,6 +67,7 @@ def _distributed(name, run, args):
     return res
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["scores", "gradients"])
 def test_two_processes_equal_one(name, run):
     want = _single(name, run, ARGS[name])
@@ -129,6 +130,7 @@ def test_a_rank_part_is_kept_and_the_rest_finished_in_one_process(name, run, mon
     run.results_path(name).unlink()
 
 
+@pytest.mark.slow
 def test_prune_grid_on_two_processes_equals_one(run):
     """The fresh runs of a grid are split across the ranks (each a one-process training); rank 0
     evaluates. Retrained in one process afterwards, the result is the same."""
@@ -144,6 +146,6 @@ def test_prune_grid_on_two_processes_equals_one(run):
 
 
 def test_commands_that_split_their_work():
-    from memloc.cli import COMMANDS, command_module
-    sharded = {n for n in COMMANDS if getattr(command_module(n), "SHARDED", False)}
+    from memloc.core import registry
+    sharded = {n for n in registry.commands() if registry.command(n).sharded}
     assert {"scores", "gradients", "prune", "clean", "jtt"} <= sharded

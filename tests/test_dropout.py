@@ -384,6 +384,7 @@ def test_cli_errors(tiny_run, etd_tiny_run, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- science
+@pytest.mark.slow
 def test_drop_mode_removes_memorisation_on_mnist(tmp_path):
     """The issue's acceptance run: lenet (width 4) on MNIST-5k, 10% noise, dropout after every
     ReLU, p_gen 0.2, p_mem 0.05, 40 epochs, seed 0.

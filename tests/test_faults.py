@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import memloc
-from memloc.cli import COMMANDS, command_module, run as cli_run
-from memloc.cli.runner import _parser
+from memloc.cli import run as cli_run
+from memloc.core import registry
+from memloc.cli.runner import parser as command_parser
 from memloc.core.run import is_complete
 from memloc.core.runtime import FileLock, in_range
 from memloc.training.train import train
@@ -64,6 +65,7 @@ def run_copy(tiny_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- 1. readers and writers
+@pytest.mark.slow
 def test_readers_never_disturb_training_and_two_writers_are_refused(tmp_path):
     run = tmp_path / "watched"
     writer = _memloc("train", run, *TRAIN_ARGS, "--epochs", "60")
@@ -144,6 +146,7 @@ def test_overwrite_and_creation_never_delete_what_they_should_not(run_copy, tmp_
         if (tmp_path / "afile").write_text("x") else None
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
     path = tmp_path / "killed"
     p = _memloc("train", path, *TRAIN_ARGS, "--epochs", "4")
@@ -194,8 +197,8 @@ def test_killed_flip_overwrite_resumes_without_losing_its_parts(run_copy, monkey
 
 # ----------------------------------------------------------------------------- 5. every number checked
 def _numeric_options():
-    for name in COMMANDS:
-        parser = _parser(name, command_module(name))
+    for name in registry.commands():
+        parser = command_parser(registry.command(name))
         for action in parser._actions:
             if action.option_strings and action.type is not None:
                 yield name, action

@@ -101,6 +101,7 @@ def test_batched_equals_reference_mlp(mlp_run):
                                max_units=20, noise_samples=3, noise_ratio=0.05, seed=3)
 
 
+@pytest.mark.slow
 def test_batched_equals_reference_lenet(lenet_run):
     data, model = lenet_run.data(), lenet_run.model()
     ids = flip.select_examples("noisy:3,clean:3", lenet_run.is_noisy, seed=2)

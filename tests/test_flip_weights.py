@@ -87,6 +87,7 @@ def _check_equal(model, x, y, ids, rx, ry, refs, *, group_size, **kw):
     return got, search
 
 
+@pytest.mark.slow
 def test_weight_site_equals_official_rule_mlp(mlp_run):
     data, model = mlp_run.data(), mlp_run.model()
     ids = flip.select_examples("noisy:3,clean:2", mlp_run.is_noisy, seed=1)
@@ -192,6 +193,7 @@ def test_cli_weight_site_and_paper_protocol(mlp_run, capsys):
     assert e.value.code == 2 and "--protocol" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_unlearn_zero_and_importance_after_weight_site_flip(mlp_run):
     from memloc.analyses.importance import importance
     from memloc.actions.unlearn import _zero_context

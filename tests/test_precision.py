@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import memloc
-from memloc.cli import COMMANDS, command_module
+from memloc.core import registry
 from memloc.cli import run as cli_run
-from memloc.cli.runner import _parser
+from memloc.cli.runner import parser as command_parser
 from memloc.actions.children import _digest
 from memloc.core.precision import (PRECISIONS, apply_channels_last, autocast, check_precision, grad_scaler,
                               to_channels_last, use_channels_last)
@@ -85,8 +85,8 @@ def test_names_contexts_and_scaler():
 
 def test_every_command_takes_precision(capsys):
     for name in ("train", "retrain", "rewind", "flip", "scores"):
-        assert name in COMMANDS
-        action = next(a for a in _parser(name, command_module(name))._actions if a.dest == "precision")
+        assert name in registry.commands()
+        action = next(a for a in command_parser(registry.command(name))._actions if a.dest == "precision")
         assert (action.default, list(action.choices)) == ("fp32", ["fp32", "bf16", "fp16"]), name
     with pytest.raises(SystemExit) as e:
         cli_run("rewind", ["nowhere", "--precision", "fp8"])

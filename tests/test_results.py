@@ -10,7 +10,8 @@ import xarray as xr
 
 import memloc
 from memloc.core.results import Result, load_result
-from memloc.core.schemas import SCHEMAS, SUBSETS, markdown
+from memloc.core.registry import analyses, markdown
+from memloc.core.schemas import SUBSETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +93,7 @@ def test_readme_schema_section_is_generated_from_the_schemas():
     text = (ROOT / "README.md").read_text()
     section = text.split("<!-- schemas:begin -->\n", 1)[1].split("<!-- schemas:end -->", 1)[0]
     assert section == markdown()
-    for name in SCHEMAS:
+    for name in analyses():
         assert f"`results/{name}.h5`" in section
 
 

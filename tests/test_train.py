@@ -9,6 +9,7 @@ from torch import nn
 
 import memloc
 from memloc import cli as dispatcher
+from memloc.core import registry
 from memloc.cli import run as cli_run
 from memloc.core.data import build_data
 from memloc.core.errors import MemlocError as UserError
@@ -165,7 +166,7 @@ def test_dispatcher(capsys):
     assert e.value.code == 0 and "--noise" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", list(dispatcher.COMMANDS))
+@pytest.mark.parametrize("command", list(registry.commands()))
 def test_every_option_is_explained_in_help(command, capsys, monkeypatch):
     """--help of every command explains each option and shows each default at most once."""
     import argparse

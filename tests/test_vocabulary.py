@@ -14,7 +14,7 @@ import memloc
 
 #: the public functions that analyse a run or a model (first argument: what is analysed)
 ANALYSES = ("gradients", "rewind", "retrain", "flip", "scores", "detect", "find_label_issues", "importance",
-            "evaluate_dropout", "score_agreement", "prune", "clean", "jtt", "unlearn", "forgetting_order", "report")
+            "evaluate_dropout", "score_agreement", "prune", "clean", "jtt", "unlearn", "forgetting_order", "report", "memorisation")
 #: a synonym -> the vocabulary's word
 SYNONYMS = {"run": "source", "runs": "source", "run_dir": "source", "results": "source",
             "checkpoint_k": "checkpoint", "id_epoch": "checkpoint", "grand_epoch": "checkpoint", "reset_to": "checkpoint",

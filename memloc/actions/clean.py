@@ -23,6 +23,12 @@ from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import check_range, resolve_device
 from .children import check_seeds, parent_config, save_array, subset_config, train_children
+from ..analyses.label_issues import COMBINED
+from ..analyses.scores import SCORES
+from ..core.options import add_experiment, number, seed_table
+from ..core.figures import plt, save_figure, table, mean_se_axis, plus_minus
+from ..core.schemas import Schema, Var
+from ..core.registry import Analysis, Command
 
 __all__ = ["clean", "cleanlab_flags", "cleaned_config"]
 
@@ -119,3 +125,78 @@ def clean(run, *, by: str = "combined", relabel: bool = False, seeds=(0, 1, 2), 
               "rate_estimate": float(issues["rate_estimate"]), "checkpoint_k": issues.config["checkpoint_k"],
               "device": str(dev)}
     return Result("clean", ds, config=config)
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    p.add_argument("--by", default="combined",
+                   help=f"ranking of the flags: combined ({', '.join(COMBINED)}) or a score: "
+                        f"{', '.join(n for n in SCORES if n != 'neuron_count')}")
+    p.add_argument("--relabel", action="store_true",
+                   help="give flagged examples the predicted label instead of dropping them")
+    p.add_argument("--no-cleanlab", dest="baseline", action="store_false",
+                   help="skip the cleanlab baseline (it costs --folds extra trainings)")
+    p.add_argument("--folds", type=number(int, 2), default=5, help="cross-validation folds of the cleanlab baseline")
+    add_experiment(p)
+
+
+def _cli_execute(args):
+    return clean(args.run, by=args.by, relabel=args.relabel, seeds=args.seeds, baseline=args.baseline,
+                 folds=args.folds, jobs=args.jobs, device=args.device)
+
+
+def _cli_summary(res, args):
+    lines = [f"test accuracy (mean +- s.e. over {res.sizes['seed']} seed(s); flagged examples "
+             f"{'relabelled' if res.config['relabel'] else 'dropped'}):", seed_table(res, dim="flags")]
+    for m in res["flags"].values[1:]:
+        r = res.sel(flags=m)
+        extra = ""
+        if np.isfinite(float(r["precision"])):
+            extra = (f", precision {float(r['precision']):.3f}, recall {float(r['recall']):.3f}, noise left "
+                     f"{float(r['noise_left']):.4f} (was {float(res['noise_left'].sel(flags='all')):.4f})")
+        lines.append(f"{m}: {int(r['flagged'])} flagged{extra}")
+    return "\n".join(lines)
+
+
+def plot_clean(res, out, run=None) -> str:
+    """Test accuracy per cleaning (all data, memloc, cleanlab), with flags' precision / recall."""
+    flags = [str(f) for f in res["flags"].values]
+    mean, se = mean_se_axis(res["test_accuracy"].values)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(flags, 100 * mean, yerr=100 * se, capsize=4, color=["tab:gray", "tab:blue", "tab:orange"][:len(flags)])
+    low = max(0.0, 100 * np.nanmin(mean) - 5)
+    ax.set(ylabel="test accuracy (%)", ylim=(low, min(100, 100 * np.nanmax(mean) + 3)),
+           title=f"cleaning: flagged examples {'relabelled' if res.config.get('relabel') else 'dropped'}")
+    name = save_figure(fig, out, "clean.png")
+    rows = [[f, plus_minus(mean[i], se[i], res.sizes["seed"], digits=2), int(res["flagged"].values[i]),
+             float(res["precision"].values[i]), float(res["recall"].values[i]), float(res["noise_left"].values[i])]
+            for i, f in enumerate(flags)]
+    return ("## Cleaning\n\nRetrained with the run's recipe on the cleaned training set; cleanlab (K-fold "
+            f"cross-validation, same recipe) is the baseline.\n\n![clean]({name})\n\n"
+            + table(["flags", "test accuracy (%)", "flagged", "precision", "recall", "noise left"], rows))
+
+
+ANALYSIS = Analysis(
+    name="clean", order=100, compute=clean,
+    plot=plot_clean,
+    schema=Schema("clean", "drop (or relabel) flagged examples and retrain: test accuracy before / after (memloc.clean)",
+               {"flags": Var(("flags",), "all (no cleaning), memloc (find_label_issues flags), cleanlab (baseline)"),
+                "seed": Var(("seed",), "training seed")},
+               {"test_accuracy": Var(("flags", "seed"), "final test accuracy"),
+                "flagged": Var(("flags",), "examples flagged"),
+                "precision": Var(("flags",), "flagged that are noisy (NaN without ground truth)"),
+                "recall": Var(("flags",), "noisy that are flagged (NaN without ground truth)"),
+                "noise_left": Var(("flags",), "share of the training set still mislabeled after cleaning (NaN without ground truth)")}),
+    command=Command(name="clean",
+                    help='drop or relabel the flagged examples and retrain; cleanlab as the baseline',
+                    sharded=True,
+                    description="Flag label issues without ground truth (memloc issues), drop them (or --relabel them with the early "
+               "model's prediction), train fresh runs with the run's recipe and compare test accuracy with training "
+               "on all the data; cleanlab on K-fold out-of-sample probabilities of the same recipe is the baseline. "
+               "Writes RUN/results/clean.h5; fresh runs live under RUN/children.",
+                    interrupted="finished runs under RUN/children are kept; rerun the same command to go on",
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    execute=_cli_execute),
+)

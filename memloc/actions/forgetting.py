@@ -32,6 +32,10 @@ from ..core.run import as_run
 from ..core.runtime import check_choices, check_range, progress, resolve_device
 from ..analyses.scores import forgetting_events
 from .unlearn import HYPER, distillation_term, finetune, penalty_term, protection_weights
+from ..core.options import nonnegative_int, positive_float, positive_int
+from ..core.figures import plt, save_figure, table
+from ..core.schemas import Schema, Var
+from ..core.registry import Analysis, Command
 
 __all__ = ["ORDERS", "PROTECTIONS", "split_parts", "forgetting_order"]
 
@@ -116,3 +120,76 @@ def forgetting_order(run, *, orders=ORDERS, protect=PROTECTIONS, epochs: int = 1
     config = {"orders": orders, "protect": protect, "epochs": epochs, "lr": lr, "lam": lams, "seed": seed,
               "batch_size": batch_size, "device": str(dev)}
     return Result("forgetting", ds, config=config)
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    p.add_argument("--orders", default=",".join(ORDERS), help=f"comma-separated splits: {', '.join(ORDERS)}")
+    p.add_argument("--protect", default=",".join(PROTECTIONS), help=f"comma-separated protections: {', '.join(PROTECTIONS)}")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs of each phase")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="learning rate (SGD, momentum 0.9, constant)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the split, the initialisation and the batch order")
+
+
+def _cli_execute(args):
+    return forgetting_order(args.run, orders=args.orders, protect=args.protect, epochs=args.epochs, lr=args.lr,
+                            seed=args.seed, device=args.device)
+
+
+def _cli_summary(res, args):
+    e = res.sizes["epoch"] // 2
+    lines = [f"accuracy on the first part after phase 1 (epoch {e}) -> after phase 2 (epoch {2 * e}); second part after phase 2:"]
+    for o in res["order"].values:
+        for p in res["protect"].values:
+            a = res["accuracy"].sel(order=o, protect=p)
+            lines.append(f"{str(o):<22} {str(p):<5} first {float(a.sel(epoch=e, part='first')):.3f} -> "
+                         f"{float(a.sel(epoch=2 * e, part='first')):.3f}   second {float(a.sel(epoch=2 * e, part='second')):.3f}")
+    return "\n".join(lines)
+
+
+def plot_forgetting(res, out, run=None) -> str:
+    """Accuracy on both parts over the two phases, one panel per order, one colour per protection."""
+    orders, protect = [str(o) for o in res["order"].values], [str(p) for p in res["protect"].values]
+    e = res.sizes["epoch"] // 2
+    fig, axes = plt.subplots(1, len(orders), figsize=(4.4 * len(orders), 3.4), squeeze=False, sharey=True)
+    for ax, o in zip(axes[0], orders):
+        for k, p in enumerate(protect):
+            a = res["accuracy"].sel(order=o, protect=p)
+            ax.plot(res["epoch"].values, 100 * a.sel(part="first").values, color=f"C{k}", label=f"first part, {p}")
+            ax.plot(res["epoch"].values, 100 * a.sel(part="second").values, color=f"C{k}", ls=":")
+        ax.axvline(e, color="gray", lw=1)
+        ax.set(xlabel="epoch (phase 1 | phase 2)", title=o)
+    axes[0, 0].set_ylabel("accuracy (%) (solid: first part, dotted: second)")
+    axes[0, -1].legend(fontsize=7, loc="lower left")
+    name = save_figure(fig, out, "forgetting.png")
+    rows = [[o, p, 100 * float(res["accuracy"].sel(order=o, protect=p, epoch=e, part="first")),
+             100 * float(res["accuracy"].sel(order=o, protect=p, epoch=2 * e, part="first")),
+             100 * float(res["accuracy"].sel(order=o, protect=p, epoch=2 * e, part="second"))]
+            for o in orders for p in protect]
+    return ("## Within-task forgetting\n\nA fresh model trained on the first part, then on the second (Toneva et al. "
+            f"2019, section 5).\n\n![forgetting]({name})\n\n"
+            + table(["order", "protection", "first, end of phase 1", "first, end", "second, end"], rows, digits=1))
+
+
+ANALYSIS = Analysis(
+    name="forgetting", order=140, compute=forgetting_order,
+    plot=plot_forgetting,
+    schema=Schema("forgetting", "within-task forgetting: train on one part, then the other (memloc.forgetting_order)",
+               {"order": Var(("order",), "random, forgettable_first, unforgettable_first"),
+                "protect": Var(("protect",), "none, ewc, mas, lwf: how the first part is protected in the second phase"),
+                "epoch": Var(("epoch",), "0 = initialisation, 1..E first phase, E+1..2E second phase"),
+                "part": Var(("part",), "first, second")},
+               {"accuracy": Var(("order", "protect", "epoch", "part"), "accuracy on the part (given labels)"),
+                "size": Var(("order", "part"), "examples in the part")}),
+    command=Command(name="forgetting-order",
+                    help='train on one part then the other: within-task forgetting, with EWC / MAS / LwF protection',
+                    description="Catastrophic forgetting inside one task (Toneva et al. 2019, section 5): a fresh model of the run's "
+               "architecture trained on one part of the training set, then on the other (random halves; forgettable "
+               "then unforgettable examples by the run's forgetting counts, or the reverse), with the first part "
+               "unprotected or protected by EWC / MAS penalties or LwF distillation. Accuracy on both parts after every "
+               "epoch. Writes RUN/results/forgetting.h5.",
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    execute=_cli_execute),
+)

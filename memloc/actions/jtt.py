@@ -22,6 +22,10 @@ from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import check_range, resolve_device
 from .children import check_seeds, parent_config, train_children
+from ..core.options import add_experiment, mean_se, nonnegative_int, positive_float
+from ..core.figures import plt, save_figure, table, mean_se_axis
+from ..core.schemas import Schema, Var
+from ..core.registry import Analysis, Command
 
 __all__ = ["GROUPS", "error_set", "group_accuracies", "jtt"]
 
@@ -83,3 +87,74 @@ def jtt(run, *, id_epoch: int | None = None, upweight: float = 5.0, seeds=(0, 1,
                     coords={"variant": ["erm", "jtt"], "seed": seeds, "group": list(GROUPS)})
     config = {"id_epoch": int(id_epoch), "upweight": float(upweight), "seeds": seeds, "jobs": jobs, "device": str(dev)}
     return Result("jtt", ds, config=config)
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    p.add_argument("--id-epochs", "--id-epoch", dest="id_epoch", type=nonnegative_int, default=None,
+                   help="epoch T of the identification model (default: 10%% of training, at least 1)")
+    p.add_argument("--upweight", type=positive_float, default=5.0, help="lambda_up, the error set's loss weight")
+    add_experiment(p)
+
+
+def _cli_execute(args):
+    return jtt(args.run, id_epoch=args.id_epoch, upweight=args.upweight, seeds=args.seeds, jobs=args.jobs,
+               device=args.device)
+
+
+def _cli_summary(res, args):
+    lines = [f"error set of epoch {res.config['id_epoch']}: {res.sizes['error']} examples"
+             + (f" ({float(res['error_set_noisy']):.1%} noisy)" if res['error_set_noisy'].notnull() else ""),
+             f"accuracy (mean +- s.e. over {res.sizes['seed']} seed(s)), upweight {res.config['upweight']:g}:",
+             f"{'group':<12}" + "".join(f"{m:>22}" for m in res["variant"].values)]
+    for g in GROUPS:
+        lines.append(f"{g:<12}" + "".join(f"{mean_se(res['accuracy'].sel(variant=m, group=g).values):>22}"
+                                          for m in res["variant"].values))
+    return "\n".join(lines)
+
+
+def plot_jtt(res, out, run=None) -> str:
+    """ERM vs JTT accuracy per group."""
+    groups, variants = [str(g) for g in res["group"].values], [str(v) for v in res["variant"].values]
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    x = np.arange(len(groups))
+    for i, v in enumerate(variants):
+        mean, se = mean_se_axis(res["accuracy"].values[i], axis=0)
+        ax.bar(x + (i - 0.5) * 0.4, 100 * mean, 0.4, yerr=100 * se, capsize=3, label=v)
+    ax.set_xticks(x, groups, fontsize=8)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 101), title=f"JTT: error set of epoch {res.config.get('id_epoch')} "
+                                                       f"upweighted x{res.config.get('upweight'):g}")
+    ax.legend(fontsize=8)
+    name = save_figure(fig, out, "jtt.png")
+    rows = [[v] + [f"{100 * m:.1f}" for m in mean_se_axis(res["accuracy"].values[i], axis=0)[0]]
+            for i, v in enumerate(variants)]
+    noisy = float(res["error_set_noisy"])
+    return (f"## JTT\n\nError set: {res.sizes['error']} examples"
+            + (f" ({noisy:.1%} mislabeled)" if np.isfinite(noisy) else "") + f".\n\n![jtt]({name})\n\n"
+            + table(["training"] + groups, rows))
+
+
+ANALYSIS = Analysis(
+    name="jtt", order=110, compute=jtt,
+    plot=plot_jtt,
+    schema=Schema("jtt", "just train twice: the identification model's error set upweighted, retrained (memloc.jtt)",
+               {"variant": Var(("variant",), "erm (plain retraining), jtt (error set upweighted)"),
+                "seed": Var(("seed",), "training seed"),
+                "group": Var(("group",), "test, worst_class (worst per-class test accuracy), clean (training, given = true), "
+                                          "noisy_given (memorised), noisy_true (noisy examples w.r.t. true labels)")},
+               {"accuracy": Var(("variant", "seed", "group"), "final accuracy on the group"),
+                "error_set": Var(("error",), "ids of the identification model's misclassified training examples"),
+                "error_set_noisy": Var((), "share of the error set that is noisy (NaN without ground truth)")}),
+    command=Command(name="jtt",
+                    help="just train twice: upweight the early model's errors and retrain",
+                    sharded=True,
+                    description="JTT (Liu et al. 2021): the training examples the run's model of epoch T misclassifies are upweighted "
+               "by LAMBDA in fresh runs with the run's recipe; accuracy of ERM and JTT on test, the worst test class, "
+               "clean and noisy training examples. Writes RUN/results/jtt.h5; fresh runs live under RUN/children.",
+                    flags={"id_epoch": "--id-epochs"},
+                    interrupted="finished runs under RUN/children are kept; rerun the same command to go on",
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    execute=_cli_execute),
+)

@@ -25,6 +25,10 @@ from ..core.run import as_run
 from ..core.runtime import check_choices, check_range, resolve_device, split_list
 from ..analyses.scores import SCORES, default_epoch_k, scores as compute_scores
 from .children import check_seeds, parent_config, subset_config, train_children
+from ..core.options import add_experiment, mean_se, nonnegative_int, number
+from ..core.figures import plt, save_figure, table, mean_se_axis, plus_minus
+from ..core.schemas import Schema, Var
+from ..core.registry import Analysis, Command
 
 __all__ = ["MODES", "kept_ids", "prune", "prune_values"]
 
@@ -134,3 +138,109 @@ def prune(run, *, by=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3),
     config = {"by": names, "keep": keeps, "mode": mode, "offset": offset, "seeds": seeds, "checkpoint_k": k_used,
               "grand_epoch": grand_epoch, "also": [str(r.path) for r in also], "jobs": jobs, "device": str(dev), "epochs": base["epochs"]}
     return Result("prune", ds, config=config)
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    p.add_argument("--by", default="el2n,grand,forgetting",
+                   help=f"comma-separated scores: {', '.join(n for n in SCORES if n != 'neuron_count')}")
+    p.add_argument("--keep", default="0.9,0.7,0.5,0.3", help="comma-separated fractions of the training set kept, in (0, 1]")
+    p.add_argument("--mode", default="hardest", choices=MODES,
+                   help="which examples each score keeps: hardest (drop the easiest; Data Diet, Toneva et al.), "
+                        "easiest, or window (skip the --offset hardest fraction, then keep the next)")
+    p.add_argument("--offset", type=number(float, 0, 1, high_open=True), default=0.1,
+                   help="hardest fraction skipped in --mode window")
+    p.add_argument("--checkpoint-k", type=nonnegative_int, default=None,
+                   help="epoch of EL2N (default: 10%% of training, at least 1)")
+    p.add_argument("--also", nargs="+", default=[], metavar="RUN2",
+                   help="more runs of the same data (other seeds) whose scores are averaged with RUN's (Data Diet "
+                        "averages 10); the fresh runs use RUN's recipe")
+    p.add_argument("--grand-epoch", type=nonnegative_int, default=0, help="epoch of GraNd (Data Diet: 0, initialisation)")
+    add_experiment(p)
+
+
+def _cli_execute(args):
+    return prune(args.run, by=args.by, keep=_cli_fractions(args.keep), mode=args.mode, offset=args.offset,
+                 seeds=args.seeds, checkpoint_k=args.checkpoint_k, grand_epoch=args.grand_epoch, also=args.also, jobs=args.jobs,
+                 device=args.device)
+
+
+def _cli_fractions(text):
+    from ..core.errors import MemlocError
+    try:
+        return [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise MemlocError(f"keep must be comma-separated fractions, got {text!r}", argument="keep") from None
+
+
+def _cli_summary(res, args):
+    keeps = res["keep"].values
+    head = f"{'kept':<12}" + "".join(f"{k:>22g}" for k in keeps)
+    lines = [f"test accuracy (mean +- s.e. over {res.sizes['seed']} seed(s); all data: "
+             f"{mean_se(res['full_accuracy'].values)})", head]
+    for m in res["score"].values:
+        acc = res["test_accuracy"].sel({"score": m}).values
+        lines.append(f"{str(m):<12}" + "".join(f"{mean_se(acc[j]):>22}" for j in range(len(keeps))))
+    if np.isfinite(res["noisy_kept"].values).any():
+        lines.append("share of the noisy examples kept (seed mean):")
+        for m in res["score"].values:
+            lines.append(f"{str(m):<12}" + "".join(f"{v:>22.3f}" for v in res["noisy_kept"].sel({"score": m}).mean("seed").values))
+    return "\n".join(lines)
+
+
+def plot_prune(res, out, run=None) -> str:
+    """Test accuracy vs fraction kept per score, random dashed, all data as a line; noisy examples kept."""
+    keeps, methods = res["keep"].values, [str(m) for m in res["score"].values]
+    noisy = np.isfinite(res["noisy_kept"].values).any()
+    fig, axes = plt.subplots(1, 2 if noisy else 1, figsize=(10 if noisy else 5.5, 3.4), squeeze=False)
+    ax = axes[0, 0]
+    for i, m in enumerate(methods):
+        mean, se = mean_se_axis(res["test_accuracy"].values[i])
+        ax.errorbar(keeps, 100 * mean, yerr=100 * se, marker="o", capsize=3, label=m,
+                    ls="--" if m == "random" else "-", color="k" if m == "random" else None)
+    full, full_se = mean_se_axis(res["full_accuracy"].values)
+    ax.axhline(100 * full, color="tab:gray", lw=1, label=f"all data ({100 * full:.1f})")
+    ax.set(xlabel="fraction of the training set kept", ylabel="test accuracy (%)", title=f"pruning ({res.config.get('mode')} kept)")
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    if noisy:
+        ax = axes[0, 1]
+        for i, m in enumerate(methods):
+            ax.plot(keeps, 100 * res["noisy_kept"].values[i].mean(-1), marker="o", label=m,
+                    ls="--" if m == "random" else "-", color="k" if m == "random" else None)
+        ax.set(xlabel="fraction kept", ylabel="mislabeled examples kept (%)", title="noise kept")
+        ax.invert_xaxis()
+    name = save_figure(fig, out, "prune.png")
+    rows = []
+    for i, m in enumerate(methods):
+        mean, se = mean_se_axis(res["test_accuracy"].values[i])
+        rows.append([m] + [plus_minus(a, e, res.sizes["seed"]) for a, e in zip(mean, se)])
+    return (f"## Pruning\n\nFresh runs on the kept examples (seeds {', '.join(map(str, res['seed'].values))}); "
+            f"all data: {plus_minus(full, full_se, res.sizes['seed'])}%.\n\n![prune]({name})\n\n"
+            + table(["score"] + [f"keep {k:g}" for k in keeps], rows))
+
+
+ANALYSIS = Analysis(
+    name="prune", order=90, compute=prune,
+    plot=plot_prune,
+    schema=Schema("prune", "test accuracy of fresh runs trained on pruned training sets (memloc.prune)",
+               {"score": Var(("score",), "score that chose the kept examples, or random"),
+                "keep": Var(("keep",), "fraction of the training set kept"), "seed": Var(("seed",), "training seed")},
+               {"test_accuracy": Var(("score", "keep", "seed"), "final test accuracy of the run on the kept examples"),
+                "noisy_kept": Var(("score", "keep", "seed"), "share of the noisy examples that were kept (NaN without noise)"),
+                "noisy_share": Var(("score", "keep", "seed"), "share of the kept examples that are noisy"),
+                "full_accuracy": Var(("seed",), "final test accuracy trained on every example")}),
+    command=Command(name="prune",
+                    help='train on subsets kept by each score (Data Diet, forgetting) vs random',
+                    sharded=True,
+                    description="Keep a fraction of the training set chosen by each score (and at random, the reference), train a "
+               "fresh run on each kept set with the run's own recipe and seeds, record test accuracy and the share "
+               "of noisy examples kept. GraNd at initialisation and EL2N at epoch k as in Data Diet; forgetting "
+               "counts at the end. Writes RUN/results/prune.h5; fresh runs live under RUN/children.",
+                    flags={"by": "--by", "keep": "--keep", "runs": "--also"},
+                    interrupted="finished runs under RUN/children are kept; rerun the same command to go on",
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    execute=_cli_execute),
+)

@@ -60,6 +60,10 @@ from ..core.optim import epoch_seed, make_optimizer
 from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import check_choices, check_range, progress, resolve_device
+from ..core.options import mean_se, nonnegative_float, number, positive_float, positive_int
+from ..core.figures import plt, save_figure, table
+from ..core.schemas import Schema, Var
+from ..core.registry import Analysis, Command
 
 __all__ = ["METHODS", "GROUPS", "HYPER", "available_methods", "quadratic_penalty", "distillation_loss",
            "protection_weights", "penalty_term", "distillation_term", "finetune", "unlearn"]
@@ -296,3 +300,91 @@ def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs
               "ascent_lr": ascent_lr, "ascent_epochs": ascent_epochs,
               "batch_size": batch_size, "retrain_epochs": retrain_epochs, "device": str(dev)}
     return Result("unlearn", ds, config=config)
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    p.add_argument("--forget", default="noisy",
+                   help="examples to forget: noisy (ground truth), flagged (memloc issues' flags: no ground truth), "
+                        "class:C or ids:1,2,3")
+    p.add_argument("--method", dest="methods", default="all",
+                   help=f"comma-separated methods, or all (every method whose inputs exist: zero needs a flip result, "
+                        f"etd_drop a run with example-tied dropout): {', '.join(METHODS)}")
+    p.add_argument("--epochs", type=positive_int, default=HYPER["epochs"], help="fine-tuning epochs over the retain set")
+    p.add_argument("--lr", type=positive_float, default=HYPER["lr"], help="fine-tuning learning rate (SGD, momentum 0.9)")
+    p.add_argument("--lambda", dest="lam", type=nonnegative_float, default=None,
+                   help=f"penalty weight of ewc / mas and distillation weight of lwf (default {HYPER['lam']})")
+    p.add_argument("--retrain-epochs", type=positive_int, default=20, help="epochs of retrain_layer")
+    p.add_argument("--seeds", type=number(int, 0, 2**32 - 1), nargs="+", default=[0, 1, 2],
+                   help="seeds of the batch order (mean and standard error over them)")
+
+
+def _cli_execute(args):
+    return unlearn(args.run, forget=args.forget, methods=args.methods, seeds=args.seeds, epochs=args.epochs, lr=args.lr,
+                   lam=args.lam, retrain_epochs=args.retrain_epochs, device=args.device)
+
+
+def _cli_summary(res, args):
+    lines = [f"forget set: {res.sizes['forget']} examples ({res.config['forget']}); accuracy (mean +- s.e. over "
+             f"{res.sizes['seed']} seed(s)):",
+             f"{'method':<14}" + "".join(f"{g:>22}" for g in GROUPS) + f"{'seconds':>10}",
+             f"{'(trained)':<14}" + "".join(f"{v:>22.4f}" for v in res["baseline"].values)]
+    for m in res["technique"].values:
+        r = res.sel(technique=m)
+        lines.append(f"{str(m):<14}" + "".join(f"{mean_se(r['accuracy'].sel(group=g).values):>22}" for g in GROUPS)
+                     + f"{float(r['seconds'].mean()):>10.1f}")
+    return "\n".join(lines)
+
+
+def draw_pareto(ax, res, title: str) -> None:
+    """Memorisation removed (1 - forget_given) vs test accuracy per method of an ``"unlearn"`` result,
+    mean +- std over seeds, with the trained model's test accuracy as a dashed line."""
+    for m in res["technique"].values:
+        r = res["accuracy"].sel(technique=m)
+        removed, test = 100 * (1 - r.sel(group="forget_given").values), 100 * r.sel(group="test").values
+        ax.errorbar(removed.mean(), test.mean(), xerr=removed.std(), yerr=test.std(), fmt="o", capsize=3,
+                    label=str(m))
+    ax.axhline(100 * float(res["baseline"].sel(group="test")), color="gray", ls="--", lw=1, label="trained model")
+    ax.set(xlabel="memorised labels removed (%)", ylabel="test accuracy (%)", xlim=(-3, 103), title=title)
+
+
+def plot_unlearn(res, out, run=None) -> str:
+    """Memorisation removed vs test accuracy per method (Pareto view), and the table."""
+    methods, groups = [str(m) for m in res["technique"].values], [str(g) for g in res["group"].values]
+    acc = res["accuracy"].values                       # (method, seed, group)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    draw_pareto(ax, res, f"unlearning: forget = {res.config.get('forget')}")
+    ax.legend(fontsize=7)
+    name = save_figure(fig, out, "unlearn.png")
+    rows = [["(trained)"] + [100 * float(v) for v in res["baseline"].values] + ["-"]]
+    rows += [[m] + [100 * float(v) for v in acc[i].mean(0)] + [f"{float(res['seconds'].values[i].mean()):.1f}"]
+             for i, m in enumerate(methods)]
+    return (f"## Unlearning memorised labels\n\nForget set: {res.sizes['forget']} examples "
+            f"({res.config.get('forget')}); accuracy (%) mean over {res.sizes['seed']} seed(s).\n\n![unlearn]({name})\n\n"
+            + table(["method", *groups, "seconds"], rows, digits=1))
+
+
+ANALYSIS = Analysis(
+    name="unlearn", order=130, compute=unlearn,
+    plot=plot_unlearn,
+    schema=Schema("unlearn", "memorised labels removed from the trained model, per method (memloc.unlearn)",
+               {"technique": Var(("technique",), "unlearning method"), "seed": Var(("seed",), "seed (batch order)"),
+                "group": Var(("group",), "forget_given (memorisation left), forget_true, retain, test")},
+               {"accuracy": Var(("technique", "seed", "group"), "accuracy after unlearning"),
+                "baseline": Var(("group",), "accuracy of the trained model"),
+                "seconds": Var(("technique", "seed"), "wall time of the method"),
+                "passes": Var(("technique",), "passes over the training data (forward+backward epochs, importance passes included)"),
+                "forget": Var(("forget",), "ids of the forget set")}),
+    command=Command(name="unlearn",
+                    help='remove memorised labels: fine-tuning, ascent, EWC / MAS / LwF, unit zeroing, layer retraining',
+                    description="Remove memorised labels from the final model without retraining from scratch: fine-tuning on the "
+               "retain set, gradient ascent on the forget set, fine-tuning protected by EWC / MAS penalties or LwF "
+               "distillation, zeroing the forget set's flip units, retraining the most critical layer. Accuracy on the "
+               "forget set (given labels: memorisation left; true labels), retain set and test, with the cost. Writes "
+               "RUN/results/unlearn.h5.",
+                    flags={"lam": "--lambda"},
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    execute=_cli_execute),
+)

@@ -2,6 +2,7 @@
 
 Localisation: :mod:`.gradients`, :mod:`.rewind`, :mod:`.retrain`, :mod:`.flip`, :mod:`.importance`;
 finding: :mod:`.scores`, :mod:`.detect`, :mod:`.label_issues`, :mod:`.agreement`; example-tied
-dropout: :mod:`.etd`. This package re-exports nothing (a module and the function users call never
-share a dotted name): call them as ``memloc.rewind(...)`` etc.
+dropout: :mod:`.etd`; language models: :mod:`.memorisation` (memorised sequences), :mod:`.exposure`.
+This package re-exports nothing (a module and the function users call never share a dotted name):
+call them as ``memloc.rewind(...)`` etc.
 """

@@ -30,6 +30,8 @@ from scipy import stats
 from ..core.errors import MemlocError
 from ..core.results import Result, load_result
 from ..core.runtime import split_list
+from ..core.schemas import Schema, Var
+from ..core.registry import Analysis
 
 __all__ = ["spearman", "score_agreement"]
 
@@ -124,3 +126,17 @@ def _nanmean(x: np.ndarray) -> np.ndarray:
     ok = np.isfinite(x)
     n = ok.sum(0)
     return np.where(n > 0, np.where(ok, x, 0).sum(0) / np.maximum(n, 1), np.nan)
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+ANALYSIS = Analysis(
+    name="agreement", order=65, compute=score_agreement,
+    schema=Schema("agreement", "Spearman rank agreement between scores and across runs (memloc.score_agreement)",
+               {"score": Var(("score",), "score name"), "score_b": Var(("score_b",), "score name (the same list)")},
+               {"between": Var(("score", "score_b"), "Spearman correlation of direction x score between the two "
+                               "scores (examples finite in both), mean over runs; > 0: they flag the same examples"),
+                "across_runs": Var(("score",), "Spearman correlation of the score between two runs, mean over "
+                                   "run pairs (NaN with one run)"),
+                "pairs": Var(("score",), "run pairs in that mean (those with a defined correlation)")}),
+)

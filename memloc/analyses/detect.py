@@ -32,6 +32,10 @@ from ..core.errors import MemlocError
 from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import atomic_path, split_list
+from ..core.run import load
+from ..core.figures import table, coord_names
+from ..core.schemas import Schema, Var
+from ..core.registry import Analysis, Command
 
 __all__ = ["auroc", "average_precision", "precision_at_k", "METRICS", "detection_metrics",
            "detection_table", "format_table", "plot_curves", "detect"]
@@ -196,3 +200,71 @@ def detect(source, *, names="all", is_noisy=None) -> Result:
     ds = xr.Dataset(data, coords={"score": own["names"], "metric": own["metrics"]})
     return Result("detect", ds, config={"scores": own["names"], "metrics": own["metrics"],
                                         "noise_rate": float(noisy.mean())})
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    p.add_argument("--scores", default="all", help="comma-separated score names to evaluate, or 'all'")
+
+
+def _cli_execute(args):
+    return detect(load(args.run), names=args.scores)
+
+
+def _cli_table(res, values, size, noisy):
+    n = res.sizes["score"]
+    size, noisy = np.broadcast_to(size, n), np.broadcast_to(noisy, n)
+    return {"names": list(res["score"].values), "direction": res["direction"].values, "size": size,
+            "noisy": noisy, "base_rate": noisy / np.maximum(size, 1), "values": values}
+
+
+def _cli_summary(res, args):
+    text = (f"noise detection ({int(res['noisy'].max())} noisy labels); each score over the examples where it is "
+            f"defined:\n" + format_table(_cli_table(res, res["values"].values, res["size"].values, res["noisy"].values)))
+    if "common_values" in res:
+        rows = res["common_example"].values
+        noisy = int(load(args.run).is_noisy[rows].sum())
+        text += (f"\n\nevery score on the {len(rows)} examples where all are defined ({noisy} noisy):\n"
+                 + format_table(_cli_table(res, res["common_values"].values, len(rows), noisy)))
+    return text
+
+
+def plot_detect(res, out, run=None) -> str:
+    """The detection table of every score and its ROC / precision-recall curves (from the run's scores)."""
+    names, metrics = coord_names(res, "score"), coord_names(res, "metric")
+    values, size = res["values"].values, res["size"].values
+    text = "## Noise detection\n\nHow well each per-example score ranks the noisy examples first.\n\n"
+    if run is not None and run.results_path("scores").is_file():
+        sc = run.result("scores")
+        kept = [n for n in names if n in sc]
+        plot_curves({n: sc[n].values for n in kept}, run.is_noisy, {n: int(sc[n].attrs["direction"]) for n in kept},
+                    out / "detect_roc.png",
+                    title=f"{run.path.name}: {int(run.is_noisy.sum())} of {run.num_train} labels noisy")
+        text += "![detection curves](detect_roc.png)\n\n"
+    rows = [[n] + [float(v) for v in values[i]] + [int(size[i])] for i, n in enumerate(names)]
+    return text + table(["score"] + metrics + ["examples"], rows)
+
+
+ANALYSIS = Analysis(
+    name="detect", order=70, compute=detect,
+    plot=plot_detect,
+    schema=Schema("detect", "how well each score finds the mislabeled examples (memloc.detect)",
+               {"score": Var(("score",), "score name"), "metric": Var(("metric",), "auroc, ap, prec_at_k")},
+               {"values": Var(("score", "metric"), "each score over the examples where it is defined"),
+                "direction": Var(("score",), "+1 / -1 (see scores)"),
+                "size": Var(("score",), "examples where the score is defined"),
+                "noisy": Var(("score",), "noisy examples among them"),
+                "base_rate": Var(("score",), "noisy / size (the AP of chance)"),
+                "common_values": Var(("score", "metric"), "every score on the examples where all are defined", optional=True),
+                "common_example": Var(("common",), "ids of those examples", optional=True)}),
+    command=Command(name="detect",
+                    help='noise detection metrics (AUROC, AP, precision@k) of every score',
+                    device=False,
+                    description="Noise-detection quality (AUROC, average precision, precision at the true noise rate) of every "
+               "score in RUN/results/scores.h5; writes RUN/results/detect.h5 (the report draws the ROC curves).",
+                    flags={"names": "--scores"},
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    execute=_cli_execute),
+)

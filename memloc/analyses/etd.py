@@ -14,6 +14,10 @@ from ..core.evaluate import SUBSETS
 from ..core.results import Result
 from ..core.runtime import check_range
 from ..core.selection import resolve
+from ..core.options import add_eval_batch_size, nonnegative_int
+from ..core.figures import plt, LABELS, save_figure, table, coord_names
+from ..core.schemas import Schema, Var, SUBSET_VAR
+from ..core.registry import Analysis, Command
 
 __all__ = ["evaluate_dropout"]
 
@@ -39,3 +43,73 @@ def evaluate_dropout(source, data=None, *, checkpoint: int | None = None, modes=
     config = {"checkpoint": src.checkpoint, "eval_batch_size": eval_batch_size, "recalibrate_bn": recalibrate_bn,
               "etd": spec, "device": str(src.device)}
     return Result("dropout", ds, config=config)
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    p.add_argument("--checkpoint", type=nonnegative_int, default=None,
+                   help="checkpoint epoch to evaluate (default: final)")
+    add_eval_batch_size(p)
+    p.add_argument("--recalibrate-bn", action="store_true",
+                   help="before evaluating test and drop mode, re-estimate the BatchNorm running statistics "
+                        "in that mode from the training inputs (training collected them under the "
+                        "per-example masks; recommended for models with BatchNorm, e.g. resnet9)")
+
+
+def _cli_execute(args):
+    return evaluate_dropout(args.run, checkpoint=args.checkpoint, eval_batch_size=args.eval_batch_size,
+                            recalibrate_bn=args.recalibrate_bn, device=args.device)
+
+
+def _cli_summary(res, args):
+    subsets = list(res["subset"].values)
+    lines = [f"{args.run} (checkpoint {res.config['checkpoint']}; {res.sizes['layer']} dropout layers: "
+             f"{', '.join(res['layer'].values)})", f"{'mode':<6}" + "".join(f"{s:>12}" for s in subsets)]
+    for mode, row in zip(res["mode"].values, res["accuracy"].values):
+        lines.append(f"{mode:<6}" + "".join(f"{'-':>12}" if np.isnan(v) else f"{100 * v:>11.2f}%" for v in row))
+    return "\n".join(lines)
+
+
+def plot_dropout(res, out, run=None) -> str:
+    """Example-tied dropout: accuracy per subset in test mode vs drop mode (bar chart and table)."""
+    acc, modes, subsets = res["accuracy"].values, coord_names(res, "mode"), coord_names(res, "subset")
+    layers = coord_names(res)
+    recalibrated = res.config.get("recalibrate_bn", False)
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    x = np.arange(len(subsets))
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        ax.bar(x + (i - (len(modes) - 1) / 2) * width, 100 * acc[i], width, label=f"{mode} mode")
+    ax.set_xticks(x, [LABELS.get(s, s) for s in subsets], fontsize=8)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 101), title="example-tied dropout: before / after dropping")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(modes))
+    name = save_figure(fig, out, "dropout.png")
+    rows = [[f"{m} mode"] + [100 * float(v) for v in acc[i]] for i, m in enumerate(modes)]
+    return ("## Example-tied dropout\n\nMemorisation units are scaled by p_mem in test mode and dropped in drop "
+            f"mode (dropout layers after: {', '.join(layers)})"
+            + ("; BatchNorm statistics were re-estimated in test and drop mode (recalibrate_bn)" if recalibrated else "")
+            + f".\n\n![dropout]({name})\n\n"
+            + table(["model"] + [LABELS.get(s, s) for s in subsets], rows, digits=1))
+
+
+ANALYSIS = Analysis(
+    name="dropout", order=150, compute=evaluate_dropout,
+    plot=plot_dropout,
+    schema=Schema("dropout", "example-tied dropout evaluated per mode (memloc.dropout)",
+               {"mode": Var(("mode",), "train, test, drop"), **SUBSET_VAR,
+                "layer": Var(("layer",), "module the dropout layer follows")},
+               {"accuracy": Var(("mode", "subset"), "accuracy with every dropout layer in the mode (train: test is NaN)"),
+                "layer_kind": Var(("layer",), "example_tied | standard | fixed"),
+                "units": Var(("layer",), "units of the layer"),
+                "gen_units": Var(("layer",), "generalisation units (always kept)")}),
+    command=Command(name="dropout",
+                    help='evaluate an example-tied-dropout run in train, test and drop mode',
+                    description="Evaluate a run trained with example-tied dropout (--etd-after) in train mode (each training example "
+               "through its own mask: what was memorised), test mode (memorisation units scaled by p_mem) and drop "
+               "mode (memorisation units zeroed, generalisation units rescaled): accuracy on clean training "
+               "examples, noisy ones (given and true labels) and the test set. Writes RUN/results/dropout.h5.",
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    execute=_cli_execute),
+)

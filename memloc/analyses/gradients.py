@@ -42,6 +42,10 @@ from ..core.runtime import check_range, progress
 from ..core.schemas import GRADIENT_PARTS
 from ..core.selection import layer_coords, prepare
 from ..core.units import NORM_TYPES, Layer
+from ..core.options import add_checkpoints, add_layers, layer_table, positive_int
+from ..core.figures import plt, COLORS, save_figure, table, short_names, coord_names, grid
+from ..core.schemas import Schema, Var, layer_vars
+from ..core.registry import Analysis, Command
 
 __all__ = ["QUANTITIES", "BN_MODES", "layer_gradients", "gradients"]
 
@@ -186,3 +190,86 @@ def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str
     result = Result("gradients", ds, config=config)
     result.parts = parts.folder
     return result
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    add_checkpoints(p, "checkpoints to analyse")
+    add_layers(p)
+    p.add_argument("--bn-mode", choices=BN_MODES, default="eval",
+                   help="norm layers use running statistics (eval) or batch statistics (train; the "
+                        "checkpoints' running statistics are not changed)")
+    p.add_argument("--batch-size", type=positive_int, default=1024,
+                   help="examples per forward pass (with --bn-mode train also the statistics batch)")
+
+
+def _cli_execute(args):
+    return gradients(args.run, checkpoints=args.checkpoints, layers=args.layers, bn_mode=args.bn_mode,
+                     batch_size=args.batch_size, device=args.device, resume_dir="auto", overwrite=args.overwrite)
+
+
+def _cli_summary(res, args):
+    epochs = res["checkpoint"].values
+    shown = epochs >= 2 if epochs.max() >= 2 else np.ones(len(epochs), bool)
+    with np.errstate(all="ignore"):
+        means = np.concatenate([np.nanmean(res["norm"].values[shown], axis=0),
+                                np.nanmean(res["cosine"].values[shown], axis=0)[:, None]], axis=1)
+    label = ", ".join(map(str, epochs[shown])) if shown.sum() < 6 else ">= 2"
+    return (f"{len(epochs)} checkpoints x {res.sizes['layer']} layers; means over epochs {label}:\n"
+            + layer_table(res["layer"].values, ["norm_clean", "norm_noisy", "norm_all", "cosine"], means, fmt="10.3g"))
+
+
+def plot_gradients(res, out, run=None) -> str:
+    """Per-layer gradient norms (clean / noisy / all) over epochs and the clean-noisy cosine heatmap."""
+    layers, epochs = coord_names(res), res["checkpoint"].values
+    q = {f"norm_{'total' if k == 'all' else k}": res["norm"].sel(subset=k).values for k in ("clean", "noisy", "all")}
+    q["cosine"] = res["cosine"].values
+    n = len(layers)
+    fig, axes = grid(n, sharex=True)
+    for i, ax in enumerate(axes.flat[:n]):
+        for key in ("clean", "noisy", "total"):
+            ax.plot(epochs, q[f"norm_{key}"][:, i], color=COLORS[key], label=key)
+        ax.set_yscale("log")
+        ax.set_title(short_names([layers[i]])[0], fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0, 0].set_ylabel("||grad|| / sqrt(#params)")
+    axes[0, 0].legend(fontsize=7)
+    norms = save_figure(fig, out, "gradients_norms.png")
+    fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(epochs) + 2), max(2.5, 0.35 * n + 1.2)))
+    im = ax.imshow(q["cosine"].T, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(n), short_names(layers), fontsize=7)
+    step = max(1, len(epochs) // 15)
+    ax.set_xticks(range(0, len(epochs), step), epochs[::step])
+    ax.set(xlabel="epoch", title="cosine(clean gradient, noisy gradient)")
+    fig.colorbar(im, ax=ax)
+    cos = save_figure(fig, out, "gradients_cosine.png")
+    later = epochs >= 2
+    rows = [[layers[i], f"{np.nanmean(q['norm_clean'][later, i]):.3g}", f"{np.nanmean(q['norm_noisy'][later, i]):.3g}",
+             float(np.nanmean(q["cosine"][later, i]))] for i in range(n)]
+    return ("## Gradient accounting\n\nNorm of the gradient of the mean clean, noisy and total loss, per "
+            "parameter, and the cosine between the clean and noisy gradients.\n\n"
+            f"![gradient norms]({norms})\n\n![cosine]({cos})\n\nMeans over epochs >= 2:\n\n"
+            + table(["layer", "clean norm", "noisy norm", "cosine"], rows))
+
+
+ANALYSIS = Analysis(
+    name="gradients", order=20, compute=gradients,
+    plot=plot_gradients,
+    schema=Schema("gradients", "per-layer gradient accounting (memloc.gradients)",
+               {"checkpoint": Var(("checkpoint",), "checkpoint epoch (-1: a model passed in directly)"), **layer_vars(),
+                "subset": Var(("subset",), "clean, noisy, all: whose mean loss the gradient is of")},
+               {"norm": Var(("checkpoint", "layer", "subset"), "L2 norm of the gradient of the subset's mean loss / sqrt(layer_numel)"),
+                "cosine": Var(("checkpoint", "layer"), "cosine between the clean and the noisy gradient (NaN if one is 0)")}),
+    command=Command(name="gradients",
+                    help='per-layer gradient norms of clean / noisy / all losses and their cosine, per checkpoint',
+                    sharded=True,
+                    interrupted="finished work is saved (rerun to continue)",
+                    overwrite_help="replace an existing gradients.h5 (or an interrupted gradients run saved with other settings)",
+                    description="Per-layer gradient norms of the mean clean, noisy and total training loss (divided by "
+               "sqrt(#params of the layer)) and the cosine between the clean and noisy gradients, at every "
+               "chosen checkpoint. Writes RUN/results/gradients.h5.",
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    execute=_cli_execute),
+)

@@ -31,6 +31,10 @@ from ..core.results import Result
 from ..core.runtime import check_range, progress
 from ..core.selection import layer_coords, resolve
 from ..core.units import CONV_TYPES, Structure, trace
+from ..core.options import layer_table, positive_int
+from ..core.figures import plt, save_figure
+from ..core.schemas import Schema, Var, layer_vars
+from ..core.registry import Analysis, Command
 
 __all__ = ["METHODS", "param_importance", "unit_importance", "layer_importance", "importance", "select_rows", "flip_units"]
 
@@ -196,3 +200,81 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
     config = {"method": method, "subsets": names, "batch_size": batch_size, "device": str(src.device),
               "checkpoint": src.checkpoint}
     return Result("importance", xr.Dataset(variables, coords=coords), config=config)
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    p.add_argument("--method", default="fisher", choices=METHODS,
+                   help="fisher: mean squared per-example gradient of the given label's loss; mas: mean absolute "
+                        "per-example gradient of the squared output norm (no labels)")
+    p.add_argument("--subsets", default="clean,noisy",
+                   help="comma-separated example subsets: clean, noisy, all, flagged (memloc issues' flags), class:C; "
+                        "or one ids:1,2,3 subset alone")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="examples per vectorised gradient pass")
+
+
+def _cli_execute(args):
+    subsets = [args.subsets] if args.subsets.startswith("ids:") else args.subsets
+    return importance(args.run, method=args.method, subsets=subsets, batch_size=args.batch_size, device=args.device)
+
+
+def _cli_summary(res, args):
+    subsets = [str(s) for s in res["subset"].values]
+    text = (f"{res.config['method']} importance (mean per parameter; examples: "
+            + ", ".join(f"{s} {int(n)}" for s, n in zip(subsets, res["examples"].values)) + ")\n"
+            + layer_table([str(n) for n in res["layer"].values], subsets, res["layer_importance"].values.T, "10.3g"))
+    if "flip_overlap" in res:
+        text += (f"\noverlap (Jaccard) of the {res.sizes['zeroed']} units flip zeroed for noisy examples with as many "
+                 f"top noisy-importance units: {float(res['flip_overlap']):.3f}")
+    unit = res["unit_importance"].values
+    if np.isfinite(unit).any() and len(subsets) > 1:
+        ratio = np.nanmean(unit[1]) / np.nanmean(unit[0])
+        text += f"\nmean unit importance {subsets[1]} / {subsets[0]}: {ratio:.2f}"
+    return text
+
+
+def plot_importance(res, out, run=None) -> str:
+    """Mean importance per parameter of every layer, one bar per subset (log scale)."""
+    layers, subsets = [str(n) for n in res["layer"].values], [str(s) for s in res["subset"].values]
+    values = res["layer_importance"].values
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(layers) + 2), 3.2))
+    x = np.arange(len(layers))
+    width = 0.8 / len(subsets)
+    colors = {"clean": "tab:blue", "noisy": "tab:red"}
+    for i, s in enumerate(subsets):
+        ax.bar(x + (i - (len(subsets) - 1) / 2) * width, values[i], width, label=s, color=colors.get(s))
+    ax.set_xticks(x, layers, fontsize=8, rotation=30 if len(layers) > 6 else 0)
+    ax.set(yscale="log", ylabel="importance per parameter", title=f"{res.config.get('method')} importance per layer")
+    ax.legend(fontsize=8)
+    name = save_figure(fig, out, "importance.png")
+    text = (f"## Parameter importance ({res.config.get('method')})\n\nMean importance per parameter of each layer "
+            "for each subset of training examples (Fisher: squared loss gradients, the EWC weight; MAS: absolute "
+            f"gradients of the squared output norm).\n\n![importance]({name})")
+    if "flip_overlap" in res:
+        text += (f"\n\nOverlap (Jaccard) of the {res.sizes['zeroed']} units flip zeroed for noisy examples with as "
+                 f"many top units by noisy importance: {float(res['flip_overlap']):.3f}.")
+    return text
+
+
+ANALYSIS = Analysis(
+    name="importance", order=120, compute=importance,
+    plot=plot_importance,
+    schema=Schema("importance", "per-layer and per-unit parameter importance, Fisher (EWC) or MAS (memloc.importance)",
+               {**layer_vars(), "subset": Var(("subset",), "examples the importance is of: clean, noisy, all, flagged, class:C, ids:..."),
+                "unit": Var(("unit",), "global unit id (as in flip)"), "unit_layer": Var(("unit",), "the unit's layer")},
+               {"layer_importance": Var(("subset", "layer"), "mean importance per parameter of the layer"),
+                "unit_importance": Var(("subset", "unit"), "mean importance of the parameters producing the unit (NaN: the logits layer)"),
+                "examples": Var(("subset",), "examples in the subset"),
+                "flip_overlap": Var((), "Jaccard overlap of flip's zeroed units (noisy examples) and as many top noisy-importance units", optional=True),
+                "flip_units": Var(("zeroed",), "units flip zeroed for noisy examples", optional=True)}),
+    command=Command(name="importance",
+                    help='Fisher (EWC) / MAS parameter importance per layer and unit, clean vs noisy',
+                    description="Which parameters matter for which examples: the diagonal Fisher information (EWC) or MAS importance "
+               "of the final model on each subset of training examples, per layer (mean per parameter) and per unit "
+               "(the unit ids of flip); with a flip result, the overlap between the units flip zeroes for noisy "
+               "examples and the top units by noisy importance. Writes RUN/results/importance.h5.",
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    execute=_cli_execute),
+)

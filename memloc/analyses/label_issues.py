@@ -45,6 +45,11 @@ from ..core.run import Run, as_run
 from ..core.runtime import check_range, resolve_device
 from .arrays import COMBINED, estimate_noise_rate, find_label_issues_in_arrays, flag_top, suspicion
 from .scores import SCORES, default_epoch_k, scores as compute_scores
+from ..core.run import load
+from ..core.options import check_writable, nonnegative_int, number, positive_int
+from ..core.figures import plt, save_figure, table
+from ..core.schemas import Schema, Var, EXAMPLE_VAR
+from ..core.registry import Analysis, Command
 
 __all__ = ["COMBINED", "ISSUE_SCORES", "confident_joint_rate", "suspicion", "same_data_runs",
            "find_label_issues", "flag_top", "flag_quality", "to_csv"]
@@ -145,3 +150,111 @@ def to_csv(result: Result, path) -> Path:
     except OSError as e:
         raise MemlocError(f"cannot write {str(path)!r} ({e.strerror or e})", argument="csv") from None
     return path
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    p.add_argument("--by", default="combined",
+                   help=f"ranking: combined (mean rank percentile of {', '.join(COMBINED)}) or one score: "
+                        f"{', '.join(n for n in SCORES if n != 'neuron_count')}")
+    p.add_argument("--also", nargs="+", default=[], metavar="RUN2",
+                   help="more runs of the same data (other seeds): scores and probabilities averaged over all runs")
+    p.add_argument("--rate", type=number(float, 0, 1, high_open=True), default=None,
+                   help="flag this fraction instead of the estimated noise rate")
+    p.add_argument("--checkpoint-k", type=nonnegative_int, default=None,
+                   help="epoch of the predictions and of EL2N (default: 10%% of training, at least 1)")
+    p.add_argument("--out", dest="csv", default=None, metavar="CSV",
+                   help="also write the ranked table (one row per example, most suspicious first) as CSV")
+    p.add_argument("--batch-size", type=positive_int, default=1024, help="examples per forward pass")
+
+
+def _cli_execute(args):
+    if args.csv:
+        check_writable(args.csv)
+    return find_label_issues([args.run, *args.also], by=args.by, rate=args.rate, checkpoint_k=args.checkpoint_k,
+                             device=args.device, batch_size=args.batch_size)
+
+
+def _cli_after_save(res, args):
+    if args.csv:
+        to_csv(res, args.csv)
+
+
+def _cli_summary(res, args):
+    n, flagged = res.sizes["example"], int(res["flagged"].sum())
+    rate = float(res["rate_estimate"])
+    lines = [f"estimated noise rate {rate:.4f} ({res.config['rate_method']}, epoch {res.config['checkpoint_k']}"
+             f"{', %d runs' % len(res.config['runs']) if len(res.config['runs']) > 1 else ''}): "
+             f"{flagged} of {n} examples flagged (ranked by {res.config['by']})"]
+    run = load(args.run)
+    if run.is_noisy.any():
+        q = flag_quality(res["flagged"].values, run.is_noisy)
+        lines.append(f"against the run's known noise ({int(run.is_noisy.sum())} = {run.is_noisy.mean():.4f}): "
+                     f"precision {q['precision']:.3f}, recall {q['recall']:.3f}")
+    top = np.argsort(res["rank"].values)[:5]
+    lines.append("most suspicious: " + ", ".join(
+        f"#{i} (given {int(res['label_given'][i])}, predicted {int(res['label_predicted'][i])})" for i in top))
+    if args.csv:
+        lines.append(f"wrote {args.csv}")
+    return "\n".join(lines)
+
+
+def plot_issues(res, out, run=None) -> str:
+    """Suspicion histogram (flagged vs not; noisy vs clean when the run knows), the most suspicious examples."""
+    susp, flagged = res["suspicion"].values, res["flagged"].values.astype(bool)
+    rate, n = float(res["rate_estimate"]), len(susp)
+    known = run is not None and run.is_noisy.any() and len(run.is_noisy) == n
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    bins = np.linspace(np.nanmin(susp), np.nanmax(susp), 50)
+    if known:
+        ax.hist([susp[~run.is_noisy], susp[run.is_noisy]], bins=bins, stacked=True, color=["tab:blue", "tab:red"],
+                label=["clean (truth)", "noisy (truth)"])
+    else:
+        ax.hist(susp, bins=bins, color="tab:gray", label="all examples")
+    cut = susp[flagged].min() if flagged.any() else np.nanmax(susp)
+    ax.axvline(cut, color="k", ls="--", lw=1, label=f"flag threshold ({flagged.sum()} flagged)")
+    ax.set(xlabel=f"suspicion ({res.config.get('by', '')})", ylabel="examples", yscale="log",
+           title=f"label issues: estimated noise rate {rate:.1%}")
+    ax.legend(fontsize=8)
+    name = save_figure(fig, out, "issues.png")
+    text = (f"## Label issues (no ground truth used)\n\nEstimated noise rate {rate:.2%} "
+            f"({res.config.get('rate_method')}, epoch {res.config.get('checkpoint_k')}); the {flagged.sum()} most "
+            f"suspicious of {n} examples are flagged (ranking: {res.config.get('by')}).")
+    if known:
+        hit = (flagged & run.is_noisy).sum()
+        text += (f" Against the run's known noise ({run.is_noisy.mean():.2%}): precision "
+                 f"{hit / max(flagged.sum(), 1):.3f}, recall {hit / run.is_noisy.sum():.3f}.")
+    top = np.argsort(res["rank"].values)[:10]
+    rows = [[int(i), int(res["label_given"][i]), int(res["label_predicted"][i]), float(res["prob_given"][i]),
+             float(susp[i])] for i in top]
+    return (text + f"\n\n![issues]({name})\n\nMost suspicious examples:\n\n"
+            + table(["example", "given", "predicted", "p(given)", "suspicion"], rows))
+
+
+ANALYSIS = Analysis(
+    name="issues", order=80, compute=find_label_issues,
+    plot=plot_issues,
+    schema=Schema("issues", "every training example ranked by suspicion, the suspects flagged, no ground truth used "
+               "(memloc.find_label_issues)",
+               {**EXAMPLE_VAR, "score": Var(("score",), "score name (memloc.scores)")},
+               {"rank": Var(("example",), "1 = most suspicious"),
+                "flagged": Var(("example",), "1 = among the round(rate_estimate x N) most suspicious"),
+                "label_given": Var(("example",), "label trained on"),
+                "label_predicted": Var(("example",), "argmax of the epoch-k probabilities (averaged over runs): the relabelling candidate"),
+                "prob_given": Var(("example",), "epoch-k probability of the given label"),
+                "suspicion": Var(("example",), "the ranking value (higher = more suspicious)"),
+                "scores": Var(("example", "score"), "every score, raw (averaged over runs)"),
+                "direction": Var(("score",), "+1: higher = more likely mislabeled, -1: lower is"),
+                "rate_estimate": Var((), "estimated noise rate (calibrated confident joint) or the rate given")}),
+    command=Command(name="issues",
+                    help='rank every example by how likely its label is wrong; flag the suspects (no ground truth)',
+                    description="Rank every training example by how likely its label is wrong and flag the suspects, without ground "
+               "truth: the number flagged is the noise rate estimated by confident learning's calibrated confident "
+               "joint on the early-epoch (epoch k) predictions. Writes RUN/results/issues.h5 (and --out CSV).",
+                    flags={"runs": "--also", "csv": "--out"},
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    after_save=_cli_after_save,
+                    execute=_cli_execute),
+)

@@ -42,6 +42,10 @@ from ..core.results import Result
 from ..core.runtime import check_range, progress
 from ..core.selection import copy_layer, layer_coords, prepare
 from ..core.units import Layer
+from ..core.options import add_eval_batch_size, add_layers, add_precision, describe, layer_table, nonnegative_float, nonnegative_int, number, positive_float, positive_int
+from ..core.figures import COLORS, LABELS, save_figure, short_names, coord_names, grid, accuracy_rows
+from ..core.schemas import Schema, Var, layer_vars, SUBSET_VAR
+from ..core.registry import Analysis, Command
 
 __all__ = ["HYPER", "retrain_layer", "retrain"]
 
@@ -210,3 +214,79 @@ def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["
     result = Result("retrain", ds, config=config)
     result.parts = parts.folder
     return result
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    add_layers(p)
+    p.add_argument("--reset-checkpoint", type=nonnegative_int, default=0,
+                   help="checkpoint epoch whose tensors the layer is reset to (0 = initialisation)")
+    p.add_argument("--epochs", type=positive_int, default=HYPER["epochs"], help="retraining epochs")
+    p.add_argument("--lr", type=positive_float, default=HYPER["lr"],
+                   help="peak learning rate of the one-cycle schedule (reached half-way)")
+    p.add_argument("--batch-size", type=positive_int, default=HYPER["batch_size"], help="retraining batch size")
+    p.add_argument("--momentum", type=number(float, 0, 1, high_open=True), default=HYPER["momentum"], help="SGD (Nesterov) momentum")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=HYPER["weight_decay"],
+                   help="weight decay of the retrained layer")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=HYPER["seed"], help="seed of the batch order")
+    add_eval_batch_size(p)
+    add_precision(p)
+
+
+def _cli_execute(args):
+    return retrain(args.run, layers=args.layers, reset_to=args.reset_checkpoint, epochs=args.epochs, lr=args.lr,
+                   batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
+                   seed=args.seed, eval_batch_size=args.eval_batch_size, device=args.device,
+                   resume_dir="auto", overwrite=args.overwrite, precision=args.precision)
+
+
+def _cli_summary(res, args):
+    subsets = list(res["subset"].values)
+    return (f"{res.sizes['layer']} layers x {args.epochs} epochs; final model: "
+            f"{describe(res['baseline'].values, subsets)}\n"
+            f"after retraining (reset to checkpoint {args.reset_checkpoint}):\n"
+            + layer_table(res["layer"].values, subsets, res["accuracy"].isel(epoch=-1).values))
+
+
+def plot_retrain(res, out, run=None) -> str:
+    """Curves per layer of clean / noisy / test accuracy while retraining it on clean data."""
+    layers, subsets, epochs = coord_names(res), coord_names(res, "subset"), res["epoch"].values
+    acc, base = res["accuracy"].values, res["baseline"].values   # (L, E+1, S)
+    n = len(layers)
+    fig, axes = grid(n, sharey=True)
+    for i, ax in enumerate(axes.flat[:n]):
+        for j, sub in enumerate(subsets):
+            ax.plot(epochs, 100 * acc[i, :, j], color=COLORS.get(sub), label=LABELS.get(sub, sub))
+        ax.set_title(short_names([layers[i]])[0], fontsize=9)
+        ax.set_ylim(0, 101)
+        ax.set_xlabel("retraining epoch")
+    axes[0, 0].set_ylabel("accuracy (%)")
+    axes[0, 0].legend(fontsize=7)
+    name = save_figure(fig, out, "retrain.png")
+    return ("## Layer retraining\n\nOne layer at a time is reset to initialisation and retrained alone on the "
+            f"clean examples.\n\n![retrain]({name})\n\nAccuracy (%) after retraining:\n\n"
+            + accuracy_rows(layers, subsets, acc[:, -1], base, "(final model)"))
+
+
+ANALYSIS = Analysis(
+    name="retrain", order=40, compute=retrain,
+    plot=plot_retrain,
+    schema=Schema("retrain", "one layer at a time reset and retrained alone on clean data (memloc.retrain)",
+               {**layer_vars(), "epoch": Var(("epoch",), "retraining epoch (0 = just after the reset)"), **SUBSET_VAR},
+               {"accuracy": Var(("layer", "epoch", "subset"), "accuracy while the layer is retrained"),
+                "baseline": Var(("subset",), "accuracy of the model itself")}),
+    command=Command(name="retrain",
+                    help='reset one layer at a time and retrain only it on clean data',
+                    sharded=True,
+                    description="Reset one layer at a time to its initialisation, freeze every other parameter and buffer, "
+               "retrain only that layer on the clean training examples (one-cycle schedule) and record clean / "
+               "noisy / test accuracy after every epoch. Writes RUN/results/retrain.h5; an interrupted run "
+               "continues when the same command is run again.",
+                    interrupted="finished work is saved (rerun to continue)",
+                    overwrite_help="replace an existing retrain.h5 (or an interrupted retrain saved with other settings)",
+                    flags={"reset_to": "--reset-checkpoint"},
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    execute=_cli_execute),
+)

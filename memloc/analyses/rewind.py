@@ -37,6 +37,10 @@ from ..core.results import Result
 from ..core.runtime import check_range, progress
 from ..core.selection import copy_layer, layer_coords, prepare
 from ..core.units import Layer
+from ..core.options import add_checkpoints, add_eval_batch_size, add_layers, add_precision, describe, layer_table
+from ..core.figures import coord_names, heatmaps, accuracy_rows
+from ..core.schemas import Schema, Var, layer_vars, SUBSET_VAR
+from ..core.registry import Analysis, Command
 
 __all__ = ["rewind", "rewind_layers"]
 
@@ -148,3 +152,60 @@ def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size
     result = Result("rewind", ds, config=config)
     result.parts = parts.folder
     return result
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    add_checkpoints(p, "checkpoints to rewind to")
+    add_layers(p)
+    add_eval_batch_size(p)
+    add_precision(p)
+
+
+def _cli_execute(args):
+    return rewind(args.run, checkpoints=args.checkpoints, layers=args.layers,
+                  eval_batch_size=args.eval_batch_size, device=args.device,
+                  resume_dir="auto", overwrite=args.overwrite, precision=args.precision)
+
+
+def _cli_summary(res, args):
+    subsets = list(res["subset"].values)
+    first = res["accuracy"].isel(checkpoint=0)
+    return (f"{res.sizes['checkpoint']} checkpoints x {res.sizes['layer']} layers; final model "
+            f"(epoch {res.config['final_epoch']}): {describe(res['baseline'].values, subsets)}\n"
+            f"rewound to epoch {int(res['checkpoint'][0])}:\n" + layer_table(res["layer"].values, subsets, first.values))
+
+
+def plot_rewind(res, out, run=None) -> str:
+    """Heatmaps [layer x rewind epoch] of clean / noisy / test accuracy."""
+    layers, subsets, epochs = coord_names(res), coord_names(res, "subset"), res["checkpoint"].values
+    acc, base = res["accuracy"].values, res["baseline"].values   # (R, L, S), (S,)
+    name = heatmaps(acc.transpose(1, 0, 2), subsets, layers, epochs, "rewound to epoch",
+                     "rewinding one layer of the final model", out, "rewind.png")
+    e0 = int(np.argmin(epochs))
+    return (f"## Layer rewinding\n\nOne layer at a time is put back to an earlier checkpoint.\n\n![rewind]({name})\n\n"
+            f"Accuracy (%) with the layer rewound to epoch {epochs[e0]}:\n\n"
+            + accuracy_rows(layers, subsets, acc[e0], base, "(no rewinding)"))
+
+
+ANALYSIS = Analysis(
+    name="rewind", order=30, compute=rewind,
+    plot=plot_rewind,
+    schema=Schema("rewind", "one layer at a time put back to an earlier checkpoint (memloc.rewind)",
+               {"checkpoint": Var(("checkpoint",), "epoch of the checkpoint the layer is rewound to"),
+                **layer_vars(), **SUBSET_VAR},
+               {"accuracy": Var(("checkpoint", "layer", "subset"), "accuracy with the layer rewound"),
+                "baseline": Var(("subset",), "accuracy of the model itself")}),
+    command=Command(name="rewind",
+                    help='rewind one layer at a time to an earlier checkpoint; clean / noisy / test accuracy',
+                    sharded=True,
+                    description="Rewind one layer at a time of the final model to an earlier checkpoint (parameters and norm "
+               "buffers) and record accuracy on clean train, noisy train (given and true labels) and test. "
+               "Writes RUN/results/rewind.h5; an interrupted run continues when the same command is run again.",
+                    interrupted="finished work is saved (rerun to continue)",
+                    overwrite_help="replace an existing rewind.h5 (or an interrupted rewind saved with other settings)",
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    execute=_cli_execute),
+)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..core.errors import MemlocError
+from ..core.registry import Command
 from . import run
 
 __all__ = ["steps", "demo"]
@@ -81,11 +82,6 @@ def demo(out, *, quick: bool = False, device: str = "auto", overwrite: bool = Fa
     return out
 
 
-RUN = False
-INTERRUPTED = "finished steps are kept in OUT"
-OVERWRITE = True
-OVERWRITE_HELP = "delete the demo's earlier run directories in OUT first"
-DESCRIPTION = __doc__.split("\n\n")[1].replace("\n", " ")
 
 
 def arguments(p):
@@ -99,3 +95,10 @@ def execute(args):
 
 def summary(out, args):
     return ""
+
+
+COMMAND = Command(
+    name="demo", order=170, help="the whole pipeline on MNIST-5k with 10% noise, from training to report",
+    description=__doc__.split("\n\n")[1].replace("\n", " "), arguments=arguments, execute=execute,
+    summary=summary, takes_run=False, overwrite=True, interrupted="finished steps are kept in OUT",
+    overwrite_help="delete the demo's earlier run directories in OUT first")

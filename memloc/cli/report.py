@@ -2,12 +2,8 @@
 from pathlib import Path
 
 from ..core.errors import MemlocError
+from ..core.registry import Command
 from ..reporting import report
-
-DEVICE = False
-OVERWRITE = True
-OVERWRITE_HELP = "replace an existing report in the output folder"
-DESCRIPTION = "Figures (PNG) for every result file of a run and a report.md summary."
 
 
 def arguments(p):
@@ -23,3 +19,10 @@ def execute(args):
 
 def summary(md, args):
     return f"report: {md}"
+
+
+COMMAND = Command(
+    name="report", order=160, help="figures and a summary page for every result of a run",
+    description="Figures (PNG) for every result file of a run and a report.md summary.",
+    arguments=arguments, execute=execute, summary=summary, device=False, overwrite=True,
+    overwrite_help="replace an existing report in the output folder")

@@ -1,16 +1,12 @@
 """``memloc train RUN``: train under label noise into a run directory (:func:`memloc.train`)."""
 import argparse
-import sys
 
 from ..core.data import NOISE_KINDS
 from ..training.train import DEFAULTS, OPTIONS, RANGES, train
-from .runner import _parser, add_eval_batch_size, add_precision, number
+from ..core.options import add_eval_batch_size, add_precision, number
+from ..core.registry import Command
+from .runner import parser
 
-OVERWRITE = True
-SHARDED = True     # torchrun --nproc-per-node K -m memloc train RUN: one run, each batch split K ways (DDP)
-INTERRUPTED = "finished epochs are saved (rerun with --resume to continue)"
-OVERWRITE_HELP = ("replace the memloc run in RUN (only after every check passed; files memloc did not write "
-                  "are never deleted)")
 DESCRIPTION = ("Train a classifier under label noise into a memloc run directory (checkpoint every epoch, "
                "per-example dynamics). Under torchrun --nproc-per-node K, one run is trained with "
                "DistributedDataParallel: each batch of --batch-size examples is split into K slices, the "
@@ -42,10 +38,10 @@ def arguments(p):
 def _given(argv) -> set[str]:
     """The options this command line sets explicitly (a --recipe fills only the others): the same
     parser, with every default suppressed."""
-    parser = _parser("train", sys.modules[__name__])
-    for action in parser._actions:
+    p = parser(COMMAND)
+    for action in p._actions:
         action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    return set(vars(p.parse_args(argv)))
 
 
 def execute(args):
@@ -62,3 +58,12 @@ def summary(run, args):
     return (f"{run.path}: {run.final_epoch} epochs; train {m['train_accuracy'][-1]:.4f}, "
             f"clean {m['clean_accuracy'][-1]:.4f}, noisy (memorised) {m['noisy_accuracy'][-1]:.4f}, "
             f"test {m['test_accuracy'][-1]:.4f}")
+
+
+COMMAND = Command(
+    name="train", order=10, help="train a model under label noise into a run directory",
+    description=DESCRIPTION, arguments=arguments, execute=execute, summary=summary,
+    sharded=True,    # torchrun --nproc-per-node K -m memloc train RUN: one run, each batch split K ways (DDP)
+    overwrite=True, interrupted="finished epochs are saved (rerun with --resume to continue)",
+    overwrite_help=("replace the memloc run in RUN (only after every check passed; files memloc did not write "
+                    "are never deleted)"))

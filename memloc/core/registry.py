@@ -29,8 +29,8 @@ from typing import Callable
 from .errors import MemlocError
 from .schemas import Schema
 
-__all__ = ["Command", "Analysis", "register", "discover", "analysis", "command", "analyses", "commands",
-           "schema", "PACKAGES"]
+__all__ = ["Command", "Analysis", "register", "unregister", "discover", "analysis", "command", "analyses", "commands",
+           "schema", "markdown", "PACKAGES"]
 
 #: the layer packages whose modules may declare analyses or commands
 PACKAGES = ("training", "analyses", "actions", "reporting", "cli")
@@ -107,6 +107,15 @@ def register(item: Analysis | Command) -> Analysis | Command:
     return item
 
 
+def unregister(item: Analysis | Command) -> None:
+    """Remove what :func:`register` added (declarations in the package cannot be removed)."""
+    if isinstance(item, Analysis):
+        _REGISTERED.pop(item.name, None)
+        item = item.command
+    if item is not None:
+        _REGISTERED_COMMANDS.pop(item.name, None)
+
+
 def _literal(call: ast.Call, key: str):
     for kw in call.keywords:
         if kw.arg == key:
@@ -141,7 +150,13 @@ def discover() -> tuple[Found, ...]:
                 continue
             rel = path.relative_to(root.parent).with_suffix("")
             module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
-            for node in ast.parse(text, str(path)).body:
+            # the declaration closes its module: parse from there on (a module's whole text when it does not)
+            start = max(text.rfind("\nANALYSIS = Analysis("), text.rfind("\nCOMMAND = Command("))
+            try:
+                tree = ast.parse(text[start + 1:], str(path))
+            except SyntaxError:
+                tree = ast.parse(text, str(path))
+            for node in tree.body:
                 if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
                         and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
                     continue
@@ -194,3 +209,18 @@ def command(name: str) -> Command:
             declared = importlib.import_module(f.module)
             return declared.ANALYSIS.command if f.kind == "analysis" else declared.COMMAND
     raise MemlocError(f"unknown command {name!r}; valid: {', '.join(commands())}")
+
+
+def markdown() -> str:
+    """The README's description of every result file, generated from the declared schemas."""
+    out = []
+    for s in map(schema, analyses()):
+        out.append(f"#### `results/{s.name}.h5`: {s.doc}\n")
+        out.append("| variable | dims | meaning |\n|---|---|---|")
+        for key, var in {**s.coords, **s.variables}.items():
+            kind = "coord" if key in s.coords else ("optional" if var.optional else "")
+            out.append(f"| `{key}`{' (' + kind + ')' if kind else ''} | ({', '.join(var.dims)}) | {var.doc} |")
+        for key, doc in s.attrs.items():
+            out.append(f"| attribute `{key}` | | {doc} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

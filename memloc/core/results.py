@@ -22,22 +22,22 @@ import xarray as xr
 
 from .errors import MemlocError
 from .runtime import atomic_path
-from .schemas import SCHEMA_VERSION, SCHEMAS, Schema
+from . import registry
+from .schemas import SCHEMA_VERSION, Schema
 
 __all__ = ["Result", "load_result", "atomic_path"]
 
 
 class Result:
-    """A labelled result of one analysis (``name`` in :data:`memloc.core.schemas.SCHEMAS`).
+    """A labelled result of one analysis (``name``: a declared analysis, :mod:`memloc.core.registry`).
 
     ``dataset`` is checked against the schema; ``config`` (JSON-able dict) records the options that
     produced it. Attribute access falls through to the dataset.
     """
 
     def __init__(self, name: str, dataset: xr.Dataset, *, config: dict | None = None):
-        if name not in SCHEMAS:
-            raise MemlocError(f"unknown result {name!r}; valid: {', '.join(SCHEMAS)}")
         self.name = name
+        self._schema = registry.schema(name)   # an unknown name is a MemlocError listing the valid ones
         self.dataset = dataset
         self.parts = None   # folder of resumable partial work, deleted once the result is saved
         if config is not None:
@@ -47,14 +47,14 @@ class Result:
 
     @property
     def schema(self) -> Schema:
-        return SCHEMAS[self.name]
+        return self._schema
 
     @property
     def config(self) -> dict:
         return json.loads(self.dataset.attrs.get("config", "{}"))
 
     def __getattr__(self, attr):
-        if attr.startswith("__") or attr in ("dataset", "parts", "name"):
+        if attr.startswith("__") or attr in ("dataset", "parts", "name", "_schema"):
             raise AttributeError(attr)
         return getattr(self.dataset, attr)
 
@@ -108,7 +108,7 @@ def load_result(path, name: str | None = None) -> Result:
         raise MemlocError(f"cannot read result file {str(path)!r} ({type(e).__name__}: {e})") from None
     stored = str(ds.attrs.get("memloc_schema", ""))
     found = stored.removeprefix("memloc.")
-    if found not in SCHEMAS:
+    if found not in registry.analyses():
         raise MemlocError(f"{str(path)!r} is not a memloc result (schema attribute {stored!r})")
     if name is not None and found != name:
         raise MemlocError(f"{str(path)!r} holds a {found!r} result, not {name!r}")

@@ -37,8 +37,9 @@ def select_layers(structure: Structure, names: Iterable[str] | str | None = None
     return [l for l in structure.layers if l.name in wanted]
 
 
-def parse_checkpoints(spec: str | Sequence[int] | None, available: Sequence[int]) -> list[int]:
-    """Epochs from ``"all"`` (or None), ``"final"``, ``"0,5,10"``, ranges ``"0-10"`` / ``"0-30:5"``.
+def parse_checkpoints(spec: str | int | Sequence[int] | None, available: Sequence[int]) -> list[int]:
+    """Epochs from ``"all"`` (or None), ``"final"``, ``"0,5,10"``, ranges ``"0-10"`` / ``"0-30:5"``, or
+    as values: an epoch (``5``), a sequence of epochs (``[0, 5, 10]``, ``range(0, 31, 5)``).
 
     Every epoch must be in ``available`` (the run's checkpoints); returned sorted and unique.
     """
@@ -49,6 +50,8 @@ def parse_checkpoints(spec: str | Sequence[int] | None, available: Sequence[int]
         if missing:
             warnings.warn(f"checkpoints of epochs {ranges(missing)} are missing; using the {len(available)} that exist")
         return available
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        spec = [int(spec)]
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out: set[int] = set()
     for item in items:

@@ -1,24 +1,28 @@
 """Figures (PNG) for every result of a run, and one ``report.md`` tying them together.
 
 ``memloc.report(run, out=None)`` (command: ``python -m memloc report RUN [--out DIR]``; default
-``RUN/report``). Each result has one plotting function in :data:`PLOTTERS` that draws from the
-result object; results the run does not have are skipped.
+``RUN/report``). Each analysis declares the function that draws its section from its result object
+(``plot=``, :mod:`memloc.core.registry`); results the run does not have are skipped.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from ..core import registry
 from ..core.errors import MemlocError
+from ..core.figures import table
 from ..core.run import as_run
 from ..core.runtime import atomic_path, progress
-from .actions import ACTION_PLOTTERS
-from .continual import CONTINUAL_PLOTTERS
-from .plots import PLOTTERS as LOCALISATION_PLOTTERS, plot_training, table
+from .plots import plot_training
 
-PLOTTERS = {**LOCALISATION_PLOTTERS, **CONTINUAL_PLOTTERS, **ACTION_PLOTTERS}
+__all__ = ["report", "plotters"]
 
-__all__ = ["report", "PLOTTERS"]
+
+def plotters() -> dict:
+    """Result name -> the function drawing its report section, for every analysis that has one (in order)."""
+    declared = (registry.analysis(name) for name in registry.analyses())
+    return {a.name: a.plot for a in declared if a.plot is not None}
 
 
 def report(source, out=None, *, results: dict | None = None) -> Path:
@@ -40,7 +44,7 @@ def report(source, out=None, *, results: dict | None = None) -> Path:
                 + table(["setting", "value"], [[k, json.dumps(v)] for k, v in sorted(settings.items())]),
                 plot_training(run, out)]
     given = dict(results or {})
-    for name, plot in progress(list(PLOTTERS.items()), desc="report", unit="figure"):
+    for name, plot in progress(list(plotters().items()), desc="report", unit="figure"):
         res = given.get(name)
         if res is None and run.results_path(name).exists():
             res = run.result(name)

@@ -43,8 +43,204 @@ stopped, and the parts are deleted once the result is saved.
 """
 from .driver import DTYPES, REF_POOLS, flip
 from .search import FlipSearch, FlipTrace, noise_seed, noisy_copies
-from .select import EXAMPLE_POOLS, reference_batches, select_examples
+from .select import EXAMPLE_POOLS, examples_spec, reference_batches, select_examples
 from .store import layer_histogram
+import sys
+import numpy as np
+from .driver import PROTOCOLS, SITES, part_settings, protocol_options, settings
+from ...scale.parts import canonical_settings, saved_settings
+from ...core.run import load
+from ...core.options import add_eval_batch_size, add_precision, nonnegative_float, nonnegative_int, number, positive_int
+from ...core.figures import plt, COLORS, LABELS, save_figure, table, short_names, coord_names
+from ...core.schemas import Schema, Var, SUBSET_VAR, EXAMPLE_VAR
+from ...core.registry import Analysis, Command
 
-__all__ = ["flip", "select_examples", "reference_batches", "noise_seed", "noisy_copies", "FlipSearch",
+__all__ = ["flip", "select_examples", "examples_spec", "reference_batches", "noise_seed", "noisy_copies", "FlipSearch",
            "FlipTrace", "layer_histogram", "DTYPES", "REF_POOLS", "EXAMPLE_POOLS"]
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    p.add_argument("--examples", default="noisy:100,clean:100",
+                   help="which training examples to search: comma-separated terms, each POOL:COUNT (POOL = noisy, "
+                        "clean or any; COUNT a number or 'all'; drawn with --seed), an example id (17), an inclusive "
+                        "id range (10-19), or ids prefixed by 'ids:' (ids:1,5,9). Examples the model misclassifies "
+                        "are recorded with status 1 and not searched")
+    p.add_argument("--checkpoint", type=nonnegative_int, default=None,
+                   help="checkpoint epoch to analyse (default: the final one)")
+    p.add_argument("--max-units", type=positive_int, default=100,
+                   help="give up after zeroing this many units (recorded as not flipped)")
+    p.add_argument("--protocol", default="memloc", choices=list(PROTOCOLS),
+                   help="defaults of the six options below: memloc (site pre_norm, no noise, B = 64) or paper (the "
+                        "authors' released code: site weight, logits averaged over 5 noised copies, B = 512, capped "
+                        "at the clean pool); options given explicitly always win")
+    p.add_argument("--site", default=None, choices=SITES,
+                   help="what is zeroed: a unit at its layer's output (pre_norm, memloc's default: one channel / "
+                        "feature, comparable across layers), after the norm that follows it (post_norm), or a "
+                        "parameter item by the official rule (weight: a whole conv filter, any other weight, bias or "
+                        "norm scale / shift element by element, scored by weight x gradient)")
+    p.add_argument("--noise-samples", type=nonnegative_int, default=None,
+                   help="average the target's logits over this many Gaussian-noised copies of it (0 = off; "
+                        "default 0, paper protocol 5)")
+    p.add_argument("--noise-ratio", type=nonnegative_float, default=None,
+                   help="noise norm as a fraction of the input's norm (default 0.01)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="searches per example, each with its own reference batch (default 1)")
+    p.add_argument("--ref-batch-size", type=positive_int, default=None,
+                   help="reference batch size B (the objective is the reference batch's mean loss minus the "
+                        "example's loss; default 64, paper protocol 512)")
+    p.add_argument("--ref-pool", default=None, choices=REF_POOLS,
+                   help="draw reference batches from clean training examples (default) or from all of them")
+    p.add_argument("--collateral", action="store_true",
+                   help="also record clean-train / noisy-train / noisy-true / test accuracy with each example's "
+                        "units zeroed (one pass over the data per search)")
+    p.add_argument("--group-size", type=positive_int, default=32,
+                   help="searches run at once (memory grows with group size x (B + copies))")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="computation precision; float64 makes the unit sequences independent of --group-size "
+                        "and of interruptions (near-ties are not decided by rounding), at 2-4x the CPU time")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed of example sampling, reference batches and noise")
+    add_eval_batch_size(p)
+    add_precision(p, "run the searches' forward passes under autocast in bf16 or fp16 (faster on GPUs with tensor "
+                     "cores; unit sequences can differ from fp32 at near-ties; needs --dtype float32); fp32 (default) "
+                     "computes exactly as without this option")
+
+
+PROTOCOL_OPTIONS = ("site", "noise_samples", "noise_ratio", "repeats", "ref_batch_size", "ref_pool")
+
+
+def _cli_options(args) -> dict:
+    return dict(examples=args.examples, checkpoint=args.checkpoint, max_units=args.max_units,
+                collateral=args.collateral, group_size=args.group_size, seed=args.seed, dtype=args.dtype,
+                precision=args.precision,
+                protocol=args.protocol, **{k: getattr(args, k) for k in PROTOCOL_OPTIONS})
+
+
+def _cli_requested(args, run):
+    """The config and part-file settings this command would search with."""
+    options = {k: v for k, v in _cli_options(args).items() if k not in ("group_size", "protocol") + PROTOCOL_OPTIONS}
+    options.update(protocol_options(args.protocol, run.is_noisy, **{k: getattr(args, k) for k in PROTOCOL_OPTIONS}))
+    options["checkpoint"] = run.final_epoch if args.checkpoint is None else args.checkpoint
+    config, ids, _ = settings(run.is_noisy, **options)
+    return config, part_settings(config, ids)
+
+
+def _cli_already_done(args, run) -> bool:
+    """Does the saved flip result hold exactly these settings?"""
+    stored = {"precision": "fp32", **run.result("flip").config}     # results from before --precision: fp32
+    return all(stored.get(k) == v for k, v in _cli_requested(args, run)[0].items())
+
+
+def _cli_resumable(args, run) -> bool:
+    """Is an interrupted search with exactly these settings saved (e.g. one started with --overwrite)?"""
+    parts = run.results_path("flip").with_name("flip.partial")
+    return saved_settings(parts) == canonical_settings(_cli_requested(args, run)[1])
+
+
+def _cli_execute(args):
+    return flip(load(args.run), **_cli_options(args), eval_batch_size=args.eval_batch_size, device=args.device,
+                overwrite=args.overwrite, log=lambda message: print(message, file=sys.stderr))
+
+
+def _cli_summary(res, args):
+    searched = res["status"].values == 0
+    noisy = res["is_noisy"].values.astype(bool)
+    count = res["neuron_count"].values
+    parts = [f"{searched.sum()} of {res.sizes['example']} examples searched"]
+    word = "items" if res.config.get("site") == "weight" else "units"
+    for key, rows in (("noisy", searched & noisy), ("clean", searched & ~noisy)):
+        if rows.any():
+            parts.append(f"{key}: median {np.median(count[rows]):g} {word}, "
+                         f"{100 * res['flipped'].values[rows].mean():.0f}% flipped")
+    return "; ".join(parts)
+
+
+def plot_flip(res, out, run=None) -> str:
+    """Units needed to flip noisy vs clean examples, and where the critical units are."""
+    cfg = res.config
+    searched = res["status"].values == 0
+    noisy = res["is_noisy"].values.astype(bool)
+    n_units, flipped = res["n_units"].values, res["flipped"].values
+    hist = res["layer_hist"].values                              # (K, R, L)
+    layers = coord_names(res)
+    collateral = res["collateral"].values
+    cap = int(cfg.get("max_units", n_units.max(initial=0)))
+    count = np.where(flipped, n_units, cap + 1).mean(1)      # the neuron-count score
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    bins = np.histogram_bin_edges(count[searched], bins=min(cap + 2, 40)) if searched.any() else 10
+    groups = {"clean": searched & ~noisy, "noisy": searched & noisy}
+    for key, rows in groups.items():
+        if rows.any():
+            a.hist(count[rows], bins=bins, alpha=0.6, color=COLORS[key], label=f"{key} (n={rows.sum()})")
+    a.set(xlabel=f"units zeroed to flip the prediction (> {cap} = not flipped)", ylabel="examples",
+          title="units needed")
+    a.legend(fontsize=8)
+    width = 0.4
+    x = np.arange(len(layers))
+    for k, (key, rows) in enumerate(groups.items()):
+        total = hist[rows].sum(axis=(0, 1)).astype(float)
+        if total.sum():
+            b.bar(x + (k - 0.5) * width, 100 * total / total.sum(), width, color=COLORS[key], label=key)
+    b.set_xticks(x, short_names(layers), rotation=45 if len(layers) > 4 else 0, ha="right" if len(layers) > 4 else "center",
+                 fontsize=7)
+    b.set(ylabel="% of zeroed units", title="layer of the critical units")
+    if b.get_legend_handles_labels()[0]:   # no units zeroed at all: nothing to label
+        b.legend(fontsize=8)
+    name = save_figure(fig, out, "flip.png")
+    rows = []
+    for key, r in groups.items():
+        if r.any():
+            rows.append([key, int(r.sum()), float(np.median(count[r])), 100 * float(flipped[r].mean())])
+    text = (f"## Unit zeroing (flip)\n\nGreedy gradient-guided zeroing of units (site `{cfg.get('site')}`, "
+            f"at most {cap} units) until the example's prediction changes.\n\n![flip]({name})\n\n"
+            + table(["examples", "searched", "median units", "% flipped"], rows, digits=1))
+    if groups["clean"].any() and groups["noisy"].any():
+        from sklearn.metrics import roc_auc_score
+        auc = roc_auc_score(noisy[searched], -count[searched])
+        text += f"\n\nAUROC of 'fewer units = noisy' on the searched examples: {auc:.3f}."
+    if collateral is not None and np.isfinite(collateral).any():
+        mean = np.nanmean(collateral[searched], axis=(0, 1))
+        text += ("\n\nMean accuracy (%) of the model with one example's units zeroed (collateral damage): "
+                 + ", ".join(f"{LABELS.get(s, s)} {100 * v:.1f}" for s, v in zip(coord_names(res, "subset"), mean)) + ".")
+    return text
+
+
+ANALYSIS = Analysis(
+    name="flip", order=50, compute=flip,
+    plot=plot_flip,
+    schema=Schema("flip", "greedy gradient-guided unit zeroing until the prediction flips (memloc.flip); at "
+               "config site = weight the units are parameter items (a conv filter, or one element of any other "
+               "parameter) and the layers are parameters",
+               {**EXAMPLE_VAR, "repeat": Var(("repeat",), "search repeat (own reference batch)"),
+                "layer": Var(("layer",), "unit space (layer) name (weight site: parameter name)"), **SUBSET_VAR},
+               {"is_noisy": Var(("example",), "the example's given label is wrong"),
+                "label": Var(("example",), "given label searched"),
+                "status": Var(("example",), "0 = searched, 1 = misclassified by the model (not searched)"),
+                "neuron_count": Var(("example",), "mean units to flip over repeats (not flipped = max_units + 1; NaN = not searched)"),
+                "n_units": Var(("example", "repeat"), "units zeroed"),
+                "flipped": Var(("example", "repeat"), "the prediction left the given label"),
+                "layer_hist": Var(("example", "repeat", "layer"), "zeroed units per layer"),
+                "collateral": Var(("example", "repeat", "subset"), "accuracy with the example's units zeroed (NaN = not measured)"),
+                "unit_ids": Var(("zeroed",), "global unit ids in zeroing order, all searches concatenated"),
+                "unit_offsets": Var(("row",), "search example*R + repeat spans unit_ids[unit_offsets[row]:unit_offsets[row+1]]"),
+                "layer_size": Var(("layer",), "units in the layer"),
+                "layer_offset": Var(("layer",), "global id of the layer's first unit"),
+                "reference": Var(("repeat", "ref"), "example ids of each repeat's reference batch")}),
+    command=Command(name="flip",
+                    help="greedy gradient-guided unit zeroing until each example's prediction flips",
+                    sharded=True,
+                    description="Greedy gradient-guided unit zeroing: for each example, zero units (or, with --site weight, "
+               "parameter items as in the authors' code) one at a time (the one whose "
+               "zeroing most raises the example's loss relative to a reference batch's loss, to first order) "
+               "until the prediction changes. Writes RUN/results/flip.h5; an interrupted run continues when the "
+               "same command is run again. Under torchrun (torchrun --nproc-per-node K -m memloc flip RUN ...) the "
+               "searches are split across the K processes and rank 0 writes the merged result.",
+                    interrupted="finished searches are saved (rerun to continue)",
+                    overwrite_help="replace an existing flip.h5 (or an interrupted search) made with other settings",
+                    summary=_cli_summary,
+                    arguments=_cli_arguments,
+                    already_done=_cli_already_done,
+                    resumable=_cli_resumable,
+                    execute=_cli_execute),
+)

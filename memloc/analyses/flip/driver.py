@@ -17,7 +17,7 @@ from ...core.runtime import check_range, progress
 from ...core.selection import resolve
 from ...core.units import SITES as UNIT_SITES
 from .search import FlipSearch
-from .select import reference_batches, select_examples
+from .select import examples_spec, reference_batches, select_examples
 from .store import FLIP_PARTS, csr, layer_histogram
 from .weights import WeightFlipSearch
 
@@ -72,6 +72,7 @@ def _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise
 def settings(is_noisy, *, checkpoint, examples, max_units, noise_samples, noise_ratio, repeats, site, collateral,
              ref_batch_size, ref_pool, seed, dtype, precision="fp32") -> tuple[dict, np.ndarray, np.ndarray]:
     """The config a search records, its example ids and its reference batches (R, B)."""
+    examples = examples_spec(examples, len(is_noisy))      # values are recorded in their text form
     ids = select_examples(examples, is_noisy, seed=seed)
     pool = np.arange(len(is_noisy)) if ref_pool == "all" else np.flatnonzero(~is_noisy)
     refs = reference_batches(pool, ref_batch_size, repeats, seed=seed)
@@ -87,7 +88,7 @@ def part_settings(config: dict, ids) -> dict:
     return {**config, "example_ids": np.asarray(ids).tolist()}
 
 
-def flip(source, data=None, *, examples: str = "noisy:100,clean:100", checkpoint: int | None = None,
+def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int | None = None,
          max_units: int = 100, noise_samples: int | None = None, noise_ratio: float | None = None,
          repeats: int | None = None, site: str | None = None, collateral: bool = False, group_size: int = 32,
          ref_batch_size: int | None = None, ref_pool: str | None = None, protocol: str = "memloc", seed: int = 0,

@@ -10,8 +10,33 @@ __all__ = ["EXAMPLE_POOLS", "select_examples", "reference_batches"]
 EXAMPLE_POOLS = ("noisy", "clean", "any")
 
 
-def select_examples(spec: str, is_noisy: np.ndarray, *, seed: int = 0) -> np.ndarray:
-    """Training example ids named by ``spec`` .
+def examples_spec(value, num_examples: int) -> str:
+    """An example selection given as a value, in its text form (what the result's config records).
+
+    ``value``: the text form itself (``"noisy:100,clean:100"``, ``"ids:1,5,9"``, ``"10-19"``), a
+    mapping ``{pool: count}`` (``{"noisy": 100, "clean": "all"}``), a boolean mask over the
+    ``num_examples`` training examples, or a sequence / array of example ids (kept in order).
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return ",".join(f"{pool}:{count}" for pool, count in value.items())
+    ids = np.asarray(value)
+    if ids.dtype == bool:
+        if ids.shape != (num_examples,):
+            raise MemlocError(f"examples: a mask must have one entry per training example ({num_examples}), "
+                              f"got shape {ids.shape}", argument="examples")
+        ids = np.flatnonzero(ids)
+    elif ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise MemlocError("examples must be a selection text, a {pool: count} mapping, a boolean mask or "
+                          f"example ids; got an array of dtype {ids.dtype} and shape {ids.shape}", argument="examples")
+    if not ids.size:
+        raise MemlocError("examples selects no example", argument="examples")
+    return "ids:" + ",".join(str(int(i)) for i in ids)
+
+
+def select_examples(spec, is_noisy: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """Training example ids named by ``spec`` (text, or a value: :func:`examples_spec`).
 
     ``spec`` is a comma-separated list of terms: ``noisy:K``, ``clean:K``, ``any:K`` (K examples
     drawn without replacement from that pool with ``seed``; K may be ``all``), an id ``17``, an
@@ -21,6 +46,7 @@ def select_examples(spec: str, is_noisy: np.ndarray, *, seed: int = 0) -> np.nda
     """
     is_noisy = np.asarray(is_noisy, dtype=bool)
     n = len(is_noisy)
+    spec = examples_spec(spec, n)
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
     seen: set[int] = set()

@@ -67,6 +67,10 @@ from .functions import aum, confidence, el2n, final_loss, forgetting_events, neu
 from .gradnorm import GRAD_NORM_METHODS, batch_grad_norms, grad_norms
 from .passes import GRAD_NORMS, LOGITS, run_passes
 from .tracin import checkpoint_lrs, tracin_from_norms, tracin_self_influence
+from ...core.run import load
+from ...core.options import add_precision, nonnegative_int, positive_int
+from ...core.schemas import Schema, Var, EXAMPLE_VAR, SCORE_NAMES
+from ...core.registry import Analysis, Command
 
 __all__ = ["final_loss", "confidence", "variability", "forgetting_events", "el2n", "aum", "neuron_count",
            "grad_norms", "GRAD_NORM_METHODS", "tracin_self_influence", "checkpoint_lrs", "Score", "SCORES",
@@ -290,3 +294,60 @@ def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, g
     result = Result("scores", ds, config=config)
     result.parts = inp.parts
     return result
+
+
+# The declaration: command line, report section and result schema (memloc.core.registry).
+
+def _cli_arguments(p):
+    p.add_argument("--scores", default="all",
+                   help="comma-separated score names, or 'all' (neuron_count only if results/flip.h5 "
+                        f"exists); names: {', '.join(SCORES)}")
+    p.add_argument("--checkpoint-k", type=nonnegative_int, default=None,
+                   help="checkpoint epoch of el2n and grand (default: 10%% of training, at least 1)")
+    p.add_argument("--grad-method", default="hooks", choices=list(GRAD_NORM_METHODS),
+                   help="per-example gradient norms for grand: hooks = per-layer norm tricks, "
+                        "vmap = torch.func over the whole model, loop = one backward per example")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="examples per forward pass (el2n, grand, tracin)")
+    add_precision(p, "run el2n's forward passes under autocast in bf16 or fp16 (the gradient norms of grand and "
+                     "tracin stay fp32; the dynamics scores read what training recorded); fp32 (default) computes "
+                     "exactly as without this option")
+
+
+def _cli_execute(args):
+    run = load(args.run)
+    if args.scores == "all" and "neuron_count" not in select_scores("all", run) and world()[0] == 0:
+        print(f"memloc scores: no {run.results_path('flip')}; neuron_count skipped")
+    return scores(run, names=args.scores, checkpoint_k=args.checkpoint_k, grad_method=args.grad_method,
+                  batch_size=args.batch_size, device=args.device, resume_dir="auto", overwrite=args.overwrite,
+                  precision=args.precision)
+
+
+def _cli_summary(res, args):
+    lines = []
+    for name in res.data_vars:
+        v = res[name].values
+        ok = np.isfinite(v)
+        lines.append(f"{name:<13} dir {int(res[name].attrs['direction']):+d}  defined {ok.sum():>6}/{len(v)}  "
+                     f"mean {np.mean(v[ok]) if ok.any() else float('nan'):.4g}")
+    return "\n".join(lines)
+
+
+ANALYSIS = Analysis(
+    name="scores", order=60, compute=scores,
+    schema=Schema("scores", "per-example memorisation / label-noise scores (memloc.scores)",
+               dict(EXAMPLE_VAR),
+               {name: Var(("example",), f"score {name} (see memloc.analyses.scores.SCORES)", optional=True) for name in SCORE_NAMES},
+               {"direction": "+1: higher = more likely mislabeled, -1: lower is",
+                "epoch": "checkpoint epoch (el2n, grand)"}),
+    command=Command(name="scores",
+                    help='per-example memorisation scores (loss, forgetting, EL2N, GraNd, AUM, neuron count...)',
+                    description="Per-example memorisation / label-noise scores of a run, written to RUN/results/scores.h5 (raw "
+               "values plus each score's direction: +1 = higher means more likely mislabeled, -1 = lower does).",
+                    flags={"names": "--scores"},
+                    sharded=True,
+                    interrupted="finished work is saved (rerun to continue)",
+                    overwrite_help="replace an existing scores.h5 (or an interrupted scores run saved with other settings)",
+                    arguments=_cli_arguments,
+                    summary=_cli_summary,
+                    execute=_cli_execute),
+)

@@ -1,0 +1,119 @@
+"""Drawing primitives every report section shares: colours and labels of the subsets, figure
+grids and heatmaps, atomic PNG saving, Markdown tables. matplotlib (Agg) is imported on first use.
+
+An analysis draws its own report section next to its code (``plot=`` of its declaration,
+:mod:`memloc.core.registry`) with these.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .runtime import atomic_path
+
+__all__ = ["plt", "COLORS", "LABELS", "save_figure", "table", "short_names", "coord_names", "grid", "heatmaps",
+           "accuracy_rows", "mean_se_axis", "plus_minus"]
+
+
+class _Pyplot:
+    """``matplotlib.pyplot`` with the Agg backend, imported when first used."""
+
+    _module = None
+
+    def __getattr__(self, name):
+        if _Pyplot._module is None:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as pyplot
+            _Pyplot._module = pyplot
+        return getattr(_Pyplot._module, name)
+
+
+plt = _Pyplot()
+
+
+COLORS = {"clean": "tab:blue", "noisy": "tab:red", "noisy_true": "tab:orange", "test": "tab:green",
+          "total": "tab:gray"}
+
+
+LABELS = {"clean": "clean train", "noisy": "noisy train (given label)",
+          "noisy_true": "noisy train (true label)", "test": "test"}
+
+
+def save_figure(fig, out: Path, name: str) -> str:
+    try:
+        fig.tight_layout()
+        with atomic_path(out / name) as tmp:    # a killed report never leaves a half-written figure
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return name
+
+
+def table(header: list[str], rows: list[list], digits: int = 3) -> str:
+    """A Markdown table; floats with ``digits`` decimals, NaN as '-'."""
+    def fmt(v):
+        if isinstance(v, (float, np.floating)):
+            return "-" if np.isnan(v) else f"{v:.{digits}f}"
+        return str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def short_names(names) -> list[str]:
+    """Layer names short enough for tick labels."""
+    return [n if len(n) <= 18 else "…" + n[-17:] for n in names]
+
+
+def coord_names(res, coord: str = "layer") -> list[str]:
+    return [str(n) for n in res[coord].values]
+
+
+def grid(n: int, width: float = 3.2, height: float = 2.6, **kw):
+    """A figure with one small axis per layer (at most 4 per row); unused axes hidden."""
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, **kw)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def heatmaps(acc: np.ndarray, subsets: list[str], layers: list[str], xs, xlabel: str, title: str,
+              out: Path, name: str) -> str:
+    """One heatmap per subset of an accuracy array (layer, x, subset)."""
+    fig, axes = plt.subplots(1, len(subsets), figsize=(3.4 * len(subsets) + 1, max(2.4, 0.35 * len(layers) + 1.3)),
+                             squeeze=False)
+    step = max(1, -(-len(xs) // 6))
+    for j, (ax, sub) in enumerate(zip(axes[0], subsets)):
+        im = ax.imshow(100 * acc[:, :, j], aspect="auto", vmin=0, vmax=100, cmap="viridis", interpolation="nearest")
+        ax.set_title(LABELS.get(sub, sub), fontsize=9)
+        ax.set_xticks(range(0, len(xs), step), np.asarray(xs)[::step])
+        ax.set_xlabel(xlabel)
+        ax.set_yticks(range(len(layers)), short_names(layers) if j == 0 else [], fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), label="accuracy (%)")
+    fig.suptitle(title, fontsize=10, y=1.04)
+    with atomic_path(out / name) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return name
+
+
+def accuracy_rows(layers, subsets, acc_per_layer, base, base_label):
+    rows = [[layers[i]] + [100 * a for a in acc_per_layer[i]] for i in range(len(layers))]
+    return table(["layer"] + [LABELS.get(s, s) for s in subsets], rows + [[base_label] + [100 * b for b in base]],
+                  digits=1)
+
+
+def mean_se_axis(values: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    v = np.asarray(values, dtype=np.float64)
+    n = v.shape[axis]
+    se = v.std(axis=axis, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(v.mean(axis=axis).shape)
+    return v.mean(axis=axis), se
+
+
+def plus_minus(mean: float, se: float, n: int, scale: float = 100, digits: int = 1) -> str:
+    """``92.4 ± 0.3`` (in percent), or the mean alone for one seed."""
+    return f"{scale * mean:.{digits}f}" + (f" ± {scale * se:.{digits}f}" if n > 1 else "")
