@@ -181,20 +181,20 @@ ANALYSIS = Analysis(
     name="clean", order=100, compute=clean,
     plot=plot_clean,
     schema=Schema("clean", "drop (or relabel) flagged examples and retrain: test accuracy before / after (memloc.clean)",
-               {"flags": Var(("flags",), "all (no cleaning), memloc (find_label_issues flags), cleanlab (baseline)"),
-                "seed": Var(("seed",), "training seed")},
-               {"test_accuracy": Var(("flags", "seed"), "final test accuracy"),
-                "flagged": Var(("flags",), "examples flagged"),
-                "precision": Var(("flags",), "flagged that are noisy (NaN without ground truth)"),
-                "recall": Var(("flags",), "noisy that are flagged (NaN without ground truth)"),
-                "noise_left": Var(("flags",), "share of the training set still mislabeled after cleaning (NaN without ground truth)")}),
+                  {"flags": Var(("flags",), "all (no cleaning), memloc (find_label_issues flags), cleanlab (baseline)"),
+                   "seed": Var(("seed",), "training seed")},
+                  {"test_accuracy": Var(("flags", "seed"), "final test accuracy"),
+                   "flagged": Var(("flags",), "examples flagged"),
+                   "precision": Var(("flags",), "flagged that are noisy (NaN without ground truth)"),
+                   "recall": Var(("flags",), "noisy that are flagged (NaN without ground truth)"),
+                   "noise_left": Var(("flags",), "share of the training set still mislabeled after cleaning (NaN without ground truth)")}),
     command=Command(name="clean",
                     help='drop or relabel the flagged examples and retrain; cleanlab as the baseline',
                     sharded=True,
                     description="Flag label issues without ground truth (memloc issues), drop them (or --relabel them with the early "
-               "model's prediction), train fresh runs with the run's recipe and compare test accuracy with training "
-               "on all the data; cleanlab on K-fold out-of-sample probabilities of the same recipe is the baseline. "
-               "Writes RUN/results/clean.h5; fresh runs live under RUN/children.",
+                                "model's prediction), train fresh runs with the run's recipe and compare test accuracy with training "
+                                "on all the data; cleanlab on K-fold out-of-sample probabilities of the same recipe is the baseline. "
+                                "Writes RUN/results/clean.h5; fresh runs live under RUN/children.",
                     interrupted="finished runs under RUN/children are kept; rerun the same command to go on",
                     arguments=_cli_arguments,
                     summary=_cli_summary,

@@ -176,19 +176,19 @@ ANALYSIS = Analysis(
     name="forgetting", order=140, compute=forgetting_order,
     plot=plot_forgetting,
     schema=Schema("forgetting", "within-task forgetting: train on one part, then the other (memloc.forgetting_order)",
-               {"order": Var(("order",), "random, forgettable_first, unforgettable_first"),
-                "protect": Var(("protect",), "none, ewc, mas, lwf: how the first part is protected in the second phase"),
-                "epoch": Var(("epoch",), "0 = initialisation, 1..E first phase, E+1..2E second phase"),
-                "part": Var(("part",), "first, second")},
-               {"accuracy": Var(("order", "protect", "epoch", "part"), "accuracy on the part (given labels)"),
-                "size": Var(("order", "part"), "examples in the part")}),
+                  {"order": Var(("order",), "random, forgettable_first, unforgettable_first"),
+                   "protect": Var(("protect",), "none, ewc, mas, lwf: how the first part is protected in the second phase"),
+                   "epoch": Var(("epoch",), "0 = initialisation, 1..E first phase, E+1..2E second phase"),
+                   "part": Var(("part",), "first, second")},
+                  {"accuracy": Var(("order", "protect", "epoch", "part"), "accuracy on the part (given labels)"),
+                   "size": Var(("order", "part"), "examples in the part")}),
     command=Command(name="forgetting-order",
                     help='train on one part then the other: within-task forgetting, with EWC / MAS / LwF protection',
                     description="Catastrophic forgetting inside one task (Toneva et al. 2019, section 5): a fresh model of the run's "
-               "architecture trained on one part of the training set, then on the other (random halves; forgettable "
-               "then unforgettable examples by the run's forgetting counts, or the reverse), with the first part "
-               "unprotected or protected by EWC / MAS penalties or LwF distillation. Accuracy on both parts after every "
-               "epoch. Writes RUN/results/forgetting.h5.",
+                                "architecture trained on one part of the training set, then on the other (random halves; forgettable "
+                                "then unforgettable examples by the run's forgetting counts, or the reverse), with the first part "
+                                "unprotected or protected by EWC / MAS penalties or LwF distillation. Accuracy on both parts after every "
+                                "epoch. Writes RUN/results/forgetting.h5.",
                     arguments=_cli_arguments,
                     summary=_cli_summary,
                     execute=_cli_execute),

@@ -139,19 +139,19 @@ ANALYSIS = Analysis(
     name="jtt", order=110, compute=jtt,
     plot=plot_jtt,
     schema=Schema("jtt", "just train twice: the identification model's error set upweighted, retrained (memloc.jtt)",
-               {"variant": Var(("variant",), "erm (plain retraining), jtt (error set upweighted)"),
-                "seed": Var(("seed",), "training seed"),
-                "group": Var(("group",), "test, worst_class (worst per-class test accuracy), clean (training, given = true), "
-                                          "noisy_given (memorised), noisy_true (noisy examples w.r.t. true labels)")},
-               {"accuracy": Var(("variant", "seed", "group"), "final accuracy on the group"),
-                "error_set": Var(("error",), "ids of the identification model's misclassified training examples"),
-                "error_set_noisy": Var((), "share of the error set that is noisy (NaN without ground truth)")}),
+                  {"variant": Var(("variant",), "erm (plain retraining), jtt (error set upweighted)"),
+                   "seed": Var(("seed",), "training seed"),
+                   "group": Var(("group",), "test, worst_class (worst per-class test accuracy), clean (training, given = true), "
+                                             "noisy_given (memorised), noisy_true (noisy examples w.r.t. true labels)")},
+                  {"accuracy": Var(("variant", "seed", "group"), "final accuracy on the group"),
+                   "error_set": Var(("error",), "ids of the identification model's misclassified training examples"),
+                   "error_set_noisy": Var((), "share of the error set that is noisy (NaN without ground truth)")}),
     command=Command(name="jtt",
                     help="just train twice: upweight the early model's errors and retrain",
                     sharded=True,
                     description="JTT (Liu et al. 2021): the training examples the run's model of epoch T misclassifies are upweighted "
-               "by LAMBDA in fresh runs with the run's recipe; accuracy of ERM and JTT on test, the worst test class, "
-               "clean and noisy training examples. Writes RUN/results/jtt.h5; fresh runs live under RUN/children.",
+                                "by LAMBDA in fresh runs with the run's recipe; accuracy of ERM and JTT on test, the worst test class, "
+                                "clean and noisy training examples. Writes RUN/results/jtt.h5; fresh runs live under RUN/children.",
                     flags={"id_epoch": "--id-epochs"},
                     interrupted="finished runs under RUN/children are kept; rerun the same command to go on",
                     arguments=_cli_arguments,

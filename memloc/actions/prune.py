@@ -225,19 +225,19 @@ ANALYSIS = Analysis(
     name="prune", order=90, compute=prune,
     plot=plot_prune,
     schema=Schema("prune", "test accuracy of fresh runs trained on pruned training sets (memloc.prune)",
-               {"score": Var(("score",), "score that chose the kept examples, or random"),
-                "keep": Var(("keep",), "fraction of the training set kept"), "seed": Var(("seed",), "training seed")},
-               {"test_accuracy": Var(("score", "keep", "seed"), "final test accuracy of the run on the kept examples"),
-                "noisy_kept": Var(("score", "keep", "seed"), "share of the noisy examples that were kept (NaN without noise)"),
-                "noisy_share": Var(("score", "keep", "seed"), "share of the kept examples that are noisy"),
-                "full_accuracy": Var(("seed",), "final test accuracy trained on every example")}),
+                  {"score": Var(("score",), "score that chose the kept examples, or random"),
+                   "keep": Var(("keep",), "fraction of the training set kept"), "seed": Var(("seed",), "training seed")},
+                  {"test_accuracy": Var(("score", "keep", "seed"), "final test accuracy of the run on the kept examples"),
+                   "noisy_kept": Var(("score", "keep", "seed"), "share of the noisy examples that were kept (NaN without noise)"),
+                   "noisy_share": Var(("score", "keep", "seed"), "share of the kept examples that are noisy"),
+                   "full_accuracy": Var(("seed",), "final test accuracy trained on every example")}),
     command=Command(name="prune",
                     help='train on subsets kept by each score (Data Diet, forgetting) vs random',
                     sharded=True,
                     description="Keep a fraction of the training set chosen by each score (and at random, the reference), train a "
-               "fresh run on each kept set with the run's own recipe and seeds, record test accuracy and the share "
-               "of noisy examples kept. GraNd at initialisation and EL2N at epoch k as in Data Diet; forgetting "
-               "counts at the end. Writes RUN/results/prune.h5; fresh runs live under RUN/children.",
+                                "fresh run on each kept set with the run's own recipe and seeds, record test accuracy and the share "
+                                "of noisy examples kept. GraNd at initialisation and EL2N at epoch k as in Data Diet; forgetting "
+                                "counts at the end. Writes RUN/results/prune.h5; fresh runs live under RUN/children.",
                     flags={"by": "--by", "keep": "--keep", "runs": "--also"},
                     interrupted="finished runs under RUN/children are kept; rerun the same command to go on",
                     arguments=_cli_arguments,

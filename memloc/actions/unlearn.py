@@ -369,20 +369,20 @@ ANALYSIS = Analysis(
     name="unlearn", order=130, compute=unlearn,
     plot=plot_unlearn,
     schema=Schema("unlearn", "memorised labels removed from the trained model, per method (memloc.unlearn)",
-               {"technique": Var(("technique",), "unlearning method"), "seed": Var(("seed",), "seed (batch order)"),
-                "group": Var(("group",), "forget_given (memorisation left), forget_true, retain, test")},
-               {"accuracy": Var(("technique", "seed", "group"), "accuracy after unlearning"),
-                "baseline": Var(("group",), "accuracy of the trained model"),
-                "seconds": Var(("technique", "seed"), "wall time of the method"),
-                "passes": Var(("technique",), "passes over the training data (forward+backward epochs, importance passes included)"),
-                "forget": Var(("forget",), "ids of the forget set")}),
+                  {"technique": Var(("technique",), "unlearning method"), "seed": Var(("seed",), "seed (batch order)"),
+                   "group": Var(("group",), "forget_given (memorisation left), forget_true, retain, test")},
+                  {"accuracy": Var(("technique", "seed", "group"), "accuracy after unlearning"),
+                   "baseline": Var(("group",), "accuracy of the trained model"),
+                   "seconds": Var(("technique", "seed"), "wall time of the method"),
+                   "passes": Var(("technique",), "passes over the training data (forward+backward epochs, importance passes included)"),
+                   "forget": Var(("forget",), "ids of the forget set")}),
     command=Command(name="unlearn",
                     help='remove memorised labels: fine-tuning, ascent, EWC / MAS / LwF, unit zeroing, layer retraining',
                     description="Remove memorised labels from the final model without retraining from scratch: fine-tuning on the "
-               "retain set, gradient ascent on the forget set, fine-tuning protected by EWC / MAS penalties or LwF "
-               "distillation, zeroing the forget set's flip units, retraining the most critical layer. Accuracy on the "
-               "forget set (given labels: memorisation left; true labels), retain set and test, with the cost. Writes "
-               "RUN/results/unlearn.h5.",
+                                "retain set, gradient ascent on the forget set, fine-tuning protected by EWC / MAS penalties or LwF "
+                                "distillation, zeroing the forget set's flip units, retraining the most critical layer. Accuracy on the "
+                                "forget set (given labels: memorisation left; true labels), retain set and test, with the cost. Writes "
+                                "RUN/results/unlearn.h5.",
                     flags={"lam": "--lambda"},
                     arguments=_cli_arguments,
                     summary=_cli_summary,

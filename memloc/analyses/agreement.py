@@ -133,10 +133,10 @@ def _nanmean(x: np.ndarray) -> np.ndarray:
 ANALYSIS = Analysis(
     name="agreement", order=65, compute=score_agreement,
     schema=Schema("agreement", "Spearman rank agreement between scores and across runs (memloc.score_agreement)",
-               {"score": Var(("score",), "score name"), "score_b": Var(("score_b",), "score name (the same list)")},
-               {"between": Var(("score", "score_b"), "Spearman correlation of direction x score between the two "
-                               "scores (examples finite in both), mean over runs; > 0: they flag the same examples"),
-                "across_runs": Var(("score",), "Spearman correlation of the score between two runs, mean over "
-                                   "run pairs (NaN with one run)"),
-                "pairs": Var(("score",), "run pairs in that mean (those with a defined correlation)")}),
+                  {"score": Var(("score",), "score name"), "score_b": Var(("score_b",), "score name (the same list)")},
+                  {"between": Var(("score", "score_b"), "Spearman correlation of direction x score between the two "
+                                  "scores (examples finite in both), mean over runs; > 0: they flag the same examples"),
+                   "across_runs": Var(("score",), "Spearman correlation of the score between two runs, mean over "
+                                      "run pairs (NaN with one run)"),
+                   "pairs": Var(("score",), "run pairs in that mean (those with a defined correlation)")}),
 )

@@ -97,18 +97,18 @@ ANALYSIS = Analysis(
     name="dropout", order=150, compute=evaluate_dropout,
     plot=plot_dropout,
     schema=Schema("dropout", "example-tied dropout evaluated per mode (memloc.dropout)",
-               {"mode": Var(("mode",), "train, test, drop"), **SUBSET_VAR,
-                "layer": Var(("layer",), "module the dropout layer follows")},
-               {"accuracy": Var(("mode", "subset"), "accuracy with every dropout layer in the mode (train: test is NaN)"),
-                "layer_kind": Var(("layer",), "example_tied | standard | fixed"),
-                "units": Var(("layer",), "units of the layer"),
-                "gen_units": Var(("layer",), "generalisation units (always kept)")}),
+                  {"mode": Var(("mode",), "train, test, drop"), **SUBSET_VAR,
+                   "layer": Var(("layer",), "module the dropout layer follows")},
+                  {"accuracy": Var(("mode", "subset"), "accuracy with every dropout layer in the mode (train: test is NaN)"),
+                   "layer_kind": Var(("layer",), "example_tied | standard | fixed"),
+                   "units": Var(("layer",), "units of the layer"),
+                   "gen_units": Var(("layer",), "generalisation units (always kept)")}),
     command=Command(name="dropout",
                     help='evaluate an example-tied-dropout run in train, test and drop mode',
                     description="Evaluate a run trained with example-tied dropout (--etd-after) in train mode (each training example "
-               "through its own mask: what was memorised), test mode (memorisation units scaled by p_mem) and drop "
-               "mode (memorisation units zeroed, generalisation units rescaled): accuracy on clean training "
-               "examples, noisy ones (given and true labels) and the test set. Writes RUN/results/dropout.h5.",
+                                "through its own mask: what was memorised), test mode (memorisation units scaled by p_mem) and drop "
+                                "mode (memorisation units zeroed, generalisation units rescaled): accuracy on clean training "
+                                "examples, noisy ones (given and true labels) and the test set. Writes RUN/results/dropout.h5.",
                     arguments=_cli_arguments,
                     summary=_cli_summary,
                     execute=_cli_execute),

@@ -261,19 +261,19 @@ ANALYSIS = Analysis(
     name="importance", order=120, compute=importance,
     plot=plot_importance,
     schema=Schema("importance", "per-layer and per-unit parameter importance, Fisher (EWC) or MAS (memloc.importance)",
-               {**layer_vars(), "subset": Var(("subset",), "examples the importance is of: clean, noisy, all, flagged, class:C, ids:..."),
-                "unit": Var(("unit",), "global unit id (as in flip)"), "unit_layer": Var(("unit",), "the unit's layer")},
-               {"layer_importance": Var(("subset", "layer"), "mean importance per parameter of the layer"),
-                "unit_importance": Var(("subset", "unit"), "mean importance of the parameters producing the unit (NaN: the logits layer)"),
-                "examples": Var(("subset",), "examples in the subset"),
-                "flip_overlap": Var((), "Jaccard overlap of flip's zeroed units (noisy examples) and as many top noisy-importance units", optional=True),
-                "flip_units": Var(("zeroed",), "units flip zeroed for noisy examples", optional=True)}),
+                  {**layer_vars(), "subset": Var(("subset",), "examples the importance is of: clean, noisy, all, flagged, class:C, ids:..."),
+                   "unit": Var(("unit",), "global unit id (as in flip)"), "unit_layer": Var(("unit",), "the unit's layer")},
+                  {"layer_importance": Var(("subset", "layer"), "mean importance per parameter of the layer"),
+                   "unit_importance": Var(("subset", "unit"), "mean importance of the parameters producing the unit (NaN: the logits layer)"),
+                   "examples": Var(("subset",), "examples in the subset"),
+                   "flip_overlap": Var((), "Jaccard overlap of flip's zeroed units (noisy examples) and as many top noisy-importance units", optional=True),
+                   "flip_units": Var(("zeroed",), "units flip zeroed for noisy examples", optional=True)}),
     command=Command(name="importance",
                     help='Fisher (EWC) / MAS parameter importance per layer and unit, clean vs noisy',
                     description="Which parameters matter for which examples: the diagonal Fisher information (EWC) or MAS importance "
-               "of the final model on each subset of training examples, per layer (mean per parameter) and per unit "
-               "(the unit ids of flip); with a flip result, the overlap between the units flip zeroes for noisy "
-               "examples and the top units by noisy importance. Writes RUN/results/importance.h5.",
+                                "of the final model on each subset of training examples, per layer (mean per parameter) and per unit "
+                                "(the unit ids of flip); with a flip result, the overlap between the units flip zeroes for noisy "
+                                "examples and the top units by noisy importance. Writes RUN/results/importance.h5.",
                     arguments=_cli_arguments,
                     summary=_cli_summary,
                     execute=_cli_execute),

@@ -129,11 +129,11 @@ def memorisation(source, data: SequenceSet, *, split: str = "train", eval_batch_
 ANALYSIS = Analysis(
     name="memorisation", order=155, compute=memorisation,
     schema=Schema("memorisation", "which training sequences a language model reproduces from their prefix "
-                                  "(memloc.memorisation)",
-                  {"sequence": Var(("sequence",), "sequence id (row of the SequenceSet's tokens or test_tokens)")},
-                  {"suffix_loss": Var(("sequence",), "mean cross-entropy (nats) of the suffix tokens, teacher-forced"),
-                   "suffix_accuracy": Var(("sequence",), "fraction of suffix tokens that are the argmax prediction"),
-                   "memorised": Var(("sequence",), "greedy decoding from the prefix reproduces the whole suffix"),
-                   "is_target": Var(("sequence",), "a memorisation target (noisy, backdoor, canary or a copy)"),
-                   "kind": Var(("sequence",), "clean | noisy | backdoor | canary | duplicate")}),
+                  "(memloc.memorisation)",
+  {"sequence": Var(("sequence",), "sequence id (row of the SequenceSet's tokens or test_tokens)")},
+  {"suffix_loss": Var(("sequence",), "mean cross-entropy (nats) of the suffix tokens, teacher-forced"),
+   "suffix_accuracy": Var(("sequence",), "fraction of suffix tokens that are the argmax prediction"),
+   "memorised": Var(("sequence",), "greedy decoding from the prefix reproduces the whole suffix"),
+   "is_target": Var(("sequence",), "a memorisation target (noisy, backdoor, canary or a copy)"),
+   "kind": Var(("sequence",), "clean | noisy | backdoor | canary | duplicate")}),
 )

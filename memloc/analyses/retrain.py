@@ -273,16 +273,16 @@ ANALYSIS = Analysis(
     name="retrain", order=40, compute=retrain,
     plot=plot_retrain,
     schema=Schema("retrain", "one layer at a time reset and retrained alone on clean data (memloc.retrain)",
-               {**layer_vars(), "epoch": Var(("epoch",), "retraining epoch (0 = just after the reset)"), **SUBSET_VAR},
-               {"accuracy": Var(("layer", "epoch", "subset"), "accuracy while the layer is retrained"),
-                "baseline": Var(("subset",), "accuracy of the model itself")}),
+                  {**layer_vars(), "epoch": Var(("epoch",), "retraining epoch (0 = just after the reset)"), **SUBSET_VAR},
+                  {"accuracy": Var(("layer", "epoch", "subset"), "accuracy while the layer is retrained"),
+                   "baseline": Var(("subset",), "accuracy of the model itself")}),
     command=Command(name="retrain",
                     help='reset one layer at a time and retrain only it on clean data',
                     sharded=True,
                     description="Reset one layer at a time to its initialisation, freeze every other parameter and buffer, "
-               "retrain only that layer on the clean training examples (one-cycle schedule) and record clean / "
-               "noisy / test accuracy after every epoch. Writes RUN/results/retrain.h5; an interrupted run "
-               "continues when the same command is run again.",
+                                "retrain only that layer on the clean training examples (one-cycle schedule) and record clean / "
+                                "noisy / test accuracy after every epoch. Writes RUN/results/retrain.h5; an interrupted run "
+                                "continues when the same command is run again.",
                     interrupted="finished work is saved (rerun to continue)",
                     overwrite_help="replace an existing retrain.h5 (or an interrupted retrain saved with other settings)",
                     flags={"reset_to": "--reset-checkpoint"},

@@ -193,16 +193,16 @@ ANALYSIS = Analysis(
     name="rewind", order=30, compute=rewind,
     plot=plot_rewind,
     schema=Schema("rewind", "one layer at a time put back to an earlier checkpoint (memloc.rewind)",
-               {"checkpoint": Var(("checkpoint",), "epoch of the checkpoint the layer is rewound to"),
-                **layer_vars(), **SUBSET_VAR},
-               {"accuracy": Var(("checkpoint", "layer", "subset"), "accuracy with the layer rewound"),
-                "baseline": Var(("subset",), "accuracy of the model itself")}),
+                  {"checkpoint": Var(("checkpoint",), "epoch of the checkpoint the layer is rewound to"),
+                   **layer_vars(), **SUBSET_VAR},
+                  {"accuracy": Var(("checkpoint", "layer", "subset"), "accuracy with the layer rewound"),
+                   "baseline": Var(("subset",), "accuracy of the model itself")}),
     command=Command(name="rewind",
                     help='rewind one layer at a time to an earlier checkpoint; clean / noisy / test accuracy',
                     sharded=True,
                     description="Rewind one layer at a time of the final model to an earlier checkpoint (parameters and norm "
-               "buffers) and record accuracy on clean train, noisy train (given and true labels) and test. "
-               "Writes RUN/results/rewind.h5; an interrupted run continues when the same command is run again.",
+                                "buffers) and record accuracy on clean train, noisy train (given and true labels) and test. "
+                                "Writes RUN/results/rewind.h5; an interrupted run continues when the same command is run again.",
                     interrupted="finished work is saved (rerun to continue)",
                     overwrite_help="replace an existing rewind.h5 (or an interrupted rewind saved with other settings)",
                     arguments=_cli_arguments,

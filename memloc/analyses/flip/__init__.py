@@ -210,32 +210,32 @@ ANALYSIS = Analysis(
     name="flip", order=50, compute=flip,
     plot=plot_flip,
     schema=Schema("flip", "greedy gradient-guided unit zeroing until the prediction flips (memloc.flip); at "
-               "config site = weight the units are parameter items (a conv filter, or one element of any other "
-               "parameter) and the layers are parameters",
-               {**EXAMPLE_VAR, "repeat": Var(("repeat",), "search repeat (own reference batch)"),
-                "layer": Var(("layer",), "unit space (layer) name (weight site: parameter name)"), **SUBSET_VAR},
-               {"is_noisy": Var(("example",), "the example's given label is wrong"),
-                "label": Var(("example",), "given label searched"),
-                "status": Var(("example",), "0 = searched, 1 = misclassified by the model (not searched)"),
-                "neuron_count": Var(("example",), "mean units to flip over repeats (not flipped = max_units + 1; NaN = not searched)"),
-                "n_units": Var(("example", "repeat"), "units zeroed"),
-                "flipped": Var(("example", "repeat"), "the prediction left the given label"),
-                "layer_hist": Var(("example", "repeat", "layer"), "zeroed units per layer"),
-                "collateral": Var(("example", "repeat", "subset"), "accuracy with the example's units zeroed (NaN = not measured)"),
-                "unit_ids": Var(("zeroed",), "global unit ids in zeroing order, all searches concatenated"),
-                "unit_offsets": Var(("row",), "search example*R + repeat spans unit_ids[unit_offsets[row]:unit_offsets[row+1]]"),
-                "layer_size": Var(("layer",), "units in the layer"),
-                "layer_offset": Var(("layer",), "global id of the layer's first unit"),
-                "reference": Var(("repeat", "ref"), "example ids of each repeat's reference batch")}),
+                  "config site = weight the units are parameter items (a conv filter, or one element of any other "
+                  "parameter) and the layers are parameters",
+                  {**EXAMPLE_VAR, "repeat": Var(("repeat",), "search repeat (own reference batch)"),
+                   "layer": Var(("layer",), "unit space (layer) name (weight site: parameter name)"), **SUBSET_VAR},
+                  {"is_noisy": Var(("example",), "the example's given label is wrong"),
+                   "label": Var(("example",), "given label searched"),
+                   "status": Var(("example",), "0 = searched, 1 = misclassified by the model (not searched)"),
+                   "neuron_count": Var(("example",), "mean units to flip over repeats (not flipped = max_units + 1; NaN = not searched)"),
+                   "n_units": Var(("example", "repeat"), "units zeroed"),
+                   "flipped": Var(("example", "repeat"), "the prediction left the given label"),
+                   "layer_hist": Var(("example", "repeat", "layer"), "zeroed units per layer"),
+                   "collateral": Var(("example", "repeat", "subset"), "accuracy with the example's units zeroed (NaN = not measured)"),
+                   "unit_ids": Var(("zeroed",), "global unit ids in zeroing order, all searches concatenated"),
+                   "unit_offsets": Var(("row",), "search example*R + repeat spans unit_ids[unit_offsets[row]:unit_offsets[row+1]]"),
+                   "layer_size": Var(("layer",), "units in the layer"),
+                   "layer_offset": Var(("layer",), "global id of the layer's first unit"),
+                   "reference": Var(("repeat", "ref"), "example ids of each repeat's reference batch")}),
     command=Command(name="flip",
                     help="greedy gradient-guided unit zeroing until each example's prediction flips",
                     sharded=True,
                     description="Greedy gradient-guided unit zeroing: for each example, zero units (or, with --site weight, "
-               "parameter items as in the authors' code) one at a time (the one whose "
-               "zeroing most raises the example's loss relative to a reference batch's loss, to first order) "
-               "until the prediction changes. Writes RUN/results/flip.h5; an interrupted run continues when the "
-               "same command is run again. Under torchrun (torchrun --nproc-per-node K -m memloc flip RUN ...) the "
-               "searches are split across the K processes and rank 0 writes the merged result.",
+                                "parameter items as in the authors' code) one at a time (the one whose "
+                                "zeroing most raises the example's loss relative to a reference batch's loss, to first order) "
+                                "until the prediction changes. Writes RUN/results/flip.h5; an interrupted run continues when the "
+                                "same command is run again. Under torchrun (torchrun --nproc-per-node K -m memloc flip RUN ...) the "
+                                "searches are split across the K processes and rank 0 writes the merged result.",
                     interrupted="finished searches are saved (rerun to continue)",
                     overwrite_help="replace an existing flip.h5 (or an interrupted search) made with other settings",
                     summary=_cli_summary,
