@@ -310,3 +310,32 @@ def test_small_things(run_copy, tmp_path, capsys):
     _one_line_error(capsys, "report", [str(empty)], "has no checkpoints")
     assert not (empty / "report").exists()
     cli_run("gradients", ["--layers", "fc1", str(run_copy), "--checkpoints", "0", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("seeds, message", [([0, 0], "distinct; 0 given more than once"), ([0.5], "whole numbers, got 0.5"),
+                                            (["x"], "whole numbers"), ([True], "whole numbers"), ([], "at least one")])
+def test_seeds_are_distinct_whole_numbers(seeds, message):
+    """A seed given twice would count one child run twice (a fake zero standard error); 0.5 was
+    truncated to 0 (issue 25)."""
+    from memloc.actions.children import check_seeds
+    with pytest.raises(memloc.MemlocError, match=message) as e:
+        check_seeds(seeds)
+    assert e.value.argument == "seeds"
+    assert check_seeds([2, 0, "1", 3.0]) == [2, 0, 1, 3]
+
+
+def test_prune_with_a_repeated_seed_is_refused_before_any_training(tiny_run, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_run("prune", [str(tiny_run.path), "--by", "el2n", "--keep", "0.5", "--seeds", "0", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--seeds must be distinct" in err and err.count("\n") == 1
+    assert not (tiny_run.path / "children").exists()
+
+
+def test_label_issues_refuse_the_untrained_checkpoint(tiny_run):
+    """Epoch 0's predictions carry no information about the labels: the estimate from them flagged
+    92% of the examples (issue 25)."""
+    with pytest.raises(memloc.MemlocError, match="checkpoint_k 0 is the untrained initialisation") as e:
+        memloc.find_label_issues(tiny_run, checkpoint_k=0, device="cpu")
+    assert e.value.argument == "checkpoint_k"

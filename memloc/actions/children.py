@@ -61,16 +61,26 @@ def subset_config(base: dict, ids, num_train: int) -> dict:
 
 
 def check_seeds(seeds) -> list[int]:
-    """Training seeds as a checked, non-empty list of ints."""
-    try:
-        seeds = [int(s) for s in ([seeds] if np.isscalar(seeds) else seeds)]
-    except (TypeError, ValueError):
-        raise MemlocError("seeds must be whole numbers", argument="seeds") from None
-    if not seeds:
+    """Training seeds as a checked, non-empty list of distinct whole numbers (each seed is one run:
+    a seed given twice would count the same run twice and fake a zero standard error)."""
+    values = [seeds] if np.isscalar(seeds) else list(seeds)
+    out = []
+    for s in values:
+        try:
+            whole = not isinstance(s, bool) and float(s).is_integer()
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
+            raise MemlocError(f"seeds must be whole numbers, got {s!r}", argument="seeds")
+        out.append(int(float(s)) if isinstance(s, str) else int(s))
+    if not out:
         raise MemlocError("give at least one seed", argument="seeds")
-    for s in seeds:
+    for s in out:
         check_range("seeds", s, low=0, high=2**32 - 1, integer=True)
-    return seeds
+    twice = sorted({s for s in out if out.count(s) > 1})
+    if twice:
+        raise MemlocError(f"seeds must be distinct; {', '.join(map(str, twice))} given more than once", argument="seeds")
+    return out
 
 
 def _digest(cfg: dict) -> str:

@@ -230,7 +230,7 @@ def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs
     if "etd_drop" in names and not has_etd:
         raise MemlocError(f"methods: etd_drop needs a run trained with example-tied dropout (train --etd-after); "
                           f"{str(run.path)!r} has none", argument="methods")
-    seeds = list(dict.fromkeys(check_seeds(seeds)))
+    seeds = check_seeds(seeds)
     check_range("epochs", epochs, low=1, integer=True)
     check_range("batch_size", batch_size, low=1, integer=True)
     check_range("lr", lr, low=0, low_open=True)

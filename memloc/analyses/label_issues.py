@@ -110,6 +110,10 @@ def find_label_issues(runs, *, by: str = "combined", checkpoint_k: int | None = 
     final = min(r.final_epoch for r in runs)
     k = default_epoch_k(final) if checkpoint_k is None else checkpoint_k
     check_range("checkpoint_k", k, low=0, high=final, integer=True)
+    if k == 0:
+        raise MemlocError("checkpoint_k 0 is the untrained initialisation: its predictions say nothing about the "
+                          "labels (the noise-rate estimate from them flags nearly every example); choose an epoch "
+                          f"in 1..{final} (default: {default_epoch_k(final)})", argument="checkpoint_k")
     dev = resolve_device(device)
     names = list(dict.fromkeys([*ISSUE_SCORES, *([by] if by != "combined" else [])]))
     per_run = [compute_scores(r, names=names, checkpoint_k=k, device=dev) for r in runs]
