@@ -174,8 +174,8 @@ def discover() -> tuple[Found, ...]:
 
 def analyses() -> list[str]:
     """The names of every analysis, declared in the package (by order) or registered."""
-    return [f.name for f in discover() if f.kind == "analysis"] + [n for n in _REGISTERED if n not in
-                                                                    {f.name for f in discover()}]
+    declared = [f.name for f in discover() if f.kind == "analysis"]
+    return declared + [n for n in _REGISTERED if n not in declared]
 
 
 def commands() -> dict[str, str]:
