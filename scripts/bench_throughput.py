@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch._dynamo  # noqa: F401  (imported by the first torch optimizer: seconds once per process, not work)
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]

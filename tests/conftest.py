@@ -13,7 +13,18 @@ import torch
 
 from memloc.training.train import train
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# 2 threads (CI's cores) in one process; under pytest-xdist (`pytest -n 2`) the cores are shared by the workers
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
+
+
+def needs_cuda(devices: int = 1):
+    """Decorator of a CUDA-only test: skipped without ``devices`` GPUs, marked ``cuda`` so that
+    ``pytest -m cuda`` (scripts/gpu_check.py) selects exactly these."""
+    def deco(fn):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        reason = "needs a CUDA device" if devices == 1 else f"needs {devices} GPUs"
+        return pytest.mark.cuda(pytest.mark.skipif(have < devices, reason=reason)(fn))
+    return deco
 
 
 def train_interrupted(path, cfg, epoch: int = 1, **kw):

@@ -14,7 +14,7 @@ from memloc.cli import run as cli_run
 from memloc.core.data import make_data, register_data
 from memloc.actions.children import _digest, child_path, parent_config
 from memloc.training.train import DEFAULTS, LATER_OPTIONS, resolve_config, train
-from conftest import train_interrupted
+from conftest import train_interrupted, needs_cuda
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.1}
 AUG = {**TINY, "augment": "crop+flip", "augment_pad": 2}
@@ -73,7 +73,7 @@ def test_kernel_draws_and_identity():
     assert set(kept.tolist()) == {4.0, 6.0, 9.0}      # corner, edge and centre offsets
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda()
 def test_kernel_same_on_cuda():
     x = torch.randn(64, 3, 32, 32)
     cpu = augment_batch(x, "crop+flip", 4, torch.Generator().manual_seed(3))

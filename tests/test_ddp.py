@@ -17,7 +17,7 @@ from memloc.scale.distributed import split_bounds
 from memloc.core.evaluate import evaluate
 from memloc.core.run import checkpoint_epochs
 from memloc.training.train import train
-from conftest import train_interrupted
+from conftest import train_interrupted, needs_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 # 1,000 digits = 27 x 37 + 1, so every batch splits 19 / 18 and the last one (a single example)
@@ -142,7 +142,7 @@ def test_batchnorm_on_cpu_processes_warns(tmp_path):
     _evaluation_matches_checkpoint(run, 1)        # rank 0's running statistics, everywhere
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL, SyncBatchNorm)")
+@needs_cuda(2)       # NCCL, SyncBatchNorm
 def test_two_gpus_sync_batchnorm_equals_one(tmp_path):
     one = train(tmp_path / "one", {"dataset": "digits", "train_size": 300, "model": "resnet9", "width": 2,
                                    "epochs": 1, "batch_size": 64}, device="cuda")

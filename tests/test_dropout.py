@@ -17,7 +17,7 @@ from memloc.core.run import load
 from memloc.core.errors import MemlocError
 from memloc.core.evaluate import SUBSETS, accuracies
 from memloc.training.train import train
-from conftest import train_interrupted
+from conftest import train_interrupted, needs_cuda
 
 dropout = importlib.import_module("memloc.core.dropout")
 
@@ -61,7 +61,7 @@ def test_same_id_same_mask_across_calls_batches_and_dtypes():
     assert not torch.equal(ExampleTiedDropout(0.25, 0.5, seed=4).masks(torch.tensor([9]), 40), a[1:2])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@needs_cuda()
 def test_masks_identical_on_cuda():
     ids, units = torch.arange(0, 5000, 7), torch.arange(300)
     cpu = example_masks(ids, units, p_mem=0.1, seed=99)
@@ -384,26 +384,26 @@ def test_cli_errors(tiny_run, etd_tiny_run, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- science
-@pytest.mark.slow
-def test_drop_mode_removes_memorisation_on_mnist(tmp_path):
-    """The issue's acceptance run: lenet (width 4) on MNIST-5k, 10% noise, dropout after every
-    ReLU, p_gen 0.2, p_mem 0.05, 40 epochs, seed 0.
+def test_drop_mode_removes_memorisation(tmp_path):
+    """The science of example-tied dropout on a run small enough for every test session: the MLP on
+    scikit-learn digits, 10% noise, dropout after both hidden ReLUs, p_gen 0.2, p_mem 0.05, 20 epochs,
+    seed 0 (measured: train mode 100% of noisy labels memorised, drop mode 6.3% left, clean training
+    accuracy 99.9 -> 99.7, test 96.9 -> 97.8, 91.6% of noisy examples get their true label back;
+    seeds 1 and 2: 98.6% / 99.3% memorised, 4.9% / 2.8% left, test -0.0 / -0.3 points).
 
-    Every noisy label is memorised through the examples' own masks (train mode); dropping the
-    memorisation units leaves <= 10% of them (measured 1.5%) at a cost of <= 5 points of clean
-    training accuracy (measured 0.2). Test accuracy in drop mode equals test mode's on average:
-    over 5 seeds (artifacts/etd_seeds.md) the change is +0.0 ± 0.1 points, single runs between
-    -0.3 and +0.5 (this one, with 2 CPU threads: 96.1 -> 95.9; with 1 thread the same seed trains
-    differently and gives 96.0 -> 96.5), so the test allows half a point of seed noise.
+    Every noisy label is memorised through the examples' own masks, and dropping the memorisation
+    units removes it at almost no cost. The issue's MNIST-5k acceptance run (lenet width 4, 40 epochs:
+    1.5% left, 5 seeds in artifacts/etd_seeds.md) takes minutes: ``python scripts/etd_experiment.py
+    --p-gen 0.2 --p-mem 0.05 --no-baselines --seeds 0 --out /tmp/etd.md`` reproduces it.
     """
-    run = train(tmp_path / "etd", {"model": "lenet", "width": 4, "epochs": 40, "p_gen": 0.2, "p_mem": 0.05,
-                                   "etd_after": "features.1,features.4,classifier.1,classifier.3"})
+    run = train(tmp_path / "etd", {"dataset": "digits", "model": "mlp", "epochs": 20, "batch_size": 64, "lr": 0.1,
+                                   "noise": 0.1, "etd_after": "act1,act2", "p_gen": 0.2, "p_mem": 0.05})
     acc = {m: dict(zip(SUBSETS, row))
            for m, row in zip(dropout.EVAL_MODES, dropout.evaluate_modes(run.model(), run.data()))}
-    assert acc["train"]["noisy"] >= 0.99 and acc["train"]["clean"] >= 0.99
-    assert acc["drop"]["noisy"] <= 0.10
-    assert acc["test"]["clean"] - acc["drop"]["clean"] <= 0.05
-    assert acc["drop"]["test"] >= acc["test"]["test"] - 0.005
-    assert acc["drop"]["noisy_true"] >= 0.90       # the noisy examples get their true labels back
+    assert acc["train"]["noisy"] >= 0.97 and acc["train"]["clean"] >= 0.99
+    assert acc["drop"]["noisy"] <= 0.15
+    assert acc["train"]["clean"] - acc["drop"]["clean"] <= 0.02
+    assert acc["drop"]["test"] >= acc["test"]["test"] - 0.01
+    assert acc["drop"]["noisy_true"] >= 0.85       # the noisy examples get their true labels back
     recorded = run.metrics()    # the trainer's epoch-end evaluation runs in eval (= test) mode,
     assert recorded["noisy_accuracy"][-1] == pytest.approx(acc["test"]["noisy"])   # which hides them too

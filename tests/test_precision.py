@@ -22,7 +22,7 @@ from memloc.core.precision import (PRECISIONS, apply_channels_last, autocast, ch
 from memloc.analyses.retrain import retrain_layer
 from memloc.core.selection import prepare
 from memloc.training.train import resolve_config, train
-from conftest import train_interrupted
+from conftest import train_interrupted, needs_cuda
 
 
 @memloc.register_model("precision_tinyconv")
@@ -43,7 +43,7 @@ class TinyConv(nn.Module):
 
 CONV = {"dataset": "digits", "model": "precision_tinyconv", "epochs": 4, "batch_size": 64, "lr": 0.1}
 MLP = {"dataset": "digits", "model": "mlp", "epochs": 2, "batch_size": 64, "lr": 0.1, "train_size": 600}
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = needs_cuda()
 
 
 def _same_runs(a, b):

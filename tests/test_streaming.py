@@ -18,6 +18,7 @@ from memloc.core.data import ExampleSet, build_data
 from memloc.core.run import checkpoint_epochs
 from memloc.core.stream import ImageFiles, StreamedSet, set_streaming, should_stream, stream_settings, streaming
 from memloc.training.train import train
+from conftest import needs_cuda
 
 CFG = {"dataset": "digits", "train_size": 600, "model": "mlp", "epochs": 2, "batch_size": 64, "lr": 0.1, "noise": 0.1}
 
@@ -188,7 +189,7 @@ def test_bad_settings_name_the_argument(monkeypatch):
         stream_settings()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda()
 def test_cuda_pinned_non_blocking_batches_equal_device_batches(monkeypatch):
     monkeypatch.delenv("MEMLOC_STREAM_LIMIT", raising=False)
     held, streamed = build_data(CFG, "cuda", stream="off"), build_data(CFG, "cuda", stream="on")
