@@ -4,6 +4,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -339,3 +340,74 @@ def test_label_issues_refuse_the_untrained_checkpoint(tiny_run):
     with pytest.raises(memloc.MemlocError, match="checkpoint_k 0 is the untrained initialisation") as e:
         memloc.find_label_issues(tiny_run, checkpoint_k=0, device="cpu")
     assert e.value.argument == "checkpoint_k"
+
+
+# ----------------------------------------------------------------------------- 8. files read exactly or refused
+def _digits_labels():
+    return memloc.core.data.build_data({"dataset": "digits", "noise": 0.0}).label_true
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("three.csv", "id,label,extra\n0,1,2\n1,2,3\n", "line 2 has 3 columns; a labels file holds one label per line"),
+    ("ragged.csv", "id,label\n0,1\n1\n", "line 3 has 1 column, line 2 has 2 columns"),
+    ("float.csv", "3\n1.5\n2\n", "line 2 holds '1.5', not a whole number"),
+    ("word.csv", "label\n3\nseven\n", "line 3 holds 'seven', not a whole number"),
+    ("gap.csv", "3\n1\n\n2\n", "line 3 is empty"),
+    ("dup.csv", "id,label\n0,1\n1,2\n0,3\n", "id 0 is on line 2 and again on line 4 (labels 1 and 3)"),
+    ("negid.csv", "0,1\n-1,2\n", "line 2 has the negative id -1"),
+    ("missing.csv", "0,1\n1,2\n3,4\n", "the ids must be 0..2, one row each; 1 of them have no row (first: 2)"),
+    ("one_line.txt", "3 1 2 4\n", "line 1 has 4 columns"),
+    ("latin1.csv", "\xe9tiquette\n3\n", "is not UTF-8 text"),
+    ("header_only.csv", "label\n", "holds no labels"),
+    ("floats.npy", np.array([3.0, 1.5]), "entry 1 is 1.5, not a whole number"),
+])
+def test_a_labels_file_is_read_exactly_or_refused_with_its_line(name, text, message, tmp_path, capsys):
+    """A third column trained on the wrong labels, a non-integer row was dropped as a 'header', an empty
+    line shifted every label after it (issue 25): each is one line naming the file and the line."""
+    path = tmp_path / name
+    if isinstance(text, np.ndarray):
+        np.save(path, text)
+    else:
+        path.write_bytes(text.encode("latin-1" if "latin1" in name else "utf-8"))
+    err = _one_line_error(capsys, "train", [str(tmp_path / "run"), *TRAIN_ARGS, "--epochs", "1", "--labels", str(path)],
+                          message)
+    assert "error: --labels file" in err and name in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1\n1.5\n3\n", "line 2 holds '1.5', not a whole number"), ("id\n1\nabc\n", "line 3 holds 'abc'"),
+    ("1\n-4\n", "line 2 holds the negative id -4"), ("5\n2\n5\n", "id 5 is on line 1 and again on line 3"),
+    ("0,1\n1,1\n", "line 1 has 2 columns; an ids file holds one id per line"), ("", "holds no ids")])
+def test_an_ids_file_is_read_exactly_or_refused_with_its_line(text, message, tmp_path, capsys):
+    (tmp_path / "ids.csv").write_text(text)
+    err = _one_line_error(capsys, "train", [str(tmp_path / "run"), *TRAIN_ARGS, "--subset", str(tmp_path / "ids.csv")],
+                          message)
+    assert "--subset file" in err and "ids.csv" in err
+
+
+def test_a_byte_order_mark_and_other_separators_are_read_exactly(tmp_path):
+    """Excel's UTF-8 CSV starts with a byte-order mark: its first id was lost as a 'header'."""
+    from memloc.core.labels import read_ids
+    labels = _digits_labels()
+    labels[:3] = (labels[:3] + 1) % 10
+    order = np.arange(len(labels))[::-1]
+    files = {"bom.csv": "\ufeff" + "".join(f"{v}\n" for v in labels),
+             "bom_header.csv": "\ufeffid,label\r\n" + "".join(f"{i},{labels[i]}\r\n" for i in order),
+             "semicolons.csv": "id;label\n" + "".join(f"{i};{labels[i]}\n" for i in order),
+             "spaces.txt": "".join(f"{i} {labels[i]}\n" for i in order) + "\n\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        data = memloc.core.data.build_data({"dataset": "digits", "noise": 0.0, "labels": str(tmp_path / name)})
+        assert np.array_equal(data.label_given, labels), name
+    (tmp_path / "ids.csv").write_text("\ufeff7\n3\n5\n", encoding="utf-8")
+    assert read_ids(tmp_path / "ids.csv", argument="subset").tolist() == [7, 3, 5]
+
+
+def test_library_ids_are_whole_numbers(tmp_path):
+    for subset, message in [([1.5, 2.0], "entry 0 is 1.5, not a whole number"), ([3, 1, 3], "id 3 is on entry 0"),
+                            ([-1, 2], "negative id -1"), ([[1, 2], [3, 4]], "shape (2, 2)")]:
+        with pytest.raises(memloc.MemlocError, match=re.escape(message)) as e:
+            train(tmp_path / "r", {**TINY, "subset": subset})
+        assert e.value.argument == "subset"
+    assert memloc.training.train.resolve_config({**TINY, "subset": [2.0, 1]})["subset"] == [2, 1]

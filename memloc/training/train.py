@@ -160,16 +160,13 @@ def _check_fits(model, data, name) -> None:
 
 
 def _id_list(value, key: str) -> list[int] | None:
-    """A list of example ids from a list / array or a file of ids (:func:`memloc.core.labels.read_labels` formats)."""
+    """A list of example ids from a list / array or a file of ids (:func:`memloc.core.labels.read_ids`):
+    whole, non-negative and distinct (1.5 is refused, not truncated)."""
     if value is None:
         return None
-    if isinstance(value, (str, Path)):
-        from ..core.labels import read_labels
-        value = read_labels(value, argument=key)
-    try:
-        return [int(i) for i in np.asarray(value, dtype=np.int64).reshape(-1)]
-    except (TypeError, ValueError):
-        raise MemlocError(f"{key} must be a list of example ids or a file of them", argument=key) from None
+    from ..core.labels import check_ids, read_ids
+    ids = read_ids(value, argument=key) if isinstance(value, (str, Path)) else check_ids(value, argument=key)
+    return [int(i) for i in ids]
 
 
 def resolve_config(cfg: dict | None) -> dict:
