@@ -411,3 +411,21 @@ def test_library_ids_are_whole_numbers(tmp_path):
             train(tmp_path / "r", {**TINY, "subset": subset})
         assert e.value.argument == "subset"
     assert memloc.training.train.resolve_config({**TINY, "subset": [2.0, 1]})["subset"] == [2, 1]
+
+
+# ----------------------------------------------------------------------------- 9. rankings by a partial score
+def test_ranking_every_example_by_a_partial_score_is_refused(run_copy, capsys):
+    """neuron_count scores only the examples flip searched: issues flagged hundreds of unscored examples
+    in an arbitrary order (issue 25); issues and clean refuse it, naming how many examples it scores."""
+    cli_run("flip", [str(run_copy), "--examples", "noisy:2,clean:2", "--max-units", "8", "--ref-batch-size", "8",
+                     "--device", "cpu", "--dtype", "float64", "--group-size", "2"])
+    capsys.readouterr()
+    run = memloc.load(run_copy)
+    scored = int((run.result("flip")["status"].values == 0).sum())         # searched (the others: misclassified)
+    assert 0 < scored <= 4
+    message = f"--by 'neuron_count': neuron_count scores {scored} of {run.num_train} examples (the examples flip"
+    _one_line_error(capsys, "issues", [str(run_copy), "--by", "neuron_count", "--device", "cpu"], message)
+    assert not (run_copy / "results" / "issues.h5").exists()
+    _one_line_error(capsys, "clean", [str(run_copy), "--by", "neuron_count", "--seeds", "0", "--no-cleanlab",
+                                      "--device", "cpu"], message)
+    assert not (run_copy / "children").exists()
