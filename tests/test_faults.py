@@ -429,3 +429,44 @@ def test_ranking_every_example_by_a_partial_score_is_refused(run_copy, capsys):
     _one_line_error(capsys, "clean", [str(run_copy), "--by", "neuron_count", "--seeds", "0", "--no-cleanlab",
                                       "--device", "cpu"], message)
     assert not (run_copy / "children").exists()
+
+
+# ----------------------------------------------------------------------------- 10. child runs keep their parent's labels
+def test_child_runs_train_on_the_labels_their_parent_stored(tmp_path, capsys):
+    """The labels file overwritten after the parent was trained: prune's children trained on the new file
+    (613 of 718 labels differed) while the result used the parent's noise mask (issue 25)."""
+    from memloc.actions.children import child_path, parent_config, parent_labels, subset_config
+    from memloc.actions.prune import kept_ids
+    small = {**TINY, "epochs": 1, "train_size": 200}
+    labels = memloc.core.data.build_data({**small, "noise": 0.0}).label_true
+    labels[::7] = (labels[::7] + 1) % 10
+    np.save(tmp_path / "L.npy", labels)
+    parent = train(tmp_path / "parent", {**small, "labels": str(tmp_path / "L.npy")}, device="cpu")
+    np.save(tmp_path / "L.npy", (labels + 5) % 10)                      # the file changes afterwards
+    base, n = parent_config(parent), parent.num_train
+    assert np.array_equal(parent_labels(parent, {**base, "subset": [3, 9]}), labels[[3, 9]])
+    random = {**subset_config(base, kept_ids(np.zeros(n), 0.5, mode="random", seed=0), n), "seed": 0}
+    stale = train(child_path(parent, "prune-random-random-0.5-s0", random), random, device="cpu")
+    assert not np.array_equal(stale.label_given, labels[random["subset"]])   # what re-reading the file gave
+    argv = [str(parent.path), "--by", "el2n", "--keep", "0.5", "--seeds", "0", "--device", "cpu"]
+    _one_line_error(capsys, "prune", argv, f"child run {str(stale.path)!r} was trained on other labels than its "
+                                           "parent stored for its examples (its labels file changed since?): delete it")
+    shutil.rmtree(stale.path)
+    cli_run("prune", argv)
+    children = [memloc.load(p) for p in sorted((parent.path / "children").glob("prune-*"))]
+    assert len(children) == 2
+    for child in children:
+        ids = np.asarray(child.config["subset"])
+        assert np.array_equal(child.label_given, labels[ids]) and np.array_equal(child.is_noisy, parent.is_noisy[ids])
+
+
+def test_a_resumed_run_trains_on_the_labels_it_stored(tmp_path):
+    from conftest import train_interrupted
+    small = {**TINY, "epochs": 2, "train_size": 200}
+    labels = memloc.core.data.build_data({**small, "noise": 0.0}).label_true
+    np.save(tmp_path / "L.npy", labels)
+    cfg = {**small, "labels": str(tmp_path / "L.npy")}
+    whole = train(tmp_path / "whole", cfg, device="cpu")
+    train_interrupted(tmp_path / "killed", cfg, epoch=1, device="cpu")
+    np.save(tmp_path / "L.npy", (labels + 1) % 10)                      # the file changes before the resume
+    _same_checkpoints(train(tmp_path / "killed", cfg, device="cpu", resume=True).path, whole.path)
