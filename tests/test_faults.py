@@ -470,3 +470,27 @@ def test_a_resumed_run_trains_on_the_labels_it_stored(tmp_path):
     train_interrupted(tmp_path / "killed", cfg, epoch=1, device="cpu")
     np.save(tmp_path / "L.npy", (labels + 1) % 10)                      # the file changes before the resume
     _same_checkpoints(train(tmp_path / "killed", cfg, device="cpu", resume=True).path, whole.path)
+
+
+# ----------------------------------------------------------------------------- 11. results that know their run
+def test_a_result_or_child_run_from_another_run_is_refused(tmp_path, capsys):
+    """A results file (or a child run folder) copied from another run of the same data was used as this
+    run's (issue 25): every saved result records its run's fingerprint, every reader checks it."""
+    import h5py
+    from memloc.actions.children import child_path, parent_config, train_children
+    small = {**TINY, "epochs": 1, "train_size": 200}
+    a, b = train(tmp_path / "a", small, device="cpu"), train(tmp_path / "b", {**small, "seed": 1}, device="cpu")
+    cli_run("scores", [str(a.path), "--scores", "confidence,forgetting", "--device", "cpu"])
+    (b.path / "results").mkdir()
+    shutil.copy(a.results_path("scores"), b.results_path("scores"))
+    _one_line_error(capsys, "detect", [str(b.path)], f"{str(b.results_path('scores'))!r} was computed from another "
+                    f"run, {str(a.path.resolve())!r} (fingerprint {a.fingerprint}), not from {str(b.path)!r}")
+    shutil.copytree(a.path, tmp_path / "a_copy")                        # a copy of the run is the same run
+    assert memloc.load(tmp_path / "a_copy").result("scores").equals(a.result("scores"))
+    with h5py.File(b.results_path("scores"), "a") as f:                 # as written before fingerprints
+        del f.attrs["run_fingerprint"]
+    assert memloc.load(b.path).result("scores").equals(a.result("scores"))
+    seed2 = {**parent_config(a), "seed": 2}
+    shutil.copytree(b.path, child_path(a, "all-s2", seed2))            # seed 1's run where seed 2's belongs
+    with pytest.raises(memloc.MemlocError, match="is not the run trained there .settings that differ: seed.: delete it"):
+        train_children(a, [("all-s2", seed2)], device="cpu")

@@ -210,16 +210,29 @@ def _train(todo: dict, labels: dict, *, jobs: int, device, desc: str) -> None:
         bar.close()
 
 
+def _check_child(child: Run, cfg: dict, labels) -> None:
+    """A child found in its folder (finished or not) must be the run ``cfg`` trains there, on ``labels``
+    (:func:`parent_labels`): not a run copied there, nor one trained on a labels file changed since."""
+    from ..training.train import DEFAULTS, resolve_config
+    want, have = resolve_config(cfg), {k: child.config.get(k, v) for k, v in DEFAULTS.items()}
+    differ = [k for k in DEFAULTS if json.dumps(want[k], default=str) != json.dumps(have[k], default=str)]
+    if differ:
+        raise MemlocError(f"child run {str(child.path)!r} is not the run trained there (settings that differ: "
+                          f"{', '.join(differ)}): delete it and run the command again", argument="run")
+    if labels is not None and not np.array_equal(child.label_given, labels):
+        raise MemlocError(f"child run {str(child.path)!r} was trained on other labels than its parent stored for its "
+                          "examples (its labels file changed since?): delete it and run the command again",
+                          argument="run")
+
+
 def train_children(parent: Run, children: list[tuple[str, dict]], *, jobs: int = 1, device="cpu",
                    desc: str = "runs") -> list[Run]:
     """Train (or reuse / resume) every ``(label, cfg)`` child of ``parent``; returns their runs in order
     (in a process group: rank 0's children on every rank, once all are trained)."""
     paths, children = broadcast(([child_path(parent, label, cfg) for label, cfg in children], children))
     todo = [(p, cfg, parent_labels(parent, cfg)) for p, (_, cfg) in zip(paths, children) if p != parent.path]
-    for p, _, y in todo:        # a child (finished or not) trained before on a labels file changed since
-        if y is not None and is_complete(p) and not np.array_equal(load(p).label_given, y):
-            raise MemlocError(f"child run {str(p)!r} was trained on other labels than its parent stored for its "
-                              "examples (its labels file changed since?): delete it and run the command again",
-                              argument="run")
+    for p, cfg, y in todo:
+        if is_complete(p):
+            _check_child(load(p), cfg, y)
     train_runs(todo, jobs=jobs, device=device, desc=desc)
     return [load(p) for p in paths]
