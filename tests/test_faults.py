@@ -4,6 +4,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -339,3 +340,157 @@ def test_label_issues_refuse_the_untrained_checkpoint(tiny_run):
     with pytest.raises(memloc.MemlocError, match="checkpoint_k 0 is the untrained initialisation") as e:
         memloc.find_label_issues(tiny_run, checkpoint_k=0, device="cpu")
     assert e.value.argument == "checkpoint_k"
+
+
+# ----------------------------------------------------------------------------- 8. files read exactly or refused
+def _digits_labels():
+    return memloc.core.data.build_data({"dataset": "digits", "noise": 0.0}).label_true
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("three.csv", "id,label,extra\n0,1,2\n1,2,3\n", "line 2 has 3 columns; a labels file holds one label per line"),
+    ("ragged.csv", "id,label\n0,1\n1\n", "line 3 has 1 column, line 2 has 2 columns"),
+    ("float.csv", "3\n1.5\n2\n", "line 2 holds '1.5', not a whole number"),
+    ("word.csv", "label\n3\nseven\n", "line 3 holds 'seven', not a whole number"),
+    ("gap.csv", "3\n1\n\n2\n", "line 3 is empty"),
+    ("dup.csv", "id,label\n0,1\n1,2\n0,3\n", "id 0 is on line 2 and again on line 4 (labels 1 and 3)"),
+    ("negid.csv", "0,1\n-1,2\n", "line 2 has the negative id -1"),
+    ("missing.csv", "0,1\n1,2\n3,4\n", "the ids must be 0..2, one row each; 1 of them have no row (first: 2)"),
+    ("one_line.txt", "3 1 2 4\n", "line 1 has 4 columns"),
+    ("latin1.csv", "\xe9tiquette\n3\n", "is not UTF-8 text"),
+    ("header_only.csv", "label\n", "holds no labels"),
+    ("floats.npy", np.array([3.0, 1.5]), "entry 1 is 1.5, not a whole number"),
+])
+def test_a_labels_file_is_read_exactly_or_refused_with_its_line(name, text, message, tmp_path, capsys):
+    """A third column trained on the wrong labels, a non-integer row was dropped as a 'header', an empty
+    line shifted every label after it (issue 25): each is one line naming the file and the line."""
+    path = tmp_path / name
+    if isinstance(text, np.ndarray):
+        np.save(path, text)
+    else:
+        path.write_bytes(text.encode("latin-1" if "latin1" in name else "utf-8"))
+    err = _one_line_error(capsys, "train", [str(tmp_path / "run"), *TRAIN_ARGS, "--epochs", "1", "--labels", str(path)],
+                          message)
+    assert "error: --labels file" in err and name in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1\n1.5\n3\n", "line 2 holds '1.5', not a whole number"), ("id\n1\nabc\n", "line 3 holds 'abc'"),
+    ("1\n-4\n", "line 2 holds the negative id -4"), ("5\n2\n5\n", "id 5 is on line 1 and again on line 3"),
+    ("0,1\n1,1\n", "line 1 has 2 columns; an ids file holds one id per line"), ("", "holds no ids")])
+def test_an_ids_file_is_read_exactly_or_refused_with_its_line(text, message, tmp_path, capsys):
+    (tmp_path / "ids.csv").write_text(text)
+    err = _one_line_error(capsys, "train", [str(tmp_path / "run"), *TRAIN_ARGS, "--subset", str(tmp_path / "ids.csv")],
+                          message)
+    assert "--subset file" in err and "ids.csv" in err
+
+
+def test_a_byte_order_mark_and_other_separators_are_read_exactly(tmp_path):
+    """Excel's UTF-8 CSV starts with a byte-order mark: its first id was lost as a 'header'."""
+    from memloc.core.labels import read_ids
+    labels = _digits_labels()
+    labels[:3] = (labels[:3] + 1) % 10
+    order = np.arange(len(labels))[::-1]
+    files = {"bom.csv": "\ufeff" + "".join(f"{v}\n" for v in labels),
+             "bom_header.csv": "\ufeffid,label\r\n" + "".join(f"{i},{labels[i]}\r\n" for i in order),
+             "semicolons.csv": "id;label\n" + "".join(f"{i};{labels[i]}\n" for i in order),
+             "spaces.txt": "".join(f"{i} {labels[i]}\n" for i in order) + "\n\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        data = memloc.core.data.build_data({"dataset": "digits", "noise": 0.0, "labels": str(tmp_path / name)})
+        assert np.array_equal(data.label_given, labels), name
+    (tmp_path / "ids.csv").write_text("\ufeff7\n3\n5\n", encoding="utf-8")
+    assert read_ids(tmp_path / "ids.csv", argument="subset").tolist() == [7, 3, 5]
+
+
+def test_library_ids_are_whole_numbers(tmp_path):
+    for subset, message in [([1.5, 2.0], "entry 0 is 1.5, not a whole number"), ([3, 1, 3], "id 3 is on entry 0"),
+                            ([-1, 2], "negative id -1"), ([[1, 2], [3, 4]], "shape (2, 2)")]:
+        with pytest.raises(memloc.MemlocError, match=re.escape(message)) as e:
+            train(tmp_path / "r", {**TINY, "subset": subset})
+        assert e.value.argument == "subset"
+    assert memloc.training.train.resolve_config({**TINY, "subset": [2.0, 1]})["subset"] == [2, 1]
+
+
+# ----------------------------------------------------------------------------- 9. rankings by a partial score
+def test_ranking_every_example_by_a_partial_score_is_refused(run_copy, capsys):
+    """neuron_count scores only the examples flip searched: issues flagged hundreds of unscored examples
+    in an arbitrary order (issue 25); issues and clean refuse it, naming how many examples it scores."""
+    cli_run("flip", [str(run_copy), "--examples", "noisy:2,clean:2", "--max-units", "8", "--ref-batch-size", "8",
+                     "--device", "cpu", "--dtype", "float64", "--group-size", "2"])
+    capsys.readouterr()
+    run = memloc.load(run_copy)
+    scored = int((run.result("flip")["status"].values == 0).sum())         # searched (the others: misclassified)
+    assert 0 < scored <= 4
+    message = f"--by 'neuron_count': neuron_count scores {scored} of {run.num_train} examples (the examples flip"
+    _one_line_error(capsys, "issues", [str(run_copy), "--by", "neuron_count", "--device", "cpu"], message)
+    assert not (run_copy / "results" / "issues.h5").exists()
+    _one_line_error(capsys, "clean", [str(run_copy), "--by", "neuron_count", "--seeds", "0", "--no-cleanlab",
+                                      "--device", "cpu"], message)
+    assert not (run_copy / "children").exists()
+
+
+# ----------------------------------------------------------------------------- 10. child runs keep their parent's labels
+def test_child_runs_train_on_the_labels_their_parent_stored(tmp_path, capsys):
+    """The labels file overwritten after the parent was trained: prune's children trained on the new file
+    (613 of 718 labels differed) while the result used the parent's noise mask (issue 25)."""
+    from memloc.actions.children import child_path, parent_config, parent_labels, subset_config
+    from memloc.actions.prune import kept_ids
+    small = {**TINY, "epochs": 1, "train_size": 200}
+    labels = memloc.core.data.build_data({**small, "noise": 0.0}).label_true
+    labels[::7] = (labels[::7] + 1) % 10
+    np.save(tmp_path / "L.npy", labels)
+    parent = train(tmp_path / "parent", {**small, "labels": str(tmp_path / "L.npy")}, device="cpu")
+    np.save(tmp_path / "L.npy", (labels + 5) % 10)                      # the file changes afterwards
+    base, n = parent_config(parent), parent.num_train
+    assert np.array_equal(parent_labels(parent, {**base, "subset": [3, 9]}), labels[[3, 9]])
+    random = {**subset_config(base, kept_ids(np.zeros(n), 0.5, mode="random", seed=0), n), "seed": 0}
+    stale = train(child_path(parent, "prune-random-random-0.5-s0", random), random, device="cpu")
+    assert not np.array_equal(stale.label_given, labels[random["subset"]])   # what re-reading the file gave
+    argv = [str(parent.path), "--by", "el2n", "--keep", "0.5", "--seeds", "0", "--device", "cpu"]
+    _one_line_error(capsys, "prune", argv, f"child run {str(stale.path)!r} was trained on other labels than its "
+                                           "parent stored for its examples (its labels file changed since?): delete it")
+    shutil.rmtree(stale.path)
+    cli_run("prune", argv)
+    children = [memloc.load(p) for p in sorted((parent.path / "children").glob("prune-*"))]
+    assert len(children) == 2
+    for child in children:
+        ids = np.asarray(child.config["subset"])
+        assert np.array_equal(child.label_given, labels[ids]) and np.array_equal(child.is_noisy, parent.is_noisy[ids])
+
+
+def test_a_resumed_run_trains_on_the_labels_it_stored(tmp_path):
+    from conftest import train_interrupted
+    small = {**TINY, "epochs": 2, "train_size": 200}
+    labels = memloc.core.data.build_data({**small, "noise": 0.0}).label_true
+    np.save(tmp_path / "L.npy", labels)
+    cfg = {**small, "labels": str(tmp_path / "L.npy")}
+    whole = train(tmp_path / "whole", cfg, device="cpu")
+    train_interrupted(tmp_path / "killed", cfg, epoch=1, device="cpu")
+    np.save(tmp_path / "L.npy", (labels + 1) % 10)                      # the file changes before the resume
+    _same_checkpoints(train(tmp_path / "killed", cfg, device="cpu", resume=True).path, whole.path)
+
+
+# ----------------------------------------------------------------------------- 11. results that know their run
+def test_a_result_or_child_run_from_another_run_is_refused(tmp_path, capsys):
+    """A results file (or a child run folder) copied from another run of the same data was used as this
+    run's (issue 25): every saved result records its run's fingerprint, every reader checks it."""
+    import h5py
+    from memloc.actions.children import child_path, parent_config, train_children
+    small = {**TINY, "epochs": 1, "train_size": 200}
+    a, b = train(tmp_path / "a", small, device="cpu"), train(tmp_path / "b", {**small, "seed": 1}, device="cpu")
+    cli_run("scores", [str(a.path), "--scores", "confidence,forgetting", "--device", "cpu"])
+    (b.path / "results").mkdir()
+    shutil.copy(a.results_path("scores"), b.results_path("scores"))
+    _one_line_error(capsys, "detect", [str(b.path)], f"{str(b.results_path('scores'))!r} was computed from another "
+                    f"run, {str(a.path.resolve())!r} (fingerprint {a.fingerprint}), not from {str(b.path)!r}")
+    shutil.copytree(a.path, tmp_path / "a_copy")                        # a copy of the run is the same run
+    assert memloc.load(tmp_path / "a_copy").result("scores").equals(a.result("scores"))
+    with h5py.File(b.results_path("scores"), "a") as f:                 # as written before fingerprints
+        del f.attrs["run_fingerprint"]
+    assert memloc.load(b.path).result("scores").equals(a.result("scores"))
+    seed2 = {**parent_config(a), "seed": 2}
+    shutil.copytree(b.path, child_path(a, "all-s2", seed2))            # seed 1's run where seed 2's belongs
+    with pytest.raises(memloc.MemlocError, match="is not the run trained there .settings that differ: seed.: delete it"):
+        train_children(a, [("all-s2", seed2)], device="cpu")

@@ -14,6 +14,10 @@ list is the one trained, rank r trains every K-th child of it (each a one-proces
 its own folder; ``jobs`` parallel ones per rank), and every rank waits until all are finished.
 What an experiment computes before and after its children (its scores, the evaluations) each rank
 computes alone (:func:`memloc.scale.distributed.alone`), and rank 0 returns the result.
+
+A child that keeps its parent's labels file trains on the labels the parent *stored* for its examples
+(:func:`parent_labels`), never on the file as it is now: a run is defined by what it stored, and the
+file may have changed (or gone) since the parent was trained.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ from ..core.errors import MemlocError
 from ..core.run import Run, is_complete, load
 from ..core.runtime import check_range, progress, resolve_device
 
-__all__ = ["parent_config", "subset_config", "check_seeds", "child_path", "train_runs", "train_children", "save_array"]
+__all__ = ["parent_config", "parent_labels", "subset_config", "check_seeds", "child_path", "train_runs",
+           "train_children", "save_array"]
 
 
 def parent_config(run: Run) -> dict:
@@ -58,6 +63,25 @@ def subset_config(base: dict, ids, num_train: int) -> dict:
     full = base.get("subset")
     cfg["subset"] = (np.sort(np.asarray(full, dtype=np.int64))[ids] if full is not None else ids).tolist()
     return cfg
+
+
+def parent_labels(parent: Run, cfg: dict) -> np.ndarray | None:
+    """The given labels a child with config ``cfg`` trains on when it keeps ``parent``'s labels file: the
+    parent's stored labels of the child's examples (in the child's order). None when the child's labels
+    are not the parent's file (synthetic noise, rebuilt from its seed; relabelled labels of its own)."""
+    base = parent_config(parent)
+    if not base.get("labels") or cfg.get("labels") != base["labels"]:
+        return None
+    rows, ids = (None if c.get("subset") is None else np.sort(np.asarray(c["subset"], dtype=np.int64))
+                 for c in (base, cfg))                          # ids of the full training set; None: all of it
+    if rows is None and ids is None:
+        return parent.label_given
+    rows = np.arange(parent.num_train) if rows is None else rows
+    pos = None if ids is None else np.searchsorted(rows, ids)
+    if pos is None or pos.max(initial=0) >= len(rows) or not np.array_equal(rows[pos], ids):
+        raise MemlocError(f"a child run of {str(parent.path)!r} trains on examples the parent did not train on; "
+                          "their labels are not stored in it", argument="run")
+    return parent.label_given[pos]
 
 
 def check_seeds(seeds) -> list[int]:
@@ -118,29 +142,31 @@ def _finished(path: Path, epochs: int) -> bool:
     return is_complete(path) and load(path).final_epoch >= epochs
 
 
-def _train_one(path: str, cfg: dict, device: str, threads: int) -> str:
+def _train_one(path: str, cfg: dict, device: str, threads: int, label_given=None) -> str:
     from ..training.train import train
     torch.set_num_threads(threads)
     if not _finished(Path(path), cfg["epochs"]):
-        train(path, cfg, device=device, resume=True, argv=["memloc", "train", path])
+        train(path, cfg, device=device, resume=True, argv=["memloc", "train", path], label_given=label_given)
     return path
 
 
-def train_runs(jobs_list: list[tuple[Path, dict]], *, jobs: int = 1, device="cpu", desc: str = "runs") -> None:
-    """Train (or resume) every ``(path, cfg)`` not finished yet, ``jobs`` at a time, with a progress bar.
+def train_runs(jobs_list: list[tuple], *, jobs: int = 1, device="cpu", desc: str = "runs") -> None:
+    """Train (or resume) every ``(path, cfg)`` (or ``(path, cfg, label_given)``: the given labels to train on
+    instead of reading ``cfg["labels"]``) not finished yet, ``jobs`` at a time, with a progress bar.
 
     In a process group each rank trains its share (every K-th run of rank 0's list) and returns when
     every run is finished."""
     check_range("jobs", jobs, low=1, integer=True)
-    runs = {}
-    for p, cfg in broadcast([(str(p), cfg) for p, cfg in jobs_list]):     # rank 0's list on every rank
+    runs, labels = {}, {}
+    for p, cfg, *given in broadcast([(str(p), *rest) for p, *rest in jobs_list]):     # rank 0's list on every rank
         runs.setdefault(p, cfg)
+        labels.setdefault(p, given[0] if given else None)
     device = resolve_device(device)     # 'auto' too
     if world()[1] > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())      # this rank's GPU, also in spawned workers
     todo = {p: cfg for p, cfg in shard(list(runs.items())) if not _finished(Path(p), cfg["epochs"])}
     with alone():           # each run is a one-process training
-        _train(todo, jobs=jobs, device=device, desc=desc)
+        _train(todo, labels, jobs=jobs, device=device, desc=desc)
     _wait_for(runs)
 
 
@@ -156,7 +182,7 @@ def _wait_for(runs: dict, poll: float = 1.0) -> None:
             time.sleep(poll)
 
 
-def _train(todo: dict, *, jobs: int, device, desc: str) -> None:
+def _train(todo: dict, labels: dict, *, jobs: int, device, desc: str) -> None:
     if jobs > 1 and len(todo) > 1:
         from ..core.data import _REGISTERED
         local = sorted({c["dataset"] for c in todo.values() if c["dataset"] in _REGISTERED})
@@ -167,14 +193,14 @@ def _train(todo: dict, *, jobs: int, device, desc: str) -> None:
     try:
         if jobs == 1 or len(todo) <= 1:
             for p, cfg in todo.items():
-                _train_one(p, cfg, str(device), torch.get_num_threads())
+                _train_one(p, cfg, str(device), torch.get_num_threads(), labels[p])
                 bar.update()
         else:
             threads = max(1, torch.get_num_threads() // jobs)
             ctx = multiprocessing.get_context("spawn")
             pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
             try:
-                futures = [pool.submit(_train_one, p, cfg, str(device), threads) for p, cfg in todo.items()]
+                futures = [pool.submit(_train_one, p, cfg, str(device), threads, labels[p]) for p, cfg in todo.items()]
                 for fut in cf.as_completed(futures):
                     fut.result()
                     bar.update()
@@ -184,11 +210,29 @@ def _train(todo: dict, *, jobs: int, device, desc: str) -> None:
         bar.close()
 
 
+def _check_child(child: Run, cfg: dict, labels) -> None:
+    """A child found in its folder (finished or not) must be the run ``cfg`` trains there, on ``labels``
+    (:func:`parent_labels`): not a run copied there, nor one trained on a labels file changed since."""
+    from ..training.train import DEFAULTS, resolve_config
+    want, have = resolve_config(cfg), {k: child.config.get(k, v) for k, v in DEFAULTS.items()}
+    differ = [k for k in DEFAULTS if json.dumps(want[k], default=str) != json.dumps(have[k], default=str)]
+    if differ:
+        raise MemlocError(f"child run {str(child.path)!r} is not the run trained there (settings that differ: "
+                          f"{', '.join(differ)}): delete it and run the command again", argument="run")
+    if labels is not None and not np.array_equal(child.label_given, labels):
+        raise MemlocError(f"child run {str(child.path)!r} was trained on other labels than its parent stored for its "
+                          "examples (its labels file changed since?): delete it and run the command again",
+                          argument="run")
+
+
 def train_children(parent: Run, children: list[tuple[str, dict]], *, jobs: int = 1, device="cpu",
                    desc: str = "runs") -> list[Run]:
     """Train (or reuse / resume) every ``(label, cfg)`` child of ``parent``; returns their runs in order
     (in a process group: rank 0's children on every rank, once all are trained)."""
     paths, children = broadcast(([child_path(parent, label, cfg) for label, cfg in children], children))
-    train_runs([(p, cfg) for p, (_, cfg) in zip(paths, children) if p != parent.path], jobs=jobs, device=device,
-               desc=desc)
+    todo = [(p, cfg, parent_labels(parent, cfg)) for p, (_, cfg) in zip(paths, children) if p != parent.path]
+    for p, cfg, y in todo:
+        if is_complete(p):
+            _check_child(load(p), cfg, y)
+    train_runs(todo, jobs=jobs, device=device, desc=desc)
     return [load(p) for p in paths]

@@ -49,7 +49,8 @@ def kept_ids(values: np.ndarray, keep: float, *, mode: str = "hardest", offset: 
     if mode not in MODES:
         raise MemlocError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}, random", argument="mode")
     if not np.isfinite(v).all():
-        raise MemlocError("the pruning score is not defined for every example", argument="by")
+        raise MemlocError(f"the pruning score is defined for {int(np.isfinite(v).sum())} of {n} examples only; "
+                          "pruning ranks every example", argument="by")
     order = np.lexsort((rng.permutation(n), -v))          # hardest first, ties in a seeded random order
     if mode == "hardest":
         rows = order[:count]

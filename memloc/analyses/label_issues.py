@@ -21,7 +21,11 @@ offered. ``rate=`` sets the rate by hand.
 the rank percentiles of confidence, EL2N and AUM (each turned so that high = suspicious), the
 three strongest detectors on the MNIST-5k runs (``artifacts/detect_mnist5k.md``). With several
 runs of the same data (different seeds), each score and the epoch-k probabilities are averaged over
-the runs first (Data Diet averages its scores over 10 runs).
+the runs first (Data Diet averages its scores over 10 runs). The ranking score must score every
+example: one that covers only some (``neuron_count``: the examples flip searched; a score of a
+Recorder run that did not present every example) is refused with the count it covers, since the
+examples it leaves out would be ranked, and flagged, in an arbitrary order (compare scores on the
+examples they cover with :mod:`memloc.detect`).
 
 The ``"issues"`` result: per example ``rank`` (1 = most suspicious), ``flagged``, ``label_given``,
 ``label_predicted`` (argmax of the epoch-k probabilities: the relabelling candidate), ``suspicion``
@@ -87,6 +91,18 @@ def same_data_runs(runs) -> list[Run]:
     return runs
 
 
+def _check_covered(table: dict[str, np.ndarray], by: str) -> None:
+    """Refuse a ranking score that leaves examples without a value (NaN): they cannot be ranked."""
+    for name in COMBINED if by == "combined" else (by,):
+        n, scored = len(table[name]), int(np.isfinite(table[name]).sum())
+        if scored < n:
+            which = " (the examples flip searched)" if name == "neuron_count" else ""
+            raise MemlocError(f"by {by!r}: {name} scores {scored} of {n} examples{which}; label issues rank every "
+                              "training example, and the unscored ones would be flagged in an arbitrary order: rank by "
+                              "a score of every example (combined, el2n, confidence, ...), or compare scores on the "
+                              "examples they cover with memloc detect", argument="by")
+
+
 def _probabilities(run: Run, epoch: int, device, batch_size: int) -> np.ndarray:
     train = run.data(device).train
     logits = evaluate(run.model(epoch, device=device), train.batches(batch_size), logits=True)["logits"]
@@ -100,6 +116,10 @@ def find_label_issues(runs, *, by: str = "combined", checkpoint_k: int | None = 
     ``by``: ``combined`` or a score name of :data:`memloc.analyses.scores.SCORES`. ``checkpoint_k``: the
     epoch of EL2N and of the probabilities behind the rate estimate and the predicted labels
     (default 10% of training). ``rate``: flag this fraction instead of estimating it.
+
+    Every example is ranked, so the ranking score (for ``combined``: each of its scores) must score
+    every example; a partial one (``neuron_count`` scores only the examples flip searched) is refused,
+    naming how many examples it scores, rather than flag the unscored ones in an arbitrary order.
     """
     runs = same_data_runs(runs)
     if by != "combined" and by not in SCORES:
@@ -118,6 +138,7 @@ def find_label_issues(runs, *, by: str = "combined", checkpoint_k: int | None = 
     names = list(dict.fromkeys([*ISSUE_SCORES, *([by] if by != "combined" else [])]))
     per_run = [compute_scores(r, names=names, checkpoint_k=k, device=dev) for r in runs]
     table = {n: np.mean([res[n].values for res in per_run], axis=0) for n in names}
+    _check_covered(table, by)
     probs = np.mean([_probabilities(r, k, dev, batch_size) for r in runs], axis=0)
     given = runs[0].label_given
     rate_est = confident_joint_rate(probs, given) if rate is None else float(rate)

@@ -119,7 +119,7 @@ def run_command(cmd: Command, argv: list[str]):
             return result           # rank 0 saves and reports
         saved = isinstance(result, Result) and cmd.result
         if saved:
-            result.save(args.out, argv=args.argv)
+            result.save(args.out, argv=args.argv, run=run)
         if cmd.after_save:          # extra outputs, written once the result is safe
             cmd.after_save(result, args)
         text = cmd.summary(result, args)

@@ -4,7 +4,9 @@ Every analysis returns a :class:`Result`. Its data are labelled (``res.sel(layer
 subset="noisy")``, ``res["accuracy"]``); every attribute of the dataset is reachable on the result
 (``res.coords``, ``res.to_dataframe()``). ``res.save(path)`` writes one HDF5 file atomically
 (``PATH.tmpPID`` then ``os.replace``) whose root attributes are ``memloc_schema``,
-``memloc_schema_version``, ``memloc_version``, ``created``, ``argv`` and ``config`` (JSON); dims
+``memloc_schema_version``, ``memloc_version``, ``created``, ``argv`` and ``config`` (JSON), and for a
+result computed from a run, ``run`` (its path) and ``run_fingerprint`` (:attr:`memloc.core.run.Run.fingerprint`,
+checked by :meth:`memloc.core.run.Run.result`); dims
 and coordinates are HDF5 dimension scales, so the file is also a netCDF-4 file that any xarray
 (``xr.open_dataset(path, engine="h5netcdf")``) reads. :func:`load_result` reads it back and
 checks it against the schema in :mod:`memloc.core.schemas`.
@@ -79,19 +81,23 @@ class Result:
             raise MemlocError(f"result {self.name!r} has no dimension {dim!r}; dims: {', '.join(map(str, self.dataset.dims))}")
         return self.dataset[names].to_dataframe()
 
-    def save(self, path, *, argv=None) -> Path:
-        """Write the result to ``path`` (HDF5 / netCDF-4) atomically; returns the path."""
+    def save(self, path, *, argv=None, run=None) -> Path:
+        """Write the result to ``path`` (HDF5 / netCDF-4) atomically; returns the path. ``run``: the run it
+        was computed from, whose path and fingerprint it records."""
         from . import __version__
         ds = self.dataset.copy()
         ds.attrs.update(memloc_schema=f"memloc.{self.name}", memloc_schema_version=SCHEMA_VERSION,
                         memloc_version=__version__,
                         created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                         argv=json.dumps(list(sys.argv if argv is None else argv)))
+        if run is not None:
+            ds.attrs.update(run=str(Path(run.path).resolve()), run_fingerprint=run.fingerprint)
         encoding = {k: {"zlib": True, "complevel": 4} for k, v in ds.variables.items()
                     if v.size >= 1024 and v.dtype.kind in "biuf"}
         with atomic_path(path) as tmp:
             ds.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
-        self.dataset.attrs.update({k: ds.attrs[k] for k in ("memloc_schema", "created", "argv")})
+        self.dataset.attrs.update({k: ds.attrs[k] for k in ("memloc_schema", "created", "argv", "run",
+                                                             "run_fingerprint") if k in ds.attrs})
         if self.parts is not None and Path(self.parts).exists():
             shutil.rmtree(self.parts)
         return Path(path)

@@ -19,6 +19,7 @@ test loss. ``correct`` is int8 (1, 0, or -1 = not presented).
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import pickle
@@ -222,16 +223,34 @@ class Run:
             raise MemlocError(f"run {str(self.path)!r} has no checkpoints")
         return self.epochs[-1]
 
+    @property
+    def fingerprint(self) -> str:
+        """This run's identity: a hash of ``run.json`` (configuration, model, data, creation time) and the
+        stored labels. Every result the commands save records it (``run_fingerprint``) and :meth:`result`
+        checks it: a copy of the run folder keeps it, any other run (another seed, config, labels or
+        training of the same config) has its own."""
+        h = hashlib.sha1(json.dumps(self.info, sort_keys=True, default=str).encode())
+        for labels in (self.label_given, self.label_true):
+            h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
     def results_path(self, name: str) -> Path:
         return self.path / "results" / f"{name}.h5"
 
     def result(self, name: str):
-        """The saved result ``RUN/results/<name>.h5`` as a :class:`memloc.core.results.Result`."""
+        """The saved result ``RUN/results/<name>.h5`` as a :class:`memloc.core.results.Result`, refused
+        when it records another run's fingerprint (results from before fingerprints are read as they are)."""
         path = self.results_path(name)
         if not path.is_file():
             have = sorted(p.stem for p in (self.path / "results").glob("*.h5"))
             raise MemlocError(f"run {str(self.path)!r} has no {name!r} result (has: {', '.join(have) or 'none'})")
-        return load_result(path, name)
+        res = load_result(path, name)
+        stored = res.dataset.attrs.get("run_fingerprint")
+        if stored is not None and str(stored) != self.fingerprint:
+            raise MemlocError(f"{str(path)!r} was computed from another run, {res.dataset.attrs.get('run', '?')!r} "
+                              f"(fingerprint {stored}), not from {str(self.path)!r} ({self.fingerprint}): "
+                              "delete it, or recompute it for this run (overwrite)")
+        return res
 
     def checkpoint(self, epoch: int | None = None) -> dict:
         """The model state_dict at ``epoch`` (default: final), loaded with ``weights_only=True``."""

@@ -160,16 +160,13 @@ def _check_fits(model, data, name) -> None:
 
 
 def _id_list(value, key: str) -> list[int] | None:
-    """A list of example ids from a list / array or a file of ids (:func:`memloc.core.labels.read_labels` formats)."""
+    """A list of example ids from a list / array or a file of ids (:func:`memloc.core.labels.read_ids`):
+    whole, non-negative and distinct (1.5 is refused, not truncated)."""
     if value is None:
         return None
-    if isinstance(value, (str, Path)):
-        from ..core.labels import read_labels
-        value = read_labels(value, argument=key)
-    try:
-        return [int(i) for i in np.asarray(value, dtype=np.int64).reshape(-1)]
-    except (TypeError, ValueError):
-        raise MemlocError(f"{key} must be a list of example ids or a file of them", argument=key) from None
+    from ..core.labels import check_ids, read_ids
+    ids = read_ids(value, argument=key) if isinstance(value, (str, Path)) else check_ids(value, argument=key)
+    return [int(i) for i in ids]
 
 
 def resolve_config(cfg: dict | None) -> dict:
@@ -243,7 +240,8 @@ def _trainer_state(rec: Recorder, state_path: Path) -> dict | None:
 
 
 def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = False, overwrite: bool = False,
-          argv=None, on_epoch_end=None, prepare_model=None, forward_context=None, eval_batch_size: int = 1024):
+          argv=None, on_epoch_end=None, prepare_model=None, forward_context=None, eval_batch_size: int = 1024,
+          label_given=None):
     """Train with config ``cfg`` (keys of :data:`DEFAULTS`) into ``run_dir``; returns the :class:`Run`.
 
     ``resume``: continue a run from its last complete epoch (bit-identical to an uninterrupted run).
@@ -253,6 +251,10 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     ``on_epoch_end(epoch, metrics)`` is called after each saved epoch. ``prepare_model(model, cfg)``
     may modify the freshly built model (e.g. insert layers) before training. ``forward_context(model,
     idx)`` may return a context manager wrapped around each training forward (e.g. to bind example ids).
+
+    ``label_given``: the given labels of the training set as trained (after ``subset``), used instead of
+    reading ``cfg["labels"]`` (a child run trains on its parent's stored labels). A resumed run trains on
+    the labels it stored, never on a labels file changed since.
 
     In a process group of several ranks (torchrun) every rank calls ``train`` with the same arguments;
     they train one run together (DDP) and rank 0 writes it: it returns the Run on rank 0, None on the
@@ -280,7 +282,9 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
                           "each process trains on a slice of every batch", argument="batch_size")
     resume = on_rank0(_check_run_dir, run_dir, cfg, resume, overwrite)   # only rank 0 touches run_dir
 
-    data = build_data(cfg, device)
+    if resume and cfg["labels"] and label_given is None:
+        label_given = load(run_dir).label_given
+    data = build_data(cfg, device, label_given=label_given)
     augment = parse_augment(cfg["augment"])
     if augment and data.train.x.ndim != 4:
         raise MemlocError(f"augment {cfg['augment']!r} needs image inputs (N, C, H, W); this dataset's inputs have "
