@@ -29,6 +29,7 @@ from ..core.options import add_experiment, number, seed_table
 from ..core.figures import plt, save_figure, table, mean_se_axis, plus_minus
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
+from ..core.store import stored
 
 __all__ = ["clean", "cleanlab_flags", "cleaned_config"]
 
@@ -74,6 +75,7 @@ def cleanlab_flags(parent, base: dict, *, folds: int = 5, jobs: int = 1, device=
     return np.asarray(cl_find(labels=given, pred_probs=probs), dtype=bool), probs
 
 
+@stored('clean')
 def clean(run, *, by: str = "combined", relabel: bool = False, seeds=(0, 1, 2), baseline: bool = True,
           folds: int = 5, jobs: int = 1, device="auto") -> Result | None:
     """The ``"clean"`` result: test accuracy per method (all, memloc, cleanlab) and seed. Under torchrun

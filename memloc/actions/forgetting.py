@@ -36,6 +36,7 @@ from ..core.options import nonnegative_int, positive_float, positive_int
 from ..core.figures import plt, save_figure, table
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
+from ..core.store import stored
 
 __all__ = ["ORDERS", "PROTECTIONS", "split_parts", "forgetting_order"]
 
@@ -66,6 +67,7 @@ def _accuracy(model, part) -> float:
     return float(evaluate(model, part.batches(1024))["correct"].mean())
 
 
+@stored('forgetting')
 def forgetting_order(run, *, orders=ORDERS, protect=PROTECTIONS, epochs: int = 10, lr: float = 0.05,
                      lam: dict | None = None, seed: int = 0, batch_size: int = 128, device="auto") -> Result:
     """The ``"forgetting"`` result: ``accuracy`` (order, protect, epoch, part), epoch 0..2E (E = ``epochs``

@@ -26,6 +26,7 @@ from ..core.options import add_experiment, mean_se, nonnegative_int, positive_fl
 from ..core.figures import plt, save_figure, table, mean_se_axis
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
+from ..core.store import stored
 
 __all__ = ["GROUPS", "error_set", "group_accuracies", "jtt"]
 
@@ -52,6 +53,7 @@ def group_accuracies(model, data, *, batch_size: int = 1024) -> np.ndarray:
                      acc["noisy_true"]], dtype=np.float64)
 
 
+@stored('jtt')
 def jtt(run, *, id_epoch: int | None = None, upweight: float = 5.0, seeds=(0, 1, 2), jobs: int = 1,
         device="auto", batch_size: int = 1024) -> Result | None:
     """The ``"jtt"`` result: group accuracies of ERM and JTT runs per seed, and the error set.

@@ -29,6 +29,7 @@ from ..core.options import add_experiment, mean_se, nonnegative_int, number
 from ..core.figures import plt, save_figure, table, mean_se_axis, plus_minus
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
+from ..core.store import stored
 
 __all__ = ["MODES", "kept_ids", "prune", "prune_values"]
 
@@ -79,6 +80,7 @@ def prune_values(runs, names, *, checkpoint_k=None, grand_epoch: int = 0, device
     return out
 
 
+@stored('prune')
 def prune(run, *, by=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3), mode: str = "hardest",
           offset: float = 0.1, seeds=(0, 1, 2), checkpoint_k: int | None = None, grand_epoch: int = 0,
           also=(), jobs: int = 1, device="auto") -> Result | None:

@@ -64,6 +64,7 @@ from ..core.options import mean_se, nonnegative_float, number, positive_float, p
 from ..core.figures import plt, save_figure, table
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
+from ..core.store import stored
 
 __all__ = ["METHODS", "GROUPS", "HYPER", "available_methods", "quadratic_penalty", "distillation_loss",
            "protection_weights", "penalty_term", "distillation_term", "finetune", "unlearn"]
@@ -216,6 +217,7 @@ def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, o
     return {"model": model, "mask": mask}
 
 
+@stored('unlearn')
 def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs: int = HYPER["epochs"],
             lr: float = HYPER["lr"], lam: dict | float | None = None, batch_size: int = HYPER["batch_size"],
             retrain_epochs: int = 20, ascent_lr: float = HYPER["ascent_lr"], ascent_epochs: int = HYPER["ascent_epochs"],

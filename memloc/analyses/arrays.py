@@ -193,8 +193,8 @@ def rank_label_issues(labels, pred_probs=None, *, scores=None, by: str = "combin
     table = None if scores is None else _check_scores(scores, len(y))
     if by == SELF_CONFIDENCE or (by == "combined" and table is None):
         if pred_probs is None:
-            raise MemlocError(f"by={by!r} needs pred_probs" + ("" if by == SELF_CONFIDENCE else " or scores"),
-                              argument="pred_probs")
+            raise MemlocError("{by} needs pred_probs" + ("" if by == SELF_CONFIDENCE else " or scores"),
+                              argument="pred_probs", options={"by": by})
         values = 1.0 - probs[np.arange(len(y)), y]
     else:
         from .scores import SCORES
@@ -204,7 +204,7 @@ def rank_label_issues(labels, pred_probs=None, *, scores=None, by: str = "combin
         needed = COMBINED if by == "combined" else (by,)
         missing = [name for name in needed if table is None or name not in table]
         if missing:
-            raise MemlocError(f"by={by!r} needs scores {', '.join(missing)}", argument="scores")
+            raise MemlocError(f"{{by}} needs scores {', '.join(missing)}", argument="scores", options={"by": by})
         values = suspicion(table, by)
     return values, flag_top(values, 0, seed=seed)[0]
 

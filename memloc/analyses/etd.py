@@ -18,10 +18,12 @@ from ..core.options import add_eval_batch_size, nonnegative_int
 from ..core.figures import plt, LABELS, save_figure, table, coord_names
 from ..core.schemas import Schema, Var, SUBSET_VAR
 from ..core.registry import Analysis, Command
+from ..core.store import stored
 
 __all__ = ["evaluate_dropout"]
 
 
+@stored('dropout')
 def evaluate_dropout(source, data=None, *, checkpoint: int | None = None, modes=EVAL_MODES,
                      eval_batch_size: int = 1024, recalibrate_bn: bool = False, device="auto") -> Result:
     """:func:`evaluate_modes` of a run trained with dropout layers (or of such a model with ``data``).

@@ -46,6 +46,7 @@ from ..core.options import add_checkpoints, add_layers, layer_table, positive_in
 from ..core.figures import plt, COLORS, save_figure, table, short_names, coord_names, grid
 from ..core.schemas import Schema, Var, layer_vars
 from ..core.registry import Analysis, Command
+from ..core.store import stored
 
 __all__ = ["QUANTITIES", "BN_MODES", "layer_gradients", "gradients"]
 
@@ -140,6 +141,7 @@ def _gradient_sums(model, examples, is_noisy, layers, batch_size):
     return out
 
 
+@stored('gradients')
 def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str = "eval",
               batch_size: int = 1024, device="auto", resume_dir=None, overwrite: bool = False) -> Result | None:
     """:func:`layer_gradients` at every selected checkpoint of a run (or of a model).
@@ -188,7 +190,6 @@ def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str
                     coords={"checkpoint": np.array(list(p.states), dtype=np.int64), **layer_coords(p.layers),
                             "subset": list(GRADIENT_PARTS)})
     result = Result("gradients", ds, config=config)
-    result.parts = parts.folder
     return result
 
 

@@ -35,6 +35,7 @@ from ..core.options import layer_table, positive_int
 from ..core.figures import plt, save_figure
 from ..core.schemas import Schema, Var, layer_vars
 from ..core.registry import Analysis, Command
+from ..core.store import stored
 
 __all__ = ["METHODS", "param_importance", "unit_importance", "layer_importance", "importance", "select_rows", "flip_units"]
 
@@ -163,6 +164,7 @@ def flip_units(run, examples=None) -> np.ndarray | None:
     return np.unique(np.concatenate([ids[off[r]:off[r + 1]] for r in rows])) if rows else np.zeros(0, np.int64)
 
 
+@stored('importance')
 def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "noisy"), batch_size: int = 128,
                device="auto") -> Result:
     """The ``"importance"`` result: ``layer_importance`` (subset, layer), ``unit_importance`` (subset, unit)."""

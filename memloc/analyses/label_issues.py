@@ -54,6 +54,7 @@ from ..core.options import check_writable, nonnegative_int, number, positive_int
 from ..core.figures import plt, save_figure, table
 from ..core.schemas import Schema, Var, EXAMPLE_VAR
 from ..core.registry import Analysis, Command
+from ..core.store import stored
 
 __all__ = ["COMBINED", "ISSUE_SCORES", "confident_joint_rate", "suspicion", "same_data_runs",
            "find_label_issues", "flag_top", "flag_quality", "to_csv"]
@@ -109,6 +110,7 @@ def _probabilities(run: Run, epoch: int, device, batch_size: int) -> np.ndarray:
     return torch.from_numpy(logits).softmax(1).numpy()
 
 
+@stored('issues')
 def find_label_issues(runs, *, by: str = "combined", checkpoint_k: int | None = None, rate: float | None = None,
                       device="auto", batch_size: int = 1024) -> Result:
     """Every training example of ``runs`` (one run, or runs of the same data) ranked; the suspects flagged.

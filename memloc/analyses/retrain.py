@@ -46,6 +46,7 @@ from ..core.options import add_eval_batch_size, add_layers, add_precision, descr
 from ..core.figures import COLORS, LABELS, save_figure, short_names, coord_names, grid, accuracy_rows
 from ..core.schemas import Schema, Var, layer_vars, SUBSET_VAR
 from ..core.registry import Analysis, Command
+from ..core.store import stored
 
 __all__ = ["HYPER", "retrain_layer", "retrain"]
 
@@ -145,6 +146,7 @@ def _training_pass(cache: PrefixCache, clean, cached_clean, batch_size: int, see
     return cache.pick(0)[0], cached_clean
 
 
+@stored('retrain')
 def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["epochs"],
             lr: float = HYPER["lr"], batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
             weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
@@ -212,7 +214,6 @@ def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["
     ds = xr.Dataset({"accuracy": (("layer", "epoch", "subset"), acc), "baseline": (("subset",), baseline)},
                     coords={**layer_coords(p.layers), "epoch": np.arange(epochs + 1), "subset": list(SUBSETS)})
     result = Result("retrain", ds, config=config)
-    result.parts = parts.folder
     return result
 
 

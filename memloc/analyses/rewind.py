@@ -41,6 +41,7 @@ from ..core.options import add_checkpoints, add_eval_batch_size, add_layers, add
 from ..core.figures import coord_names, heatmaps, accuracy_rows
 from ..core.schemas import Schema, Var, layer_vars, SUBSET_VAR
 from ..core.registry import Analysis, Command
+from ..core.store import stored
 
 __all__ = ["rewind", "rewind_layers"]
 
@@ -91,6 +92,7 @@ class _Rewinder:
         return np.asarray(row, dtype=np.float64)
 
 
+@stored('rewind')
 def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size: int = 1024,
            device="auto", prefix_cache: bool = True, prefix_cache_mb: float = CACHE_MB, resume_dir=None,
            overwrite: bool = False, precision: str = "fp32") -> Result | None:
@@ -150,7 +152,6 @@ def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size
                     coords={"checkpoint": np.array(epochs, dtype=np.int64), **layer_coords(p.layers),
                             "subset": list(SUBSETS)})
     result = Result("rewind", ds, config=config)
-    result.parts = parts.folder
     return result
 
 

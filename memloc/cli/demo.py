@@ -66,7 +66,8 @@ def demo(out, *, quick: bool = False, device: str = "auto", overwrite: bool = Fa
     plan = steps(out, quick, device)
     for target in sorted({a[0] for _, name, a in plan if name == "train"}):
         if Path(target).exists() and not overwrite:
-            raise MemlocError(f"{target!r} already exists; choose a new output folder or use overwrite=True")
+            raise MemlocError(f"{target!r} already exists; choose a new output folder or use {{overwrite}}",
+                              options={"overwrite": True})
     if overwrite:    # each training step replaces its run (checked and locked by train itself)
         plan = [(t, name, a + ["--overwrite"] if name in ("train", "report") else a) for t, name, a in plan]
     t0 = time.time()

@@ -13,7 +13,8 @@ def arguments(p):
 def execute(args):
     out = Path(args.out) if args.out is not None else Path(args.run) / "report"
     if (out / "report.md").exists() and not args.overwrite:
-        raise MemlocError(f"{str(out / 'report.md')!r} exists; use overwrite=True to replace it")
+        raise MemlocError(f"{str(out / 'report.md')!r} exists; use {{overwrite}} to replace it",
+                          options={"overwrite": True})
     return report(args.run, out)
 
 

@@ -7,16 +7,15 @@ A command is a :class:`memloc.core.registry.Command` declaration (next to its an
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import warnings
 
 
-from ..core.errors import MemlocError
-from ..core.options import Formatter, check_writable, nonnegative_int
+from ..core.errors import MemlocError, python_spelling
+from ..core.options import Formatter, nonnegative_int
 from ..core.registry import Command
 from ..core.results import Result
-from ..core.runtime import FileLock
+from ..core.store import ResultStore
 
 __all__ = ["run_command", "parser"]
 
@@ -26,13 +25,17 @@ def _flags(parser, extra: dict) -> dict[str, str]:
     return {**flags, **extra}
 
 
-def _translate(message: str, argument: str | None, flags: dict[str, str]) -> str:
-    """Library argument names -> the command's flags, in a MemlocError message."""
-    if argument in flags and message.startswith(argument):
-        message = flags[argument] + message[len(argument):]
-    for dest, flag in flags.items():   # "overwrite=True" -> "--overwrite", "data_root=DIR" -> "--data-root DIR"
-        message = re.sub(rf"\b{re.escape(dest)}=True\b", flag, message)
-        message = re.sub(rf"\b{re.escape(dest)}=(?=\S)", flag + " ", message)
+def _message(error: MemlocError, flags: dict[str, str]) -> str:
+    """A library error in the command's words: the argument it starts with and the options it advises
+    (:attr:`MemlocError.options`) written as this command's flags (from its declaration)."""
+    def spell(name, value):
+        if name not in flags:
+            return python_spelling(name, value)
+        return flags[name] if value is True else f"{flags[name]} {value}"
+
+    message = error.render(spell)
+    if error.argument in flags and message.startswith(error.argument):
+        message = flags[error.argument] + message[len(error.argument):]
     return message
 
 
@@ -77,38 +80,27 @@ def _join_processes(cmd: Command, args) -> int:
     return init_from_env(device, command=f"memloc {cmd.name}", sharded=cmd.sharded)[0]
 
 
-def _existing(cmd: Command, args, run, rank: int):
-    """The result store's checks before any work: an existing result is returned when complete for
-    these settings, continued when resumable, replaced with ``--overwrite``, else an error."""
-    if not args.out.exists() or args.overwrite or (cmd.resumable and cmd.resumable(args, run)):
-        return None
-    if cmd.already_done and cmd.already_done(args, run):
-        if rank == 0:
-            print(f"memloc {cmd.name}: {args.out} is already complete for these settings (nothing to do)",
-                  file=sys.stderr)
-        return run.result(cmd.result)
-    raise MemlocError(f"{str(args.out)!r} exists (possibly with different settings); use overwrite=True to replace it")
-
-
 def run_command(cmd: Command, argv: list[str]):
     """Parse ``argv``, check the output, call ``cmd.execute``, save its result, print its summary."""
     p = parser(cmd)
     args = p.parse_args(argv)
     args.argv = ["memloc", cmd.name, *argv]
     prog = f"memloc {cmd.name}"
-    lock = None
+    store = None
     try:
         rank = _join_processes(cmd, args)
-        if cmd.result:
+        if cmd.result:              # the result store: lock (rank 0 for all), existing result, save
             from ..core.run import as_run
             run = as_run(args.run, need_checkpoints=False)
-            args.out = run.results_path(cmd.result)
-            check_writable(args.out)
-            lock = None if rank > 0 else FileLock(  # split across processes: rank 0 holds it for all
-                args.out.with_name(f".{cmd.result}.lock"),
-                f"another memloc {cmd.name} is running on {str(run.path)!r}; wait for it to finish")
-            done = _existing(cmd, args, run, rank)
+            store = ResultStore(run, cmd.result)
+            args.out = store.path
+            done = store.open(overwrite=args.overwrite, what=prog, rank=rank,
+                              complete=cmd.already_done and (lambda: cmd.already_done(args, run)),
+                              resumable=cmd.resumable and (lambda: cmd.resumable(args, run)))
             if done is not None:
+                if rank == 0:
+                    print(f"{prog}: {args.out} is already complete for these settings (nothing to do)",
+                          file=sys.stderr)
                 return done
         from ..core.stream import streaming
         with warnings.catch_warnings(), streaming(getattr(args, "stream", None),
@@ -119,7 +111,7 @@ def run_command(cmd: Command, argv: list[str]):
             return result           # rank 0 saves and reports
         saved = isinstance(result, Result) and cmd.result
         if saved:
-            result.save(args.out, argv=args.argv, run=run)
+            store.save(result, argv=args.argv)
         if cmd.after_save:          # extra outputs, written once the result is safe
             cmd.after_save(result, args)
         text = cmd.summary(result, args)
@@ -129,12 +121,12 @@ def run_command(cmd: Command, argv: list[str]):
             print(f"wrote {args.out}")
         return result
     except MemlocError as e:
-        message = _translate(str(e), e.argument, _flags(p, cmd.flags))
+        message = _message(e, _flags(p, cmd.flags))
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {cmd.interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
-        if lock is not None:
-            lock.release()
+        if store is not None:
+            store.close()

@@ -211,8 +211,8 @@ def build_data(cfg: dict, device="cpu", *, label_given=None, stream: str | None 
         y_tr, given, is_noisy, n_classes = data.label_true, data.label_given, data.is_noisy, data.num_classes
         if noise:
             if is_noisy.any():
-                raise MemlocError(f"dataset factory {name!r} gives its own noisy labels; set noise=0",
-                                  argument="noise")
+                raise MemlocError(f"dataset factory {name!r} gives its own noisy labels; set {{noise}}",
+                                  argument="noise", options={"noise": 0})
             given, is_noisy = make_noisy_labels(y_tr, noise, num_classes=n_classes, kind=kind, seed=noise_seed)
         src = data.source_index or {"train": np.arange(len(y_tr)), "test": np.arange(len(data.test))}
         xt_tr = data.train.source if isinstance(data.train, StreamedSet) else data.train.x.cpu()

@@ -70,10 +70,11 @@ _TV = {  # name -> (torchvision class, number of classes)
 def _torchvision(name, *, data_root=None, download=False, **_):
     import torchvision.datasets as tvd
     if data_root is None:
-        raise MemlocError(f"dataset {name!r} is read from disk: give data_root=DIR (add download=True "
-                         "to fetch it there once)", argument="data_root")
+        raise MemlocError(f"dataset {name!r} is read from disk: give {{data_root}} (add {{download}} "
+                         "to fetch it there once)", argument="data_root", options={"data_root": "DIR", "download": True})
     if not download and not Path(data_root).is_dir():
-        raise MemlocError(f"data root {str(data_root)!r} does not exist (download=True fetches {name} there)")
+        raise MemlocError(f"data root {str(data_root)!r} does not exist ({{download}} fetches {name} there)",
+                          options={"download": True})
     cls_name, n_classes = _TV[name]
     cls = getattr(tvd, cls_name)
     out = []
@@ -84,7 +85,8 @@ def _torchvision(name, *, data_root=None, download=False, **_):
             else:
                 ds = cls(str(data_root), train=train, download=download)
         except RuntimeError as e:
-            raise MemlocError(f"{name} not found under {str(data_root)!r} ({e}); download=True fetches it") from None
+            raise MemlocError(f"{name} not found under {str(data_root)!r} ({e}); {{download}} fetches it",
+                              options={"download": True}) from None
         x = np.asarray(ds.data)
         y = np.asarray(ds.labels if name == "svhn" else ds.targets, dtype=np.int64)
         if x.ndim == 3:            # (N, H, W) grey

@@ -41,7 +41,6 @@ class Result:
         self.name = name
         self._schema = registry.schema(name)   # an unknown name is a MemlocError listing the valid ones
         self.dataset = dataset
-        self.parts = None   # folder of resumable partial work, deleted once the result is saved
         if config is not None:
             self.dataset.attrs["config"] = json.dumps(config, sort_keys=True, default=str)
         self.dataset.attrs.setdefault("config", "{}")
@@ -56,7 +55,7 @@ class Result:
         return json.loads(self.dataset.attrs.get("config", "{}"))
 
     def __getattr__(self, attr):
-        if attr.startswith("__") or attr in ("dataset", "parts", "name", "_schema"):
+        if attr.startswith("__") or attr in ("dataset", "name", "_schema"):
             raise AttributeError(attr)
         return getattr(self.dataset, attr)
 
@@ -83,7 +82,10 @@ class Result:
 
     def save(self, path, *, argv=None, run=None) -> Path:
         """Write the result to ``path`` (HDF5 / netCDF-4) atomically; returns the path. ``run``: the run it
-        was computed from, whose path and fingerprint it records."""
+        was computed from, whose path and fingerprint it records. The work in progress beside it
+        (``<stem>.partial``, the resumable parts of ``RUN/results/<name>.h5``: :mod:`memloc.core.store`)
+        is deleted once the result is safe; parts in a folder of your own choosing (``resume_dir=``)
+        are yours to delete."""
         from . import __version__
         ds = self.dataset.copy()
         ds.attrs.update(memloc_schema=f"memloc.{self.name}", memloc_schema_version=SCHEMA_VERSION,
@@ -98,8 +100,9 @@ class Result:
             ds.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
         self.dataset.attrs.update({k: ds.attrs[k] for k in ("memloc_schema", "created", "argv", "run",
                                                              "run_fingerprint") if k in ds.attrs})
-        if self.parts is not None and Path(self.parts).exists():
-            shutil.rmtree(self.parts)
+        partial = Path(path).with_name(Path(path).stem + ".partial")
+        if partial.is_dir():
+            shutil.rmtree(partial)
         return Path(path)
 
 

@@ -128,8 +128,8 @@ def check_new_run_dir(path, *, clear: bool = True) -> None:
     if not path.exists() or not [p for p in path.iterdir() if p.name != "writer.lock"]:
         return
     if is_complete(path):
-        raise MemlocError(f"run directory {str(path)!r} already exists (resume=True continues it, overwrite=True "
-                          "replaces it; or choose a new directory)")
+        raise MemlocError(f"run directory {str(path)!r} already exists ({{resume}} continues it, {{overwrite}} "
+                          "replaces it; or choose a new directory)", options={"resume": True, "overwrite": True})
     if not (path / CREATING).exists():
         raise MemlocError(f"directory {str(path)!r} is not empty and not a memloc run being created; "
                           "choose a new directory")

@@ -146,14 +146,14 @@ def on_rank0(fn, *args, **kwargs):
         try:
             out = ("ok", fn(*args, **kwargs), None)
         except MemlocError as e:
-            broadcast(("memloc", str(e), e.argument))
+            broadcast(("memloc", e, None))
             raise
         except BaseException as e:
             broadcast(("failed", type(e).__name__, None))
             raise
-    kind, value, argument = broadcast(out)
+    kind, value, _ = broadcast(out)
     if kind == "memloc":
-        raise MemlocError(value, argument=argument)
+        raise value
     if kind == "failed":
         raise RuntimeError(f"rank 0 failed ({value}); see its error")
     return value

@@ -125,11 +125,9 @@ class Parts:
                 except MemlocError as e:
                     failure = e
             # rank 0 has opened (or cleared) the folder, or every rank stops with its error
-            message = broadcast(None if failure is None else (str(failure), failure.argument))
+            failure = broadcast(failure)        # the same error object on every rank (it pickles whole)
             if failure is not None:
                 raise failure
-            if message is not None:
-                raise MemlocError(message[0], argument=message[1])
             if rank > 0 and saved_settings(self.folder) != self.settings:
                 raise MemlocError(f"{str(self.folder)!r} does not hold this {what}'s settings (rank 0 opens it first)")
             self._reload()
@@ -147,8 +145,8 @@ class Parts:
             stored = saved_settings(folder)
             if stored is not None and stored != self.settings and not overwrite:
                 raise MemlocError(f"an interrupted {self.what} with different settings is saved in {str(folder)!r}; "
-                                  "rerun it with its settings to continue, or use overwrite=True to start again",
-                                  argument="overwrite")
+                                  "rerun it with its settings to continue, or use {overwrite} to start again",
+                                  argument="overwrite", options={"overwrite": True})
             if stored != self.settings:     # other settings (overwrite), or killed before any was saved
                 shutil.rmtree(folder)
         if not folder.exists():

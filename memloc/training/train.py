@@ -272,7 +272,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
                           f"{cfg['test_size']}", argument="test_size")
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     if resume and overwrite:
-        raise MemlocError("resume=True and overwrite=True exclude each other")
+        raise MemlocError("{resume} and {overwrite} exclude each other", options={"resume": True, "overwrite": True})
     run_dir = Path(run_dir)
     device = resolve_device(device)
     precision = check_precision(cfg["precision"], device)

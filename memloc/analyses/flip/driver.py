@@ -20,6 +20,7 @@ from .search import FlipSearch
 from .select import examples_spec, reference_batches, select_examples
 from .store import FLIP_PARTS, csr, layer_histogram
 from .weights import WeightFlipSearch
+from ...core.store import stored
 
 __all__ = ["flip", "settings", "part_settings", "DTYPES", "REF_POOLS", "SITES", "PROTOCOLS", "protocol_options"]
 
@@ -88,6 +89,7 @@ def part_settings(config: dict, ids) -> dict:
     return {**config, "example_ids": np.asarray(ids).tolist()}
 
 
+@stored('flip')
 def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int | None = None,
          max_units: int = 100, noise_samples: int | None = None, noise_ratio: float | None = None,
          repeats: int | None = None, site: str | None = None, collateral: bool = False, group_size: int = 32,
@@ -159,7 +161,6 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
     if rank > 0:
         return None             # rank 0 merges the parts and writes the result
     result = _result(parts, ids, is_noisy, given, status, repeats, structure, refs, max_units, config)
-    result.parts = parts.folder
     return result
 
 

@@ -71,6 +71,7 @@ from ...core.run import load
 from ...core.options import add_precision, nonnegative_int, positive_int
 from ...core.schemas import Schema, Var, EXAMPLE_VAR, SCORE_NAMES
 from ...core.registry import Analysis, Command
+from ...core.store import stored
 
 __all__ = ["final_loss", "confidence", "variability", "forgetting_events", "el2n", "aum", "neuron_count",
            "grad_norms", "GRAD_NORM_METHODS", "tracin_self_influence", "checkpoint_lrs", "Score", "SCORES",
@@ -87,7 +88,6 @@ class _Inputs:
         self._model, self._data = model, data
         self.tracin_config: dict = {}
         self.passes: dict = {}      # {(kind, epoch): array over the training set}, from run_passes
-        self.parts = None           # their parts folder
         self.model_epoch = -1 if run is None else epoch_k    # the epoch of el2n and grand's model
 
     def run_passes(self, passes, *, folder, overwrite: bool) -> bool:
@@ -95,8 +95,8 @@ class _Inputs:
         settings = {"grad_method": self.grad_method, "batch_size": self.batch_size, "device": self.device.type,
                     "precision": self.precision}
         model_at = (lambda e: self._model) if self.run is None else (lambda e: self.run.model(e, device=self.device))
-        merged, self.parts = run_passes(passes, self.train(), model_at, self.cell, batch_size=self.batch_size,
-                                        folder=folder, settings=settings, overwrite=overwrite)
+        merged = run_passes(passes, self.train(), model_at, self.cell, batch_size=self.batch_size,
+                                 folder=folder, settings=settings, overwrite=overwrite)
         self.passes = merged or {}
         return merged is not None
 
@@ -228,6 +228,7 @@ def select_scores(names, run: Run | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+@stored('scores')
 def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, grad_method: str = "hooks",
            batch_size: int = 256, device="auto", resume_dir=None, overwrite: bool = False,
            precision: str = "fp32") -> Result | None:
@@ -292,7 +293,6 @@ def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, g
     config = {"checkpoint_k": epoch_k, "scores": chosen, "grad_method": grad_method, "batch_size": batch_size,
               "device": str(dev), "precision": precision, **inp.tracin_config}
     result = Result("scores", ds, config=config)
-    result.parts = inp.parts
     return result
 
 

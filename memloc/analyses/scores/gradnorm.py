@@ -183,7 +183,7 @@ def _generic_sq(m: nn.Module, call: _Call, n: int, name: str):
     kw_dims = {k: batched(v) for k, v in call.kwargs.items()}
     if any(o.ndim == 0 or o.shape[0] != n for o in call.outs) or 0 not in (*arg_dims, *kw_dims.values()):
         raise MemlocError(f"module {name!r} ({type(m).__name__}) does not keep the batch on dim 0; "
-                         "use grad_method='vmap'")
+                         "use {grad_method}", options={"grad_method": "vmap"})
     return {"*": vmap(one, in_dims=(arg_dims, kw_dims, 0))(call.args, call.kwargs, cots)}
 
 
@@ -230,14 +230,14 @@ def _combine(owners, calls, n, device):
     for name, m in owners.items():
         if len(calls[name]) > 1:
             raise MemlocError(f"module {name!r} runs {len(calls[name])} times per forward pass; "
-                             "per-layer gradient norms cannot be combined: use grad_method='vmap'")
+                             "per-layer gradient norms cannot be combined: use {grad_method}", options={"grad_method": "vmap"})
         if not calls[name] or all(g is None for g in calls[name][0].grads):
             continue  # unused by this forward: zero gradient
         call = calls[name][0]
         call.args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in call.args)
         if [t._version for t in _float_tensors((call.args, call.kwargs))] != call.versions:
             raise MemlocError(f"the input of module {name!r} is modified in place later in the forward "
-                             "pass; use grad_method='vmap'")
+                             "pass; use {grad_method}", options={"grad_method": "vmap"})
         rule = _NORM_RULES.get(type(m))
         parts = rule(m, call) if rule is not None else None
         if parts is None:

@@ -34,15 +34,15 @@ def block_rows(num_examples: int, batch_size: int) -> int:
 
 
 def run_passes(passes: Sequence[tuple[int, int]], train, model_at: Callable, cell: Callable, *, batch_size: int,
-               folder, settings: dict, overwrite: bool = False) -> tuple[dict | None, object]:
+               folder, settings: dict, overwrite: bool = False) -> dict | None:
     """Every pass ``(kind, epoch)`` over ``train`` (an :class:`memloc.core.data.ExampleSet` in id order).
 
     ``model_at(epoch)`` gives the model of a checkpoint; ``cell(kind, model, examples)`` computes one
     cell (an array with one row per example). ``folder`` / ``settings`` / ``overwrite``: the parts
     folder (None: nothing saved, one process only) and what its parts must have been made with.
 
-    Returns ``({(kind, epoch): array over the whole set}, parts folder)`` on rank 0 (outside a
-    process group: the only rank), ``(None, parts folder)`` on the others.
+    Returns ``{(kind, epoch): array over the whole set}`` on rank 0 (outside a process group: the
+    only rank), None on the others.
     """
     n = len(train)
     rows = block_rows(n, batch_size)
@@ -62,7 +62,7 @@ def run_passes(passes: Sequence[tuple[int, int]], train, model_at: Callable, cel
     finally:
         parts.release()
     if world()[0] > 0:
-        return None, parts.folder      # rank 0 merges
+        return None                    # rank 0 merges
     merged = {(kind, epoch): np.concatenate([parts.done[(kind, epoch, b)] for b in range(blocks)])
               if blocks else np.zeros(0) for kind, epoch in passes}
-    return merged, parts.folder
+    return merged
