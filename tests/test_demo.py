@@ -53,3 +53,26 @@ def test_report_on_training_only(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_run("report", [str(tmp_path)])
     assert e.value.code == 2 and "not a memloc run" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_folder_that_is_not_its_own(tiny_run, tmp_path, capsys):
+    """Nothing is written into a run directory or a folder of other files (the demo used to run
+    nested inside them); a new or empty folder is fine (checked up to the first step's refusal)."""
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    for out, message in [(tiny_run.path, "is a run directory"),
+                         (other, "holds files that are not the demo's (notes.txt)"),
+                         (other / "notes.txt", "is not a folder")]:
+        before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+        with pytest.raises(SystemExit) as e:
+            demo_main([str(out), "--quick", "--device", "cpu", "--overwrite"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and "\n" not in err
+        assert before is None or sorted(p.name for p in out.iterdir()) == before
+
+
+def test_demo_help_has_no_markup(capsys):
+    with pytest.raises(SystemExit):
+        demo_main(["--help"])
+    assert "``" not in capsys.readouterr().out

@@ -1,5 +1,7 @@
 """Importance maps (Fisher, MAS) and unlearning: known answers against loops, scope, errors."""
 import copy
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -140,6 +142,32 @@ def test_unlearn_result_and_cli(small, capsys):
     assert res["passes"].sel(technique="zero") == 0 and res["seconds"].values.min() >= 0
     cli_run("unlearn", [str(small.path), "--method", "finetune", "--seeds", "0", "--epochs", "1", "--device", "cpu"])
     assert "forget_given" in capsys.readouterr().out and run.results_path("unlearn").is_file()
+
+
+def test_retrain_layer_says_which_layer_and_why(small, tmp_path, capsys):
+    """Without a retrain result the first layer is retrained with a warning (it used to be silent);
+    with one, the layer whose retraining left the fewest noisy labels. Either way the choice is in
+    the result's config, the command's summary and the report."""
+    shutil.copytree(small.path, tmp_path / "run")
+    run = memloc.load(tmp_path / "run")
+    kw = dict(methods="retrain_layer", seeds=[0], retrain_epochs=1, device="cpu")
+    with pytest.warns(UserWarning, match="no usable results/retrain.h5 .* so the first layer"):
+        res = memloc.unlearn(run, **kw)
+    first = trace(run.model(), run.data().train.x[:2]).layers[0].name
+    assert res.config["retrain_layer"] == {"layer": first, "chosen_by": "the first layer (no retrain result: run "
+                                                                        "memloc retrain first)"}
+    rt = memloc.retrain(run, epochs=1, device="cpu", save=True)
+    acc = rt["accuracy"].sel(subset="noisy").isel(epoch=-1).values
+    best = str(rt["layer"].values[int(np.nanargmin(acc))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cli_run("unlearn", [str(run.path), "--method", "retrain_layer", "--seeds", "0", "--retrain-epochs", "1",
+                            "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert f"retrain_layer retrained {best!r}: results/retrain.h5: its retraining left the fewest noisy labels" in out
+    assert run.result("unlearn").config["retrain_layer"]["layer"] == best
+    md = memloc.report(run, tmp_path / "rep").read_text()
+    assert f"retrain_layer retrained {best!r}" in md
 
 
 def test_unlearn_and_importance_refuse_bad_input(small, tmp_path, capsys):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from functools import partial
 
 import numpy as np
@@ -170,16 +171,27 @@ def _zero_context(run, model, data, forget):
     return (lambda: zeroing(model, structure, mask)), units
 
 
-def _critical_layer(run, structure):
-    """The layer whose retraining left the fewest noisy labels in ``results/retrain.h5`` (which
-    uses the run's noise mask), else the first layer."""
+def critical_layer(run, structure) -> tuple:
+    """``(layer, why)``: the layer whose retraining left the fewest noisy labels in ``results/retrain.h5``
+    (which uses the run's noise mask), else the first layer, with a warning (the choice is recorded
+    in the result's config as ``retrain_layer`` and shown by its summary and report)."""
+    layer = _retrained_best(run, structure)
+    if layer is not None:
+        return layer, "results/retrain.h5: its retraining left the fewest noisy labels"
+    warnings.warn(f"retrain_layer: no usable results/retrain.h5 in {str(run.path)!r}, so the first layer "
+                  f"({structure.layers[0].name}) is retrained; run memloc retrain first to retrain the most "
+                  "critical one")
+    return structure.layers[0], "the first layer (no retrain result: run memloc retrain first)"
+
+
+def _retrained_best(run, structure):
     if run.results_path("retrain").is_file():
         res = run.result("retrain")
         acc = res["accuracy"].sel(subset="noisy").isel(epoch=-1).values
         name = str(res["layer"].values[int(np.nanargmin(acc))]) if np.isfinite(acc).any() else None
         if name in structure.layer_names:
             return structure.layer(name)
-    return structure.layers[0]
+    return None
 
 
 def available_methods(run) -> list[str]:
@@ -188,7 +200,7 @@ def available_methods(run) -> list[str]:
     return [m for m in METHODS if (m != "zero" or run.results_path("flip").is_file()) and (m != "etd_drop" or has_etd)]
 
 
-def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, structure, *, epochs, lr,
+def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, critical, *, epochs, lr,
                 batch_size, seed, ascent_lr, ascent_epochs, retrain_epochs) -> dict:
     """Apply unlearning method ``m`` to ``model`` (a copy); returns ``{"model": ..., "mask": context or None}``."""
     from ..analyses.retrain import retrain_layer
@@ -212,7 +224,7 @@ def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, o
     else:
         retain_data = copy.copy(data)        # retrain_layer trains on data.clean_train: here the retain set
         retain_data.is_noisy = np.isin(np.arange(len(data.label_given)), forget_ids)
-        _, model = retrain_layer(model, run.checkpoint(0), _critical_layer(run, structure), retain_data,
+        _, model = retrain_layer(model, run.checkpoint(0), critical, retain_data,
                                  epochs=retrain_epochs, seed=seed)
     return {"model": model, "mask": mask}
 
@@ -267,6 +279,7 @@ def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs
     structure = trace(original, data.train.x[:2])
     if "zero" in names:          # before any method runs: a missing input fails first, nothing computed
         _zero_context(run, original, data, forget_ids)
+    critical, why = critical_layer(run, structure) if "retrain_layer" in names else (None, None)
     n = len(data.label_given)
     acc = np.zeros((len(names), len(seeds), len(GROUPS)))
     seconds = np.zeros((len(names), len(seeds)))
@@ -285,7 +298,7 @@ def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs
             model, ctx = copy.deepcopy(original), None
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 torch.manual_seed(s)
-                ctx = _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, structure,
+                ctx = _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, critical,
                                   epochs=epochs, lr=lr, batch_size=batch_size, seed=s, ascent_lr=ascent_lr,
                                   ascent_epochs=ascent_epochs, retrain_epochs=retrain_epochs)
                 model = ctx.pop("model")
@@ -301,6 +314,8 @@ def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs
     config = {"forget": forget, "methods": names, "seeds": seeds, "epochs": epochs, "lr": lr, "lam": lams,
               "ascent_lr": ascent_lr, "ascent_epochs": ascent_epochs,
               "batch_size": batch_size, "retrain_epochs": retrain_epochs, "device": str(dev)}
+    if critical is not None:        # the layer retrain_layer retrained, and why (a fallback is said, not silent)
+        config["retrain_layer"] = {"layer": critical.name, "chosen_by": why}
     return Result("unlearn", ds, config=config)
 
 
@@ -336,7 +351,12 @@ def _cli_summary(res, args):
         r = res.sel(technique=m)
         lines.append(f"{str(m):<14}" + "".join(f"{mean_se(r['accuracy'].sel(group=g).values):>22}" for g in GROUPS)
                      + f"{float(r['seconds'].mean()):>10.1f}")
-    return "\n".join(lines)
+    return "\n".join(lines + _layer_note(res))
+
+
+def _layer_note(res) -> list[str]:
+    chosen = res.config.get("retrain_layer")
+    return [f"retrain_layer retrained {chosen['layer']!r}: {chosen['chosen_by']}"] if chosen else []
 
 
 def draw_pareto(ax, res, title: str) -> None:
@@ -363,7 +383,8 @@ def plot_unlearn(res, out, run=None) -> str:
     rows += [[m] + [100 * float(v) for v in acc[i].mean(0)] + [f"{float(res['seconds'].values[i].mean()):.1f}"]
              for i, m in enumerate(methods)]
     return (f"## Unlearning memorised labels\n\nForget set: {res.sizes['forget']} examples "
-            f"({res.config.get('forget')}); accuracy (%) mean over {res.sizes['seed']} seed(s).\n\n![unlearn]({name})\n\n"
+            f"({res.config.get('forget')}); accuracy (%) mean over {res.sizes['seed']} seed(s)."
+            + "".join(f" {line}." for line in _layer_note(res)) + f"\n\n![unlearn]({name})\n\n"
             + table(["method", *groups, "seconds"], rows, digits=1))
 
 

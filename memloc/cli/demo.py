@@ -64,6 +64,13 @@ def demo(out, *, quick: bool = False, device: str = "auto", overwrite: bool = Fa
     """Run every step of :func:`steps` (each through its command); returns ``out``."""
     out = Path(out)
     plan = steps(out, quick, device)
+    own = {Path(a[0]).name for _, name, a in plan if name == "train"} | {"mnist5k-mlp-issues.csv"}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in own) if out.is_dir() else []
+    if out.exists() and (not out.is_dir() or foreign):
+        what = "is not a folder" if not out.is_dir() else (
+            "is a run directory" if (out / "run.json").exists() else f"holds files that are not the demo's ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''})")
+        raise MemlocError(f"{str(out)!r} {what}; the demo writes into a new or empty folder (or one of its own)")
     for target in sorted({a[0] for _, name, a in plan if name == "train"}):
         if Path(target).exists() and not overwrite:
             raise MemlocError(f"{target!r} already exists; choose a new output folder or use {{overwrite}}",
@@ -100,6 +107,6 @@ def summary(out, args):
 
 COMMAND = Command(
     name="demo", order=170, help="the whole pipeline on MNIST-5k with 10% noise, from training to report",
-    description=__doc__.split("\n\n")[1].replace("\n", " "), arguments=arguments, execute=execute,
+    description=__doc__.split("\n\n")[1].replace("\n", " ").replace("``", ""), arguments=arguments, execute=execute,
     summary=summary, takes_run=False, overwrite=True, interrupted="finished steps are kept in OUT",
     overwrite_help="delete the demo's earlier run directories in OUT first")
