@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 import xarray as xr
 
-from ..scale.distributed import shard, world
+from ..scale.distributed import claim, world
 from ..core.errors import MemlocError
 from ..core.evaluate import SUBSETS, accuracy_row
 from ..core.optim import epoch_seed, make_optimizer, make_schedule
@@ -196,7 +196,8 @@ def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["
     parts = Parts(parts_folder(resume_dir, p.run, "retrain"), {**config, "device": p.device.type}, what="retrain",
                   overwrite=overwrite)
     try:
-        for i in progress(shard([i for i in range(len(p.layers)) if (i,) not in parts.done]), desc="retrain",
+        # layers claimed by whichever rank is free, first to last (the first retrains the most network)
+        for i in progress(claim([i for i in range(len(p.layers)) if (i,) not in parts.done]), desc="retrain",
                           unit="layer"):
             curve = retrain_layer(p.model, init, p.layers[i], p.data, eval_batch_size=eval_batch_size,
                                   prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb, precision=precision,

@@ -4,14 +4,16 @@ torchrun starts K processes and tells each its ``RANK`` and ``WORLD_SIZE`` (and 
 ``MASTER_PORT``; several machines work the same way with ``--nnodes``). A command that can split
 its work (``SHARDED = True`` in its module) joins the process group (:func:`init_from_env`: NCCL
 on CUDA, each process on GPU ``LOCAL_RANK``; gloo on CPU); each rank does its share
-(:func:`shard`: every K-th item) and saves it atomically in part files; rank 0 merges the parts and
+(:func:`shard`: every K-th item; :func:`claim`: the next item to whichever rank is free, for items of
+very different cost) and saves it atomically in part files; rank 0 merges the parts and
 writes the one result. Parts are kept until the result is saved, so a killed rank's work is
 redone by the next run of the same command and finished parts are not.
 """
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,7 +21,7 @@ import torch.distributed as dist
 from ..core.errors import MemlocError
 from ..core.runtime import alone, world  # the process-group view every layer reads; re-exported here
 
-__all__ = ["world", "alone", "requested_world", "init_from_env", "barrier", "broadcast", "shard", "rank_suffix",
+__all__ = ["world", "alone", "requested_world", "init_from_env", "barrier", "broadcast", "shard", "claim", "rank_suffix",
            "split_bounds", "local_rows", "all_gather_rows", "broadcast_state", "on_rank0"]
 
 
@@ -80,6 +82,27 @@ def shard(items: Sequence, key=None) -> list:
     for item in items:
         order.setdefault(key(item), len(order))
     return [item for item in items if order[key(item)] % size == rank]
+
+
+_CLAIMS = itertools.count()     # one key per collective call of claim (every rank makes the same calls)
+
+
+def claim(items: Sequence) -> Iterator:
+    """The items this rank computes, each claimed from a counter shared by the ranks (the process
+    group's key-value store) the moment the rank is free: the work balances itself when items cost
+    very differently (retrain: a layer near the input retrains the whole network above it, the last
+    layer one linear map). Put the costliest items first. Every item goes to exactly one rank; which
+    one depends on timing, so an item's value must not depend on its rank (as with :func:`shard`).
+    All items, in order, outside a group. Collective: every rank calls it, the same number of times."""
+    items = list(items)
+    rank, size = world()
+    if size == 1:
+        yield from items
+        return
+    store = dist.distributed_c10d._get_default_store()
+    key = f"memloc/claim/{next(_CLAIMS)}"
+    while (i := store.add(key, 1) - 1) < len(items):
+        yield items[i]
 
 
 def rank_suffix() -> str:
