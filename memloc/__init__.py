@@ -21,6 +21,7 @@ from .core import __version__
 _FACE = {
     # runs, data and models
     "load": "memloc.core.run", "Run": "memloc.core.run", "Recorder": "memloc.core.recorder",
+    "SequenceRecorder": "memloc.core.sequence_recorder",
     "WithIds": "memloc.core.inputs", "Data": "memloc.core.data", "ExampleSet": "memloc.core.data",
     "make_data": "memloc.core.data", "register_data": "memloc.core.data", "register_model": "memloc.core.models",
     "StreamedSet": "memloc.core.stream", "set_streaming": "memloc.core.stream", "streaming": "memloc.core.stream",

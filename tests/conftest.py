@@ -38,6 +38,15 @@ def train_interrupted(path, cfg, epoch: int = 1, **kw):
         train(path, cfg, on_epoch_end=stop, **kw)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models (language models) run fastest on one thread: two threads on two busy cores spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def mlp_run(tmp_path_factory):
     return train(tmp_path_factory.mktemp("runs") / "mlp", {"model": "mlp"}, device="cpu")

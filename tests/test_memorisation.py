@@ -17,13 +17,7 @@ from memloc.core.sequences import SEP
 BOS = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run fastest on one thread (two threads on two busy cores spin-wait)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _greedy_one_by_one(model, prefix, n):

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import xarray as xr
 
 from ..core.errors import MemlocError
-from ..core.lm import lm_logits
-from ..core.precision import autocast, check_precision
+from ..core.lm import sequence_measures, suffix_measures
+from ..core.precision import check_precision
 from ..core.registry import Analysis
 from ..core.results import Result
 from ..core.runtime import check_range, resolve_device
@@ -34,15 +33,6 @@ from ..core.sequences import SequenceSet, check_span
 __all__ = ["memorisation_from_logits", "memorisation", "SPLITS"]
 
 SPLITS = ("train", "test")
-
-
-def _measures(logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int, suffix_len: int):
-    """(loss, accuracy, memorised) tensors (B,) from checked inputs."""
-    pred = logits[:, prefix_len - 1:prefix_len + suffix_len - 1].float()           # (B, S, V)
-    target = tokens[:, prefix_len:prefix_len + suffix_len].to(pred.device)        # (B, S)
-    loss = F.cross_entropy(pred.transpose(1, 2), target, reduction="none").mean(1)
-    right = pred.argmax(-1) == target
-    return loss, right.double().mean(1), right.all(1)
 
 
 def _check(logits, tokens, prefix_len, suffix_len):
@@ -69,7 +59,7 @@ def memorisation_from_logits(logits, tokens, prefix_len: int, suffix_len: int) -
     suffix_len]``; ``logits[:, t]`` predicts ``tokens[:, t + 1]``, so T' >= prefix_len + suffix_len - 1."""
     logits, tokens = _check(logits, tokens, prefix_len, suffix_len)
     with torch.no_grad():
-        loss, acc, mem = _measures(logits.detach(), tokens, prefix_len, suffix_len)
+        loss, acc, mem = suffix_measures(logits.detach(), tokens, prefix_len, suffix_len)
     return {"suffix_loss": loss.double().cpu().numpy(), "suffix_accuracy": acc.double().cpu().numpy(),
             "memorised": mem.cpu().numpy()}
 
@@ -100,17 +90,10 @@ def memorisation(source, data: SequenceSet, *, split: str = "train", eval_batch_
     p, s = data.prefix_len, data.suffix_len
     was_training = source.training
     source.to(device).eval()
-    out = {k: [] for k in ("suffix_loss", "suffix_accuracy", "memorised")}
     try:
-        for i in range(0, len(tokens), eval_batch_size):
-            batch = tokens[i:i + eval_batch_size, :p + s].to(device)
-            with autocast(precision, device):
-                logits = lm_logits(source, batch[:, :-1])
-            for key, value in zip(out, _measures(logits, batch, p, s)):
-                out[key].append(value.cpu())
+        cat = sequence_measures(source, tokens, p, s, eval_batch_size=eval_batch_size, precision=precision)
     finally:
         source.train(was_training)
-    cat = {k: (torch.cat(v) if v else torch.zeros(0)).numpy() for k, v in out.items()}
     n = len(tokens)
     if split == "train":
         ids, target, kind = data.ids, data.is_memorised_target, data.kind

@@ -1,7 +1,9 @@
-"""``memloc train RUN``: train under label noise into a run directory (:func:`memloc.train`)."""
+"""``memloc train RUN``: train under label noise (or a language model on a sequence corpus) into a run
+directory (:func:`memloc.train`)."""
 import argparse
 
 from ..core.data import NOISE_KINDS
+from ..training.lm import LM_OPTIONS, LM_RANGES, LM_SHARED
 from ..training.train import DEFAULTS, OPTIONS, RANGES, train
 from ..core.options import add_eval_batch_size, add_precision, number
 from ..core.registry import Command
@@ -13,11 +15,18 @@ DESCRIPTION = ("Train a classifier under label noise into a memloc run directory
                "evaluation passes by batches, and rank 0 alone writes RUN; equal to one process up to "
                "rounding, except batch norm on the "
                "CPU (per-process statistics; on CUDA it becomes SyncBatchNorm) and standard dropout "
-               "(per-process noise).")
+               "(per-process noise). With --dataset tinymem:increment or tinymem:mult it trains a causal "
+               "language model (--model gpt, hf:gpt2, hf:gpt_neox or hf:llama, sized by --n-layer / --d-model / "
+               "--n-head; AdamW with a warm-up + cosine schedule by default) and records per sequence and epoch "
+               "the suffix loss, suffix token accuracy and exact memorisation (greedy decoding from the prefix "
+               "reproduces the suffix), with the held-out rule accuracy per epoch; one process.")
 
 
 def arguments(p):
-    for key, (default, text) in OPTIONS.items():
+    ranges = {**LM_RANGES, **RANGES}
+    for key, (default, text) in {**OPTIONS, **LM_OPTIONS}.items():
+        if key in LM_SHARED and LM_SHARED[key] != default:
+            text = f"{text} (language models: {LM_SHARED[key]})"
         flag = "--" + key.replace("_", "-")
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=text)
@@ -25,8 +34,8 @@ def arguments(p):
             p.add_argument(flag, default=default, choices=NOISE_KINDS, help=text)
         elif key == "precision":
             add_precision(p, text)
-        elif key in RANGES:
-            kind, low, high, low_open, high_open = RANGES[key]
+        elif key in ranges:
+            kind, low, high, low_open, high_open = ranges[key]
             p.add_argument(flag, type=number(kind, low, high, low_open=low_open, high_open=high_open),
                            default=default, help=text)
         else:
@@ -46,7 +55,7 @@ def _given(argv) -> set[str]:
 
 def execute(args):
     given = _given(args.argv[2:])
-    cfg = {k: getattr(args, k) for k in DEFAULTS if k in given}   # the library fills the rest
+    cfg = {k: getattr(args, k) for k in (*DEFAULTS, *LM_OPTIONS) if k in given}   # the library fills the rest
     if cfg.get("test_size") is not None and cfg["test_size"] >= 1 and float(cfg["test_size"]).is_integer():
         cfg["test_size"] = int(cfg["test_size"])
     return train(args.run, cfg, device=args.device, resume=args.resume, overwrite=args.overwrite, argv=args.argv,
@@ -55,6 +64,10 @@ def execute(args):
 
 def summary(run, args):
     m = run.metrics()
+    if run.is_lm:
+        return (f"{run.path}: {run.final_epoch} epochs; memorised: targets {m['target_memorised'][-1]:.4f}, "
+                f"clean {m['clean_memorised'][-1]:.4f}; held-out rule accuracy {m['test_rule_accuracy'][-1]:.4f}, "
+                f"token accuracy {m['test_accuracy'][-1]:.4f}")
     return (f"{run.path}: {run.final_epoch} epochs; train {m['train_accuracy'][-1]:.4f}, "
             f"clean {m['clean_accuracy'][-1]:.4f}, noisy (memorised) {m['noisy_accuracy'][-1]:.4f}, "
             f"test {m['test_accuracy'][-1]:.4f}")

@@ -6,8 +6,12 @@ head. Its MLP is ``down(gelu(up(x)))`` with ``nn.Linear`` layers named ``up`` an
 MLP's hidden neurons are the output features of ``blocks.<i>.mlp.up`` (the units that neuron-level
 localisation ranks). :func:`hf_causal_lm` builds a ``transformers`` GPT-2, GPT-NeoX (Pythia) or
 Llama model of the same sizes with ``AutoModelForCausalLM.from_config`` (``transformers`` is
-imported only then). :func:`lm_logits` runs either kind and returns (B, T, V) logits;
-:func:`greedy_decode` continues prompts by greedy decoding (one full forward per new token).
+imported only then); :func:`build_lm` builds either from a run's model name (``gpt``,
+``hf:gpt2``, ``hf:gpt_neox``, ``hf:llama``). :func:`lm_logits` runs either kind and returns (B, T, V)
+logits; :func:`greedy_decode` continues prompts by greedy decoding (one full forward per new token).
+:func:`suffix_measures` / :func:`sequence_measures` are the per-sequence suffix loss, token accuracy
+and exact memorisation of teacher-forced logits (the analysis :func:`memloc.memorisation` and the
+language-model trainer both use them).
 
 These are not in the classifier registry (:mod:`memloc.core.models`): its models map
 (B, *in_shape) inputs to (B, C) logits, a language model maps (B, T) tokens to (B, T, V).
@@ -16,16 +20,23 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import MemlocError
+from .precision import autocast
 from .runtime import check_range
 
-__all__ = ["TinyGPT", "HF_FAMILIES", "hf_causal_lm", "lm_logits", "greedy_decode"]
+__all__ = ["TinyGPT", "HF_FAMILIES", "LM_MODELS", "hf_causal_lm", "is_lm_name", "build_lm", "lm_logits",
+           "greedy_decode", "suffix_measures", "sequence_measures", "MEASURES"]
 
 HF_FAMILIES = ("gpt2", "gpt_neox", "llama")
+#: the language models a run names: the built-in TinyGPT and the transformers families
+LM_MODELS = ("gpt",) + tuple(f"hf:{family}" for family in HF_FAMILIES)
+#: the per-sequence measures of :func:`suffix_measures`
+MEASURES = ("suffix_loss", "suffix_accuracy", "memorised")
 
 
 class CausalSelfAttention(nn.Module):
@@ -165,6 +176,35 @@ def hf_causal_lm(family: str = "gpt2", vocab_size: int = 14, n_layer: int = 2, n
     return model.eval()
 
 
+def is_lm_name(name) -> bool:
+    """Does model name ``name`` denote a language model (``gpt`` or ``hf:<family>``)?"""
+    return isinstance(name, str) and (name == "gpt" or name.startswith("hf:"))
+
+
+def build_lm(name: str, *, vocab_size: int, n_layer: int = 2, n_head: int = 4, d_model: int = 128,
+             d_mlp: int | None = None, max_len: int = 256, seed: int = 0) -> nn.Module:
+    """The randomly initialised language model ``name`` (:data:`LM_MODELS`) of these sizes, from ``seed``:
+    ``gpt`` = :class:`TinyGPT`, ``hf:<family>`` = :func:`hf_causal_lm` (never downloaded)."""
+    sizes = dict(n_layer=n_layer, n_head=n_head, d_model=d_model, d_mlp=d_mlp, max_len=max_len)
+    if name == "gpt":
+        return TinyGPT(vocab_size, **sizes, seed=seed)
+    family = name[3:] if is_lm_name(name) else None
+    if family not in HF_FAMILIES:
+        raise MemlocError(f"unknown language model {name!r}; valid: {', '.join(LM_MODELS)}", argument="model")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise MemlocError(f"model {name!r} needs the transformers package (pip install transformers)",
+                          argument="model") from None
+    try:
+        return hf_causal_lm(family, vocab_size, seed=seed, **sizes)
+    except MemlocError:
+        raise
+    except Exception as e:      # a config transformers accepts but cannot build a model from
+        raise MemlocError(f"cannot build model {name!r} with these sizes ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''})", argument="model") from None
+
+
 def _is_hf(model) -> bool:
     return hasattr(model, "config") and hasattr(model, "generate")
 
@@ -197,3 +237,31 @@ def greedy_decode(model: nn.Module, prompts: torch.Tensor, n_tokens: int) -> tor
     for _ in range(n_tokens):
         x = torch.cat([x, lm_logits(model, x)[:, -1].argmax(-1, keepdim=True)], dim=1)
     return x[:, start:]
+
+
+def suffix_measures(logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int, suffix_len: int):
+    """(suffix_loss, suffix_accuracy, memorised) tensors (B,) of teacher-forced ``logits`` (B, T', V)
+    of ``tokens`` (B, T) (``logits[:, t]`` predicts ``tokens[:, t + 1]``; T' >= prefix_len + suffix_len - 1):
+    the suffix's mean cross-entropy, the fraction of its tokens that are the argmax, and whether all are."""
+    pred = logits[:, prefix_len - 1:prefix_len + suffix_len - 1].float()           # (B, S, V)
+    target = tokens[:, prefix_len:prefix_len + suffix_len].to(pred.device)        # (B, S)
+    loss = F.cross_entropy(pred.transpose(1, 2), target, reduction="none").mean(1)
+    right = pred.argmax(-1) == target
+    return loss, right.double().mean(1), right.all(1)
+
+
+@torch.no_grad()
+def sequence_measures(model: nn.Module, tokens: torch.Tensor, prefix_len: int, suffix_len: int, *,
+                      eval_batch_size: int = 256, precision: str = "fp32") -> dict[str, np.ndarray]:
+    """:data:`MEASURES` (numpy arrays (N,)) of ``model`` on every row of ``tokens`` (N, T), one
+    teacher-forced forward per batch of ``eval_batch_size`` on the model's device, under
+    ``precision`` autocast; the model runs as it is (put it in eval mode first)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    out = {k: [] for k in MEASURES}
+    for i in range(0, len(tokens), eval_batch_size):
+        batch = tokens[i:i + eval_batch_size, :prefix_len + suffix_len].to(device)
+        with autocast(precision, device):
+            logits = lm_logits(model, batch[:, :-1])
+        for key, value in zip(out, suffix_measures(logits, batch, prefix_len, suffix_len)):
+            out[key].append(value.cpu())
+    return {k: (torch.cat(v) if v else torch.zeros(0)).numpy() for k, v in out.items()}

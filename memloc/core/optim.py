@@ -11,20 +11,25 @@ from .errors import MemlocError
 __all__ = ["OPTIMIZERS", "SCHEDULES", "lr_factor", "make_optimizer", "make_schedule", "epoch_seed"]
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("onecycle", "cosine", "constant")
+SCHEDULES = ("onecycle", "cosine", "warmup_cosine", "constant")
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup: float) -> float:
     """Learning-rate multiplier at optimiser step ``step`` of ``total``.
 
     ``onecycle``: linear from 0 to 1 over the first ``warmup`` fraction, then linear down to 0;
-    ``cosine``: half a cosine from 1 to 0; ``constant``: 1.
+    ``cosine``: half a cosine from 1 to 0; ``warmup_cosine``: linear from 0 to 1 over the first
+    ``warmup`` fraction, then half a cosine down to 0 (the usual language-model schedule); ``constant``: 1.
     """
     t = min(step / max(total, 1), 1.0)
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "warmup_cosine":
+        if t < warmup:
+            return t / warmup
+        return 0.5 * (1 + math.cos(math.pi * (t - warmup) / (1 - warmup))) if warmup < 1 else 1.0
     if schedule == "onecycle":
         if t < warmup:
             return t / warmup

@@ -1,4 +1,9 @@
-"""The run directory, write side: :class:`Recorder` writes the memloc run format from any loop."""
+"""The run directory, write side: :class:`Recorder` writes the memloc run format from any loop.
+
+:class:`RunWriter` is what every writer shares (the writer lock, ``run.json``, ``run.h5`` appended epoch
+by epoch through an atomic copy, checkpoints, resuming and rewinding); :class:`Recorder` writes a
+classifier's run, :class:`memloc.core.sequence_recorder.SequenceRecorder` a language model's.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -21,63 +26,30 @@ from .run import (CREATING, DYN_NAMES, METRICS, check_new_run_dir, checkpoint_ep
                   epochs_complete, is_complete, load_checkpoint, open_h5, save_atomic)
 from .runtime import FileLock, atomic_path, check_range, make_dir
 
-__all__ = ["Recorder"]
+__all__ = ["RunWriter", "Recorder"]
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
-class Recorder:
-    """Write the memloc run format from your own training loop.
+class RunWriter:
+    """The part of a run's writer that does not depend on what is trained (see the module docstring).
 
-    Example::
-
-        loader = DataLoader(memloc.WithIds(train_set), batch_size=128, shuffle=True)
-        rec = memloc.Recorder("runs/a", model, eval_train=train_set, eval_test=test_set,
-                              label_true=y_true, model_spec="mynet")   # saves epoch 0
-        for epoch in range(epochs):
-            for x, y, idx in loader:
-                logits = model(x); ...; rec.record_batch(idx, logits, y)
-            rec.end_epoch()                                            # evaluates, checkpoints
-
-    ``eval_train`` / ``eval_test``: anything :func:`memloc.core.inputs.as_batches` accepts (a torch
-    ``Dataset`` or ``DataLoader`` of ``(x, y[, idx])``, tensors ``(x, y[, idx])``, an ExampleSet);
-    ``y`` = given labels for train, true labels for test; ids (positions when absent) ``0..N-1``.
-    ``label_given`` (N,): default the labels ``eval_train`` yields; ``label_true`` (N,): default
-    ``label_given`` (no known noise). ``model_spec``: a :func:`memloc.register_model` name or ``pkg.module:factory`` (with
-    ``model_options``) so every analysis and command can rebuild the model; ``data_spec``: a
-    built-in dataset config, a :func:`memloc.register_data` name or ``pkg.module:factory`` so they
-    can rebuild the data. ``resume=True`` reopens an existing run at its last complete epoch and
-    loads that checkpoint into ``model``. ``evaluated``: a new run's epoch-0 evaluation done
-    elsewhere (see :meth:`end_epoch`).
+    A subclass sets :attr:`DYNAMICS` (per-example dynamics: name -> (dtype, value for "not
+    presented")) and :attr:`METRIC_NAMES`, and implements :meth:`_describe` (``run.json``'s model /
+    data entries), :meth:`_write_examples` (``run.h5``'s ``/examples`` and ``/test``) and
+    :meth:`_evaluate_epoch` (the end-of-epoch rows and metrics); its ``__init__`` checks its inputs,
+    sets ``self.n`` (training examples) and calls :meth:`_start`.
     """
 
-    def __init__(self, run_dir, model: nn.Module, *, eval_train, label_true=None, label_given=None,
-                 eval_test=None, test_labels=None, config: dict | None = None,
-                 model_spec: str | dict | None = None, model_options: dict | None = None,
-                 data_spec: str | dict | None = None, resume: bool = False, overwrite: bool = False,
-                 eval_batch_size: int = 1024, source_index: dict | None = None, argv=None,
-                 evaluated: dict | None = None):
-        check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    DYNAMICS: dict = {}
+    METRIC_NAMES: tuple = ()
+
+    def _start(self, run_dir, model: nn.Module, *, resume: bool, overwrite: bool, config, argv, evaluated):
+        """Take the writer lock, then resume the run or create it (epoch 0 recorded)."""
         self.dir = Path(run_dir)
         self.model = model
-        self.eval_batch_size = eval_batch_size
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))   # batches go to the model
-        self.eval_train = as_batches(eval_train, batch_size=eval_batch_size, name="eval_train", device=device)
-        self.eval_test = None if eval_test is None else as_batches(eval_test, batch_size=eval_batch_size,
-                                                                   name="eval_test", device=device)
-        if label_given is None:     # the labels the training examples carry
-            label_given = self._labels(self.eval_train)
-        self.label_given = np.asarray(label_given, dtype=np.int64)
-        self.label_true = self.label_given if label_true is None else np.asarray(label_true, dtype=np.int64)
-        if self.label_true.shape != self.label_given.shape or self.label_true.ndim != 1:
-            raise MemlocError(f"label_true {self.label_true.shape} and label_given {self.label_given.shape} "
-                              "must be vectors of the same length")
-        if test_labels is None and self.eval_test is not None:
-            test_labels = self._labels(self.eval_test)
-        self.is_noisy = self.label_given != self.label_true
-        self.n = len(self.label_true)
         self._presentation = self._empty()
         self.h5_path = self.dir / "run.h5"
         self.ckpt_dir = self.dir / "checkpoints"
@@ -87,14 +59,12 @@ class Recorder:
         self.lock = FileLock(self.dir / "writer.lock", f"run {str(self.dir)!r} is being written by another "
                              "process (training or resuming it)", take_over_own=True)
         try:
-            self._open(resume, overwrite, config, model_spec, model_options, data_spec, test_labels, source_index,
-                       argv, evaluated)
+            self._open(resume, overwrite, config, argv, evaluated)
         except BaseException:
             self.lock.release()
             raise
 
-    def _open(self, resume, overwrite, config, model_spec, model_options, data_spec, test_labels, source_index,
-              argv, evaluated):
+    def _open(self, resume, overwrite, config, argv, evaluated):
         """Resume the run, or create it (under the writer lock)."""
         if resume and is_complete(self.dir) and not overwrite:
             self.epoch = self._last_complete_epoch()
@@ -105,108 +75,55 @@ class Recorder:
         check_new_run_dir(self.dir)
         (self.dir / CREATING).touch()           # until epoch 0 is complete: a kill before that is redone
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        info = {"memloc_version": _version(), "created": _now(), "config": config or {},
-                "model": self._model_spec(self.model, model_spec, model_options),
-                "num_train": self.n, "num_test": None if test_labels is None else len(test_labels)}
-        if data_spec is not None:
-            info["data"] = {"dataset": data_spec} if isinstance(data_spec, str) else dict(data_spec)
+        info = {"memloc_version": _version(), "created": _now(), "config": config or {}, "num_train": self.n,
+                **self._describe()}
         with atomic_path(self.dir / "run.json") as tmp:
             tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-        self._create_h5(config or {}, test_labels, source_index or {}, argv)
+        self._create_h5(config or {}, argv)
         self.epoch = 0
         self._finish_epoch(evaluated)
         (self.dir / CREATING).unlink()
 
-    # ------------------------------------------------------------------ writing
-    @staticmethod
-    def _labels(batches) -> np.ndarray:
-        return evaluate_labels(batches)
+    def _describe(self) -> dict:
+        raise NotImplementedError
 
-    def _model_spec(self, model, spec, options) -> dict:
-        cls = f"{type(model).__module__}.{type(model).__qualname__}"
-        x = next(iter(self.eval_train.batches(2)))[0]
-        with torch.no_grad(), eval_mode(model):      # what a factory naming in_shape / num_classes gets
-            shape = {"in_shape": list(x.shape[1:]), "num_classes": int(model(x[:1]).shape[-1])}
-        if isinstance(spec, dict):
-            return {"class": cls, **shape,
-                    **({"import": import_path_of(spec["spec"])} if import_path_of(spec.get("spec", "")) else {}),
-                    **spec}
-        name = spec if spec is not None else model_name_of(model)
-        out = {"spec": name, "options": dict(options or {}), "class": cls, **shape}
-        if name is not None and import_path_of(name):
-            out["import"] = import_path_of(name)     # for commands in a process that did not register it
-        return out
+    def _write_examples(self, f) -> None:
+        raise NotImplementedError
+
+    def _evaluate_epoch(self, evaluated) -> tuple[dict, dict]:
+        raise NotImplementedError
 
     def _empty(self):
-        return {"loss": np.full(self.n, np.nan, np.float32), "correct": np.full(self.n, -1, np.int8),
-                "margin": np.full(self.n, np.nan, np.float32)}
+        return {k: np.full(self.n, fill, dtype) for k, (dtype, fill) in self.DYNAMICS.items()}
 
-    def _create_h5(self, config, test_labels, source_index, argv):
+    def _create_h5(self, config, argv):
         with atomic_path(self.h5_path) as tmp, h5py.File(tmp, "w", locking=False) as f:
             write_root_attrs(f, "memloc.run", config, argv)
             f.attrs["epochs_complete"] = -1
-            ex = f.create_group("examples")
-            put(ex, "index", np.arange(self.n), dims=["example"])
-            put(ex, "source_index", source_index.get("train", np.arange(self.n)), dims=["example"])
-            put(ex, "label_true", self.label_true, dims=["example"])
-            put(ex, "label_given", self.label_given, dims=["example"])
-            put(ex, "is_noisy", self.is_noisy, dims=["example"])
-            if test_labels is not None:
-                te = f.create_group("test")
-                m = len(test_labels)
-                put(te, "index", np.arange(m), dims=["example"])
-                put(te, "source_index", source_index.get("test", np.arange(m)), dims=["example"])
-                put(te, "label", np.asarray(test_labels, dtype=np.int64), dims=["example"])
+            self._write_examples(f)
             for when in ("presentation", "end"):
                 g = f.create_group(f"dynamics/{when}")
                 for k, v in self._empty().items():
                     put(g, k, v[None][:0], dims=["epoch", "example"], maxshape=(None, self.n))
             g = f.create_group("metrics")
-            for k in METRICS:
+            for k in self.METRIC_NAMES:
                 put(g, k, np.zeros(0, np.float64), dims=["epoch"], maxshape=(None,))
 
-    def record_batch(self, idx, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Record per-example loss / correctness / margin of a training batch (train-mode logits)."""
-        stats = per_example_stats(logits, torch.as_tensor(labels, device=logits.device))
-        rows = torch.as_tensor(idx).cpu().numpy()
-        if rows.shape != (len(logits),) or (len(rows) and (rows.min() < 0 or rows.max() >= self.n)):
-            raise MemlocError(f"record_batch: idx must hold one example id in 0..{self.n - 1} per row of logits")
-        for k in DYN_NAMES:
-            self._presentation[k][rows] = stats[k].cpu().numpy()
-
     def end_epoch(self, evaluated: dict | None = None) -> dict[str, float]:
-        """Evaluate at epoch end, append the epoch's dynamics, save the checkpoint; returns metrics.
-
-        ``evaluated``: the end-of-epoch passes done elsewhere (e.g. split across processes), as
-        ``{"train": ..., "test": ...}`` outputs of :func:`memloc.core.evaluate.evaluate` over ``eval_train``
-        / ``eval_test`` with this model; None: the Recorder evaluates."""
+        """Evaluate at epoch end, append the epoch's dynamics, save the checkpoint; returns metrics."""
         self.epoch += 1
         return self._finish_epoch(evaluated)
 
     def _finish_epoch(self, evaluated: dict | None = None) -> dict[str, float]:
-        end = (evaluated["train"] if evaluated is not None
-               else evaluate(self.model, self.eval_train.batches(self.eval_batch_size)))
-        if len(end["idx"]) != self.n or not np.array_equal(np.sort(end["idx"]), np.arange(self.n)):
-            raise MemlocError(f"eval_train must yield every example id 0..{self.n - 1} exactly once "
-                              f"(got {len(end['idx'])} examples)")
-        order = np.argsort(end["idx"])
-        end_rows = {k: end[k][order] for k in DYN_NAMES}
-        end_rows["correct"] = end_rows["correct"].astype(np.int8)
-        acc = subset_accuracies(end_rows["correct"], end["pred"][order], self.is_noisy, self.label_true)
-        metrics = {"train_accuracy": nanmean(end_rows["correct"]), **{f"{k}_accuracy": v for k, v in acc.items()},
-                   "test_accuracy": np.nan, "test_loss": np.nan}
-        if self.eval_test is not None:
-            t = (evaluated["test"] if evaluated is not None
-                 else evaluate(self.model, self.eval_test.batches(self.eval_batch_size)))
-            metrics.update(test_accuracy=nanmean(t["correct"]), test_loss=nanmean(t["loss"]))
+        end_rows, metrics = self._evaluate_epoch(evaluated)
         save_atomic(self.model.state_dict(), self.ckpt_dir / f"epoch_{self.epoch:04d}.pt")   # before its rows
         with self._edit_h5() as f:
             for when, rows in (("presentation", self._presentation), ("end", end_rows)):
-                for k in DYN_NAMES:
+                for k in self.DYNAMICS:
                     ds = f[f"dynamics/{when}/{k}"]
                     ds.resize(self.epoch + 1, axis=0)
                     ds[self.epoch] = rows[k]
-            for k in METRICS:
+            for k in self.METRIC_NAMES:
                 ds = f[f"metrics/{k}"]
                 ds.resize(self.epoch + 1, axis=0)
                 ds[self.epoch] = metrics[k]
@@ -241,9 +158,9 @@ class Recorder:
         with self._edit_h5() as f:
             f.attrs["epochs_complete"] = epoch
             for when in ("presentation", "end"):
-                for k in DYN_NAMES:
+                for k in self.DYNAMICS:
                     f[f"dynamics/{when}/{k}"].resize(epoch + 1, axis=0)
-            for k in METRICS:
+            for k in self.METRIC_NAMES:
                 f[f"metrics/{k}"].resize(epoch + 1, axis=0)
         for e in checkpoint_epochs(self.ckpt_dir):
             if e > epoch:
@@ -251,6 +168,140 @@ class Recorder:
         self.model.load_state_dict(load_checkpoint(self.ckpt_dir / f"epoch_{epoch:04d}.pt"))
         self.epoch = epoch
         self._presentation = self._empty()
+
+
+class Recorder(RunWriter):
+    """Write the memloc run format from your own training loop.
+
+    Example::
+
+        loader = DataLoader(memloc.WithIds(train_set), batch_size=128, shuffle=True)
+        rec = memloc.Recorder("runs/a", model, eval_train=train_set, eval_test=test_set,
+                              label_true=y_true, model_spec="mynet")   # saves epoch 0
+        for epoch in range(epochs):
+            for x, y, idx in loader:
+                logits = model(x); ...; rec.record_batch(idx, logits, y)
+            rec.end_epoch()                                            # evaluates, checkpoints
+
+    ``eval_train`` / ``eval_test``: anything :func:`memloc.core.inputs.as_batches` accepts (a torch
+    ``Dataset`` or ``DataLoader`` of ``(x, y[, idx])``, tensors ``(x, y[, idx])``, an ExampleSet);
+    ``y`` = given labels for train, true labels for test; ids (positions when absent) ``0..N-1``.
+    ``label_given`` (N,): default the labels ``eval_train`` yields; ``label_true`` (N,): default
+    ``label_given`` (no known noise). ``model_spec``: a :func:`memloc.register_model` name or ``pkg.module:factory`` (with
+    ``model_options``) so every analysis and command can rebuild the model; ``data_spec``: a
+    built-in dataset config, a :func:`memloc.register_data` name or ``pkg.module:factory`` so they
+    can rebuild the data. ``resume=True`` reopens an existing run at its last complete epoch and
+    loads that checkpoint into ``model``. ``evaluated``: a new run's epoch-0 evaluation done
+    elsewhere (see :meth:`end_epoch`).
+    """
+
+    DYNAMICS = {"loss": (np.float32, np.nan), "correct": (np.int8, -1), "margin": (np.float32, np.nan)}
+    METRIC_NAMES = METRICS
+
+    def __init__(self, run_dir, model: nn.Module, *, eval_train, label_true=None, label_given=None,
+                 eval_test=None, test_labels=None, config: dict | None = None,
+                 model_spec: str | dict | None = None, model_options: dict | None = None,
+                 data_spec: str | dict | None = None, resume: bool = False, overwrite: bool = False,
+                 eval_batch_size: int = 1024, source_index: dict | None = None, argv=None,
+                 evaluated: dict | None = None):
+        check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+        self.eval_batch_size = eval_batch_size
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))   # batches go to the model
+        self.eval_train = as_batches(eval_train, batch_size=eval_batch_size, name="eval_train", device=device)
+        self.eval_test = None if eval_test is None else as_batches(eval_test, batch_size=eval_batch_size,
+                                                                   name="eval_test", device=device)
+        if label_given is None:     # the labels the training examples carry
+            label_given = self._labels(self.eval_train)
+        self.label_given = np.asarray(label_given, dtype=np.int64)
+        self.label_true = self.label_given if label_true is None else np.asarray(label_true, dtype=np.int64)
+        if self.label_true.shape != self.label_given.shape or self.label_true.ndim != 1:
+            raise MemlocError(f"label_true {self.label_true.shape} and label_given {self.label_given.shape} "
+                              "must be vectors of the same length")
+        if test_labels is None and self.eval_test is not None:
+            test_labels = self._labels(self.eval_test)
+        self.is_noisy = self.label_given != self.label_true
+        self.n = len(self.label_true)
+        self._spec = (model_spec, model_options, data_spec)
+        self._test_labels, self._source_index = test_labels, source_index or {}
+        self._start(run_dir, model, resume=resume, overwrite=overwrite, config=config, argv=argv, evaluated=evaluated)
+
+    # ------------------------------------------------------------------ writing
+    @staticmethod
+    def _labels(batches) -> np.ndarray:
+        return evaluate_labels(batches)
+
+    def _describe(self) -> dict:
+        model_spec, model_options, data_spec = self._spec
+        out = {"model": self._model_spec(self.model, model_spec, model_options),
+               "num_test": None if self._test_labels is None else len(self._test_labels)}
+        if data_spec is not None:
+            out["data"] = {"dataset": data_spec} if isinstance(data_spec, str) else dict(data_spec)
+        return out
+
+    def _model_spec(self, model, spec, options) -> dict:
+        cls = f"{type(model).__module__}.{type(model).__qualname__}"
+        x = next(iter(self.eval_train.batches(2)))[0]
+        with torch.no_grad(), eval_mode(model):      # what a factory naming in_shape / num_classes gets
+            shape = {"in_shape": list(x.shape[1:]), "num_classes": int(model(x[:1]).shape[-1])}
+        if isinstance(spec, dict):
+            return {"class": cls, **shape,
+                    **({"import": import_path_of(spec["spec"])} if import_path_of(spec.get("spec", "")) else {}),
+                    **spec}
+        name = spec if spec is not None else model_name_of(model)
+        out = {"spec": name, "options": dict(options or {}), "class": cls, **shape}
+        if name is not None and import_path_of(name):
+            out["import"] = import_path_of(name)     # for commands in a process that did not register it
+        return out
+
+    def _write_examples(self, f) -> None:
+        test_labels, source_index = self._test_labels, self._source_index
+        ex = f.create_group("examples")
+        put(ex, "index", np.arange(self.n), dims=["example"])
+        put(ex, "source_index", source_index.get("train", np.arange(self.n)), dims=["example"])
+        put(ex, "label_true", self.label_true, dims=["example"])
+        put(ex, "label_given", self.label_given, dims=["example"])
+        put(ex, "is_noisy", self.is_noisy, dims=["example"])
+        if test_labels is not None:
+            te = f.create_group("test")
+            m = len(test_labels)
+            put(te, "index", np.arange(m), dims=["example"])
+            put(te, "source_index", source_index.get("test", np.arange(m)), dims=["example"])
+            put(te, "label", np.asarray(test_labels, dtype=np.int64), dims=["example"])
+
+    def record_batch(self, idx, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Record per-example loss / correctness / margin of a training batch (train-mode logits)."""
+        stats = per_example_stats(logits, torch.as_tensor(labels, device=logits.device))
+        rows = torch.as_tensor(idx).cpu().numpy()
+        if rows.shape != (len(logits),) or (len(rows) and (rows.min() < 0 or rows.max() >= self.n)):
+            raise MemlocError(f"record_batch: idx must hold one example id in 0..{self.n - 1} per row of logits")
+        for k in DYN_NAMES:
+            self._presentation[k][rows] = stats[k].cpu().numpy()
+
+    def end_epoch(self, evaluated: dict | None = None) -> dict[str, float]:
+        """Evaluate at epoch end, append the epoch's dynamics, save the checkpoint; returns metrics.
+
+        ``evaluated``: the end-of-epoch passes done elsewhere (e.g. split across processes), as
+        ``{"train": ..., "test": ...}`` outputs of :func:`memloc.core.evaluate.evaluate` over ``eval_train``
+        / ``eval_test`` with this model; None: the Recorder evaluates."""
+        return super().end_epoch(evaluated)
+
+    def _evaluate_epoch(self, evaluated) -> tuple[dict, dict]:
+        end = (evaluated["train"] if evaluated is not None
+               else evaluate(self.model, self.eval_train.batches(self.eval_batch_size)))
+        if len(end["idx"]) != self.n or not np.array_equal(np.sort(end["idx"]), np.arange(self.n)):
+            raise MemlocError(f"eval_train must yield every example id 0..{self.n - 1} exactly once "
+                              f"(got {len(end['idx'])} examples)")
+        order = np.argsort(end["idx"])
+        end_rows = {k: end[k][order] for k in DYN_NAMES}
+        end_rows["correct"] = end_rows["correct"].astype(np.int8)
+        acc = subset_accuracies(end_rows["correct"], end["pred"][order], self.is_noisy, self.label_true)
+        metrics = {"train_accuracy": nanmean(end_rows["correct"]), **{f"{k}_accuracy": v for k, v in acc.items()},
+                   "test_accuracy": np.nan, "test_loss": np.nan}
+        if self.eval_test is not None:
+            t = (evaluated["test"] if evaluated is not None
+                 else evaluate(self.model, self.eval_test.batches(self.eval_batch_size)))
+            metrics.update(test_accuracy=nanmean(t["correct"]), test_loss=nanmean(t["loss"]))
+        return end_rows, metrics
 
 
 def evaluate_labels(batches) -> np.ndarray:

