@@ -162,7 +162,7 @@ def test_retrain_layer_says_which_layer_and_why(small, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cli_run("unlearn", [str(run.path), "--method", "retrain_layer", "--seeds", "0", "--retrain-epochs", "1",
-                            "--device", "cpu"])
+                            "--device", "cpu", "--overwrite"])     # the copied run may hold an earlier test's
     out = capsys.readouterr().out
     assert f"retrain_layer retrained {best!r}: results/retrain.h5: its retraining left the fewest noisy labels" in out
     assert run.result("unlearn").config["retrain_layer"]["layer"] == best

@@ -31,7 +31,8 @@ from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import check_choices, check_range, progress, resolve_device
 from ..analyses.scores import forgetting_events
-from .unlearn import HYPER, distillation_term, finetune, penalty_term, protection_weights
+from .continual import distillation_term, finetune, penalty_term, protection_weights
+from .unlearn import HYPER
 from ..core.options import nonnegative_int, positive_float, positive_int
 from ..core.figures import plt, save_figure, table
 from ..core.schemas import Schema, Var

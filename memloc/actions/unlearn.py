@@ -50,14 +50,11 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import xarray as xr
-from torch import nn
 
 from ..core.errors import MemlocError
 from ..core.evaluate import evaluate
-from ..analyses.importance import param_importance, select_rows
-from ..core.optim import epoch_seed, make_optimizer
+from ..analyses.importance import select_rows
 from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import check_choices, check_range, progress, resolve_device
@@ -66,6 +63,8 @@ from ..core.figures import plt, save_figure, table
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
 from ..core.store import stored
+from .continual import (TEMPERATURE, distillation_loss, distillation_term, finetune, penalty_term,  # noqa: F401
+                        protection_weights, quadratic_penalty)
 
 __all__ = ["METHODS", "GROUPS", "HYPER", "available_methods", "quadratic_penalty", "distillation_loss",
            "protection_weights", "penalty_term", "distillation_term", "finetune", "unlearn"]
@@ -73,67 +72,7 @@ __all__ = ["METHODS", "GROUPS", "HYPER", "available_methods", "quadratic_penalty
 METHODS = ("finetune", "ascent", "ewc", "mas", "lwf", "zero", "retrain_layer", "etd_drop")
 GROUPS = ("forget_given", "forget_true", "retain", "test")
 HYPER = dict(epochs=5, lr=0.01, batch_size=128, momentum=0.9, lam={"ewc": 10.0, "mas": 10.0, "lwf": 1.0},
-             temperature=2.0, ascent_lr=0.003, ascent_epochs=3)
-
-
-def quadratic_penalty(model: nn.Module, anchor: dict[str, torch.Tensor], weight: dict[str, torch.Tensor],
-                      lam: float) -> torch.Tensor:
-    """(lam / 2) sum_i weight_i (theta_i - anchor_i)^2 over the parameters named in ``weight`` (EWC, MAS)."""
-    params = dict(model.named_parameters())
-    total = sum((w * (params[k] - anchor[k]).pow(2)).sum() for k, w in weight.items())
-    return 0.5 * lam * total
-
-
-def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """LwF: T^2 KL(softmax(old / T) || softmax(new / T)), mean over the batch."""
-    t = temperature
-    old = F.softmax(old_logits / t, dim=1)
-    return F.kl_div(F.log_softmax(new_logits / t, dim=1), old, reduction="batchmean") * t * t
-
-
-def protection_weights(model: nn.Module, examples, kind: str) -> dict[str, torch.Tensor]:
-    """EWC (``kind="ewc"``: diagonal Fisher) or MAS importance of ``examples`` at ``model``, divided by its
-    maximum (lambda on one scale for both; lr x lambda < 2 keeps the penalty's steps stable)."""
-    weight = param_importance(model, examples.x, examples.y, method="fisher" if kind == "ewc" else "mas")
-    scale = max(float(w.max()) for w in weight.values()) or 1.0
-    return {k: w / scale for k, w in weight.items()}
-
-
-def penalty_term(anchor: dict[str, torch.Tensor], weight: dict[str, torch.Tensor], lam: float):
-    """The ``extra`` of :func:`finetune` adding the EWC / MAS :func:`quadratic_penalty`."""
-    return lambda model, x, logits: quadratic_penalty(model, anchor, weight, lam)
-
-
-def distillation_term(teacher: nn.Module, lam: float, temperature: float = HYPER["temperature"]):
-    """The ``extra`` of :func:`finetune` adding LwF's :func:`distillation_loss` from ``teacher``'s outputs."""
-    def term(model, x, logits):
-        with torch.no_grad():
-            target = teacher(x)
-        return lam * distillation_loss(logits, target, temperature)
-    return term
-
-
-def finetune(model: nn.Module, examples, *, epochs: int, lr: float, batch_size: int = 128, momentum: float = 0.9,
-             seed: int = 0, ascent: bool = False, extra=None, optimizer=None, first_epoch: int = 1) -> nn.Module:
-    """SGD on ``examples`` (an ExampleSet) in train mode: descent on CE (or ascent), plus
-    ``extra(model, x, logits)``. ``optimizer`` (reused across calls, momentum kept) and
-    ``first_epoch`` (batch orders seeded by ``(seed, epoch)``) let a caller train epoch by epoch."""
-    opt = optimizer or make_optimizer(model.parameters(), "sgd", lr=lr, momentum=momentum, weight_decay=0.0)
-    for epoch in range(first_epoch, first_epoch + epochs):
-        gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-        model.train()
-        for x, y, _ in examples.batches(batch_size, shuffle=True, generator=gen):
-            if len(y) < 2:
-                continue
-            logits = model(x)                 # one forward: BN statistics and dropout masks shared by both terms
-            loss = F.cross_entropy(logits, y)
-            loss = -loss if ascent else loss
-            if extra is not None:
-                loss = loss + extra(model, x, logits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return model.eval()
+             temperature=TEMPERATURE, ascent_lr=0.003, ascent_epochs=3)
 
 
 def _groups(model, data, forget, retain, *, mask_context=None, batch_size: int = 1024) -> np.ndarray:

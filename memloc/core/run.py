@@ -256,8 +256,9 @@ class Run:
         checks it: a copy of the run folder keeps it, any other run (another seed, config, labels or
         training of the same config) has its own."""
         h = hashlib.sha1(json.dumps(self.info, sort_keys=True, default=str).encode())
-        for labels in (self.label_given, self.label_true):
-            h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+        for labels in (self.label_given, self.label_true):      # None for a language-model run
+            if labels is not None:
+                h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
     def results_path(self, name: str) -> Path:

@@ -1,0 +1,76 @@
+"""The continual-learning pieces of unlearning: EWC / MAS quadratic penalties, LwF distillation,
+and the fine-tuning loop they plug into (:func:`memloc.unlearn`, :mod:`memloc.actions.forgetting`)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..analyses.importance import param_importance
+from ..core.optim import epoch_seed, make_optimizer
+
+__all__ = ["TEMPERATURE", "quadratic_penalty", "distillation_loss", "protection_weights", "penalty_term",
+           "distillation_term", "finetune"]
+
+#: LwF's distillation temperature
+TEMPERATURE = 2.0
+
+
+def quadratic_penalty(model: nn.Module, anchor: dict[str, torch.Tensor], weight: dict[str, torch.Tensor],
+                      lam: float) -> torch.Tensor:
+    """(lam / 2) sum_i weight_i (theta_i - anchor_i)^2 over the parameters named in ``weight`` (EWC, MAS)."""
+    params = dict(model.named_parameters())
+    total = sum((w * (params[k] - anchor[k]).pow(2)).sum() for k, w in weight.items())
+    return 0.5 * lam * total
+
+
+def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """LwF: T^2 KL(softmax(old / T) || softmax(new / T)), mean over the batch."""
+    t = temperature
+    old = F.softmax(old_logits / t, dim=1)
+    return F.kl_div(F.log_softmax(new_logits / t, dim=1), old, reduction="batchmean") * t * t
+
+
+def protection_weights(model: nn.Module, examples, kind: str) -> dict[str, torch.Tensor]:
+    """EWC (``kind="ewc"``: diagonal Fisher) or MAS importance of ``examples`` at ``model``, divided by its
+    maximum (lambda on one scale for both; lr x lambda < 2 keeps the penalty's steps stable)."""
+    weight = param_importance(model, examples.x, examples.y, method="fisher" if kind == "ewc" else "mas")
+    scale = max(float(w.max()) for w in weight.values()) or 1.0
+    return {k: w / scale for k, w in weight.items()}
+
+
+def penalty_term(anchor: dict[str, torch.Tensor], weight: dict[str, torch.Tensor], lam: float):
+    """The ``extra`` of :func:`finetune` adding the EWC / MAS :func:`quadratic_penalty`."""
+    return lambda model, x, logits: quadratic_penalty(model, anchor, weight, lam)
+
+
+def distillation_term(teacher: nn.Module, lam: float, temperature: float = TEMPERATURE):
+    """The ``extra`` of :func:`finetune` adding LwF's :func:`distillation_loss` from ``teacher``'s outputs."""
+    def term(model, x, logits):
+        with torch.no_grad():
+            target = teacher(x)
+        return lam * distillation_loss(logits, target, temperature)
+    return term
+
+
+def finetune(model: nn.Module, examples, *, epochs: int, lr: float, batch_size: int = 128, momentum: float = 0.9,
+             seed: int = 0, ascent: bool = False, extra=None, optimizer=None, first_epoch: int = 1) -> nn.Module:
+    """SGD on ``examples`` (an ExampleSet) in train mode: descent on CE (or ascent), plus
+    ``extra(model, x, logits)``. ``optimizer`` (reused across calls, momentum kept) and
+    ``first_epoch`` (batch orders seeded by ``(seed, epoch)``) let a caller train epoch by epoch."""
+    opt = optimizer or make_optimizer(model.parameters(), "sgd", lr=lr, momentum=momentum, weight_decay=0.0)
+    for epoch in range(first_epoch, first_epoch + epochs):
+        gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        model.train()
+        for x, y, _ in examples.batches(batch_size, shuffle=True, generator=gen):
+            if len(y) < 2:
+                continue
+            logits = model(x)                 # one forward: BN statistics and dropout masks shared by both terms
+            loss = F.cross_entropy(logits, y)
+            loss = -loss if ascent else loss
+            if extra is not None:
+                loss = loss + extra(model, x, logits)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
