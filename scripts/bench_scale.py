@@ -145,7 +145,7 @@ def worker(task: dict) -> dict:
         memloc.retrain(run, epochs=task["retrain_epochs"], device=device)
     elif name == "flip":
         res = memloc.flip(run, examples=task["flip_examples"], max_units=task["max_units"], device=device,
-                          resume_dir=None)
+                          resume=None)
         n_units = np.asarray(res["n_units"])[np.asarray(res["status"]) == 0]
         out = {"searches": int(n_units.size), "steps": int((n_units + 1).sum())}
     elif name == "scores":

@@ -191,7 +191,7 @@ def analyses(run, args, device, tmp: Path, state: dict) -> dict:
     names = select_scores(args.scores, run)
 
     def all_scores():
-        state["scores"] = memloc.scores(run, names=names, device=device, **kw["scores"])
+        state["scores"] = memloc.scores(run, methods=names, device=device, **kw["scores"])
         return state["scores"]
 
     calls = {
@@ -202,10 +202,10 @@ def analyses(run, args, device, tmp: Path, state: dict) -> dict:
                                                                              device=device, **kw["retrain"])),
         "flip": (f"{args.flip_examples}, max {args.max_units} units",
                  lambda: memloc.flip(run, examples=args.flip_examples, max_units=args.max_units, device=device,
-                                     resume_dir=None, **kw["flip"])),
+                                     resume=None, **kw["flip"])),
     }
     for s in names:
-        calls[f"scores {s}"] = (s, lambda s=s: memloc.scores(run, names=[s], device=device, **kw["scores"]))
+        calls[f"scores {s}"] = (s, lambda s=s: memloc.scores(run, methods=[s], device=device, **kw["scores"]))
     calls["scores all"] = ("every score" if args.scores == "all" else args.scores, all_scores)
     calls["detect"] = ("those scores", lambda: memloc.detect(state["scores"], is_noisy=run.is_noisy))
     wanted = [a.strip() for a in args.analyses.split(",")]

@@ -30,6 +30,7 @@ results = {
     "gradients": memloc.gradients(run, checkpoints="0-6:3", device="cpu"),
     "rewind": memloc.rewind(run, checkpoints="0-6:3", device="cpu"),
     "retrain": memloc.retrain(run, epochs=2, device="cpu"),
+    # resume_dir: the old spelling of resume, so that this runs on the old code too
     "flip_unit": memloc.flip(run, examples="noisy:6,clean:6", device="cpu", resume_dir=None),
     "flip_weight": memloc.flip(run, examples="noisy:3,clean:3", site="weight", max_units=30, device="cpu",
                                resume_dir=None),

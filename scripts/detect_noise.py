@@ -127,7 +127,7 @@ def analyse(run, args) -> dict:
     else:
         run_flip(run, args)
     names = [n for n in SCORES if n != "neuron_count" or not flip_note]
-    sc = memloc.scores(run, names=names, checkpoint_k=args.checkpoint_k, device=args.device)
+    sc = memloc.scores(run, methods=names, checkpoint=args.checkpoint_k, device=args.device)
     print(scores_command.summary(sc, args))   # one line per score: direction, defined, mean
     print(f"wrote {sc.save(run.results_path('scores'))}")
     det = memloc.detect(sc, is_noisy=run.is_noisy)

@@ -170,7 +170,7 @@ def flip_resnet9(args, device, out: Path) -> list[str]:
         _sync(device)
         t0 = time.perf_counter()
         res = memloc.flip(run, examples=s["examples"], max_units=s["max_units"], protocol="paper",
-                          device=device, resume_dir=None)
+                          device=device, resume=None)
         _sync(device)
         flip_s = time.perf_counter() - t0
         acc, params = run.metrics(), sum(p.numel() for p in run.model().parameters())

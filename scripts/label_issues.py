@@ -103,7 +103,7 @@ def main(argv=None):
             prec = []
             for s in args.seeds:
                 run = memloc.load(parents[m, r, s])
-                res = memloc.find_label_issues(run, by=by, rate=float(issues[m, r, s]["rate_estimate"]),
+                res = memloc.find_label_issues(run, method=by, rate=float(issues[m, r, s]["rate_estimate"]),
                                                device=args.device)
                 prec.append(flag_quality(res["flagged"].values, run.is_noisy)["precision"])
             cells.append(mean_se(prec))

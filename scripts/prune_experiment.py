@@ -77,11 +77,11 @@ def main(argv=None):
            "GraNd at initialisation, EL2N at epoch 3, forgetting and AUM over all 30 epochs; `hardest` keeps the "
            "highest-scoring examples (drops the easiest).\n"]
     for r in rates:
-        res = memloc.prune(parents[r], by=args.by, keep=keeps, seeds=args.seeds, jobs=args.jobs, device=args.device)
+        res = memloc.prune(parents[r], methods=args.by, keep=keeps, seeds=args.seeds, jobs=args.jobs, device=args.device)
         res.save(memloc.load(parents[r]).results_path("prune"))
         out += ["", *table(res, f"Noise {r:g}, mode hardest")]
         if r > 0 and args.window_by:
-            win = memloc.prune(parents[r], by=args.window_by, keep=keeps, mode="window", offset=args.offset,
+            win = memloc.prune(parents[r], methods=args.window_by, keep=keeps, mode="window", offset=args.offset,
                                seeds=args.seeds, jobs=args.jobs, device=args.device)
             out += ["", *table(win, f"Noise {r:g}, mode window (offset {args.offset:g}: the hardest "
                                     f"{args.offset:.0%} skipped)")]
@@ -89,7 +89,7 @@ def main(argv=None):
         parent = memloc.load(parents[r])
         base = parent_config(parent)
         runs = [child_path(parent, f"all-s{s}", {**base, "seed": s}) for s in args.seeds]
-        results = [memloc.scores(memloc.load(path), names=list(AGREE), device=args.device) for path in runs]
+        results = [memloc.scores(memloc.load(path), methods=list(AGREE), device=args.device) for path in runs]
         agree = memloc.score_agreement(results)
         cols = list(agree["score"].values)
         out += ["", f"### Noise {r:g}: Spearman agreement\n",

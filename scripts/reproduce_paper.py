@@ -120,7 +120,7 @@ def flip_stats(run, site, examples, max_units, device, protocol="memloc"):
     name = "flip" if (site, protocol) == ("pre_norm", "memloc") else f"flip_{site}_{protocol}"
     res = cached(run.path / "results" / f"{name}.h5", lambda: memloc.flip(
         run, examples=examples, site=site if protocol == "memloc" else None, protocol=protocol,
-        max_units=max_units, collateral=True, device=device, resume_dir=None))
+        max_units=max_units, collateral=True, device=device, resume=None))
     ok = res["status"].values == 0
     noisy = res["is_noisy"].values.astype(bool)
     n_units, flipped = res["n_units"].values[:, 0], res["flipped"].values[:, 0]

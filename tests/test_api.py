@@ -180,7 +180,7 @@ def test_model_and_data_instead_of_a_run(api_run):
     with pytest.raises(memloc.MemlocError, match="checkpoints must be a mapping"):
         memloc.rewind(model, data)
     with pytest.raises(memloc.MemlocError, match="training dynamics"):
-        memloc.scores(model, data, names="aum")
+        memloc.scores(model, data, methods="aum")
 
 
 def test_every_command_on_the_users_run(api_run, tmp_path, capsys):

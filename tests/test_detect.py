@@ -130,7 +130,7 @@ def test_mlp_run_early_scores_find_noisy_labels(mlp_run):
     """MNIST-5k MLP, 10% symmetric noise, ~all noisy labels memorised by the end of training."""
     run = mlp_run
     assert run.metrics()["noisy_accuracy"][-1] > 0.95
-    res = scores.scores(run, names="final_loss,el2n,grand,aum,confidence,forgetting")
+    res = scores.scores(run, methods="final_loss,el2n,grand,aum,confidence,forgetting")
     values = {name: res[name].values for name in res.data_vars}
     table = detect.detection_table(values, run.is_noisy, {n: scores.SCORES[n].direction for n in values})
     auroc = dict(zip(table["names"], table["values"][:, 0]))

@@ -62,7 +62,7 @@ def _interrupt_after_first_part(analysis, run, monkeypatch, **kw):
 
     monkeypatch.setattr(Parts, "add", add_then_fail)
     with pytest.raises(RuntimeError, match="killed"):
-        analysis(run, device="cpu", resume_dir="auto", **kw)
+        analysis(run, device="cpu", resume="auto", **kw)
     monkeypatch.undo()
 
 
@@ -93,7 +93,7 @@ def test_interrupted_run_resumes_without_recomputing(name, run, monkeypatch):
             computed.append(layer.name)
             return retrain_layer(model, init, layer, *a, **kw)
         monkeypatch.setattr(T, "retrain_layer", counted)
-    res = analysis(run, device="cpu", resume_dir="auto", **KW[name])
+    res = analysis(run, device="cpu", resume="auto", **KW[name])
     cells = res["accuracy"].shape[0] * (res.sizes["layer"] if name == "rewind" else 1)
     assert len(computed) == cells - len(saved) > 0       # the saved items were not redone
     _assert_same(want, _arrays(res))
@@ -124,8 +124,8 @@ def test_parts_of_other_settings_are_not_mixed_in(run):
     store.add({(0, 0): np.zeros(4)})
     store.release()
     with pytest.raises(memloc.MemlocError, match="different settings"):
-        memloc.rewind(run, checkpoints="0", device="cpu", resume_dir="auto")
-    res = memloc.rewind(run, checkpoints="0", device="cpu", resume_dir="auto", overwrite=True)
+        memloc.rewind(run, checkpoints="0", device="cpu", resume="auto")
+    res = memloc.rewind(run, checkpoints="0", device="cpu", resume="auto", overwrite=True)
     assert res["accuracy"].values.any()          # the zeros of the other settings were discarded
     res.save(run.results_path("rewind"))
     assert not parts.exists()

@@ -81,7 +81,7 @@ def test_two_processes_equal_one(name, run):
 
 def test_cells_equal_the_whole_set_functions(run):
     """The cell-split passes give what one pass over the whole training set gives."""
-    res = memloc.scores(run, names="el2n,grand,tracin", batch_size=64, device="cpu")
+    res = memloc.scores(run, methods="el2n,grand,tracin", eval_batch_size=64, device="cpu")
     k = res.config["checkpoint_k"]
     model, train_set = run.model(k), run.data("cpu").train
     assert np.array_equal(res["grand"].values, S.grad_norms(model, train_set.x, train_set.y, batch_size=64))
@@ -95,7 +95,7 @@ def test_cells_equal_the_whole_set_functions(run):
 
 @pytest.mark.parametrize("name", ["scores", "gradients"])
 def test_a_rank_part_is_kept_and_the_rest_finished_in_one_process(name, run, monkeypatch):
-    kw = {"scores": {"names": "grand,tracin", "batch_size": 64}, "gradients": {"checkpoints": "0,2,4"}}[name]
+    kw = {"scores": {"methods": "grand,tracin", "eval_batch_size": 64}, "gradients": {"checkpoints": "0,2,4"}}[name]
     argv = {"scores": ["--scores", "grand,tracin", "--batch-size", "64"], "gradients": ["--checkpoints", "0,2,4"]}[name]
     want = _arrays(getattr(memloc, name)(run, device="cpu", **kw))
     parts = run.results_path(name).with_name(f"{name}.partial")

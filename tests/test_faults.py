@@ -337,9 +337,9 @@ def test_prune_with_a_repeated_seed_is_refused_before_any_training(tiny_run, cap
 def test_label_issues_refuse_the_untrained_checkpoint(tiny_run):
     """Epoch 0's predictions carry no information about the labels: the estimate from them flagged
     92% of the examples (issue 25)."""
-    with pytest.raises(memloc.MemlocError, match="checkpoint_k 0 is the untrained initialisation") as e:
-        memloc.find_label_issues(tiny_run, checkpoint_k=0, device="cpu")
-    assert e.value.argument == "checkpoint_k"
+    with pytest.raises(memloc.MemlocError, match="checkpoint 0 is the untrained initialisation") as e:
+        memloc.find_label_issues(tiny_run, checkpoint=0, device="cpu")
+    assert e.value.argument == "checkpoint"
 
 
 # ----------------------------------------------------------------------------- 8. files read exactly or refused

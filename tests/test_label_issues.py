@@ -215,11 +215,11 @@ def test_kept_ids_known_answers():
 
 
 def test_prune_trains_on_exactly_the_kept_ids_and_reuses_runs(small):
-    res = memloc.prune(small, by="el2n", keep=[0.5], seeds=[0], device="cpu")
+    res = memloc.prune(small, methods="el2n", keep=[0.5], seeds=[0], device="cpu")
     parent = memloc.load(small.path)
-    el2n = memloc.scores(parent, names="el2n", checkpoint_k=1, device="cpu")["el2n"].values   # epoch 1 of 3
+    el2n = memloc.scores(parent, methods="el2n", checkpoint=1, device="cpu")["el2n"].values   # epoch 1 of 3
     assert np.array_equal(prune_values(parent, ["el2n"], device="cpu")["el2n"], el2n)
-    grand0 = memloc.scores(parent, names="grand", checkpoint_k=0, device="cpu")["grand"].values
+    grand0 = memloc.scores(parent, methods="grand", checkpoint=0, device="cpu")["grand"].values
     assert np.array_equal(prune_values(parent, ["grand"], device="cpu")["grand"], grand0)   # Data Diet: at init
     kept = np.sort(np.argsort(-el2n, kind="stable")[:round(0.5 * parent.num_train)])
     assert len(np.intersect1d(kept, kept_ids(el2n, 0.5))) >= len(kept) - 2          # up to ties at the cut
@@ -233,7 +233,7 @@ def test_prune_trains_on_exactly_the_kept_ids_and_reuses_runs(small):
                       parent.is_noisy[kept].sum() / parent.is_noisy.sum())
     assert float(res["full_accuracy"].sel(seed=0)) == parent.metrics()["test_accuracy"][-1]   # the parent itself
     mtime = (child.path / "run.h5").stat().st_mtime_ns
-    again = memloc.prune(small, by="el2n", keep=[0.5], seeds=[0], device="cpu")
+    again = memloc.prune(small, methods="el2n", keep=[0.5], seeds=[0], device="cpu")
     assert again.dataset.equals(res.dataset) and (child.path / "run.h5").stat().st_mtime_ns == mtime
 
 
@@ -258,7 +258,7 @@ def test_clean_drops_or_relabels_exactly_the_flagged(small):
 
 def test_jtt_error_set_and_weights(small):
     parent = memloc.load(small.path)
-    res = memloc.jtt(parent, id_epoch=1, upweight=5.0, seeds=[0], device="cpu")
+    res = memloc.jtt(parent, checkpoint=1, upweight=5.0, seeds=[0], device="cpu")
     errors = error_set(parent, 1)
     assert np.array_equal(res["error_set"].values, errors)
     assert np.array_equal(errors, np.flatnonzero(parent.dynamics("correct", "end")[1] == 0))
@@ -286,7 +286,7 @@ def test_experiments_on_a_subset_parent_use_ids_of_the_full_set(small, tmp_path)
     parent = memloc.load(small.path)
     sub = memloc.train(tmp_path / "sub", {**parent_config(parent), "subset": list(range(0, parent.num_train, 2))},
                        device="cpu")
-    res = memloc.prune(sub, by="aum", keep=[0.5], seeds=[0], device="cpu")
+    res = memloc.prune(sub, methods="aum", keep=[0.5], seeds=[0], device="cpu")
     kept = kept_ids(prune_values(sub, ["aum"], device="cpu")["aum"], 0.5)
     kids = list((sub.path / "children").glob("prune-aum-*"))
     assert len(kids) == 1 and res.sizes["score"] == 2

@@ -138,7 +138,7 @@ def test_bf16_rewind_retrain_scores_close_to_fp32(conv_runs, tmp_path):
     res = memloc.retrain(run, layers="head", epochs=1, device="cpu", precision="bf16")
     assert res.config["precision"] == "bf16"
     # scores: el2n's forward in bf16 (close, not equal); grand's gradient norms stay fp32 (equal)
-    s = {prec: memloc.scores(run, names="el2n,grand,final_loss", device="cpu", precision=prec)
+    s = {prec: memloc.scores(run, methods="el2n,grand,final_loss", device="cpu", precision=prec)
          for prec in ("fp32", "bf16")}
     assert s["bf16"].config["precision"] == "bf16"
     e32, e16 = s["fp32"]["el2n"].values, s["bf16"]["el2n"].values
@@ -153,14 +153,14 @@ def test_bf16_rewind_retrain_scores_close_to_fp32(conv_runs, tmp_path):
 def test_flip_precision_and_its_errors(conv_runs, capsys):
     run = conv_runs["bf16"]
     with pytest.raises(memloc.MemlocError, match=r"^precision bf16 \(autocast to 16 bits\) and dtype float64"):
-        memloc.flip(run, examples="noisy:2", dtype="float64", precision="bf16", device="cpu", resume_dir=None)
+        memloc.flip(run, examples="noisy:2", dtype="float64", precision="bf16", device="cpu", resume=None)
     with pytest.raises(memloc.MemlocError, match="^precision 'x' is unknown"):
-        memloc.flip(run, examples="noisy:2", precision="x", device="cpu", resume_dir=None)
+        memloc.flip(run, examples="noisy:2", precision="x", device="cpu", resume=None)
     with pytest.raises(SystemExit) as e:
         cli_run("flip", [str(run.path), "--precision", "bf16", "--dtype", "float64", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.count("\n") == 0 and err.startswith("memloc flip: error: --precision bf16")
-    res = {p: memloc.flip(run, examples="noisy:3,clean:3", max_units=20, precision=p, device="cpu", resume_dir=None)
+    res = {p: memloc.flip(run, examples="noisy:3,clean:3", max_units=20, precision=p, device="cpu", resume=None)
            for p in ("fp32", "bf16")}
     assert res["bf16"].config["precision"] == "bf16" and res["fp32"].config["precision"] == "fp32"
     np.testing.assert_array_equal(res["bf16"]["status"].values, res["fp32"]["status"].values)
@@ -221,7 +221,7 @@ def test_channels_last_paths_match_contiguous(tmp_path, monkeypatch):
     cfg = {**CONV, "epochs": 1}
     plain = train(tmp_path / "plain", cfg, device="cpu")
     rewound = memloc.rewind(plain, checkpoints="0", device="cpu")
-    flipped = memloc.flip(plain, examples="clean:3", max_units=5, site="weight", device="cpu", resume_dir=None)
+    flipped = memloc.flip(plain, examples="clean:3", max_units=5, site="weight", device="cpu", resume=None)
     monkeypatch.setattr(importlib.import_module("memloc.core.precision"), "use_channels_last",
                         lambda model, precision, device: any(isinstance(m, nn.Conv2d) for m in model.modules()))
     fast = train(tmp_path / "fast", cfg, device="cpu")
@@ -231,7 +231,7 @@ def test_channels_last_paths_match_contiguous(tmp_path, monkeypatch):
     assert fast.model(1)(fast.data().train.x[:2]).shape == (2, 10)     # its checkpoints load as usual
     np.testing.assert_allclose(memloc.rewind(plain, checkpoints="0", device="cpu")["accuracy"].values,
                                rewound["accuracy"].values, atol=0.01)
-    again = memloc.flip(plain, examples="clean:3", max_units=5, site="weight", device="cpu", resume_dir=None)
+    again = memloc.flip(plain, examples="clean:3", max_units=5, site="weight", device="cpu", resume=None)
     np.testing.assert_array_equal(again["status"].values, flipped["status"].values)
 
 
@@ -252,7 +252,7 @@ def test_cuda_16_bit_training_uses_channels_last_and_stays_close(tmp_path, preci
     acc = {p: memloc.rewind(b, checkpoints="0", device="cuda", precision=p)["accuracy"].values
            for p in ("fp32", precision)}
     np.testing.assert_allclose(acc[precision], acc["fp32"], atol=0.05)
-    s = {p: memloc.scores(b, names="el2n", device="cuda", precision=p)["el2n"].values for p in ("fp32", precision)}
+    s = {p: memloc.scores(b, methods="el2n", device="cuda", precision=p)["el2n"].values for p in ("fp32", precision)}
     np.testing.assert_allclose(s[precision], s["fp32"], atol=0.05)
-    f = memloc.flip(b, examples="noisy:2,clean:2", max_units=10, precision=precision, device="cuda", resume_dir=None)
+    f = memloc.flip(b, examples="noisy:2,clean:2", max_units=10, precision=precision, device="cuda", resume=None)
     assert f.config["precision"] == precision

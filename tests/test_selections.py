@@ -44,9 +44,9 @@ def test_checkpoint_values():
 
 def test_flip_takes_example_ids_and_records_the_text_form(tiny_run):
     noisy = np.flatnonzero(tiny_run.is_noisy)[:2]
-    by_value = memloc.flip(tiny_run, examples=noisy, max_units=5, device="cpu", resume_dir=None)
+    by_value = memloc.flip(tiny_run, examples=noisy, max_units=5, device="cpu", resume=None)
     by_text = memloc.flip(tiny_run, examples="ids:" + ",".join(map(str, noisy)), max_units=5, device="cpu",
-                          resume_dir=None)
+                          resume=None)
     assert by_value.equals(by_text)
     assert by_value.config["examples"] == "ids:" + ",".join(map(str, noisy))
     assert memloc.gradients(tiny_run, checkpoints=range(0, 3), device="cpu")["checkpoint"].values.tolist() == [0, 1, 2]

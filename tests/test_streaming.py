@@ -78,15 +78,15 @@ def test_training_streamed_equals_in_memory(runs):
 def test_analyses_reading_rows_directly(runs):
     held, _ = runs
     with streaming("off"):
-        want_scores = memloc.scores(memloc.load(held.path), names=["grand"], device="cpu")
+        want_scores = memloc.scores(memloc.load(held.path), methods=["grand"], device="cpu")
         want_flip = memloc.flip(memloc.load(held.path), examples="noisy:1,clean:1", max_units=10, repeats=1,
-                                device="cpu", resume_dir=None)
+                                device="cpu", resume=None)
     with streaming("on", workers=0):
         run = memloc.load(held.path)
         assert run.data().streamed
-        got_scores = memloc.scores(run, names=["grand"], device="cpu")
+        got_scores = memloc.scores(run, methods=["grand"], device="cpu")
         got_flip = memloc.flip(memloc.load(held.path), examples="noisy:1,clean:1", max_units=10, repeats=1,
-                               device="cpu", resume_dir=None)
+                               device="cpu", resume=None)
     for name in ("grand",):
         np.testing.assert_array_equal(got_scores[name].values, want_scores[name].values)
     assert (want_flip["status"].values == 0).any()                  # at least one search ran
@@ -96,7 +96,7 @@ def test_analyses_reading_rows_directly(runs):
 
 def test_command_flags(runs, tmp_path, capsys):
     held, _ = runs
-    want = memloc.scores(memloc.load(held.path), names=["grand"], device="cpu")
+    want = memloc.scores(memloc.load(held.path), methods=["grand"], device="cpu")
     before = {k: os.environ.get(k) for k in ("MEMLOC_STREAM", "MEMLOC_WORKERS")}
     got = cli_run("scores", [str(held.path), "--scores", "grand", "--device", "cpu", "--stream", "on",
                              "--workers", "0", "--overwrite"])

@@ -104,7 +104,7 @@ def digits_run(tmp_path_factory):
 
 def test_tracin_score_of_a_run(digits_run):
     run = digits_run
-    res = memloc.scores(run, names="tracin,grand", device="cpu")
+    res = memloc.scores(run, methods="tracin,grand", device="cpu")
     assert res.config["tracin_epochs"] == [1, 2, 3]
     weights = checkpoint_lrs(run.config, [1, 2, 3], run.num_train)
     np.testing.assert_allclose(res.config["tracin_weights"], weights)
@@ -122,8 +122,8 @@ def test_tracin_score_of_a_run(digits_run):
     model, data = run.model(), run.data()
     assert set(memloc.scores(model, data, device="cpu").data_vars) == {"el2n", "grand"}
     with pytest.raises(memloc.MemlocError, match="tracin needs a run's checkpoints") as e:
-        memloc.scores(model, data, names="tracin", device="cpu")
-    assert e.value.argument == "names"
+        memloc.scores(model, data, methods="tracin", device="cpu")
+    assert e.value.argument == "methods"
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -160,7 +160,7 @@ def test_agreement_known_relations(tmp_path):
 
 def test_agreement_across_runs():
     first, second, other = synthetic(0), synthetic(0), synthetic(1)
-    same = memloc.score_agreement([first, second], names="final_loss,grand")
+    same = memloc.score_agreement([first, second], methods="final_loss,grand")
     assert list(same["score"].values) == ["final_loss", "grand"]
     np.testing.assert_allclose(same["across_runs"].values, [1.0, 1.0], rtol=1e-12)
     assert same["pairs"].values.tolist() == [1, 1] and same.config["runs"] == 2
@@ -175,17 +175,17 @@ def test_agreement_across_runs():
 def test_agreement_errors():
     base = synthetic()
     shifted = scores_result({"final_loss": np.zeros(400)}, {"final_loss": 1}, example=np.arange(1, 401))
-    with pytest.raises(memloc.MemlocError, match=r"results\[1\] is over other examples") as e:
+    with pytest.raises(memloc.MemlocError, match=r"source\[1\] is over other examples") as e:
         memloc.score_agreement([base, shifted])
-    assert e.value.argument == "results"
-    with pytest.raises(memloc.MemlocError, match=r"results\[0\] is not a 'scores' result") as e:
+    assert e.value.argument == "source"
+    with pytest.raises(memloc.MemlocError, match=r"source\[0\] is not a 'scores' result") as e:
         memloc.score_agreement([xr.Dataset()])
-    assert e.value.argument == "results"
+    assert e.value.argument == "source"
     with pytest.raises(memloc.MemlocError, match="'zzz' is not in every result") as e:
-        memloc.score_agreement([base], names="final_loss,zzz")
-    assert e.value.argument == "names"
-    with pytest.raises(memloc.MemlocError, match="results is empty"):
+        memloc.score_agreement([base], methods="final_loss,zzz")
+    assert e.value.argument == "methods"
+    with pytest.raises(memloc.MemlocError, match="source is empty"):
         memloc.score_agreement([])
     flipped = scores_result({"final_loss": base["final_loss"].values}, {"final_loss": -1})
-    with pytest.raises(memloc.MemlocError, match="direction -1 in results\\[1\\]"):
-        memloc.score_agreement([base, flipped], names="final_loss")
+    with pytest.raises(memloc.MemlocError, match="direction -1 in source\\[1\\]"):
+        memloc.score_agreement([base, flipped], methods="final_loss")

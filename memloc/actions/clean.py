@@ -1,6 +1,6 @@
 """Cleaning: drop (or relabel) the flagged examples, retrain with the same recipe, compare.
 
-``memloc.clean(run, by="combined")`` (command: ``python -m memloc clean RUN``) flags label issues
+``memloc.clean(run, method="combined")`` (command: ``python -m memloc clean RUN``) flags label issues
 with :func:`memloc.find_label_issues` (no ground truth), trains fresh runs on the cleaned training
 set (``relabel=True``: flagged examples keep their place with the epoch-k prediction as their
 label) for several seeds, and compares their test accuracy with runs on all the data. The
@@ -29,6 +29,7 @@ from ..core.options import add_experiment, number, seed_table
 from ..core.figures import plt, save_figure, table, mean_se_axis, plus_minus
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
+from ..core.deprecation import renamed
 from ..core.store import stored
 
 __all__ = ["clean", "cleanlab_flags", "cleaned_config"]
@@ -75,18 +76,19 @@ def cleanlab_flags(parent, base: dict, *, folds: int = 5, jobs: int = 1, device=
     return np.asarray(cl_find(labels=given, pred_probs=probs), dtype=bool), probs
 
 
+@renamed(run="source", by="method")
 @stored('clean')
-def clean(run, *, by: str = "combined", relabel: bool = False, seeds=(0, 1, 2), baseline: bool = True,
+def clean(source, *, method: str = "combined", relabel: bool = False, seeds=(0, 1, 2), baseline: bool = True,
           folds: int = 5, jobs: int = 1, device="auto") -> Result | None:
     """The ``"clean"`` result: test accuracy per method (all, memloc, cleanlab) and seed. Under torchrun
     the fresh runs (and the cleanlab folds) are split across the processes
     (:mod:`memloc.actions.children`) and rank 0 returns the result, the other ranks None."""
-    run = as_run(run)
+    run = as_run(source)
     base = parent_config(run)
     seeds = check_seeds(seeds)
     dev = resolve_device(device)
     with alone():       # under torchrun every rank flags alone; the children are split (train_children)
-        issues = find_label_issues(run, by=by, device=dev)
+        issues = find_label_issues(run, method=method, device=dev)
     flags = {"memloc": issues["flagged"].values.astype(bool)}
     predicted = {"memloc": issues["label_predicted"].values}
     if baseline:
@@ -94,7 +96,7 @@ def clean(run, *, by: str = "combined", relabel: bool = False, seeds=(0, 1, 2), 
         predicted["cleanlab"] = probs.argmax(1)
     for name, f in flags.items():
         if f.all():
-            raise MemlocError(f"{name} flags every example: nothing left to train on", argument="by")
+            raise MemlocError(f"{name} flags every example: nothing left to train on", argument="method")
     methods = ["all", *flags]
     children = [(f"all-s{s}", {**base, "seed": s}) for s in seeds]
     for name, f in flags.items():
@@ -123,7 +125,7 @@ def clean(run, *, by: str = "combined", relabel: bool = False, seeds=(0, 1, 2), 
          "recall": ("flags", np.array([np.nan, *(quality[m]["recall"] for m in flags)])),
          "noise_left": ("flags", np.array([left[m] for m in methods]))},
         coords={"flags": methods, "seed": seeds})
-    config = {"by": by, "relabel": relabel, "seeds": seeds, "baseline": baseline, "folds": folds, "jobs": jobs,
+    config = {"by": method, "relabel": relabel, "seeds": seeds, "baseline": baseline, "folds": folds, "jobs": jobs,
               "rate_estimate": float(issues["rate_estimate"]), "checkpoint_k": issues.config["checkpoint_k"],
               "device": str(dev)}
     return Result("clean", ds, config=config)
@@ -144,7 +146,7 @@ def _cli_arguments(p):
 
 
 def _cli_execute(args):
-    return clean(args.run, by=args.by, relabel=args.relabel, seeds=args.seeds, baseline=args.baseline,
+    return clean(args.run, method=args.by, relabel=args.relabel, seeds=args.seeds, baseline=args.baseline,
                  folds=args.folds, jobs=args.jobs, device=args.device)
 
 
@@ -190,7 +192,7 @@ ANALYSIS = Analysis(
                    "precision": Var(("flags",), "flagged that are noisy (NaN without ground truth)"),
                    "recall": Var(("flags",), "noisy that are flagged (NaN without ground truth)"),
                    "noise_left": Var(("flags",), "share of the training set still mislabeled after cleaning (NaN without ground truth)")}),
-    command=Command(name="clean",
+    command=Command(name="clean", flags={"method": "--by"},
                     help='drop or relabel the flagged examples and retrain; cleanlab as the baseline',
                     sharded=True,
                     description="Flag label issues without ground truth (memloc issues), drop them (or --relabel them with the early "

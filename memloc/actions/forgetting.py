@@ -37,6 +37,7 @@ from ..core.options import nonnegative_int, positive_float, positive_int
 from ..core.figures import plt, save_figure, table
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
+from ..core.deprecation import renamed
 from ..core.store import stored
 
 __all__ = ["ORDERS", "PROTECTIONS", "split_parts", "forgetting_order"]
@@ -68,12 +69,13 @@ def _accuracy(model, part) -> float:
     return float(evaluate(model, part.batches(1024))["correct"].mean())
 
 
+@renamed(run="source")
 @stored('forgetting')
-def forgetting_order(run, *, orders=ORDERS, protect=PROTECTIONS, epochs: int = 10, lr: float = 0.05,
+def forgetting_order(source, *, orders=ORDERS, protect=PROTECTIONS, epochs: int = 10, lr: float = 0.05,
                      lam: dict | None = None, seed: int = 0, batch_size: int = 128, device="auto") -> Result:
     """The ``"forgetting"`` result: ``accuracy`` (order, protect, epoch, part), epoch 0..2E (E = ``epochs``
     per phase; epoch E = the end of the first phase), part = first / second."""
-    run = as_run(run)
+    run = as_run(source)
     protect = check_choices("protect", protect, PROTECTIONS, "protection")
     orders = check_choices("orders", orders, ORDERS, "split")
     check_range("epochs", epochs, low=1, integer=True)

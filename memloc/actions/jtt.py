@@ -1,6 +1,6 @@
 """JTT, just train twice (Liu et al. 2021): upweight what an early model gets wrong, train again.
 
-``memloc.jtt(run, id_epoch=T, upweight=LAMBDA)`` (command: ``python -m memloc jtt RUN``): the
+``memloc.jtt(run, checkpoint=T, upweight=LAMBDA)`` (command: ``python -m memloc jtt RUN``): the
 identification model is the parent run at epoch T; its error set is the training examples it
 misclassifies (w.r.t. the given labels, eval mode, ``run.h5`` /dynamics/end/correct row T). Fresh
 runs with the parent's recipe are trained with the error set's loss weighted by LAMBDA (weights
@@ -26,6 +26,7 @@ from ..core.options import add_experiment, mean_se, nonnegative_int, positive_fl
 from ..core.figures import plt, save_figure, table, mean_se_axis
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
+from ..core.deprecation import renamed
 from ..core.store import stored
 
 __all__ = ["GROUPS", "error_set", "group_accuracies", "jtt"]
@@ -35,7 +36,7 @@ GROUPS = ("test", "worst_class", "clean", "noisy_given", "noisy_true")
 
 def error_set(run, id_epoch: int) -> np.ndarray:
     """Ids of the training examples the model of epoch ``id_epoch`` misclassifies (given labels)."""
-    check_range("id_epoch", id_epoch, low=0, high=run.final_epoch, integer=True)
+    check_range("checkpoint", id_epoch, low=0, high=run.final_epoch, integer=True)
     correct = run.dynamics("correct", "end")[id_epoch]
     return np.flatnonzero(correct == 0)
 
@@ -53,26 +54,27 @@ def group_accuracies(model, data, *, batch_size: int = 1024) -> np.ndarray:
                      acc["noisy_true"]], dtype=np.float64)
 
 
+@renamed(run="source", id_epoch="checkpoint", batch_size="eval_batch_size")
 @stored('jtt')
-def jtt(run, *, id_epoch: int | None = None, upweight: float = 5.0, seeds=(0, 1, 2), jobs: int = 1,
-        device="auto", batch_size: int = 1024) -> Result | None:
+def jtt(source, *, checkpoint: int | None = None, upweight: float = 5.0, seeds=(0, 1, 2), jobs: int = 1,
+        device="auto", eval_batch_size: int = 1024) -> Result | None:
     """The ``"jtt"`` result: group accuracies of ERM and JTT runs per seed, and the error set.
 
-    ``id_epoch`` (default: 10% of training, the identification model of an early-stopped ERM
+    ``checkpoint``: the epoch T (default: 10% of training, the identification model of an early-stopped ERM
     run; Liu et al. tune T on a validation set) and ``upweight`` (lambda_up; Liu et al. use 5-100).
     Under torchrun the fresh runs are split across the processes (:mod:`memloc.actions.children`)
     and rank 0 returns the result, the other ranks None.
     """
     from ..analyses.scores import default_epoch_k
-    run = as_run(run)
+    run = as_run(source)
     base = parent_config(run)
-    id_epoch = default_epoch_k(run.final_epoch) if id_epoch is None else id_epoch
+    id_epoch = default_epoch_k(run.final_epoch) if checkpoint is None else checkpoint
     check_range("upweight", upweight, low=0, low_open=True)
     seeds = check_seeds(seeds)
     errors = error_set(run, id_epoch)
     if not len(errors):
         raise MemlocError(f"the model of epoch {id_epoch} misclassifies no training example: nothing to upweight "
-                          "(choose an earlier id_epoch)", argument="id_epoch")
+                          "(choose an earlier checkpoint)", argument="checkpoint")
     dev = resolve_device(device)
     children = [(f"all-s{s}", {**base, "seed": s}) for s in seeds]
     children += [(f"jtt-T{id_epoch}-up{upweight:g}-s{s}",
@@ -81,7 +83,7 @@ def jtt(run, *, id_epoch: int | None = None, upweight: float = 5.0, seeds=(0, 1,
     if world()[0] > 0:
         return None             # rank 0 evaluates and returns the result
     data = run.data(dev)
-    acc = np.stack([group_accuracies(r.model(device=dev), data, batch_size=batch_size) for r in runs])
+    acc = np.stack([group_accuracies(r.model(device=dev), data, batch_size=eval_batch_size) for r in runs])
     noisy = run.is_noisy
     ds = xr.Dataset({"accuracy": (("variant", "seed", "group"), acc.reshape(2, len(seeds), len(GROUPS))),
                      "error_set": ("error", errors),
@@ -101,7 +103,7 @@ def _cli_arguments(p):
 
 
 def _cli_execute(args):
-    return jtt(args.run, id_epoch=args.id_epoch, upweight=args.upweight, seeds=args.seeds, jobs=args.jobs,
+    return jtt(args.run, checkpoint=args.id_epoch, upweight=args.upweight, seeds=args.seeds, jobs=args.jobs,
                device=args.device)
 
 
@@ -154,7 +156,7 @@ ANALYSIS = Analysis(
                     description="JTT (Liu et al. 2021): the training examples the run's model of epoch T misclassifies are upweighted "
                                 "by LAMBDA in fresh runs with the run's recipe; accuracy of ERM and JTT on test, the worst test class, "
                                 "clean and noisy training examples. Writes RUN/results/jtt.h5; fresh runs live under RUN/children.",
-                    flags={"id_epoch": "--id-epochs"},
+                    flags={"checkpoint": "--id-epochs"},
                     interrupted="finished runs under RUN/children are kept; rerun the same command to go on",
                     arguments=_cli_arguments,
                     summary=_cli_summary,

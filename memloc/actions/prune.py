@@ -1,10 +1,10 @@
 """Data pruning: keep a fraction of the training set chosen by a score, train afresh, measure.
 
-``memloc.prune(run, by=["el2n", "grand", "forgetting"], keep=[0.9, 0.7, 0.5, 0.3])`` (command:
+``memloc.prune(run, methods=["el2n", "grand", "forgetting"], keep=[0.9, 0.7, 0.5, 0.3])`` (command:
 ``python -m memloc prune RUN``) scores the parent run's examples, keeps a fraction of them per
 score and mode, trains a fresh run on each kept set with the parent's recipe (several seeds) and
 records the final test accuracy, with random pruning as the reference and the full set as the
-ceiling. As in Data Diet (Paul et al. 2021), GraNd is taken at initialisation (``grand_epoch``)
+ceiling. As in Data Diet (Paul et al. 2021), GraNd is taken at initialisation (``grand_checkpoint``)
 and EL2N at an early epoch k; forgetting counts (Toneva et al. 2019) at the end of training.
 
 Modes (which examples are **kept**; scores turned by their direction so high = hard / suspicious):
@@ -29,6 +29,7 @@ from ..core.options import add_experiment, mean_se, nonnegative_int, number
 from ..core.figures import plt, save_figure, table, mean_se_axis, plus_minus
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
+from ..core.deprecation import renamed
 from ..core.store import stored
 
 __all__ = ["MODES", "kept_ids", "prune", "prune_values"]
@@ -64,35 +65,37 @@ def kept_ids(values: np.ndarray, keep: float, *, mode: str = "hardest", offset: 
     return np.sort(rows)
 
 
-def prune_values(runs, names, *, checkpoint_k=None, grand_epoch: int = 0, device="cpu") -> dict[str, np.ndarray]:
+def prune_values(runs, names, *, checkpoint=None, grand_checkpoint: int = 0, device="cpu") -> dict[str, np.ndarray]:
     """``direction x score`` (higher = harder) of every named score, averaged over ``runs`` (one run
-    or runs of the same data; Data Diet averages 10): GraNd at ``grand_epoch`` (Data Diet:
-    initialisation), EL2N at ``checkpoint_k`` (default 10% of training), the others as
+    or runs of the same data; Data Diet averages 10): GraNd at ``grand_checkpoint`` (Data Diet:
+    initialisation), EL2N at ``checkpoint`` (default 10% of training), the others as
     :func:`memloc.scores` computes them."""
     from ..analyses.label_issues import same_data_runs
     runs = same_data_runs(runs)
-    k = default_epoch_k(min(r.final_epoch for r in runs)) if checkpoint_k is None else checkpoint_k
+    k = default_epoch_k(min(r.final_epoch for r in runs)) if checkpoint is None else checkpoint
     out = {}
     for name in names:
-        epoch = grand_epoch if name == "grand" else k
+        epoch = grand_checkpoint if name == "grand" else k
         out[name] = SCORES[name].direction * np.mean(
-            [compute_scores(r, names=[name], checkpoint_k=epoch, device=device)[name].values for r in runs], axis=0)
+            [compute_scores(r, methods=[name], checkpoint=epoch, device=device)[name].values for r in runs], axis=0)
     return out
 
 
+@renamed(run="source", by="methods", checkpoint_k="checkpoint", grand_epoch="grand_checkpoint")
 @stored('prune')
-def prune(run, *, by=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3), mode: str = "hardest",
-          offset: float = 0.1, seeds=(0, 1, 2), checkpoint_k: int | None = None, grand_epoch: int = 0,
+def prune(source, *, methods=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3), mode: str = "hardest",
+          offset: float = 0.1, seeds=(0, 1, 2), checkpoint: int | None = None, grand_checkpoint: int = 0,
           also=(), jobs: int = 1, device="auto") -> Result | None:
     """The ``"prune"`` result: test accuracy of fresh runs on kept subsets, per score (and random),
     keep fraction and seed; with the share of noisy examples kept. ``also``: more runs of the same
-    data whose scores are averaged with ``run``'s (the fresh runs use ``run``'s recipe). Under torchrun
+    data whose scores are averaged with ``source``'s (the fresh runs use its recipe). ``checkpoint``: the epoch
+    of EL2N (default 10% of training); ``grand_checkpoint``: the epoch of GraNd (Data Diet: 0, initialisation). Under torchrun
     the fresh runs are split across the processes (:mod:`memloc.actions.children`) and rank 0
     returns the result, the other ranks None."""
-    run = as_run(run)
+    run = as_run(source)
     also = [as_run(r) for r in (also or [])]
     base = parent_config(run)
-    names = check_choices("by", by, [n for n in SCORES if n != "neuron_count"], "pruning score")
+    names = check_choices("methods", methods, [n for n in SCORES if n != "neuron_count"], "pruning score")
     keeps = [float(k) for k in (keep if isinstance(keep, (list, tuple)) else split_list(keep))]
     for k in keeps:
         check_range("keep", k, low=0, high=1, low_open=True)
@@ -102,14 +105,14 @@ def prune(run, *, by=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3),
     if mode not in MODES:
         raise MemlocError(f"unknown mode {mode!r}; valid: {', '.join(MODES)} (random is always run as the reference)",
                           argument="mode")
-    check_range("grand_epoch", grand_epoch, low=0, high=run.final_epoch, integer=True)
+    check_range("grand_checkpoint", grand_checkpoint, low=0, high=run.final_epoch, integer=True)
     dev = resolve_device(device)
     with alone():       # under torchrun every rank scores alone; the children are split (train_children)
-        values = prune_values([run, *also], names, checkpoint_k=checkpoint_k, grand_epoch=grand_epoch, device=dev)
-    methods = [*names, "random"]
+        values = prune_values([run, *also], names, checkpoint=checkpoint, grand_checkpoint=grand_checkpoint, device=dev)
+    compared = [*names, "random"]
     label = lambda m, k, s: f"prune-{m}-{mode if m != 'random' else 'random'}-{k:g}-s{s}"  # noqa: E731
     subsets, children = {}, []
-    for m in methods:
+    for m in compared:
         for k in keeps:
             for s in seeds:
                 ids = (kept_ids(np.zeros(run.num_train), k, mode="random", seed=s) if m == "random"
@@ -123,10 +126,10 @@ def prune(run, *, by=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3),
     final = {}
     for (name, _), r in zip(children, runs):
         final[name] = float(r.metrics()["test_accuracy"][-1])
-    shape = (len(methods), len(keeps), len(seeds))
+    shape = (len(compared), len(keeps), len(seeds))
     acc, kept, share = np.zeros(shape), np.zeros(shape), np.zeros(shape)
     noisy = run.is_noisy
-    for i, m in enumerate(methods):
+    for i, m in enumerate(compared):
         for j, k in enumerate(keeps):
             for t, s in enumerate(seeds):
                 ids = subsets[m, k, s]
@@ -136,10 +139,10 @@ def prune(run, *, by=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3),
     dims = ("score", "keep", "seed")
     ds = xr.Dataset({"test_accuracy": (dims, acc), "noisy_kept": (dims, kept), "noisy_share": (dims, share),
                      "full_accuracy": ("seed", np.array([final[f"all-s{s}"] for s in seeds]))},
-                    coords={"score": methods, "keep": keeps, "seed": seeds})
-    k_used = default_epoch_k(run.final_epoch) if checkpoint_k is None else checkpoint_k
+                    coords={"score": compared, "keep": keeps, "seed": seeds})
+    k_used = default_epoch_k(run.final_epoch) if checkpoint is None else checkpoint
     config = {"by": names, "keep": keeps, "mode": mode, "offset": offset, "seeds": seeds, "checkpoint_k": k_used,
-              "grand_epoch": grand_epoch, "also": [str(r.path) for r in also], "jobs": jobs, "device": str(dev), "epochs": base["epochs"]}
+              "grand_epoch": grand_checkpoint, "also": [str(r.path) for r in also], "jobs": jobs, "device": str(dev), "epochs": base["epochs"]}
     return Result("prune", ds, config=config)
 
 
@@ -164,8 +167,8 @@ def _cli_arguments(p):
 
 
 def _cli_execute(args):
-    return prune(args.run, by=args.by, keep=_cli_fractions(args.keep), mode=args.mode, offset=args.offset,
-                 seeds=args.seeds, checkpoint_k=args.checkpoint_k, grand_epoch=args.grand_epoch, also=args.also, jobs=args.jobs,
+    return prune(args.run, methods=args.by, keep=_cli_fractions(args.keep), mode=args.mode, offset=args.offset,
+                 seeds=args.seeds, checkpoint=args.checkpoint_k, grand_checkpoint=args.grand_epoch, also=args.also, jobs=args.jobs,
                  device=args.device)
 
 
@@ -198,7 +201,7 @@ def plot_prune(res, out, run=None) -> str:
     noisy = np.isfinite(res["noisy_kept"].values).any()
     fig, axes = plt.subplots(1, 2 if noisy else 1, figsize=(10 if noisy else 5.5, 3.4), squeeze=False)
     ax = axes[0, 0]
-    for i, m in enumerate(methods):
+    for i, m in enumerate(compared):
         mean, se = mean_se_axis(res["test_accuracy"].values[i])
         ax.errorbar(keeps, 100 * mean, yerr=100 * se, marker="o", capsize=3, label=m,
                     ls="--" if m == "random" else "-", color="k" if m == "random" else None)
@@ -209,14 +212,14 @@ def plot_prune(res, out, run=None) -> str:
     ax.legend(fontsize=8)
     if noisy:
         ax = axes[0, 1]
-        for i, m in enumerate(methods):
+        for i, m in enumerate(compared):
             ax.plot(keeps, 100 * res["noisy_kept"].values[i].mean(-1), marker="o", label=m,
                     ls="--" if m == "random" else "-", color="k" if m == "random" else None)
         ax.set(xlabel="fraction kept", ylabel="mislabeled examples kept (%)", title="noise kept")
         ax.invert_xaxis()
     name = save_figure(fig, out, "prune.png")
     rows = []
-    for i, m in enumerate(methods):
+    for i, m in enumerate(compared):
         mean, se = mean_se_axis(res["test_accuracy"].values[i])
         rows.append([m] + [plus_minus(a, e, res.sizes["seed"]) for a, e in zip(mean, se)])
     return (f"## Pruning\n\nFresh runs on the kept examples (seeds {', '.join(map(str, res['seed'].values))}); "
@@ -241,7 +244,8 @@ ANALYSIS = Analysis(
                                 "fresh run on each kept set with the run's own recipe and seeds, record test accuracy and the share "
                                 "of noisy examples kept. GraNd at initialisation and EL2N at epoch k as in Data Diet; forgetting "
                                 "counts at the end. Writes RUN/results/prune.h5; fresh runs live under RUN/children.",
-                    flags={"by": "--by", "keep": "--keep", "runs": "--also"},
+                    flags={"methods": "--by", "keep": "--keep", "runs": "--also", "checkpoint": "--checkpoint-k",
+                           "grand_checkpoint": "--grand-epoch"},
                     interrupted="finished runs under RUN/children are kept; rerun the same command to go on",
                     arguments=_cli_arguments,
                     summary=_cli_summary,

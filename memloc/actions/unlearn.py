@@ -62,6 +62,7 @@ from ..core.options import mean_se, nonnegative_float, number, positive_float, p
 from ..core.figures import plt, save_figure, table
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
+from ..core.deprecation import renamed
 from ..core.store import stored
 from .continual import (TEMPERATURE, distillation_loss, distillation_term, finetune, penalty_term,  # noqa: F401
                         protection_weights, quadratic_penalty)
@@ -168,15 +169,16 @@ def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, o
     return {"model": model, "mask": mask}
 
 
+@renamed(run="source")
 @stored('unlearn')
-def unlearn(run, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs: int = HYPER["epochs"],
+def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs: int = HYPER["epochs"],
             lr: float = HYPER["lr"], lam: dict | float | None = None, batch_size: int = HYPER["batch_size"],
             retrain_epochs: int = 20, ascent_lr: float = HYPER["ascent_lr"], ascent_epochs: int = HYPER["ascent_epochs"],
             device="auto") -> Result:
     """The ``"unlearn"`` result: accuracy (technique, seed, group), seconds, passes, the forget ids."""
     from .children import check_seeds
     from ..core.units import trace
-    run = as_run(run)
+    run = as_run(source)
     names = available_methods(run) if methods in (None, "all") else check_choices("methods", methods, METHODS,
                                                                                   "unlearning method")
     has_etd = bool(run.info.get("model", {}).get("etd"))

@@ -27,6 +27,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
+from ..core.deprecation import renamed
 from ..core.errors import MemlocError
 from ..core.results import Result, load_result
 from ..core.runtime import split_list
@@ -50,8 +51,8 @@ def _as_scores(item, i: int) -> Result:
     if isinstance(item, (str, Path)):
         item = load_result(item, "scores")
     if not isinstance(item, Result) or item.name != "scores":
-        raise MemlocError(f"results[{i}] is not a 'scores' result (memloc.scores), got "
-                          f"{getattr(item, 'name', type(item).__name__)!r}", argument="results")
+        raise MemlocError(f"source[{i}] is not a 'scores' result (memloc.scores), got "
+                          f"{getattr(item, 'name', type(item).__name__)!r}", argument="source")
     return item
 
 
@@ -59,45 +60,46 @@ def _direction(res: Result, name: str) -> int:
     from .scores import SCORES
     d = res[name].attrs.get("direction", SCORES[name].direction if name in SCORES else None)
     if d is None or int(d) not in (1, -1):
-        raise MemlocError(f"score {name!r} has no direction attribute (+1 or -1)", argument="results")
+        raise MemlocError(f"score {name!r} has no direction attribute (+1 or -1)", argument="source")
     return int(d)
 
 
-def score_agreement(results, *, names=None) -> Result:
+@renamed(results="source", names="methods")
+def score_agreement(source, *, methods=None) -> Result:
     """Spearman agreement between scores (``between``) and of each score across runs (``across_runs``).
 
-    ``results``: a list of ``"scores"`` results (or paths of saved ones; a single result is one
-    run), all over the same examples. ``names``: the scores to compare (list or comma-separated;
+    ``source``: a list of ``"scores"`` results (or paths of saved ones; a single result is one
+    run), all over the same examples. ``methods``: the scores to compare (list or comma-separated;
     default: every score present in all results). Returns the ``"agreement"`` result.
     """
-    if isinstance(results, (Result, str, Path)):
-        results = [results]
-    results = [_as_scores(r, i) for i, r in enumerate(results)]
+    if isinstance(source, (Result, str, Path)):
+        source = [source]
+    results = [_as_scores(r, i) for i, r in enumerate(source)]
     if not results:
-        raise MemlocError("results is empty: give at least one scores result", argument="results")
+        raise MemlocError("source is empty: give at least one scores result", argument="source")
     example = results[0]["example"].values
     for i, r in enumerate(results[1:], 1):
         if not np.array_equal(r["example"].values, example):
-            raise MemlocError(f"results[{i}] is over other examples than results[0] ({r.sizes['example']} vs "
+            raise MemlocError(f"source[{i}] is over other examples than source[0] ({r.sizes['example']} vs "
                               f"{len(example)}, or another order): compare runs of the same training data",
-                              argument="results")
+                              argument="source")
     common = [n for n in results[0].data_vars if all(n in r.data_vars for r in results[1:])]
-    if names is None:
+    if methods is None:
         chosen = common
     else:
-        chosen = list(dict.fromkeys(split_list(names)))
+        chosen = list(dict.fromkeys(split_list(methods)))
         bad = [n for n in chosen if n not in common]
         if bad:
             raise MemlocError(f"score {', '.join(map(repr, bad))} is not in every result; available: "
-                              f"{', '.join(common) or 'none'}", argument="names")
+                              f"{', '.join(common) or 'none'}", argument="methods")
     if not chosen:
-        raise MemlocError("no score common to every result", argument="names")
+        raise MemlocError("no score common to every result", argument="methods")
     directions = {n: _direction(results[0], n) for n in chosen}
     for i, r in enumerate(results[1:], 1):
         for n in chosen:
             if _direction(r, n) != directions[n]:
-                raise MemlocError(f"score {n!r} has direction {_direction(r, n)} in results[{i}] but "
-                                  f"{directions[n]} in results[0]", argument="results")
+                raise MemlocError(f"score {n!r} has direction {_direction(r, n)} in source[{i}] but "
+                                  f"{directions[n]} in source[0]", argument="source")
     signed = [{n: directions[n] * r[n].values.astype(np.float64) for n in chosen} for r in results]
 
     s = len(chosen)

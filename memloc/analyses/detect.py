@@ -28,6 +28,7 @@ import numpy as np
 from sklearn import metrics as skm
 import xarray as xr
 
+from ..core.deprecation import renamed
 from ..core.errors import MemlocError
 from ..core.results import Result
 from ..core.run import as_run
@@ -160,11 +161,12 @@ def plot_curves(scores: dict[str, np.ndarray], is_noisy: np.ndarray, directions:
         plt.close(fig)
 
 
-def detect(source, *, names="all", is_noisy=None) -> Result:
+@renamed(names="methods")
+def detect(source, *, methods="all", is_noisy=None) -> Result:
     """Detection quality of every stored score against the known noise.
 
     ``source``: a :class:`memloc.Run` / run path (its ``"scores"`` result and ``is_noisy``), or a
-    ``"scores"`` :class:`memloc.Result` with ``is_noisy`` (N,). ``names``: scores to evaluate
+    ``"scores"`` :class:`memloc.Result` with ``is_noisy`` (N,). ``methods``: scores to evaluate
     (default all). Returns the ``"detect"`` result.
     """
     if isinstance(source, Result):
@@ -180,12 +182,12 @@ def detect(source, *, names="all", is_noisy=None) -> Result:
     if not np.array_equal(index, np.arange(len(noisy))):
         raise MemlocError(f"the scores do not list the {len(noisy)} training examples in order")
     values = {k: res[k].values for k in res.data_vars}
-    if names not in (None, "all"):
-        wanted = split_list(names)
+    if methods not in (None, "all"):
+        wanted = split_list(methods)
         bad = [n for n in wanted if n not in values]
         if bad or not wanted:
             raise MemlocError(f"score {', '.join(map(repr, bad)) or '(none given)'} not among the stored scores; "
-                              f"available: {', '.join(values)}", argument="names")
+                              f"available: {', '.join(values)}", argument="methods")
         values = {n: values[n] for n in wanted}
     if not values:
         raise MemlocError("the scores result holds no scores")
@@ -209,7 +211,7 @@ def _cli_arguments(p):
 
 
 def _cli_execute(args):
-    return detect(load(args.run), names=args.scores)
+    return detect(load(args.run), methods=args.scores)
 
 
 def _cli_table(res, values, size, noisy):
@@ -263,7 +265,7 @@ ANALYSIS = Analysis(
                     device=False,
                     description="Noise-detection quality (AUROC, average precision, precision at the true noise rate) of every "
                                 "score in RUN/results/scores.h5; writes RUN/results/detect.h5 (the report draws the ROC curves).",
-                    flags={"names": "--scores"},
+                    flags={"methods": "--scores"},
                     arguments=_cli_arguments,
                     summary=_cli_summary,
                     execute=_cli_execute),

@@ -46,6 +46,7 @@ from ..core.options import add_checkpoints, add_layers, layer_table, positive_in
 from ..core.figures import plt, COLORS, save_figure, table, short_names, coord_names, grid
 from ..core.schemas import Schema, Var, layer_vars
 from ..core.registry import Analysis, Command
+from ..core.deprecation import renamed
 from ..core.store import stored
 
 __all__ = ["QUANTITIES", "BN_MODES", "layer_gradients", "gradients"]
@@ -141,9 +142,10 @@ def _gradient_sums(model, examples, is_noisy, layers, batch_size):
     return out
 
 
+@renamed(batch_size="eval_batch_size", resume_dir="resume")
 @stored('gradients')
 def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str = "eval",
-              batch_size: int = 1024, device="auto", resume_dir=None, overwrite: bool = False) -> Result | None:
+              eval_batch_size: int = 1024, device="auto", resume=None, overwrite: bool = False) -> Result | None:
     """:func:`layer_gradients` at every selected checkpoint of a run (or of a model).
 
     ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` (then
@@ -151,7 +153,7 @@ def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str
     names (default all). Returns the ``"gradients"`` result: ``norm`` (epoch, layer, subset) and
     ``cosine`` (epoch, layer).
 
-    ``resume_dir``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
+    ``resume``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
     ``RUN/results/gradients.partial`` for a run, as ``memloc gradients`` uses; None, the default:
     nothing saved in one process): each finished checkpoint is saved there, and a rerun with the
     same settings takes it instead of recomputing it (``overwrite`` discards parts made with other
@@ -161,20 +163,20 @@ def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str
     """
     if bn_mode not in BN_MODES:
         raise MemlocError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
-    check_range("batch_size", batch_size, low=1, integer=True)
+    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     p = prepare(source, data, device=device, layers=layers, checkpoints=checkpoints)
     model = copy.deepcopy(p.model).requires_grad_(True)
     epochs = list(p.states)
     config = {"checkpoints": epochs, "layers": [l.name for l in p.layers], "bn_mode": bn_mode,
-              "batch_size": batch_size, "device": str(p.device), "loss": "cross_entropy mean",
+              "batch_size": eval_batch_size, "device": str(p.device), "loss": "cross_entropy mean",
               "normalisation": "norm / sqrt(numel)"}
-    parts = Parts(parts_folder(resume_dir, p.run, "gradients"), {**config, "device": p.device.type},
+    parts = Parts(parts_folder(resume, p.run, "gradients"), {**config, "device": p.device.type},
                   what="gradients", overwrite=overwrite)
     try:        # one item per checkpoint: its (layer, quantity) array
         for epoch in progress(shard([e for e in epochs if (e,) not in parts.done]), desc="checkpoints",
                               unit="checkpoint"):
             model.load_state_dict(p.state(epoch))
-            row = layer_gradients(model, p.data.train, p.data.is_noisy, p.layers, batch_size=batch_size,
+            row = layer_gradients(model, p.data.train, p.data.is_noisy, p.layers, batch_size=eval_batch_size,
                                   bn_mode=bn_mode)
             parts.add({(epoch,): np.stack([row[q] for q in QUANTITIES], -1).reshape(len(p.layers), len(QUANTITIES))})
         parts.gather()
@@ -207,7 +209,7 @@ def _cli_arguments(p):
 
 def _cli_execute(args):
     return gradients(args.run, checkpoints=args.checkpoints, layers=args.layers, bn_mode=args.bn_mode,
-                     batch_size=args.batch_size, device=args.device, resume_dir="auto", overwrite=args.overwrite)
+                     eval_batch_size=args.batch_size, device=args.device, resume="auto", overwrite=args.overwrite)
 
 
 def _cli_summary(res, args):
@@ -264,7 +266,7 @@ ANALYSIS = Analysis(
                    "cosine": Var(("checkpoint", "layer"), "cosine between the clean and the noisy gradient (NaN if one is 0)")}),
     command=Command(name="gradients",
                     help='per-layer gradient norms of clean / noisy / all losses and their cosine, per checkpoint',
-                    sharded=True,
+                    sharded=True, flags={"eval_batch_size": "--batch-size"},
                     interrupted="finished work is saved (rerun to continue)",
                     overwrite_help="replace an existing gradients.h5 (or an interrupted gradients run saved with other settings)",
                     description="Per-layer gradient norms of the mean clean, noisy and total training loss (divided by "

@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 import xarray as xr
 
+from ..core.deprecation import renamed
 from ..core.errors import MemlocError
 from ..core.evaluate import eval_mode
 from ..core.results import Result
@@ -164,9 +165,10 @@ def flip_units(run, examples=None) -> np.ndarray | None:
     return np.unique(np.concatenate([ids[off[r]:off[r + 1]] for r in rows])) if rows else np.zeros(0, np.int64)
 
 
+@renamed(batch_size="eval_batch_size")
 @stored('importance')
-def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "noisy"), batch_size: int = 128,
-               device="auto") -> Result:
+def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "noisy"),
+               eval_batch_size: int = 128, device="auto") -> Result:
     """The ``"importance"`` result: ``layer_importance`` (subset, layer), ``unit_importance`` (subset, unit)."""
     from ..core.runtime import split_list
     src = resolve(source, data, device=device)
@@ -182,7 +184,7 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
     for name in names:
         rows = select_rows(src.data, name, flagged=flagged)
         part = train.subset(rows)        # a streamed set's rows are read batch by batch
-        imp = param_importance(src.model, part.x, part.y, method=method, batch_size=batch_size)
+        imp = param_importance(src.model, part.x, part.y, method=method, batch_size=eval_batch_size)
         per_layer.append(layer_importance(imp, structure))
         per_unit.append(unit_importance(imp, src.model, structure))
         sizes.append(len(rows))
@@ -199,7 +201,7 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
         inter = len(np.intersect1d(top, zeroed))
         variables["flip_overlap"] = ((), inter / (2 * len(zeroed) - inter))
         variables["flip_units"] = ("zeroed", zeroed)
-    config = {"method": method, "subsets": names, "batch_size": batch_size, "device": str(src.device),
+    config = {"method": method, "subsets": names, "batch_size": eval_batch_size, "device": str(src.device),
               "checkpoint": src.checkpoint}
     return Result("importance", xr.Dataset(variables, coords=coords), config=config)
 
@@ -218,7 +220,7 @@ def _cli_arguments(p):
 
 def _cli_execute(args):
     subsets = [args.subsets] if args.subsets.startswith("ids:") else args.subsets
-    return importance(args.run, method=args.method, subsets=subsets, batch_size=args.batch_size, device=args.device)
+    return importance(args.run, method=args.method, subsets=subsets, eval_batch_size=args.batch_size, device=args.device)
 
 
 def _cli_summary(res, args):

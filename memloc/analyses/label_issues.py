@@ -1,6 +1,6 @@
 """Label issues without ground truth: every training example ranked, the suspects flagged.
 
-``memloc.find_label_issues(run_or_runs, *, by="combined")`` (command: ``python -m memloc issues
+``memloc.find_label_issues(run_or_runs, *, method="combined")`` (command: ``python -m memloc issues
 RUN``) ranks every training example by a suspicion score and flags the top ``n`` where ``n`` =
 round(estimated noise rate x N). Nothing here reads ``is_noisy``: it works on real data.
 
@@ -17,7 +17,7 @@ and the off-diagonal mass over N is the rate. Measured on MNIST-5k (symmetric no
 same runs (17.7 / 24.0 / 29.8 / 44.3%: the clean component is far from Gaussian), so it is not
 offered. ``rate=`` sets the rate by hand.
 
-**The ranking** (``by``): any score of :mod:`memloc.scores`, or ``combined`` (default): the mean of
+**The ranking** (``method``): any score of :mod:`memloc.scores`, or ``combined`` (default): the mean of
 the rank percentiles of confidence, EL2N and AUM (each turned so that high = suspicious), the
 three strongest detectors on the MNIST-5k runs (``artifacts/detect_mnist5k.md``). With several
 runs of the same data (different seeds), each score and the epoch-k probabilities are averaged over
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..core.deprecation import renamed
 from ..core.errors import MemlocError
 from ..core.evaluate import evaluate
 from ..core.results import Result
@@ -67,7 +68,7 @@ def confident_joint_rate(probs: np.ndarray, given: np.ndarray) -> float:
     :func:`memloc.analyses.arrays.estimate_noise_rate`, its error naming the checkpoint."""
     if not np.isfinite(np.asarray(probs, dtype=np.float64)).all():
         raise MemlocError("the probabilities behind the noise-rate estimate are not finite (a diverged checkpoint?); "
-                          "choose another checkpoint_k", argument="checkpoint_k")
+                          "choose another checkpoint", argument="checkpoint")
     return estimate_noise_rate(given, probs)
 
 
@@ -92,16 +93,16 @@ def same_data_runs(runs) -> list[Run]:
     return runs
 
 
-def _check_covered(table: dict[str, np.ndarray], by: str) -> None:
+def _check_covered(table: dict[str, np.ndarray], method: str) -> None:
     """Refuse a ranking score that leaves examples without a value (NaN): they cannot be ranked."""
-    for name in COMBINED if by == "combined" else (by,):
+    for name in COMBINED if method == "combined" else (method,):
         n, scored = len(table[name]), int(np.isfinite(table[name]).sum())
         if scored < n:
             which = " (the examples flip searched)" if name == "neuron_count" else ""
-            raise MemlocError(f"by {by!r}: {name} scores {scored} of {n} examples{which}; label issues rank every "
+            raise MemlocError(f"method {method!r}: {name} scores {scored} of {n} examples{which}; label issues rank every "
                               "training example, and the unscored ones would be flagged in an arbitrary order: rank by "
                               "a score of every example (combined, el2n, confidence, ...), or compare scores on the "
-                              "examples they cover with memloc detect", argument="by")
+                              "examples they cover with memloc detect", argument="method")
 
 
 def _probabilities(run: Run, epoch: int, device, batch_size: int) -> np.ndarray:
@@ -110,12 +111,13 @@ def _probabilities(run: Run, epoch: int, device, batch_size: int) -> np.ndarray:
     return torch.from_numpy(logits).softmax(1).numpy()
 
 
+@renamed(runs="source", by="method", checkpoint_k="checkpoint", batch_size="eval_batch_size")
 @stored('issues')
-def find_label_issues(runs, *, by: str = "combined", checkpoint_k: int | None = None, rate: float | None = None,
-                      device="auto", batch_size: int = 1024) -> Result:
-    """Every training example of ``runs`` (one run, or runs of the same data) ranked; the suspects flagged.
+def find_label_issues(source, *, method: str = "combined", checkpoint: int | None = None, rate: float | None = None,
+                      device="auto", eval_batch_size: int = 1024) -> Result:
+    """Every training example of ``source`` (one run, or runs of the same data) ranked; the suspects flagged.
 
-    ``by``: ``combined`` or a score name of :data:`memloc.analyses.scores.SCORES`. ``checkpoint_k``: the
+    ``method``: ``combined`` or a score name of :data:`memloc.analyses.scores.SCORES`. ``checkpoint``: the
     epoch of EL2N and of the probabilities behind the rate estimate and the predicted labels
     (default 10% of training). ``rate``: flag this fraction instead of estimating it.
 
@@ -123,28 +125,28 @@ def find_label_issues(runs, *, by: str = "combined", checkpoint_k: int | None = 
     every example; a partial one (``neuron_count`` scores only the examples flip searched) is refused,
     naming how many examples it scores, rather than flag the unscored ones in an arbitrary order.
     """
-    runs = same_data_runs(runs)
-    if by != "combined" and by not in SCORES:
-        raise MemlocError(f"by {by!r} is not a score; valid: combined, {', '.join(SCORES)}", argument="by")
+    runs = same_data_runs(source)
+    if method != "combined" and method not in SCORES:
+        raise MemlocError(f"method {method!r} is not a score; valid: combined, {', '.join(SCORES)}", argument="method")
     if rate is not None:
         check_range("rate", rate, low=0, high=1, high_open=True)
-    check_range("batch_size", batch_size, low=1, integer=True)
+    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     final = min(r.final_epoch for r in runs)
-    k = default_epoch_k(final) if checkpoint_k is None else checkpoint_k
-    check_range("checkpoint_k", k, low=0, high=final, integer=True)
+    k = default_epoch_k(final) if checkpoint is None else checkpoint
+    check_range("checkpoint", k, low=0, high=final, integer=True)
     if k == 0:
-        raise MemlocError("checkpoint_k 0 is the untrained initialisation: its predictions say nothing about the "
+        raise MemlocError("checkpoint 0 is the untrained initialisation: its predictions say nothing about the "
                           "labels (the noise-rate estimate from them flags nearly every example); choose an epoch "
-                          f"in 1..{final} (default: {default_epoch_k(final)})", argument="checkpoint_k")
+                          f"in 1..{final} (default: {default_epoch_k(final)})", argument="checkpoint")
     dev = resolve_device(device)
-    names = list(dict.fromkeys([*ISSUE_SCORES, *([by] if by != "combined" else [])]))
-    per_run = [compute_scores(r, names=names, checkpoint_k=k, device=dev) for r in runs]
+    names = list(dict.fromkeys([*ISSUE_SCORES, *([method] if method != "combined" else [])]))
+    per_run = [compute_scores(r, methods=names, checkpoint=k, device=dev) for r in runs]
     table = {n: np.mean([res[n].values for res in per_run], axis=0) for n in names}
-    _check_covered(table, by)
-    probs = np.mean([_probabilities(r, k, dev, batch_size) for r in runs], axis=0)
+    _check_covered(table, method)
+    probs = np.mean([_probabilities(r, k, dev, eval_batch_size) for r in runs], axis=0)
     given = runs[0].label_given
     rate_est = confident_joint_rate(probs, given) if rate is None else float(rate)
-    issues = find_label_issues_in_arrays(given, probs, rate=rate_est, scores=table, by=by)
+    issues = find_label_issues_in_arrays(given, probs, rate=rate_est, scores=table, by=method)
     count = int(issues["is_label_issue"].sum())
     n = len(given)
     ds = xr.Dataset(
@@ -156,7 +158,7 @@ def find_label_issues(runs, *, by: str = "combined", checkpoint_k: int | None = 
          "direction": ("score", np.array([SCORES[s].direction for s in names])),
          "rate_estimate": ((), rate_est)},
         coords={"example": np.arange(n), "score": names})
-    config = {"by": by, "checkpoint_k": int(k), "rate": rate, "rate_method": "confident_joint" if rate is None else "given",
+    config = {"by": method, "checkpoint_k": int(k), "rate": rate, "rate_method": "confident_joint" if rate is None else "given",
               "runs": [str(r.path) for r in runs], "flagged": count, "device": str(dev)}
     return Result("issues", ds, config=config)
 
@@ -199,8 +201,8 @@ def _cli_arguments(p):
 def _cli_execute(args):
     if args.csv:
         check_writable(args.csv)
-    return find_label_issues([args.run, *args.also], by=args.by, rate=args.rate, checkpoint_k=args.checkpoint_k,
-                             device=args.device, batch_size=args.batch_size)
+    return find_label_issues([args.run, *args.also], method=args.by, rate=args.rate, checkpoint=args.checkpoint_k,
+                             device=args.device, eval_batch_size=args.batch_size)
 
 
 def _cli_after_save(res, args):
@@ -279,7 +281,8 @@ ANALYSIS = Analysis(
                     description="Rank every training example by how likely its label is wrong and flag the suspects, without ground "
                                 "truth: the number flagged is the noise rate estimated by confident learning's calibrated confident "
                                 "joint on the early-epoch (epoch k) predictions. Writes RUN/results/issues.h5 (and --out CSV).",
-                    flags={"runs": "--also", "csv": "--out"},
+                    flags={"runs": "--also", "csv": "--out", "method": "--by", "checkpoint": "--checkpoint-k",
+                           "eval_batch_size": "--batch-size"},
                     arguments=_cli_arguments,
                     summary=_cli_summary,
                     after_save=_cli_after_save,

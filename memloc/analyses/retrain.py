@@ -1,10 +1,10 @@
 """Layer retraining: reset one layer to its initialisation and retrain only it on clean data.
 
-``memloc.retrain(run_or_model, data=None, *, layers=None, epochs=20, lr=0.1, reset_to=0)``
+``memloc.retrain(run_or_model, data=None, *, layers=None, epochs=20, lr=0.1, checkpoint=0)``
 (command: ``python -m memloc retrain RUN``).
 
 For every layer, a copy of the final model gets that layer's tensors (parameters and its norm's
-buffers) from checkpoint ``reset_to`` (default 0, the initialisation); every other parameter
+buffers) from checkpoint ``checkpoint`` (default 0, the initialisation); every other parameter
 is frozen and every other module stays in eval mode, so no other parameter *or buffer* (e.g.
 another layer's BatchNorm running statistics) changes. Only the layer is trained, on the clean
 training examples, with SGD (momentum, weight decay) and a one-cycle schedule (learning rate
@@ -46,6 +46,7 @@ from ..core.options import add_eval_batch_size, add_layers, add_precision, descr
 from ..core.figures import COLORS, LABELS, save_figure, short_names, coord_names, grid, accuracy_rows
 from ..core.schemas import Schema, Var, layer_vars, SUBSET_VAR
 from ..core.registry import Analysis, Command
+from ..core.deprecation import renamed
 from ..core.store import stored
 
 __all__ = ["HYPER", "retrain_layer", "retrain"]
@@ -146,21 +147,22 @@ def _training_pass(cache: PrefixCache, clean, cached_clean, batch_size: int, see
     return cache.pick(0)[0], cached_clean
 
 
+@renamed(reset_to="checkpoint", resume_dir="resume")
 @stored('retrain')
-def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["epochs"],
+def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER["epochs"],
             lr: float = HYPER["lr"], batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
             weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
             eval_batch_size: int = 1024, device="auto", prefix_cache: bool = True,
-            prefix_cache_mb: float = CACHE_MB, resume_dir=None, overwrite: bool = False,
+            prefix_cache_mb: float = CACHE_MB, resume=None, overwrite: bool = False,
             precision: str = "fp32") -> Result | None:
     """:func:`retrain_layer` for every layer (or those named in ``layers``) of the final model.
 
-    ``source``: a :class:`memloc.Run` / run path (``reset_to``: a checkpoint epoch), or an
-    ``nn.Module`` with ``data`` (``reset_to``: a state_dict holding the layers' reset tensors).
+    ``source``: a :class:`memloc.Run` / run path (``checkpoint``: a checkpoint epoch), or an
+    ``nn.Module`` with ``data`` (``checkpoint``: a state_dict holding the layers' reset tensors).
     ``prefix_cache=False`` recomputes the whole model in every pass (see :func:`retrain_layer`).
     Returns the ``"retrain"`` result: ``accuracy`` (layer, epoch, subset) and ``baseline`` (subset).
 
-    ``resume_dir``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
+    ``resume``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
     ``RUN/results/retrain.partial`` for a run, as ``memloc retrain`` uses; None, the default:
     nothing saved in one process): each retrained layer is saved there, and a rerun with the same
     settings takes them instead of recomputing them (``overwrite`` discards parts made with other
@@ -182,18 +184,18 @@ def retrain(source, data=None, *, layers=None, reset_to=0, epochs: int = HYPER["
     check_precision(precision)
     if not lr > 0:
         raise MemlocError(f"lr must be positive, got {lr}", argument="lr")
-    if isinstance(source, nn.Module) and not isinstance(reset_to, dict):
-        raise MemlocError("reset_to must be a state_dict when a model is passed instead of a run")
+    if isinstance(source, nn.Module) and not isinstance(checkpoint, dict):
+        raise MemlocError("checkpoint must be a state_dict when a model is passed instead of a run")
     p = prepare(source, data, device=device, layers=layers, checkpoints=None if isinstance(source, nn.Module) else "final")
-    init = reset_to if isinstance(reset_to, dict) else p.run.checkpoint(reset_to)
+    init = checkpoint if isinstance(checkpoint, dict) else p.run.checkpoint(checkpoint)
     check_precision(precision, p.device)
     apply_channels_last(p.model, precision, p.device)
     hyper = dict(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed)
-    config = {**hyper, "reset_to": reset_to if not isinstance(reset_to, dict) else "state_dict",
+    config = {**hyper, "reset_to": checkpoint if not isinstance(checkpoint, dict) else "state_dict",
               "layers": [l.name for l in p.layers], "eval_batch_size": eval_batch_size, "device": str(p.device),
               "final_epoch": p.run.final_epoch if p.run is not None else None,
               "schedule": "onecycle, peak at 0.5", "train_subset": "clean", "precision": precision}
-    parts = Parts(parts_folder(resume_dir, p.run, "retrain"), {**config, "device": p.device.type}, what="retrain",
+    parts = Parts(parts_folder(resume, p.run, "retrain"), {**config, "device": p.device.type}, what="retrain",
                   overwrite=overwrite)
     try:
         # layers claimed by whichever rank is free, first to last (the first retrains the most network)
@@ -237,10 +239,10 @@ def _cli_arguments(p):
 
 
 def _cli_execute(args):
-    return retrain(args.run, layers=args.layers, reset_to=args.reset_checkpoint, epochs=args.epochs, lr=args.lr,
+    return retrain(args.run, layers=args.layers, checkpoint=args.reset_checkpoint, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
                    seed=args.seed, eval_batch_size=args.eval_batch_size, device=args.device,
-                   resume_dir="auto", overwrite=args.overwrite, precision=args.precision)
+                   resume="auto", overwrite=args.overwrite, precision=args.precision)
 
 
 def _cli_summary(res, args):
@@ -287,7 +289,7 @@ ANALYSIS = Analysis(
                                 "continues when the same command is run again.",
                     interrupted="finished work is saved (rerun to continue)",
                     overwrite_help="replace an existing retrain.h5 (or an interrupted retrain saved with other settings)",
-                    flags={"reset_to": "--reset-checkpoint"},
+                    flags={"checkpoint": "--reset-checkpoint"},
                     arguments=_cli_arguments,
                     summary=_cli_summary,
                     execute=_cli_execute),

@@ -41,6 +41,7 @@ from ..core.options import add_checkpoints, add_eval_batch_size, add_layers, add
 from ..core.figures import coord_names, heatmaps, accuracy_rows
 from ..core.schemas import Schema, Var, layer_vars, SUBSET_VAR
 from ..core.registry import Analysis, Command
+from ..core.deprecation import renamed
 from ..core.store import stored
 
 __all__ = ["rewind", "rewind_layers"]
@@ -92,9 +93,10 @@ class _Rewinder:
         return np.asarray(row, dtype=np.float64)
 
 
+@renamed(resume_dir="resume")
 @stored('rewind')
 def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size: int = 1024,
-           device="auto", prefix_cache: bool = True, prefix_cache_mb: float = CACHE_MB, resume_dir=None,
+           device="auto", prefix_cache: bool = True, prefix_cache_mb: float = CACHE_MB, resume=None,
            overwrite: bool = False, precision: str = "fp32") -> Result | None:
     """Rewind every layer (or those named in ``layers``) of the final model to each checkpoint.
 
@@ -103,7 +105,7 @@ def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size
     every pass (see :func:`rewind_layers`). Returns the ``"rewind"`` result: ``accuracy``
     (checkpoint, layer, subset) and ``baseline`` (subset).
 
-    ``resume_dir``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
+    ``resume``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
     ``RUN/results/rewind.partial`` for a run, as ``memloc rewind`` uses; None, the default: nothing
     saved in one process): each checkpoint's finished cells are saved there, and a rerun with the
     same settings takes them instead of recomputing them (``overwrite`` discards parts made with
@@ -128,7 +130,7 @@ def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size
     config = {"checkpoints": epochs, "layers": [l.name for l in p.layers], "eval_batch_size": eval_batch_size,
               "final_epoch": p.run.final_epoch if p.run is not None else None, "device": str(p.device),
               "precision": precision}
-    parts = Parts(parts_folder(resume_dir, p.run, "rewind"), {**config, "device": p.device.type}, what="rewind",
+    parts = Parts(parts_folder(resume, p.run, "rewind"), {**config, "device": p.device.type}, what="rewind",
                   overwrite=overwrite)
     try:
         todo = [(e, i) for e in epochs for i in range(len(p.layers)) if (e, i) not in parts.done]
@@ -167,7 +169,7 @@ def _cli_arguments(p):
 def _cli_execute(args):
     return rewind(args.run, checkpoints=args.checkpoints, layers=args.layers,
                   eval_batch_size=args.eval_batch_size, device=args.device,
-                  resume_dir="auto", overwrite=args.overwrite, precision=args.precision)
+                  resume="auto", overwrite=args.overwrite, precision=args.precision)
 
 
 def _cli_summary(res, args):

@@ -84,7 +84,7 @@ class Result:
         """Write the result to ``path`` (HDF5 / netCDF-4) atomically; returns the path. ``run``: the run it
         was computed from, whose path and fingerprint it records. The work in progress beside it
         (``<stem>.partial``, the resumable parts of ``RUN/results/<name>.h5``: :mod:`memloc.core.store`)
-        is deleted once the result is safe; parts in a folder of your own choosing (``resume_dir=``)
+        is deleted once the result is safe; parts in a folder of your own choosing (``resume=``)
         are yours to delete."""
         from . import __version__
         ds = self.dataset.copy()

@@ -85,13 +85,13 @@ def read_folder(folder, fmt: Format = NPZ) -> tuple[dict, int]:
     return done, number
 
 
-def parts_folder(resume_dir, run, name: str):
-    """The parts folder an analysis ``name`` of ``run`` (None for a bare model) uses: ``resume_dir``
+def parts_folder(resume, run, name: str):
+    """The parts folder an analysis ``name`` of ``run`` (None for a bare model) uses: ``resume``
     itself, or ``RUN/results/<name>.partial`` for ``"auto"`` and, split across processes (the ranks
     share their work through it), for None."""
-    if resume_dir == "auto" or (resume_dir is None and world()[1] > 1):
+    if resume == "auto" or (resume is None and world()[1] > 1):
         return None if run is None else run.results_path(name).with_name(f"{name}.partial")
-    return resume_dir
+    return resume
 
 
 class Parts:
@@ -112,8 +112,8 @@ class Parts:
         rank, size = world()
         if self.folder is None:
             if size > 1:
-                raise MemlocError(f"{what} split across processes needs a run (or resume_dir) for its part files",
-                                  argument="resume_dir")
+                raise MemlocError(f"{what} split across processes needs a run (or resume) for its part files",
+                                  argument="resume")
             return
         try:
             failure = None
@@ -141,7 +141,7 @@ class Parts:
         if folder.exists():
             if any(not p.name.startswith(("part_", SETTINGS)) for p in folder.iterdir()):
                 raise MemlocError(f"parts folder {str(folder)!r} holds files that are not {self.what} parts; "
-                                  "move them away or choose another resume_dir", argument="resume_dir")
+                                  "move them away or choose another resume", argument="resume")
             stored = saved_settings(folder)
             if stored is not None and stored != self.settings and not overwrite:
                 raise MemlocError(f"an interrupted {self.what} with different settings is saved in {str(folder)!r}; "

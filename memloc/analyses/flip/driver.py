@@ -20,6 +20,7 @@ from .search import FlipSearch
 from .select import examples_spec, reference_batches, select_examples
 from .store import FLIP_PARTS, csr, layer_histogram
 from .weights import WeightFlipSearch
+from ...core.deprecation import renamed
 from ...core.store import stored
 
 __all__ = ["flip", "settings", "part_settings", "DTYPES", "REF_POOLS", "SITES", "PROTOCOLS", "protocol_options"]
@@ -89,18 +90,19 @@ def part_settings(config: dict, ids) -> dict:
     return {**config, "example_ids": np.asarray(ids).tolist()}
 
 
+@renamed(resume_dir="resume")
 @stored('flip')
 def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int | None = None,
          max_units: int = 100, noise_samples: int | None = None, noise_ratio: float | None = None,
          repeats: int | None = None, site: str | None = None, collateral: bool = False, group_size: int = 32,
          ref_batch_size: int | None = None, ref_pool: str | None = None, protocol: str = "memloc", seed: int = 0,
-         dtype: str = "float32", eval_batch_size: int = 1024, device="auto", resume_dir="auto",
+         dtype: str = "float32", eval_batch_size: int = 1024, device="auto", resume="auto",
          overwrite: bool = False, log=None, precision: str = "fp32") -> Result | None:
     """Greedy unit-zeroing searches (see :mod:`memloc.flip`) of the ``examples`` of a run.
 
     ``source``: a :class:`memloc.Run` / run path (``checkpoint``: its epoch, default final), or an
     ``nn.Module`` with ``data`` (a :class:`memloc.core.data.Data`; ``is_noisy`` comes from it).
-    ``resume_dir``: folder of the resumable part files (``"auto"``: ``RUN/results/flip.partial``
+    ``resume``: folder of the resumable part files (``"auto"``: ``RUN/results/flip.partial``
     for a run, none for a model); finished searches found there with the same settings are not
     redone (also with ``overwrite``, which only discards parts made with other settings). The parts are deleted when
     the result is saved (:meth:`memloc.Result.save`). ``log(message)`` receives progress notes
@@ -144,7 +146,7 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
     if status.any() and rank == 0:
         log(f"memloc.flip: {int(status.sum())} of {len(ids)} examples are misclassified by the model "
             "and are recorded with status 1 (not searched)")
-    parts = Parts(parts_folder(resume_dir, src.run, "flip"), part_settings(config, ids), what="search",
+    parts = Parts(parts_folder(resume, src.run, "flip"), part_settings(config, ids), what="search",
                   overwrite=overwrite, fmt=FLIP_PARTS)
     try:
         todo = [(k, r) for k in np.flatnonzero(status == 0) for r in range(repeats)

@@ -1,6 +1,6 @@
 """Per-example memorisation / label-noise scores of a run.
 
-``memloc.scores(run_or_model, data=None, *, names="all", checkpoint_k=None)`` returns the
+``memloc.scores(run_or_model, data=None, *, methods="all", checkpoint=None)`` returns the
 ``"scores"`` result (command: ``python -m memloc scores RUN``).
 
 Every score is a pure function (arrays in, arrays out) registered in :data:`SCORES` with its
@@ -33,7 +33,7 @@ tracin         +1    TracIn self-influence (TracInCP, Pruthi et al. 2020): sum o
                      config); one forward + backward pass over the training set per checkpoint
 =============  ====  =========================================================================
 
-Epoch k (``checkpoint_k``) defaults to 10% of training (at least 1), as Paul et al. score at epoch
+Epoch k (``checkpoint``) defaults to 10% of training (at least 1), as Paul et al. score at epoch
 20 of 200. On the MNIST-5k runs (one-cycle schedule, 10% noise) EL2N's AUROC is 0.99 at epochs
 3-6 (MLP) and 0.98-1.00 at epochs 4-15 (lenet) and falls once noisy labels are being memorised.
 GraNd's per-example norms are computed in one forward and one backward pass per batch from each
@@ -71,6 +71,7 @@ from ...core.run import load
 from ...core.options import add_precision, nonnegative_int, positive_int
 from ...core.schemas import Schema, Var, EXAMPLE_VAR, SCORE_NAMES
 from ...core.registry import Analysis, Command
+from ...core.deprecation import renamed
 from ...core.store import stored
 
 __all__ = ["final_loss", "confidence", "variability", "forgetting_events", "el2n", "aum", "neuron_count",
@@ -111,7 +112,7 @@ class _Inputs:
     def dynamics(self, name: str, when: str) -> np.ndarray:
         if self.run is None:
             raise MemlocError(f"score needs a run's training dynamics ({when} {name}); pass a run, or "
-                              f"only model scores (el2n, grand) with a model", argument="names")
+                              f"only model scores (el2n, grand) with a model", argument="methods")
         return self.run.dynamics(name, when)
 
     def presentation(self, name: str) -> np.ndarray:
@@ -133,7 +134,7 @@ class _Inputs:
         """The checkpoints TracIn sums over (1..final), its weights recorded in :attr:`tracin_config`."""
         if self.run is None:
             raise MemlocError("tracin needs a run's checkpoints; pass a run, or only model scores (el2n, "
-                              "grand) with a model", argument="names")
+                              "grand) with a model", argument="methods")
         epochs = [e for e in self.run.epochs if e >= 1]
         if not epochs:
             raise MemlocError(f"tracin needs a trained checkpoint (epoch >= 1); run {str(self.run.path)!r} "
@@ -154,10 +155,10 @@ class _Inputs:
 
     def neuron_count(self) -> np.ndarray:
         if self.run is None:
-            raise MemlocError("neuron_count needs a run with a flip result", argument="names")
+            raise MemlocError("neuron_count needs a run with a flip result", argument="methods")
         if not self.run.results_path("flip").is_file():
             raise MemlocError(f"neuron_count needs {str(self.run.results_path('flip'))!r}: "
-                              f"run flip on {str(self.run.path)!r} first", argument="names")
+                              f"run flip on {str(self.run.path)!r} first", argument="methods")
         res = self.run.result("flip")
         index = res["example"].values
         if len(index) and (index.min() < 0 or index.max() >= self.run.num_train):
@@ -224,29 +225,30 @@ def select_scores(names, run: Run | None) -> list[str]:
     bad = [n for n in names if n not in SCORES]
     if bad or not names:
         raise MemlocError(f"unknown score {', '.join(map(repr, bad)) or '(none given)'}; "
-                          f"valid: all, {', '.join(SCORES)}", argument="names")
+                          f"valid: all, {', '.join(SCORES)}", argument="methods")
     return list(dict.fromkeys(names))
 
 
+@renamed(names="methods", checkpoint_k="checkpoint", batch_size="eval_batch_size", resume_dir="resume")
 @stored('scores')
-def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, grad_method: str = "hooks",
-           batch_size: int = 256, device="auto", resume_dir=None, overwrite: bool = False,
+def scores(source, data=None, *, methods="all", checkpoint: int | None = None, grad_method: str = "hooks",
+           eval_batch_size: int = 256, device="auto", resume=None, overwrite: bool = False,
            precision: str = "fp32") -> Result | None:
     """Scores of every training example: the ``"scores"`` result, one (example,) variable per score.
 
     ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` (then only the
-    model scores el2n and grand, computed on that model). ``names``: ``"all"`` (every score whose
+    model scores el2n and grand, computed on that model). ``methods``: ``"all"`` (every score whose
     inputs exist: neuron_count only with a flip result) or names of :data:`SCORES`; tracin (runs
     only) takes one forward + backward pass over the training set per checkpoint and records its
     checkpoints and weights in the config (``tracin_epochs``, ``tracin_weights``).
-    ``checkpoint_k``: the checkpoint epoch of el2n and grand (default :func:`default_epoch_k`).
+    ``checkpoint``: the checkpoint epoch of el2n and grand (default :func:`default_epoch_k`).
     ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``): el2n's forward passes under autocast
     (:mod:`memloc.core.precision`); the per-example gradient norms (grand, tracin) stay float32, the
     dynamics scores read what training recorded.
 
     The expensive passes (the logits of el2n, the gradient norms of grand and of every tracin
     checkpoint) are computed in cells of whole batches (:mod:`memloc.analyses.scores.passes`).
-    ``resume_dir``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
+    ``resume``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
     ``RUN/results/scores.partial`` for a run, as ``memloc scores`` uses; None, the default: nothing
     saved in one process): each finished cell is saved there, and a rerun with the same settings
     takes it instead of recomputing it (``overwrite`` discards parts made with other settings);
@@ -254,7 +256,7 @@ def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, g
     (:mod:`memloc.scale.distributed`) the cells are split across the processes (None then means
     ``"auto"``) and rank 0 returns the merged result (equal to one process's), the other ranks None.
     """
-    check_range("batch_size", batch_size, low=1, integer=True)
+    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     if grad_method not in GRAD_NORM_METHODS:
         raise MemlocError(f"unknown grad_method {grad_method!r}; valid: {', '.join(GRAD_NORM_METHODS)}",
                           argument="grad_method")
@@ -265,17 +267,17 @@ def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, g
     else:
         run, model, dev = as_run(source), None, resolve_device(device)
         n = run.num_train
-    chosen = select_scores(names, run)
+    chosen = select_scores(methods, run)
     epoch_k = None
     if run is not None:
-        epoch_k = default_epoch_k(run.final_epoch) if checkpoint_k is None else checkpoint_k
-        check_range("checkpoint_k", epoch_k, low=0, high=run.final_epoch, integer=True)
-    inp = _Inputs(run, model, data, epoch_k=epoch_k, device=dev, batch_size=batch_size, grad_method=grad_method,
+        epoch_k = default_epoch_k(run.final_epoch) if checkpoint is None else checkpoint
+        check_range("checkpoint", epoch_k, low=0, high=run.final_epoch, integer=True)
+    inp = _Inputs(run, model, data, epoch_k=epoch_k, device=dev, batch_size=eval_batch_size, grad_method=grad_method,
                   precision=check_precision(precision, dev))
     # the scores read from the run first, on every rank: their errors stop all before any pass
     computed = {name: SCORES[name].compute(inp) for name in chosen if SCORES[name].passes is None}
     passes = [p for name in chosen if SCORES[name].passes is not None for p in SCORES[name].passes(inp)]
-    if passes and not inp.run_passes(passes, folder=parts_folder(resume_dir, run, "scores"), overwrite=overwrite):
+    if passes and not inp.run_passes(passes, folder=parts_folder(resume, run, "scores"), overwrite=overwrite):
         return None                 # rank 0 merges the passes and returns the result
     if world()[0] > 0:
         return None
@@ -290,7 +292,7 @@ def scores(source, data=None, *, names="all", checkpoint_k: int | None = None, g
             attrs["epoch"] = -1 if epoch_k is None else int(epoch_k)
         variables[name] = xr.Variable(("example",), values, attrs)
     ds = xr.Dataset(variables, coords={"example": np.arange(n)})
-    config = {"checkpoint_k": epoch_k, "scores": chosen, "grad_method": grad_method, "batch_size": batch_size,
+    config = {"checkpoint_k": epoch_k, "scores": chosen, "grad_method": grad_method, "batch_size": eval_batch_size,
               "device": str(dev), "precision": precision, **inp.tracin_config}
     result = Result("scores", ds, config=config)
     return result
@@ -317,8 +319,8 @@ def _cli_execute(args):
     run = load(args.run)
     if args.scores == "all" and "neuron_count" not in select_scores("all", run) and world()[0] == 0:
         print(f"memloc scores: no {run.results_path('flip')}; neuron_count skipped")
-    return scores(run, names=args.scores, checkpoint_k=args.checkpoint_k, grad_method=args.grad_method,
-                  batch_size=args.batch_size, device=args.device, resume_dir="auto", overwrite=args.overwrite,
+    return scores(run, methods=args.scores, checkpoint=args.checkpoint_k, grad_method=args.grad_method,
+                  eval_batch_size=args.batch_size, device=args.device, resume="auto", overwrite=args.overwrite,
                   precision=args.precision)
 
 
@@ -343,7 +345,7 @@ ANALYSIS = Analysis(
                     help='per-example memorisation scores (loss, forgetting, EL2N, GraNd, AUM, neuron count...)',
                     description="Per-example memorisation / label-noise scores of a run, written to RUN/results/scores.h5 (raw "
                                 "values plus each score's direction: +1 = higher means more likely mislabeled, -1 = lower does).",
-                    flags={"names": "--scores"},
+                    flags={"methods": "--scores", "checkpoint": "--checkpoint-k", "eval_batch_size": "--batch-size"},
                     sharded=True,
                     interrupted="finished work is saved (rerun to continue)",
                     overwrite_help="replace an existing scores.h5 (or an interrupted scores run saved with other settings)",
