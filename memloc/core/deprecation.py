@@ -26,7 +26,7 @@ def renamed(**old_to_new: str):
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            for old in old_to_new.keys() & kwargs.keys():
+            for old in [old for old in old_to_new if old in kwargs]:     # in declaration order
                 new = old_to_new[old]
                 if new in kwargs:
                     raise TypeError(f"{fn.__name__}() got both {old}= and {new}=; {old} is the old name of {new}")
