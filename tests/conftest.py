@@ -13,8 +13,11 @@ import torch
 
 from memloc.training.train import train
 
-# 2 threads (CI's cores) in one process; under pytest-xdist (`pytest -n 2`) the cores are shared by the workers
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
+# 2 threads (CI's cores) in one process; under pytest-xdist (`pytest -n 2`) the cores are shared by the workers.
+# The memloc processes a test starts use the same count (a run trained there equals one trained here).
+THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))
+torch.set_num_threads(THREADS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 def needs_cuda(devices: int = 1):
@@ -25,6 +28,15 @@ def needs_cuda(devices: int = 1):
         reason = "needs a CUDA device" if devices == 1 else f"needs {devices} GPUs"
         return pytest.mark.cuda(pytest.mark.skipif(have < devices, reason=reason)(fn))
     return deco
+
+
+def results_free_copy(run, path):
+    """A copy of ``run`` at ``path`` without its results (session runs collect other tests' results)."""
+    import shutil
+
+    import memloc
+    shutil.copytree(run.path, path, ignore=lambda folder, names: ["results"] if folder == str(run.path) else [])
+    return memloc.load(path)
 
 
 def train_interrupted(path, cfg, epoch: int = 1, **kw):

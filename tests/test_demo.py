@@ -6,6 +6,7 @@ import matplotlib.image as mpimg
 import pytest
 
 from memloc.cli import run as cli_run
+from conftest import results_free_copy
 
 
 def demo_main(argv):
@@ -46,7 +47,8 @@ def test_demo_quick_produces_every_result_and_figure(tmp_path, capsys):
 
 
 def test_report_on_training_only(tiny_run, tmp_path, capsys):
-    md = cli_run("report", [str(tiny_run.path), "--out", str(tmp_path / "rep")])
+    run = results_free_copy(tiny_run, tmp_path / "run")        # other tests save results into tiny_run
+    md = cli_run("report", [str(run.path), "--out", str(tmp_path / "rep")])
     text = md.read_text()
     assert "## Training" in text and "## Layer rewinding" not in text
     assert mpimg.imread(tmp_path / "rep" / "training.png").shape[0] > 100

@@ -10,16 +10,15 @@ from memloc.cli import run as cli_run
 from memloc.core.errors import MemlocError
 from memloc.core.runtime import FileLock
 from memloc.core.store import ResultStore
+from conftest import results_free_copy
 
 FLIP = {"examples": "noisy:3,clean:3", "max_units": 20}
 
 
 @pytest.fixture
 def run(tiny_run, tmp_path):
-    """A private copy of the tiny run (these tests write results into it)."""
-    import shutil
-    shutil.copytree(tiny_run.path, tmp_path / "run")
-    return memloc.load(tmp_path / "run")
+    """A private copy of the tiny run without results (these tests write results into it)."""
+    return results_free_copy(tiny_run, tmp_path / "run")
 
 
 def test_save_true_writes_what_it_returns_and_refuses_to_replace_it(run):

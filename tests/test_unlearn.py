@@ -1,6 +1,5 @@
 """Importance maps (Fisher, MAS) and unlearning: known answers against loops, scope, errors."""
 import copy
-import shutil
 import warnings
 
 import numpy as np
@@ -14,6 +13,7 @@ from memloc.cli import run as cli_run
 from memloc.core.data import ExampleSet
 from memloc.analyses.importance import layer_importance, param_importance, unit_importance
 from memloc.core.units import trace
+from conftest import results_free_copy
 from memloc.actions.unlearn import _zero_context, distillation_loss, finetune, quadratic_penalty
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 20, "batch_size": 64, "lr": 0.1, "noise": 0.2}  # memorises 69%
@@ -148,8 +148,7 @@ def test_retrain_layer_says_which_layer_and_why(small, tmp_path, capsys):
     """Without a retrain result the first layer is retrained with a warning (it used to be silent);
     with one, the layer whose retraining left the fewest noisy labels. Either way the choice is in
     the result's config, the command's summary and the report."""
-    shutil.copytree(small.path, tmp_path / "run")
-    run = memloc.load(tmp_path / "run")
+    run = results_free_copy(small, tmp_path / "run")
     kw = dict(methods="retrain_layer", seeds=[0], retrain_epochs=1, device="cpu")
     with pytest.warns(UserWarning, match="no usable results/retrain.h5 .* so the first layer"):
         res = memloc.unlearn(run, **kw)
@@ -162,7 +161,7 @@ def test_retrain_layer_says_which_layer_and_why(small, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cli_run("unlearn", [str(run.path), "--method", "retrain_layer", "--seeds", "0", "--retrain-epochs", "1",
-                            "--device", "cpu", "--overwrite"])     # the copied run may hold an earlier test's
+                            "--device", "cpu"])
     out = capsys.readouterr().out
     assert f"retrain_layer retrained {best!r}: results/retrain.h5: its retraining left the fewest noisy labels" in out
     assert run.result("unlearn").config["retrain_layer"]["layer"] == best
