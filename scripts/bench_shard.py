@@ -91,10 +91,11 @@ def main(argv=None):
             rows.append(f"| {name} | `{' '.join(ANALYSES[name])}` | {t1:.1f} | {tk:.1f} | {t1 / tk:.2f}x | {i1:.1f} | "
                         f"{ik:.1f} | {(t1 - i1) / max(tk - ik, 1e-9):.2f}x | {'yes' if c['same'] else 'NO'} |")
             print(rows[-1], flush=True)
+        about = f"run {run.config.get('model')} on {run.config.get('dataset')} ({run.final_epoch} epochs)"
     lines = ["# Analyses split across processes (torchrun, gloo on CPU)", "",
              f"`python scripts/bench_shard.py {' '.join(sys.argv[1:] if argv is None else argv)}` on "
              f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}; "
-             f"run {run.config.get('model')} on {run.config.get('dataset')} ({run.final_epoch} epochs); every process 1 torch thread; best of {args.repeats} "
+             f"{about}; every process 1 torch thread; best of {args.repeats} "
              "alternating timings, wall time of the whole command (Python and torch start-up included).", "",
              f"| analysis | options | 1 process s | {args.procs} processes s | speed-up | 1 process start-up s | "
              f"{args.procs} processes start-up s | speed-up of the work | identical result |",
