@@ -23,7 +23,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import MemlocError
-from .runtime import atomic_path
+from .runtime import atomic_path, partial_folder
 from . import registry
 from .schemas import SCHEMA_VERSION, Schema
 
@@ -100,7 +100,7 @@ class Result:
             ds.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
         self.dataset.attrs.update({k: ds.attrs[k] for k in ("memloc_schema", "created", "argv", "run",
                                                              "run_fingerprint") if k in ds.attrs})
-        partial = Path(path).with_name(Path(path).stem + ".partial")
+        partial = partial_folder(path)
         if partial.is_dir():
             shutil.rmtree(partial)
         return Path(path)

@@ -195,6 +195,11 @@ def make_dir(path, what: str = "folder") -> Path:
     return path
 
 
+def partial_folder(path) -> Path:
+    """Where the resumable work of the result file ``path`` lives: ``<stem>.partial`` beside it."""
+    return Path(path).with_name(Path(path).stem + ".partial")
+
+
 class FileLock:
     """An exclusive, non-blocking lock on ``path`` (``flock``), held until :meth:`release`.
 

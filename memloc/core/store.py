@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import MemlocError
 from .options import check_writable
-from .runtime import FileLock, world
+from .runtime import FileLock, partial_folder, world
 
 __all__ = ["ResultStore", "stored"]
 
@@ -31,7 +31,7 @@ class ResultStore:
     def __init__(self, run, name: str):
         self.run, self.name = run, name
         self.path = run.results_path(name)
-        self.partial = self.path.with_name(f"{name}.partial")
+        self.partial = partial_folder(self.path)
         self.lock: FileLock | None = None
 
     def open(self, *, overwrite: bool = False, what: str = "", rank: int = 0, complete=None, resumable=None):

@@ -21,7 +21,7 @@ import numpy as np
 
 from .distributed import barrier, broadcast, rank_suffix, world
 from ..core.errors import MemlocError
-from ..core.runtime import FileLock, atomic_path
+from ..core.runtime import FileLock, atomic_path, partial_folder
 
 __all__ = ["Format", "NPZ", "Parts", "parts_folder", "saved_settings", "canonical_settings", "read_folder"]
 
@@ -90,7 +90,7 @@ def parts_folder(resume, run, name: str):
     itself, or ``RUN/results/<name>.partial`` for ``"auto"`` and, split across processes (the ranks
     share their work through it), for None."""
     if resume == "auto" or (resume is None and world()[1] > 1):
-        return None if run is None else run.results_path(name).with_name(f"{name}.partial")
+        return None if run is None else partial_folder(run.results_path(name))
     return resume
 
 

@@ -50,6 +50,7 @@ import numpy as np
 from .driver import PROTOCOLS, SITES, part_settings, protocol_options, settings
 from ...scale.parts import canonical_settings, saved_settings
 from ...core.run import load
+from ...core.runtime import partial_folder
 from ...core.options import add_eval_batch_size, add_precision, nonnegative_float, nonnegative_int, number, positive_int
 from ...core.figures import plt, COLORS, LABELS, save_figure, table, short_names, coord_names
 from ...core.schemas import Schema, Var, SUBSET_VAR, EXAMPLE_VAR
@@ -134,7 +135,7 @@ def _cli_already_done(args, run) -> bool:
 
 def _cli_resumable(args, run) -> bool:
     """Is an interrupted search with exactly these settings saved (e.g. one started with --overwrite)?"""
-    parts = run.results_path("flip").with_name("flip.partial")
+    parts = partial_folder(run.results_path("flip"))
     return saved_settings(parts) == canonical_settings(_cli_requested(args, run)[1])
 
 
