@@ -41,7 +41,7 @@ from memloc.analyses.flip.weights import WeightFlipSearch  # noqa: E402
 from memloc.core.run import load  # noqa: E402
 from memloc.training.train import train  # noqa: E402
 
-flip = importlib.import_module("memloc.flip")   # the module (``memloc.flip`` is bound to the function)
+flip = importlib.import_module("memloc.analyses.flip")   # the package (``memloc.flip`` is bound to the function)
 
 RUNS = {"mlp": {"model": "mlp"}, "lenet": {"model": "lenet", "epochs": 40}}
 
