@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
@@ -28,7 +29,19 @@ from torch.func import functional_call, vmap
 from ...core.errors import MemlocError
 from .search import FlipSearch
 
-__all__ = ["ItemSpace", "WeightItems", "weight_items", "weight_masks", "WeightFlipSearch"]
+__all__ = ["ItemSpace", "WeightItems", "weight_items", "weight_masks", "first_argmax", "WeightFlipSearch"]
+
+
+def first_argmax(x: torch.Tensor, top: torch.Tensor, chunk: int = 4096) -> int:
+    """``int(x.argmax())`` of a 1-D ``x`` whose maximum ``top`` is known (the first index holding it),
+    by chunks: ``argmax`` over a long tensor is several times slower than ``amax``."""
+    n = x.numel() // chunk * chunk
+    if n:
+        hit = (x[:n].view(-1, chunk).amax(1) == top).nonzero()
+        if len(hit):
+            i = int(hit[0]) * chunk
+            return i + int(x[i:i + chunk].argmax())
+    return n + int(x[n:].argmax())
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,10 @@ class WeightFlipSearch(FlipSearch):
         #: one search at a time, since each search's weight gradient is as large as the model and
         #: batching them only adds memory traffic (0.1-0.2x on the MNIST-5k MLP, artifacts/bench_flip.md)
         self.batched = any(sp.filter for sp in self.structure.spaces)
+        if not self.batched:     # the private copy's own parameters, items zeroed in place per search
+            self.model.requires_grad_(True)
+            self._rows = [(p.detach().view(sp.size, -1), p.detach().clone().view(sp.size, -1))
+                          for sp, p in zip(self.structure.spaces, self.model.parameters())]
         self._setup_memo(cache_mb)
         self.prefix = None
 
@@ -152,25 +169,80 @@ class WeightFlipSearch(FlipSearch):
         grad_r = self._flat(grads[n:], len(ref_masks)) if len(ref_masks) else torch.zeros_like(ref_masks, dtype=self.dtype)
         return target_logits.argmax(1), grad_t, grad_r
 
-    def _step(self, slots, masks, xt, yt):
+    # -- one search at a time (models without conv filters): index masks, the step's own forward as the check
+    def _start(self, s: dict) -> dict:
         if self.batched:
-            return super()._step(slots, masks, xt, yt)
-        grads = []
-        for i, s in enumerate(slots):       # one forward/backward of the target and its reference batch
-            r = torch.tensor([s["r"]], device=self.device)
-            split = self.structure.split(masks[i].to(self.dtype))
-            eff = {k: (p * split[k]).requires_grad_(True) for k, p in self._params.items()}
+            return super()._start(s)
+        s["zeroed"] = [[] for _ in self.structure.spaces]      # per parameter: local indices of the zeroed items
+        return s
+
+    def _check(self, check: list[dict], max_units: int) -> np.ndarray:
+        """Per search, as the official loop: one forward of its copies and its reference batch under its
+        zeroed items gives the prediction; a search that goes on gets its gradient and next item from
+        the same forward (kept in ``s["next"]`` for :meth:`_advance`)."""
+        if self.batched:
+            return super()._check(check, max_units)
+        flipped = np.zeros(len(check), dtype=bool)
+        for i, s in enumerate(check):
+            if not s.get("stuck"):
+                flipped[i] = self._forward_backward(s, len(s["units"]) < max_units)
+        return flipped
+
+    def _advance(self, slots: list[dict]) -> None:
+        if self.batched:
+            return super()._advance(slots)
+        for s in slots:
+            space, j = s.pop("next")
+            if space is None:
+                s["stuck"] = True
+            else:
+                s["units"].append(self.structure.spaces[space].offset + j)
+                s["zeroed"][space].append(j)
+
+    def _forward_backward(self, s: dict, go_on: bool) -> bool:
+        """Has search ``s`` flipped? If not and ``go_on``, its next item goes to ``s["next"]``."""
+        params = list(self.model.parameters())
+        zeroed = [(self._rows[i], torch.tensor(z, dtype=torch.long, device=self.device))
+                  for i, z in enumerate(s["zeroed"]) if z]
+        try:
+            with torch.no_grad():
+                for (row, orig), idx in zeroed:
+                    row.index_fill_(0, idx, 0)
             with torch.enable_grad():
-                logits = functional_call(self.model, (eff, self._buffers), (torch.cat([xt[i], self.ref_x[s["r"]]]),))
-                nt = xt.shape[1]
-                objective = self._objective(logits[:nt].mean(0, keepdim=True), yt[i:i + 1], logits[None, nt:], r,
+                nt = s["xt"].shape[0]
+                logits = self.model(torch.cat([s["xt"], self.ref_x[s["r"]]]))
+                target = logits[:nt].mean(0, keepdim=True)
+                if int(target.argmax()) != int(s["y"]):
+                    return True
+                if not go_on:
+                    return False
+                r = torch.tensor([s["r"]], device=self.device)
+                objective = self._objective(target, s["y"][None], logits[None, nt:], r,
                                             torch.tensor([s["excluded"]], device=self.device))
-                g = torch.autograd.grad(objective, list(eff.values()))
-            # dO/dmask = p x dO/d(p x mask) (no conv filters here: every item is one element)
-            grads.append(torch.cat([(gk * self._params[k]).reshape(-1) for k, gk in zip(eff, g)]))
-        self.stats["example_steps"] += len(slots)
-        self.stats["reference_evaluations"] += len(slots)
-        return torch.stack(grads)
+                grads = torch.autograd.grad(objective, params)
+            s["next"] = self._best(params, grads)
+            self.stats["example_steps"] += 1
+            self.stats["reference_evaluations"] += 1
+            return False
+        finally:
+            with torch.no_grad():
+                for (row, orig), idx in zeroed:
+                    row.index_copy_(0, idx, orig.index_select(0, idx))
+
+    def _best(self, params, grads) -> tuple:
+        """(parameter number, item index) of the highest ``weight x gradient`` (the official rule: the
+        first parameter holding the maximum, the first item in it), or (None, None) if none is above 0."""
+        with torch.no_grad():
+            scores = []
+            for sp, p, g in zip(self.structure.spaces, params, grads):
+                score = p * g           # zeroed items score 0
+                scores.append(score.flatten(1).sum(1) if sp.filter else score.reshape(-1))
+            tops = torch.stack([sc.max() for sc in scores])
+            top = tops.max()
+            if not bool(top > 0):
+                return None, None
+            space = int((tops == top).nonzero()[0])
+            return space, first_argmax(scores[space], top)
 
     def _predict_masked(self, masks: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
