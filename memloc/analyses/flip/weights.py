@@ -181,12 +181,39 @@ class WeightFlipSearch(FlipSearch):
         zeroed items gives the prediction; a search that goes on gets its gradient and next item from
         the same forward (kept in ``s["next"]`` for :meth:`_advance`)."""
         if self.batched:
-            return super()._check(check, max_units)
+            return self._check_batched(check)
         flipped = np.zeros(len(check), dtype=bool)
         for i, s in enumerate(check):
             if not s.get("stuck"):
                 flipped[i] = self._forward_backward(s, len(s["units"]) < max_units)
         return flipped
+
+    # -- all searches at once (conv nets): the checks' forward of the targets is the step's target term
+    def _check_batched(self, check: list[dict]) -> np.ndarray:
+        leaves = self._leaves(torch.stack([s["mask"] for s in check]))
+        with torch.enable_grad():
+            logits = self._call(leaves, torch.stack([s["xt"] for s in check])).mean(1)
+        for i, s in enumerate(check):
+            s["target"] = (logits[i], leaves, i)
+        return (logits.argmax(1) != torch.stack([s["y"] for s in check])).cpu().numpy()
+
+    def _step(self, slots, masks, xt, yt):
+        """``dO/dmask`` (G, n_items) from the target logits of the checks (:meth:`_check_batched`) and
+        the reference terms not memoised yet."""
+        keys, misses, ref_masks, repeats, excluded = self._misses(slots, masks)
+        targets = [s.pop("target") for s in slots]
+        batches = list({id(leaves): leaves for _, leaves, _ in targets}.values())
+        ref = self._leaves(ref_masks)
+        with torch.enable_grad():
+            ref_logits = self._call(ref, self.ref_x[repeats]) if misses else None
+            objective = self._objective(torch.stack([t[0] for t in targets]), yt, ref_logits, repeats, excluded)
+            inputs = [v for leaves in batches + ([ref] if misses else []) for v in leaves.values()]
+            grads = iter(torch.autograd.grad(objective, inputs))
+        flat = {id(leaves): self._flat([next(grads) for _ in leaves], len(next(iter(leaves.values()))))
+                for leaves in batches}
+        grad_t = torch.stack([flat[id(leaves)][i] for _, leaves, i in targets])
+        grad_r = self._flat(list(grads), len(ref_masks)) if misses else grad_t[:0]
+        return self._memoised(keys, misses, grad_t, grad_r)
 
     def _advance(self, slots: list[dict]) -> None:
         if self.batched:
@@ -243,10 +270,6 @@ class WeightFlipSearch(FlipSearch):
                 return None, None
             space = int((tops == top).nonzero()[0])
             return space, first_argmax(scores[space], top)
-
-    def _predict_masked(self, masks: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self._call(self._leaves(masks), xt).mean(1).argmax(1)
 
     def _choose(self, grad: torch.Tensor, masks: torch.Tensor):
         """The official rule: the item with the highest ``weight x gradient`` (zeroed items score 0),
