@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ...core.errors import MemlocError
+from ...core.units import hooks_of
 from .search import FlipSearch
 
 __all__ = ["ItemSpace", "WeightItems", "weight_items", "weight_masks", "first_argmax", "WeightFlipSearch"]
@@ -133,6 +134,9 @@ class WeightFlipSearch(FlipSearch):
                           for sp, p in zip(self.structure.spaces, self.model.parameters())]
         self._setup_memo(cache_mb)
         self.prefix = None
+        self._slice, self._convs, self._channels = None, {}, {}
+        if self.batched:
+            self._filter_convs()
 
     def _leaves(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-parameter item masks (G, *item_shape), leaves of their own (no slicing in the graph)."""
@@ -141,17 +145,77 @@ class WeightFlipSearch(FlipSearch):
                 .clone().requires_grad_(True) for sp in self.structure.spaces}
 
     def _call(self, leaves: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-        """Logits (G, n, C) of ``inputs`` (G, n, ...), row g through the weights masked by ``leaves[.][g]``."""
+        """Logits (G, n, C) of ``inputs`` (G, n, ...), row g through the weights masked by ``leaves[.][g]``.
+
+        A conv filter's mask scales its output channel (:meth:`_channel_hook`): the conv itself runs
+        with the shared, unmasked weights, as one convolution over every search's rows."""
         def one(mask, x):
-            params = {k: p * mask[k] for k, p in self._params.items()}
+            self._slice = mask
+            params = {k: self._channels[k] if k in self._channels else p * mask[k]
+                      for k, p in self._params.items()}
             return functional_call(self.model, (params, self._buffers), (x,))
 
-        if self._vmap:
+        hooks = {name: self._channel_hook(w, b) for name, (w, b) in self._convs.items()}
+        try:
+            with hooks_of(self.model, hooks):
+                if self._vmap:
+                    try:
+                        return vmap(one)(leaves, inputs)
+                    except (RuntimeError, NotImplementedError, ValueError):
+                        self._vmap = False      # a layer that vmap cannot batch: one search at a time
+                return torch.stack([one({k: v[i] for k, v in leaves.items()}, x) for i, x in enumerate(inputs)])
+        finally:
+            self._slice = None
+
+    def _channel_hook(self, weight: str, bias: str | None):
+        """Forward hook of a conv: output x filter mask (+ bias x its mask: the conv ran without it)."""
+        def hook(mod, inp, out):
+            shape = (-1,) + (1,) * (out.dim() - 2)      # channels: dim 1 of (N, C, ...), here without N
+            out = out * self._slice[weight].reshape(shape)
+            if bias is not None:
+                out = out + (self._params[bias] * self._slice[bias]).reshape(shape)
+            return out
+        return hook
+
+    def _filter_convs(self) -> dict:
+        """{conv module name: (weight name, bias name or None)} of the convs whose filter masks can
+        scale output channels, and ``self._channels``: the tensors those convs run with (the weight
+        unmasked, a zero bias). Checked against masked weights on random masks (none if they differ)."""
+        convs, channels = {}, {}
+        for name, m in self.model.named_modules():
+            weight = f"{name}.weight" if name else "weight"
+            if (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and weight in self._params
+                    and self._params[weight] is not None):
+                bias = weight[:-6] + "bias" if m.bias is not None else None
+                convs[name] = (weight, bias)
+                channels[weight] = self._params[weight]
+                if bias is not None:
+                    channels[bias] = torch.zeros_like(self._params[bias])
+        self._convs, self._channels = convs, channels
+        if convs and not self._channels_agree():
+            self._convs, self._channels = {}, {}
+
+    def _channels_agree(self) -> bool:
+        gen = torch.Generator().manual_seed(0)
+        masks = (torch.rand(2, self.structure.n_units, generator=gen) > 0.2).to(self.device, self.dtype)
+        x = self.ref_x[0, :2, None]
+        results, hooked = [], (self._convs, self._channels)
+        for convs, channels in (hooked, ({}, {})):
+            self._convs, self._channels = convs, channels
             try:
-                return vmap(one)(leaves, inputs)
-            except (RuntimeError, NotImplementedError, ValueError):
-                self._vmap = False      # a layer that vmap cannot batch: one search at a time
-        return torch.stack([one({k: v[i] for k, v in leaves.items()}, x) for i, x in enumerate(inputs)])
+                leaves = self._leaves(masks)
+                with torch.enable_grad():
+                    logits = self._call(leaves, x)
+                    grads = torch.autograd.grad(logits.logsumexp(-1).sum(), list(leaves.values()))
+                results.append((logits.detach(), self._flat(grads, 2)))
+            except (RuntimeError, ValueError):
+                return False
+            finally:
+                self._convs, self._channels = hooked
+        (l1, g1), (l0, g0) = results
+        tol = 1e-9 if self.dtype == torch.float64 else 1e-4
+        return bool(torch.allclose(l0, l1, rtol=tol, atol=tol * float(l0.abs().max()))
+                    and torch.allclose(g0, g1, rtol=tol, atol=tol * float(g0.abs().max())))
 
     def _flat(self, grads, g: int) -> torch.Tensor:
         return torch.cat([t.reshape(g, -1) for t in grads], 1)
