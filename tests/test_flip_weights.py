@@ -223,3 +223,35 @@ def test_only_conv_weights_are_filters():
     items = {sp.name: sp for sp in weights.weight_items(Tokens()).spaces}
     assert (items["conv.weight"].size, items["conv.weight"].filter) == (3, True)
     assert (items["pos"].size, items["pos"].filter) == (12, False) and items["conv.bias"].size == 3
+
+
+def _dense_model(norm: bool):
+    """A random dense classifier (300 classes) whose two weights (72,000 items each) are large enough
+    to be scored by bounded rows; ``norm`` adds a LayerNorm (a parameter outside any linear layer)."""
+    torch.manual_seed(0)
+    layers = [nn.Flatten(), nn.Linear(300, 240)] + ([nn.LayerNorm(240)] if norm else []) + [
+        nn.ReLU(), nn.Linear(240, 300)]
+    model = nn.Sequential(*layers).eval()
+    x = torch.randn(40, 3, 10, 10)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    refs = np.stack([np.arange(10, 26), np.arange(24, 40)])
+    refs[1, 0] = 2                                   # a target inside its own reference batch
+    return model, x, y, refs
+
+
+@pytest.mark.parametrize("norm", [True])
+def test_dense_models_equal_official_rule(norm):
+    """Models without conv filters, one search at a time: large linear weights scored by the rows
+    whose bound reaches the best score, the first layer's reference rows reused; exactly the
+    official loop's items."""
+    model, x, y, refs = _dense_model(norm)
+    r = torch.as_tensor(refs)
+    ids = np.arange(len(x))
+    got, search = _check_equal(model, x[:5], y[:5], ids[:5], x[r], y[r], refs, group_size=3, max_units=12,
+                               noise_samples=2, noise_ratio=0.05, seed=3)
+    assert max(len(u) for u, _ in got.values()) >= 3 and any(f for _, f in got.values())
+    assert len(search._dense.order) == 2 and search._dense.first is not None   # bounded rows, cached first layer
+    head = search.structure.spaces[-2]
+    chosen = np.concatenate([u for u, _ in got.values()])
+    assert ((chosen >= head.offset) & (chosen < head.offset + head.size)).any()   # bounded-row items won

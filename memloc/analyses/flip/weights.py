@@ -9,12 +9,15 @@ zeroed if it is positive; when no item scores above 0 the search stops (not flip
 official code would loop for ever. Items are numbered in ``named_parameters`` order, row-major
 inside a parameter, so ties go to the first item as in the official ``argmax`` loop.
 
-:class:`WeightFlipSearch` runs many such searches at once: each search has its own item mask and
-``torch.func.functional_call`` under ``vmap`` gives every search its own masked weights in one
-forward/backward (a plain loop over searches when a model's layers refuse ``vmap``). Models without
-conv weights run one search at a time (``WeightFlipSearch.batched`` is False): there every item is a
-weight element, each search's gradient is as large as the model, and batching only adds memory
-traffic.
+:class:`WeightFlipSearch` runs many such searches at once. Conv nets (``batched``): each search has
+its own item mask and ``torch.func.functional_call`` under ``vmap`` gives every search its own masked
+weights in one forward/backward (a plain loop over searches when a model's layers refuse ``vmap``);
+a conv filter's mask scales its output channel, so the convs themselves run with the shared weights;
+the forward of the stop test is the step's target term and the reference terms are memoised.
+Models without conv filters have an item per weight element, so no search carries a mask: one
+search at a time with its items zeroed in place (:mod:`memloc.analyses.flip.dense`), the stop test
+from the step's own forward, large linear weights scored by the rows whose bound reaches the best
+score, the first linear layer's reference rows computed once.
 """
 from __future__ import annotations
 
@@ -28,21 +31,10 @@ from torch.func import functional_call, vmap
 
 from ...core.errors import MemlocError
 from ...core.units import hooks_of
+from .dense import DenseSteps
 from .search import FlipSearch
 
-__all__ = ["ItemSpace", "WeightItems", "weight_items", "weight_masks", "first_argmax", "WeightFlipSearch"]
-
-
-def first_argmax(x: torch.Tensor, top: torch.Tensor, chunk: int = 4096) -> int:
-    """``int(x.argmax())`` of a 1-D ``x`` whose maximum ``top`` is known (the first index holding it),
-    by chunks: ``argmax`` over a long tensor is several times slower than ``amax``."""
-    n = x.numel() // chunk * chunk
-    if n:
-        hit = (x[:n].view(-1, chunk).amax(1) == top).nonzero()
-        if len(hit):
-            i = int(hit[0]) * chunk
-            return i + int(x[i:i + chunk].argmax())
-    return n + int(x[n:].argmax())
+__all__ = ["ItemSpace", "WeightItems", "weight_items", "weight_masks", "WeightFlipSearch"]
 
 
 @dataclass(frozen=True)
@@ -124,19 +116,16 @@ class WeightFlipSearch(FlipSearch):
         self._params = {k: v.detach() for k, v in self.model.named_parameters()}
         self._buffers = {k: v for k, v in self.model.named_buffers()}
         self._vmap = True
-        #: conv nets: all searches at once under vmap; models without conv weights (MLPs, transformers):
-        #: one search at a time, since each search's weight gradient is as large as the model and
-        #: batching them only adds memory traffic (0.1-0.2x on the MNIST-5k MLP, artifacts/bench_flip.md)
+        #: conv nets: all searches at once under vmap with per-search masks; models without conv
+        #: filters (MLPs, transformers): index masks, one search at a time
         self.batched = any(sp.filter for sp in self.structure.spaces)
-        if not self.batched:     # the private copy's own parameters, items zeroed in place per search
-            self.model.requires_grad_(True)
-            self._rows = [(p.detach().view(sp.size, -1), p.detach().clone().view(sp.size, -1))
-                          for sp, p in zip(self.structure.spaces, self.model.parameters())]
         self._setup_memo(cache_mb)
         self.prefix = None
         self._slice, self._convs, self._channels = None, {}, {}
         if self.batched:
             self._filter_convs()
+        else:
+            self._dense = DenseSteps(self)
 
     def _leaves(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-parameter item masks (G, *item_shape), leaves of their own (no slicing in the graph)."""
@@ -247,9 +236,9 @@ class WeightFlipSearch(FlipSearch):
         if self.batched:
             return self._check_batched(check)
         flipped = np.zeros(len(check), dtype=bool)
-        for i, s in enumerate(check):
-            if not s.get("stuck"):
-                flipped[i] = self._forward_backward(s, len(s["units"]) < max_units)
+        live = [i for i, s in enumerate(check) if not s.get("stuck")]
+        for i in live:
+            flipped[i] = self._dense.step(check[i], len(check[i]["units"]) < max_units)
         return flipped
 
     # -- all searches at once (conv nets): the checks' forward of the targets is the step's target term
@@ -289,51 +278,6 @@ class WeightFlipSearch(FlipSearch):
             else:
                 s["units"].append(self.structure.spaces[space].offset + j)
                 s["zeroed"][space].append(j)
-
-    def _forward_backward(self, s: dict, go_on: bool) -> bool:
-        """Has search ``s`` flipped? If not and ``go_on``, its next item goes to ``s["next"]``."""
-        params = list(self.model.parameters())
-        zeroed = [(self._rows[i], torch.tensor(z, dtype=torch.long, device=self.device))
-                  for i, z in enumerate(s["zeroed"]) if z]
-        try:
-            with torch.no_grad():
-                for (row, orig), idx in zeroed:
-                    row.index_fill_(0, idx, 0)
-            with torch.enable_grad():
-                nt = s["xt"].shape[0]
-                logits = self.model(torch.cat([s["xt"], self.ref_x[s["r"]]]))
-                target = logits[:nt].mean(0, keepdim=True)
-                if int(target.argmax()) != int(s["y"]):
-                    return True
-                if not go_on:
-                    return False
-                r = torch.tensor([s["r"]], device=self.device)
-                objective = self._objective(target, s["y"][None], logits[None, nt:], r,
-                                            torch.tensor([s["excluded"]], device=self.device))
-                grads = torch.autograd.grad(objective, params)
-            s["next"] = self._best(params, grads)
-            self.stats["example_steps"] += 1
-            self.stats["reference_evaluations"] += 1
-            return False
-        finally:
-            with torch.no_grad():
-                for (row, orig), idx in zeroed:
-                    row.index_copy_(0, idx, orig.index_select(0, idx))
-
-    def _best(self, params, grads) -> tuple:
-        """(parameter number, item index) of the highest ``weight x gradient`` (the official rule: the
-        first parameter holding the maximum, the first item in it), or (None, None) if none is above 0."""
-        with torch.no_grad():
-            scores = []
-            for sp, p, g in zip(self.structure.spaces, params, grads):
-                score = p * g           # zeroed items score 0
-                scores.append(score.flatten(1).sum(1) if sp.filter else score.reshape(-1))
-            tops = torch.stack([sc.max() for sc in scores])
-            top = tops.max()
-            if not bool(top > 0):
-                return None, None
-            space = int((tops == top).nonzero()[0])
-            return space, first_argmax(scores[space], top)
 
     def _choose(self, grad: torch.Tensor, masks: torch.Tensor):
         """The official rule: the item with the highest ``weight x gradient`` (zeroed items score 0),
