@@ -240,11 +240,12 @@ def _dense_model(norm: bool):
     return model, x, y, refs
 
 
-@pytest.mark.parametrize("norm", [True])
+@pytest.mark.parametrize("norm", [False, True])
 def test_dense_models_equal_official_rule(norm):
-    """Models without conv filters, one search at a time: large linear weights scored by the rows
-    whose bound reaches the best score, the first layer's reference rows reused; exactly the
-    official loop's items."""
+    """Models without conv filters: linear layers only run as one stacked group (per-search
+    zeroings as corrections of shared weights); with other parameters, one search at a time. Both
+    score large linear weights by the rows whose bound reaches the best score, reuse the first
+    layer's reference rows, and must zero exactly the official loop's items."""
     model, x, y, refs = _dense_model(norm)
     r = torch.as_tensor(refs)
     ids = np.arange(len(x))
@@ -252,6 +253,29 @@ def test_dense_models_equal_official_rule(norm):
                                noise_samples=2, noise_ratio=0.05, seed=3)
     assert max(len(u) for u, _ in got.values()) >= 3 and any(f for _, f in got.values())
     assert len(search._dense.order) == 2 and search._dense.first is not None   # bounded rows, cached first layer
+    assert search._stacked.usable is (not norm)
     head = search.structure.spaces[-2]
     chosen = np.concatenate([u for u, _ in got.values()])
     assert ((chosen >= head.offset) & (chosen < head.offset + head.size)).any()   # bounded-row items won
+
+
+def test_linear_layer_called_twice_equals_official_rule():
+    """A linear layer applied twice per forward (shared weights) is scored from both calls' rows;
+    the stacked group, which assumes one call per layer, is not used."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.mid, self.out = nn.Linear(300, 64), nn.Linear(64, 64), nn.Linear(64, 5)
+
+        def forward(self, x):
+            return self.out(self.mid(self.mid(self.inp(x.flatten(1)).relu()).relu()).relu())
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    x = torch.randn(30, 3, 10, 10)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    refs = np.arange(10, 26)[None]
+    r = torch.as_tensor(refs)
+    got, search = _check_equal(model, x[:4], y[:4], np.arange(4), x[r], y[r], refs, group_size=3, max_units=10)
+    assert not search._stacked.usable and max(len(u) for u, _ in got.values()) >= 2

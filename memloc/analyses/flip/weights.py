@@ -14,10 +14,12 @@ its own item mask and ``torch.func.functional_call`` under ``vmap`` gives every 
 weights in one forward/backward (a plain loop over searches when a model's layers refuse ``vmap``);
 a conv filter's mask scales its output channel, so the convs themselves run with the shared weights;
 the forward of the stop test is the step's target term and the reference terms are memoised.
-Models without conv filters have an item per weight element, so no search carries a mask: one
-search at a time with its items zeroed in place (:mod:`memloc.analyses.flip.dense`), the stop test
-from the step's own forward, large linear weights scored by the rows whose bound reaches the best
-score, the first linear layer's reference rows computed once.
+Models without conv filters have an item per weight element, so no search carries a mask:
+models made of linear layers only run a group of searches as one model with shared weights and
+per-search corrections (:mod:`memloc.analyses.flip.stacked`), others one search at a time with its
+items zeroed in place (:mod:`memloc.analyses.flip.dense`); both take the stop test from the step's
+own forward, score large linear weights by the rows whose bound reaches the best score, and compute
+the first linear layer's reference rows once.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from ...core.errors import MemlocError
 from ...core.units import hooks_of
 from .dense import DenseSteps
 from .search import FlipSearch
+from .stacked import StackedSteps
 
 __all__ = ["ItemSpace", "WeightItems", "weight_items", "weight_masks", "WeightFlipSearch"]
 
@@ -117,7 +120,7 @@ class WeightFlipSearch(FlipSearch):
         self._buffers = {k: v for k, v in self.model.named_buffers()}
         self._vmap = True
         #: conv nets: all searches at once under vmap with per-search masks; models without conv
-        #: filters (MLPs, transformers): index masks, one search at a time
+        #: filters (MLPs, transformers): index masks, the stacked group or one search at a time
         self.batched = any(sp.filter for sp in self.structure.spaces)
         self._setup_memo(cache_mb)
         self.prefix = None
@@ -126,6 +129,7 @@ class WeightFlipSearch(FlipSearch):
             self._filter_convs()
         else:
             self._dense = DenseSteps(self)
+            self._stacked = StackedSteps(self._dense)
 
     def _leaves(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-parameter item masks (G, *item_shape), leaves of their own (no slicing in the graph)."""
@@ -237,6 +241,10 @@ class WeightFlipSearch(FlipSearch):
             return self._check_batched(check)
         flipped = np.zeros(len(check), dtype=bool)
         live = [i for i, s in enumerate(check) if not s.get("stuck")]
+        if self._stacked.usable and live:
+            flipped[live] = self._stacked.check([check[i] for i in live], [len(check[i]["units"]) < max_units
+                                                                          for i in live])
+            return flipped
         for i in live:
             flipped[i] = self._dense.step(check[i], len(check[i]["units"]) < max_units)
         return flipped
