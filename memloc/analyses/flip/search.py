@@ -228,33 +228,33 @@ class FlipSearch:
     def _step(self, slots: list[dict], masks: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor) -> torch.Tensor:
         """``dO/dmask`` (G, n_units) of the running searches: one forward/backward of every target
         term and of the reference terms not memoised yet."""
-        keys, misses, ref_masks, repeats, excluded = self._misses(slots, masks)
-        _, grad_t, grad_r = self._terms(masks, xt, yt, ref_masks, repeats, excluded)
-        return self._memoised(keys, misses, grad_t, grad_r)
+        keys, misses, first, repeats, excluded = self._misses(slots)
+        _, grad_t, grad_r = self._terms(masks, xt, yt, masks[first], repeats, excluded)
+        return grad_t + torch.stack(self._remember(keys, misses, grad_r))
 
-    def _misses(self, slots: list[dict], masks: torch.Tensor):
+    def _misses(self, slots: list[dict]):
         """The memo keys (repeat, excluded target, set of zeroed units) of ``slots`` and the reference
-        terms to evaluate: (keys, missing keys, their masks (M, n_units), repeats (M,), excluded (M,))."""
+        terms to evaluate: (keys, missing keys, the first slot of each, repeats (M,), excluded (M,))."""
         keys = [(s["r"], s["excluded"], frozenset(s["units"])) for s in slots]
         misses = list(dict.fromkeys(key for key in keys if key not in self._memo))
         first_slot = {key: i for i, key in reversed(list(enumerate(keys)))}
-        return (keys, misses, masks[[first_slot[key] for key in misses]],
+        return (keys, misses, [first_slot[key] for key in misses],
                 torch.tensor([key[0] for key in misses], dtype=torch.long, device=self.device),
                 torch.tensor([key[1] for key in misses], dtype=torch.long, device=self.device))
 
-    def _memoised(self, keys, misses, grad_t: torch.Tensor, grad_r: torch.Tensor) -> torch.Tensor:
-        """``dO/dmask`` (G, n_units): the target terms ``grad_t`` plus the reference terms, those of
-        ``misses`` just evaluated (``grad_r``), the others from the memo."""
-        for key, grad in zip(misses, grad_r):
-            self._memo[key] = grad
+    def _remember(self, keys, misses, terms) -> list:
+        """Memoise the reference ``terms`` of ``misses`` just evaluated; returns the reference term of
+        each of ``keys`` (least recently used terms are dropped beyond the memo's size)."""
+        for key, term in zip(misses, terms):
+            self._memo[key] = term
         for key in keys:
             self._memo.move_to_end(key)
-        grad = grad_t + torch.stack([self._memo[key] for key in keys])
+        found = [self._memo[key] for key in keys]
         while len(self._memo) > self._memo_max:
             self._memo.popitem(last=False)
         self.stats["example_steps"] += len(keys)
         self.stats["reference_evaluations"] += len(misses)
-        return grad
+        return found
 
     def _choose(self, grad: torch.Tensor, masks: torch.Tensor):
         """Per search: the unit to zero next (highest ``mask x dO/dmask`` among kept units; ties to the

@@ -23,6 +23,7 @@ the first linear layer's reference rows once.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 from dataclasses import dataclass
 
@@ -123,6 +124,7 @@ class WeightFlipSearch(FlipSearch):
         #: filters (MLPs, transformers): index masks, the stacked group or one search at a time
         self.batched = any(sp.filter for sp in self.structure.spaces)
         self._setup_memo(cache_mb)
+        self._offsets = [sp.offset for sp in self.structure.spaces]
         self.prefix = None
         self._slice, self._convs, self._channels = None, {}, {}
         if self.batched:
@@ -137,8 +139,11 @@ class WeightFlipSearch(FlipSearch):
         return {sp.name: masks[:, sp.offset:sp.offset + sp.size].detach().to(self.dtype).reshape(g, *sp.item_shape)
                 .clone().requires_grad_(True) for sp in self.structure.spaces}
 
-    def _call(self, leaves: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-        """Logits (G, n, C) of ``inputs`` (G, n, ...), row g through the weights masked by ``leaves[.][g]``.
+    def _call(self, leaves: dict[str, torch.Tensor], inputs: torch.Tensor, *, batched: bool = True,
+              shared: bool = False) -> torch.Tensor:
+        """Logits (G, n, C) of ``inputs`` (G, n, ...), row g through the weights masked by ``leaves[.][g]``
+        (under ``vmap`` unless not ``batched``); ``shared``: ``inputs`` (n, ...) are every search's rows
+        (layers before the first masked one then run once).
 
         A conv filter's mask scales its output channel (:meth:`_channel_hook`): the conv itself runs
         with the shared, unmasked weights, as one convolution over every search's rows."""
@@ -151,12 +156,14 @@ class WeightFlipSearch(FlipSearch):
         hooks = {name: self._channel_hook(w, b) for name, (w, b) in self._convs.items()}
         try:
             with hooks_of(self.model, hooks):
-                if self._vmap:
+                if self._vmap and batched:
                     try:
-                        return vmap(one)(leaves, inputs)
+                        return vmap(one, in_dims=(0, None if shared else 0))(leaves, inputs)
                     except (RuntimeError, NotImplementedError, ValueError):
                         self._vmap = False      # a layer that vmap cannot batch: one search at a time
-                return torch.stack([one({k: v[i] for k, v in leaves.items()}, x) for i, x in enumerate(inputs)])
+                g = len(next(iter(leaves.values())))
+                return torch.stack([one({k: v[i] for k, v in leaves.items()}, inputs if shared else inputs[i])
+                                    for i in range(g)])
         finally:
             self._slice = None
 
@@ -189,18 +196,20 @@ class WeightFlipSearch(FlipSearch):
             self._convs, self._channels = {}, {}
 
     def _channels_agree(self) -> bool:
+        """Do the hooked convs give the masked weights' logits and mask gradients (one search, random
+        masks, two rows)?"""
         gen = torch.Generator().manual_seed(0)
-        masks = (torch.rand(2, self.structure.n_units, generator=gen) > 0.2).to(self.device, self.dtype)
-        x = self.ref_x[0, :2, None]
+        masks = (torch.rand(1, self.structure.n_units, generator=gen) > 0.2).to(self.device, self.dtype)
+        x = self.ref_x[0, None, :2]
         results, hooked = [], (self._convs, self._channels)
         for convs, channels in (hooked, ({}, {})):
             self._convs, self._channels = convs, channels
             try:
                 leaves = self._leaves(masks)
                 with torch.enable_grad():
-                    logits = self._call(leaves, x)
+                    logits = self._call(leaves, x, batched=False)
                     grads = torch.autograd.grad(logits.logsumexp(-1).sum(), list(leaves.values()))
-                results.append((logits.detach(), self._flat(grads, 2)))
+                results.append((logits.detach(), self._flat(grads, 1)))
             except (RuntimeError, ValueError):
                 return False
             finally:
@@ -228,8 +237,10 @@ class WeightFlipSearch(FlipSearch):
 
     # -- one search at a time (models without conv filters): index masks, the step's own forward as the check
     def _start(self, s: dict) -> dict:
-        if self.batched:
-            return super()._start(s)
+        if self.batched:       # per parameter: the item mask (1 = kept)
+            s["mask"] = {sp.name: torch.ones(sp.item_shape, dtype=self.dtype, device=self.device)
+                         for sp in self.structure.spaces}
+            return s
         s["zeroed"] = [[] for _ in self.structure.spaces]      # per parameter: local indices of the zeroed items
         return s
 
@@ -249,36 +260,69 @@ class WeightFlipSearch(FlipSearch):
             flipped[i] = self._dense.step(check[i], len(check[i]["units"]) < max_units)
         return flipped
 
-    # -- all searches at once (conv nets): the checks' forward of the targets is the step's target term
+    # -- all searches at once (conv nets): per-parameter masks; the checks' forward of the targets is
+    # -- the step's target term
     def _check_batched(self, check: list[dict]) -> np.ndarray:
-        leaves = self._leaves(torch.stack([s["mask"] for s in check]))
+        leaves = {sp.name: torch.stack([s["mask"][sp.name] for s in check]).requires_grad_(True)
+                  for sp in self.structure.spaces}
         with torch.enable_grad():
             logits = self._call(leaves, torch.stack([s["xt"] for s in check])).mean(1)
         for i, s in enumerate(check):
-            s["target"] = (logits[i], leaves, i)
+            s["target"] = (logits, leaves, i)
         return (logits.argmax(1) != torch.stack([s["y"] for s in check])).cpu().numpy()
 
-    def _step(self, slots, masks, xt, yt):
-        """``dO/dmask`` (G, n_items) from the target logits of the checks (:meth:`_check_batched`) and
-        the reference terms not memoised yet."""
-        keys, misses, ref_masks, repeats, excluded = self._misses(slots, masks)
+    def _advance_batched(self, slots: list[dict]) -> None:
+        """One step of every search of ``slots``: the reference terms not memoised yet, one backward,
+        and per search the official rule's item (:meth:`_best`)."""
         targets = [s.pop("target") for s in slots]
+        keys, misses, first, repeats, excluded = self._misses(slots)
         batches = list({id(leaves): leaves for _, leaves, _ in targets}.values())
-        ref = self._leaves(ref_masks)
+        names = [sp.name for sp in self.structure.spaces]
+        rows = [(id(leaves), i) for _, leaves, i in targets]
+        whole = len(batches) == 1 and [i for _, i in rows] == list(range(len(targets[0][0])))
+        ref = {k: torch.stack([targets[i][1][k][targets[i][2]] for i in first]).detach().requires_grad_(True)
+               for k in names} if misses else {}
         with torch.enable_grad():
-            ref_logits = self._call(ref, self.ref_x[repeats]) if misses else None
-            objective = self._objective(torch.stack([t[0] for t in targets]), yt, ref_logits, repeats, excluded)
-            inputs = [v for leaves in batches + ([ref] if misses else []) for v in leaves.values()]
-            grads = iter(torch.autograd.grad(objective, inputs))
-        flat = {id(leaves): self._flat([next(grads) for _ in leaves], len(next(iter(leaves.values()))))
-                for leaves in batches}
-        grad_t = torch.stack([flat[id(leaves)][i] for _, leaves, i in targets])
-        grad_r = self._flat(list(grads), len(ref_masks)) if misses else grad_t[:0]
-        return self._memoised(keys, misses, grad_t, grad_r)
+            shared = len(set(repeats.tolist())) == 1        # one reference batch: its first layer runs once
+            ref_logits = (self._call(ref, self.ref_x[int(repeats[0])] if shared else self.ref_x[repeats], shared=shared)
+                          if misses else None)
+            target = targets[0][0] if whole else torch.stack([logits[i] for logits, _, i in targets])
+            objective = self._objective(target, torch.stack([s["y"] for s in slots]), ref_logits, repeats, excluded)
+            grads = iter(torch.autograd.grad(objective, [v for leaves in batches + [ref] for v in leaves.values()]))
+        grad_t = {id(leaves): {k: next(grads) for k in names} for leaves in batches}
+        grad_r = {k: next(grads) for k in names} if misses else {}
+        terms = self._remember(keys, misses, [{k: grad_r[k][m] for k in names} for m in range(len(misses))])
+        zeroed = {}                    # per parameter: (search, item) of the zeroed items, scored 0
+        for i, s in enumerate(slots):
+            for j in s["units"]:
+                p = bisect.bisect_right(self._offsets, j) - 1
+                zeroed.setdefault(p, []).append((i, j - self._offsets[p]))
+        scores = []
+        for p, k in enumerate(names):      # target term + reference term
+            g = grad_t[rows[0][0]][k] if whole else torch.stack([grad_t[b][k][i] for b, i in rows])
+            score = g.add_(torch.stack([t[k] for t in terms])).flatten(1)
+            if p in zeroed:
+                score[tuple(torch.tensor(zeroed[p], device=self.device).t())] = 0
+            scores.append(score)
+        self._best(slots, scores)
+
+    def _best(self, slots: list[dict], scores: list[torch.Tensor]) -> None:
+        """Zero each search's item of highest score (the first parameter holding its maximum, the first
+        item in it) if that score is above 0; else the search is stuck. ``scores``: per parameter (G, size)."""
+        tops = torch.stack([sc.amax(1) for sc in scores], 1)           # (G, parameters)
+        top = tops.amax(1)
+        space = (tops == top[:, None]).to(torch.uint8).argmax(1).tolist()
+        for i, (s, p, t) in enumerate(zip(slots, space, top.tolist())):
+            if not t > 0:
+                s["stuck"] = True
+                continue
+            sp, j = self.structure.spaces[p], int(scores[p][i].argmax())
+            s["units"].append(sp.offset + j)
+            s["mask"][sp.name].view(-1)[j] = 0
 
     def _advance(self, slots: list[dict]) -> None:
         if self.batched:
-            return super()._advance(slots)
+            return self._advance_batched(slots)
         for s in slots:
             space, j = s.pop("next")
             if space is None:
@@ -286,13 +330,6 @@ class WeightFlipSearch(FlipSearch):
             else:
                 s["units"].append(self.structure.spaces[space].offset + j)
                 s["zeroed"][space].append(j)
-
-    def _choose(self, grad: torch.Tensor, masks: torch.Tensor):
-        """The official rule: the item with the highest ``weight x gradient`` (zeroed items score 0),
-        if that score is positive."""
-        score = grad * masks            # zeroed items score 0
-        best = score.argmax(1)
-        return best.tolist(), (score.gather(1, best[:, None])[:, 0] > 0).tolist()
 
     def zeroing(self, model: nn.Module, mask: torch.Tensor):
         return weight_masks(model, self.structure, mask)
