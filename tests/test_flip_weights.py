@@ -259,23 +259,47 @@ def test_dense_models_equal_official_rule(norm):
     assert ((chosen >= head.offset) & (chosen < head.offset + head.size)).any()   # bounded-row items won
 
 
-def test_linear_layer_called_twice_equals_official_rule():
-    """A linear layer applied twice per forward (shared weights) is scored from both calls' rows;
-    the stacked group, which assumes one call per layer, is not used."""
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp, self.mid, self.out = nn.Linear(300, 64), nn.Linear(64, 64), nn.Linear(64, 5)
+class _Twice(nn.Module):
+    """A dense model applying one linear layer twice per forward."""
 
-        def forward(self, x):
-            return self.out(self.mid(self.mid(self.inp(x.flatten(1)).relu()).relu()).relu())
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(300, 64), nn.Linear(64, 64), nn.Linear(64, 5)
 
+    def forward(self, x):
+        return self.out(self.mid(self.mid(self.inp(x.flatten(1)).relu()).relu()).relu())
+
+
+class _SharedInConvNet(nn.Module):
+    """A conv net applying one linear layer twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = F.max_pool2d(self.conv(x).relu(), 4).flatten(1)
+        return self.out(self.fc(self.fc(h).relu()).relu())
+
+
+@pytest.mark.parametrize("make, shape", [(_Twice, (30, 3, 10, 10)), (_SharedInConvNet, (40, 1, 8, 8))])
+def test_linear_layer_called_twice_equals_official_rule(make, shape):
+    """A linear layer applied twice per forward (shared weights) breaks the bookkeeping of the stacked
+    group (dense models) and of the shared-weight linear layers (conv nets): the construction checks
+    see it (one search at a time / every weight masked) and the items stay the official loop's."""
     torch.manual_seed(0)
-    model = Twice().eval()
-    x = torch.randn(30, 3, 10, 10)
+    model, x = make().eval(), torch.randn(*shape)
     with torch.no_grad():
         y = model(x).argmax(1)
     refs = np.arange(10, 26)[None]
     r = torch.as_tensor(refs)
     got, search = _check_equal(model, x[:4], y[:4], np.arange(4), x[r], y[r], refs, group_size=3, max_units=10)
-    assert not search._stacked.usable and max(len(u) for u, _ in got.values()) >= 2
+    assert max(len(u) for u, _ in got.values()) >= 2
+    assert not (search._batched.linears if search.batched else search._stacked.usable)
+
+
+def test_conv_net_linear_layers_run_with_shared_weights():
+    model, x = _conv_bn()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    assert set(weights.WeightFlipSearch(model, x[None, :4], y[None, :4], np.arange(4)[None])._batched.linears) == {"9"}
