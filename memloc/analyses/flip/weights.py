@@ -9,11 +9,13 @@ zeroed if it is positive; when no item scores above 0 the search stops (not flip
 official code would loop for ever. Items are numbered in ``named_parameters`` order, row-major
 inside a parameter, so ties go to the first item as in the official ``argmax`` loop.
 
-:class:`WeightFlipSearch` runs many such searches at once. Conv nets (``batched``): each search has
-its own item mask and ``torch.func.functional_call`` under ``vmap`` gives every search its own masked
-weights in one forward/backward (a plain loop over searches when a model's layers refuse ``vmap``);
-a conv filter's mask scales its output channel, so the convs themselves run with the shared weights;
-the forward of the stop test is the step's target term and the reference terms are memoised.
+:class:`WeightFlipSearch` runs many such searches at once. Conv nets (``batched``,
+:mod:`memloc.analyses.flip.batched`): each search has its own item masks and
+``torch.func.functional_call`` under ``vmap`` runs every search in one forward/backward (a plain
+loop over searches when a model's layers refuse ``vmap``); convs and linear layers run with the
+shared weights (a filter's mask scales its output channel, zeroed linear weights are subtracted
+from the outputs); the forward of the stop test is the step's target term and the reference terms
+are memoised.
 Models without conv filters have an item per weight element, so no search carries a mask:
 models made of linear layers only run a group of searches as one model with shared weights and
 per-search corrections (:mod:`memloc.analyses.flip.stacked`), others one search at a time with its
