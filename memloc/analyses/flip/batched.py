@@ -55,6 +55,8 @@ class BatchedSteps:
             if weight not in self.params:
                 continue
             bias = weight[:-6] + "bias" if getattr(m, "bias", None) is not None else None
+            if bias is not None and bias not in self.params:
+                continue                     # a bias shared with another module: masked as it is
             if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
                 convs[name] = (weight, bias)
             elif type(m) is nn.Linear:
@@ -169,8 +171,8 @@ class BatchedSteps:
     # -- the steps
     def start(self, s: dict) -> None:
         """Masks of a new search (per parameter, 1 = kept) and its zeroed linear weights."""
-        s["mask"] = {k: torch.ones(sp.item_shape, dtype=self.search.dtype, device=self.search.device)
-                     for sp in self.spaces for k in [sp.name] if k in self.masked}
+        s["mask"] = {sp.name: torch.ones(sp.item_shape, dtype=self.search.dtype, device=self.search.device)
+                     for sp in self.spaces if sp.name in self.masked}
         s["lin"] = {}
 
     def check(self, check: list[dict]) -> np.ndarray:

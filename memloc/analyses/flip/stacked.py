@@ -166,7 +166,7 @@ class StackedSteps:
             tops = torch.stack([score.amax(1) for _, score in parts], 1)[go].tolist() if parts else [[] for _ in go]
             found = {k: [(t, i, score[k], None) for t, (i, score) in zip(top, parts)] for k, top in zip(go, tops)}
             margin = 1 + 8 * max((grad.shape[1] for _, grad, _, _ in large), default=1) * dense._eps()
-            for m, grad, rows, wz in large:
+            for m, grad, rows, wz in sorted(large, key=lambda t: t[0].weight.numel()):     # small layers first
                 self._large(m, grad, rows, wz, found, margin)
         return [self._pick(found[k]) for k in go]
 
