@@ -494,3 +494,32 @@ def test_a_result_or_child_run_from_another_run_is_refused(tmp_path, capsys):
     shutil.copytree(b.path, child_path(a, "all-s2", seed2))            # seed 1's run where seed 2's belongs
     with pytest.raises(memloc.MemlocError, match="is not the run trained there .settings that differ: seed.: delete it"):
         train_children(a, [("all-s2", seed2)], device="cpu")
+
+
+def test_recorder_checks_every_batch_it_is_given(tmp_path):
+    """A user's loop hands record_batch numpy or torch, right or wrong: a correct record or one MemlocError
+    naming the argument, never an error from deep inside cross-entropy."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, generator=g), torch.arange(12) % 3
+    model = torch.nn.Linear(5, 3)
+    rec = memloc.Recorder(tmp_path / "r", model, eval_train=torch.utils.data.TensorDataset(x, y),
+                          model_spec={"name": "linear"}, data_spec={"dataset": "own"})
+    idx = np.arange(4)
+    with torch.no_grad():
+        logits = model(x[:4])
+    rec.record_batch(idx, logits.numpy(), y[:4].numpy())        # numpy accepted: the same record as torch
+    as_numpy = {k: v[:4].copy() for k, v in rec._presentation.items()}
+    rec.record_batch(torch.as_tensor(idx), logits, y[:4])
+    for k, v in as_numpy.items():
+        np.testing.assert_array_equal(v, rec._presentation[k][:4])
+    bad = [((idx, logits, y[:3]), "one label per row"),
+           ((idx, logits, torch.tensor([0, 1, 2, 3])), "labels must lie in 0..2"),
+           ((idx, logits, torch.tensor([0, -1, 2, 0])), "labels must lie in 0..2"),
+           ((idx, logits, y[:4].float()), "labels must hold integers"),
+           ((idx, logits[:, 0], y[:4]), "shape (batch, classes)"),
+           ((idx, "abc", y[:4]), "logits must be"),
+           ((idx + 10, logits, y[:4]), "idx must hold one example id in 0..11"),
+           ((idx.astype(float), logits, y[:4]), "idx must hold integers")]
+    for args, match in bad:
+        with pytest.raises(memloc.MemlocError, match=re.escape(match)):
+            rec.record_batch(*args)
