@@ -523,3 +523,19 @@ def test_recorder_checks_every_batch_it_is_given(tmp_path):
     for args, match in bad:
         with pytest.raises(memloc.MemlocError, match=re.escape(match)):
             rec.record_batch(*args)
+
+
+def test_a_child_left_alone_trains_with_the_threads_its_jobs_gave_it(monkeypatch, tmp_path):
+    """A rerun that finds one of a `jobs=2` experiment's children left trains it in this process with the
+    thread count the parallel run gave each child (cores // jobs), and restores this process's count."""
+    from memloc.actions import children
+    seen = []
+    monkeypatch.setattr(children, "_train_one", lambda p, cfg, device, threads, given: seen.append(threads))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        children._train({str(tmp_path / "c"): {"dataset": "digits", "epochs": 1}}, {str(tmp_path / "c"): None},
+                         jobs=2, device="cpu", desc="x")
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

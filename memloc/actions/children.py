@@ -6,7 +6,8 @@ the loss weights (``upweight``) or the ``seed``. Each child lives in
 ``PARENT/children/<label>-<hash of its config>/``: a finished child is reused by every later
 experiment that needs the same config, an interrupted one resumes (bit-identical), and a child
 whose config equals the parent's is the parent itself. ``jobs > 1`` trains children in parallel
-processes (each with ``cores // jobs`` torch threads; results then differ from a one-process
+processes (each with ``cores // jobs`` torch threads, also a child trained alone in this process, so
+a rerun that finds one child left trains it as the first run did; results differ from a ``jobs=1``
 run in the last float bits, as any change of thread count does).
 
 Under torchrun (:mod:`memloc.scale.distributed`) the children are split across the processes: rank 0's
@@ -190,13 +191,15 @@ def _train(todo: dict, labels: dict, *, jobs: int, device, desc: str) -> None:
             raise MemlocError(f"dataset {local[0]!r} is registered in this process only; parallel runs (jobs > 1) "
                               "need it as an import path pkg.module:factory, or use jobs=1", argument="jobs")
     bar = progress(total=len(todo), desc=f"train {desc}", unit="run")
+    # a child's threads depend on `jobs` alone, not on how many children are left: a rerun that finds one
+    # child left trains it as the first run would have (a thread count changes the last float bits)
+    threads, before = max(1, torch.get_num_threads() // jobs), torch.get_num_threads()
     try:
         if jobs == 1 or len(todo) <= 1:
             for p, cfg in todo.items():
-                _train_one(p, cfg, str(device), torch.get_num_threads(), labels[p])
+                _train_one(p, cfg, str(device), threads, labels[p])
                 bar.update()
         else:
-            threads = max(1, torch.get_num_threads() // jobs)
             ctx = multiprocessing.get_context("spawn")
             pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
             try:
@@ -207,6 +210,7 @@ def _train(todo: dict, labels: dict, *, jobs: int, device, desc: str) -> None:
             finally:            # on an error or Ctrl-C, runs not started yet are not started
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:
+        torch.set_num_threads(before)
         bar.close()
 
 
