@@ -539,3 +539,13 @@ def test_a_child_left_alone_trains_with_the_threads_its_jobs_gave_it(monkeypatch
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_damaged_child_run_is_named_with_what_to_do(tmp_path):
+    """A child folder that is not a run (a user cannot choose a child's folder): delete it, not 'choose a new directory'."""
+    from memloc.actions import children
+    child = tmp_path / "children" / "all-s1-abc"
+    child.mkdir(parents=True)
+    (child / "run.h5").write_bytes(b"not hdf5")
+    with pytest.raises(memloc.MemlocError, match="child run .* is damaged .* delete it and run the command again"):
+        children._train_one(str(child), {"dataset": "digits", "epochs": 1}, "cpu", 1)

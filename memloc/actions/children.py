@@ -34,7 +34,7 @@ import torch
 
 from ..scale.distributed import alone, broadcast, shard, world
 from ..core.errors import MemlocError
-from ..core.run import Run, is_complete, load
+from ..core.run import Run, check_new_run_dir, is_complete, load
 from ..core.runtime import check_range, progress, resolve_device
 
 __all__ = ["parent_config", "parent_labels", "subset_config", "check_seeds", "child_path", "train_runs",
@@ -146,6 +146,12 @@ def _finished(path: Path, epochs: int) -> bool:
 def _train_one(path: str, cfg: dict, device: str, threads: int, label_given=None) -> str:
     from ..training.train import train
     torch.set_num_threads(threads)
+    if not is_complete(path):
+        try:
+            check_new_run_dir(path, clear=False)
+        except MemlocError:     # its folder is memloc's to name: the user can only delete it
+            raise MemlocError(f"child run {str(path)!r} is damaged (not a memloc run, nor one being created): "
+                              "delete it and run the command again", argument="run") from None
     if not _finished(Path(path), cfg["epochs"]):
         train(path, cfg, device=device, resume=True, argv=["memloc", "train", path], label_given=label_given)
     return path
