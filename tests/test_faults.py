@@ -549,3 +549,18 @@ def test_a_damaged_child_run_is_named_with_what_to_do(tmp_path):
     (child / "run.h5").write_bytes(b"not hdf5")
     with pytest.raises(memloc.MemlocError, match="child run .* is damaged .* delete it and run the command again"):
         children._train_one(str(child), {"dataset": "digits", "epochs": 1}, "cpu", 1)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda run: memloc.prune(run, keep="abc"), "keep fractions must be numbers in (0, 1], got 'abc'"),
+    (lambda run: memloc.prune(run, keep=2.0), "keep must be a finite number in (0, 1], got 2.0"),
+    (lambda run: memloc.prune(run, keep=[0.5, None]), "keep fractions must be numbers in (0, 1], got None"),
+    (lambda run: memloc.unlearn(run, lam={"unknown": 1}), "lam has no method 'unknown'; its keys: ewc, mas, lwf"),
+    (lambda run: memloc.scores(run, methods=5), "unknown score '5'"),
+    (lambda run: memloc.clean(run, seeds="x"), "seeds must be whole numbers, got 'x'"),
+])
+def test_library_arguments_of_the_wrong_type_are_named(call, match, tiny_run):
+    """A wrong type or an unknown key at the library's front door: one MemlocError naming the argument,
+    before any work (no ValueError from float(), no TypeError from iterating a number, no key ignored)."""
+    with pytest.raises(memloc.MemlocError, match=re.escape(match)):
+        call(tiny_run.path)
