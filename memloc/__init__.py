@@ -33,6 +33,7 @@ _FACE = {
     "set_mode": "memloc.core.dropout", "example_ids": "memloc.core.dropout",
     # training
     "train": "memloc.training.train", "HFTrainerCallback": "memloc.training.hf_callback",
+    "LightningCallback": "memloc.training.lightning_callback",
     # analyses
     "gradients": "memloc.analyses.gradients", "rewind": "memloc.analyses.rewind",
     "retrain": "memloc.analyses.retrain", "flip": "memloc.analyses.flip", "scores": "memloc.analyses.scores",

@@ -82,7 +82,7 @@ def test_a_resumed_trainer_continues_the_run(tmp_path, data):
     run("once", 3)
     np.testing.assert_allclose(memloc.load(tmp_path / "run").dynamics("suffix_loss"),
                                memloc.load(tmp_path / "once").dynamics("suffix_loss"), rtol=1e-4)
-    with pytest.raises(MemlocError, match="resumes at epoch 3"):     # a Trainer past the run's last epoch
+    with pytest.raises(MemlocError, match="Trainer resumes at epoch 3"):     # a Trainer past the run's last epoch
         last = max((tmp_path / "out_once").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         (tmp_path / "run" / "checkpoints" / "epoch_0003.pt").unlink()
         run("run", 4, resume_from=str(last))

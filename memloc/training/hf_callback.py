@@ -25,6 +25,7 @@ from ..core.errors import MemlocError
 from ..core.run import is_complete
 from ..core.sequence_recorder import SequenceRecorder
 from ..core.sequences import SequenceSet
+from .common import continue_at
 
 __all__ = ["HFTrainerCallback"]
 
@@ -98,18 +99,7 @@ class HFTrainerCallback(TrainerCallback):
             opts["overwrite"] = False
         self.recorder = SequenceRecorder(self.run_dir, model, self.data, resume=resume, **opts)
         if state.global_step > 0:       # the Trainer resumed from its checkpoint: continue the run from that epoch
-            self._continue_at(state.epoch)
-
-    def _continue_at(self, epoch) -> None:
-        done = int(round(epoch or 0))
-        if abs((epoch or 0) - done) > 1e-6 or done > self.recorder.epoch:
-            have = self.recorder.epoch
-            self.recorder.close()
-            raise MemlocError(f"the Trainer resumes at epoch {epoch:g}, but the run {str(self.run_dir)!r} holds epochs "
-                              f"0-{have}: resume from a checkpoint saved at an epoch end the run holds "
-                              "(save_strategy='epoch')")
-        if done < self.recorder.epoch:
-            self.recorder.rewind_to(done)   # the same weights as the Trainer's checkpoint of that epoch
+            continue_at(self.recorder, state.epoch, "Trainer")
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
