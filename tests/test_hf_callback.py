@@ -10,6 +10,7 @@ pytest.importorskip("accelerate")      # the Trainer needs it (the dev extra ins
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import memloc  # noqa: E402
+from conftest import run_readme_example  # noqa: E402
 from memloc.core.errors import MemlocError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,7 +19,7 @@ SIZES = dict(n_layer=1, n_head=2, d_model=32)
 
 
 def trainer(out, model, dataset, callback, *, epochs=2, **kw):
-    kw = {"save_strategy": "no", **kw}
+    kw = {"save_strategy": "no", "lr_scheduler_type": "constant", **kw}
     args = TrainingArguments(str(out), num_train_epochs=epochs, per_device_train_batch_size=8, learning_rate=2e-2,
                              use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True, seed=0, **kw)
     return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
@@ -66,26 +67,25 @@ def test_memorisation_gives_the_numbers_the_callback_recorded(hf_trainer_run):
         assert run.metrics()["test_loss"][epoch] == pytest.approx(test["suffix_loss"].values.mean(), rel=1e-5)
 
 
-def test_a_resumed_trainer_continues_the_run(tmp_path, data):
+def test_a_resumed_trainer_continues_the_run(tmp_path, data, hf_trainer_run):
     """The Trainer checkpoints at epoch ends; 2 epochs, then resuming from the epoch-1 checkpoint up to 3 epochs
-    (the memloc run rewound to epoch 1 and continued) gives the run of 3 epochs trained at once."""
+    (the memloc run rewound to epoch 1 and continued) gives the run of 3 epochs trained at once (the fixture's)."""
     def run(name, epochs, resume_from=None):
         cb = memloc.HFTrainerCallback(tmp_path / name, data)
-        trainer(tmp_path / f"out_{name}", _model(data), cb.train_dataset(), cb, epochs=epochs, save_strategy="epoch",
-                lr_scheduler_type="constant").train(resume_from_checkpoint=resume_from)
+        trainer(tmp_path / f"out_{name}", _model(data), cb.train_dataset(), cb, epochs=epochs, save_strategy="epoch"
+                ).train(resume_from_checkpoint=resume_from)
         return cb
 
     run("run", 2)
-    first = min((tmp_path / "out_run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    resumed = run("run", 3, resume_from=str(first))
+    steps = sorted((tmp_path / "out_run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    resumed = run("run", 3, resume_from=str(steps[0]))
     assert memloc.load(tmp_path / "run").epochs == [0, 1, 2, 3] and len(resumed.metrics) == 2   # 2 and 3 again
-    run("once", 3)
     np.testing.assert_allclose(memloc.load(tmp_path / "run").dynamics("suffix_loss"),
-                               memloc.load(tmp_path / "once").dynamics("suffix_loss"), rtol=1e-4)
+                               hf_trainer_run[0].dynamics("suffix_loss"), rtol=1e-4)
     with pytest.raises(MemlocError, match="Trainer resumes at epoch 3"):     # a Trainer past the run's last epoch
-        last = max((tmp_path / "out_once").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         (tmp_path / "run" / "checkpoints" / "epoch_0003.pt").unlink()
-        run("run", 4, resume_from=str(last))
+        run("run", 4, resume_from=str(sorted((tmp_path / "out_run").glob("checkpoint-*"),
+                                             key=lambda p: int(p.name.split("-")[1]))[-1]))
 
 
 def test_user_mistakes(tmp_path, data):
@@ -98,3 +98,10 @@ def test_user_mistakes(tmp_path, data):
     with pytest.raises(MemlocError, match=r"\(B, T, V\)"):
         trainer(tmp_path / "out", torch.nn.Sequential(torch.nn.Embedding(14, 14), torch.nn.Flatten()),
                 cb.train_dataset(), memloc.HFTrainerCallback(tmp_path / "c", data)).train()
+
+
+def test_readme_example_runs_as_written(tmp_path, monkeypatch):
+    out = run_readme_example("hf-trainer", tmp_path, monkeypatch)
+    run, res = out["run"], out["res"]
+    assert run.epochs == [0, 1, 2, 3]
+    np.testing.assert_array_equal(res["memorised"].values, run.dynamics("memorised")[-1])

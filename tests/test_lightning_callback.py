@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 
 import memloc  # noqa: E402
+from conftest import run_readme_example  # noqa: E402
 from memloc.core.data import build_data  # noqa: E402
 from memloc.core.errors import MemlocError  # noqa: E402
 from memloc.core.evaluate import evaluate  # noqa: E402
@@ -151,3 +152,10 @@ def test_user_mistakes(tmp_path, digits):
     with pytest.raises(MemlocError, match="one example id in 0..99"):
         fit(LitNet(), memloc.LightningCallback(tmp_path / "d", eval_train=small), loader(digits), epochs=1,
             enable_checkpointing=False)
+
+
+def test_readme_example_runs_as_written(tmp_path, monkeypatch):
+    out = run_readme_example("lightning", tmp_path, monkeypatch)
+    run, g, sc = out["run"], out["g"], out["sc"]
+    assert run.epochs == list(range(6)) and run.is_noisy.sum() == 180
+    assert g["checkpoint"].values.tolist() == [0, 5] and len(sc["final_loss"]) == len(out["y"])
