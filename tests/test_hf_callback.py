@@ -19,8 +19,8 @@ SIZES = dict(n_layer=1, n_head=2, d_model=32)
 
 
 def trainer(out, model, dataset, callback, *, epochs=2, **kw):
-    kw = {"save_strategy": "no", "lr_scheduler_type": "constant", **kw}
-    args = TrainingArguments(str(out), num_train_epochs=epochs, per_device_train_batch_size=8, learning_rate=2e-2,
+    kw = {"save_strategy": "no", "lr_scheduler_type": "constant", "learning_rate": 2e-2, **kw}
+    args = TrainingArguments(str(out), num_train_epochs=epochs, per_device_train_batch_size=8,
                              use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True, seed=0, **kw)
     return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
 
@@ -53,7 +53,24 @@ def test_trainer_run_is_a_memloc_run(hf_trainer_run, data):
     m = run.metrics()
     assert m["train_loss"][-1] < m["train_loss"][0]                       # the Trainer trained the model
     assert [e["train_loss"] for e in cb.metrics] == pytest.approx(m["train_loss"][1:].tolist())
-    assert (run.dynamics("memorised", "presentation") == -1).all()       # the Trainer shows callbacks no batch
+    pres = run.dynamics("memorised", "presentation")                 # ids through the items: every sequence seen
+    assert (pres[0] == -1).all() and (pres[1:] >= 0).all()
+    assert not any(h for h in (model._forward_hooks, model._forward_pre_hooks))   # the callback's hooks are gone
+
+
+def test_presentation_rows_are_the_training_forwards(tmp_path, data):
+    """With a learning rate of 0 (and no dropout) each training forward is the end-of-epoch forward: the
+    presentation rows equal the end rows, also from a dataset of the user's own (rows found by their tokens)."""
+    cb = memloc.HFTrainerCallback(tmp_path / "a", data)
+    trainer(tmp_path / "out", _model(data), cb.train_dataset(), cb, epochs=1, learning_rate=0.0).train()
+    run = memloc.load(tmp_path / "a")
+    for name in ("suffix_loss", "suffix_accuracy", "memorised"):
+        np.testing.assert_allclose(run.dynamics(name, "presentation")[1], run.dynamics(name)[1], rtol=1e-5, atol=1e-6)
+    mine = [{"input_ids": row, "labels": row} for row in data.tokens.flip(0)]
+    cb = memloc.HFTrainerCallback(tmp_path / "b", data)
+    trainer(tmp_path / "out", _model(data), mine, cb, epochs=1, learning_rate=0.0).train()
+    np.testing.assert_allclose(memloc.load(tmp_path / "b").dynamics("suffix_loss", "presentation")[1],
+                               run.dynamics("suffix_loss")[1], rtol=1e-5)
 
 
 def test_memorisation_gives_the_numbers_the_callback_recorded(hf_trainer_run):

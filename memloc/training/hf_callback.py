@@ -8,9 +8,12 @@ sequence; the held-out metrics) and a checkpoint. The model is rebuilt from its 
 ``transformers`` config, the sequences from ``run.h5``, so ``memloc.load(RUN)`` reads it exactly like a
 run of ``memloc train``.
 
-What differs from memloc's own trainer: the ``Trainer`` hands no batch to its callbacks, so the
-presentation dynamics (``/dynamics/presentation``) stay "not presented" (NaN / -1); an epoch the
-``Trainer`` stops in the middle of (``max_steps``) is not recorded. ``trainer.train(resume_from_checkpoint=...)``
+The presentation dynamics (``/dynamics/presentation``: each sequence's measures in the training forward
+that last saw it in the epoch) come from a forward hook on the model: the ``Trainer`` hands callbacks no
+batch ids, so each row of ``input_ids`` is matched to the sequence of ``data`` holding the same tokens (a
+``duplicate`` and the rows it copies hold the same tokens: each of them records the latest forward of any
+of them). Rows that are no sequence of ``data`` are not recorded.
+An epoch the ``Trainer`` stops in the middle of (``max_steps``) is not recorded. ``trainer.train(resume_from_checkpoint=...)``
 continues the run from a checkpoint saved at an epoch end (``save_strategy="epoch"``) that the run
 holds. In a multi-process run only the world's process zero writes.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -78,6 +82,7 @@ class HFTrainerCallback(TrainerCallback):
                              eval_batch_size=eval_batch_size, precision=precision)
         self.recorder: SequenceRecorder | None = None
         self.metrics: list[dict[str, float]] = []
+        self._hook, self._rows = None, {}
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         """The training sequences as a dataset of ``{"input_ids": row, "labels": row}`` (the model's own
@@ -100,12 +105,35 @@ class HFTrainerCallback(TrainerCallback):
         self.recorder = SequenceRecorder(self.run_dir, model, self.data, resume=resume, **opts)
         if state.global_step > 0:       # the Trainer resumed from its checkpoint: continue the run from that epoch
             continue_at(self.recorder, state.epoch, "Trainer")
+        self._remove_hook()
+        self._rows = {}
+        for i, row in enumerate(self.data.tokens.numpy()):
+            self._rows.setdefault(row.tobytes(), []).append(i)
+        self._hook = model.register_forward_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs, output):
+        """The training forward's measures, for the sequences of ``data`` among its rows."""
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if not module.training or self.recorder is None or not torch.is_tensor(tokens) or tokens.ndim != 2:
+            return
+        found = [(pos, i) for pos, row in enumerate(tokens.detach().cpu().numpy().astype(np.int64))
+                 for i in self._rows.get(row.tobytes(), ())]
+        if found:
+            pos, ids = (torch.as_tensor(v) for v in zip(*found))
+            logits = output if torch.is_tensor(output) else output.logits
+            self.recorder.record_batch(ids, logits[pos.to(logits.device)], tokens[pos.to(tokens.device)])
+
+    def _remove_hook(self):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
             self.metrics.append(self.recorder.end_epoch())
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._remove_hook()
         if self.recorder is not None:
             self.recorder.close()
             self.recorder = None
