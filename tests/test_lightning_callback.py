@@ -112,14 +112,17 @@ def test_analyses_run_on_the_lightning_run(lit_run):
 
 
 def test_logits_returned_by_training_step_and_a_resumed_fit(tmp_path, digits):
-    """training_step returning {"loss", "logits"}; fit(ckpt_path=) from the epoch-1 checkpoint continues the run."""
-    kw = dict(eval_train=TensorDataset(digits.train.x, digits.train.y), label_true=digits.label_true)
+    """training_step returning {"loss", "logits"}; eval_train by default the training loader's dataset;
+    fit(ckpt_path=) from the epoch-1 checkpoint continues the run."""
+    kw = dict(label_true=digits.label_true)
     pl.seed_everything(0, verbose=False)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     cb = memloc.LightningCallback(tmp_path / "run", **kw)
     fit(LitNet(return_logits=True), [cb, ckpt], loader(digits), epochs=2)
     run = memloc.load(tmp_path / "run")
     assert run.epochs == [0, 1, 2] and (run.dynamics("correct", "presentation")[1:] >= 0).all()
+    ref = evaluate(run.model(2), as_batches(TensorDataset(digits.train.x, digits.train.y)).batches(512))
+    np.testing.assert_allclose(run.dynamics("loss")[2], ref["loss"], rtol=1e-5, atol=1e-6)
     first = sorted((tmp_path / "ckpt").glob("*.ckpt"))[0]               # epoch=0: saved after one epoch
     saved = torch.load(first, weights_only=False)["state_dict"]
     assert all(torch.equal(saved[k], v) for k, v in run.checkpoint(1).items())   # memloc's epoch 1 = Lightning's

@@ -137,3 +137,16 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
             rec.record_batch(torch.arange(4) + 6, logits, x)
     finally:
         rec.close()
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_other_transformers_families_are_rebuilt_from_their_config(tmp_path, family):
+    data = memloc.tinymem("increment", n_train=8, n_test=2, seq_len=12)
+    model = memloc.hf_causal_lm(family, vocab_size=data.vocab_size, max_len=12, seed=1, **SIZES)
+    SequenceRecorder(tmp_path / family, model, data).close()           # epoch 0 only
+    run = memloc.load(tmp_path / family)
+    back = run.model(0)
+    assert type(back) is type(model) and back.config.model_type == family
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+    res = memloc.memorisation(back, run.data(), device="cpu")
+    np.testing.assert_allclose(run.dynamics("suffix_loss")[0], res["suffix_loss"].values, rtol=1e-5)
