@@ -107,7 +107,7 @@ class HFTrainerCallback(TrainerCallback):
             continue_at(self.recorder, state.epoch, "Trainer")
         self._remove_hook()
         self._rows = {}
-        for i, row in enumerate(self.data.tokens.numpy()):
+        for i, row in enumerate(self.data.tokens.cpu().numpy()):
             self._rows.setdefault(row.tobytes(), []).append(i)
         self._hook = model.register_forward_hook(self._record, with_kwargs=True)
 

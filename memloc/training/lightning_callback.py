@@ -63,7 +63,7 @@ class LightningCallback:
         memloc.gradients("runs/lit")
 
     ``eval_train``: the training examples for the end-of-epoch pass (anything :class:`Recorder` takes;
-    default: the training loader's dataset); ``eval_test``, ``label_true``, ``label_given``,
+    default: the training loader's dataset, its transforms included: give one without augmentation); ``eval_test``, ``label_true``, ``label_given``,
     ``test_labels``, ``model_spec``, ``model_options``, ``data_spec``, ``config``, ``overwrite``,
     ``eval_batch_size``: as for :class:`memloc.core.recorder.Recorder`. ``metrics``: each recorded
     epoch's metrics.
