@@ -3,6 +3,8 @@ per-example dynamics equal to a recomputation, a checkpoint per epoch, ids throu
 memloc's analyses run on it."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,15 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch):
     run, g, sc = out["run"], out["g"], out["sc"]
     assert run.epochs == list(range(6)) and run.is_noisy.sum() == 180
     assert g["checkpoint"].values.tolist() == [0, 5] and len(sc["final_loss"]) == len(out["y"])
+
+
+def test_without_lightning_the_callback_is_one_clear_error(tmp_path, monkeypatch):
+    from memloc.training import lightning_callback
+    lightning_callback._subclass.cache_clear()
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)         # import fails as if not installed
+    try:
+        with pytest.raises(MemlocError, match="needs lightning"):
+            memloc.LightningCallback(tmp_path / "x")
+    finally:
+        lightning_callback._subclass.cache_clear()
