@@ -39,6 +39,22 @@ def results_free_copy(run, path):
     return memloc.load(path)
 
 
+def readme_example(name: str) -> str:
+    """The README's python block after the marker ``<!-- example: NAME``."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return readme.split(f"<!-- example: {name} ", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def run_readme_example(name: str, folder, monkeypatch) -> dict:
+    """Run the README's example ``name`` as written, in this process, in working directory ``folder``
+    (its ``runs/...`` land there; ``monkeypatch`` restores the directory after the test); returns its globals."""
+    monkeypatch.chdir(folder)
+    scope = {"__name__": f"readme_{name.replace('-', '_')}"}
+    exec(compile(readme_example(name), f"README.md:{name}", "exec"), scope)
+    return scope
+
+
 def train_interrupted(path, cfg, epoch: int = 1, **kw):
     """Train ``cfg`` into ``path`` and stop it after ``epoch`` as Ctrl-C would (a kill); the run is
     left at that epoch, to be resumed."""

@@ -37,7 +37,7 @@ from .errors import MemlocError
 from .runtime import check_range
 
 __all__ = ["KINDS", "TINYMEM_VOCAB", "BOS", "EOS", "SEP", "PAD", "TASKS", "SequenceSet", "tinymem", "follows_rule",
-           "check_rate"]
+           "check_rate", "plain"]
 
 #: what a training sequence is: rule-following (clean), a memorisation target (noisy, backdoor,
 #: canary) or an extra copy of a target (duplicate)
@@ -151,6 +151,15 @@ class SequenceSet:
         if self.info.get("encoding") == "bytes":
             return bytes(ids).decode("utf-8", errors="replace")
         return "".join(self.vocab[i] for i in ids)
+
+
+def plain(value):
+    """``value`` with numpy arrays and scalars made lists and numbers (to store a set's ``info`` as JSON)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
 
 
 def check_span(prefix_len, suffix_len, seq_len: int) -> None:
