@@ -69,7 +69,7 @@ def run_copy(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_readers_never_disturb_training_and_two_writers_are_refused(tmp_path):
     run = tmp_path / "watched"
-    writer = _memloc("train", run, *TRAIN_ARGS, "--epochs", "60")
+    writer = _memloc("train", run, *TRAIN_ARGS, "--epochs", "25")
     reads, second = 0, None
     try:
         while writer.poll() is None:
@@ -80,14 +80,14 @@ def test_readers_never_disturb_training_and_two_writers_are_refused(tmp_path):
                 assert r.epochs[-1] >= loss.shape[0] - 1    # every epoch it shows is checkpointed
                 reads += 1
                 if second is None and loss.shape[0] >= 3:   # a second writer while the first one runs
-                    second = _memloc("train", run, *TRAIN_ARGS, "--epochs", "60", "--resume")
+                    second = _memloc("train", run, *TRAIN_ARGS, "--epochs", "25", "--resume")
                     second.wait(timeout=120)
             time.sleep(0.01)
         out, err = writer.communicate()
     finally:
         writer.kill()
     assert writer.returncode == 0, err
-    assert reads > 10 and memloc.load(run).final_epoch == 60
+    assert reads > 10 and memloc.load(run).final_epoch == 25
     assert second is not None and second.returncode == 2
     err2 = second.stderr.read()
     assert "being written by another process" in err2 and "Traceback" not in err2

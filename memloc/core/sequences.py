@@ -49,6 +49,18 @@ TASKS = {"increment": (7, None), "mult": (7, 20134)}
 NOISE_PROB = 0.1          # chance that a digit of a noisy sequence's suffix is shifted by +-1
 
 
+class NotClassifierData(MemlocError, AttributeError):
+    """An image-classifier attribute asked of a :class:`SequenceSet`: a MemlocError (one line from the
+    commands), and still an AttributeError (``hasattr`` is False)."""
+
+
+#: where a language model's run goes instead of an image analysis
+LM_ANALYSES = "memloc.memorisation, memloc.exposure, memloc.localise_neurons"
+# what image analyses read of their data (memloc.core.data.Data and its splits)
+_CLASSIFIER_ONLY = frozenset({"train", "test", "is_noisy", "label_given", "label_true", "num_classes", "in_shape",
+                              "x", "y", "batches"})
+
+
 @dataclass
 class SequenceSet:
     """Training and test token sequences with memorisation targets (see the module docstring).
@@ -70,6 +82,13 @@ class SequenceSet:
     vocab: list
     copy_of: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        if name in _CLASSIFIER_ONLY:     # an image analysis given a language model's run: say so, in one line
+            raise NotClassifierData(
+                f"this analysis works on image-classifier runs, and this is a language model's sequence set "
+                f"(no {name!r}); for language-model runs: {LM_ANALYSES}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __post_init__(self):
         self.tokens = torch.as_tensor(self.tokens, dtype=torch.int64)
