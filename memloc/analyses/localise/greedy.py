@@ -1,0 +1,69 @@
+"""Gradient x activation, and memloc's greedy gradient-guided zeroing (the language-model form of
+:mod:`memloc.analyses.flip`).
+
+Under neuron masks m (1 = kept, 0 = zeroed), zeroing kept neuron j changes the target's suffix loss by
+about ``-m_j dL/dm_j`` = -(activation x gradient, summed over positions): the first-order estimate of
+the loss increase.
+
+- ``grad_x_act``: that estimate with nothing zeroed, one forward and backward pass per batch.
+- ``greedy``: repeat (1) stop if greedy decoding no longer reproduces the suffix, or ``max_zeroed``
+  neurons are zeroed; (2) zero the kept neuron with the largest estimate (ties: the lowest index, layer
+  by layer). The neurons zeroed, in order, rank first (the first zeroed highest); the others follow by
+  the estimate at the mask where the search stopped. Targets are searched together, ``eval_batch_size``
+  at a time, each under its own masks; a target's search does not depend on the others' (in float64 the
+  batched and one-at-a-time searches zero the same neurons).
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import Targets, suffix_loss
+
+__all__ = ["grad_x_act", "greedy"]
+
+
+def _estimate(t: Targets, x: torch.Tensor, masks: torch.Tensor):
+    """(estimate (b, L*d), memorised (b,)) under flat ``masks`` (b, L*d)."""
+    masks = masks.detach().requires_grad_(True)
+    loss, memorised = suffix_loss(t, x, masks.view(len(x), len(t.layers), t.d))
+    grad, = torch.autograd.grad(loss.sum(), masks)
+    return -(grad * masks).detach(), memorised
+
+
+def grad_x_act(t: Targets, opts: dict) -> torch.Tensor:
+    """(B, L, d) float64: the first-order loss increase of zeroing each neuron alone."""
+    out = [_estimate(t, x, t.ones(len(x)).view(len(x), -1))[0] for x in t.tokens.split(t.eval_batch_size)]
+    return torch.cat(out).double().cpu().view(t.shape)
+
+
+def greedy(t: Targets, opts: dict):
+    """((B, L, d) float64 scores, (B,) int64 number zeroed, (B,) bool suffix broken) (module docstring)."""
+    max_zeroed = int(opts["max_zeroed"])
+    n_units = len(t.layers) * t.d
+    scores = torch.zeros(len(t.tokens), n_units, dtype=torch.float64)
+    zeroed = torch.zeros(len(t.tokens), dtype=torch.int64)
+    broken = torch.zeros(len(t.tokens), dtype=torch.bool)
+    for rows in torch.arange(len(t.tokens)).split(t.eval_batch_size):
+        x = t.tokens[rows]
+        masks = t.ones(len(rows)).view(len(rows), -1)
+        order = [[] for _ in rows]
+        active = torch.arange(len(rows))
+        for step in range(max_zeroed + 1):
+            estimate, memorised = _estimate(t, x[active], masks[active])
+            estimate = estimate.masked_fill(masks[active] == 0, -torch.inf)
+            stop = (~memorised) | (step == max_zeroed)
+            for i in torch.nonzero(stop.cpu()).flatten().tolist():
+                r = int(active[i])
+                row = estimate[i].double().cpu()
+                top = row[torch.isfinite(row)].max() if torch.isfinite(row).any() else torch.tensor(0.0)
+                row[order[r]] = top + torch.arange(len(order[r]), 0, -1, dtype=torch.float64)
+                scores[rows[r]], zeroed[rows[r]], broken[rows[r]] = row, len(order[r]), not bool(memorised[i])
+            keep = ~stop.cpu()
+            if not keep.any():
+                break
+            pick = estimate[keep.to(estimate.device)].argmax(1).cpu()
+            active = active[keep]
+            masks[active.to(masks.device), pick.to(masks.device)] = 0
+            for r, j in zip(active.tolist(), pick.tolist()):
+                order[r].append(j)
+    return scores.view(t.shape), zeroed, broken
