@@ -30,7 +30,7 @@ from ..core.neurons import mlp_layers, output_weights
 from ..core.optim import make_optimizer
 from ..core.registry import Analysis
 from ..core.results import Result
-from ..core.runtime import check_range, progress
+from ..core.runtime import check_choices, check_range, progress
 from ..core.schemas import Schema, Var
 from ..core.store import stored
 from .localise import METHODS, lm_source, method_options, neuron_scores
@@ -81,6 +81,7 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
         check_range(name, value, low=1, integer=True)
     check_range("lr", lr, low=0, low_open=True)
     check_range("seed", seed, low=0, integer=True)
+    check_choices("methods", methods, METHODS, "localisation method")
     method_options(options)
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
     layers = mlp_layers(model)

@@ -32,7 +32,8 @@ from ...core.lm import sequence_measures
 from ...core.options import nonnegative_int, number, positive_int
 from ...core.registry import Analysis, Command
 from ...core.results import Result
-from ...core.runtime import resolve_device, split_list
+from ...core.neurons import mlp_layers
+from ...core.runtime import check_choices, resolve_device, split_list
 from ...core.schemas import Schema, Var
 from ...core.sequences import SequenceSet
 from ...core.store import stored
@@ -55,7 +56,7 @@ def lm_source(source, data=None, *, checkpoint: int | None = None, device="auto"
     from ...core.run import as_run
     run = as_run(source)
     if not run.is_lm:
-        raise MemlocError(f"run {str(run.path)!r} is not a language-model run (it was trained on images); "
+        raise MemlocError(f"run {str(run.path)!r} is not a language-model run (a classifier's); "
                           "localise_neurons needs a causal language model", argument="source")
     epoch = run.final_epoch if checkpoint is None else int(checkpoint)
     return run.model(epoch, device=dev), (run.data() if data is None else data), epoch
@@ -101,8 +102,10 @@ def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS
     """The ``"localise_neurons"`` result (module docstring) of a language-model run (``source``: a run or
     its path, ``checkpoint`` default final) or of a causal LM module with ``data`` (a SequenceSet), for
     the target sequences ``examples`` (:func:`select_targets`), by ``methods``."""
-    method_options(options)                                       # bad options fail before any work
+    check_choices("methods", methods, METHODS, "localisation method")     # bad options fail before any work
+    method_options(options)
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
+    mlp_layers(model)
     rows = select_targets(model, data, examples, eval_batch_size=eval_batch_size)
     p, s = data.prefix_len, data.suffix_len
     tokens = data.tokens[torch.as_tensor(rows)]
@@ -151,10 +154,9 @@ def _cli_summary(res, args):
     lines = [f"{res.sizes['target']} target(s), {res.sizes['layer']} MLP layers of {res.sizes['neuron']} neurons; "
              f"top neuron per layer of target {int(res['target'][0])}:",
              f"{'method':<14} {'seconds':>9}  " + "  ".join(f"{str(n):>22}" for n in res["layer"].values)]
-    for m in res["method"].values:
-        top = score.sel(method=m).isel(target=0).values.argmax(1)
-        lines.append(f"{str(m):<14} {float(res['seconds'].sel(method=m)):9.2f}  "
-                     + "  ".join(f"{int(j):>22}" for j in top))
+    for i, m in enumerate(res["method"].values):     # by position: sel(method=...) is xarray's own keyword
+        top = score.values[i, 0].argmax(1)
+        lines.append(f"{str(m):<14} {float(res['seconds'].values[i]):9.2f}  " + "  ".join(f"{int(j):>22}" for j in top))
     if "greedy_zeroed" in res:
         z = res["greedy_zeroed"].values
         lines.append(f"greedy zeroed a median of {np.median(z):g} neurons to break a suffix "
