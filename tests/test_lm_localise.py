@@ -161,6 +161,16 @@ def test_greedy_batched_equals_one_at_a_time_in_float64(memorising):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
         order = np.argsort(-batched["scores"]["greedy"][i].ravel(), kind="stable")[:zeroed[i]]
         assert np.array_equal(order, np.argsort(-s["scores"]["greedy"][0].ravel(), kind="stable")[:zeroed[i]])
+    # carried on past the break: the same first neurons and break counts, batched still equal to one at a time
+    more = {"greedy": {"min_zeroed": 6}}
+    longer = neuron_scores(model, x, 5, 5, methods="greedy", options=more, eval_batch_size=4)
+    assert longer["greedy_zeroed"].tolist() == zeroed.tolist()
+    for i in range(len(x)):
+        a = np.argsort(-longer["scores"]["greedy"][i].ravel(), kind="stable")
+        b = np.argsort(-batched["scores"]["greedy"][i].ravel(), kind="stable")
+        assert np.array_equal(a[:zeroed[i]], b[:zeroed[i]])
+        one = neuron_scores(model, x[i:i + 1], 5, 5, methods="greedy", options=more, eval_batch_size=1)
+        np.testing.assert_allclose(one["scores"]["greedy"][0], longer["scores"]["greedy"][i], rtol=1e-10, atol=1e-14)
     # zeroing greedy's neurons really breaks each suffix (and one fewer does not)
     layers = mlp_layers(model)
     for i in range(len(x)):

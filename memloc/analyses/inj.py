@@ -73,10 +73,11 @@ def recall_at_k(scores: np.ndarray, neurons: np.ndarray) -> np.ndarray:
 
 @stored("inj")
 def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 2, methods=METHODS,
-                  options: dict | None = None, lr: float = 0.05, max_steps: int = 500, checkpoint: int | None = None,
+                  prefix_len: int | None = None, suffix_len: int | None = None, options: dict | None = None, lr: float = 0.05, max_steps: int = 500, checkpoint: int | None = None,
                   eval_batch_size: int = 64, seed: int = 0, device="auto") -> Result:
     """The ``"inj"`` result (module docstring) of a language-model run (``checkpoint`` default final) or
-    a causal LM module with ``data`` (its SequenceSet gives the span and the token ids to draw from)."""
+    a causal LM module with ``data`` (its SequenceSet gives the token ids to draw from, and the span
+    unless ``prefix_len`` / ``suffix_len`` are given)."""
     for name, value in (("n_sequences", n_sequences), ("n_injected", n_injected), ("max_steps", max_steps)):
         check_range(name, value, low=1, integer=True)
     check_range("lr", lr, low=0, low_open=True)
@@ -88,7 +89,10 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
     d = layers[0].size
     if n_injected > d:
         raise MemlocError(f"n_injected {n_injected} is more than the {d} neurons of a layer", argument="n_injected")
-    p, s = data.prefix_len, data.suffix_len
+    p = data.prefix_len if prefix_len is None else prefix_len
+    s = data.suffix_len if suffix_len is None else suffix_len
+    check_range("prefix_len", p, low=1, integer=True)
+    check_range("suffix_len", s, low=1, integer=True)
     dev = next(model.parameters()).device
     rng = np.random.default_rng(seed)
     vocab = np.unique(data.tokens.numpy())
@@ -98,7 +102,7 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
     original = [output_weights(model, layer)[0].detach().clone() for layer in layers]
     chosen = None
     recall, seconds, steps, ok = [], [], np.zeros(n_sequences, np.int64), np.zeros(n_sequences, bool)
-    before = np.zeros(n_sequences, bool)
+    before, greedy_zeroed = np.zeros(n_sequences, bool), np.full(n_sequences, -1, np.int64)
     for i in progress(range(n_sequences), desc="inj", unit="seq"):
         x = tokens[i:i + 1].to(dev)
         with torch.no_grad():
@@ -111,6 +115,7 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
                 got = neuron_scores(model, x, p, s, methods=methods, options=options,
                                     eval_batch_size=eval_batch_size, seed=seed + i)
                 chosen = list(got["scores"])
+                greedy_zeroed[i] = got["greedy_zeroed"][0] if "greedy" in chosen else -1
                 recall.append([recall_at_k(got["scores"][m][0], neurons[i]) for m in chosen])
                 seconds.append([got["seconds"][m] for m in chosen] + [inject_seconds])
             else:
@@ -133,6 +138,8 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
                  "injected": (("sequence", "layer", "slot"), neurons.astype(np.int64)),
                  "inject_steps": ("sequence", steps), "injected_ok": ("sequence", ok & ~before),
                  "tokens": (("sequence", "position"), tokens.numpy())}
+    if "greedy" in chosen:
+        variables["greedy_zeroed"] = ("sequence", greedy_zeroed)
     coords = {"method": chosen, "sequence": np.arange(n_sequences), "layer": [layer.name for layer in layers],
               "slot": np.arange(n_injected), "position": np.arange(p + s)}
     config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "n_sequences": n_sequences,
@@ -158,5 +165,7 @@ ANALYSIS = Analysis(
    "injected": Var(("sequence", "layer", "slot"), "the injected neurons (the ground truth)"),
    "inject_steps": Var(("sequence",), "fine-tuning steps until the suffix was reproduced"),
    "injected_ok": Var(("sequence",), "the sequence was new and got memorised by the injection"),
-   "tokens": Var(("sequence", "position"), "the injected sequence (prefix, then suffix)")}),
+   "tokens": Var(("sequence", "position"), "the injected sequence (prefix, then suffix)"),
+   "greedy_zeroed": Var(("sequence",), "neurons greedy zeroed until the suffix broke (-1: not localised)",
+                        optional=True)}),
 )

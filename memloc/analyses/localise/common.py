@@ -28,7 +28,8 @@ HYPER = {
     "hard_concrete": {"lr": 1e-2, "lambda_l0": 1000.0, "stop_loss": 0.4, "mask_p": 0.5, "beta": 0.33,
                       "limits": (-0.1, 1.1), "max_steps": 4000, "check_every": 10},
     "grad_x_act": {},
-    "greedy": {"max_zeroed": 64},                # zero at most this many neurons per target
+    "greedy": {"max_zeroed": 64,                 # zero at most this many neurons per target
+               "min_zeroed": 0},                 # > 0: go on past the break until this many are zeroed
     "random": {},
 }
 

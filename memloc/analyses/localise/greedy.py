@@ -6,10 +6,14 @@ about ``-m_j dL/dm_j`` = -(activation x gradient, summed over positions): the fi
 the loss increase.
 
 - ``grad_x_act``: that estimate with nothing zeroed, one forward and backward pass per batch.
-- ``greedy``: repeat (1) stop if greedy decoding no longer reproduces the suffix, or ``max_zeroed``
-  neurons are zeroed; (2) zero the kept neuron with the largest estimate (ties: the lowest index, layer
-  by layer). The neurons zeroed, in order, rank first (the first zeroed highest); the others follow by
-  the estimate at the mask where the search stopped. Targets are searched together, ``eval_batch_size``
+- ``greedy``: repeat (1) stop if greedy decoding no longer reproduces the suffix (and at least
+  ``min_zeroed`` neurons are zeroed), or ``max_zeroed`` neurons are zeroed; (2) zero the kept neuron
+  with the largest estimate (ties: the lowest index, layer by layer). The neurons zeroed, in order, rank
+  first (the first zeroed highest); the others follow by the estimate at the mask where the search
+  stopped. ``zeroed`` counts the neurons zeroed when the suffix first broke. ``min_zeroed`` > 0 carries
+  the search on past the break, so that it orders at least that many neurons itself (a top-k ranking
+  of L layers needs L k): the estimates are redone after every zeroing, which matters when the
+  remaining neurons were saturated (a confident prediction has a small gradient) before. Targets are searched together, ``eval_batch_size``
   at a time, each under its own masks; a target's search does not depend on the others' (in float64 the
   batched and one-at-a-time searches zero the same neurons).
 """
@@ -37,8 +41,10 @@ def grad_x_act(t: Targets, opts: dict) -> torch.Tensor:
 
 
 def greedy(t: Targets, opts: dict):
-    """((B, L, d) float64 scores, (B,) int64 number zeroed, (B,) bool suffix broken) (module docstring)."""
+    """((B, L, d) float64 scores, (B,) int64 number zeroed when the suffix broke (all zeroed if it did
+    not), (B,) bool suffix broken) (module docstring)."""
     max_zeroed = int(opts["max_zeroed"])
+    min_zeroed = min(int(opts["min_zeroed"]), max_zeroed)
     n_units = len(t.layers) * t.d
     scores = torch.zeros(len(t.tokens), n_units, dtype=torch.float64)
     zeroed = torch.zeros(len(t.tokens), dtype=torch.int64)
@@ -47,18 +53,26 @@ def greedy(t: Targets, opts: dict):
         x = t.tokens[rows]
         masks = t.ones(len(rows)).view(len(rows), -1)
         order = [[] for _ in rows]
+        first_break = [-1] * len(rows)
         active = torch.arange(len(rows))
         for step in range(max_zeroed + 1):
             estimate, memorised = _estimate(t, x[active], masks[active])
             estimate = estimate.masked_fill(masks[active] == 0, -torch.inf)
-            stop = (~memorised) | (step == max_zeroed)
-            for i in torch.nonzero(stop.cpu()).flatten().tolist():
+            stop = []
+            for i, r in enumerate(active.tolist()):
+                if first_break[r] < 0 and not bool(memorised[i]):
+                    first_break[r] = len(order[r])
+                stop.append((first_break[r] >= 0 and len(order[r]) >= min_zeroed) or step == max_zeroed)
+            stop = torch.as_tensor(stop, dtype=torch.bool)
+            for i in torch.nonzero(stop).flatten().tolist():
                 r = int(active[i])
                 row = estimate[i].double().cpu()
                 top = row[torch.isfinite(row)].max() if torch.isfinite(row).any() else torch.tensor(0.0)
                 row[order[r]] = top + torch.arange(len(order[r]), 0, -1, dtype=torch.float64)
-                scores[rows[r]], zeroed[rows[r]], broken[rows[r]] = row, len(order[r]), not bool(memorised[i])
-            keep = ~stop.cpu()
+                scores[rows[r]] = row
+                zeroed[rows[r]] = first_break[r] if first_break[r] >= 0 else len(order[r])
+                broken[rows[r]] = first_break[r] >= 0
+            keep = ~stop
             if not keep.any():
                 break
             pick = estimate[keep.to(estimate.device)].argmax(1).cpu()
