@@ -161,16 +161,24 @@ def test_greedy_batched_equals_one_at_a_time_in_float64(memorising):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
         order = np.argsort(-batched["scores"]["greedy"][i].ravel(), kind="stable")[:zeroed[i]]
         assert np.array_equal(order, np.argsort(-s["scores"]["greedy"][0].ravel(), kind="stable")[:zeroed[i]])
-    # carried on past the break: the same first neurons and break counts, batched still equal to one at a time
-    more = {"greedy": {"min_zeroed": 6}}
+    # carried on past the break: the same first neurons and break counts, batched still equal to one at a time;
+    # and with reference sequences whose loss it keeps low (each target evaluates them under its own masks)
+    more = {"greedy": {"min_zeroed": 5}}
     longer = neuron_scores(model, x, 5, 5, methods="greedy", options=more, eval_batch_size=4)
     assert longer["greedy_zeroed"].tolist() == zeroed.tolist()
+    reference = torch.from_numpy(np.random.default_rng(1).integers(0, 14, (3, 12)))
+    kept = neuron_scores(model, x, 5, 5, methods="greedy", reference=reference, options=more, eval_batch_size=4)
+    assert not np.array_equal(kept["scores"]["greedy"], longer["scores"]["greedy"])
     for i in range(len(x)):
         a = np.argsort(-longer["scores"]["greedy"][i].ravel(), kind="stable")
         b = np.argsort(-batched["scores"]["greedy"][i].ravel(), kind="stable")
         assert np.array_equal(a[:zeroed[i]], b[:zeroed[i]])
-        one = neuron_scores(model, x[i:i + 1], 5, 5, methods="greedy", options=more, eval_batch_size=1)
-        np.testing.assert_allclose(one["scores"]["greedy"][0], longer["scores"]["greedy"][i], rtol=1e-10, atol=1e-14)
+        for ref, want in ((None, longer), (reference, kept))[i % 2:][:1]:      # each kind on two targets
+            one = neuron_scores(model, x[i:i + 1], 5, 5, methods="greedy", reference=ref, options=more,
+                                eval_batch_size=1)
+            np.testing.assert_allclose(one["scores"]["greedy"][0], want["scores"]["greedy"][i], rtol=1e-10,
+                                       atol=1e-14)
+            assert one["greedy_zeroed"][0] == want["greedy_zeroed"][i]
     # zeroing greedy's neurons really breaks each suffix (and one fewer does not)
     layers = mlp_layers(model)
     for i in range(len(x)):
@@ -204,6 +212,8 @@ def test_localise_neurons_result_and_errors(memorising, tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(MemlocError, match="runs past the end of sequences of 10 tokens"):
         neuron_scores(model, x, 7, 5)
+    with pytest.raises(MemlocError, match="reference sequences have 6 tokens, fewer than"):
+        neuron_scores(model, x, 5, 5, reference=x[:, :6])
     memloc.Recorder(tmp_path / "img", torch.nn.Linear(4, 3), eval_train=(torch.randn(20, 4), torch.randint(0, 3, (20,))))
     with pytest.raises(MemlocError, match="not a language-model run"):
         memloc.localise_neurons(tmp_path / "img", device="cpu")

@@ -33,7 +33,7 @@ from ..core.results import Result
 from ..core.runtime import check_choices, check_range, progress
 from ..core.schemas import Schema, Var
 from ..core.store import stored
-from .localise import METHODS, lm_source, method_options, neuron_scores
+from .localise import METHODS, lm_source, method_options, neuron_scores, reference_rows
 from .localise.common import Targets, suffix_loss
 
 __all__ = ["inj_benchmark", "inject_sequence", "recall_at_k"]
@@ -73,11 +73,13 @@ def recall_at_k(scores: np.ndarray, neurons: np.ndarray) -> np.ndarray:
 
 @stored("inj")
 def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 2, methods=METHODS,
-                  prefix_len: int | None = None, suffix_len: int | None = None, options: dict | None = None, lr: float = 0.05, max_steps: int = 500, checkpoint: int | None = None,
+                  prefix_len: int | None = None, suffix_len: int | None = None, options: dict | None = None,
+                  ref_batch_size: int = 8, lr: float = 0.05, max_steps: int = 500, checkpoint: int | None = None,
                   eval_batch_size: int = 64, seed: int = 0, device="auto") -> Result:
     """The ``"inj"`` result (module docstring) of a language-model run (``checkpoint`` default final) or
     a causal LM module with ``data`` (its SequenceSet gives the token ids to draw from, and the span
-    unless ``prefix_len`` / ``suffix_len`` are given)."""
+    unless ``prefix_len`` / ``suffix_len`` are given; greedy keeps the loss of ``ref_batch_size`` of its
+    clean training sequences low)."""
     for name, value in (("n_sequences", n_sequences), ("n_injected", n_injected), ("max_steps", max_steps)):
         check_range(name, value, low=1, integer=True)
     check_range("lr", lr, low=0, low_open=True)
@@ -99,6 +101,8 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
     tokens = torch.from_numpy(rng.choice(vocab, size=(n_sequences, p + s))).long()
     neurons = np.stack([np.stack([np.sort(rng.choice(d, n_injected, replace=False)) for _ in layers])
                         for _ in range(n_sequences)])                                   # (n, L, k)
+    ref = reference_rows(data, ref_batch_size, seed=seed)
+    reference = data.tokens[torch.as_tensor(ref)].to(dev) if len(ref) else None
     original = [output_weights(model, layer)[0].detach().clone() for layer in layers]
     chosen = None
     recall, seconds, steps, ok = [], [], np.zeros(n_sequences, np.int64), np.zeros(n_sequences, bool)
@@ -112,7 +116,7 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
             steps[i], ok[i] = inject_sequence(model, x, p, s, neurons[i], lr=lr, max_steps=max_steps)
             inject_seconds = time.perf_counter() - start
             if ok[i] and not before[i]:
-                got = neuron_scores(model, x, p, s, methods=methods, options=options,
+                got = neuron_scores(model, x, p, s, methods=methods, reference=reference, options=options,
                                     eval_batch_size=eval_batch_size, seed=seed + i)
                 chosen = list(got["scores"])
                 greedy_zeroed[i] = got["greedy_zeroed"][0] if "greedy" in chosen else -1
@@ -144,7 +148,8 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
               "slot": np.arange(n_injected), "position": np.arange(p + s)}
     config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "n_sequences": n_sequences,
               "n_injected": n_injected, "lr": lr, "max_steps": max_steps, "checkpoint": epoch, "prefix_len": p,
-              "suffix_len": s, "d_mlp": d, "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev),
+              "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "d_mlp": d,
+              "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev),
               "data": data.name}
     return Result("inj", xr.Dataset(variables, coords=coords), config=config)
 

@@ -33,14 +33,15 @@ from ...core.options import nonnegative_int, number, positive_int
 from ...core.registry import Analysis, Command
 from ...core.results import Result
 from ...core.neurons import mlp_layers
-from ...core.runtime import check_choices, resolve_device, split_list
+from ...core.runtime import check_choices, check_range, resolve_device, split_list
 from ...core.schemas import Schema, Var
 from ...core.sequences import SequenceSet
 from ...core.store import stored
 from .common import HYPER, METHODS
 from .methods import method_options, neuron_scores
 
-__all__ = ["localise_neurons", "neuron_scores", "method_options", "lm_source", "select_targets", "METHODS", "HYPER"]
+__all__ = ["localise_neurons", "neuron_scores", "method_options", "lm_source", "select_targets", "reference_rows",
+           "METHODS", "HYPER"]
 
 
 def lm_source(source, data=None, *, checkpoint: int | None = None, device="auto"):
@@ -95,22 +96,33 @@ def select_targets(model, data: SequenceSet, examples="memorised", *, eval_batch
     return np.asarray([where[int(i)] for i in arr], dtype=np.int64)
 
 
+def reference_rows(data: SequenceSet, ref_batch_size: int, *, exclude=(), seed: int = 0) -> np.ndarray:
+    """``ref_batch_size`` rows of ``data``'s non-target training sequences (not in ``exclude``), drawn
+    with ``seed``: the reference whose loss greedy zeroing keeps low (fewer when fewer exist)."""
+    check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
+    pool = np.setdiff1d(np.flatnonzero(~data.is_memorised_target), np.asarray(exclude, dtype=np.int64))
+    return np.sort(np.random.default_rng(seed).permutation(pool)[:ref_batch_size])
+
+
 @stored("localise_neurons")
 def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS, options: dict | None = None,
-                     checkpoint: int | None = None, eval_batch_size: int = 64, seed: int = 0,
-                     device="auto") -> Result:
+                     ref_batch_size: int = 8, checkpoint: int | None = None, eval_batch_size: int = 64,
+                     seed: int = 0, device="auto") -> Result:
     """The ``"localise_neurons"`` result (module docstring) of a language-model run (``source``: a run or
     its path, ``checkpoint`` default final) or of a causal LM module with ``data`` (a SequenceSet), for
-    the target sequences ``examples`` (:func:`select_targets`), by ``methods``."""
+    the target sequences ``examples`` (:func:`select_targets`), by ``methods``; greedy keeps the loss of
+    ``ref_batch_size`` clean training sequences low (:func:`reference_rows`; 0: none)."""
     check_choices("methods", methods, METHODS, "localisation method")     # bad options fail before any work
     method_options(options)
+    check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
     mlp_layers(model)
     rows = select_targets(model, data, examples, eval_batch_size=eval_batch_size)
     p, s = data.prefix_len, data.suffix_len
     tokens = data.tokens[torch.as_tensor(rows)]
-    got = neuron_scores(model, tokens, p, s, methods=methods, options=options, eval_batch_size=eval_batch_size,
-                        seed=seed)
+    ref = reference_rows(data, ref_batch_size, exclude=rows, seed=seed)
+    got = neuron_scores(model, tokens, p, s, methods=methods, reference=data.tokens[torch.as_tensor(ref)] if len(ref)
+                        else None, options=options, eval_batch_size=eval_batch_size, seed=seed)
     measures = sequence_measures(model, tokens, p, s, eval_batch_size=eval_batch_size)
     chosen = list(got["scores"])
     d = next(iter(got["scores"].values())).shape[2]
@@ -125,7 +137,7 @@ def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS
     coords = {"method": chosen, "target": np.asarray(data.ids[rows], dtype=np.int64), "layer": got["layers"],
               "neuron": np.arange(d)}
     config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "prefix_len": p,
-              "suffix_len": s, "checkpoint": epoch, "eval_batch_size": eval_batch_size, "seed": seed,
+              "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "checkpoint": epoch, "eval_batch_size": eval_batch_size, "seed": seed,
               "device": str(next(model.parameters()).device), "data": data.name}
     return Result("localise_neurons", xr.Dataset(variables, coords=coords), config=config)
 
@@ -140,13 +152,16 @@ def _cli_arguments(p):
     p.add_argument("--checkpoint", type=nonnegative_int, default=None, help="checkpoint epoch (default: final)")
     p.add_argument("--eval-batch-size", type=positive_int, default=64,
                    help="sequences (or ablations, or IG steps) per forward pass")
+    p.add_argument("--ref-batch-size", type=nonnegative_int, default=8,
+                   help="clean training sequences whose loss greedy zeroing keeps low (0: the target's loss alone)")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
                    help="random stream of the random baseline and Hard Concrete's noise")
 
 
 def _cli_execute(args):
     return localise_neurons(args.run, examples=args.examples, methods=args.methods, checkpoint=args.checkpoint,
-                            eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device)
+                            ref_batch_size=args.ref_batch_size, eval_batch_size=args.eval_batch_size, seed=args.seed,
+                            device=args.device)
 
 
 def _cli_summary(res, args):

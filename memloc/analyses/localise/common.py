@@ -29,7 +29,8 @@ HYPER = {
                       "limits": (-0.1, 1.1), "max_steps": 4000, "check_every": 10},
     "grad_x_act": {},
     "greedy": {"max_zeroed": 64,                 # zero at most this many neurons per target
-               "min_zeroed": 0},                 # > 0: go on past the break until this many are zeroed
+               "min_zeroed": 0,                  # > 0: go on past the break until this many are zeroed
+               "reference_weight": 1.0},         # weight of the reference sequences' loss (when given)
     "random": {},
 }
 
@@ -37,7 +38,8 @@ HYPER = {
 @dataclass
 class Targets:
     """Target sequences ``tokens`` (B, prefix_len + suffix_len) of ``model`` (on its device, eval
-    mode) with its MLP ``layers`` (all of one width ``d``)."""
+    mode) with its MLP ``layers`` (all of one width ``d``), and optionally ``reference`` sequences
+    (R, prefix_len + suffix_len) whose suffix loss greedy keeps low."""
 
     model: nn.Module
     layers: list[NeuronLayer]
@@ -46,6 +48,7 @@ class Targets:
     suffix_len: int
     eval_batch_size: int = 64
     seed: int = 0
+    reference: torch.Tensor | None = None
 
     @property
     def d(self) -> int:

@@ -1,11 +1,15 @@
 """Gradient x activation, and memloc's greedy gradient-guided zeroing (the language-model form of
 :mod:`memloc.analyses.flip`).
 
-Under neuron masks m (1 = kept, 0 = zeroed), zeroing kept neuron j changes the target's suffix loss by
-about ``-m_j dL/dm_j`` = -(activation x gradient, summed over positions): the first-order estimate of
-the loss increase.
+Under neuron masks m (1 = kept, 0 = zeroed), zeroing kept neuron j changes an objective O by about
+``-m_j dO/dm_j`` = -(activation x gradient, summed over positions): the first-order estimate of the
+increase. O is the target's suffix loss, minus ``reference_weight`` x the mean suffix loss of the
+reference sequences under the same masks when there are any (:mod:`memloc.analyses.flip`'s protocol:
+raise the target's loss while keeping the others' low, so that neurons every sequence needs are not
+picked; each target evaluates the reference under its own masks).
 
-- ``grad_x_act``: that estimate with nothing zeroed, one forward and backward pass per batch.
+- ``grad_x_act``: the estimate for the target's loss alone with nothing zeroed, one forward and
+  backward pass per batch.
 - ``greedy``: repeat (1) stop if greedy decoding no longer reproduces the suffix (and at least
   ``min_zeroed`` neurons are zeroed), or ``max_zeroed`` neurons are zeroed; (2) zero the kept neuron
   with the largest estimate (ties: the lowest index, layer by layer). The neurons zeroed, in order, rank
@@ -26,11 +30,17 @@ from .common import Targets, suffix_loss
 __all__ = ["grad_x_act", "greedy"]
 
 
-def _estimate(t: Targets, x: torch.Tensor, masks: torch.Tensor):
+def _estimate(t: Targets, x: torch.Tensor, masks: torch.Tensor, reference_weight: float = 0.0):
     """(estimate (b, L*d), memorised (b,)) under flat ``masks`` (b, L*d)."""
     masks = masks.detach().requires_grad_(True)
-    loss, memorised = suffix_loss(t, x, masks.view(len(x), len(t.layers), t.d))
-    grad, = torch.autograd.grad(loss.sum(), masks)
+    shaped = masks.view(len(x), len(t.layers), t.d)
+    loss, memorised = suffix_loss(t, x, shaped)
+    objective = loss.sum()
+    if t.reference is not None and reference_weight:
+        r = len(t.reference)
+        ref, _ = suffix_loss(t, t.reference.repeat(len(x), 1), shaped.repeat_interleave(r, 0))
+        objective = objective - reference_weight * ref.view(len(x), r).mean(1).sum()
+    grad, = torch.autograd.grad(objective, masks)
     return -(grad * masks).detach(), memorised
 
 
@@ -56,7 +66,7 @@ def greedy(t: Targets, opts: dict):
         first_break = [-1] * len(rows)
         active = torch.arange(len(rows))
         for step in range(max_zeroed + 1):
-            estimate, memorised = _estimate(t, x[active], masks[active])
+            estimate, memorised = _estimate(t, x[active], masks[active], float(opts["reference_weight"]))
             estimate = estimate.masked_fill(masks[active] == 0, -torch.inf)
             stop = []
             for i, r in enumerate(active.tolist()):

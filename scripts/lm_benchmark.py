@@ -1,0 +1,162 @@
+"""INJ, MemPi's known-answer benchmark of neuron localisation, on a TinyGPT and a GPT-2-config model (issue 24).
+
+    python scripts/lm_benchmark.py            # trains runs/lm_benchmark/{gpt,hf_gpt2}, writes artifacts/lm_localisation.md
+
+For each model: a short TinyMem run (memloc.train; the run directory every memloc analysis reads),
+then :func:`memloc.inj_benchmark`: new random sequences, each injected into the output weights of
+``n_injected`` random MLP neurons per layer until greedy decoding reproduces its suffix, and every
+localisation method's top-k recall of those neurons per layer (k = ``n_injected``), with its seconds
+per sequence, measured side by side in one process (one thread) beside a raw forward+backward of the
+same model on one sequence. memloc's greedy zeroing is run twice: as specified (it stops when the
+suffix breaks; the rest of its ranking is the gradient x activation estimate at that point) and
+carried on until it has zeroed n_injected x layers neurons itself (``min_zeroed``), on the same
+sequences and neurons (same seed).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _markdown import finish, machine  # noqa: E402
+
+import memloc  # noqa: E402
+from memloc.analyses.localise import METHODS, neuron_scores  # noqa: E402
+from memloc.core.lm import lm_logits, suffix_measures  # noqa: E402
+from memloc.core.neurons import mlp_layers  # noqa: E402
+
+#: the runs' settings (memloc.train config); sized for a few minutes on one CPU core
+RUN = dict(
+    dataset="tinymem:increment", n_layer=2, d_model=64, n_head=4,   # MLP: 2 layers of 256 neurons
+    n_train=512, n_test=64, seq_len=24, noise=0.1,
+    epochs=10, batch_size=32, optimizer="adam", lr=3e-3, weight_decay=0.0, schedule="warmup_cosine", warmup=0.05,
+)
+#: the benchmark's settings (memloc.inj_benchmark)
+INJ = dict(
+    n_sequences=8,           # new random sequences (tokens drawn from those the corpus uses)
+    n_injected=4,            # neurons per layer (1.6% of 256; MemPi: 0.1% or 1% of all neurons)
+    prefix_len=12, suffix_len=6,
+    lr=0.05, max_steps=500,  # Adam on the chosen output weights; MemPi's INJ lr at 0.1% is 0.05
+    seed=0,
+)
+MODELS = {"gpt": "TinyGPT", "hf:gpt2": "HF GPT-2 config"}
+#: MemPi's published INJ finding (Chang et al., NAACL 2024), as the issue states it
+MEMPI = ("Hard Concrete and Slimming best; IG, Activations and Zero-Out behind; every method above random "
+         "(GPT-2, GPT-2 XL, Pythia 2.8B / 6.9B, GPT-J; 0.1% and 1% of the neurons injected)")
+
+
+def ensure_run(path: Path, model: str, device: str):
+    if (path / "run.json").is_file():
+        run = memloc.load(path)
+        if run.config.get("model") == model and run.epochs and run.epochs[-1] == RUN["epochs"]:
+            return run, None
+    start = time.perf_counter()
+    run = memloc.train(path, {**RUN, "model": model}, device=device, resume=(path / "run.json").is_file())
+    return run, time.perf_counter() - start
+
+
+def raw_step_seconds(model, tokens, p, s, repeats: int = 20) -> float:
+    """Seconds of one forward + backward of ``model`` on one sequence (the unit the costs are counted in)."""
+    x = tokens[:1]
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        loss = suffix_measures(lm_logits(model, x[:, :-1]), x, p, s)[0].sum()
+        torch.autograd.grad(loss, [q for q in model.parameters() if q.requires_grad])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[2:]))
+
+
+def mean_se(v) -> str:
+    v = np.asarray(v, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return f"{v.mean():.2f} +- {v.std(ddof=1) / np.sqrt(len(v)):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+
+def benchmark(name: str, run, device: str) -> tuple[list[str], dict]:
+    model = run.model(device=device)
+    layers = mlp_layers(model)
+    n_layers, d = len(layers), layers[0].size
+    # warm-up: imports (captum) and first calls are not charged to any method
+    warm = torch.randint(0, 10, (1, INJ["prefix_len"] + INJ["suffix_len"]))
+    neuron_scores(model, warm, INJ["prefix_len"], INJ["suffix_len"],
+                  options={"slimming": {"max_steps": 10}, "hard_concrete": {"max_steps": 10}})
+    raw = raw_step_seconds(model, warm.to(next(model.parameters()).device), INJ["prefix_len"], INJ["suffix_len"])
+    res = memloc.inj_benchmark(run, methods=METHODS, device=device, **INJ)
+    more = {"greedy": {"min_zeroed": n_layers * INJ["n_injected"]}}
+    cont = memloc.inj_benchmark(run, methods="greedy", options=more, device=device, **INJ)
+    assert np.array_equal(res["injected"].values, cont["injected"].values)
+    ok = res["injected_ok"].values
+    recall = {str(m): res["recall"].values[i][ok] for i, m in enumerate(res["method"].values)}   # (seq, layer)
+    seconds = {str(m): res["seconds"].values[i][ok] for i, m in enumerate(res["method"].values)}
+    label = f"greedy, carried on to {n_layers * INJ['n_injected']} zeroed"
+    recall[label], seconds[label] = cont["recall"].values[0][ok], cont["seconds"].values[0][ok]
+    hc = float(np.mean(seconds["hard_concrete"]))
+    lines = [f"### {MODELS[name]} (`{name}`): {n_layers} MLP layers x {d} neurons, "
+             f"final test token accuracy {run.metrics()['test_accuracy'][-1]:.1%}", "",
+             f"{int(ok.sum())} of {len(ok)} sequences injected (fine-tuning steps: median "
+             f"{int(np.median(res['inject_steps'].values[ok]))}, {np.mean(res['inject_seconds'].values[ok]):.2f} s "
+             f"per sequence); greedy broke each injected suffix after zeroing a median of "
+             f"{np.median(res['greedy_zeroed'].values[ok]):g} neuron(s) (max "
+             f"{int(res['greedy_zeroed'].values[ok].max())}). One forward+backward of the model on one sequence: "
+             f"{raw * 1e3:.1f} ms.", "",
+             "| method | recall (mean +- s.e. over sequences) | " + " | ".join(f"layer {i}" for i in range(n_layers))
+             + " | seconds / sequence | x forward+backward | x Hard Concrete's time |",
+             "|---|---:|" + "---:|" * n_layers + "---:|---:|---:|"]
+    for m in recall:
+        r, t = recall[m], float(np.mean(seconds[m]))
+        lines.append(f"| {m} | {mean_se(r.mean(1))} | " + " | ".join(f"{v:.2f}" for v in r.mean(0))
+                     + f" | {t:.3f} | {t / raw:.0f} | {t / hc:.3f} |")
+    lines.append("")
+    lines.append(f"Random baseline's expected recall: k / d = {INJ['n_injected'] / d:.3f}.")
+    summary = {m: (float(np.mean(recall[m])), float(np.mean(seconds[m]))) for m in recall}
+    return lines, summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs-dir", default="runs/lm_benchmark", help="where the runs are written (and reused)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--markdown", default="artifacts/lm_localisation.md", help="write the tables here")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.time()
+    command = "python scripts/lm_benchmark.py" + ("" if argv is None and len(sys.argv) == 1 else
+                                                 " " + " ".join(sys.argv[1:] if argv is None else argv))
+    lines = [f"`{command}`", "", "# Neuron localisation in language models: INJ (known answer)", "",
+             f"memloc {memloc.__version__}; {machine(args.device)}.", "",
+             "Settings: runs " + ", ".join(f"{k}={v}" for k, v in RUN.items()) + "; INJ "
+             + ", ".join(f"{k}={v}" for k, v in INJ.items()) + "; every method at memloc's defaults "
+             "(memloc.analyses.localise.HYPER: MemPi's GPT-2 settings for Slimming, Hard Concrete and IG).", "",
+             "Recall: the share of the injected neurons of a layer among a method's top-k neurons of that "
+             "layer (k = neurons injected per layer), averaged over layers, then over sequences.", ""]
+    summaries, tables = {}, []
+    for name in args.models.split(","):
+        run, trained = ensure_run(Path(args.runs_dir) / name.replace(":", "_"), name, args.device)
+        if trained is not None:
+            lines.append(f"Training `{name}` took {trained:.0f} s.")
+        table, summaries[name] = benchmark(name, run, args.device)
+        tables += table + [""]
+    lines += [""] + tables
+    lines += ["## Beside MemPi", "", f"MemPi (Chang et al., NAACL 2024) on INJ: {MEMPI}.", ""]
+    for name, summary in summaries.items():
+        order = sorted(summary, key=lambda m: -summary[m][0])
+        hc_recall, hc_time = summary["hard_concrete"]
+        greedy = [m for m in summary if m.startswith("greedy")]
+        lines.append(f"- {MODELS[name]}: by recall " + " > ".join(f"{m} {summary[m][0]:.2f}" for m in order) + ".")
+        for g in greedy:
+            verdict = "reaches" if summary[g][0] >= hc_recall else "does not reach"
+            lines.append(f"  {g} {verdict} Hard Concrete's recall ({summary[g][0]:.2f} vs {hc_recall:.2f}) in "
+                         f"{summary[g][1] / hc_time:.1%} of its time.")
+    finish(lines, started, args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
