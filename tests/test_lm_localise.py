@@ -229,15 +229,19 @@ def test_command_on_a_run_and_inj_on_it(tmp_path, capsys):
            "n_test": 4, "seq_len": 12, "epochs": 1, "batch_size": 8, "lr": 3e-3}
     run = train(tmp_path / "lm", cfg, device="cpu")
     cli_run("localise-neurons", [str(run.path), "--examples", "0,3", "--methods", "zero_out,greedy,random",
-                                 "--device", "cpu"])
+                                 "--set", "greedy.min_zeroed=3", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "greedy" in out and "wrote" in out
     res = run.result("localise_neurons")
     assert res["target"].values.tolist() == [0, 3] and res.sizes["neuron"] == 128
-    with pytest.raises(SystemExit) as e:
-        cli_run("localise-neurons", [str(run.path), "--methods", "nope", "--overwrite", "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "--methods" in err and len(err.strip().splitlines()) == 1
+    assert res.config["options"]["greedy"]["min_zeroed"] == 3 and len(res.config["reference"]) == 8
+    assert not set(res.config["reference"]) & {0, 3} and not run.is_noisy[res.config["reference"]].any()
+    for argv, flag in ((["--methods", "nope"], "--methods"), (["--set", "slimming.rate=1"], "--set for slimming"),
+                       (["--set", "greedy"], "--set 'greedy'")):
+        with pytest.raises(SystemExit) as e:
+            cli_run("localise-neurons", [str(run.path), *argv, "--overwrite", "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and flag in err and len(err.strip().splitlines()) == 1, err
     inj = memloc.inj_benchmark(run, n_sequences=2, n_injected=2, methods="zero_out,grad_x_act,random", lr=0.1,
                                max_steps=200, device="cpu")
     assert inj["recall"].dims == ("method", "sequence", "layer") and inj["injected"].shape == (2, 2, 2)

@@ -41,6 +41,7 @@ from .common import HYPER, METHODS
 from .methods import method_options, neuron_scores
 
 __all__ = ["localise_neurons", "neuron_scores", "method_options", "lm_source", "select_targets", "reference_rows",
+           "parse_settings",
            "METHODS", "HYPER"]
 
 
@@ -152,14 +153,35 @@ def _cli_arguments(p):
     p.add_argument("--checkpoint", type=nonnegative_int, default=None, help="checkpoint epoch (default: final)")
     p.add_argument("--eval-batch-size", type=positive_int, default=64,
                    help="sequences (or ablations, or IG steps) per forward pass")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                   help="a method's hyper-parameter (memloc.analyses.localise.HYPER), e.g. greedy.min_zeroed=8 or "
+                        "slimming.lambda_l1=1000; repeat for several")
     p.add_argument("--ref-batch-size", type=nonnegative_int, default=8,
                    help="clean training sequences whose loss greedy zeroing keeps low (0: the target's loss alone)")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
                    help="random stream of the random baseline and Hard Concrete's noise")
 
 
+def parse_settings(items) -> dict:
+    """``["greedy.min_zeroed=8", ...]`` -> ``{"greedy": {"min_zeroed": 8}}`` (values read as JSON, else text)."""
+    import json
+    out: dict = {}
+    for item in items:
+        key, eq, text = str(item).partition("=")
+        method, dot, name = key.partition(".")
+        if not (eq and dot and method and name):
+            raise MemlocError(f"set {item!r}: write METHOD.NAME=VALUE, e.g. greedy.min_zeroed=8", argument="set")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out.setdefault(method.strip(), {})[name.strip()] = value
+    return out
+
+
 def _cli_execute(args):
     return localise_neurons(args.run, examples=args.examples, methods=args.methods, checkpoint=args.checkpoint,
+                            options=parse_settings(args.set),
                             ref_batch_size=args.ref_batch_size, eval_batch_size=args.eval_batch_size, seed=args.seed,
                             device=args.device)
 
@@ -201,5 +223,5 @@ ANALYSIS = Analysis(
                     "integrated gradients, Slimming, Hard Concrete (MemPi's methods and settings), gradient x "
                     "activation, memloc's greedy gradient-guided zeroing and a random baseline. Writes "
                     "RUN/results/localise_neurons.h5.",
-        arguments=_cli_arguments, execute=_cli_execute, summary=_cli_summary),
+        arguments=_cli_arguments, execute=_cli_execute, summary=_cli_summary, flags={"options": "--set"}),
 )
