@@ -18,8 +18,8 @@ from memloc.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: learned masks with fewer steps than MemPi's 4000 (they stop on their penalty well before)
-FAST = {"slimming": {"max_steps": 300}, "hard_concrete": {"max_steps": 300}}
+#: learned masks with larger steps (they stop on their penalty sooner) and at most 300 of them
+FAST = {"slimming": {"lr": 2e-2, "max_steps": 300}, "hard_concrete": {"lr": 3e-2, "max_steps": 300}}
 
 
 def tiny_gpt(seed=0):
