@@ -220,6 +220,8 @@ def test_localise_neurons_result_and_errors(memorising, tmp_path):
     with pytest.raises(MemlocError, match="no MLP down-projection"):
         memloc.localise_neurons(torch.nn.Sequential(torch.nn.Embedding(14, 8), torch.nn.Linear(8, 14)), data,
                                 device="cpu")
+    with pytest.raises(MemlocError, match="reproduces none of its memorisation targets.*examples='0,1,2'"):
+        memloc.localise_neurons(tiny_gpt(5), data, device="cpu")
     with pytest.raises(MemlocError, match="data must be a SequenceSet"):
         memloc.localise_neurons(model, x, device="cpu")
 

@@ -76,8 +76,8 @@ def select_targets(model, data: SequenceSet, examples="memorised", *, eval_batch
         rows = np.flatnonzero(memorised & data.is_memorised_target)
         rows = rows[:int(count)] if count else rows
         if not len(rows):
-            raise MemlocError("the model reproduces none of its memorisation targets at this checkpoint: pass "
-                              "examples= (sequence ids) to choose targets", argument="examples")
+            raise MemlocError("the model reproduces none of its memorisation targets at this checkpoint: choose "
+                              "targets by sequence id, e.g. {examples}", options={"examples": "0,1,2"})
         return rows
     if isinstance(examples, str):
         examples = [int(i) for i in split_list(examples) if i.lstrip("-").isdigit()] or examples
@@ -197,7 +197,8 @@ def _cli_summary(res, args):
     if "greedy_zeroed" in res:
         z = res["greedy_zeroed"].values
         lines.append(f"greedy zeroed a median of {np.median(z):g} neurons to break a suffix "
-                     f"({int(res['greedy_broken'].values.sum())} of {len(z)} broken)")
+                     f"({int(res['greedy_broken'].values.sum())} of {len(z)} broken; "
+                     f"{int(res['memorised'].values.sum())} of {len(z)} targets were memorised)")
     return "\n".join(lines)
 
 
