@@ -144,6 +144,49 @@ def benchmark(name: str, run, device: str) -> tuple[list[str], dict]:
     return lines, summary
 
 
+#: cost growth: widths (d_model; d_mlp = 4 d_model) of a random TinyGPT, and target counts on the TinyGPT run
+WIDTHS, COUNTS = (32, 64, 128), (1, 4, 16)
+#: greedy carried on to 8 zeroed neurons, so that its cost does not depend on whether a target is memorised
+COST_OPTIONS = {"greedy": {"min_zeroed": 8}}
+
+
+def cost_row(label: str, model, x, reference, raw: float) -> str:
+    got = neuron_scores(model, x, INJ["prefix_len"], INJ["suffix_len"], reference=reference, options=COST_OPTIONS)
+    per = {m: got["seconds"][m] / len(x) for m in METHODS}
+    return f"| {label} | {raw * 1e3:.1f} | " + " | ".join(f"{per[m]:.3f} ({per[m] / raw:.0f})" for m in METHODS) + " |"
+
+
+def cost_growth(run, device: str) -> list[str]:
+    """Seconds per target of every method (in brackets: x one forward+backward on one sequence) as the
+    MLP widens (random TinyGPTs, one target) and as targets are localised together (the TinyGPT run)."""
+    span = INJ["prefix_len"] + INJ["suffix_len"]
+    g = torch.Generator().manual_seed(0)
+    head = ("| {} | forward+backward (ms) | " + " | ".join(METHODS) + " |", "|---:|---:|" + "---:|" * len(METHODS))
+    lines = ["## How the costs grow", "", "Seconds per target sequence (in brackets: multiples of one forward+backward "
+             "of the model on one sequence), every method at its defaults but greedy carried on to 8 zeroed neurons "
+             "(so that its cost does not hang on whether the target is memorised), with a reference of 8 "
+             "sequences.", "", "By MLP width (a random TinyGPT of 2 layers, d_mlp = 4 d_model, one random target):",
+             "", head[0].format("d_mlp"), head[1]]
+    for i, width in enumerate((WIDTHS[0],) + WIDTHS):   # the first one warms up (imports, first calls)
+        model = memloc.TinyGPT(14, n_layer=2, n_head=4, d_model=width, max_len=32, seed=0).to(device)
+        x = torch.randint(0, 13, (9, span), generator=g).to(device)
+        row = cost_row(str(4 * width), model, x[:1], x[1:], raw_step_seconds(model, x, *span_of()))
+        lines += [row] if i else []
+    model, data = run.model(device=device), run.data()
+    reference = data.tokens[-8:].to(device)
+    raw = raw_step_seconds(model, data.tokens.to(device), *span_of())
+    lines += ["", "By the number of targets localised in one call (the TinyGPT run, d_mlp = 256; its first training "
+              "sequences as targets): zero_out and ig work target by target, the others batch the targets.", "",
+              head[0].format("targets"), head[1]]
+    for count in COUNTS:
+        lines.append(cost_row(str(count), model, data.tokens[:count].to(device), reference, raw))
+    return lines
+
+
+def span_of() -> tuple[int, int]:
+    return INJ["prefix_len"], INJ["suffix_len"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs-dir", default="runs/lm_benchmark", help="where the runs are written (and reused)")
@@ -161,7 +204,9 @@ def main(argv=None) -> int:
              + ", ".join(f"{k}={v}" for k, v in INJ.items()) + "; every method at memloc's defaults "
              "(memloc.analyses.localise.HYPER: MemPi's GPT-2 settings for Slimming, Hard Concrete and IG).", "",
              "Recall: the share of the injected neurons of a layer among a method's top-k neurons of that "
-             "layer (k = neurons injected per layer), averaged over layers, then over sequences.", ""]
+             "layer (k = neurons injected per layer), averaged over layers, then over sequences. Recalls are "
+             "exact for these seeds (a rerun gives the same); seconds are wall-clock on a shared machine and vary "
+             "between reruns, so read the ratios to one digit.", ""]
     summaries, tables = {}, []
     for name in args.models.split(","):
         run, trained = ensure_run(Path(args.runs_dir) / name.replace(":", "_"), name, args.device)
@@ -180,6 +225,8 @@ def main(argv=None) -> int:
             verdict = "reaches" if summary[g][0] >= hc_recall else "does not reach"
             lines.append(f"  {g} {verdict} Hard Concrete's recall ({summary[g][0]:.2f} vs {hc_recall:.2f}) in "
                          f"{summary[g][1] / hc_time:.1%} of its time.")
+    if "gpt" in args.models.split(","):
+        lines += [""] + cost_growth(memloc.load(Path(args.runs_dir) / "gpt"), args.device)
     lines += ["", "## What differs from MemPi's setting", "", *DIFFERENCES]
     finish(lines, started, args.markdown)
     return 0

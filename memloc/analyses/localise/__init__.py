@@ -216,7 +216,8 @@ ANALYSIS = Analysis(
    "memorised": Var(("target",), "greedy decoding reproduces the target's suffix"),
    "kind": Var(("target",), "clean | noisy | backdoor | canary | duplicate"),
    "greedy_zeroed": Var(("target",), "neurons greedy zeroed", optional=True),
-   "greedy_broken": Var(("target",), "greedy's zeroing broke the suffix (within max_zeroed)", optional=True)}),
+   "greedy_broken": Var(("target",), "the suffix was not reproduced when greedy stopped (within max_zeroed)",
+                        optional=True)}),
     command=Command(
         name="localise-neurons", help="rank every MLP neuron of a language model for memorised sequences (MemPi's "
                                       "methods and memloc's greedy zeroing)",
