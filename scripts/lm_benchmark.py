@@ -35,7 +35,8 @@ from memloc.core.neurons import mlp_layers  # noqa: E402
 RUN = dict(
     dataset="tinymem:increment", n_layer=2, d_model=64, n_head=4,   # MLP: 2 layers of 256 neurons
     n_train=512, n_test=64, seq_len=24, noise=0.1,
-    epochs=10, batch_size=32, optimizer="adam", lr=3e-3, weight_decay=0.0, schedule="warmup_cosine", warmup=0.05,
+    epochs=10, batch_size=32, optimizer="adam", lr=3e-3, weight_decay=0.0,
+    schedule="constant",     # warm-up + cosine leaves the GPT-2 config at 30% held-out token accuracy in 10 epochs
 )
 #: the benchmark's settings (memloc.inj_benchmark)
 INJ = dict(
