@@ -46,6 +46,28 @@ def test_importance_equals_its_definition_by_a_loop(method):
         assert torch.allclose(fast[k], slow[k], rtol=1e-10, atol=1e-14), k
 
 
+@pytest.mark.parametrize("method", ["fisher", "mas"])
+def test_importance_of_linear_models_by_outer_products_equals_the_loop(method):
+    """A model of Linear layers takes the outer-product path (no per-example gradients); a conv, a reused
+    layer or (B, T, in) inputs take torch.func's: both equal the loop's definition in float64."""
+    from memloc.analyses import importance as imp_mod
+    dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(11, 6, dtype=torch.float64), torch.randint(0, 3, (11,))
+    with torch.no_grad():
+        params = {k: p.detach() for k, p in dense.named_parameters()}
+        assert imp_mod._linear_importance(dense, params, x, y, method, 4) is not None
+    fast, slow = param_importance(dense, x, y, method=method, batch_size=4), _loop(dense, x, y, method)
+    for k in slow:
+        assert torch.allclose(fast[k], slow[k], rtol=1e-10, atol=1e-14), k
+    shared = nn.Linear(6, 6).double()
+    reused = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(6, 3)).double()
+    params = {k: p.detach() for k, p in reused.named_parameters()}
+    assert imp_mod._linear_importance(reused, params, x, y, method, 4) is None      # reused: torch.func
+    fast, slow = param_importance(reused, x, y, method=method, batch_size=4), _loop(reused, x, y, method)
+    for k in slow:
+        assert torch.allclose(fast[k], slow[k], rtol=1e-10, atol=1e-14), k
+
+
 def test_layer_and_unit_aggregation():
     model = _tiny_model()
     x, y = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 3, (9,))

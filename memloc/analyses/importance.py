@@ -65,15 +65,76 @@ def param_importance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, meth
     if len(y) == 0:
         raise MemlocError("importance needs at least one example", argument="subsets")
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    with eval_mode(model):
+        total = _linear_importance(model, params, x, y, method, batch_size)
+        if total is None:
+            total = _vmap_importance(model, params, x, y, method, batch_size)
+    return {k: v / len(y) for k, v in total.items()}
+
+
+def _batches(n: int, batch_size: int, method: str):
+    return progress(range(0, n, batch_size), desc=f"importance ({method})", unit="batch")
+
+
+def _vmap_importance(model, params, x, y, method, batch_size) -> dict[str, torch.Tensor]:
+    """Sums over the examples of squared (fisher) / absolute (mas) per-example gradients, from
+    ``torch.func`` (any model; the per-example gradients of a batch are held at once). It runs on a
+    copy: torch.func.functional_call leaves a layer used twice (tied weights) detached from its parameters."""
+    import copy
+    model = copy.deepcopy(model)
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     per_example = vmap(grad(_example_loss(method)), in_dims=(None, None, None, 0, 0))
     total = {k: torch.zeros_like(p) for k, p in params.items()}
-    with eval_mode(model):
-        for s in progress(range(0, len(y), batch_size), desc=f"importance ({method})", unit="batch"):
-            g = per_example(params, buffers, model, x[s:s + batch_size], y[s:s + batch_size])
-            for k in total:
-                total[k] += (g[k].pow(2) if method == "fisher" else g[k].abs()).sum(0)
-    return {k: v / len(y) for k, v in total.items()}
+    for s in _batches(len(y), batch_size, method):
+        g = per_example(params, buffers, model, x[s:s + batch_size], y[s:s + batch_size])
+        for k in total:
+            total[k] += (g[k].pow(2) if method == "fisher" else g[k].abs()).sum(0)
+    return total
+
+
+def _linear_importance(model, params, x, y, method, batch_size) -> dict[str, torch.Tensor] | None:
+    """The sums of :func:`_vmap_importance` without per-example gradients, for models whose trainable
+    parameters all belong to ``nn.Linear`` layers applied once to (B, in) rows: example i's gradient of
+    a weight is the outer product g_i a_i^T of its output gradient and input, so its square (absolute
+    value) summed over i is (g^2)^T (a^2) (|g|^T |a|), and its bias's g_i^2 (|g_i|) summed. None where
+    that does not hold (another layer holds a parameter, a layer is reused or sees (B, T, in) inputs)."""
+    owners = {(f"{name}." if name else "") + pname: (name, mod) for name, mod in model.named_modules()
+              for pname, _ in mod.named_parameters(recurse=False)}
+    if not params or not all(isinstance(owners[k][1], nn.Linear) for k in params):
+        return None
+    layers = {owners[k][0]: owners[k][1] for k in params}
+    seen: dict[str, list] = {name: [] for name in layers}
+
+    def keep(name):
+        return lambda mod, inputs, out: seen[name].append((inputs[0].detach(), out))
+
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    square = (lambda t: t.pow(2)) if method == "fisher" else torch.abs
+    handles = [m.register_forward_hook(keep(name)) for name, m in layers.items()]
+    try:
+        for s in _batches(len(y), batch_size, method):
+            for v in seen.values():
+                v.clear()
+            with torch.enable_grad():
+                out = model(x[s:s + batch_size])
+                if any(len(v) != 1 or v[0][0].ndim != 2 for v in seen.values()):
+                    return None
+                loss = F.cross_entropy(out, y[s:s + batch_size], reduction="sum") if method == "fisher" \
+                    else out.pow(2).sum()
+                names = list(seen)
+                grads = torch.autograd.grad(loss, [seen[n][0][1] for n in names], allow_unused=True)
+            for name, g in zip(names, grads):
+                if g is None:       # a layer the loss does not use: no gradient
+                    continue
+                a = seen[name][0][0]
+                for pname, p in layers[name].named_parameters(recurse=False):
+                    key = (f"{name}." if name else "") + pname
+                    if key in total:
+                        total[key] += square(g).T @ square(a) if pname == "weight" else square(g).sum(0)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
 
 
 def layer_importance(imp: dict[str, torch.Tensor], structure: Structure) -> np.ndarray:

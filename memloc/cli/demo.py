@@ -27,6 +27,8 @@ SETTINGS = {
     "retrain_epochs": ("20", "4"),
     "flip_examples": ("noisy:100,clean:100", "noisy:15,clean:15"),
     "etd_epochs": ("40", "8"),
+    "unlearn_epochs": ("5", "2"),
+    "unlearn_retrain_epochs": ("20", "4"),
 }
 
 
@@ -49,7 +51,8 @@ def steps(out: Path, quick: bool, device: str) -> list[tuple[str, str, list[str]
         ("drop the flagged examples and retrain (one seed, no cleanlab baseline)", "clean",
          [run, "--seeds", "0", "--no-cleanlab", *dev]),
         ("Fisher importance of clean vs noisy examples", "importance", [run, *dev]),
-        ("unlearn the memorised labels with every method (one seed)", "unlearn", [run, "--seeds", "0", *dev]),
+        ("unlearn the memorised labels with every method (one seed)", "unlearn",
+         [run, "--seeds", "0", "--epochs", s["unlearn_epochs"], "--retrain-epochs", s["unlearn_retrain_epochs"], *dev]),
         ("report", "report", [run]),
         ("train lenet (width 4) with example-tied dropout after every ReLU", "train",
          [etd, "--dataset", "mnist5k", "--model", "lenet", "--width", "4", "--noise", "0.1",
@@ -80,7 +83,9 @@ def demo(out, *, quick: bool = False, device: str = "auto", overwrite: bool = Fa
     t0 = time.time()
     for i, (title, name, step_argv) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {title}: python -m memloc {name} {' '.join(step_argv)}", flush=True)
+        t = time.time()
         run(name, step_argv)
+        print(f"[{i}/{len(plan)}] done in {time.time() - t:.1f} s ({time.time() - t0:.0f} s in all)", flush=True)
     print(f"\ndone in {time.time() - t0:.0f} s. Results:")
     for run_dir in sorted({a[0] for _, name, a in plan if name == "train"}):
         print(f"  {run_dir}/run.h5              training dynamics")
