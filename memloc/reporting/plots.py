@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.figures import COLORS, LABELS, plt, save_figure, table
+from ..core.figures import COLORS, LABELS, figure, plt, save_figure, table
 from ..core.run import Run
 
 __all__ = ["plot_training"]
@@ -32,5 +32,9 @@ def plot_training(run: Run, out: Path) -> str:
     rows = [[LABELS[k], 100 * last[f"{k}_accuracy"]] for k in ("clean", "noisy", "noisy_true", "test")]
     return ("## Training\n\n"
             f"{run.num_train} training examples, {int(run.is_noisy.sum())} with noisy labels; "
-            f"{run.final_epoch} epochs.\n\n![training]({name})\n\n"
+            f"{run.final_epoch} epochs.\n\n"
+            + figure("training", name, "left, accuracy per epoch on the clean training examples, on the noisy ones "
+                     "by their given (wrong) label and by their true label, and on the test set: the noisy curve "
+                     "climbing to 100% late in training is memorisation. Right, the mean loss of clean and noisy "
+                     "examples (log scale): the noisy loss falling is the wrong labels being fit.") + "\n\n"
             + table(["final accuracy on", "%"], rows, digits=1))
