@@ -39,6 +39,14 @@ def on_files(files, config):
     return files
 
 
+_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj):(?=<code>)")
+
+
+def on_page_content(html, page, config, files):
+    """Docstrings are written with Sphinx roles (:func:`x`): keep the code, drop the role's name."""
+    return _ROLE.sub("", html)
+
+
 def on_page_markdown(markdown, page, config, files):
     return _PLACEHOLDER.sub(lambda m: _expand(m.group(1), m.group(2), page.file.src_uri), markdown)
 
