@@ -20,6 +20,10 @@ def _training(run: Run) -> str | None:
     if not noisy:
         return (f"**Training**: {run.num_train} examples with no known wrong label; test accuracy "
                 f"{_pct(float(m['test_accuracy'][-1]))} after {run.final_epoch} epochs.")
+    if run.config.get("etd_after"):      # evaluated with the dropout layers in test mode, which hides memorisation
+        return (f"**Training**: {noisy} of {run.num_train} training labels are wrong; with its example-tied dropout "
+                f"in test mode the model predicts {_pct(float(m['noisy_accuracy'][-1]))} of them, test accuracy "
+                f"{_pct(float(m['test_accuracy'][-1]))} after {run.final_epoch} epochs.")
     return (f"**Training**: {noisy} of {run.num_train} training labels are wrong and the model fits "
             f"{_pct(float(m['noisy_accuracy'][-1]))} of them (memorised); test accuracy "
             f"{_pct(float(m['test_accuracy'][-1]))} after {run.final_epoch} epochs.")
@@ -57,6 +61,16 @@ def _where(results: dict) -> list[str]:
             out.append(f"**Units (flip)**: a wrongly labelled example's prediction flips after a median of "
                        f"{np.median(count[searched & noisy]):.0f} zeroed units, a clean one's after "
                        f"{np.median(count[searched & ~noisy]):.0f}; the units zeroed for wrong labels lie in {spread}.")
+    etd = results.get("dropout")
+    if etd is not None and {"test", "drop"} <= set(etd["mode"].values) and "noisy" in etd["subset"].values:
+        acc = etd["accuracy"]
+        fit = (f"each example's own mask (train mode) fits {_pct(float(acc.sel(mode='train', subset='noisy')))} "
+               "of the wrong labels; " if "train" in etd["mode"].values else "")
+        out.append(f"**Example-tied dropout**: {fit}dropping the memorisation units leaves "
+                   f"{_pct(float(acc.sel(mode='drop', subset='noisy')))} of the wrong labels predicted (test mode: "
+                   f"{_pct(float(acc.sel(mode='test', subset='noisy')))}) at test accuracy "
+                   f"{_pct(float(acc.sel(mode='drop', subset='test')))} (test mode: "
+                   f"{_pct(float(acc.sel(mode='test', subset='test')))}).")
     return out
 
 
