@@ -1,5 +1,5 @@
-"""report.html: one self-contained page (figures embedded, each with how to read it, findings first),
-and the report defects of issue 26 (settings table of nulls, cleanlab named without it, a NaN detect
+"""report.html: one self-contained page (figures embedded, each with how to read it, findings first,
+thumbnails of the most suspicious images), and the report defects of issue 26 (settings table of nulls, cleanlab named without it, a NaN detect
 table, stacked log-scale histograms, a cut accuracy axis with one-seed error bars)."""
 import base64
 import re
@@ -43,6 +43,14 @@ def test_report_html_is_self_contained_and_every_image_is_a_png(reported):
         assert base64.b64decode(src.split(",", 1)[1], validate=True)[:8] == PNG
     figures = re.findall(r"<figure>.*?</figure>", page, re.S)
     assert len(figures) == len(images) and all("<figcaption>How to read:" in f for f in figures)
+
+
+def test_the_most_suspicious_images_are_shown_with_given_and_predicted_labels(reported):
+    from PIL import Image
+    run, md = reported
+    assert "![most suspicious examples](issues_examples.png)" in md.read_text()
+    width, height = Image.open(md.with_name("issues_examples.png")).size
+    assert width > 5 * height           # one row of thumbnails
 
 
 def test_report_opens_with_findings_and_lists_only_the_settings_that_are_set(reported):

@@ -261,7 +261,31 @@ def plot_issues(res, out, run=None) -> str:
            "truth as two outlines (not stacked)" if known else "how many examples (log scale) have each suspicion")
     return (text + "\n\n" + figure("issues", name, how + "; the examples right of the dashed line are flagged.")
             + "\n\nMost suspicious examples:\n\n"
-            + table(["example", "given", "predicted", "p(given)", "suspicion"], rows))
+            + table(["example", "given", "predicted", "p(given)", "suspicion"], rows) + _thumbnails(res, run, top, out))
+
+
+def _thumbnails(res, run, ids, out) -> str:
+    """The most suspicious training images with their given and predicted labels (image runs whose data
+    can be rebuilt; nothing otherwise)."""
+    if run is None or run.is_lm or not len(ids):
+        return ""
+    try:
+        x = run.data("cpu").train.x[np.asarray(ids)]
+    except MemlocError:               # a run recorded without a data spec: no images to show
+        return ""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        return ""
+    fig, axes = plt.subplots(1, len(ids), figsize=(1.3 * len(ids), 1.7), squeeze=False)
+    for ax, i, img in zip(axes[0], ids, x):
+        img = (img - img.min()) / max(img.max() - img.min(), 1e-12)        # each image to [0, 1]
+        ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray")
+        ax.set_title(f"#{int(i)}\n{int(res['label_given'][i])} -> {int(res['label_predicted'][i])}", fontsize=8)
+        ax.axis("off")
+    name = save_figure(fig, out, "issues_examples.png")
+    return "\n\n" + figure("most suspicious examples", name, "the most suspicious training images, each titled with "
+                             "its id and 'given label -> label the early model predicts': look at them to judge "
+                             "whether the given label is wrong.")
 
 
 ANALYSIS = Analysis(
