@@ -22,8 +22,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))
+import memloc  # noqa: E402  (now: the memloc of this checkout, not another one installed in editable mode)
+
+if Path(memloc.__file__).resolve().parent != ROOT / "memloc":
+    raise ImportError(f"docs/hooks.py documents {ROOT / 'memloc'} but imported {memloc.__file__}")
 
 _PLACEHOLDER = re.compile(r"^<!-- memloc:(\w+)(?: (\S+))? -->$", re.M)
 _LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
@@ -94,7 +97,6 @@ GROUPS = {
 
 
 def api_reference() -> str:
-    import memloc
     out = []
     for heading, prefixes in GROUPS.items():
         names = [n for n, mod in memloc._FACE.items() if mod.startswith(prefixes)]
