@@ -32,7 +32,8 @@ _FACE = {
     "ExampleTiedDropout": "memloc.core.dropout", "insert_example_tied_dropout": "memloc.core.dropout",
     "set_mode": "memloc.core.dropout", "example_ids": "memloc.core.dropout",
     # training
-    "train": "memloc.training.train",
+    "train": "memloc.training.train", "HFTrainerCallback": "memloc.training.hf_callback",
+    "LightningCallback": "memloc.training.lightning_callback",
     # analyses
     "gradients": "memloc.analyses.gradients", "rewind": "memloc.analyses.rewind",
     "retrain": "memloc.analyses.retrain", "flip": "memloc.analyses.flip", "scores": "memloc.analyses.scores",

@@ -39,6 +39,26 @@ def results_free_copy(run, path):
     return memloc.load(path)
 
 
+def readme_example(name: str) -> str:
+    """The python block after the marker ``<!-- example: NAME`` in the README or a page of docs/."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    for page in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        text = page.read_text()
+        if f"<!-- example: {name} " in text:
+            return text.split(f"<!-- example: {name} ", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    raise LookupError(f"no example {name!r} in README.md or docs/")
+
+
+def run_readme_example(name: str, folder, monkeypatch) -> dict:
+    """Run the documented example ``name`` (:func:`readme_example`) as written, in this process, in working directory ``folder``
+    (its ``runs/...`` land there; ``monkeypatch`` restores the directory after the test); returns its globals."""
+    monkeypatch.chdir(folder)
+    scope = {"__name__": f"readme_{name.replace('-', '_')}"}
+    exec(compile(readme_example(name), f"example:{name}", "exec"), scope)
+    return scope
+
+
 def train_interrupted(path, cfg, epoch: int = 1, **kw):
     """Train ``cfg`` into ``path`` and stop it after ``epoch`` as Ctrl-C would (a kill); the run is
     left at that epoch, to be resumed."""

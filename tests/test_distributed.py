@@ -111,3 +111,11 @@ def test_commands_that_do_not_split_refuse_torchrun(run, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli_run("importance", [str(run.path), "--device", "cpu"])
     assert e.value.code == 2 and "does not split its work" in capsys.readouterr().err
+
+
+def test_refusal_under_torchrun_is_said_once_by_rank_0(run, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        cli_run("importance", [str(run.path), "--device", "cpu"])
+    assert e.value.code == 2 and capsys.readouterr().err == ""

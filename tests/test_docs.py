@@ -7,7 +7,7 @@ README and of docs/ runs as written.
   its page's test, and the traceback names the Markdown file and line.
 * A python block that another test runs says so on the line before its fence:
   ``<!-- example: NAME (tests/test_x.py runs it) -->``; it is skipped here and that test file must
-  mention ``example: NAME``.
+  mention ``example: NAME`` or call ``run_readme_example("NAME", ...)`` (conftest.py).
 * ```` ```bash ```` blocks are not run; every ``memloc ...`` / ``python -m memloc ...`` /
   ``torchrun ... -m memloc ...`` line in them is parsed by that command's own parser (an unknown
   command or option fails), and every ``python scripts/X.py`` names a script that exists.
@@ -75,7 +75,9 @@ def test_blocks_run_elsewhere_are_run_there():
     found = [(p, m) for p in PAGES for _, _, m in blocks(p, "python") if m is not None]
     for page, (name, test) in found:
         assert (ROOT / test).is_file(), f"{_rel(page)}: {test} does not exist"
-        assert f"example: {name}" in (ROOT / test).read_text(), f"{_rel(page)}: {test} does not run example {name!r}"
+        text = (ROOT / test).read_text()
+        assert f"example: {name}" in text or f'_example("{name}"' in text, \
+            f"{_rel(page)}: {test} does not run example {name!r}"
 
 
 def _command_lines(code: str):

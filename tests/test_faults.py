@@ -69,7 +69,7 @@ def run_copy(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_readers_never_disturb_training_and_two_writers_are_refused(tmp_path):
     run = tmp_path / "watched"
-    writer = _memloc("train", run, *TRAIN_ARGS, "--epochs", "60")
+    writer = _memloc("train", run, *TRAIN_ARGS, "--epochs", "25")
     reads, second = 0, None
     try:
         while writer.poll() is None:
@@ -80,14 +80,14 @@ def test_readers_never_disturb_training_and_two_writers_are_refused(tmp_path):
                 assert r.epochs[-1] >= loss.shape[0] - 1    # every epoch it shows is checkpointed
                 reads += 1
                 if second is None and loss.shape[0] >= 3:   # a second writer while the first one runs
-                    second = _memloc("train", run, *TRAIN_ARGS, "--epochs", "60", "--resume")
+                    second = _memloc("train", run, *TRAIN_ARGS, "--epochs", "25", "--resume")
                     second.wait(timeout=120)
             time.sleep(0.01)
         out, err = writer.communicate()
     finally:
         writer.kill()
     assert writer.returncode == 0, err
-    assert reads > 10 and memloc.load(run).final_epoch == 60
+    assert reads > 10 and memloc.load(run).final_epoch == 25
     assert second is not None and second.returncode == 2
     err2 = second.stderr.read()
     assert "being written by another process" in err2 and "Traceback" not in err2
@@ -494,3 +494,73 @@ def test_a_result_or_child_run_from_another_run_is_refused(tmp_path, capsys):
     shutil.copytree(b.path, child_path(a, "all-s2", seed2))            # seed 1's run where seed 2's belongs
     with pytest.raises(memloc.MemlocError, match="is not the run trained there .settings that differ: seed.: delete it"):
         train_children(a, [("all-s2", seed2)], device="cpu")
+
+
+def test_recorder_checks_every_batch_it_is_given(tmp_path):
+    """A user's loop hands record_batch numpy or torch, right or wrong: a correct record or one MemlocError
+    naming the argument, never an error from deep inside cross-entropy."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, generator=g), torch.arange(12) % 3
+    model = torch.nn.Linear(5, 3)
+    rec = memloc.Recorder(tmp_path / "r", model, eval_train=torch.utils.data.TensorDataset(x, y),
+                          model_spec={"name": "linear"}, data_spec={"dataset": "own"})
+    idx = np.arange(4)
+    with torch.no_grad():
+        logits = model(x[:4])
+    rec.record_batch(idx, logits.numpy(), y[:4].numpy())        # numpy accepted: the same record as torch
+    as_numpy = {k: v[:4].copy() for k, v in rec._presentation.items()}
+    rec.record_batch(torch.as_tensor(idx), logits, y[:4])
+    for k, v in as_numpy.items():
+        np.testing.assert_array_equal(v, rec._presentation[k][:4])
+    bad = [((idx, logits, y[:3]), "one label per row"),
+           ((idx, logits, torch.tensor([0, 1, 2, 3])), "labels must lie in 0..2"),
+           ((idx, logits, torch.tensor([0, -1, 2, 0])), "labels must lie in 0..2"),
+           ((idx, logits, y[:4].float()), "labels must hold integers"),
+           ((idx, logits[:, 0], y[:4]), "shape (batch, classes)"),
+           ((idx, "abc", y[:4]), "logits must be"),
+           ((idx + 10, logits, y[:4]), "idx must hold one example id in 0..11"),
+           ((idx.astype(float), logits, y[:4]), "idx must hold integers")]
+    for args, match in bad:
+        with pytest.raises(memloc.MemlocError, match=re.escape(match)):
+            rec.record_batch(*args)
+
+
+def test_a_child_left_alone_trains_with_the_threads_its_jobs_gave_it(monkeypatch, tmp_path):
+    """A rerun that finds one of a `jobs=2` experiment's children left trains it in this process with the
+    thread count the parallel run gave each child (cores // jobs), and restores this process's count."""
+    from memloc.actions import children
+    seen = []
+    monkeypatch.setattr(children, "_train_one", lambda p, cfg, device, threads, given: seen.append(threads))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        children._train({str(tmp_path / "c"): {"dataset": "digits", "epochs": 1}}, {str(tmp_path / "c"): None},
+                         jobs=2, device="cpu", desc="x")
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_damaged_child_run_is_named_with_what_to_do(tmp_path):
+    """A child folder that is not a run (a user cannot choose a child's folder): delete it, not 'choose a new directory'."""
+    from memloc.actions import children
+    child = tmp_path / "children" / "all-s1-abc"
+    child.mkdir(parents=True)
+    (child / "run.h5").write_bytes(b"not hdf5")
+    with pytest.raises(memloc.MemlocError, match="child run .* is damaged .* delete it and run the command again"):
+        children._train_one(str(child), {"dataset": "digits", "epochs": 1}, "cpu", 1)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda run: memloc.prune(run, keep="abc"), "keep fractions must be numbers in (0, 1], got 'abc'"),
+    (lambda run: memloc.prune(run, keep=2.0), "keep must be a finite number in (0, 1], got 2.0"),
+    (lambda run: memloc.prune(run, keep=[0.5, None]), "keep fractions must be numbers in (0, 1], got None"),
+    (lambda run: memloc.unlearn(run, lam={"unknown": 1}), "lam has no method 'unknown'; its keys: ewc, mas, lwf"),
+    (lambda run: memloc.scores(run, methods=5), "unknown score '5'"),
+    (lambda run: memloc.clean(run, seeds="x"), "seeds must be whole numbers, got 'x'"),
+])
+def test_library_arguments_of_the_wrong_type_are_named(call, match, tiny_run):
+    """A wrong type or an unknown key at the library's front door: one MemlocError naming the argument,
+    before any work (no ValueError from float(), no TypeError from iterating a number, no key ignored)."""
+    with pytest.raises(memloc.MemlocError, match=re.escape(match)):
+        call(tiny_run.path)

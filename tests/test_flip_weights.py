@@ -223,3 +223,83 @@ def test_only_conv_weights_are_filters():
     items = {sp.name: sp for sp in weights.weight_items(Tokens()).spaces}
     assert (items["conv.weight"].size, items["conv.weight"].filter) == (3, True)
     assert (items["pos"].size, items["pos"].filter) == (12, False) and items["conv.bias"].size == 3
+
+
+def _dense_model(norm: bool):
+    """A random dense classifier (300 classes) whose two weights (72,000 items each) are large enough
+    to be scored by bounded rows; ``norm`` adds a LayerNorm (a parameter outside any linear layer)."""
+    torch.manual_seed(0)
+    layers = [nn.Flatten(), nn.Linear(300, 240)] + ([nn.LayerNorm(240)] if norm else []) + [
+        nn.ReLU(), nn.Linear(240, 300)]
+    model = nn.Sequential(*layers).eval()
+    x = torch.randn(40, 3, 10, 10)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    refs = np.stack([np.arange(10, 26), np.arange(24, 40)])
+    refs[1, 0] = 2                                   # a target inside its own reference batch
+    return model, x, y, refs
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_dense_models_equal_official_rule(norm):
+    """Models without conv filters: linear layers only run as one stacked group (per-search
+    zeroings as corrections of shared weights); with other parameters, one search at a time. Both
+    score large linear weights by the rows whose bound reaches the best score, reuse the first
+    layer's reference rows, and must zero exactly the official loop's items."""
+    model, x, y, refs = _dense_model(norm)
+    r = torch.as_tensor(refs)
+    ids = np.arange(len(x))
+    got, search = _check_equal(model, x[:5], y[:5], ids[:5], x[r], y[r], refs, group_size=3, max_units=12,
+                               noise_samples=2, noise_ratio=0.05, seed=3)
+    assert max(len(u) for u, _ in got.values()) >= 3 and any(f for _, f in got.values())
+    assert len(search._dense.order) == 2 and search._dense.first is not None   # bounded rows, cached first layer
+    assert search._stacked.usable is (not norm)
+    head = search.structure.spaces[-2]
+    chosen = np.concatenate([u for u, _ in got.values()])
+    assert ((chosen >= head.offset) & (chosen < head.offset + head.size)).any()   # bounded-row items won
+
+
+class _Twice(nn.Module):
+    """A dense model applying one linear layer twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(300, 64), nn.Linear(64, 64), nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.out(self.mid(self.mid(self.inp(x.flatten(1)).relu()).relu()).relu())
+
+
+class _SharedInConvNet(nn.Module):
+    """A conv net applying one linear layer twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = F.max_pool2d(self.conv(x).relu(), 4).flatten(1)
+        return self.out(self.fc(self.fc(h).relu()).relu())
+
+
+@pytest.mark.parametrize("make, shape", [(_Twice, (30, 3, 10, 10)), (_SharedInConvNet, (40, 1, 8, 8))])
+def test_linear_layer_called_twice_equals_official_rule(make, shape):
+    """A linear layer applied twice per forward (shared weights) breaks the bookkeeping of the stacked
+    group (dense models) and of the shared-weight linear layers (conv nets): the construction checks
+    see it (one search at a time / every weight masked) and the items stay the official loop's."""
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(*shape)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    refs = np.arange(10, 26)[None]
+    r = torch.as_tensor(refs)
+    got, search = _check_equal(model, x[:4], y[:4], np.arange(4), x[r], y[r], refs, group_size=3, max_units=10)
+    assert max(len(u) for u, _ in got.values()) >= 2
+    assert not (search._batched.linears if search.batched else search._stacked.usable)
+
+
+def test_conv_net_linear_layers_run_with_shared_weights():
+    model, x = _conv_bn()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    assert set(weights.WeightFlipSearch(model, x[None, :4], y[None, :4], np.arange(4)[None])._batched.linears) == {"9"}

@@ -161,3 +161,15 @@ def test_cli_trains_and_refuses_bad_input(tmp_path, capsys, monkeypatch):
 def test_warmup_cosine_schedule():
     assert [lr_factor(s, 100, "warmup_cosine", 0.1) for s in (0, 5, 10, 55, 100)] == pytest.approx(
         [0.0, 0.5, 1.0, 0.5, 0.0])
+
+
+@pytest.mark.parametrize("command", ["gradients", "rewind", "retrain", "flip", "importance", "unlearn",
+                                     "forgetting-order", "prune", "scores", "issues", "clean", "jtt"])
+def test_image_analyses_refuse_a_language_model_run_in_one_line(command, tiny_lm, capsys):
+    """The image analyses do not read sequences yet: one line saying where a language model's run goes."""
+    with pytest.raises(SystemExit) as e:
+        cli_run(command, [str(tiny_lm.path), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "image-classifier runs" in err and "memloc.memorisation" in err and "Traceback" not in err
+    assert not hasattr(tiny_lm.data(), "label_given")      # still an AttributeError for hasattr

@@ -6,7 +6,8 @@ the loss weights (``upweight``) or the ``seed``. Each child lives in
 ``PARENT/children/<label>-<hash of its config>/``: a finished child is reused by every later
 experiment that needs the same config, an interrupted one resumes (bit-identical), and a child
 whose config equals the parent's is the parent itself. ``jobs > 1`` trains children in parallel
-processes (each with ``cores // jobs`` torch threads; results then differ from a one-process
+processes (each with ``cores // jobs`` torch threads, also a child trained alone in this process, so
+a rerun that finds one child left trains it as the first run did; results differ from a ``jobs=1``
 run in the last float bits, as any change of thread count does).
 
 Under torchrun (:mod:`memloc.scale.distributed`) the children are split across the processes: rank 0's
@@ -33,7 +34,7 @@ import torch
 
 from ..scale.distributed import alone, broadcast, shard, world
 from ..core.errors import MemlocError
-from ..core.run import Run, is_complete, load
+from ..core.run import Run, check_new_run_dir, is_complete, load
 from ..core.runtime import check_range, progress, resolve_device
 
 __all__ = ["parent_config", "parent_labels", "subset_config", "check_seeds", "child_path", "train_runs",
@@ -145,6 +146,12 @@ def _finished(path: Path, epochs: int) -> bool:
 def _train_one(path: str, cfg: dict, device: str, threads: int, label_given=None) -> str:
     from ..training.train import train
     torch.set_num_threads(threads)
+    if not is_complete(path):
+        try:
+            check_new_run_dir(path, clear=False)
+        except MemlocError:     # its folder is memloc's to name: the user can only delete it
+            raise MemlocError(f"child run {str(path)!r} is damaged (not a memloc run, nor one being created): "
+                              "delete it and run the command again", argument="run") from None
     if not _finished(Path(path), cfg["epochs"]):
         train(path, cfg, device=device, resume=True, argv=["memloc", "train", path], label_given=label_given)
     return path
@@ -190,13 +197,15 @@ def _train(todo: dict, labels: dict, *, jobs: int, device, desc: str) -> None:
             raise MemlocError(f"dataset {local[0]!r} is registered in this process only; parallel runs (jobs > 1) "
                               "need it as an import path pkg.module:factory, or use jobs=1", argument="jobs")
     bar = progress(total=len(todo), desc=f"train {desc}", unit="run")
+    # a child's threads depend on `jobs` alone, not on how many children are left: a rerun that finds one
+    # child left trains it as the first run would have (a thread count changes the last float bits)
+    threads, before = max(1, torch.get_num_threads() // jobs), torch.get_num_threads()
     try:
         if jobs == 1 or len(todo) <= 1:
             for p, cfg in todo.items():
-                _train_one(p, cfg, str(device), torch.get_num_threads(), labels[p])
+                _train_one(p, cfg, str(device), threads, labels[p])
                 bar.update()
         else:
-            threads = max(1, torch.get_num_threads() // jobs)
             ctx = multiprocessing.get_context("spawn")
             pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
             try:
@@ -207,6 +216,7 @@ def _train(todo: dict, labels: dict, *, jobs: int, device, desc: str) -> None:
             finally:            # on an error or Ctrl-C, runs not started yet are not started
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:
+        torch.set_num_threads(before)
         bar.close()
 
 

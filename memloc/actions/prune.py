@@ -81,6 +81,13 @@ def prune_values(runs, names, *, checkpoint=None, grand_checkpoint: int = 0, dev
     return out
 
 
+def _fraction(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise MemlocError(f"keep fractions must be numbers in (0, 1], got {value!r}", argument="keep") from None
+
+
 @renamed(run="source", by="methods", checkpoint_k="checkpoint", grand_epoch="grand_checkpoint")
 @stored('prune')
 def prune(source, *, methods=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3), mode: str = "hardest",
@@ -96,7 +103,7 @@ def prune(source, *, methods=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.
     also = [as_run(r) for r in (also or [])]
     base = parent_config(run)
     names = check_choices("methods", methods, [n for n in SCORES if n != "neuron_count"], "pruning score")
-    keeps = [float(k) for k in (keep if isinstance(keep, (list, tuple)) else split_list(keep))]
+    keeps = [_fraction(k) for k in (keep if isinstance(keep, (list, tuple)) else split_list(keep))]
     for k in keeps:
         check_range("keep", k, low=0, high=1, low_open=True)
     seeds = check_seeds(seeds)
@@ -167,17 +174,9 @@ def _cli_arguments(p):
 
 
 def _cli_execute(args):
-    return prune(args.run, methods=args.by, keep=_cli_fractions(args.keep), mode=args.mode, offset=args.offset,
+    return prune(args.run, methods=args.by, keep=args.keep, mode=args.mode, offset=args.offset,
                  seeds=args.seeds, checkpoint=args.checkpoint_k, grand_checkpoint=args.grand_epoch, also=args.also, jobs=args.jobs,
                  device=args.device)
-
-
-def _cli_fractions(text):
-    from ..core.errors import MemlocError
-    try:
-        return [float(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise MemlocError(f"keep must be comma-separated fractions, got {text!r}", argument="keep") from None
 
 
 def _cli_summary(res, args):

@@ -194,6 +194,9 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
     check_range("retrain_epochs", retrain_epochs, low=1, integer=True)
     lams = dict(HYPER["lam"])
     if isinstance(lam, dict):
+        unknown = sorted(set(map(str, lam)) - set(lams))
+        if unknown:
+            raise MemlocError(f"lam has no method {unknown[0]!r}; its keys: {', '.join(lams)}", argument="lam")
         lams.update(lam)
     elif lam is not None:
         lams = {k: float(lam) for k in lams}

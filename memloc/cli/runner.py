@@ -7,6 +7,7 @@ A command is a :class:`memloc.core.registry.Command` declaration (next to its an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -75,6 +76,8 @@ def _join_processes(cmd: Command, args) -> int:
     from ..scale.distributed import init_from_env, requested_world
     if requested_world() == 1:
         return 0
+    if not cmd.sharded and os.environ.get("RANK", "0") != "0":
+        raise SystemExit(2)         # rank 0 says why, once (every rank would print the same refusal)
     from ..core.runtime import resolve_device
     device = resolve_device(getattr(args, "device", "cpu") or "cpu")
     return init_from_env(device, command=f"memloc {cmd.name}", sharded=cmd.sharded)[0]

@@ -29,8 +29,8 @@ from .errors import MemlocError
 from .precision import autocast
 from .runtime import check_range
 
-__all__ = ["TinyGPT", "HF_FAMILIES", "LM_MODELS", "hf_causal_lm", "is_lm_name", "build_lm", "lm_logits",
-           "greedy_decode", "suffix_measures", "sequence_measures", "MEASURES"]
+__all__ = ["TinyGPT", "HF_FAMILIES", "LM_MODELS", "hf_causal_lm", "hf_from_config", "hf_config_of", "is_lm_name",
+           "build_lm", "lm_logits", "check_lm", "greedy_decode", "suffix_measures", "sequence_measures", "MEASURES"]
 
 HF_FAMILIES = ("gpt2", "gpt_neox", "llama")
 #: the language models a run names: the built-in TinyGPT and the transformers families
@@ -176,6 +176,28 @@ def hf_causal_lm(family: str = "gpt2", vocab_size: int = 14, n_layer: int = 2, n
     return model.eval()
 
 
+def hf_config_of(model) -> dict | None:
+    """The config of a ``transformers`` model as a plain dict (what :func:`hf_from_config` rebuilds it
+    from), None for any other module."""
+    config = getattr(model, "config", None) if _is_hf(model) else None
+    return None if config is None or not hasattr(config, "to_dict") else config.to_dict()
+
+
+def hf_from_config(config: dict) -> nn.Module:
+    """A randomly initialised ``transformers`` causal LM of ``config`` (:func:`hf_config_of`: any family
+    that ``AutoModelForCausalLM`` knows, named by its ``model_type``), in eval mode; never downloaded."""
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    import transformers
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **config)
+        return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    except (TypeError, ValueError, KeyError) as e:
+        raise MemlocError(f"cannot build a transformers causal LM from the recorded config (model_type "
+                          f"{model_type!r}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__})",
+                          argument="config") from None
+
+
 def is_lm_name(name) -> bool:
     """Does model name ``name`` denote a language model (``gpt`` or ``hf:<family>``)?"""
     return isinstance(name, str) and (name == "gpt" or name.startswith("hf:"))
@@ -223,6 +245,31 @@ def lm_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         raise MemlocError(f"model returned {shape} for tokens of shape {tuple(tokens.shape)}; a causal LM must give "
                           "(B, T, V) logits (a tensor or an output with .logits)", argument="model")
     return out
+
+
+@torch.no_grad()
+def check_lm(model: nn.Module, tokens: torch.Tensor, *, name: str = "model") -> int:
+    """One forward of ``model`` (eval mode, its device) on two sequences of token 0 shaped as the rows of
+    ``tokens`` (N, T) minus their last token; returns the logits per position V, or one
+    :class:`MemlocError` when the model does not run on them, does not give (B, T, V) logits, or gives
+    fewer than the largest token id of ``tokens`` needs."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        logits = lm_logits(model, torch.zeros_like(torch.as_tensor(tokens)[:2, :-1], device=device))
+    except MemlocError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise MemlocError(f"{name} does not run on these sequences ({str(e).splitlines()[0][:200]})",
+                          argument="model") from None
+    finally:
+        model.train(was_training)
+    top = int(torch.as_tensor(tokens).max()) if torch.as_tensor(tokens).numel() else -1
+    if logits.shape[-1] <= top:
+        raise MemlocError(f"{name} gives {logits.shape[-1]} logits per position, but the sequences hold token ids "
+                          f"up to {top}", argument="model")
+    return int(logits.shape[-1])
 
 
 @torch.no_grad()

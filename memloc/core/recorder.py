@@ -269,11 +269,12 @@ class Recorder(RunWriter):
             put(te, "label", np.asarray(test_labels, dtype=np.int64), dims=["example"])
 
     def record_batch(self, idx, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Record per-example loss / correctness / margin of a training batch (train-mode logits)."""
-        stats = per_example_stats(logits, torch.as_tensor(labels, device=logits.device))
-        rows = torch.as_tensor(idx).cpu().numpy()
-        if rows.shape != (len(logits),) or (len(rows) and (rows.min() < 0 or rows.max() >= self.n)):
-            raise MemlocError(f"record_batch: idx must hold one example id in 0..{self.n - 1} per row of logits")
+        """Record per-example loss / correctness / margin of a training batch (train-mode logits).
+
+        ``idx``, ``logits`` (B, C) and ``labels`` (B,) may be tensors or numpy arrays; ids must lie in
+        0..n-1 and labels in 0..C-1 (a :class:`MemlocError` names what is wrong)."""
+        logits, labels, rows = _checked_batch(idx, logits, labels, self.n)
+        stats = per_example_stats(logits, labels)
         for k in DYN_NAMES:
             self._presentation[k][rows] = stats[k].cpu().numpy()
 
@@ -302,6 +303,36 @@ class Recorder(RunWriter):
                  else evaluate(self.model, self.eval_test.batches(self.eval_batch_size)))
             metrics.update(test_accuracy=nanmean(t["correct"]), test_loss=nanmean(t["loss"]))
         return end_rows, metrics
+
+
+def _integers(name: str, values, device=None) -> torch.Tensor:
+    t = torch.as_tensor(values, device=device)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise MemlocError(f"record_batch: {name} must hold integers, got dtype {t.dtype}")
+    return t.long()
+
+
+def _checked_batch(idx, logits, labels, n: int):
+    """``(logits, labels, ids)`` of a recorded batch, checked: (B, C) float logits, B labels in 0..C-1,
+    B ids in 0..n-1."""
+    try:
+        logits = torch.as_tensor(logits)
+    except (TypeError, ValueError, RuntimeError):
+        raise MemlocError(f"record_batch: logits must be a tensor or array, got {type(logits).__name__}") from None
+    if logits.ndim != 2 or not logits.dtype.is_floating_point:
+        raise MemlocError(f"record_batch: logits must be floating point of shape (batch, classes), "
+                          f"got {logits.dtype} of shape {tuple(logits.shape)}")
+    labels, rows = _integers("labels", labels, logits.device), _integers("idx", idx).cpu().numpy()
+    b, c = logits.shape
+    if labels.shape != (b,):
+        raise MemlocError(f"record_batch: labels must hold one label per row of logits ({b}), "
+                          f"got shape {tuple(labels.shape)}")
+    if b and (int(labels.min()) < 0 or int(labels.max()) >= c):
+        raise MemlocError(f"record_batch: labels must lie in 0..{c - 1} (logits have {c} classes), "
+                          f"got {int(labels.min())}..{int(labels.max())}")
+    if rows.shape != (b,) or (b and (rows.min() < 0 or rows.max() >= n)):
+        raise MemlocError(f"record_batch: idx must hold one example id in 0..{n - 1} per row of logits")
+    return logits, labels, rows
 
 
 def evaluate_labels(batches) -> np.ndarray:

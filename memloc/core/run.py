@@ -46,10 +46,11 @@ from .corpora import build_sequences
 from .data import build_data
 from .dropout import insert_example_tied_dropout
 from .errors import MemlocError
-from .lm import build_lm
+from .lm import build_lm, hf_from_config
 from .models import build_model, spec_name
 from .results import load_result
 from .runtime import atomic_path
+from .sequences import LM_ANALYSES, SequenceSet
 
 __all__ = ["Run", "load", "as_run", "save_atomic", "load_checkpoint", "checkpoint_epochs", "is_complete",
            "check_new_run_dir", "clear_run_dir", "epochs_complete", "DYN_NAMES", "METRICS", "LM_DYN_NAMES",
@@ -292,6 +293,8 @@ class Run:
         if self._model_fn is not None:
             return self._model_fn()
         spec = self.info.get("model", {})
+        if self.is_lm and not spec.get("spec") and spec.get("hf_config"):   # a transformers model recorded as it was
+            return hf_from_config(spec["hf_config"])
         if not spec.get("spec"):
             raise MemlocError(f"run {str(self.path)!r} was recorded from an unregistered model "
                               f"({spec.get('class')}): pass model_fn= to memloc.load, or record it with "
@@ -339,14 +342,16 @@ class Run:
     def _sequences(self):
         """The run's SequenceSet, rebuilt from its corpus spec and checked against the tokens in run.h5."""
         if self._data is None:
-            spec = self.info.get("data")
-            if spec is None:
+            spec, info = self.info.get("data"), self.info
+            if spec is None and "vocab" not in info:
                 raise MemlocError(f"run {str(self.path)!r} was recorded without a corpus spec: pass data= (its "
                                   "SequenceSet) to memloc.load")
-            data = build_sequences(spec)
             with open_h5(self.path / "run.h5") as f:
-                same = (np.array_equal(data.tokens.numpy(), f["examples/tokens"][:])
-                        and np.array_equal(data.test_tokens.numpy(), f["test/tokens"][:]))
+                ex, tokens, test = f["examples"], f["examples/tokens"][:], f["test/tokens"][:]
+                data = build_sequences(spec) if spec is not None else SequenceSet(   # the sequences recorded
+                    info.get("sequence_set", "recorded"), tokens, test, ex["source_index"][:], self.is_noisy, self.kind,
+                    info["prefix_len"], info["suffix_len"], info["vocab"], ex["copy_of"][:], info.get("sequence_info", {}))
+                same = np.array_equal(data.tokens.numpy(), tokens) and np.array_equal(data.test_tokens.numpy(), test)
             if not same or not np.array_equal(data.is_memorised_target, self.is_noisy):
                 raise MemlocError(f"the sequences rebuilt for {str(self.path)!r} do not match its stored tokens")
             self._data = data
@@ -357,6 +362,10 @@ class Run:
         with open_h5(self.path / "run.h5") as f:
             key = f"dynamics/{when}/{name}"
             if key not in f:
+                if self.is_lm and name in DYN_NAMES:        # an image analysis given a language model's run
+                    raise MemlocError(f"{str(self.path)!r} is a language model's run (it records "
+                                      f"{', '.join(LM_DYN_NAMES)}, not {name}): this analysis works on "
+                                      f"image-classifier runs; for language-model runs: {LM_ANALYSES}")
                 names = LM_DYN_NAMES if self.is_lm else DYN_NAMES
                 valid = ", ".join(f"dynamics/{w}/{n}" for w in ("presentation", "end") for n in names)
                 raise MemlocError(f"run.h5 has no {key!r}; valid: {valid}")

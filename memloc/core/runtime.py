@@ -65,10 +65,11 @@ def progress(iterable=None, **kw):
 
 
 def split_list(value) -> list[str] | None:
-    """``"a,b"`` / ``["a", "b,c"]`` -> ``["a", "b", "c"]`` (None stays None; empty items dropped)."""
+    """``"a,b"`` / ``["a", "b,c"]`` -> ``["a", "b", "c"]`` (None stays None; empty items dropped; a
+    single non-string value is one item, so its caller names it as unknown)."""
     if value is None:
         return None
-    items = [value] if isinstance(value, str) else list(value)
+    items = list(value) if isinstance(value, (list, tuple, set, frozenset)) or hasattr(value, "__array__") else [value]
     return [s.strip() for item in items for s in str(item).split(",") if s.strip()]
 
 

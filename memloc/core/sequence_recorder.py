@@ -13,12 +13,12 @@ from torch import nn
 from .errors import MemlocError
 from .evaluate import eval_mode, nanmean
 from .h5 import put
-from .lm import sequence_measures, suffix_measures
+from .lm import check_lm, hf_config_of, sequence_measures, suffix_measures
 from .precision import check_precision
 from .recorder import RunWriter
 from .run import LM_METRICS
 from .runtime import check_range
-from .sequences import KINDS, SequenceSet
+from .sequences import KINDS, SequenceSet, plain
 
 __all__ = ["SequenceRecorder"]
 
@@ -59,13 +59,17 @@ class SequenceRecorder(RunWriter):
         self.n = len(data)
         self.is_noisy = np.asarray(data.is_memorised_target, dtype=bool)
         self._model_spec, self._data_spec = model_spec, data_spec
+        check_lm(model, data.tokens)        # (B, T, V) logits covering every token id, before any file is written
         self._start(run_dir, model, resume=resume, overwrite=overwrite, config=config, argv=argv, evaluated=None)
 
     def _describe(self) -> dict:
         cls = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
-        out = {"kind": "lm", "model": {"class": cls, "spec": None, **(self._model_spec or {})},
-               "num_test": len(self.data.test_tokens), "sequence_set": self.data.name,
-               "prefix_len": self.data.prefix_len, "suffix_len": self.data.suffix_len}
+        model = {"class": cls, "spec": None, **(self._model_spec or {})}
+        if model["spec"] is None and hf_config_of(self.model) is not None:   # rebuilt from its config
+            model["hf_config"] = hf_config_of(self.model)
+        out = {"kind": "lm", "model": model, "num_test": len(self.data.test_tokens), "sequence_set": self.data.name,
+               "prefix_len": self.data.prefix_len, "suffix_len": self.data.suffix_len,
+               "vocab": list(self.data.vocab), "sequence_info": plain(self.data.info)}
         if self._data_spec is not None:
             out["data"] = dict(self._data_spec)
         return out
@@ -85,7 +89,14 @@ class SequenceRecorder(RunWriter):
 
     def record_batch(self, idx, logits: torch.Tensor, tokens: torch.Tensor) -> None:
         """Record the suffix measures of a training batch: ``logits`` (B, T', V) of the batch's
-        sequences ``tokens`` (B, T) in training mode, ``idx`` their rows in ``data``."""
+        sequences ``tokens`` (B, T) in training mode (or a ``transformers`` output holding them),
+        ``idx`` their rows in ``data``."""
+        logits = logits if torch.is_tensor(logits) else getattr(logits, "logits", logits)   # a transformers output
+        tokens = torch.as_tensor(tokens)
+        if not torch.is_tensor(logits) or logits.ndim != 3 or tokens.ndim != 2 or len(logits) != len(tokens):
+            shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+            raise MemlocError(f"record_batch: logits {shape} and tokens {tuple(tokens.shape)} must be (B, T', V) "
+                              "and (B, T) (the model's output for the batch's sequences)", argument="logits")
         rows = torch.as_tensor(idx).cpu().numpy()
         if rows.shape != (len(logits),) or (len(rows) and (rows.min() < 0 or rows.max() >= self.n)):
             raise MemlocError(f"record_batch: idx must hold one sequence id in 0..{self.n - 1} per row of logits")

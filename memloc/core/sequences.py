@@ -37,7 +37,7 @@ from .errors import MemlocError
 from .runtime import check_range
 
 __all__ = ["KINDS", "TINYMEM_VOCAB", "BOS", "EOS", "SEP", "PAD", "TASKS", "SequenceSet", "tinymem", "follows_rule",
-           "check_rate"]
+           "check_rate", "plain"]
 
 #: what a training sequence is: rule-following (clean), a memorisation target (noisy, backdoor,
 #: canary) or an extra copy of a target (duplicate)
@@ -47,6 +47,18 @@ BOS, EOS, SEP, PAD = 10, 11, 12, 13
 #: task -> (default step, default modulus or None)
 TASKS = {"increment": (7, None), "mult": (7, 20134)}
 NOISE_PROB = 0.1          # chance that a digit of a noisy sequence's suffix is shifted by +-1
+
+
+class NotClassifierData(MemlocError, AttributeError):
+    """An image-classifier attribute asked of a :class:`SequenceSet`: a MemlocError (one line from the
+    commands), and still an AttributeError (``hasattr`` is False)."""
+
+
+#: where a language model's run goes instead of an image analysis
+LM_ANALYSES = "memloc.memorisation, memloc.exposure, memloc.localise_neurons"
+# what image analyses read of their data (memloc.core.data.Data and its splits)
+_CLASSIFIER_ONLY = frozenset({"train", "test", "is_noisy", "label_given", "label_true", "num_classes", "in_shape",
+                              "x", "y", "batches"})
 
 
 @dataclass
@@ -70,6 +82,13 @@ class SequenceSet:
     vocab: list
     copy_of: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        if name in _CLASSIFIER_ONLY:     # an image analysis given a language model's run: say so, in one line
+            raise NotClassifierData(
+                f"this analysis works on image-classifier runs, and this is a language model's sequence set "
+                f"(no {name!r}); for language-model runs: {LM_ANALYSES}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __post_init__(self):
         self.tokens = torch.as_tensor(self.tokens, dtype=torch.int64)
@@ -151,6 +170,15 @@ class SequenceSet:
         if self.info.get("encoding") == "bytes":
             return bytes(ids).decode("utf-8", errors="replace")
         return "".join(self.vocab[i] for i in ids)
+
+
+def plain(value):
+    """``value`` with numpy arrays and scalars made lists and numbers (to store a set's ``info`` as JSON)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
 
 
 def check_span(prefix_len, suffix_len, seq_len: int) -> None:

@@ -14,7 +14,7 @@ from ..core.run import check_new_run_dir, is_complete, load_checkpoint, save_ato
 from ..core.runtime import check_creatable, check_range
 
 __all__ = ["check_ranges", "check_run_dir", "trainer_state", "load_trainer_state", "save_trainer_state",
-           "seed_epoch", "STATE_FILE"]
+           "seed_epoch", "continue_at", "STATE_FILE"]
 
 #: the optimiser / schedule (/ loss scaler) state of the last saved epoch, in RUN/checkpoints
 STATE_FILE = "trainer_state.pt"
@@ -79,3 +79,17 @@ def seed_epoch(seed: int, epoch: int) -> torch.Generator:
     s = epoch_seed(seed, epoch)
     torch.manual_seed(s)
     return torch.Generator().manual_seed(s)
+
+
+def continue_at(rec, epoch, trainer: str) -> None:
+    """Continue the run of writer ``rec`` (opened with ``resume``) where ``trainer`` (a library's trainer
+    that a callback records) resumes from its own checkpoint: after ``epoch`` epochs. The run is rewound
+    to that epoch (its checkpoint holds the same weights); a fractional epoch or one the run does not hold
+    is a :class:`MemlocError` (``rec`` closed)."""
+    done = int(round(epoch or 0))
+    if abs((epoch or 0) - done) > 1e-6 or done > rec.epoch:
+        rec.close()
+        raise MemlocError(f"the {trainer} resumes at epoch {epoch:g}, but the run {str(rec.dir)!r} holds epochs "
+                          f"0-{rec.epoch}: resume from a checkpoint saved at the end of an epoch that the run holds")
+    if done < rec.epoch:
+        rec.rewind_to(done)

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 from ..core.corpora import CORPUS_KEYS, build_sequences, check_corpus
 from ..core.errors import MemlocError
-from ..core.evaluate import eval_mode
-from ..core.lm import LM_MODELS, build_lm, lm_logits
+from ..core.lm import LM_MODELS, build_lm, check_lm, lm_logits
 from ..core.optim import lr_factor, make_optimizer, make_schedule
 from ..core.precision import autocast, check_precision, grad_scaler
 from ..core.run import load
@@ -112,18 +111,9 @@ def _check_fits(model, data, vocab_size: int, name: str) -> None:
     if top >= vocab_size:
         raise MemlocError(f"the corpus holds token ids up to {top}, beyond the model's vocabulary of {vocab_size} "
                           f"(vocab_size must be at least {top + 1})", argument="vocab_size")
-    with torch.no_grad(), eval_mode(model):
-        device = next(model.parameters()).device
-        try:
-            logits = lm_logits(model, data.tokens[:2, :-1].to(device))
-        except MemlocError:
-            raise
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            raise MemlocError(f"model {name!r} does not run on these sequences ({str(e).splitlines()[0][:200]})",
-                              argument="model") from None
-    if logits.shape[-1] < vocab_size:
-        raise MemlocError(f"model {name!r} gives {logits.shape[-1]} logits per position for a vocabulary of "
-                          f"{vocab_size}", argument="model")
+    if check_lm(model, data.tokens, name=f"model {name!r}") < vocab_size:
+        raise MemlocError(f"model {name!r} gives fewer logits per position than its vocabulary of {vocab_size}",
+                          argument="model")
 
 
 def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = False, overwrite: bool = False,

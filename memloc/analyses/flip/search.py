@@ -175,8 +175,7 @@ class FlipSearch:
         ids = np.asarray(target_ids, dtype=np.int64)
         y = y.to(self.device).long()
         queue = deque((int(k), int(r)) for k, r in tasks)
-        n_units = self.structure.n_units
-        max_units = min(max_units, n_units)
+        max_units = min(max_units, self.structure.n_units)
         slots: list[dict] = []
         while queue or slots:
             # check the current masks (a cheap forward of the targets only); finished searches leave,
@@ -186,18 +185,14 @@ class FlipSearch:
                 while queue and len(slots) + len(check) < group_size:
                     k, r = queue.popleft()
                     excluded = int(ids[k]) if int(ids[k]) in self._ref_sets[r] else -1
-                    check.append({"k": k, "r": r, "units": [], "excluded": excluded,
-                                  "mask": torch.ones(n_units, dtype=self.dtype, device=self.device)})
+                    check.append(self._start({"k": k, "r": r, "units": [], "excluded": excluded, "y": y[k]}))
                 if not check:
                     break
                 for s in check:
                     s["xt"] = (noisy_copies(x[s["k"]].to(self.dtype), noise_samples, noise_ratio,
                                             noise_seed(seed, ids[s["k"]], s["r"], len(s["units"])))
                                if noise_samples else x[s["k"]][None].to(self.dtype))
-                pred = self._predict_masked(torch.stack([s["mask"] for s in check]),
-                                            torch.stack([s["xt"] for s in check]))
-                flipped = (pred != y[[s["k"] for s in check]]).cpu().numpy()
-                for s, f in zip(check, flipped):
+                for s, f in zip(check, self._check(check, max_units)):
                     if f or len(s["units"]) >= max_units or s.get("stuck"):
                         yield FlipTrace(s["k"], s["r"], np.array(s["units"], dtype=np.int64), bool(f))
                     else:
@@ -205,37 +200,61 @@ class FlipSearch:
                 check = []
                 if len(slots) >= group_size or not queue:
                     break
-            if not slots:
-                continue
-            masks = torch.stack([s["mask"] for s in slots])
-            grad = self._step(slots, masks, torch.stack([s["xt"] for s in slots]), y[[s["k"] for s in slots]])
-            for s, j, ok in zip(slots, *self._choose(grad, masks)):
-                if ok:
-                    s["units"].append(j)
-                    s["mask"][j] = 0
-                else:
-                    s["stuck"] = True
+            if slots:
+                self._advance(slots)
+
+    # -- the steps of :meth:`run`, one search being a dict (target row k, repeat r, zeroed units, ...)
+    def _start(self, s: dict) -> dict:
+        """A new search ``s``: its unit mask, all kept."""
+        s["mask"] = torch.ones(self.structure.n_units, dtype=self.dtype, device=self.device)
+        return s
+
+    def _check(self, check: list[dict], max_units: int) -> np.ndarray:
+        """Has each search of ``check`` flipped under its current mask? (a forward of the targets only)"""
+        pred = self._predict_masked(torch.stack([s["mask"] for s in check]), torch.stack([s["xt"] for s in check]))
+        return (pred != torch.stack([s["y"] for s in check])).cpu().numpy()
+
+    def _advance(self, slots: list[dict]) -> None:
+        """One greedy step of each search of ``slots``: zero its next unit (or mark it stuck)."""
+        masks = torch.stack([s["mask"] for s in slots])
+        grad = self._step(slots, masks, torch.stack([s["xt"] for s in slots]), torch.stack([s["y"] for s in slots]))
+        for s, j, ok in zip(slots, *self._choose(grad, masks)):
+            if ok:
+                s["units"].append(j)
+                s["mask"][j] = 0
+            else:
+                s["stuck"] = True
 
     def _step(self, slots: list[dict], masks: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor) -> torch.Tensor:
         """``dO/dmask`` (G, n_units) of the running searches: one forward/backward of every target
         term and of the reference terms not memoised yet."""
+        keys, misses, first, repeats, excluded = self._misses(slots)
+        _, grad_t, grad_r = self._terms(masks, xt, yt, masks[first], repeats, excluded)
+        return grad_t + torch.stack(self._remember(keys, misses, grad_r))
+
+    def _misses(self, slots: list[dict]):
+        """The memo keys (repeat, excluded target, set of zeroed units) of ``slots`` and the reference
+        terms to evaluate: (keys, missing keys, the first slot of each, repeats (M,), excluded (M,))."""
         keys = [(s["r"], s["excluded"], frozenset(s["units"])) for s in slots]
         misses = list(dict.fromkeys(key for key in keys if key not in self._memo))
         first_slot = {key: i for i, key in reversed(list(enumerate(keys)))}
-        _, grad_t, grad_r = self._terms(
-            masks, xt, yt, masks[[first_slot[key] for key in misses]],
-            torch.tensor([key[0] for key in misses], dtype=torch.long, device=self.device),
-            torch.tensor([key[1] for key in misses], dtype=torch.long, device=self.device))
-        for key, grad in zip(misses, grad_r):
-            self._memo[key] = grad
+        return (keys, misses, [first_slot[key] for key in misses],
+                torch.tensor([key[0] for key in misses], dtype=torch.long, device=self.device),
+                torch.tensor([key[1] for key in misses], dtype=torch.long, device=self.device))
+
+    def _remember(self, keys, misses, terms) -> list:
+        """Memoise the reference ``terms`` of ``misses`` just evaluated; returns the reference term of
+        each of ``keys`` (least recently used terms are dropped beyond the memo's size)."""
+        for key, term in zip(misses, terms):
+            self._memo[key] = term
         for key in keys:
             self._memo.move_to_end(key)
-        grad = grad_t + torch.stack([self._memo[key] for key in keys])
+        found = [self._memo[key] for key in keys]
         while len(self._memo) > self._memo_max:
             self._memo.popitem(last=False)
-        self.stats["example_steps"] += len(slots)
+        self.stats["example_steps"] += len(keys)
         self.stats["reference_evaluations"] += len(misses)
-        return grad
+        return found
 
     def _choose(self, grad: torch.Tensor, masks: torch.Tensor):
         """Per search: the unit to zero next (highest ``mask x dO/dmask`` among kept units; ties to the

@@ -9,24 +9,34 @@ zeroed if it is positive; when no item scores above 0 the search stops (not flip
 official code would loop for ever. Items are numbered in ``named_parameters`` order, row-major
 inside a parameter, so ties go to the first item as in the official ``argmax`` loop.
 
-:class:`WeightFlipSearch` runs many such searches at once: each search has its own item mask and
-``torch.func.functional_call`` under ``vmap`` gives every search its own masked weights in one
-forward/backward (a plain loop over searches when a model's layers refuse ``vmap``). Models without
-conv weights run one search at a time (``WeightFlipSearch.batched`` is False): there every item is a
-weight element, each search's gradient is as large as the model, and batching only adds memory
-traffic.
+:class:`WeightFlipSearch` runs many such searches at once. Conv nets (``batched``,
+:mod:`memloc.analyses.flip.batched`): each search has its own item masks and
+``torch.func.functional_call`` under ``vmap`` runs every search in one forward/backward (a plain
+loop over searches when a model's layers refuse ``vmap``); convs and linear layers run with the
+shared weights (a filter's mask scales its output channel, zeroed linear weights are subtracted
+from the outputs); the forward of the stop test is the step's target term and the reference terms
+are memoised.
+Models without conv filters have an item per weight element, so no search carries a mask:
+models made of linear layers only run a group of searches as one model with shared weights and
+per-search corrections (:mod:`memloc.analyses.flip.stacked`), others one search at a time with its
+items zeroed in place (:mod:`memloc.analyses.flip.dense`); both take the stop test from the step's
+own forward, score large linear weights by the rows whose bound reaches the best score, and compute
+the first linear layer's reference rows once.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
 
 from ...core.errors import MemlocError
+from .batched import BatchedSteps
+from .dense import DenseSteps
 from .search import FlipSearch
+from .stacked import StackedSteps
 
 __all__ = ["ItemSpace", "WeightItems", "weight_items", "weight_masks", "WeightFlipSearch"]
 
@@ -107,81 +117,55 @@ class WeightFlipSearch(FlipSearch):
         self._setup(model, ref_x, ref_y, ref_ids, dtype)
         self.site = "weight"
         self.structure = weight_items(self.model)
-        self._params = {k: v.detach() for k, v in self.model.named_parameters()}
-        self._buffers = {k: v for k, v in self.model.named_buffers()}
-        self._vmap = True
-        #: conv nets: all searches at once under vmap; models without conv weights (MLPs, transformers):
-        #: one search at a time, since each search's weight gradient is as large as the model and
-        #: batching them only adds memory traffic (0.1-0.2x on the MNIST-5k MLP, artifacts/bench_flip.md)
+        #: conv nets: all searches at once under vmap with per-search masks; models without conv
+        #: filters (MLPs, transformers): index masks, the stacked group or one search at a time
         self.batched = any(sp.filter for sp in self.structure.spaces)
         self._setup_memo(cache_mb)
         self.prefix = None
-
-    def _leaves(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-parameter item masks (G, *item_shape), leaves of their own (no slicing in the graph)."""
-        g = masks.shape[0]
-        return {sp.name: masks[:, sp.offset:sp.offset + sp.size].detach().to(self.dtype).reshape(g, *sp.item_shape)
-                .clone().requires_grad_(True) for sp in self.structure.spaces}
-
-    def _call(self, leaves: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-        """Logits (G, n, C) of ``inputs`` (G, n, ...), row g through the weights masked by ``leaves[.][g]``."""
-        def one(mask, x):
-            params = {k: p * mask[k] for k, p in self._params.items()}
-            return functional_call(self.model, (params, self._buffers), (x,))
-
-        if self._vmap:
-            try:
-                return vmap(one)(leaves, inputs)
-            except (RuntimeError, NotImplementedError, ValueError):
-                self._vmap = False      # a layer that vmap cannot batch: one search at a time
-        return torch.stack([one({k: v[i] for k, v in leaves.items()}, x) for i, x in enumerate(inputs)])
-
-    def _flat(self, grads, g: int) -> torch.Tensor:
-        return torch.cat([t.reshape(g, -1) for t in grads], 1)
-
-    def _terms(self, masks, xt, yt, ref_masks, ref_repeats, excluded, *, use_prefix=True):
-        target, ref = self._leaves(masks), self._leaves(ref_masks)
-        with torch.enable_grad():
-            target_logits = self._call(target, xt).mean(1)
-            ref_logits = self._call(ref, self.ref_x[ref_repeats]) if len(ref_masks) else None
-            objective = self._objective(target_logits, yt, ref_logits, ref_repeats, excluded)
-            leaves = list(target.values()) + (list(ref.values()) if len(ref_masks) else [])
-            grads = torch.autograd.grad(objective, leaves)
-        n = len(target)
-        grad_t = self._flat(grads[:n], len(masks))
-        grad_r = self._flat(grads[n:], len(ref_masks)) if len(ref_masks) else torch.zeros_like(ref_masks, dtype=self.dtype)
-        return target_logits.argmax(1), grad_t, grad_r
-
-    def _step(self, slots, masks, xt, yt):
         if self.batched:
-            return super()._step(slots, masks, xt, yt)
-        grads = []
-        for i, s in enumerate(slots):       # one forward/backward of the target and its reference batch
-            r = torch.tensor([s["r"]], device=self.device)
-            split = self.structure.split(masks[i].to(self.dtype))
-            eff = {k: (p * split[k]).requires_grad_(True) for k, p in self._params.items()}
-            with torch.enable_grad():
-                logits = functional_call(self.model, (eff, self._buffers), (torch.cat([xt[i], self.ref_x[s["r"]]]),))
-                nt = xt.shape[1]
-                objective = self._objective(logits[:nt].mean(0, keepdim=True), yt[i:i + 1], logits[None, nt:], r,
-                                            torch.tensor([s["excluded"]], device=self.device))
-                g = torch.autograd.grad(objective, list(eff.values()))
-            # dO/dmask = p x dO/d(p x mask) (no conv filters here: every item is one element)
-            grads.append(torch.cat([(gk * self._params[k]).reshape(-1) for k, gk in zip(eff, g)]))
-        self.stats["example_steps"] += len(slots)
-        self.stats["reference_evaluations"] += len(slots)
-        return torch.stack(grads)
+            self._batched = BatchedSteps(self)
+        else:
+            self._dense = DenseSteps(self)
+            self._stacked = StackedSteps(self._dense)
 
-    def _predict_masked(self, masks: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self._call(self._leaves(masks), xt).mean(1).argmax(1)
+    def objective_grad(self, *args, **kwargs):
+        raise NotImplementedError("the weight site has no unit masks; its steps are in BatchedSteps / "
+                                  "StackedSteps / DenseSteps")
 
-    def _choose(self, grad: torch.Tensor, masks: torch.Tensor):
-        """The official rule: the item with the highest ``weight x gradient`` (zeroed items score 0),
-        if that score is positive."""
-        score = grad * masks            # zeroed items score 0
-        best = score.argmax(1)
-        return best.tolist(), (score.gather(1, best[:, None])[:, 0] > 0).tolist()
+    # -- one search at a time (models without conv filters): index masks, the step's own forward as the check
+    def _start(self, s: dict) -> dict:
+        if self.batched:
+            self._batched.start(s)
+            return s
+        s["zeroed"] = [[] for _ in self.structure.spaces]      # per parameter: local indices of the zeroed items
+        return s
+
+    def _check(self, check: list[dict], max_units: int) -> np.ndarray:
+        """Per search, as the official loop: one forward of its copies and its reference batch under its
+        zeroed items gives the prediction; a search that goes on gets its gradient and next item from
+        the same forward (kept in ``s["next"]`` for :meth:`_advance`)."""
+        if self.batched:
+            return self._batched.check(check)
+        flipped = np.zeros(len(check), dtype=bool)
+        live = [i for i, s in enumerate(check) if not s.get("stuck")]
+        if self._stacked.usable and live:
+            flipped[live] = self._stacked.check([check[i] for i in live], [len(check[i]["units"]) < max_units
+                                                                          for i in live])
+            return flipped
+        for i in live:
+            flipped[i] = self._dense.step(check[i], len(check[i]["units"]) < max_units)
+        return flipped
+
+    def _advance(self, slots: list[dict]) -> None:
+        if self.batched:
+            return self._batched.advance(slots)
+        for s in slots:
+            space, j = s.pop("next")
+            if space is None:
+                s["stuck"] = True
+            else:
+                s["units"].append(self.structure.spaces[space].offset + j)
+                s["zeroed"][space].append(j)
 
     def zeroing(self, model: nn.Module, mask: torch.Tensor):
         return weight_masks(model, self.structure, mask)

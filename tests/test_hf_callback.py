@@ -1,0 +1,124 @@
+"""A Hugging Face Trainer run recorded by memloc.HFTrainerCallback is a memloc run (issue 23, Runs; issue 26,
+callbacks): its end-of-epoch dynamics are what memloc.memorisation measures on its checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("accelerate")      # the Trainer needs it (the dev extra installs it)
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+import memloc  # noqa: E402
+from conftest import run_readme_example  # noqa: E402
+from memloc.core.errors import MemlocError  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZES = dict(n_layer=1, n_head=2, d_model=32)
+
+
+def trainer(out, model, dataset, callback, *, epochs=2, **kw):
+    kw = {"save_strategy": "no", "lr_scheduler_type": "constant", "learning_rate": 2e-2, **kw}
+    args = TrainingArguments(str(out), num_train_epochs=epochs, per_device_train_batch_size=8,
+                             use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True, seed=0, **kw)
+    return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return memloc.tinymem("mult", n_train=16, n_test=8, seq_len=16, suffix_len=4, noise=0.5, duplicate=2)
+
+
+def _model(data):
+    return memloc.hf_causal_lm("gpt2", vocab_size=data.vocab_size, max_len=data.seq_len, **SIZES)
+
+
+@pytest.fixture(scope="module")
+def hf_trainer_run(tmp_path_factory, data):
+    tmp = tmp_path_factory.mktemp("trainer")
+    model = _model(data)
+    cb = memloc.HFTrainerCallback(tmp / "run", data, config={"note": "tiny"})
+    trainer(tmp / "out", model, cb.train_dataset(), cb, epochs=3).train()
+    return memloc.load(tmp / "run"), model, cb
+
+
+def test_trainer_run_is_a_memloc_run(hf_trainer_run, data):
+    run, model, cb = hf_trainer_run
+    assert run.is_lm and run.epochs == [0, 1, 2, 3] and run.num_train == len(data)
+    assert run.config["note"] == "tiny" and run.config["trainer"]["num_train_epochs"] == 3
+    final = run.model()
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), model.state_dict().values()))
+    assert torch.equal(run.data().tokens, data.tokens) and np.array_equal(run.is_noisy, data.is_memorised_target)
+    m = run.metrics()
+    assert m["train_loss"][-1] < m["train_loss"][0]                       # the Trainer trained the model
+    assert [e["train_loss"] for e in cb.metrics] == pytest.approx(m["train_loss"][1:].tolist())
+    pres = run.dynamics("memorised", "presentation")                 # ids through the items: every sequence seen
+    assert (pres[0] == -1).all() and (pres[1:] >= 0).all()
+    assert not any(h for h in (model._forward_hooks, model._forward_pre_hooks))   # the callback's hooks are gone
+
+
+def test_presentation_rows_are_the_training_forwards(tmp_path, data):
+    """With a learning rate of 0 (and no dropout) each training forward is the end-of-epoch forward: the
+    presentation rows equal the end rows, also from a dataset of the user's own (rows found by their tokens)."""
+    cb = memloc.HFTrainerCallback(tmp_path / "a", data)
+    trainer(tmp_path / "out", _model(data), cb.train_dataset(), cb, epochs=1, learning_rate=0.0).train()
+    run = memloc.load(tmp_path / "a")
+    for name in ("suffix_loss", "suffix_accuracy", "memorised"):
+        np.testing.assert_allclose(run.dynamics(name, "presentation")[1], run.dynamics(name)[1], rtol=1e-5, atol=1e-6)
+    mine = [{"input_ids": row, "labels": row} for row in data.tokens.flip(0)]
+    cb = memloc.HFTrainerCallback(tmp_path / "b", data)
+    trainer(tmp_path / "out", _model(data), mine, cb, epochs=1, learning_rate=0.0).train()
+    np.testing.assert_allclose(memloc.load(tmp_path / "b").dynamics("suffix_loss", "presentation")[1],
+                               run.dynamics("suffix_loss")[1], rtol=1e-5)
+
+
+def test_memorisation_gives_the_numbers_the_callback_recorded(hf_trainer_run):
+    run = hf_trainer_run[0]
+    for epoch in run.epochs:
+        res = memloc.memorisation(run.model(epoch), run.data(), device="cpu")
+        np.testing.assert_allclose(run.dynamics("suffix_loss")[epoch], res["suffix_loss"].values, rtol=1e-5)
+        np.testing.assert_allclose(run.dynamics("suffix_accuracy")[epoch], res["suffix_accuracy"].values, rtol=1e-6)
+        np.testing.assert_array_equal(run.dynamics("memorised")[epoch], res["memorised"].values)
+        test = memloc.memorisation(run.model(epoch), run.data(), split="test", device="cpu")
+        assert run.metrics()["test_loss"][epoch] == pytest.approx(test["suffix_loss"].values.mean(), rel=1e-5)
+
+
+def test_a_resumed_trainer_continues_the_run(tmp_path, data, hf_trainer_run):
+    """The Trainer checkpoints at epoch ends; 2 epochs, then resuming from the epoch-1 checkpoint up to 3 epochs
+    (the memloc run rewound to epoch 1 and continued) gives the run of 3 epochs trained at once (the fixture's)."""
+    def run(name, epochs, resume_from=None):
+        cb = memloc.HFTrainerCallback(tmp_path / name, data)
+        trainer(tmp_path / f"out_{name}", _model(data), cb.train_dataset(), cb, epochs=epochs, save_strategy="epoch"
+                ).train(resume_from_checkpoint=resume_from)
+        return cb
+
+    run("run", 2)
+    steps = sorted((tmp_path / "out_run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    resumed = run("run", 3, resume_from=str(steps[0]))
+    assert memloc.load(tmp_path / "run").epochs == [0, 1, 2, 3] and len(resumed.metrics) == 2   # 2 and 3 again
+    np.testing.assert_allclose(memloc.load(tmp_path / "run").dynamics("suffix_loss"),
+                               hf_trainer_run[0].dynamics("suffix_loss"), rtol=1e-4)
+    with pytest.raises(MemlocError, match="Trainer resumes at epoch 3"):     # a Trainer past the run's last epoch
+        (tmp_path / "run" / "checkpoints" / "epoch_0003.pt").unlink()
+        run("run", 4, resume_from=str(sorted((tmp_path / "out_run").glob("checkpoint-*"),
+                                             key=lambda p: int(p.name.split("-")[1]))[-1]))
+
+
+def test_user_mistakes(tmp_path, data):
+    with pytest.raises(MemlocError, match="SequenceSet"):
+        memloc.HFTrainerCallback(tmp_path / "a", data.tokens)
+    cb = memloc.HFTrainerCallback(tmp_path / "b", data)
+    short = torch.utils.data.Subset(cb.train_dataset(), range(8))
+    with pytest.raises(MemlocError, match=f"holds 8 sequences, data holds {len(data)}"):
+        trainer(tmp_path / "out", _model(data), short, cb).train()
+    with pytest.raises(MemlocError, match=r"\(B, T, V\)"):
+        trainer(tmp_path / "out", torch.nn.Sequential(torch.nn.Embedding(14, 14), torch.nn.Flatten()),
+                cb.train_dataset(), memloc.HFTrainerCallback(tmp_path / "c", data)).train()
+
+
+def test_readme_example_runs_as_written(tmp_path, monkeypatch):
+    out = run_readme_example("hf-trainer", tmp_path, monkeypatch)
+    run, res = out["run"], out["res"]
+    assert run.epochs == [0, 1, 2, 3]
+    np.testing.assert_array_equal(res["memorised"].values, run.dynamics("memorised")[-1])
