@@ -47,6 +47,8 @@ _FACE = {
     "exposure": "memloc.analyses.exposure", "exposure_estimate": "memloc.analyses.exposure",
     "sequence_log_likelihood": "memloc.analyses.exposure", "CandidateSpace": "memloc.analyses.exposure",
     "digit_space": "memloc.analyses.exposure",
+    "localise_neurons": "memloc.analyses.localise", "neuron_scores": "memloc.analyses.localise",
+    "inj_benchmark": "memloc.analyses.inj",
     # actions
     "prune": "memloc.actions.prune", "clean": "memloc.actions.clean", "jtt": "memloc.actions.jtt",
     "unlearn": "memloc.actions.unlearn", "forgetting_order": "memloc.actions.forgetting",

@@ -290,7 +290,8 @@ def suffix_measures(logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int,
     """(suffix_loss, suffix_accuracy, memorised) tensors (B,) of teacher-forced ``logits`` (B, T', V)
     of ``tokens`` (B, T) (``logits[:, t]`` predicts ``tokens[:, t + 1]``; T' >= prefix_len + suffix_len - 1):
     the suffix's mean cross-entropy, the fraction of its tokens that are the argmax, and whether all are."""
-    pred = logits[:, prefix_len - 1:prefix_len + suffix_len - 1].float()           # (B, S, V)
+    pred = logits[:, prefix_len - 1:prefix_len + suffix_len - 1]                   # (B, S, V)
+    pred = pred if pred.dtype == torch.float64 else pred.float()                    # float64 stays float64
     target = tokens[:, prefix_len:prefix_len + suffix_len].to(pred.device)        # (B, S)
     loss = F.cross_entropy(pred.transpose(1, 2), target, reduction="none").mean(1)
     right = pred.argmax(-1) == target

@@ -136,6 +136,12 @@ class Hooks:
         self.handles.append(handle)
         return handle
 
+    def forward_pre(self, module: nn.Module, fn):
+        """``module.register_forward_pre_hook(fn)`` (``fn(module, args)`` may return new args); returns the handle."""
+        handle = module.register_forward_pre_hook(fn)
+        self.handles.append(handle)
+        return handle
+
     def remove(self) -> None:
         while self.handles:
             self.handles.pop().remove()

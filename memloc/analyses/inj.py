@@ -1,0 +1,176 @@
+"""INJ, the known-answer benchmark of neuron localisation (after MemPi, Chang et al. NAACL 2024).
+
+``memloc.inj_benchmark(run_or_model, data=None, *, n_sequences=8, n_injected=2, methods=METHODS)``:
+
+1. draw ``n_sequences`` new random sequences of ``prefix_len + suffix_len`` tokens (uniform over the
+   token ids that occur in the training data; ``seed``), none reproduced by the model;
+2. for each, choose ``n_injected`` random neurons in every MLP layer (MemPi: a random 0.1% of all
+   neurons; a fixed count per layer suits small models) and fine-tune only their output weights (the
+   down-projection's input columns; Adam, ``lr``; every other weight is left bit for bit) on the
+   sequence's suffix loss until greedy decoding reproduces the suffix (at most ``max_steps`` steps).
+   Those neurons are the ground truth;
+3. run every localisation method (:func:`memloc.neuron_scores`) on the injected model and the
+   sequence, and score its top-k neurons of each layer (k = the number injected there) by recall:
+   the share of the injected neurons among them. Then restore the original weights.
+
+The ``"inj"`` result: ``recall`` (method, sequence, layer) and ``seconds`` (method, sequence), the
+injected neurons, the fine-tuning steps and whether injection succeeded (sequences whose injection
+failed are not localised: NaN recall). The random baseline's expected recall is k / d_mlp.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ..core.errors import MemlocError
+from ..core.neurons import mlp_layers, output_weights
+from ..core.optim import make_optimizer
+from ..core.registry import Analysis
+from ..core.results import Result
+from ..core.runtime import check_choices, check_range, progress
+from ..core.schemas import Schema, Var
+from ..core.store import stored
+from .localise import METHODS, lm_source, method_options, neuron_scores, reference_rows
+from .localise.common import Targets, suffix_loss
+
+__all__ = ["inj_benchmark", "inject_sequence", "recall_at_k"]
+
+
+def inject_sequence(model, tokens: torch.Tensor, prefix_len: int, suffix_len: int, neurons, *, lr: float = 0.05,
+                    max_steps: int = 500) -> tuple[int, bool]:
+    """Fine-tune the output weights of ``neurons`` ((L, k) indices per MLP layer) of ``model`` in place
+    until it reproduces the suffix of ``tokens`` (1, T) from its prefix: (steps taken, memorised)."""
+    layers = mlp_layers(model)
+    t = Targets(model, layers, tokens, prefix_len, suffix_len)
+    weights, keep = [], []
+    for layer, chosen in zip(layers, neurons):
+        weight, dim = output_weights(model, layer)
+        mask = torch.zeros(layer.size, dtype=weight.dtype, device=weight.device)
+        mask[torch.as_tensor(chosen, device=weight.device)] = 1
+        weights.append(weight)
+        keep.append(mask.view(-1, 1) if dim == 0 else mask.view(1, -1))
+    optimiser = make_optimizer(weights, "adam", lr=lr, weight_decay=0.0)    # = Adam
+    for step in range(max_steps + 1):
+        loss, memorised = suffix_loss(t, tokens)
+        if bool(memorised.all()) or step == max_steps:
+            return step, bool(memorised.all())
+        grads = torch.autograd.grad(loss.sum(), weights)
+        for w, g, m in zip(weights, grads, keep):
+            w.grad = g * m                    # only the chosen columns move (Adam leaves zero-gradient entries)
+        optimiser.step()
+    return max_steps, False
+
+
+def recall_at_k(scores: np.ndarray, neurons: np.ndarray) -> np.ndarray:
+    """(L,) recall of the top-k of each layer's ``scores`` (L, d) against ``neurons`` (L, k) (ties: lower index)."""
+    k = neurons.shape[1]
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.asarray([len(np.intersect1d(a, b)) / k for a, b in zip(top, neurons)], dtype=np.float64)
+
+
+@stored("inj")
+def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 2, methods=METHODS,
+                  prefix_len: int | None = None, suffix_len: int | None = None, options: dict | None = None,
+                  ref_batch_size: int = 8, lr: float = 0.05, max_steps: int = 500, checkpoint: int | None = None,
+                  eval_batch_size: int = 64, seed: int = 0, device="auto") -> Result:
+    """The ``"inj"`` result (module docstring) of a language-model run (``checkpoint`` default final) or
+    a causal LM module with ``data`` (its SequenceSet gives the token ids to draw from, and the span
+    unless ``prefix_len`` / ``suffix_len`` are given; greedy keeps the loss of ``ref_batch_size`` of its
+    clean training sequences low)."""
+    for name, value in (("n_sequences", n_sequences), ("n_injected", n_injected), ("max_steps", max_steps)):
+        check_range(name, value, low=1, integer=True)
+    check_range("lr", lr, low=0, low_open=True)
+    check_range("seed", seed, low=0, integer=True)
+    check_choices("methods", methods, METHODS, "localisation method")
+    method_options(options)
+    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
+    layers = mlp_layers(model)
+    d = layers[0].size
+    if n_injected > d:
+        raise MemlocError(f"n_injected {n_injected} is more than the {d} neurons of a layer", argument="n_injected")
+    p = data.prefix_len if prefix_len is None else prefix_len
+    s = data.suffix_len if suffix_len is None else suffix_len
+    check_range("prefix_len", p, low=1, integer=True)
+    check_range("suffix_len", s, low=1, integer=True)
+    dev = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    vocab = np.unique(data.tokens.numpy())
+    tokens = torch.from_numpy(rng.choice(vocab, size=(n_sequences, p + s))).long()
+    neurons = np.stack([np.stack([np.sort(rng.choice(d, n_injected, replace=False)) for _ in layers])
+                        for _ in range(n_sequences)])                                   # (n, L, k)
+    ref = reference_rows(data, ref_batch_size, seed=seed)
+    reference = data.tokens[torch.as_tensor(ref)].to(dev) if len(ref) else None
+    original = [output_weights(model, layer)[0].detach().clone() for layer in layers]
+    chosen = None
+    recall, seconds, steps, ok = [], [], np.zeros(n_sequences, np.int64), np.zeros(n_sequences, bool)
+    before, greedy_zeroed = np.zeros(n_sequences, bool), np.full(n_sequences, -1, np.int64)
+    for i in progress(range(n_sequences), desc="inj", unit="seq"):
+        x = tokens[i:i + 1].to(dev)
+        with torch.no_grad():
+            before[i] = bool(suffix_loss(Targets(model, layers, x, p, s), x)[1].all())
+        try:
+            start = time.perf_counter()
+            steps[i], ok[i] = inject_sequence(model, x, p, s, neurons[i], lr=lr, max_steps=max_steps)
+            inject_seconds = time.perf_counter() - start
+            if ok[i] and not before[i]:
+                got = neuron_scores(model, x, p, s, methods=methods, reference=reference, options=options,
+                                    eval_batch_size=eval_batch_size, seed=seed + i)
+                chosen = list(got["scores"])
+                greedy_zeroed[i] = got["greedy_zeroed"][0] if "greedy" in chosen else -1
+                recall.append([recall_at_k(got["scores"][m][0], neurons[i]) for m in chosen])
+                seconds.append([got["seconds"][m] for m in chosen] + [inject_seconds])
+            else:
+                recall.append(None)
+                seconds.append(None)
+        finally:
+            with torch.no_grad():
+                for layer, w in zip(layers, original):
+                    output_weights(model, layer)[0].copy_(w)
+    if chosen is None:
+        raise MemlocError(f"no sequence was injected (none memorised within max_steps={max_steps} steps at "
+                          f"lr={lr}): raise max_steps or lr", argument="max_steps")
+    nan_r = np.full((len(chosen), len(layers)), np.nan)
+    nan_s = np.full(len(chosen) + 1, np.nan)
+    rec = np.stack([nan_r if r is None else np.asarray(r) for r in recall], axis=1)          # (method, seq, L)
+    sec = np.stack([nan_s if t is None else np.asarray(t) for t in seconds], axis=1)         # (method + 1, seq)
+    variables = {"recall": (("method", "sequence", "layer"), rec),
+                 "seconds": (("method", "sequence"), sec[:-1]),
+                 "inject_seconds": ("sequence", sec[-1]),
+                 "injected": (("sequence", "layer", "slot"), neurons.astype(np.int64)),
+                 "inject_steps": ("sequence", steps), "injected_ok": ("sequence", ok & ~before),
+                 "tokens": (("sequence", "position"), tokens.numpy())}
+    if "greedy" in chosen:
+        variables["greedy_zeroed"] = ("sequence", greedy_zeroed)
+    coords = {"method": chosen, "sequence": np.arange(n_sequences), "layer": [layer.name for layer in layers],
+              "slot": np.arange(n_injected), "position": np.arange(p + s)}
+    config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "n_sequences": n_sequences,
+              "n_injected": n_injected, "lr": lr, "max_steps": max_steps, "checkpoint": epoch, "prefix_len": p,
+              "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "d_mlp": d,
+              "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev),
+              "data": data.name}
+    return Result("inj", xr.Dataset(variables, coords=coords), config=config)
+
+
+ANALYSIS = Analysis(
+    name="inj", order=158, compute=inj_benchmark,
+    schema=Schema("inj", "INJ, the known-answer benchmark of neuron localisation: recall of injected neurons "
+                  "(memloc.inj_benchmark)",
+  {"method": Var(("method",), "localisation method (memloc.localise_neurons)"),
+   "sequence": Var(("sequence",), "injected random sequence"),
+   "layer": Var(("layer",), "MLP layer (its down-projection)"),
+   "slot": Var(("slot",), "injected neuron of a layer"),
+   "position": Var(("position",), "token position")},
+  {"recall": Var(("method", "sequence", "layer"), "share of the injected neurons among the method's top-k of the "
+                 "layer (k = injected per layer); NaN where injection failed"),
+   "seconds": Var(("method", "sequence"), "seconds the method took for the sequence"),
+   "inject_seconds": Var(("sequence",), "seconds the injection (fine-tuning) took"),
+   "injected": Var(("sequence", "layer", "slot"), "the injected neurons (the ground truth)"),
+   "inject_steps": Var(("sequence",), "fine-tuning steps until the suffix was reproduced"),
+   "injected_ok": Var(("sequence",), "the sequence was new and got memorised by the injection"),
+   "tokens": Var(("sequence", "position"), "the injected sequence (prefix, then suffix)"),
+   "greedy_zeroed": Var(("sequence",), "neurons greedy zeroed until the suffix broke (-1: not localised)",
+                        optional=True)}),
+)

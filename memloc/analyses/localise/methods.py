@@ -1,0 +1,105 @@
+"""The array-level core: every method's neuron scores for target token sequences of a model."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...core.errors import MemlocError
+from ...core.neurons import mlp_layers
+from ...core.runtime import check_choices, check_range
+from ...core.sequences import check_span
+from .activations import activations
+from .common import HYPER, METHODS, Targets
+from .greedy import grad_x_act, greedy
+from .ig import ig
+from .masks import hard_concrete, slimming
+from .zero_out import zero_out
+
+__all__ = ["neuron_scores", "method_options", "FUNCTIONS"]
+
+
+def random(t: Targets, opts: dict) -> torch.Tensor:
+    """(B, L, d) float64 uniform scores drawn from ``seed``: the baseline."""
+    return torch.from_numpy(np.random.default_rng(t.seed).random(t.shape))
+
+
+FUNCTIONS = {"zero_out": zero_out, "activations": activations, "ig": ig, "slimming": slimming,
+             "hard_concrete": hard_concrete, "grad_x_act": grad_x_act, "greedy": greedy, "random": random}
+
+
+def _token_ids(tokens, argument: str) -> torch.Tensor:
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool or not len(tokens):
+        raise MemlocError(f"{argument} has shape {tuple(tokens.shape)} and dtype {tokens.dtype}; give (B, T) integer "
+                          "token ids, B >= 1", argument=argument)
+    return tokens.long()
+
+
+def method_options(options: dict | None) -> dict[str, dict]:
+    """:data:`HYPER` with ``options`` ({method: {name: value}}) laid over it; unknown names are errors."""
+    merged = {m: dict(v) for m, v in HYPER.items()}
+    for method, values in (options or {}).items():
+        if method not in HYPER:
+            raise MemlocError(f"options names no localisation method {method!r}; valid: {', '.join(METHODS)}",
+                              argument="options")
+        bad = sorted(set(values) - set(HYPER[method]))
+        if bad:
+            raise MemlocError(f"options for {method} has no {bad[0]!r}; valid: {', '.join(HYPER[method]) or 'none'}",
+                              argument="options")
+        merged[method].update(values)
+    return merged
+
+
+def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *, methods=METHODS,
+                  reference=None, options: dict | None = None, eval_batch_size: int = 64, seed: int = 0) -> dict:
+    """Scores of every MLP neuron of ``model`` for each target sequence (row of ``tokens`` (B, T), on
+    the model's device): higher = more responsible for the target's suffix
+    ``tokens[:, prefix_len:prefix_len + suffix_len]`` given its prefix.
+
+    Returns ``{"scores": {method: (B, L, d) float64 array}, "seconds": {method: float},
+    "layers": [down-projection names], "greedy_zeroed": (B,), "greedy_broken": (B,)}`` (the last two
+    with ``greedy``). The model runs in eval mode (its mode is restored) with its own weights.
+    ``reference``: (R, T') token ids (T' >= prefix_len + suffix_len) of sequences whose suffix loss
+    ``greedy`` keeps low (e.g. clean training sequences; None: the target's loss alone).
+    ``options``: {method: {hyper-parameter: value}} over :data:`HYPER`.
+    """
+    chosen = check_choices("methods", methods, METHODS, "localisation method")
+    opts = method_options(options)
+    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    check_range("seed", seed, low=0, integer=True)
+    tokens = _token_ids(tokens, "tokens")
+    check_span(prefix_len, suffix_len, tokens.shape[1])
+    if reference is not None:
+        reference = _token_ids(reference, "reference")
+        if reference.shape[1] < prefix_len + suffix_len:
+            raise MemlocError(f"reference sequences have {reference.shape[1]} tokens, fewer than prefix_len + "
+                              f"suffix_len = {prefix_len + suffix_len}", argument="reference")
+    layers = mlp_layers(model)
+    if len({layer.size for layer in layers}) > 1:
+        raise MemlocError(f"the MLP layers of {type(model).__name__} differ in width "
+                          f"({sorted({layer.size for layer in layers})}); give a model with one MLP width",
+                          argument="source")
+    device = next(model.parameters()).device
+    span = prefix_len + suffix_len
+    t = Targets(model, layers, tokens[:, :span].to(device), int(prefix_len), int(suffix_len), int(eval_batch_size),
+                int(seed), None if reference is None else reference[:, :span].to(device))
+    out = {"scores": {}, "seconds": {}, "layers": [layer.name for layer in layers]}
+    was_training = model.training
+    model.eval()
+    try:
+        for method in chosen:
+            start = time.perf_counter()
+            got = FUNCTIONS[method](t, opts[method])
+            if method == "greedy":
+                got, zeroed, broken = got
+                out["greedy_zeroed"], out["greedy_broken"] = zeroed.numpy(), broken.numpy()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            out["seconds"][method] = time.perf_counter() - start
+            out["scores"][method] = got.numpy()
+    finally:
+        model.train(was_training)
+    return out
