@@ -40,18 +40,22 @@ def results_free_copy(run, path):
 
 
 def readme_example(name: str) -> str:
-    """The README's python block after the marker ``<!-- example: NAME``."""
+    """The python block after the marker ``<!-- example: NAME`` in the README or a page of docs/."""
     from pathlib import Path
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    return readme.split(f"<!-- example: {name} ", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    root = Path(__file__).resolve().parents[1]
+    for page in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        text = page.read_text()
+        if f"<!-- example: {name} " in text:
+            return text.split(f"<!-- example: {name} ", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    raise LookupError(f"no example {name!r} in README.md or docs/")
 
 
 def run_readme_example(name: str, folder, monkeypatch) -> dict:
-    """Run the README's example ``name`` as written, in this process, in working directory ``folder``
+    """Run the documented example ``name`` (:func:`readme_example`) as written, in this process, in working directory ``folder``
     (its ``runs/...`` land there; ``monkeypatch`` restores the directory after the test); returns its globals."""
     monkeypatch.chdir(folder)
     scope = {"__name__": f"readme_{name.replace('-', '_')}"}
-    exec(compile(readme_example(name), f"README.md:{name}", "exec"), scope)
+    exec(compile(readme_example(name), f"example:{name}", "exec"), scope)
     return scope
 
 

@@ -95,15 +95,15 @@ def _calls(tree: ast.AST, renames: dict[str, set[str]]):
 
 
 def test_memloc_never_calls_a_public_function_by_an_old_name():
-    """Every call in memloc/, scripts/, tests/ (but this file) and the README's and CONTRIBUTING's
-    Python examples uses the new names, so memloc itself never triggers the warning."""
+    """Every call in memloc/, scripts/, tests/ (but this file) and the Python examples of the README,
+    CONTRIBUTING and docs/ uses the new names, so memloc itself never triggers the warning."""
     renames = _renames()
     assert renames["rewind"] == {"resume_dir"} and renames["prune"] >= {"by", "checkpoint_k"}
     bad = []
     files = [p for d in ("memloc", "scripts", "tests") for p in (ROOT / d).rglob("*.py") if p.name != Path(__file__).name]
     for path in files:
         bad += [f"{path.relative_to(ROOT)}:{line}: {call}" for line, call in _calls(ast.parse(path.read_text()), renames)]
-    for doc in ("README.md", "CONTRIBUTING.md"):
+    for doc in ("README.md", "CONTRIBUTING.md", *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").rglob("*.md")))):
         text = (ROOT / doc).read_text()
         for block in re.findall(r"```python\n(.*?)```", text, re.S):
             bad += [f"{doc}: {call}" for _, call in _calls(ast.parse(block), renames)]

@@ -232,12 +232,12 @@ def test_error_paths_name_the_argument():
 
 @pytest.mark.slow
 def test_the_readme_language_model_example_runs_and_prints_what_it_says():
-    """README.md's language-model program, run as written: every noisy sequence is memorised and
-    almost none of the held-out ones."""
+    """The language-model program of docs/tutorials/language-models.md, run as written: every noisy
+    sequence is memorised and almost none of the held-out ones."""
     import subprocess
     import sys
     from pathlib import Path
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "language-models.md").read_text()
     code = readme.split("<!-- example: lm", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     rates = dict(line.split() for line in out.splitlines() if line.split()[:1] in (["clean"], ["noisy"]))

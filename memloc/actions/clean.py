@@ -26,7 +26,7 @@ from .children import check_seeds, parent_config, save_array, subset_config, tra
 from ..analyses.label_issues import COMBINED
 from ..analyses.scores import SCORES
 from ..core.options import add_experiment, number, seed_table
-from ..core.figures import plt, save_figure, table, mean_se_axis, plus_minus
+from ..core.figures import figure, plt, save_figure, table, mean_se_axis, plus_minus
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
 from ..core.deprecation import renamed
@@ -168,16 +168,23 @@ def plot_clean(res, out, run=None) -> str:
     flags = [str(f) for f in res["flags"].values]
     mean, se = mean_se_axis(res["test_accuracy"].values)
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(flags, 100 * mean, yerr=100 * se, capsize=4, color=["tab:gray", "tab:blue", "tab:orange"][:len(flags)])
-    low = max(0.0, 100 * np.nanmin(mean) - 5)
-    ax.set(ylabel="test accuracy (%)", ylim=(low, min(100, 100 * np.nanmax(mean) + 3)),
+    seeds = res.sizes["seed"]
+    bars = ax.bar(flags, 100 * mean, yerr=100 * se if seeds > 1 else None, capsize=4,
+                  color=["tab:gray", "tab:blue", "tab:orange"][:len(flags)])
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set(ylabel="test accuracy (%)", ylim=(0, 105),
            title=f"cleaning: flagged examples {'relabelled' if res.config.get('relabel') else 'dropped'}")
     name = save_figure(fig, out, "clean.png")
     rows = [[f, plus_minus(mean[i], se[i], res.sizes["seed"], digits=2), int(res["flagged"].values[i]),
              float(res["precision"].values[i]), float(res["recall"].values[i]), float(res["noise_left"].values[i])]
             for i, f in enumerate(flags)]
-    return ("## Cleaning\n\nRetrained with the run's recipe on the cleaned training set; cleanlab (K-fold "
-            f"cross-validation, same recipe) is the baseline.\n\n![clean]({name})\n\n"
+    baseline = ("; cleanlab (K-fold cross-validation, same recipe) is the baseline." if "cleanlab" in flags
+                else " (no cleanlab baseline in this result).")
+    return ("## Cleaning\n\nRetrained with the run's recipe on the cleaned training set"
+            f"{baseline}\n\n"
+            + figure("clean", name, "test accuracy of fresh runs trained on all the data and on the data "
+                     "without each method's flagged examples" + ("; error bars are standard errors over the "
+                     f"{res.sizes['seed']} seeds." if res.sizes["seed"] > 1 else " (one seed: no error bars).")) + "\n\n"
             + table(["flags", "test accuracy (%)", "flagged", "precision", "recall", "noise left"], rows))
 
 

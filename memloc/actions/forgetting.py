@@ -34,7 +34,7 @@ from ..analyses.scores import forgetting_events
 from .continual import distillation_term, finetune, penalty_term, protection_weights
 from .unlearn import HYPER
 from ..core.options import nonnegative_int, positive_float, positive_int
-from ..core.figures import plt, save_figure, table
+from ..core.figures import figure, plt, save_figure, table
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
 from ..core.deprecation import renamed
@@ -173,7 +173,10 @@ def plot_forgetting(res, out, run=None) -> str:
              100 * float(res["accuracy"].sel(order=o, protect=p, epoch=2 * e, part="second"))]
             for o in orders for p in protect]
     return ("## Within-task forgetting\n\nA fresh model trained on the first part, then on the second (Toneva et al. "
-            f"2019, section 5).\n\n![forgetting]({name})\n\n"
+            "2019, section 5).\n\n"
+            + figure("forgetting", name, "one panel per order of the two parts; solid lines, accuracy on the first "
+                     "part, dotted on the second, one colour per protection; after the vertical line the model trains "
+                     "on the second part, and the solid line falling is the first part being forgotten.") + "\n\n"
             + table(["order", "protection", "first, end of phase 1", "first, end", "second, end"], rows, digits=1))
 
 

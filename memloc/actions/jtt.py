@@ -23,7 +23,7 @@ from ..core.run import as_run
 from ..core.runtime import check_range, resolve_device
 from .children import check_seeds, parent_config, train_children
 from ..core.options import add_experiment, mean_se, nonnegative_int, positive_float
-from ..core.figures import plt, save_figure, table, mean_se_axis
+from ..core.figures import figure, plt, save_figure, table, mean_se_axis
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
 from ..core.deprecation import renamed
@@ -135,7 +135,10 @@ def plot_jtt(res, out, run=None) -> str:
             for i, v in enumerate(variants)]
     noisy = float(res["error_set_noisy"])
     return (f"## JTT\n\nError set: {res.sizes['error']} examples"
-            + (f" ({noisy:.1%} mislabeled)" if np.isfinite(noisy) else "") + f".\n\n![jtt]({name})\n\n"
+            + (f" ({noisy:.1%} mislabeled)" if np.isfinite(noisy) else "") + ".\n\n"
+            + figure("jtt", name, "accuracy per group after plain retraining (erm) and after JTT's upweighting "
+                     "(jtt); a higher noisy_given bar under jtt means the wrong labels were memorised harder.")
+            + "\n\n"
             + table(["training"] + groups, rows))
 
 

@@ -26,7 +26,7 @@ from ..core.runtime import check_choices, check_range, resolve_device, split_lis
 from ..analyses.scores import SCORES, default_epoch_k, scores as compute_scores
 from .children import check_seeds, parent_config, subset_config, train_children
 from ..core.options import add_experiment, mean_se, nonnegative_int, number
-from ..core.figures import plt, save_figure, table, mean_se_axis, plus_minus
+from ..core.figures import figure, plt, save_figure, table, mean_se_axis, plus_minus
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
 from ..core.deprecation import renamed
@@ -196,7 +196,7 @@ def _cli_summary(res, args):
 
 def plot_prune(res, out, run=None) -> str:
     """Test accuracy vs fraction kept per score, random dashed, all data as a line; noisy examples kept."""
-    keeps, methods = res["keep"].values, [str(m) for m in res["score"].values]
+    keeps, compared = res["keep"].values, [str(m) for m in res["score"].values]
     noisy = np.isfinite(res["noisy_kept"].values).any()
     fig, axes = plt.subplots(1, 2 if noisy else 1, figsize=(10 if noisy else 5.5, 3.4), squeeze=False)
     ax = axes[0, 0]
@@ -222,7 +222,11 @@ def plot_prune(res, out, run=None) -> str:
         mean, se = mean_se_axis(res["test_accuracy"].values[i])
         rows.append([m] + [plus_minus(a, e, res.sizes["seed"]) for a, e in zip(mean, se)])
     return (f"## Pruning\n\nFresh runs on the kept examples (seeds {', '.join(map(str, res['seed'].values))}); "
-            f"all data: {plus_minus(full, full_se, res.sizes['seed'])}%.\n\n![prune]({name})\n\n"
+            f"all data: {plus_minus(full, full_se, res.sizes['seed'])}%.\n\n"
+            + figure("prune", name, "test accuracy of fresh runs trained on the fraction of the training set (x "
+                     "axis, falling to the right) that each score keeps; the dashed black line keeps a random "
+                     "fraction, the grey line is all the data" + ("; the right panel: how many of the mislabeled "
+                     "examples each choice kept." if noisy else ".")) + "\n\n"
             + table(["score"] + [f"keep {k:g}" for k in keeps], rows))
 
 

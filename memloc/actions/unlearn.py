@@ -59,7 +59,7 @@ from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import check_choices, check_range, progress, resolve_device
 from ..core.options import mean_se, nonnegative_float, number, positive_float, positive_int
-from ..core.figures import plt, save_figure, table
+from ..core.figures import figure, plt, save_figure, table
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
 from ..core.deprecation import renamed
@@ -328,7 +328,10 @@ def plot_unlearn(res, out, run=None) -> str:
              for i, m in enumerate(methods)]
     return (f"## Unlearning memorised labels\n\nForget set: {res.sizes['forget']} examples "
             f"({res.config.get('forget')}); accuracy (%) mean over {res.sizes['seed']} seed(s)."
-            + "".join(f" {line}." for line in _layer_note(res)) + f"\n\n![unlearn]({name})\n\n"
+            + "".join(f" {line}." for line in _layer_note(res)) + "\n\n"
+            + figure("unlearn", name, "one point per method: further right, more of the memorised labels removed; "
+                     "higher, better test accuracy (the dashed line is the trained model's). The best methods sit at "
+                     "the top right; error bars are standard deviations over seeds.") + "\n\n"
             + table(["method", *groups, "seconds"], rows, digits=1))
 
 

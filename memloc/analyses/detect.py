@@ -34,7 +34,7 @@ from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import atomic_path, split_list
 from ..core.run import load
-from ..core.figures import table, coord_names
+from ..core.figures import figure, table, coord_names
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
 
@@ -243,9 +243,20 @@ def plot_detect(res, out, run=None) -> str:
         plot_curves({n: sc[n].values for n in kept}, run.is_noisy, {n: int(sc[n].attrs["direction"]) for n in kept},
                     out / "detect_roc.png",
                     title=f"{run.path.name}: {int(run.is_noisy.sum())} of {run.num_train} labels noisy")
-        text += "![detection curves](detect_roc.png)\n\n"
-    rows = [[n] + [float(v) for v in values[i]] + [int(size[i])] for i, n in enumerate(names)]
-    return text + table(["score"] + metrics + ["examples"], rows)
+        text += figure("detection curves", "detect_roc.png", "left, the ROC curve of each score for ranking the "
+                       "wrongly labelled examples first (the closer to the top left, the better; the dashed diagonal "
+                       "is chance; AUROC in the legend); right, precision against recall (the dashed line is the "
+                       "share of wrong labels, a random ranking's precision).") + "\n\n"
+    measured = ~np.isnan(values).all(axis=1)     # a score on examples of one kind only has no detection to show
+    rows = [[n] + [float(v) for v in values[i]] + [int(size[i])] for i, n in enumerate(names) if measured[i]]
+    if rows:
+        text += table(["score"] + metrics + ["examples"], rows)
+    noisy = res["noisy"].values
+    skipped = [f"`{n}` ({int(size[i])} examples, {int(noisy[i])} noisy)" for i, n in enumerate(names) if not measured[i]]
+    if skipped:
+        text += ("\n\nNot measured (the examples a score is defined on must include noisy and clean ones): "
+                 + ", ".join(skipped) + ".")
+    return text
 
 
 ANALYSIS = Analysis(

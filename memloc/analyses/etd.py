@@ -15,7 +15,7 @@ from ..core.results import Result
 from ..core.runtime import check_range
 from ..core.selection import resolve
 from ..core.options import add_eval_batch_size, nonnegative_int
-from ..core.figures import plt, LABELS, save_figure, table, coord_names
+from ..core.figures import figure, plt, LABELS, save_figure, table, coord_names
 from ..core.schemas import Schema, Var, SUBSET_VAR
 from ..core.registry import Analysis, Command
 from ..core.store import stored
@@ -91,7 +91,11 @@ def plot_dropout(res, out, run=None) -> str:
     return ("## Example-tied dropout\n\nMemorisation units are scaled by p_mem in test mode and dropped in drop "
             f"mode (dropout layers after: {', '.join(layers)})"
             + ("; BatchNorm statistics were re-estimated in test and drop mode (recalibrate_bn)" if recalibrated else "")
-            + f".\n\n![dropout]({name})\n\n"
+            + ".\n\n"
+            + figure("dropout", name, "accuracy per subset in each mode: train mode uses each example's own mask "
+                     "(training examples only), test mode scales the memorisation units by p_mem, drop mode zeroes "
+                     "them. The noisy bar falling from train to drop mode is memorisation removed; the test bars "
+                     "show what it costs.") + "\n\n"
             + table(["model"] + [LABELS.get(s, s) for s in subsets], rows, digits=1))
 
 

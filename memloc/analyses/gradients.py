@@ -43,7 +43,7 @@ from ..core.schemas import GRADIENT_PARTS
 from ..core.selection import layer_coords, prepare
 from ..core.units import NORM_TYPES, Layer
 from ..core.options import add_checkpoints, add_layers, layer_table, positive_int
-from ..core.figures import plt, COLORS, save_figure, table, short_names, coord_names, grid
+from ..core.figures import figure, plt, COLORS, save_figure, table, short_names, coord_names, grid
 from ..core.schemas import Schema, Var, layer_vars
 from ..core.registry import Analysis, Command
 from ..core.deprecation import renamed
@@ -252,7 +252,12 @@ def plot_gradients(res, out, run=None) -> str:
              float(np.nanmean(q["cosine"][later, i]))] for i in range(n)]
     return ("## Gradient accounting\n\nNorm of the gradient of the mean clean, noisy and total loss, per "
             "parameter, and the cosine between the clean and noisy gradients.\n\n"
-            f"![gradient norms]({norms})\n\n![cosine]({cos})\n\nMeans over epochs >= 2:\n\n"
+            + figure("gradient norms", norms, "one panel per layer: the gradient norm of the mean loss of the clean, the "
+                     "noisy and all examples over training (log scale). Once the noisy curve lies above the clean "
+                     "one, the wrongly labelled examples drive what the layer learns.") + "\n\n"
+            + figure("cosine", cos, "the cosine between the clean and the noisy gradient per layer (row) and epoch "
+                     "(column): blue (below 0) means the two pull the layer's weights in opposite directions.")
+            + "\n\nMeans over epochs >= 2:\n\n"
             + table(["layer", "clean norm", "noisy norm", "cosine"], rows))
 
 

@@ -33,7 +33,7 @@ from ..core.runtime import check_range, progress
 from ..core.selection import layer_coords, resolve
 from ..core.units import CONV_TYPES, Structure, trace
 from ..core.options import layer_table, positive_int
-from ..core.figures import plt, save_figure
+from ..core.figures import figure, plt, save_figure
 from ..core.schemas import Schema, Var, layer_vars
 from ..core.registry import Analysis, Command
 from ..core.store import stored
@@ -315,7 +315,10 @@ def plot_importance(res, out, run=None) -> str:
     name = save_figure(fig, out, "importance.png")
     text = (f"## Parameter importance ({res.config.get('method')})\n\nMean importance per parameter of each layer "
             "for each subset of training examples (Fisher: squared loss gradients, the EWC weight; MAS: absolute "
-            f"gradients of the squared output norm).\n\n![importance]({name})")
+            "gradients of the squared output norm).\n\n"
+            + figure("importance", name, "one group of bars per layer, one bar per subset of training examples "
+                     "(log scale): where the noisy bar stands far above the clean one, the layer's weights matter "
+                     "most to the memorised labels."))
     if "flip_overlap" in res:
         text += (f"\n\nOverlap (Jaccard) of the {res.sizes['zeroed']} units flip zeroed for noisy examples with as "
                  f"many top units by noisy importance: {float(res['flip_overlap']):.3f}.")

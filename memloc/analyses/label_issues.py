@@ -52,7 +52,7 @@ from .arrays import COMBINED, estimate_noise_rate, find_label_issues_in_arrays, 
 from .scores import SCORES, default_epoch_k, scores as compute_scores
 from ..core.run import load
 from ..core.options import check_writable, nonnegative_int, number, positive_int
-from ..core.figures import plt, save_figure, table
+from ..core.figures import figure, plt, save_figure, table
 from ..core.schemas import Schema, Var, EXAMPLE_VAR
 from ..core.registry import Analysis, Command
 from ..core.store import stored
@@ -237,15 +237,15 @@ def plot_issues(res, out, run=None) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     bins = np.linspace(np.nanmin(susp), np.nanmax(susp), 50)
     if known:
-        ax.hist([susp[~run.is_noisy], susp[run.is_noisy]], bins=bins, stacked=True, color=["tab:blue", "tab:red"],
-                label=["clean (truth)", "noisy (truth)"])
+        for rows, color, label in ((~run.is_noisy, "tab:blue", "clean (truth)"), (run.is_noisy, "tab:red", "noisy (truth)")):
+            ax.hist(susp[rows], bins=bins, histtype="step", lw=1.5, color=color, label=label)
     else:
         ax.hist(susp, bins=bins, color="tab:gray", label="all examples")
     cut = susp[flagged].min() if flagged.any() else np.nanmax(susp)
     ax.axvline(cut, color="k", ls="--", lw=1, label=f"flag threshold ({flagged.sum()} flagged)")
     ax.set(xlabel=f"suspicion ({res.config.get('by', '')})", ylabel="examples", yscale="log",
            title=f"label issues: estimated noise rate {rate:.1%}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     name = save_figure(fig, out, "issues.png")
     text = (f"## Label issues (no ground truth used)\n\nEstimated noise rate {rate:.2%} "
             f"({res.config.get('rate_method')}, epoch {res.config.get('checkpoint_k')}); the {flagged.sum()} most "
@@ -257,8 +257,35 @@ def plot_issues(res, out, run=None) -> str:
     top = np.argsort(res["rank"].values)[:10]
     rows = [[int(i), int(res["label_given"][i]), int(res["label_predicted"][i]), float(res["prob_given"][i]),
              float(susp[i])] for i in top]
-    return (text + f"\n\n![issues]({name})\n\nMost suspicious examples:\n\n"
-            + table(["example", "given", "predicted", "p(given)", "suspicion"], rows))
+    how = ("how many examples (log scale) have each suspicion, the clean and the noisy ones by the run's ground "
+           "truth as two outlines (not stacked)" if known else "how many examples (log scale) have each suspicion")
+    return (text + "\n\n" + figure("issues", name, how + "; the examples right of the dashed line are flagged.")
+            + "\n\nMost suspicious examples:\n\n"
+            + table(["example", "given", "predicted", "p(given)", "suspicion"], rows) + _thumbnails(res, run, top, out))
+
+
+def _thumbnails(res, run, ids, out) -> str:
+    """The most suspicious training images with their given and predicted labels (image runs whose data
+    can be rebuilt; nothing otherwise)."""
+    if run is None or run.is_lm or not len(ids):
+        return ""
+    try:
+        x = run.data("cpu").train.x[np.asarray(ids)]
+    except MemlocError:               # a run recorded without a data spec: no images to show
+        return ""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        return ""
+    fig, axes = plt.subplots(1, len(ids), figsize=(1.3 * len(ids), 1.7), squeeze=False)
+    for ax, i, img in zip(axes[0], ids, x):
+        img = (img - img.min()) / max(img.max() - img.min(), 1e-12)        # each image to [0, 1]
+        ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray")
+        ax.set_title(f"#{int(i)}\n{int(res['label_given'][i])} -> {int(res['label_predicted'][i])}", fontsize=8)
+        ax.axis("off")
+    name = save_figure(fig, out, "issues_examples.png")
+    return "\n\n" + figure("most suspicious examples", name, "the most suspicious training images, each titled with "
+                             "its id and 'given label -> label the early model predicts': look at them to judge "
+                             "whether the given label is wrong.")
 
 
 ANALYSIS = Analysis(

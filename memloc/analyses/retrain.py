@@ -43,7 +43,7 @@ from ..core.runtime import check_range, progress
 from ..core.selection import copy_layer, layer_coords, prepare
 from ..core.units import Layer
 from ..core.options import add_eval_batch_size, add_layers, add_precision, describe, layer_table, nonnegative_float, nonnegative_int, number, positive_float, positive_int
-from ..core.figures import COLORS, LABELS, save_figure, short_names, coord_names, grid, accuracy_rows
+from ..core.figures import figure, COLORS, LABELS, save_figure, short_names, coord_names, grid, accuracy_rows
 from ..core.schemas import Schema, Var, layer_vars, SUBSET_VAR
 from ..core.registry import Analysis, Command
 from ..core.deprecation import renamed
@@ -269,7 +269,11 @@ def plot_retrain(res, out, run=None) -> str:
     axes[0, 0].legend(fontsize=7)
     name = save_figure(fig, out, "retrain.png")
     return ("## Layer retraining\n\nOne layer at a time is reset to initialisation and retrained alone on the "
-            f"clean examples.\n\n![retrain]({name})\n\nAccuracy (%) after retraining:\n\n"
+            "clean examples.\n\n"
+            + figure("retrain", name, "one panel per layer, reset and retrained alone on the clean examples: if "
+                     "the red curve (wrong labels still fit) falls to 0 while the green one (test) holds, that layer "
+                     "held the memorised labels; a red curve that stays high means the other layers hold them.")
+            + "\n\nAccuracy (%) after retraining:\n\n"
             + accuracy_rows(layers, subsets, acc[:, -1], base, "(final model)"))
 
 

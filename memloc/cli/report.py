@@ -1,4 +1,4 @@
-"""``memloc report RUN``: figures and report.md for every result of a run (:func:`memloc.report`)."""
+"""``memloc report RUN``: figures, report.md and report.html for every result of a run (:func:`memloc.report`)."""
 from pathlib import Path
 
 from ..core.errors import MemlocError
@@ -19,11 +19,12 @@ def execute(args):
 
 
 def summary(md, args):
-    return f"report: {md}"
+    return f"report: {md}\n        {md.with_name('report.html')} (one page, figures embedded)"
 
 
 COMMAND = Command(
     name="report", order=160, help="figures and a summary page for every result of a run",
-    description="Figures (PNG) for every result file of a run and a report.md summary.",
+    description="Figures (PNG) for every result file of a run, a report.md summary and the same as one "
+                "self-contained report.html (figures embedded), each opening with the findings its results support.",
     arguments=arguments, execute=execute, summary=summary, device=False, overwrite=True,
     overwrite_help="replace an existing report in the output folder")

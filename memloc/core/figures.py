@@ -12,7 +12,7 @@ import numpy as np
 
 from .runtime import atomic_path
 
-__all__ = ["plt", "COLORS", "LABELS", "save_figure", "table", "short_names", "coord_names", "grid", "heatmaps",
+__all__ = ["plt", "COLORS", "LABELS", "save_figure", "figure", "table", "short_names", "coord_names", "grid", "heatmaps",
            "accuracy_rows", "mean_se_axis", "plus_minus"]
 
 
@@ -49,6 +49,12 @@ def save_figure(fig, out: Path, name: str) -> str:
     finally:
         plt.close(fig)
     return name
+
+
+def figure(alt: str, name: str, how_to_read: str) -> str:
+    """A report figure in Markdown: the image and, below it, one paragraph saying what it shows and how to
+    read it (``*How to read: ...*``; the HTML report makes it the figure's caption)."""
+    return f"![{alt}]({name})\n\n*How to read: {how_to_read}*"
 
 
 def table(header: list[str], rows: list[list], digits: int = 3) -> str:

@@ -212,7 +212,8 @@ def command(name: str) -> Command:
 
 
 def markdown() -> str:
-    """The README's description of every result file, generated from the declared schemas."""
+    """Every result file described (Markdown), generated from the declared schemas: the docs' results
+    reference (docs/reference/results.md, expanded by docs/hooks.py when the site is built)."""
     out = []
     for s in map(schema, analyses()):
         out.append(f"#### `results/{s.name}.h5`: {s.doc}\n")

@@ -2,8 +2,8 @@
 
 Each analysis declares its own :class:`Schema` next to its code (``ANALYSIS = Analysis(schema=...)``,
 :mod:`memloc.core.registry`); :class:`memloc.core.results.Result` checks datasets against it on
-creation and on load, and the README's "Results" section is generated from every declared schema
-(:func:`memloc.core.registry.markdown`; a test keeps them equal). The pieces several schemas share are here.
+creation and on load, and the docs' results reference is generated from every declared schema when
+the site is built (:func:`memloc.core.registry.markdown`, docs/hooks.py). The pieces several schemas share are here.
 """
 from __future__ import annotations
 

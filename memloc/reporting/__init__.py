@@ -1,8 +1,10 @@
-"""Figures (PNG) for every result of a run, and one ``report.md`` tying them together.
+"""Figures (PNG) for every result of a run, ``report.md`` tying them together, and the same as one
+self-contained ``report.html`` (figures embedded).
 
 ``memloc.report(run, out=None)`` (command: ``python -m memloc report RUN [--out DIR]``; default
 ``RUN/report``). Each analysis declares the function that draws its section from its result object
-(``plot=``, :mod:`memloc.core.registry`); results the run does not have are skipped.
+(``plot=``, :mod:`memloc.core.registry`); results the run does not have are skipped. The report opens
+with the findings its results support (:mod:`.summary`) and ends with the run's settings (those set).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from ..core.errors import MemlocError
 from ..core.figures import table
 from ..core.run import as_run
 from ..core.runtime import atomic_path, progress
+from .summary import findings
+from .html import to_html
 from .plots import plot_training
 
 __all__ = ["report", "plotters"]
@@ -26,7 +30,7 @@ def plotters() -> dict:
 
 
 def report(source, out=None, *, results: dict | None = None) -> Path:
-    """Write every available figure and ``report.md`` for a run; returns the Markdown path.
+    """Write every available figure, ``report.md`` and ``report.html`` for a run; returns the Markdown path.
 
     ``source``: a :class:`memloc.Run` or run path (a run of a custom model works: the report reads
     only the run's dynamics and its results). ``results``: result objects to draw instead of (or
@@ -40,17 +44,26 @@ def report(source, out=None, *, results: dict | None = None) -> Path:
     settings = dict(run.config) or {"model": run.info.get("model", {}).get("spec"), "data": run.info.get("data")}
     if not settings.get("etd_after"):   # dropout settings mean nothing without dropout layers
         settings = {k: v for k, v in settings.items() if k not in ("etd_after", "etd_kind", "p_gen", "p_mem")}
-    sections = [f"# memloc report: `{run.path.name}`\n\n"
-                + table(["setting", "value"], [[k, json.dumps(v)] for k, v in sorted(settings.items())]),
-                plot_training(run, out)]
+    settings = {k: v for k, v in settings.items() if not (v is None or v is False or v in ("", [], {}))}
     given = dict(results or {})
+    drawn, found = [plot_training(run, out)], {}
     for name, plot in progress(list(plotters().items()), desc="report", unit="figure"):
         res = given.get(name)
         if res is None and run.results_path(name).exists():
             res = run.result(name)
         if res is not None:
-            sections.append(plot(res, out, run))
+            found[name] = res
+            drawn.append(plot(res, out, run))
+    summary = findings(run, found)
+    sections = [f"# memloc report: `{run.path.name}`",
+                "## Findings\n\n" + "\n".join(f"- {line}" for line in summary),
+                *drawn,
+                "## Settings\n\nThe options of the run that are set:\n\n"
+                + table(["setting", "value"], [[k, json.dumps(v)] for k, v in sorted(settings.items())])]
+    text = "\n\n".join(sections) + "\n"
     md = out / "report.md"
     with atomic_path(md) as tmp:
-        tmp.write_text("\n\n".join(sections) + "\n")
+        tmp.write_text(text)
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(to_html(text, out, f"memloc report: {run.path.name}"))
     return md

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.figures import COLORS, LABELS, plt, save_figure, table
+from ..core.figures import COLORS, LABELS, figure, plt, save_figure, table
 from ..core.run import Run
 
 __all__ = ["plot_training"]
@@ -19,7 +19,9 @@ def plot_training(run: Run, out: Path) -> str:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key in ("clean", "noisy", "noisy_true", "test"):
         a.plot(epochs, 100 * m[f"{key}_accuracy"], color=COLORS[key], label=LABELS[key])
-    a.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy during training", ylim=(0, 101))
+    etd = bool(run.config.get("etd_after"))        # evaluated with the dropout layers in test mode
+    a.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 101),
+          title="accuracy during training" + (" (dropout in test mode)" if etd else ""))
     a.legend(fontsize=8)
     loss = run.dynamics("loss", "end")
     for key, rows in (("clean", ~run.is_noisy), ("noisy", run.is_noisy)):
@@ -32,5 +34,12 @@ def plot_training(run: Run, out: Path) -> str:
     rows = [[LABELS[k], 100 * last[f"{k}_accuracy"]] for k in ("clean", "noisy", "noisy_true", "test")]
     return ("## Training\n\n"
             f"{run.num_train} training examples, {int(run.is_noisy.sum())} with noisy labels; "
-            f"{run.final_epoch} epochs.\n\n![training]({name})\n\n"
+            f"{run.final_epoch} epochs"
+            + ("; accuracies are measured with the example-tied dropout in test mode (memorisation units "
+               "scaled by p_mem), which hides much of the memorisation: the Example-tied dropout section has "
+               "train and drop mode" if run.config.get("etd_after") else "") + ".\n\n"
+            + figure("training", name, "left, accuracy per epoch on the clean training examples, on the noisy ones "
+                     "by their given (wrong) label and by their true label, and on the test set: the noisy curve "
+                     "climbing to 100% late in training is memorisation. Right, the mean loss of clean and noisy "
+                     "examples (log scale): the noisy loss falling is the wrong labels being fit.") + "\n\n"
             + table(["final accuracy on", "%"], rows, digits=1))

@@ -52,7 +52,7 @@ from ...scale.parts import canonical_settings, saved_settings
 from ...core.run import load
 from ...core.runtime import partial_folder
 from ...core.options import add_eval_batch_size, add_precision, nonnegative_float, nonnegative_int, number, positive_int
-from ...core.figures import plt, COLORS, LABELS, save_figure, table, short_names, coord_names
+from ...core.figures import figure, plt, COLORS, LABELS, save_figure, table, short_names, coord_names
 from ...core.schemas import Schema, Var, SUBSET_VAR, EXAMPLE_VAR
 from ...core.registry import Analysis, Command
 
@@ -194,7 +194,10 @@ def plot_flip(res, out, run=None) -> str:
         if r.any():
             rows.append([key, int(r.sum()), float(np.median(count[r])), 100 * float(flipped[r].mean())])
     text = (f"## Unit zeroing (flip)\n\nGreedy gradient-guided zeroing of units (site `{cfg.get('site')}`, "
-            f"at most {cap} units) until the example's prediction changes.\n\n![flip]({name})\n\n"
+            f"at most {cap} units) until the example's prediction changes.\n\n"
+            + figure("flip", name, "left, how many units had to be zeroed before each searched example's "
+                     "prediction left its label, noisy and clean apart: noisy examples further left are stored in "
+                     "fewer units. Right, the layers the zeroed units lie in.") + "\n\n"
             + table(["examples", "searched", "median units", "% flipped"], rows, digits=1))
     if groups["clean"].any() and groups["noisy"].any():
         from sklearn.metrics import roc_auc_score

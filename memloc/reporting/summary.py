@@ -1,0 +1,131 @@
+"""The findings summary at the top of a report: where memorisation lives, how many labels look wrong,
+what fixing gave, each computed from the results the run has (a finding whose result is absent is
+left out)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..core.run import Run
+
+__all__ = ["findings"]
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def _training(run: Run) -> str | None:
+    m = run.metrics()
+    noisy = int(run.is_noisy.sum())
+    if not noisy:
+        return (f"**Training**: {run.num_train} examples with no known wrong label; test accuracy "
+                f"{_pct(float(m['test_accuracy'][-1]))} after {run.final_epoch} epochs.")
+    if run.config.get("etd_after"):      # evaluated with the dropout layers in test mode, which hides memorisation
+        return (f"**Training**: {noisy} of {run.num_train} training labels are wrong; with its example-tied dropout "
+                f"in test mode the model predicts {_pct(float(m['noisy_accuracy'][-1]))} of them, test accuracy "
+                f"{_pct(float(m['test_accuracy'][-1]))} after {run.final_epoch} epochs.")
+    return (f"**Training**: {noisy} of {run.num_train} training labels are wrong and the model fits "
+            f"{_pct(float(m['noisy_accuracy'][-1]))} of them (memorised); test accuracy "
+            f"{_pct(float(m['test_accuracy'][-1]))} after {run.final_epoch} epochs.")
+
+
+def _where(results: dict) -> list[str]:
+    out = []
+    rt = results.get("retrain")
+    if rt is not None and "noisy" in rt["subset"].values:
+        last = rt["accuracy"].isel(epoch=-1)
+        noisy, test = last.sel(subset="noisy").to_pandas(), last.sel(subset="test").to_pandas()
+        best = str(noisy.idxmin())
+        worst = str(noisy.idxmax())
+        out.append(f"**Where memorisation lives (retraining)**: retraining `{best}` alone on the clean examples "
+                   f"leaves {_pct(noisy[best])} of the wrong labels fit (test {_pct(test[best])}; the model itself: "
+                   f"{_pct(float(rt['baseline'].sel(subset='noisy')))} and {_pct(float(rt['baseline'].sel(subset='test')))}); "
+                   f"retraining `{worst}` leaves {_pct(noisy[worst])}.")
+    rw = results.get("rewind")
+    if rw is not None and "noisy" in rw["subset"].values:
+        first = rw["accuracy"].isel(checkpoint=int(np.argmin(rw["checkpoint"].values)))
+        noisy = first.sel(subset="noisy").to_pandas()
+        best = str(noisy.idxmin())
+        out.append(f"**Rewinding**: putting `{best}` back to epoch {int(rw['checkpoint'].min())} drops the wrong labels "
+                   f"fit to {_pct(noisy[best])} (clean {_pct(float(first.sel(subset='clean', layer=best)))}).")
+    fl = results.get("flip")
+    if fl is not None:
+        searched = fl["status"].values == 0
+        noisy = fl["is_noisy"].values.astype(bool)
+        count = fl["neuron_count"].values
+        if (searched & noisy).any() and (searched & ~noisy).any():
+            hist = fl["layer_hist"].values[searched & noisy].sum(axis=(0, 1)).astype(float)
+            layers = [str(n) for n in fl["layer"].values]
+            spread = ", ".join(f"`{layers[i]}` {100 * hist[i] / hist.sum():.0f}%" for i in np.argsort(-hist)[:3]
+                               if hist.sum() and hist[i]) or "none zeroed"
+            out.append(f"**Units (flip)**: a wrongly labelled example's prediction flips after a median of "
+                       f"{np.median(count[searched & noisy]):.0f} zeroed units, a clean one's after "
+                       f"{np.median(count[searched & ~noisy]):.0f}; the units zeroed for wrong labels lie in {spread}.")
+    etd = results.get("dropout")
+    if etd is not None and {"test", "drop"} <= set(etd["mode"].values) and "noisy" in etd["subset"].values:
+        acc = etd["accuracy"]
+        fit = (f"each example's own mask (train mode) fits {_pct(float(acc.sel(mode='train', subset='noisy')))} "
+               "of the wrong labels; " if "train" in etd["mode"].values else "")
+        out.append(f"**Example-tied dropout**: {fit}dropping the memorisation units leaves "
+                   f"{_pct(float(acc.sel(mode='drop', subset='noisy')))} of the wrong labels predicted (test mode: "
+                   f"{_pct(float(acc.sel(mode='test', subset='noisy')))}) at test accuracy "
+                   f"{_pct(float(acc.sel(mode='drop', subset='test')))} (test mode: "
+                   f"{_pct(float(acc.sel(mode='test', subset='test')))}).")
+    return out
+
+
+def _wrong_labels(run: Run, results: dict) -> list[str]:
+    out = []
+    iss = results.get("issues")
+    if iss is not None:
+        flagged = iss["flagged"].values.astype(bool)
+        text = (f"**Labels that look wrong (no ground truth used)**: the estimated noise rate is "
+                f"{_pct(float(iss['rate_estimate']))}, so the {int(flagged.sum())} most suspicious of {len(flagged)} "
+                f"examples are flagged")
+        if run.is_noisy.any() and len(run.is_noisy) == len(flagged):
+            hit = int((flagged & run.is_noisy).sum())
+            text += (f"; against the known wrong labels: precision {hit / max(int(flagged.sum()), 1):.2f}, "
+                     f"recall {hit / int(run.is_noisy.sum()):.2f}")
+        out.append(text + ".")
+    dt = results.get("detect")
+    if dt is not None:
+        auroc = dt["values"].sel(metric="auroc").to_pandas().dropna()
+        if len(auroc):
+            out.append(f"**Detection**: the best score is `{auroc.idxmax()}` (AUROC {auroc.max():.3f}), the weakest "
+                       f"`{auroc.idxmin()}` ({auroc.min():.3f}).")
+    return out
+
+
+def _fixing(results: dict) -> list[str]:
+    out = []
+    cl = results.get("clean")
+    if cl is not None:
+        acc = cl["test_accuracy"].mean("seed").to_pandas()
+        seeds = cl.sizes["seed"]
+        verb = "relabelling" if cl.config.get("relabel") else "dropping"
+        parts = [f"{verb} memloc's {int(cl['flagged'].sel(flags='memloc'))} flagged examples and retraining gives "
+                 f"test accuracy {_pct(acc['memloc'])} (all data: {_pct(acc['all'])})"]
+        if "cleanlab" in acc.index:
+            parts.append(f"cleanlab's flags {_pct(acc['cleanlab'])}")
+        out.append("**Fixing (clean)**: " + "; ".join(parts) + f", mean of {seeds} seed(s).")
+    un = results.get("unlearn")
+    if un is not None:
+        acc = un["accuracy"].mean("seed")
+        forget, test = acc.sel(group="forget_given").to_pandas(), acc.sel(group="test").to_pandas()
+        base_test = float(un["baseline"].sel(group="test"))
+        fair = forget[test >= base_test - 0.01]
+        if len(fair):
+            best = str(fair.idxmin())
+            out.append(f"**Unlearning**: `{best}` leaves {_pct(forget[best])} of the forget set's given labels "
+                       f"(trained model: {_pct(float(un['baseline'].sel(group='forget_given')))}) at test accuracy "
+                       f"{_pct(test[best])} (trained: {_pct(base_test)}), the best of the methods within one test point.")
+    return out
+
+
+def findings(run: Run, results: dict) -> list[str]:
+    """One Markdown sentence per finding the results support, in reading order."""
+    out = [_training(run)]
+    out += _where(results)
+    out += _wrong_labels(run, results)
+    out += _fixing(results)
+    return [s for s in out if s]
