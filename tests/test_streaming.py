@@ -184,8 +184,12 @@ def test_bad_settings_name_the_argument(monkeypatch):
         with pytest.raises(memloc.MemlocError, match=match):
             call()
     assert {k: v for k, v in os.environ.items() if k.startswith("MEMLOC_")} == before   # nothing was set
-    monkeypatch.setenv("MEMLOC_WORKERS", "-3")
-    with pytest.raises(memloc.MemlocError, match="^workers must be"):
+    monkeypatch.setenv("MEMLOC_WORKERS", "-3")        # the environment's values are named as the variables
+    with pytest.raises(memloc.MemlocError, match="^MEMLOC_WORKERS must be an integer >= 0, got '-3'"):
+        stream_settings()
+    monkeypatch.setenv("MEMLOC_WORKERS", "1")
+    monkeypatch.setenv("MEMLOC_STREAM", "sometimes")
+    with pytest.raises(memloc.MemlocError, match="^environment variable MEMLOC_STREAM must be one of auto, on, off"):
         stream_settings()
 
 

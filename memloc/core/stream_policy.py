@@ -9,7 +9,7 @@ import os
 import torch
 
 from .errors import MemlocError
-from .runtime import check_range
+from .runtime import describe_range, in_range
 
 __all__ = ["STREAM_MODES", "FRACTION", "stream_settings", "set_streaming", "streaming", "stream_mode",
            "should_stream"]
@@ -24,19 +24,25 @@ def stream_mode(stream=None) -> str:
     """``stream`` (auto | on | off; None: the process-wide setting) checked."""
     mode = os.environ.get(_ENV["mode"], "auto") if stream is None else stream
     if mode not in STREAM_MODES:
+        if stream is None:      # the environment's, not an argument: name the variable
+            raise MemlocError(f"environment variable {_ENV['mode']} must be one of {', '.join(STREAM_MODES)}, "
+                              f"got {mode!r}")
         raise MemlocError(f"stream must be one of {', '.join(STREAM_MODES)}, got {mode!r}", argument="stream")
     return mode
 
 
 def _whole(name: str, value) -> int:
-    """``value`` (a number, or its text from the environment) as an integer >= 0 (:func:`check_range`)."""
+    """``value`` (a number, or its text from the environment) as an integer >= 0 (as :func:`check_range` says it;
+    ``name``: the argument, or the environment variable the text came from)."""
+    number = value
     if isinstance(value, str):
         try:
-            value = float(value)
+            number = float(value)
         except ValueError:
             pass                # refused below, with the text as given
-    check_range(name, value, low=0, integer=True)
-    return int(value)
+    if not in_range(number, low=0, integer=True):
+        raise MemlocError(f"{name} must be {describe_range(low=0, integer=True)}, got {value!r}", argument=name)
+    return int(number)
 
 
 def _check_workers(workers) -> int:
@@ -52,8 +58,8 @@ def stream_settings() -> dict:
     workers = os.environ.get(_ENV["workers"])
     limit = os.environ.get(_ENV["limit"])
     return {"mode": stream_mode(),
-            "workers": min(4, os.cpu_count() or 1) if workers is None else _check_workers(workers),
-            "limit": None if limit is None else _check_limit(limit)}
+            "workers": min(4, os.cpu_count() or 1) if workers is None else _whole(_ENV["workers"], workers),
+            "limit": None if limit is None else _whole(_ENV["limit"], limit)}
 
 
 def set_streaming(mode: str | None = None, *, workers: int | None = None, limit: int | None = None) -> dict:
