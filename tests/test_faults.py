@@ -67,7 +67,7 @@ def run_copy(tiny_run, tmp_path):
 
 # ----------------------------------------------------------------------------- 1. readers and writers
 @pytest.mark.slow
-def test_readers_never_disturb_training_and_two_writers_are_refused(tmp_path):
+def test_readers_never_disturb_training_and_two_writers_are_refused(tmp_path, capsys):
     run = tmp_path / "watched"
     writer = _memloc("train", run, *TRAIN_ARGS, "--epochs", "25")
     reads, second = 0, None
@@ -79,18 +79,18 @@ def test_readers_never_disturb_training_and_two_writers_are_refused(tmp_path):
                 assert loss.shape[0] <= len(acc) and np.isfinite(loss).all() and np.isfinite(acc).all()
                 assert r.epochs[-1] >= loss.shape[0] - 1    # every epoch it shows is checkpointed
                 reads += 1
-                if second is None and loss.shape[0] >= 3:   # a second writer while the first one runs
-                    second = _memloc("train", run, *TRAIN_ARGS, "--epochs", "25", "--resume")
-                    second.wait(timeout=120)
+                if second is None and loss.shape[0] >= 3 and writer.poll() is None:
+                    # a second writer while the first one runs (in this process: no start-up during which
+                    # the first could finish)
+                    second = _one_line_error(capsys, "train", [str(run), *TRAIN_ARGS, "--epochs", "25", "--resume"],
+                                             "being written by another process")
             time.sleep(0.01)
         out, err = writer.communicate()
     finally:
         writer.kill()
     assert writer.returncode == 0, err
     assert reads > 10 and memloc.load(run).final_epoch == 25
-    assert second is not None and second.returncode == 2
-    err2 = second.stderr.read()
-    assert "being written by another process" in err2 and "Traceback" not in err2
+    assert second is not None
 
 
 # ----------------------------------------------------------------------------- 2. kills at chosen instants
