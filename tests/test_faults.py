@@ -558,9 +558,28 @@ def test_a_damaged_child_run_is_named_with_what_to_do(tmp_path):
     (lambda run: memloc.unlearn(run, lam={"unknown": 1}), "lam has no method 'unknown'; its keys: ewc, mas, lwf"),
     (lambda run: memloc.scores(run, methods=5), "unknown score '5'"),
     (lambda run: memloc.clean(run, seeds="x"), "seeds must be whole numbers, got 'x'"),
+    (lambda run: memloc.prune(run, keep=None), "give at least one keep fraction"),
+    (lambda run: memloc.unlearn(run, lam="abc"), "lam must be a finite number >= 0, got 'abc'"),
 ])
 def test_library_arguments_of_the_wrong_type_are_named(call, match, tiny_run):
     """A wrong type or an unknown key at the library's front door: one MemlocError naming the argument,
     before any work (no ValueError from float(), no TypeError from iterating a number, no key ignored)."""
     with pytest.raises(memloc.MemlocError, match=re.escape(match)):
         call(tiny_run.path)
+
+
+def test_names_given_as_one_value_or_many_are_read_as_written():
+    """split_list: a numpy string is one name (not its characters), arrays and ranges are iterated, a
+    number or a 0-d array or tensor is one item written as its value."""
+    from memloc.core.runtime import split_list
+    assert split_list(np.str_("10")) == ["10"] and split_list(np.array(["a", "b"])) == ["a", "b"]
+    assert split_list(np.int64(3)) == ["3"] and split_list(torch.tensor(2)) == ["2"] and split_list(5) == ["5"]
+    assert split_list(torch.tensor([1, 2])) == ["1", "2"] and split_list(range(2)) == ["0", "1"]
+    assert split_list("a, b") == ["a", "b"] and split_list(["a", "b,c"]) == ["a", "b", "c"] and split_list(None) is None
+
+
+def test_errors_cross_processes_as_their_own_class():
+    import pickle
+    from memloc.core.sequences import NotClassifierData
+    e = pickle.loads(pickle.dumps(NotClassifierData("no 'train'", argument="source")))
+    assert isinstance(e, NotClassifierData) and isinstance(e, AttributeError) and str(e) == "no 'train'"

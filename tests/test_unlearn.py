@@ -60,12 +60,23 @@ def test_importance_of_linear_models_by_outer_products_equals_the_loop(method):
     for k in slow:
         assert torch.allclose(fast[k], slow[k], rtol=1e-10, atol=1e-14), k
     shared = nn.Linear(6, 6).double()
-    reused = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(6, 3)).double()
-    params = {k: p.detach() for k, p in reused.named_parameters()}
-    assert imp_mod._linear_importance(reused, params, x, y, method, 4) is None      # reused: torch.func
-    fast, slow = param_importance(reused, x, y, method=method, batch_size=4), _loop(reused, x, y, method)
-    for k in slow:
-        assert torch.allclose(fast[k], slow[k], rtol=1e-10, atol=1e-14), k
+    tied = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6, bias=False), nn.ReLU(), nn.Linear(6, 3)).double()
+    tied[2].weight = tied[0].weight
+
+    class Scaled(nn.Linear):            # a subclass with its own forward: not the outer-product rule
+        def forward(self, a):
+            return 2 * super().forward(a)
+
+    others = {"reused": nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(6, 3)).double(),
+              "tied": tied,
+              "in place": nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double(),
+              "subclass": nn.Sequential(Scaled(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()}
+    for what, model in others.items():       # each takes torch.func's path
+        params = {k: p.detach() for k, p in model.named_parameters()}
+        assert imp_mod._linear_importance(model, params, x, y, method, 4) is None, what
+        fast, slow = param_importance(model, x, y, method=method, batch_size=4), _loop(model, x, y, method)
+        for k in slow:
+            assert torch.allclose(fast[k], slow[k], rtol=1e-10, atol=1e-14), (what, k)
 
 
 def test_layer_and_unit_aggregation():

@@ -103,7 +103,7 @@ def prune(source, *, methods=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.
     also = [as_run(r) for r in (also or [])]
     base = parent_config(run)
     names = check_choices("methods", methods, [n for n in SCORES if n != "neuron_count"], "pruning score")
-    keeps = [_fraction(k) for k in (keep if isinstance(keep, (list, tuple)) else split_list(keep))]
+    keeps = [_fraction(k) for k in (keep if isinstance(keep, (list, tuple)) else split_list(keep) or [])]
     for k in keeps:
         check_range("keep", k, low=0, high=1, low_open=True)
     seeds = check_seeds(seeds)

@@ -199,6 +199,7 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
             raise MemlocError(f"lam has no method {unknown[0]!r}; its keys: {', '.join(lams)}", argument="lam")
         lams.update(lam)
     elif lam is not None:
+        check_range("lam", lam, low=0)
         lams = {k: float(lam) for k in lams}
     for k, v in lams.items():
         check_range("lam", v, low=0)

@@ -81,7 +81,8 @@ def _vmap_importance(model, params, x, y, method, batch_size) -> dict[str, torch
     ``torch.func`` (any model; the per-example gradients of a batch are held at once). It runs on a
     copy: torch.func.functional_call leaves a layer used twice (tied weights) detached from its parameters."""
     import copy
-    model = copy.deepcopy(model)
+    if _shares_parameters(model):
+        model = copy.deepcopy(model)
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     per_example = vmap(grad(_example_loss(method)), in_dims=(None, None, None, 0, 0))
     total = {k: torch.zeros_like(p) for k, p in params.items()}
@@ -92,21 +93,28 @@ def _vmap_importance(model, params, x, y, method, batch_size) -> dict[str, torch
     return total
 
 
+def _shares_parameters(model) -> bool:
+    """Is one parameter reachable under two names (a layer used twice, or tied weights)?"""
+    return len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.named_parameters()))
+
+
 def _linear_importance(model, params, x, y, method, batch_size) -> dict[str, torch.Tensor] | None:
     """The sums of :func:`_vmap_importance` without per-example gradients, for models whose trainable
     parameters all belong to ``nn.Linear`` layers applied once to (B, in) rows: example i's gradient of
     a weight is the outer product g_i a_i^T of its output gradient and input, so its square (absolute
     value) summed over i is (g^2)^T (a^2) (|g|^T |a|), and its bias's g_i^2 (|g_i|) summed. None where
-    that does not hold (another layer holds a parameter, a layer is reused or sees (B, T, in) inputs)."""
+    that does not hold: another layer (a subclass of Linear included) holds a parameter, a parameter is
+    shared, a layer is reused, sees other rows than the batch's examples (B*T, in) or its output is
+    changed in place afterwards (``ReLU(inplace=True)``)."""
     owners = {(f"{name}." if name else "") + pname: (name, mod) for name, mod in model.named_modules()
               for pname, _ in mod.named_parameters(recurse=False)}
-    if not params or not all(isinstance(owners[k][1], nn.Linear) for k in params):
+    if not params or _shares_parameters(model) or not all(type(owners[k][1]) is nn.Linear for k in params):
         return None
     layers = {owners[k][0]: owners[k][1] for k in params}
     seen: dict[str, list] = {name: [] for name in layers}
 
     def keep(name):
-        return lambda mod, inputs, out: seen[name].append((inputs[0].detach(), out))
+        return lambda mod, inputs, out: seen[name].append((inputs[0].detach(), out, out._version))
 
     total = {k: torch.zeros_like(p) for k, p in params.items()}
     square = (lambda t: t.pow(2)) if method == "fisher" else torch.abs
@@ -117,7 +125,9 @@ def _linear_importance(model, params, x, y, method, batch_size) -> dict[str, tor
                 v.clear()
             with torch.enable_grad():
                 out = model(x[s:s + batch_size])
-                if any(len(v) != 1 or v[0][0].ndim != 2 for v in seen.values()):
+                rows = len(y[s:s + batch_size])
+                if any(len(v) != 1 or v[0][0].ndim != 2 or v[0][0].shape[0] != rows or v[0][1].shape[0] != rows
+                       or v[0][1]._version != v[0][2] for v in seen.values()):
                     return None
                 loss = F.cross_entropy(out, y[s:s + batch_size], reduction="sum") if method == "fisher" \
                     else out.pow(2).sum()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 
 
@@ -76,8 +77,13 @@ def _join_processes(cmd: Command, args) -> int:
     from ..scale.distributed import init_from_env, requested_world
     if requested_world() == 1:
         return 0
-    if not cmd.sharded and os.environ.get("RANK", "0") != "0":
-        raise SystemExit(2)         # rank 0 says why, once (every rank would print the same refusal)
+    if not cmd.sharded:             # refused before anything else, rank 0 saying why, once
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            if os.environ.get("RANK", "0") != "0":
+                time.sleep(2)       # torchrun stops the others at the first exit: let rank 0 print first
+                raise SystemExit(2)
+            return init_from_env("cpu", command=f"memloc {cmd.name}", sharded=False)[0]     # raises
     from ..core.runtime import resolve_device
     device = resolve_device(getattr(args, "device", "cpu") or "cpu")
     return init_from_env(device, command=f"memloc {cmd.name}", sharded=cmd.sharded)[0]

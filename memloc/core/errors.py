@@ -33,8 +33,8 @@ class MemlocError(ValueError):
         return message
 
     def __reduce__(self):       # pickles whole (errors cross process groups, :mod:`memloc.scale`)
-        return _rebuild, (self.template, self.argument, self.options)
+        return _rebuild, (self.template, self.argument, self.options, type(self))
 
 
-def _rebuild(template, argument, options):
-    return MemlocError(template, argument=argument, options=options)
+def _rebuild(template, argument, options, cls=None):
+    return (cls or MemlocError)(template, argument=argument, options=options)

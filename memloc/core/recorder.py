@@ -306,7 +306,13 @@ class Recorder(RunWriter):
 
 
 def _integers(name: str, values, device=None) -> torch.Tensor:
-    t = torch.as_tensor(values, device=device)
+    try:
+        t = torch.as_tensor(values, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise MemlocError(f"record_batch: {name} must be a tensor or array of integers, "
+                          f"got {type(values).__name__}") from None
+    if t.numel() == 0:
+        return t.long()                 # an empty batch ([] is typed as float)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise MemlocError(f"record_batch: {name} must hold integers, got dtype {t.dtype}")
     return t.long()

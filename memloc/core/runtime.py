@@ -69,7 +69,13 @@ def split_list(value) -> list[str] | None:
     single non-string value is one item, so its caller names it as unknown)."""
     if value is None:
         return None
-    items = list(value) if isinstance(value, (list, tuple, set, frozenset)) or hasattr(value, "__array__") else [value]
+    if isinstance(value, str):          # numpy's str_ too (it also has __array__)
+        items = [value]
+    elif isinstance(value, (list, tuple, set, frozenset, range)) or getattr(value, "ndim", 0) > 0:
+        items = list(value)             # a list, or an array / tensor of names or numbers
+    else:
+        items = [value]
+    items = [item.item() if hasattr(item, "item") and getattr(item, "ndim", 1) == 0 else item for item in items]
     return [s.strip() for item in items for s in str(item).split(",") if s.strip()]
 
 
