@@ -45,17 +45,17 @@ def memorising():
 
 def test_del_reports_what_zeroing_really_does(memorising):
     model, data = memorising
-    res = memloc.del_benchmark(model, data, fractions=[0.03, 0.1], methods="zero_out,grad_x_act,random",
+    res = memloc.del_benchmark(model, data, fractions=[0.03, 0.1], methods="zero_out,grad_x_act,greedy,random",
                                device="cpu")
-    assert res["memorised"].dims == ("method", "fraction", "target") and res["memorised"].shape == (3, 2, 4)
-    assert res["method"].values.tolist() == ["zero_out", "grad_x_act", "random"]
+    assert res["memorised"].dims == ("method", "fraction", "target") and res["memorised"].shape == (4, 2, 4)
+    assert res["method"].values.tolist() == ["zero_out", "grad_x_act", "greedy", "random"]
     assert res["zeroed"].values.tolist() == [1, 3] and res["target"].values.tolist() == [0, 1, 2, 3]
     assert (res["seconds"].values >= 0).all() and res["accuracy_before"].values.tolist() == [1.0] * 4
-    scores = memloc.neuron_scores(model, data.tokens[:4], 5, 5, methods="zero_out,grad_x_act,random",
-                                  reference=data.tokens[4:], seed=0)["scores"]
+    scores = memloc.neuron_scores(model, data.tokens[:4], 5, 5, methods="zero_out,grad_x_act,greedy,random",
+                                  reference=data.tokens[4:], seed=0)["scores"]   # the 4 clean rows = the reference
     layers = mlp_layers(model)
     others_rows = np.arange(4)
-    for a, method in enumerate(["zero_out", "grad_x_act", "random"]):
+    for a, method in enumerate(["zero_out", "grad_x_act", "greedy", "random"]):
         for b, k in enumerate([1, 3]):
             for i in range(4):
                 masks = torch.ones(2, 32)             # independent: zero the top-k of each layer by hand
@@ -74,7 +74,7 @@ def test_del_reports_what_zeroing_really_does(memorising):
                 assert res["test_accuracy"].values[a, b, i] == pytest.approx(test["suffix_accuracy"].mean())
     # the localised neurons break targets where random ones do not
     broken = 1 - res["memorised"].values.mean(2)
-    assert broken[0, 1] > broken[2, 1] and broken[0, 1] >= 0.5
+    assert broken[0, 1] > broken[3, 1] and broken[0, 1] >= 0.5 and broken[2, 1] >= 0.5
     base = sequence_measures(model, data.test_tokens, 5, 5)
     assert float(res["test_loss_before"]) == pytest.approx(base["suffix_loss"].mean(), rel=1e-5)
 
@@ -97,6 +97,19 @@ def test_del_errors(memorising):
         with pytest.raises(MemlocError, match=match) as e:
             memloc.del_benchmark(model, data, device="cpu", **{"methods": "random", **kwargs})
         assert "\n" not in str(e.value)
-    with pytest.raises(MemlocError, match="reproduces none of its memorisation targets.*train longer") as e:
+    with pytest.raises(MemlocError, match="reproduces none of its memorisation targets.*train it longer") as e:
         memloc.del_benchmark(tiny_gpt(5), data, methods="random", device="cpu")
     assert "\n" not in str(e.value)
+
+
+def test_del_on_a_trained_run_saves_its_result(tmp_path):
+    cfg = {"dataset": "tinymem:increment", "model": "gpt", "n_layer": 2, "d_model": 32, "n_head": 2, "n_train": 64,
+           "n_test": 8, "seq_len": 12, "epochs": 80, "batch_size": 16, "lr": 3e-3, "noise": 0.2}
+    run = memloc.train(tmp_path / "lm", cfg, device="cpu")
+    res = memloc.del_benchmark(run, fractions="0.01,0.05", methods="grad_x_act,random", examples="memorised:3",
+                               device="cpu", save=True)
+    assert res.sizes == {"method": 2, "fraction": 2, "target": 3} and res["zeroed"].values.tolist() == [1, 6]
+    assert run.is_noisy[res["target"].values].all() and len(res.config["memorised"]) >= 3
+    back = run.result("del")
+    np.testing.assert_array_equal(back["kept"].values, res["kept"].values)
+    assert float(back["test_accuracy_before"]) == float(res["test_accuracy_before"])
