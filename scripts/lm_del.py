@@ -1,9 +1,9 @@
 """DEL, MemPi's natural-memorisation benchmark of neuron localisation, on the TinyGPT TinyMem run (issue 24).
 
-    python scripts/lm_del.py       # trains (or reuses) runs/lm_benchmark/gpt_del, writes artifacts/lm_del.md
+    python scripts/lm_del.py   # trains (or reuses) runs/lm_benchmark/{gpt,hf_gpt2}_del, writes artifacts/lm_del.md
 
-The run is scripts/lm_benchmark.py's TinyGPT run trained for 60 epochs instead of 10 (at 10 it has
-memorised 1 of its 51 noisy sequences). Its targets are the noisy
+The runs are scripts/lm_benchmark.py's TinyGPT and GPT-2-config runs trained for 60 epochs instead of 10 (at 10
+the TinyGPT has memorised 1 of its 51 noisy sequences). Its targets are the noisy
 TinyMem sequences it memorised by itself (greedy decoding reproduces their suffix); every localisation
 method scores the MLP neurons for each (memloc.del_benchmark), the top fraction of every layer's neurons
 is zeroed, and the table reports, per method and fraction: the share of targets no longer reproduced,
@@ -23,13 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _markdown import finish, machine  # noqa: E402
-from lm_benchmark import RUN  # noqa: E402
+from lm_benchmark import MODELS, RUN  # noqa: E402
 
 import memloc  # noqa: E402
 from memloc.analyses.localise import METHODS, neuron_scores  # noqa: E402
 
-#: scripts/lm_benchmark.py's TinyGPT run trained longer: at its 10 epochs it reproduces 1 of its 51 noisy sequences
-DEL_RUN = {**RUN, "model": "gpt", "epochs": 60}
+#: scripts/lm_benchmark.py's runs trained longer: at its 10 epochs it reproduces 1 of its 51 noisy sequences
+DEL_RUN = {**RUN, "epochs": 60}
 #: the benchmark's settings (memloc.del_benchmark): MemPi's 0.1 / 0.5 / 1% and two larger shares (on 256
 #: neurons a layer 0.1% and 0.5% both round up to one neuron)
 DEL = dict(fractions=(0.001, 0.005, 0.01, 0.02, 0.05), examples="memorised:16", seed=0)
@@ -44,7 +44,7 @@ MEMPI = ("its abstract: the two benchmarks (INJ and DEL) rank the five methods c
          "the target's accuracy by 57.8% but also the accuracy on other (negative) sequences by 6.4%")
 
 DIFFERENCES = [
-    "- Model and data: a 2-layer TinyGPT (256 MLP neurons a layer) trained for seconds on TinyMem's arithmetic "
+    "- Models and data: a 2-layer TinyGPT and GPT-2 config (256 MLP neurons a layer) trained for under a minute on TinyMem's arithmetic "
     "sequences, whose targets are its noisy sequences memorised within the run (MemPi: memorised pretraining "
     "sequences of GPT-2 / Pythia found by extraction).",
     "- Measures: exact greedy reproduction of the 6-token suffix and its token accuracy, on the target and on the "
@@ -57,13 +57,13 @@ DIFFERENCES = [
 ]
 
 
-def ensure_run(path: Path, device: str):
+def ensure_run(path: Path, model: str, device: str):
     if (path / "run.json").is_file():
         run = memloc.load(path)
-        if run.epochs and run.epochs[-1] == DEL_RUN["epochs"]:
+        if run.config.get("model") == model and run.epochs and run.epochs[-1] == DEL_RUN["epochs"]:
             return run, None
     start = time.perf_counter()
-    run = memloc.train(path, DEL_RUN, device=device, resume=(path / "run.json").is_file())
+    run = memloc.train(path, {**DEL_RUN, "model": model}, device=device, resume=(path / "run.json").is_file())
     return run, time.perf_counter() - start
 
 
@@ -97,42 +97,53 @@ def ranking(res) -> list[str]:
     return lines
 
 
+def section(name: str, device: str, runs_dir: Path) -> tuple[list[str], list[str]]:
+    """(the model's table with its heading, its ranking lines) for run ``name`` (a lm_benchmark model)."""
+    run, trained = ensure_run(runs_dir / f"{name.replace(':', '_')}_del", name, device)
+    model = run.model(device=device)
+    warm = torch.randint(0, 10, (1, 18))         # imports (captum) and first calls are not charged to any method
+    neuron_scores(model, warm, 12, 6, options={"slimming": {"max_steps": 10}, "hard_concrete": {"max_steps": 10}})
+    res = memloc.del_benchmark(run, methods=METHODS, device=device, **DEL)
+    data = run.data()
+    n_mem = len(res.config["memorised"])
+    head = [f"### {MODELS[name]} (`{name}`): {res.config['n_layers']} MLP layers x {res.config['d_mlp']} neurons", "",
+            (f"Training took {trained:.0f} s. " if trained is not None else "")
+            + f"The run reproduces {n_mem} of its {int(data.is_memorised_target.sum())} noisy (memorisation-target) "
+            f"sequences exactly; the first {res.sizes['target']} are the targets, the other {n_mem - 1} memorised "
+            f"ones measure specificity for each. Held-out: {len(data.test_tokens)} test sequences, suffix loss "
+            f"{float(res['test_loss_before']):.3f}, token accuracy {float(res['test_accuracy_before']):.1%} before "
+            "zeroing.", "", *table(res), ""]
+    return head, [f"{MODELS[name]}:", "", *ranking(res), ""]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs-dir", default="runs/lm_benchmark", help="where the run is written (and reused)")
+    p.add_argument("--runs-dir", default="runs/lm_benchmark", help="where the runs are written (and reused)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--markdown", default="artifacts/lm_del.md", help="write the table here")
+    p.add_argument("--markdown", default="artifacts/lm_del.md", help="write the tables here")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
     command = "python scripts/lm_del.py" + ("" if argv is None and len(sys.argv) == 1 else
                                            " " + " ".join(sys.argv[1:] if argv is None else argv))
-    run, trained = ensure_run(Path(args.runs_dir) / "gpt_del", args.device)
-    model = run.model(device=args.device)
-    warm = torch.randint(0, 10, (1, 18))         # imports (captum) and first calls are not charged to any method
-    neuron_scores(model, warm, 12, 6, options={"slimming": {"max_steps": 10}, "hard_concrete": {"max_steps": 10}})
-    res = memloc.del_benchmark(run, methods=METHODS, device=args.device, **DEL)
-    data = run.data()
-    n_mem = len(res.config["memorised"])
+    tables, rankings = [], []
+    for name in args.models.split(","):
+        table_lines, ranking_lines = section(name, args.device, Path(args.runs_dir))
+        tables += table_lines
+        rankings += ranking_lines
     lines = [f"`{command}`", "", "# Neuron localisation in language models: DEL (natural memorisation)", "",
              f"memloc {memloc.__version__}; {machine(args.device)}.", "",
-             "Settings: run (scripts/lm_benchmark.py's TinyGPT, 60 epochs instead of 10) "
+             "Settings: runs (scripts/lm_benchmark.py's, 60 epochs instead of 10) "
              + ", ".join(f"{k}={v}" for k, v in DEL_RUN.items())
              + "; DEL " + ", ".join(f"{k}={v}" for k, v in DEL.items()) + "; every method at memloc's defaults.", "",
-             (f"Training took {trained:.0f} s. " if trained is not None else "")
-             + f"The run reproduces {n_mem} of its {int(data.is_memorised_target.sum())} noisy (memorisation-target) "
-             f"sequences exactly; the first {res.sizes['target']} are the targets, the other {n_mem - 1} memorised "
-             f"ones measure specificity for each. Held-out: {len(data.test_tokens)} test sequences, suffix loss "
-             f"{float(res['test_loss_before']):.3f}, token accuracy {float(res['test_accuracy_before']):.1%} before "
-             "zeroing.", "",
              "Per target, each method's top neurons of every layer are zeroed (only that target's); columns are "
              "means over the targets: the share no longer reproduced exactly, the drop of its suffix token "
              "accuracy, the share of the other memorised sequences still reproduced, and the held-out changes. "
-             "Numbers are exact for these seeds; seconds are wall-clock on a shared machine.", "", *table(res), "",
+             "Numbers are exact for these seeds; seconds are wall-clock on a shared machine.", "", *tables,
              "## Beside MemPi", "", f"MemPi (Chang et al., NAACL 2024) on DEL, {MEMPI}.", "",
              "Ours, by the share of targets deleted / the share of other memorised sequences kept:", "",
-             *ranking(res), "",
-             "## What differs from MemPi's setting", "", *DIFFERENCES]
+             *rankings, "## What differs from MemPi's setting", "", *DIFFERENCES]
     finish(lines, started, args.markdown)
     return 0
 
