@@ -48,7 +48,7 @@ _FACE = {
     "sequence_log_likelihood": "memloc.analyses.exposure", "CandidateSpace": "memloc.analyses.exposure",
     "digit_space": "memloc.analyses.exposure",
     "localise_neurons": "memloc.analyses.localise", "neuron_scores": "memloc.analyses.localise",
-    "inj_benchmark": "memloc.analyses.inj",
+    "inj_benchmark": "memloc.analyses.inj", "del_benchmark": "memloc.analyses.deletion",
     # actions
     "prune": "memloc.actions.prune", "clean": "memloc.actions.clean", "jtt": "memloc.actions.jtt",
     "unlearn": "memloc.actions.unlearn", "forgetting_order": "memloc.actions.forgetting",
