@@ -33,15 +33,12 @@ DEL_RUN = {**RUN, "epochs": 60}
 #: the benchmark's settings (memloc.del_benchmark): MemPi's 0.1 / 0.5 / 1% and two larger shares (on 256
 #: neurons a layer 0.1% and 0.5% both round up to one neuron)
 DEL = dict(fractions=(0.001, 0.005, 0.01, 0.02, 0.05), examples="memorised:16", seed=0)
-#: MemPi's DEL finding (Chang et al., NAACL 2024, arXiv 2311.09060): its abstract's words, then two figures that
-#: a third-party summary (linnk.ai) quotes from the paper; the paper's DEL table itself was not at hand
+#: MemPi's DEL finding (Chang et al., NAACL 2024, arXiv 2311.09060) in its abstract's words; the paper's DEL
+#: table was not at hand, so no figure of it is quoted
 MEMPI = ("its abstract: the two benchmarks (INJ and DEL) rank the five methods consistently, the methods adapted "
          "from network pruning (Slimming, Hard Concrete) perform well on both, all show promising localisation, "
          "and even successful methods identify neurons that are not specific to a single memorised sequence. "
-         "Figures as a third-party summary of the paper (linnk.ai) quotes them, not checked against the paper's "
-         "DEL table (not at hand here): dropping out 0.5% of the neurons Hard Concrete picks in Pythia-6.9B makes it "
-         "forget 57.7% of the target's memorised tokens on average; dropping out 0.5% of Slimming's in GPT2-XL cuts "
-         "the target's accuracy by 57.8% but also the accuracy on other (negative) sequences by 6.4%")
+         "(The paper's DEL figures are not quoted: its table was not at hand to check them.)")
 
 DIFFERENCES = [
     "- Models and data: a 2-layer TinyGPT and GPT-2 config (256 MLP neurons a layer) trained for under a minute on TinyMem's arithmetic "
