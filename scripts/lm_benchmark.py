@@ -68,13 +68,14 @@ DIFFERENCES = [
 ]
 
 
-def ensure_run(path: Path, model: str, device: str):
+def ensure_run(path: Path, model: str, device: str, cfg: dict = RUN):
+    """The run of ``cfg`` with ``model`` at ``path``, reused when it is finished; ``(run, seconds trained or None)``."""
     if (path / "run.json").is_file():
         run = memloc.load(path)
-        if run.config.get("model") == model and run.epochs and run.epochs[-1] == RUN["epochs"]:
+        if run.config.get("model") == model and run.epochs and run.epochs[-1] == cfg["epochs"]:
             return run, None
     start = time.perf_counter()
-    run = memloc.train(path, {**RUN, "model": model}, device=device, resume=(path / "run.json").is_file())
+    run = memloc.train(path, {**cfg, "model": model}, device=device, resume=(path / "run.json").is_file())
     return run, time.perf_counter() - start
 
 

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _markdown import finish, machine  # noqa: E402
-from lm_benchmark import MODELS, RUN  # noqa: E402
+from lm_benchmark import MODELS, RUN, ensure_run  # noqa: E402
 
 import memloc  # noqa: E402
 from memloc.analyses.localise import METHODS, neuron_scores  # noqa: E402
@@ -52,16 +52,6 @@ DIFFERENCES = [
     "- Time: one CPU thread, all methods at memloc's defaults (MemPi's GPT-2 settings for Slimming / Hard "
     "Concrete / IG); at most the first 16 memorised targets.",
 ]
-
-
-def ensure_run(path: Path, model: str, device: str):
-    if (path / "run.json").is_file():
-        run = memloc.load(path)
-        if run.config.get("model") == model and run.epochs and run.epochs[-1] == DEL_RUN["epochs"]:
-            return run, None
-    start = time.perf_counter()
-    run = memloc.train(path, {**DEL_RUN, "model": model}, device=device, resume=(path / "run.json").is_file())
-    return run, time.perf_counter() - start
 
 
 def table(res) -> list[str]:
@@ -96,7 +86,7 @@ def ranking(res) -> list[str]:
 
 def section(name: str, device: str, runs_dir: Path) -> tuple[list[str], list[str]]:
     """(the model's table with its heading, its ranking lines) for run ``name`` (a lm_benchmark model)."""
-    run, trained = ensure_run(runs_dir / f"{name.replace(':', '_')}_del", name, device)
+    run, trained = ensure_run(runs_dir / f"{name.replace(':', '_')}_del", name, device, DEL_RUN)
     model = run.model(device=device)
     warm = torch.randint(0, 10, (1, 18))         # imports (captum) and first calls are not charged to any method
     neuron_scores(model, warm, 12, 6, options={"slimming": {"max_steps": 10}, "hard_concrete": {"max_steps": 10}})

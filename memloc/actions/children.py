@@ -150,10 +150,9 @@ def _train_one(path: str, cfg: dict, device: str, threads: int, label_given=None
         try:
             check_new_run_dir(path, clear=False)
         except MemlocError:     # its folder is memloc's to name: the user can only delete it
-            if is_complete(path):       # another process finished creating it meanwhile
-                return _train_one(path, cfg, device, threads, label_given)
-            raise MemlocError(f"child run {str(path)!r} is damaged (not a memloc run, nor one being created): "
-                              "delete it and run the command again", argument="run") from None
+            if not is_complete(path):   # (unless another process finished creating it meanwhile)
+                raise MemlocError(f"child run {str(path)!r} is damaged (not a memloc run, nor one being created): "
+                                  "delete it and run the command again", argument="run") from None
     if not _finished(Path(path), cfg["epochs"]):
         train(path, cfg, device=device, resume=True, argv=["memloc", "train", path], label_given=label_given)
     return path

@@ -333,9 +333,9 @@ def _checked_batch(idx, logits, labels, n: int):
     if labels.shape != (b,):
         raise MemlocError(f"record_batch: labels must hold one label per row of logits ({b}), "
                           f"got shape {tuple(labels.shape)}")
-    if b and (int(labels.min()) < 0 or int(labels.max()) >= c):
-        raise MemlocError(f"record_batch: labels must lie in 0..{c - 1} (logits have {c} classes), "
-                          f"got {int(labels.min())}..{int(labels.max())}")
+    low, high = torch.stack(torch.aminmax(labels)).tolist() if b else (0, 0)     # one device sync per batch
+    if low < 0 or high >= c:
+        raise MemlocError(f"record_batch: labels must lie in 0..{c - 1} (logits have {c} classes), got {low}..{high}")
     if rows.shape != (b,) or (b and (rows.min() < 0 or rows.max() >= n)):
         raise MemlocError(f"record_batch: idx must hold one example id in 0..{n - 1} per row of logits")
     return logits, labels, rows

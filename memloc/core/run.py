@@ -50,7 +50,7 @@ from .lm import build_lm, hf_from_config
 from .models import build_model, spec_name
 from .results import load_result
 from .runtime import atomic_path
-from .sequences import LM_ANALYSES, SequenceSet
+from .sequences import SequenceSet, not_classifier
 
 __all__ = ["Run", "load", "as_run", "save_atomic", "load_checkpoint", "checkpoint_epochs", "is_complete",
            "check_new_run_dir", "clear_run_dir", "epochs_complete", "DYN_NAMES", "METRICS", "LM_DYN_NAMES",
@@ -363,9 +363,8 @@ class Run:
             key = f"dynamics/{when}/{name}"
             if key not in f:
                 if self.is_lm and name in DYN_NAMES:        # an image analysis given a language model's run
-                    raise MemlocError(f"{str(self.path)!r} is a language model's run (it records "
-                                      f"{', '.join(LM_DYN_NAMES)}, not {name}): this analysis works on "
-                                      f"image-classifier runs; for language-model runs: {LM_ANALYSES}")
+                    raise not_classifier(f"{str(self.path)!r} is a language model's run (it records "
+                                         f"{', '.join(LM_DYN_NAMES)}, not {name})")
                 names = LM_DYN_NAMES if self.is_lm else DYN_NAMES
                 valid = ", ".join(f"dynamics/{w}/{n}" for w in ("presentation", "end") for n in names)
                 raise MemlocError(f"run.h5 has no {key!r}; valid: {valid}")

@@ -56,6 +56,12 @@ class NotClassifierData(MemlocError, AttributeError):
 
 #: where a language model's run goes instead of an image analysis
 LM_ANALYSES = "memloc.memorisation, memloc.exposure, memloc.localise_neurons"
+def not_classifier(what: str) -> NotClassifierData:
+    """The error of an image analysis given a language model's data or run (``what`` says which)."""
+    return NotClassifierData(f"this analysis works on image-classifier runs, and {what}; for language-model runs: "
+                             f"{LM_ANALYSES}")
+
+
 # what image analyses read of their data (memloc.core.data.Data and its splits)
 _CLASSIFIER_ONLY = frozenset({"train", "test", "is_noisy", "label_given", "label_true", "num_classes", "in_shape",
                               "x", "y", "batches"})
@@ -85,9 +91,7 @@ class SequenceSet:
 
     def __getattr__(self, name):
         if name in _CLASSIFIER_ONLY:     # an image analysis given a language model's run: say so, in one line
-            raise NotClassifierData(
-                f"this analysis works on image-classifier runs, and this is a language model's sequence set "
-                f"(no {name!r}); for language-model runs: {LM_ANALYSES}")
+            raise not_classifier(f"this is a language model's sequence set (no {name!r})")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __post_init__(self):
