@@ -12,7 +12,7 @@ import memloc
 from memloc.cli import run as cli_run
 from memloc.core.errors import MemlocError
 from memloc.training.train import train
-from conftest import train_interrupted
+from conftest import train_exit2, train_interrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,14 +74,6 @@ def test_textfile_run_plants_and_guards_its_file(tmp_path, corpus, capsys):
                                  "n_head": 2, "seq_len": 32, "epochs": 2}, device="cpu", resume=True)
 
 
-def _exit2(capsys, argv, match):
-    with pytest.raises(SystemExit) as e:
-        cli_run("train", argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert match in err and len(err.strip().splitlines()) == 1, err
-
-
 def test_bad_corpora_are_refused_in_one_line(tmp_path, corpus, capsys):
     text, _ = corpus
     files = {"empty.txt": b"", "binary.bin": b"ab\0cd" * 40, "latin1.txt": "caf\xe9 ".encode("latin-1") * 40,
@@ -110,5 +102,5 @@ def test_bad_corpora_are_refused_in_one_line(tmp_path, corpus, capsys):
         (["--dataset", "tinymem:mult", "--inject", str(text)], "not an option of tinymem"),
     ]
     for i, (argv, match) in enumerate(cases):
-        _exit2(capsys, [str(tmp_path / f"r{i}"), *TINY, *argv], match)
+        train_exit2(capsys, [str(tmp_path / f"r{i}"), *TINY, *argv], match)
     assert not any((tmp_path / f"r{i}").exists() for i in range(len(cases)))
