@@ -38,7 +38,7 @@ FAMILY_KEYS = {"tinymem": CORPUS_KEYS, "canaries": ("n_train", "n_test", "seq_le
 def is_sequence_dataset(name) -> bool:
     """Does dataset name ``name`` denote a sequence corpus (``tinymem:...``, ``canaries:...``,
     ``textfile:...``), i.e. a language-model run?"""
-    return isinstance(name, str) and ":" in name and name.split(":", 1)[0] in FAMILIES
+    return isinstance(name, str) and name.split(":", 1)[0] in FAMILIES
 
 
 def check_corpus(name) -> str:
