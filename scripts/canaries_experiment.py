@@ -62,6 +62,23 @@ def measure(run, data, epoch: int, space, device: str) -> list[dict]:
     return out
 
 
+def ordering(epochs, got, canaries) -> str:
+    """Whether exposure rises with the insertion count at each measured epoch past 0 (ties at the maximum count)."""
+    order = np.argsort([c["repeats"] for c in canaries])
+    rising = [e for e in epochs if e and all(np.diff([got[e][i]["exposure"] for i in order]) >= -0.05)]
+    return (f"Exposure rises with the insertion count at {len(rising)} of the {len(epochs) - 1} measured epochs "
+            f"past 0 ({', '.join(map(str, rising)) or 'none'}; a secret at the maximum ties).")
+
+
+def extraction(epochs, got, canaries) -> str:
+    """From which epoch each secret is extracted greedily from all its training sequences."""
+    parts = []
+    for i, c in enumerate(canaries):
+        first = next((e for e in epochs if got[e][i]["rows"] == 1.0), None)
+        parts.append(f"x{c['repeats']} " + (f"from epoch {first}" if first is not None else "never"))
+    return "Greedy decoding reproduces every training occurrence of the secret: " + ", ".join(parts) + "."
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default="runs/canaries", help="run directory (continued or reused if it exists)")
@@ -124,6 +141,25 @@ def main(argv=None) -> None:
         + "; ".join(f"{c['name']} x{c['repeats']} `{r['greedy']}` (secret `{c['secret']}`)"
                     for c, r in zip(canaries, last))
         + f". Held-out suffix loss {m['test_loss'][-1]:.3f} nats per byte, token accuracy {m['test_accuracy'][-1]:.1%}.",
+        "",
+        f"{ordering(epochs, got, canaries)} {extraction(epochs, got, canaries)}",
+        "",
+        "## Beside the paper",
+        "",
+        "Carlini et al. (2019, \"The Secret Sharer\") plant random digit strings behind a fixed phrase (\"the random "
+        "number is\" and 9 digits, 10^9 candidates) into the training text of recurrent language models on "
+        "corpora such as Penn Treebank, estimate exposure by the same skew-normal fit, and find that it rises "
+        "with the number of insertions, and that secrets with high exposure can be extracted, by a search over "
+        "the candidate space rather than by greedy decoding. This run reproduces the rise qualitatively; no "
+        "figure of the paper is compared. What differs: a byte-level TinyGPT of 2 layers and width "
+        f"{CONFIG['d_model']} ({sum(t.numel() for t in run.model().parameters()):,} parameters) on "
+        f"{run.num_train * CONFIG['seq_len'] // 1000} kB of Python source for {run.final_epoch} epochs on one CPU "
+        f"thread, not an LSTM on a larger corpus; {CONFIG['n_digits']} digits (exposure saturates at "
+        f"{np.log2(10.0 ** CONFIG['n_digits']):.1f} bits, which hides differences between well-exposed secrets); "
+        f"estimates from {SAMPLES} samples; every secret has its own name but the same \"pin\" template, so a "
+        "less-inserted secret can lose its greedy continuation to a more-inserted one (see the final continuations "
+        "above); extraction is tested by greedy decoding only (memloc.memorisation's exact-match criterion), "
+        "which understates what the paper's search extracts.",
         "",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
