@@ -70,6 +70,16 @@ def train_interrupted(path, cfg, epoch: int = 1, **kw):
         train(path, cfg, on_epoch_end=stop, **kw)
 
 
+def train_exit2(capsys, argv, match):
+    """``memloc train ARGV`` ends with exit status 2 and one line on stderr holding ``match``."""
+    from memloc.cli import run as cli_run
+    with pytest.raises(SystemExit) as e:
+        cli_run("train", argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert match in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models (language models) run fastest on one thread: two threads on two busy cores spin-wait."""

@@ -14,6 +14,8 @@ from memloc.core.errors import MemlocError
 from memloc.core.optim import lr_factor
 from memloc.training.train import train
 
+from conftest import train_exit2
+
 #: a tiny TinyGPT on a tiny TinyMem corpus (about a second on one core)
 TINY = {"dataset": "tinymem:increment", "model": "gpt", "n_layer": 1, "d_model": 32, "n_head": 2, "n_train": 40,
         "n_test": 12, "seq_len": 20, "noise": 0.25, "epochs": 3, "batch_size": 16, "lr": 3e-3}
@@ -125,14 +127,6 @@ def test_transformers_models_train_and_rebuild(tmp_path):
         assert run.metrics()["train_loss"][2] < run.metrics()["train_loss"][0], family
 
 
-def _exit2(capsys, argv, match):
-    with pytest.raises(SystemExit) as e:
-        cli_run("train", argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert match in err and len(err.strip().splitlines()) == 1, err
-
-
 def test_cli_trains_and_refuses_bad_input(tmp_path, capsys, monkeypatch):
     base = ["--dataset", "tinymem:mult", "--model", "gpt", "--n-layer", "1", "--d-model", "32", "--n-head", "2",
             "--n-train", "16", "--n-test", "4", "--seq-len", "16", "--epochs", "1", "--device", "cpu"]
@@ -141,20 +135,20 @@ def test_cli_trains_and_refuses_bad_input(tmp_path, capsys, monkeypatch):
     assert "memorised: targets" in out and "rule accuracy" in out
     run = memloc.load(tmp_path / "ok")
     assert run.config["dataset"] == "tinymem:mult" and run.config["schedule"] == "warmup_cosine"
-    _exit2(capsys, [str(tmp_path / "ok"), *base], "already exists")
-    _exit2(capsys, [str(tmp_path / "a"), *base, "--prefix-len", "16"], "--prefix-len")
-    _exit2(capsys, [str(tmp_path / "b"), *base, "--dataset", "tinymem:div"], "unknown tinymem task 'div'")
-    _exit2(capsys, [str(tmp_path / "c"), *base, "--model", "hf:bert"], "unknown language model 'hf:bert'")
-    _exit2(capsys, [str(tmp_path / "d"), *base, "--vocab-size", "10"], "beyond the model's vocabulary")
-    _exit2(capsys, [str(tmp_path / "e"), *base, "--augment", "crop"], "--augment")
-    _exit2(capsys, [str(tmp_path / "f"), *base, "--dataset", "digits"], "language model")
-    _exit2(capsys, [str(tmp_path / "g"), *base, "--noise", "1.5"], "--noise")
+    train_exit2(capsys, [str(tmp_path / "ok"), *base], "already exists")
+    train_exit2(capsys, [str(tmp_path / "a"), *base, "--prefix-len", "16"], "--prefix-len")
+    train_exit2(capsys, [str(tmp_path / "b"), *base, "--dataset", "tinymem:div"], "unknown tinymem task 'div'")
+    train_exit2(capsys, [str(tmp_path / "c"), *base, "--model", "hf:bert"], "unknown language model 'hf:bert'")
+    train_exit2(capsys, [str(tmp_path / "d"), *base, "--vocab-size", "10"], "beyond the model's vocabulary")
+    train_exit2(capsys, [str(tmp_path / "e"), *base, "--augment", "crop"], "--augment")
+    train_exit2(capsys, [str(tmp_path / "f"), *base, "--dataset", "digits"], "language model")
+    train_exit2(capsys, [str(tmp_path / "g"), *base, "--noise", "1.5"], "--noise")
 
     def unbuildable(*args, **kw):
         raise ValueError("rope needs an even head dimension")
 
     monkeypatch.setattr("memloc.core.lm.hf_causal_lm", unbuildable)
-    _exit2(capsys, [str(tmp_path / "h"), *base, "--model", "hf:llama"], "cannot build model 'hf:llama'")
+    train_exit2(capsys, [str(tmp_path / "h"), *base, "--model", "hf:llama"], "cannot build model 'hf:llama'")
     assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcdefgh")
 
 

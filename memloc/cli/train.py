@@ -15,7 +15,9 @@ DESCRIPTION = ("Train a classifier under label noise into a memloc run directory
                "evaluation passes by batches, and rank 0 alone writes RUN; equal to one process up to "
                "rounding, except batch norm on the "
                "CPU (per-process statistics; on CUDA it becomes SyncBatchNorm) and standard dropout "
-               "(per-process noise). With --dataset tinymem:increment or tinymem:mult it trains a causal "
+               "(per-process noise). With --dataset tinymem:increment, tinymem:mult, canaries:stdlib (secrets "
+               "planted --repeats times into the standard library's source, byte tokens) or textfile:PATH (a UTF-8 "
+               "file in byte chunks, with --inject FILE planting COUNT<TAB>TEXT lines) it trains a causal "
                "language model (--model gpt, hf:gpt2, hf:gpt_neox or hf:llama, sized by --n-layer / --d-model / "
                "--n-head; AdamW with a warm-up + cosine schedule by default) and records per sequence and epoch "
                "the suffix loss, suffix token accuracy and exact memorisation (greedy decoding from the prefix "
@@ -64,10 +66,11 @@ def execute(args):
 
 def summary(run, args):
     m = run.metrics()
-    if run.is_lm:
+    if run.is_lm:     # a rule only tinymem's sequences follow
+        rule = (f"rule accuracy {m['test_rule_accuracy'][-1]:.4f}, "
+                if str(run.config.get("dataset", "tinymem")).startswith("tinymem") else "")
         return (f"{run.path}: {run.final_epoch} epochs; memorised: targets {m['target_memorised'][-1]:.4f}, "
-                f"clean {m['clean_memorised'][-1]:.4f}; held-out rule accuracy {m['test_rule_accuracy'][-1]:.4f}, "
-                f"token accuracy {m['test_accuracy'][-1]:.4f}")
+                f"clean {m['clean_memorised'][-1]:.4f}; held-out {rule}token accuracy {m['test_accuracy'][-1]:.4f}")
     return (f"{run.path}: {run.final_epoch} epochs; train {m['train_accuracy'][-1]:.4f}, "
             f"clean {m['clean_accuracy'][-1]:.4f}, noisy (memorised) {m['noisy_accuracy'][-1]:.4f}, "
             f"test {m['test_accuracy'][-1]:.4f}")

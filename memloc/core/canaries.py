@@ -19,7 +19,7 @@ from .errors import MemlocError
 from .runtime import check_range
 from .sequences import SequenceSet
 
-__all__ = ["NAMES", "BYTE_VOCAB", "canaries", "stdlib_sources"]
+__all__ = ["NAMES", "BYTE_VOCAB", "canaries", "stdlib_sources", "byte_chunks", "plant"]
 
 NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
 #: token id -> symbol (the byte's Latin-1 character)
@@ -73,9 +73,7 @@ def canaries(n_train: int = 1024, n_test: int = 128, seq_len: int = 128, *, repe
     chunks, used = [], []
     files = stdlib_sources()
     for path in (files[i] for i in rng.permutation(len(files))):
-        data = path.read_bytes()
-        got = [data[i:i + seq_len] for i in range(0, len(data) - seq_len + 1, seq_len)]
-        chunks += got
+        chunks += byte_chunks(path.read_bytes(), seq_len)
         used.append(path.name)
         if len(chunks) >= need:
             break
@@ -86,13 +84,8 @@ def canaries(n_train: int = 1024, n_test: int = 128, seq_len: int = 128, *, repe
     train = np.frombuffer(b"".join(chunks[:n_train]), dtype=np.uint8).reshape(n_train, seq_len).astype(np.int64)
     test = np.frombuffer(b"".join(chunks[n_train:]), dtype=np.uint8).reshape(n_test, seq_len).astype(np.int64)
     kind = np.full(n_train, "clean", dtype=object)
-    rows = rng.permutation(n_train)
-    start = 0
-    for c in planted:
-        mine = np.sort(rows[start:start + c["repeats"]])
-        start += c["repeats"]
-        text = np.frombuffer(c["text"].encode(), dtype=np.uint8).astype(np.int64)
-        train[mine, seq_len - len(text):] = text
+    for c, mine in zip(planted, plant(train, [c["text"].encode() for c in planted], [c["repeats"] for c in planted],
+                                      rng)):
         kind[mine] = "canary"
         c["rows"] = mine.tolist()
     suffix_len = 2 * n_digits - 1
@@ -101,3 +94,20 @@ def canaries(n_train: int = 1024, n_test: int = 128, seq_len: int = 128, *, repe
     return SequenceSet(name="canaries", tokens=torch.from_numpy(train), test_tokens=torch.from_numpy(test),
                        ids=np.arange(n_train), is_memorised_target=kind == "canary", kind=kind.astype(str),
                        prefix_len=seq_len - suffix_len, suffix_len=suffix_len, vocab=list(BYTE_VOCAB), info=info)
+
+
+def byte_chunks(data: bytes, seq_len: int) -> list[bytes]:
+    """The non-overlapping ``seq_len``-byte windows of ``data`` (a shorter tail is dropped)."""
+    return [data[i:i + seq_len] for i in range(0, len(data) - seq_len + 1, seq_len)]
+
+
+def plant(train: np.ndarray, texts: list[bytes], repeats: list[int], rng: np.random.Generator) -> list[np.ndarray]:
+    """Write each of ``texts`` over the last bytes of ``repeats[i]`` distinct rows of ``train`` (N, T)
+    in place (rows drawn without replacement with ``rng``, no row twice); the rows of each, sorted."""
+    rows, start, out = rng.permutation(len(train)), 0, []
+    for text, r in zip(texts, repeats):
+        mine = np.sort(rows[start:start + r])
+        start += r
+        train[mine, train.shape[1] - len(text):] = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
+        out.append(mine)
+    return out

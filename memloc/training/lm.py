@@ -16,13 +16,14 @@ kind and the held-out suffix loss / token accuracy / rule accuracy per epoch
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..core.corpora import CORPUS_KEYS, build_sequences, check_corpus
+from ..core.corpora import FAMILY_KEYS, build_sequences, check_corpus, corpus_spec, parse_repeats
 from ..core.errors import MemlocError
 from ..core.lm import LM_MODELS, build_lm, check_lm, lm_logits
 from ..core.optim import lr_factor, make_optimizer, make_schedule
@@ -44,8 +45,10 @@ LM_OPTIONS = dict(
     d_mlp=(None, "language models: hidden width of each MLP (default 4 x --d-model)"),
     vocab_size=(None, "language models: size of the model's vocabulary (default the corpus's; smaller than the "
                       "corpus's token ids is an error)"),
-    n_train=(1000, "sequence corpora: training sequences (before --duplicate copies)"),
-    n_test=(200, "sequence corpora: held-out sequences (clean; the rule accuracy is measured on them)"),
+    n_train=(1000, "sequence corpora: training sequences (before --duplicate copies; textfile: default every "
+                   "window of the file left after --n-test)"),
+    n_test=(200, "sequence corpora: held-out sequences (clean; the rule accuracy is measured on them; textfile: "
+                 "default a tenth of the file's windows)"),
     seq_len=(64, "sequence corpora: tokens per sequence"),
     prefix_len=(None, "sequence corpora: prompt tokens; memorisation is measured on the suffix after them "
                       "(default --seq-len // 2)"),
@@ -54,13 +57,21 @@ LM_OPTIONS = dict(
                    "followed by a constant run of 2s"),
     duplicate=(0, "sequence corpora: extra copies of every noisy and backdoor sequence"),
     data_seed=(0, "sequence corpora: seed of the start values, of which sequences are noisy / backdoored and "
-                  "of the corrupted digits"),
+                  "of the corrupted digits (canaries, textfile: of the secrets, the chunks' order and where "
+                  "the secrets go)"),
+    repeats=(None, "canaries:stdlib: insertion counts, one secret each, comma-separated (default 1,4,16,64)"),
+    n_digits=(None, "canaries:stdlib: digits of each secret (default 6: 10^6 candidates)"),
+    inject=(None, "textfile:PATH: a UTF-8 file of sequences to plant (the memorisation targets), one per line as "
+                  "COUNT<TAB>TEXT: TEXT ends COUNT training sequences"),
 )
 #: options both kinds of run take, with a language model's defaults
 LM_SHARED = dict(dataset="tinymem:increment", model="gpt", noise=0.1, epochs=30, batch_size=64, optimizer="adam",
                  lr=1e-3, momentum=0.9, weight_decay=0.1, schedule="warmup_cosine", warmup=0.1, seed=0,
                  precision="fp32")
 LM_DEFAULTS = {**LM_SHARED, **{key: default for key, (default, _) in LM_OPTIONS.items()}}
+#: every corpus option (a family refuses the others' options when set)
+CORPUS_OPTIONS = ("noise", *{k for keys in FAMILY_KEYS.values() for k in keys if k not in ("n_train", "n_test",
+                                                                                        "seq_len", "data_seed")})
 LM_RANGES = {
     "n_layer": (int, 1, None, False, False), "n_head": (int, 1, None, False, False),
     "d_model": (int, 1, None, False, False), "d_mlp": (int, 1, None, False, False),
@@ -72,8 +83,11 @@ LM_RANGES = {
     "seed": (int, 0, 2**32 - 1, False, False), "epochs": (int, 1, None, False, False),
     "batch_size": (int, 1, None, False, False), "lr": (float, 0, None, True, False),
     "momentum": (float, 0, 1, False, True), "weight_decay": (float, 0, None, False, False),
-    "warmup": (float, 0, 1, False, False),
+    "warmup": (float, 0, 1, False, False), "n_digits": (int, 1, None, False, False),
 }
+#: per corpus family, defaults that differ from LM_DEFAULTS
+FAMILY_DEFAULTS = {"canaries": {"noise": 0.0, "repeats": "1,4,16,64", "n_digits": 6},
+                   "textfile": {"noise": 0.0, "n_train": None, "n_test": None}}
 
 
 def resolve_lm_config(cfg: dict | None) -> dict:
@@ -83,8 +97,14 @@ def resolve_lm_config(cfg: dict | None) -> dict:
     if unknown:
         raise MemlocError(f"{', '.join(sorted(unknown))}: not an option of a language-model run (dataset "
                           f"{cfg.get('dataset', LM_DEFAULTS['dataset'])!r}); image runs only", argument=sorted(unknown)[0])
-    cfg = {**LM_DEFAULTS, **cfg}
-    check_corpus(cfg["dataset"])
+    family = check_corpus(cfg.get("dataset", LM_DEFAULTS["dataset"])).split(":", 1)[0]
+    refused = [k for k in sorted({*CORPUS_OPTIONS} - set(FAMILY_KEYS[family])) if cfg.get(k) not in (None, 0)]
+    if refused:
+        raise MemlocError(f"{refused[0]}: not an option of {family} corpora (theirs: "
+                          f"{', '.join(FAMILY_KEYS[family])})", argument=refused[0])
+    cfg = {**LM_DEFAULTS, **FAMILY_DEFAULTS.get(family, {}), **cfg}
+    if family == "canaries":
+        cfg["repeats"] = parse_repeats(cfg["repeats"])
     check_ranges(cfg, LM_RANGES)
     if cfg["model"] not in LM_MODELS:
         raise MemlocError(f"unknown language model {cfg['model']!r}; valid: {', '.join(LM_MODELS)}",
@@ -132,7 +152,8 @@ def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = 
     precision = check_precision(cfg["precision"], device)
     resume = check_run_dir(run_dir, cfg, LM_DEFAULTS, resume, overwrite)
 
-    corpus = {"dataset": cfg["dataset"], **{k: cfg[k] for k in CORPUS_KEYS}}
+    # a resumed run rebuilds its stored corpus (a text file that changed since is refused)
+    corpus = (json.loads((run_dir / "run.json").read_text()).get("data") if resume else None) or corpus_spec(cfg)
     data = build_sequences(corpus)
     vocab_size = data.vocab_size if cfg["vocab_size"] is None else cfg["vocab_size"]
     spec = _model_spec(cfg, vocab_size)

@@ -240,7 +240,8 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     they train one run together (DDP) and rank 0 writes it: it returns the Run on rank 0, None on the
     others. ``on_epoch_end`` is called on every rank.
 
-    A sequence corpus for ``dataset`` (``tinymem:increment``, ``tinymem:mult``) or a language model for
+    A sequence corpus for ``dataset`` (``tinymem:increment``, ``tinymem:mult``, ``canaries:stdlib``,
+    ``textfile:PATH``; :mod:`memloc.core.corpora`) or a language model for
     ``model`` (``gpt``, ``hf:gpt2``, ...) trains a language model instead (:func:`memloc.training.lm.train_lm`,
     its options :data:`memloc.training.lm.LM_DEFAULTS`).
     """
@@ -248,7 +249,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     if is_sequence_dataset(given.get("dataset")) or is_lm_name(given.get("model")):
         if "dataset" in given and not is_sequence_dataset(given["dataset"]):
             raise MemlocError(f"model {given['model']!r} is a language model: it trains on a sequence corpus "
-                              f"({', '.join(SEQUENCE_CORPORA)}), not dataset {given['dataset']!r}", argument="dataset")
+                              f"({', '.join(SEQUENCE_CORPORA)}, textfile:PATH), not dataset {given['dataset']!r}", argument="dataset")
         from .lm import train_lm
         return train_lm(run_dir, given, device=device, resume=resume, overwrite=overwrite, argv=argv,
                         on_epoch_end=on_epoch_end, prepare_model=prepare_model, forward_context=forward_context,
