@@ -6,7 +6,7 @@ An analysis module ends with one declaration::
         name="rewind", order=30,                      # result RUN/results/rewind.h5, its place in reports
         schema=Schema(...),                           # what the result holds (checked on save and load)
         plot=plot_rewind,                             # its report section (optional)
-        command=Command(name="rewind", help="...",    # its command line (optional)
+        command=Command(name="rewind", group="localisation", help="...",    # its command line (optional)
                         description="...", arguments=..., execute=..., summary=..., sharded=True),
     )
 
@@ -30,10 +30,20 @@ from .errors import MemlocError
 from .schemas import Schema
 
 __all__ = ["Command", "Analysis", "register", "unregister", "discover", "analysis", "command", "analyses", "commands",
-           "schema", "markdown", "PACKAGES"]
+           "grouped", "schema", "markdown", "PACKAGES", "GROUPS"]
 
 #: the layer packages whose modules may declare analyses or commands
 PACKAGES = ("training", "analyses", "actions", "reporting", "cli")
+
+#: a command's ``group`` -> what its commands are for (``memloc --help``'s headings, in the order of work)
+GROUPS = {
+    "runs": "train a run, see what it holds",
+    "localisation": "where in the network memorisation lives",
+    "finding": "which examples are memorised or mislabelled",
+    "acting": "remove them, retrain without them, unlearn them",
+    "reporting": "figures and findings",
+    "other": "more commands (registered)",
+}
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,8 @@ class Command:
     ``flags``: library argument -> flag where a message names an argument that is no option of the
     parser. ``already_done(args, run)`` / ``resumable(args, run)``: whether an existing result is
     complete for these settings / an interrupted one may be continued; ``after_save(result, args)``:
-    extra outputs written once the result is safe.
+    extra outputs written once the result is safe. ``group``: its place in the order of work, a key of
+    :data:`GROUPS` (``memloc --help`` lists the commands under these headings).
     """
 
     name: str
@@ -68,7 +79,12 @@ class Command:
     resumable: Callable | None = None
     after_save: Callable | None = None
     order: int = 1000
+    group: str = "other"
     result: str | None = None       # set from the analysis it belongs to
+
+    def __post_init__(self):
+        if self.group not in GROUPS:
+            raise MemlocError(f"command {self.name!r}: unknown group {self.group!r}; valid: {', '.join(GROUPS)}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +152,7 @@ class Found:
     order: int
     command: str | None  # the command's name
     help: str
+    group: str = "other"  # the command's group (GROUPS)
 
 
 @functools.lru_cache(maxsize=1)
@@ -165,10 +182,12 @@ def discover() -> tuple[Found, ...]:
                     cmd = next((kw.value for kw in call.keywords if kw.arg == "command"), None)
                     cmd = cmd if isinstance(cmd, ast.Call) else None
                     found.append(Found("analysis", _literal(call, "name"), module, _literal(call, "order") or 1000,
-                                       _literal(cmd, "name") if cmd else None, _literal(cmd, "help") if cmd else ""))
+                                       _literal(cmd, "name") if cmd else None, _literal(cmd, "help") if cmd else "",
+                                       (_literal(cmd, "group") if cmd else None) or "other"))
                 elif target == "COMMAND":
                     found.append(Found("command", _literal(call, "name"), module, _literal(call, "order") or 1000,
-                                       _literal(call, "name"), _literal(call, "help") or ""))
+                                       _literal(call, "name"), _literal(call, "help") or "",
+                                       _literal(call, "group") or "other"))
     return tuple(sorted(found, key=lambda f: (f.order, f.name)))
 
 
@@ -183,6 +202,18 @@ def commands() -> dict[str, str]:
     out = {f.command: f.help for f in discover() if f.command}
     out.update({name: cmd.help for name, cmd in _REGISTERED_COMMANDS.items()})
     return out
+
+
+def grouped() -> dict[str, dict[str, str]]:
+    """Every command by group, in the order of :data:`GROUPS` (empty groups left out): group -> {name: help}
+    (nothing imported)."""
+    out = {group: {} for group in GROUPS}
+    for f in discover():
+        if f.command and f.command not in _REGISTERED_COMMANDS:
+            out[f.group if f.group in GROUPS else "other"][f.command] = f.help
+    for name, cmd in _REGISTERED_COMMANDS.items():
+        out[cmd.group][name] = cmd.help
+    return {group: names for group, names in out.items() if names}
 
 
 def analysis(name: str) -> Analysis:
