@@ -94,6 +94,23 @@ def test_status_of_a_damaged_run_is_one_line(tiny_run, tmp_path, capsys):
     assert "corrupt" in _exit2(capsys, "status", [str(run)])
     with pytest.raises(MemlocError, match="corrupt"):
         memloc.status(run)
+    (run / ".creating").touch()             # a creation killed before epoch 0 was recorded, or still under way
+    assert "was interrupted before epoch 0" in _exit2(capsys, "status", [str(run)])
+    with FileLock(run / "writer.lock", "busy"):
+        assert f"is being created by pid {os.getpid()}" in _exit2(capsys, "status", [str(run)])
+
+
+def test_a_run_recorded_by_your_own_loop(tiny_run, tmp_path):
+    run = tmp_path / "mine"
+    shutil.copytree(tiny_run.path, run, ignore=shutil.ignore_patterns("results", "children"))
+    info = json.loads((run / "run.json").read_text())
+    info["config"] = {"lr": 0.1, "note": "my loop"}             # what a Recorder in a user's loop stores
+    (run / "run.json").write_text(json.dumps(info))
+    st = memloc.status(run)
+    assert (st.training, st.planned, st.options, st.dataset) == ("recorded", None, info["config"], None)
+    assert "recorded by your own loop" in str(st) and st.next == [f"memloc flip {run}"]
+    with pytest.raises(MemlocError, match="not trained by memloc train"):
+        train(run, resume=True)
 
 
 def test_help_groups_every_command_by_the_order_of_work(capsys):

@@ -3,9 +3,9 @@ runner (:mod:`.runner`: parse -> result store checks -> library call -> save -> 
 
 ``python -m memloc <command> ...``, ``python -m memloc.<command> ...`` and the ``memloc`` console
 script all reach :func:`main`. Each analysis declares its command next to its code
-(``ANALYSIS = Analysis(command=Command(...))``); train, report and demo declare theirs in this
-package (``COMMAND = Command(...)``). ``memloc --help`` lists them by group (:data:`memloc.core.registry.GROUPS`, the order of work)
-without importing any (nor torch).
+(``ANALYSIS = Analysis(command=Command(...))``); train, status, report and demo declare theirs in
+this package (``COMMAND = Command(...)``). ``memloc --help`` lists them by group
+(:data:`memloc.core.registry.GROUPS`, the order of work) without importing any (nor torch).
 A :class:`memloc.MemlocError` becomes one line on stderr and exit status 2; Ctrl-C exit status 130.
 """
 from __future__ import annotations

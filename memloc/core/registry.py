@@ -10,7 +10,7 @@ An analysis module ends with one declaration::
                         description="...", arguments=..., execute=..., summary=..., sharded=True),
     )
 
-and a command that is not an analysis (train, report, demo) declares ``COMMAND = Command(...)``.
+and a command that is not an analysis (train, status, report, demo) declares ``COMMAND = Command(...)``.
 There is no central table: :func:`discover` finds the declarations by reading the modules of the
 layer packages *without importing them* (their literal ``name`` / ``help`` / ``order``; so that
 ``memloc --help`` lists every command in a fraction of a second), and :func:`analysis` /

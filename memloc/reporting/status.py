@@ -74,7 +74,7 @@ class Status:
     epochs: list[int]           # epochs with a checkpoint and recorded rows
     checkpoints: list[int]      # every checkpoint file present
     planned: int | None         # the epochs it was trained for (None: recorded in the user's own loop)
-    training: str               # complete | interrupted | training
+    training: str               # complete | interrupted | training | recorded (by the user's loop: no planned count)
     resume: str | None          # the command (or call) that continues an interrupted training
     results: list[StoredResult]
     partial: list[Partial]
@@ -89,7 +89,8 @@ class Status:
         lines.append(f"options: {opts or 'the defaults'}")
         held = self.locks.get("writer.lock")
         state = {"complete": "complete", "interrupted": f"interrupted (continue: {self.resume})",
-                 "training": f"being written now (pid {held})"}[self.training]
+                 "training": f"being written now (pid {held})",
+                 "recorded": "recorded by your own loop (it alone knows how many epochs it plans)"}[self.training]
         of = f" of {self.planned}" if self.planned is not None else ""
         lines.append(f"training: epochs {ranges(self.epochs)}{of}, {state}; checkpoints {ranges(self.checkpoints)}")
         if self.results:
@@ -260,6 +261,11 @@ def status(source) -> Status:
     """What the run directory ``source`` (a path or a :class:`memloc.Run`) holds and what to run next
     (see the module docstring); ``print(memloc.status(run))`` shows it."""
     path = Path(getattr(source, "path", source))
+    if (path / CREATING).exists():                  # epoch 0 is not complete: there is no run yet
+        pid = _lock_holders([path / "writer.lock"]).get(path / "writer.lock")
+        raise MemlocError(f"run {str(path)!r} is being created by pid {pid} (epoch 0 is not recorded yet); try again "
+                          "in a moment" if pid else f"the creation of run {str(path)!r} was interrupted before epoch 0 "
+                          "was recorded: rerun the command that creates it")
     run = Run(path)                                 # no run.json, a corrupt one or no run.h5: a MemlocError
     try:
         with open_h5(path / "run.h5") as f:
@@ -279,7 +285,9 @@ def status(source) -> Status:
     locks = {str(p.relative_to(path)): pid for p, pid in locks.items()}
     if "writer.lock" in locks:
         training = "training"
-    elif planned is not None and (not epochs or epochs[-1] < planned):
+    elif planned is None:
+        training = "recorded"
+    elif not epochs or epochs[-1] < planned:
         training = "interrupted"
     else:
         training = "complete"
