@@ -136,11 +136,16 @@ def test_resume_reads_the_stored_options_and_more_epochs_extend_exactly(tmp_path
     assert memloc.status(tmp_path / "cut").next == [f"memloc train {tmp_path / 'cut'} --resume"]
     cli_run("train", [str(tmp_path / "cut"), "--resume", "--device", "cpu"])
     assert memloc.load(tmp_path / "cut").epochs == [0, 1, 2]
+    memloc.scores(tmp_path / "cut", methods=["final_loss"], save=True)
     # ... and extended by one epoch: the run trained for 3 epochs at once, bit for bit
     cli_run("train", [str(tmp_path / "cut"), "--resume", "--epochs", "3", *FLAGS])
     extended = memloc.load(tmp_path / "cut")
     _same_run(at_once, extended)
-    assert extended.config["epochs"] == 3 and memloc.status(extended).training == "complete"
+    st = memloc.status(extended)
+    assert extended.config["epochs"] == 3 and st.training == "complete" and st.epochs == [0, 1, 2, 3]
+    assert [r.state for r in st.results] == ["stale"]       # computed at epoch 2: not this run's final model
+    with pytest.raises(MemlocError, match="computed from this run before its run.json changed"):
+        extended.result("scores")
     # refusals: one line naming the option with the stored and the given value
     err = _exit2(capsys, "train", [str(tmp_path / "cut"), "--resume", "--lr", "0.3"])
     assert "--lr 0.3 (stored 0.1)" in err
