@@ -118,14 +118,28 @@ def test_help_groups_every_command_by_the_order_of_work(capsys):
     out = capsys.readouterr().out
     headings = [line for line in out.splitlines() if line and not line.startswith((" ", "usage", "order", "memloc"))]
     assert [h.split(" ")[0] for h in headings] == ["runs", "localisation", "finding", "acting", "reporting"]
-    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.split()[0] != "e.g."]
     assert sorted(listed) == sorted(registry.commands()) and len(listed) == len(set(listed))
+    assert out.count("e.g. memloc ") == len(listed)                   # one example each
     groups = registry.grouped()
     assert {"train", "status"} <= set(groups["runs"]) and "flip" in groups["localisation"]
     assert "issues" in groups["finding"] and "clean" in groups["acting"] and list(groups["reporting"]) == ["report"]
     assert main([]) == 2 and "runs (" in capsys.readouterr().out
     with pytest.raises(MemlocError, match="unknown group 'later'; valid: runs"):
         Command(name="x", help="", description="", arguments=None, execute=None, summary=None, group="later")
+
+
+def test_every_command_has_an_example_that_parses(capsys):
+    from memloc.cli.runner import parser
+    examples = registry.examples()
+    for name in registry.commands():
+        words = examples[name].split()
+        assert words[:2] == ["memloc", name], examples[name]
+        assert registry.command(name).example == examples[name]      # what --help read from the source
+        parser(registry.command(name)).parse_args(words[2:])         # exits 2 on an unknown option
+    with pytest.raises(SystemExit):
+        cli_run("status", ["--help"])
+    assert capsys.readouterr().out.rstrip().endswith("example: memloc status RUN")
 
 
 def test_resume_reads_the_stored_options_and_more_epochs_extend_exactly(tmp_path, capsys):

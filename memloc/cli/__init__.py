@@ -24,11 +24,16 @@ ORDER = ("order of work: memloc train RUN --dataset digits  ->  memloc flip RUN 
 
 
 def overview() -> str:
-    """``memloc --help``: the commands grouped by the order of work, one line each (nothing imported)."""
+    """``memloc --help``: the commands grouped by the order of work, each with its one-line help and an
+    example (nothing imported)."""
     lines = ["usage: memloc <command> RUN [options]   (memloc <command> --help: its options)"]
+    examples = registry.examples()
     for group, names in registry.grouped().items():
         lines += ["", f"{group} ({registry.GROUPS[group]}):"]
-        lines += [f"  {name:<17} {text}" for name, text in names.items()]
+        for name, text in names.items():
+            lines.append(f"  {name:<17} {text}")
+            if examples.get(name):
+                lines.append(f"  {'':<17}   e.g. {examples[name]}")
     return "\n".join([*lines, "", ORDER])
 
 

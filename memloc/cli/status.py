@@ -4,7 +4,7 @@ from ..reporting.status import status
 
 
 COMMAND = Command(
-    name="status", order=12, group="runs",
+    name="status", order=12, group="runs", example="memloc status RUN",
     help="what a run holds: epochs, results (current or stale), work in progress, locks, what to run next",
     description="What a run directory holds, read without writing anything: dataset, model and the options that "
                 "differ from the defaults; the epochs trained and the checkpoints present; whether training is "

@@ -77,7 +77,8 @@ def summary(run, args):
 
 
 COMMAND = Command(
-    name="train", group="runs", order=10, help="train a model under label noise into a run directory",
+    name="train", group="runs", example="memloc train RUN --dataset digits --model mlp --epochs 20", order=10,
+    help="train a model under label noise into a run directory",
     description=DESCRIPTION, arguments=arguments, execute=execute, summary=summary,
     sharded=True,    # torchrun --nproc-per-node K -m memloc train RUN: one run, each batch split K ways (DDP)
     overwrite=True, interrupted="finished epochs are saved (rerun with --resume to continue)",

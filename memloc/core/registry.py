@@ -6,13 +6,15 @@ An analysis module ends with one declaration::
         name="rewind", order=30,                      # result RUN/results/rewind.h5, its place in reports
         schema=Schema(...),                           # what the result holds (checked on save and load)
         plot=plot_rewind,                             # its report section (optional)
-        command=Command(name="rewind", group="localisation", help="...",    # its command line (optional)
+        command=Command(name="rewind", help="...",    # its command line (optional)
+                        group="localisation", example="memloc rewind RUN --checkpoints 0,final",
                         description="...", arguments=..., execute=..., summary=..., sharded=True),
     )
 
 and a command that is not an analysis (train, status, report, demo) declares ``COMMAND = Command(...)``.
 There is no central table: :func:`discover` finds the declarations by reading the modules of the
-layer packages *without importing them* (their literal ``name`` / ``help`` / ``order``; so that
+layer packages *without importing them* (their literal ``name`` / ``help`` / ``order`` / ``group`` /
+``example``; so that
 ``memloc --help`` lists every command in a fraction of a second), and :func:`analysis` /
 :func:`command` import the one module asked for. Code outside the package (a test, a plug-in)
 adds its own with :func:`register`.
@@ -30,7 +32,7 @@ from .errors import MemlocError
 from .schemas import Schema
 
 __all__ = ["Command", "Analysis", "register", "unregister", "discover", "analysis", "command", "analyses", "commands",
-           "grouped", "schema", "markdown", "PACKAGES", "GROUPS"]
+           "examples", "grouped", "schema", "markdown", "PACKAGES", "GROUPS"]
 
 #: the layer packages whose modules may declare analyses or commands
 PACKAGES = ("training", "analyses", "actions", "reporting", "cli")
@@ -59,7 +61,8 @@ class Command:
     parser. ``already_done(args, run)`` / ``resumable(args, run)``: whether an existing result is
     complete for these settings / an interrupted one may be continued; ``after_save(result, args)``:
     extra outputs written once the result is safe. ``group``: its place in the order of work, a key of
-    :data:`GROUPS` (``memloc --help`` lists the commands under these headings).
+    :data:`GROUPS` (``memloc --help`` lists the commands under these headings); ``example``: one command
+    line (``memloc NAME RUN ...``) that ``memloc --help`` and ``memloc NAME --help`` show.
     """
 
     name: str
@@ -80,6 +83,7 @@ class Command:
     after_save: Callable | None = None
     order: int = 1000
     group: str = "other"
+    example: str | None = None
     result: str | None = None       # set from the analysis it belongs to
 
     def __post_init__(self):
@@ -153,6 +157,7 @@ class Found:
     command: str | None  # the command's name
     help: str
     group: str = "other"  # the command's group (GROUPS)
+    example: str | None = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -183,11 +188,12 @@ def discover() -> tuple[Found, ...]:
                     cmd = cmd if isinstance(cmd, ast.Call) else None
                     found.append(Found("analysis", _literal(call, "name"), module, _literal(call, "order") or 1000,
                                        _literal(cmd, "name") if cmd else None, _literal(cmd, "help") if cmd else "",
-                                       (_literal(cmd, "group") if cmd else None) or "other"))
+                                       (_literal(cmd, "group") if cmd else None) or "other",
+                                       _literal(cmd, "example") if cmd else None))
                 elif target == "COMMAND":
                     found.append(Found("command", _literal(call, "name"), module, _literal(call, "order") or 1000,
                                        _literal(call, "name"), _literal(call, "help") or "",
-                                       _literal(call, "group") or "other"))
+                                       _literal(call, "group") or "other", _literal(call, "example")))
     return tuple(sorted(found, key=lambda f: (f.order, f.name)))
 
 
@@ -201,6 +207,13 @@ def commands() -> dict[str, str]:
     """Every command name -> its one-line help (nothing imported)."""
     out = {f.command: f.help for f in discover() if f.command}
     out.update({name: cmd.help for name, cmd in _REGISTERED_COMMANDS.items()})
+    return out
+
+
+def examples() -> dict[str, str | None]:
+    """Every command name -> its example command line, None where it declares none (nothing imported)."""
+    out = {f.command: f.example for f in discover() if f.command}
+    out.update({name: cmd.example for name, cmd in _REGISTERED_COMMANDS.items()})
     return out
 
 
