@@ -22,6 +22,7 @@ import h5py
 from ..core import registry
 from ..core.errors import MemlocError
 from ..core.run import CREATING, Run, checkpoint_epochs, epochs_complete, is_complete, open_h5, ranges
+from ..scale.parts import saved_settings
 
 __all__ = ["status", "Status"]
 
@@ -291,15 +292,13 @@ def status(source) -> Status:
         training = "interrupted"
     else:
         training = "complete"
-    resume = (f"memloc train {path} --resume" if trained else
-              "rerun your loop with Recorder(..., resume=True)") if training == "interrupted" else None
+    resume = f"memloc train {path} --resume" if training == "interrupted" else None     # reads the stored options
     found = {f.name: f.command for f in registry.discover() if f.kind == "analysis" and f.command}
     rank = {name: i for i, name in enumerate(registry.analyses())}
     results = [_stored_result(p, run.fingerprint) for p in sorted((path / "results").glob("*.h5"))]
     results.sort(key=lambda r: (rank.get(r.name, len(rank)), r.name))
     partial = []
     for folder in sorted((path / "results").glob("*.partial")):
-        from ..scale.parts import saved_settings
         name = folder.name.removesuffix(".partial")
         partial.append(Partial(name, folder, len(list(folder.glob("part_*"))), saved_settings(folder),
                                f"memloc {found[name]}" if name in found else None))
