@@ -5,7 +5,7 @@ Placeholders a page may hold (each on its own line):
 * ``<!-- memloc:schemas -->``: every result file's variables, from the schemas the analyses declare
   (:func:`memloc.core.registry.markdown`);
 * ``<!-- memloc:help NAME -->``: ``memloc NAME --help`` as the command line prints it;
-* ``<!-- memloc:commands -->``: every command with its one-line help;
+* ``<!-- memloc:commands -->``: every command with its one-line help and example, by group (``memloc --help``'s);
 * ``<!-- memloc:api -->``: one mkdocstrings entry per name of the public face (``memloc.<name>``);
 * ``<!-- memloc:include artifacts/FILE.md -->``: a measured table of ``artifacts/``, its headings moved
   below the page's and its links made relative to the page.
@@ -61,9 +61,12 @@ def _expand(kind: str, arg: str | None, page: str) -> str:
     if kind == "help":
         return "```text\n" + command_help(arg).rstrip() + "\n```"
     if kind == "commands":
-        from memloc.core.registry import commands
-        rows = [f"| [`{name}`](../how-to/{name}.md) | {text} |" for name, text in commands().items()]
-        return "| command | what it does |\n|---|---|\n" + "\n".join(rows)
+        from memloc.core.registry import GROUPS, examples, grouped
+        ex = examples()
+        rows = [f"| {f'**{group}** ({GROUPS[group]})' if i == 0 else ''} | [`{name}`](../how-to/{name}.md) | {text} | "
+                f"{f'`{ex[name]}`' if ex.get(name) else ''} |"
+                for group, names in grouped().items() for i, (name, text) in enumerate(names.items())]
+        return "| stage | command | what it does | example |\n|---|---|---|---|\n" + "\n".join(rows)
     if kind == "api":
         return api_reference()
     if kind == "include":

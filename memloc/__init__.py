@@ -53,7 +53,7 @@ _FACE = {
     "prune": "memloc.actions.prune", "clean": "memloc.actions.clean", "jtt": "memloc.actions.jtt",
     "unlearn": "memloc.actions.unlearn", "forgetting_order": "memloc.actions.forgetting",
     # reporting
-    "report": "memloc.reporting",
+    "report": "memloc.reporting", "status": "memloc.reporting.status",
 }
 
 __all__ = ["__version__", *_FACE]

@@ -199,7 +199,7 @@ ANALYSIS = Analysis(
                    "precision": Var(("flags",), "flagged that are noisy (NaN without ground truth)"),
                    "recall": Var(("flags",), "noisy that are flagged (NaN without ground truth)"),
                    "noise_left": Var(("flags",), "share of the training set still mislabeled after cleaning (NaN without ground truth)")}),
-    command=Command(name="clean", flags={"method": "--by"},
+    command=Command(name="clean", group="acting", example="memloc clean RUN --seeds 0 --no-cleanlab", flags={"method": "--by"},
                     help='drop or relabel the flagged examples and retrain; cleanlab as the baseline',
                     sharded=True,
                     description="Flag label issues without ground truth (memloc issues), drop them (or --relabel them with the early "

@@ -190,7 +190,7 @@ ANALYSIS = Analysis(
                    "part": Var(("part",), "first, second")},
                   {"accuracy": Var(("order", "protect", "epoch", "part"), "accuracy on the part (given labels)"),
                    "size": Var(("order", "part"), "examples in the part")}),
-    command=Command(name="forgetting-order",
+    command=Command(name="forgetting-order", group="acting", example="memloc forgetting-order RUN",
                     help='train on one part then the other: within-task forgetting, with EWC / MAS / LwF protection',
                     description="Catastrophic forgetting inside one task (Toneva et al. 2019, section 5): a fresh model of the run's "
                                 "architecture trained on one part of the training set, then on the other (random halves; forgettable "

@@ -153,7 +153,7 @@ ANALYSIS = Analysis(
                   {"accuracy": Var(("variant", "seed", "group"), "final accuracy on the group"),
                    "error_set": Var(("error",), "ids of the identification model's misclassified training examples"),
                    "error_set_noisy": Var((), "share of the error set that is noisy (NaN without ground truth)")}),
-    command=Command(name="jtt",
+    command=Command(name="jtt", group="acting", example="memloc jtt RUN",
                     help="just train twice: upweight the early model's errors and retrain",
                     sharded=True,
                     description="JTT (Liu et al. 2021): the training examples the run's model of epoch T misclassifies are upweighted "

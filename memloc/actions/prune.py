@@ -240,7 +240,7 @@ ANALYSIS = Analysis(
                    "noisy_kept": Var(("score", "keep", "seed"), "share of the noisy examples that were kept (NaN without noise)"),
                    "noisy_share": Var(("score", "keep", "seed"), "share of the kept examples that are noisy"),
                    "full_accuracy": Var(("seed",), "final test accuracy trained on every example")}),
-    command=Command(name="prune",
+    command=Command(name="prune", group="acting", example="memloc prune RUN",
                     help='train on subsets kept by each score (Data Diet, forgetting) vs random',
                     sharded=True,
                     description="Keep a fraction of the training set chosen by each score (and at random, the reference), train a "

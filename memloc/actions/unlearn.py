@@ -347,7 +347,7 @@ ANALYSIS = Analysis(
                    "seconds": Var(("technique", "seed"), "wall time of the method"),
                    "passes": Var(("technique",), "passes over the training data (forward+backward epochs, importance passes included)"),
                    "forget": Var(("forget",), "ids of the forget set")}),
-    command=Command(name="unlearn",
+    command=Command(name="unlearn", group="acting", example="memloc unlearn RUN --forget flagged",
                     help='remove memorised labels: fine-tuning, ascent, EWC / MAS / LwF, unit zeroing, layer retraining',
                     description="Remove memorised labels from the final model without retraining from scratch: fine-tuning on the "
                                 "retain set, gradient ascent on the forget set, fine-tuning protected by EWC / MAS penalties or LwF "

@@ -271,7 +271,7 @@ ANALYSIS = Analysis(
                    "base_rate": Var(("score",), "noisy / size (the AP of chance)"),
                    "common_values": Var(("score", "metric"), "every score on the examples where all are defined", optional=True),
                    "common_example": Var(("common",), "ids of those examples", optional=True)}),
-    command=Command(name="detect",
+    command=Command(name="detect", group="finding", example="memloc detect RUN",
                     help='noise detection metrics (AUROC, AP, precision@k) of every score',
                     device=False,
                     description="Noise-detection quality (AUROC, average precision, precision at the true noise rate) of every "

@@ -109,7 +109,7 @@ ANALYSIS = Analysis(
                    "layer_kind": Var(("layer",), "example_tied | standard | fixed"),
                    "units": Var(("layer",), "units of the layer"),
                    "gen_units": Var(("layer",), "generalisation units (always kept)")}),
-    command=Command(name="dropout",
+    command=Command(name="dropout", group="localisation", example="memloc dropout RUN",
                     help='evaluate an example-tied-dropout run in train, test and drop mode',
                     description="Evaluate a run trained with example-tied dropout (--etd-after) in train mode (each training example "
                                 "through its own mask: what was memorised), test mode (memorisation units scaled by p_mem) and drop "

@@ -269,7 +269,7 @@ ANALYSIS = Analysis(
                    "subset": Var(("subset",), "clean, noisy, all: whose mean loss the gradient is of")},
                   {"norm": Var(("checkpoint", "layer", "subset"), "L2 norm of the gradient of the subset's mean loss / sqrt(layer_numel)"),
                    "cosine": Var(("checkpoint", "layer"), "cosine between the clean and the noisy gradient (NaN if one is 0)")}),
-    command=Command(name="gradients",
+    command=Command(name="gradients", group="localisation", example="memloc gradients RUN",
                     help='per-layer gradient norms of clean / noisy / all losses and their cosine, per checkpoint',
                     sharded=True, flags={"eval_batch_size": "--batch-size"},
                     interrupted="finished work is saved (rerun to continue)",

@@ -346,7 +346,7 @@ ANALYSIS = Analysis(
                    "examples": Var(("subset",), "examples in the subset"),
                    "flip_overlap": Var((), "Jaccard overlap of flip's zeroed units (noisy examples) and as many top noisy-importance units", optional=True),
                    "flip_units": Var(("zeroed",), "units flip zeroed for noisy examples", optional=True)}),
-    command=Command(name="importance",
+    command=Command(name="importance", group="localisation", example="memloc importance RUN",
                     help='Fisher (EWC) / MAS parameter importance per layer and unit, clean vs noisy',
                     description="Which parameters matter for which examples: the diagonal Fisher information (EWC) or MAS importance "
                                 "of the final model on each subset of training examples, per layer (mean per parameter) and per unit "

@@ -303,7 +303,7 @@ ANALYSIS = Analysis(
                    "scores": Var(("example", "score"), "every score, raw (averaged over runs)"),
                    "direction": Var(("score",), "+1: higher = more likely mislabeled, -1: lower is"),
                    "rate_estimate": Var((), "estimated noise rate (calibrated confident joint) or the rate given")}),
-    command=Command(name="issues",
+    command=Command(name="issues", group="finding", example="memloc issues RUN",
                     help='rank every example by how likely its label is wrong; flag the suspects (no ground truth)',
                     description="Rank every training example by how likely its label is wrong and flag the suspects, without ground "
                                 "truth: the number flagged is the noise rate estimated by confident learning's calibrated confident "

@@ -284,7 +284,7 @@ ANALYSIS = Analysis(
                   {**layer_vars(), "epoch": Var(("epoch",), "retraining epoch (0 = just after the reset)"), **SUBSET_VAR},
                   {"accuracy": Var(("layer", "epoch", "subset"), "accuracy while the layer is retrained"),
                    "baseline": Var(("subset",), "accuracy of the model itself")}),
-    command=Command(name="retrain",
+    command=Command(name="retrain", group="localisation", example="memloc retrain RUN",
                     help='reset one layer at a time and retrain only it on clean data',
                     sharded=True,
                     description="Reset one layer at a time to its initialisation, freeze every other parameter and buffer, "

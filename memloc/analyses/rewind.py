@@ -204,7 +204,7 @@ ANALYSIS = Analysis(
                    **layer_vars(), **SUBSET_VAR},
                   {"accuracy": Var(("checkpoint", "layer", "subset"), "accuracy with the layer rewound"),
                    "baseline": Var(("subset",), "accuracy of the model itself")}),
-    command=Command(name="rewind",
+    command=Command(name="rewind", group="localisation", example="memloc rewind RUN --checkpoints 0,final",
                     help='rewind one layer at a time to an earlier checkpoint; clean / noisy / test accuracy',
                     sharded=True,
                     description="Rewind one layer at a time of the final model to an earlier checkpoint (parameters and norm "

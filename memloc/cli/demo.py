@@ -111,7 +111,8 @@ def summary(out, args):
 
 
 COMMAND = Command(
-    name="demo", order=170, help="the whole pipeline on MNIST-5k with 10% noise, from training to report",
+    name="demo", group="runs", example="memloc demo OUT --quick", order=170,
+    help="the whole pipeline on MNIST-5k with 10% noise, from training to report",
     description=__doc__.split("\n\n")[1].replace("\n", " ").replace("``", ""), arguments=arguments, execute=execute,
     summary=summary, takes_run=False, overwrite=True, interrupted="finished steps are kept in OUT",
     overwrite_help="delete the demo's earlier run directories in OUT first")

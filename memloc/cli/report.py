@@ -23,7 +23,8 @@ def summary(md, args):
 
 
 COMMAND = Command(
-    name="report", order=160, help="figures and a summary page for every result of a run",
+    name="report", group="reporting", example="memloc report RUN", order=160,
+    help="figures and a summary page for every result of a run",
     description="Figures (PNG) for every result file of a run, a report.md summary and the same as one "
                 "self-contained report.html (figures embedded), each opening with the findings its results support.",
     arguments=arguments, execute=execute, summary=summary, device=False, overwrite=True,

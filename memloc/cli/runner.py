@@ -50,7 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
 def parser(cmd: Command) -> _Parser:
     """The argument parser of command ``cmd``: its declared options plus the common ones."""
-    p = _Parser(prog=f"memloc {cmd.name}", description=cmd.description, formatter_class=Formatter)
+    p = _Parser(prog=f"memloc {cmd.name}", description=cmd.description, formatter_class=Formatter,
+                epilog=f"example: {cmd.example}" if cmd.example else None)
     if cmd.takes_run:
         p.add_argument("run", metavar="RUN", help="run directory (written by memloc train or a Recorder)")
     cmd.arguments(p)

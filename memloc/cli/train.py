@@ -42,7 +42,10 @@ def arguments(p):
                            default=default, help=text)
         else:
             p.add_argument(flag, default=default, help=text)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last epoch with the options it stored (give none, or "
+                        "the same values; a differing one is an error); a larger --epochs extends a finished run "
+                        "trained with --schedule constant (as if trained that long at once)")
     add_eval_batch_size(p)
 
 
@@ -77,7 +80,8 @@ def summary(run, args):
 
 
 COMMAND = Command(
-    name="train", order=10, help="train a model under label noise into a run directory",
+    name="train", group="runs", example="memloc train RUN --dataset digits --model mlp --epochs 20", order=10,
+    help="train a model under label noise into a run directory",
     description=DESCRIPTION, arguments=arguments, execute=execute, summary=summary,
     sharded=True,    # torchrun --nproc-per-node K -m memloc train RUN: one run, each batch split K ways (DDP)
     overwrite=True, interrupted="finished epochs are saved (rerun with --resume to continue)",

@@ -140,6 +140,17 @@ class RunWriter:
             with h5py.File(tmp, "a", locking=False) as f:
                 yield f
 
+    def set_config(self, config: dict) -> None:
+        """Replace the training config the run stores (``run.json`` and ``run.h5``'s root attribute), e.g. a
+        trainer extending its epochs; the run's fingerprint changes with it, so results computed before
+        are refused as another run's (:meth:`memloc.Run.result`)."""
+        info = json.loads((self.dir / "run.json").read_text())
+        info["config"] = config
+        with atomic_path(self.dir / "run.json") as tmp:
+            tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+        with self._edit_h5() as f:
+            f.attrs["config"] = json.dumps(config, sort_keys=True, default=str)
+
     def close(self) -> None:
         """Release the run directory for other writers (also when this object is garbage collected)."""
         self.lock.release()

@@ -7,12 +7,14 @@ An analysis module ends with one declaration::
         schema=Schema(...),                           # what the result holds (checked on save and load)
         plot=plot_rewind,                             # its report section (optional)
         command=Command(name="rewind", help="...",    # its command line (optional)
+                        group="localisation", example="memloc rewind RUN --checkpoints 0,final",
                         description="...", arguments=..., execute=..., summary=..., sharded=True),
     )
 
-and a command that is not an analysis (train, report, demo) declares ``COMMAND = Command(...)``.
+and a command that is not an analysis (train, status, report, demo) declares ``COMMAND = Command(...)``.
 There is no central table: :func:`discover` finds the declarations by reading the modules of the
-layer packages *without importing them* (their literal ``name`` / ``help`` / ``order``; so that
+layer packages *without importing them* (their literal ``name`` / ``help`` / ``order`` / ``group`` /
+``example``; so that
 ``memloc --help`` lists every command in a fraction of a second), and :func:`analysis` /
 :func:`command` import the one module asked for. Code outside the package (a test, a plug-in)
 adds its own with :func:`register`.
@@ -30,10 +32,20 @@ from .errors import MemlocError
 from .schemas import Schema
 
 __all__ = ["Command", "Analysis", "register", "unregister", "discover", "analysis", "command", "analyses", "commands",
-           "schema", "markdown", "PACKAGES"]
+           "examples", "grouped", "schema", "markdown", "PACKAGES", "GROUPS"]
 
 #: the layer packages whose modules may declare analyses or commands
 PACKAGES = ("training", "analyses", "actions", "reporting", "cli")
+
+#: a command's ``group`` -> what its commands are for (``memloc --help``'s headings, in the order of work)
+GROUPS = {
+    "runs": "train a run, see what it holds",
+    "localisation": "where in the network memorisation lives",
+    "finding": "which examples are memorised or mislabelled",
+    "acting": "remove them, retrain without them, unlearn them",
+    "reporting": "figures and findings",
+    "other": "more commands (registered)",
+}
 
 
 @dataclass(frozen=True)
@@ -48,7 +60,9 @@ class Command:
     ``flags``: library argument -> flag where a message names an argument that is no option of the
     parser. ``already_done(args, run)`` / ``resumable(args, run)``: whether an existing result is
     complete for these settings / an interrupted one may be continued; ``after_save(result, args)``:
-    extra outputs written once the result is safe.
+    extra outputs written once the result is safe. ``group``: its place in the order of work, a key of
+    :data:`GROUPS` (``memloc --help`` lists the commands under these headings); ``example``: one command
+    line (``memloc NAME RUN ...``) that ``memloc --help`` and ``memloc NAME --help`` show.
     """
 
     name: str
@@ -68,7 +82,13 @@ class Command:
     resumable: Callable | None = None
     after_save: Callable | None = None
     order: int = 1000
+    group: str = "other"
+    example: str | None = None
     result: str | None = None       # set from the analysis it belongs to
+
+    def __post_init__(self):
+        if self.group not in GROUPS:
+            raise MemlocError(f"command {self.name!r}: unknown group {self.group!r}; valid: {', '.join(GROUPS)}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +156,8 @@ class Found:
     order: int
     command: str | None  # the command's name
     help: str
+    group: str = "other"  # the command's group (GROUPS)
+    example: str | None = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -165,10 +187,13 @@ def discover() -> tuple[Found, ...]:
                     cmd = next((kw.value for kw in call.keywords if kw.arg == "command"), None)
                     cmd = cmd if isinstance(cmd, ast.Call) else None
                     found.append(Found("analysis", _literal(call, "name"), module, _literal(call, "order") or 1000,
-                                       _literal(cmd, "name") if cmd else None, _literal(cmd, "help") if cmd else ""))
+                                       _literal(cmd, "name") if cmd else None, _literal(cmd, "help") if cmd else "",
+                                       (_literal(cmd, "group") if cmd else None) or "other",
+                                       _literal(cmd, "example") if cmd else None))
                 elif target == "COMMAND":
                     found.append(Found("command", _literal(call, "name"), module, _literal(call, "order") or 1000,
-                                       _literal(call, "name"), _literal(call, "help") or ""))
+                                       _literal(call, "name"), _literal(call, "help") or "",
+                                       _literal(call, "group") or "other", _literal(call, "example")))
     return tuple(sorted(found, key=lambda f: (f.order, f.name)))
 
 
@@ -183,6 +208,25 @@ def commands() -> dict[str, str]:
     out = {f.command: f.help for f in discover() if f.command}
     out.update({name: cmd.help for name, cmd in _REGISTERED_COMMANDS.items()})
     return out
+
+
+def examples() -> dict[str, str | None]:
+    """Every command name -> its example command line, None where it declares none (nothing imported)."""
+    out = {f.command: f.example for f in discover() if f.command}
+    out.update({name: cmd.example for name, cmd in _REGISTERED_COMMANDS.items()})
+    return out
+
+
+def grouped() -> dict[str, dict[str, str]]:
+    """Every command by group, in the order of :data:`GROUPS` (empty groups left out): group -> {name: help}
+    (nothing imported)."""
+    out = {group: {} for group in GROUPS}
+    for f in discover():
+        if f.command and f.command not in _REGISTERED_COMMANDS:
+            out[f.group if f.group in GROUPS else "other"][f.command] = f.help
+    for name, cmd in _REGISTERED_COMMANDS.items():
+        out[cmd.group][name] = cmd.help
+    return {group: names for group, names in out.items() if names}
 
 
 def analysis(name: str) -> Analysis:

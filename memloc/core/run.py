@@ -275,7 +275,11 @@ class Run:
         res = load_result(path, name)
         stored = res.dataset.attrs.get("run_fingerprint")
         if stored is not None and str(stored) != self.fingerprint:
-            raise MemlocError(f"{str(path)!r} was computed from another run, {res.dataset.attrs.get('run', '?')!r} "
+            origin = str(res.dataset.attrs.get("run", "?"))
+            if origin == str(self.path.resolve()):      # the same folder, its run.json changed since
+                raise MemlocError(f"{str(path)!r} was computed from this run before its run.json changed (its training "
+                                  "extended with resume, or the run replaced): recompute it (overwrite)")
+            raise MemlocError(f"{str(path)!r} was computed from another run, {origin!r} "
                               f"(fingerprint {stored}), not from {str(self.path)!r} ({self.fingerprint}): "
                               "delete it, or recompute it for this run (overwrite)")
         return res

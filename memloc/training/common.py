@@ -13,7 +13,8 @@ from ..core.optim import epoch_seed
 from ..core.run import check_new_run_dir, is_complete, load_checkpoint, save_atomic
 from ..core.runtime import check_creatable, check_range
 
-__all__ = ["check_ranges", "check_run_dir", "trainer_state", "load_trainer_state", "save_trainer_state",
+__all__ = ["check_ranges", "check_run_dir", "resumed_config", "check_extension", "extend_config", "trainer_state",
+           "load_trainer_state", "save_trainer_state",
            "seed_epoch", "continue_at", "STATE_FILE"]
 
 #: the optimiser / schedule (/ loss scaler) state of the last saved epoch, in RUN/checkpoints
@@ -28,20 +29,71 @@ def check_ranges(cfg: dict, ranges: dict) -> None:
             check_range(key, cfg[key], low=low, high=high, integer=kind is int, low_open=low_open, high_open=high_open)
 
 
+def _stored_config(run_dir: Path) -> dict:
+    """The training config ``run.json`` stores (a :class:`MemlocError` for a corrupt file)."""
+    try:
+        return json.loads((Path(run_dir) / "run.json").read_text()).get("config", {})
+    except (OSError, ValueError) as e:
+        raise MemlocError(f"cannot read {str(Path(run_dir) / 'run.json')!r} ({e})") from None
+
+
+def resumed_config(run_dir, cfg: dict | None, resume: bool) -> dict:
+    """The config :func:`memloc.train` trains with: ``cfg``, and when ``resume`` finds a run in ``run_dir``,
+    its stored config for every option ``cfg`` does not give (those given are checked against the stored
+    ones by :func:`check_run_dir`)."""
+    cfg = dict(cfg or {})
+    if not (resume and (Path(run_dir) / "run.json").is_file()):     # also a creation that was interrupted
+        return cfg
+    stored = _stored_config(run_dir)
+    if "dataset" not in stored or "model" not in stored:
+        raise MemlocError(f"run {str(run_dir)!r} was not trained by memloc train (a Recorder in your own loop): "
+                          "resume it in that loop (Recorder(..., resume=True))", argument="resume")
+    return {**stored, **cfg}
+
+
 def check_run_dir(run_dir: Path, cfg: dict, defaults: dict, resume: bool, overwrite: bool) -> bool:
     """Check ``run_dir`` before any work (rank 0 alone under torchrun); returns whether to resume.
-    A resumed run's stored config must equal ``cfg`` (keys it lacks count as their ``defaults``)."""
+    A resumed run's stored config must equal ``cfg`` (keys it lacks count as their ``defaults``), but
+    for more ``epochs`` than stored with a schedule that does not depend on them (``constant``): the
+    run is extended, as if trained for that many epochs at once."""
     check_creatable(run_dir)
     if resume and is_complete(run_dir):
-        stored = json.loads((run_dir / "run.json").read_text()).get("config", {})
+        stored = _stored_config(run_dir)
         diff = {k for k in cfg if stored.get(k, defaults.get(k)) != cfg[k]}
+        if "epochs" in diff:
+            check_extension(run_dir, stored.get("epochs", defaults.get("epochs")), cfg)
+            diff.discard("epochs")
         if diff:
-            raise MemlocError("resume with settings that differ from the stored run: "
-                            + ", ".join(f"{k} (stored {stored.get(k)!r}, given {cfg[k]!r})" for k in sorted(diff)))
+            given = {k: cfg[k] for k in sorted(diff)}
+            raise MemlocError("resume with settings that differ from the stored run: " + ", ".join(
+                f"{{{k}}} (stored {stored.get(k, defaults.get(k))!r})" for k in given) + "; resume continues the run "
+                "with its stored options: leave these out", options=given)
         return True
     if not overwrite:   # fail before any work; the Recorder clears (or overwrites) under its lock
         check_new_run_dir(run_dir, clear=False)
     return False
+
+
+def check_extension(run_dir, stored: int, cfg: dict) -> None:
+    """``cfg["epochs"]`` may extend a run trained for ``stored`` epochs only when the result equals
+    training that many epochs at once: a schedule that does not depend on the number of epochs."""
+    epochs = cfg["epochs"]
+    if epochs < stored:
+        raise MemlocError(f"epochs {epochs} is fewer than the {stored} the run {str(run_dir)!r} was trained for: "
+                          "resume continues or extends a run, never shortens it (its checkpoints of every epoch "
+                          "are in RUN/checkpoints)", argument="epochs")
+    if cfg.get("schedule") != "constant":
+        raise MemlocError(f"epochs {epochs} would extend a run trained for {stored} epochs with schedule "
+                          f"{cfg.get('schedule')!r}, whose learning rate at every step depends on the number of epochs: "
+                          f"the result would differ from training {epochs} epochs at once; train a new run for {epochs} "
+                          "epochs (only runs trained with schedule 'constant' extend exactly)", argument="epochs")
+
+
+def extend_config(rec, cfg: dict) -> None:
+    """Record a resumed run's new number of epochs (an extension: :func:`check_extension`) in its
+    ``run.json`` and ``run.h5``, by its writer ``rec`` (which holds the run's lock)."""
+    if _stored_config(rec.dir).get("epochs") != cfg["epochs"]:
+        rec.set_config({**_stored_config(rec.dir), "epochs": cfg["epochs"]})
 
 
 def trainer_state(rec, state_path: Path) -> dict | None:

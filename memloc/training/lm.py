@@ -32,8 +32,8 @@ from ..core.run import load
 from ..core.runtime import check_range, progress, resolve_device
 from ..core.sequence_recorder import SequenceRecorder
 from ..scale.distributed import world
-from .common import (STATE_FILE, check_ranges, check_run_dir, load_trainer_state, save_trainer_state, seed_epoch,
-                     trainer_state)
+from .common import (STATE_FILE, check_ranges, check_run_dir, extend_config, load_trainer_state, save_trainer_state,
+                     seed_epoch, trainer_state)
 
 __all__ = ["LM_OPTIONS", "LM_SHARED", "LM_DEFAULTS", "LM_RANGES", "resolve_lm_config", "train_lm"]
 
@@ -172,6 +172,8 @@ def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = 
     rec = SequenceRecorder(run_dir, model, data, config=cfg, model_spec=spec, data_spec=corpus, resume=resume,
                            overwrite=overwrite, eval_batch_size=eval_batch_size, precision=precision, argv=argv)
     try:
+        if resume:
+            extend_config(rec, cfg)                 # more epochs than stored: the run is extended
         load_trainer_state(trainer_state(rec, state_path), opt, sched, scaler)
         bar = progress(range(rec.epoch + 1, cfg["epochs"] + 1), desc=f"train {cfg['model']}", initial=rec.epoch,
                        total=cfg["epochs"], unit="epoch")

@@ -48,8 +48,8 @@ from .recipes import recipe_options
 from ..core.recorder import Recorder
 from ..core.run import load
 from ..core.runtime import check_range, progress, resolve_device
-from .common import (STATE_FILE, check_ranges, check_run_dir, load_trainer_state, save_trainer_state, seed_epoch,
-                     trainer_state)
+from .common import (STATE_FILE, check_ranges, check_run_dir, extend_config, load_trainer_state, resumed_config,
+                     save_trainer_state, seed_epoch, trainer_state)
 
 __all__ = ["DEFAULTS", "OPTIONS", "RANGES", "LATER_OPTIONS", "resolve_config", "train"]
 
@@ -224,7 +224,10 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
           label_given=None):
     """Train with config ``cfg`` (keys of :data:`DEFAULTS`) into ``run_dir``; returns the :class:`Run`.
 
-    ``resume``: continue a run from its last complete epoch (bit-identical to an uninterrupted run).
+    ``resume``: continue a run from its last complete epoch (bit-identical to an uninterrupted run) with the
+    options it stored: ``cfg`` may leave them out, and one that differs from the stored value is an error;
+    but ``epochs`` larger than stored extends a run trained with ``schedule="constant"`` (equal to training
+    that many epochs at once; other schedules depend on the number of epochs and are refused).
     ``overwrite``: replace the memloc run in ``run_dir`` (deleted only after every check passed,
     under the run's writer lock; files memloc did not write are never deleted).
 
@@ -245,7 +248,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     ``model`` (``gpt``, ``hf:gpt2``, ...) trains a language model instead (:func:`memloc.training.lm.train_lm`,
     its options :data:`memloc.training.lm.LM_DEFAULTS`).
     """
-    given = dict(cfg or {})
+    given = on_rank0(resumed_config, run_dir, cfg, resume and not overwrite)     # a resumed run's stored options
     if is_sequence_dataset(given.get("dataset")) or is_lm_name(given.get("model")):
         if "dataset" in given and not is_sequence_dataset(given["dataset"]):
             raise MemlocError(f"model {given['model']!r} is a language model: it trains on a sequence corpus "
@@ -254,7 +257,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
         return train_lm(run_dir, given, device=device, resume=resume, overwrite=overwrite, argv=argv,
                         on_epoch_end=on_epoch_end, prepare_model=prepare_model, forward_context=forward_context,
                         eval_batch_size=eval_batch_size)
-    cfg = resolve_config(cfg)
+    cfg = resolve_config(given)
     if cfg["noise_kind"] not in NOISE_KINDS:
         raise MemlocError(f"unknown noise kind {cfg['noise_kind']!r}; valid: {', '.join(NOISE_KINDS)}")
     check_ranges(cfg, RANGES)
@@ -315,6 +318,8 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
                            model_spec=spec, resume=resume, overwrite=overwrite, source_index=data.source_index,
                            argv=argv, eval_batch_size=eval_batch_size, evaluated=initial)
         try:
+            if resume:
+                extend_config(rec, cfg)             # more epochs than stored: the run is extended
             state = trainer_state(rec, state_path)
             return rec.epoch, state
         except BaseException:

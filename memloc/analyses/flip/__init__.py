@@ -231,7 +231,7 @@ ANALYSIS = Analysis(
                    "layer_size": Var(("layer",), "units in the layer"),
                    "layer_offset": Var(("layer",), "global id of the layer's first unit"),
                    "reference": Var(("repeat", "ref"), "example ids of each repeat's reference batch")}),
-    command=Command(name="flip",
+    command=Command(name="flip", group="localisation", example="memloc flip RUN --examples noisy:50,clean:50",
                     help="greedy gradient-guided unit zeroing until each example's prediction flips",
                     sharded=True,
                     description="Greedy gradient-guided unit zeroing: for each example, zero units (or, with --site weight, "

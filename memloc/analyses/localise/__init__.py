@@ -219,8 +219,9 @@ ANALYSIS = Analysis(
    "greedy_broken": Var(("target",), "the suffix was not reproduced when greedy stopped (within max_zeroed)",
                         optional=True)}),
     command=Command(
-        name="localise-neurons", help="rank every MLP neuron of a language model for memorised sequences (MemPi's "
-                                      "methods and memloc's greedy zeroing)",
+        name="localise-neurons", group="localisation", example="memloc localise-neurons RUN",
+        help="rank every MLP neuron of a language model for memorised sequences (MemPi's "
+             "methods and memloc's greedy zeroing)",
         description="Scores every MLP hidden neuron of every layer for each target sequence by Zero-Out, Activations, "
                     "integrated gradients, Slimming, Hard Concrete (MemPi's methods and settings), gradient x "
                     "activation, memloc's greedy gradient-guided zeroing and a random baseline. Writes "

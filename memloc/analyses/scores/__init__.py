@@ -341,7 +341,7 @@ ANALYSIS = Analysis(
                   {name: Var(("example",), f"score {name} (see memloc.analyses.scores.SCORES)", optional=True) for name in SCORE_NAMES},
                   {"direction": "+1: higher = more likely mislabeled, -1: lower is",
                    "epoch": "checkpoint epoch (el2n, grand)"}),
-    command=Command(name="scores",
+    command=Command(name="scores", group="finding", example="memloc scores RUN --scores final_loss,forgetting,aum",
                     help='per-example memorisation scores (loss, forgetting, EL2N, GraNd, AUM, neuron count...)',
                     description="Per-example memorisation / label-noise scores of a run, written to RUN/results/scores.h5 (raw "
                                 "values plus each score's direction: +1 = higher means more likely mislabeled, -1 = lower does).",
