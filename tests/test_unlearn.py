@@ -1,5 +1,6 @@
 """Importance maps (Fisher, MAS) and unlearning: known answers against loops, scope, errors."""
 import copy
+import importlib
 import warnings
 
 import numpy as np
@@ -272,18 +273,14 @@ def test_etd_drop_equals_the_dropout_analysis_and_needs_dropout_layers(small, tm
     assert e.value.code == 2 and "example-tied dropout" in err and len(err.strip().splitlines()) == 1
 
 
-def test_unlearning_and_forgetting_in_bf16_close_to_fp32_and_fp16_steps_scale_the_loss(small):
-    kw = {"forget": "noisy", "methods": "finetune,ewc", "seeds": [0], "epochs": 1, "device": "cpu"}
+def test_unlearning_in_bf16_close_to_fp32_and_fp16_fine_tuning_scales_the_loss(small, monkeypatch):
+    kw = {"forget": "noisy", "methods": "finetune", "seeds": [0], "epochs": 1, "device": "cpu"}
     a = memloc.unlearn(small, **kw)
     with forward_dtypes() as seen:
         b = memloc.unlearn(small, precision="bf16", **kw)
     assert torch.bfloat16 in seen and (a.config["precision"], b.config["precision"]) == ("fp32", "bf16")
     np.testing.assert_allclose(b["baseline"].values, a["baseline"].values, atol=0.02)
     np.testing.assert_allclose(b["accuracy"].values, a["accuracy"].values, atol=0.05)
-    kw = {"orders": "random", "protect": "none,lwf", "epochs": 1, "device": "cpu"}
-    f = {p: memloc.forgetting_order(small, precision=p, **kw) for p in ("fp32", "bf16")}
-    assert f["bf16"].config["precision"] == "bf16"
-    np.testing.assert_allclose(f["bf16"]["accuracy"].values, f["fp32"]["accuracy"].values, atol=0.05)
     # fp16: the fine-tuning steps go through the loss scaler (each successful step counts towards its growth)
     model, part = small.model(), small.data().train.subset(np.arange(256))
     plain = finetune(copy.deepcopy(model), part, epochs=1, lr=0.01)
@@ -292,3 +289,11 @@ def test_unlearning_and_forgetting_in_bf16_close_to_fp32_and_fp16_steps_scale_th
     assert scaler.state_dict()["_growth_tracker"] == 2            # 256 examples: two steps of 128
     for (k, v), w in zip(plain.state_dict().items(), half.state_dict().values()):
         torch.testing.assert_close(w, v, rtol=0.01, atol=0.01, msg=k)
+    # forgetting_order: its evaluations in bf16, and every phase's fine-tuning asked for bf16 with one scaler
+    calls = []
+    monkeypatch.setattr(importlib.import_module("memloc.actions.forgetting"), "finetune",
+                        lambda model, *args, **kw: calls.append((kw["precision"], kw["scaler"])) or model)
+    with forward_dtypes() as seen:
+        f = memloc.forgetting_order(small, orders="random", protect="none,lwf", epochs=1, device="cpu", precision="bf16")
+    assert torch.bfloat16 in seen and f.config["precision"] == "bf16" and len(calls) == 3
+    assert {p for p, _ in calls} == {"bf16"} and len({id(s) for _, s in calls}) == 3    # phase 1, and each phase 2
