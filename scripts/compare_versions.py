@@ -8,13 +8,14 @@ the demo's run (MNIST-5k, MLP, 10% symmetric noise; fewer epochs than the demo) 
 its own run, gradients, rewind, retrain, flip at the unit and the weight site, scores, label issues
 and Fisher importance through the public functions both versions have (``memloc.<name>``). The
 results are saved as HDF5 and compared variable by variable (``xarray.Dataset.equals``: values,
-dims, coordinates; NaN equal to NaN) and by their configs (up to the runs' folders), together with
-every array of the run's ``run.h5`` and its final weights. Exit
-status 1 on any difference. Use it before and after a restructuring that must not change results.
+dims, coordinates; NaN equal to NaN) and by their configs (up to the runs' folders and to options
+added since, :data:`LATER_DEFAULTS`, at their default), together with every array of the run's
+``run.h5`` and its final weights. Exit status 1 on any difference. Use it before and after a restructuring that must not change results.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -49,6 +50,17 @@ print("computed", ", ".join(results))
 """
 
 
+#: options a result's config records since some version, at the value that is the older code's computation:
+#: a config without the key equals one holding that value
+LATER_DEFAULTS = {"precision": "fp32"}
+
+
+def config(ds, folder: Path) -> dict:
+    """A result's config, its run's folder written as ``<out>`` and :data:`LATER_DEFAULTS` at their default dropped."""
+    cfg = json.loads(str(ds.attrs.get("config", "{}")).replace(str(folder), "<out>"))
+    return {k: v for k, v in cfg.items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+
+
 def compute(checkout: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(checkout.resolve()), "OMP_NUM_THREADS": "1"}
@@ -63,10 +75,11 @@ def compare(old: Path, new: Path) -> list[str]:
     for f in sorted(old.glob("*.h5")):
         a = xr.load_dataset(f, engine="h5netcdf")
         b = xr.load_dataset(new / f.name, engine="h5netcdf")
-        # configs equal up to where each version's run lives
-        same = a.equals(b) and (str(a.attrs.get("config")).replace(str(old), str(new))
-                                == str(b.attrs.get("config")))
-        print(f"{f.stem:<12} {'equal' if same else 'DIFFERENT'} ({len(a.data_vars)} variables)")
+        ca, cb = config(a, old), config(b, new)
+        why = (["values"] if not a.equals(b) else []) + [f"config {k}" for k in sorted(set(ca) | set(cb))
+                                                         if ca.get(k) != cb.get(k)]
+        same = not why
+        print(f"{f.stem:<12} {'equal' if same else 'DIFFERENT (' + ', '.join(why) + ')'} ({len(a.data_vars)} variables)")
         if not same:
             differ.append(f.stem)
     da, db = np.load(old / "dynamics.npz"), np.load(new / "dynamics.npz")

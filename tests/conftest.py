@@ -6,6 +6,7 @@
 * ``tiny_run``: a small MLP on scikit-learn digits, 10% noise, 4 epochs (for fast error-path and
   equality tests).
 """
+import contextlib
 import os
 
 import pytest
@@ -78,6 +79,22 @@ def train_exit2(capsys, argv, match):
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert match in err and len(err.strip().splitlines()) == 1, err
+
+
+@contextlib.contextmanager
+def forward_dtypes():
+    """The set of dtypes of every module's tensor output inside the block (a global forward hook): a
+    16-bit one shows that autocast was at work."""
+    seen = set()
+
+    def hook(module, inputs, out):
+        if torch.is_tensor(out) and out.is_floating_point():
+            seen.add(out.dtype)
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 @pytest.fixture(scope="module")

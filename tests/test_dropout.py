@@ -17,7 +17,7 @@ from memloc.core.run import load
 from memloc.core.errors import MemlocError
 from memloc.core.evaluate import SUBSETS, accuracies
 from memloc.training.train import train
-from conftest import train_interrupted, needs_cuda
+from conftest import forward_dtypes, train_interrupted, needs_cuda
 
 dropout = importlib.import_module("memloc.core.dropout")
 
@@ -291,6 +291,14 @@ def test_dropout_cli_writes_results(etd_tiny_run, capsys):
     with torch.no_grad(), example_ids(model, data.train.idx):
         pred = model(data.train.x).argmax(1).numpy()
     assert acc[0, 1] == np.mean(pred[data.is_noisy] == data.label_given[data.is_noisy])
+
+
+def test_dropout_modes_in_bf16_are_close_to_fp32(etd_tiny_run):
+    a = cli_run("dropout", [str(etd_tiny_run.path), "--device", "cpu", "--overwrite"])
+    with forward_dtypes() as seen:
+        b = cli_run("dropout", [str(etd_tiny_run.path), "--device", "cpu", "--overwrite", "--precision", "bf16"])
+    assert torch.bfloat16 in seen and (a.config["precision"], b.config["precision"]) == ("fp32", "bf16")
+    np.testing.assert_allclose(b["accuracy"].values, a["accuracy"].values, atol=0.03)     # NaN where a's is
 
 
 def test_recalibrate_norms_equals_batch_statistics_reference(tiny_run):

@@ -13,6 +13,7 @@ from memloc.core.lm import TinyGPT, lm_logits, sequence_measures, suffix_measure
 from memloc.core.neurons import mlp_layers, neuron_masks
 from memloc.core.optim import make_optimizer
 from memloc.core.sequences import SequenceSet, TINYMEM_VOCAB
+from conftest import forward_dtypes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,6 +42,18 @@ def memorising():
     data = SequenceSet("random", x, torch.from_numpy(rng.integers(0, 14, (6, 10))), np.arange(8), target,
                        np.where(target, "canary", "clean"), 5, 5, list(TINYMEM_VOCAB))
     return model.eval(), data
+
+
+def test_del_in_bf16_is_close_to_fp32(memorising):
+    model, data = memorising
+    kw = {"fractions": [0.1], "methods": "random", "device": "cpu"}
+    a = memloc.del_benchmark(model, data, **kw)
+    with forward_dtypes() as seen:
+        b = memloc.del_benchmark(model, data, precision="bf16", **kw)
+    assert torch.bfloat16 in seen and (a.config["precision"], b.config["precision"]) == ("fp32", "bf16")
+    assert not np.array_equal(a["loss"].values, b["loss"].values)
+    for name in ("loss", "test_loss", "loss_before", "test_loss_before"):
+        np.testing.assert_allclose(b[name].values, a[name].values, rtol=0.02, atol=0.01, err_msg=name)
 
 
 def test_del_reports_what_zeroing_really_does(memorising):

@@ -14,6 +14,7 @@ from memloc.core.lm import TinyGPT, lm_logits, suffix_measures
 from memloc.core.optim import make_optimizer
 from memloc.core.neurons import mlp_layers, neuron_hooks, neuron_masks, output_weights
 from memloc.core.sequences import SequenceSet, TINYMEM_VOCAB
+from conftest import forward_dtypes
 from memloc.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,6 +74,28 @@ def test_every_method_ranks_the_injected_neuron_of_each_layer_first(injected):
         assert recall_at_k(scores[0], neurons).tolist() == [expected] * 2 or method == "random", method
     assert out["greedy_broken"].tolist() == [True] and out["greedy_zeroed"][0] >= 1
     assert set(out["seconds"]) == set(METHODS)
+
+
+def test_bf16_methods_still_find_the_injected_neurons_and_bf16_injects(injected):
+    """Under bf16 autocast every method ranks the injected neuron of each layer first with scores close to
+    fp32's, and an injection run in bf16 memorises a new sequence."""
+    model, x, neurons = injected
+    methods = "zero_out,activations,grad_x_act,greedy"
+    a = neuron_scores(model, x, 5, 3, methods=methods)
+    with forward_dtypes() as seen:
+        b = neuron_scores(model, x, 5, 3, methods=methods, precision="bf16")
+    assert torch.bfloat16 in seen
+    for method, want in a["scores"].items():
+        got = b["scores"][method]
+        assert recall_at_k(got[0], neurons).tolist() == [1.0, 1.0], method
+        share = 0.4 if method == "grad_x_act" else 0.05     # the gradient of a small loss: bf16 moves it most
+        np.testing.assert_allclose(got, want, atol=share * np.abs(want).max(), err_msg=method)
+    assert not np.array_equal(b["scores"]["zero_out"], a["scores"]["zero_out"])
+    fresh, y = tiny_gpt(3), torch.from_numpy(np.random.default_rng(3).integers(0, 14, (1, 8)))
+    assert not bool(suffix_measures(lm_logits(fresh, y[:, :-1]), y, 5, 3)[2])
+    with forward_dtypes() as seen:
+        steps, ok = inject_sequence(fresh, y, 5, 3, neurons, lr=0.3, max_steps=300, precision="bf16")
+    assert ok and steps > 0 and torch.bfloat16 in seen
 
 
 def test_masks_are_zeroed_output_weights_and_zero_out_is_their_loss_increase(injected):

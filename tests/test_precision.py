@@ -4,6 +4,7 @@ with results close to fp32's; fp16 scales the loss and resumes exactly; errors; 
 contiguous within float tolerance. CUDA paths are checked only where a GPU exists."""
 import copy
 import importlib
+import inspect
 import warnings
 
 import numpy as np
@@ -16,13 +17,14 @@ import memloc
 from memloc.core import registry
 from memloc.cli import run as cli_run
 from memloc.cli.runner import parser as command_parser
-from memloc.actions.children import _digest
+from memloc.actions.children import _digest, child_path
 from memloc.core.precision import (PRECISIONS, apply_channels_last, autocast, check_precision, grad_scaler,
                               to_channels_last, use_channels_last)
+from memloc.analyses.importance import param_importance
 from memloc.analyses.retrain import retrain_layer
 from memloc.core.selection import prepare
 from memloc.training.train import resolve_config, train
-from conftest import train_interrupted, needs_cuda
+from conftest import forward_dtypes, train_interrupted, needs_cuda
 
 
 @memloc.register_model("precision_tinyconv")
@@ -84,7 +86,12 @@ def test_names_contexts_and_scaler():
 
 
 def test_every_command_takes_precision(capsys):
-    for name in ("train", "retrain", "rewind", "flip", "scores"):
+    """train, and the command of every analysis whose function takes ``precision``."""
+    names = ["train"] + [a.command.name for a in map(registry.analysis, registry.analyses())
+                         if a.command is not None and "precision" in inspect.signature(a.compute).parameters]
+    assert {"retrain", "rewind", "flip", "scores", "issues", "importance", "dropout", "prune", "clean", "jtt",
+            "unlearn", "forgetting-order", "localise-neurons"} <= set(names)
+    for name in names:
         assert name in registry.commands()
         action = next(a for a in command_parser(registry.command(name))._actions if a.dest == "precision")
         assert (action.default, list(action.choices)) == ("fp32", ["fp32", "bf16", "fp16"]), name
@@ -233,6 +240,75 @@ def test_channels_last_paths_match_contiguous(tmp_path, monkeypatch):
                                rewound["accuracy"].values, atol=0.01)
     again = memloc.flip(plain, examples="clean:3", max_units=5, site="weight", device="cpu", resume=None)
     np.testing.assert_array_equal(again["status"].values, flipped["status"].values)
+
+
+def test_bf16_label_issues_and_importance_close_to_fp32(conv_runs):
+    run = conv_runs["fp32"]
+    issues = {p: memloc.find_label_issues(run, device="cpu", precision=p) for p in ("fp32", "bf16")}
+    a, b = issues["fp32"], issues["bf16"]
+    assert (a.config["precision"], b.config["precision"]) == ("fp32", "bf16")
+    assert not np.array_equal(a["prob_given"].values, b["prob_given"].values)       # autocast was at work
+    np.testing.assert_allclose(b["prob_given"].values, a["prob_given"].values, atol=0.02)
+    assert abs(float(a["rate_estimate"]) - float(b["rate_estimate"])) < 0.01
+    fa, fb = (r["flagged"].values.astype(bool) for r in (a, b))
+    assert (fa & fb).sum() / (fa | fb).sum() > 0.95
+    # per-example gradients of a conv net with batch norms (vmap; the norms' inputs cast back to float32)
+    model, train_set = run.model(), run.data().train
+    imp = {p: param_importance(model, train_set.x[:16], train_set.y[:16], precision=p) for p in ("fp32", "bf16")}
+    for k, v in imp["fp32"].items():
+        w = imp["bf16"][k]
+        assert w.dtype == v.dtype == torch.float32 and not torch.equal(w, v), k
+        torch.testing.assert_close(w, v, rtol=0.1, atol=0.1 * float(v.abs().max()), msg=k)
+
+
+def test_every_analysis_refuses_an_unknown_precision_before_any_work(conv_runs):
+    for name in ("find_label_issues", "importance", "evaluate_dropout", "prune", "clean", "jtt", "unlearn",
+                 "forgetting_order", "localise_neurons", "inj_benchmark", "del_benchmark"):
+        with pytest.raises(memloc.MemlocError, match=r"^precision 'half' is unknown; valid: fp32, bf16, fp16$") as e:
+            getattr(memloc, name)(conv_runs["fp32"], device="cpu", precision="half")
+        assert e.value.argument == "precision", name
+
+
+@pytest.mark.parametrize("command,module,function", [
+    ("issues", "analyses.label_issues", "find_label_issues"), ("importance", "analyses.importance", "importance"),
+    ("dropout", "analyses.etd", "evaluate_dropout"), ("prune", "actions.prune", "prune"),
+    ("clean", "actions.clean", "clean"), ("jtt", "actions.jtt", "jtt"), ("unlearn", "actions.unlearn", "unlearn"),
+    ("forgetting-order", "actions.forgetting", "forgetting_order"),
+    ("localise-neurons", "analyses.localise", "localise_neurons")])
+def test_commands_pass_precision_on(conv_runs, monkeypatch, capsys, command, module, function):
+    got = []
+
+    def capture(*args, **kwargs):
+        got.append(kwargs.get("precision"))
+        raise memloc.MemlocError("captured")
+    monkeypatch.setattr(importlib.import_module(f"memloc.{module}"), function, capture)
+    with pytest.raises(SystemExit):
+        cli_run(command, [str(conv_runs["fp32"].path), "--device", "cpu", "--precision", "bf16"])
+    assert got == ["bf16"] and "captured" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("action", ["prune", "clean", "jtt"])
+def test_experiments_run_their_own_passes_in_precision_and_train_the_parents_recipe(conv_runs, monkeypatch, action):
+    """prune / clean / jtt score, flag and evaluate in ``precision``; their fresh runs keep the parent's recipe,
+    its precision included, whatever ``precision`` is."""
+    run = conv_runs["fp32"]
+    asked = []
+
+    def children_are_the_parent(parent, children, **kw):     # what the experiment would train, and no training
+        asked.append([cfg for _, cfg in children])
+        return [parent] * len(children)
+    monkeypatch.setattr(importlib.import_module(f"memloc.actions.{action}"), "train_children", children_are_the_parent)
+    kw = {"prune": {"methods": ["el2n"], "keep": [0.5]}, "clean": {"baseline": False}, "jtt": {}}[action]
+    got = {}
+    for precision in ("fp32", "bf16"):
+        with forward_dtypes() as seen:
+            got[precision] = getattr(memloc, action)(run, seeds=[0], device="cpu", precision=precision, **kw)
+        assert (torch.bfloat16 in seen) == (precision == "bf16") and got[precision].config["precision"] == precision
+    assert {c["precision"] for cfgs in asked for c in cfgs} == {run.config["precision"]}
+    assert all(run.path in [child_path(run, "all", c) for c in cfgs] for cfgs in asked)   # the parent's own recipe
+    if action == "jtt":     # the same error set and children; the group accuracies within two examples of a class
+        assert asked[0] == asked[1]
+        np.testing.assert_allclose(got["bf16"]["accuracy"].values, got["fp32"]["accuracy"].values, atol=0.06)
 
 
 # ----------------------------------------------------------------------------- CUDA only

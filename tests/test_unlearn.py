@@ -1,5 +1,6 @@
 """Importance maps (Fisher, MAS) and unlearning: known answers against loops, scope, errors."""
 import copy
+import importlib
 import warnings
 
 import numpy as np
@@ -13,7 +14,8 @@ from memloc.cli import run as cli_run
 from memloc.core.data import ExampleSet
 from memloc.analyses.importance import layer_importance, param_importance, unit_importance
 from memloc.core.units import trace
-from conftest import results_free_copy
+from conftest import forward_dtypes, results_free_copy
+from memloc.core.precision import grad_scaler
 from memloc.actions.unlearn import _zero_context, distillation_loss, finetune, quadratic_penalty
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 20, "batch_size": 64, "lr": 0.1, "noise": 0.2}  # memorises 69%
@@ -269,3 +271,29 @@ def test_etd_drop_equals_the_dropout_analysis_and_needs_dropout_layers(small, tm
         cli_run("unlearn", [str(small.path), "--method", "etd_drop", "--device", "cpu", "--overwrite"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "example-tied dropout" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unlearning_in_bf16_close_to_fp32_and_fp16_fine_tuning_scales_the_loss(small, monkeypatch):
+    kw = {"forget": "noisy", "methods": "finetune", "seeds": [0], "epochs": 1, "device": "cpu"}
+    a = memloc.unlearn(small, **kw)
+    with forward_dtypes() as seen:
+        b = memloc.unlearn(small, precision="bf16", **kw)
+    assert torch.bfloat16 in seen and (a.config["precision"], b.config["precision"]) == ("fp32", "bf16")
+    np.testing.assert_allclose(b["baseline"].values, a["baseline"].values, atol=0.02)
+    np.testing.assert_allclose(b["accuracy"].values, a["accuracy"].values, atol=0.05)
+    # fp16: the fine-tuning steps go through the loss scaler (each successful step counts towards its growth)
+    model, part = small.model(), small.data().train.subset(np.arange(256))
+    plain = finetune(copy.deepcopy(model), part, epochs=1, lr=0.01)
+    scaler = grad_scaler("fp16", "cpu")
+    half = finetune(copy.deepcopy(model), part, epochs=1, lr=0.01, precision="fp16", scaler=scaler)
+    assert scaler.state_dict()["_growth_tracker"] == 2            # 256 examples: two steps of 128
+    for (k, v), w in zip(plain.state_dict().items(), half.state_dict().values()):
+        torch.testing.assert_close(w, v, rtol=0.01, atol=0.01, msg=k)
+    # forgetting_order: its evaluations in bf16, and every phase's fine-tuning asked for bf16 with one scaler
+    calls = []
+    monkeypatch.setattr(importlib.import_module("memloc.actions.forgetting"), "finetune",
+                        lambda model, *args, **kw: calls.append((kw["precision"], kw["scaler"])) or model)
+    with forward_dtypes() as seen:
+        f = memloc.forgetting_order(small, orders="random", protect="none,lwf", epochs=1, device="cpu", precision="bf16")
+    assert torch.bfloat16 in seen and f.config["precision"] == "bf16" and len(calls) == 3
+    assert {p for p, _ in calls} == {"bf16"} and len({id(s) for _, s in calls}) == 3    # phase 1, and each phase 2

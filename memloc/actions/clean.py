@@ -18,6 +18,7 @@ import xarray as xr
 from ..scale.distributed import alone, world
 from ..core.errors import MemlocError
 from ..core.evaluate import evaluate
+from ..core.precision import autocast, check_precision
 from ..analyses.label_issues import find_label_issues, flag_quality
 from ..core.results import Result
 from ..core.run import as_run
@@ -49,8 +50,9 @@ def cleaned_config(parent, base: dict, flagged: np.ndarray, *, relabel: bool, pr
 
 
 def cleanlab_flags(parent, base: dict, *, folds: int = 5, jobs: int = 1, device="cpu",
-                   batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """cleanlab's issues from K-fold out-of-sample probabilities of the parent's recipe.
+                   batch_size: int = 1024, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """cleanlab's issues from K-fold out-of-sample probabilities of the parent's recipe (their forward
+    passes in ``precision``).
 
     Returns (flagged (N,) bool, out-of-sample probabilities (N, C)). Folds are stratified by the
     given label and seeded with the parent's seed.
@@ -71,7 +73,8 @@ def cleanlab_flags(parent, base: dict, *, folds: int = 5, jobs: int = 1, device=
     probs = np.zeros((len(given), data.num_classes))
     for rows, child in zip(held, runs):
         part = data.train.subset(rows)
-        logits = evaluate(child.model(device=device), part.batches(batch_size), logits=True)["logits"]
+        with autocast(precision, device):
+            logits = evaluate(child.model(device=device), part.batches(batch_size), logits=True)["logits"]
         probs[rows] = torch.from_numpy(logits).softmax(1).numpy()
     return np.asarray(cl_find(labels=given, pred_probs=probs), dtype=bool), probs
 
@@ -79,20 +82,25 @@ def cleanlab_flags(parent, base: dict, *, folds: int = 5, jobs: int = 1, device=
 @renamed(run="source", by="method")
 @stored('clean')
 def clean(source, *, method: str = "combined", relabel: bool = False, seeds=(0, 1, 2), baseline: bool = True,
-          folds: int = 5, jobs: int = 1, device="auto") -> Result | None:
+          folds: int = 5, jobs: int = 1, device="auto", precision: str = "fp32") -> Result | None:
     """The ``"clean"`` result: test accuracy per method (all, memloc, cleanlab) and seed. Under torchrun
     the fresh runs (and the cleanlab folds) are split across the processes
-    (:mod:`memloc.actions.children`) and rank 0 returns the result, the other ranks None."""
+    (:mod:`memloc.actions.children`) and rank 0 returns the result, the other ranks None.
+    ``precision``: of the flags' passes (:func:`memloc.find_label_issues`, the cleanlab folds' probabilities;
+    :mod:`memloc.core.precision`); the fresh runs train with the parent's recipe, in its precision."""
+    check_precision(precision)
     run = as_run(source)
     base = parent_config(run)
     seeds = check_seeds(seeds)
     dev = resolve_device(device)
+    check_precision(precision, dev)
     with alone():       # under torchrun every rank flags alone; the children are split (train_children)
-        issues = find_label_issues(run, method=method, device=dev)
+        issues = find_label_issues(run, method=method, device=dev, precision=precision)
     flags = {"memloc": issues["flagged"].values.astype(bool)}
     predicted = {"memloc": issues["label_predicted"].values}
     if baseline:
-        flags["cleanlab"], probs = cleanlab_flags(run, base, folds=folds, jobs=jobs, device=dev)
+        flags["cleanlab"], probs = cleanlab_flags(run, base, folds=folds, jobs=jobs, device=dev,
+                                                     precision=precision)
         predicted["cleanlab"] = probs.argmax(1)
     for name, f in flags.items():
         if f.all():
@@ -127,7 +135,7 @@ def clean(source, *, method: str = "combined", relabel: bool = False, seeds=(0, 
         coords={"flags": methods, "seed": seeds})
     config = {"by": method, "relabel": relabel, "seeds": seeds, "baseline": baseline, "folds": folds, "jobs": jobs,
               "rate_estimate": float(issues["rate_estimate"]), "checkpoint_k": issues.config["checkpoint_k"],
-              "device": str(dev)}
+              "device": str(dev), "precision": precision}
     return Result("clean", ds, config=config)
 
 
@@ -147,7 +155,7 @@ def _cli_arguments(p):
 
 def _cli_execute(args):
     return clean(args.run, method=args.by, relabel=args.relabel, seeds=args.seeds, baseline=args.baseline,
-                 folds=args.folds, jobs=args.jobs, device=args.device)
+                 folds=args.folds, jobs=args.jobs, device=args.device, precision=args.precision)
 
 
 def _cli_summary(res, args):

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..analyses.importance import param_importance
 from ..core.optim import epoch_seed, make_optimizer
+from ..core.precision import autocast, grad_scaler
 
 __all__ = ["TEMPERATURE", "quadratic_penalty", "distillation_loss", "protection_weights", "penalty_term",
            "distillation_term", "finetune"]
@@ -31,10 +32,11 @@ def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temper
     return F.kl_div(F.log_softmax(new_logits / t, dim=1), old, reduction="batchmean") * t * t
 
 
-def protection_weights(model: nn.Module, examples, kind: str) -> dict[str, torch.Tensor]:
+def protection_weights(model: nn.Module, examples, kind: str, *, precision: str = "fp32") -> dict[str, torch.Tensor]:
     """EWC (``kind="ewc"``: diagonal Fisher) or MAS importance of ``examples`` at ``model``, divided by its
     maximum (lambda on one scale for both; lr x lambda < 2 keeps the penalty's steps stable)."""
-    weight = param_importance(model, examples.x, examples.y, method="fisher" if kind == "ewc" else "mas")
+    weight = param_importance(model, examples.x, examples.y, method="fisher" if kind == "ewc" else "mas",
+                              precision=precision)
     scale = max(float(w.max()) for w in weight.values()) or 1.0
     return {k: w / scale for k, w in weight.items()}
 
@@ -54,23 +56,31 @@ def distillation_term(teacher: nn.Module, lam: float, temperature: float = TEMPE
 
 
 def finetune(model: nn.Module, examples, *, epochs: int, lr: float, batch_size: int = 128, momentum: float = 0.9,
-             seed: int = 0, ascent: bool = False, extra=None, optimizer=None, first_epoch: int = 1) -> nn.Module:
+             seed: int = 0, ascent: bool = False, extra=None, optimizer=None, first_epoch: int = 1,
+             precision: str = "fp32", scaler=None) -> nn.Module:
     """SGD on ``examples`` (an ExampleSet) in train mode: descent on CE (or ascent), plus
     ``extra(model, x, logits)``. ``optimizer`` (reused across calls, momentum kept) and
-    ``first_epoch`` (batch orders seeded by ``(seed, epoch)``) let a caller train epoch by epoch."""
+    ``first_epoch`` (batch orders seeded by ``(seed, epoch)``) let a caller train epoch by epoch.
+    ``precision``: the forward passes and the loss under autocast, the fp16 loss scaled by ``scaler``
+    (default: a new :func:`memloc.core.precision.grad_scaler`; pass one with ``optimizer`` to keep its
+    scale across calls); fp32 computes exactly as without it."""
     opt = optimizer or make_optimizer(model.parameters(), "sgd", lr=lr, momentum=momentum, weight_decay=0.0)
+    device = next(model.parameters()).device
+    scaler = scaler or grad_scaler(precision, device)
     for epoch in range(first_epoch, first_epoch + epochs):
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         model.train()
         for x, y, _ in examples.batches(batch_size, shuffle=True, generator=gen):
             if len(y) < 2:
                 continue
-            logits = model(x)                 # one forward: BN statistics and dropout masks shared by both terms
-            loss = F.cross_entropy(logits, y)
-            loss = -loss if ascent else loss
-            if extra is not None:
-                loss = loss + extra(model, x, logits)
+            with autocast(precision, device):
+                logits = model(x)             # one forward: BN statistics and dropout masks shared by both terms
+                loss = F.cross_entropy(logits, y)
+                loss = -loss if ascent else loss
+                if extra is not None:
+                    loss = loss + extra(model, x, logits)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
     return model.eval()

@@ -27,13 +27,14 @@ import xarray as xr
 from ..core.errors import MemlocError
 from ..core.evaluate import evaluate
 from ..core.optim import make_optimizer
+from ..core.precision import autocast, check_precision, grad_scaler
 from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import check_choices, check_range, progress, resolve_device
 from ..analyses.scores import forgetting_events
 from .continual import distillation_term, finetune, penalty_term, protection_weights
 from .unlearn import HYPER
-from ..core.options import nonnegative_int, positive_float, positive_int
+from ..core.options import TRAINING_PASSES, add_precision, nonnegative_int, positive_float, positive_int
 from ..core.figures import figure, plt, save_figure, table
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
@@ -65,16 +66,19 @@ def split_parts(run, order: str, *, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return (f, u) if order == "forgettable_first" else (u, f)
 
 
-def _accuracy(model, part) -> float:
-    return float(evaluate(model, part.batches(1024))["correct"].mean())
+def _accuracy(model, part, precision: str = "fp32") -> float:
+    with autocast(precision, part.y.device):
+        return float(evaluate(model, part.batches(1024))["correct"].mean())
 
 
 @renamed(run="source")
 @stored('forgetting')
 def forgetting_order(source, *, orders=ORDERS, protect=PROTECTIONS, epochs: int = 10, lr: float = 0.05,
-                     lam: dict | None = None, seed: int = 0, batch_size: int = 128, device="auto") -> Result:
+                     lam: dict | None = None, seed: int = 0, batch_size: int = 128, device="auto",
+                     precision: str = "fp32") -> Result:
     """The ``"forgetting"`` result: ``accuracy`` (order, protect, epoch, part), epoch 0..2E (E = ``epochs``
-    per phase; epoch E = the end of the first phase), part = first / second."""
+    per phase; epoch E = the end of the first phase), part = first / second. ``precision``: every forward
+    pass under autocast, fp16 training with a scaled loss (one scaler per phase, beside its optimiser)."""
     run = as_run(source)
     protect = check_choices("protect", protect, PROTECTIONS, "protection")
     orders = check_choices("orders", orders, ORDERS, "split")
@@ -82,10 +86,12 @@ def forgetting_order(source, *, orders=ORDERS, protect=PROTECTIONS, epochs: int 
     check_range("lr", lr, low=0, low_open=True)
     check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     check_range("batch_size", batch_size, low=1, integer=True)
+    check_precision(precision)
     lams = {**HYPER["lam"], **(lam or {})}
     for key, value in lams.items():
         check_range("lam", value, low=0)
     dev = resolve_device(device)
+    check_precision(precision, dev)
     data = run.data(dev)
     acc = np.zeros((len(orders), len(protect), 2 * epochs + 1, 2))
     sizes = np.zeros((len(orders), 2), dtype=np.int64)
@@ -98,32 +104,35 @@ def forgetting_order(source, *, orders=ORDERS, protect=PROTECTIONS, epochs: int 
         if run.info.get("model", {}).get("etd"):     # example-tied dropout: test mode (no example ids needed)
             from ..core.dropout import set_mode
             set_mode(model, "test")
-        curve = [(_accuracy(model, first), _accuracy(model, second))]
+        curve = [(_accuracy(model, first, precision), _accuracy(model, second, precision))]
         opt = make_optimizer(model.parameters(), "sgd", lr=lr, momentum=0.9, weight_decay=0.0)
+        scaler = grad_scaler(precision, dev)
         for e in range(1, epochs + 1):    # phase 1, shared by every protection; one optimiser (momentum kept)
-            finetune(model, first, epochs=1, lr=lr, batch_size=batch_size, seed=seed, optimizer=opt, first_epoch=e)
-            curve.append((_accuracy(model, first), _accuracy(model, second)))
+            finetune(model, first, epochs=1, lr=lr, batch_size=batch_size, seed=seed, optimizer=opt, first_epoch=e,
+                     precision=precision, scaler=scaler)
+            curve.append((_accuracy(model, first, precision), _accuracy(model, second, precision)))
         anchor = {k: p.detach().clone() for k, p in model.named_parameters()}
         for j, p in enumerate(protect):
             work = copy.deepcopy(model)
             extra = None
             if p in ("ewc", "mas"):
-                extra = penalty_term(anchor, protection_weights(model, first, p), lams[p])
+                extra = penalty_term(anchor, protection_weights(model, first, p, precision=precision), lams[p])
             elif p == "lwf":
                 extra = distillation_term(copy.deepcopy(model).eval(), lams["lwf"])
             rows = list(curve)
             torch.manual_seed(seed + 1)   # every protection's phase 2 starts from the same random state
             opt2 = make_optimizer(work.parameters(), "sgd", lr=lr, momentum=0.9, weight_decay=0.0)
+            scaler2 = grad_scaler(precision, dev)
             for e in range(epochs + 1, 2 * epochs + 1):      # phase 2
                 finetune(work, second, epochs=1, lr=lr, batch_size=batch_size, seed=seed, extra=extra, optimizer=opt2,
-                         first_epoch=e)
-                rows.append((_accuracy(work, first), _accuracy(work, second)))
+                         first_epoch=e, precision=precision, scaler=scaler2)
+                rows.append((_accuracy(work, first, precision), _accuracy(work, second, precision)))
             acc[i, j] = rows
     ds = xr.Dataset({"accuracy": (("order", "protect", "epoch", "part"), acc), "size": (("order", "part"), sizes)},
                     coords={"order": orders, "protect": protect, "epoch": np.arange(2 * epochs + 1),
                             "part": ["first", "second"]})
     config = {"orders": orders, "protect": protect, "epochs": epochs, "lr": lr, "lam": lams, "seed": seed,
-              "batch_size": batch_size, "device": str(dev)}
+              "batch_size": batch_size, "device": str(dev), "precision": precision}
     return Result("forgetting", ds, config=config)
 
 
@@ -135,11 +144,12 @@ def _cli_arguments(p):
     p.add_argument("--epochs", type=positive_int, default=10, help="epochs of each phase")
     p.add_argument("--lr", type=positive_float, default=0.05, help="learning rate (SGD, momentum 0.9, constant)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the split, the initialisation and the batch order")
+    add_precision(p, what=TRAINING_PASSES)
 
 
 def _cli_execute(args):
     return forgetting_order(args.run, orders=args.orders, protect=args.protect, epochs=args.epochs, lr=args.lr,
-                            seed=args.seed, device=args.device)
+                            seed=args.seed, device=args.device, precision=args.precision)
 
 
 def _cli_summary(res, args):

@@ -18,6 +18,7 @@ import xarray as xr
 from ..scale.distributed import world
 from ..core.errors import MemlocError
 from ..core.evaluate import evaluate, nanmean, subset_accuracies
+from ..core.precision import autocast, check_precision
 from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import check_range, resolve_device
@@ -57,15 +58,17 @@ def group_accuracies(model, data, *, batch_size: int = 1024) -> np.ndarray:
 @renamed(run="source", id_epoch="checkpoint", batch_size="eval_batch_size")
 @stored('jtt')
 def jtt(source, *, checkpoint: int | None = None, upweight: float = 5.0, seeds=(0, 1, 2), jobs: int = 1,
-        device="auto", eval_batch_size: int = 1024) -> Result | None:
+        device="auto", eval_batch_size: int = 1024, precision: str = "fp32") -> Result | None:
     """The ``"jtt"`` result: group accuracies of ERM and JTT runs per seed, and the error set.
 
     ``checkpoint``: the epoch T (default: 10% of training, the identification model of an early-stopped ERM
     run; Liu et al. tune T on a validation set) and ``upweight`` (lambda_up; Liu et al. use 5-100).
     Under torchrun the fresh runs are split across the processes (:mod:`memloc.actions.children`)
-    and rank 0 returns the result, the other ranks None.
+    and rank 0 returns the result, the other ranks None. ``precision``: of the group accuracies' passes
+    (:mod:`memloc.core.precision`); the fresh runs train with the parent's recipe, in its precision.
     """
     from ..analyses.scores import default_epoch_k
+    check_precision(precision)
     run = as_run(source)
     base = parent_config(run)
     id_epoch = default_epoch_k(run.final_epoch) if checkpoint is None else checkpoint
@@ -76,6 +79,7 @@ def jtt(source, *, checkpoint: int | None = None, upweight: float = 5.0, seeds=(
         raise MemlocError(f"the model of epoch {id_epoch} misclassifies no training example: nothing to upweight "
                           "(choose an earlier checkpoint)", argument="checkpoint")
     dev = resolve_device(device)
+    check_precision(precision, dev)
     children = [(f"all-s{s}", {**base, "seed": s}) for s in seeds]
     children += [(f"jtt-T{id_epoch}-up{upweight:g}-s{s}",
                   {**base, "seed": s, "upweight": float(upweight), "upweight_ids": errors.tolist()}) for s in seeds]
@@ -83,13 +87,15 @@ def jtt(source, *, checkpoint: int | None = None, upweight: float = 5.0, seeds=(
     if world()[0] > 0:
         return None             # rank 0 evaluates and returns the result
     data = run.data(dev)
-    acc = np.stack([group_accuracies(r.model(device=dev), data, batch_size=eval_batch_size) for r in runs])
+    with autocast(precision, dev):
+        acc = np.stack([group_accuracies(r.model(device=dev), data, batch_size=eval_batch_size) for r in runs])
     noisy = run.is_noisy
     ds = xr.Dataset({"accuracy": (("variant", "seed", "group"), acc.reshape(2, len(seeds), len(GROUPS))),
                      "error_set": ("error", errors),
                      "error_set_noisy": ((), float(noisy[errors].mean()) if noisy.any() else np.nan)},
                     coords={"variant": ["erm", "jtt"], "seed": seeds, "group": list(GROUPS)})
-    config = {"id_epoch": int(id_epoch), "upweight": float(upweight), "seeds": seeds, "jobs": jobs, "device": str(dev)}
+    config = {"id_epoch": int(id_epoch), "upweight": float(upweight), "seeds": seeds, "jobs": jobs, "device": str(dev),
+              "precision": precision}
     return Result("jtt", ds, config=config)
 
 
@@ -104,7 +110,7 @@ def _cli_arguments(p):
 
 def _cli_execute(args):
     return jtt(args.run, checkpoint=args.id_epoch, upweight=args.upweight, seeds=args.seeds, jobs=args.jobs,
-               device=args.device)
+               device=args.device, precision=args.precision)
 
 
 def _cli_summary(res, args):

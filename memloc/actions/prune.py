@@ -20,6 +20,7 @@ import xarray as xr
 
 from ..scale.distributed import alone, world
 from ..core.errors import MemlocError
+from ..core.precision import check_precision
 from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import check_choices, check_range, resolve_device, split_list
@@ -65,11 +66,12 @@ def kept_ids(values: np.ndarray, keep: float, *, mode: str = "hardest", offset: 
     return np.sort(rows)
 
 
-def prune_values(runs, names, *, checkpoint=None, grand_checkpoint: int = 0, device="cpu") -> dict[str, np.ndarray]:
+def prune_values(runs, names, *, checkpoint=None, grand_checkpoint: int = 0, device="cpu",
+                 precision: str = "fp32") -> dict[str, np.ndarray]:
     """``direction x score`` (higher = harder) of every named score, averaged over ``runs`` (one run
     or runs of the same data; Data Diet averages 10): GraNd at ``grand_checkpoint`` (Data Diet:
     initialisation), EL2N at ``checkpoint`` (default 10% of training), the others as
-    :func:`memloc.scores` computes them."""
+    :func:`memloc.scores` computes them (in ``precision``)."""
     from ..analyses.label_issues import same_data_runs
     runs = same_data_runs(runs)
     k = default_epoch_k(min(r.final_epoch for r in runs)) if checkpoint is None else checkpoint
@@ -77,7 +79,8 @@ def prune_values(runs, names, *, checkpoint=None, grand_checkpoint: int = 0, dev
     for name in names:
         epoch = grand_checkpoint if name == "grand" else k
         out[name] = SCORES[name].direction * np.mean(
-            [compute_scores(r, methods=[name], checkpoint=epoch, device=device)[name].values for r in runs], axis=0)
+            [compute_scores(r, methods=[name], checkpoint=epoch, device=device, precision=precision)[name].values
+             for r in runs], axis=0)
     return out
 
 
@@ -92,13 +95,15 @@ def _fraction(value) -> float:
 @stored('prune')
 def prune(source, *, methods=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.5, 0.3), mode: str = "hardest",
           offset: float = 0.1, seeds=(0, 1, 2), checkpoint: int | None = None, grand_checkpoint: int = 0,
-          also=(), jobs: int = 1, device="auto") -> Result | None:
+          also=(), jobs: int = 1, device="auto", precision: str = "fp32") -> Result | None:
     """The ``"prune"`` result: test accuracy of fresh runs on kept subsets, per score (and random),
     keep fraction and seed; with the share of noisy examples kept. ``also``: more runs of the same
     data whose scores are averaged with ``source``'s (the fresh runs use its recipe). ``checkpoint``: the epoch
     of EL2N (default 10% of training); ``grand_checkpoint``: the epoch of GraNd (Data Diet: 0, initialisation). Under torchrun
     the fresh runs are split across the processes (:mod:`memloc.actions.children`) and rank 0
-    returns the result, the other ranks None."""
+    returns the result, the other ranks None. ``precision``: of the scores' passes (:func:`memloc.scores`;
+    :mod:`memloc.core.precision`); the fresh runs train with the parent's recipe, in its precision."""
+    check_precision(precision)
     run = as_run(source)
     also = [as_run(r) for r in (also or [])]
     base = parent_config(run)
@@ -114,8 +119,10 @@ def prune(source, *, methods=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.
                           argument="mode")
     check_range("grand_checkpoint", grand_checkpoint, low=0, high=run.final_epoch, integer=True)
     dev = resolve_device(device)
+    check_precision(precision, dev)
     with alone():       # under torchrun every rank scores alone; the children are split (train_children)
-        values = prune_values([run, *also], names, checkpoint=checkpoint, grand_checkpoint=grand_checkpoint, device=dev)
+        values = prune_values([run, *also], names, checkpoint=checkpoint, grand_checkpoint=grand_checkpoint, device=dev,
+                              precision=precision)
     compared = [*names, "random"]
     label = lambda m, k, s: f"prune-{m}-{mode if m != 'random' else 'random'}-{k:g}-s{s}"  # noqa: E731
     subsets, children = {}, []
@@ -149,7 +156,8 @@ def prune(source, *, methods=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.
                     coords={"score": compared, "keep": keeps, "seed": seeds})
     k_used = default_epoch_k(run.final_epoch) if checkpoint is None else checkpoint
     config = {"by": names, "keep": keeps, "mode": mode, "offset": offset, "seeds": seeds, "checkpoint_k": k_used,
-              "grand_epoch": grand_checkpoint, "also": [str(r.path) for r in also], "jobs": jobs, "device": str(dev), "epochs": base["epochs"]}
+              "grand_epoch": grand_checkpoint, "also": [str(r.path) for r in also], "jobs": jobs, "device": str(dev), "epochs": base["epochs"],
+              "precision": precision}
     return Result("prune", ds, config=config)
 
 
@@ -176,7 +184,7 @@ def _cli_arguments(p):
 def _cli_execute(args):
     return prune(args.run, methods=args.by, keep=args.keep, mode=args.mode, offset=args.offset,
                  seeds=args.seeds, checkpoint=args.checkpoint_k, grand_checkpoint=args.grand_epoch, also=args.also, jobs=args.jobs,
-                 device=args.device)
+                 device=args.device, precision=args.precision)
 
 
 def _cli_summary(res, args):

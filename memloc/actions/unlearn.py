@@ -54,11 +54,12 @@ import xarray as xr
 
 from ..core.errors import MemlocError
 from ..core.evaluate import evaluate
+from ..core.precision import autocast, check_precision
 from ..analyses.importance import select_rows
 from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import check_choices, check_range, progress, resolve_device
-from ..core.options import mean_se, nonnegative_float, number, positive_float, positive_int
+from ..core.options import TRAINING_PASSES, add_precision, mean_se, nonnegative_float, number, positive_float, positive_int
 from ..core.figures import figure, plt, save_figure, table
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
@@ -76,10 +77,11 @@ HYPER = dict(epochs=5, lr=0.01, batch_size=128, momentum=0.9, lam={"ewc": 10.0, 
              temperature=TEMPERATURE, ascent_lr=0.003, ascent_epochs=3)
 
 
-def _groups(model, data, forget, retain, *, mask_context=None, batch_size: int = 1024) -> np.ndarray:
+def _groups(model, data, forget, retain, *, mask_context=None, batch_size: int = 1024,
+            precision: str = "fp32") -> np.ndarray:
     import contextlib
     ctx = mask_context or contextlib.nullcontext
-    with ctx():
+    with ctx(), autocast(precision, data.train.x.device):
         train = evaluate(model, data.train.batches(batch_size))
         test = evaluate(model, data.test.batches(batch_size))
     order = np.argsort(train["idx"])
@@ -141,21 +143,21 @@ def available_methods(run) -> list[str]:
 
 
 def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, critical, *, epochs, lr,
-                batch_size, seed, ascent_lr, ascent_epochs, retrain_epochs) -> dict:
+                batch_size, seed, ascent_lr, ascent_epochs, retrain_epochs, precision="fp32") -> dict:
     """Apply unlearning method ``m`` to ``model`` (a copy); returns ``{"model": ..., "mask": context or None}``."""
     from ..analyses.retrain import retrain_layer
     mask = None
     if m == "finetune":
-        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, precision=precision)
     elif m == "ascent":
         finetune(model, data.train.subset(forget_ids), epochs=ascent_epochs, lr=ascent_lr, batch_size=batch_size,
-                 seed=seed, ascent=True)
+                 seed=seed, ascent=True, precision=precision)
     elif m in ("ewc", "mas"):
         finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                 extra=penalty_term(anchor, weight, lams[m]))
+                 extra=penalty_term(anchor, weight, lams[m]), precision=precision)
     elif m == "lwf":
         finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                 extra=distillation_term(original, lams["lwf"]))
+                 extra=distillation_term(original, lams["lwf"]), precision=precision)
     elif m == "zero":
         mask, _ = _zero_context(run, model, data, forget_ids)
     elif m == "etd_drop":
@@ -165,7 +167,7 @@ def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, o
         retain_data = copy.copy(data)        # retrain_layer trains on data.clean_train: here the retain set
         retain_data.is_noisy = np.isin(np.arange(len(data.label_given)), forget_ids)
         _, model = retrain_layer(model, run.checkpoint(0), critical, retain_data,
-                                 epochs=retrain_epochs, seed=seed)
+                                 epochs=retrain_epochs, seed=seed, precision=precision)
     return {"model": model, "mask": mask}
 
 
@@ -174,8 +176,10 @@ def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, o
 def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs: int = HYPER["epochs"],
             lr: float = HYPER["lr"], lam: dict | float | None = None, batch_size: int = HYPER["batch_size"],
             retrain_epochs: int = 20, ascent_lr: float = HYPER["ascent_lr"], ascent_epochs: int = HYPER["ascent_epochs"],
-            device="auto") -> Result:
-    """The ``"unlearn"`` result: accuracy (technique, seed, group), seconds, passes, the forget ids."""
+            device="auto", precision: str = "fp32") -> Result:
+    """The ``"unlearn"`` result: accuracy (technique, seed, group), seconds, passes, the forget ids.
+    ``precision``: every forward pass (evaluations, importance, fine-tuning, the retrained layer's) under
+    autocast, fp16 training steps with a scaled loss (:mod:`memloc.core.precision`)."""
     from .children import check_seeds
     from ..core.units import trace
     run = as_run(source)
@@ -192,6 +196,7 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
     check_range("ascent_lr", ascent_lr, low=0, low_open=True)
     check_range("ascent_epochs", ascent_epochs, low=1, integer=True)
     check_range("retrain_epochs", retrain_epochs, low=1, integer=True)
+    check_precision(precision)
     lams = dict(HYPER["lam"])
     if isinstance(lam, dict):
         unknown = sorted(set(map(str, lam)) - set(lams))
@@ -204,6 +209,7 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
     for k, v in lams.items():
         check_range("lam", v, low=0)
     dev = resolve_device(device)
+    check_precision(precision, dev)
     data = run.data(dev)
     flagged = run.result("issues")["flagged"].values if forget == "flagged" and run.results_path("issues").is_file() \
         else None
@@ -220,7 +226,7 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
         from ..core.dropout import set_mode
         set_mode(original, "test")
     anchor = {k: p.detach().clone() for k, p in original.named_parameters()}
-    baseline = _groups(original, data, forget_ids, retain_ids)
+    baseline = _groups(original, data, forget_ids, retain_ids, precision=precision)
     structure = trace(original, data.train.x[:2])
     if "zero" in names:          # before any method runs: a missing input fails first, nothing computed
         _zero_context(run, original, data, forget_ids)
@@ -234,7 +240,7 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
         weight = None
         if m in ("ewc", "mas"):       # importance of the retain set at theta*, computed once per method
             t0 = time.perf_counter()
-            weight = protection_weights(original, retain, m)
+            weight = protection_weights(original, retain, m, precision=precision)
             setup = time.perf_counter() - t0
         else:
             setup = 0.0
@@ -245,10 +251,10 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
                 torch.manual_seed(s)
                 ctx = _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, critical,
                                   epochs=epochs, lr=lr, batch_size=batch_size, seed=s, ascent_lr=ascent_lr,
-                                  ascent_epochs=ascent_epochs, retrain_epochs=retrain_epochs)
+                                  ascent_epochs=ascent_epochs, retrain_epochs=retrain_epochs, precision=precision)
                 model = ctx.pop("model")
             seconds[i, j] = time.perf_counter() - t0 + setup
-            acc[i, j] = _groups(model, data, forget_ids, retain_ids, mask_context=ctx.get("mask"))
+            acc[i, j] = _groups(model, data, forget_ids, retain_ids, mask_context=ctx.get("mask"), precision=precision)
         passes[i] = {"finetune": fine, "ascent": len(forget_ids) / n * ascent_epochs, "ewc": fine + len(retain_ids) / n,
                      "mas": fine + len(retain_ids) / n, "lwf": fine * 1.5, "zero": 0.0, "etd_drop": 0.0,
                      "retrain_layer": len(retain_ids) / n * retrain_epochs}[m]
@@ -258,7 +264,8 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
                     coords={"technique": names, "seed": seeds, "group": list(GROUPS)})
     config = {"forget": forget, "methods": names, "seeds": seeds, "epochs": epochs, "lr": lr, "lam": lams,
               "ascent_lr": ascent_lr, "ascent_epochs": ascent_epochs,
-              "batch_size": batch_size, "retrain_epochs": retrain_epochs, "device": str(dev)}
+              "batch_size": batch_size, "retrain_epochs": retrain_epochs, "device": str(dev),
+              "precision": precision}
     if critical is not None:        # the layer retrain_layer retrained, and why (a fallback is said, not silent)
         config["retrain_layer"] = {"layer": critical.name, "chosen_by": why}
     return Result("unlearn", ds, config=config)
@@ -280,11 +287,13 @@ def _cli_arguments(p):
     p.add_argument("--retrain-epochs", type=positive_int, default=20, help="epochs of retrain_layer")
     p.add_argument("--seeds", type=number(int, 0, 2**32 - 1), nargs="+", default=[0, 1, 2],
                    help="seeds of the batch order (mean and standard error over them)")
+    add_precision(p, what=TRAINING_PASSES)
 
 
 def _cli_execute(args):
     return unlearn(args.run, forget=args.forget, methods=args.methods, seeds=args.seeds, epochs=args.epochs, lr=args.lr,
-                   lam=args.lam, retrain_epochs=args.retrain_epochs, device=args.device)
+                   lam=args.lam, retrain_epochs=args.retrain_epochs, device=args.device,
+                   precision=args.precision)
 
 
 def _cli_summary(res, args):

@@ -26,6 +26,7 @@ import xarray as xr
 from ..core.errors import MemlocError
 from ..core.lm import lm_logits, sequence_measures, suffix_measures
 from ..core.neurons import mlp_layers, neuron_masks
+from ..core.precision import autocast, check_precision
 from ..core.registry import Analysis
 from ..core.results import Result
 from ..core.runtime import check_choices, check_range, split_list
@@ -70,13 +71,15 @@ def zeroing_masks(scores: np.ndarray, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _measure(model, layers, tokens, p: int, s: int, mask, eval_batch_size: int):
-    """(loss, accuracy, memorised) numpy arrays (N,) of ``tokens`` under one (L, d) ``mask``."""
+def _measure(model, layers, tokens, p: int, s: int, mask, eval_batch_size: int, precision: str = "fp32"):
+    """(loss, accuracy, memorised) numpy arrays (N,) of ``tokens`` under one (L, d) ``mask``, in ``precision``."""
     out = [[], [], []]
     with neuron_masks(model, layers, mask):
         for i in range(0, len(tokens), eval_batch_size):
             batch = tokens[i:i + eval_batch_size]
-            for acc, v in zip(out, suffix_measures(lm_logits(model, batch[:, :p + s - 1]), batch, p, s)):
+            with autocast(precision, batch.device):
+                logits = lm_logits(model, batch[:, :p + s - 1])
+            for acc, v in zip(out, suffix_measures(logits, batch, p, s)):
                 acc.append(v.cpu())
     return [torch.cat(v).numpy() if v else np.zeros(0) for v in out]
 
@@ -84,30 +87,33 @@ def _measure(model, layers, tokens, p: int, s: int, mask, eval_batch_size: int):
 @stored("del")
 def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, examples="memorised",
                   options: dict | None = None, ref_batch_size: int = 8, checkpoint: int | None = None,
-                  eval_batch_size: int = 64, seed: int = 0, device="auto") -> Result:
+                  eval_batch_size: int = 64, seed: int = 0, device="auto", precision: str = "fp32") -> Result:
     """The ``"del"`` result (module docstring) of a language-model run (``checkpoint`` default final) or
     a causal LM module with ``data`` (a SequenceSet): ``methods`` localise each memorised target
     (``examples``: ``"memorised"``, ``"memorised:N"``, ids or a mask, all memorised); the top
     ``fractions`` of every layer's neurons are zeroed. ``options`` / ``ref_batch_size`` / ``seed`` as
-    :func:`memloc.localise_neurons`."""
+    :func:`memloc.localise_neurons`. ``precision``: every forward pass under autocast
+    (:mod:`memloc.core.precision`)."""
     fracs = check_fractions(fractions)
     chosen = check_choices("methods", methods, METHODS, "localisation method")
     method_options(options)
     check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     check_range("seed", seed, low=0, integer=True)
+    check_precision(precision)
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
     layers = mlp_layers(model)
     d = layers[0].size
     p, s = data.prefix_len, data.suffix_len
     dev = next(model.parameters()).device
-    before = sequence_measures(model, data.tokens, p, s, eval_batch_size=eval_batch_size)
+    check_precision(precision, dev)
+    before = sequence_measures(model, data.tokens, p, s, eval_batch_size=eval_batch_size, precision=precision)
     pool = np.flatnonzero(before["memorised"] & data.is_memorised_target)      # every memorised target
     if not len(pool):
         raise MemlocError("the model reproduces none of its memorisation targets at this checkpoint, so there is no "
                           "memorised sequence to delete: train it longer (more epochs) or pass a later checkpoint",
                           argument="source")
-    rows = select_targets(model, data, examples, eval_batch_size=eval_batch_size)
+    rows = select_targets(model, data, examples, eval_batch_size=eval_batch_size, precision=precision)
     missing = [int(data.ids[r]) for r in rows if r not in set(pool.tolist())]
     if missing:
         raise MemlocError(f"examples holds sequence {missing[0]}, which is not a memorised memorisation target (DEL "
@@ -119,9 +125,11 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
     test = data.test_tokens[:, :p + s].to(dev)
     ref = reference_rows(data, ref_batch_size, exclude=rows, seed=seed)
     got = neuron_scores(model, tokens, p, s, methods=chosen, reference=data.tokens[torch.as_tensor(ref)]
-                        if len(ref) else None, options=options, eval_batch_size=eval_batch_size, seed=seed)
+                        if len(ref) else None, options=options, eval_batch_size=eval_batch_size, seed=seed,
+                        precision=precision)
     counts = [max(1, int(round(f * d))) for f in fracs]
-    test_before = _measure(model, layers, test, p, s, torch.ones(len(layers), d, device=dev), eval_batch_size)
+    test_before = _measure(model, layers, test, p, s, torch.ones(len(layers), d, device=dev), eval_batch_size,
+                           precision)
     shape = (len(chosen), len(fracs), len(rows))
     out = {k: np.full(shape, np.nan) for k in ("loss", "accuracy", "kept", "test_loss", "test_accuracy")}
     out["memorised"] = np.zeros(shape, bool)
@@ -129,12 +137,12 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
         for b, k in enumerate(counts):
             masks = zeroing_masks(got["scores"][method], k).to(dev)
             for i, row in enumerate(rows):
-                loss, acc, mem = _measure(model, layers, others, p, s, masks[i], eval_batch_size)
+                loss, acc, mem = _measure(model, layers, others, p, s, masks[i], eval_batch_size, precision)
                 me = pool == row
                 out["loss"][a, b, i], out["accuracy"][a, b, i], out["memorised"][a, b, i] = loss[me][0], acc[me][0], mem[me][0]
                 if (~me).any():
                     out["kept"][a, b, i] = mem[~me].mean()
-                t_loss, t_acc, _ = _measure(model, layers, test, p, s, masks[i], eval_batch_size)
+                t_loss, t_acc, _ = _measure(model, layers, test, p, s, masks[i], eval_batch_size, precision)
                 out["test_loss"][a, b, i], out["test_accuracy"][a, b, i] = t_loss.mean(), t_acc.mean()
     dims = ("method", "fraction", "target")
     variables = {key: (dims, value) for key, value in out.items()}
@@ -152,7 +160,7 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
               "prefix_len": p, "suffix_len": s, "d_mlp": d, "n_layers": len(layers),
               "memorised": [int(i) for i in data.ids[pool]], "reference": [int(i) for i in data.ids[ref]],
               "checkpoint": epoch, "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev),
-              "data": data.name}
+              "data": data.name, "precision": precision}
     return Result("del", xr.Dataset(variables, coords=coords), config=config)
 
 

@@ -11,10 +11,11 @@ import xarray as xr
 
 from ..core.dropout import EVAL_MODES, evaluate_modes, require_dropout_layers
 from ..core.evaluate import SUBSETS
+from ..core.precision import autocast, check_precision
 from ..core.results import Result
 from ..core.runtime import check_range
 from ..core.selection import resolve
-from ..core.options import add_eval_batch_size, nonnegative_int
+from ..core.options import add_eval_batch_size, add_precision, nonnegative_int
 from ..core.figures import figure, plt, LABELS, save_figure, table, coord_names
 from ..core.schemas import Schema, Var, SUBSET_VAR
 from ..core.registry import Analysis, Command
@@ -25,17 +26,23 @@ __all__ = ["evaluate_dropout"]
 
 @stored('dropout')
 def evaluate_dropout(source, data=None, *, checkpoint: int | None = None, modes=EVAL_MODES,
-                     eval_batch_size: int = 1024, recalibrate_bn: bool = False, device="auto") -> Result:
+                     eval_batch_size: int = 1024, recalibrate_bn: bool = False, device="auto",
+                     precision: str = "fp32") -> Result:
     """:func:`evaluate_modes` of a run trained with dropout layers (or of such a model with ``data``).
 
-    ``checkpoint``: the run's epoch (default final). Returns the ``"dropout"`` result: ``accuracy``
-    (mode, subset) and per-layer ``layer_kind``, ``units``, ``gen_units``.
+    ``checkpoint``: the run's epoch (default final). ``precision``: every forward pass (the BatchNorm
+    recalibration's too) under autocast (:mod:`memloc.core.precision`). Returns the ``"dropout"`` result:
+    ``accuracy`` (mode, subset) and per-layer ``layer_kind``, ``units``, ``gen_units``.
     """
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    check_precision(precision)
     src = resolve(source, data, device=device, checkpoint=checkpoint)
+    check_precision(precision, src.device)
     spec = src.run.info.get("model", {}).get("etd", {}) if src.run is not None else {}
     layers = require_dropout_layers(src.model)
-    acc = evaluate_modes(src.model, src.data, modes=modes, batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
+    with autocast(precision, src.device):
+        acc = evaluate_modes(src.model, src.data, modes=modes, batch_size=eval_batch_size,
+                             recalibrate_bn=recalibrate_bn)
     ds = xr.Dataset({"accuracy": (("mode", "subset"), acc),
                      "layer_kind": (("layer",), [l.kind for l in layers.values()]),
                      "units": (("layer",), np.array([l.units_seen or 0 for l in layers.values()], dtype=np.int64)),
@@ -43,7 +50,8 @@ def evaluate_dropout(source, data=None, *, checkpoint: int | None = None, modes=
                                                         dtype=np.int64))},
                     coords={"mode": list(modes), "subset": list(SUBSETS), "layer": list(layers)})
     config = {"checkpoint": src.checkpoint, "eval_batch_size": eval_batch_size, "recalibrate_bn": recalibrate_bn,
-              "etd": spec, "device": str(src.device)}
+              "etd": spec, "device": str(src.device),
+              "precision": precision}
     return Result("dropout", ds, config=config)
 
 
@@ -57,11 +65,13 @@ def _cli_arguments(p):
                    help="before evaluating test and drop mode, re-estimate the BatchNorm running statistics "
                         "in that mode from the training inputs (training collected them under the "
                         "per-example masks; recommended for models with BatchNorm, e.g. resnet9)")
+    add_precision(p, what="every forward pass")
 
 
 def _cli_execute(args):
     return evaluate_dropout(args.run, checkpoint=args.checkpoint, eval_batch_size=args.eval_batch_size,
-                            recalibrate_bn=args.recalibrate_bn, device=args.device)
+                            recalibrate_bn=args.recalibrate_bn, device=args.device,
+                            precision=args.precision)
 
 
 def _cli_summary(res, args):

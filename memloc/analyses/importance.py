@@ -28,11 +28,12 @@ import xarray as xr
 from ..core.deprecation import renamed
 from ..core.errors import MemlocError
 from ..core.evaluate import eval_mode
+from ..core.precision import autocast, check_precision
 from ..core.results import Result
 from ..core.runtime import check_range, progress
 from ..core.selection import layer_coords, resolve
 from ..core.units import CONV_TYPES, Structure, trace
-from ..core.options import layer_table, positive_int
+from ..core.options import add_precision, layer_table, positive_int
 from ..core.figures import figure, plt, save_figure
 from ..core.schemas import Schema, Var, layer_vars
 from ..core.registry import Analysis, Command
@@ -53,19 +54,22 @@ def _example_loss(method: str):
 
 
 def param_importance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str = "fisher",
-                     batch_size: int = 128) -> dict[str, torch.Tensor]:
+                     batch_size: int = 128, precision: str = "fp32") -> dict[str, torch.Tensor]:
     """Per-parameter importance (same shapes as the trainable parameters) over the examples ``x``.
 
     ``fisher``: mean_i (d CE(f(x_i), y_i) / d theta)^2; ``mas``: mean_i |d ||f(x_i)||^2 / d theta|.
     The model is evaluated in eval mode; its weights and train flags are left as they were.
+    ``precision``: the forward passes (and so the gradients' products) under autocast
+    (:mod:`memloc.core.precision`); the importance sums stay float32.
     """
     if method not in METHODS:
         raise MemlocError(f"unknown importance method {method!r}; valid: {', '.join(METHODS)}", argument="method")
     check_range("batch_size", batch_size, low=1, integer=True)
+    check_precision(precision, x.device)
     if len(y) == 0:
         raise MemlocError("importance needs at least one example", argument="subsets")
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    with eval_mode(model):
+    with eval_mode(model), autocast(precision, x.device):
         total = _linear_importance(model, params, x, y, method, batch_size)
         if total is None:
             total = _vmap_importance(model, params, x, y, method, batch_size)
@@ -86,11 +90,29 @@ def _vmap_importance(model, params, x, y, method, batch_size) -> dict[str, torch
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     per_example = vmap(grad(_example_loss(method)), in_dims=(None, None, None, 0, 0))
     total = {k: torch.zeros_like(p) for k, p in params.items()}
-    for s in _batches(len(y), batch_size, method):
-        g = per_example(params, buffers, model, x[s:s + batch_size], y[s:s + batch_size])
-        for k in total:
-            total[k] += (g[k].pow(2) if method == "fisher" else g[k].abs()).sum(0)
+    hooks = _norm_inputs_cast(model) if torch.is_autocast_enabled(x.device.type) else []
+    try:
+        for s in _batches(len(y), batch_size, method):
+            g = per_example(params, buffers, model, x[s:s + batch_size], y[s:s + batch_size])
+            for k in total:
+                gk = g[k].to(total[k].dtype)         # 16-bit under autocast: the sums in the parameter's type
+                total[k] += (gk.pow(2) if method == "fisher" else gk.abs()).sum(0)
+    finally:
+        for h in hooks:
+            h.remove()
     return total
+
+
+def _norm_inputs_cast(model) -> list:
+    """Hooks casting each batch norm's input to its statistics' type: under vmap, autocast hands batch_norm
+    a 16-bit input beside float32 statistics, which its batching rule refuses (the norm then runs in float32,
+    the next matrix product in 16 bits again)."""
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            dtype = next((t.dtype for t in [*m.parameters(), *m.buffers()] if t.is_floating_point()), torch.float32)
+            hooks.append(m.register_forward_pre_hook(lambda mod, args, d=dtype: (args[0].to(d), *args[1:])))
+    return hooks
 
 
 def _shares_parameters(model) -> bool:
@@ -136,7 +158,8 @@ def _linear_importance(model, params, x, y, method, batch_size) -> dict[str, tor
             for name, g in zip(names, grads):
                 if g is None:       # a layer the loss does not use: no gradient
                     continue
-                a = seen[name][0][0]
+                dtype = next(layers[name].parameters()).dtype     # 16-bit under autocast: the sums in the
+                g, a = g.to(dtype), seen[name][0][0].to(dtype)     # parameters' type
                 for pname, p in layers[name].named_parameters(recurse=False):
                     key = (f"{name}." if name else "") + pname
                     if key in total:
@@ -239,10 +262,13 @@ def flip_units(run, examples=None) -> np.ndarray | None:
 @renamed(batch_size="eval_batch_size")
 @stored('importance')
 def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "noisy"),
-               eval_batch_size: int = 128, device="auto") -> Result:
-    """The ``"importance"`` result: ``layer_importance`` (subset, layer), ``unit_importance`` (subset, unit)."""
+               eval_batch_size: int = 128, device="auto", precision: str = "fp32") -> Result:
+    """The ``"importance"`` result: ``layer_importance`` (subset, layer), ``unit_importance`` (subset, unit).
+    ``precision``: the gradient passes under autocast (:func:`param_importance`)."""
     from ..core.runtime import split_list
+    check_precision(precision)
     src = resolve(source, data, device=device)
+    check_precision(precision, src.device)
     names = split_list(subsets) or []
     if not names:
         raise MemlocError("give at least one subset", argument="subsets")
@@ -255,7 +281,8 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
     for name in names:
         rows = select_rows(src.data, name, flagged=flagged)
         part = train.subset(rows)        # a streamed set's rows are read batch by batch
-        imp = param_importance(src.model, part.x, part.y, method=method, batch_size=eval_batch_size)
+        imp = param_importance(src.model, part.x, part.y, method=method, batch_size=eval_batch_size,
+                               precision=precision)
         per_layer.append(layer_importance(imp, structure))
         per_unit.append(unit_importance(imp, src.model, structure))
         sizes.append(len(rows))
@@ -273,7 +300,7 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
         variables["flip_overlap"] = ((), inter / (2 * len(zeroed) - inter))
         variables["flip_units"] = ("zeroed", zeroed)
     config = {"method": method, "subsets": names, "batch_size": eval_batch_size, "device": str(src.device),
-              "checkpoint": src.checkpoint}
+              "checkpoint": src.checkpoint, "precision": precision}
     return Result("importance", xr.Dataset(variables, coords=coords), config=config)
 
 
@@ -287,11 +314,13 @@ def _cli_arguments(p):
                    help="comma-separated example subsets: clean, noisy, all, flagged (memloc issues' flags), class:C; "
                         "or one ids:1,2,3 subset alone")
     p.add_argument("--batch-size", type=positive_int, default=128, help="examples per vectorised gradient pass")
+    add_precision(p, what="the gradient passes")
 
 
 def _cli_execute(args):
     subsets = [args.subsets] if args.subsets.startswith("ids:") else args.subsets
-    return importance(args.run, method=args.method, subsets=subsets, eval_batch_size=args.batch_size, device=args.device)
+    return importance(args.run, method=args.method, subsets=subsets, eval_batch_size=args.batch_size, device=args.device,
+                      precision=args.precision)
 
 
 def _cli_summary(res, args):

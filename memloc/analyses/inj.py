@@ -28,6 +28,7 @@ import xarray as xr
 from ..core.errors import MemlocError
 from ..core.neurons import mlp_layers, output_weights
 from ..core.optim import make_optimizer
+from ..core.precision import autocast, check_precision, grad_scaler
 from ..core.registry import Analysis
 from ..core.results import Result
 from ..core.runtime import check_choices, check_range, progress
@@ -40,9 +41,10 @@ __all__ = ["inj_benchmark", "inject_sequence", "recall_at_k"]
 
 
 def inject_sequence(model, tokens: torch.Tensor, prefix_len: int, suffix_len: int, neurons, *, lr: float = 0.05,
-                    max_steps: int = 500) -> tuple[int, bool]:
+                    max_steps: int = 500, precision: str = "fp32") -> tuple[int, bool]:
     """Fine-tune the output weights of ``neurons`` ((L, k) indices per MLP layer) of ``model`` in place
-    until it reproduces the suffix of ``tokens`` (1, T) from its prefix: (steps taken, memorised)."""
+    until it reproduces the suffix of ``tokens`` (1, T) from its prefix: (steps taken, memorised).
+    ``precision``: the forward passes under autocast, the fp16 loss scaled (:mod:`memloc.core.precision`)."""
     layers = mlp_layers(model)
     t = Targets(model, layers, tokens, prefix_len, suffix_len)
     weights, keep = [], []
@@ -53,14 +55,17 @@ def inject_sequence(model, tokens: torch.Tensor, prefix_len: int, suffix_len: in
         weights.append(weight)
         keep.append(mask.view(-1, 1) if dim == 0 else mask.view(1, -1))
     optimiser = make_optimizer(weights, "adam", lr=lr, weight_decay=0.0)    # = Adam
+    scaler = grad_scaler(precision, tokens.device)      # fp16 only; otherwise the plain gradient and step
     for step in range(max_steps + 1):
-        loss, memorised = suffix_loss(t, tokens)
+        with autocast(precision, tokens.device):
+            loss, memorised = suffix_loss(t, tokens)
         if bool(memorised.all()) or step == max_steps:
             return step, bool(memorised.all())
-        grads = torch.autograd.grad(loss.sum(), weights)
+        grads = torch.autograd.grad(scaler.scale(loss.sum()), weights)
         for w, g, m in zip(weights, grads, keep):
             w.grad = g * m                    # only the chosen columns move (Adam leaves zero-gradient entries)
-        optimiser.step()
+        scaler.step(optimiser)
+        scaler.update()
     return max_steps, False
 
 
@@ -75,15 +80,17 @@ def recall_at_k(scores: np.ndarray, neurons: np.ndarray) -> np.ndarray:
 def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 2, methods=METHODS,
                   prefix_len: int | None = None, suffix_len: int | None = None, options: dict | None = None,
                   ref_batch_size: int = 8, lr: float = 0.05, max_steps: int = 500, checkpoint: int | None = None,
-                  eval_batch_size: int = 64, seed: int = 0, device="auto") -> Result:
+                  eval_batch_size: int = 64, seed: int = 0, device="auto", precision: str = "fp32") -> Result:
     """The ``"inj"`` result (module docstring) of a language-model run (``checkpoint`` default final) or
     a causal LM module with ``data`` (its SequenceSet gives the token ids to draw from, and the span
     unless ``prefix_len`` / ``suffix_len`` are given; greedy keeps the loss of ``ref_batch_size`` of its
-    clean training sequences low)."""
+    clean training sequences low). ``precision``: the injection's and the localisation's forward passes
+    under autocast, the injection's fp16 loss scaled (:mod:`memloc.core.precision`)."""
     for name, value in (("n_sequences", n_sequences), ("n_injected", n_injected), ("max_steps", max_steps)):
         check_range(name, value, low=1, integer=True)
     check_range("lr", lr, low=0, low_open=True)
     check_range("seed", seed, low=0, integer=True)
+    check_precision(precision)
     check_choices("methods", methods, METHODS, "localisation method")
     method_options(options)
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
@@ -96,6 +103,7 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
     check_range("prefix_len", p, low=1, integer=True)
     check_range("suffix_len", s, low=1, integer=True)
     dev = next(model.parameters()).device
+    check_precision(precision, dev)
     rng = np.random.default_rng(seed)
     vocab = np.unique(data.tokens.numpy())
     tokens = torch.from_numpy(rng.choice(vocab, size=(n_sequences, p + s))).long()
@@ -109,15 +117,16 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
     before, greedy_zeroed = np.zeros(n_sequences, bool), np.full(n_sequences, -1, np.int64)
     for i in progress(range(n_sequences), desc="inj", unit="seq"):
         x = tokens[i:i + 1].to(dev)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, dev):
             before[i] = bool(suffix_loss(Targets(model, layers, x, p, s), x)[1].all())
         try:
             start = time.perf_counter()
-            steps[i], ok[i] = inject_sequence(model, x, p, s, neurons[i], lr=lr, max_steps=max_steps)
+            steps[i], ok[i] = inject_sequence(model, x, p, s, neurons[i], lr=lr, max_steps=max_steps,
+                                            precision=precision)
             inject_seconds = time.perf_counter() - start
             if ok[i] and not before[i]:
                 got = neuron_scores(model, x, p, s, methods=methods, reference=reference, options=options,
-                                    eval_batch_size=eval_batch_size, seed=seed + i)
+                                    eval_batch_size=eval_batch_size, seed=seed + i, precision=precision)
                 chosen = list(got["scores"])
                 greedy_zeroed[i] = got["greedy_zeroed"][0] if "greedy" in chosen else -1
                 recall.append([recall_at_k(got["scores"][m][0], neurons[i]) for m in chosen])
@@ -150,7 +159,7 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
               "n_injected": n_injected, "lr": lr, "max_steps": max_steps, "checkpoint": epoch, "prefix_len": p,
               "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "d_mlp": d,
               "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev),
-              "data": data.name}
+              "data": data.name, "precision": precision}
     return Result("inj", xr.Dataset(variables, coords=coords), config=config)
 
 

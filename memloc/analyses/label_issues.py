@@ -45,13 +45,14 @@ import xarray as xr
 from ..core.deprecation import renamed
 from ..core.errors import MemlocError
 from ..core.evaluate import evaluate
+from ..core.precision import autocast, check_precision
 from ..core.results import Result
 from ..core.run import Run, as_run
 from ..core.runtime import check_range, resolve_device
 from .arrays import COMBINED, estimate_noise_rate, find_label_issues_in_arrays, flag_top, suspicion
 from .scores import SCORES, default_epoch_k, scores as compute_scores
 from ..core.run import load
-from ..core.options import check_writable, nonnegative_int, number, positive_int
+from ..core.options import add_precision, check_writable, nonnegative_int, number, positive_int
 from ..core.figures import figure, plt, save_figure, table
 from ..core.schemas import Schema, Var, EXAMPLE_VAR
 from ..core.registry import Analysis, Command
@@ -105,16 +106,17 @@ def _check_covered(table: dict[str, np.ndarray], method: str) -> None:
                               "examples they cover with memloc detect", argument="method")
 
 
-def _probabilities(run: Run, epoch: int, device, batch_size: int) -> np.ndarray:
+def _probabilities(run: Run, epoch: int, device, batch_size: int, precision: str = "fp32") -> np.ndarray:
     train = run.data(device).train
-    logits = evaluate(run.model(epoch, device=device), train.batches(batch_size), logits=True)["logits"]
+    with autocast(precision, device):
+        logits = evaluate(run.model(epoch, device=device), train.batches(batch_size), logits=True)["logits"]
     return torch.from_numpy(logits).softmax(1).numpy()
 
 
 @renamed(runs="source", by="method", checkpoint_k="checkpoint", batch_size="eval_batch_size")
 @stored('issues')
 def find_label_issues(source, *, method: str = "combined", checkpoint: int | None = None, rate: float | None = None,
-                      device="auto", eval_batch_size: int = 1024) -> Result:
+                      device="auto", eval_batch_size: int = 1024, precision: str = "fp32") -> Result:
     """Every training example of ``source`` (one run, or runs of the same data) ranked; the suspects flagged.
 
     ``method``: ``combined`` or a score name of :data:`memloc.analyses.scores.SCORES`. ``checkpoint``: the
@@ -124,6 +126,9 @@ def find_label_issues(source, *, method: str = "combined", checkpoint: int | Non
     Every example is ranked, so the ranking score (for ``combined``: each of its scores) must score
     every example; a partial one (``neuron_count`` scores only the examples flip searched) is refused,
     naming how many examples it scores, rather than flag the unscored ones in an arbitrary order.
+
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``): the forward passes of the probabilities and of the
+    scores under autocast, as :func:`memloc.scores` runs them (:mod:`memloc.core.precision`).
     """
     runs = same_data_runs(source)
     if method != "combined" and method not in SCORES:
@@ -131,6 +136,7 @@ def find_label_issues(source, *, method: str = "combined", checkpoint: int | Non
     if rate is not None:
         check_range("rate", rate, low=0, high=1, high_open=True)
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    check_precision(precision)
     final = min(r.final_epoch for r in runs)
     k = default_epoch_k(final) if checkpoint is None else checkpoint
     check_range("checkpoint", k, low=0, high=final, integer=True)
@@ -139,11 +145,12 @@ def find_label_issues(source, *, method: str = "combined", checkpoint: int | Non
                           "labels (the noise-rate estimate from them flags nearly every example); choose an epoch "
                           f"in 1..{final} (default: {default_epoch_k(final)})", argument="checkpoint")
     dev = resolve_device(device)
+    check_precision(precision, dev)
     names = list(dict.fromkeys([*ISSUE_SCORES, *([method] if method != "combined" else [])]))
-    per_run = [compute_scores(r, methods=names, checkpoint=k, device=dev) for r in runs]
+    per_run = [compute_scores(r, methods=names, checkpoint=k, device=dev, precision=precision) for r in runs]
     table = {n: np.mean([res[n].values for res in per_run], axis=0) for n in names}
     _check_covered(table, method)
-    probs = np.mean([_probabilities(r, k, dev, eval_batch_size) for r in runs], axis=0)
+    probs = np.mean([_probabilities(r, k, dev, eval_batch_size, precision) for r in runs], axis=0)
     given = runs[0].label_given
     rate_est = confident_joint_rate(probs, given) if rate is None else float(rate)
     issues = find_label_issues_in_arrays(given, probs, rate=rate_est, scores=table, by=method)
@@ -159,7 +166,8 @@ def find_label_issues(source, *, method: str = "combined", checkpoint: int | Non
          "rate_estimate": ((), rate_est)},
         coords={"example": np.arange(n), "score": names})
     config = {"by": method, "checkpoint_k": int(k), "rate": rate, "rate_method": "confident_joint" if rate is None else "given",
-              "runs": [str(r.path) for r in runs], "flagged": count, "device": str(dev)}
+              "runs": [str(r.path) for r in runs], "flagged": count, "device": str(dev),
+              "precision": precision}
     return Result("issues", ds, config=config)
 
 
@@ -196,13 +204,14 @@ def _cli_arguments(p):
     p.add_argument("--out", dest="csv", default=None, metavar="CSV",
                    help="also write the ranked table (one row per example, most suspicious first) as CSV")
     p.add_argument("--batch-size", type=positive_int, default=1024, help="examples per forward pass")
+    add_precision(p, what="the forward passes of the probabilities and of el2n")
 
 
 def _cli_execute(args):
     if args.csv:
         check_writable(args.csv)
     return find_label_issues([args.run, *args.also], method=args.by, rate=args.rate, checkpoint=args.checkpoint_k,
-                             device=args.device, eval_batch_size=args.batch_size)
+                             device=args.device, eval_batch_size=args.batch_size, precision=args.precision)
 
 
 def _cli_after_save(res, args):

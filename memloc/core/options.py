@@ -14,8 +14,8 @@ from .errors import MemlocError
 from .runtime import describe_range, in_range, make_dir
 
 __all__ = ["Formatter", "number", "positive_int", "nonnegative_int", "positive_float", "nonnegative_float",
-           "add_checkpoints", "add_layers", "add_eval_batch_size", "add_precision", "add_experiment", "seed_table",
-           "mean_se", "layer_table", "describe", "check_writable"]
+           "add_checkpoints", "add_layers", "add_eval_batch_size", "add_precision", "TRAINING_PASSES", "add_experiment",
+           "seed_table", "mean_se", "layer_table", "describe", "check_writable"]
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -68,22 +68,32 @@ def add_eval_batch_size(p) -> None:
     p.add_argument("--eval-batch-size", type=positive_int, default=1024, help="examples per evaluation forward pass")
 
 
-def add_precision(p, help: str | None = None) -> None:
-    """``--precision fp32|bf16|fp16`` (:mod:`memloc.core.precision`)."""
+#: ``add_precision(p, what=TRAINING_PASSES)``: a command whose work includes training
+TRAINING_PASSES = "every forward pass (its trainings' too; fp16 training with a scaled loss)"
+
+
+def add_precision(p, help: str | None = None, *, what: str | None = None) -> None:
+    """``--precision fp32|bf16|fp16`` (:mod:`memloc.core.precision`); ``what``: what runs in that precision,
+    for a command that does not run every forward pass of a conv net in channels_last (the default help)."""
     from .precision import PRECISIONS
+    if help is None and what is None:
+        help = ("run the forward passes under autocast in bf16 or fp16 (faster on GPUs with tensor cores; results "
+                "close to, not equal to, fp32; conv nets on CUDA also switch to channels_last); fp32 (default) "
+                "computes exactly as without this option")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                   help=help or "run the forward passes under autocast in bf16 or fp16 (faster on GPUs with "
-                                "tensor cores; results close to, not equal to, fp32; conv nets on CUDA also switch "
-                                "to channels_last); fp32 (default) computes exactly as without this option")
+                   help=help or f"run {what} under autocast in bf16 or fp16 (faster on GPUs with tensor cores; results "
+                                "close to, not equal to, fp32); fp32 (default) computes exactly as without this option")
 
 
 def add_experiment(p) -> None:
-    """``--seeds`` and ``--jobs`` of the retraining experiments (prune, clean, jtt)."""
+    """``--seeds``, ``--jobs`` and ``--precision`` of the retraining experiments (prune, clean, jtt)."""
     p.add_argument("--seeds", type=number(int, 0, 2**32 - 1), nargs="+", default=[0, 1, 2],
                    help="training seeds of the fresh runs (mean and standard error over them)")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="runs trained in parallel processes (each with cores / jobs threads); finished runs under "
                         "RUN/children are reused, interrupted ones resumed")
+    add_precision(p, what="the experiment's own forward passes (scores, flags, evaluations; the fresh runs train "
+                          "in RUN's precision, part of its recipe)")
 
 
 def seed_table(res, dim: str, variable: str = "test_accuracy") -> str:

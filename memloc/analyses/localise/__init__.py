@@ -29,10 +29,11 @@ import xarray as xr
 
 from ...core.errors import MemlocError
 from ...core.lm import sequence_measures
-from ...core.options import nonnegative_int, number, positive_int
+from ...core.options import add_precision, nonnegative_int, number, positive_int
 from ...core.registry import Analysis, Command
 from ...core.results import Result
 from ...core.neurons import mlp_layers
+from ...core.precision import check_precision
 from ...core.runtime import check_choices, check_range, resolve_device, split_list
 from ...core.schemas import Schema, Var
 from ...core.sequences import SequenceSet
@@ -64,15 +65,16 @@ def lm_source(source, data=None, *, checkpoint: int | None = None, device="auto"
     return run.model(epoch, device=dev), (run.data() if data is None else data), epoch
 
 
-def select_targets(model, data: SequenceSet, examples="memorised", *, eval_batch_size: int = 64) -> np.ndarray:
-    """Rows of ``data`` to localise: ``"memorised"`` (the memorisation targets the model reproduces),
-    ``"memorised:N"`` (the first N of them), ids (a list or array) or a boolean mask."""
+def select_targets(model, data: SequenceSet, examples="memorised", *, eval_batch_size: int = 64,
+                   precision: str = "fp32") -> np.ndarray:
+    """Rows of ``data`` to localise: ``"memorised"`` (the memorisation targets the model reproduces, in
+    ``precision``), ``"memorised:N"`` (the first N of them), ids (a list or array) or a boolean mask."""
     if examples is None or (isinstance(examples, str) and examples.startswith("memorised")):
         name, _, count = (examples or "memorised").partition(":")
         if name != "memorised" or (count and not count.isdigit()):
             raise MemlocError(f"examples {examples!r}: give memorised, memorised:N, ids or a mask", argument="examples")
         memorised = sequence_measures(model, data.tokens, data.prefix_len, data.suffix_len,
-                                      eval_batch_size=eval_batch_size)["memorised"]
+                                      eval_batch_size=eval_batch_size, precision=precision)["memorised"]
         rows = np.flatnonzero(memorised & data.is_memorised_target)
         rows = rows[:int(count)] if count else rows
         if not len(rows):
@@ -108,23 +110,26 @@ def reference_rows(data: SequenceSet, ref_batch_size: int, *, exclude=(), seed: 
 @stored("localise_neurons")
 def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS, options: dict | None = None,
                      ref_batch_size: int = 8, checkpoint: int | None = None, eval_batch_size: int = 64,
-                     seed: int = 0, device="auto") -> Result:
+                     seed: int = 0, device="auto", precision: str = "fp32") -> Result:
     """The ``"localise_neurons"`` result (module docstring) of a language-model run (``source``: a run or
     its path, ``checkpoint`` default final) or of a causal LM module with ``data`` (a SequenceSet), for
     the target sequences ``examples`` (:func:`select_targets`), by ``methods``; greedy keeps the loss of
-    ``ref_batch_size`` clean training sequences low (:func:`reference_rows`; 0: none)."""
+    ``ref_batch_size`` clean training sequences low (:func:`reference_rows`; 0: none). ``precision``: every
+    forward pass under autocast (:mod:`memloc.core.precision`; :func:`neuron_scores`)."""
     check_choices("methods", methods, METHODS, "localisation method")     # bad options fail before any work
     method_options(options)
     check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
+    check_precision(precision)
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
+    check_precision(precision, next(model.parameters()).device)
     mlp_layers(model)
-    rows = select_targets(model, data, examples, eval_batch_size=eval_batch_size)
+    rows = select_targets(model, data, examples, eval_batch_size=eval_batch_size, precision=precision)
     p, s = data.prefix_len, data.suffix_len
     tokens = data.tokens[torch.as_tensor(rows)]
     ref = reference_rows(data, ref_batch_size, exclude=rows, seed=seed)
     got = neuron_scores(model, tokens, p, s, methods=methods, reference=data.tokens[torch.as_tensor(ref)] if len(ref)
-                        else None, options=options, eval_batch_size=eval_batch_size, seed=seed)
-    measures = sequence_measures(model, tokens, p, s, eval_batch_size=eval_batch_size)
+                        else None, options=options, eval_batch_size=eval_batch_size, seed=seed, precision=precision)
+    measures = sequence_measures(model, tokens, p, s, eval_batch_size=eval_batch_size, precision=precision)
     chosen = list(got["scores"])
     d = next(iter(got["scores"].values())).shape[2]
     variables = {"score": (("method", "target", "layer", "neuron"), np.stack([got["scores"][m] for m in chosen])),
@@ -139,7 +144,7 @@ def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS
               "neuron": np.arange(d)}
     config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "prefix_len": p,
               "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "checkpoint": epoch, "eval_batch_size": eval_batch_size, "seed": seed,
-              "device": str(next(model.parameters()).device), "data": data.name}
+              "device": str(next(model.parameters()).device), "data": data.name, "precision": precision}
     return Result("localise_neurons", xr.Dataset(variables, coords=coords), config=config)
 
 
@@ -160,6 +165,7 @@ def _cli_arguments(p):
                    help="clean training sequences whose loss greedy zeroing keeps low (0: the target's loss alone)")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
                    help="random stream of the random baseline and Hard Concrete's noise")
+    add_precision(p, what="every forward pass (fp16 mask learning with a scaled loss)")
 
 
 def parse_settings(items) -> dict:
@@ -183,7 +189,7 @@ def _cli_execute(args):
     return localise_neurons(args.run, examples=args.examples, methods=args.methods, checkpoint=args.checkpoint,
                             options=parse_settings(args.set),
                             ref_batch_size=args.ref_batch_size, eval_batch_size=args.eval_batch_size, seed=args.seed,
-                            device=args.device)
+                            device=args.device, precision=args.precision)
 
 
 def _cli_summary(res, args):

@@ -39,7 +39,9 @@ HYPER = {
 class Targets:
     """Target sequences ``tokens`` (B, prefix_len + suffix_len) of ``model`` (on its device, eval
     mode) with its MLP ``layers`` (all of one width ``d``), and optionally ``reference`` sequences
-    (R, prefix_len + suffix_len) whose suffix loss greedy keeps low."""
+    (R, prefix_len + suffix_len) whose suffix loss greedy keeps low. ``precision``: what the methods run in
+    (:func:`memloc.analyses.localise.neuron_scores` runs them under its autocast; the learned masks scale
+    their fp16 loss)."""
 
     model: nn.Module
     layers: list[NeuronLayer]
@@ -49,6 +51,7 @@ class Targets:
     eval_batch_size: int = 64
     seed: int = 0
     reference: torch.Tensor | None = None
+    precision: str = "fp32"
 
     @property
     def d(self) -> int:

@@ -22,6 +22,7 @@ import math
 import torch
 
 from ...core.optim import make_optimizer
+from ...core.precision import grad_scaler
 from .common import Targets, suffix_loss
 
 __all__ = ["slimming", "hard_concrete"]
@@ -35,6 +36,7 @@ def _learn(t: Targets, opts: dict, lam: float, init: float, mask_of, penalty_of,
         x = t.tokens[rows]
         params = torch.full(t.ones(len(rows)).shape, init, dtype=t.ones(1).dtype, device=x.device, requires_grad=True)
         optimiser = make_optimizer([params], "adam", lr=float(opts["lr"]), weight_decay=0.0)   # = Adam
+        scaler = grad_scaler(t.precision, x.device)         # fp16 only; otherwise the plain gradient and step
         done = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
         final = params.detach().clone()
         for step in range(int(opts["max_steps"])):
@@ -50,8 +52,9 @@ def _learn(t: Targets, opts: dict, lam: float, init: float, mask_of, penalty_of,
                 if done.all():
                     break
             total = (loss + lam * penalty)[go].sum()
-            params.grad, = torch.autograd.grad(total, params)
-            optimiser.step()
+            params.grad, = torch.autograd.grad(scaler.scale(total), params)
+            scaler.step(optimiser)
+            scaler.update()
         final[~done] = params.detach()[~done]
         out[rows] = score_of(final).double().cpu()
     return out

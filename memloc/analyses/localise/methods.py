@@ -9,6 +9,7 @@ from torch import nn
 
 from ...core.errors import MemlocError
 from ...core.neurons import mlp_layers
+from ...core.precision import autocast, check_precision
 from ...core.runtime import check_choices, check_range
 from ...core.sequences import check_span
 from .activations import activations
@@ -54,7 +55,8 @@ def method_options(options: dict | None) -> dict[str, dict]:
 
 
 def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *, methods=METHODS,
-                  reference=None, options: dict | None = None, eval_batch_size: int = 64, seed: int = 0) -> dict:
+                  reference=None, options: dict | None = None, eval_batch_size: int = 64, seed: int = 0,
+                  precision: str = "fp32") -> dict:
     """Scores of every MLP neuron of ``model`` for each target sequence (row of ``tokens`` (B, T), on
     the model's device): higher = more responsible for the target's suffix
     ``tokens[:, prefix_len:prefix_len + suffix_len]`` given its prefix.
@@ -64,12 +66,14 @@ def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *,
     with ``greedy``). The model runs in eval mode (its mode is restored) with its own weights.
     ``reference``: (R, T') token ids (T' >= prefix_len + suffix_len) of sequences whose suffix loss
     ``greedy`` keeps low (e.g. clean training sequences; None: the target's loss alone).
-    ``options``: {method: {hyper-parameter: value}} over :data:`HYPER`.
+    ``options``: {method: {hyper-parameter: value}} over :data:`HYPER`. ``precision``: every method's
+    forward passes under autocast (:mod:`memloc.core.precision`); the learned masks' fp16 loss is scaled.
     """
     chosen = check_choices("methods", methods, METHODS, "localisation method")
     opts = method_options(options)
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     check_range("seed", seed, low=0, integer=True)
+    check_precision(precision)
     tokens = _token_ids(tokens, "tokens")
     check_span(prefix_len, suffix_len, tokens.shape[1])
     if reference is not None:
@@ -83,16 +87,18 @@ def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *,
                           f"({sorted({layer.size for layer in layers})}); give a model with one MLP width",
                           argument="source")
     device = next(model.parameters()).device
+    check_precision(precision, device)
     span = prefix_len + suffix_len
     t = Targets(model, layers, tokens[:, :span].to(device), int(prefix_len), int(suffix_len), int(eval_batch_size),
-                int(seed), None if reference is None else reference[:, :span].to(device))
+                int(seed), None if reference is None else reference[:, :span].to(device), precision)
     out = {"scores": {}, "seconds": {}, "layers": [layer.name for layer in layers]}
     was_training = model.training
     model.eval()
     try:
         for method in chosen:
             start = time.perf_counter()
-            got = FUNCTIONS[method](t, opts[method])
+            with autocast(precision, device):
+                got = FUNCTIONS[method](t, opts[method])
             if method == "greedy":
                 got, zeroed, broken = got
                 out["greedy_zeroed"], out["greedy_broken"] = zeroed.numpy(), broken.numpy()
