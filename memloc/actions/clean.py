@@ -21,7 +21,7 @@ from ..core.evaluate import evaluate
 from ..analyses.label_issues import find_label_issues, flag_quality
 from ..core.results import Result
 from ..core.run import as_run
-from ..core.runtime import check_range, resolve_device
+from ..core.runtime import check_flag, check_range, resolve_device
 from .children import check_seeds, parent_config, save_array, subset_config, train_children
 from ..analyses.label_issues import COMBINED
 from ..analyses.scores import SCORES
@@ -86,6 +86,9 @@ def clean(source, *, method: str = "combined", relabel: bool = False, seeds=(0, 
     run = as_run(source)
     base = parent_config(run)
     seeds = check_seeds(seeds)
+    relabel, baseline = check_flag("relabel", relabel), check_flag("baseline", baseline)
+    check_range("folds", folds, low=2, integer=True)
+    check_range("jobs", jobs, low=1, integer=True)
     dev = resolve_device(device)
     with alone():       # under torchrun every rank flags alone; the children are split (train_children)
         issues = find_label_issues(run, method=method, device=dev)

@@ -205,6 +205,9 @@ class Run:
     """A run directory opened for analysis (see :func:`load`)."""
 
     def __init__(self, path, *, model_fn: Callable[[], nn.Module] | None = None, data=None):
+        if not isinstance(path, (str, os.PathLike)):
+            raise MemlocError(f"source must be a memloc.Run or a run directory's path, got {type(path).__name__}",
+                              argument="source")
         self.path = Path(path)
         if not (self.path / "run.json").is_file():
             raise MemlocError(f"{str(self.path)!r} is not a memloc run directory (no run.json)")

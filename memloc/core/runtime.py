@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .errors import MemlocError
 
-__all__ = ["world", "alone", "resolve_device", "progress", "split_list", "check_range", "in_range", "describe_range", "check_choices", "import_object",
+__all__ = ["world", "alone", "resolve_device", "progress", "split_list", "check_range", "check_flag", "in_range", "describe_range", "check_choices", "import_object",
            "atomic_path", "FileLock", "make_dir", "check_creatable"]
 
 
@@ -111,6 +111,14 @@ def check_range(name: str, value, *, low=None, high=None, integer: bool = False,
     if not in_range(value, low, high, integer=integer, low_open=low_open, high_open=high_open):
         rng = describe_range(low, high, integer=integer, low_open=low_open, high_open=high_open)
         raise MemlocError(f"{name} must be {rng}, got {value!r}", argument=name)
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool; :class:`MemlocError` naming ``name`` unless it is True or False (numpy's too):
+    ``"no"`` or ``2`` would silently read as True."""
+    if not (isinstance(value, bool) or type(value).__name__ in ("bool_", "bool")):
+        raise MemlocError(f"{name} must be True or False, got {value!r}", argument=name)
+    return bool(value)
 
 
 def check_choices(name: str, values, valid, what: str) -> list[str]:
