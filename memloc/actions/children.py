@@ -25,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
-import multiprocessing
 import time
 from pathlib import Path
 
@@ -34,8 +33,9 @@ import torch
 
 from ..scale.distributed import alone, broadcast, shard, world
 from ..core.errors import MemlocError
+from ..core.pool import process_pool
 from ..core.run import Run, check_new_run_dir, is_complete, load
-from ..core.runtime import check_range, progress, resolve_device
+from ..core.runtime import FileLock, check_range, progress, resolve_device
 
 __all__ = ["parent_config", "parent_labels", "subset_config", "check_seeds", "child_path", "train_runs",
            "train_children", "save_array"]
@@ -146,15 +146,21 @@ def _finished(path: Path, epochs: int) -> bool:
 def _train_one(path: str, cfg: dict, device: str, threads: int, label_given=None) -> str:
     from ..training.train import train
     torch.set_num_threads(threads)
-    if not is_complete(path):
-        try:
-            check_new_run_dir(path, clear=False)
-        except MemlocError:     # its folder is memloc's to name: the user can only delete it
-            if not is_complete(path):   # (unless another process finished creating it meanwhile)
+    # two experiments that share this child (prune's and clean's all-s1) run at once: the second waits
+    # for the first to train it, then reuses it (the run's own writer lock would refuse it mid-way)
+    lock = FileLock(Path(path).with_name(f".{Path(path).name}.lock"), f"child run {str(path)!r} is being "
+                    "trained by another memloc process", wait=True)
+    try:
+        if not is_complete(path):
+            try:
+                check_new_run_dir(path, clear=False)
+            except MemlocError:     # its folder is memloc's to name: the user can only delete it
                 raise MemlocError(f"child run {str(path)!r} is damaged (not a memloc run, nor one being created): "
                                   "delete it and run the command again", argument="run") from None
-    if not _finished(Path(path), cfg["epochs"]):
-        train(path, cfg, device=device, resume=True, argv=["memloc", "train", path], label_given=label_given)
+        if not _finished(Path(path), cfg["epochs"]):
+            train(path, cfg, device=device, resume=True, argv=["memloc", "train", path], label_given=label_given)
+    finally:
+        lock.release()
     return path
 
 
@@ -207,8 +213,7 @@ def _train(todo: dict, labels: dict, *, jobs: int, device, desc: str) -> None:
                 _train_one(p, cfg, str(device), threads, labels[p])
                 bar.update()
         else:
-            ctx = multiprocessing.get_context("spawn")
-            pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+            pool = process_pool(jobs)       # its workers end with this process (a kill -9 leaves none)
             try:
                 futures = [pool.submit(_train_one, p, cfg, str(device), threads, labels[p]) for p, cfg in todo.items()]
                 for fut in cf.as_completed(futures):

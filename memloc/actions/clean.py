@@ -22,7 +22,7 @@ from ..core.precision import autocast, check_precision
 from ..analyses.label_issues import find_label_issues, flag_quality
 from ..core.results import Result
 from ..core.run import as_run
-from ..core.runtime import check_range, resolve_device
+from ..core.runtime import check_flag, check_range, resolve_device
 from .children import check_seeds, parent_config, save_array, subset_config, train_children
 from ..analyses.label_issues import COMBINED
 from ..analyses.scores import SCORES
@@ -92,6 +92,9 @@ def clean(source, *, method: str = "combined", relabel: bool = False, seeds=(0, 
     run = as_run(source)
     base = parent_config(run)
     seeds = check_seeds(seeds)
+    relabel, baseline = check_flag("relabel", relabel), check_flag("baseline", baseline)
+    check_range("folds", folds, low=2, integer=True)
+    check_range("jobs", jobs, low=1, integer=True)
     dev = resolve_device(device)
     check_precision(precision, dev)
     with alone():       # under torchrun every rank flags alone; the children are split (train_children)

@@ -87,6 +87,11 @@ def forgetting_order(source, *, orders=ORDERS, protect=PROTECTIONS, epochs: int 
     check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     check_range("batch_size", batch_size, low=1, integer=True)
     check_precision(precision)
+    if lam is not None and not isinstance(lam, dict):
+        raise MemlocError(f"lam must be a dict {{protection: weight}}, got {type(lam).__name__}", argument="lam")
+    unknown = sorted(set(map(str, lam or {})) - set(HYPER["lam"]))
+    if unknown:
+        raise MemlocError(f"lam has no protection {unknown[0]!r}; its keys: {', '.join(HYPER['lam'])}", argument="lam")
     lams = {**HYPER["lam"], **(lam or {})}
     for key, value in lams.items():
         check_range("lam", value, low=0)

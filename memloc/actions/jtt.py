@@ -73,6 +73,8 @@ def jtt(source, *, checkpoint: int | None = None, upweight: float = 5.0, seeds=(
     base = parent_config(run)
     id_epoch = default_epoch_k(run.final_epoch) if checkpoint is None else checkpoint
     check_range("upweight", upweight, low=0, low_open=True)
+    check_range("jobs", jobs, low=1, integer=True)
+    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     seeds = check_seeds(seeds)
     errors = error_set(run, id_epoch)
     if not len(errors):

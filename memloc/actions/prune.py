@@ -15,6 +15,8 @@ Ties (forgetting counts are integers) are broken by a seeded permutation.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import xarray as xr
 
@@ -22,7 +24,7 @@ from ..scale.distributed import alone, world
 from ..core.errors import MemlocError
 from ..core.precision import check_precision
 from ..core.results import Result
-from ..core.run import as_run
+from ..core.run import Run, as_run
 from ..core.runtime import check_choices, check_range, resolve_device, split_list
 from ..analyses.scores import SCORES, default_epoch_k, scores as compute_scores
 from .children import check_seeds, parent_config, subset_config, train_children
@@ -105,7 +107,12 @@ def prune(source, *, methods=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.
     :mod:`memloc.core.precision`); the fresh runs train with the parent's recipe, in its precision."""
     check_precision(precision)
     run = as_run(source)
-    also = [as_run(r) for r in (also or [])]
+    also = [also] if isinstance(also, (str, os.PathLike, Run)) else also
+    if not isinstance(also, (list, tuple)) or not all(isinstance(r, (str, os.PathLike, Run)) for r in also):
+        raise MemlocError("also must be a list of runs or run paths", argument="also")
+    also = [as_run(r) for r in also]
+    check_range("offset", offset, low=0, high=1, high_open=True)
+    check_range("jobs", jobs, low=1, integer=True)
     base = parent_config(run)
     names = check_choices("methods", methods, [n for n in SCORES if n != "neuron_count"], "pruning score")
     keeps = [_fraction(k) for k in (keep if isinstance(keep, (list, tuple)) else split_list(keep) or [])]

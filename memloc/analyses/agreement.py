@@ -74,6 +74,9 @@ def score_agreement(source, *, methods=None) -> Result:
     """
     if isinstance(source, (Result, str, Path)):
         source = [source]
+    if not isinstance(source, (list, tuple)):
+        raise MemlocError(f"source must be a 'scores' result or a list of them, got {type(source).__name__}",
+                          argument="source")
     results = [_as_scores(r, i) for i, r in enumerate(source)]
     if not results:
         raise MemlocError("source is empty: give at least one scores result", argument="source")

@@ -29,6 +29,15 @@ PROB_TOLERANCE = 1e-3                    # how far a row of pred_probs may sum f
 
 
 # ----------------------------------------------------------------------------- checks
+def _floats(values, argument: str) -> np.ndarray:
+    """``values`` as a float64 array; :class:`MemlocError` naming ``argument`` when they are not numbers."""
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MemlocError(f"{argument} must hold numbers (an array), got {type(values).__name__}",
+                          argument=argument) from None
+
+
 def _check_labels(labels, argument: str = "labels", num_classes: int | None = None) -> np.ndarray:
     y = np.asarray(labels)
     if y.ndim != 1:
@@ -48,7 +57,7 @@ def _check_labels(labels, argument: str = "labels", num_classes: int | None = No
 def _check_probs(labels, pred_probs) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N,) int64, pred_probs (N, C) float64), checked against each other."""
     y = _check_labels(labels)
-    p = np.asarray(pred_probs, dtype=np.float64)
+    p = _floats(pred_probs, "pred_probs")
     n = len(y)
     if p.ndim != 2 or p.shape[0] != n or p.shape[1] < 2:
         raise MemlocError(f"pred_probs has shape {p.shape}; give one row of at least 2 class probabilities per "
@@ -64,7 +73,7 @@ def _check_probs(labels, pred_probs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_epochs(values, argument: str, n: int | None) -> np.ndarray:
-    v = np.asarray(values, dtype=np.float64)
+    v = _floats(values, argument)
     if v.ndim != 2 or (n is not None and v.shape[1] != n):
         want = f"(E, {n})" if n is not None else "(E, N)"
         raise MemlocError(f"{argument} has shape {v.shape}; give one row per epoch, shape {want}", argument=argument)
@@ -187,6 +196,8 @@ def rank_label_issues(labels, pred_probs=None, *, scores=None, by: str = "combin
     Returns (suspicion (N,) float, rank (N,) int, a permutation of 1..N). Ties are broken by a
     permutation seeded with ``seed``; NaN suspicion ranks last.
     """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:   # (no torch here)
+        raise MemlocError(f"seed must be an integer in [0, {2**32 - 1}], got {seed!r}", argument="seed")
     y = _check_labels(labels)
     if pred_probs is not None:
         y, probs = _check_probs(y, pred_probs)
@@ -198,7 +209,7 @@ def rank_label_issues(labels, pred_probs=None, *, scores=None, by: str = "combin
         values = 1.0 - probs[np.arange(len(y)), y]
     else:
         from .scores import SCORES
-        if by != "combined" and by not in SCORES:
+        if by != "combined" and (not isinstance(by, str) or by not in SCORES):
             raise MemlocError(f"by {by!r} is not a score; valid: combined, {SELF_CONFIDENCE}, {', '.join(SCORES)}",
                               argument="by")
         needed = COMBINED if by == "combined" else (by,)
@@ -224,7 +235,7 @@ def find_label_issues_in_arrays(labels, pred_probs, *, rate: float | None = None
     y, probs = _check_probs(labels, pred_probs)
     if rate is None:
         rate = estimate_noise_rate(y, probs)
-    elif not (isinstance(rate, (int, float, np.number)) and 0 <= rate <= 1):
+    elif isinstance(rate, (bool, np.bool_)) or not (isinstance(rate, (int, float, np.number)) and 0 <= rate <= 1):
         raise MemlocError(f"rate must be a fraction in [0, 1], not {rate!r}", argument="rate")
     values, rank = rank_label_issues(y, probs, scores=scores, by=by, seed=seed)
     n = len(y)
@@ -266,7 +277,7 @@ def scores_from_arrays(*, losses=None, logits=None, labels=None, correct=None, m
             raise MemlocError("correct must hold 1 (correct), 0 (wrong) or -1 (not presented)", argument="correct")
         out["forgetting"] = f.forgetting_events(c.astype(np.int64))
     if logits is not None:
-        z = np.asarray(logits, dtype=np.float64)
+        z = _floats(logits, "logits")
         if z.ndim != 2 or (n is not None and z.shape[0] != n) or not np.isfinite(z).all():
             raise MemlocError(f"logits has shape {z.shape}; give finite values, one row per example, shape "
                               f"({'N' if n is None else n}, C)", argument="logits")

@@ -161,6 +161,15 @@ def plot_curves(scores: dict[str, np.ndarray], is_noisy: np.ndarray, directions:
         plt.close(fig)
 
 
+def _noisy_mask(is_noisy) -> np.ndarray:
+    """``is_noisy`` as a (N,) bool mask: booleans or 0 / 1 (NaN or 0.5 would silently read as True)."""
+    v = np.asarray(is_noisy)
+    if v.ndim != 1 or v.dtype.kind not in "biuf" or not np.isin(v, (0, 1)).all():
+        raise MemlocError(f"is_noisy must be a (N,) mask of booleans (or 0 / 1), got {type(is_noisy).__name__} of "
+                          f"shape {v.shape}", argument="is_noisy")
+    return v.astype(bool)
+
+
 @renamed(names="methods")
 def detect(source, *, methods="all", is_noisy=None) -> Result:
     """Detection quality of every stored score against the known noise.
@@ -172,12 +181,12 @@ def detect(source, *, methods="all", is_noisy=None) -> Result:
     if isinstance(source, Result):
         if source.name != "scores" or is_noisy is None:
             raise MemlocError("detect needs a run, or a 'scores' result together with is_noisy")
-        res, noisy = source, np.asarray(is_noisy, dtype=bool)
+        res, noisy = source, _noisy_mask(is_noisy)
     else:
         run = as_run(source, need_checkpoints=False)
         if not run.results_path("scores").is_file():
             raise MemlocError(f"no scores for run {str(run.path)!r}: compute and save scores first")
-        res, noisy = run.result("scores"), run.is_noisy if is_noisy is None else np.asarray(is_noisy, bool)
+        res, noisy = run.result("scores"), run.is_noisy if is_noisy is None else _noisy_mask(is_noisy)
     index = res["example"].values
     if not np.array_equal(index, np.arange(len(noisy))):
         raise MemlocError(f"the scores do not list the {len(noisy)} training examples in order")

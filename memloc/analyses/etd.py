@@ -13,7 +13,7 @@ from ..core.dropout import EVAL_MODES, evaluate_modes, require_dropout_layers
 from ..core.evaluate import SUBSETS
 from ..core.precision import autocast, check_precision
 from ..core.results import Result
-from ..core.runtime import check_range
+from ..core.runtime import check_choices, check_flag, check_range
 from ..core.selection import resolve
 from ..core.options import add_eval_batch_size, add_precision, nonnegative_int
 from ..core.figures import figure, plt, LABELS, save_figure, table, coord_names
@@ -36,6 +36,8 @@ def evaluate_dropout(source, data=None, *, checkpoint: int | None = None, modes=
     """
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     check_precision(precision)
+    recalibrate_bn = check_flag("recalibrate_bn", recalibrate_bn)
+    modes = check_choices("modes", modes, EVAL_MODES, "dropout mode")
     src = resolve(source, data, device=device, checkpoint=checkpoint)
     check_precision(precision, src.device)
     spec = src.run.info.get("model", {}).get("etd", {}) if src.run is not None else {}

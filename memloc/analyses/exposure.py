@@ -45,7 +45,11 @@ class CandidateSpace:
     choices: tuple
 
     def __post_init__(self):
-        choices = tuple(tuple(int(t) for t in c) for c in self.choices)
+        try:
+            choices = tuple(tuple(_token_id(t) for t in c) for c in self.choices)
+        except TypeError:
+            raise MemlocError("candidates: give the token ids allowed at each position (a tuple of tuples)",
+                              argument="candidates") from None
         if not choices or any(not c or len(set(c)) != len(c) for c in choices):
             raise MemlocError("candidates: every position needs at least one token id, without repeats",
                               argument="candidates")
@@ -75,11 +79,24 @@ class CandidateSpace:
         return np.stack([np.asarray(c, dtype=np.int64)[rng.integers(len(c), size=n)] for c in self.choices], axis=1)
 
 
+def _token_id(t) -> int:
+    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or t < 0:
+        raise MemlocError(f"candidates: token ids are integers >= 0, got {t!r}", argument="candidates")
+    return int(t)
+
+
 def digit_space(n_digits: int, *, digits=range(10), separator: int | None = None) -> CandidateSpace:
     """``n_digits`` digit tokens (``digits``: their ids), with ``separator`` between them if given:
     ``digit_space(4)`` is TinyMem's 10^4 four-digit secrets; ``digit_space(6, digits=range(48, 58),
     separator=32)`` the byte-level "3 8 1 4 9 2" of :func:`memloc.canaries`."""
     check_range("n_digits", n_digits, low=1, integer=True)
+    if separator is not None and (isinstance(separator, bool) or not isinstance(separator, (int, np.integer))
+                                  or separator < 0):
+        raise MemlocError(f"separator must be a token id (an integer >= 0) or None, got {separator!r}",
+                          argument="separator")
+    if isinstance(digits, (str, dict)) or not hasattr(digits, "__iter__"):
+        raise MemlocError(f"digits must be the token ids of the digits (e.g. range(10)), got {digits!r}",
+                          argument="digits")
     d = tuple(digits)
     positions = [d]
     for _ in range(n_digits - 1):
@@ -87,11 +104,30 @@ def digit_space(n_digits: int, *, digits=range(10), separator: int | None = None
     return CandidateSpace(tuple(positions))
 
 
-def _vector(x, argument: str) -> torch.Tensor:
-    t = None if x is None else torch.as_tensor(x if torch.is_tensor(x) else np.asarray(x)).reshape(-1)
-    if t is None or t.numel() == 0 or t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise MemlocError(f"{argument} must be a non-empty sequence of token ids", argument=argument)
+def _ids(x, argument: str, what: str) -> torch.Tensor | None:
+    """``x`` as an int64 tensor of token ids (>= 0); None when it is not one (its caller says what it needs)."""
+    try:
+        t = None if x is None else torch.as_tensor(x if torch.is_tensor(x) else np.asarray(x))
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        return None
+    if t.numel() and int(t.min()) < 0:
+        raise MemlocError(f"{argument} holds a negative token id; give {what}", argument=argument)
     return t.long().cpu()
+
+
+def _vector(x, argument: str) -> torch.Tensor:
+    t = _ids(x, argument, "a non-empty sequence of token ids")
+    if t is None or t.numel() == 0:
+        raise MemlocError(f"{argument} must be a non-empty sequence of token ids", argument=argument)
+    return t.reshape(-1)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise MemlocError(f"model must be a causal language model (a torch.nn.Module), got {type(model).__name__}",
+                          argument="model")
 
 
 @torch.no_grad()
@@ -100,12 +136,13 @@ def sequence_log_likelihood(model, prefix, continuations, *, eval_batch_size: in
     """(C,) float64: log p(continuation | prefix) in nats, the sum over the continuation's tokens of
     the model's log-probabilities (one forward pass per batch of ``eval_batch_size`` continuations)."""
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    _check_model(model)
     device = resolve_device(device)
     prefix = _vector(prefix, "prefix")
-    cont = torch.as_tensor(np.asarray(continuations) if not torch.is_tensor(continuations) else continuations)
-    if cont.ndim != 2 or cont.shape[1] < 1 or cont.dtype.is_floating_point:
-        raise MemlocError(f"candidates has shape {tuple(cont.shape)}; give (C, S) token ids", argument="candidates")
-    cont = cont.long()
+    cont = _ids(continuations, "candidates", "(C, S) token ids")
+    if cont is None or cont.ndim != 2 or cont.shape[1] < 1:
+        raise MemlocError(f"candidates has shape {tuple(np.shape(continuations))}; give (C, S) token ids",
+                          argument="candidates")
     was_training = model.training
     model.to(device).eval()
     p, out = len(prefix), []
@@ -127,11 +164,10 @@ def _candidates(candidates, secret: torch.Tensor):
             raise MemlocError("secret is not in the candidate space (its length or a token is outside the choices)",
                               argument="secret")
         return None, candidates, candidates.size
-    rows = torch.as_tensor(np.asarray(candidates) if not torch.is_tensor(candidates) else candidates)
-    if rows.ndim != 2 or rows.dtype.is_floating_point or rows.shape[1] != len(secret):
-        raise MemlocError(f"candidates has shape {tuple(rows.shape)}; give (C, {len(secret)}) token ids (as long as "
-                          "the secret) or a CandidateSpace", argument="candidates")
-    rows = rows.long().cpu()
+    rows = _ids(candidates, "candidates", f"(C, {len(secret)}) token ids")
+    if rows is None or rows.ndim != 2 or rows.shape[1] != len(secret):
+        raise MemlocError(f"candidates has shape {tuple(np.shape(candidates))}; give (C, {len(secret)}) token ids (as "
+                          "long as the secret) or a CandidateSpace", argument="candidates")
     if not (rows == secret).all(1).any():
         raise MemlocError("secret is not among the candidates", argument="secret")
     return rows, None, len(rows)
@@ -141,6 +177,7 @@ def exposure(model, prefix, secret, candidates, *, eval_batch_size: int = 1024, 
     """Exact exposure (module docstring) of ``secret`` (S token ids) after ``prefix`` among
     ``candidates``: a (C, S) array of token ids holding the secret, or a :class:`CandidateSpace`
     (every member is scored; at most :data:`MAX_EXACT`)."""
+    _check_model(model)
     secret = _vector(secret, "secret")
     rows, space, size = _candidates(candidates, secret)
     if space is not None:
@@ -162,6 +199,8 @@ def exposure_estimate(model, prefix, secret, candidates, *, samples: int = 10_00
     if method not in ESTIMATES:
         raise MemlocError(f"method {method!r} is unknown; valid: {', '.join(ESTIMATES)}", argument="method")
     check_range("samples", samples, low=2, integer=True)
+    check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
+    _check_model(model)
     secret = _vector(secret, "secret")
     rows, space, size = _candidates(candidates, secret)
     rng = np.random.default_rng(seed)

@@ -131,7 +131,7 @@ def find_label_issues(source, *, method: str = "combined", checkpoint: int | Non
     scores under autocast, as :func:`memloc.scores` runs them (:mod:`memloc.core.precision`).
     """
     runs = same_data_runs(source)
-    if method != "combined" and method not in SCORES:
+    if method != "combined" and (not isinstance(method, str) or method not in SCORES):
         raise MemlocError(f"method {method!r} is not a score; valid: combined, {', '.join(SCORES)}", argument="method")
     if rate is not None:
         check_range("rate", rate, low=0, high=1, high_open=True)

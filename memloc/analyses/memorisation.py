@@ -35,8 +35,15 @@ __all__ = ["memorisation_from_logits", "memorisation", "SPLITS"]
 SPLITS = ("train", "test")
 
 
+def _tensor(x, argument: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(x if torch.is_tensor(x) else np.asarray(x))
+    except (TypeError, ValueError, RuntimeError):
+        raise MemlocError(f"{argument} must be an array or tensor, got {type(x).__name__}", argument=argument) from None
+
+
 def _check(logits, tokens, prefix_len, suffix_len):
-    logits, tokens = torch.as_tensor(logits), torch.as_tensor(tokens)
+    logits, tokens = _tensor(logits, "logits"), _tensor(tokens, "tokens")
     if tokens.ndim != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
         raise MemlocError(f"tokens has shape {tuple(tokens.shape)} and dtype {tokens.dtype}; give (B, T) integer "
                           "token ids", argument="tokens")
@@ -46,6 +53,8 @@ def _check(logits, tokens, prefix_len, suffix_len):
             or not logits.dtype.is_floating_point):
         raise MemlocError(f"logits has shape {tuple(logits.shape)}; give (B, T', V) float logits with B = "
                           f"{tokens.shape[0]} and T' >= prefix_len + suffix_len - 1 = {need}", argument="logits")
+    if not bool(torch.isfinite(logits).all()):
+        raise MemlocError("logits holds values that are not finite", argument="logits")
     suffix = tokens[:, prefix_len:prefix_len + suffix_len]
     if suffix.numel() and (int(suffix.min()) < 0 or int(suffix.max()) >= logits.shape[2]):
         raise MemlocError(f"tokens holds ids outside the {logits.shape[2]} logits of the vocabulary", argument="tokens")

@@ -39,7 +39,7 @@ from ..scale.parts import Parts, parts_folder
 from ..core.precision import apply_channels_last, autocast, check_precision, grad_scaler
 from ..scale.prefix import CACHE_MB, PrefixCache
 from ..core.results import Result
-from ..core.runtime import check_range, progress
+from ..core.runtime import check_flag, check_range, progress
 from ..core.selection import copy_layer, layer_coords, prepare
 from ..core.units import Layer
 from ..core.options import add_eval_batch_size, add_layers, add_precision, describe, layer_table, nonnegative_float, nonnegative_int, number, positive_float, positive_int
@@ -181,11 +181,14 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     check_range("lr", lr, low=0)
     check_range("prefix_cache_mb", prefix_cache_mb, low=0)
+    prefix_cache = check_flag("prefix_cache", prefix_cache)
     check_precision(precision)
     if not lr > 0:
         raise MemlocError(f"lr must be positive, got {lr}", argument="lr")
     if isinstance(source, nn.Module) and not isinstance(checkpoint, dict):
         raise MemlocError("checkpoint must be a state_dict when a model is passed instead of a run")
+    if not isinstance(checkpoint, dict):
+        check_range("checkpoint", checkpoint, low=0, integer=True)
     p = prepare(source, data, device=device, layers=layers, checkpoints=None if isinstance(source, nn.Module) else "final")
     init = checkpoint if isinstance(checkpoint, dict) else p.run.checkpoint(checkpoint)
     check_precision(precision, p.device)

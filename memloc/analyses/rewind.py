@@ -34,7 +34,7 @@ from ..scale.parts import Parts, parts_folder
 from ..core.precision import apply_channels_last, autocast, check_precision
 from ..scale.prefix import CACHE_MB, PrefixCache
 from ..core.results import Result
-from ..core.runtime import check_range, progress
+from ..core.runtime import check_flag, check_range, progress
 from ..core.selection import copy_layer, layer_coords, prepare
 from ..core.units import Layer
 from ..core.options import add_checkpoints, add_eval_batch_size, add_layers, add_precision, describe, layer_table
@@ -119,6 +119,7 @@ def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size
     """
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     check_range("prefix_cache_mb", prefix_cache_mb, low=0)
+    prefix_cache = check_flag("prefix_cache", prefix_cache)
     check_precision(precision)
     if isinstance(source, nn.Module) and not isinstance(checkpoints, dict):
         raise MemlocError("checkpoints must be a mapping {epoch: state_dict} to rewind to when a model is passed",

@@ -54,6 +54,9 @@ def _in_features(module: nn.Module) -> int | None:
 def mlp_layers(model: nn.Module) -> list[NeuronLayer]:
     """The MLP layers of ``model`` in forward order (module order), found by their down-projection's
     name (:data:`DOWN_PROJECTIONS`); a :class:`MemlocError` when there is none."""
+    if not isinstance(model, nn.Module):
+        raise MemlocError(f"model must be a causal language model (a torch.nn.Module), got {type(model).__name__}",
+                          argument="model")
     found = []
     for name, module in model.named_modules():
         size = _in_features(module)

@@ -30,6 +30,14 @@ from .schemas import SCHEMA_VERSION, Schema
 __all__ = ["Result", "load_result", "atomic_path"]
 
 
+def _plain(value):
+    """A config value json cannot write: a numpy / torch scalar as its Python value (``np.int64(4)`` is
+    ``4``, as the same setting given as ``4``), an array as a list, anything else as its text."""
+    if hasattr(value, "tolist") and np.ndim(value) <= 1:
+        return value.tolist()
+    return str(value)
+
+
 class Result:
     """A labelled result of one analysis (``name``: a declared analysis, :mod:`memloc.core.registry`).
 
@@ -42,7 +50,7 @@ class Result:
         self._schema = registry.schema(name)   # an unknown name is a MemlocError listing the valid ones
         self.dataset = dataset
         if config is not None:
-            self.dataset.attrs["config"] = json.dumps(config, sort_keys=True, default=str)
+            self.dataset.attrs["config"] = json.dumps(config, sort_keys=True, default=_plain)
         self.dataset.attrs.setdefault("config", "{}")
         self.schema.check(self.dataset)
 

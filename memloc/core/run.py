@@ -205,6 +205,8 @@ class Run:
     """A run directory opened for analysis (see :func:`load`)."""
 
     def __init__(self, path, *, model_fn: Callable[[], nn.Module] | None = None, data=None):
+        if not isinstance(path, (str, os.PathLike)):
+            raise MemlocError(f"path must be a run directory's path, got {type(path).__name__}", argument="path")
         self.path = Path(path)
         if not (self.path / "run.json").is_file():
             raise MemlocError(f"{str(self.path)!r} is not a memloc run directory (no run.json)")
@@ -389,6 +391,9 @@ def load(path, *, model_fn: Callable[[], nn.Module] | None = None, data=None) ->
 
 def as_run(source, *, need_checkpoints: bool = True) -> Run:
     """``source`` as a :class:`Run` (a Run or a path), insisting on at least one checkpoint."""
+    if not isinstance(source, (Run, str, os.PathLike)):
+        raise MemlocError(f"source must be a memloc.Run or a run directory's path, got {type(source).__name__}",
+                          argument="source")
     run = source if isinstance(source, Run) else load(source)
     if need_checkpoints and not run.epochs:
         raise MemlocError(f"run {str(run.path)!r} has no checkpoints (expected "

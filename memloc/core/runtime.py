@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .errors import MemlocError
 
-__all__ = ["world", "alone", "resolve_device", "progress", "split_list", "check_range", "in_range", "describe_range", "check_choices", "import_object",
+__all__ = ["world", "alone", "resolve_device", "progress", "split_list", "check_range", "check_flag", "in_range", "describe_range", "check_choices", "import_object",
            "atomic_path", "FileLock", "make_dir", "check_creatable"]
 
 
@@ -110,6 +111,14 @@ def check_range(name: str, value, *, low=None, high=None, integer: bool = False,
     if not in_range(value, low, high, integer=integer, low_open=low_open, high_open=high_open):
         rng = describe_range(low, high, integer=integer, low_open=low_open, high_open=high_open)
         raise MemlocError(f"{name} must be {rng}, got {value!r}", argument=name)
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool; :class:`MemlocError` naming ``name`` unless it is True or False (numpy's too):
+    ``"no"`` or ``2`` would silently read as True."""
+    if not (isinstance(value, bool) or type(value).__name__ in ("bool_", "bool")):
+        raise MemlocError(f"{name} must be True or False, got {value!r}", argument=name)
+    return bool(value)
 
 
 def check_choices(name: str, values, valid, what: str) -> list[str]:
@@ -211,14 +220,15 @@ class FileLock:
     """An exclusive, non-blocking lock on ``path`` (``flock``), held until :meth:`release`.
 
     ``FileLock(path, busy="message")`` raises :class:`MemlocError` with ``busy`` (plus the holder's
-    pid) when another process holds it. Released automatically when the process ends. With
+    pid) when another process holds it; with ``wait=True`` it says so on stderr ("busy ...: waiting")
+    and waits until the holder releases it. Released automatically when the process ends. With
     ``take_over_own``, a lock an earlier object of this process still holds (a notebook re-running
     a cell) is taken over with a warning instead.
     """
 
     _held: dict = {}
 
-    def __init__(self, path, busy: str, *, take_over_own: bool = False):
+    def __init__(self, path, busy: str, *, take_over_own: bool = False, wait: bool = False):
         self.path = Path(path)
         key = str(self.path.resolve())
         if take_over_own and key in FileLock._held:
@@ -236,8 +246,16 @@ class FileLock:
         except BlockingIOError:
             self.file.seek(0)
             holder = self.file.read().strip()
-            self.file.close()
-            raise MemlocError(f"{busy}{f' (pid {holder})' if holder else ''}") from None
+            busy = f"{busy}{f' (pid {holder})' if holder else ''}"
+            if not wait:
+                self.file.close()
+                raise MemlocError(busy) from None
+            print(f"{busy}: waiting for it", file=sys.stderr, flush=True)
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX)
+            except BaseException:       # Ctrl-C while waiting
+                self.file.close()
+                raise
         except OSError as e:   # a filesystem without locks (some network mounts): go on unprotected
             warnings.warn(f"cannot lock {str(self.path)!r} ({e.strerror}); concurrent writers are not detected")
         FileLock._held[key] = self

@@ -15,7 +15,7 @@ from torch import nn
 from .errors import MemlocError
 from .inputs import as_data
 from .run import Run, as_run, ranges
-from .runtime import resolve_device, split_list
+from .runtime import check_range, resolve_device, split_list
 from .units import Layer, Structure, trace
 
 __all__ = ["select_layers", "parse_checkpoints", "copy_layer", "merged_layer", "Source", "resolve", "Prepared",
@@ -50,9 +50,7 @@ def parse_checkpoints(spec: str | int | Sequence[int] | None, available: Sequenc
         if missing:
             warnings.warn(f"checkpoints of epochs {ranges(missing)} are missing; using the {len(available)} that exist")
         return available
-    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
-        spec = [int(spec)]
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    items = split_list(spec)        # a string, an epoch, a list / range / array / tensor of them
     out: set[int] = set()
     for item in items:
         item = str(item).strip()
@@ -116,6 +114,8 @@ class Source:
 def resolve(source, data=None, *, device="auto", checkpoint: int | None = None) -> Source:
     """The model (a copy: the caller's module keeps its mode, device and weights) and data of a
     :class:`Run` / run path (at ``checkpoint``, default final) or of an ``nn.Module`` and ``data``."""
+    if checkpoint is not None:
+        check_range("checkpoint", checkpoint, low=0, integer=True)
     dev = resolve_device(device)
     if isinstance(source, nn.Module):
         if data is None:

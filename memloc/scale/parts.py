@@ -14,6 +14,7 @@ result (``result.parts``, see :meth:`memloc.Result.save`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def parts_folder(resume, run, name: str):
     """The parts folder an analysis ``name`` of ``run`` (None for a bare model) uses: ``resume``
     itself, or ``RUN/results/<name>.partial`` for ``"auto"`` and, split across processes (the ranks
     share their work through it), for None."""
+    if resume is not None and not isinstance(resume, (str, os.PathLike)):
+        raise MemlocError(f"resume must be 'auto', None or a folder, got {type(resume).__name__}", argument="resume")
     if resume == "auto" or (resume is None and world()[1] > 1):
         return None if run is None else partial_folder(run.results_path(name))
     return resume

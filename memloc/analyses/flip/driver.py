@@ -13,7 +13,7 @@ from ...core.evaluate import SUBSETS, accuracies
 from ...core.results import Result
 from ...scale.parts import Parts, parts_folder
 from ...core.precision import apply_channels_last, autocast, check_precision
-from ...core.runtime import check_range, progress
+from ...core.runtime import check_flag, check_range, progress
 from ...core.selection import resolve
 from ...core.units import SITES as UNIT_SITES
 from .search import FlipSearch
@@ -45,7 +45,7 @@ def protocol_options(protocol: str, is_noisy=None, **given) -> dict:
     """The options of ``protocol`` with the ``given`` ones that are not None put over them. With the
     run's ``is_noisy``, a reference batch size taken from the protocol is capped at the size of
     the reference pool (an explicit size is not)."""
-    if protocol not in PROTOCOLS:
+    if not isinstance(protocol, str) or protocol not in PROTOCOLS:
         raise MemlocError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}", argument="protocol")
     options = {**PROTOCOLS[protocol], **{k: v for k, v in given.items() if v is not None}}
     if is_noisy is not None and given.get("ref_batch_size") is None:
@@ -64,7 +64,7 @@ def _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise
     check_range("noise_ratio", noise_ratio, low=0)
     check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     for name, value, valid in (("site", site, SITES), ("ref_pool", ref_pool, REF_POOLS), ("dtype", dtype, DTYPES)):
-        if value not in valid:
+        if not isinstance(value, str) or value not in valid:
             raise MemlocError(f"unknown {name} {value!r}; valid: {', '.join(valid)}", argument=name)
     if check_precision(precision) != "fp32" and dtype != "float32":
         raise MemlocError(f"precision {precision} (autocast to 16 bits) and dtype {dtype} exclude each other; use "
@@ -113,7 +113,12 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
     16 bits only with ``dtype="float32"``) runs the searches' forward passes under autocast
     (:mod:`memloc.core.precision`). Returns the ``"flip"`` result.
     """
+    if log is not None and not callable(log):
+        raise MemlocError(f"log must be a function of one message, got {type(log).__name__}", argument="log")
     log = log or (lambda msg: None)
+    collateral = check_flag("collateral", collateral)
+    if ref_batch_size is not None:
+        check_range("ref_batch_size", ref_batch_size, low=1, integer=True)
     chosen = dict(site=site, noise_samples=noise_samples, noise_ratio=noise_ratio, ref_batch_size=ref_batch_size,
                   repeats=repeats, ref_pool=ref_pool)
     opts = protocol_options(protocol, **chosen)

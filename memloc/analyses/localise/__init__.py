@@ -50,6 +50,8 @@ def lm_source(source, data=None, *, checkpoint: int | None = None, device="auto"
     """(model on ``device`` in eval mode, SequenceSet, checkpoint epoch or None) of a language-model run
     (a :class:`memloc.Run` or its path; ``checkpoint`` default final) or of a causal LM module (a copy:
     the caller's module is left as it is) with ``data``."""
+    if checkpoint is not None:
+        check_range("checkpoint", checkpoint, low=0, integer=True)
     dev = resolve_device(device)
     if isinstance(source, torch.nn.Module):
         if not isinstance(data, SequenceSet):
@@ -120,6 +122,7 @@ def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS
     method_options(options)
     check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
     check_precision(precision)
+    check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
     check_precision(precision, next(model.parameters()).device)
     mlp_layers(model)

@@ -32,17 +32,29 @@ FUNCTIONS = {"zero_out": zero_out, "activations": activations, "ig": ig, "slimmi
 
 
 def _token_ids(tokens, argument: str) -> torch.Tensor:
-    tokens = torch.as_tensor(tokens)
+    try:
+        tokens = torch.as_tensor(tokens if torch.is_tensor(tokens) else np.asarray(tokens))
+    except (TypeError, ValueError, RuntimeError):
+        raise MemlocError(f"{argument} must be (B, T) integer token ids, got {type(tokens).__name__}",
+                          argument=argument) from None
     if tokens.ndim != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool or not len(tokens):
         raise MemlocError(f"{argument} has shape {tuple(tokens.shape)} and dtype {tokens.dtype}; give (B, T) integer "
                           "token ids, B >= 1", argument=argument)
+    if tokens.numel() and int(tokens.min()) < 0:
+        raise MemlocError(f"{argument} holds a negative token id", argument=argument)
     return tokens.long()
 
 
 def method_options(options: dict | None) -> dict[str, dict]:
     """:data:`HYPER` with ``options`` ({method: {name: value}}) laid over it; unknown names are errors."""
     merged = {m: dict(v) for m, v in HYPER.items()}
+    if options is not None and not isinstance(options, dict):
+        raise MemlocError(f"options must be a dict {{method: {{name: value}}}}, got {type(options).__name__}",
+                          argument="options")
     for method, values in (options or {}).items():
+        if not isinstance(values, dict):
+            raise MemlocError(f"options for {method!r} must be a dict {{name: value}}, got {type(values).__name__}",
+                              argument="options")
         if method not in HYPER:
             raise MemlocError(f"options names no localisation method {method!r}; valid: {', '.join(METHODS)}",
                               argument="options")

@@ -57,6 +57,7 @@ from torch import nn
 from ...scale.distributed import world
 from ...core.errors import MemlocError
 from ...core.evaluate import evaluate
+from ...core.inputs import as_data
 from ...scale.parts import parts_folder
 from ...core.precision import autocast, check_precision
 from ...core.results import Result
@@ -257,7 +258,7 @@ def scores(source, data=None, *, methods="all", checkpoint: int | None = None, g
     ``"auto"``) and rank 0 returns the merged result (equal to one process's), the other ranks None.
     """
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
-    if grad_method not in GRAD_NORM_METHODS:
+    if not isinstance(grad_method, str) or grad_method not in GRAD_NORM_METHODS:
         raise MemlocError(f"unknown grad_method {grad_method!r}; valid: {', '.join(GRAD_NORM_METHODS)}",
                           argument="grad_method")
     check_precision(precision)
@@ -267,6 +268,8 @@ def scores(source, data=None, *, methods="all", checkpoint: int | None = None, g
     else:
         run, model, dev = as_run(source), None, resolve_device(device)
         n = run.num_train
+        if data is not None and not hasattr(data, "to"):
+            data = as_data(data)        # a tuple of tensors, or refused in one line
     chosen = select_scores(methods, run)
     epoch_k = None
     if run is not None:

@@ -52,7 +52,7 @@ def grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: st
 def batch_grad_norms(model: nn.Module, batches: Iterable, *, method: str = "hooks") -> np.ndarray:
     """:func:`grad_norms` over ``(x, y, ...)`` batches (e.g. :meth:`memloc.core.data.ExampleSet.batches`),
     concatenated in order: the same values as :func:`grad_norms` on the same batches."""
-    if method not in GRAD_NORM_METHODS:
+    if not isinstance(method, str) or method not in GRAD_NORM_METHODS:
         raise MemlocError(f"unknown gradient-norm method {method!r}; valid: {', '.join(GRAD_NORM_METHODS)}")
     if not any(p.requires_grad for p in model.parameters()):
         raise MemlocError("the model has no trainable parameters")
