@@ -22,6 +22,7 @@ from ..scale.distributed import alone, world
 from ..core.errors import MemlocError
 from ..core.results import Result
 from ..core.run import as_run
+from ..core.sequences import not_classifier
 from ..core.runtime import check_choices, check_range, resolve_device, split_list
 from ..analyses.scores import SCORES, default_epoch_k, scores as compute_scores
 from .children import check_seeds, parent_config, subset_config, train_children
@@ -101,6 +102,9 @@ def prune(source, *, methods=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.
     returns the result, the other ranks None."""
     run = as_run(source)
     also = [as_run(r) for r in (also or [])]
+    lm = next((r for r in (run, *also) if r.is_lm), None)
+    if lm is not None:      # its scores exist, but pruning retrains image runs on the kept examples
+        raise not_classifier(f"{str(lm.path)!r} is a language model's run")
     base = parent_config(run)
     names = check_choices("methods", methods, [n for n in SCORES if n != "neuron_count"], "pruning score")
     keeps = [_fraction(k) for k in (keep if isinstance(keep, (list, tuple)) else split_list(keep) or [])]
