@@ -12,7 +12,7 @@ from memloc.analyses.scores.gradnorm import grad_norms
 from memloc.analyses.scores.tasks import SuffixLoss
 from memloc.cli import run as cli_run
 from memloc.core.errors import MemlocError
-from memloc.core.lm import build_lm
+from memloc.core.lm import hf_causal_lm
 from memloc.training.train import train
 
 from conftest import results_free_copy
@@ -35,7 +35,7 @@ def lm_run(tmp_path_factory):
 
 def suffix_loss_reference(model, seq, p, s):
     """The suffix loss of one sequence written out: mean over the suffix tokens of -log softmax."""
-    logits = model(seq[None, :p + s - 1])[0]
+    logits = memloc.lm_logits(model, seq[None, :p + s - 1])[0]
     logp = logits[p - 1:p + s - 1].log_softmax(-1)
     return -logp[torch.arange(s), seq[p:p + s]].mean()
 
@@ -122,8 +122,8 @@ def test_grand_of_transformers_models_equals_the_loop(family):
     data = memloc.tinymem(n_train=9, n_test=0, seq_len=12)
     p, s = data.prefix_len, data.suffix_len
     for tied in ((False, True) if family == "gpt2" else (False,)):
-        model = build_lm(f"hf:{family}", vocab_size=14, n_layer=1, n_head=2, d_model=16, max_len=16, seed=0,
-                         **({"tie_word_embeddings": tied}))
+        model = hf_causal_lm(family, vocab_size=14, n_layer=1, n_head=2, d_model=16, max_len=16, seed=0,
+                             tie_word_embeddings=tied)
         ref = reference_grand(model, data.tokens, p, s)
         with pytest.warns(UserWarning, match="tied") if tied else _no_warning():
             got = grad_norms(model.double(), data.tokens, data.tokens, batch_size=4, loss=SuffixLoss(p, s))
