@@ -179,9 +179,11 @@ def scores(source, data=None, *, methods="all", checkpoint: int | None = None, g
            precision: str = "fp32") -> Result | None:
     """Scores of every training example: the ``"scores"`` result, one (example,) variable per score.
 
-    ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` (then only the
-    model scores el2n and grand, computed on that model). ``methods``: ``"all"`` (every score whose
-    inputs exist: neuron_count only with a flip result) or names of :data:`SCORES`; tracin (runs
+    ``source``: a :class:`memloc.Run` / run path (a classifier's or a language model's: then per
+    sequence, module docstring), or an ``nn.Module`` with ``data`` (a classifier's data or a language
+    model's :class:`memloc.core.sequences.SequenceSet`; then only the model scores el2n and grand,
+    computed on that model). ``methods``: ``"all"`` (every score whose inputs exist: neuron_count only
+    with a flip result; neither it nor aum for sequences) or names of :data:`SCORES`; tracin (runs
     only) takes one forward + backward pass over the training set per checkpoint and records its
     checkpoints and weights in the config (``tracin_epochs``, ``tracin_weights``).
     ``checkpoint``: the checkpoint epoch of el2n and grand (default :func:`default_epoch_k`).
