@@ -130,6 +130,20 @@ def test_grand_of_transformers_models_equals_the_loop(family):
         np.testing.assert_allclose(got, ref, rtol=1e-10)
 
 
+@pytest.mark.slow
+def test_two_processes_equal_one(lm_run, tmp_path):
+    """memloc scores under torchrun (2 gloo processes) writes exactly the single-process result."""
+    from test_distributed import _torchrun
+    run = results_free_copy(lm_run, tmp_path / "run")
+    want = memloc.scores(run, device="cpu")
+    p = _torchrun(["scores", str(run.path), "--device", "cpu"])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    got = memloc.load(run.path).result("scores")
+    for name in want.data_vars:
+        assert np.array_equal(got[name].values, want[name].values), name
+
+
 class _no_warning:
     def __enter__(self):
         import warnings
