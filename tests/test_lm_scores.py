@@ -92,6 +92,11 @@ def test_el2n_grand_tracin_equal_one_sequence_at_a_time_references(lm_run):
         prob = model(data.tokens[:, :p + s - 1])[:, p - 1:].double().softmax(-1)
     err = prob - F.one_hot(data.suffixes, prob.shape[-1]).double()
     np.testing.assert_allclose(res["el2n"].values, err.norm(dim=-1).mean(1).numpy(), rtol=1e-6)
+    logits = model(data.tokens[:, :p + s - 1])[:, p - 1:].detach()
+    from_arrays = memloc.scores_from_arrays(logits=logits.numpy(), labels=data.suffixes.numpy())["el2n"]
+    np.testing.assert_allclose(from_arrays, res["el2n"].values, rtol=1e-6)
+    with pytest.raises(MemlocError, match="suffix tokens"):
+        memloc.scores_from_arrays(logits=logits.numpy(), labels=data.suffixes.numpy()[:, 1:])
     rows = np.arange(0, len(data), 7)
     ref = reference_grand(lm_run.model(3), data.tokens[rows], p, s)
     np.testing.assert_allclose(res["grand"].values[rows], ref, rtol=2e-4)
