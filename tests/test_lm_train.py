@@ -158,7 +158,7 @@ def test_warmup_cosine_schedule():
 
 
 @pytest.mark.parametrize("command", ["gradients", "rewind", "retrain", "flip", "importance", "unlearn",
-                                     "forgetting-order", "prune", "scores", "issues", "clean", "jtt"])
+                                     "forgetting-order", "prune", "issues", "clean", "jtt"])
 def test_image_analyses_refuse_a_language_model_run_in_one_line(command, tiny_lm, capsys):
     """The image analyses do not read sequences yet: one line saying where a language model's run goes."""
     with pytest.raises(SystemExit) as e:

@@ -124,7 +124,7 @@ class Scale(nn.Module):
 
 class MixedNet(nn.Module):
     """Conv + BN with in-place ReLU; a grouped strided conv without bias on few positions (Gram
-    path; conv1 takes the grouped-convolution path); tokens with a LayerNorm and a custom module
+    path; conv1 takes the grouped-convolution path); tokens with a LayerNorm (its own rule) and a custom module
     (per-module torch.func path); Linears on (B, T, F) inputs (Gram and materialised paths); a
     top-level parameter."""
 

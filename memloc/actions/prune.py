@@ -25,6 +25,7 @@ from ..core.errors import MemlocError
 from ..core.precision import check_precision
 from ..core.results import Result
 from ..core.run import Run, as_run
+from ..core.sequences import not_classifier
 from ..core.runtime import check_choices, check_range, resolve_device, split_list
 from ..analyses.scores import SCORES, default_epoch_k, scores as compute_scores
 from .children import check_seeds, parent_config, subset_config, train_children
@@ -113,6 +114,9 @@ def prune(source, *, methods=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.
     also = [as_run(r) for r in also]
     check_range("offset", offset, low=0, high=1, high_open=True)
     check_range("jobs", jobs, low=1, integer=True)
+    lm = next((r for r in (run, *also) if r.is_lm), None)
+    if lm is not None:      # its scores exist, but pruning retrains image runs on the kept examples
+        raise not_classifier(f"{str(lm.path)!r} is a language model's run")
     base = parent_config(run)
     names = check_choices("methods", methods, [n for n in SCORES if n != "neuron_count"], "pruning score")
     keeps = [_fraction(k) for k in (keep if isinstance(keep, (list, tuple)) else split_list(keep) or [])]

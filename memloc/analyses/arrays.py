@@ -255,7 +255,8 @@ def scores_from_arrays(*, losses=None, logits=None, labels=None, correct=None, m
       ``final_loss`` (the last row), ``confidence`` and ``variability`` (mean / std of exp(-loss));
     * ``correct`` (E, N): 1 / 0 correctness at each presentation (-1 = not presented) ->
       ``forgetting`` (1 -> 0 transitions; never correct = E);
-    * ``logits`` (N, C) with ``labels`` (N,) -> ``el2n`` (||softmax(logits) - onehot(labels)||_2);
+    * ``logits`` (N, C) with ``labels`` (N,) -> ``el2n`` (||softmax(logits) - onehot(labels)||_2); a language
+      model's suffix logits (N, S, V) with its suffix tokens (N, S) -> the mean over the S positions;
     * ``margins`` (E, N): given-label logit minus the largest other, per presentation -> ``aum``.
     """
     given = {k: v for k, v in (("losses", losses), ("correct", correct), ("margins", margins)) if v is not None}
@@ -278,12 +279,20 @@ def scores_from_arrays(*, losses=None, logits=None, labels=None, correct=None, m
         out["forgetting"] = f.forgetting_events(c.astype(np.int64))
     if logits is not None:
         z = _floats(logits, "logits")
-        if z.ndim != 2 or (n is not None and z.shape[0] != n) or not np.isfinite(z).all():
+        if z.ndim not in (2, 3) or (n is not None and z.shape[0] != n) or not np.isfinite(z).all():
             raise MemlocError(f"logits has shape {z.shape}; give finite values, one row per example, shape "
-                              f"({'N' if n is None else n}, C)", argument="logits")
+                              f"({'N' if n is None else n}, C) (a language model's suffix logits: (N, S, V))",
+                              argument="logits")
         if labels is None:
             raise MemlocError("el2n needs the labels of the logits' rows", argument="labels")
-        y = _check_labels(labels, num_classes=z.shape[1])
+        if z.ndim == 3:     # a language model's: the suffix tokens (N, S) of its suffix logits
+            tokens = np.asarray(labels)
+            if tokens.shape != z.shape[:2]:
+                raise MemlocError(f"labels has shape {tokens.shape}; give the suffix tokens of the logits, shape "
+                                  f"{z.shape[:2]}", argument="labels")
+            y = _check_labels(tokens.reshape(-1), num_classes=z.shape[2]).reshape(tokens.shape)
+        else:
+            y = _check_labels(labels, num_classes=z.shape[1])
         if len(y) != len(z):
             raise MemlocError(f"labels has {len(y)} entries; logits has {len(z)} rows", argument="labels")
         out["el2n"] = f.el2n(z, y)

@@ -16,6 +16,10 @@ only (neuron_count: the flip sample) reports that subset's size and noise rate (
 level). When some score is partial, every score is evaluated again on the *common* subset (the
 examples where all scores are defined) so they can be compared on the same examples.
 
+A language model's run (its scores of sequences, :mod:`memloc.analyses.scores.tasks`) is read the same
+way, its memorisation targets (``is_noisy`` of its ``run.h5``: noisy, backdoor, canary and duplicate
+sequences) in the role of the noisy examples.
+
 Returns the ``"detect"`` result: ``values`` (score, metric), ``direction``, ``size``, ``noisy``,
 ``base_rate`` (score); when a score is partial also ``common_values`` (score, metric) and
 ``common_example``. The report draws the ROC / precision-recall curves (:func:`plot_curves`).
@@ -230,13 +234,19 @@ def _cli_table(res, values, size, noisy):
             "noisy": noisy, "base_rate": noisy / np.maximum(size, 1), "values": values}
 
 
+def _what(run) -> tuple[str, str]:
+    """What the run's noisy examples and examples are called: its labels, or a language model's sequences."""
+    return ("memorisation targets", "sequences") if run.is_lm else ("noisy labels", "examples")
+
+
 def _cli_summary(res, args):
-    text = (f"noise detection ({int(res['noisy'].max())} noisy labels); each score over the examples where it is "
+    targets, examples = _what(load(args.run))
+    text = (f"noise detection ({int(res['noisy'].max())} {targets}); each score over the {examples} where it is "
             f"defined:\n" + format_table(_cli_table(res, res["values"].values, res["size"].values, res["noisy"].values)))
     if "common_values" in res:
         rows = res["common_example"].values
         noisy = int(load(args.run).is_noisy[rows].sum())
-        text += (f"\n\nevery score on the {len(rows)} examples where all are defined ({noisy} noisy):\n"
+        text += (f"\n\nevery score on the {len(rows)} {examples} where all are defined ({noisy} noisy):\n"
                  + format_table(_cli_table(res, res["common_values"].values, len(rows), noisy)))
     return text
 
@@ -251,7 +261,8 @@ def plot_detect(res, out, run=None) -> str:
         kept = [n for n in names if n in sc]
         plot_curves({n: sc[n].values for n in kept}, run.is_noisy, {n: int(sc[n].attrs["direction"]) for n in kept},
                     out / "detect_roc.png",
-                    title=f"{run.path.name}: {int(run.is_noisy.sum())} of {run.num_train} labels noisy")
+                    title=f"{run.path.name}: {int(run.is_noisy.sum())} of {run.num_train} "
+                          + ("sequences memorisation targets" if run.is_lm else "labels noisy"))
         text += figure("detection curves", "detect_roc.png", "left, the ROC curve of each score for ranking the "
                        "wrongly labelled examples first (the closer to the top left, the better; the dashed diagonal "
                        "is chance; AUROC in the legend); right, precision against recall (the dashed line is the "

@@ -48,6 +48,7 @@ from ..core.evaluate import evaluate
 from ..core.precision import autocast, check_precision
 from ..core.results import Result
 from ..core.run import Run, as_run
+from ..core.sequences import not_classifier
 from ..core.runtime import check_range, resolve_device
 from .arrays import COMBINED, estimate_noise_rate, find_label_issues_in_arrays, flag_top, suspicion
 from .scores import SCORES, default_epoch_k, scores as compute_scores
@@ -86,6 +87,9 @@ def same_data_runs(runs) -> list[Run]:
     runs = [as_run(r) for r in (runs if isinstance(runs, (list, tuple)) else [runs])]
     if not runs:
         raise MemlocError("give at least one run", argument="runs")
+    lm = next((r for r in runs if r.is_lm), None)
+    if lm is not None:      # its scores exist, but it has no labels to flag
+        raise not_classifier(f"{str(lm.path)!r} is a language model's run (no labels)")
     first = runs[0]
     for r in runs[1:]:
         if r.num_train != first.num_train or not np.array_equal(r.label_given, first.label_given):

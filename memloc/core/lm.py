@@ -231,13 +231,15 @@ def _is_hf(model) -> bool:
     return hasattr(model, "config") and hasattr(model, "generate")
 
 
-def lm_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def lm_logits(model: nn.Module, tokens: torch.Tensor, *, call=None) -> torch.Tensor:
     """(B, T, V) next-token logits of ``tokens`` (B, T): ``model(tokens)`` if it returns a tensor,
-    its ``.logits`` (``transformers`` models; called without a key-value cache) or its first item."""
+    its ``.logits`` (``transformers`` models; called without a key-value cache) or its first item.
+    ``call(*args, **kwargs)``: how to run ``model`` (e.g. a ``torch.func.functional_call``; default the model)."""
     tokens = torch.as_tensor(tokens)
     if tokens.ndim != 2:
         raise MemlocError(f"tokens has shape {tuple(tokens.shape)}; give (B, T) token ids", argument="tokens")
-    out = model(input_ids=tokens, use_cache=False) if _is_hf(model) else model(tokens)
+    call = model if call is None else call
+    out = call(input_ids=tokens, use_cache=False) if _is_hf(model) else call(tokens)
     if not torch.is_tensor(out):
         out = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
     if not torch.is_tensor(out) or out.ndim != 3 or tuple(out.shape[:2]) != tuple(tokens.shape):

@@ -40,34 +40,42 @@ GraNd's per-example norms are computed in one forward and one backward pass per 
 layer's input and output gradient (:func:`grad_norms`, ``grad_method``); TracIn reuses them at every
 checkpoint (:func:`tracin_self_influence`), so it costs one such pass per trained epoch.
 
+A language model's run (``memloc train RUN --dataset tinymem:...``) is scored per training sequence,
+its memorisation targets in the noisy examples' role (:mod:`.tasks`): the loss is the suffix loss,
+correctness exact memorisation (forgetting counts memorised -> not), p = exp(-suffix loss) (the geometric
+mean of the suffix tokens' probabilities), EL2N the mean over suffix positions of ||softmax - onehot||_2,
+GraNd and TracIn the gradient of the suffix loss (:class:`.tasks.SuffixLoss`). aum and neuron_count do
+not apply (no recorded margins; flip is for classifiers). Each score's ``sequences`` text says its meaning.
+
 The ``"scores"`` result has one variable per score over the ``example`` dimension, with
 attributes ``description``, ``direction`` (and ``epoch`` for el2n / grand).
 """
 from __future__ import annotations
 
-import warnings
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 import xarray as xr
 from torch import nn
 
 from ...scale.distributed import world
 from ...core.errors import MemlocError
-from ...core.evaluate import evaluate
 from ...core.inputs import as_data
 from ...scale.parts import parts_folder
-from ...core.precision import autocast, check_precision
+from ...core.precision import check_precision
 from ...core.results import Result
 from ...core.run import Run, as_run
 from ...core.runtime import check_range, resolve_device, split_list
 from ...core.selection import resolve
+from ...core.sequences import SequenceSet
 from .functions import aum, confidence, el2n, final_loss, forgetting_events, neuron_count, variability
-from .gradnorm import GRAD_NORM_METHODS, batch_grad_norms, grad_norms
-from .passes import GRAD_NORMS, LOGITS, run_passes
-from .tracin import checkpoint_lrs, tracin_from_norms, tracin_self_influence
+from .gradnorm import GRAD_NORM_METHODS, grad_norms
+from .passes import GRAD_NORMS
+from .inputs import Inputs as _Inputs
+from .tasks import ClassifierTask, SequenceTask
+from .tracin import checkpoint_lrs, tracin_self_influence
 from ...core.run import load
 from ...core.options import add_precision, nonnegative_int, positive_int
 from ...core.schemas import Schema, Var, EXAMPLE_VAR, SCORE_NAMES
@@ -80,96 +88,6 @@ __all__ = ["final_loss", "confidence", "variability", "forgetting_events", "el2n
            "default_epoch_k", "scores", "select_scores"]
 
 
-class _Inputs:
-    """What the scores read from a run, or from a model and data (loaded lazily, cached)."""
-
-    def __init__(self, run: Run | None, model, data, *, epoch_k, device, batch_size: int, grad_method: str,
-                 precision: str = "fp32"):
-        self.run, self.epoch_k, self.device, self.precision = run, epoch_k, device, precision
-        self.batch_size, self.grad_method = batch_size, grad_method
-        self._model, self._data = model, data
-        self.tracin_config: dict = {}
-        self.passes: dict = {}      # {(kind, epoch): array over the training set}, from run_passes
-        self.model_epoch = -1 if run is None else epoch_k    # the epoch of el2n and grand's model
-
-    def run_passes(self, passes, *, folder, overwrite: bool) -> bool:
-        """Compute the expensive passes (:mod:`memloc.analyses.scores.passes`); False on ranks > 0."""
-        settings = {"grad_method": self.grad_method, "batch_size": self.batch_size, "device": self.device.type,
-                    "precision": self.precision}
-        model_at = (lambda e: self._model) if self.run is None else (lambda e: self.run.model(e, device=self.device))
-        merged = run_passes(passes, self.train(), model_at, self.cell, batch_size=self.batch_size,
-                                 folder=folder, settings=settings, overwrite=overwrite)
-        self.passes = merged or {}
-        return merged is not None
-
-    def cell(self, kind: int, model: nn.Module, examples) -> np.ndarray:
-        """One cell of a pass: the logits or gradient norms of ``model`` on ``examples``."""
-        batches = examples.batches(self.batch_size)
-        if kind == LOGITS:      # in the chosen precision; the gradient norms stay float32
-            with autocast(self.precision, self.device):
-                return evaluate(model, batches, logits=True)["logits"]
-        return batch_grad_norms(model, batches, method=self.grad_method)
-
-    def dynamics(self, name: str, when: str) -> np.ndarray:
-        if self.run is None:
-            raise MemlocError(f"score needs a run's training dynamics ({when} {name}); pass a run, or "
-                              f"only model scores (el2n, grand) with a model", argument="methods")
-        return self.run.dynamics(name, when)
-
-    def presentation(self, name: str) -> np.ndarray:
-        """(epoch, N) presentation dynamics without the initialisation row."""
-        return self.dynamics(name, "presentation")[1:]
-
-    def train(self):
-        if self._data is None:
-            self._data = self.run.data(self.device)
-        train = self._data.to(self.device).train
-        if not torch.equal(train.idx.cpu(), torch.arange(len(train))):
-            raise MemlocError("the training set does not list its examples in id order")
-        return train
-
-    def given(self) -> np.ndarray:
-        return self.run.label_given if self.run is not None else np.asarray(self._data.label_given)
-
-    def tracin_epochs(self) -> list[int]:
-        """The checkpoints TracIn sums over (1..final), its weights recorded in :attr:`tracin_config`."""
-        if self.run is None:
-            raise MemlocError("tracin needs a run's checkpoints; pass a run, or only model scores (el2n, "
-                              "grand) with a model", argument="methods")
-        epochs = [e for e in self.run.epochs if e >= 1]
-        if not epochs:
-            raise MemlocError(f"tracin needs a trained checkpoint (epoch >= 1); run {str(self.run.path)!r} "
-                              "has only the initialisation")
-        gaps = sorted(set(range(1, epochs[-1] + 1)) - set(epochs))
-        if gaps:
-            warnings.warn(f"checkpoints of epochs {gaps} are missing: tracin leaves their steps out")
-        if not self.tracin_config:
-            weights = checkpoint_lrs(self.run.config, epochs, self.run.num_train)
-            self.tracin_config = {"tracin_epochs": epochs, "tracin_weights": [float(w) for w in weights]}
-        return epochs
-
-    def tracin(self) -> np.ndarray:
-        """TracIn self-influence over every trained checkpoint (1..final), weighted by its learning rate."""
-        epochs = self.tracin_epochs()
-        return tracin_from_norms((self.passes[GRAD_NORMS, e] for e in epochs), self.tracin_config["tracin_weights"],
-                                 num_examples=len(self.given()))
-
-    def neuron_count(self) -> np.ndarray:
-        if self.run is None:
-            raise MemlocError("neuron_count needs a run with a flip result", argument="methods")
-        if not self.run.results_path("flip").is_file():
-            raise MemlocError(f"neuron_count needs {str(self.run.results_path('flip'))!r}: "
-                              f"run flip on {str(self.run.path)!r} first", argument="methods")
-        res = self.run.result("flip")
-        index = res["example"].values
-        if len(index) and (index.min() < 0 or index.max() >= self.run.num_train):
-            raise MemlocError(f"the flip result lists example ids outside 0..{self.run.num_train - 1}")
-        if "max_units" not in res.config:
-            raise MemlocError("the flip result does not record max_units in its config")
-        return neuron_count(index, res["status"].values, res["n_units"].values, res["flipped"].values,
-                            num_examples=self.run.num_train, max_units=int(res.config["max_units"]))
-
-
 @dataclass(frozen=True)
 class Score:
     """A registered score: the pure function, how to feed it, its direction."""
@@ -180,33 +98,48 @@ class Score:
     description: str
     at_epoch_k: bool = False
     passes: Callable[[_Inputs], list] | None = None     # the expensive passes (kind, epoch) it reads
+    sequences: str = ""         # its meaning on a language model's sequences, or
+    not_for_sequences: str = ""     # why it does not apply to them
 
 
 SCORES: dict[str, Score] = {
     "final_loss": Score(final_loss, lambda i: final_loss(i.dynamics("loss", "end")), +1,
-                        "cross-entropy of the given label at the end of training (final checkpoint, eval mode)"),
+                        "cross-entropy of the given label at the end of training (final checkpoint, eval mode)",
+                        sequences="suffix loss at the end of training (final checkpoint, eval mode)"),
     "confidence": Score(confidence, lambda i: confidence(i.presentation("loss")), -1,
-                        "cartography confidence: mean over epochs of p(given label) at presentation"),
+                        "cartography confidence: mean over epochs of p(given label) at presentation",
+                        sequences="cartography confidence: mean over epochs of exp(-suffix loss) at presentation "
+                                  "(the geometric mean of the suffix tokens' probabilities)"),
     "variability": Score(variability, lambda i: variability(i.presentation("loss")), +1,
-                         "cartography variability: std over epochs of p(given label) at presentation"),
+                         "cartography variability: std over epochs of p(given label) at presentation",
+                         sequences="cartography variability: std over epochs of exp(-suffix loss) at presentation"),
     "forgetting": Score(forgetting_events, lambda i: forgetting_events(i.presentation("correct")), +1,
                         "forgetting events (1 -> 0 between consecutive presentations); "
-                        "never learned = number of epochs"),
-    "el2n": Score(el2n, lambda i: el2n(i.passes[LOGITS, i.model_epoch], i.given()), +1,
+                        "never learned = number of epochs",
+                        sequences="forgetting events of exact memorisation (memorised -> not between consecutive "
+                                  "presentations); never memorised = number of epochs"),
+    "el2n": Score(el2n, lambda i: i.el2n(), +1,
                   "EL2N: ||softmax - onehot(given label)||_2 at epoch k", at_epoch_k=True,
-                  passes=lambda i: [(LOGITS, i.model_epoch)]),
+                  passes=lambda i: [(i.task.el2n_kind, i.model_epoch)],
+                  sequences="EL2N: mean over the suffix positions of ||softmax - onehot(suffix token)||_2 at epoch k"),
     "grand": Score(grad_norms, lambda i: i.passes[GRAD_NORMS, i.model_epoch], +1,
                    "GraNd: per-example loss-gradient norm over all parameters at epoch k (eval mode)",
-                   at_epoch_k=True, passes=lambda i: [(GRAD_NORMS, i.model_epoch)]),
+                   at_epoch_k=True, passes=lambda i: [(GRAD_NORMS, i.model_epoch)],
+                   sequences="GraNd: per-sequence norm of the suffix loss's gradient over all parameters at epoch k "
+                             "(eval mode)"),
     "aum": Score(aum, lambda i: aum(i.presentation("margin")), -1,
-                 "area under the margin: mean over presentations of given-label logit minus largest other"),
+                 "area under the margin: mean over presentations of given-label logit minus largest other",
+                 not_for_sequences="a language model's run records no margins at presentation"),
     "neuron_count": Score(neuron_count, lambda i: i.neuron_count(), -1,
                           "units zeroed until the prediction flips (mean over repeats; not flipped = "
-                          "max_units + 1; NaN = not searched)"),
+                          "max_units + 1; NaN = not searched)",
+                          not_for_sequences="flip's unit-zeroing search works on image classifiers"),
     "tracin": Score(tracin_self_influence, lambda i: i.tracin(), +1,
                     "TracIn self-influence: sum over checkpoints 1..final of lr x ||loss gradient||^2 "
                     "(eval mode; weights in config tracin_weights)",
-                    passes=lambda i: [(GRAD_NORMS, e) for e in i.tracin_epochs()]),
+                    passes=lambda i: [(GRAD_NORMS, e) for e in i.tracin_epochs()],
+                    sequences="TracIn self-influence: sum over checkpoints 1..final of lr x ||suffix-loss gradient||^2 "
+                              "(eval mode; weights in config tracin_weights)"),
 }
 MODEL_SCORES = ("el2n", "grand")
 
@@ -216,17 +149,27 @@ def default_epoch_k(final_epoch: int) -> int:
     return min(final_epoch, max(1, round(0.1 * final_epoch)))
 
 
-def select_scores(names, run: Run | None) -> list[str]:
-    """Score names from ``"all"`` (every score whose inputs exist) or a list / comma-separated string."""
+def select_scores(names, run: Run | None, *, sequences: bool | None = None) -> list[str]:
+    """Score names from ``"all"`` (every score whose inputs exist) or a list / comma-separated string.
+    ``sequences``: a language model's (default: ``run.is_lm``); the scores that do not apply to them
+    are left out of ``"all"`` and refused by name."""
+    lm = bool(run is not None and run.is_lm) if sequences is None else sequences
     if names in (None, "all", ["all"]):
         if run is None:
             return list(MODEL_SCORES)
-        return [n for n in SCORES if n != "neuron_count" or run.results_path("flip").is_file()]
+        return [n for n in SCORES if not (lm and SCORES[n].not_for_sequences)
+                and (n != "neuron_count" or run.results_path("flip").is_file())]
     names = split_list(names)
     bad = [n for n in names if n not in SCORES]
     if bad or not names:
         raise MemlocError(f"unknown score {', '.join(map(repr, bad)) or '(none given)'}; "
                           f"valid: all, {', '.join(SCORES)}", argument="methods")
+    if lm:
+        bad = [n for n in names if SCORES[n].not_for_sequences]
+        if bad:
+            raise MemlocError(f"score {bad[0]!r} does not apply to a language model's sequences "
+                              f"({SCORES[bad[0]].not_for_sequences}); valid for them: all, "
+                              f"{', '.join(n for n in SCORES if not SCORES[n].not_for_sequences)}", argument="methods")
     return list(dict.fromkeys(names))
 
 
@@ -237,9 +180,11 @@ def scores(source, data=None, *, methods="all", checkpoint: int | None = None, g
            precision: str = "fp32") -> Result | None:
     """Scores of every training example: the ``"scores"`` result, one (example,) variable per score.
 
-    ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` (then only the
-    model scores el2n and grand, computed on that model). ``methods``: ``"all"`` (every score whose
-    inputs exist: neuron_count only with a flip result) or names of :data:`SCORES`; tracin (runs
+    ``source``: a :class:`memloc.Run` / run path (a classifier's or a language model's: then per
+    sequence, module docstring), or an ``nn.Module`` with ``data`` (a classifier's data or a language
+    model's :class:`memloc.core.sequences.SequenceSet`; then only the model scores el2n and grand,
+    computed on that model). ``methods``: ``"all"`` (every score whose inputs exist: neuron_count only
+    with a flip result; neither it nor aum for sequences) or names of :data:`SCORES`; tracin (runs
     only) takes one forward + backward pass over the training set per checkpoint and records its
     checkpoints and weights in the config (``tracin_epochs``, ``tracin_weights``).
     ``checkpoint``: the checkpoint epoch of el2n and grand (default :func:`default_epoch_k`).
@@ -262,7 +207,10 @@ def scores(source, data=None, *, methods="all", checkpoint: int | None = None, g
         raise MemlocError(f"unknown grad_method {grad_method!r}; valid: {', '.join(GRAD_NORM_METHODS)}",
                           argument="grad_method")
     check_precision(precision)
-    if isinstance(source, nn.Module):
+    if isinstance(source, nn.Module) and isinstance(data, SequenceSet):     # a language model and its sequences
+        dev = resolve_device(device)
+        run, model, data, n = None, copy.deepcopy(source).to(dev).eval(), data.to(dev), len(data)
+    elif isinstance(source, nn.Module):
         src = resolve(source, data, device=device)
         run, model, data, dev, n = None, src.model, src.data, src.device, len(src.data.label_given)
     else:
@@ -270,13 +218,19 @@ def scores(source, data=None, *, methods="all", checkpoint: int | None = None, g
         n = run.num_train
         if data is not None and not hasattr(data, "to"):
             data = as_data(data)        # a tuple of tensors, or refused in one line
-    chosen = select_scores(methods, run)
+    lm = isinstance(data, SequenceSet) or (run is not None and run.is_lm)
+    chosen = select_scores(methods, run, sequences=lm)
+    task = ClassifierTask()
+    if lm:
+        info = data if run is None else run.info
+        task = SequenceTask(*((data.prefix_len, data.suffix_len) if run is None
+                              else (info["prefix_len"], info["suffix_len"])))
     epoch_k = None
     if run is not None:
         epoch_k = default_epoch_k(run.final_epoch) if checkpoint is None else checkpoint
         check_range("checkpoint", epoch_k, low=0, high=run.final_epoch, integer=True)
     inp = _Inputs(run, model, data, epoch_k=epoch_k, device=dev, batch_size=eval_batch_size, grad_method=grad_method,
-                  precision=check_precision(precision, dev))
+                  precision=check_precision(precision, dev), task=task, num_examples=n)
     # the scores read from the run first, on every rank: their errors stop all before any pass
     computed = {name: SCORES[name].compute(inp) for name in chosen if SCORES[name].passes is None}
     passes = [p for name in chosen if SCORES[name].passes is not None for p in SCORES[name].passes(inp)]
@@ -290,13 +244,15 @@ def scores(source, data=None, *, methods="all", checkpoint: int | None = None, g
         if values.shape != (n,):
             raise AssertionError(f"score {name} has shape {values.shape}, expected ({n},)")
         s = SCORES[name]
-        attrs = {"description": s.description, "direction": s.direction}
+        attrs = {"description": s.sequences if lm else s.description, "direction": s.direction}
         if s.at_epoch_k:
             attrs["epoch"] = -1 if epoch_k is None else int(epoch_k)
         variables[name] = xr.Variable(("example",), values, attrs)
     ds = xr.Dataset(variables, coords={"example": np.arange(n)})
     config = {"checkpoint_k": epoch_k, "scores": chosen, "grad_method": grad_method, "batch_size": eval_batch_size,
               "device": str(dev), "precision": precision, **inp.tracin_config}
+    if lm:
+        config["examples"] = "sequences"    # the scores are of a language model's sequences (targets = noisy)
     result = Result("scores", ds, config=config)
     return result
 
@@ -320,8 +276,12 @@ def _cli_arguments(p):
 
 def _cli_execute(args):
     run = load(args.run)
-    if args.scores == "all" and "neuron_count" not in select_scores("all", run) and world()[0] == 0:
-        print(f"memloc scores: no {run.results_path('flip')}; neuron_count skipped")
+    if args.scores == "all" and world()[0] == 0:
+        if run.is_lm:
+            print("memloc scores: a language model's run (suffix loss for the loss; targets = noisy); "
+                  + "; ".join(f"{n} skipped: {s.not_for_sequences}" for n, s in SCORES.items() if s.not_for_sequences))
+        elif "neuron_count" not in select_scores("all", run):
+            print(f"memloc scores: no {run.results_path('flip')}; neuron_count skipped")
     return scores(run, methods=args.scores, checkpoint=args.checkpoint_k, grad_method=args.grad_method,
                   eval_batch_size=args.batch_size, device=args.device, resume="auto", overwrite=args.overwrite,
                   precision=args.precision)

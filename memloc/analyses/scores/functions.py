@@ -50,12 +50,15 @@ def forgetting_events(correct: np.ndarray) -> np.ndarray:
     return out
 
 
-def el2n(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """EL2N: ||softmax(logits) - onehot(labels)||_2. logits (N, C), labels (N,) -> (N,)."""
-    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    err = z.softmax(1) - F.one_hot(y, z.shape[1]).to(z.dtype)
-    return err.norm(dim=1).numpy()
+def el2n(logits, labels) -> np.ndarray:
+    """EL2N: ||softmax(logits) - onehot(labels)||_2, in float64. logits (N, C), labels (N,) -> (N,); a
+    language model's suffix logits (N, S, V) and suffix tokens (N, S) -> (N,), the mean over the S
+    positions (arrays or tensors)."""
+    z = (logits if torch.is_tensor(logits) else torch.as_tensor(np.asarray(logits))).to(torch.float64)
+    y = (labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))).to(z.device, torch.long)
+    err = z.softmax(-1) - F.one_hot(y, z.shape[-1]).to(z.dtype)
+    norms = err.norm(dim=-1)
+    return (norms.mean(-1) if norms.ndim == 2 else norms).cpu().numpy()
 
 
 def aum(margin: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The expensive passes of the scores, in resumable cells split across processes.
 
-el2n needs the logits of the checkpoint of epoch k, grand the per-example gradient norms of that
+el2n needs the logits of the checkpoint of epoch k (a language model's run: its EL2N per sequence), grand the per-example gradient norms of that
 checkpoint and tracin those of every trained checkpoint: each is a *pass* ``(kind, epoch)`` of one
 model over the training set (:data:`LOGITS` or :data:`GRAD_NORMS`). A pass is cut into blocks of
 whole batches (at most :data:`BLOCKS` per pass), and each ``(kind, epoch, block)`` cell is one
@@ -21,9 +21,11 @@ from ...scale.distributed import shard, world
 from ...scale.parts import Parts
 from ...core.runtime import progress
 
-__all__ = ["LOGITS", "GRAD_NORMS", "BLOCKS", "block_rows", "run_passes"]
+__all__ = ["LOGITS", "GRAD_NORMS", "EL2N", "BLOCKS", "block_rows", "run_passes"]
 
-LOGITS, GRAD_NORMS = 0, 1          # the kinds of pass: (N, C) float64 logits, (N,) gradient norms
+#: the kinds of pass: (N, C) logits, (N,) gradient norms, (N,) EL2N (a language model's, computed per
+#: batch: its (S, V) suffix logits per sequence are not kept)
+LOGITS, GRAD_NORMS, EL2N = 0, 1, 2
 BLOCKS = 16                        # at most this many cells per pass (so up to 16 processes share one)
 
 
