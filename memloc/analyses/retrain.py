@@ -16,6 +16,11 @@ labels stay unlearned, is not needed for memorisation. Seeded and deterministic.
 Returns the ``"retrain"`` result: ``accuracy`` (layer, epoch, subset) with epoch = 0..E and
 ``baseline`` (subset), the final model's accuracies.
 
+On a language model's run the layer is retrained on the non-target training sequences with the
+next-token loss over whole sequences (the trainer's), and the subsets are
+:data:`memloc.core.schemas.LM_SUBSETS` (memorised shares of clean sequences and of the targets,
+clean and held-out suffix token accuracy, held-out suffixes reproduced; :mod:`memloc.core.tasks`).
+
 Everything that runs before the retrained layer is frozen: with ``prefix_cache`` (default) its
 output is computed once for the whole dataset and every training and evaluation pass starts from
 it (see :mod:`memloc.scale.prefix`; the same results, bit for bit; training batches take the cached rows
@@ -27,13 +32,11 @@ import copy
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 import xarray as xr
 
 from ..scale.distributed import claim, world
 from ..core.errors import MemlocError
-from ..core.evaluate import SUBSETS, accuracy_row
 from ..core.optim import epoch_seed, make_optimizer, make_schedule
 from ..scale.parts import Parts, parts_folder
 from ..core.precision import apply_channels_last, autocast, check_precision, grad_scaler
@@ -41,6 +44,7 @@ from ..scale.prefix import CACHE_MB, PrefixCache
 from ..core.results import Result
 from ..core.runtime import check_range, progress
 from ..core.selection import copy_layer, layer_coords, prepare
+from ..core.tasks import task_of
 from ..core.units import Layer
 from ..core.options import add_eval_batch_size, add_layers, add_precision, describe, layer_table, nonnegative_float, nonnegative_int, number, positive_float, positive_int
 from ..core.figures import figure, COLORS, LABELS, save_figure, short_names, coord_names, grid, accuracy_rows
@@ -68,14 +72,16 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
                   weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
                   eval_batch_size: int = 1024, prefix_cache: bool = True,
                   prefix_cache_mb: float = CACHE_MB, precision: str = "fp32") -> tuple[np.ndarray, nn.Module]:
-    """Reset ``layer`` of a copy of ``model`` to ``init`` and retrain only it on ``data.clean_train``.
+    """Reset ``layer`` of a copy of ``model`` to ``init`` and retrain only it on the clean training
+    examples (a language model: the non-target sequences, :mod:`memloc.core.tasks`).
 
     Parameters
     ----------
     model : the trained model (not modified).
     init : a state_dict holding the layer's reset tensors (e.g. the epoch-0 checkpoint).
     layer : the layer to reset and retrain (its modules run in train mode, all others in eval).
-    data : :class:`memloc.core.data.Data` on the model's device.
+    data : :class:`memloc.core.data.Data` on the model's device (or a language model's
+        :class:`memloc.core.sequences.SequenceSet`).
     prefix_cache : compute what runs before the layer once (within ``prefix_cache_mb`` MiB of
         activations; :class:`memloc.scale.prefix.PrefixCache`) instead of in every pass. Same results.
     precision : ``"fp32"``, ``"bf16"`` or ``"fp16"``: forward passes and the loss under autocast, the
@@ -83,7 +89,8 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
 
     Returns
     -------
-    curve : (epochs + 1, 4) accuracies over :data:`memloc.core.evaluate.SUBSETS`; row 0 = just after the reset.
+    curve : (epochs + 1, S) accuracies over the data's subsets (:data:`memloc.core.evaluate.SUBSETS`, a
+        language model's :data:`memloc.core.schemas.LM_SUBSETS`); row 0 = just after the reset.
     model : the retrained copy.
     """
     work = copy.deepcopy(model).eval()
@@ -94,15 +101,16 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
     trainable = [params[k].requires_grad_(True) for k in layer.params]
     modules = dict(work.named_modules())
     own = [modules[m] for m in layer.modules if m in modules]
-    clean = data.clean_train
+    task = task_of(data)
+    clean = task.clean_train
     device = clean.y.device
     with autocast(precision, device):
         cache = PrefixCache(work, [layer], data, batch_size=eval_batch_size, budget_mb=prefix_cache_mb,
-                            extra_rows=len(clean), enabled=prefix_cache)
+                            extra_rows=len(clean), enabled=prefix_cache and task.prefix_cache)
         net, cached = cache.pick(0)
         train_net, train_set = _training_pass(cache, clean, cached.clean_train if net is not work else None,
                                               batch_size, seed)
-        curve = [accuracy_row(net, cached, batch_size=eval_batch_size)]
+        curve = [task.scores(net, cached, batch_size=eval_batch_size)]
     steps = max(1, -(-len(clean) // batch_size)) * epochs
     if not trainable:  # e.g. a norm without affine parameters: nothing to retrain
         return np.asarray(curve * (epochs + 1), dtype=np.float64), work
@@ -120,7 +128,7 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
                 if len(y) < 2:  # a single example breaks batch-statistics norms
                     continue
                 with autocast(precision, device):
-                    loss = F.cross_entropy(train_net(x), y)
+                    loss = task.train_loss(train_net, x, y)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -128,7 +136,7 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
                 sched.step()
             work.eval()
             with autocast(precision, device):
-                curve.append(accuracy_row(net, cached, batch_size=eval_batch_size))
+                curve.append(task.scores(net, cached, batch_size=eval_batch_size))
     return np.asarray(curve, dtype=np.float64), work
 
 
@@ -211,11 +219,12 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     if world()[0] > 0:
         return None             # rank 0 merges the parts and returns the result
     curves = [parts.done[(i,)] for i in range(len(p.layers))]
-    acc = np.stack(curves) if curves else np.zeros((0, epochs + 1, len(SUBSETS)))
+    task = task_of(p.data)
+    acc = np.stack(curves) if curves else np.zeros((0, epochs + 1, len(task.subsets)))
     with autocast(precision, p.device):
-        baseline = accuracy_row(p.model, p.data, batch_size=eval_batch_size)
+        baseline = task.scores(p.model, batch_size=eval_batch_size)
     ds = xr.Dataset({"accuracy": (("layer", "epoch", "subset"), acc), "baseline": (("subset",), baseline)},
-                    coords={**layer_coords(p.layers), "epoch": np.arange(epochs + 1), "subset": list(SUBSETS)})
+                    coords={**layer_coords(p.layers), "epoch": np.arange(epochs + 1), "subset": list(task.subsets)})
     result = Result("retrain", ds, config=config)
     return result
 
