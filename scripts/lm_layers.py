@@ -14,8 +14,9 @@ each block's norms and attention / MLP projections, the final norm and the head)
 - ``memloc.rewind``: the layer of the final model put back to the initialisation and to the middle
   of training (rule learnt, noise not yet memorised), and what is still memorised;
 - ``memloc.retrain``: the layer reset to its initialisation and retrained alone on the non-target
-  sequences (memloc's retraining settings: SGD, one-cycle), then the targets still memorised and the
-  held-out token accuracy.
+  sequences, then the targets still memorised and the held-out token accuracy; with AdamW at the
+  run's own learning rate and weight decay (what the model was trained with; the acceptance is read
+  here), and with memloc's image settings (SGD + Nesterov momentum, lr 0.1) beside it. Both one-cycle.
 
 "Most critical layer" = the one whose rewinding to the middle checkpoint leaves the fewest targets
 memorised (ties: the higher held-out token accuracy), chosen before looking at retraining.
@@ -53,7 +54,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--retrain-epochs", type=int, default=HYPER["epochs"], help="retraining epochs per layer")
-    p.add_argument("--lr", type=float, default=HYPER["lr"], help="peak retraining learning rate")
+    p.add_argument("--lr", type=float, default=CONFIG["lr"], help="peak retraining learning rate of AdamW")
+    p.add_argument("--sgd-lr", type=float, default=HYPER["lr"], help="peak retraining learning rate of SGD")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -70,8 +72,12 @@ def main(argv=None) -> None:
     rw = memloc.rewind(run, checkpoints=[0, mid], device=args.device)
     t_rewind = time.time() - t
     t = time.time()
-    rt = memloc.retrain(run, device=args.device, epochs=args.retrain_epochs, lr=args.lr)
+    rt = memloc.retrain(run, device=args.device, epochs=args.retrain_epochs, optimizer="adam", lr=args.lr,
+                        weight_decay=CONFIG["weight_decay"])
     t_retrain = time.time() - t
+    t = time.time()
+    sgd = memloc.retrain(run, device=args.device, epochs=args.retrain_epochs, lr=args.sgd_lr)
+    t_sgd = time.time() - t
 
     layers = [str(n) for n in g["layer"].values]
     subsets = list(rw["subset"].values)
@@ -83,20 +89,24 @@ def main(argv=None) -> None:
     cosine = g["cosine"].values
     later = np.asarray(g["checkpoint"].values) >= 10
     acc_rw = rw["accuracy"].values                    # (checkpoint [0, mid], layer, subset)
-    acc_rt = rt["accuracy"].values[:, -1]             # (layer, subset) after retraining
+    acc_rt = rt["accuracy"].values[:, -1]             # (layer, subset) after retraining (AdamW)
+    acc_sgd = sgd["accuracy"].values[:, -1]
     critical = max(range(len(layers)), key=lambda i: (-acc_rw[1, i, NOISY], acc_rw[1, i, TOK]))
-    ok = [i for i in range(len(layers)) if acc_rt[i, NOISY] <= MAX_LEFT and 100 * (base[TOK] - acc_rt[i, TOK]) <= MAX_COST]
+    ok, ok_sgd = ([i for i in range(len(layers)) if a[i, NOISY] <= MAX_LEFT and 100 * (base[TOK] - a[i, TOK]) <= MAX_COST]
+                  for a in (acc_rt, acc_sgd))
 
     rows = [f"| layer | params | target/clean gradient norm, epochs 10-{E} (final) | cosine, epochs 10-{E} (final) "
             f"| rewound to 0: targets memorised / held-out token acc. | rewound to {mid}: targets / held-out "
-            "| retrained on non-targets: targets / held-out |", "|---|---:|---:|---:|---:|---:|---:|"]
+            "| retrained on non-targets (AdamW): targets / held-out | retrained (SGD): targets / held-out |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for i, name in enumerate(layers):
         mark = " **(critical)**" if i == critical else ""
         rows.append(f"| `{name}`{mark} | {int(g['layer_numel'].values[i])} | {np.nanmean(ratio[later, i]):.2f} "
                     f"({ratio[-1, i]:.2f}) | {np.nanmean(cosine[later, i]):+.2f} ({cosine[-1, i]:+.2f}) | "
                     f"{pct(acc_rw[0, i, NOISY])} / {pct(acc_rw[0, i, TOK])} | {pct(acc_rw[1, i, NOISY])} / "
-                    f"{pct(acc_rw[1, i, TOK])} | {pct(acc_rt[i, NOISY])} / {pct(acc_rt[i, TOK])} |")
-    rows.append(f"| final model | | | | | {pct(base[NOISY])} / {pct(base[TOK])} (no change) | |")
+                    f"{pct(acc_rw[1, i, TOK])} | {pct(acc_rt[i, NOISY])} / {pct(acc_rt[i, TOK])} | "
+                    f"{pct(acc_sgd[i, NOISY])} / {pct(acc_sgd[i, TOK])} |")
+    rows.append(f"| final model | | | | | {pct(base[NOISY])} / {pct(base[TOK])} (no change) | | |")
 
     over = ["| layer | " + " | ".join(f"epoch {e}" for e in g["checkpoint"].values) + " |",
             "|---|" + "---:|" * len(g["checkpoint"].values)]
@@ -125,7 +135,7 @@ def main(argv=None) -> None:
         f"`{cmd}`", "",
         "# Layer analyses on a language model: gradients, rewinding, retraining (Maini et al.'s probes on TinyMem)", "",
         f"memloc {memloc.__version__}; {machine(args.device)}. Wall time: training {trained:.0f} s (0 when the "
-        f"run was reused), gradients {t_grad:.0f} s, rewind {t_rewind:.0f} s, retrain {t_retrain:.0f} s (shared "
+        f"run was reused), gradients {t_grad:.0f} s, rewind {t_rewind:.0f} s, retrain {t_retrain:.0f} s (AdamW) and {t_sgd:.0f} s (SGD) (shared "
         "machine: read the times to one digit).", "",
         f"Run: `{args.run}` = scripts/tinymem_experiment.py's ({settings}). {n_t} of {n} training sequences are "
         f"targets (noisy: suffix digits shifted); {len(run.data().test_tokens)} held-out sequences. The final model "
@@ -136,16 +146,19 @@ def main(argv=None) -> None:
         f"{n_t}/{n - n_t}); the cosine is between those two gradients. Rewound: the layer of the final model "
         f"replaced by its epoch-0 / epoch-{mid} tensors (at epoch {mid} the rule is learnt and the noise not yet "
         "memorised: artifacts/tinymem.md). Retrained: the layer reset to its initialisation, every other tensor "
-        f"frozen, trained alone on the {n - n_t} non-target sequences with the trainer's next-token loss "
-        f"(SGD + Nesterov momentum {HYPER['momentum']}, weight decay {HYPER['weight_decay']}, one-cycle to lr "
-        f"{args.lr}, batch {HYPER['batch_size']}, {args.retrain_epochs} epochs). \"Targets\" = share of targets "
+        f"frozen, trained alone on the {n - n_t} non-target sequences with the trainer's next-token loss, "
+        f"batch {HYPER['batch_size']}, {args.retrain_epochs} epochs, one-cycle schedule: AdamW to lr {args.lr}, weight "
+        f"decay {CONFIG['weight_decay']} (the run's optimiser and values), or memloc's image setting, SGD + Nesterov "
+        f"momentum {HYPER['momentum']}, weight decay {HYPER['weight_decay']}, to lr {args.sgd_lr}. \"Targets\" = share of targets "
         "still exactly memorised; \"held-out\" = suffix token accuracy on the held-out sequences.", "",
         *rows, "",
         f"Most critical layer (rewinding it to epoch {mid} leaves the fewest targets memorised): `{layers[critical]}`. "
-        f"Retraining it on non-target data leaves {pct(acc_rt[critical, NOISY])} of the targets memorised at a cost "
+        f"Retraining it on non-target data (AdamW) leaves {pct(acc_rt[critical, NOISY])} of the targets memorised at a cost "
         f"of {cost:.1f} points of held-out token accuracy: the acceptance (at most {pct(MAX_LEFT)}, at most "
         f"{MAX_COST:.0f} point) is {'met' if met else 'NOT met'}. Layers whose retraining meets both: "
-        f"{', '.join(f'`{layers[i]}`' for i in ok) or 'none'}.", "",
+        f"{', '.join(f'`{layers[i]}`' for i in ok) or 'none'} (AdamW); "
+        f"{', '.join(f'`{layers[i]}`' for i in ok_sgd) or 'none'} (SGD; the critical layer: "
+        f"{pct(acc_sgd[critical, NOISY])} left at a cost of {100 * (base[TOK] - acc_sgd[critical, TOK]):.1f} points).", "",
         "## Gradient norm ratio / cosine over training", "",
         *over, "",
         "## Beside Maini et al. (ICML 2023)", "",
@@ -167,7 +180,7 @@ def main(argv=None) -> None:
         f"memorised targets ({'most layers redundant, as in the paper' if redundant_rw > len(layers) / 2 else 'unlike the paper, most single layers are not redundant'}); "
         f"the most critical is `{layers[critical]}`. Rewound to epoch 0, {broken_at_0} of {len(layers)} layers cost more "
         "than 10 points of held-out token accuracy: there memorisation goes together with the rule.",
-        f"- Retraining on non-target data: {redundant_rt} of {len(layers)} layers keep at least half of the memorised "
+        f"- Retraining on non-target data (AdamW): {redundant_rt} of {len(layers)} layers keep at least half of the memorised "
         f"targets after retraining; retraining leaves at most {pct(MAX_LEFT)} of them for "
         f"{', '.join(f'`{x}`' for x in remove_rt) or 'no layer'}.",
         ]

@@ -12,6 +12,7 @@ import torch
 
 import memloc
 from memloc.cli import run as cli_run
+from memloc.core.errors import MemlocError
 from memloc.core.lm import lm_logits, suffix_measures
 from memloc.core.schemas import LM_SUBSETS
 from memloc.core.selection import merged_layer, select_layers
@@ -123,13 +124,17 @@ def test_commands_on_a_language_model_run(memorising_lm, tmp_path):
     g = cli_run("gradients", [*base, "--checkpoints", "final", "--layers", "tok,blocks.0.mlp.down"])
     assert g["norm"].shape == (1, 2, 3) and np.isfinite(g["norm"].values).all()
     r = cli_run("rewind", [*base, "--checkpoints", "0", "--layers", "blocks.0.attn.qkv"])
-    t = cli_run("retrain", [*base, "--epochs", "1", "--layers", "blocks.1.mlp.down", "--lr", "0.01"])
+    t = cli_run("retrain", [*base, "--epochs", "1", "--layers", "blocks.1.mlp.down", "--optimizer", "adam",
+                            "--lr", "0.003"])
     for name, res in (("gradients", g), ("rewind", r), ("retrain", t)):
         saved = run.result(name)
         assert saved.attrs["memloc_schema"] == f"memloc.{name}"
         for var in res.data_vars:
             np.testing.assert_array_equal(saved[var].values, res[var].values)
     assert list(run.result("retrain")["subset"].values) == list(LM_SUBSETS)
+    assert run.result("retrain").config["optimizer"] == "adam"
+    with pytest.raises(MemlocError, match="unknown optimizer 'lbfgs'"):
+        memloc.retrain(run, optimizer="lbfgs", device="cpu")
 
 
 @pytest.mark.slow      # importing transformers takes 5-15 s on 2 busy cores

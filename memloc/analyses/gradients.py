@@ -177,7 +177,8 @@ def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str
     targets are the noisy examples and the loss is the suffix loss (:mod:`memloc.core.tasks`).
 
     ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward passes under autocast
-    (:mod:`memloc.core.precision`; the gradients are of float32 parameters); recorded in the config.
+    (:mod:`memloc.core.precision`; the gradients are of float32 parameters, and fp16's are not loss-scaled:
+    bf16 is the safer 16-bit choice); recorded in the config.
     """
     check_precision(precision)
     if bn_mode not in BN_MODES:

@@ -7,8 +7,8 @@ For every layer, a copy of the final model gets that layer's tensors (parameters
 buffers) from checkpoint ``checkpoint`` (default 0, the initialisation); every other parameter
 is frozen and every other module stays in eval mode, so no other parameter *or buffer* (e.g.
 another layer's BatchNorm running statistics) changes. Only the layer is trained, on the clean
-training examples, with SGD (momentum, weight decay) and a one-cycle schedule (learning rate
-rising linearly from 0 to ``--lr`` at the middle of training, then back to 0). After every epoch
+training examples, with SGD (momentum, weight decay; ``optimizer="adam"``: AdamW) and a one-cycle
+schedule (learning rate rising linearly from 0 to ``--lr`` at the middle of training, then back to 0). After every epoch
 (and before the first) the model is evaluated on the subsets of :data:`memloc.core.evaluate.SUBSETS`. A
 layer that clean data alone can bring back to high clean and test accuracy, while the noisy
 labels stay unlearned, is not needed for memorisation. Seeded and deterministic.
@@ -37,7 +37,7 @@ import xarray as xr
 
 from ..scale.distributed import claim, world
 from ..core.errors import MemlocError
-from ..core.optim import epoch_seed, make_optimizer, make_schedule
+from ..core.optim import OPTIMIZERS, epoch_seed, make_optimizer, make_schedule
 from ..scale.parts import Parts, parts_folder
 from ..core.precision import apply_channels_last, autocast, check_precision, grad_scaler
 from ..scale.prefix import CACHE_MB, PrefixCache
@@ -63,6 +63,7 @@ HYPER = dict(
     momentum=0.9,        # SGD with Nesterov momentum
     weight_decay=5e-4,
     seed=0,              # batch order (and any randomness of the layer's own modules)
+    optimizer="sgd",     # sgd, or adam (AdamW: what language models are trained with; momentum unused)
 )
 
 
@@ -70,7 +71,7 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
                   epochs: int = HYPER["epochs"], lr: float = HYPER["lr"],
                   batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
                   weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
-                  eval_batch_size: int = 1024, prefix_cache: bool = True,
+                  optimizer: str = HYPER["optimizer"], eval_batch_size: int = 1024, prefix_cache: bool = True,
                   prefix_cache_mb: float = CACHE_MB, precision: str = "fp32") -> tuple[np.ndarray, nn.Module]:
     """Reset ``layer`` of a copy of ``model`` to ``init`` and retrain only it on the clean training
     examples (a language model: the non-target sequences, :mod:`memloc.core.tasks`).
@@ -114,7 +115,7 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
     steps = max(1, -(-len(clean) // batch_size)) * epochs
     if not trainable:  # e.g. a norm without affine parameters: nothing to retrain
         return np.asarray(curve * (epochs + 1), dtype=np.float64), work
-    opt = make_optimizer(trainable, "sgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = make_optimizer(trainable, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = make_schedule(opt, steps, "onecycle", 0.5)
     scaler = grad_scaler(precision, device)
     device = trainable[0].device
@@ -160,7 +161,7 @@ def _training_pass(cache: PrefixCache, clean, cached_clean, batch_size: int, see
 def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER["epochs"],
             lr: float = HYPER["lr"], batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
             weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
-            eval_batch_size: int = 1024, device="auto", prefix_cache: bool = True,
+            optimizer: str = HYPER["optimizer"], eval_batch_size: int = 1024, device="auto", prefix_cache: bool = True,
             prefix_cache_mb: float = CACHE_MB, resume=None, overwrite: bool = False,
             precision: str = "fp32") -> Result | None:
     """:func:`retrain_layer` for every layer (or those named in ``layers``) of the final model.
@@ -190,6 +191,8 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     check_range("lr", lr, low=0)
     check_range("prefix_cache_mb", prefix_cache_mb, low=0)
     check_precision(precision)
+    if optimizer not in OPTIMIZERS:
+        raise MemlocError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}", argument="optimizer")
     if not lr > 0:
         raise MemlocError(f"lr must be positive, got {lr}", argument="lr")
     if isinstance(source, nn.Module) and not isinstance(checkpoint, dict):
@@ -198,7 +201,8 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     init = checkpoint if isinstance(checkpoint, dict) else p.run.checkpoint(checkpoint)
     check_precision(precision, p.device)
     apply_channels_last(p.model, precision, p.device)
-    hyper = dict(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed)
+    hyper = dict(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed,
+                 optimizer=optimizer)
     config = {**hyper, "reset_to": checkpoint if not isinstance(checkpoint, dict) else "state_dict",
               "layers": [l.name for l in p.layers], "eval_batch_size": eval_batch_size, "device": str(p.device),
               "final_epoch": p.run.final_epoch if p.run is not None else None,
@@ -243,6 +247,8 @@ def _cli_arguments(p):
     p.add_argument("--weight-decay", type=nonnegative_float, default=HYPER["weight_decay"],
                    help="weight decay of the retrained layer")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=HYPER["seed"], help="seed of the batch order")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default=HYPER["optimizer"],
+                   help="sgd (Nesterov momentum) or adam (AdamW, as language models are trained; --momentum unused)")
     add_eval_batch_size(p)
     add_precision(p)
 
@@ -250,7 +256,7 @@ def _cli_arguments(p):
 def _cli_execute(args):
     return retrain(args.run, layers=args.layers, checkpoint=args.reset_checkpoint, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
-                   seed=args.seed, eval_batch_size=args.eval_batch_size, device=args.device,
+                   seed=args.seed, optimizer=args.optimizer, eval_batch_size=args.eval_batch_size, device=args.device,
                    resume="auto", overwrite=args.overwrite, precision=args.precision)
 
 
