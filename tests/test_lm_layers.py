@@ -42,6 +42,15 @@ def test_layers_of_tinygpt_are_embeddings_norms_and_projections(memorising_lm):
     assert sorted(keys) == sorted(k for k, _ in model.named_parameters())      # each parameter in one layer
 
 
+def test_a_tied_head_is_part_of_its_embedding():
+    from memloc.core.lm import TinyGPT
+    model = TinyGPT(14, n_layer=1, d_model=8, n_head=2, max_len=16, seed=0)
+    model.head.weight = model.tok.weight                  # tied, as GPT-2's lm_head and wte
+    layers = trace(model, torch.zeros(2, 8, dtype=torch.long)).layers
+    assert [l.name for l in layers] == ["tok", "pos", *(f"blocks.0.{m}" for m in TINYGPT_BLOCK), "ln_f"]
+    assert sorted(k for l in layers for k in l.params) == sorted(k for k, _ in model.named_parameters())
+
+
 def reference(model, data, layers):
     """Float64, one full batch, straight from the definition: the gradients of the mean suffix loss of
     the clean and of the target sequences, per layer."""
