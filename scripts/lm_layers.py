@@ -175,7 +175,12 @@ def main(argv=None) -> None:
         f"Mean ratio in block 0: {np.nanmean(mean_ratio[first_block]):.2f}, block 1: "
         f"{np.nanmean(mean_ratio[second_block]):.2f}. The median cosine over (epoch >= 10, layer) is "
         f"{median_cos:+.2f}, {pct(below)} of the cells below -0.75 "
-        f"({'strongly negative, as in the paper' if median_cos < -0.5 else 'not the strongly negative cosine the paper reports'}).",
+        f"({'strongly negative, as in the paper' if median_cos < -0.5 else 'not the strongly negative cosine the paper reports'}); "
+        f"at the final checkpoint, while the targets are being memorised (artifacts/tinymem.md: 10% at epoch 45, "
+        f"{pct(base[NOISY])} at {E}), the median is {float(np.nanmedian(cosine[-1])):+.2f} with "
+        f"{pct(float(np.mean(cosine[-1] < -0.75)))} of the layers below -0.75: "
+        f"{'strongly negative in that phase, as in' if np.nanmedian(cosine[-1]) < -0.5 else 'not strongly negative even then, unlike'} "
+        "the paper's figure (where memorisation happens in epochs 10-30 of ResNet-9's training).",
         f"- Rewinding: {redundant_rw} of {len(layers)} layers rewound to epoch {mid} keep at least half of the "
         f"memorised targets ({'most layers redundant, as in the paper' if redundant_rw > len(layers) / 2 else 'unlike the paper, most single layers are not redundant'}); "
         f"the most critical is `{layers[critical]}`. Rewound to epoch 0, {broken_at_0} of {len(layers)} layers cost more "
