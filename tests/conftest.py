@@ -4,7 +4,9 @@
   about 15 s on 2 CPU cores);
 * ``lenet_run``: lenet on mnist5k, 10% noise, 40 epochs (~98% of noisy labels memorised, ~25 s);
 * ``tiny_run``: a small MLP on scikit-learn digits, 10% noise, 4 epochs (for fast error-path and
-  equality tests).
+  equality tests);
+* ``memorising_lm``: a 2-block TinyGPT on TinyMem ``mult`` sequences that memorises part of its noisy
+  ones (a language model's run, about a second).
 """
 import contextlib
 import os
@@ -121,3 +123,18 @@ def tiny_run(tmp_path_factory):
     return train(tmp_path_factory.mktemp("runs") / "tiny",
                  {"dataset": "digits", "model": "mlp", "epochs": 4, "batch_size": 64, "lr": 0.1},
                  device="cpu")
+
+
+@pytest.fixture(scope="session")
+def memorising_lm(tmp_path_factory):
+    """Two layers trained until part of the noisy sequences (each seen five times an epoch) is memorised:
+    about 40% of all sequences and half the noisy ones after 10 epochs (1-3 s, on one thread)."""
+    cfg = {"dataset": "tinymem:mult", "model": "gpt", "n_layer": 2, "d_model": 32, "n_head": 2, "n_train": 16,
+           "n_test": 8, "seq_len": 16, "suffix_len": 4, "noise": 0.5, "duplicate": 4, "epochs": 10, "batch_size": 8,
+           "lr": 2e-2, "weight_decay": 0.0}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(tmp_path_factory.mktemp("lm") / "mem", cfg, device="cpu")
+    finally:
+        torch.set_num_threads(before)

@@ -3,6 +3,10 @@
 ``memloc.gradients(run_or_model, data=None, *, checkpoints="all", layers=None, bn_mode="eval")``
 (command: ``python -m memloc gradients RUN``).
 
+On a language model's run the memorisation targets are the noisy examples, the other training
+sequences the clean ones, and an example's loss is its suffix loss (mean cross-entropy over the
+suffix tokens; :mod:`memloc.core.tasks`).
+
 For every checkpoint epoch and every layer, with ``g_c`` the gradient of the mean cross-entropy
 over the *clean* training examples, ``g_n`` over the *noisy* ones (w.r.t. their given labels)
 and ``g = (n_c g_c + n_n g_n) / N`` the gradient of the mean over all training examples:
@@ -27,22 +31,23 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 import xarray as xr
 
-from ..core.data import ExampleSet
+from ..core.examples import ExampleSet
 from ..scale.distributed import shard, world
 from ..core.dropout import auto_as_test
 from ..core.errors import MemlocError
 from ..core.evaluate import eval_mode
 from ..scale.parts import Parts, parts_folder
 from ..core.results import Result
+from ..core.precision import apply_channels_last, autocast, check_precision
 from ..core.runtime import check_range, progress
+from ..core.tasks import ClassifierTask, task_of
 from ..core.schemas import GRADIENT_PARTS
 from ..core.selection import layer_coords, prepare
 from ..core.units import NORM_TYPES, Layer
-from ..core.options import add_checkpoints, add_layers, layer_table, positive_int
+from ..core.options import add_checkpoints, add_layers, add_precision, layer_table, positive_int
 from ..core.figures import figure, plt, COLORS, save_figure, table, short_names, coord_names, grid
 from ..core.schemas import Schema, Var, layer_vars
 from ..core.registry import Analysis, Command
@@ -73,7 +78,8 @@ def _in_mode(model: nn.Module, bn_mode: str):
 
 
 def layer_gradients(model: nn.Module, examples: ExampleSet, is_noisy, layers: Sequence[Layer], *,
-                    batch_size: int = 1024, bn_mode: str = "eval") -> dict[str, np.ndarray]:
+                    batch_size: int = 1024, bn_mode: str = "eval", losses=None,
+                    precision: str = "fp32") -> dict[str, np.ndarray]:
     """Per-layer norms of the clean / noisy / total mean-loss gradients and their cosine.
 
     Parameters
@@ -84,13 +90,17 @@ def layer_gradients(model: nn.Module, examples: ExampleSet, is_noisy, layers: Se
     is_noisy : (N,) bool, indexed by example id (``examples.idx``).
     layers : the layers to report (from :func:`memloc.core.units.trace`).
     bn_mode : ``eval`` (running statistics) or ``train`` (batch statistics, batches in order).
+    losses : ``losses(model, x, y) -> (B,)`` per-example losses (default: cross-entropy w.r.t. ``y``;
+        a language model's: :meth:`memloc.core.tasks.SequenceTask.losses`).
+    precision : ``fp32``, ``bf16`` or ``fp16``: the forward passes under autocast.
 
     Returns
     -------
     ``{q: (L,) float64 array}`` for ``q`` in :data:`QUANTITIES`.
     """
     with _in_mode(model, bn_mode) as m:
-        sums = _gradient_sums(m, examples, is_noisy, layers, batch_size)
+        sums = _gradient_sums(m, examples, is_noisy, layers, batch_size,
+                              ClassifierTask.losses if losses is None else losses, precision)
     noisy_all = np.asarray(is_noisy, dtype=bool)[examples.idx.cpu().numpy()]
     n, n_noisy = len(noisy_all), int(noisy_all.sum())
     n_clean = n - n_noisy
@@ -112,7 +122,7 @@ def layer_gradients(model: nn.Module, examples: ExampleSet, is_noisy, layers: Se
     return out
 
 
-def _gradient_sums(model, examples, is_noisy, layers, batch_size):
+def _gradient_sums(model, examples, is_noisy, layers, batch_size, losses_of, precision):
     """``{"clean"|"noisy": {layer name: [grad per parameter]}}`` of the mean clean / noisy loss."""
     state = dict(model.named_parameters())
     names = [(l.name, k) for l in layers for k in l.params]
@@ -126,7 +136,8 @@ def _gradient_sums(model, examples, is_noisy, layers, batch_size):
     sums = {part: [torch.zeros_like(p) for p in params] for part in counts}
     for x, y, idx in progress(examples.batches(batch_size), desc="gradients", unit="batch",
                                   total=-(-len(examples) // batch_size)):
-        losses = F.cross_entropy(model(x), y, reduction="none")
+        with autocast(precision, x.device):
+            losses = losses_of(model, x, y).float()
         noisy = noisy_by_id[idx]
         parts = [(part, losses[mask].sum() / counts[part])
                  for part, mask in (("clean", ~noisy), ("noisy", noisy)) if mask.any()]
@@ -145,7 +156,8 @@ def _gradient_sums(model, examples, is_noisy, layers, batch_size):
 @renamed(batch_size="eval_batch_size", resume_dir="resume")
 @stored('gradients')
 def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str = "eval",
-              eval_batch_size: int = 1024, device="auto", resume=None, overwrite: bool = False) -> Result | None:
+              eval_batch_size: int = 1024, device="auto", resume=None, overwrite: bool = False,
+              precision: str = "fp32") -> Result | None:
     """:func:`layer_gradients` at every selected checkpoint of a run (or of a model).
 
     ``source``: a :class:`memloc.Run` / run path, or an ``nn.Module`` with ``data`` (then
@@ -160,24 +172,36 @@ def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str
     settings); they are deleted when the result is saved (:meth:`memloc.Result.save`). Under
     torchrun (:mod:`memloc.scale.distributed`) the checkpoints are split across the processes (None then
     means ``"auto"``) and rank 0 returns the merged result, the other ranks None.
+
+    A language model's run (or a causal LM with a :class:`memloc.core.sequences.SequenceSet`): the
+    targets are the noisy examples and the loss is the suffix loss (:mod:`memloc.core.tasks`).
+
+    ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward passes under autocast
+    (:mod:`memloc.core.precision`; the gradients are of float32 parameters, and fp16's are not loss-scaled:
+    bf16 is the safer 16-bit choice); recorded in the config.
     """
+    check_precision(precision)
     if bn_mode not in BN_MODES:
         raise MemlocError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     p = prepare(source, data, device=device, layers=layers, checkpoints=checkpoints)
+    check_precision(precision, p.device)
+    task = task_of(p.data)
     model = copy.deepcopy(p.model).requires_grad_(True)
+    apply_channels_last(model, precision, p.device)
     epochs = list(p.states)
     config = {"checkpoints": epochs, "layers": [l.name for l in p.layers], "bn_mode": bn_mode,
-              "batch_size": eval_batch_size, "device": str(p.device), "loss": "cross_entropy mean",
-              "normalisation": "norm / sqrt(numel)"}
+              "batch_size": eval_batch_size, "device": str(p.device),
+              "loss": "cross_entropy mean" if isinstance(task, ClassifierTask) else "suffix cross_entropy mean",
+              "normalisation": "norm / sqrt(numel)", "precision": precision}
     parts = Parts(parts_folder(resume, p.run, "gradients"), {**config, "device": p.device.type},
                   what="gradients", overwrite=overwrite)
     try:        # one item per checkpoint: its (layer, quantity) array
         for epoch in progress(shard([e for e in epochs if (e,) not in parts.done]), desc="checkpoints",
                               unit="checkpoint"):
             model.load_state_dict(p.state(epoch))
-            row = layer_gradients(model, p.data.train, p.data.is_noisy, p.layers, batch_size=eval_batch_size,
-                                  bn_mode=bn_mode)
+            row = layer_gradients(model, task.train, task.is_noisy, p.layers, batch_size=eval_batch_size,
+                                  bn_mode=bn_mode, losses=task.losses, precision=precision)
             parts.add({(epoch,): np.stack([row[q] for q in QUANTITIES], -1).reshape(len(p.layers), len(QUANTITIES))})
         parts.gather()
     finally:
@@ -205,11 +229,13 @@ def _cli_arguments(p):
                         "checkpoints' running statistics are not changed)")
     p.add_argument("--batch-size", type=positive_int, default=1024,
                    help="examples per forward pass (with --bn-mode train also the statistics batch)")
+    add_precision(p)
 
 
 def _cli_execute(args):
     return gradients(args.run, checkpoints=args.checkpoints, layers=args.layers, bn_mode=args.bn_mode,
-                     eval_batch_size=args.batch_size, device=args.device, resume="auto", overwrite=args.overwrite)
+                     eval_batch_size=args.batch_size, device=args.device, resume="auto", overwrite=args.overwrite,
+                     precision=args.precision)
 
 
 def _cli_summary(res, args):

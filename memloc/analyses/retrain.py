@@ -7,14 +7,19 @@ For every layer, a copy of the final model gets that layer's tensors (parameters
 buffers) from checkpoint ``checkpoint`` (default 0, the initialisation); every other parameter
 is frozen and every other module stays in eval mode, so no other parameter *or buffer* (e.g.
 another layer's BatchNorm running statistics) changes. Only the layer is trained, on the clean
-training examples, with SGD (momentum, weight decay) and a one-cycle schedule (learning rate
-rising linearly from 0 to ``--lr`` at the middle of training, then back to 0). After every epoch
+training examples, with SGD (momentum, weight decay; ``optimizer="adam"``: AdamW) and a one-cycle
+schedule (learning rate rising linearly from 0 to ``--lr`` at the middle of training, then back to 0). After every epoch
 (and before the first) the model is evaluated on the subsets of :data:`memloc.core.evaluate.SUBSETS`. A
 layer that clean data alone can bring back to high clean and test accuracy, while the noisy
 labels stay unlearned, is not needed for memorisation. Seeded and deterministic.
 
 Returns the ``"retrain"`` result: ``accuracy`` (layer, epoch, subset) with epoch = 0..E and
 ``baseline`` (subset), the final model's accuracies.
+
+On a language model's run the layer is retrained on the non-target training sequences with the
+next-token loss over whole sequences (the trainer's), and the subsets are
+:data:`memloc.core.schemas.LM_SUBSETS` (memorised shares of clean sequences and of the targets,
+clean and held-out suffix token accuracy, held-out suffixes reproduced; :mod:`memloc.core.tasks`).
 
 Everything that runs before the retrained layer is frozen: with ``prefix_cache`` (default) its
 output is computed once for the whole dataset and every training and evaluation pass starts from
@@ -27,20 +32,19 @@ import copy
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 import xarray as xr
 
 from ..scale.distributed import claim, world
 from ..core.errors import MemlocError
-from ..core.evaluate import SUBSETS, accuracy_row
-from ..core.optim import epoch_seed, make_optimizer, make_schedule
+from ..core.optim import OPTIMIZERS, epoch_seed, make_optimizer, make_schedule
 from ..scale.parts import Parts, parts_folder
 from ..core.precision import apply_channels_last, autocast, check_precision, grad_scaler
 from ..scale.prefix import CACHE_MB, PrefixCache
 from ..core.results import Result
 from ..core.runtime import check_flag, check_range, progress
 from ..core.selection import copy_layer, layer_coords, prepare
+from ..core.tasks import task_of
 from ..core.units import Layer
 from ..core.options import add_eval_batch_size, add_layers, add_precision, describe, layer_table, nonnegative_float, nonnegative_int, number, positive_float, positive_int
 from ..core.figures import figure, COLORS, LABELS, save_figure, short_names, coord_names, grid, accuracy_rows
@@ -59,6 +63,7 @@ HYPER = dict(
     momentum=0.9,        # SGD with Nesterov momentum
     weight_decay=5e-4,
     seed=0,              # batch order (and any randomness of the layer's own modules)
+    optimizer="sgd",     # sgd, or adam (AdamW: what language models are trained with; momentum unused)
 )
 
 
@@ -66,16 +71,18 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
                   epochs: int = HYPER["epochs"], lr: float = HYPER["lr"],
                   batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
                   weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
-                  eval_batch_size: int = 1024, prefix_cache: bool = True,
+                  optimizer: str = HYPER["optimizer"], eval_batch_size: int = 1024, prefix_cache: bool = True,
                   prefix_cache_mb: float = CACHE_MB, precision: str = "fp32") -> tuple[np.ndarray, nn.Module]:
-    """Reset ``layer`` of a copy of ``model`` to ``init`` and retrain only it on ``data.clean_train``.
+    """Reset ``layer`` of a copy of ``model`` to ``init`` and retrain only it on the clean training
+    examples (a language model: the non-target sequences, :mod:`memloc.core.tasks`).
 
     Parameters
     ----------
     model : the trained model (not modified).
     init : a state_dict holding the layer's reset tensors (e.g. the epoch-0 checkpoint).
     layer : the layer to reset and retrain (its modules run in train mode, all others in eval).
-    data : :class:`memloc.core.data.Data` on the model's device.
+    data : :class:`memloc.core.data.Data` on the model's device (or a language model's
+        :class:`memloc.core.sequences.SequenceSet`).
     prefix_cache : compute what runs before the layer once (within ``prefix_cache_mb`` MiB of
         activations; :class:`memloc.scale.prefix.PrefixCache`) instead of in every pass. Same results.
     precision : ``"fp32"``, ``"bf16"`` or ``"fp16"``: forward passes and the loss under autocast, the
@@ -83,7 +90,8 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
 
     Returns
     -------
-    curve : (epochs + 1, 4) accuracies over :data:`memloc.core.evaluate.SUBSETS`; row 0 = just after the reset.
+    curve : (epochs + 1, S) accuracies over the data's subsets (:data:`memloc.core.evaluate.SUBSETS`, a
+        language model's :data:`memloc.core.schemas.LM_SUBSETS`); row 0 = just after the reset.
     model : the retrained copy.
     """
     work = copy.deepcopy(model).eval()
@@ -94,19 +102,20 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
     trainable = [params[k].requires_grad_(True) for k in layer.params]
     modules = dict(work.named_modules())
     own = [modules[m] for m in layer.modules if m in modules]
-    clean = data.clean_train
+    task = task_of(data)
+    clean = task.clean_train
     device = clean.y.device
     with autocast(precision, device):
         cache = PrefixCache(work, [layer], data, batch_size=eval_batch_size, budget_mb=prefix_cache_mb,
-                            extra_rows=len(clean), enabled=prefix_cache)
+                            extra_rows=len(clean), enabled=prefix_cache and task.prefix_cache)
         net, cached = cache.pick(0)
         train_net, train_set = _training_pass(cache, clean, cached.clean_train if net is not work else None,
                                               batch_size, seed)
-        curve = [accuracy_row(net, cached, batch_size=eval_batch_size)]
+        curve = [task.scores(net, cached, batch_size=eval_batch_size)]
     steps = max(1, -(-len(clean) // batch_size)) * epochs
     if not trainable:  # e.g. a norm without affine parameters: nothing to retrain
         return np.asarray(curve * (epochs + 1), dtype=np.float64), work
-    opt = make_optimizer(trainable, "sgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = make_optimizer(trainable, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = make_schedule(opt, steps, "onecycle", 0.5)
     scaler = grad_scaler(precision, device)
     device = trainable[0].device
@@ -120,7 +129,7 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
                 if len(y) < 2:  # a single example breaks batch-statistics norms
                     continue
                 with autocast(precision, device):
-                    loss = F.cross_entropy(train_net(x), y)
+                    loss = task.train_loss(train_net, x, y)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -128,7 +137,7 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
                 sched.step()
             work.eval()
             with autocast(precision, device):
-                curve.append(accuracy_row(net, cached, batch_size=eval_batch_size))
+                curve.append(task.scores(net, cached, batch_size=eval_batch_size))
     return np.asarray(curve, dtype=np.float64), work
 
 
@@ -152,7 +161,7 @@ def _training_pass(cache: PrefixCache, clean, cached_clean, batch_size: int, see
 def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER["epochs"],
             lr: float = HYPER["lr"], batch_size: int = HYPER["batch_size"], momentum: float = HYPER["momentum"],
             weight_decay: float = HYPER["weight_decay"], seed: int = HYPER["seed"],
-            eval_batch_size: int = 1024, device="auto", prefix_cache: bool = True,
+            optimizer: str = HYPER["optimizer"], eval_batch_size: int = 1024, device="auto", prefix_cache: bool = True,
             prefix_cache_mb: float = CACHE_MB, resume=None, overwrite: bool = False,
             precision: str = "fp32") -> Result | None:
     """:func:`retrain_layer` for every layer (or those named in ``layers``) of the final model.
@@ -183,6 +192,8 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     check_range("prefix_cache_mb", prefix_cache_mb, low=0)
     prefix_cache = check_flag("prefix_cache", prefix_cache)
     check_precision(precision)
+    if optimizer not in OPTIMIZERS:
+        raise MemlocError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}", argument="optimizer")
     if not lr > 0:
         raise MemlocError(f"lr must be positive, got {lr}", argument="lr")
     if isinstance(source, nn.Module) and not isinstance(checkpoint, dict):
@@ -193,7 +204,8 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     init = checkpoint if isinstance(checkpoint, dict) else p.run.checkpoint(checkpoint)
     check_precision(precision, p.device)
     apply_channels_last(p.model, precision, p.device)
-    hyper = dict(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed)
+    hyper = dict(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed,
+                 optimizer=optimizer)
     config = {**hyper, "reset_to": checkpoint if not isinstance(checkpoint, dict) else "state_dict",
               "layers": [l.name for l in p.layers], "eval_batch_size": eval_batch_size, "device": str(p.device),
               "final_epoch": p.run.final_epoch if p.run is not None else None,
@@ -214,11 +226,12 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     if world()[0] > 0:
         return None             # rank 0 merges the parts and returns the result
     curves = [parts.done[(i,)] for i in range(len(p.layers))]
-    acc = np.stack(curves) if curves else np.zeros((0, epochs + 1, len(SUBSETS)))
+    task = task_of(p.data)
+    acc = np.stack(curves) if curves else np.zeros((0, epochs + 1, len(task.subsets)))
     with autocast(precision, p.device):
-        baseline = accuracy_row(p.model, p.data, batch_size=eval_batch_size)
+        baseline = task.scores(p.model, batch_size=eval_batch_size)
     ds = xr.Dataset({"accuracy": (("layer", "epoch", "subset"), acc), "baseline": (("subset",), baseline)},
-                    coords={**layer_coords(p.layers), "epoch": np.arange(epochs + 1), "subset": list(SUBSETS)})
+                    coords={**layer_coords(p.layers), "epoch": np.arange(epochs + 1), "subset": list(task.subsets)})
     result = Result("retrain", ds, config=config)
     return result
 
@@ -237,6 +250,8 @@ def _cli_arguments(p):
     p.add_argument("--weight-decay", type=nonnegative_float, default=HYPER["weight_decay"],
                    help="weight decay of the retrained layer")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=HYPER["seed"], help="seed of the batch order")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default=HYPER["optimizer"],
+                   help="sgd (Nesterov momentum) or adam (AdamW, as language models are trained; --momentum unused)")
     add_eval_batch_size(p)
     add_precision(p)
 
@@ -244,7 +259,7 @@ def _cli_arguments(p):
 def _cli_execute(args):
     return retrain(args.run, layers=args.layers, checkpoint=args.reset_checkpoint, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
-                   seed=args.seed, eval_batch_size=args.eval_batch_size, device=args.device,
+                   seed=args.seed, optimizer=args.optimizer, eval_batch_size=args.eval_batch_size, device=args.device,
                    resume="auto", overwrite=args.overwrite, precision=args.precision)
 
 

@@ -10,12 +10,17 @@ examples, noisy training examples w.r.t. their given labels (the fraction still 
 w.r.t. their true labels, and the test set. If memorisation lived in one layer, rewinding that
 layer would drop the noisy accuracy while keeping the clean and test accuracy.
 
+On a language model's run the subsets are :data:`memloc.core.schemas.LM_SUBSETS`: the share of
+clean training sequences and of memorisation targets (the noisy ones) still exactly memorised
+(the argmax right at every suffix position), the suffix token accuracy of the clean and the
+held-out sequences, and the share of held-out suffixes reproduced (:mod:`memloc.core.tasks`).
+
 Returns the ``"rewind"`` result: ``accuracy`` (checkpoint, layer, subset) and ``baseline``
 (subset), the unrewound final model's accuracies.
 
 Everything that runs before a rewound layer is the final model's at every checkpoint: with
 ``prefix_cache`` (default) its output is computed once for the whole dataset and reused (see
-:mod:`memloc.scale.prefix`; the same accuracies, bit for bit).
+:mod:`memloc.scale.prefix`; the same accuracies, bit for bit; classifiers only).
 """
 from __future__ import annotations
 
@@ -29,13 +34,13 @@ import xarray as xr
 
 from ..scale.distributed import shard, world
 from ..core.errors import MemlocError
-from ..core.evaluate import SUBSETS, accuracy_row
 from ..scale.parts import Parts, parts_folder
 from ..core.precision import apply_channels_last, autocast, check_precision
 from ..scale.prefix import CACHE_MB, PrefixCache
 from ..core.results import Result
 from ..core.runtime import check_flag, check_range, progress
 from ..core.selection import copy_layer, layer_coords, prepare
+from ..core.tasks import task_of
 from ..core.units import Layer
 from ..core.options import add_checkpoints, add_eval_batch_size, add_layers, add_precision, describe, layer_table
 from ..core.figures import figure, coord_names, heatmaps, accuracy_rows
@@ -57,19 +62,22 @@ def rewind_layers(model: nn.Module, states: Iterable[dict[str, torch.Tensor]], l
     model : the final model (not modified; a copy is edited).
     states : R state_dicts (e.g. earlier checkpoints), consumed one at a time.
     layers : the L layers to rewind (a :func:`memloc.core.selection.merged_layer` rewinds several at once).
-    data : :class:`memloc.core.data.Data` on the model's device.
+    data : :class:`memloc.core.data.Data` on the model's device (or a language model's
+        :class:`memloc.core.sequences.SequenceSet`).
     prefix_cache : compute what runs before each layer once (within ``prefix_cache_mb`` MiB of
         activations; :class:`memloc.scale.prefix.PrefixCache`) instead of on every pass. Same results.
 
     Returns
     -------
-    accuracy : (R, L, 4) array over :data:`memloc.core.evaluate.SUBSETS`.
-    baseline : (4,) accuracies of ``model`` itself.
+    accuracy : (R, L, S) array over the S subsets of the data (:data:`memloc.core.evaluate.SUBSETS`,
+        a language model's :data:`memloc.core.schemas.LM_SUBSETS`).
+    baseline : (S,) accuracies of ``model`` itself.
     """
     rewinder = _Rewinder(model, layers, data, batch_size=batch_size, prefix_cache=prefix_cache,
                          prefix_cache_mb=prefix_cache_mb)
     rows = [[rewinder.accuracy(state, i) for i in range(len(layers))] for state in states]
-    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(layers), len(SUBSETS)), rewinder.baseline
+    subsets = len(rewinder.task.subsets)
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(layers), subsets), rewinder.baseline
 
 
 class _Rewinder:
@@ -78,17 +86,17 @@ class _Rewinder:
     def __init__(self, model, layers, data, *, batch_size, prefix_cache, prefix_cache_mb):
         self.work = copy.deepcopy(model).eval()
         self.final = {k: v.detach().clone() for k, v in self.work.state_dict().items()}
-        self.layers, self.batch_size = layers, batch_size
-        self.baseline = accuracy_row(self.work, data, batch_size=batch_size)
+        self.layers, self.batch_size, self.task = layers, batch_size, task_of(data)
+        self.baseline = self.task.scores(self.work, batch_size=batch_size)
         self.cache = PrefixCache(self.work, layers, data, batch_size=batch_size, budget_mb=prefix_cache_mb,
-                                 enabled=prefix_cache)
+                                 enabled=prefix_cache and self.task.prefix_cache)
 
     def accuracy(self, state: dict[str, torch.Tensor], i: int) -> np.ndarray:
         """Accuracies with ``layers[i]`` of the final model replaced by its tensors in ``state``."""
         layer = self.layers[i]
         copy_layer(self.work, state, layer)
         net, cached = self.cache.pick(i)
-        row = accuracy_row(net, cached, batch_size=self.batch_size)
+        row = self.task.scores(net, cached, batch_size=self.batch_size)
         copy_layer(self.work, self.final, layer)
         return np.asarray(row, dtype=np.float64)
 
@@ -149,11 +157,12 @@ def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size
     if world()[0] > 0:
         return None             # rank 0 merges the parts and returns the result
     acc = np.array([[parts.done[(e, i)] for i in range(len(p.layers))] for e in epochs], dtype=np.float64)
-    acc = acc.reshape(len(epochs), len(p.layers), len(SUBSETS))
+    subsets = rewinder.task.subsets
+    acc = acc.reshape(len(epochs), len(p.layers), len(subsets))
     ds = xr.Dataset({"accuracy": (("checkpoint", "layer", "subset"), acc),
                      "baseline": (("subset",), rewinder.baseline)},
                     coords={"checkpoint": np.array(epochs, dtype=np.int64), **layer_coords(p.layers),
-                            "subset": list(SUBSETS)})
+                            "subset": list(subsets)})
     result = Result("rewind", ds, config=config)
     return result
 

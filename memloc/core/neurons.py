@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import MemlocError
-from .units import HookNotFiredError, Hooks
+from .units import HookNotFiredError, Hooks, is_conv1d as _is_conv1d
 
 __all__ = ["DOWN_PROJECTIONS", "NeuronLayer", "mlp_layers", "neuron_hooks", "neuron_masks", "output_weights"]
 
@@ -36,11 +36,6 @@ class NeuronLayer:
 
     name: str
     size: int
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """A transformers ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _in_features(module: nn.Module) -> int | None:

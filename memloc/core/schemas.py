@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["SCHEMA_VERSION", "Var", "Schema", "SUBSETS", "GRADIENT_PARTS", "layer_vars", "SUBSET_VAR",
+__all__ = ["SCHEMA_VERSION", "Var", "Schema", "SUBSETS", "LM_SUBSETS", "GRADIENT_PARTS", "layer_vars", "SUBSET_VAR",
            "EXAMPLE_VAR", "SCORE_NAMES"]
 
 SCHEMA_VERSION = 2
 SUBSETS = ("clean", "noisy", "noisy_true", "test")   # accuracy subsets of memloc.core.evaluate.accuracies
+#: the subsets of a language model's run (memloc.core.tasks.SequenceTask): memorised share of clean training
+#: sequences and of targets, suffix token accuracy of clean and held-out ones, held-out suffixes reproduced
+LM_SUBSETS = ("clean", "noisy", "clean_tokens", "test_tokens", "test")
 GRADIENT_PARTS = ("clean", "noisy", "all")
 
 
@@ -55,6 +58,9 @@ def layer_vars(dim: str = "layer") -> dict[str, Var]:
             "layer_numel": Var((dim,), "parameters in the layer")}
 
 
-SUBSET_VAR = {"subset": Var(("subset",), "clean, noisy (given labels), noisy_true (true labels), test")}
+SUBSET_VAR = {"subset": Var(("subset",), "classifiers: accuracy on clean, noisy (given labels), noisy_true (true "
+                                        "labels), test; language models: exactly memorised share of clean and noisy "
+                                        "(the targets) training sequences, suffix token accuracy of clean_tokens and "
+                                        "test_tokens, test (held-out suffixes reproduced)")}
 EXAMPLE_VAR = {"example": Var(("example",), "training example id (0..N-1, the row of run.h5 /examples)")}
 SCORE_NAMES = ("final_loss", "confidence", "variability", "forgetting", "el2n", "grand", "aum", "neuron_count", "tracin")

@@ -16,6 +16,8 @@ from .errors import MemlocError
 from .inputs import as_data
 from .run import Run, as_run, ranges
 from .runtime import check_range, resolve_device, split_list
+from .sequences import SequenceSet
+from .tasks import example_input
 from .units import Layer, Structure, trace
 
 __all__ = ["select_layers", "parse_checkpoints", "copy_layer", "merged_layer", "Source", "resolve", "Prepared",
@@ -120,11 +122,16 @@ def resolve(source, data=None, *, device="auto", checkpoint: int | None = None) 
     if isinstance(source, nn.Module):
         if data is None:
             raise MemlocError("data is required when a model is passed instead of a run", argument="data")
-        return Source(None, copy.deepcopy(source).to(dev).eval(), as_data(data).to(dev), dev, None)
+        return Source(None, copy.deepcopy(source).to(dev).eval(), _as_data(data).to(dev), dev, None)
     run = as_run(source)
     epoch = run.final_epoch if checkpoint is None else int(checkpoint)
     model = run.model(epoch, device=dev)
-    return Source(run, model, run.data(dev) if data is None else as_data(data).to(dev), dev, epoch)
+    return Source(run, model, run.data(dev) if data is None else _as_data(data).to(dev), dev, epoch)
+
+
+def _as_data(data):
+    """``data`` as :func:`memloc.core.inputs.as_data` makes it, a language model's SequenceSet as it is."""
+    return data if isinstance(data, SequenceSet) else as_data(data)
 
 
 @dataclass
@@ -133,7 +140,7 @@ class Prepared:
 
     run: Run | None            # None when a model was passed in
     model: nn.Module           # on ``device``, eval mode (the final checkpoint for a run)
-    data: object               # memloc.core.data.Data on ``device``
+    data: object               # memloc.core.data.Data (or a language model's SequenceSet) on ``device``
     device: torch.device
     structure: Structure
     layers: list[Layer]
@@ -163,5 +170,5 @@ def prepare(source, data=None, *, layers=None, checkpoints=None, device="auto") 
     else:
         chosen = parse_checkpoints("all" if checkpoints is None else checkpoints, src.run.epochs)
         states = {e: (lambda e=e: src.run.checkpoint(e)) for e in chosen}
-    structure = trace(src.model, src.data.train.x[:2])
+    structure = trace(src.model, example_input(src.data))
     return Prepared(src.run, src.model, src.data, src.device, structure, select_layers(structure, layers), states)

@@ -106,6 +106,15 @@ class Structure:
         return {s.name: flat[..., s.offset:s.offset + s.size] for s in self.spaces}
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """A transformers ``Conv1D`` (GPT-2's projections): a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _is_weight(m: nn.Module) -> bool:
+    return isinstance(m, WEIGHT_TYPES) or is_conv1d(m)
+
+
 def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, NORM_TYPES) or ("Norm" in type(m).__name__ and any(True for _ in m.parameters(False)))
 
@@ -113,7 +122,7 @@ def _is_norm(m: nn.Module) -> bool:
 def _kind(m: nn.Module) -> str:
     if isinstance(m, CONV_TYPES):
         return "conv"
-    if isinstance(m, (nn.Linear, nn.Bilinear)):
+    if isinstance(m, (nn.Linear, nn.Bilinear)) or is_conv1d(m):
         return "linear"
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
         return "embedding"
@@ -170,10 +179,12 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> Structure:
 
     with Hooks() as hooks:
         for name, m in modules.items():
-            if isinstance(m, WEIGHT_TYPES) or _is_norm(m):
+            if _is_weight(m) or _is_norm(m):
                 hooks.forward(m, make_hook(name))
         with torch.no_grad(), eval_mode(model):
             logits = model(example_input)
+    if not torch.is_tensor(logits):     # a transformers model's output
+        logits = logits.logits if hasattr(logits, "logits") else logits[0]
 
     first: dict[str, tuple[list[int], object]] = {}
     for name, in_ids, out in events:
@@ -181,7 +192,7 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> Structure:
     state_keys = dict(model.named_parameters())
     covered: set[str] = set()
     layers, spaces, attached = [], [], set()
-    weights = [n for n in first if isinstance(modules[n], WEIGHT_TYPES)]
+    weights = [n for n in first if _is_weight(modules[n])]
     head = weights[-1] if weights else None  # the last linear layer producing logits has no units
     if head is not None:
         out = first[head][1]
@@ -197,7 +208,7 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> Structure:
         m = modules[n]
         if n in attached:
             continue
-        if isinstance(m, WEIGHT_TYPES):
+        if _is_weight(m):
             out = first[n][1]
             norm = next((k for k, (ids, _) in first.items()
                          if _is_norm(modules[k]) and k not in attached and ids and ids[0] == id(out)), None)
@@ -216,6 +227,11 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> Structure:
             mods = (n,)
             params, buffers = own_keys(n, m, recurse=False)
             kind = "norm"
+        tied = [k for k in params if k not in state_keys]     # shared with an earlier module (a tied head)
+        if tied:
+            params = tuple(k for k in params if k in state_keys)
+            if not params and not buffers:
+                continue                                        # all of it is another layer's
         covered.update(params)
         layers.append(Layer(n, kind, mods, params, buffers, sum(state_keys[k].numel() for k in params)))
 
