@@ -119,26 +119,26 @@ def _neurons(method: str):
     return run
 
 
-def _objective(t: Task, weight: float):
-    """(O, memorised (B,)): O = the mean suffix loss of the targets reproduced - weight x the clean mean."""
-    loss, _, memorised = suffix_measures(lm_logits(t.model, t.targets[:, :-1]), t.targets, t.prefix_len, t.suffix_len)
-    objective = loss[memorised].mean() if memorised.any() else loss.sum() * 0
-    if weight and len(t.clean):
-        objective = objective - weight * suffix_measures(lm_logits(t.model, t.clean[:, :-1]), t.clean,
-                                                         t.prefix_len, t.suffix_len)[0].mean()
-    return objective, memorised
+def _loss(t: Task, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, _, memorised = suffix_measures(lm_logits(t.model, x[:, :-1]), x, t.prefix_len, t.suffix_len)
+    return loss, memorised
 
 
 def _search(t: Task, variables: list[torch.Tensor], context, weight: float, budget: int, per_step: int) -> int:
     """Zero entries of ``variables`` (tensors requiring grad, read inside ``context()``) by the largest
-    -v dO/dv, ``per_step`` at a time, until no target is reproduced or ``budget`` are zeroed."""
+    -v dO/dv, ``per_step`` at a time, until no target is reproduced or ``budget`` are zeroed; O = the mean
+    suffix loss of the targets reproduced - ``weight`` x the mean suffix loss of the clean sequences."""
     alive = [torch.ones_like(v, dtype=torch.bool) for v in variables]
     zeroed = 0
     while True:
-        with context():
-            objective, memorised = _objective(t, weight)
+        with torch.no_grad(), context():
+            memorised = _loss(t, t.targets)[1]
         if not memorised.any() or zeroed >= budget:
             return zeroed
+        with context():                          # the backward pass on the targets still reproduced alone
+            objective = _loss(t, t.targets[memorised])[0].mean()
+            if weight and len(t.clean):
+                objective = objective - weight * _loss(t, t.clean)[0].mean()
         grads = torch.autograd.grad(objective, variables)
         estimate = torch.cat([(-(v * g)).detach().masked_fill(~a, -torch.inf).flatten()
                               for v, g, a in zip(variables, grads, alive)])

@@ -58,7 +58,7 @@ class _EdgePopup(nn.Module):
         hard = torch.ones_like(a)
         if self.pruned:
             hard.view(-1)[a.detach().view(-1).argsort()[:self.pruned]] = 0
-        return hard + a - a.detach()              # straight through: d m / d |score| = 1
+        return hard + (a - a.detach())            # straight through: d m / d |score| = 1; exactly hard
 
     def forward(self, weight):
         return weight * self.mask()
