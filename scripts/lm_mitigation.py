@@ -114,6 +114,12 @@ def goal(res) -> list[str]:
                      f"{res['seconds'].values[i] / fast.min():.1f}x its fastest; "
                      + ("it reached the memorisation goal at no fraction here." if not reached else
                         f"it reached the memorisation goal at {', '.join(res['setting'].values[reached])}."))
+        same = [j for j in np.flatnonzero(res["method"].values == OURS) if res["changed"].values[j] ==
+                res["changed"].values[i] and res["targets_memorised"].values[j] == res["targets_memorised"].values[i]]
+        if len(same) > 1:
+            lines.append(f"- timing noise: {', '.join(res['setting'].values[same])} make the same edit and took "
+                         + " / ".join(f"{res['seconds'].values[j]:.1f}" for j in same) + " s: on this shared machine "
+                         "a ratio within about 20% of 1 is a tie.")
     return lines
 
 
