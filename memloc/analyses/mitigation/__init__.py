@@ -10,7 +10,8 @@ model, once per fraction (the share of neurons or weights it may change; fine-tu
 copy is measured on every sequence.
 
 The ``"mitigation"`` result, per setting (a method at a fraction): the share of ALL memorisation targets
-still reproduced (TinyMem's "% memorised"), of the other (clean) training sequences, the held-out
+still reproduced (TinyMem's "% memorised"), of the other (clean) training sequences (the reference
+sequences the methods keep are among them), the held-out
 (test) suffix loss and token accuracy and, for TinyMem data, the rule accuracy (share of test sequences
 whose rule continuation is reproduced exactly); each before (scalars) and after; the method's seconds
 (its edit alone, not the measurements) and the units it changed. The learned masks of ``balanced_subnet``
