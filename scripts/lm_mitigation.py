@@ -1,9 +1,9 @@
 """Mitigation after TinyMem: remove ALL memorised sequences of the TinyGPT TinyMem run at once (issue 24 item 4).
 
-    python scripts/lm_mitigation.py   # trains (or reuses) runs/lm_benchmark/gpt_mitigation, writes artifacts/lm_mitigation.md
+    python scripts/lm_mitigation.py   # trains (or reuses) runs/lm_benchmark/{gpt,hf_gpt2}_mitigation, writes artifacts/lm_mitigation.md
 
-The run is scripts/lm_benchmark.py's 2-layer TinyGPT on TinyMem's increment sequences trained for 150
-epochs (at lm_del.py's 60 it reproduces 27% of its noisy sequences; TinyMem's 2-layer model 96%).
+The runs are scripts/lm_benchmark.py's 2-layer TinyGPT and GPT-2 config on TinyMem's increment sequences
+trained for 150 epochs (at lm_del.py's 60 it reproduces 27% of its noisy sequences; TinyMem's 2-layer model 96%).
 memloc.mitigate runs every method on a fresh copy of the final model, at each fraction (the share of
 neurons per layer, or of MLP weights, a method may change; fine-tuning once), and measures the share
 of noisy (memorisation-target) sequences still reproduced, of the clean training sequences, and the
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _markdown import finish, machine  # noqa: E402
-from lm_benchmark import RUN, ensure_run  # noqa: E402
+from lm_benchmark import MODELS, RUN, ensure_run  # noqa: E402
 
 import memloc  # noqa: E402
 from memloc.analyses.localise import neuron_scores  # noqa: E402
@@ -42,7 +42,7 @@ GOAL = (0.01, 0.1)
 OURS = "greedy_weights"
 
 DIFFERENCES = [
-    "- Model and data: one 2-layer TinyGPT of width 64 (2 x 256 MLP neurons, 65,536 MLP weights) trained for 150 "
+    "- Models and data: a 2-layer TinyGPT and GPT-2 config of width 64 (2 x 256 MLP neurons, 65,536 MLP weights) trained for 150 "
     "epochs on 512 TinyMem-style increment sequences with 10% noise in the suffix digits, on one CPU thread; TinyMem's "
     "2-layer math models are GPT-2-style models trained on GPUs on far more sequences, with noise anywhere in a "
     "sequence. Memorised = greedy decoding reproduces the 12-token suffix from the 12-token prefix.",
@@ -123,46 +123,54 @@ def goal(res) -> list[str]:
     return lines
 
 
+def section(name: str, device: str, runs_dir: Path, methods: str) -> list[str]:
+    """The tables of one lm_benchmark model (``gpt`` reuses the path runs_dir/gpt_mitigation)."""
+    path = runs_dir / ("gpt_mitigation" if name == "gpt" else f"{name.replace(':', '_')}_mitigation")
+    run, trained = ensure_run(path, name, device, MIT_RUN)
+    warm = torch.randint(0, 10, (1, 24))         # imports (captum) and first calls are not charged to any method
+    neuron_scores(run.model(device=device), warm, 12, 12,
+                  options={"slimming": {"max_steps": 10}, "hard_concrete": {"max_steps": 10}})
+    res = memloc.mitigate(run, methods=methods, device=device, **MITIGATE)
+    data = run.data()
+    return [f"## {MODELS[name]} (`{name}`)", "",
+            (f"Training took {trained:.0f} s. " if trained is not None else "")
+            + f"Before: the run reproduces {float(res['targets_memorised_before']):.1%} of its "
+            f"{int(data.is_memorised_target.sum())} noisy sequences ({res.sizes['target']}) and "
+            f"{float(res['others_memorised_before']):.1%} of its clean training sequences; held-out "
+            f"({len(data.test_tokens)} test sequences): suffix loss {float(res['test_loss_before']):.4f}, token "
+            f"accuracy {float(res['test_accuracy_before']):.2%}, rule accuracy "
+            f"{float(res['rule_accuracy_before']):.1%}.", "",
+            "### Every setting", "", *table(res), "", "### Beside TinyMem (2-layer math model)", "",
+            "Ours: each method's setting with the fewest noisy sequences left (then the highest accuracy). "
+            "TinyMem: its published figures as issue 24 quotes them.", "", *beside(res, list(res.config["methods"])),
+            "", *goal(res), ""]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs-dir", default="runs/lm_benchmark", help="where the run is written (and reused)")
+    p.add_argument("--runs-dir", default="runs/lm_benchmark", help="where the runs are written (and reused)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--markdown", default="artifacts/lm_mitigation.md", help="write the tables here")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
     command = "python scripts/lm_mitigation.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                   " " + " ".join(sys.argv[1:] if argv is None else argv))
-    run, trained = ensure_run(Path(args.runs_dir) / "gpt_mitigation", "gpt", args.device, MIT_RUN)
-    warm = torch.randint(0, 10, (1, 24))         # imports (captum) and first calls are not charged to any method
-    neuron_scores(run.model(device=args.device), warm, 12, 12,
-                  options={"slimming": {"max_steps": 10}, "hard_concrete": {"max_steps": 10}})
-    res = memloc.mitigate(run, methods=args.methods, device=args.device, **MITIGATE)
-    data = run.data()
-    methods = list(res.config["methods"])
+    sections = [line for name in args.models.split(",")
+                for line in section(name, args.device, Path(args.runs_dir), args.methods)]
     lines = [f"`{command}`", "", "# Mitigation in language models: removing all memorised sequences at once "
              "(after TinyMem)", "", f"memloc {memloc.__version__}; {machine(args.device)}.", "",
-             "Settings: run (scripts/lm_benchmark.py's TinyGPT, 150 epochs) "
+             "Settings: runs (scripts/lm_benchmark.py's, 150 epochs) "
              + ", ".join(f"{k}={v}" for k, v in MIT_RUN.items())
              + "; memloc.mitigate " + ", ".join(f"{k}={v}" for k, v in MITIGATE.items())
              + "; every method at memloc's defaults (memloc.analyses.mitigation.HYPER).", "",
-             (f"Training took {trained:.0f} s. " if trained is not None else "")
-             + f"Before: the run reproduces {float(res['targets_memorised_before']):.1%} of its "
-             f"{int(data.is_memorised_target.sum())} noisy sequences ({res.sizes['target']}) and "
-             f"{float(res['others_memorised_before']):.1%} of its clean training sequences; held-out "
-             f"({len(data.test_tokens)} test sequences): suffix loss {float(res['test_loss_before']):.4f}, token "
-             f"accuracy {float(res['test_accuracy_before']):.2%}, rule accuracy "
-             f"{float(res['rule_accuracy_before']):.1%}.", "",
-             "## Every setting", "",
              "A setting is a method at a fraction: the share of each layer's neurons (neuron methods), of all MLP "
              "weights (greedy_weights' budget; it stops once no noisy sequence is reproduced) or of each MLP "
              "matrix's weights pruned (BalancedSubnet, Subnet); fine_tune takes none. 'changed': neurons or weights "
              "zeroed (fine_tune: epochs). Seconds: the edit alone, one CPU thread, wall-clock on a shared machine.",
-             "", *table(res), "", "## Beside TinyMem (2-layer math model)", "",
-             "Ours: each method's setting with the fewest noisy sequences left (then the highest accuracy). "
-             "TinyMem: its published figures as issue 24 quotes them.", "", *beside(res, methods), "", *goal(res), "",
-             "## What differs from TinyMem's setting", "", *DIFFERENCES]
+             "", *sections, "## What differs from TinyMem's setting", "", *DIFFERENCES]
     finish(lines, started, args.markdown)
     return 0
 
