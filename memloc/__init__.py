@@ -49,6 +49,7 @@ _FACE = {
     "digit_space": "memloc.analyses.exposure",
     "localise_neurons": "memloc.analyses.localise", "neuron_scores": "memloc.analyses.localise",
     "inj_benchmark": "memloc.analyses.inj", "del_benchmark": "memloc.analyses.deletion",
+    "mitigate": "memloc.analyses.mitigation",
     # actions
     "prune": "memloc.actions.prune", "clean": "memloc.actions.clean", "jtt": "memloc.actions.jtt",
     "unlearn": "memloc.actions.unlearn", "forgetting_order": "memloc.actions.forgetting",

@@ -15,7 +15,7 @@ import memloc
 #: the public functions that analyse a run or a model (first argument: what is analysed)
 ANALYSES = ("gradients", "rewind", "retrain", "flip", "scores", "detect", "find_label_issues", "importance",
             "evaluate_dropout", "score_agreement", "prune", "clean", "jtt", "unlearn", "forgetting_order", "report", "memorisation",
-            "localise_neurons", "inj_benchmark", "del_benchmark")
+            "localise_neurons", "inj_benchmark", "del_benchmark", "mitigate")
 #: a synonym -> the vocabulary's word (the old names keep working: memloc.core.deprecation.renamed).
 #: Not synonyms: ``method`` (one method, as ``checkpoint`` is one epoch; ``methods`` selects several),
 #: ``seed`` (the one random stream of one computation; ``seeds`` are the repeated runs of an experiment),
@@ -28,7 +28,7 @@ SYNONYMS = {"run": "source", "runs": "source", "run_dir": "source", "results": "
 #: evaluation passes take eval_batch_size; batch_size is the optimiser's (training) batch
 EVAL_BATCH = {"gradients", "scores", "find_label_issues", "importance", "jtt"}
 #: analyses that run a model but do not take ``precision`` yet
-NO_PRECISION: set = set()
+NO_PRECISION = {"mitigate"}
 
 KNOWN = {(name, "precision") for name in NO_PRECISION}
 

@@ -1,0 +1,211 @@
+"""The mitigation methods: each edits a copy of the model so that it no longer reproduces ALL its
+memorised targets at once, keeping its other sequences (TinyMem's protocol, Sakarvadia et al. 2025).
+
+- ``balanced_subnet`` / ``subnet``: TinyMem's learned masks over MLP weights (:mod:`.subnet`); ``fraction``
+  = the share of each MLP matrix's weights pruned.
+- ``zero_out``, ``activations``, ``ig``, ``slimming``, ``hard_concrete``, ``grad_x_act``, ``random``:
+  memloc's neuron localisation (:func:`memloc.neuron_scores`, MemPi's methods) run on every memorised
+  target; a neuron's score for the set is its mean score over the targets (for Zero-Out, IG, Activations
+  and gradient x activation exactly the score of the targets' mean loss, which TinyMem localises; for
+  the learned masks the mean of the per-target masks); the top ``fraction`` of every layer's neurons
+  (at least one) are zeroed (their output weights set to 0).
+- ``greedy``: memloc's gradient-guided neuron zeroing run on all targets at once: one mask (L, d)
+  shared by every sequence; repeat: stop when no target is reproduced (or ``fraction`` of all
+  neurons are zeroed), else zero the neuron whose first-order estimate -m dO/dm is largest, O = the
+  mean suffix loss of the targets still reproduced - ``reference_weight`` x the mean suffix loss of the
+  clean reference sequences (raise the targets' loss, keep the clean one low).
+- ``greedy_weights``: the same search on single MLP weights (:func:`.subnet.mlp_weights`): estimate
+  -w dO/dw, ``per_step`` x (all MLP weights) zeroed per step, at most ``fraction`` of them.
+- ``fine_tune``: Adam on every weight, next-token loss on the clean training sequences (all
+  non-target ones), whole epochs until no target is reproduced or ``max_epochs``; ``fraction`` unused.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.errors import MemlocError
+from ...core.lm import lm_logits, sequence_measures, suffix_measures
+from ...core.neurons import NeuronLayer, mlp_layers, neuron_masks, output_weights
+from ...core.optim import make_optimizer
+from ..localise import METHODS as LOCALISE, method_options as localise_options, neuron_scores
+from .subnet import HYPER as SUBNET, mlp_weights, subnet
+
+__all__ = ["METHODS", "HYPER", "Task", "FUNCTIONS", "mitigation_options", "zero_neurons"]
+
+NEURON_METHODS = tuple(m for m in LOCALISE if m != "greedy")
+#: every method, in the order results list them
+METHODS = ("balanced_subnet", "subnet", "hard_concrete", "slimming", "zero_out", "ig", "activations", "grad_x_act",
+           "greedy", "greedy_weights", "random", "fine_tune")
+#: methods whose edit does not depend on ``fraction``
+NO_FRACTION = ("fine_tune",)
+
+#: default hyper-parameters of the methods of this module; the neuron methods take
+#: :data:`memloc.analyses.localise.HYPER`'s (``options`` sets either)
+HYPER = {"balanced_subnet": dict(SUBNET), "subnet": dict(SUBNET),
+         "greedy": {"reference_weight": 1.0},
+         "greedy_weights": {"reference_weight": 30.0, "per_step": 0.0002},
+         "fine_tune": {"lr": 1e-3, "batch_size": 32, "max_epochs": 10}}
+
+
+def mitigation_options(options: dict | None) -> dict[str, dict]:
+    """Every method's settings: :data:`HYPER` and the localisation methods' with ``options`` laid over them."""
+    options = dict(options or {})
+    bad = sorted(set(options) - set(METHODS))
+    if bad:
+        raise MemlocError(f"options names no mitigation method {bad[0]!r}; valid: {', '.join(METHODS)}",
+                          argument="options")
+    merged = localise_options({m: v for m, v in options.items() if m in NEURON_METHODS})
+    for method, defaults in HYPER.items():
+        unknown = sorted(set(options.get(method, {})) - set(defaults))
+        if unknown:
+            raise MemlocError(f"options for {method} has no {unknown[0]!r}; valid: {', '.join(defaults)}",
+                              argument="options")
+        merged[method] = {**defaults, **options.get(method, {})}
+    return {m: merged[m] for m in METHODS}
+
+
+@dataclass
+class Task:
+    """What a method works on: ``model`` (a copy it edits in place, eval mode), every memorisation target
+    ``targets`` (of which ``was_memorised`` (B,) bool the model reproduced before) and the ``clean``
+    reference sequences (prefix + suffix, on the model's device), every clean training sequence
+    ``clean_all`` (whole, on the device), the span, the batch size and the seed."""
+
+    model: nn.Module
+    targets: torch.Tensor
+    was_memorised: torch.Tensor
+    clean: torch.Tensor
+    clean_all: torch.Tensor
+    prefix_len: int
+    suffix_len: int
+    eval_batch_size: int = 64
+    seed: int = 0
+
+    @property
+    def layers(self) -> list[NeuronLayer]:
+        return mlp_layers(self.model)
+
+    def memorised(self) -> np.ndarray:
+        return sequence_measures(self.model, self.targets, self.prefix_len, self.suffix_len,
+                                 eval_batch_size=self.eval_batch_size)["memorised"]
+
+
+@torch.no_grad()
+def zero_neurons(model: nn.Module, layers: list[NeuronLayer], zeroed: torch.Tensor) -> None:
+    """Set the output weights of the neurons where ``zeroed`` (L, d) is true to 0 (the same as zeroing them)."""
+    for layer, rows in zip(layers, zeroed.to(torch.bool)):
+        weight, dim = output_weights(model, layer)
+        weight.index_fill_(dim, torch.nonzero(rows.to(weight.device)).flatten(), 0.0)
+
+
+def _neurons(method: str):
+    def run(t: Task, opts: dict, fraction: float) -> int:
+        layers = t.layers
+        got = neuron_scores(t.model, t.targets[t.was_memorised], t.prefix_len, t.suffix_len, methods=[method],
+                            reference=t.clean if len(t.clean) else None, options={method: opts},
+                            eval_batch_size=t.eval_batch_size, seed=t.seed)["scores"][method].mean(0)   # (L, d)
+        k = max(1, int(round(fraction * layers[0].size)))
+        top = np.argsort(-got, axis=-1, kind="stable")[:, :k]
+        zeroed = np.zeros(got.shape, dtype=bool)
+        np.put_along_axis(zeroed, top, True, axis=-1)
+        zero_neurons(t.model, layers, torch.from_numpy(zeroed))
+        return int(zeroed.sum())
+    return run
+
+
+def _loss(t: Task, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, _, memorised = suffix_measures(lm_logits(t.model, x[:, :-1]), x, t.prefix_len, t.suffix_len)
+    return loss, memorised
+
+
+def _search(t: Task, variables: list[torch.Tensor], context, weight: float, budget: int, per_step: int) -> int:
+    """Zero entries of ``variables`` (tensors requiring grad, read inside ``context()``) by the largest
+    -v dO/dv, ``per_step`` at a time, until no target is reproduced or ``budget`` are zeroed; O = the mean
+    suffix loss of the targets reproduced - ``weight`` x the mean suffix loss of the clean sequences."""
+    alive = [torch.ones_like(v, dtype=torch.bool) for v in variables]
+    zeroed = 0
+    while True:
+        with torch.no_grad(), context():
+            memorised = _loss(t, t.targets)[1]
+        if not memorised.any() or zeroed >= budget:
+            return zeroed
+        with context():                          # the backward pass on the targets still reproduced alone
+            objective = _loss(t, t.targets[memorised])[0].mean()
+            if weight and len(t.clean):
+                objective = objective - weight * _loss(t, t.clean)[0].mean()
+        grads = torch.autograd.grad(objective, variables)
+        estimate = torch.cat([(-(v * g)).detach().masked_fill(~a, -torch.inf).flatten()
+                              for v, g, a in zip(variables, grads, alive)])
+        picks = estimate.topk(min(per_step, budget - zeroed)).indices
+        with torch.no_grad():
+            start = 0
+            for v, a in zip(variables, alive):
+                here = picks[(picks >= start) & (picks < start + v.numel())] - start
+                v.view(-1)[here] = 0
+                a.view(-1)[here] = False
+                start += v.numel()
+        zeroed += len(picks)
+
+
+def greedy(t: Task, opts: dict, fraction: float) -> int:
+    layers = t.layers
+    p = next(t.model.parameters())
+    mask = torch.ones(len(layers), layers[0].size, dtype=p.dtype, device=p.device, requires_grad=True)
+    budget = max(1, int(round(fraction * mask.numel())))
+    n = _search(t, [mask], lambda: neuron_masks(t.model, layers, mask), float(opts["reference_weight"]), budget, 1)
+    zero_neurons(t.model, layers, mask.detach() == 0)
+    return n
+
+
+def greedy_weights(t: Task, opts: dict, fraction: float) -> int:
+    weights = [module.weight for _, module in mlp_weights(t.model)]
+    flags = [w.requires_grad for w in weights]
+    total = sum(w.numel() for w in weights)
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        return _search(t, weights, contextlib.nullcontext, float(opts["reference_weight"]),
+                       max(1, int(round(fraction * total))), max(1, int(round(float(opts["per_step"]) * total))))
+    finally:
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+
+
+def _subnet(balanced: bool):
+    def run(t: Task, opts: dict, fraction: float) -> int:
+        return subnet(t.model, t.targets, t.clean, t.prefix_len, t.suffix_len, sparsity=fraction, balanced=balanced,
+                      opts=opts, seed=t.seed)
+    return run
+
+
+def fine_tune(t: Task, opts: dict, fraction: float) -> int:
+    """Returns the epochs run."""
+    if not len(t.clean_all):
+        raise MemlocError("there is no clean (non-target) training sequence to fine-tune on", argument="methods")
+    params = [q for q in t.model.parameters() if q.requires_grad]
+    optimiser = make_optimizer(params, "adam", lr=float(opts["lr"]), weight_decay=0.0)
+    order = torch.Generator().manual_seed(int(t.seed))
+    for epoch in range(int(opts["max_epochs"])):
+        if not t.memorised().any():
+            return epoch
+        t.model.train()
+        for rows in torch.randperm(len(t.clean_all), generator=order).split(int(opts["batch_size"])):
+            x = t.clean_all[rows.to(t.clean_all.device)]
+            logits = lm_logits(t.model, x[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        t.model.eval()
+    return int(opts["max_epochs"])
+
+
+FUNCTIONS = {"balanced_subnet": _subnet(True), "subnet": _subnet(False), "greedy": greedy,
+             "greedy_weights": greedy_weights, "fine_tune": fine_tune,
+             **{m: _neurons(m) for m in NEURON_METHODS}}

@@ -1,0 +1,158 @@
+"""Mitigation after TinyMem (issue 24 item 4): BalancedSubnet / Subnet masks, the greedy searches, the
+"mitigation" result measured independently, the command, and the error paths."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import memloc
+from memloc.analyses.mitigation.methods import FUNCTIONS, Task, mitigation_options
+from memloc.analyses.mitigation.subnet import mlp_weights, subnet
+from memloc.cli import run as cli_run
+from memloc.core.errors import MemlocError
+from memloc.core.lm import TinyGPT, lm_logits, sequence_measures, suffix_measures
+from memloc.core.neurons import mlp_layers, neuron_masks
+from memloc.core.optim import make_optimizer
+from memloc.core.sequences import SequenceSet, TINYMEM_VOCAB
+from memloc.training.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _loss(model, x):
+    with torch.no_grad():
+        return suffix_measures(lm_logits(model, x[:, :-1]), x, 5, 5)
+
+
+@pytest.fixture(scope="module")
+def memorising():
+    """A TinyGPT trained (all weights, full batch) until it reproduces ALL 8 random training sequences
+    (test_lm_del's stops at its 4 targets): the first 4 are the memorisation targets, the other 4 the
+    clean sequences to keep; 6 test sequences."""
+    model = TinyGPT(14, n_layer=2, n_head=2, d_model=32, d_mlp=32, max_len=16, seed=0).train()
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 14, (8, 10)))
+    opt = make_optimizer(model.parameters(), "adam", lr=1e-2, weight_decay=0.0)
+    for _ in range(400):
+        if _loss(model, x)[2].all():
+            break
+        opt.zero_grad()
+        suffix_measures(lm_logits(model, x[:, :-1]), x, 5, 5)[0].mean().backward()
+        opt.step()
+    assert _loss(model, x)[2].all()
+    target = np.arange(8) < 4
+    data = SequenceSet("random", x, torch.from_numpy(rng.integers(0, 14, (6, 10))), np.arange(8), target,
+                       np.where(target, "canary", "clean"), 5, 5, list(TINYMEM_VOCAB))
+    return model.eval(), data
+
+
+def _task(model, data):
+    x = data.tokens
+    return Task(copy.deepcopy(model), x[:4], torch.ones(4, dtype=torch.bool), x[4:], x[4:], 5, 5)
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_subnet_prunes_the_asked_share_and_removes_the_targets(memorising, balanced):
+    model, data = memorising
+    t = _task(model, data)
+    pruned = subnet(t.model, t.targets, t.clean, 5, 5, sparsity=0.2, balanced=balanced,   # 40 steps (one batch)
+                    opts={**mitigation_options(None)["subnet"], "epochs": 40, "lr": 1.0 if balanced else 0.1}, seed=0)
+    old = dict(model.named_parameters())
+    expected = 0
+    for name, param in t.model.named_parameters():       # only MLP weights change, each to 0 or kept
+        changed = param.detach() != old[name].detach()
+        if changed.any():
+            assert name.rpartition(".")[0] in dict(mlp_weights(t.model)) and (param.detach()[changed] == 0).all()
+    for name, module in mlp_weights(t.model):
+        zero = int((module.weight == 0).sum())
+        assert zero == int(0.2 * module.weight.numel())       # the mask's sparsity, exactly
+        expected += zero
+    assert pruned == expected and len(mlp_weights(t.model)) == 4     # up and down of 2 blocks
+    loss0, _, memorised0 = _loss(model, data.tokens)
+    loss, _, memorised = _loss(t.model, data.tokens)
+    assert not memorised[:4].any()                            # every target removed
+    assert float(loss[:4].mean()) > float(loss0[:4].mean()) + 0.3
+    if balanced:     # the clean sequences reproduced before stay so, their loss within 0.1 nats of before
+        assert memorised0[4:].all() and memorised[4:].all() and float(loss[4:].mean()) < float(loss0[4:].mean()) + 0.1
+    assert all(q.requires_grad for q in t.model.parameters()) and not hasattr(t.model.blocks[0].mlp.up,
+                                                                                "parametrizations")
+
+
+def test_greedy_searches_stop_once_no_target_is_reproduced(memorising):
+    model, data = memorising
+    for method, unit in (("greedy", "neuron"), ("greedy_weights", "weight")):
+        t = _task(model, data)
+        n = FUNCTIONS[method](t, mitigation_options({"greedy_weights": {"per_step": 0.005}})[method], 0.5)
+        _, _, memorised = _loss(t.model, data.tokens)
+        assert not memorised[:4].any() and n >= 1, method
+        if unit == "weight":      # exactly n MLP weights set to 0, nothing else touched
+            diff = sum(int((a != b).sum()) for a, b in zip(t.model.parameters(), model.parameters()))
+            assert diff == n
+        else:
+            zeroed = [int((t.model.get_submodule(layer.name).weight == 0).all(0).sum()) for layer in mlp_layers(model)]
+            assert sum(zeroed) == n
+
+
+def test_mitigate_reports_what_the_edits_do(memorising):
+    model, data = memorising
+    res = memloc.mitigate(model, data, methods="zero_out,random,fine_tune", fractions="0.1,0.5", ref_batch_size=4,
+                          options={"fine_tune": {"max_epochs": 2}}, device="cpu")
+    assert res["setting"].values.tolist() == ["zero_out@0.1", "zero_out@0.5", "random@0.1", "random@0.5", "fine_tune"]
+    assert np.isnan(res["fraction"].values[-1]) and res["changed"].values.tolist()[:4] == [6, 32, 6, 32]
+    assert float(res["targets_memorised_before"]) == 1.0 and np.isnan(float(res["rule_accuracy_before"]))
+    assert (res["seconds"].values >= 0).all() and res["memorised"].shape == (5, 4)
+    # zero_out@0.1, recomputed by hand: the top 3 neurons per layer of the mean per-target score zeroed
+    scores = memloc.neuron_scores(model, data.tokens[:4], 5, 5, methods="zero_out")["scores"]["zero_out"].mean(0)
+    masks = torch.ones(2, 32)
+    for layer in range(2):
+        masks[layer, torch.as_tensor(np.argsort(-scores[layer], kind="stable")[:3])] = 0
+    with neuron_masks(model, mlp_layers(model), masks):
+        train_m = sequence_measures(model, data.tokens, 5, 5)
+        test_m = sequence_measures(model, data.test_tokens, 5, 5)
+    assert res["targets_memorised"].values[0] == pytest.approx(train_m["memorised"][:4].mean())
+    assert res["others_memorised"].values[0] == pytest.approx(train_m["memorised"][4:].mean())
+    assert res["memorised"].values[0].tolist() == train_m["memorised"][:4].tolist()
+    assert res["test_loss"].values[0] == pytest.approx(test_m["suffix_loss"].mean(), rel=1e-5)
+    assert res["test_accuracy"].values[0] == pytest.approx(test_m["suffix_accuracy"].mean())
+
+
+def test_mitigate_errors(memorising):
+    model, data = memorising
+    for kwargs, match in (({"methods": "nope"}, r"no mitigation method \('nope'\)"), ({"methods": ""}, "none given"),
+                          ({"fractions": 0}, r"each must be in \(0, 1\]"), ({"fractions": "0.1,2"}, "2.0"),
+                          ({"fractions": "x"}, "no number"), ({"fractions": []}, "empty"),
+                          ({"options": {"subnet": {"rate": 1}}}, "no 'rate'"),
+                          ({"options": {"nope": {}}}, "no mitigation method 'nope'"),
+                          ({"ref_batch_size": -1}, "ref_batch_size")):
+        with pytest.raises(MemlocError, match=match):
+            memloc.mitigate(model, data, device="cpu", **kwargs)
+    fresh = TinyGPT(14, n_layer=2, n_head=2, d_model=32, d_mlp=32, max_len=16, seed=1).eval()
+    with pytest.raises(MemlocError, match="reproduces none of its memorisation targets"):
+        memloc.mitigate(fresh, data, methods="random", device="cpu")
+    with pytest.raises(MemlocError, match="no test sequences"):
+        memloc.mitigate(model, data.__class__(**{**data.__dict__, "test_tokens": torch.zeros(0, 10)}),
+                        methods="random", device="cpu")
+
+
+def test_command_on_a_tinymem_run(tmp_path, capsys):
+    cfg = {"dataset": "tinymem:mult", "model": "gpt", "n_layer": 2, "d_model": 32, "n_head": 2, "n_train": 16,
+           "n_test": 8, "seq_len": 16, "suffix_len": 4, "noise": 0.5, "duplicate": 4, "epochs": 10, "batch_size": 8,
+           "lr": 2e-2, "weight_decay": 0.0}
+    run = train(tmp_path / "mem", cfg, device="cpu")
+    cli_run("mitigate", [str(run.path), "--methods", "greedy_weights,random", "--fractions", "0.2",
+                         "--set", "greedy_weights.per_step=0.01", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "greedy_weights@0.2" in out and "wrote" in out
+    res = run.result("mitigation")
+    assert res.config["options"]["greedy_weights"]["per_step"] == 0.01
+    assert res["targets_memorised"].values[0] < float(res["targets_memorised_before"])
+    assert 0 <= float(res["rule_accuracy_before"]) <= 1
+    for argv, flag in ((["--methods", "nope"], "--methods"), (["--fractions", "1.5"], "--fractions"),
+                       (["--set", "subnet.rate=1"], "--set for subnet")):
+        with pytest.raises(SystemExit) as e:
+            cli_run("mitigate", [str(run.path), *argv, "--overwrite", "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and flag in err and len(err.strip().splitlines()) == 1, err
