@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     finally:
         mod.accuracy_row = original
     total = sum(r[1] for r in rows)
-    print(f"| layer | seconds | share of the work | of which evaluation s |\n|---|---|---|---|")
+    print("| layer | seconds | share of the work | of which evaluation s |\n|---|---|---|---|")
     for name, sec, ev in rows:
         print(f"| {name} | {sec:.2f} | {sec / total:.0%} | {ev:.2f} |")
     biggest = max(r[1] for r in rows)

@@ -111,7 +111,7 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
         net, cached = cache.pick(0)
         train_net, train_set = _training_pass(cache, clean, cached.clean_train if net is not work else None,
                                               batch_size, seed)
-        curve = [task.scores(net, cached, batch_size=eval_batch_size)]
+        curve = [task.subset_row(net, cached, batch_size=eval_batch_size)]
     steps = max(1, -(-len(clean) // batch_size)) * epochs
     if not trainable:  # e.g. a norm without affine parameters: nothing to retrain
         return np.asarray(curve * (epochs + 1), dtype=np.float64), work
@@ -137,7 +137,7 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
                 sched.step()
             work.eval()
             with autocast(precision, device):
-                curve.append(task.scores(net, cached, batch_size=eval_batch_size))
+                curve.append(task.subset_row(net, cached, batch_size=eval_batch_size))
     return np.asarray(curve, dtype=np.float64), work
 
 
@@ -229,7 +229,7 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     task = task_of(p.data)
     acc = np.stack(curves) if curves else np.zeros((0, epochs + 1, len(task.subsets)))
     with autocast(precision, p.device):
-        baseline = task.scores(p.model, batch_size=eval_batch_size)
+        baseline = task.subset_row(p.model, batch_size=eval_batch_size)
     ds = xr.Dataset({"accuracy": (("layer", "epoch", "subset"), acc), "baseline": (("subset",), baseline)},
                     coords={**layer_coords(p.layers), "epoch": np.arange(epochs + 1), "subset": list(task.subsets)})
     result = Result("retrain", ds, config=config)

@@ -87,7 +87,7 @@ class _Rewinder:
         self.work = copy.deepcopy(model).eval()
         self.final = {k: v.detach().clone() for k, v in self.work.state_dict().items()}
         self.layers, self.batch_size, self.task = layers, batch_size, task_of(data)
-        self.baseline = self.task.scores(self.work, batch_size=batch_size)
+        self.baseline = self.task.subset_row(self.work, batch_size=batch_size)
         self.cache = PrefixCache(self.work, layers, data, batch_size=batch_size, budget_mb=prefix_cache_mb,
                                  enabled=prefix_cache and self.task.prefix_cache)
 
@@ -96,7 +96,7 @@ class _Rewinder:
         layer = self.layers[i]
         copy_layer(self.work, state, layer)
         net, cached = self.cache.pick(i)
-        row = self.task.scores(net, cached, batch_size=self.batch_size)
+        row = self.task.subset_row(net, cached, batch_size=self.batch_size)
         copy_layer(self.work, self.final, layer)
         return np.asarray(row, dtype=np.float64)
 

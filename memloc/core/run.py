@@ -8,8 +8,7 @@ Layout (see DESIGN.md)::
     RUN/checkpoints/epoch_0000.pt ...    model state_dict per epoch (0 = initialisation), atomic
     RUN/results/<analysis>.h5            one result file per analysis (memloc.core.results)
 
-``run.h5``: ``/examples/{index, source_index, label_true, label_given, is_noisy}`` (N,) for the
-training examples; ``/test/{index, source_index, label}`` (M,);
+``run.h5``: ``/examples/{index, source_index, label_true, label_given, is_noisy}`` (N,) for the training examples; ``/test/{index, source_index, label}`` (M,);
 ``/dynamics/{presentation,end}/{loss, correct, margin}`` (epoch, N) -- at presentation (train mode,
 the last time an example was seen during that epoch; row 0 and unseen examples are NaN / -1) and
 at epoch end (eval mode, row 0 = initialisation); ``margin`` = given-label logit minus the

@@ -13,7 +13,7 @@ loss, the training loss, and the scores per subset; one small piece per kind of 
 
 ``task_of(data)`` picks the piece; analyses call its :attr:`train` / :attr:`clean_train` (example
 sets of ``(x, y, idx)`` batches: for sequences ``x`` the token rows, ``y`` their ids),
-:meth:`losses`, :meth:`train_loss` and :meth:`scores`.
+:meth:`losses`, :meth:`train_loss` and :meth:`subset_row`.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class ClassifierTask:
         """The mean training loss of a batch."""
         return F.cross_entropy(model(x), y)
 
-    def scores(self, model: nn.Module, data=None, *, batch_size: int = 1024) -> np.ndarray:
+    def subset_row(self, model: nn.Module, data=None, *, batch_size: int = 1024) -> np.ndarray:
         """(S,) float64 over :attr:`subsets` (``data``: the data to score on, default the task's)."""
         return accuracy_row(model, self.data if data is None else data, batch_size=batch_size)
 
@@ -95,7 +95,7 @@ class SequenceTask:
         logits = lm_logits(model, x[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
 
-    def scores(self, model: nn.Module, data=None, *, batch_size: int = 1024) -> np.ndarray:
+    def subset_row(self, model: nn.Module, data=None, *, batch_size: int = 1024) -> np.ndarray:
         """(5,) over :data:`LM_SUBSETS`: memorised share of clean sequences and of targets, suffix token
         accuracy of clean and of held-out sequences, exactly reproduced share of held-out suffixes."""
         d = self.data if data is None else data
