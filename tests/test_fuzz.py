@@ -114,6 +114,7 @@ def base_calls(run_path) -> dict:
         "neuron_scores": ((gpt, tokens[:2], 7, 5), {"methods": ("random",), "eval_batch_size": 8}),
         "inj_benchmark": ((gpt, seq), {"n_sequences": 2, "n_injected": 4, "max_steps": 100, "lr": 0.3, "prefix_len": 3, "suffix_len": 1, "ref_batch_size": 2, **lm}),
         "del_benchmark": lambda: (memorising_gpt(seq.vocab), {"examples": [0, 1], "fractions": (0.1,), "ref_batch_size": 2, **lm}),
+        "mitigate": lambda: (memorising_gpt(seq.vocab), {"fractions": (0.5,), "ref_batch_size": 2, **lm}),
         "prune": ((run,), {"methods": ["el2n"], "keep": [0.5], "seeds": [0], **cheap}),
         "clean": ((run,), {"method": "final_loss", "seeds": [0], "baseline": False, **cheap}),
         "jtt": ((run,), {"seeds": [0], **cheap}),

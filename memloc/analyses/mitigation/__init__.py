@@ -177,7 +177,8 @@ ANALYSIS = Analysis(
    "test_accuracy_before": Var((), "mean suffix token accuracy of the test sequences before"),
    "rule_accuracy_before": Var((), "rule accuracy before (NaN: not TinyMem)")}),
     command=Command(
-        name="mitigate", help="remove all memorised sequences of a language model at once (TinyMem's BalancedSubnet "
+        name="mitigate", group="acting", example="memloc mitigate RUN --methods greedy_weights,balanced_subnet",
+        help="remove all memorised sequences of a language model at once (TinyMem's BalancedSubnet "
                               "and Subnet, neuron zeroing by each localisation method, memloc's greedy, fine-tuning)",
         description="Every method edits a copy of the model so that it no longer reproduces any of its memorised "
                     "targets while keeping the other sequences; reports the memorised shares, the held-out loss, "

@@ -55,6 +55,9 @@ HYPER = {"balanced_subnet": dict(SUBNET), "subnet": dict(SUBNET),
 
 def mitigation_options(options: dict | None) -> dict[str, dict]:
     """Every method's settings: :data:`HYPER` and the localisation methods' with ``options`` laid over them."""
+    if options is not None and not isinstance(options, dict):
+        raise MemlocError(f"options must be a dict {{method: {{setting: value}}}}, got {type(options).__name__}",
+                          argument="options")
     options = dict(options or {})
     bad = sorted(set(options) - set(METHODS))
     if bad:
