@@ -13,6 +13,8 @@ the prefix reproduces the suffix) at presentation and at epoch end, with the mem
 kind and the held-out suffix loss / token accuracy / rule accuracy per epoch
 (:data:`memloc.core.run.LM_METRICS`). Resumable bit-identically like image runs
 (:mod:`memloc.training.common`). One process (torchrun sharding is for image runs so far).
+``etd_after="mlp"`` trains with memorisation sinks (:mod:`memloc.core.dropout.sinks`; ``p_gen`` /
+``p_mem`` / ``etd_kind`` as for images; ``memloc.evaluate_dropout(RUN)`` measures them dropped).
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ from ..core.run import load
 from ..core.runtime import check_range, progress, resolve_device
 from ..core.sequence_recorder import SequenceRecorder
 from ..scale.distributed import world
+from ..core.dropout import example_ids, insert_example_tied_dropout, resolve_sites, sink_ids
+from ..core.dropout.sinks import SINK_IDS
+from .train import _etd_spec, _with_ids
 from .common import (STATE_FILE, check_ranges, check_run_dir, extend_config, load_trainer_state, save_trainer_state,
                      seed_epoch, trainer_state)
 
@@ -67,7 +72,7 @@ LM_OPTIONS = dict(
 #: options both kinds of run take, with a language model's defaults
 LM_SHARED = dict(dataset="tinymem:increment", model="gpt", noise=0.1, epochs=30, batch_size=64, optimizer="adam",
                  lr=1e-3, momentum=0.9, weight_decay=0.1, schedule="warmup_cosine", warmup=0.1, seed=0,
-                 precision="fp32")
+                 precision="fp32", etd_after=None, etd_kind="example_tied", p_gen=0.4, p_mem=0.1)
 LM_DEFAULTS = {**LM_SHARED, **{key: default for key, (default, _) in LM_OPTIONS.items()}}
 #: every corpus option (a family refuses the others' options when set)
 CORPUS_OPTIONS = ("noise", *{k for keys in FAMILY_KEYS.values() for k in keys if k not in ("n_train", "n_test",
@@ -84,6 +89,7 @@ LM_RANGES = {
     "batch_size": (int, 1, None, False, False), "lr": (float, 0, None, True, False),
     "momentum": (float, 0, 1, False, True), "weight_decay": (float, 0, None, False, False),
     "warmup": (float, 0, 1, False, False), "n_digits": (int, 1, None, False, False),
+    "p_gen": (float, 0, 1, True, False), "p_mem": (float, 0, 1, False, False),
 }
 #: per corpus family, defaults that differ from LM_DEFAULTS
 FAMILY_DEFAULTS = {"canaries": {"noise": 0.0, "repeats": "1,4,16,64", "n_digits": 6},
@@ -158,6 +164,10 @@ def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = 
     vocab_size = data.vocab_size if cfg["vocab_size"] is None else cfg["vocab_size"]
     spec = _model_spec(cfg, vocab_size)
     model = build_lm(cfg["model"], **spec["options"])
+    if cfg["etd_after"]:    # memorisation sinks (MemSinks): each sequence id keeps its own MLP neurons on
+        spec.update(etd={**_etd_spec(cfg), "after": resolve_sites(model, cfg["etd_after"])}, etd_ids=SINK_IDS)
+        insert_example_tied_dropout(model, **spec["etd"])
+        forward_context = _with_ids(forward_context, example_ids, sink_ids(data).to(device))
     if prepare_model is not None:
         prepare_model(model, cfg)
     model.to(device)
