@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import memloc
+from memloc.cli import run as cli_run
 from memloc.core.dropout import (dropout_layers, example_ids, example_masks, remove_example_tied_dropout, set_mode,
                                  sink_ids)
 from memloc.core.errors import MemlocError
@@ -90,8 +91,11 @@ def test_resume_keeps_every_mask(tmp_path, sinks_run):
     assert cut.info["model"]["etd"] == whole.info["model"]["etd"] == sinks_run.info["model"]["etd"]
 
 
-def test_evaluate_dropout_on_sinks(sinks_run):
+def test_evaluate_dropout_on_sinks(sinks_run, tmp_path, capsys):
     res = memloc.evaluate_dropout(sinks_run)
+    out = cli_run("dropout", [str(sinks_run.path), "--device", "cpu", "--overwrite"])
+    assert np.array_equal(out["accuracy"].values, res["accuracy"].values, equal_nan=True)
+    assert "  clean_tokens  " in capsys.readouterr().out          # the summary's columns stay apart
     acc = res["accuracy"].to_pandas()
     assert list(acc.columns) == ["clean", "noisy", "clean_tokens", "test_tokens", "test"]
     assert np.isnan(acc.loc["train", "test_tokens"]) and not np.isnan(acc.loc["drop", "test_tokens"])

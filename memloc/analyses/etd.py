@@ -90,9 +90,9 @@ def _cli_execute(args):
 def _cli_summary(res, args):
     subsets = list(res["subset"].values)
     lines = [f"{args.run} (checkpoint {res.config['checkpoint']}; {res.sizes['layer']} dropout layers: "
-             f"{', '.join(res['layer'].values)})", f"{'mode':<6}" + "".join(f"{s:>12}" for s in subsets)]
+             f"{', '.join(res['layer'].values)})", f"{'mode':<6}" + "".join(f"{s:>14}" for s in subsets)]
     for mode, row in zip(res["mode"].values, res["accuracy"].values):
-        lines.append(f"{mode:<6}" + "".join(f"{'-':>12}" if np.isnan(v) else f"{100 * v:>11.2f}%" for v in row))
+        lines.append(f"{mode:<6}" + "".join(f"{'-':>14}" if np.isnan(v) else f"{100 * v:>13.2f}%" for v in row))
     return "\n".join(lines)
 
 
