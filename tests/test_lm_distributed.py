@@ -129,7 +129,7 @@ def test_resume_under_torchrun(reference, tmp_path):
 
 #: the analyses in one torchrun: a script that joins the process group and calls the library
 WORKER = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     torch.set_num_threads(1)
     import memloc
     from memloc.scale import ddp
@@ -140,14 +140,15 @@ WORKER = textwrap.dedent("""
     ddp.sequence_measures = lambda model, tokens, *a, **k: measured.append(len(tokens)) or measure(model, tokens, *a, **k)
     mem = memloc.memorisation(run.model(), run.data(), eval_batch_size=4, device="cpu")
     ddp.sequence_measures = measure
-    print("measured", sum(measured))
+    say = lambda line: os.write(1, (line + "\\n").encode())     # one write: the ranks' lines never interleave
+    say(f"measured {sum(measured)}")
     if world()[0] == 0:
         mem.save(run.results_path("memorisation"))
     memloc.scores(run, methods="el2n,grand,tracin,forgetting", eval_batch_size=8, device="cpu", save=True)
     memloc.gradients(run, checkpoints="0,5,10", eval_batch_size=8, device="cpu", save=True)
     memloc.rewind(run, checkpoints="0,5", device="cpu", save=True)
     memloc.retrain(run, epochs=1, layers="blocks.0.mlp.up,blocks.0.mlp.down,head", device="cpu", save=True)
-    print("done", *world())
+    say("done %d %d" % world())
 """)
 ANALYSES = {"scores": {"methods": "el2n,grand,tracin,forgetting", "eval_batch_size": 8},
             "gradients": {"checkpoints": "0,5,10", "eval_batch_size": 8},
