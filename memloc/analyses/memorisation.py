@@ -22,13 +22,14 @@ import torch
 import xarray as xr
 
 from ..core.errors import MemlocError
-from ..core.lm import sequence_measures, suffix_measures
+from ..core.lm import suffix_measures
 from ..core.precision import check_precision
 from ..core.registry import Analysis
 from ..core.results import Result
 from ..core.runtime import check_range, resolve_device
 from ..core.schemas import Schema, Var
 from ..core.sequences import SequenceSet, check_span
+from ..scale.ddp import measures_split
 
 __all__ = ["memorisation_from_logits", "memorisation", "SPLITS"]
 
@@ -83,6 +84,10 @@ def memorisation(source, data: SequenceSet, *, split: str = "train", eval_batch_
     ``source``: a causal LM (:class:`memloc.core.lm.TinyGPT`, a ``transformers`` model, any module
     that :func:`memloc.core.lm.lm_logits` runs); it is moved to ``device`` and evaluated in eval
     mode (its training mode is restored). ``precision``: fp32, or bf16 / fp16 autocast.
+
+    In a process group (a script run by torchrun that joined it) the batches are split across the
+    ranks and gathered (:func:`memloc.scale.ddp.measures_split`): every rank returns the result of
+    one process, exactly.
     """
     if not isinstance(source, torch.nn.Module):
         raise MemlocError(f"source must be a causal language model (a torch module), got {type(source).__name__}",
@@ -100,7 +105,7 @@ def memorisation(source, data: SequenceSet, *, split: str = "train", eval_batch_
     was_training = source.training
     source.to(device).eval()
     try:
-        cat = sequence_measures(source, tokens, p, s, eval_batch_size=eval_batch_size, precision=precision)
+        cat = measures_split(source, tokens, p, s, eval_batch_size=eval_batch_size, precision=precision)
     finally:
         source.train(was_training)
     n = len(tokens)
