@@ -87,6 +87,8 @@ def main(argv=None) -> None:
     trained = time.time() - started
     n_t, n = int(run.is_noisy.sum()), run.num_train
 
+    rows_raw = args.group_size * (1 + args.ref_batch_size)
+    t_raw_before = raw_seconds(run, rows_raw, args.device)
     driver.FlipSearch = _Kept
     t = time.perf_counter()
     res = memloc.flip(run, examples={"noisy": "all", "clean": args.clean}, max_units=args.max_units,
@@ -94,7 +96,8 @@ def main(argv=None) -> None:
                       device=args.device, resume=None)
     t_flip = time.perf_counter() - t
     search = _Kept.made[-1]
-    t_raw = raw_seconds(run, args.group_size * (1 + args.ref_batch_size), args.device)
+    t_raw_after = raw_seconds(run, rows_raw, args.device)
+    t_raw = (t_raw_before + t_raw_after) / 2          # the machine is shared: the mean of before and after
 
     searched = res["status"].values == 0
     target = res["is_noisy"].values.astype(bool)
@@ -102,14 +105,14 @@ def main(argv=None) -> None:
     flipped = res["flipped"].values[:, 0]
     n_units = res["n_units"].values[:, 0]
     groups = {"memorised targets (noisy)": searched & target, "clean, reproduced": searched & ~target}
-    rows = ["| sequences | selected | searched (reproduced exactly) | broken within the cap | median units "
-            "(not broken = cap + 1) | median units, broken only | mean units | 90th percentile |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| sequences | selected | searched (reproduced exactly) | broken within the cap | broken by one unit "
+            "| median units (not broken = cap + 1) | median units, broken only | mean units | 90th percentile | max |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, g in groups.items():
         sel = target if "targets" in name else ~target
         rows.append(f"| {name} | {int(sel.sum())} | {int(g.sum())} | {100 * flipped[g].mean():.0f}% | "
-                    f"{median(count[g])} | {median(n_units[g & flipped])} | {count[g].mean():.1f} | "
-                    f"{np.percentile(count[g], 90):g} |")
+                    f"{100 * (count[g] == 1).mean():.0f}% | {median(count[g])} | {median(n_units[g & flipped])} | "
+                    f"{count[g].mean():.1f} | {np.percentile(count[g], 90):g} | {count[g].max():g} |")
     from sklearn.metrics import roc_auc_score
     auc = float(roc_auc_score(target[searched], -count[searched]))
     few = {name: float((count[g] < 10).mean()) for name, g in groups.items()}
@@ -128,10 +131,11 @@ def main(argv=None) -> None:
     raw_steps = args.group_size / t_raw               # example-steps/s of the raw pass (group x (1 + B) rows)
     computed = search.stats["example_steps"] + search.stats["reference_evaluations"] * args.ref_batch_size
     perf = ["| searches | example-steps | reference evaluations | flip wall s | flip example-steps/s | raw fwd+bwd "
-            f"s per {args.group_size} x (1 + {args.ref_batch_size}) rows | raw example-steps/s | fraction of raw | "
-            "hardware fraction |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"s per {args.group_size} x (1 + {args.ref_batch_size}) rows, before / after the search | raw example-steps/s | "
+            "fraction of raw | hardware fraction |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| {int(searched.sum())} | {steps} | {search.stats['reference_evaluations']} | {t_flip:.1f} | "
-            f"{steps / t_flip:.0f} | {t_raw:.3f} | {raw_steps:.0f} | {100 * steps / t_flip / raw_steps:.0f}% | "
+            f"{steps / t_flip:.3g} | {t_raw_before:.2f} / {t_raw_after:.2f} | {raw_steps:.3g} | "
+            f"{100 * steps / t_flip / raw_steps:.0f}% | "
             f"{100 * computed / t_flip / (args.group_size * rows_per_step / t_raw):.0f}% |"]
 
     med_t, med_c = np.median(count[groups["memorised targets (noisy)"]]), np.median(count[groups["clean, reproduced"]])
@@ -163,18 +167,24 @@ def main(argv=None) -> None:
         "An example-step is one forward/backward of one sequence and its reference batch (1 + B rows), as the "
         "one-at-a-time reference does it per zeroed unit plus one. Raw: a plain forward+backward (suffix loss, "
         f"parameter gradients, no hooks, float32) of {args.group_size} x (1 + {args.ref_batch_size}) training "
-        "sequences, the rows one batched step would process without memoisation, timed right after the search in "
-        "the same process; fraction of raw = flip example-steps/s over raw example-steps/s. Hardware fraction: rows "
+        "sequences, the rows one batched step would process without memoisation, timed just before and just after "
+        "the search in the same process (their mean); fraction of raw = flip example-steps/s over raw example-steps/s. Hardware fraction: rows "
         "the search pushed through forward+backward per second (one per running search and step plus B per "
-        "reference evaluation; its target-only checks not counted) over the raw rows/s. Reference terms are "
-        "memoised per (set of zeroed units), so searches that zero the same units share one evaluation.", "",
+        "reference evaluation; its target-only checks not counted) over the raw rows/s; it can pass 100% because "
+        "the search's backward computes gradients w.r.t. the unit masks only (the parameters are frozen), not the "
+        "weight gradients a training step computes. Reference terms are memoised per (set of zeroed units), so "
+        "searches that zero the same units share one evaluation: that, not the hardware, is what puts the search "
+        "above the raw rate.", "",
         "## Beside Maini et al. (ICML 2023)", "",
         f"Their finding on image classifiers: {PAPER}; memloc's image runs reproduce it "
         "(artifacts/paper_claims.md: AUROC of the count 0.86-0.90). On this language model the memorised targets "
-        f"need a median of {med_t:g} units against {med_c:g} for reproduced clean sequences, AUROC {auc:.3f}: "
+        f"need a median of {med_t:g} zeroed unit(s) against {med_c:g} for reproduced clean sequences, AUROC {auc:.3f}: "
         + ("**the finding holds**: memorised noisy sequences break with fewer zeroed units than clean ones."
            if holds else "**the finding does not hold here**: memorised noisy sequences do not break with fewer "
-           "zeroed units than clean ones."),
+           "zeroed units than clean ones.")
+        + f" Clean sequences also break easily: {100 * few['clean, reproduced']:.0f}% with fewer than 10 units "
+        f"({100 * (count[groups['clean, reproduced']] == 1).mean():.0f}% with one), so the gap is in a few units, "
+        "as on memloc's image runs (MNIST-5k MLP: median 5 noisy vs 9 clean).",
         "What differs from their setting: a sequence is broken when any one of its "
         f"{base.suffix_len} suffix tokens changes (an image when its single prediction changes), so a clean "
         "sequence that the model continues by the rule can be broken at its least confident position; the "
