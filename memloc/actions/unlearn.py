@@ -190,12 +190,12 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
         raise MemlocError(f"methods: etd_drop needs a run trained with example-tied dropout (train --etd-after); "
                           f"{str(run.path)!r} has none", argument="methods")
     seeds = check_seeds(seeds)
-    check_range("epochs", epochs, low=1, integer=True)
-    check_range("batch_size", batch_size, low=1, integer=True)
-    check_range("lr", lr, low=0, low_open=True)
-    check_range("ascent_lr", ascent_lr, low=0, low_open=True)
-    check_range("ascent_epochs", ascent_epochs, low=1, integer=True)
-    check_range("retrain_epochs", retrain_epochs, low=1, integer=True)
+    epochs = check_range("epochs", epochs, low=1, integer=True)
+    batch_size = check_range("batch_size", batch_size, low=1, integer=True)
+    lr = check_range("lr", lr, low=0, low_open=True)
+    ascent_lr = check_range("ascent_lr", ascent_lr, low=0, low_open=True)
+    ascent_epochs = check_range("ascent_epochs", ascent_epochs, low=1, integer=True)
+    retrain_epochs = check_range("retrain_epochs", retrain_epochs, low=1, integer=True)
     check_precision(precision)
     lams = dict(HYPER["lam"])
     if isinstance(lam, dict):
@@ -204,10 +204,9 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
             raise MemlocError(f"lam has no method {unknown[0]!r}; its keys: {', '.join(lams)}", argument="lam")
         lams.update(lam)
     elif lam is not None:
-        check_range("lam", lam, low=0)
+        lam = check_range("lam", lam, low=0)
         lams = {k: float(lam) for k in lams}
-    for k, v in lams.items():
-        check_range("lam", v, low=0)
+    lams = {k: check_range("lam", v, low=0) for k, v in lams.items()}
     dev = resolve_device(device)
     check_precision(precision, dev)
     data = run.data(dev)

@@ -34,7 +34,7 @@ def evaluate_dropout(source, data=None, *, checkpoint: int | None = None, modes=
     recalibration's too) under autocast (:mod:`memloc.core.precision`). Returns the ``"dropout"`` result:
     ``accuracy`` (mode, subset) and per-layer ``layer_kind``, ``units``, ``gen_units``.
     """
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     check_precision(precision)
     recalibrate_bn = check_flag("recalibrate_bn", recalibrate_bn)
     modes = check_choices("modes", modes, EVAL_MODES, "dropout mode")

@@ -64,7 +64,7 @@ def param_importance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, meth
     """
     if method not in METHODS:
         raise MemlocError(f"unknown importance method {method!r}; valid: {', '.join(METHODS)}", argument="method")
-    check_range("batch_size", batch_size, low=1, integer=True)
+    batch_size = check_range("batch_size", batch_size, low=1, integer=True)
     check_precision(precision, x.device)
     if len(y) == 0:
         raise MemlocError("importance needs at least one example", argument="subsets")

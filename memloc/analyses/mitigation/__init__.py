@@ -67,9 +67,9 @@ def mitigate(source, data=None, *, methods=METHODS, fractions=(0.01,), options: 
     chosen = check_choices("methods", methods, METHODS, "mitigation method")
     fracs = check_fractions(fractions)
     opts = mitigation_options(options)
-    check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
-    check_range("seed", seed, low=0, integer=True)
+    ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    seed = check_range("seed", seed, low=0, integer=True)
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
     if not len(data.test_tokens):
         raise MemlocError(f"data {data.name!r} has no test sequences: mitigation measures the held-out loss",

@@ -202,7 +202,7 @@ def scores(source, data=None, *, methods="all", checkpoint: int | None = None, g
     (:mod:`memloc.scale.distributed`) the cells are split across the processes (None then means
     ``"auto"``) and rank 0 returns the merged result (equal to one process's), the other ranks None.
     """
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     if not isinstance(grad_method, str) or grad_method not in GRAD_NORM_METHODS:
         raise MemlocError(f"unknown grad_method {grad_method!r}; valid: {', '.join(GRAD_NORM_METHODS)}",
                           argument="grad_method")
@@ -228,7 +228,7 @@ def scores(source, data=None, *, methods="all", checkpoint: int | None = None, g
     epoch_k = None
     if run is not None:
         epoch_k = default_epoch_k(run.final_epoch) if checkpoint is None else checkpoint
-        check_range("checkpoint", epoch_k, low=0, high=run.final_epoch, integer=True)
+        epoch_k = check_range("checkpoint", epoch_k, low=0, high=run.final_epoch, integer=True)
     inp = _Inputs(run, model, data, epoch_k=epoch_k, device=dev, batch_size=eval_batch_size, grad_method=grad_method,
                   precision=check_precision(precision, dev), task=task, num_examples=n)
     # the scores read from the run first, on every rank: their errors stop all before any pass
