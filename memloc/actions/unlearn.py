@@ -58,6 +58,7 @@ from ..core.precision import autocast, check_precision
 from ..analyses.importance import select_rows
 from ..core.results import Result
 from ..core.run import as_run
+from ..core.prerequisites import missing_result, needed_result
 from ..core.runtime import check_choices, check_range, progress, resolve_device
 from ..core.options import TRAINING_PASSES, add_precision, mean_se, nonnegative_float, number, positive_float, positive_int
 from ..core.figures import figure, plt, save_figure, table
@@ -95,8 +96,7 @@ def _zero_context(run, model, data, forget):
     from ..core.units import trace, unit_masks
     units = flip_units(run, examples=forget)
     if units is None:
-        raise MemlocError(f"methods: zero needs {str(run.results_path('flip'))!r}: run memloc flip on the forget "
-                          "examples first", argument="methods")
+        raise missing_result(run, "flip", "methods: zero", argument="methods", hint="on the forget examples")
     if not len(units):
         raise MemlocError("methods: zero needs flip searches of forget examples that flipped; flip has none: run "
                           "memloc flip on them first", argument="methods")
@@ -210,8 +210,8 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
     dev = resolve_device(device)
     check_precision(precision, dev)
     data = run.data(dev)
-    flagged = run.result("issues")["flagged"].values if forget == "flagged" and run.results_path("issues").is_file() \
-        else None
+    flagged = (needed_result(run, "issues", "forget: flagged", argument="forget")["flagged"].values
+               if forget == "flagged" else None)
     forget_ids = select_rows(data, str(forget), flagged=flagged, argument="forget")
     if not len(forget_ids):
         raise MemlocError(f"forget {forget!r} is an empty set of examples", argument="forget")

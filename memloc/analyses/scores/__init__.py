@@ -81,6 +81,7 @@ from ...core.options import add_precision, nonnegative_int, positive_int
 from ...core.schemas import Schema, Var, EXAMPLE_VAR, SCORE_NAMES
 from ...core.registry import Analysis, Command
 from ...core.deprecation import renamed
+from ...core.prerequisites import missing_result
 from ...core.store import stored
 
 __all__ = ["final_loss", "confidence", "variability", "forgetting_events", "el2n", "aum", "neuron_count",
@@ -281,7 +282,7 @@ def _cli_execute(args):
             print("memloc scores: a language model's run (suffix loss for the loss; targets = noisy); "
                   + "; ".join(f"{n} skipped: {s.not_for_sequences}" for n, s in SCORES.items() if s.not_for_sequences))
         elif "neuron_count" not in select_scores("all", run):
-            print(f"memloc scores: no {run.results_path('flip')}; neuron_count skipped")
+            print(f"memloc scores: neuron_count skipped ({missing_result(run, 'flip')})")
     return scores(run, methods=args.scores, checkpoint=args.checkpoint_k, grad_method=args.grad_method,
                   eval_batch_size=args.batch_size, device=args.device, resume="auto", overwrite=args.overwrite,
                   precision=args.precision)
