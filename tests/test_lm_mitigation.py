@@ -156,3 +156,21 @@ def test_command_on_a_tinymem_run(tmp_path, capsys):
             cli_run("mitigate", [str(run.path), *argv, "--overwrite", "--device", "cpu"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and flag in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_mitigate_in_bf16_is_close_to_fp32(memorising):
+    """precision: every forward pass (the measures, the methods' and fine-tuning's) under bf16 autocast; the
+    measures after the same zeroing (random neurons) and after a fine-tuning epoch stay close to fp32's."""
+    from conftest import forward_dtypes
+    model, data = memorising
+    kw = dict(methods="random,fine_tune", fractions=(0.1,), ref_batch_size=2, options={"fine_tune": {"max_epochs": 1}},
+              device="cpu")
+    a = memloc.mitigate(model, data, **kw)
+    with forward_dtypes() as seen:
+        b = memloc.mitigate(model, data, precision="bf16", **kw)
+    assert torch.bfloat16 in seen and (a.config["precision"], b.config["precision"]) == ("fp32", "bf16")
+    assert not np.array_equal(a["test_loss"].values, b["test_loss"].values)
+    for name in ("test_loss", "test_loss_before", "test_accuracy", "targets_memorised_before"):
+        np.testing.assert_allclose(b[name].values, a[name].values, rtol=0.03, atol=0.02, err_msg=name)
+    with pytest.raises(MemlocError, match="precision 'fp8' is unknown"):
+        memloc.mitigate(model, data, precision="fp8", **kw)
