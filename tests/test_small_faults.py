@@ -183,3 +183,17 @@ def test_a_full_demo_refuses_the_folder_of_a_quick_one(tiny_run, tmp_path, monke
         cli_run("demo", [str(out), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and "is a demo run of 4 epochs, this demo trains 8" in err, err
+
+
+# ----------------------------------------------------------------------------- 4. fallbacks recorded
+def test_the_methods_all_leaves_out_are_recorded_with_why(bare):
+    """unlearn(methods=None / "all") runs the methods whose inputs the run has; those left out are in the
+    result's config ("skipped") and its summary and report say so (the layer retrain_layer falls back to is
+    tests/test_unlearn.py's)."""
+    from types import SimpleNamespace
+    from memloc.actions.unlearn import _layer_note, available_methods, unavailable_methods
+    skipped = unavailable_methods(bare)
+    assert sorted(skipped) == ["etd_drop", "zero"] and not set(skipped) & set(available_methods(bare))
+    assert skipped["zero"].startswith("zero needs results/flip.h5") and f"`memloc flip {bare.path}` first" in skipped["zero"]
+    note = _layer_note(SimpleNamespace(config={"skipped": skipped}))
+    assert note == [f"zero skipped: {skipped['zero']}", f"etd_drop skipped: {skipped['etd_drop']}"]

@@ -138,8 +138,18 @@ def _retrained_best(run, structure):
 
 def available_methods(run) -> list[str]:
     """The methods whose inputs ``run`` has (zero: a flip result; etd_drop: example-tied dropout layers)."""
-    has_etd = bool(run.info.get("model", {}).get("etd"))
-    return [m for m in METHODS if (m != "zero" or run.results_path("flip").is_file()) and (m != "etd_drop" or has_etd)]
+    return [m for m in METHODS if m not in unavailable_methods(run)]
+
+
+def unavailable_methods(run) -> dict[str, str]:
+    """Method -> why ``run`` lacks its input (what "all" methods leave out; recorded in the result's config as
+    ``skipped`` and said by its summary and report)."""
+    out = {}
+    if not run.results_path("flip").is_file():
+        out["zero"] = str(missing_result(run, "flip", "zero"))
+    if not run.info.get("model", {}).get("etd"):
+        out["etd_drop"] = "the run has no example-tied dropout layers (train --etd-after)"
+    return out
 
 
 def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, critical, *, epochs, lr,
@@ -267,6 +277,8 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
               "precision": precision}
     if critical is not None:        # the layer retrain_layer retrained, and why (a fallback is said, not silent)
         config["retrain_layer"] = {"layer": critical.name, "chosen_by": why}
+    if methods in (None, "all"):    # the methods "all" left out for want of their input, and why
+        config["skipped"] = {m: why for m, why in unavailable_methods(run).items()}
     return Result("unlearn", ds, config=config)
 
 
@@ -308,8 +320,9 @@ def _cli_summary(res, args):
 
 
 def _layer_note(res) -> list[str]:
-    chosen = res.config.get("retrain_layer")
-    return [f"retrain_layer retrained {chosen['layer']!r}: {chosen['chosen_by']}"] if chosen else []
+    chosen, skipped = res.config.get("retrain_layer"), res.config.get("skipped") or {}
+    return ([f"retrain_layer retrained {chosen['layer']!r}: {chosen['chosen_by']}"] if chosen else []) + \
+        [f"{m} skipped: {why}" for m, why in skipped.items()]
 
 
 def draw_pareto(ax, res, title: str) -> None:
