@@ -197,3 +197,12 @@ def test_the_methods_all_leaves_out_are_recorded_with_why(bare):
     assert skipped["zero"].startswith("zero needs results/flip.h5") and f"`memloc flip {bare.path}` first" in skipped["zero"]
     note = _layer_note(SimpleNamespace(config={"skipped": skipped}))
     assert note == [f"zero skipped: {skipped['zero']}", f"etd_drop skipped: {skipped['etd_drop']}"]
+
+
+def test_clean_without_cleanlab_installed_says_so_before_any_work(bare, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "cleanlab", None)          # what an absent package imports as
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)
+    with pytest.raises(memloc.MemlocError, match="the cleanlab baseline needs the cleanlab package"):
+        memloc.clean(bare, seeds=[0], device="cpu")
+    assert not (bare.path / "results" / "issues.h5").exists() and not (bare.path / "children").exists()

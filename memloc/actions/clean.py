@@ -95,6 +95,12 @@ def clean(source, *, method: str = "combined", relabel: bool = False, seeds=(0, 
     relabel, baseline = check_flag("relabel", relabel), check_flag("baseline", baseline)
     folds = check_range("folds", folds, low=2, integer=True)
     jobs = check_range("jobs", jobs, low=1, integer=True)
+    if baseline:        # before any work, not after the flags' passes (it was an ImportError traceback there)
+        try:
+            import cleanlab.filter  # noqa: F401
+        except ImportError:
+            raise MemlocError("the cleanlab baseline needs the cleanlab package: install it (pip install cleanlab) "
+                              "or leave the baseline out", argument="baseline") from None
     dev = resolve_device(device)
     check_precision(precision, dev)
     with alone():       # under torchrun every rank flags alone; the children are split (train_children)
