@@ -58,7 +58,7 @@ from ..core.precision import autocast, check_precision
 from ..analyses.importance import select_rows
 from ..core.results import Result
 from ..core.run import as_run
-from ..core.prerequisites import missing_result, needed_result
+from ..core.prerequisites import command_line, missing_result, needed_result
 from ..core.runtime import check_choices, check_range, progress, resolve_device
 from ..core.options import TRAINING_PASSES, add_precision, mean_se, nonnegative_float, number, positive_float, positive_int
 from ..core.figures import figure, plt, save_figure, table
@@ -121,8 +121,8 @@ def critical_layer(run, structure) -> tuple:
     if layer is not None:
         return layer, "results/retrain.h5: its retraining left the fewest noisy labels"
     warnings.warn(f"retrain_layer: no usable results/retrain.h5 in {str(run.path)!r}, so the first layer "
-                  f"({structure.layers[0].name}) is retrained; run memloc retrain first to retrain the most "
-                  "critical one")
+                  f"({structure.layers[0].name}) is retrained; run {command_line(run, 'retrain')} first to retrain "
+                  "the most critical one")
     return structure.layers[0], "the first layer (no retrain result: run memloc retrain first)"
 
 
