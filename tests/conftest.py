@@ -9,6 +9,7 @@
   ones (a language model's run, about a second).
 """
 import contextlib
+import functools
 import os
 
 import pytest
@@ -97,6 +98,46 @@ def forward_dtypes():
         yield seen
     finally:
         handle.remove()
+
+
+def in_fp32_and_bf16(call, variable: str):
+    """(fp32 result, bf16 result) of ``call(precision=...)``, checked: the bf16 one ran forward passes in
+    bfloat16 (autocast), each records its precision, and bf16 changed ``variable``."""
+    import numpy as np
+    a = call(precision="fp32")
+    with forward_dtypes() as seen:
+        b = call(precision="bf16")
+    assert torch.bfloat16 in seen and (a.config["precision"], b.config["precision"]) == ("fp32", "bf16")
+    assert not np.array_equal(a[variable].values, b[variable].values)
+    return a, b
+
+
+@functools.lru_cache(maxsize=None)
+def trained_to_memorise(n_memorised: int):
+    """A TinyGPT (2 layers, width 32, vocabulary 14) trained (all weights, full batch, Adam) until it reproduces
+    the suffixes (5 tokens after a prefix of 5) of the first ``n_memorised`` of 8 random training sequences:
+    (the model in eval mode, a SequenceSet whose first 4 sequences are the memorisation targets and the other
+    4 clean, with 6 test sequences). Built once per process and ``n_memorised``: copy the model to change it."""
+    import numpy as np
+    from memloc.core.lm import TinyGPT, lm_logits, suffix_measures
+    from memloc.core.optim import make_optimizer
+    from memloc.core.sequences import SequenceSet, TINYMEM_VOCAB
+    model = TinyGPT(14, n_layer=2, n_head=2, d_model=32, d_mlp=32, max_len=16, seed=0).train()
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 14, (8, 10)))
+    opt = make_optimizer(model.parameters(), "adam", lr=1e-2, weight_decay=0.0)
+    for _ in range(400):
+        loss, _, memorised = suffix_measures(lm_logits(model, x[:, :-1]), x, 5, 5)
+        if memorised[:n_memorised].all():
+            break
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+    assert memorised[:n_memorised].all()
+    target = np.arange(8) < 4
+    data = SequenceSet("random", x, torch.from_numpy(rng.integers(0, 14, (6, 10))), np.arange(8), target,
+                       np.where(target, "canary", "clean"), 5, 5, list(TINYMEM_VOCAB))
+    return model.eval(), data
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,7 @@ def test_same_seed_same_table(tmp_path):
 
 
 @pytest.mark.parametrize("setup, argv, message", [
-    ("none", [], "no scores for run"),
+    ("none", [], "no results/scores.h5 in"),
     ("scores", ["--scores", "aum,bogus"], "score 'bogus' not among the stored scores"),
     ("norun", [], "no run.json"),
 ])

@@ -6,7 +6,9 @@ The functions are enumerated from the public face (``memloc._FACE``: every name 
 gets values generated from its default (or its base value): floats, bools, negative numbers and text for
 whole numbers, text for numbers, numbers and unknown names for names, unknown keys for dictionaries,
 None where a value is needed, and numpy / torch / tuple forms of a valid value. A value of the wrong kind
-must be refused (one line); an equivalent form must be refused or give the base call's result exactly.
+must be refused (one line); an equivalent form must be refused or give the base call's result exactly, and a
+number of numpy's (``np.int64(3)``, ``np.int32(3)``, ``np.float64(0.5)``, ``np.bool_(True)``) or a 0-d tensor
+where a Python number is valid must give the base call's result (refusing it is a fault: ``refused valid``).
 Everything runs at the cheapest settings on a copy of ``tiny_run`` and a random TinyGPT; experiments
 that train child runs stop where they would train (their children's configs are compared instead).
 ``python tests/test_fuzz.py`` prints the table of outcomes.
@@ -27,6 +29,7 @@ import memloc
 pytestmark = pytest.mark.usefixtures("one_thread")    # tiny models: two threads on busy cores spin-wait
 
 INVALID, SAME, OTHER = "invalid", "same", "other"   # must be refused / refused or the base result / no traceback
+EQUAL = "equal"                                     # must give the base call's result
 
 
 class _Trains(Exception):
@@ -160,6 +163,7 @@ def wrong_values(param: inspect.Parameter, value) -> list[tuple[str, object, str
     """(label, value, expectation) for one argument whose valid value is ``value``."""
     name, kind = param.name, _kind_of(param, value)
     same = OTHER if value is None else SAME         # the base call left it at None: nothing to compare with
+    equal = OTHER if value is None else EQUAL
     if name in ("source", "model"):
         return [("a numpy array", np.zeros(3), INVALID), ("a missing path", "/no/such/run", INVALID),
                 ("an int", 5, INVALID), ("None", None, INVALID)]
@@ -171,18 +175,18 @@ def wrong_values(param: inspect.Parameter, value) -> list[tuple[str, object, str
     out = []
     if kind == "bool":
         out += [("a str", "yes", INVALID), ("an int", 2, INVALID), ("None", None, OTHER),
-                ("numpy's bool", np.bool_(value), SAME)]
+                ("numpy's bool", np.bool_(value), EQUAL)]
     elif kind == "int":
         v = 1 if value is None else value
         out += [("a float", v + 0.5, INVALID), ("a bool", True, INVALID), ("negative", -1, INVALID),
-                ("a str", "abc", INVALID), ("a list", [v], INVALID), ("numpy's int", np.int64(v), same),
-                ("a 0-d tensor", torch.tensor(v), same)]
+                ("a str", "abc", INVALID), ("a list", [v], INVALID), ("numpy's int", np.int64(v), equal),
+                ("numpy's int32", np.int32(v), equal), ("a 0-d tensor", torch.tensor(v), equal)]
         if value is not None:
             out += [("None", None, OTHER)]
     elif kind == "float":
         v = 0.5 if value is None else value
         out += [("a str", "abc", INVALID), ("a bool", True, INVALID), ("negative", -1.0, INVALID),
-                ("nan", math.nan, INVALID), ("a list", [v], INVALID), ("numpy's float", np.float64(v), same)]
+                ("nan", math.nan, INVALID), ("a list", [v], INVALID), ("numpy's float", np.float64(v), equal)]
         if value is not None:
             out += [("None", None, OTHER)]
     elif kind == "str":
@@ -250,7 +254,7 @@ def _call(fn, args, kwargs, trained: list):
 
 def run_cases(run_path, monkeypatch, names=None, calls=None) -> list[dict]:
     """Every case of the public functions ``names`` (default all): {function, argument, label, expect,
-    outcome ('error', 'correct', 'accepted', 'traceback', 'silent wrong'), detail}."""
+    outcome ('error', 'correct', 'accepted', 'traceback', 'silent wrong', 'refused valid'), detail}."""
     from memloc.actions import children
     trained = []
 
@@ -290,13 +294,14 @@ def run_cases(run_path, monkeypatch, names=None, calls=None) -> list[dict]:
                     got = _call(fn, a, k, trained)
                 except memloc.MemlocError as e:
                     one_line = "\n" not in str(e).strip()
-                    case.update(outcome="error" if one_line else "traceback", detail=str(e))
+                    case.update(outcome=("refused valid" if expect == EQUAL else "error") if one_line else "traceback",
+                                detail=str(e))
                 except Exception as e:      # noqa: BLE001 (what the fuzz looks for)
                     case.update(outcome="traceback", detail=f"{type(e).__name__}: {e}"[:300])
                 else:
                     if expect == INVALID:
                         case.update(outcome="silent wrong", detail="accepted")
-                    elif expect == SAME:
+                    elif expect in (SAME, EQUAL):
                         ok = got[0] == base[0] and _same(got[1], base[1])
                         case.update(outcome="correct" if ok else "silent wrong",
                                     detail="" if ok else "differs from the base call's result")
@@ -313,9 +318,9 @@ def json_cfg(cfg: dict) -> str:
 
 def table(cases: list[dict]) -> str:
     count = Counter(c["outcome"] for c in cases)
-    cols = ("error", "correct", "accepted", "traceback", "silent wrong")
-    return ("| tried | clean errors | correct results | accepted (no traceback) | tracebacks | silent wrong |\n"
-            "|---|---|---|---|---|---|\n| " + " | ".join(str(v) for v in (len(cases), *(count[c] for c in cols))) + " |")
+    cols = ("error", "correct", "accepted", "traceback", "silent wrong", "refused valid")
+    return ("| tried | clean errors | correct results | accepted (no traceback) | tracebacks | silent wrong | refused valid |\n"
+            "|---|---|---|---|---|---|---|\n| " + " | ".join(str(v) for v in (len(cases), *(count[c] for c in cols))) + " |")
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +339,7 @@ def calls(fuzz_run):
                                   for n in public_functions()])
 def test_wrong_types_are_refused_in_one_line_or_compute_the_same(name, fuzz_run, calls, monkeypatch):
     cases = run_cases(fuzz_run, monkeypatch, [name], calls)
-    bad = [c for c in cases if c["outcome"] in ("traceback", "silent wrong")]
+    bad = [c for c in cases if c["outcome"] in ("traceback", "silent wrong", "refused valid")]
     assert not bad, table(cases) + "\n" + "\n".join(
         f"{c['function']}({c['argument']}={c['label']}): {c['outcome']}: {c['detail']}" for c in bad)
     assert len(cases) >= 5 and any(c["outcome"] == "error" for c in cases)
@@ -358,5 +363,5 @@ if __name__ == "__main__":      # the table, on a run trained here
     mp.undo()
     print(table(found))
     for c in found:
-        if c["outcome"] in ("traceback", "silent wrong"):
+        if c["outcome"] in ("traceback", "silent wrong", "refused valid"):
             print(f"{c['function']}({c['argument']}={c['label']}): {c['outcome']}: {c['detail']}")

@@ -9,11 +9,9 @@ import torch
 import memloc
 from memloc.analyses.deletion import check_fractions, zeroing_masks
 from memloc.core.errors import MemlocError
-from memloc.core.lm import TinyGPT, lm_logits, sequence_measures, suffix_measures
+from memloc.core.lm import TinyGPT, sequence_measures
 from memloc.core.neurons import mlp_layers, neuron_masks
-from memloc.core.optim import make_optimizer
-from memloc.core.sequences import SequenceSet, TINYMEM_VOCAB
-from conftest import forward_dtypes
+from conftest import in_fp32_and_bf16, trained_to_memorise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,34 +22,15 @@ def tiny_gpt(seed=0):
 
 @pytest.fixture(scope="module")
 def memorising():
-    """A TinyGPT trained (all weights, full batch) until it reproduces 4 random target sequences'
-    suffixes, beside 4 clean (non-target) training sequences and 6 test sequences."""
-    model = tiny_gpt(0).train()
-    rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.integers(0, 14, (8, 10)))
-    opt = make_optimizer(model.parameters(), "adam", lr=1e-2, weight_decay=0.0)
-    for _ in range(400):
-        loss, _, memorised = suffix_measures(lm_logits(model, x[:, :-1]), x, 5, 5)
-        if memorised[:4].all():
-            break
-        opt.zero_grad()
-        loss.mean().backward()
-        opt.step()
-    assert memorised[:4].all()
-    target = np.arange(8) < 4
-    data = SequenceSet("random", x, torch.from_numpy(rng.integers(0, 14, (6, 10))), np.arange(8), target,
-                       np.where(target, "canary", "clean"), 5, 5, list(TINYMEM_VOCAB))
-    return model.eval(), data
+    """A TinyGPT that reproduces its 4 target sequences' suffixes (trained until then), beside 4 clean training
+    sequences and 6 test sequences (:func:`conftest.trained_to_memorise`)."""
+    return trained_to_memorise(4)
 
 
 def test_del_in_bf16_is_close_to_fp32(memorising):
     model, data = memorising
     kw = {"fractions": [0.1], "methods": "random", "device": "cpu"}
-    a = memloc.del_benchmark(model, data, **kw)
-    with forward_dtypes() as seen:
-        b = memloc.del_benchmark(model, data, precision="bf16", **kw)
-    assert torch.bfloat16 in seen and (a.config["precision"], b.config["precision"]) == ("fp32", "bf16")
-    assert not np.array_equal(a["loss"].values, b["loss"].values)
+    a, b = in_fp32_and_bf16(lambda **p: memloc.del_benchmark(model, data, **kw, **p), "loss")
     for name in ("loss", "test_loss", "loss_before", "test_loss_before"):
         np.testing.assert_allclose(b[name].values, a[name].values, rtol=0.02, atol=0.01, err_msg=name)
 

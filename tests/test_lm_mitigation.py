@@ -15,9 +15,8 @@ from memloc.cli import run as cli_run
 from memloc.core.errors import MemlocError
 from memloc.core.lm import TinyGPT, lm_logits, sequence_measures, suffix_measures
 from memloc.core.neurons import mlp_layers, neuron_masks
-from memloc.core.optim import make_optimizer
-from memloc.core.sequences import SequenceSet, TINYMEM_VOCAB
 from memloc.training.train import train
+from conftest import in_fp32_and_bf16, trained_to_memorise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,24 +28,9 @@ def _loss(model, x):
 
 @pytest.fixture(scope="module")
 def memorising():
-    """A TinyGPT trained (all weights, full batch) until it reproduces ALL 8 random training sequences
-    (test_lm_del's stops at its 4 targets): the first 4 are the memorisation targets, the other 4 the
-    clean sequences to keep; 6 test sequences."""
-    model = TinyGPT(14, n_layer=2, n_head=2, d_model=32, d_mlp=32, max_len=16, seed=0).train()
-    rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.integers(0, 14, (8, 10)))
-    opt = make_optimizer(model.parameters(), "adam", lr=1e-2, weight_decay=0.0)
-    for _ in range(400):
-        if _loss(model, x)[2].all():
-            break
-        opt.zero_grad()
-        suffix_measures(lm_logits(model, x[:, :-1]), x, 5, 5)[0].mean().backward()
-        opt.step()
-    assert _loss(model, x)[2].all()
-    target = np.arange(8) < 4
-    data = SequenceSet("random", x, torch.from_numpy(rng.integers(0, 14, (6, 10))), np.arange(8), target,
-                       np.where(target, "canary", "clean"), 5, 5, list(TINYMEM_VOCAB))
-    return model.eval(), data
+    """A TinyGPT that reproduces ALL 8 of its training sequences (test_lm_del's stops at its 4 targets): the
+    first 4 are the memorisation targets, the other 4 the clean sequences to keep; 6 test sequences."""
+    return trained_to_memorise(8)
 
 
 def _task(model, data):
@@ -156,3 +140,16 @@ def test_command_on_a_tinymem_run(tmp_path, capsys):
             cli_run("mitigate", [str(run.path), *argv, "--overwrite", "--device", "cpu"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and flag in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_mitigate_in_bf16_is_close_to_fp32(memorising):
+    """precision: every forward pass (the measures, the methods' and fine-tuning's) under bf16 autocast; the
+    measures after the same zeroing (random neurons) and after a fine-tuning epoch stay close to fp32's."""
+    model, data = memorising
+    kw = dict(methods="random,fine_tune", fractions=(0.1,), ref_batch_size=2, options={"fine_tune": {"max_epochs": 1}},
+              device="cpu")
+    a, b = in_fp32_and_bf16(lambda **p: memloc.mitigate(model, data, **kw, **p), "test_loss")
+    for name in ("test_loss", "test_loss_before", "test_accuracy", "targets_memorised_before"):
+        np.testing.assert_allclose(b[name].values, a[name].values, rtol=0.03, atol=0.02, err_msg=name)
+    with pytest.raises(MemlocError, match="precision 'fp8' is unknown"):
+        memloc.mitigate(model, data, precision="fp8", **kw)

@@ -173,7 +173,7 @@ def test_command_line_and_errors(lm_run, tmp_path, capsys):
     with pytest.raises(MemlocError, match="does not apply to a language model"):
         memloc.scores(run, methods="aum", device="cpu")
     _exit2(capsys, "scores", [str(run.path), "--scores", "aum", "--device", "cpu"], "records no margins")
-    _exit2(capsys, "detect", [str(run.path)], "compute and save scores first")
+    _exit2(capsys, "detect", [str(run.path)], "run `memloc scores")
     cli_run("scores", [str(run.path), "--device", "cpu", "--scores", "final_loss,forgetting"])
     cli_run("detect", [str(run.path)])
     out = capsys.readouterr().out

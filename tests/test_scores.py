@@ -273,7 +273,7 @@ def test_cli_subset_epoch_and_no_flip(tiny_copy, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--scores", "el2n,bogus"], "unknown score 'bogus'; valid: all, final_loss"),
-    (["--scores", "neuron_count"], "run flip on"),
+    (["--scores", "neuron_count"], "--scores: neuron_count needs results/flip.h5, not in"),
     (["--checkpoint-k", "99"], "--checkpoint-k must be an integer in [0, 4]"),
     (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),   # range-checked by argparse now
 ])

@@ -28,7 +28,7 @@ SYNONYMS = {"run": "source", "runs": "source", "run_dir": "source", "results": "
 #: evaluation passes take eval_batch_size; batch_size is the optimiser's (training) batch
 EVAL_BATCH = {"gradients", "scores", "find_label_issues", "importance", "jtt"}
 #: analyses that run a model but do not take ``precision`` yet
-NO_PRECISION = {"mitigate"}
+NO_PRECISION = set()
 
 KNOWN = {(name, "precision") for name in NO_PRECISION}
 

@@ -100,8 +100,7 @@ def check_seeds(seeds) -> list[int]:
         out.append(int(float(s)) if isinstance(s, str) else int(s))
     if not out:
         raise MemlocError("give at least one seed", argument="seeds")
-    for s in out:
-        check_range("seeds", s, low=0, high=2**32 - 1, integer=True)
+    out = [check_range("seeds", s, low=0, high=2**32 - 1, integer=True) for s in out]
     twice = sorted({s for s in out if out.count(s) > 1})
     if twice:
         raise MemlocError(f"seeds must be distinct; {', '.join(map(str, twice))} given more than once", argument="seeds")
@@ -170,7 +169,7 @@ def train_runs(jobs_list: list[tuple], *, jobs: int = 1, device="cpu", desc: str
 
     In a process group each rank trains its share (every K-th run of rank 0's list) and returns when
     every run is finished."""
-    check_range("jobs", jobs, low=1, integer=True)
+    jobs = check_range("jobs", jobs, low=1, integer=True)
     runs, labels = {}, {}
     for p, cfg, *given in broadcast([(str(p), *rest) for p, *rest in jobs_list]):     # rank 0's list on every rank
         runs.setdefault(p, cfg)

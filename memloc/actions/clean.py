@@ -59,7 +59,7 @@ def cleanlab_flags(parent, base: dict, *, folds: int = 5, jobs: int = 1, device=
     """
     from cleanlab.filter import find_label_issues as cl_find
     from sklearn.model_selection import StratifiedKFold
-    check_range("folds", folds, low=2, integer=True)
+    folds = check_range("folds", folds, low=2, integer=True)
     given = parent.label_given
     counts = np.bincount(given)
     if counts[counts > 0].min() < folds:
@@ -93,8 +93,14 @@ def clean(source, *, method: str = "combined", relabel: bool = False, seeds=(0, 
     base = parent_config(run)
     seeds = check_seeds(seeds)
     relabel, baseline = check_flag("relabel", relabel), check_flag("baseline", baseline)
-    check_range("folds", folds, low=2, integer=True)
-    check_range("jobs", jobs, low=1, integer=True)
+    folds = check_range("folds", folds, low=2, integer=True)
+    jobs = check_range("jobs", jobs, low=1, integer=True)
+    if baseline:        # before any work, not after the flags' passes (it was an ImportError traceback there)
+        try:
+            import cleanlab.filter  # noqa: F401
+        except ImportError:
+            raise MemlocError("the cleanlab baseline needs the cleanlab package: install it (pip install cleanlab) "
+                              "or leave the baseline out", argument="baseline") from None
     dev = resolve_device(device)
     check_precision(precision, dev)
     with alone():       # under torchrun every rank flags alone; the children are split (train_children)

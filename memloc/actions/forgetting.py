@@ -82,10 +82,10 @@ def forgetting_order(source, *, orders=ORDERS, protect=PROTECTIONS, epochs: int 
     run = as_run(source)
     protect = check_choices("protect", protect, PROTECTIONS, "protection")
     orders = check_choices("orders", orders, ORDERS, "split")
-    check_range("epochs", epochs, low=1, integer=True)
-    check_range("lr", lr, low=0, low_open=True)
-    check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
-    check_range("batch_size", batch_size, low=1, integer=True)
+    epochs = check_range("epochs", epochs, low=1, integer=True)
+    lr = check_range("lr", lr, low=0, low_open=True)
+    seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
+    batch_size = check_range("batch_size", batch_size, low=1, integer=True)
     check_precision(precision)
     if lam is not None and not isinstance(lam, dict):
         raise MemlocError(f"lam must be a dict {{protection: weight}}, got {type(lam).__name__}", argument="lam")
@@ -93,8 +93,7 @@ def forgetting_order(source, *, orders=ORDERS, protect=PROTECTIONS, epochs: int 
     if unknown:
         raise MemlocError(f"lam has no protection {unknown[0]!r}; its keys: {', '.join(HYPER['lam'])}", argument="lam")
     lams = {**HYPER["lam"], **(lam or {})}
-    for key, value in lams.items():
-        check_range("lam", value, low=0)
+    lams = {key: check_range("lam", value, low=0) for key, value in lams.items()}
     dev = resolve_device(device)
     check_precision(precision, dev)
     data = run.data(dev)

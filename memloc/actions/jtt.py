@@ -37,7 +37,7 @@ GROUPS = ("test", "worst_class", "clean", "noisy_given", "noisy_true")
 
 def error_set(run, id_epoch: int) -> np.ndarray:
     """Ids of the training examples the model of epoch ``id_epoch`` misclassifies (given labels)."""
-    check_range("checkpoint", id_epoch, low=0, high=run.final_epoch, integer=True)
+    id_epoch = check_range("checkpoint", id_epoch, low=0, high=run.final_epoch, integer=True)
     correct = run.dynamics("correct", "end")[id_epoch]
     return np.flatnonzero(correct == 0)
 
@@ -72,9 +72,9 @@ def jtt(source, *, checkpoint: int | None = None, upweight: float = 5.0, seeds=(
     run = as_run(source)
     base = parent_config(run)
     id_epoch = default_epoch_k(run.final_epoch) if checkpoint is None else checkpoint
-    check_range("upweight", upweight, low=0, low_open=True)
-    check_range("jobs", jobs, low=1, integer=True)
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    upweight = check_range("upweight", upweight, low=0, low_open=True)
+    jobs = check_range("jobs", jobs, low=1, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     seeds = check_seeds(seeds)
     errors = error_set(run, id_epoch)
     if not len(errors):

@@ -47,7 +47,7 @@ def kept_ids(values: np.ndarray, keep: float, *, mode: str = "hardest", offset: 
     in ``mode`` (:data:`MODES` or ``random``: a uniform draw with ``seed``)."""
     v = np.asarray(values, dtype=np.float64)
     n = len(v)
-    check_range("keep", keep, low=0, high=1, low_open=True)
+    keep = check_range("keep", keep, low=0, high=1, low_open=True)
     count = max(1, int(round(keep * n)))
     rng = np.random.default_rng(seed)
     if mode == "random":
@@ -63,7 +63,7 @@ def kept_ids(values: np.ndarray, keep: float, *, mode: str = "hardest", offset: 
     elif mode == "easiest":
         rows = order[n - count:]
     else:
-        check_range("offset", offset, low=0, high=1, high_open=True)
+        offset = check_range("offset", offset, low=0, high=1, high_open=True)
         start = min(int(round(offset * n)), n - count)
         rows = order[start:start + count]
     return np.sort(rows)
@@ -112,23 +112,22 @@ def prune(source, *, methods=("el2n", "grand", "forgetting"), keep=(0.9, 0.7, 0.
     if not isinstance(also, (list, tuple)) or not all(isinstance(r, (str, os.PathLike, Run)) for r in also):
         raise MemlocError("also must be a list of runs or run paths", argument="also")
     also = [as_run(r) for r in also]
-    check_range("offset", offset, low=0, high=1, high_open=True)
-    check_range("jobs", jobs, low=1, integer=True)
+    offset = check_range("offset", offset, low=0, high=1, high_open=True)
+    jobs = check_range("jobs", jobs, low=1, integer=True)
     lm = next((r for r in (run, *also) if r.is_lm), None)
     if lm is not None:      # its scores exist, but pruning retrains image runs on the kept examples
         raise not_classifier(f"{str(lm.path)!r} is a language model's run")
     base = parent_config(run)
     names = check_choices("methods", methods, [n for n in SCORES if n != "neuron_count"], "pruning score")
     keeps = [_fraction(k) for k in (keep if isinstance(keep, (list, tuple)) else split_list(keep) or [])]
-    for k in keeps:
-        check_range("keep", k, low=0, high=1, low_open=True)
+    keeps = [check_range("keep", k, low=0, high=1, low_open=True) for k in keeps]
     seeds = check_seeds(seeds)
     if not keeps:
         raise MemlocError("give at least one keep fraction", argument="keep")
     if mode not in MODES:
         raise MemlocError(f"unknown mode {mode!r}; valid: {', '.join(MODES)} (random is always run as the reference)",
                           argument="mode")
-    check_range("grand_checkpoint", grand_checkpoint, low=0, high=run.final_epoch, integer=True)
+    grand_checkpoint = check_range("grand_checkpoint", grand_checkpoint, low=0, high=run.final_epoch, integer=True)
     dev = resolve_device(device)
     check_precision(precision, dev)
     with alone():       # under torchrun every rank scores alone; the children are split (train_children)

@@ -58,6 +58,7 @@ from ..core.precision import autocast, check_precision
 from ..analyses.importance import select_rows
 from ..core.results import Result
 from ..core.run import as_run
+from ..core.prerequisites import command_line, missing_result, needed_result
 from ..core.runtime import check_choices, check_range, progress, resolve_device
 from ..core.options import TRAINING_PASSES, add_precision, mean_se, nonnegative_float, number, positive_float, positive_int
 from ..core.figures import figure, plt, save_figure, table
@@ -95,8 +96,7 @@ def _zero_context(run, model, data, forget):
     from ..core.units import trace, unit_masks
     units = flip_units(run, examples=forget)
     if units is None:
-        raise MemlocError(f"methods: zero needs {str(run.results_path('flip'))!r}: run memloc flip on the forget "
-                          "examples first", argument="methods")
+        raise missing_result(run, "flip", "methods: zero", argument="methods", hint="on the forget examples")
     if not len(units):
         raise MemlocError("methods: zero needs flip searches of forget examples that flipped; flip has none: run "
                           "memloc flip on them first", argument="methods")
@@ -121,8 +121,8 @@ def critical_layer(run, structure) -> tuple:
     if layer is not None:
         return layer, "results/retrain.h5: its retraining left the fewest noisy labels"
     warnings.warn(f"retrain_layer: no usable results/retrain.h5 in {str(run.path)!r}, so the first layer "
-                  f"({structure.layers[0].name}) is retrained; run memloc retrain first to retrain the most "
-                  "critical one")
+                  f"({structure.layers[0].name}) is retrained; run {command_line(run, 'retrain')} first to retrain "
+                  "the most critical one")
     return structure.layers[0], "the first layer (no retrain result: run memloc retrain first)"
 
 
@@ -138,8 +138,18 @@ def _retrained_best(run, structure):
 
 def available_methods(run) -> list[str]:
     """The methods whose inputs ``run`` has (zero: a flip result; etd_drop: example-tied dropout layers)."""
-    has_etd = bool(run.info.get("model", {}).get("etd"))
-    return [m for m in METHODS if (m != "zero" or run.results_path("flip").is_file()) and (m != "etd_drop" or has_etd)]
+    return [m for m in METHODS if m not in unavailable_methods(run)]
+
+
+def unavailable_methods(run) -> dict[str, str]:
+    """Method -> why ``run`` lacks its input (what "all" methods leave out; recorded in the result's config as
+    ``skipped`` and said by its summary and report)."""
+    out = {}
+    if not run.results_path("flip").is_file():
+        out["zero"] = str(missing_result(run, "flip", "zero"))
+    if not run.info.get("model", {}).get("etd"):
+        out["etd_drop"] = "the run has no example-tied dropout layers (train --etd-after)"
+    return out
 
 
 def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, critical, *, epochs, lr,
@@ -190,12 +200,12 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
         raise MemlocError(f"methods: etd_drop needs a run trained with example-tied dropout (train --etd-after); "
                           f"{str(run.path)!r} has none", argument="methods")
     seeds = check_seeds(seeds)
-    check_range("epochs", epochs, low=1, integer=True)
-    check_range("batch_size", batch_size, low=1, integer=True)
-    check_range("lr", lr, low=0, low_open=True)
-    check_range("ascent_lr", ascent_lr, low=0, low_open=True)
-    check_range("ascent_epochs", ascent_epochs, low=1, integer=True)
-    check_range("retrain_epochs", retrain_epochs, low=1, integer=True)
+    epochs = check_range("epochs", epochs, low=1, integer=True)
+    batch_size = check_range("batch_size", batch_size, low=1, integer=True)
+    lr = check_range("lr", lr, low=0, low_open=True)
+    ascent_lr = check_range("ascent_lr", ascent_lr, low=0, low_open=True)
+    ascent_epochs = check_range("ascent_epochs", ascent_epochs, low=1, integer=True)
+    retrain_epochs = check_range("retrain_epochs", retrain_epochs, low=1, integer=True)
     check_precision(precision)
     lams = dict(HYPER["lam"])
     if isinstance(lam, dict):
@@ -204,15 +214,14 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
             raise MemlocError(f"lam has no method {unknown[0]!r}; its keys: {', '.join(lams)}", argument="lam")
         lams.update(lam)
     elif lam is not None:
-        check_range("lam", lam, low=0)
+        lam = check_range("lam", lam, low=0)
         lams = {k: float(lam) for k in lams}
-    for k, v in lams.items():
-        check_range("lam", v, low=0)
+    lams = {k: check_range("lam", v, low=0) for k, v in lams.items()}
     dev = resolve_device(device)
     check_precision(precision, dev)
     data = run.data(dev)
-    flagged = run.result("issues")["flagged"].values if forget == "flagged" and run.results_path("issues").is_file() \
-        else None
+    flagged = (needed_result(run, "issues", "forget: flagged", argument="forget")["flagged"].values
+               if forget == "flagged" else None)
     forget_ids = select_rows(data, str(forget), flagged=flagged, argument="forget")
     if not len(forget_ids):
         raise MemlocError(f"forget {forget!r} is an empty set of examples", argument="forget")
@@ -268,6 +277,8 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
               "precision": precision}
     if critical is not None:        # the layer retrain_layer retrained, and why (a fallback is said, not silent)
         config["retrain_layer"] = {"layer": critical.name, "chosen_by": why}
+    if methods in (None, "all"):    # the methods "all" left out for want of their input, and why
+        config["skipped"] = {m: why for m, why in unavailable_methods(run).items()}
     return Result("unlearn", ds, config=config)
 
 
@@ -309,8 +320,9 @@ def _cli_summary(res, args):
 
 
 def _layer_note(res) -> list[str]:
-    chosen = res.config.get("retrain_layer")
-    return [f"retrain_layer retrained {chosen['layer']!r}: {chosen['chosen_by']}"] if chosen else []
+    chosen, skipped = res.config.get("retrain_layer"), res.config.get("skipped") or {}
+    return ([f"retrain_layer retrained {chosen['layer']!r}: {chosen['chosen_by']}"] if chosen else []) + \
+        [f"{m} skipped: {why}" for m, why in skipped.items()]
 
 
 def draw_pareto(ax, res, title: str) -> None:

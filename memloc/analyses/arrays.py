@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 
 from ..core.errors import MemlocError
+from ..core.numeric import check_range
 
 __all__ = ["COMBINED", "SELF_CONFIDENCE", "estimate_joint", "estimate_noise_rate", "rank_label_issues",
            "find_label_issues_in_arrays", "scores_from_arrays", "suspicion", "flag_top"]
@@ -196,8 +197,7 @@ def rank_label_issues(labels, pred_probs=None, *, scores=None, by: str = "combin
     Returns (suspicion (N,) float, rank (N,) int, a permutation of 1..N). Ties are broken by a
     permutation seeded with ``seed``; NaN suspicion ranks last.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:   # (no torch here)
-        raise MemlocError(f"seed must be an integer in [0, {2**32 - 1}], got {seed!r}", argument="seed")
+    seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     y = _check_labels(labels)
     if pred_probs is not None:
         y, probs = _check_probs(y, pred_probs)

@@ -37,6 +37,7 @@ from ..core.errors import MemlocError
 from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import atomic_path, split_list
+from ..core.prerequisites import needed_result
 from ..core.run import load
 from ..core.figures import figure, table, coord_names
 from ..core.schemas import Schema, Var
@@ -188,9 +189,7 @@ def detect(source, *, methods="all", is_noisy=None) -> Result:
         res, noisy = source, _noisy_mask(is_noisy)
     else:
         run = as_run(source, need_checkpoints=False)
-        if not run.results_path("scores").is_file():
-            raise MemlocError(f"no scores for run {str(run.path)!r}: compute and save scores first")
-        res, noisy = run.result("scores"), run.is_noisy if is_noisy is None else _noisy_mask(is_noisy)
+        res, noisy = needed_result(run, "scores"), run.is_noisy if is_noisy is None else _noisy_mask(is_noisy)
     index = res["example"].values
     if not np.array_equal(index, np.arange(len(noisy))):
         raise MemlocError(f"the scores do not list the {len(noisy)} training examples in order")

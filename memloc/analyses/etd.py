@@ -40,7 +40,7 @@ def evaluate_dropout(source, data=None, *, checkpoint: int | None = None, modes=
     suffix token accuracy of clean and held-out sequences, held-out rule accuracy), train mode passing
     each training sequence through its own sinks (:func:`memloc.core.dropout.evaluate_sequence_modes`).
     """
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     check_precision(precision)
     recalibrate_bn = check_flag("recalibrate_bn", recalibrate_bn)
     modes = check_choices("modes", modes, EVAL_MODES, "dropout mode")

@@ -29,7 +29,7 @@ import torch
 
 from ..core.errors import MemlocError
 from ..core.lm import lm_logits
-from ..core.runtime import check_range, resolve_device
+from ..core.runtime import as_number, check_range, in_range, resolve_device
 
 __all__ = ["MAX_EXACT", "ESTIMATES", "CandidateSpace", "digit_space", "sequence_log_likelihood", "exposure",
            "exposure_estimate"]
@@ -80,7 +80,7 @@ class CandidateSpace:
 
 
 def _token_id(t) -> int:
-    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or t < 0:
+    if not in_range(t, 0, integer=True):
         raise MemlocError(f"candidates: token ids are integers >= 0, got {t!r}", argument="candidates")
     return int(t)
 
@@ -89,11 +89,11 @@ def digit_space(n_digits: int, *, digits=range(10), separator: int | None = None
     """``n_digits`` digit tokens (``digits``: their ids), with ``separator`` between them if given:
     ``digit_space(4)`` is TinyMem's 10^4 four-digit secrets; ``digit_space(6, digits=range(48, 58),
     separator=32)`` the byte-level "3 8 1 4 9 2" of :func:`memloc.canaries`."""
-    check_range("n_digits", n_digits, low=1, integer=True)
-    if separator is not None and (isinstance(separator, bool) or not isinstance(separator, (int, np.integer))
-                                  or separator < 0):
+    n_digits = check_range("n_digits", n_digits, low=1, integer=True)
+    if separator is not None and not in_range(separator, 0, integer=True):
         raise MemlocError(f"separator must be a token id (an integer >= 0) or None, got {separator!r}",
                           argument="separator")
+    separator = None if separator is None else int(as_number(separator))
     if isinstance(digits, (str, dict)) or not hasattr(digits, "__iter__"):
         raise MemlocError(f"digits must be the token ids of the digits (e.g. range(10)), got {digits!r}",
                           argument="digits")
@@ -135,7 +135,7 @@ def sequence_log_likelihood(model, prefix, continuations, *, eval_batch_size: in
                             device="auto") -> np.ndarray:
     """(C,) float64: log p(continuation | prefix) in nats, the sum over the continuation's tokens of
     the model's log-probabilities (one forward pass per batch of ``eval_batch_size`` continuations)."""
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     _check_model(model)
     device = resolve_device(device)
     prefix = _vector(prefix, "prefix")
@@ -198,8 +198,8 @@ def exposure_estimate(model, prefix, secret, candidates, *, samples: int = 10_00
     or ``empirical`` (module docstring)."""
     if method not in ESTIMATES:
         raise MemlocError(f"method {method!r} is unknown; valid: {', '.join(ESTIMATES)}", argument="method")
-    check_range("samples", samples, low=2, integer=True)
-    check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
+    samples = check_range("samples", samples, low=2, integer=True)
+    seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     _check_model(model)
     secret = _vector(secret, "secret")
     rows, space, size = _candidates(candidates, secret)

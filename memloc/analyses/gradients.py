@@ -183,7 +183,7 @@ def gradients(source, data=None, *, checkpoints="all", layers=None, bn_mode: str
     check_precision(precision)
     if bn_mode not in BN_MODES:
         raise MemlocError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     p = prepare(source, data, device=device, layers=layers, checkpoints=checkpoints)
     check_precision(precision, p.device)
     task = task_of(p.data)

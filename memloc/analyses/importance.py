@@ -37,6 +37,7 @@ from ..core.options import add_precision, layer_table, positive_int
 from ..core.figures import figure, plt, save_figure
 from ..core.schemas import Schema, Var, layer_vars
 from ..core.registry import Analysis, Command
+from ..core.prerequisites import needed_result
 from ..core.store import stored
 
 __all__ = ["METHODS", "param_importance", "unit_importance", "layer_importance", "importance", "select_rows", "flip_units"]
@@ -64,7 +65,7 @@ def param_importance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, meth
     """
     if method not in METHODS:
         raise MemlocError(f"unknown importance method {method!r}; valid: {', '.join(METHODS)}", argument="method")
-    check_range("batch_size", batch_size, low=1, integer=True)
+    batch_size = check_range("batch_size", batch_size, low=1, integer=True)
     check_precision(precision, x.device)
     if len(y) == 0:
         raise MemlocError("importance needs at least one example", argument="subsets")
@@ -273,8 +274,8 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
     if not names:
         raise MemlocError("give at least one subset", argument="subsets")
     flagged = None
-    if "flagged" in names and src.run is not None and src.run.results_path("issues").is_file():
-        flagged = src.run.result("issues")["flagged"].values
+    if "flagged" in names and src.run is not None:
+        flagged = needed_result(src.run, "issues", "subsets: flagged", argument="subsets")["flagged"].values
     structure = trace(src.model, src.data.train.x[:2])
     train = src.data.train
     per_layer, per_unit, sizes = [], [], []

@@ -86,10 +86,10 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
     unless ``prefix_len`` / ``suffix_len`` are given; greedy keeps the loss of ``ref_batch_size`` of its
     clean training sequences low). ``precision``: the injection's and the localisation's forward passes
     under autocast, the injection's fp16 loss scaled (:mod:`memloc.core.precision`)."""
-    for name, value in (("n_sequences", n_sequences), ("n_injected", n_injected), ("max_steps", max_steps)):
-        check_range(name, value, low=1, integer=True)
-    check_range("lr", lr, low=0, low_open=True)
-    check_range("seed", seed, low=0, integer=True)
+    n_sequences, n_injected, max_steps = (check_range(name, value, low=1, integer=True) for name, value in (
+        ("n_sequences", n_sequences), ("n_injected", n_injected), ("max_steps", max_steps)))
+    lr = check_range("lr", lr, low=0, low_open=True)
+    seed = check_range("seed", seed, low=0, integer=True)
     check_precision(precision)
     check_choices("methods", methods, METHODS, "localisation method")
     method_options(options)
@@ -100,8 +100,8 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
         raise MemlocError(f"n_injected {n_injected} is more than the {d} neurons of a layer", argument="n_injected")
     p = data.prefix_len if prefix_len is None else prefix_len
     s = data.suffix_len if suffix_len is None else suffix_len
-    check_range("prefix_len", p, low=1, integer=True)
-    check_range("suffix_len", s, low=1, integer=True)
+    p = check_range("prefix_len", p, low=1, integer=True)
+    s = check_range("suffix_len", s, low=1, integer=True)
     dev = next(model.parameters()).device
     check_precision(precision, dev)
     rng = np.random.default_rng(seed)

@@ -138,12 +138,12 @@ def find_label_issues(source, *, method: str = "combined", checkpoint: int | Non
     if method != "combined" and (not isinstance(method, str) or method not in SCORES):
         raise MemlocError(f"method {method!r} is not a score; valid: combined, {', '.join(SCORES)}", argument="method")
     if rate is not None:
-        check_range("rate", rate, low=0, high=1, high_open=True)
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+        rate = check_range("rate", rate, low=0, high=1, high_open=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     check_precision(precision)
     final = min(r.final_epoch for r in runs)
     k = default_epoch_k(final) if checkpoint is None else checkpoint
-    check_range("checkpoint", k, low=0, high=final, integer=True)
+    k = check_range("checkpoint", k, low=0, high=final, integer=True)
     if k == 0:
         raise MemlocError("checkpoint 0 is the untrained initialisation: its predictions say nothing about the "
                           "labels (the noise-rate estimate from them flags nearly every example); choose an epoch "

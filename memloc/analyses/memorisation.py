@@ -97,7 +97,7 @@ def memorisation(source, data: SequenceSet, *, split: str = "train", eval_batch_
                           argument="data")
     if split not in SPLITS:
         raise MemlocError(f"split {split!r} is unknown; valid: {', '.join(SPLITS)}", argument="split")
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     device = resolve_device(device)
     check_precision(precision, device)
     tokens = data.tokens if split == "train" else data.test_tokens

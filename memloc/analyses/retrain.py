@@ -182,14 +182,14 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (see :func:`retrain_layer`); recorded
     in the config.
     """
-    check_range("epochs", epochs, low=1, integer=True)
-    check_range("batch_size", batch_size, low=1, integer=True)
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
-    check_range("momentum", momentum, low=0, high=1, high_open=True)
-    check_range("weight_decay", weight_decay, low=0)
-    check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
-    check_range("lr", lr, low=0)
-    check_range("prefix_cache_mb", prefix_cache_mb, low=0)
+    epochs = check_range("epochs", epochs, low=1, integer=True)
+    batch_size = check_range("batch_size", batch_size, low=1, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    momentum = check_range("momentum", momentum, low=0, high=1, high_open=True)
+    weight_decay = check_range("weight_decay", weight_decay, low=0)
+    seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
+    lr = check_range("lr", lr, low=0)
+    prefix_cache_mb = check_range("prefix_cache_mb", prefix_cache_mb, low=0)
     prefix_cache = check_flag("prefix_cache", prefix_cache)
     check_precision(precision)
     if optimizer not in OPTIMIZERS:
@@ -199,7 +199,7 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     if isinstance(source, nn.Module) and not isinstance(checkpoint, dict):
         raise MemlocError("checkpoint must be a state_dict when a model is passed instead of a run")
     if not isinstance(checkpoint, dict):
-        check_range("checkpoint", checkpoint, low=0, integer=True)
+        checkpoint = check_range("checkpoint", checkpoint, low=0, integer=True)
     p = prepare(source, data, device=device, layers=layers, checkpoints=None if isinstance(source, nn.Module) else "final")
     init = checkpoint if isinstance(checkpoint, dict) else p.run.checkpoint(checkpoint)
     check_precision(precision, p.device)

@@ -125,8 +125,8 @@ def rewind(source, data=None, *, checkpoints="all", layers=None, eval_batch_size
     ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: every forward pass (the prefix
     cache included) under autocast (:mod:`memloc.core.precision`); recorded in the config.
     """
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
-    check_range("prefix_cache_mb", prefix_cache_mb, low=0)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    prefix_cache_mb = check_range("prefix_cache_mb", prefix_cache_mb, low=0)
     prefix_cache = check_flag("prefix_cache", prefix_cache)
     check_precision(precision)
     if isinstance(source, nn.Module) and not isinstance(checkpoints, dict):

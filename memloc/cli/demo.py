@@ -74,14 +74,19 @@ def demo(out, *, quick: bool = False, device: str = "auto", overwrite: bool = Fa
             "is a run directory" if (out / "run.json").exists() else f"holds files that are not the demo's ({', '.join(foreign[:3])}"
             f"{', ...' if len(foreign) > 3 else ''})")
         raise MemlocError(f"{str(out)!r} {what}; the demo writes into a new or empty folder (or one of its own)")
-    for target in sorted({a[0] for _, name, a in plan if name == "train"}):
-        if Path(target).exists() and not overwrite:
-            raise MemlocError(f"{target!r} already exists; choose a new output folder or use {{overwrite}}",
-                              options={"overwrite": True})
     if overwrite:    # each training step replaces its run (checked and locked by train itself)
         plan = [(t, name, a + ["--overwrite"] if name in ("train", "report") else a) for t, name, a in plan]
+    else:            # a rerun in its own folder continues: finished steps are kept, an interrupted training resumed
+        for _, name, step_argv in plan:
+            if name == "train":
+                _check_own_run(step_argv)
     t0 = time.time()
     for i, (title, name, step_argv) in enumerate(plan, 1):
+        state = "todo" if overwrite else _state(name, step_argv)
+        if state == "done":
+            print(f"[{i}/{len(plan)}] {title}: done before, kept", flush=True)
+            continue
+        step_argv = step_argv + (["--resume"] if state == "resume" else [])
         print(f"[{i}/{len(plan)}] {title}: python -m memloc {name} {' '.join(step_argv)}", flush=True)
         t = time.time()
         run(name, step_argv)
@@ -95,10 +100,37 @@ def demo(out, *, quick: bool = False, device: str = "auto", overwrite: bool = Fa
     return out
 
 
+def _check_own_run(argv: list[str]) -> None:
+    """A demo run already in OUT must be the one this demo trains (the same epochs: not a --quick one for a
+    full demo, or the reverse); else a one-line :class:`MemlocError`."""
+    from ..core.run import Run
+    target = Path(argv[0])
+    if not (target / "run.json").is_file():
+        return
+    stored, wanted = Run(target).config.get("epochs"), int(argv[argv.index("--epochs") + 1])
+    if stored != wanted:
+        raise MemlocError(f"{str(target)!r} is a demo run of {stored} epochs, this demo trains {wanted} (the other of "
+                          "quick and full?): use {overwrite} to replace it, or a new folder", options={"overwrite": True})
+
+
+def _state(name: str, argv: list[str]) -> str:
+    """``done`` (its output exists: a finished run, a result file, a report), ``resume`` (an interrupted
+    training) or ``todo``; an interrupted analysis continues from its own partial work when rerun."""
+    from ..core.run import Run, is_complete
+    target = Path(argv[0])
+    if name == "train":
+        if not is_complete(target):     # none, or its creation was interrupted: the training step redoes it
+            return "todo"
+        run = Run(target)
+        return "done" if run.final_epoch >= int(run.config.get("epochs", 0)) else "resume"
+    if name == "report":
+        return "done" if (target / "report" / "report.md").is_file() else "todo"
+    return "done" if (target / "results" / f"{name}.h5").is_file() else "todo"
 
 
 def arguments(p):
-    p.add_argument("out", help="output folder (created; must not hold earlier demo runs unless --overwrite)")
+    p.add_argument("out", help="output folder (created; a new or empty one, or the folder of an earlier demo, which "
+                               "continues: finished steps are kept)")
     p.add_argument("--quick", action="store_true", help="a version of about a minute with fewer epochs and examples")
 
 
@@ -115,4 +147,4 @@ COMMAND = Command(
     help="the whole pipeline on MNIST-5k with 10% noise, from training to report",
     description=__doc__.split("\n\n")[1].replace("\n", " ").replace("``", ""), arguments=arguments, execute=execute,
     summary=summary, takes_run=False, overwrite=True, interrupted="finished steps are kept in OUT",
-    overwrite_help="delete the demo's earlier run directories in OUT first")
+    overwrite_help="redo every step, replacing the demo's earlier run directories in OUT")

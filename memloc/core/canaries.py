@@ -49,11 +49,10 @@ def canaries(n_train: int = 1024, n_test: int = 128, seq_len: int = 128, *, repe
     lists each canary's name, text, secret, its prefix text (``"alice pin "``), ``repeats`` and rows,
     for :func:`memloc.exposure`. Canary sequences are the memorisation targets (kind ``canary``).
     """
-    for key, value, low in (("n_train", n_train, 1), ("n_test", n_test, 0), ("n_digits", n_digits, 1)):
-        check_range(key, value, low=low, integer=True)
-    repeats = [repeats] if isinstance(repeats, int) else list(repeats)
-    for r in repeats:
-        check_range("repeats", r, low=1, integer=True)
+    n_train, n_test, n_digits = (check_range(key, value, low=low, integer=True) for key, value, low in (
+        ("n_train", n_train, 1), ("n_test", n_test, 0), ("n_digits", n_digits, 1)))
+    repeats = [repeats] if np.ndim(repeats) == 0 else list(repeats)
+    repeats = [check_range("repeats", r, low=1, integer=True) for r in repeats]
     names = list(names)
     if len(names) < len(repeats) or len(set(names)) != len(names):
         raise MemlocError(f"names needs {len(repeats)} distinct names (one per repeat count), got {names}",
@@ -68,7 +67,7 @@ def canaries(n_train: int = 1024, n_test: int = 128, seq_len: int = 128, *, repe
         planted.append({"name": name, "prefix_text": f"{name} pin ", "secret": secret,
                         "text": f"{name} pin {secret}", "repeats": int(r)})
     longest = max(len(c["text"].encode()) for c in planted)
-    check_range("seq_len", seq_len, low=longest + 1, integer=True)
+    seq_len = check_range("seq_len", seq_len, low=longest + 1, integer=True)
     need = n_train + n_test
     chunks, used = [], []
     files = stdlib_sources()

@@ -16,6 +16,7 @@ changed is refused rather than rebuilt on other text.
 """
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
 from .errors import MemlocError
@@ -54,7 +55,7 @@ def check_corpus(name) -> str:
 
 def parse_repeats(value) -> list[int]:
     """``"1,4,16,64"`` (or a list / an int) as a list of insertion counts, each >= 1."""
-    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, numbers.Integral) else list(value)
     try:
         counts = [int(str(v).strip()) for v in items]
     except ValueError:

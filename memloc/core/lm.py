@@ -93,7 +93,8 @@ class TinyGPT(nn.Module):
                  d_mlp: int | None = None, max_len: int = 256, *, seed: int | None = None):
         super().__init__()
         d_mlp = 4 * d_model if d_mlp is None else d_mlp
-        _check_sizes(vocab_size, n_layer, n_head, d_model, d_mlp, max_len)
+        vocab_size, n_layer, n_head, d_model, d_mlp, max_len = _check_sizes(vocab_size, n_layer, n_head, d_model, d_mlp,
+                                                                            max_len)
         self.vocab_size, self.max_len = int(vocab_size), int(max_len)
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(max_len, d_model)
@@ -129,12 +130,13 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def _check_sizes(vocab_size, n_layer, n_head, d_model, d_mlp, max_len):
-    for name, value in (("vocab_size", vocab_size), ("n_layer", n_layer), ("n_head", n_head), ("d_model", d_model),
-                        ("d_mlp", d_mlp), ("max_len", max_len)):
-        check_range(name, value, low=1, integer=True)
+def _check_sizes(vocab_size, n_layer, n_head, d_model, d_mlp, max_len) -> tuple[int, ...]:
+    vocab_size, n_layer, n_head, d_model, d_mlp, max_len = (check_range(name, value, low=1, integer=True) for name, value in (
+        ("vocab_size", vocab_size), ("n_layer", n_layer), ("n_head", n_head), ("d_model", d_model), ("d_mlp", d_mlp),
+        ("max_len", max_len)))
     if d_model % n_head:
         raise MemlocError(f"d_model {d_model} is not a multiple of n_head {n_head}", argument="d_model")
+    return vocab_size, n_layer, n_head, d_model, d_mlp, max_len
 
 
 def hf_causal_lm(family: str = "gpt2", vocab_size: int = 14, n_layer: int = 2, n_head: int = 4, d_model: int = 128,
@@ -149,7 +151,7 @@ def hf_causal_lm(family: str = "gpt2", vocab_size: int = 14, n_layer: int = 2, n
     if family not in HF_FAMILIES:
         raise MemlocError(f"unknown model family {family!r}; valid: {', '.join(HF_FAMILIES)}", argument="family")
     d_mlp = 4 * d_model if d_mlp is None else d_mlp
-    _check_sizes(vocab_size, n_layer, n_head, d_model, d_mlp, max_len)
+    vocab_size, n_layer, n_head, d_model, d_mlp, max_len = _check_sizes(vocab_size, n_layer, n_head, d_model, d_mlp, max_len)
     import transformers
     special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if family == "gpt2":
@@ -278,7 +280,7 @@ def check_lm(model: nn.Module, tokens: torch.Tensor, *, name: str = "model") -> 
 def greedy_decode(model: nn.Module, prompts: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """(B, n_tokens): the tokens greedy decoding appends to ``prompts`` (B, P), one full forward per
     token (no cache; ties go to the lowest token id, as ``argmax``)."""
-    check_range("n_tokens", n_tokens, low=0, integer=True)
+    n_tokens = check_range("n_tokens", n_tokens, low=0, integer=True)
     x = torch.as_tensor(prompts)
     if x.ndim != 2 or x.shape[1] < 1:
         raise MemlocError(f"prompts has shape {tuple(x.shape)}; give (B, P) token ids with P >= 1", argument="prompts")

@@ -215,7 +215,7 @@ class Recorder(RunWriter):
                  data_spec: str | dict | None = None, resume: bool = False, overwrite: bool = False,
                  eval_batch_size: int = 1024, source_index: dict | None = None, argv=None,
                  evaluated: dict | None = None):
-        check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+        eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
         self.eval_batch_size = eval_batch_size
         device = next((p.device for p in model.parameters()), torch.device("cpu"))   # batches go to the model
         self.eval_train = as_batches(eval_train, batch_size=eval_batch_size, name="eval_train", device=device)

@@ -271,8 +271,8 @@ class Run:
         when it records another run's fingerprint (results from before fingerprints are read as they are)."""
         path = self.results_path(name)
         if not path.is_file():
-            have = sorted(p.stem for p in (self.path / "results").glob("*.h5"))
-            raise MemlocError(f"run {str(self.path)!r} has no {name!r} result (has: {', '.join(have) or 'none'})")
+            from .prerequisites import missing_result
+            raise missing_result(self, name)
         res = load_result(path, name)
         stored = res.dataset.attrs.get("run_fingerprint")
         if stored is not None and str(stored) != self.fingerprint:

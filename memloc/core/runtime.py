@@ -13,8 +13,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .errors import MemlocError
+from .numeric import as_number, check_range, describe_range, in_range  # noqa: F401 (the helpers' old home)
 
-__all__ = ["world", "alone", "resolve_device", "progress", "split_list", "check_range", "check_flag", "in_range", "describe_range", "check_choices", "import_object",
+__all__ = ["world", "alone", "resolve_device", "progress", "split_list", "check_range", "check_flag", "in_range", "as_number", "describe_range", "check_choices", "import_object",
            "atomic_path", "FileLock", "make_dir", "check_creatable"]
 
 
@@ -78,39 +79,6 @@ def split_list(value) -> list[str] | None:
         items = [value]
     items = [item.item() if hasattr(item, "item") and getattr(item, "ndim", 1) == 0 else item for item in items]
     return [s.strip() for item in items for s in str(item).split(",") if s.strip()]
-
-
-def describe_range(low=None, high=None, *, integer: bool = False, low_open: bool = False,
-                   high_open: bool = False) -> str:
-    """``an integer >= 1``, ``a finite number in (0, 1]``, ..."""
-    what = "an integer" if integer else "a finite number"
-    if low is not None and high is not None:
-        return f"{what} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    if low is not None:
-        return f"{what} {'>' if low_open else '>='} {low}"
-    if high is not None:
-        return f"{what} {'<' if high_open else '<='} {high}"
-    return what
-
-
-def in_range(value, low=None, high=None, *, integer: bool = False, low_open: bool = False,
-             high_open: bool = False) -> bool:
-    import math
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return False
-    if integer and not float(value).is_integer():
-        return False
-    if low is not None and (value < low or (low_open and value == low)):
-        return False
-    return high is None or (value <= high and not (high_open and value == high))
-
-
-def check_range(name: str, value, *, low=None, high=None, integer: bool = False, low_open: bool = False,
-                high_open: bool = False) -> None:
-    """:class:`MemlocError` naming ``name`` unless ``value`` is finite and in the range."""
-    if not in_range(value, low, high, integer=integer, low_open=low_open, high_open=high_open):
-        rng = describe_range(low, high, integer=integer, low_open=low_open, high_open=high_open)
-        raise MemlocError(f"{name} must be {rng}, got {value!r}", argument=name)
 
 
 def check_flag(name: str, value) -> bool:

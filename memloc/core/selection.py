@@ -117,7 +117,7 @@ def resolve(source, data=None, *, device="auto", checkpoint: int | None = None) 
     """The model (a copy: the caller's module keeps its mode, device and weights) and data of a
     :class:`Run` / run path (at ``checkpoint``, default final) or of an ``nn.Module`` and ``data``."""
     if checkpoint is not None:
-        check_range("checkpoint", checkpoint, low=0, integer=True)
+        checkpoint = check_range("checkpoint", checkpoint, low=0, integer=True)
     dev = resolve_device(device)
     if isinstance(source, nn.Module):
         if data is None:

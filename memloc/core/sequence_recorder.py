@@ -58,7 +58,7 @@ class SequenceRecorder(RunWriter):
         if not isinstance(data, SequenceSet):
             raise MemlocError(f"data must be a SequenceSet (memloc.tinymem, memloc.canaries), got "
                               f"{type(data).__name__}", argument="data")
-        check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+        eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
         self.data, self.eval_batch_size, self.precision = data, eval_batch_size, check_precision(precision)
         self.n = len(data)
         self.is_noisy = np.asarray(data.is_memorised_target, dtype=bool)

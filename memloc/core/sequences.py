@@ -188,8 +188,8 @@ def plain(value):
 
 def check_span(prefix_len, suffix_len, seq_len: int) -> None:
     """:class:`MemlocError` unless prefix_len >= 1, suffix_len >= 1 and prefix + suffix fit in ``seq_len``."""
-    check_range("prefix_len", prefix_len, low=1, integer=True)
-    check_range("suffix_len", suffix_len, low=1, integer=True)
+    prefix_len = check_range("prefix_len", prefix_len, low=1, integer=True)
+    suffix_len = check_range("suffix_len", suffix_len, low=1, integer=True)
     if prefix_len + suffix_len > seq_len:
         raise MemlocError(f"suffix_len {suffix_len} after prefix_len {prefix_len} runs past the end of sequences "
                           f"of {seq_len} tokens (prefix_len + suffix_len must be <= {seq_len})", argument="suffix_len")
@@ -197,8 +197,7 @@ def check_span(prefix_len, suffix_len, seq_len: int) -> None:
 
 def check_rate(name: str, rate) -> float:
     """A rate in [0, 1) (exactly floor(rate * N) sequences get it) or a :class:`MemlocError` naming ``name``."""
-    check_range(name, rate, low=0, high=1, high_open=True)
-    return float(rate)
+    return float(check_range(name, rate, low=0, high=1, high_open=True))
 
 
 def _task(task: str, step, modulus):
@@ -206,10 +205,10 @@ def _task(task: str, step, modulus):
         raise MemlocError(f"unknown task {task!r}; valid: {', '.join(TASKS)}", argument="task")
     default_step, default_modulus = TASKS[task]
     step = default_step if step is None else step
-    check_range("step", step, low=1, integer=True)
+    step = check_range("step", step, low=1, integer=True)
     if task == "mult":
         modulus = default_modulus if modulus is None else modulus
-        check_range("modulus", modulus, low=2, integer=True)
+        modulus = check_range("modulus", modulus, low=2, integer=True)
         if math.gcd(int(step), int(modulus)) != 1:
             raise MemlocError(f"step {step} and modulus {modulus} share a factor: distinct starts would not give "
                               "distinct sequences", argument="step")
@@ -267,12 +266,11 @@ def tinymem(task: str = "increment", n_train: int = 1000, n_test: int = 200, seq
       ``n_train`` originals (kind ``duplicate``, ``copy_of`` its original; also targets).
     """
     step, modulus, f = _task(task, step, modulus)
-    for name, value, low in (("n_train", n_train, 1), ("n_test", n_test, 0), ("seq_len", seq_len, 4),
-                             ("duplicate", duplicate, 0)):
-        check_range(name, value, low=low, integer=True)
+    n_train, n_test, seq_len, duplicate = (check_range(name, value, low=low, integer=True) for name, value, low in (
+        ("n_train", n_train, 1), ("n_test", n_test, 0), ("seq_len", seq_len, 4), ("duplicate", duplicate, 0)))
     noise, backdoor = check_rate("noise", noise), check_rate("backdoor", backdoor)
     prefix_len = seq_len // 2 if prefix_len is None else prefix_len
-    check_range("prefix_len", prefix_len, low=1, integer=True)
+    prefix_len = check_range("prefix_len", prefix_len, low=1, integer=True)
     suffix_len = seq_len - prefix_len if suffix_len is None else suffix_len
     check_span(prefix_len, suffix_len, seq_len)
     n_noisy, n_backdoor = math.floor(noise * n_train), math.floor(backdoor * n_train)
@@ -290,7 +288,7 @@ def tinymem(task: str = "increment", n_train: int = 1000, n_test: int = 200, seq
                           f"{constant!r}", argument="trigger" if len(const) == 1 else "constant")
 
     rng = np.random.default_rng(seed)
-    check_range("max_start", max_start, low=1, integer=True)
+    max_start = check_range("max_start", max_start, low=1, integer=True)
     lo, hi = (1, modulus) if task == "mult" else (0, int(max_start))
     need = n_train + n_test
     rows = []

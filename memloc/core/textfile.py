@@ -78,7 +78,7 @@ def textfile(path, n_train: int | None = None, n_test: int | None = None, seq_le
     """The :class:`SequenceSet` of text file ``path`` (module docstring). ``n_test``: default a tenth
     of the windows (at least 1); ``n_train``: default the rest. ``sha`` / ``inject_sha``: the files'
     expected sha256 (a run's), a :class:`MemlocError` if either file changed since."""
-    check_range("seq_len", seq_len, low=2, integer=True)
+    seq_len = check_range("seq_len", seq_len, low=2, integer=True)
     data = read_text(path)
     _unchanged("corpus file", path, sha, data)
     planted = []
@@ -96,8 +96,8 @@ def textfile(path, n_train: int | None = None, n_test: int | None = None, seq_le
                           f"{seq_len} bytes; it needs at least 2 (a longer file or a smaller seq_len)", argument="seq_len")
     n_test = max(1, len(chunks) // 10) if n_test is None else n_test
     n_train = len(chunks) - n_test if n_train is None else n_train
-    check_range("n_test", n_test, low=0, integer=True)
-    check_range("n_train", n_train, low=1, integer=True)
+    n_test = check_range("n_test", n_test, low=0, integer=True)
+    n_train = check_range("n_train", n_train, low=1, integer=True)
     if n_train + n_test > len(chunks):
         raise MemlocError(f"corpus file {str(path)!r} gives {len(chunks)} sequences of {seq_len} bytes, fewer than "
                           f"n_train + n_test = {n_train + n_test}", argument="n_train")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.run import Run
+from ..core.prerequisites import command_line
 
 __all__ = ["findings"]
 
@@ -125,10 +126,23 @@ def _fixing(results: dict) -> list[str]:
     return out
 
 
+def _not_yet(run: Run, results: dict) -> str | None:
+    """The findings a classifier run's report lacks, each with the command that makes its result first."""
+    if run.is_lm:
+        return None
+    wanted = [("where memorisation lives", ("retrain", "rewind", "flip", "dropout"), "retrain"),
+              ("which labels look wrong", ("issues", "detect"), "issues"),
+              ("what dropping or relabelling them gives", ("clean", "unlearn"), "clean")]
+    parts = [f"{what}: run {command_line(run, name)}" for what, have, name in wanted if not any(h in results for h in have)]
+    return "**Not in this report yet**: " + "; ".join(parts) + "." if parts else None
+
+
 def findings(run: Run, results: dict) -> list[str]:
-    """One Markdown sentence per finding the results support, in reading order."""
+    """One Markdown sentence per finding the results support, in reading order; then the findings
+    whose results are missing, with the command that makes each."""
     out = [_training(run)]
     out += _where(results)
     out += _wrong_labels(run, results)
     out += _fixing(results)
+    out.append(_not_yet(run, results))
     return [s for s in out if s]

@@ -23,10 +23,11 @@ STATE_FILE = "trainer_state.pt"
 
 def check_ranges(cfg: dict, ranges: dict) -> None:
     """Every numeric option of ``cfg`` that is set within its range (key -> (int | float, low, high,
-    low open, high open); None = no bound), else a :class:`MemlocError` naming it."""
+    low open, high open); None = no bound), else a :class:`MemlocError` naming it; each made a Python
+    number in place (numpy's integers are integers, so ``run.json`` stores the number)."""
     for key, (kind, low, high, low_open, high_open) in ranges.items():
         if cfg.get(key) is not None:
-            check_range(key, cfg[key], low=low, high=high, integer=kind is int, low_open=low_open, high_open=high_open)
+            cfg[key] = check_range(key, cfg[key], low=low, high=high, integer=kind is int, low_open=low_open, high_open=high_open)
 
 
 def _stored_config(run_dir: Path) -> dict:

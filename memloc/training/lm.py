@@ -156,7 +156,7 @@ def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = 
     the :class:`memloc.core.run.Run`. The keywords are :func:`memloc.train`'s (``forward_context(model,
     idx)`` wraps each training forward, ``idx`` the batch's sequence ids)."""
     cfg = resolve_lm_config(cfg)
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     if resume and overwrite:
         raise MemlocError("resume=True and overwrite=True exclude each other")
     rank, parts = world()      # parts > 1 under torchrun: one run, each batch split across the processes

@@ -37,6 +37,7 @@ official ``ResNet9`` a variant (64-128-256-128: a 5x5 stride-2 conv, one max-poo
 from __future__ import annotations
 
 from ..core.errors import MemlocError
+from ..core.runtime import in_range
 
 __all__ = ["RECIPES", "recipe_options"]
 
@@ -46,7 +47,7 @@ _NO_FLIP = ("svhn", "mnist", "mnist5k", "digits")
 
 def _paper(given: dict) -> dict:
     epochs = given.get("epochs", 100)
-    ok = isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs >= 1
+    ok = in_range(epochs, 1)
     options = dict(dataset="cifar10", model="resnet9", noise_kind="symmetric", optimizer="sgd", lr=0.1,
                    momentum=0.9, weight_decay=5e-4, batch_size=512, epochs=100, schedule="onecycle",
                    warmup=min(10 / epochs, 0.5) if ok else 0.1, augment_pad=4,

@@ -267,7 +267,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
     if cfg["test_size"] is not None and cfg["test_size"] >= 1 and not float(cfg["test_size"]).is_integer():
         raise MemlocError(f"test_size must be a fraction in (0, 1) or a whole number of examples, got "
                           f"{cfg['test_size']}", argument="test_size")
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     if resume and overwrite:
         raise MemlocError("{resume} and {overwrite} exclude each other", options={"resume": True, "overwrite": True})
     run_dir = Path(run_dir)

@@ -56,19 +56,20 @@ def protocol_options(protocol: str, is_noisy=None, **given) -> dict:
 
 
 def _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise_ratio, seed, site, ref_pool, dtype,
-           precision="fp32"):
-    for name, value in (("max_units", max_units), ("repeats", repeats), ("group_size", group_size),
-                        ("eval_batch_size", eval_batch_size)):
-        check_range(name, value, low=1, integer=True)
-    check_range("noise_samples", noise_samples, low=0, integer=True)
-    check_range("noise_ratio", noise_ratio, low=0)
-    check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
+           precision="fp32") -> tuple:
+    """The numbers among the arguments, checked, as Python numbers (max_units ... seed)."""
+    max_units, repeats, group_size, eval_batch_size = (check_range(name, value, low=1, integer=True) for name, value in (
+        ("max_units", max_units), ("repeats", repeats), ("group_size", group_size), ("eval_batch_size", eval_batch_size)))
+    noise_samples = check_range("noise_samples", noise_samples, low=0, integer=True)
+    noise_ratio = check_range("noise_ratio", noise_ratio, low=0)
+    seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     for name, value, valid in (("site", site, SITES), ("ref_pool", ref_pool, REF_POOLS), ("dtype", dtype, DTYPES)):
         if not isinstance(value, str) or value not in valid:
             raise MemlocError(f"unknown {name} {value!r}; valid: {', '.join(valid)}", argument=name)
     if check_precision(precision) != "fp32" and dtype != "float32":
         raise MemlocError(f"precision {precision} (autocast to 16 bits) and dtype {dtype} exclude each other; use "
                           "dtype float32 with it", argument="precision")
+    return max_units, repeats, group_size, eval_batch_size, noise_samples, noise_ratio, seed
 
 
 def settings(is_noisy, *, checkpoint, examples, max_units, noise_samples, noise_ratio, repeats, site, collateral,
@@ -124,14 +125,15 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
     log = log or (lambda msg: None)
     collateral = check_flag("collateral", collateral)
     if ref_batch_size is not None:
-        check_range("ref_batch_size", ref_batch_size, low=1, integer=True)
+        ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=1, integer=True)
     chosen = dict(site=site, noise_samples=noise_samples, noise_ratio=noise_ratio, ref_batch_size=ref_batch_size,
                   repeats=repeats, ref_pool=ref_pool)
     opts = protocol_options(protocol, **chosen)
-    _check(max_units, opts["repeats"], group_size, eval_batch_size, opts["noise_samples"], opts["noise_ratio"], seed,
-           opts["site"], opts["ref_pool"], dtype, precision)
+    (max_units, opts["repeats"], group_size, eval_batch_size, opts["noise_samples"], opts["noise_ratio"],
+     seed) = _check(max_units, opts["repeats"], group_size, eval_batch_size, opts["noise_samples"], opts["noise_ratio"],
+                    seed, opts["site"], opts["ref_pool"], dtype, precision)
     if checkpoint is not None:
-        check_range("checkpoint", checkpoint, low=0, integer=True)
+        checkpoint = check_range("checkpoint", checkpoint, low=0, integer=True)
     src = resolve(source, data, device=device, checkpoint=checkpoint)
     model, data, dev, epoch = src.model, src.data, src.device, src.checkpoint
     check_precision(precision, dev)

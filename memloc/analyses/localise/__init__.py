@@ -51,7 +51,7 @@ def lm_source(source, data=None, *, checkpoint: int | None = None, device="auto"
     (a :class:`memloc.Run` or its path; ``checkpoint`` default final) or of a causal LM module (a copy:
     the caller's module is left as it is) with ``data``."""
     if checkpoint is not None:
-        check_range("checkpoint", checkpoint, low=0, integer=True)
+        checkpoint = check_range("checkpoint", checkpoint, low=0, integer=True)
     dev = resolve_device(device)
     if isinstance(source, torch.nn.Module):
         if not isinstance(data, SequenceSet):
@@ -104,7 +104,7 @@ def select_targets(model, data: SequenceSet, examples="memorised", *, eval_batch
 def reference_rows(data: SequenceSet, ref_batch_size: int, *, exclude=(), seed: int = 0) -> np.ndarray:
     """``ref_batch_size`` rows of ``data``'s non-target training sequences (not in ``exclude``), drawn
     with ``seed``: the reference whose loss greedy zeroing keeps low (fewer when fewer exist)."""
-    check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
+    ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
     pool = np.setdiff1d(np.flatnonzero(~data.is_memorised_target), np.asarray(exclude, dtype=np.int64))
     return np.sort(np.random.default_rng(seed).permutation(pool)[:ref_batch_size])
 
@@ -120,9 +120,9 @@ def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS
     forward pass under autocast (:mod:`memloc.core.precision`; :func:`neuron_scores`)."""
     check_choices("methods", methods, METHODS, "localisation method")     # bad options fail before any work
     method_options(options)
-    check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
+    ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
     check_precision(precision)
-    check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
+    seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
     check_precision(precision, next(model.parameters()).device)
     mlp_layers(model)

@@ -83,8 +83,8 @@ def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *,
     """
     chosen = check_choices("methods", methods, METHODS, "localisation method")
     opts = method_options(options)
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
-    check_range("seed", seed, low=0, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    seed = check_range("seed", seed, low=0, integer=True)
     check_precision(precision)
     tokens = _token_ids(tokens, "tokens")
     check_span(prefix_len, suffix_len, tokens.shape[1])

@@ -29,7 +29,8 @@ import xarray as xr
 
 from ...core.errors import MemlocError
 from ...core.lm import sequence_measures
-from ...core.options import nonnegative_int, number, positive_int
+from ...core.options import add_precision, nonnegative_int, number, positive_int
+from ...core.precision import check_precision
 from ...core.registry import Analysis, Command
 from ...core.results import Result
 from ...core.runtime import check_choices, check_range
@@ -42,11 +43,11 @@ from .methods import FUNCTIONS, HYPER, METHODS, NO_FRACTION, Task, mitigation_op
 __all__ = ["mitigate", "METHODS", "HYPER"]
 
 
-def _measures(model, data, target_rows, eval_batch_size: int) -> dict:
+def _measures(model, data, target_rows, eval_batch_size: int, precision: str = "fp32") -> dict:
     """Memorised share of the targets / the clean training sequences, the test measures, per-target flags."""
     p, s = data.prefix_len, data.suffix_len
-    train = sequence_measures(model, data.tokens, p, s, eval_batch_size=eval_batch_size)["memorised"]
-    test = sequence_measures(model, data.test_tokens, p, s, eval_batch_size=eval_batch_size)
+    train = sequence_measures(model, data.tokens, p, s, eval_batch_size=eval_batch_size, precision=precision)["memorised"]
+    test = sequence_measures(model, data.test_tokens, p, s, eval_batch_size=eval_batch_size, precision=precision)
     tinymem = str(data.name).startswith("tinymem")
     return {"targets_memorised": float(train[data.is_memorised_target].mean()),
             "others_memorised": float(train[~data.is_memorised_target].mean()) if (~data.is_memorised_target).any()
@@ -59,24 +60,28 @@ def _measures(model, data, target_rows, eval_batch_size: int) -> dict:
 @stored("mitigation")
 def mitigate(source, data=None, *, methods=METHODS, fractions=(0.01,), options: dict | None = None,
              ref_batch_size: int = 64, checkpoint: int | None = None, eval_batch_size: int = 64, seed: int = 0,
-             device="auto") -> Result:
+             device="auto", precision: str = "fp32") -> Result:
     """The ``"mitigation"`` result (module docstring) of a language-model run (``checkpoint`` default
     final) or a causal LM module with ``data`` (a SequenceSet, with test sequences): every method of
     ``methods`` at every fraction of ``fractions`` (in (0, 1]) removes all memorised targets at once.
-    ``options``: {method: {name: value}} over :data:`HYPER` and the localisation methods' settings."""
+    ``options``: {method: {name: value}} over :data:`HYPER` and the localisation methods' settings.
+    ``precision``: every forward pass (measures, methods, fine-tuning and mask learning, their fp16 loss
+    scaled) under autocast (:mod:`memloc.core.precision`)."""
     chosen = check_choices("methods", methods, METHODS, "mitigation method")
     fracs = check_fractions(fractions)
     opts = mitigation_options(options)
-    check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
-    check_range("seed", seed, low=0, integer=True)
+    ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    seed = check_range("seed", seed, low=0, integer=True)
+    check_precision(precision)
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
     if not len(data.test_tokens):
         raise MemlocError(f"data {data.name!r} has no test sequences: mitigation measures the held-out loss",
                           argument="data")
     p, s = data.prefix_len, data.suffix_len
     dev = next(model.parameters()).device
-    before = _measures(model, data, slice(None), eval_batch_size)
+    check_precision(precision, dev)
+    before = _measures(model, data, slice(None), eval_batch_size, precision)
     rows = np.flatnonzero(before["memorised"] & data.is_memorised_target)
     if not len(rows):
         raise MemlocError("the model reproduces none of its memorisation targets at this checkpoint, so there is "
@@ -95,13 +100,13 @@ def mitigate(source, data=None, *, methods=METHODS, fractions=(0.01,), options: 
         t = Task(copy.deepcopy(model).eval(), data.tokens[torch.as_tensor(all_targets)][:, :p + s].to(dev),
                  torch.from_numpy(np.isin(all_targets, rows)).to(dev),
                  data.tokens[torch.as_tensor(ref, dtype=torch.int64)][:, :p + s].to(dev), clean_all, p, s,
-                 eval_batch_size, seed)
+                 eval_batch_size, seed, precision)
         start = time.perf_counter()
         out["changed"][i] = FUNCTIONS[method](t, opts[method], fraction)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         out["seconds"][i] = time.perf_counter() - start
-        after = _measures(t.model.eval(), data, rows, eval_batch_size)
+        after = _measures(t.model.eval(), data, rows, eval_batch_size, precision)
         for key in keys:
             out[key][i] = after[key]
         out["memorised"][i] = after["memorised"]
@@ -114,7 +119,8 @@ def mitigate(source, data=None, *, methods=METHODS, fractions=(0.01,), options: 
               "target": np.asarray(data.ids[rows], dtype=np.int64)}
     config = {"methods": chosen, "fractions": fracs, "options": {m: opts[m] for m in chosen}, "prefix_len": p,
               "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "checkpoint": epoch,
-              "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev), "data": data.name}
+              "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev), "data": data.name,
+              "precision": precision}
     return Result("mitigation", xr.Dataset(variables, coords=coords), config=config)
 
 
@@ -133,12 +139,13 @@ def _cli_arguments(p):
     p.add_argument("--ref-batch-size", type=nonnegative_int, default=64,
                    help="clean training sequences whose loss BalancedSubnet and the greedy searches keep low")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="random stream of every method")
+    add_precision(p, what="every forward pass (fp16 mask learning and fine-tuning with a scaled loss)")
 
 
 def _cli_execute(args):
     return mitigate(args.run, methods=args.methods, fractions=args.fractions, options=parse_settings(args.set),
                     checkpoint=args.checkpoint, ref_batch_size=args.ref_batch_size,
-                    eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device)
+                    eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device, precision=args.precision)
 
 
 def _cli_summary(res, args):

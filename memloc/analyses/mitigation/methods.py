@@ -33,6 +33,7 @@ from ...core.errors import MemlocError
 from ...core.lm import lm_logits, sequence_measures, suffix_measures
 from ...core.neurons import NeuronLayer, mlp_layers, neuron_masks, output_weights
 from ...core.optim import make_optimizer
+from ...core.precision import autocast, grad_scaler
 from ..localise import METHODS as LOCALISE, method_options as localise_options, neuron_scores
 from .subnet import HYPER as SUBNET, mlp_weights, subnet
 
@@ -78,7 +79,8 @@ class Task:
     """What a method works on: ``model`` (a copy it edits in place, eval mode), every memorisation target
     ``targets`` (of which ``was_memorised`` (B,) bool the model reproduced before) and the ``clean``
     reference sequences (prefix + suffix, on the model's device), every clean training sequence
-    ``clean_all`` (whole, on the device), the span, the batch size and the seed."""
+    ``clean_all`` (whole, on the device), the span, the batch size, the seed and the precision of every
+    forward pass (:mod:`memloc.core.precision`; fp16 training steps scale their loss)."""
 
     model: nn.Module
     targets: torch.Tensor
@@ -89,6 +91,7 @@ class Task:
     suffix_len: int
     eval_batch_size: int = 64
     seed: int = 0
+    precision: str = "fp32"
 
     @property
     def layers(self) -> list[NeuronLayer]:
@@ -96,7 +99,7 @@ class Task:
 
     def memorised(self) -> np.ndarray:
         return sequence_measures(self.model, self.targets, self.prefix_len, self.suffix_len,
-                                 eval_batch_size=self.eval_batch_size)["memorised"]
+                                 eval_batch_size=self.eval_batch_size, precision=self.precision)["memorised"]
 
 
 @torch.no_grad()
@@ -112,7 +115,8 @@ def _neurons(method: str):
         layers = t.layers
         got = neuron_scores(t.model, t.targets[t.was_memorised], t.prefix_len, t.suffix_len, methods=[method],
                             reference=t.clean if len(t.clean) else None, options={method: opts},
-                            eval_batch_size=t.eval_batch_size, seed=t.seed)["scores"][method].mean(0)   # (L, d)
+                            eval_batch_size=t.eval_batch_size, seed=t.seed,
+                            precision=t.precision)["scores"][method].mean(0)   # (L, d)
         k = max(1, int(round(fraction * layers[0].size)))
         top = np.argsort(-got, axis=-1, kind="stable")[:, :k]
         zeroed = np.zeros(got.shape, dtype=bool)
@@ -123,7 +127,9 @@ def _neurons(method: str):
 
 
 def _loss(t: Task, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, _, memorised = suffix_measures(lm_logits(t.model, x[:, :-1]), x, t.prefix_len, t.suffix_len)
+    with autocast(t.precision, x.device):
+        logits = lm_logits(t.model, x[:, :-1])
+    loss, _, memorised = suffix_measures(logits, x, t.prefix_len, t.suffix_len)
     return loss, memorised
 
 
@@ -183,7 +189,7 @@ def greedy_weights(t: Task, opts: dict, fraction: float) -> int:
 def _subnet(balanced: bool):
     def run(t: Task, opts: dict, fraction: float) -> int:
         return subnet(t.model, t.targets, t.clean, t.prefix_len, t.suffix_len, sparsity=fraction, balanced=balanced,
-                      opts=opts, seed=t.seed)
+                      opts=opts, seed=t.seed, precision=t.precision)
     return run
 
 
@@ -193,6 +199,7 @@ def fine_tune(t: Task, opts: dict, fraction: float) -> int:
         raise MemlocError("there is no clean (non-target) training sequence to fine-tune on", argument="methods")
     params = [q for q in t.model.parameters() if q.requires_grad]
     optimiser = make_optimizer(params, "adam", lr=float(opts["lr"]), weight_decay=0.0)
+    scaler = grad_scaler(t.precision, t.clean_all.device)      # fp16 only; otherwise the plain step
     order = torch.Generator().manual_seed(int(t.seed))
     for epoch in range(int(opts["max_epochs"])):
         if not t.memorised().any():
@@ -200,11 +207,13 @@ def fine_tune(t: Task, opts: dict, fraction: float) -> int:
         t.model.train()
         for rows in torch.randperm(len(t.clean_all), generator=order).split(int(opts["batch_size"])):
             x = t.clean_all[rows.to(t.clean_all.device)]
-            logits = lm_logits(t.model, x[:, :-1])
+            with autocast(t.precision, x.device):
+                logits = lm_logits(t.model, x[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
             optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
         t.model.eval()
     return int(opts["max_epochs"])
 

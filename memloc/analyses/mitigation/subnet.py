@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 from ...core.lm import lm_logits, suffix_measures
 from ...core.neurons import mlp_layers
 from ...core.optim import make_optimizer
+from ...core.precision import autocast, grad_scaler
 
 __all__ = ["mlp_weights", "subnet", "HYPER"]
 
@@ -64,15 +65,18 @@ class _EdgePopup(nn.Module):
         return weight * self.mask()
 
 
-def _suffix_loss(model, tokens, p: int, s: int) -> torch.Tensor:
-    return suffix_measures(lm_logits(model, tokens[:, :p + s - 1]), tokens, p, s)[0]
+def _suffix_loss(model, tokens, p: int, s: int, precision: str = "fp32") -> torch.Tensor:
+    with autocast(precision, tokens.device):
+        logits = lm_logits(model, tokens[:, :p + s - 1])
+    return suffix_measures(logits, tokens, p, s)[0]
 
 
 def subnet(model: nn.Module, targets: torch.Tensor, clean: torch.Tensor | None, prefix_len: int, suffix_len: int, *,
-           sparsity: float, balanced: bool, opts: dict, seed: int = 0) -> int:
+           sparsity: float, balanced: bool, opts: dict, seed: int = 0, precision: str = "fp32") -> int:
     """Learn the mask of :func:`mlp_weights` on ``model`` (changed in place: its pruned MLP weights set
     to 0) from the memorised ``targets`` (and, ``balanced``, the ``clean`` sequences), token tensors on
-    the model's device; returns the number of weights pruned."""
+    the model's device, forward passes under ``precision`` (fp16: the loss scaled); returns the number of
+    weights pruned."""
     p0 = next(model.parameters())
     generator = torch.Generator().manual_seed(int(seed))
     frozen = {name: q.requires_grad for name, q in model.named_parameters()}
@@ -90,15 +94,17 @@ def subnet(model: nn.Module, targets: torch.Tensor, clean: torch.Tensor | None, 
         sign = torch.ones(len(tokens), device=tokens.device)
         sign[:len(targets)] = -1                                 # raise the targets' loss, lower the clean one
         order = torch.Generator().manual_seed(int(seed) + 1)
+        scaler = grad_scaler(precision, tokens.device)      # fp16 only; otherwise the plain step
         was_training = model.training
         model.eval()
         for _ in range(int(opts["epochs"])):
             for rows in torch.randperm(len(tokens), generator=order).split(int(opts["batch_size"])):
                 rows = rows.to(tokens.device)
-                loss = (sign[rows] * _suffix_loss(model, tokens[rows], prefix_len, suffix_len)).mean()
+                loss = (sign[rows] * _suffix_loss(model, tokens[rows], prefix_len, suffix_len, precision)).mean()
                 optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimiser)
+                scaler.update()
         model.train(was_training)
     finally:
         pruned = sum(module.parametrizations.weight[0].pruned for _, module in modules)

@@ -81,6 +81,7 @@ from ...core.options import add_precision, nonnegative_int, positive_int
 from ...core.schemas import Schema, Var, EXAMPLE_VAR, SCORE_NAMES
 from ...core.registry import Analysis, Command
 from ...core.deprecation import renamed
+from ...core.prerequisites import missing_result
 from ...core.store import stored
 
 __all__ = ["final_loss", "confidence", "variability", "forgetting_events", "el2n", "aum", "neuron_count",
@@ -203,7 +204,7 @@ def scores(source, data=None, *, methods="all", checkpoint: int | None = None, g
     (:mod:`memloc.scale.distributed`) the cells are split across the processes (None then means
     ``"auto"``) and rank 0 returns the merged result (equal to one process's), the other ranks None.
     """
-    check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     if not isinstance(grad_method, str) or grad_method not in GRAD_NORM_METHODS:
         raise MemlocError(f"unknown grad_method {grad_method!r}; valid: {', '.join(GRAD_NORM_METHODS)}",
                           argument="grad_method")
@@ -229,7 +230,7 @@ def scores(source, data=None, *, methods="all", checkpoint: int | None = None, g
     epoch_k = None
     if run is not None:
         epoch_k = default_epoch_k(run.final_epoch) if checkpoint is None else checkpoint
-        check_range("checkpoint", epoch_k, low=0, high=run.final_epoch, integer=True)
+        epoch_k = check_range("checkpoint", epoch_k, low=0, high=run.final_epoch, integer=True)
     inp = _Inputs(run, model, data, epoch_k=epoch_k, device=dev, batch_size=eval_batch_size, grad_method=grad_method,
                   precision=check_precision(precision, dev), task=task, num_examples=n)
     # the scores read from the run first, on every rank: their errors stop all before any pass
@@ -282,7 +283,7 @@ def _cli_execute(args):
             print("memloc scores: a language model's run (suffix loss for the loss; targets = noisy); "
                   + "; ".join(f"{n} skipped: {s.not_for_sequences}" for n, s in SCORES.items() if s.not_for_sequences))
         elif "neuron_count" not in select_scores("all", run):
-            print(f"memloc scores: no {run.results_path('flip')}; neuron_count skipped")
+            print(f"memloc scores: neuron_count skipped ({missing_result(run, 'flip')})")
     return scores(run, methods=args.scores, checkpoint=args.checkpoint_k, grad_method=args.grad_method,
                   eval_batch_size=args.batch_size, device=args.device, resume="auto", overwrite=args.overwrite,
                   precision=args.precision)

@@ -8,6 +8,7 @@ from torch import nn
 
 from ...core.errors import MemlocError
 from ...core.run import Run
+from ...core.prerequisites import needed_result
 from .functions import neuron_count
 from .passes import GRAD_NORMS, run_passes
 from .tasks import ClassifierTask
@@ -97,10 +98,7 @@ class Inputs:
     def neuron_count(self) -> np.ndarray:
         if self.run is None:
             raise MemlocError("neuron_count needs a run with a flip result", argument="methods")
-        if not self.run.results_path("flip").is_file():
-            raise MemlocError(f"neuron_count needs {str(self.run.results_path('flip'))!r}: "
-                              f"run flip on {str(self.run.path)!r} first", argument="methods")
-        res = self.run.result("flip")
+        res = needed_result(self.run, "flip", "methods: neuron_count", argument="methods")
         index = res["example"].values
         if len(index) and (index.min() < 0 or index.max() >= self.run.num_train):
             raise MemlocError(f"the flip result lists example ids outside 0..{self.run.num_train - 1}")
