@@ -14,7 +14,24 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
+def _lm_training(run: Run) -> str:
+    m = run.metrics()
+    mem = run.dynamics("memorised", "end")[-1] == 1
+    targets = int(run.is_noisy.sum())
+    held = (f"held-out rule accuracy {_pct(float(m['test_rule_accuracy'][-1]))}, "
+            if "test_rule_accuracy" in m and (run.info.get("sequence_info") or {}).get("generator") == "tinymem" else "")
+    fit = (f"{targets} of {run.num_train} training sequences are memorisation targets and the model reproduces "
+           f"{_pct(float(mem[run.is_noisy].mean()))} of them from their prefix" if targets else
+           f"{run.num_train} training sequences, none a memorisation target; the model reproduces "
+           f"{_pct(float(mem.mean()))} of them from their prefix")
+    clean = f" (the other sequences: {_pct(float(mem[~run.is_noisy].mean()))})" if targets and (~run.is_noisy).any() else ""
+    return (f"**Training**: {fit}{clean}; {held}held-out suffix token accuracy {_pct(float(m['test_accuracy'][-1]))} "
+            f"after {run.final_epoch} epochs.")
+
+
 def _training(run: Run) -> str | None:
+    if run.is_lm:
+        return _lm_training(run)
     m = run.metrics()
     noisy = int(run.is_noisy.sum())
     if not noisy:
@@ -29,25 +46,33 @@ def _training(run: Run) -> str | None:
             f"{_pct(float(m['test_accuracy'][-1]))} after {run.final_epoch} epochs.")
 
 
-def _where(results: dict) -> list[str]:
-    out = []
+#: the words of the findings for an image run and for a language model's (targets in the wrong labels' role)
+WORDS = {False: {"clean": "the clean examples", "fit": "of the wrong labels fit", "test": "test", "test_subset": "test",
+                 "drop": "the wrong labels fit"},
+         True: {"clean": "the non-target sequences", "fit": "of the memorised targets reproduced",
+                "test": "held-out suffix token accuracy", "test_subset": "test_tokens",
+                "drop": "the targets reproduced"}}
+
+
+def _where(results: dict, lm: bool = False) -> list[str]:
+    out, w = [], WORDS[lm]
     rt = results.get("retrain")
-    if rt is not None and "noisy" in rt["subset"].values:
-        last = rt["accuracy"].isel(epoch=-1)
-        noisy, test = last.sel(subset="noisy").to_pandas(), last.sel(subset="test").to_pandas()
+    if rt is not None and "noisy" in rt["subset"].values and w["test_subset"] in rt["subset"].values:
+        last, t = rt["accuracy"].isel(epoch=-1), w["test_subset"]
+        noisy, test = last.sel(subset="noisy").to_pandas(), last.sel(subset=t).to_pandas()
         best = str(noisy.idxmin())
         worst = str(noisy.idxmax())
-        out.append(f"**Where memorisation lives (retraining)**: retraining `{best}` alone on the clean examples "
-                   f"leaves {_pct(noisy[best])} of the wrong labels fit (test {_pct(test[best])}; the model itself: "
-                   f"{_pct(float(rt['baseline'].sel(subset='noisy')))} and {_pct(float(rt['baseline'].sel(subset='test')))}); "
+        out.append(f"**Where memorisation lives (retraining)**: retraining `{best}` alone on {w['clean']} "
+                   f"leaves {_pct(noisy[best])} {w['fit']} ({w['test']} {_pct(test[best])}; the model itself: "
+                   f"{_pct(float(rt['baseline'].sel(subset='noisy')))} and {_pct(float(rt['baseline'].sel(subset=t)))}); "
                    f"retraining `{worst}` leaves {_pct(noisy[worst])}.")
     rw = results.get("rewind")
     if rw is not None and "noisy" in rw["subset"].values:
         first = rw["accuracy"].isel(checkpoint=int(np.argmin(rw["checkpoint"].values)))
         noisy = first.sel(subset="noisy").to_pandas()
         best = str(noisy.idxmin())
-        out.append(f"**Rewinding**: putting `{best}` back to epoch {int(rw['checkpoint'].min())} drops the wrong labels "
-                   f"fit to {_pct(noisy[best])} (clean {_pct(float(first.sel(subset='clean', layer=best)))}).")
+        out.append(f"**Rewinding**: putting `{best}` back to epoch {int(rw['checkpoint'].min())} drops {w['drop']} "
+                   f"to {_pct(noisy[best])} (clean {_pct(float(first.sel(subset='clean', layer=best)))}).")
     fl = results.get("flip")
     if fl is not None:
         searched = fl["status"].values == 0
@@ -125,7 +150,7 @@ def _fixing(results: dict) -> list[str]:
 def findings(run: Run, results: dict) -> list[str]:
     """One Markdown sentence per finding the results support, in reading order."""
     out = [_training(run)]
-    out += _where(results)
+    out += _where(results, run.is_lm)
     out += _wrong_labels(run, results)
     out += _fixing(results)
     return [s for s in out if s]

@@ -198,7 +198,8 @@ def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = 
                 rec.record_batch(idx, logits, x)
             metrics = rec.end_epoch()
             save_trainer_state(state_path, epoch, opt, sched, scaler)
-            bar.set_postfix(targets=f"{metrics['target_memorised']:.3f}", rule=f"{metrics['test_rule_accuracy']:.3f}")
+            bar.set_postfix(targets=f"{metrics['target_memorised']:.3f}",
+                            **({"rule": f"{metrics['test_rule_accuracy']:.3f}"} if "test_rule_accuracy" in metrics else {}))
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
     finally:
