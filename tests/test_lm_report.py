@@ -126,3 +126,32 @@ def test_report_of_an_hf_model_recorded_in_a_user_loop(tmp_path):
     assert int(rows["noisy (target)"][0]) == int(data.is_memorised_target.sum())
     assert float(rows["held out"][1]) == pytest.approx(100 * run.metrics()["test_rule_accuracy"][-1], abs=0.05)
     _self_contained(md)
+
+
+def test_memorisation_command_equals_the_recorded_epoch_and_gets_its_section(lm_reported, tmp_path, capsys):
+    run, _ = lm_reported
+    cli_run("memorisation", [str(run.path), "--checkpoint", "5", "--device", "cpu"])
+    assert "noisy" in capsys.readouterr().out
+    res = run.result("memorisation")
+    assert res.config["checkpoint"] == 5 and res.config["split"] == "train"
+    np.testing.assert_array_equal(res["memorised"].values, run.dynamics("memorised")[5] == 1)   # the recorder's pass
+    np.testing.assert_allclose(res["suffix_loss"].values, run.dynamics("suffix_loss")[5], rtol=1e-5)
+    np.testing.assert_array_equal(res["kind"].values, run.kind)
+    text = memloc.report(run, tmp_path / "report").read_text()
+    rows = {r[0]: r[1:] for r in ([c.strip() for c in line.strip("|").split("|")] for line in
+            text[text.index("## Memorised sequences at one checkpoint"):].splitlines() if line.startswith("| "))}
+    assert float(rows["noisy"][1]) == pytest.approx(100 * res["memorised"].values[run.kind == "noisy"].mean(), abs=0.05)
+
+
+@pytest.mark.parametrize("argv, match", [(["--checkpoint", "99"], "checkpoint 99 is not in the run"),
+                                         (["--split", "dev"], "invalid choice")])
+def test_memorisation_command_refuses_bad_input_in_one_line(memorising_lm, argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_run("memorisation", [str(memorising_lm.path), *argv, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and match in err and len(err.strip().splitlines()) <= 2, err
+
+
+def test_memorisation_of_a_classifier_run_is_one_error(tiny_run):
+    with pytest.raises(memloc.MemlocError, match="not a language-model run"):
+        memloc.memorisation(tiny_run, device="cpu")

@@ -56,9 +56,10 @@ def plot_lm_training(run: Run, out: Path) -> str:
     counts = {k: int((run.kind == k).sum()) for k in kinds}
     rule = has_rule(run)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for k in kinds:
-        a.plot(epochs, 100 * mem[k], color=KIND_COLORS[k], label=f"{k} ({counts[k]})")
-        b.plot(epochs, loss[k], color=KIND_COLORS[k], label=f"{k} ({counts[k]})")
+    for k in kinds:     # copies follow their originals: dotted on top, so that both stay visible
+        style = {"ls": ":", "lw": 2.2} if k == "duplicate" else {}
+        a.plot(epochs, 100 * mem[k], color=KIND_COLORS[k], label=f"{k} ({counts[k]})", **style)
+        b.plot(epochs, loss[k], color=KIND_COLORS[k], label=f"{k} ({counts[k]})", **style)
     if rule:
         a.plot(epochs, 100 * m["test_rule_accuracy"], color=KIND_COLORS["test"], ls="--",
                label="held out: rule reproduced")
