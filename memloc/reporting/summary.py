@@ -48,10 +48,10 @@ def _training(run: Run) -> str | None:
 
 #: the words of the findings for an image run and for a language model's (targets in the wrong labels' role)
 WORDS = {False: {"clean": "the clean examples", "fit": "of the wrong labels fit", "test": "test", "test_subset": "test",
-                 "drop": "the wrong labels fit"},
+                 "drop": "the wrong labels fit", "others": "clean"},
          True: {"clean": "the non-target sequences", "fit": "of the memorised targets reproduced",
                 "test": "held-out suffix token accuracy", "test_subset": "test_tokens",
-                "drop": "the targets reproduced"}}
+                "drop": "the targets reproduced", "others": "non-targets"}}
 
 
 def _where(results: dict, lm: bool = False) -> list[str]:
@@ -72,7 +72,7 @@ def _where(results: dict, lm: bool = False) -> list[str]:
         noisy = first.sel(subset="noisy").to_pandas()
         best = str(noisy.idxmin())
         out.append(f"**Rewinding**: putting `{best}` back to epoch {int(rw['checkpoint'].min())} drops {w['drop']} "
-                   f"to {_pct(noisy[best])} (clean {_pct(float(first.sel(subset='clean', layer=best)))}).")
+                   f"to {_pct(noisy[best])} ({w['others']} {_pct(float(first.sel(subset='clean', layer=best)))}).")
     fl = results.get("flip")
     if fl is not None:
         searched = fl["status"].values == 0
@@ -147,10 +147,34 @@ def _fixing(results: dict) -> list[str]:
     return out
 
 
+def _language_model(results: dict) -> list[str]:
+    """Findings of the language-model results: the neurons that hold memorised sequences, removing them."""
+    out = []
+    loc = results.get("localise_neurons")
+    if loc is not None and "greedy_zeroed" in loc:
+        broken = loc["greedy_broken"].values.astype(bool)
+        if broken.any():
+            out.append(f"**Neurons (greedy zeroing)**: a memorised sequence stops being reproduced after a median of "
+                       f"{np.median(loc['greedy_zeroed'].values[broken]):.0f} zeroed MLP neurons ({int(broken.sum())} "
+                       f"of {len(broken)} targets broken).")
+    mt = results.get("mitigation")
+    if mt is not None and mt.sizes["setting"]:
+        targets, acc = mt["targets_memorised"].to_pandas(), mt["test_accuracy"].to_pandas()
+        before = float(mt["test_accuracy_before"])
+        fair = targets[acc >= before - 0.01]
+        if len(fair):
+            best = str(fair.idxmin())
+            out.append(f"**Removing memorised sequences**: `{best}` leaves {_pct(targets[best])} of the targets "
+                       f"reproduced (before: {_pct(float(mt['targets_memorised_before']))}) at held-out suffix token "
+                       f"accuracy {_pct(acc[best])} (before: {_pct(before)}), the best of the methods within one point.")
+    return out
+
+
 def findings(run: Run, results: dict) -> list[str]:
     """One Markdown sentence per finding the results support, in reading order."""
     out = [_training(run)]
     out += _where(results, run.is_lm)
     out += _wrong_labels(run, results)
     out += _fixing(results)
+    out += _language_model(results)
     return [s for s in out if s]
