@@ -121,6 +121,13 @@ def _wrong_labels(run: Run, results: dict) -> list[str]:
     return out
 
 
+def _best_within_a_point(left, accuracy, before: float) -> str | None:
+    """The method (index of the Series) that leaves least of ``left`` among those whose ``accuracy`` is
+    within one point of ``before``; None if none is."""
+    fair = left[accuracy >= before - 0.01]
+    return str(fair.idxmin()) if len(fair) else None
+
+
 def _fixing(results: dict) -> list[str]:
     out = []
     cl = results.get("clean")
@@ -138,9 +145,8 @@ def _fixing(results: dict) -> list[str]:
         acc = un["accuracy"].mean("seed")
         forget, test = acc.sel(group="forget_given").to_pandas(), acc.sel(group="test").to_pandas()
         base_test = float(un["baseline"].sel(group="test"))
-        fair = forget[test >= base_test - 0.01]
-        if len(fair):
-            best = str(fair.idxmin())
+        best = _best_within_a_point(forget, test, base_test)
+        if best is not None:
             out.append(f"**Unlearning**: `{best}` leaves {_pct(forget[best])} of the forget set's given labels "
                        f"(trained model: {_pct(float(un['baseline'].sel(group='forget_given')))}) at test accuracy "
                        f"{_pct(test[best])} (trained: {_pct(base_test)}), the best of the methods within one test point.")
@@ -161,9 +167,8 @@ def _language_model(results: dict) -> list[str]:
     if mt is not None and mt.sizes["setting"]:
         targets, acc = mt["targets_memorised"].to_pandas(), mt["test_accuracy"].to_pandas()
         before = float(mt["test_accuracy_before"])
-        fair = targets[acc >= before - 0.01]
-        if len(fair):
-            best = str(fair.idxmin())
+        best = _best_within_a_point(targets, acc, before)
+        if best is not None:
             out.append(f"**Removing memorised sequences**: `{best}` leaves {_pct(targets[best])} of the targets "
                        f"reproduced (before: {_pct(float(mt['targets_memorised_before']))}) at held-out suffix token "
                        f"accuracy {_pct(acc[best])} (before: {_pct(before)}), the best of the methods within one point.")
