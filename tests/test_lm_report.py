@@ -47,6 +47,7 @@ def lm_reported(memorising_lm, tmp_path_factory):
     memloc.rewind(run, checkpoints="0,final", device="cpu", save=True)
     memloc.mitigate(run, methods=("random", "greedy"), device="cpu", save=True)
     memloc.localise_neurons(run, methods=("zero_out", "random"), device="cpu", save=True)
+    cli_run("memorisation", [str(run.path), "--checkpoint", "5", "--device", "cpu"])
     cli_run("report", [str(run.path)])            # the command crashed on an LM run (KeyError 'clean_accuracy')
     return run, run.path / "report" / "report.md"
 
@@ -72,7 +73,7 @@ def test_report_of_a_tinymem_run_shows_memorisation_by_kind(lm_reported):
 def test_each_lm_result_gets_its_section_only_when_it_exists(lm_reported):
     run, md = lm_reported
     text = md.read_text()
-    for heading in ("## Layer rewinding", "## Removing memorised sequences (mitigation)",
+    for heading in ("## Layer rewinding", "## Removing memorised sequences (mitigation)", "## Memorised sequences at one",
                     "## Neurons holding memorised sequences"):
         assert heading in text
     for absent in ("## Known-answer benchmark", "## Deleting memorised sequences", "## Layer retraining",
@@ -128,16 +129,14 @@ def test_report_of_an_hf_model_recorded_in_a_user_loop(tmp_path):
     _self_contained(md)
 
 
-def test_memorisation_command_equals_the_recorded_epoch_and_gets_its_section(lm_reported, tmp_path, capsys):
-    run, _ = lm_reported
-    cli_run("memorisation", [str(run.path), "--checkpoint", "5", "--device", "cpu"])
-    assert "noisy" in capsys.readouterr().out
+def test_memorisation_command_equals_the_recorded_epoch_and_gets_its_section(lm_reported):
+    run, md = lm_reported
     res = run.result("memorisation")
     assert res.config["checkpoint"] == 5 and res.config["split"] == "train"
     np.testing.assert_array_equal(res["memorised"].values, run.dynamics("memorised")[5] == 1)   # the recorder's pass
     np.testing.assert_allclose(res["suffix_loss"].values, run.dynamics("suffix_loss")[5], rtol=1e-5)
     np.testing.assert_array_equal(res["kind"].values, run.kind)
-    text = memloc.report(run, tmp_path / "report").read_text()
+    text = md.read_text()
     rows = {r[0]: r[1:] for r in ([c.strip() for c in line.strip("|").split("|")] for line in
             text[text.index("## Memorised sequences at one checkpoint"):].splitlines() if line.startswith("| "))}
     assert float(rows["noisy"][1]) == pytest.approx(100 * res["memorised"].values[run.kind == "noisy"].mean(), abs=0.05)
