@@ -94,8 +94,8 @@ def _memloc_argv(words: list[str]) -> list[str] | None:
         return words[1:]
     if "-m" in words and words[0] in ("python", "torchrun"):
         i = words.index("-m")
-        if words[i + 1:i + 2] == ["memloc"]:
-            return words[i + 2:]
+        if words[i + 1:i + 2] == ["memloc"]:       # torchrun drops a "--" that ends its own options
+            return words[i + 2 + (words[0] == "torchrun" and words[i + 2:i + 3] == ["--"]):]
         if words[i + 1].startswith("memloc."):
             return [words[i + 1].split(".", 1)[1], *words[i + 2:]]
     return None

@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ..core.dropout import EVAL_MODES, evaluate_modes, require_dropout_layers
+from ..core.dropout import EVAL_MODES, evaluate_modes, evaluate_sequence_modes, require_dropout_layers
 from ..core.evaluate import SUBSETS
+from ..core.schemas import LM_SUBSETS
+from ..core.sequences import SequenceSet
 from ..core.precision import autocast, check_precision
 from ..core.results import Result
 from ..core.runtime import check_choices, check_flag, check_range
@@ -32,7 +34,11 @@ def evaluate_dropout(source, data=None, *, checkpoint: int | None = None, modes=
 
     ``checkpoint``: the run's epoch (default final). ``precision``: every forward pass (the BatchNorm
     recalibration's too) under autocast (:mod:`memloc.core.precision`). Returns the ``"dropout"`` result:
-    ``accuracy`` (mode, subset) and per-layer ``layer_kind``, ``units``, ``gen_units``.
+    ``accuracy`` (mode, subset) and per-layer ``layer_kind``, ``units``, ``gen_units``. A language
+    model's run trained with sinks (``etd_after="mlp"``): the subsets are
+    :data:`memloc.core.schemas.LM_SUBSETS` (memorised share of clean sequences and of the targets,
+    suffix token accuracy of clean and held-out sequences, held-out rule accuracy), train mode passing
+    each training sequence through its own sinks (:func:`memloc.core.dropout.evaluate_sequence_modes`).
     """
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     check_precision(precision)
@@ -42,15 +48,20 @@ def evaluate_dropout(source, data=None, *, checkpoint: int | None = None, modes=
     check_precision(precision, src.device)
     spec = src.run.info.get("model", {}).get("etd", {}) if src.run is not None else {}
     layers = require_dropout_layers(src.model)
-    with autocast(precision, src.device):
-        acc = evaluate_modes(src.model, src.data, modes=modes, batch_size=eval_batch_size,
-                             recalibrate_bn=recalibrate_bn)
+    subsets = LM_SUBSETS if isinstance(src.data, SequenceSet) else SUBSETS
+    if subsets is LM_SUBSETS:     # a language model's sinks: memorised shares and held-out accuracies per mode
+        acc = evaluate_sequence_modes(src.model, src.data, modes=modes, batch_size=eval_batch_size,
+                                      precision=precision)
+    else:
+        with autocast(precision, src.device):
+            acc = evaluate_modes(src.model, src.data, modes=modes, batch_size=eval_batch_size,
+                                 recalibrate_bn=recalibrate_bn)
     ds = xr.Dataset({"accuracy": (("mode", "subset"), acc),
                      "layer_kind": (("layer",), [l.kind for l in layers.values()]),
                      "units": (("layer",), np.array([l.units_seen or 0 for l in layers.values()], dtype=np.int64)),
                      "gen_units": (("layer",), np.array([l.n_gen(l.units_seen or 0) for l in layers.values()],
                                                         dtype=np.int64))},
-                    coords={"mode": list(modes), "subset": list(SUBSETS), "layer": list(layers)})
+                    coords={"mode": list(modes), "subset": list(subsets), "layer": list(layers)})
     config = {"checkpoint": src.checkpoint, "eval_batch_size": eval_batch_size, "recalibrate_bn": recalibrate_bn,
               "etd": spec, "device": str(src.device),
               "precision": precision}
@@ -79,9 +90,9 @@ def _cli_execute(args):
 def _cli_summary(res, args):
     subsets = list(res["subset"].values)
     lines = [f"{args.run} (checkpoint {res.config['checkpoint']}; {res.sizes['layer']} dropout layers: "
-             f"{', '.join(res['layer'].values)})", f"{'mode':<6}" + "".join(f"{s:>12}" for s in subsets)]
+             f"{', '.join(res['layer'].values)})", f"{'mode':<6}" + "".join(f"{s:>14}" for s in subsets)]
     for mode, row in zip(res["mode"].values, res["accuracy"].values):
-        lines.append(f"{mode:<6}" + "".join(f"{'-':>12}" if np.isnan(v) else f"{100 * v:>11.2f}%" for v in row))
+        lines.append(f"{mode:<6}" + "".join(f"{'-':>14}" if np.isnan(v) else f"{100 * v:>13.2f}%" for v in row))
     return "\n".join(lines)
 
 

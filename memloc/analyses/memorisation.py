@@ -25,7 +25,7 @@ import os
 
 from ..core.errors import MemlocError
 from ..core.figures import figure, plt, save_figure, table
-from ..core.lm import sequence_measures, suffix_measures
+from ..core.lm import suffix_measures
 from ..core.precision import check_precision
 from ..core.options import add_precision, nonnegative_int, positive_int
 from ..core.registry import Analysis, Command
@@ -35,6 +35,7 @@ from ..core.runtime import check_range, resolve_device
 from ..core.schemas import Schema, Var
 from ..core.sequences import KINDS, SequenceSet, check_span
 from ..core.store import stored
+from ..scale.ddp import measures_split
 
 __all__ = ["memorisation_from_logits", "memorisation", "SPLITS"]
 
@@ -109,6 +110,10 @@ def memorisation(source, data: SequenceSet | None = None, *, split: str = "train
     mode (its training mode is restored). Or a language-model run (a :class:`memloc.Run` or its path):
     its model at ``checkpoint`` (default the final epoch) on its sequences (``data`` None).
     ``precision``: fp32, or bf16 / fp16 autocast.
+
+    In a process group (a script run by torchrun that joined it) the batches are split across the
+    ranks and gathered (:func:`memloc.scale.ddp.measures_split`): every rank returns the result of
+    one process, exactly.
     """
     epoch = None
     if checkpoint is not None:
@@ -131,7 +136,7 @@ def memorisation(source, data: SequenceSet | None = None, *, split: str = "train
     was_training = source.training
     source.to(device).eval()
     try:
-        cat = sequence_measures(source, tokens, p, s, eval_batch_size=eval_batch_size, precision=precision)
+        cat = measures_split(source, tokens, p, s, eval_batch_size=eval_batch_size, precision=precision)
     finally:
         source.train(was_training)
     n = len(tokens)

@@ -306,11 +306,11 @@ class Run:
                               "model_spec= (a memloc.register_model name or pkg.module:factory)")
         options = dict(spec.get("options", {}))
         if self.is_lm:
-            return build_lm(spec["spec"], **options)
-        in_shape = options.pop("in_shape", spec.get("in_shape"))
-        num_classes = options.pop("num_classes", spec.get("num_classes"))
-        model = build_model(spec_name(spec), in_shape, num_classes, **options)
-        if spec.get("etd"):  # example-tied dropout layers (train(..., etd_after=...))
+            model = build_lm(spec["spec"], **options)
+        else:
+            model = build_model(spec_name(spec), options.pop("in_shape", spec.get("in_shape")),
+                                options.pop("num_classes", spec.get("num_classes")), **options)
+        if spec.get("etd"):  # example-tied dropout layers (train(..., etd_after=...); a language model's sinks)
             insert_example_tied_dropout(model, **spec["etd"])
         return model
 

@@ -41,7 +41,10 @@ class SequenceRecorder(RunWriter):
     that ``memloc.load(RUN).model()`` rebuilds the model; ``data_spec``: a corpus spec of
     :func:`memloc.core.corpora.build_sequences`, so that ``data()`` rebuilds the sequences.
     ``precision``: the end-of-epoch passes under autocast. ``resume`` / ``overwrite`` as for
-    :class:`memloc.core.recorder.Recorder`.
+    :class:`memloc.core.recorder.Recorder`. ``evaluated`` (here a new run's epoch 0, and
+    :meth:`end_epoch`'s): the end-of-epoch measures done elsewhere (split across processes,
+    :func:`memloc.scale.ddp.measures_split`), ``{"train": ..., "test": ...}`` of
+    :func:`memloc.core.lm.sequence_measures`.
     """
 
     DYNAMICS = {"suffix_loss": (np.float32, np.nan), "suffix_accuracy": (np.float32, np.nan),
@@ -50,7 +53,8 @@ class SequenceRecorder(RunWriter):
 
     def __init__(self, run_dir, model: nn.Module, data: SequenceSet, *, config: dict | None = None,
                  model_spec: dict | None = None, data_spec: dict | None = None, resume: bool = False,
-                 overwrite: bool = False, eval_batch_size: int = 256, precision: str = "fp32", argv=None):
+                 overwrite: bool = False, eval_batch_size: int = 256, precision: str = "fp32", argv=None,
+                 evaluated: dict | None = None):
         if not isinstance(data, SequenceSet):
             raise MemlocError(f"data must be a SequenceSet (memloc.tinymem, memloc.canaries), got "
                               f"{type(data).__name__}", argument="data")
@@ -63,7 +67,7 @@ class SequenceRecorder(RunWriter):
         self.is_noisy = np.asarray(data.is_memorised_target, dtype=bool)
         self._model_spec, self._data_spec = model_spec, data_spec
         check_lm(model, data.tokens)        # (B, T, V) logits covering every token id, before any file is written
-        self._start(run_dir, model, resume=resume, overwrite=overwrite, config=config, argv=argv, evaluated=None)
+        self._start(run_dir, model, resume=resume, overwrite=overwrite, config=config, argv=argv, evaluated=evaluated)
 
     def _describe(self) -> dict:
         cls = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
@@ -100,13 +104,25 @@ class SequenceRecorder(RunWriter):
             shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
             raise MemlocError(f"record_batch: logits {shape} and tokens {tuple(tokens.shape)} must be (B, T', V) "
                               "and (B, T) (the model's output for the batch's sequences)", argument="logits")
-        rows = torch.as_tensor(idx).cpu().numpy()
-        if rows.shape != (len(logits),) or (len(rows) and (rows.min() < 0 or rows.max() >= self.n)):
-            raise MemlocError(f"record_batch: idx must hold one sequence id in 0..{self.n - 1} per row of logits")
+        rows = self._rows(idx, len(logits), "logits")
         with torch.no_grad():
             stats = suffix_measures(logits.detach(), tokens, self.data.prefix_len, self.data.suffix_len)
         for k, v in zip(self.DYNAMICS, stats):
             self._presentation[k][rows] = v.cpu().numpy()
+
+    def _rows(self, idx, n: int, what: str) -> np.ndarray:
+        rows = torch.as_tensor(idx).cpu().numpy()
+        if rows.shape != (n,) or (len(rows) and (rows.min() < 0 or rows.max() >= self.n)):
+            raise MemlocError(f"record_batch: idx must hold one sequence id in 0..{self.n - 1} per row of {what}")
+        return rows
+
+    def record_measures(self, idx, measures: dict) -> None:
+        """Record a training batch's suffix measures computed elsewhere (its slices on several
+        processes, gathered): ``measures`` as :func:`memloc.core.lm.suffix_measures` gives them, by name
+        (:data:`memloc.core.lm.MEASURES`), one value per sequence id of ``idx``."""
+        rows = self._rows(idx, len(measures["memorised"]), "measures")
+        for k in self.DYNAMICS:
+            self._presentation[k][rows] = np.asarray(measures[k])
 
     def _measure(self, tokens) -> dict[str, np.ndarray]:
         with eval_mode(self.model):
@@ -114,9 +130,10 @@ class SequenceRecorder(RunWriter):
                                      eval_batch_size=self.eval_batch_size, precision=self.precision)
 
     def _evaluate_epoch(self, evaluated) -> tuple[dict, dict]:
-        if evaluated is not None:
-            raise MemlocError("a SequenceRecorder evaluates its epochs itself (evaluated must be None)")
-        train, test = self._measure(self.data.tokens), self._measure(self.data.test_tokens)
+        if evaluated is None:
+            train, test = self._measure(self.data.tokens), self._measure(self.data.test_tokens)
+        else:
+            train, test = evaluated["train"], evaluated["test"]
         rows = {k: train[k].astype(np.int8 if k == "memorised" else np.float32) for k in self.DYNAMICS}
         mem, kind = train["memorised"].astype(bool), self.data.kind
         metrics = {"train_loss": nanmean(train["suffix_loss"]), "train_accuracy": nanmean(train["suffix_accuracy"]),

@@ -13,7 +13,11 @@ loss, the training loss, and the scores per subset; one small piece per kind of 
 
 ``task_of(data)`` picks the piece; analyses call its :attr:`train` / :attr:`clean_train` (example
 sets of ``(x, y, idx)`` batches: for sequences ``x`` the token rows, ``y`` their ids),
-:meth:`losses`, :meth:`train_loss` and :meth:`subset_row`.
+:meth:`losses`, :meth:`train_loss` and :meth:`subset_row`. An analysis that runs one forward on
+several kinds of rows at once (the flip search) uses the pieces of :meth:`losses`: :meth:`target`
+(what an example's loss compares with: its label, or its own token row), :meth:`outputs` (the model's
+outputs of a batch), :meth:`loss_of` (the per-example loss of outputs) and :meth:`right` (is the
+example right: the label predicted, or the suffix reproduced exactly).
 """
 from __future__ import annotations
 
@@ -52,7 +56,27 @@ class ClassifierTask:
     @staticmethod
     def losses(model: nn.Module, x, y) -> torch.Tensor:
         """(B,) per-example loss (differentiable)."""
-        return F.cross_entropy(model(x), y, reduction="none")
+        return ClassifierTask.loss_of(ClassifierTask.outputs(model, x), y)
+
+    @staticmethod
+    def target(x, y):
+        """What an example's loss compares with: its given label."""
+        return y
+
+    @staticmethod
+    def outputs(model: nn.Module, x) -> torch.Tensor:
+        """(B, C) logits."""
+        return model(x)
+
+    @staticmethod
+    def loss_of(outputs: torch.Tensor, target) -> torch.Tensor:
+        """(B,) cross-entropy of ``outputs`` w.r.t. the labels ``target`` (differentiable)."""
+        return F.cross_entropy(outputs, target, reduction="none")
+
+    @staticmethod
+    def right(outputs: torch.Tensor, target) -> torch.Tensor:
+        """(B,) bool: is the label the argmax?"""
+        return outputs.argmax(-1) == target
 
     @staticmethod
     def train_loss(model: nn.Module, x, y) -> torch.Tensor:
@@ -87,8 +111,23 @@ class SequenceTask:
 
     def losses(self, model: nn.Module, x, y) -> torch.Tensor:
         """(B,) suffix loss of each token row of ``x`` (differentiable)."""
-        end = self.prefix_len + self.suffix_len
-        return suffix_measures(lm_logits(model, x[:, :end - 1]), x, self.prefix_len, self.suffix_len)[0]
+        return self.loss_of(self.outputs(model, x), x)
+
+    def target(self, x, y):
+        """What a sequence's loss compares with: its own tokens up to the end of the suffix."""
+        return x[..., :self.prefix_len + self.suffix_len]
+
+    def outputs(self, model: nn.Module, x) -> torch.Tensor:
+        """(B, prefix_len + suffix_len - 1, V) teacher-forced logits of the token rows ``x``."""
+        return lm_logits(model, x[:, :self.prefix_len + self.suffix_len - 1])
+
+    def loss_of(self, outputs: torch.Tensor, target) -> torch.Tensor:
+        """(B,) suffix loss of ``outputs`` (:meth:`outputs`) w.r.t. the token rows ``target`` (differentiable)."""
+        return suffix_measures(outputs, target, self.prefix_len, self.suffix_len)[0]
+
+    def right(self, outputs: torch.Tensor, target) -> torch.Tensor:
+        """(B,) bool: is the suffix exactly memorised (the argmax right at every suffix position)?"""
+        return suffix_measures(outputs, target, self.prefix_len, self.suffix_len)[2]
 
     def train_loss(self, model: nn.Module, x, y) -> torch.Tensor:
         """The next-token loss over whole sequences (the language-model trainer's)."""

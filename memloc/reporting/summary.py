@@ -83,9 +83,12 @@ def _where(results: dict, lm: bool = False) -> list[str]:
             layers = [str(n) for n in fl["layer"].values]
             spread = ", ".join(f"`{layers[i]}` {100 * hist[i] / hist.sum():.0f}%" for i in np.argsort(-hist)[:3]
                                if hist.sum() and hist[i]) or "none zeroed"
-            out.append(f"**Units (flip)**: a wrongly labelled example's prediction flips after a median of "
-                       f"{np.median(count[searched & noisy]):.0f} zeroed units, a clean one's after "
-                       f"{np.median(count[searched & ~noisy]):.0f}; the units zeroed for wrong labels lie in {spread}.")
+            lm = "clean_tokens" in fl["subset"].values          # a language model's run: sequences
+            what = (("a memorised target sequence stops being reproduced", "a reproduced clean one", "targets") if lm
+                    else ("a wrongly labelled example's prediction flips", "a clean one's", "wrong labels"))
+            out.append(f"**Units (flip)**: {what[0]} after a median of "
+                       f"{np.median(count[searched & noisy]):.0f} zeroed units, {what[1]} after "
+                       f"{np.median(count[searched & ~noisy]):.0f}; the units zeroed for {what[2]} lie in {spread}.")
     etd = results.get("dropout")
     if etd is not None and {"test", "drop"} <= set(etd["mode"].values) and "noisy" in etd["subset"].values:
         acc = etd["accuracy"]

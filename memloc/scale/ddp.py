@@ -1,5 +1,6 @@
 """Training one run across a process group (torchrun): DistributedDataParallel, the loss of a
-rank's slice of each batch, and the end-of-epoch evaluation split across the ranks."""
+rank's slice of each batch, and the end-of-epoch evaluation split across the ranks (of a classifier:
+:func:`evaluate_split`; of a language model's sequences: :func:`measures_split`)."""
 from __future__ import annotations
 
 import warnings
@@ -11,9 +12,10 @@ from torch import nn
 
 from .distributed import all_gather_rows, broadcast_state, world
 from ..core.evaluate import evaluate
+from ..core.lm import MEASURES, sequence_measures
 from ..core.precision import autocast
 
-__all__ = ["batch_loss", "evaluate_split", "sync_batchnorm", "data_parallel"]
+__all__ = ["batch_loss", "evaluate_split", "measures_split", "gather_measures", "sync_batchnorm", "data_parallel"]
 
 
 def batch_loss(logits, y, w, batch: int, parts: int) -> torch.Tensor:
@@ -47,6 +49,41 @@ def evaluate_split(model: nn.Module, data, batch_size: int, device: torch.device
             out[name] = {k: (v[order].astype(bool) if _EVAL_DTYPES[k] is np.bool_ else v[order])
                          for k, v in cols.items()}
     return out
+
+
+def gather_measures(values: dict, rows: slice | np.ndarray, device=None) -> dict[str, np.ndarray]:
+    """Every rank's sequence measures ``values`` (:data:`memloc.core.lm.MEASURES`: arrays of this
+    rank's ``rows``: a ``slice`` of a batch, or row ids) on every rank, each sequence in its place
+    (the rows in ascending order; losses and accuracies as float64); ``values`` itself outside a group."""
+    if world()[1] == 1:
+        return {k: np.asarray(values[k]) for k in MEASURES}
+    index = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else np.asarray(rows)
+    out = {}
+    order = np.argsort(all_gather_rows(torch.as_tensor(index, dtype=torch.long, device=device)).cpu().numpy(),
+                       kind="stable")
+    for k in MEASURES:      # floats as float64 (exact for float32 values), the flag as bytes (gloo)
+        v = torch.as_tensor(np.asarray(values[k], dtype=np.uint8 if k == "memorised" else np.float64))
+        v = all_gather_rows(v.to(device)).cpu().numpy()[order]
+        out[k] = v.astype(bool) if k == "memorised" else v
+    return out
+
+
+def measures_split(model: nn.Module, tokens: torch.Tensor, prefix_len: int, suffix_len: int, *,
+                   eval_batch_size: int = 256, precision: str = "fp32") -> dict[str, np.ndarray]:
+    """:func:`memloc.core.lm.sequence_measures` split across the ranks: each measures every K-th of
+    one process's batches (so every sequence's numbers are exactly one process's), gathered on every
+    rank in row order; one process: ``sequence_measures`` itself."""
+    rank, parts = world()
+    kw = {"eval_batch_size": eval_batch_size, "precision": precision}
+    if parts == 1:
+        return sequence_measures(model, tokens, prefix_len, suffix_len, **kw)
+    starts = list(range(0, len(tokens), eval_batch_size))[rank::parts]
+    mine = [sequence_measures(model, tokens[i:i + eval_batch_size], prefix_len, suffix_len, **kw) for i in starts]
+    rows = np.concatenate([np.arange(i, min(i + eval_batch_size, len(tokens))) for i in starts] or
+                          [np.zeros(0, np.int64)]).astype(np.int64)
+    values = {k: np.concatenate([m[k] for m in mine]) if mine else np.zeros(0) for k in MEASURES}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return gather_measures(values, rows, device)
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:

@@ -12,7 +12,16 @@ exact memorisation (the teacher-forced argmax right at every suffix position = g
 the prefix reproduces the suffix) at presentation and at epoch end, with the memorised share of each
 kind and the held-out suffix loss / token accuracy / rule accuracy per epoch
 (:data:`memloc.core.run.LM_METRICS`). Resumable bit-identically like image runs
-(:mod:`memloc.training.common`). One process (torchrun sharding is for image runs so far).
+(:mod:`memloc.training.common`).
+``etd_after="mlp"`` trains with memorisation sinks (:mod:`memloc.core.dropout.sinks`; ``p_gen`` /
+``p_mem`` / ``etd_kind`` as for images; ``memloc.evaluate_dropout(RUN)`` measures them dropped).
+
+Under torchrun (``torchrun --nproc-per-node K -m memloc train RUN --dataset tinymem:mult ...``) one run
+is trained with DistributedDataParallel as an image run is (:mod:`memloc.training.train`): every rank
+draws the same global batches and trains on its slice of each (the loss scaled so that the averaged
+gradient is the whole batch's mean over its tokens); the slices' suffix measures are gathered for
+rank 0, which alone writes the run; the end-of-epoch measures are split by batches across the ranks
+(:func:`memloc.scale.ddp.measures_split`: each sequence's numbers are exactly one process's).
 """
 from __future__ import annotations
 
@@ -25,13 +34,17 @@ import torch.nn.functional as F
 
 from ..core.corpora import FAMILY_KEYS, build_sequences, check_corpus, corpus_spec, parse_repeats
 from ..core.errors import MemlocError
-from ..core.lm import LM_MODELS, build_lm, check_lm, lm_logits
+from ..core.lm import LM_MODELS, MEASURES, build_lm, check_lm, lm_logits, suffix_measures
 from ..core.optim import lr_factor, make_optimizer, make_schedule
 from ..core.precision import autocast, check_precision, grad_scaler
 from ..core.run import load
 from ..core.runtime import check_range, progress, resolve_device
 from ..core.sequence_recorder import SequenceRecorder
-from ..scale.distributed import world
+from ..scale.ddp import data_parallel, gather_measures, measures_split
+from ..scale.distributed import local_rows, on_rank0, world
+from ..core.dropout import example_ids, insert_example_tied_dropout, resolve_sites, sink_ids
+from ..core.dropout.sinks import SINK_IDS
+from .train import _etd_spec, _with_ids
 from .common import (STATE_FILE, check_ranges, check_run_dir, extend_config, load_trainer_state, save_trainer_state,
                      seed_epoch, trainer_state)
 
@@ -67,7 +80,7 @@ LM_OPTIONS = dict(
 #: options both kinds of run take, with a language model's defaults
 LM_SHARED = dict(dataset="tinymem:increment", model="gpt", noise=0.1, epochs=30, batch_size=64, optimizer="adam",
                  lr=1e-3, momentum=0.9, weight_decay=0.1, schedule="warmup_cosine", warmup=0.1, seed=0,
-                 precision="fp32")
+                 precision="fp32", etd_after=None, etd_kind="example_tied", p_gen=0.4, p_mem=0.1)
 LM_DEFAULTS = {**LM_SHARED, **{key: default for key, (default, _) in LM_OPTIONS.items()}}
 #: every corpus option (a family refuses the others' options when set)
 CORPUS_OPTIONS = ("noise", *{k for keys in FAMILY_KEYS.values() for k in keys if k not in ("n_train", "n_test",
@@ -84,6 +97,7 @@ LM_RANGES = {
     "batch_size": (int, 1, None, False, False), "lr": (float, 0, None, True, False),
     "momentum": (float, 0, 1, False, True), "weight_decay": (float, 0, None, False, False),
     "warmup": (float, 0, 1, False, False), "n_digits": (int, 1, None, False, False),
+    "p_gen": (float, 0, 1, True, False), "p_mem": (float, 0, 1, False, False),
 }
 #: per corpus family, defaults that differ from LM_DEFAULTS
 FAMILY_DEFAULTS = {"canaries": {"noise": 0.0, "repeats": "1,4,16,64", "n_digits": 6},
@@ -145,19 +159,26 @@ def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = 
     check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     if resume and overwrite:
         raise MemlocError("resume=True and overwrite=True exclude each other")
-    if world()[1] > 1:
-        raise MemlocError("language-model runs train in one process (torchrun sharding is for image runs so far)")
+    rank, parts = world()      # parts > 1 under torchrun: one run, each batch split across the processes
+    if cfg["batch_size"] < parts:
+        raise MemlocError(f"batch_size {cfg['batch_size']} is smaller than the number of processes ({parts}); "
+                          "each process trains on a slice of every batch", argument="batch_size")
     run_dir = Path(run_dir)
     device = resolve_device(device)
     precision = check_precision(cfg["precision"], device)
-    resume = check_run_dir(run_dir, cfg, LM_DEFAULTS, resume, overwrite)
+    resume = on_rank0(check_run_dir, run_dir, cfg, LM_DEFAULTS, resume, overwrite)   # only rank 0 touches run_dir
 
     # a resumed run rebuilds its stored corpus (a text file that changed since is refused)
-    corpus = (json.loads((run_dir / "run.json").read_text()).get("data") if resume else None) or corpus_spec(cfg)
+    corpus = on_rank0(lambda: json.loads((run_dir / "run.json").read_text()).get("data") if resume else None) \
+        or corpus_spec(cfg)
     data = build_sequences(corpus)
     vocab_size = data.vocab_size if cfg["vocab_size"] is None else cfg["vocab_size"]
     spec = _model_spec(cfg, vocab_size)
     model = build_lm(cfg["model"], **spec["options"])
+    if cfg["etd_after"]:    # memorisation sinks (MemSinks): each sequence id keeps its own MLP neurons on
+        spec.update(etd={**_etd_spec(cfg), "after": resolve_sites(model, cfg["etd_after"])}, etd_ids=SINK_IDS)
+        insert_example_tied_dropout(model, **spec["etd"])
+        forward_context = _with_ids(forward_context, example_ids, sink_ids(data).to(device))
     if prepare_model is not None:
         prepare_model(model, cfg)
     model.to(device)
@@ -168,40 +189,90 @@ def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = 
     sched = make_schedule(opt, math.ceil(n / batch_size) * cfg["epochs"], cfg["schedule"], cfg["warmup"])
     scaler = grad_scaler(precision, device)     # fp16 only; otherwise the plain backward and step
     state_path = run_dir / "checkpoints" / STATE_FILE
-    tokens = data.tokens.to(device)
-    rec = SequenceRecorder(run_dir, model, data, config=cfg, model_spec=spec, data_spec=corpus, resume=resume,
-                           overwrite=overwrite, eval_batch_size=eval_batch_size, precision=precision, argv=argv)
+    tokens, test = data.tokens.to(device), data.test_tokens.to(device)
+    rec = None
+
+    def measured():     # the end-of-epoch measures split across the ranks (the recorder's own in one process)
+        if parts == 1:
+            return None
+        was_training = model.training
+        model.eval()
+        try:
+            return {name: measures_split(model, t, data.prefix_len, data.suffix_len, eval_batch_size=eval_batch_size,
+                                         precision=precision) for name, t in (("train", tokens), ("test", test))}
+        finally:
+            model.train(was_training)
+
+    def open_run():     # rank 0 alone: create the run (epoch 0) or reopen it; every rank gets (epoch, state)
+        nonlocal rec
+        rec = SequenceRecorder(run_dir, model, data, config=cfg, model_spec=spec, data_spec=corpus, resume=resume,
+                               overwrite=overwrite, eval_batch_size=eval_batch_size, precision=precision, argv=argv,
+                               evaluated=initial)
+        try:
+            if resume:
+                extend_config(rec, cfg)             # more epochs than stored: the run is extended
+            return rec.epoch, trainer_state(rec, state_path)
+        except BaseException:
+            rec.close()
+            raise
+
+    def finish_epoch(epoch, evaluated):    # rank 0 alone: record the evaluation, checkpoint, save the state
+        metrics = rec.end_epoch(evaluated)
+        save_trainer_state(state_path, epoch, opt, sched, scaler)
+        return metrics
+
+    initial = measured() if not resume else None
+    start, state = on_rank0(open_run)
     try:
-        if resume:
-            extend_config(rec, cfg)                 # more epochs than stored: the run is extended
-        load_trainer_state(trainer_state(rec, state_path), opt, sched, scaler)
-        bar = progress(range(rec.epoch + 1, cfg["epochs"] + 1), desc=f"train {cfg['model']}", initial=rec.epoch,
+        load_trainer_state(state, opt, sched, scaler)
+        net = data_parallel(model, device)     # after rank 0 loaded the checkpoint: DDP copies its weights
+        bar = progress(range(start + 1, cfg["epochs"] + 1), desc=f"train {cfg['model']}", initial=start,
                        total=cfg["epochs"], unit="epoch")
         for epoch in bar:
             order = torch.randperm(n, generator=seed_epoch(cfg["seed"], epoch)).to(device)
-            model.train()
-            for start in range(0, n, batch_size):
-                idx = order[start:start + batch_size]
-                x = tokens[idx]
+            net.train()
+            # every rank draws the same global batches and trains on its slice of each
+            for start_row in range(0, n, batch_size):
+                idx = order[start_row:start_row + batch_size]
+                rows = local_rows(len(idx))        # all of it in one process
+                x = tokens[idx[rows]]
                 with autocast(precision, device):
                     if forward_context is not None:
-                        with forward_context(model, idx):
-                            logits = lm_logits(model, x[:, :-1])
+                        with forward_context(model, idx[rows]):
+                            logits = lm_logits(model, x[:, :-1], call=net)
                     else:
-                        logits = lm_logits(model, x[:, :-1])
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+                        logits = lm_logits(model, x[:, :-1], call=net)
+                    loss = _batch_loss(logits, x, len(idx), parts)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
                 sched.step()
-                rec.record_batch(idx, logits, x)
-            metrics = rec.end_epoch()
-            save_trainer_state(state_path, epoch, opt, sched, scaler)
+                if parts == 1:
+                    rec.record_batch(idx, logits, x)
+                else:               # the slices' suffix measures, for rank 0's recorder
+                    with torch.no_grad():
+                        mine = suffix_measures(logits.detach(), x, data.prefix_len, data.suffix_len)
+                    whole = gather_measures(dict(zip(MEASURES, (m.cpu().numpy() for m in mine))), rows, device)
+                    if rec is not None:
+                        rec.record_measures(idx, whole)
+            metrics = on_rank0(finish_epoch, epoch, measured())
             bar.set_postfix(targets=f"{metrics['target_memorised']:.3f}",
                             **({"rule": f"{metrics['test_rule_accuracy']:.3f}"} if "test_rule_accuracy" in metrics else {}))
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
     finally:
-        rec.close()
-    return load(run_dir)
+        if rec is not None:
+            rec.close()
+    return load(run_dir) if rank == 0 else None
+
+
+def _batch_loss(logits, x, batch: int, parts: int) -> torch.Tensor:
+    """The next-token loss of this process's sequences ``x`` of a batch of ``batch`` sequences: the
+    mean over the batch's tokens in one process; in ``parts`` processes (DDP averages their gradients)
+    the slice's sum x ``parts`` / (the batch's tokens), so that the average is the whole batch's mean
+    (every sequence has as many tokens), also when the slices differ in size."""
+    flat, target = logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1)
+    if parts == 1:
+        return F.cross_entropy(flat, target)
+    return F.cross_entropy(flat, target, reduction="sum") * (parts / (batch * (x.shape[1] - 1)))

@@ -110,7 +110,8 @@ OPTIONS = dict(
                         "--upweight; ids of the training set as trained (after --subset)"),
     seed=(0, "seed of the model initialisation, the batch order and the dropout masks"),
     etd_after=(None, "insert example-tied dropout after these modules: comma-separated names or glob "
-               "patterns, e.g. features.1,classifier.1 or 'layer*' (default: no dropout)"),
+               "patterns, e.g. features.1,classifier.1 or 'layer*' (default: no dropout); language models: mlp "
+               "= memorisation sinks on every MLP's hidden neurons, tied to the sequence id (MemSinks)"),
     etd_kind=("example_tied", "example_tied, standard (ordinary dropout with p = 1 - p_gen) or fixed "
               "(a fixed sparse mask keeping the generalisation units); the last two are baselines"),
     p_gen=(0.4, "fraction of units always kept (generalisation units) in each dropout layer"),
@@ -144,11 +145,12 @@ def _etd_spec(cfg) -> dict | None:
             "p_gen": cfg["p_gen"], "p_mem": cfg["p_mem"], "seed": cfg["seed"], "kind": cfg["etd_kind"]}
 
 
-def _with_ids(forward_context, example_ids):
-    """``forward_context`` extended to bind the batch's example ids to the dropout layers."""
+def _with_ids(forward_context, example_ids, id_of=None):
+    """``forward_context`` extended to bind the batch's example ids (``id_of[idx]`` if given) to the dropout layers."""
     @contextlib.contextmanager
     def context(model, idx):
-        with example_ids(model, idx), (contextlib.nullcontext() if forward_context is None
+        ids = idx if id_of is None else id_of[idx]
+        with example_ids(model, ids), (contextlib.nullcontext() if forward_context is None
                                        else forward_context(model, idx)):
             yield
     return context

@@ -37,6 +37,11 @@ group size (the tests check them against a plain one-example-at-a-time implement
 Returns the ``"flip"`` result (:mod:`memloc.core.schemas`): per example ``is_noisy, label, status,
 neuron_count`` (status 1 = misclassified, not searched), per (example, repeat) ``n_units, flipped,
 layer_hist, collateral``, the ordered unit ids as ``unit_ids`` / ``unit_offsets`` (flat + offsets).
+Language models (:mod:`memloc.core.tasks`): the memorisation targets are the noisy examples; a
+sequence's loss is its suffix loss, "predicted" means its suffix reproduced exactly (the argmax right
+at every suffix position, teacher-forced), so a search zeroes units until the suffix is no longer
+reproduced; units only, no input noise.
+
 The search is resumable: finished searches are saved in atomically written part files
 (``RUN/results/flip.partial/``); rerunning with the same settings continues where a killed run
 stopped, and the parts are deleted once the result is saved.
@@ -67,7 +72,8 @@ def _cli_arguments(p):
                    help="which training examples to search: comma-separated terms, each POOL:COUNT (POOL = noisy, "
                         "clean or any; COUNT a number or 'all'; drawn with --seed), an example id (17), an inclusive "
                         "id range (10-19), or ids prefixed by 'ids:' (ids:1,5,9). Examples the model misclassifies "
-                        "are recorded with status 1 and not searched")
+                        "(a language model's sequences whose suffix it does not reproduce exactly; noisy = the "
+                        "memorisation targets) are recorded with status 1 and not searched")
     p.add_argument("--checkpoint", type=nonnegative_int, default=None,
                    help="checkpoint epoch to analyse (default: the final one)")
     p.add_argument("--max-units", type=positive_int, default=100,
@@ -194,7 +200,8 @@ def plot_flip(res, out, run=None) -> str:
         if r.any():
             rows.append([key, int(r.sum()), float(np.median(count[r])), 100 * float(flipped[r].mean())])
     text = (f"## Unit zeroing (flip)\n\nGreedy gradient-guided zeroing of units (site `{cfg.get('site')}`, "
-            f"at most {cap} units) until the example's prediction changes.\n\n"
+            f"at most {cap} units) until the example's prediction changes (a language model's sequence: until its "
+            "suffix is no longer reproduced exactly).\n\n"
             + figure("flip", name, "left, how many units had to be zeroed before each searched example's "
                      "prediction left its label, noisy and clean apart: noisy examples further left are stored in "
                      "fewer units. Right, the layers the zeroed units lie in.") + "\n\n"
@@ -218,9 +225,10 @@ ANALYSIS = Analysis(
                   "parameter) and the layers are parameters",
                   {**EXAMPLE_VAR, "repeat": Var(("repeat",), "search repeat (own reference batch)"),
                    "layer": Var(("layer",), "unit space (layer) name (weight site: parameter name)"), **SUBSET_VAR},
-                  {"is_noisy": Var(("example",), "the example's given label is wrong"),
-                   "label": Var(("example",), "given label searched"),
-                   "status": Var(("example",), "0 = searched, 1 = misclassified by the model (not searched)"),
+                  {"is_noisy": Var(("example",), "the example's given label is wrong (a sequence: a memorisation target)"),
+                   "label": Var(("example",), "given label searched (-1: a language model's sequence)"),
+                   "status": Var(("example",), "0 = searched, 1 = misclassified by the model (a sequence: its suffix "
+                                               "not reproduced exactly; not searched)"),
                    "neuron_count": Var(("example",), "mean units to flip over repeats (not flipped = max_units + 1; NaN = not searched)"),
                    "n_units": Var(("example", "repeat"), "units zeroed"),
                    "flipped": Var(("example", "repeat"), "the prediction left the given label"),
@@ -237,7 +245,9 @@ ANALYSIS = Analysis(
                     description="Greedy gradient-guided unit zeroing: for each example, zero units (or, with --site weight, "
                                 "parameter items as in the authors' code) one at a time (the one whose "
                                 "zeroing most raises the example's loss relative to a reference batch's loss, to first order) "
-                                "until the prediction changes. Writes RUN/results/flip.h5; an interrupted run continues when the "
+                                "until the prediction changes (on a language model's run: until the sequence's suffix is "
+                                "no longer reproduced exactly; the memorisation targets are the noisy examples). "
+                                "Writes RUN/results/flip.h5; an interrupted run continues when the "
                                 "same command is run again. Under torchrun (torchrun --nproc-per-node K -m memloc flip RUN ...) the "
                                 "searches are split across the K processes and rank 0 writes the merged result.",
                     interrupted="finished searches are saved (rerun to continue)",

@@ -9,12 +9,12 @@ import xarray as xr
 
 from ...scale.distributed import broadcast, shard, world
 from ...core.errors import MemlocError
-from ...core.evaluate import SUBSETS, accuracies
 from ...core.results import Result
 from ...scale.parts import Parts, parts_folder
 from ...core.precision import apply_channels_last, autocast, check_precision
 from ...core.runtime import check_flag, check_range, progress
 from ...core.selection import resolve
+from ...core.tasks import SequenceTask, task_of
 from ...core.units import SITES as UNIT_SITES
 from .search import FlipSearch
 from .select import examples_spec, reference_batches, select_examples
@@ -102,6 +102,12 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
 
     ``source``: a :class:`memloc.Run` / run path (``checkpoint``: its epoch, default final), or an
     ``nn.Module`` with ``data`` (a :class:`memloc.core.data.Data`; ``is_noisy`` comes from it).
+    A language model's run (or a causal LM with a :class:`memloc.core.sequences.SequenceSet`): its
+    memorisation targets are the noisy examples, the other training sequences the clean ones; a
+    sequence is searched when the model reproduces its suffix exactly (the argmax right at every
+    suffix position, teacher-forced), its loss is the suffix loss, and a search stops once the suffix
+    is no longer reproduced exactly (:mod:`memloc.core.tasks`); units only (``site`` pre_norm or
+    post_norm) and no input noise. ``label`` is -1 for sequences.
     ``resume``: folder of the resumable part files (``"auto"``: ``RUN/results/flip.partial``
     for a run, none for a model); finished searches found there with the same settings are not
     redone (also with ``overwrite``, which only discards parts made with other settings). The parts are deleted when
@@ -130,27 +136,35 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
     model, data, dev, epoch = src.model, src.data, src.device, src.checkpoint
     check_precision(precision, dev)
     apply_channels_last(model, precision, dev)
-    opts = protocol_options(protocol, data.is_noisy, **chosen)
+    task = task_of(data)
+    lm = isinstance(task, SequenceTask)
+    opts = protocol_options(protocol, task.is_noisy, **chosen)
     site, noise_samples, noise_ratio, repeats, ref_batch_size, ref_pool = (
         opts[k] for k in ("site", "noise_samples", "noise_ratio", "repeats", "ref_batch_size", "ref_pool"))
-    is_noisy, given = np.asarray(data.is_noisy, bool), np.asarray(data.label_given)
+    if lm:
+        _check_lm(site, noise_samples, protocol, chosen)
+    is_noisy = task.is_noisy
+    given = np.full(len(is_noisy), -1) if lm else np.asarray(data.label_given)
     config, ids, refs = settings(is_noisy, checkpoint=epoch, examples=examples, max_units=max_units,
                                  noise_samples=noise_samples, noise_ratio=noise_ratio, repeats=repeats, site=site,
                                  collateral=collateral, ref_batch_size=ref_batch_size, ref_pool=ref_pool, seed=seed,
                                  dtype=dtype, precision=precision)
-    train = data.train
-    x, y = train.x[ids], train.y[ids]
-    ridx = torch.as_tensor(refs, device=dev)
+    train = task.train
+    x = train.x[torch.as_tensor(ids, device=train.x.device)]
+    y = task.target(x, train.y[torch.as_tensor(ids, device=train.y.device)])
+    ridx = torch.as_tensor(refs, device=train.x.device)
     with autocast(precision, dev):
-        search = (WeightFlipSearch if site == "weight" else FlipSearch)(model, train.x[ridx], train.y[ridx], refs,
-                                                                         site=site, dtype=DTYPES[dtype])
-        status = (search.predict(x) != y).cpu().numpy().astype(np.int8)
+        search = (WeightFlipSearch if site == "weight" else FlipSearch)(
+            model, train.x[ridx], task.target(train.x[ridx], train.y[ridx]), refs, site=site, dtype=DTYPES[dtype],
+            task=task, cache_prefix=task.prefix_cache)
+        status = (~search.correct(x, y)).cpu().numpy().astype(np.int8)
     structure = search.structure
     status = broadcast(status)      # split across processes: every rank works from rank 0's list
     rank = world()[0]
     if status.any() and rank == 0:
-        log(f"memloc.flip: {int(status.sum())} of {len(ids)} examples are misclassified by the model "
-            "and are recorded with status 1 (not searched)")
+        log(f"memloc.flip: {int(status.sum())} of {len(ids)} examples are "
+            f"{'not reproduced exactly' if lm else 'misclassified'} by the model and are recorded with status 1 "
+            "(not searched)")
     parts = Parts(parts_folder(resume, src.run, "flip"), part_settings(config, ids), what="search",
                   overwrite=overwrite, fmt=FLIP_PARTS)
     try:
@@ -159,7 +173,7 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
         if parts.done and rank == 0:
             log(f"memloc.flip: resuming: {len(parts.done)} searches already saved, {len(todo)} to go")
         with autocast(precision, dev):
-            _search(search, parts, x, y, ids, shard(todo, key=lambda t: t[0]), data, model, collateral=collateral,
+            _search(search, parts, x, y, ids, shard(todo, key=lambda t: t[0]), task, model, collateral=collateral,
                     group_size=group_size, eval_batch_size=eval_batch_size, max_units=max_units,
                     noise_samples=noise_samples, noise_ratio=noise_ratio, seed=seed)
         parts.gather()
@@ -167,11 +181,24 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
         parts.release()
     if rank > 0:
         return None             # rank 0 merges the parts and writes the result
-    result = _result(parts, ids, is_noisy, given, status, repeats, structure, refs, max_units, config)
+    result = _result(parts, ids, is_noisy, given, status, repeats, structure, refs, max_units, config, task.subsets)
     return result
 
 
-def _search(search, parts, x, y, ids, todo, data, model, *, collateral, group_size, eval_batch_size, **kw):
+def _check_lm(site, noise_samples, protocol, chosen):
+    """What a language model's flip does not do: parameter items, and noise on token ids."""
+    def why(name):
+        return f" (set by protocol {protocol!r})" if chosen[name] is None else ""
+    if site == "weight":
+        raise MemlocError(f"site 'weight'{why('site')} zeroes parameter items of image classifiers; on a language model "
+                          "flip zeroes units: use {site}", options={"site": "pre_norm"}, argument="site")
+    if noise_samples:
+        raise MemlocError(f"noise_samples {noise_samples}{why('noise_samples')}: a language model's input is token ids, which take no "
+                          "Gaussian noise; use {noise_samples}", options={"noise_samples": 0},
+                          argument="noise_samples")
+
+
+def _search(search, parts, x, y, ids, todo, task, model, *, collateral, group_size, eval_batch_size, **kw):
     """Run the searches ``todo``, saving finished ones in ``parts`` (also on Ctrl-C)."""
     structure, dev = search.structure, x.device
     pending: dict = {}
@@ -179,13 +206,12 @@ def _search(search, parts, x, y, ids, todo, data, model, *, collateral, group_si
     bar = progress(total=len(todo), desc="flip", unit="search")
     try:
         for t in search.run(x, y, ids, todo, group_size=group_size, **kw):
-            col = np.full(len(SUBSETS), np.nan)
+            col = np.full(len(task.subsets), np.nan)
             if collateral:
                 mask = torch.ones(structure.n_units, device=dev)
                 mask[torch.as_tensor(t.units, device=dev)] = 0
                 with search.zeroing(model, mask):
-                    acc = accuracies(model, data, batch_size=eval_batch_size)
-                col = np.array([acc[s] for s in SUBSETS])
+                    col = task.subset_row(model, batch_size=eval_batch_size)
             pending[(int(ids[t.k]), t.repeat)] = (t.units, t.flipped, col)
             bar.update(1)
             if len(pending) >= group_size or time.monotonic() - last > 30:
@@ -199,7 +225,7 @@ def _search(search, parts, x, y, ids, todo, data, model, *, collateral, group_si
         bar.close()
 
 
-def _result(parts, ids, is_noisy, given, status, repeats, structure, refs, max_units, config) -> Result:
+def _result(parts, ids, is_noisy, given, status, repeats, structure, refs, max_units, config, subsets) -> Result:
     k = len(ids)
     missing = [(int(e), r) for e, st in zip(ids, status) if st == 0 for r in range(repeats)
                if (int(e), r) not in parts.done]
@@ -207,7 +233,7 @@ def _result(parts, ids, is_noisy, given, status, repeats, structure, refs, max_u
         raise MemlocError(f"{len(missing)} searches are missing from the saved parts (first: example {missing[0][0]}, "
                           f"repeat {missing[0][1]}); run the same command again to finish them")
     rows, n_units, flipped = [], np.zeros((k, repeats), np.int32), np.zeros((k, repeats), bool)
-    col = np.full((k, repeats, len(SUBSETS)), np.nan)
+    col = np.full((k, repeats, len(subsets)), np.nan)
     for i, example in enumerate(ids):
         for r in range(repeats):
             units, f, c = parts.done.get((int(example), r), (np.zeros(0, np.int64), False, col[i, r]))
@@ -227,5 +253,5 @@ def _result(parts, ids, is_noisy, given, status, repeats, structure, refs, max_u
          "layer_offset": ("layer", np.array([s.offset for s in structure.spaces], dtype=np.int64)),
          "reference": (("repeat", "ref"), np.asarray(refs, dtype=np.int64))},
         coords={"example": np.asarray(ids, dtype=np.int64), "repeat": np.arange(repeats),
-                "layer": [s.name for s in structure.spaces], "subset": list(SUBSETS)})
+                "layer": [s.name for s in structure.spaces], "subset": list(subsets)})
     return Result("flip", ds, config=config)

@@ -8,10 +8,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...core.errors import MemlocError
+from ...core.tasks import ClassifierTask
 from ...core.units import SITES, Structure, hooks_of, trace, unit_masks
 
 __all__ = ["noise_seed", "noisy_copies", "FlipTrace", "FlipSearch"]
@@ -55,11 +55,17 @@ class FlipSearch:
     choices of different examples often agree for the first units) share one evaluation of the
     reference batch. Both terms come from one forward/backward per step.
 
+    What a model's outputs, an example's loss and "flipped" are comes from ``task``
+    (:mod:`memloc.core.tasks`): for a classifier (the default) the logits, the cross-entropy of the
+    label and "the label is no longer the argmax"; for a language model's sequences
+    (:class:`memloc.core.tasks.SequenceTask`) the teacher-forced logits, the suffix loss and "the
+    suffix is no longer reproduced exactly", the labels being the token rows themselves.
+
     Parameters
     ----------
-    model : classifier; copied, cast to ``dtype``, put in eval mode, parameters frozen.
-    ref_x : (R, B, ...) reference inputs, one batch per repeat.
-    ref_y : (R, B) their labels.
+    model : classifier (or causal LM with ``task``); copied, cast to ``dtype``, put in eval mode, parameters frozen.
+    ref_x : (R, B, ...) reference inputs, one batch per repeat (token ids stay integers).
+    ref_y : (R, B, ...) their labels (:meth:`memloc.core.tasks.ClassifierTask.target`).
     ref_ids : (R, B) their example ids (a target is left out of its own reference mean).
     site : ``pre_norm`` | ``post_norm`` (see :func:`memloc.core.units.unit_masks`).
     dtype : computation dtype; ``torch.float64`` makes results independent of the grouping.
@@ -67,14 +73,15 @@ class FlipSearch:
     cache_prefix : compute the network up to the first unit layer once per reference batch
         (checked against the plain computation at construction; off if they differ).
     cache_mb : memory for memoised reference gradients (least recently used are dropped).
+    task : the task piece (default :class:`memloc.core.tasks.ClassifierTask`).
     """
 
     def __init__(self, model: nn.Module, ref_x: torch.Tensor, ref_y: torch.Tensor, ref_ids, *,
                  site: str = "pre_norm", dtype: torch.dtype = torch.float32,
-                 structure: Structure | None = None, cache_prefix: bool = True, cache_mb: float = 256):
+                 structure: Structure | None = None, cache_prefix: bool = True, cache_mb: float = 256, task=None):
         if site not in SITES:
             raise ValueError(f"unknown site {site!r}; valid: {', '.join(SITES)}")
-        self._setup(model, ref_x, ref_y, ref_ids, dtype)
+        self._setup(model, ref_x, ref_y, ref_ids, dtype, task)
         self.site = site
         self.structure = structure or trace(self.model, self.ref_x[0, :1])
         if self.structure.n_units == 0:
@@ -82,20 +89,28 @@ class FlipSearch:
         self._setup_memo(cache_mb)
         self.first = self.structure.spaces[0].module
         self.prefix = None
-        if cache_prefix:
+        if cache_prefix and self.task.prefix_cache:
             self.prefix = self._prefix_outputs()
             if self.prefix is not None and not self._prefix_agrees():
                 self.prefix = None
 
-    def _setup(self, model, ref_x, ref_y, ref_ids, dtype):
+    def _setup(self, model, ref_x, ref_y, ref_ids, dtype, task=None):
         """A private frozen eval-mode copy of ``model`` in ``dtype`` and the reference batches."""
         device = ref_x.device
         self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.dtype, self.device = dtype, device
-        self.ref_x = ref_x.to(dtype)
+        self.task = ClassifierTask if task is None else task
+        self.ref_x = self._cast(ref_x)
         self.ref_y = ref_y.to(device).long()
         self.ref_ids = torch.as_tensor(np.asarray(ref_ids), device=device).long()
         self._ref_sets = [set(row.tolist()) for row in self.ref_ids.cpu()]
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs in the search's dtype (integer inputs, token ids, as they are)."""
+        return x.to(self.dtype) if x.is_floating_point() else x
+
+    def _outputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.task.outputs(self.model, self._cast(inputs))
 
     def _setup_memo(self, cache_mb):
         itemsize = torch.finfo(self.dtype).bits // 8
@@ -109,7 +124,7 @@ class FlipSearch:
 
         ``masks`` (G, n_units), ``xt`` (G, copies, ...), ``yt`` (G,); ``ref_masks`` (M, n_units),
         ``ref_repeats`` (M,) reference batch of each, ``excluded`` (M,) example id left out of
-        that reference mean (-1: none). Returns ``pred`` (G,) (argmax of the copies' mean logits),
+        that reference mean (-1: none). Returns ``right`` (G,) (the copies' mean outputs right, bool),
         ``d(-loss_target)/dmask`` (G, n_units) and ``d(mean reference loss)/dmask`` (M, n_units).
         """
         g, nt = xt.shape[:2]
@@ -127,41 +142,46 @@ class FlipSearch:
             inputs = torch.cat([xt.flatten(0, 1), self.ref_x[ref_repeats].flatten(0, 1)])
         with torch.enable_grad():
             with hooks_of(self.model, hooks), unit_masks(self.model, self.structure, rows, site=self.site):
-                logits = self.model(inputs.to(self.dtype))
-            target_logits = logits[:g * nt].view(g, nt, -1).mean(1)
-            objective = self._objective(target_logits, yt, logits[g * nt:].view(m, b, logits.shape[-1]), ref_repeats,
+                logits = self._outputs(inputs)
+            target_logits = logits[:g * nt].view(g, nt, *logits.shape[1:]).mean(1)
+            objective = self._objective(target_logits, yt, logits[g * nt:].view(m, b, *logits.shape[1:]), ref_repeats,
                                         excluded)
             grad_t, grad_r = torch.autograd.grad(objective, [masks, ref_masks])
-        return target_logits.argmax(1), grad_t, grad_r
+        return self.task.right(target_logits, yt), grad_t, grad_r
 
     def _objective(self, target_logits, yt, ref_logits, ref_repeats, excluded):
         """Sum over searches of O = (mean reference loss without the target) - target loss.
 
-        ``target_logits`` (G, C) (the copies' mean), ``ref_logits`` (M, B, C) or None (M = 0)."""
-        objective = -F.cross_entropy(target_logits, yt, reduction="sum")
+        ``target_logits`` (G, ...) (the copies' mean), ``ref_logits`` (M, B, ...) or None (M = 0)."""
+        objective = -self.task.loss_of(target_logits, yt).sum()
         if ref_logits is not None and len(ref_logits):
             m, b = ref_logits.shape[:2]
-            ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), self.ref_y[ref_repeats].flatten(),
-                                       reduction="none").view(m, b)
+            ref_loss = self.task.loss_of(ref_logits.flatten(0, 1), self.ref_y[ref_repeats].flatten(0, 1)).view(m, b)
             keep = (self.ref_ids[ref_repeats] != excluded[:, None]).to(self.dtype)
             objective = objective + ((ref_loss * keep).sum(1) / keep.sum(1).clamp_min(1)).sum()
         return objective
 
     def objective_grad(self, masks: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
                        repeats: torch.Tensor, target_ids: torch.Tensor, *, use_prefix: bool = True):
-        """Prediction and ``dO/dmask`` for G searches, without memoisation.
+        """Whether each target is right and ``dO/dmask`` for G searches, without memoisation.
 
-        ``masks`` (G, n_units), ``xt`` (G, copies, ...) target inputs, ``yt`` (G,) labels,
-        ``repeats`` (G,) which reference batch, ``target_ids`` (G,). Returns ``pred`` (G,) and
+        ``masks`` (G, n_units), ``xt`` (G, copies, ...) target inputs, ``yt`` (G, ...) labels,
+        ``repeats`` (G,) which reference batch, ``target_ids`` (G,). Returns ``right`` (G,) and
         ``grad`` (G, n_units).
         """
-        pred, grad_t, grad_r = self._terms(masks, xt, yt, masks, repeats, target_ids, use_prefix=use_prefix)
-        return pred, grad_t + grad_r
+        right, grad_t, grad_r = self._terms(masks, xt, yt, masks, repeats, target_ids, use_prefix=use_prefix)
+        return right, grad_t + grad_r
 
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Predicted classes (N,) of inputs ``x`` with no unit zeroed, in the search's dtype."""
         with torch.no_grad():
-            return torch.cat([self.model(x[s:s + batch_size].to(self.dtype)).argmax(1)
+            return torch.cat([self._outputs(x[s:s + batch_size]).argmax(-1) for s in range(0, len(x), batch_size)])
+
+    def correct(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """(N,) bool: is each example of inputs ``x`` with labels ``y`` right with no unit zeroed (a
+        classifier: its label predicted; a language model: its suffix reproduced exactly)?"""
+        with torch.no_grad():
+            return torch.cat([self.task.right(self._outputs(x[s:s + batch_size]), y[s:s + batch_size])
                               for s in range(0, len(x), batch_size)])
 
     def run(self, x: torch.Tensor, y: torch.Tensor, target_ids, tasks: Iterable[tuple[int, int]], *,
@@ -191,7 +211,7 @@ class FlipSearch:
                 for s in check:
                     s["xt"] = (noisy_copies(x[s["k"]].to(self.dtype), noise_samples, noise_ratio,
                                             noise_seed(seed, ids[s["k"]], s["r"], len(s["units"])))
-                               if noise_samples else x[s["k"]][None].to(self.dtype))
+                               if noise_samples else self._cast(x[s["k"]][None]))
                 for s, f in zip(check, self._check(check, max_units)):
                     if f or len(s["units"]) >= max_units or s.get("stuck"):
                         yield FlipTrace(s["k"], s["r"], np.array(s["units"], dtype=np.int64), bool(f))
@@ -211,8 +231,8 @@ class FlipSearch:
 
     def _check(self, check: list[dict], max_units: int) -> np.ndarray:
         """Has each search of ``check`` flipped under its current mask? (a forward of the targets only)"""
-        pred = self._predict_masked(torch.stack([s["mask"] for s in check]), torch.stack([s["xt"] for s in check]))
-        return (pred != torch.stack([s["y"] for s in check])).cpu().numpy()
+        out = self._outputs_masked(torch.stack([s["mask"] for s in check]), torch.stack([s["xt"] for s in check]))
+        return (~self.task.right(out, torch.stack([s["y"] for s in check]))).cpu().numpy()
 
     def _advance(self, slots: list[dict]) -> None:
         """One greedy step of each search of ``slots``: zero its next unit (or mark it stuck)."""
@@ -266,11 +286,12 @@ class FlipSearch:
         """Context in which ``model`` (of this search's structure) runs with the units ``mask`` zeroed."""
         return unit_masks(model, self.structure, mask, site=self.site)
 
-    def _predict_masked(self, masks: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
-        """Argmax of the mean logits of ``xt`` (G, copies, ...) under ``masks`` (G, n_units)."""
+    def _outputs_masked(self, masks: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        """Mean outputs (logits) of ``xt`` (G, copies, ...) under ``masks`` (G, n_units)."""
         g, nt = xt.shape[:2]
         with torch.no_grad(), unit_masks(self.model, self.structure, masks.repeat_interleave(nt, 0), site=self.site):
-            return self.model(xt.flatten(0, 1)).view(g, nt, -1).mean(1).argmax(1)
+            out = self._outputs(xt.flatten(0, 1))
+        return out.view(g, nt, *out.shape[1:]).mean(1)
 
     # -- the cached prefix
     def _prefix_outputs(self):
@@ -281,7 +302,7 @@ class FlipSearch:
             out.append(o.detach())
 
         with torch.no_grad(), hooks_of(self.model, {self.first: grab}):
-            self.model(self.ref_x.flatten(0, 1))
+            self._outputs(self.ref_x.flatten(0, 1))
         if len(out) != 1 or not torch.is_tensor(out[0]) or out[0].shape[0] != self.ref_x.shape[0] * self.ref_x.shape[1]:
             return None    # the module runs more than once per forward (shared weights): no caching
         return out[0].view(*self.ref_x.shape[:2], *out[0].shape[1:])

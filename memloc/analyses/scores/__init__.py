@@ -44,8 +44,8 @@ A language model's run (``memloc train RUN --dataset tinymem:...``) is scored pe
 its memorisation targets in the noisy examples' role (:mod:`.tasks`): the loss is the suffix loss,
 correctness exact memorisation (forgetting counts memorised -> not), p = exp(-suffix loss) (the geometric
 mean of the suffix tokens' probabilities), EL2N the mean over suffix positions of ||softmax - onehot||_2,
-GraNd and TracIn the gradient of the suffix loss (:class:`.tasks.SuffixLoss`). aum and neuron_count do
-not apply (no recorded margins; flip is for classifiers). Each score's ``sequences`` text says its meaning.
+GraNd and TracIn the gradient of the suffix loss (:class:`.tasks.SuffixLoss`), neuron_count the units
+flip zeroes until the suffix is no longer reproduced. aum does not apply (no recorded margins). Each score's ``sequences`` text says its meaning.
 
 The ``"scores"`` result has one variable per score over the ``example`` dimension, with
 attributes ``description``, ``direction`` (and ``epoch`` for el2n / grand).
@@ -133,7 +133,8 @@ SCORES: dict[str, Score] = {
     "neuron_count": Score(neuron_count, lambda i: i.neuron_count(), -1,
                           "units zeroed until the prediction flips (mean over repeats; not flipped = "
                           "max_units + 1; NaN = not searched)",
-                          not_for_sequences="flip's unit-zeroing search works on image classifiers"),
+                          sequences="units zeroed until the suffix is no longer reproduced exactly (memloc.flip on "
+                                    "the run; not broken = max_units + 1; NaN = not searched)"),
     "tracin": Score(tracin_self_influence, lambda i: i.tracin(), +1,
                     "TracIn self-influence: sum over checkpoints 1..final of lr x ||loss gradient||^2 "
                     "(eval mode; weights in config tracin_weights)",

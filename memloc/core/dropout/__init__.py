@@ -33,13 +33,18 @@ Example ids reach the layers without changing the model's forward signature::
 ``layer_kind``, ``units``, ``gen_units``. Models with BatchNorm collected its running statistics under the training masks;
 ``recalibrate_bn=True`` (:func:`recalibrate_norms`) re-estimates them in test and drop mode first
 (on a width-16 ResNet-9 this turns a 4-8 point test-accuracy loss in drop mode into +-0.2).
+
+Language models (:mod:`.sinks`, MemSinks): ``etd_after="mlp"`` puts the layers on every MLP's hidden
+neurons, each sequence id keeping its own sinks; the result then holds the memorised shares and
+held-out accuracies of :data:`memloc.core.schemas.LM_SUBSETS` per mode.
 """
 from .evaluate import EVAL_MODES, evaluate_modes, recalibrate_norms
 from .insert import (auto_as_test, dropout_layers, example_ids, insert_example_tied_dropout,
                      remove_example_tied_dropout, require_dropout_layers, set_mode)
 from .layer import KINDS, MODES, ExampleTiedDropout, FixedSparseDropout, StandardDropout, example_masks
+from .sinks import MLP_SITES, evaluate_sequence_modes, mlp_sites, resolve_sites, sink_ids
 
 __all__ = ["ExampleTiedDropout", "StandardDropout", "FixedSparseDropout", "KINDS", "MODES", "EVAL_MODES",
            "insert_example_tied_dropout", "remove_example_tied_dropout", "dropout_layers", "set_mode",
            "auto_as_test", "example_ids", "example_masks", "evaluate_modes", "recalibrate_norms",
-           "require_dropout_layers"]
+           "require_dropout_layers", "MLP_SITES", "mlp_sites", "resolve_sites", "sink_ids", "evaluate_sequence_modes"]

@@ -1,0 +1,183 @@
+"""Language-model runs under torchrun (2 gloo processes on the CPU), issue 23: the analyses that split
+their work (memorisation, scores, gradients, rewind, retrain) give exactly the single-process result,
+and ``memloc train`` of a language model trains one run with DDP that follows the one-process run
+(the image path's checks, tests/test_ddp.py)."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import memloc
+from memloc.cli import run as cli_run
+from memloc.core.lm import TinyGPT, lm_logits
+from memloc.scale.distributed import split_bounds
+from memloc.training.lm import _batch_loss
+from memloc.training.train import train
+from conftest import results_free_copy, train_interrupted
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: the conftest's memorising_lm, with 48 sequences (8 noisy, each with 4 copies) in batches of 7 that
+#: split 4 / 3 across 2 processes (the last batch of 6: 3 / 3)
+CFG = {"dataset": "tinymem:mult", "model": "gpt", "n_layer": 2, "d_model": 32, "n_head": 2, "n_train": 16,
+       "n_test": 8, "seq_len": 16, "suffix_len": 4, "noise": 0.5, "duplicate": 4, "epochs": 10, "batch_size": 7,
+       "lr": 2e-2, "weight_decay": 0.0}
+# "--" ends torchrun's own options: its parser takes --duplicate for an abbreviation of its --duplicate-stdout-filters
+FLAGS = ["--", "train", "--dataset", "tinymem:mult", "--model", "gpt", "--n-layer", "2", "--d-model", "32",
+         "--n-head", "2", "--n-train", "16", "--n-test", "8", "--seq-len", "16", "--suffix-len", "4", "--noise", "0.5",
+         "--duplicate", "4", "--epochs", "10", "--batch-size", "7", "--lr", "2e-2", "--weight-decay", "0",
+         "--device", "cpu"]
+#: measured: AdamW turns the order of floating-point sums into weights that differ by <= 1.7e-4 after the
+#: first epoch (a near-zero gradient's rounding decides the sign of a whole step) and <= 1.3e-2 after ten
+ATOL_EPOCH1, ATOL = 1e-3, 5e-2
+
+
+def _torchrun(args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_slices_of_a_batch_give_the_whole_batch_gradient():
+    """The slices' losses, summed as DDP's average of their gradients (x 1/parts), are the batch's
+    mean next-token loss, also for slices of unequal size and an empty one (up to float32 rounding: the
+    loss is taken in float32; a wrong weighting of a slice is off by a tenth or more)."""
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=11, max_len=8, n_layer=1, n_head=2, d_model=8)
+    x = torch.randint(0, 11, (5, 8))
+    whole = _batch_loss(lm_logits(model, x[:, :-1]), x, 5, 1)
+    want = torch.autograd.grad(whole, list(model.parameters()))
+    for parts in (2, 3, 6):
+        bounds = split_bounds(5, parts)
+        total = sum(_batch_loss(lm_logits(model, x[a:b, :-1]), x[a:b], 5, parts) for a, b in zip(bounds, bounds[1:])
+                    if b > a) / parts
+        assert torch.allclose(total, whole, rtol=1e-6)
+        got = torch.autograd.grad(total, list(model.parameters()))
+        assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-7) for g, w in zip(got, want))
+
+
+def test_batch_smaller_than_the_processes_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys.modules["memloc.training.lm"], "world", lambda: (0, 2))   # as in a group of 2
+    with pytest.raises(SystemExit) as e:
+        cli_run("train", [str(tmp_path / "r"), "--dataset", "tinymem:mult", "--batch-size", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert err.startswith("memloc train: error: --batch-size 1 is smaller than the number of processes (2)")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("lmddp") / "one", CFG, device="cpu")
+
+
+def _files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_one_process_run(reference, tmp_path):
+    out = tmp_path / "two"
+    p = _torchrun(["-m", "memloc", *FLAGS[:2], str(out), *FLAGS[2:]])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("10 epochs") == 1                 # rank 0 alone reports
+    got = memloc.load(out)
+    assert got.config == reference.config
+    assert list(got.checkpoint(10)) == list(reference.checkpoint(10))      # the unwrapped module's keys
+    _assert_follows(got, reference)         # weights close, the same memorised flags of every sequence
+    metrics = reference.metrics()
+    assert 0 < metrics["target_memorised"][-1] < 1          # part of the targets memorised: not trivial
+    for when in ("presentation", "end"):                    # every sequence, every epoch
+        loss = got.dynamics("suffix_loss", when)
+        assert not np.isnan(loss[1:]).any()
+        assert np.nanmax(np.abs(loss - reference.dynamics("suffix_loss", when))) < 0.05
+    assert np.array_equal(got.metrics()["target_memorised"], metrics["target_memorised"])
+    # the end-of-epoch measures (split across the ranks) are exactly one process's of the saved checkpoint
+    data = got.data()
+    for e in (0, 10):
+        one = memloc.memorisation(got.model(e), data, eval_batch_size=256, device="cpu")
+        for name in ("suffix_loss", "suffix_accuracy", "memorised"):
+            assert np.array_equal(got.dynamics(name, "end")[e], one[name].values.astype(
+                got.dynamics(name, "end").dtype)), (e, name)
+
+
+def _assert_follows(got, reference):
+    assert got.epochs == reference.epochs == list(range(11)) and _files(got.path) == _files(reference.path)
+    for e in got.epochs:
+        a, b = reference.checkpoint(e), got.checkpoint(e)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= (0 if e == 0 else ATOL_EPOCH1 if e == 1 else ATOL)
+    for when in ("presentation", "end"):
+        assert np.array_equal(got.dynamics("memorised", when), reference.dynamics("memorised", when)), when
+
+
+@pytest.mark.slow
+def test_resume_under_torchrun(reference, tmp_path):
+    """A run begun in one process and killed after epoch 4, resumed by 2 processes, follows the
+    uninterrupted one-process run (measured: weights within 1e-2, the same memorised flags)."""
+    cut = tmp_path / "cut"
+    train_interrupted(cut, CFG, epoch=4, device="cpu")
+    p = _torchrun(["-m", "memloc", *FLAGS[:2], str(cut), *FLAGS[2:], "--resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    _assert_follows(memloc.load(cut), reference)
+
+
+#: the analyses in one torchrun: a script that joins the process group and calls the library
+WORKER = textwrap.dedent("""
+    import os, sys, torch
+    torch.set_num_threads(1)
+    import memloc
+    from memloc.scale import ddp
+    from memloc.scale.distributed import init_from_env, world
+    init_from_env("cpu")
+    run = memloc.load(sys.argv[1])
+    measured, measure = [], ddp.sequence_measures
+    ddp.sequence_measures = lambda model, tokens, *a, **k: measured.append(len(tokens)) or measure(model, tokens, *a, **k)
+    mem = memloc.memorisation(run.model(), run.data(), eval_batch_size=4, device="cpu")
+    ddp.sequence_measures = measure
+    say = lambda line: os.write(1, (line + "\\n").encode())     # one write: the ranks' lines never interleave
+    say(f"measured {sum(measured)}")
+    if world()[0] == 0:
+        mem.save(run.results_path("memorisation"))
+    memloc.scores(run, methods="el2n,grand,tracin,forgetting", eval_batch_size=8, device="cpu", save=True)
+    memloc.gradients(run, checkpoints="0,5,10", eval_batch_size=8, device="cpu", save=True)
+    memloc.rewind(run, checkpoints="0,5", device="cpu", save=True)
+    memloc.retrain(run, epochs=1, layers="blocks.0.mlp.up,blocks.0.mlp.down,head", device="cpu", save=True)
+    say("done %d %d" % world())
+""")
+ANALYSES = {"scores": {"methods": "el2n,grand,tracin,forgetting", "eval_batch_size": 8},
+            "gradients": {"checkpoints": "0,5,10", "eval_batch_size": 8},
+            "rewind": {"checkpoints": "0,5"},
+            "retrain": {"epochs": 1, "layers": "blocks.0.mlp.up,blocks.0.mlp.down,head"}}
+
+
+def _assert_same(a, b):
+    assert set(a.data_vars) == set(b.data_vars)
+    for k in a.data_vars:
+        x, y = a[k].values, b[k].values
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), k
+
+
+@pytest.mark.slow
+def test_analyses_on_two_processes_equal_one(reference, tmp_path):
+    run = results_free_copy(reference, tmp_path / "lm")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    p = _torchrun([str(script), str(run.path)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(line for line in p.stdout.split("\n") if line.startswith("done")) == ["done 0 2", "done 1 2"]
+    assert p.stdout.count(f"measured {len(run.data()) // 2}\n") == 2        # each rank measured half the sequences
+    for name in ANALYSES:
+        assert not run.results_path(name).with_name(f"{name}.partial").exists()   # parts gone once saved
+    got = {name: run.result(name) for name in ("memorisation", *ANALYSES)}
+    want = memloc.memorisation(run.model(), run.data(), eval_batch_size=4, device="cpu")
+    assert want["memorised"].values.any() and (~want["memorised"].values).any()     # not trivial
+    _assert_same(want, got["memorisation"])
+    for name, kw in ANALYSES.items():
+        _assert_same(getattr(memloc, name)(run, device="cpu", **kw), got[name])
