@@ -16,11 +16,13 @@ RESULTS = {
     "mnist5k-mlp": ["gradients", "rewind", "retrain", "flip", "scores", "detect", "issues", "clean", "importance",
                     "unlearn"],
     "mnist5k-lenet-etd": ["dropout"],
+    "tinymem-gpt": ["memorisation", "rewind", "localise_neurons", "mitigation"],
 }
 FIGURES = {
     "mnist5k-mlp": ["training", "gradients_norms", "gradients_cosine", "rewind", "retrain", "flip", "detect_roc",
                     "issues", "clean", "importance", "unlearn"],
     "mnist5k-lenet-etd": ["training", "dropout"],
+    "tinymem-gpt": ["lm_training", "memorisation", "rewind", "localise_neurons", "mitigation"],
 }
 
 

@@ -33,6 +33,7 @@ from ..core.runtime import check_choices, check_range, split_list
 from ..core.schemas import Schema, Var
 from ..core.store import stored
 from .localise import METHODS, lm_source, method_options, neuron_scores, reference_rows, select_targets
+from .localise.plots import plot_del
 
 __all__ = ["del_benchmark", "zeroing_masks", "check_fractions", "FRACTIONS"]
 
@@ -167,7 +168,7 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
 _PER = ("method", "fraction", "target")
 
 ANALYSIS = Analysis(
-    name="del", order=159, compute=del_benchmark,
+    name="del", order=159, compute=del_benchmark, plot=plot_del,
     schema=Schema("del", "DEL, deleting naturally memorised sequences by zeroing each localisation method's top "
                   "neurons (memloc.del_benchmark)",
   {"method": Var(("method",), "localisation method (memloc.localise_neurons)"),

@@ -36,6 +36,7 @@ from ..core.schemas import Schema, Var
 from ..core.store import stored
 from .localise import METHODS, lm_source, method_options, neuron_scores, reference_rows
 from .localise.common import Targets, suffix_loss
+from .localise.plots import plot_inj
 
 __all__ = ["inj_benchmark", "inject_sequence", "recall_at_k"]
 
@@ -164,7 +165,7 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
 
 
 ANALYSIS = Analysis(
-    name="inj", order=158, compute=inj_benchmark,
+    name="inj", order=158, compute=inj_benchmark, plot=plot_inj,
     schema=Schema("inj", "INJ, the known-answer benchmark of neuron localisation: recall of injected neurons "
                   "(memloc.inj_benchmark)",
   {"method": Var(("method",), "localisation method (memloc.localise_neurons)"),

@@ -21,14 +21,20 @@ import numpy as np
 import torch
 import xarray as xr
 
+import os
+
 from ..core.errors import MemlocError
+from ..core.figures import figure, plt, save_figure, table
 from ..core.lm import suffix_measures
 from ..core.precision import check_precision
-from ..core.registry import Analysis
+from ..core.options import add_precision, nonnegative_int, positive_int
+from ..core.registry import Analysis, Command
 from ..core.results import Result
+from ..core.run import Run, as_run
 from ..core.runtime import check_range, resolve_device
 from ..core.schemas import Schema, Var
-from ..core.sequences import SequenceSet, check_span
+from ..core.sequences import KINDS, SequenceSet, check_span
+from ..core.store import stored
 from ..scale.ddp import measures_split
 
 __all__ = ["memorisation_from_logits", "memorisation", "SPLITS"]
@@ -74,24 +80,49 @@ def memorisation_from_logits(logits, tokens, prefix_len: int, suffix_len: int) -
             "memorised": mem.cpu().numpy()}
 
 
+def _run_source(source, data, checkpoint):
+    """(model, data, epoch) of a language-model run (a :class:`memloc.Run` or its path; ``checkpoint``
+    default final)."""
+    if isinstance(source, (str, os.PathLike)) and not os.path.isdir(source):
+        raise MemlocError(f"source {str(source)!r} is not a run directory (give a language-model run or a causal "
+                          "language model with its data)", argument="source")
+    run = as_run(source)
+    if not run.is_lm:
+        raise MemlocError(f"run {str(run.path)!r} is not a language-model run (a classifier's); memorisation needs "
+                          "a causal language model", argument="source")
+    epoch = run.final_epoch if checkpoint is None else int(checkpoint)
+    if epoch not in run.epochs:
+        raise MemlocError(f"checkpoint {epoch} is not in the run (epochs {run.epochs[0]}..{run.epochs[-1]})",
+                          argument="checkpoint")
+    return run.model(epoch), (run.data() if data is None else data), epoch
+
+
 @torch.no_grad()
-def memorisation(source, data: SequenceSet, *, split: str = "train", eval_batch_size: int = 256,
-                 device="auto", precision: str = "fp32") -> Result:
+@stored("memorisation")
+def memorisation(source, data: SequenceSet | None = None, *, split: str = "train", checkpoint: int | None = None,
+                 eval_batch_size: int = 256, device="auto", precision: str = "fp32") -> Result:
     """The ``"memorisation"`` result of language model ``source`` on ``data`` (a :class:`SequenceSet`):
     suffix loss, accuracy and exact memorisation of every sequence of ``split`` (``train``, or
     ``test``: held-out sequences, all clean, none a target), with its target flag and kind.
 
     ``source``: a causal LM (:class:`memloc.core.lm.TinyGPT`, a ``transformers`` model, any module
     that :func:`memloc.core.lm.lm_logits` runs); it is moved to ``device`` and evaluated in eval
-    mode (its training mode is restored). ``precision``: fp32, or bf16 / fp16 autocast.
+    mode (its training mode is restored). Or a language-model run (a :class:`memloc.Run` or its path):
+    its model at ``checkpoint`` (default the final epoch) on its sequences (``data`` None).
+    ``precision``: fp32, or bf16 / fp16 autocast.
 
     In a process group (a script run by torchrun that joined it) the batches are split across the
     ranks and gathered (:func:`memloc.scale.ddp.measures_split`): every rank returns the result of
     one process, exactly.
     """
-    if not isinstance(source, torch.nn.Module):
-        raise MemlocError(f"source must be a causal language model (a torch module), got {type(source).__name__}",
-                          argument="source")
+    epoch = None
+    if checkpoint is not None:
+        check_range("checkpoint", checkpoint, low=0, integer=True)
+    if isinstance(source, (str, os.PathLike, Run)):
+        source, data, epoch = _run_source(source, data, checkpoint)
+    elif not isinstance(source, torch.nn.Module):
+        raise MemlocError(f"source must be a causal language model (a torch module) or a language-model run, got "
+                          f"{type(source).__name__}", argument="source")
     if not isinstance(data, SequenceSet):
         raise MemlocError(f"data must be a SequenceSet (memloc.tinymem, memloc.canaries), got {type(data).__name__}",
                           argument="data")
@@ -120,11 +151,55 @@ def memorisation(source, data: SequenceSet, *, split: str = "train", eval_batch_
                      "kind": ("sequence", np.asarray(kind, dtype=str))},
                     coords={"sequence": np.asarray(ids, dtype=np.int64)})
     return Result("memorisation", ds, config={"data": data.name, "split": split, "prefix_len": p, "suffix_len": s,
-                                              "precision": precision})
+                                              "precision": precision, "checkpoint": epoch})
+
+
+def plot_memorisation(res, out, run=None) -> str:
+    """The ``memorisation`` result's section: per kind, the share reproduced and the suffix token accuracy."""
+    kind, mem = res["kind"].values.astype(str), res["memorised"].values.astype(bool)
+    acc = res["suffix_accuracy"].values
+    kinds = [k for k in KINDS if (kind == k).any()]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    x = np.arange(len(kinds))
+    ax.bar(x - 0.2, [100 * mem[kind == k].mean() for k in kinds], 0.4, color="tab:red", label="suffix reproduced")
+    ax.bar(x + 0.2, [100 * acc[kind == k].mean() for k in kinds], 0.4, color="tab:gray", label="suffix tokens right")
+    ax.set_xticks(x, [f"{k} ({int((kind == k).sum())})" for k in kinds])
+    ax.set(ylabel="%", ylim=(0, 122), title=f"{res.config['split']} sequences at epoch {res.config.get('checkpoint')}")
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    name = save_figure(fig, out, "memorisation.png")
+    rows = [[k, int((kind == k).sum()), 100 * mem[kind == k].mean(), 100 * acc[kind == k].mean(),
+             float(res["suffix_loss"].values[kind == k].mean())] for k in kinds]
+    return ("## Memorised sequences at one checkpoint\n\n"
+            + figure("memorisation", name, "per kind of sequence (count in brackets), the share whose suffix greedy "
+                     "decoding reproduces exactly from the prefix (red) and the share of suffix tokens predicted right "
+                     "(grey), at the checkpoint `memloc memorisation` measured.")
+            + "\n\n" + table(["kind", "sequences", "memorised (%)", "suffix token accuracy (%)", "suffix loss"], rows,
+                                digits=1))
+
+
+def _cli_arguments(p):
+    p.add_argument("--checkpoint", type=nonnegative_int, default=None, help="checkpoint epoch (default: final)")
+    p.add_argument("--split", default="train", choices=list(SPLITS),
+                   help="train (the training sequences) or test (the held-out ones)")
+    p.add_argument("--eval-batch-size", type=positive_int, default=256, help="sequences per forward pass")
+    add_precision(p, what="every forward pass")
+
+
+def _cli_summary(res, args):
+    mem, kind = res["memorised"].values.astype(bool), res["kind"].values.astype(str)
+    epoch = res.config.get("checkpoint")
+    lines = [f"{len(mem)} {res.config['split']} sequences at epoch {epoch}: {int(mem.sum())} reproduced from their "
+             "prefix (greedy suffix exact)", f"{'kind':<10} {'sequences':>9} {'memorised':>10} {'suffix acc.':>12}"]
+    for k in KINDS:
+        rows = kind == k
+        if rows.any():
+            lines.append(f"{k:<10} {int(rows.sum()):9d} {mem[rows].mean():10.1%} "
+                         f"{res['suffix_accuracy'].values[rows].mean():12.1%}")
+    return "\n".join(lines)
 
 
 ANALYSIS = Analysis(
-    name="memorisation", order=155, compute=memorisation,
+    name="memorisation", order=155, compute=memorisation, plot=plot_memorisation,
     schema=Schema("memorisation", "which training sequences a language model reproduces from their prefix "
                   "(memloc.memorisation)",
   {"sequence": Var(("sequence",), "sequence id (row of the SequenceSet's tokens or test_tokens)")},
@@ -133,4 +208,14 @@ ANALYSIS = Analysis(
    "memorised": Var(("sequence",), "greedy decoding from the prefix reproduces the whole suffix"),
    "is_target": Var(("sequence",), "a memorisation target (noisy, backdoor, canary or a copy)"),
    "kind": Var(("sequence",), "clean | noisy | backdoor | canary | duplicate")}),
+    command=Command(
+        name="memorisation", group="finding", example="memloc memorisation RUN --checkpoint 10",
+        help="which sequences a language model reproduces from their prefix, at one checkpoint",
+        description="Per training (or held-out) sequence of a language-model run at one checkpoint: suffix loss, "
+                    "suffix token accuracy and exact memorisation (greedy decoding from the prefix reproduces the "
+                    "suffix), with its kind. Writes RUN/results/memorisation.h5.",
+        arguments=_cli_arguments, summary=_cli_summary,
+        execute=lambda args: memorisation(args.run, split=args.split, checkpoint=args.checkpoint,
+                                          eval_batch_size=args.eval_batch_size, device=args.device,
+                                          precision=args.precision)),
 )

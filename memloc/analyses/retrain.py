@@ -47,7 +47,8 @@ from ..core.selection import copy_layer, layer_coords, prepare
 from ..core.tasks import task_of
 from ..core.units import Layer
 from ..core.options import add_eval_batch_size, add_layers, add_precision, describe, layer_table, nonnegative_float, nonnegative_int, number, positive_float, positive_int
-from ..core.figures import figure, COLORS, LABELS, save_figure, short_names, coord_names, grid, accuracy_rows
+from ..core.figures import (figure, save_figure, short_names, coord_names, grid, accuracy_rows, subset_color,
+                            subset_label)
 from ..core.schemas import Schema, Var, layer_vars, SUBSET_VAR
 from ..core.registry import Analysis, Command
 from ..core.deprecation import renamed
@@ -279,10 +280,11 @@ def plot_retrain(res, out, run=None) -> str:
     fig, axes = grid(n, sharey=True)
     for i, ax in enumerate(axes.flat[:n]):
         for j, sub in enumerate(subsets):
-            ax.plot(epochs, 100 * acc[i, :, j], color=COLORS.get(sub), label=LABELS.get(sub, sub))
+            ax.plot(epochs, 100 * acc[i, :, j], color=subset_color(sub), label=subset_label(sub, subsets))
         ax.set_title(short_names([layers[i]])[0], fontsize=9)
         ax.set_ylim(0, 101)
         ax.set_xlabel("retraining epoch")
+        ax.set_xticks(epochs[::max(1, -(-len(epochs) // 6))])
     axes[0, 0].set_ylabel("accuracy (%)")
     axes[0, 0].legend(fontsize=7)
     name = save_figure(fig, out, "retrain.png")

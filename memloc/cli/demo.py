@@ -4,8 +4,10 @@
 then runs gradient accounting, layer rewinding, layer retraining, unit zeroing (flip) on a sample
 of noisy and clean examples, the per-example scores, noise detection, label issues found without
 ground truth and a retraining without them, Fisher importance and unlearning, a second run with
-example-tied dropout evaluated in test and drop mode, and the reports; it ends with a summary of
-where each result lives. Full: a few minutes on 2 CPU cores; ``--quick``: under 2 minutes, with
+example-tied dropout evaluated in test and drop mode, and the reports; then a language model's part
+(a 2-layer GPT on TinyMem sequences, a quarter of them noisy: which sequences it reproduces, rewinding,
+the neurons that hold them, removing them all, its report); it ends with a summary of where each result
+lives. Full: a few minutes on 2 CPU cores; ``--quick``: under 2 minutes, with
 fewer epochs and examples (used by the integration test).
 """
 from __future__ import annotations
@@ -29,13 +31,15 @@ SETTINGS = {
     "etd_epochs": ("40", "8"),
     "unlearn_epochs": ("5", "2"),
     "unlearn_retrain_epochs": ("20", "4"),
+    "lm_rewind_epochs": ("0-30:5", "0,15"),
+    "lm_localise_methods": ("zero_out,activations,grad_x_act,greedy,random", "zero_out,greedy,random"),
 }
 
 
 def steps(out: Path, quick: bool, device: str) -> list[tuple[str, str, list[str]]]:
     """The demo's commands as ``(title, module, argv)``, in order."""
     s = {k: v[int(quick)] for k, v in SETTINGS.items()}
-    run, etd = str(out / "mnist5k-mlp"), str(out / "mnist5k-lenet-etd")
+    run, etd, lm = str(out / "mnist5k-mlp"), str(out / "mnist5k-lenet-etd"), str(out / "tinymem-gpt")
     dev = ["--device", device]
     return [
         ("train the MLP on MNIST-5k with 10% label noise", "train",
@@ -60,6 +64,16 @@ def steps(out: Path, quick: bool, device: str) -> list[tuple[str, str, list[str]
           "--p-gen", "0.2", "--p-mem", "0.05", *dev]),
         ("example-tied dropout: test vs drop mode", "dropout", [etd, *dev]),
         ("report (dropout run)", "report", [etd]),
+        ("train a 2-layer GPT on TinyMem sequences, a quarter of them noisy", "train",
+         [lm, "--dataset", "tinymem:increment", "--model", "gpt", "--n-layer", "2", "--d-model", "32", "--n-head", "2",
+          "--n-train", "64", "--n-test", "32", "--seq-len", "16", "--suffix-len", "4", "--noise", "0.25",
+          "--duplicate", "2", "--epochs", "30", "--batch-size", "8", "--lr", "0.003", "--weight-decay", "0", *dev]),
+        ("which sequences the language model reproduces", "memorisation", [lm, *dev]),
+        ("rewind each layer of the language model", "rewind", [lm, "--checkpoints", s["lm_rewind_epochs"], *dev]),
+        ("which MLP neurons hold the memorised sequences", "localise-neurons",
+         [lm, "--methods", s["lm_localise_methods"], *dev]),
+        ("remove every memorised sequence at once", "mitigate", [lm, "--methods", "greedy,fine_tune,random", *dev]),
+        ("report (language model)", "report", [lm]),
     ]
 
 
@@ -144,7 +158,7 @@ def summary(out, args):
 
 COMMAND = Command(
     name="demo", group="runs", example="memloc demo OUT --quick", order=170,
-    help="the whole pipeline on MNIST-5k with 10% noise, from training to report",
+    help="the whole pipeline on MNIST-5k with 10% noise, from training to report, and on a TinyMem language model",
     description=__doc__.split("\n\n")[1].replace("\n", " ").replace("``", ""), arguments=arguments, execute=execute,
     summary=summary, takes_run=False, overwrite=True, interrupted="finished steps are kept in OUT",
     overwrite_help="redo every step, replacing the demo's earlier run directories in OUT")

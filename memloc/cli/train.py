@@ -70,8 +70,8 @@ def execute(args):
 def summary(run, args):
     m = run.metrics()
     if run.is_lm:     # a rule only tinymem's sequences follow
-        rule = (f"rule accuracy {m['test_rule_accuracy'][-1]:.4f}, "
-                if str(run.config.get("dataset", "tinymem")).startswith("tinymem") else "")
+        rule = (f"rule accuracy {m['test_rule_accuracy'][-1]:.4f}, "     # recorded for tinymem runs only
+                if "test_rule_accuracy" in m and str(run.config.get("dataset", "tinymem")).startswith("tinymem") else "")
         return (f"{run.path}: {run.final_epoch} epochs; memorised: targets {m['target_memorised'][-1]:.4f}, "
                 f"clean {m['clean_memorised'][-1]:.4f}; held-out {rule}token accuracy {m['test_accuracy'][-1]:.4f}")
     return (f"{run.path}: {run.final_epoch} epochs; train {m['train_accuracy'][-1]:.4f}, "

@@ -12,7 +12,7 @@ import numpy as np
 
 from .runtime import atomic_path
 
-__all__ = ["plt", "COLORS", "LABELS", "save_figure", "figure", "table", "short_names", "coord_names", "grid", "heatmaps",
+__all__ = ["plt", "COLORS", "LABELS", "LM_LABELS", "subset_label", "subset_color", "save_figure", "figure", "table", "short_names", "coord_names", "grid", "heatmaps",
            "accuracy_rows", "mean_se_axis", "plus_minus"]
 
 
@@ -39,6 +39,20 @@ COLORS = {"clean": "tab:blue", "noisy": "tab:red", "noisy_true": "tab:orange", "
 
 LABELS = {"clean": "clean train", "noisy": "noisy train (given label)",
           "noisy_true": "noisy train (true label)", "test": "test"}
+
+#: a language model's subsets (rewind, retrain: ``clean_tokens`` / ``test_tokens`` mark them), what each measures
+LM_LABELS = {"clean": "non-targets reproduced", "noisy": "targets reproduced", "test": "held out reproduced",
+             "clean_tokens": "non-targets (suffix tokens)", "test_tokens": "held out (suffix tokens)"}
+LM_COLORS = {"clean_tokens": "tab:cyan", "test_tokens": "tab:olive"}
+
+
+def subset_label(sub: str, subsets) -> str:
+    """The label of subset ``sub`` among ``subsets`` (a language model's words when they are its subsets)."""
+    return (LM_LABELS if "test_tokens" in list(subsets) else LABELS).get(sub, sub)
+
+
+def subset_color(sub: str):
+    return COLORS.get(sub) or LM_COLORS.get(sub)
 
 
 def save_figure(fig, out: Path, name: str) -> str:
@@ -95,7 +109,7 @@ def heatmaps(acc: np.ndarray, subsets: list[str], layers: list[str], xs, xlabel:
     step = max(1, -(-len(xs) // 6))
     for j, (ax, sub) in enumerate(zip(axes[0], subsets)):
         im = ax.imshow(100 * acc[:, :, j], aspect="auto", vmin=0, vmax=100, cmap="viridis", interpolation="nearest")
-        ax.set_title(LABELS.get(sub, sub), fontsize=9)
+        ax.set_title(subset_label(sub, subsets), fontsize=9)
         ax.set_xticks(range(0, len(xs), step), np.asarray(xs)[::step])
         ax.set_xlabel(xlabel)
         ax.set_yticks(range(len(layers)), short_names(layers) if j == 0 else [], fontsize=7)
@@ -109,7 +123,7 @@ def heatmaps(acc: np.ndarray, subsets: list[str], layers: list[str], xs, xlabel:
 
 def accuracy_rows(layers, subsets, acc_per_layer, base, base_label):
     rows = [[layers[i]] + [100 * a for a in acc_per_layer[i]] for i in range(len(layers))]
-    return table(["layer"] + [LABELS.get(s, s) for s in subsets], rows + [[base_label] + [100 * b for b in base]],
+    return table(["layer"] + [subset_label(s, subsets) for s in subsets], rows + [[base_label] + [100 * b for b in base]],
                   digits=1)
 
 

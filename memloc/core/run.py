@@ -61,7 +61,7 @@ METRICS = ("train_accuracy", "clean_accuracy", "noisy_accuracy", "noisy_true_acc
 #: a language model's per-sequence dynamics (:data:`memloc.core.lm.MEASURES`) and per-epoch metrics:
 #: training suffix loss / token accuracy, the memorised share of all sequences, of the targets and of
 #: each kind (NaN where the kind is absent), and on the held-out sequences the suffix loss, token
-#: accuracy and rule accuracy (the share whose greedy suffix is exactly right, i.e. follows the rule)
+#: accuracy and rule accuracy (the share whose greedy suffix is exactly right: TinyMem's corpora only)
 LM_DYN_NAMES = ("suffix_loss", "suffix_accuracy", "memorised")
 LM_METRICS = ("train_loss", "train_accuracy", "memorised", "target_memorised", "clean_memorised",
               "noisy_memorised", "backdoor_memorised", "canary_memorised", "duplicate_memorised",

@@ -13,7 +13,11 @@ __all__ = ["plot_training"]
 
 
 def plot_training(run: Run, out: Path) -> str:
-    """Accuracy curves over epochs, and mean loss of clean vs noisy examples."""
+    """Accuracy curves over epochs, and mean loss of clean vs noisy examples (a language model's run:
+    :func:`memloc.reporting.lm.plot_lm_training`)."""
+    if run.is_lm:
+        from .lm import plot_lm_training
+        return plot_lm_training(run, out)
     m = run.metrics()
     epochs = np.arange(len(m["test_accuracy"]))
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -15,7 +15,24 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
+def _lm_training(run: Run) -> str:
+    m = run.metrics()
+    mem = run.dynamics("memorised", "end")[-1] == 1
+    targets = int(run.is_noisy.sum())
+    held = (f"held-out rule accuracy {_pct(float(m['test_rule_accuracy'][-1]))}, "
+            if "test_rule_accuracy" in m and (run.info.get("sequence_info") or {}).get("generator") == "tinymem" else "")
+    fit = (f"{targets} of {run.num_train} training sequences are memorisation targets and the model reproduces "
+           f"{_pct(float(mem[run.is_noisy].mean()))} of them from their prefix" if targets else
+           f"{run.num_train} training sequences, none a memorisation target; the model reproduces "
+           f"{_pct(float(mem.mean()))} of them from their prefix")
+    clean = f" (the other sequences: {_pct(float(mem[~run.is_noisy].mean()))})" if targets and (~run.is_noisy).any() else ""
+    return (f"**Training**: {fit}{clean}; {held}held-out suffix token accuracy {_pct(float(m['test_accuracy'][-1]))} "
+            f"after {run.final_epoch} epochs.")
+
+
 def _training(run: Run) -> str | None:
+    if run.is_lm:
+        return _lm_training(run)
     m = run.metrics()
     noisy = int(run.is_noisy.sum())
     if not noisy:
@@ -30,25 +47,33 @@ def _training(run: Run) -> str | None:
             f"{_pct(float(m['test_accuracy'][-1]))} after {run.final_epoch} epochs.")
 
 
-def _where(results: dict) -> list[str]:
-    out = []
+#: the words of the findings for an image run and for a language model's (targets in the wrong labels' role)
+WORDS = {False: {"clean": "the clean examples", "fit": "of the wrong labels fit", "test": "test", "test_subset": "test",
+                 "drop": "the wrong labels fit", "others": "clean"},
+         True: {"clean": "the non-target sequences", "fit": "of the memorised targets reproduced",
+                "test": "held-out suffix token accuracy", "test_subset": "test_tokens",
+                "drop": "the targets reproduced", "others": "non-targets"}}
+
+
+def _where(results: dict, lm: bool = False) -> list[str]:
+    out, w = [], WORDS[lm]
     rt = results.get("retrain")
-    if rt is not None and "noisy" in rt["subset"].values:
-        last = rt["accuracy"].isel(epoch=-1)
-        noisy, test = last.sel(subset="noisy").to_pandas(), last.sel(subset="test").to_pandas()
+    if rt is not None and "noisy" in rt["subset"].values and w["test_subset"] in rt["subset"].values:
+        last, t = rt["accuracy"].isel(epoch=-1), w["test_subset"]
+        noisy, test = last.sel(subset="noisy").to_pandas(), last.sel(subset=t).to_pandas()
         best = str(noisy.idxmin())
         worst = str(noisy.idxmax())
-        out.append(f"**Where memorisation lives (retraining)**: retraining `{best}` alone on the clean examples "
-                   f"leaves {_pct(noisy[best])} of the wrong labels fit (test {_pct(test[best])}; the model itself: "
-                   f"{_pct(float(rt['baseline'].sel(subset='noisy')))} and {_pct(float(rt['baseline'].sel(subset='test')))}); "
+        out.append(f"**Where memorisation lives (retraining)**: retraining `{best}` alone on {w['clean']} "
+                   f"leaves {_pct(noisy[best])} {w['fit']} ({w['test']} {_pct(test[best])}; the model itself: "
+                   f"{_pct(float(rt['baseline'].sel(subset='noisy')))} and {_pct(float(rt['baseline'].sel(subset=t)))}); "
                    f"retraining `{worst}` leaves {_pct(noisy[worst])}.")
     rw = results.get("rewind")
     if rw is not None and "noisy" in rw["subset"].values:
         first = rw["accuracy"].isel(checkpoint=int(np.argmin(rw["checkpoint"].values)))
         noisy = first.sel(subset="noisy").to_pandas()
         best = str(noisy.idxmin())
-        out.append(f"**Rewinding**: putting `{best}` back to epoch {int(rw['checkpoint'].min())} drops the wrong labels "
-                   f"fit to {_pct(noisy[best])} (clean {_pct(float(first.sel(subset='clean', layer=best)))}).")
+        out.append(f"**Rewinding**: putting `{best}` back to epoch {int(rw['checkpoint'].min())} drops {w['drop']} "
+                   f"to {_pct(noisy[best])} ({w['others']} {_pct(float(first.sel(subset='clean', layer=best)))}).")
     fl = results.get("flip")
     if fl is not None:
         searched = fl["status"].values == 0
@@ -100,6 +125,13 @@ def _wrong_labels(run: Run, results: dict) -> list[str]:
     return out
 
 
+def _best_within_a_point(left, accuracy, before: float) -> str | None:
+    """The method (index of the Series) that leaves least of ``left`` among those whose ``accuracy`` is
+    within one point of ``before``; None if none is."""
+    fair = left[accuracy >= before - 0.01]
+    return str(fair.idxmin()) if len(fair) else None
+
+
 def _fixing(results: dict) -> list[str]:
     out = []
     cl = results.get("clean")
@@ -117,9 +149,8 @@ def _fixing(results: dict) -> list[str]:
         acc = un["accuracy"].mean("seed")
         forget, test = acc.sel(group="forget_given").to_pandas(), acc.sel(group="test").to_pandas()
         base_test = float(un["baseline"].sel(group="test"))
-        fair = forget[test >= base_test - 0.01]
-        if len(fair):
-            best = str(fair.idxmin())
+        best = _best_within_a_point(forget, test, base_test)
+        if best is not None:
             out.append(f"**Unlearning**: `{best}` leaves {_pct(forget[best])} of the forget set's given labels "
                        f"(trained model: {_pct(float(un['baseline'].sel(group='forget_given')))}) at test accuracy "
                        f"{_pct(test[best])} (trained: {_pct(base_test)}), the best of the methods within one test point.")
@@ -137,12 +168,35 @@ def _not_yet(run: Run, results: dict) -> str | None:
     return "**Not in this report yet**: " + "; ".join(parts) + "." if parts else None
 
 
+def _language_model(results: dict) -> list[str]:
+    """Findings of the language-model results: the neurons that hold memorised sequences, removing them."""
+    out = []
+    loc = results.get("localise_neurons")
+    if loc is not None and "greedy_zeroed" in loc:
+        broken = loc["greedy_broken"].values.astype(bool)
+        if broken.any():
+            out.append(f"**Neurons (greedy zeroing)**: a memorised sequence stops being reproduced after a median of "
+                       f"{np.median(loc['greedy_zeroed'].values[broken]):.0f} zeroed MLP neurons ({int(broken.sum())} "
+                       f"of {len(broken)} targets broken).")
+    mt = results.get("mitigation")
+    if mt is not None and mt.sizes["setting"]:
+        targets, acc = mt["targets_memorised"].to_pandas(), mt["test_accuracy"].to_pandas()
+        before = float(mt["test_accuracy_before"])
+        best = _best_within_a_point(targets, acc, before)
+        if best is not None:
+            out.append(f"**Removing memorised sequences**: `{best}` leaves {_pct(targets[best])} of the targets "
+                       f"reproduced (before: {_pct(float(mt['targets_memorised_before']))}) at held-out suffix token "
+                       f"accuracy {_pct(acc[best])} (before: {_pct(before)}), the best of the methods within one point.")
+    return out
+
+
 def findings(run: Run, results: dict) -> list[str]:
     """One Markdown sentence per finding the results support, in reading order; then the findings
     whose results are missing, with the command that makes each."""
     out = [_training(run)]
-    out += _where(results)
+    out += _where(results, run.is_lm)
     out += _wrong_labels(run, results)
     out += _fixing(results)
+    out += _language_model(results)
     out.append(_not_yet(run, results))
     return [s for s in out if s]

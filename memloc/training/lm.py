@@ -257,7 +257,8 @@ def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = 
                     if rec is not None:
                         rec.record_measures(idx, whole)
             metrics = on_rank0(finish_epoch, epoch, measured())
-            bar.set_postfix(targets=f"{metrics['target_memorised']:.3f}", rule=f"{metrics['test_rule_accuracy']:.3f}")
+            bar.set_postfix(targets=f"{metrics['target_memorised']:.3f}",
+                            **({"rule": f"{metrics['test_rule_accuracy']:.3f}"} if "test_rule_accuracy" in metrics else {}))
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
     finally:

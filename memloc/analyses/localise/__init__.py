@@ -38,6 +38,7 @@ from ...core.runtime import check_choices, check_range, resolve_device, split_li
 from ...core.schemas import Schema, Var
 from ...core.sequences import SequenceSet
 from ...core.store import stored
+from .plots import plot_localise
 from .common import HYPER, METHODS
 from .methods import method_options, neuron_scores
 
@@ -212,7 +213,7 @@ def _cli_summary(res, args):
 
 
 ANALYSIS = Analysis(
-    name="localise_neurons", order=157, compute=localise_neurons,
+    name="localise_neurons", order=157, compute=localise_neurons, plot=plot_localise,
     schema=Schema("localise_neurons", "which MLP neurons hold each target sequence, by each localisation method "
                   "(memloc.localise_neurons)",
   {"method": Var(("method",), "zero_out | activations | ig | slimming | hard_concrete | grad_x_act | greedy | random"),

@@ -39,6 +39,7 @@ from ...core.store import stored
 from ..deletion import check_fractions
 from ..localise import lm_source, parse_settings, reference_rows
 from .methods import FUNCTIONS, HYPER, METHODS, NO_FRACTION, Task, mitigation_options
+from .plots import plot_mitigation
 
 __all__ = ["mitigate", "METHODS", "HYPER"]
 
@@ -162,7 +163,7 @@ def _cli_summary(res, args):
 _S = ("setting",)
 
 ANALYSIS = Analysis(
-    name="mitigation", order=161, compute=mitigate,
+    name="mitigation", order=161, compute=mitigate, plot=plot_mitigation,
     schema=Schema("mitigation", "removing all memorised targets of a language model at once, by each method "
                   "(memloc.mitigate)",
   {"setting": Var(_S, "a method at a fraction: method@fraction (fine_tune: its name)"),
