@@ -174,3 +174,13 @@ def test_a_single_step_of_training_updates_the_model(tmp_path):
     run = train(tmp_path / "one", {**TINY, "epochs": 1, "batch_size": TINY["n_train"]}, device="cpu")
     a, b = run.checkpoint(0), run.checkpoint(1)
     assert all(not torch.equal(a[k], b[k]) for k in a if k.endswith("weight"))
+
+
+def test_training_has_one_eval_batch_size_default():
+    """memloc.train, the language-model trainer it hands sequence corpora to, and ``memloc train``."""
+    import inspect
+    from memloc.cli.runner import parser
+    from memloc.cli.train import COMMAND
+    from memloc.training.lm import train_lm
+    defaults = {inspect.signature(f).parameters["eval_batch_size"].default for f in (train, train_lm)}
+    assert defaults == {parser(COMMAND).parse_args(["RUN"]).eval_batch_size}
