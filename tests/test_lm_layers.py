@@ -163,3 +163,15 @@ def test_hf_gpt2_layers_and_gradients():
     assert np.isfinite(res["norm"].values).all() and np.isfinite(res["cosine"].values).all()
     norms, cosine = reference(model, data, layers)
     np.testing.assert_allclose(res["cosine"].values[0], cosine, rtol=2e-4, atol=1e-6)
+
+
+def test_retraining_with_a_single_optimiser_step_trains(memorising_lm):
+    """The clean sequences fit one batch: one epoch is one step, which the one-cycle schedule used to take
+    at its ramp's start, learning rate 0, leaving the layer at its reset value (``memloc retrain --epochs
+    1`` printed rewind's epoch-0 table). The only step is taken at the peak."""
+    run, data = memorising_lm, memorising_lm.data()
+    assert (~np.asarray(data.is_memorised_target)).sum() <= RT.HYPER["batch_size"]     # one step
+    init = run.checkpoint(0)
+    layer = select_layers(structure(run, data), "blocks.1.mlp.up")[0]
+    new = RT.retrain_layer(run.model(), init, layer, data, epochs=1, lr=0.01)[1].state_dict()
+    assert all(not torch.equal(new[k], init[k]) for k in layer.keys)

@@ -157,3 +157,30 @@ def test_image_analyses_refuse_a_language_model_run_in_one_line(command, tiny_lm
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert "image-classifier runs" in err and "memloc.memorisation" in err and "Traceback" not in err
     assert not hasattr(tiny_lm.data(), "label_given")      # still an AttributeError for hasattr
+
+
+def test_evaluation_leaves_the_training_trajectory_alone(tmp_path, tiny_lm):
+    """The end-of-epoch evaluation draws no random numbers and changes no state: any eval_batch_size
+    trains the same weights, bit for bit (tiny_lm evaluated by 1024)."""
+    other = train(tmp_path / "by3", TINY, device="cpu", eval_batch_size=3)
+    for e in tiny_lm.epochs:
+        a, b = tiny_lm.checkpoint(e), other.checkpoint(e)
+        assert all(torch.equal(a[k], b[k]) for k in a), e
+
+
+def test_a_single_step_of_training_updates_the_model(tmp_path):
+    """One epoch of one batch: the warm-up schedule's only step is taken at the peak learning rate, not at 0."""
+    assert all(lr_factor(0, 1, s, 0.1) == 1.0 for s in ("onecycle", "cosine", "warmup_cosine", "constant"))
+    run = train(tmp_path / "one", {**TINY, "epochs": 1, "batch_size": TINY["n_train"]}, device="cpu")
+    a, b = run.checkpoint(0), run.checkpoint(1)
+    assert all(not torch.equal(a[k], b[k]) for k in a if k.endswith("weight"))
+
+
+def test_training_has_one_eval_batch_size_default():
+    """memloc.train, the language-model trainer it hands sequence corpora to, and ``memloc train``."""
+    import inspect
+    from memloc.cli.runner import parser
+    from memloc.cli.train import COMMAND
+    from memloc.training.lm import train_lm
+    defaults = {inspect.signature(f).parameters["eval_batch_size"].default for f in (train, train_lm)}
+    assert defaults == {parser(COMMAND).parse_args(["RUN"]).eval_batch_size}

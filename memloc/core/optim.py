@@ -20,8 +20,12 @@ def lr_factor(step: int, total: int, schedule: str, warmup: float) -> float:
     ``onecycle``: linear from 0 to 1 over the first ``warmup`` fraction, then linear down to 0;
     ``cosine``: half a cosine from 1 to 0; ``warmup_cosine``: linear from 0 to 1 over the first
     ``warmup`` fraction, then half a cosine down to 0 (the usual language-model schedule); ``constant``: 1.
+    A schedule of a single step (``total <= 1``) takes it at the peak, 1: step 0 of a warm-up is at 0,
+    which would leave one-step training (one batch, one epoch) without any update.
     """
     t = min(step / max(total, 1), 1.0)
+    if schedule in SCHEDULES and total <= 1:
+        return 1.0
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":

@@ -151,7 +151,7 @@ def _check_fits(model, data, vocab_size: int, name: str) -> None:
 
 
 def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = False, overwrite: bool = False,
-             argv=None, on_epoch_end=None, prepare_model=None, forward_context=None, eval_batch_size: int = 256):
+             argv=None, on_epoch_end=None, prepare_model=None, forward_context=None, eval_batch_size: int = 1024):
     """Train a language model with config ``cfg`` (keys of :data:`LM_DEFAULTS`) into ``run_dir``; returns
     the :class:`memloc.core.run.Run`. The keywords are :func:`memloc.train`'s (``forward_context(model,
     idx)`` wraps each training forward, ``idx`` the batch's sequence ids)."""
