@@ -134,3 +134,9 @@ def test_unlearning_a_language_model_runs_targets(memorising_lm, tmp_path, capsy
         cli_run("unlearn", [str(own.path), "--forget", "class:2", "--device", "cpu", "--overwrite"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "no classes" in err[0]
+    # retrain_layer retrains the layer whose retraining left the fewest targets (results/retrain.h5)
+    memloc.retrain(own, layers=["blocks.1.mlp.up", "head"], epochs=1, device="cpu", save=True)
+    best = own.result("retrain")["accuracy"].sel(subset="noisy").isel(epoch=-1)
+    rl = memloc.unlearn(own, methods=["retrain_layer"], seeds=(0,), retrain_epochs=1, device="cpu")
+    assert rl.config["retrain_layer"]["layer"] == str(best["layer"].values[int(np.argmin(best.values))])
+    assert np.isfinite(rl["accuracy"].sel(group=["forget_given", "retain", "test"]).values).all()
