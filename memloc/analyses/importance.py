@@ -52,11 +52,21 @@ __all__ = ["METHODS", "param_importance", "unit_importance", "layer_importance",
 METHODS = ("fisher", "mas")
 
 
+class _Outputs(nn.Module):
+    """``model`` behind ``task.outputs`` (so that ``functional_call`` runs what the task's loss is taken of)."""
+
+    def __init__(self, model: nn.Module, task):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, x):
+        return self.task.outputs(self.model, x)
+
+
 def _example_loss(method: str, task):
     def loss(params, buffers, model, x, y):
-        def call(*args, **kwargs):
-            return functional_call(model, (params, buffers), args, kwargs)
-        return task.importance_loss(task.outputs(model, x[None], call=call), x[None], y[None], method)
+        out = functional_call(model, (params, buffers), (x[None],))
+        return task.importance_loss(out, x[None], y[None], method)
     return loss
 
 
@@ -100,17 +110,19 @@ def _vmap_importance(model, params, x, y, method, batch_size, task=ClassifierTas
     import warnings
     if _shares_parameters(model):
         model = copy.deepcopy(model)
-    buffers = {k: b.detach() for k, b in model.named_buffers()}
-    per_example = vmap(grad(_example_loss(method, task)), in_dims=(None, None, None, 0, 0))
+    wrapped = _Outputs(model, task)
     total = {k: torch.zeros_like(p) for k, p in params.items()}
+    params = {f"model.{k}": p for k, p in params.items()}
+    buffers = {f"model.{k}": b.detach() for k, b in model.named_buffers()}
+    per_example = vmap(grad(_example_loss(method, task)), in_dims=(None, None, None, 0, 0))
     hooks = _norm_inputs_cast(model) if torch.is_autocast_enabled(x.device.type) else []
     try:
         with warnings.catch_warnings():   # attention has no vmap batching rule (torch warns; same result)
             warnings.filterwarnings("ignore", message="There is a performance drop")
             for s in _batches(len(y), batch_size, method):
-                g = per_example(params, buffers, model, x[s:s + batch_size], y[s:s + batch_size])
+                g = per_example(params, buffers, wrapped, x[s:s + batch_size], y[s:s + batch_size])
                 for k in total:
-                    gk = g[k].to(total[k].dtype)     # 16-bit under autocast: the sums in the parameter's type
+                    gk = g[f"model.{k}"].to(total[k].dtype)   # 16-bit under autocast: sums in the parameter's type
                     total[k] += (gk.pow(2) if method == "fisher" else gk.abs()).sum(0)
     finally:
         for h in hooks:

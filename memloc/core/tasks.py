@@ -1,6 +1,13 @@
 """What the layer-level analyses (gradients, rewind, retrain) need to know of a task: the per-example
 loss, the training loss, and the scores per subset; one small piece per kind of data.
 
+Importance and unlearning (:mod:`memloc.analyses.importance`, :mod:`memloc.actions.unlearn`) also call
+:meth:`output_loss` (the mean loss of a batch's outputs: cross-entropy / suffix loss),
+:meth:`importance_loss` (summed over the rows: Fisher's negative log-likelihood of the given label / of
+the suffix, MAS's squared norm of the logits / of the suffix positions' logits) and :meth:`group_row`
+(what unlearning measures, :attr:`groups`); :func:`select_rows` names subsets of training examples and
+:func:`with_targets` re-marks which examples are noisy (the forget set).
+
 - **classifiers** (:class:`memloc.core.data.Data`): the loss is the cross-entropy w.r.t. the given
   label, an example is "right" when the argmax is its given label; the subsets are
   :data:`memloc.core.schemas.SUBSETS` (clean, noisy w.r.t. given and true labels, test accuracy).
@@ -13,12 +20,11 @@ loss, the training loss, and the scores per subset; one small piece per kind of 
 
 ``task_of(data)`` picks the piece; analyses call its :attr:`train` / :attr:`clean_train` (example
 sets of ``(x, y, idx)`` batches: for sequences ``x`` the token rows, ``y`` their ids),
-:meth:`losses`, :meth:`train_loss` and :meth:`subset_row`; importance and unlearning
-(:mod:`memloc.analyses.importance`, :mod:`memloc.actions.unlearn`) call :meth:`outputs` (the logits a
-loss is taken of: a classifier's (B, C), a language model's (B, T', V) up to the suffix's end),
-:meth:`output_loss` (their mean loss: cross-entropy / suffix loss) and :meth:`importance_loss`
-(summed over the rows: Fisher's negative log-likelihood of the given label / the suffix, MAS's squared
-output norm: of the logits / of the suffix positions' logits).
+:meth:`losses`, :meth:`train_loss` and :meth:`subset_row`. An analysis that runs one forward on
+several kinds of rows at once (the flip search) uses the pieces of :meth:`losses`: :meth:`target`
+(what an example's loss compares with: its label, or its own token row), :meth:`outputs` (the model's
+outputs of a batch), :meth:`loss_of` (the per-example loss of outputs) and :meth:`right` (is the
+example right: the label predicted, or the suffix reproduced exactly).
 """
 from __future__ import annotations
 
@@ -63,17 +69,36 @@ class ClassifierTask:
     @staticmethod
     def losses(model: nn.Module, x, y) -> torch.Tensor:
         """(B,) per-example loss (differentiable)."""
-        return F.cross_entropy(model(x), y, reduction="none")
+        return ClassifierTask.loss_of(ClassifierTask.outputs(model, x), y)
+
+    @staticmethod
+    def target(x, y):
+        """What an example's loss compares with: its given label."""
+        return y
+
+    @staticmethod
+    def outputs(model: nn.Module, x) -> torch.Tensor:
+        """(B, C) logits."""
+        return model(x)
+
+    @staticmethod
+    def loss_of(outputs: torch.Tensor, target) -> torch.Tensor:
+        """(B,) cross-entropy of ``outputs`` w.r.t. the labels ``target`` (differentiable)."""
+        return F.cross_entropy(outputs, target, reduction="none")
+
+    @staticmethod
+    def right(outputs: torch.Tensor, target) -> torch.Tensor:
+        """(B,) bool: is the label the argmax?"""
+        return outputs.argmax(-1) == target
 
     @staticmethod
     def train_loss(model: nn.Module, x, y) -> torch.Tensor:
         """The mean training loss of a batch."""
         return F.cross_entropy(model(x), y)
 
-    @staticmethod
-    def outputs(model: nn.Module, x, *, call=None) -> torch.Tensor:
-        """(B, C) logits (``call``: how to run ``model``, e.g. a ``torch.func.functional_call``)."""
-        return (model if call is None else call)(x)
+    def subset_row(self, model: nn.Module, data=None, *, batch_size: int = 1024) -> np.ndarray:
+        """(S,) float64 over :attr:`subsets` (``data``: the data to score on, default the task's)."""
+        return accuracy_row(model, self.data if data is None else data, batch_size=batch_size)
 
     @staticmethod
     def output_loss(out, x, y) -> torch.Tensor:
@@ -84,10 +109,6 @@ class ClassifierTask:
     def importance_loss(out, x, y, method: str) -> torch.Tensor:
         """Summed over the rows: ``fisher`` the cross-entropy of the given label, ``mas`` the squared logits."""
         return F.cross_entropy(out, y, reduction="sum") if method == "fisher" else out.pow(2).sum()
-
-    def subset_row(self, model: nn.Module, data=None, *, batch_size: int = 1024) -> np.ndarray:
-        """(S,) float64 over :attr:`subsets` (``data``: the data to score on, default the task's)."""
-        return accuracy_row(model, self.data if data is None else data, batch_size=batch_size)
 
     def group_row(self, model: nn.Module, forget, retain, *, batch_size: int = 1024) -> np.ndarray:
         """(4,) over :attr:`groups`: accuracy on the training rows ``forget`` w.r.t. the given labels (the
@@ -125,15 +146,46 @@ class SequenceTask:
 
     def losses(self, model: nn.Module, x, y) -> torch.Tensor:
         """(B,) suffix loss of each token row of ``x`` (differentiable)."""
-        return suffix_measures(self.outputs(model, x), x, self.prefix_len, self.suffix_len)[0]
+        return self.loss_of(self.outputs(model, x), x)
 
-    def outputs(self, model: nn.Module, x, *, call=None) -> torch.Tensor:
-        """(B, P + S - 1, V) teacher-forced logits of the rows of ``x`` up to the suffix's last token."""
-        return lm_logits(model, x[:, :self.prefix_len + self.suffix_len - 1], call=call)
+    def target(self, x, y):
+        """What a sequence's loss compares with: its own tokens up to the end of the suffix."""
+        return x[..., :self.prefix_len + self.suffix_len]
+
+    def outputs(self, model: nn.Module, x) -> torch.Tensor:
+        """(B, prefix_len + suffix_len - 1, V) teacher-forced logits of the token rows ``x``."""
+        return lm_logits(model, x[:, :self.prefix_len + self.suffix_len - 1])
+
+    def loss_of(self, outputs: torch.Tensor, target) -> torch.Tensor:
+        """(B,) suffix loss of ``outputs`` (:meth:`outputs`) w.r.t. the token rows ``target`` (differentiable)."""
+        return suffix_measures(outputs, target, self.prefix_len, self.suffix_len)[0]
+
+    def right(self, outputs: torch.Tensor, target) -> torch.Tensor:
+        """(B,) bool: is the suffix exactly memorised (the argmax right at every suffix position)?"""
+        return suffix_measures(outputs, target, self.prefix_len, self.suffix_len)[2]
+
+    def train_loss(self, model: nn.Module, x, y) -> torch.Tensor:
+        """The next-token loss over whole sequences (the language-model trainer's)."""
+        logits = lm_logits(model, x[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+
+    def subset_row(self, model: nn.Module, data=None, *, batch_size: int = 1024) -> np.ndarray:
+        """(5,) over :data:`LM_SUBSETS`: memorised share of clean sequences and of targets, suffix token
+        accuracy of clean and of held-out sequences, exactly reproduced share of held-out suffixes."""
+        d = self.data if data is None else data
+        with eval_mode(model):
+            train = sequence_measures(model, d.tokens, self.prefix_len, self.suffix_len, eval_batch_size=batch_size)
+            test = sequence_measures(model, d.test_tokens, self.prefix_len, self.suffix_len,
+                                     eval_batch_size=batch_size)
+        mem, noisy = train["memorised"].astype(bool), self.is_noisy
+        row = {"clean": nanmean(mem[~noisy]), "noisy": nanmean(mem[noisy]),
+               "clean_tokens": nanmean(train["suffix_accuracy"][~noisy]),
+               "test_tokens": nanmean(test["suffix_accuracy"]), "test": nanmean(test["memorised"])}
+        return np.array([row[s] for s in LM_SUBSETS], dtype=np.float64)
 
     def output_loss(self, out, x, y) -> torch.Tensor:
         """The mean suffix loss of :meth:`outputs`."""
-        return suffix_measures(out, x, self.prefix_len, self.suffix_len)[0].mean()
+        return self.loss_of(out, x).mean()
 
     def importance_loss(self, out, x, y, method: str) -> torch.Tensor:
         """Summed over the rows: ``fisher`` the suffix's negative log-likelihood (teacher-forced), ``mas``
@@ -144,11 +196,6 @@ class SequenceTask:
             return pred.pow(2).sum()
         target = x[:, self.prefix_len:self.prefix_len + self.suffix_len]
         return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
-
-    def train_loss(self, model: nn.Module, x, y) -> torch.Tensor:
-        """The next-token loss over whole sequences (the language-model trainer's)."""
-        logits = lm_logits(model, x[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
 
     def group_row(self, model: nn.Module, forget, retain, *, batch_size: int = 1024) -> np.ndarray:
         """(5,) over :attr:`groups`: the memorised share of the training rows ``forget`` (the memorisation
@@ -167,20 +214,6 @@ class SequenceTask:
                                     modulus=d.info["modulus"]).mean()
         return np.array([nanmean(train[forget]), rule, nanmean(train[retain]), nanmean(test["suffix_accuracy"]),
                          nanmean(test["memorised"])], dtype=np.float64)
-
-    def subset_row(self, model: nn.Module, data=None, *, batch_size: int = 1024) -> np.ndarray:
-        """(5,) over :data:`LM_SUBSETS`: memorised share of clean sequences and of targets, suffix token
-        accuracy of clean and of held-out sequences, exactly reproduced share of held-out suffixes."""
-        d = self.data if data is None else data
-        with eval_mode(model):
-            train = sequence_measures(model, d.tokens, self.prefix_len, self.suffix_len, eval_batch_size=batch_size)
-            test = sequence_measures(model, d.test_tokens, self.prefix_len, self.suffix_len,
-                                     eval_batch_size=batch_size)
-        mem, noisy = train["memorised"].astype(bool), self.is_noisy
-        row = {"clean": nanmean(mem[~noisy]), "noisy": nanmean(mem[noisy]),
-               "clean_tokens": nanmean(train["suffix_accuracy"][~noisy]),
-               "test_tokens": nanmean(test["suffix_accuracy"]), "test": nanmean(test["memorised"])}
-        return np.array([row[s] for s in LM_SUBSETS], dtype=np.float64)
 
 
 def task_of(data):
