@@ -147,7 +147,7 @@ def test_warmup_cosine_schedule():
         [0.0, 0.5, 1.0, 0.5, 0.0])
 
 
-@pytest.mark.parametrize("command", ["importance", "unlearn",
+@pytest.mark.parametrize("command", [
                                      "forgetting-order", "prune", "issues", "clean", "jtt"])
 def test_image_analyses_refuse_a_language_model_run_in_one_line(command, tiny_lm, capsys):
     """The image analyses do not read sequences yet: one line saying where a language model's run goes."""

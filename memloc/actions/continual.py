@@ -1,5 +1,9 @@
 """The continual-learning pieces of unlearning: EWC / MAS quadratic penalties, LwF distillation,
-and the fine-tuning loop they plug into (:func:`memloc.unlearn`, :mod:`memloc.actions.forgetting`)."""
+and the fine-tuning loop they plug into (:func:`memloc.unlearn`, :mod:`memloc.actions.forgetting`).
+
+Each takes a ``task`` (:mod:`memloc.core.tasks`; default a classifier's): a language model's fine-tunes
+on the suffix loss, distils the logits of every position up to the suffix's end and weighs its
+penalties by the importance of the suffixes (:func:`memloc.analyses.importance.param_importance`)."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +13,7 @@ from torch import nn
 from ..analyses.importance import param_importance
 from ..core.optim import epoch_seed, make_optimizer
 from ..core.precision import autocast, grad_scaler
+from ..core.tasks import ClassifierTask
 
 __all__ = ["TEMPERATURE", "quadratic_penalty", "distillation_loss", "protection_weights", "penalty_term",
            "distillation_term", "finetune"]
@@ -26,17 +31,20 @@ def quadratic_penalty(model: nn.Module, anchor: dict[str, torch.Tensor], weight:
 
 
 def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """LwF: T^2 KL(softmax(old / T) || softmax(new / T)), mean over the batch."""
+    """LwF: T^2 KL(softmax(old / T) || softmax(new / T)) over the last dimension, mean over the other
+    rows (the batch; a language model's (B, T, V) logits: its B x T positions)."""
     t = temperature
+    new_logits, old_logits = new_logits.reshape(-1, new_logits.shape[-1]), old_logits.reshape(-1, old_logits.shape[-1])
     old = F.softmax(old_logits / t, dim=1)
     return F.kl_div(F.log_softmax(new_logits / t, dim=1), old, reduction="batchmean") * t * t
 
 
-def protection_weights(model: nn.Module, examples, kind: str, *, precision: str = "fp32") -> dict[str, torch.Tensor]:
+def protection_weights(model: nn.Module, examples, kind: str, *, precision: str = "fp32",
+                       task=None) -> dict[str, torch.Tensor]:
     """EWC (``kind="ewc"``: diagonal Fisher) or MAS importance of ``examples`` at ``model``, divided by its
     maximum (lambda on one scale for both; lr x lambda < 2 keeps the penalty's steps stable)."""
     weight = param_importance(model, examples.x, examples.y, method="fisher" if kind == "ewc" else "mas",
-                              precision=precision)
+                              precision=precision, task=task)
     scale = max(float(w.max()) for w in weight.values()) or 1.0
     return {k: w / scale for k, w in weight.items()}
 
@@ -46,24 +54,28 @@ def penalty_term(anchor: dict[str, torch.Tensor], weight: dict[str, torch.Tensor
     return lambda model, x, logits: quadratic_penalty(model, anchor, weight, lam)
 
 
-def distillation_term(teacher: nn.Module, lam: float, temperature: float = TEMPERATURE):
+def distillation_term(teacher: nn.Module, lam: float, temperature: float = TEMPERATURE, task=None):
     """The ``extra`` of :func:`finetune` adding LwF's :func:`distillation_loss` from ``teacher``'s outputs."""
+    task = ClassifierTask if task is None else task
+
     def term(model, x, logits):
         with torch.no_grad():
-            target = teacher(x)
+            target = task.outputs(teacher, x)
         return lam * distillation_loss(logits, target, temperature)
     return term
 
 
 def finetune(model: nn.Module, examples, *, epochs: int, lr: float, batch_size: int = 128, momentum: float = 0.9,
              seed: int = 0, ascent: bool = False, extra=None, optimizer=None, first_epoch: int = 1,
-             precision: str = "fp32", scaler=None) -> nn.Module:
+             precision: str = "fp32", scaler=None, task=None) -> nn.Module:
     """SGD on ``examples`` (an ExampleSet) in train mode: descent on CE (or ascent), plus
     ``extra(model, x, logits)``. ``optimizer`` (reused across calls, momentum kept) and
     ``first_epoch`` (batch orders seeded by ``(seed, epoch)``) let a caller train epoch by epoch.
     ``precision``: the forward passes and the loss under autocast, the fp16 loss scaled by ``scaler``
     (default: a new :func:`memloc.core.precision.grad_scaler`; pass one with ``optimizer`` to keep its
-    scale across calls); fp32 computes exactly as without it."""
+    scale across calls); fp32 computes exactly as without it. ``task``: the loss (:mod:`memloc.core.tasks`;
+    default the cross-entropy of a classifier; a language model's: the suffix loss)."""
+    task = ClassifierTask if task is None else task
     opt = optimizer or make_optimizer(model.parameters(), "sgd", lr=lr, momentum=momentum, weight_decay=0.0)
     device = next(model.parameters()).device
     scaler = scaler or grad_scaler(precision, device)
@@ -74,8 +86,8 @@ def finetune(model: nn.Module, examples, *, epochs: int, lr: float, batch_size: 
             if len(y) < 2:
                 continue
             with autocast(precision, device):
-                logits = model(x)             # one forward: BN statistics and dropout masks shared by both terms
-                loss = F.cross_entropy(logits, y)
+                logits = task.outputs(model, x)   # one forward: BN statistics and dropout masks shared by both terms
+                loss = task.output_loss(logits, x, y)
                 loss = -loss if ascent else loss
                 if extra is not None:
                     loss = loss + extra(model, x, logits)

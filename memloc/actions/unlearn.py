@@ -40,6 +40,16 @@ Each is measured on: ``forget_given`` (accuracy on the forget set w.r.t. the giv
 memorisation left), ``forget_true`` (w.r.t. the true labels), ``retain`` (given labels) and
 ``test``; plus wall time and passes over the training data. ``forget="flagged"`` uses the flags
 of ``memloc issues`` (``results/issues.h5``), so the loop runs without ground truth.
+
+On a language model's run (:mod:`memloc.core.tasks`) the forget set is the memorisation targets
+(``forget="noisy"``) and the retain set the other training sequences: fine-tuning and ascent take the
+suffix loss, EWC / MAS the importance of the retain set's suffixes, LwF distils the logits of every
+position up to the suffix's end, retrain_layer retrains its layer with the next-token loss on the retain
+set (:func:`memloc.retrain`'s). The groups (:attr:`memloc.core.tasks.SequenceTask.groups`):
+``forget_given`` the memorised share of the forget set (greedy decoding reproduces the suffix),
+``forget_true`` the share of it whose greedy continuation follows the corpus' rule (TinyMem; else NaN),
+``retain`` its memorised share, ``test`` the held-out suffix token accuracy, ``test_rule`` the share of
+held-out suffixes reproduced (TinyMem's rule accuracy).
 """
 from __future__ import annotations
 
@@ -53,9 +63,8 @@ import torch
 import xarray as xr
 
 from ..core.errors import MemlocError
-from ..core.evaluate import evaluate
 from ..core.precision import autocast, check_precision
-from ..analyses.importance import select_rows
+from ..core.tasks import ClassifierTask, example_input, select_rows, task_of, with_targets
 from ..core.results import Result
 from ..core.run import as_run
 from ..core.prerequisites import command_line, missing_result, needed_result
@@ -73,22 +82,17 @@ __all__ = ["METHODS", "GROUPS", "HYPER", "available_methods", "quadratic_penalty
            "protection_weights", "penalty_term", "distillation_term", "finetune", "unlearn"]
 
 METHODS = ("finetune", "ascent", "ewc", "mas", "lwf", "zero", "retrain_layer", "etd_drop")
-GROUPS = ("forget_given", "forget_true", "retain", "test")
+GROUPS = ClassifierTask.groups     # a language model's: SequenceTask.groups
 HYPER = dict(epochs=5, lr=0.01, batch_size=128, momentum=0.9, lam={"ewc": 10.0, "mas": 10.0, "lwf": 1.0},
              temperature=TEMPERATURE, ascent_lr=0.003, ascent_epochs=3)
 
 
-def _groups(model, data, forget, retain, *, mask_context=None, batch_size: int = 1024,
+def _groups(task, model, forget, retain, *, mask_context=None, batch_size: int = 1024,
             precision: str = "fp32") -> np.ndarray:
     import contextlib
     ctx = mask_context or contextlib.nullcontext
-    with ctx(), autocast(precision, data.train.x.device):
-        train = evaluate(model, data.train.batches(batch_size))
-        test = evaluate(model, data.test.batches(batch_size))
-    order = np.argsort(train["idx"])
-    correct, pred = train["correct"][order].astype(bool), train["pred"][order]
-    return np.array([correct[forget].mean(), (pred[forget] == data.label_true[forget]).mean(),
-                     correct[retain].mean(), test["correct"].mean() if len(test["correct"]) else np.nan])
+    with ctx(), autocast(precision, next(model.parameters()).device):
+        return task.group_row(model, forget, retain, batch_size=batch_size)
 
 
 def _zero_context(run, model, data, forget):
@@ -106,9 +110,9 @@ def _zero_context(run, model, data, forget):
         structure = weight_items(model)
         zeroing = weight_masks
     else:
-        structure = trace(model, data.train.x[:2])
+        structure = trace(model, example_input(data))
         zeroing = partial(unit_masks, site=site)
-    mask = torch.ones(structure.n_units, device=data.train.x.device)
+    mask = torch.ones(structure.n_units, device=next(model.parameters()).device)
     mask[torch.as_tensor(units, device=mask.device)] = 0
     return (lambda: zeroing(model, structure, mask)), units
 
@@ -152,30 +156,28 @@ def unavailable_methods(run) -> dict[str, str]:
     return out
 
 
-def _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, critical, *, epochs, lr,
+def _run_method(m, model, run, task, retain, forget_ids, anchor, weight, lams, original, critical, *, epochs, lr,
                 batch_size, seed, ascent_lr, ascent_epochs, retrain_epochs, precision="fp32") -> dict:
     """Apply unlearning method ``m`` to ``model`` (a copy); returns ``{"model": ..., "mask": context or None}``."""
     from ..analyses.retrain import retrain_layer
-    mask = None
+    mask, data = None, task.data
+    tune = partial(finetune, batch_size=batch_size, seed=seed, precision=precision, task=task)
     if m == "finetune":
-        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, precision=precision)
+        tune(model, retain, epochs=epochs, lr=lr)
     elif m == "ascent":
-        finetune(model, data.train.subset(forget_ids), epochs=ascent_epochs, lr=ascent_lr, batch_size=batch_size,
-                 seed=seed, ascent=True, precision=precision)
+        tune(model, task.train.subset(forget_ids), epochs=ascent_epochs, lr=ascent_lr, ascent=True)
     elif m in ("ewc", "mas"):
-        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                 extra=penalty_term(anchor, weight, lams[m]), precision=precision)
+        tune(model, retain, epochs=epochs, lr=lr, extra=penalty_term(anchor, weight, lams[m]))
     elif m == "lwf":
-        finetune(model, retain, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                 extra=distillation_term(original, lams["lwf"]), precision=precision)
+        tune(model, retain, epochs=epochs, lr=lr, extra=distillation_term(original, lams["lwf"], task=task))
     elif m == "zero":
         mask, _ = _zero_context(run, model, data, forget_ids)
     elif m == "etd_drop":
         from ..core.dropout import set_mode
         set_mode(model, "drop")
     else:
-        retain_data = copy.copy(data)        # retrain_layer trains on data.clean_train: here the retain set
-        retain_data.is_noisy = np.isin(np.arange(len(data.label_given)), forget_ids)
+        # retrain_layer trains on the task's clean examples: here the retain set
+        retain_data = with_targets(data, np.isin(np.arange(len(task.is_noisy)), forget_ids))
         _, model = retrain_layer(model, run.checkpoint(0), critical, retain_data,
                                  epochs=retrain_epochs, seed=seed, precision=precision)
     return {"model": model, "mask": mask}
@@ -222,26 +224,27 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
     data = run.data(dev)
     flagged = (needed_result(run, "issues", "forget: flagged", argument="forget")["flagged"].values
                if forget == "flagged" else None)
+    task = task_of(data)
     forget_ids = select_rows(data, str(forget), flagged=flagged, argument="forget")
     if not len(forget_ids):
         raise MemlocError(f"forget {forget!r} is an empty set of examples", argument="forget")
-    retain_ids = np.setdiff1d(np.arange(len(data.label_given)), forget_ids)
+    n = len(task.is_noisy)
+    retain_ids = np.setdiff1d(np.arange(n), forget_ids)
     if not len(retain_ids):
         raise MemlocError(f"forget {forget!r} holds every training example; nothing to retain",
                           argument="forget")
-    retain = data.train.subset(retain_ids)
+    retain = task.train.subset(retain_ids)
     original = run.model(device=dev)
     if has_etd:          # dropout layers scale memorisation units by p_mem, also while fine-tuning (no ids needed)
         from ..core.dropout import set_mode
         set_mode(original, "test")
     anchor = {k: p.detach().clone() for k, p in original.named_parameters()}
-    baseline = _groups(original, data, forget_ids, retain_ids, precision=precision)
-    structure = trace(original, data.train.x[:2])
+    baseline = _groups(task, original, forget_ids, retain_ids, precision=precision)
+    structure = trace(original, example_input(data))
     if "zero" in names:          # before any method runs: a missing input fails first, nothing computed
         _zero_context(run, original, data, forget_ids)
     critical, why = critical_layer(run, structure) if "retrain_layer" in names else (None, None)
-    n = len(data.label_given)
-    acc = np.zeros((len(names), len(seeds), len(GROUPS)))
+    acc = np.zeros((len(names), len(seeds), len(task.groups)))
     seconds = np.zeros((len(names), len(seeds)))
     passes = np.zeros(len(names))
     fine = len(retain_ids) / n * epochs
@@ -249,7 +252,7 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
         weight = None
         if m in ("ewc", "mas"):       # importance of the retain set at theta*, computed once per method
             t0 = time.perf_counter()
-            weight = protection_weights(original, retain, m, precision=precision)
+            weight = protection_weights(original, retain, m, precision=precision, task=task)
             setup = time.perf_counter() - t0
         else:
             setup = 0.0
@@ -258,19 +261,19 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
             model, ctx = copy.deepcopy(original), None
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 torch.manual_seed(s)
-                ctx = _run_method(m, model, run, data, retain, forget_ids, anchor, weight, lams, original, critical,
+                ctx = _run_method(m, model, run, task, retain, forget_ids, anchor, weight, lams, original, critical,
                                   epochs=epochs, lr=lr, batch_size=batch_size, seed=s, ascent_lr=ascent_lr,
                                   ascent_epochs=ascent_epochs, retrain_epochs=retrain_epochs, precision=precision)
                 model = ctx.pop("model")
             seconds[i, j] = time.perf_counter() - t0 + setup
-            acc[i, j] = _groups(model, data, forget_ids, retain_ids, mask_context=ctx.get("mask"), precision=precision)
+            acc[i, j] = _groups(task, model, forget_ids, retain_ids, mask_context=ctx.get("mask"), precision=precision)
         passes[i] = {"finetune": fine, "ascent": len(forget_ids) / n * ascent_epochs, "ewc": fine + len(retain_ids) / n,
                      "mas": fine + len(retain_ids) / n, "lwf": fine * 1.5, "zero": 0.0, "etd_drop": 0.0,
                      "retrain_layer": len(retain_ids) / n * retrain_epochs}[m]
     ds = xr.Dataset({"accuracy": (("technique", "seed", "group"), acc), "baseline": ("group", baseline),
                      "seconds": (("technique", "seed"), seconds), "passes": ("technique", passes),
                      "forget": ("forget", forget_ids)},
-                    coords={"technique": names, "seed": seeds, "group": list(GROUPS)})
+                    coords={"technique": names, "seed": seeds, "group": list(task.groups)})
     config = {"forget": forget, "methods": names, "seeds": seeds, "epochs": epochs, "lr": lr, "lam": lams,
               "ascent_lr": ascent_lr, "ascent_epochs": ascent_epochs,
               "batch_size": batch_size, "retrain_epochs": retrain_epochs, "device": str(dev),
@@ -308,13 +311,14 @@ def _cli_execute(args):
 
 
 def _cli_summary(res, args):
+    groups = [str(g) for g in res["group"].values]
     lines = [f"forget set: {res.sizes['forget']} examples ({res.config['forget']}); accuracy (mean +- s.e. over "
              f"{res.sizes['seed']} seed(s)):",
-             f"{'method':<14}" + "".join(f"{g:>22}" for g in GROUPS) + f"{'seconds':>10}",
+             f"{'method':<14}" + "".join(f"{g:>22}" for g in groups) + f"{'seconds':>10}",
              f"{'(trained)':<14}" + "".join(f"{v:>22.4f}" for v in res["baseline"].values)]
     for m in res["technique"].values:
         r = res.sel(technique=m)
-        lines.append(f"{str(m):<14}" + "".join(f"{mean_se(r['accuracy'].sel(group=g).values):>22}" for g in GROUPS)
+        lines.append(f"{str(m):<14}" + "".join(f"{mean_se(r['accuracy'].sel(group=g).values):>22}" for g in groups)
                      + f"{float(r['seconds'].mean()):>10.1f}")
     return "\n".join(lines + _layer_note(res))
 
@@ -362,7 +366,8 @@ ANALYSIS = Analysis(
     plot=plot_unlearn,
     schema=Schema("unlearn", "memorised labels removed from the trained model, per method (memloc.unlearn)",
                   {"technique": Var(("technique",), "unlearning method"), "seed": Var(("seed",), "seed (batch order)"),
-                   "group": Var(("group",), "forget_given (memorisation left), forget_true, retain, test")},
+                   "group": Var(("group",), "forget_given (memorisation left), forget_true, retain, test; a language model's "
+                                              "also test_rule (held-out suffixes reproduced)")},
                   {"accuracy": Var(("technique", "seed", "group"), "accuracy after unlearning"),
                    "baseline": Var(("group",), "accuracy of the trained model"),
                    "seconds": Var(("technique", "seed"), "wall time of the method"),

@@ -15,6 +15,13 @@ unit (conv channel / linear feature, the unit ids of :mod:`memloc.flip`: the par
 produce that unit -- its weight row or filter, bias, and its norm's scale and shift -- averaged).
 With a flip result, ``flip_overlap`` is the Jaccard overlap between the units flip zeroed for the
 noisy examples and the same number of top units by the noisy subset's importance.
+
+On a language model's run (:mod:`memloc.core.tasks`) the memorisation targets are the noisy subset and
+the other training sequences the clean one; ``fisher`` squares the per-sequence gradient of the
+suffix's log-likelihood (teacher-forced, summed over the suffix tokens), ``mas`` takes the gradient of
+the squared norm of the logits at the positions that predict the suffix; the layers and units are
+:func:`memloc.core.units.trace`'s (embeddings, each block's projections and norms; units: the output
+features of its linear maps).
 """
 from __future__ import annotations
 
@@ -39,26 +46,39 @@ from ..core.schemas import Schema, Var, layer_vars
 from ..core.registry import Analysis, Command
 from ..core.prerequisites import needed_result
 from ..core.store import stored
+from ..core.tasks import ClassifierTask, example_input, select_rows, task_of  # noqa: F401 (select_rows: its old home)
 
 __all__ = ["METHODS", "param_importance", "unit_importance", "layer_importance", "importance", "select_rows", "flip_units"]
 
 METHODS = ("fisher", "mas")
 
 
-def _example_loss(method: str):
+class _Outputs(nn.Module):
+    """``model`` behind ``task.outputs`` (so that ``functional_call`` runs what the task's loss is taken of)."""
+
+    def __init__(self, model: nn.Module, task):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, x):
+        return self.task.outputs(self.model, x)
+
+
+def _example_loss(method: str, task):
     def loss(params, buffers, model, x, y):
         out = functional_call(model, (params, buffers), (x[None],))
-        if method == "fisher":
-            return F.cross_entropy(out, y[None])
-        return out.pow(2).sum()
+        return task.importance_loss(out, x[None], y[None], method)
     return loss
 
 
 def param_importance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str = "fisher",
-                     batch_size: int = 128, precision: str = "fp32") -> dict[str, torch.Tensor]:
+                     batch_size: int = 128, precision: str = "fp32", task=None) -> dict[str, torch.Tensor]:
     """Per-parameter importance (same shapes as the trainable parameters) over the examples ``x``.
 
     ``fisher``: mean_i (d CE(f(x_i), y_i) / d theta)^2; ``mas``: mean_i |d ||f(x_i)||^2 / d theta|.
+    ``task``: a :mod:`memloc.core.tasks` piece (default a classifier's); a language model's
+    (:class:`memloc.core.tasks.SequenceTask`, ``x`` token rows, ``y`` their ids) takes the suffix's
+    negative log-likelihood for CE and the suffix positions' logits for f.
     The model is evaluated in eval mode; its weights and train flags are left as they were.
     ``precision``: the forward passes (and so the gradients' products) under autocast
     (:mod:`memloc.core.precision`); the importance sums stay float32.
@@ -70,10 +90,12 @@ def param_importance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, meth
     if len(y) == 0:
         raise MemlocError("importance needs at least one example", argument="subsets")
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    task = ClassifierTask if task is None else task
+    classifier = task is ClassifierTask or isinstance(task, ClassifierTask)
     with eval_mode(model), autocast(precision, x.device):
-        total = _linear_importance(model, params, x, y, method, batch_size)
+        total = _linear_importance(model, params, x, y, method, batch_size) if classifier else None
         if total is None:
-            total = _vmap_importance(model, params, x, y, method, batch_size)
+            total = _vmap_importance(model, params, x, y, method, batch_size, task)
     return {k: v / len(y) for k, v in total.items()}
 
 
@@ -81,23 +103,28 @@ def _batches(n: int, batch_size: int, method: str):
     return progress(range(0, n, batch_size), desc=f"importance ({method})", unit="batch")
 
 
-def _vmap_importance(model, params, x, y, method, batch_size) -> dict[str, torch.Tensor]:
+def _vmap_importance(model, params, x, y, method, batch_size, task=ClassifierTask) -> dict[str, torch.Tensor]:
     """Sums over the examples of squared (fisher) / absolute (mas) per-example gradients, from
     ``torch.func`` (any model; the per-example gradients of a batch are held at once). It runs on a
     copy: torch.func.functional_call leaves a layer used twice (tied weights) detached from its parameters."""
     import copy
+    import warnings
     if _shares_parameters(model):
         model = copy.deepcopy(model)
-    buffers = {k: b.detach() for k, b in model.named_buffers()}
-    per_example = vmap(grad(_example_loss(method)), in_dims=(None, None, None, 0, 0))
+    wrapped = _Outputs(model, task)
     total = {k: torch.zeros_like(p) for k, p in params.items()}
+    params = {f"model.{k}": p for k, p in params.items()}
+    buffers = {f"model.{k}": b.detach() for k, b in model.named_buffers()}
+    per_example = vmap(grad(_example_loss(method, task)), in_dims=(None, None, None, 0, 0))
     hooks = _norm_inputs_cast(model) if torch.is_autocast_enabled(x.device.type) else []
     try:
-        for s in _batches(len(y), batch_size, method):
-            g = per_example(params, buffers, model, x[s:s + batch_size], y[s:s + batch_size])
-            for k in total:
-                gk = g[k].to(total[k].dtype)         # 16-bit under autocast: the sums in the parameter's type
-                total[k] += (gk.pow(2) if method == "fisher" else gk.abs()).sum(0)
+        with warnings.catch_warnings():   # attention has no vmap batching rule (torch warns; same result)
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            for s in _batches(len(y), batch_size, method):
+                g = per_example(params, buffers, wrapped, x[s:s + batch_size], y[s:s + batch_size])
+                for k in total:
+                    gk = g[f"model.{k}"].to(total[k].dtype)   # 16-bit under autocast: sums in the parameter's type
+                    total[k] += (gk.pow(2) if method == "fisher" else gk.abs()).sum(0)
     finally:
         for h in hooks:
             h.remove()
@@ -212,38 +239,6 @@ def unit_importance(imp: dict[str, torch.Tensor], model: nn.Module, structure: S
     return out
 
 
-def select_rows(data, subset: str, *, flagged=None, argument: str = "subsets") -> np.ndarray:
-    """Training-example ids of ``subset``: clean, noisy, all, flagged (ids given), class:C or ids:1,2,3."""
-    n = len(data.label_given)
-    if subset == "clean":
-        return np.flatnonzero(~data.is_noisy)
-    if subset == "noisy":
-        return np.flatnonzero(data.is_noisy)
-    if subset == "all":
-        return np.arange(n)
-    if subset == "flagged":
-        if flagged is None:
-            raise MemlocError(f"{argument} 'flagged' needs the flags of memloc issues (RUN/results/issues.h5): run it first",
-                              argument=argument)
-        return np.flatnonzero(np.asarray(flagged, dtype=bool))
-    if subset.startswith("class:"):
-        try:
-            c = int(subset.split(":", 1)[1])
-        except ValueError:
-            raise MemlocError(f"{argument} {subset!r} is not class:C", argument=argument) from None
-        return np.flatnonzero(np.asarray(data.label_given) == c)
-    if subset.startswith("ids:"):
-        try:
-            ids = np.array(sorted({int(t) for t in subset[4:].split(",") if t.strip()}), dtype=np.int64)
-        except ValueError:
-            raise MemlocError(f"{argument} {subset!r} is not ids:1,2,3", argument=argument) from None
-        if len(ids) and (ids.min() < 0 or ids.max() >= n):
-            raise MemlocError(f"{argument} {subset!r} holds ids outside 0..{n - 1}", argument=argument)
-        return ids
-    raise MemlocError(f"{argument} names an unknown subset {subset!r}; valid: clean, noisy, all, flagged, class:C, ids:1,2,3",
-                      argument=argument)
-
-
 def flip_units(run, examples=None) -> np.ndarray | None:
     """Global ids of every unit zeroed by a flip search that flipped, for the noisy examples (or the
     example ids ``examples``); None without a flip result. Searches that hit max_units unflipped are left out."""
@@ -276,14 +271,15 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
     flagged = None
     if "flagged" in names and src.run is not None:
         flagged = needed_result(src.run, "issues", "subsets: flagged", argument="subsets")["flagged"].values
-    structure = trace(src.model, src.data.train.x[:2])
-    train = src.data.train
+    task = task_of(src.data)
+    structure = trace(src.model, example_input(src.data))
+    train = task.train
     per_layer, per_unit, sizes = [], [], []
     for name in names:
         rows = select_rows(src.data, name, flagged=flagged)
         part = train.subset(rows)        # a streamed set's rows are read batch by batch
         imp = param_importance(src.model, part.x, part.y, method=method, batch_size=eval_batch_size,
-                               precision=precision)
+                               precision=precision, task=task)
         per_layer.append(layer_importance(imp, structure))
         per_unit.append(unit_importance(imp, src.model, structure))
         sizes.append(len(rows))
