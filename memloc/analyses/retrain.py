@@ -211,8 +211,9 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     nothing saved in one process): each retrained layer is saved there, and a rerun with the same
     settings takes them instead of recomputing them (``overwrite`` discards parts made with other
     settings); they are deleted when the result is saved (:meth:`memloc.Result.save`). Under
-    torchrun (:mod:`memloc.scale.distributed`) the layers are split across the processes (None then means
-    ``"auto"``) and rank 0 returns the merged result, the other ranks None.
+    torchrun (:mod:`memloc.scale.distributed`) the layers are claimed by whichever process is free and their
+    per-epoch evaluations handed off to free processes (:func:`_split`; None then means ``"auto"``), and
+    rank 0 returns the merged result, the other ranks None.
 
     ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (see :func:`retrain_layer`); recorded
     in the config.

@@ -59,8 +59,12 @@ class Handoff:
         return self.store.add(self._key("claim", i), take)
 
     def _drop(self, i: int, j: int) -> None:
+        """Free a claimed piece's published copy (kept where the store cannot delete, e.g. a FileStore)."""
         if self.store is not None:
-            self.store.delete_key(self._key("piece", i, j))
+            try:
+                self.store.delete_key(self._key("piece", i, j))
+            except (RuntimeError, NotImplementedError):
+                pass
 
     def take(self, i: int) -> Iterator[int]:
         """The pieces of item ``i`` (made by this rank, which holds its own copies) that this rank is
@@ -107,8 +111,4 @@ class Handoff:
         self.store.set(self._key("value", i, j), pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
         if self.store.add(self._key("finished", i), 1) < n:
             return None
-        values = []
-        for k in range(n):
-            values.append(pickle.loads(self.store.get(self._key("value", i, k))))
-            self.store.delete_key(self._key("value", i, k))
-        return values
+        return [pickle.loads(self.store.get(self._key("value", i, k))) for k in range(n)]
