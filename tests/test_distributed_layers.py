@@ -140,3 +140,22 @@ def test_which_commands_split_their_work(run, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli_run("importance", [str(run.path), "--device", "cpu"])
     assert e.value.code == 2 and "does not split its work" in capsys.readouterr().err
+
+
+def test_retrain_evaluations_handed_off_give_the_same_curve(run):
+    """Under torchrun a layer's per-epoch evaluations may run on another rank, from the layer's tensors
+    handed over and a model set up there: in one process, the same hand-over gives the same curve, bit for bit."""
+    from memloc.core.selection import prepare
+    p = prepare(run, None, device="cpu", layers="fc1", checkpoints="final")
+    init, layer = run.checkpoint(0), p.layers[0]
+    setup = dict(eval_batch_size=256, prefix_cache=True, prefix_cache_mb=T.CACHE_MB, precision="fp32", batch_size=64,
+                 seed=0)
+    want = T.retrain_layer(p.model, init, layer, p.data, epochs=2, **setup)[0]
+    maker = T._Retraining(p.model, init, layer, p.data, **setup)
+    states = [maker.state()]
+    maker.train(lambda epoch: states.append(maker.state()), epochs=2, lr=0.1, batch_size=64, momentum=0.9,
+                weight_decay=5e-4, seed=0, optimizer="sgd")
+    helper = T._Retraining(p.model, init, layer, p.data, **setup)     # another rank's own set-up
+    got = np.stack([helper.row(states[j]) if j % 2 else maker.row(states[j]) for j in (2, 0, 1)])[[1, 2, 0]]
+    assert len(states) == 3 and not np.array_equal(want[0], want[-1])     # the layer was retrained
+    assert np.array_equal(got, want)

@@ -36,6 +36,7 @@ from torch import nn
 import xarray as xr
 
 from ..scale.distributed import claim, world
+from ..scale.handoff import Handoff
 from ..core.errors import MemlocError
 from ..core.optim import OPTIMIZERS, epoch_seed, make_optimizer, make_schedule
 from ..scale.parts import Parts, parts_folder
@@ -95,51 +96,85 @@ def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer,
         language model's :data:`memloc.core.schemas.LM_SUBSETS`); row 0 = just after the reset.
     model : the retrained copy.
     """
-    work = copy.deepcopy(model).eval()
-    copy_layer(work, init, layer)
-    for p in work.parameters():
-        p.requires_grad_(False)
-    params = dict(work.named_parameters())
-    trainable = [params[k].requires_grad_(True) for k in layer.params]
-    modules = dict(work.named_modules())
-    own = [modules[m] for m in layer.modules if m in modules]
-    task = task_of(data)
-    clean = task.clean_train
-    device = clean.y.device
-    with autocast(precision, device):
-        cache = PrefixCache(work, [layer], data, batch_size=eval_batch_size, budget_mb=prefix_cache_mb,
-                            extra_rows=len(clean), enabled=prefix_cache and task.prefix_cache)
-        net, cached = cache.pick(0)
-        train_net, train_set = _training_pass(cache, clean, cached.clean_train if net is not work else None,
-                                              batch_size, seed)
-        curve = [task.subset_row(net, cached, batch_size=eval_batch_size)]
-    steps = max(1, -(-len(clean) // batch_size)) * epochs
-    if not trainable:  # e.g. a norm without affine parameters: nothing to retrain
-        return np.asarray(curve * (epochs + 1), dtype=np.float64), work
-    opt = make_optimizer(trainable, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = make_schedule(opt, steps, "onecycle", 0.5)
-    scaler = grad_scaler(precision, device)
-    device = trainable[0].device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for epoch in range(1, epochs + 1):
-            for m in own:
-                m.training = True  # the layer's own modules only (not their children)
-            gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-            for x, y, _ in train_set.batches(batch_size, shuffle=True, generator=gen):
-                if len(y) < 2:  # a single example breaks batch-statistics norms
-                    continue
-                with autocast(precision, device):
-                    loss = task.train_loss(train_net, x, y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-            work.eval()
-            with autocast(precision, device):
-                curve.append(task.subset_row(net, cached, batch_size=eval_batch_size))
-    return np.asarray(curve, dtype=np.float64), work
+    r = _Retraining(model, init, layer, data, eval_batch_size=eval_batch_size, prefix_cache=prefix_cache,
+                    prefix_cache_mb=prefix_cache_mb, precision=precision, batch_size=batch_size, seed=seed)
+    curve = [r.row()]
+    r.train(lambda epoch: curve.append(r.row()), epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
+            weight_decay=weight_decay, seed=seed, optimizer=optimizer)
+    return np.asarray(curve, dtype=np.float64), r.work
+
+
+class _Retraining:
+    """A copy of the model with ``layer`` reset to ``init`` and every parameter frozen, its prefix cache,
+    the training of the layer (:meth:`train`) and the evaluation of its tensors (:meth:`row`)."""
+
+    def __init__(self, model, init, layer: Layer, data, *, eval_batch_size, prefix_cache, prefix_cache_mb,
+                 precision, batch_size, seed):
+        self.work, self.layer, self.precision, self.eval_batch_size = copy.deepcopy(model).eval(), layer, precision, eval_batch_size
+        copy_layer(self.work, init, layer)
+        for p in self.work.parameters():
+            p.requires_grad_(False)
+        self.task = task_of(data)
+        clean = self.task.clean_train
+        self.device = clean.y.device
+        with autocast(precision, self.device):
+            self.cache = PrefixCache(self.work, [layer], data, batch_size=eval_batch_size, budget_mb=prefix_cache_mb,
+                                     extra_rows=len(clean), enabled=prefix_cache and self.task.prefix_cache)
+            self.net, self.cached = self.cache.pick(0)
+        self.clean, self.batch_size, self.seed = clean, batch_size, seed
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the layer's tensors (parameters and buffers) as they are now."""
+        own = self.work.state_dict(keep_vars=True)
+        return {k: own[k].detach().clone() for k in self.layer.keys}
+
+    def row(self, state: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+        """The accuracies over the data's subsets with the layer's tensors as they are (or ``state``'s)."""
+        if state is not None:
+            copy_layer(self.work, state, self.layer)
+        with autocast(self.precision, self.device):
+            return np.asarray(self.task.subset_row(self.net, self.cached, batch_size=self.eval_batch_size),
+                              dtype=np.float64)
+
+    def train(self, after_epoch, *, epochs, lr, batch_size, momentum, weight_decay, seed, optimizer) -> None:
+        """Retrain the layer alone, calling ``after_epoch(epoch)`` after every epoch (1..epochs) in eval
+        mode; nothing is trained (and ``after_epoch`` is still called) when the layer has no parameters."""
+        work, task, clean, precision = self.work, self.task, self.clean, self.precision
+        params = dict(work.named_parameters())
+        trainable = [params[k].requires_grad_(True) for k in self.layer.params]
+        if not trainable:  # e.g. a norm without affine parameters: nothing to retrain
+            for epoch in range(1, epochs + 1):
+                after_epoch(epoch)
+            return
+        modules = dict(work.named_modules())
+        own = [modules[m] for m in self.layer.modules if m in modules]
+        with autocast(precision, self.device):
+            train_net, train_set = _training_pass(self.cache, clean,
+                                                  self.cached.clean_train if self.net is not work else None,
+                                                  batch_size, seed)
+        steps = max(1, -(-len(clean) // batch_size)) * epochs
+        opt = make_optimizer(trainable, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        sched = make_schedule(opt, steps, "onecycle", 0.5)
+        scaler = grad_scaler(precision, self.device)
+        device = trainable[0].device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for epoch in range(1, epochs + 1):
+                for m in own:
+                    m.training = True  # the layer's own modules only (not their children)
+                gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+                for x, y, _ in train_set.batches(batch_size, shuffle=True, generator=gen):
+                    if len(y) < 2:  # a single example breaks batch-statistics norms
+                        continue
+                    with autocast(precision, device):
+                        loss = task.train_loss(train_net, x, y)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    sched.step()
+                work.eval()
+                after_epoch(epoch)
 
 
 def _training_pass(cache: PrefixCache, clean, cached_clean, batch_size: int, seed: int):
@@ -177,8 +212,9 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     nothing saved in one process): each retrained layer is saved there, and a rerun with the same
     settings takes them instead of recomputing them (``overwrite`` discards parts made with other
     settings); they are deleted when the result is saved (:meth:`memloc.Result.save`). Under
-    torchrun (:mod:`memloc.scale.distributed`) the layers are split across the processes (None then means
-    ``"auto"``) and rank 0 returns the merged result, the other ranks None.
+    torchrun (:mod:`memloc.scale.distributed`) the layers are claimed by whichever process is free and their
+    per-epoch evaluations handed off to free processes (:func:`_split`; None then means ``"auto"``), and
+    rank 0 returns the merged result, the other ranks None.
 
     ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (see :func:`retrain_layer`); recorded
     in the config.
@@ -213,28 +249,65 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
               "schedule": "onecycle, peak at 0.5", "train_subset": "clean", "precision": precision}
     parts = Parts(parts_folder(resume, p.run, "retrain"), {**config, "device": p.device.type}, what="retrain",
                   overwrite=overwrite)
+    todo = [i for i in range(len(p.layers)) if (i,) not in parts.done]
+    setup = dict(eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb,
+                 precision=precision)
+    task = task_of(p.data)
     try:
-        # layers claimed by whichever rank is free, first to last (the first retrains the most network)
-        for i in progress(claim([i for i in range(len(p.layers)) if (i,) not in parts.done]), desc="retrain",
-                          unit="layer"):
-            curve = retrain_layer(p.model, init, p.layers[i], p.data, eval_batch_size=eval_batch_size,
-                                  prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb, precision=precision,
-                                  **hyper)[0]
-            parts.add({(i,): curve})
+        if world()[1] == 1:
+            for i in progress(todo, desc="retrain", unit="layer"):
+                curve = retrain_layer(p.model, init, p.layers[i], p.data, **setup, **hyper)[0]
+                parts.add({(i,): curve})
+        else:
+            _split(p, init, todo, parts, setup, hyper)
+        if world()[0] == 0:     # while the other ranks finish their share
+            with autocast(precision, p.device):
+                baseline = task.subset_row(p.model, batch_size=eval_batch_size)
         parts.gather()
     finally:
         parts.release()
     if world()[0] > 0:
         return None             # rank 0 merges the parts and returns the result
     curves = [parts.done[(i,)] for i in range(len(p.layers))]
-    task = task_of(p.data)
     acc = np.stack(curves) if curves else np.zeros((0, epochs + 1, len(task.subsets)))
-    with autocast(precision, p.device):
-        baseline = task.subset_row(p.model, batch_size=eval_batch_size)
     ds = xr.Dataset({"accuracy": (("layer", "epoch", "subset"), acc), "baseline": (("subset",), baseline)},
                     coords={**layer_coords(p.layers), "epoch": np.arange(epochs + 1), "subset": list(task.subsets)})
     result = Result("retrain", ds, config=config)
     return result
+
+
+def _split(p, init, todo: list[int], parts: Parts, setup: dict, hyper: dict) -> None:
+    """The layers ``todo`` retrained under torchrun, each layer's part saved by one rank: layers are
+    claimed first to last by whichever rank is free (the first retrains the most network); the layer's
+    tensors after every epoch (0 = the reset) are handed off (:class:`memloc.scale.handoff.Handoff`) and
+    evaluated by the rank that retrained it once it has, or earlier by a rank with nothing else to do.
+    Every evaluation sees the same tensors as in one process, so the curves are the same, bit for bit."""
+    epochs = hyper["epochs"]
+    handoff = Handoff({i: epochs + 1 for i in todo})
+    held: dict[int, _Retraining] = {}           # the one layer this rank can evaluate without setting it up
+
+    def finish(i, j, row):
+        rows = handoff.done(i, j, row)
+        if rows is not None:
+            parts.add({(i,): np.stack(rows)})
+
+    make = dict(batch_size=hyper["batch_size"], seed=hyper["seed"])
+    for i in progress(claim(todo), desc="retrain", unit="layer"):
+        r = _Retraining(p.model, init, p.layers[i], p.data, **setup, **make)
+        states = [r.state()]
+        handoff.put(i, 0, states[0])
+
+        def after_epoch(epoch):
+            states.append(r.state())
+            handoff.put(i, epoch, states[-1])
+        r.train(after_epoch, **hyper)
+        held = {i: r}
+        for j in handoff.take(i):
+            finish(i, j, r.row(states[j]))
+    for i, j, state in handoff.ready(prefer=lambda i: i in held):
+        if i not in held:
+            held = {i: _Retraining(p.model, init, p.layers[i], p.data, **setup, **make)}
+        finish(i, j, held[i].row(state))
 
 
 # The declaration: command line, report section and result schema (memloc.core.registry).
