@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import memloc
+from memloc.core.registry import command
 from memloc.core.runtime import check_range
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 1, "batch_size": 64, "lr": 0.1}
@@ -133,9 +134,9 @@ def _fake_steps(monkeypatch, tiny_run, stop_at=None, quick_epochs=4):
             (target / "report" / "report.md").write_text("#")
         else:
             (target / "results").mkdir(exist_ok=True)
-            (target / "results" / f"{name}.h5").write_bytes(b"")
+            (target / "results" / f"{command(name).result or name}.h5").write_bytes(b"")   # its result file
     monkeypatch.setattr(demo_module, "run", fake)
-    for key in ("epochs", "etd_epochs"):
+    for key in ("epochs", "etd_epochs", "lm_epochs"):
         monkeypatch.setitem(demo_module.SETTINGS, key, ("8", str(quick_epochs)))
     return calls
 
@@ -151,7 +152,7 @@ def test_a_rerun_of_the_demo_in_its_own_folder_continues_where_it_stopped(tiny_r
     demo(out, quick=True, device="cpu")           # it used to refuse: "already exists; choose a new output folder"
     plan = steps(out, True, "cpu")
     assert [c[0] for c in calls] == [name for _, name, _ in plan[5:]]
-    assert "[1/15] train the MLP on MNIST-5k with 10% label noise: done before, kept" in capsys.readouterr().out
+    assert f"[1/{len(plan)}] train the MLP on MNIST-5k with 10% label noise: done before, kept" in capsys.readouterr().out
     calls.clear()
     demo(out, quick=True, device="cpu")           # everything done: nothing runs
     assert calls == []

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..core.errors import MemlocError
-from ..core.registry import Command
+from ..core.registry import Command, command
 from . import run
 
 __all__ = ["steps", "demo"]
@@ -31,6 +31,7 @@ SETTINGS = {
     "etd_epochs": ("40", "8"),
     "unlearn_epochs": ("5", "2"),
     "unlearn_retrain_epochs": ("20", "4"),
+    "lm_epochs": ("30", "30"),
     "lm_rewind_epochs": ("0-30:5", "0,15"),
     "lm_localise_methods": ("zero_out,activations,grad_x_act,greedy,random", "zero_out,greedy,random"),
 }
@@ -67,7 +68,7 @@ def steps(out: Path, quick: bool, device: str) -> list[tuple[str, str, list[str]
         ("train a 2-layer GPT on TinyMem sequences, a quarter of them noisy", "train",
          [lm, "--dataset", "tinymem:increment", "--model", "gpt", "--n-layer", "2", "--d-model", "32", "--n-head", "2",
           "--n-train", "64", "--n-test", "32", "--seq-len", "16", "--suffix-len", "4", "--noise", "0.25",
-          "--duplicate", "2", "--epochs", "30", "--batch-size", "8", "--lr", "0.003", "--weight-decay", "0", *dev]),
+          "--duplicate", "2", "--epochs", s["lm_epochs"], "--batch-size", "8", "--lr", "0.003", "--weight-decay", "0", *dev]),
         ("which sequences the language model reproduces", "memorisation", [lm, *dev]),
         ("rewind each layer of the language model", "rewind", [lm, "--checkpoints", s["lm_rewind_epochs"], *dev]),
         ("which MLP neurons hold the memorised sequences", "localise-neurons",
@@ -139,7 +140,7 @@ def _state(name: str, argv: list[str]) -> str:
         return "done" if run.final_epoch >= int(run.config.get("epochs", 0)) else "resume"
     if name == "report":
         return "done" if (target / "report" / "report.md").is_file() else "todo"
-    return "done" if (target / "results" / f"{name}.h5").is_file() else "todo"
+    return "done" if (target / "results" / f"{command(name).result or name}.h5").is_file() else "todo"
 
 
 def arguments(p):

@@ -3,6 +3,7 @@
 schedule state saved beside the checkpoints so that ``resume`` continues bit-identically."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -146,3 +147,22 @@ def continue_at(rec, epoch, trainer: str) -> None:
                           f"0-{rec.epoch}: resume from a checkpoint saved at the end of an epoch that the run holds")
     if done < rec.epoch:
         rec.rewind_to(done)
+
+
+def _etd_spec(cfg) -> dict | None:
+    """Keyword arguments of :func:`memloc.core.dropout.insert_example_tied_dropout`, or None."""
+    if not cfg.get("etd_after"):
+        return None
+    return {"after": [a.strip() for a in str(cfg["etd_after"]).split(",") if a.strip()],
+            "p_gen": cfg["p_gen"], "p_mem": cfg["p_mem"], "seed": cfg["seed"], "kind": cfg["etd_kind"]}
+
+
+def _with_ids(forward_context, example_ids, id_of=None):
+    """``forward_context`` extended to bind the batch's example ids (``id_of[idx]`` if given) to the dropout layers."""
+    @contextlib.contextmanager
+    def context(model, idx):
+        ids = idx if id_of is None else id_of[idx]
+        with example_ids(model, ids), (contextlib.nullcontext() if forward_context is None
+                                       else forward_context(model, idx)):
+            yield
+    return context

@@ -44,9 +44,8 @@ from ..scale.ddp import data_parallel, gather_measures, measures_split
 from ..scale.distributed import local_rows, on_rank0, world
 from ..core.dropout import example_ids, insert_example_tied_dropout, resolve_sites, sink_ids
 from ..core.dropout.sinks import SINK_IDS
-from .train import _etd_spec, _with_ids
-from .common import (STATE_FILE, check_ranges, check_run_dir, extend_config, load_trainer_state, save_trainer_state,
-                     seed_epoch, trainer_state)
+from .common import (STATE_FILE, _etd_spec, _with_ids, check_ranges, check_run_dir, extend_config,
+                     load_trainer_state, save_trainer_state, seed_epoch, trainer_state)
 
 __all__ = ["LM_OPTIONS", "LM_SHARED", "LM_DEFAULTS", "LM_RANGES", "resolve_lm_config", "train_lm"]
 

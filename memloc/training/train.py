@@ -26,7 +26,6 @@ random layers such as standard dropout (per-rank noise); see :func:`memloc.scale
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -48,8 +47,8 @@ from .recipes import recipe_options
 from ..core.recorder import Recorder
 from ..core.run import load
 from ..core.runtime import check_range, progress, resolve_device
-from .common import (STATE_FILE, check_ranges, check_run_dir, extend_config, load_trainer_state, resumed_config,
-                     save_trainer_state, seed_epoch, trainer_state)
+from .common import (STATE_FILE, _etd_spec, _with_ids, check_ranges, check_run_dir, extend_config,
+                     load_trainer_state, resumed_config, save_trainer_state, seed_epoch, trainer_state)
 
 __all__ = ["DEFAULTS", "OPTIONS", "RANGES", "LATER_OPTIONS", "resolve_config", "train"]
 
@@ -135,25 +134,6 @@ RANGES = {
 
 def _model_options(cfg) -> dict:
     return {} if cfg.get("width") is None else {"width": cfg["width"]}
-
-
-def _etd_spec(cfg) -> dict | None:
-    """Keyword arguments of :func:`memloc.core.dropout.insert_example_tied_dropout`, or None."""
-    if not cfg.get("etd_after"):
-        return None
-    return {"after": [a.strip() for a in str(cfg["etd_after"]).split(",") if a.strip()],
-            "p_gen": cfg["p_gen"], "p_mem": cfg["p_mem"], "seed": cfg["seed"], "kind": cfg["etd_kind"]}
-
-
-def _with_ids(forward_context, example_ids, id_of=None):
-    """``forward_context`` extended to bind the batch's example ids (``id_of[idx]`` if given) to the dropout layers."""
-    @contextlib.contextmanager
-    def context(model, idx):
-        ids = idx if id_of is None else id_of[idx]
-        with example_ids(model, ids), (contextlib.nullcontext() if forward_context is None
-                                       else forward_context(model, idx)):
-            yield
-    return context
 
 
 def _check_fits(model, data, name) -> None:
