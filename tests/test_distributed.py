@@ -119,3 +119,36 @@ def test_refusal_under_torchrun_is_said_once_by_rank_0(run, monkeypatch, capsys)
     with pytest.raises(SystemExit) as e:
         cli_run("importance", [str(run.path), "--device", "cpu"])
     assert e.value.code == 2 and capsys.readouterr().err == ""
+
+
+PASSES = '''
+import sys, time
+import numpy as np
+from memloc.scale import parts as P
+from memloc.scale.distributed import init_from_env, world
+init_from_env("cpu")
+rank, folder = world()[0], sys.argv[1]
+first = P.Parts(folder, {"pass": 1}, what="first pass")
+first.add({(rank,): np.full(3, float(rank))})
+read = P.Format.read
+P.Format.read = lambda self, path: (time.sleep(1.0) if rank == 1 else None) or read(self, path)   # rank 1 reads slowly
+first.gather()
+P.Format.read = read
+got = sorted(first.done)
+first.release()
+P.Parts(folder, {"pass": 2}, what="second pass", overwrite=True).release()   # rank 0 clears the folder
+print(rank, got, flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_a_pass_reads_every_part_before_the_next_pass_clears_the_folder(tmp_path):
+    """Two passes over one parts folder (as scores' passes share ``scores.partial``): rank 0 may clear it for
+    the next pass only once every rank has read the last pass's parts (once a race: rank 1 lost its files)."""
+    script = tmp_path / "passes.py"
+    script.write_text(PASSES)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(tmp_path / "x.partial")]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(p.stdout.split("\n")[:2]) == ["0 [(0,), (1,)]", "1 [(0,), (1,)]"]

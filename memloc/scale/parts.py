@@ -176,6 +176,7 @@ class Parts:
         barrier()                   # every rank's parts are written
         if self.folder is not None and world()[1] > 1:
             self._reload()
+            barrier()               # every rank has read them before rank 0 may clear the folder (the next pass)
 
     def release(self) -> None:
         lock, self.lock = self.lock, None
