@@ -12,6 +12,13 @@ def finish(lines: list[str], started: float, markdown: str | None) -> str:
     return text
 
 
+def invocation(script: str, argv=None) -> str:
+    """``python scripts/NAME.py ARGS``: the command line that ran ``script`` (its ``__file__``) with ``argv``
+    (default the process's own arguments), as the artifacts state it."""
+    import sys
+    return " ".join([f"python scripts/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+
+
 def add_common(p, runs_dir: str) -> None:
     """The options every experiment script shares: where runs live, parallel jobs, device, Markdown output."""
     p.add_argument("--runs-dir", default=runs_dir, help="where the runs are written (and reused)")

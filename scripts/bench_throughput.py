@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import memloc  # noqa: E402
-from _markdown import finish, machine  # noqa: E402
+from _markdown import finish, invocation, machine  # noqa: E402
 from bench_prefix import RUNS  # noqa: E402
 from memloc.core.runtime import resolve_device  # noqa: E402
 from memloc.analyses.scores import select_scores  # noqa: E402
@@ -321,7 +321,7 @@ def main(argv=None):
         for name in models:
             run = given.get(name) or memloc.train(Path(tmp) / name, RUNS[name], device=device)
             rows += bench_model(name, run, args, device, Path(tmp))
-    cmd = " ".join(["python scripts/bench_throughput.py", *(sys.argv[1:] if argv is None else argv)])
+    cmd = invocation(__file__, argv)
     lines = ["# Throughput of the analyses against a raw pass of the same model", "",
              f"`{cmd}`", "",
              f"Machine: {machine(device)}; precision {args.precision}; "

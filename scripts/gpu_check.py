@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import memloc  # noqa: E402
-from _markdown import finish, machine  # noqa: E402
+from _markdown import finish, invocation, machine  # noqa: E402
 from memloc.core.data import make_data  # noqa: E402
 from memloc.core.runtime import resolve_device  # noqa: E402
 
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     if out is None:
         tmp = out = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)
-    cmd = " ".join(["python scripts/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
+    cmd = invocation(__file__, argv)
     lines = ["# GPU check" + (" (dry run on the CPU, toy sizes)" if args.dry_run else ""), "", f"`{cmd}`", ""]
     failed = []
     for name in steps:

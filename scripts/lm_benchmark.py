@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _markdown import finish, machine  # noqa: E402
+from _markdown import finish, invocation, machine  # noqa: E402
 
 import memloc  # noqa: E402
 from memloc.analyses.localise import METHODS, neuron_scores  # noqa: E402
@@ -198,8 +198,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
-    command = "python scripts/lm_benchmark.py" + ("" if argv is None and len(sys.argv) == 1 else
-                                                 " " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = invocation(__file__, argv)
     lines = [f"`{command}`", "", "# Neuron localisation in language models: INJ (known answer)", "",
              f"memloc {memloc.__version__}; {machine(args.device)}.", "",
              "Settings: runs " + ", ".join(f"{k}={v}" for k, v in RUN.items()) + "; INJ "

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _markdown import finish, machine  # noqa: E402
+from _markdown import finish, invocation, machine  # noqa: E402
 from lm_del import DEL_RUN  # noqa: E402
 from lm_benchmark import ensure_run  # noqa: E402
 
@@ -162,7 +162,6 @@ def main(argv=None) -> int:
     acc = dr["accuracy"].to_pandas()
     own, dropped, kept = acc.loc["train", "noisy"], acc.loc["drop", "noisy"], acc.loc["test", "noisy"]
     cost_tok = 100 * (base[TOK] - acc.loc["drop", "test_tokens"])
-    cost_rule = 100 * (base[TEST] - acc.loc["drop", "test"])
 
     ours, verdicts = {}, {}
     ours["a"] = (f"greedy zeroing of {a['units']} MLP neurons: {pct(a['few_t'])} of {a['n_t']} memorised targets break "
@@ -203,7 +202,7 @@ def main(argv=None) -> int:
                      "partly" if dropped <= own / 2 else "does not hold")
 
     claims_md = Path(__file__).resolve().parent.parent / "artifacts" / "paper_claims.md"
-    cmd = " ".join(["python scripts/lm_claims.py", *(argv if argv is not None else sys.argv[1:])])
+    cmd = invocation(__file__, argv)
     settings = ", ".join(f"{k}={v}" for k, v in DEL_RUN.items())
     lines = [f"`{cmd}`", "", "# Maini et al.'s claims re-tested on a language model", "",
              f"memloc {memloc.__version__}; {machine(args.device)}. Training: "

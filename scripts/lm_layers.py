@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _markdown import machine  # noqa: E402
+from _markdown import invocation, machine  # noqa: E402
 from tinymem_experiment import CONFIG  # noqa: E402
 
 import memloc  # noqa: E402
@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     broken_at_0 = sum(100 * (base[TOK] - acc_rw[0, i, TOK]) > 10 for i in range(len(layers)))
     met = acc_rt[critical, NOISY] <= MAX_LEFT and cost <= MAX_COST
 
-    cmd = " ".join(["python scripts/lm_layers.py", *(argv if argv is not None else sys.argv[1:])])
+    cmd = invocation(__file__, argv)
     settings = ", ".join(f"{k}={v}" for k, v in CONFIG.items())
     lines = [
         f"`{cmd}`", "",

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _markdown import finish, machine  # noqa: E402
+from _markdown import finish, invocation, machine  # noqa: E402
 from lm_benchmark import MODELS, RUN, ensure_run  # noqa: E402
 
 import memloc  # noqa: E402
@@ -236,8 +236,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
-    command = "python scripts/lm_mitigation.py" + ("" if argv is None and len(sys.argv) == 1 else
-                                                  " " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = invocation(__file__, argv)
     sections = [line for name in args.models.split(",")
                 for line in section(name, args.device, Path(args.runs_dir), args.methods)]
     lines = [f"`{command}`", "", "# Mitigation in language models: removing all memorised sequences at once "

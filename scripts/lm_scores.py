@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _markdown import finish, machine  # noqa: E402
+from _markdown import finish, invocation, machine  # noqa: E402
 from tinymem_experiment import CONFIG  # noqa: E402
 
 import memloc  # noqa: E402
@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     images = image_aurocs(IMAGES)
     settings = ", ".join(f"{key}={v}" for key, v in CONFIG.items())
     lines = [
-        "`" + " ".join(["python", "scripts/lm_scores.py", *(argv if argv is not None else sys.argv[1:])]) + "`",
+        f"`{invocation(__file__, argv)}`",
         "",
         "# Per-sequence scores on a language model's run: finding the noisy sequences",
         "",

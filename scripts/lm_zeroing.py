@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _markdown import finish, machine  # noqa: E402
+from _markdown import finish, invocation, machine  # noqa: E402
 from tinymem_experiment import CONFIG  # noqa: E402
 
 import memloc  # noqa: E402
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
 
     med_t, med_c = np.median(count[groups["memorised targets (noisy)"]]), np.median(count[groups["clean, reproduced"]])
     holds = med_t < med_c and auc > 0.5
-    cmd = " ".join(["python scripts/lm_zeroing.py", *(argv if argv is not None else sys.argv[1:])])
+    cmd = invocation(__file__, argv)
     settings = ", ".join(f"{k}={v}" for k, v in CONFIG.items())
     base = run.data()
     lines = [
