@@ -142,7 +142,7 @@ def test_memorisation_command_equals_the_recorded_epoch_and_gets_its_section(lm_
     assert float(rows["noisy"][1]) == pytest.approx(100 * res["memorised"].values[run.kind == "noisy"].mean(), abs=0.05)
 
 
-@pytest.mark.parametrize("argv, match", [(["--checkpoint", "99"], "checkpoint 99 is not in the run"),
+@pytest.mark.parametrize("argv, match", [(["--checkpoint", "99"], "no checkpoint for epoch 99"),
                                          (["--split", "dev"], "invalid choice")])
 def test_memorisation_command_refuses_bad_input_in_one_line(memorising_lm, argv, match, capsys):
     with pytest.raises(SystemExit) as e:

@@ -32,7 +32,8 @@ from ..core.results import Result
 from ..core.runtime import check_choices, check_range, split_list
 from ..core.schemas import Schema, Var
 from ..core.store import stored
-from .localise import METHODS, lm_source, method_options, neuron_scores, reference_rows, select_targets
+from ..core.selection import lm_source
+from .localise import METHODS, method_options, neuron_scores, reference_rows, select_targets
 from .localise.plots import plot_del
 
 __all__ = ["del_benchmark", "zeroing_masks", "check_fractions", "FRACTIONS"]
@@ -102,7 +103,7 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
     eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     seed = check_range("seed", seed, low=0, integer=True)
     check_precision(precision)
-    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
+    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="del_benchmark")
     layers = mlp_layers(model)
     d = layers[0].size
     p, s = data.prefix_len, data.suffix_len

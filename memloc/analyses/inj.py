@@ -34,7 +34,8 @@ from ..core.results import Result
 from ..core.runtime import check_choices, check_range, progress
 from ..core.schemas import Schema, Var
 from ..core.store import stored
-from .localise import METHODS, lm_source, method_options, neuron_scores, reference_rows
+from ..core.selection import lm_source
+from .localise import METHODS, method_options, neuron_scores, reference_rows
 from .localise.common import Targets, suffix_loss
 from .localise.plots import plot_inj
 
@@ -94,7 +95,7 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
     check_precision(precision)
     check_choices("methods", methods, METHODS, "localisation method")
     method_options(options)
-    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
+    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="inj_benchmark")
     layers = mlp_layers(model)
     d = layers[0].size
     if n_injected > d:
