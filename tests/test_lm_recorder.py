@@ -13,7 +13,7 @@ from torch import nn
 
 import memloc
 from memloc.cli import run as cli_run
-from memloc.core.dropout import example_ids, set_mode, sink_ids
+from memloc.core.dropout import example_ids, remove_example_tied_dropout, set_mode, sink_ids
 from memloc.core.errors import MemlocError
 from memloc.core.lm import sequence_measures
 from memloc.core.sequence_recorder import SequenceRecorder
@@ -214,6 +214,8 @@ def test_sinks_mistakes_are_one_line_errors(tmp_path):
     memloc.insert_sinks(model)
     with pytest.raises(MemlocError, match="already has memorisation sinks"):
         memloc.insert_sinks(model)
+    remove_example_tied_dropout(model)                         # the sinks and their spec gone: in again
+    assert memloc.insert_sinks(model, seed=3)["seed"] == 3
     rec = SequenceRecorder(tmp_path / "unbound", model.train(), data)
     try:
         with pytest.raises(MemlocError, match=r"rec\.sinks\(idx\)"):

@@ -29,6 +29,7 @@ import torch
 from ..errors import MemlocError
 from ..numeric import check_range
 from ..neurons import mlp_layers
+from .insert import _SINKS, insert_example_tied_dropout
 
 __all__ = ["MLP_SITES", "ACTIVATIONS", "mlp_sites", "resolve_sites", "sink_ids", "SINK_IDS", "insert_sinks",
            "sinks_spec"]
@@ -62,10 +63,6 @@ def resolve_sites(model, after) -> list[str]:
     return [site for name in names for site in (mlp_sites(model) if name == MLP_SITES else [name])]
 
 
-#: instance attribute of a model holding the spec :func:`insert_sinks` gave it (outside state_dict)
-_SPEC = "_memloc_sinks"
-
-
 def insert_sinks(model, *, after=MLP_SITES, p_gen: float = 0.4, p_mem: float = 0.1, seed: int = 0,
                  kind: str = "example_tied") -> dict:
     """Put memorisation sinks into ``model`` (a causal LM) as ``memloc train --etd-after mlp`` does, and
@@ -76,21 +73,21 @@ def insert_sinks(model, *, after=MLP_SITES, p_gen: float = 0.4, p_mem: float = 0
     :class:`memloc.SequenceRecorder` or :class:`memloc.HFTrainerCallback` on the model records the spec
     in ``run.json``; in train mode each forward needs its sequences' sink ids (``with rec.sinks(idx):``;
     the callback binds them itself)."""
-    from .insert import insert_example_tied_dropout
-
+    if not isinstance(model, torch.nn.Module):
+        raise MemlocError(f"model must be a torch.nn.Module, got {type(model).__name__}", argument="model")
     if sinks_spec(model) is not None:
         raise MemlocError(f"{type(model).__name__} already has memorisation sinks", argument="model")
     spec = {"after": resolve_sites(model, after), "p_gen": float(check_range("p_gen", p_gen, low=0, high=1, low_open=True)),
             "p_mem": None if p_mem is None else float(check_range("p_mem", p_mem, low=0, high=1)),
             "seed": check_range("seed", seed, low=0, high=2**32 - 1, integer=True), "kind": kind}
     insert_example_tied_dropout(model, **spec)
-    object.__setattr__(model, _SPEC, spec)
+    object.__setattr__(model, _SINKS, spec)
     return dict(spec)
 
 
 def sinks_spec(model) -> dict | None:
     """The spec :func:`insert_sinks` put into ``model``, or None."""
-    spec = model.__dict__.get(_SPEC)
+    spec = getattr(model, "__dict__", {}).get(_SINKS)
     return None if spec is None else dict(spec)
 
 
