@@ -155,7 +155,8 @@ def main(argv=None) -> int:
              f"{load0[0]:.1f} / {load0[1]:.1f}, at the end {load1[0]:.1f} / {load1[1]:.1f}, on 2 cores shared with other "
              "jobs. Every figure is CPU seconds of the one-thread process (not wall-clock), so the load matters less, "
              "but caches and memory bandwidth are shared: read the ratios to one digit.", "",
-             "Runs: TinyGPT `gpt` (" + ", ".join(f"{k}={v}" for k, v in COST_RUN.items()) + ") at the sizes of the rows; "
+             "Runs: TinyGPT `gpt` (" + ", ".join(f"{k}={v}" for k, v in COST_RUN.items() if k not in ("d_model", "n_train"))
+             + ") at the d_model and n_train of the rows; "
              "training " + ", ".join(f"{k} {'reused' if t is None else f'{t:.0f} s'}" for k, t in trained.items())
              + f". Targets: the first {TARGETS} training sequences, which each final model is fine-tuned to reproduce (Adam, "
              "lr 3e-3, their next-token loss alone, until all are reproduced; the fine-tuned model is the one measured). The first size is measured twice "
@@ -177,9 +178,20 @@ def main(argv=None) -> int:
     for label, _ in SIZES:
         r = rows[label]
         lines.append(f"| {label} | " + " | ".join(f"{r[k]:.2f} ({r[k] / r['pass']:.1f})" for k in WHOLE) + " |")
-    lines += ["", "## Growth", "", *growth(rows)]
+    lines += ["", "## Growth", "", *growth(rows), "", READING]
     finish(lines, started, args.out)
     return 0
+
+
+READING = (
+    "How to read it: the per-target methods work on the targets alone (greedy and flip also on a reference batch of "
+    "clean sequences of fixed size), so their cost does not grow with the training set (exponent about 0; greedy and "
+    "flip vary between runs because they stop once the suffix breaks, which depends on the weights); with the width, "
+    "Zero-Out grows fastest (one forward per neuron: more neurons times a costlier forward), the learned masks and "
+    "IG, which take a fixed number of steps, about as the step does. Of the whole-set methods, retraining one layer and "
+    "the gradient accounting read the whole training set, so they grow with it like the pass (their ratio to it stays "
+    "near constant), while BalancedSubnet and greedy zeroing read the targets and a 64-sequence reference: their cost "
+    "is flat in the sequence count, and their ratio to a pass falls as the set grows.")
 
 
 def growth(rows) -> list[str]:
