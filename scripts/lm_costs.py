@@ -191,7 +191,9 @@ READING = (
     "IG, which take a fixed number of steps, about as the step does. Of the whole-set methods, retraining one layer and "
     "the gradient accounting read the whole training set, so they grow with it like the pass (their ratio to it stays "
     "near constant), while BalancedSubnet and greedy zeroing read the targets and a 64-sequence reference: their cost "
-    "is flat in the sequence count, and their ratio to a pass falls as the set grows.")
+    "is flat in the sequence count, and their ratio to a pass falls as the set grows. The three d_model 64 rows "
+    "measure the same model size in the step and per-target columns: their spread there is this loaded machine's "
+    "measurement noise (CPU time still varies with what shares the caches).")
 
 
 def growth(rows) -> list[str]:
