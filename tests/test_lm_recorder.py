@@ -13,40 +13,11 @@ import memloc
 from memloc.core.errors import MemlocError
 from memloc.core.sequence_recorder import SequenceRecorder
 from memloc.training.train import train
+from conftest import HF_SIZES, user_loop  # noqa: F401 (user_loop: test_lm_report imports it from here)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZES = dict(n_layer=1, n_head=2, d_model=32)
-
-
-def user_loop(run_dir, data, *, epochs=3, lr=2e-2, seed=0):
-    """A notebook's loop: an HF GPT-2 model (random init), AdamW, shuffled batches of rows, the HF loss."""
-    torch.manual_seed(seed)
-    model = memloc.hf_causal_lm("gpt2", vocab_size=data.vocab_size, max_len=data.seq_len, seed=seed, **SIZES)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rec = SequenceRecorder(run_dir, model, data)                   # records epoch 0 (the initialisation)
-    try:
-        for _ in range(epochs):
-            model.train()
-            for idx in torch.randperm(len(data)).split(8):
-                x = data.tokens[idx]
-                out = model(input_ids=x, labels=x)
-                opt.zero_grad()
-                out.loss.backward()
-                opt.step()
-                rec.record_batch(idx, out, x)                      # the output itself: its .logits are read
-            rec.end_epoch()                                        # measures every sequence, checkpoints
-    finally:
-        rec.close()
-    return model
-
-
-@pytest.fixture(scope="module")
-def hf_run(tmp_path_factory):
-    data = memloc.tinymem("mult", n_train=16, n_test=8, seq_len=16, suffix_len=4, noise=0.5, duplicate=4)
-    path = tmp_path_factory.mktemp("hf") / "loop"
-    model = user_loop(path, data, epochs=6)
-    return memloc.load(path), model, data
+SIZES = HF_SIZES
 
 
 def _layout(path):
