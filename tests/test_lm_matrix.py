@@ -70,6 +70,9 @@ def test_every_analysis_runs_on_a_user_loop_run_and_a_trainer_run(hf_run, hf_tra
             for call in (memloc.mitigate, memloc.del_benchmark):
                 with pytest.raises(MemlocError, match="reproduces none of its memorisation targets"):
                     call(run, methods="random", fractions="0.1", **cpu)
+    cli_run("report", [str(run.path)])                   # the Trainer's run: its saved results and its settings
+    settings = (run.path / "report" / "report.md").read_text().split("## Settings", 1)[1]
+    assert '| model | "GPT2LMHeadModel" |' in settings and '"learning_rate": 0.02' in settings
 
 
 IMAGE_ONLY = ["clean", "jtt", "prune", "issues", "forgetting-order"]
