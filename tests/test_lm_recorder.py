@@ -13,7 +13,7 @@ import memloc
 from memloc.core.errors import MemlocError
 from memloc.core.sequence_recorder import SequenceRecorder
 from memloc.training.train import train
-from conftest import HF_SIZES, user_loop  # noqa: F401 (user_loop: test_lm_report imports it from here)
+from conftest import HF_SIZES, user_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
