@@ -7,42 +7,26 @@ import pytest
 import torch
 
 pytest.importorskip("accelerate")      # the Trainer needs it (the dev extra installs it)
-from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import memloc  # noqa: E402
-from conftest import run_readme_example  # noqa: E402
+from conftest import HF_SIZES, hf_trainer, run_readme_example  # noqa: E402
 from memloc.core.dropout import dropout_layers, example_ids, set_mode, sink_ids  # noqa: E402
 from memloc.core.errors import MemlocError  # noqa: E402
 from memloc.core.lm import sequence_measures  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZES = dict(n_layer=1, n_head=2, d_model=32)
-
-
-def trainer(out, model, dataset, callback, *, epochs=2, **kw):
-    kw = {"save_strategy": "no", "lr_scheduler_type": "constant", "learning_rate": 2e-2, **kw}
-    args = TrainingArguments(str(out), num_train_epochs=epochs, per_device_train_batch_size=8,
-                             use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True, seed=0, **kw)
-    return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+SIZES = HF_SIZES
+trainer = hf_trainer
 
 
 @pytest.fixture(scope="module")
-def data():
-    return memloc.tinymem("mult", n_train=16, n_test=8, seq_len=16, suffix_len=4, noise=0.5, duplicate=2)
+def data(hf_trainer_data):
+    return hf_trainer_data
 
 
 def _model(data):
     return memloc.hf_causal_lm("gpt2", vocab_size=data.vocab_size, max_len=data.seq_len, **SIZES)
-
-
-@pytest.fixture(scope="module")
-def hf_trainer_run(tmp_path_factory, data):
-    tmp = tmp_path_factory.mktemp("trainer")
-    model = _model(data)
-    cb = memloc.HFTrainerCallback(tmp / "run", data, config={"note": "tiny"})
-    trainer(tmp / "out", model, cb.train_dataset(), cb, epochs=3).train()
-    return memloc.load(tmp / "run"), model, cb
 
 
 def test_trainer_run_is_a_memloc_run(hf_trainer_run, data):

@@ -3,7 +3,6 @@
 rebuilt from run.json), and memorisation / exposure run on it."""
 from __future__ import annotations
 
-import contextlib
 
 import h5py
 import numpy as np
@@ -18,47 +17,14 @@ from memloc.core.errors import MemlocError
 from memloc.core.lm import sequence_measures
 from memloc.core.sequence_recorder import SequenceRecorder
 from memloc.training.train import train
+from conftest import HF_SIZES, user_loop
 
 from conftest import run_readme_example
 from test_lm_sinks import _check_against_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZES = dict(n_layer=1, n_head=2, d_model=32)
-
-
-def user_loop(run_dir, data, *, epochs=3, lr=2e-2, seed=0, sinks=None):
-    """A notebook's loop: an HF GPT-2 model (random init), AdamW, shuffled batches of rows, the HF loss;
-    ``sinks``: memloc.insert_sinks's options (each batch's forward inside rec.sinks(idx))."""
-    torch.manual_seed(seed)
-    model = memloc.hf_causal_lm("gpt2", vocab_size=data.vocab_size, max_len=data.seq_len, seed=seed, **SIZES)
-    if sinks is not None:
-        memloc.insert_sinks(model, **sinks)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rec = SequenceRecorder(run_dir, model, data)                   # records epoch 0 (the initialisation)
-    try:
-        for _ in range(epochs):
-            model.train()
-            for idx in torch.randperm(len(data)).split(8):
-                x = data.tokens[idx]
-                with rec.sinks(idx) if sinks is not None else contextlib.nullcontext():
-                    out = model(input_ids=x, labels=x)
-                opt.zero_grad()
-                out.loss.backward()
-                opt.step()
-                rec.record_batch(idx, out, x)                      # the output itself: its .logits are read
-            rec.end_epoch()                                        # measures every sequence, checkpoints
-    finally:
-        rec.close()
-    return model
-
-
-@pytest.fixture(scope="module")
-def hf_run(tmp_path_factory):
-    data = memloc.tinymem("mult", n_train=16, n_test=8, seq_len=16, suffix_len=4, noise=0.5, duplicate=4)
-    path = tmp_path_factory.mktemp("hf") / "loop"
-    model = user_loop(path, data, epochs=6)
-    return memloc.load(path), model, data
+SIZES = HF_SIZES
 
 
 def _layout(path):

@@ -126,6 +126,8 @@ def test_report_of_an_hf_model_recorded_in_a_user_loop(tmp_path):
     rows = _kind_rows(md.read_text())
     assert int(rows["noisy (target)"][0]) == int(data.is_memorised_target.sum())
     assert float(rows["held out"][1]) == pytest.approx(100 * run.metrics()["test_rule_accuracy"][-1], abs=0.05)
+    settings = md.read_text().split("## Settings", 1)[1]        # what the recorder knew (its config is empty)
+    assert '| model | "GPT2LMHeadModel" |' in settings and '| data | "tinymem-mult" |' in settings
     _self_contained(md)
 
 
