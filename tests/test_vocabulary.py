@@ -31,6 +31,19 @@ EVAL_BATCH = {"gradients", "scores", "find_label_issues", "importance", "jtt"}
 NO_PRECISION = set()
 
 KNOWN = {(name, "precision") for name in NO_PRECISION}
+#: eval_batch_size's one default: every evaluation pass, language models' included (CONTRIBUTING.md, "One
+#: vocabulary"); a language model's forward runs fewer rows where their logits would pass
+#: memloc.core.lm.LOGITS_BUDGET, so the default bounds memory by itself
+EVAL_BATCH_DEFAULT = 1024
+#: the deliberate exceptions, and why: their batches hold a backward pass per row, not only forward outputs
+EVAL_BATCH_EXCEPTIONS = {
+    "importance": "vectorised per-example gradients: rows x parameters floats (128)",
+    **{name: "neuron localisation: masks or attributions learned by backward passes through rows x T x V logits "
+             "and every MLP's activations, targets optimised together (64)"
+       for name in ("localise_neurons", "neuron_scores", "inj_benchmark", "del_benchmark", "mitigate")}}
+#: everything public that takes eval_batch_size: the analyses, the trainer, the recorders and callbacks
+EVAL_BATCH_TAKERS = ANALYSES + ("neuron_scores", "exposure", "exposure_estimate", "sequence_log_likelihood", "train",
+                                "Recorder", "SequenceRecorder", "HFTrainerCallback", "LightningCallback")
 
 
 def deviations() -> set[tuple[str, str]]:
@@ -84,3 +97,30 @@ def test_return_annotations_tell_the_truth_under_torchrun():
         if re.search(r"world\(\)\[0\] > 0|rank > 0", body):
             assert "None" in str(inspect.signature(fn).return_annotation), \
                 f"{name} returns None on ranks > 0 but is annotated {inspect.signature(fn).return_annotation}"
+
+
+def test_eval_batch_size_has_one_default_and_listed_exceptions():
+    found = {}
+    for name in EVAL_BATCH_TAKERS:
+        params = inspect.signature(getattr(memloc, name)).parameters
+        if "eval_batch_size" in params:
+            found[name] = params["eval_batch_size"].default
+    assert set(EVAL_BATCH_EXCEPTIONS) <= set(found), "an exception that takes no eval_batch_size: remove it"
+    odd = {name: d for name, d in found.items() if (d == EVAL_BATCH_DEFAULT) == (name in EVAL_BATCH_EXCEPTIONS)}
+    assert not odd, f"eval_batch_size defaults {EVAL_BATCH_DEFAULT} except in EVAL_BATCH_EXCEPTIONS (listed, justified): {odd}"
+    # the commands' flags default as their functions do
+    from memloc.core.registry import command
+    for name, flag in (("memorisation", "--eval-batch-size"), ("scores", "--batch-size"), ("issues", "--batch-size"),
+                       ("gradients", "--batch-size"), ("flip", "--eval-batch-size"), ("train", "--eval-batch-size")):
+        parser = __import__("argparse").ArgumentParser()
+        command(name).arguments(parser)
+        assert parser.get_default(flag.lstrip("-").replace("-", "_")) == EVAL_BATCH_DEFAULT, (name, flag)
+
+
+def test_a_language_models_evaluation_rows_are_bounded_by_its_logits():
+    from memloc.core.lm import LOGITS_BUDGET, build_lm, lm_rows
+    small, big = build_lm("gpt", vocab_size=14, d_model=8, n_head=2), build_lm("gpt", vocab_size=50257, d_model=8, n_head=2)
+    assert lm_rows(small, EVAL_BATCH_DEFAULT, 63) == EVAL_BATCH_DEFAULT        # TinyMem: the budget never binds
+    rows = lm_rows(big, EVAL_BATCH_DEFAULT, 63)                                  # GPT-2's vocabulary at T = 64
+    assert rows * 63 * 50257 * 4 <= LOGITS_BUDGET < (rows + 1) * 63 * 50257 * 4 and rows == 84
+    assert lm_rows(big, EVAL_BATCH_DEFAULT, 10**9) == 1 and lm_rows(object(), 7, 63) == 7
