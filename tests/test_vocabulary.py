@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from pathlib import Path
 
 import memloc
 
@@ -31,6 +32,14 @@ EVAL_BATCH = {"gradients", "scores", "find_label_issues", "importance", "jtt"}
 NO_PRECISION = set()
 
 KNOWN = {(name, "precision") for name in NO_PRECISION}
+#: channels_last (memloc.core.precision) is no option: a conv net on CUDA in 16 bits is laid out so by every analysis
+#: that runs one (apply_channels_last / laid_out). Not by: the analyses of language models only (no 2-d
+#: convolution: the layout never applies, so there is nothing to refuse or record) and those whose passes are
+#: another analysis's (prune: scores; the name it calls it by)
+LM_ONLY = {"memorisation", "localise_neurons", "inj_benchmark", "del_benchmark", "mitigate"}
+DELEGATES = {"prune": ("compute_scores",)}
+#: analyses that may run a conv net in ``precision`` but do not lay it out yet
+NO_CHANNELS_LAST = set()
 #: eval_batch_size's one default: every evaluation pass, language models' included (CONTRIBUTING.md, "One
 #: vocabulary"); a language model's forward runs fewer rows where their logits would pass
 #: memloc.core.lm.LOGITS_BUDGET, so the default bounds memory by itself
@@ -124,3 +133,21 @@ def test_a_language_models_evaluation_rows_are_bounded_by_its_logits():
     rows = lm_rows(big, EVAL_BATCH_DEFAULT, 63)                                  # GPT-2's vocabulary at T = 64
     assert rows * 63 * 50257 * 4 <= LOGITS_BUDGET < (rows + 1) * 63 * 50257 * 4 and rows == 84
     assert lm_rows(big, EVAL_BATCH_DEFAULT, 10**9) == 1 and lm_rows(object(), 7, 63) == 7
+
+
+def _package_source(fn) -> str:
+    """The source of ``fn``'s module, or of every module of its package when it is defined in an __init__."""
+    path = Path(inspect.getmodule(inspect.unwrap(fn)).__file__)
+    return "".join(f.read_text() for f in (sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]))
+
+
+def test_analyses_that_run_conv_nets_lay_them_out_channels_last():
+    missing = set()
+    for name in ANALYSES:
+        if "precision" not in inspect.signature(getattr(memloc, name)).parameters or name in LM_ONLY | set(DELEGATES):
+            continue
+        if not re.search(r"\b(apply_channels_last|laid_out)\(", _package_source(getattr(memloc, name))):
+            missing.add(name)
+    assert missing == NO_CHANNELS_LAST, f"lay conv nets out with memloc.core.precision.laid_out: {missing - NO_CHANNELS_LAST}"
+    for name, by in DELEGATES.items():
+        assert all(f"{b}(" in _package_source(getattr(memloc, name)) for b in by), name

@@ -35,7 +35,7 @@ import xarray as xr
 from ..core.deprecation import renamed
 from ..core.errors import MemlocError
 from ..core.evaluate import eval_mode
-from ..core.precision import autocast, check_precision
+from ..core.precision import apply_channels_last, autocast, check_precision
 from ..core.results import Result
 from ..core.runtime import check_range, progress
 from ..core.selection import layer_coords, resolve
@@ -264,7 +264,7 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
     from ..core.runtime import split_list
     check_precision(precision)
     src = resolve(source, data, device=device)
-    check_precision(precision, src.device)
+    apply_channels_last(src.model, check_precision(precision, src.device), src.device)
     names = split_list(subsets) or []
     if not names:
         raise MemlocError("give at least one subset", argument="subsets")
