@@ -223,3 +223,13 @@ def test_importance_without_a_flip_result_says_in_its_report_which_command_gives
     # asked without the noisy subset, the reason is that one
     assert memloc.importance(bare, subsets="clean", device="cpu").config["flip_overlap_missing"] == \
         "the noisy subset was not asked for"
+
+
+def test_importance_takes_an_ids_subset_whole_from_the_library_and_the_command_line(bare):
+    from memloc.cli import run as cli_run
+    from memloc.core.tasks import split_subsets
+    assert split_subsets("ids:3,1,2") == split_subsets(["ids:3,1,2"]) == ["ids:3,1,2"]
+    assert split_subsets("clean,noisy") == split_subsets(["clean", "noisy"]) == ["clean", "noisy"]
+    assert split_subsets(["clean", "ids:1,2", "class:3,all"]) == ["clean", "ids:1,2", "class:3", "all"]
+    got = cli_run("importance", [str(bare.path), "--subsets", "ids:3,1,2", "--device", "cpu"])
+    assert list(got["subset"].values) == ["ids:3,1,2"] and int(got["examples"].values[0]) == 3

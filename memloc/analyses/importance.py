@@ -46,7 +46,7 @@ from ..core.schemas import Schema, Var, layer_vars
 from ..core.registry import Analysis, Command
 from ..core.prerequisites import command_line, needed_result
 from ..core.store import stored
-from ..core.tasks import ClassifierTask, example_input, select_rows, task_of  # noqa: F401 (select_rows: its old home)
+from ..core.tasks import ClassifierTask, example_input, select_rows, split_subsets, task_of  # noqa: F401 (select_rows: its old home)
 
 __all__ = ["METHODS", "param_importance", "unit_importance", "layer_importance", "importance", "select_rows", "flip_units"]
 
@@ -261,11 +261,10 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
                eval_batch_size: int = 128, device="auto", precision: str = "fp32") -> Result:
     """The ``"importance"`` result: ``layer_importance`` (subset, layer), ``unit_importance`` (subset, unit).
     ``precision``: the gradient passes under autocast (:func:`param_importance`)."""
-    from ..core.runtime import split_list
     check_precision(precision)
     src = resolve(source, data, device=device)
     apply_channels_last(src.model, check_precision(precision, src.device), src.device)
-    names = split_list(subsets) or []
+    names = split_subsets(subsets)
     if not names:
         raise MemlocError("give at least one subset", argument="subsets")
     flagged = None
@@ -326,8 +325,7 @@ def _cli_arguments(p):
 
 
 def _cli_execute(args):
-    subsets = [args.subsets] if args.subsets.startswith("ids:") else args.subsets
-    return importance(args.run, method=args.method, subsets=subsets, eval_batch_size=args.batch_size, device=args.device,
+    return importance(args.run, method=args.method, subsets=args.subsets, eval_batch_size=args.batch_size, device=args.device,
                       precision=args.precision)
 
 
