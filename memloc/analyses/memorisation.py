@@ -27,7 +27,7 @@ from ..core.errors import MemlocError
 from ..core.figures import figure, plt, save_figure, table
 from ..core.lm import suffix_measures
 from ..core.precision import check_precision
-from ..core.options import add_precision, nonnegative_int, positive_int
+from ..core.options import add_eval_batch_size, add_precision, nonnegative_int, positive_int
 from ..core.registry import Analysis, Command
 from ..core.results import Result
 from ..core.run import Run
@@ -84,7 +84,7 @@ def memorisation_from_logits(logits, tokens, prefix_len: int, suffix_len: int) -
 @torch.no_grad()
 @stored("memorisation")
 def memorisation(source, data: SequenceSet | None = None, *, split: str = "train", checkpoint: int | None = None,
-                 eval_batch_size: int = 256, device="auto", precision: str = "fp32") -> Result:
+                 eval_batch_size: int = 1024, device="auto", precision: str = "fp32") -> Result:
     """The ``"memorisation"`` result of language model ``source`` on ``data`` (a :class:`SequenceSet`):
     suffix loss, accuracy and exact memorisation of every sequence of ``split`` (``train``, or
     ``test``: held-out sequences, all clean, none a target), with its target flag and kind.
@@ -165,7 +165,7 @@ def _cli_arguments(p):
     p.add_argument("--checkpoint", type=nonnegative_int, default=None, help="checkpoint epoch (default: final)")
     p.add_argument("--split", default="train", choices=list(SPLITS),
                    help="train (the training sequences) or test (the held-out ones)")
-    p.add_argument("--eval-batch-size", type=positive_int, default=256, help="sequences per forward pass")
+    add_eval_batch_size(p)
     add_precision(p, what="every forward pass")
 
 

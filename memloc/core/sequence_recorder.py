@@ -55,7 +55,7 @@ class SequenceRecorder(RunWriter):
 
     def __init__(self, run_dir, model: nn.Module, data: SequenceSet, *, config: dict | None = None,
                  model_spec: dict | None = None, data_spec: dict | None = None, resume: bool = False,
-                 overwrite: bool = False, eval_batch_size: int = 256, precision: str = "fp32", argv=None,
+                 overwrite: bool = False, eval_batch_size: int = 1024, precision: str = "fp32", argv=None,
                  evaluated: dict | None = None):
         if not isinstance(data, SequenceSet):
             raise MemlocError(f"data must be a SequenceSet (memloc.tinymem, memloc.canaries), got "

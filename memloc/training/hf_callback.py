@@ -79,7 +79,7 @@ class HFTrainerCallback(TrainerCallback):
     """
 
     def __init__(self, run_dir, data: SequenceSet, *, config: dict | None = None, model_spec: dict | None = None,
-                 data_spec: dict | None = None, overwrite: bool = False, eval_batch_size: int = 256,
+                 data_spec: dict | None = None, overwrite: bool = False, eval_batch_size: int = 1024,
                  precision: str = "fp32"):
         if not isinstance(data, SequenceSet):
             raise MemlocError(f"data must be a SequenceSet (memloc.tinymem, memloc.canaries), got "
