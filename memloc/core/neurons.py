@@ -69,17 +69,19 @@ def _in_features(module: nn.Module) -> int | None:
     return None
 
 
-def mlp_layers(model: nn.Module) -> list[NeuronLayer]:
-    """The MLP layers of ``model`` in forward order (module order), found by their down-projection's
-    name (:data:`DOWN_PROJECTIONS`); a :class:`MemlocError` when there is none."""
+def _projections(model: nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(name, input features) of the linear modules of ``model`` whose name ends with one of ``suffixes``."""
     if not isinstance(model, nn.Module):
         raise MemlocError(f"model must be a causal language model (a torch.nn.Module), got {type(model).__name__}",
                           argument="model")
-    found = []
-    for name, module in model.named_modules():
-        size = _in_features(module)
-        if size is not None and name.endswith(DOWN_PROJECTIONS):
-            found.append(NeuronLayer(name, size))
+    return [(name, _in_features(module)) for name, module in model.named_modules()
+            if _in_features(module) is not None and name.endswith(suffixes)]
+
+
+def mlp_layers(model: nn.Module) -> list[NeuronLayer]:
+    """The MLP layers of ``model`` in forward order (module order), found by their down-projection's
+    name (:data:`DOWN_PROJECTIONS`); a :class:`MemlocError` when there is none."""
+    found = [NeuronLayer(name, size) for name, size in _projections(model, DOWN_PROJECTIONS)]
     if not found:
         raise MemlocError(f"{type(model).__name__} has no MLP down-projection (a linear module whose name ends with "
                           f"{', '.join(DOWN_PROJECTIONS)}): its MLP neurons cannot be found", argument="source")
@@ -103,14 +105,8 @@ def attention_heads(model: nn.Module) -> list[NeuronLayer]:
     projection's name (:data:`OUT_PROJECTIONS`) and the head count of its block (its ``n_head`` /
     ``num_heads`` / ``num_attention_heads``, else ``model.config.num_attention_heads``); a
     :class:`MemlocError` when there is none or a count does not divide the projection's input."""
-    if not isinstance(model, nn.Module):
-        raise MemlocError(f"model must be a causal language model (a torch.nn.Module), got {type(model).__name__}",
-                          argument="model")
     found = []
-    for name, module in model.named_modules():
-        width = _in_features(module)
-        if width is None or not name.endswith(OUT_PROJECTIONS):
-            continue
+    for name, width in _projections(model, OUT_PROJECTIONS):
         n_head = _n_head(model, name)
         if n_head is None or width % n_head:
             raise MemlocError(f"cannot tell the heads of {name} ({width} input features; head count "
