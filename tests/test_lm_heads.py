@@ -163,3 +163,10 @@ def test_transformers_heads_are_the_output_projection_input_slices(family):
         torch.testing.assert_close(masked, lm_logits(model, x), rtol=1e-5, atol=1e-6)
     out = neuron_scores(model, x, 4, 4, units="heads", methods="zero_out,activations,grad_x_act,greedy,random")
     assert all(s.shape == (2, 2, 2) and np.isfinite(s).all() for s in out["scores"].values())
+    if family == "gpt2":        # flip on GPT-2's heads (Conv1D projections): batched = one sequence at a time
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(20)
+        res, got = _assert_equals_reference(model, reproduced_by(model), model, examples="noisy:3,clean:3", repeats=1,
+                                            ref_batch_size=4, max_units=4, units="heads")
+        assert list(res["layer"].values) == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
+        assert len(got) == 6
