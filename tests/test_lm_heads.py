@@ -123,9 +123,9 @@ def test_command_units_and_what_does_not_apply(memorising_lm, tiny_run, tmp_path
     # unlearning by zeroing zeroes flip's own units: here heads (4 of them)
     from memloc.actions.unlearn import _zero_context
     flipped = res["example"].values[res["flipped"].values[:, 0]]
-    if len(flipped):
-        _, zeroed = _zero_context(run, run.model(), run.data(), flipped)
-        assert zeroed.max() < 4
+    assert len(flipped)
+    _, zeroed = _zero_context(run, run.model(), run.data(), flipped)
+    assert len(zeroed) and zeroed.max() < 4
     model, data = memorising_lm.model(), memorising_lm.data()
     for call, match in ((lambda: memloc.flip(tiny_run, units="heads", device="cpu", resume=None),
                          "a classifier's units are its layers' outputs: use units='outputs'"),
