@@ -11,6 +11,7 @@ import torch
 
 import memloc
 from memloc.analyses.localise import neuron_scores
+from memloc.analyses.localise.plots import plot_localise
 from memloc.cli import run as cli_run
 from memloc.core.errors import MemlocError
 from memloc.core.lm import TinyGPT, greedy_decode, lm_logits
@@ -78,7 +79,7 @@ def test_a_head_is_its_slice_before_the_output_projection():
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 
-def test_every_cheap_method_and_flip_find_the_dominant_head():
+def test_every_cheap_method_and_flip_find_the_dominant_head(tmp_path):
     model = dominant_head()
     data = reproduced_by(model)
     out = neuron_scores(model, data.tokens, 5, 3, units="heads", methods="zero_out,activations,ig,grad_x_act,greedy")
@@ -86,6 +87,9 @@ def test_every_cheap_method_and_flip_find_the_dominant_head():
     for method, scores in out["scores"].items():
         assert scores.shape == (6, 2, 2) and (scores.reshape(6, 4).argmax(1) == 2).all(), method
     assert (out["greedy_zeroed"] == 1).all() and out["greedy_broken"].all()
+    res = memloc.localise_neurons(model, data, examples=[0, 1], units="heads", methods="grad_x_act,random", device="cpu")
+    np.testing.assert_allclose(res["score"].values[0], out["scores"]["grad_x_act"][:2], rtol=1e-5, atol=1e-7)
+    assert res.config["units"] == "heads" and "## Heads holding memorised sequences" in plot_localise(res, tmp_path)
     # flip keeps the clean reference's loss low: with clean sequences continued as the model does without head 2,
     # zeroing head 2 breaks each target and helps the reference, so every search zeroes it first and alone
     data = reproduced_by(model, clean_without_head=2)
