@@ -82,7 +82,10 @@ def main(argv=None) -> None:
         cap = min(args.max_units, n_units)
         tg, cl = searched & target, searched & ~target
         auc = float(roc_auc_score(target[searched], -count[searched])) if tg.any() and cl.any() else float("nan")
-        summary[units] = (np.median(count[tg]), np.median(count[cl]), auc)
+        is_head = np.isin(res["layer"].values, [layer.name for layer in unit_layers(run.model(device="cpu"), "heads")])
+        hist = res["layer_hist"].values[searched].sum((0, 1))
+        summary[units] = (np.median(count[tg]), np.median(count[cl]), auc, float((count[cl] == 1).mean()),
+                          float(hist[is_head].sum() / max(1, hist.sum())))
         rows.append(f"| `{units}` | {n_units} | {int(tg.sum())} | {int(cl.sum())} | {np.median(count[tg]):g} | "
                     f"{np.median(count[cl]):g} | {100 * (count[tg] == 1).mean():.0f}% | {100 * (count[cl] == 1).mean():.0f}% | "
                     f"{100 * res['flipped'].values[searched].mean():.0f}% (cap {cap}) | {auc:.3f} | {seconds:.0f} |")
@@ -103,11 +106,13 @@ def main(argv=None) -> None:
     loc_rows = ["| method | seconds (all targets) | targets broken by zeroing its top head | clean sequences broken by "
                 "the same head (mean over targets) | most frequent top head |", "|---|---:|---:|---:|---|"]
     names = [f"{name.rsplit('.', 2)[0]} head {k}" for name in loc["layer"].values for k in range(layers[0].size)]
+    found = {}
     for i, method in enumerate(loc["method"].values):
         top = score[i].reshape(len(targets), -1).argmax(1)
         broke = breaks(model, layers, targets, pl, sl, top)
         collateral = (np.mean([breaks(model, layers, clean, pl, sl, np.full(len(clean), j)).mean() for j in top])
                       if len(clean) else float("nan"))
+        found[str(method)] = (float(broke.mean()), float(collateral))
         values, counts = np.unique(top, return_counts=True)
         loc_rows.append(f"| {method} | {float(loc['seconds'].values[i]):.2f} | {100 * broke.mean():.0f}% | "
                         f"{100 * collateral:.0f}% | {names[int(values[counts.argmax()])]} ({counts.max()} of {len(top)}) |")
@@ -121,7 +126,7 @@ def main(argv=None) -> None:
         "# Attention heads as units: greedy zeroing and localisation by unit kind", "",
         f"memloc {memloc.__version__}; {machine(args.device)}. Machine load (1-minute load average, 2 cores shared "
         f"with other jobs): {load_before[0]:.1f} before, {load_after[0]:.1f} after; read the seconds to one digit. "
-        f"Wall time: training {trained:.0f} s (0 when the run was reused).", "",
+        f"Wall time: training {trained:.0f} s (reading the run when it was reused).", "",
         f"Run: `{args.run}` = scripts/tinymem_experiment.py's ({settings}); {int(run.is_noisy.sum())} of "
         f"{run.num_train} training sequences are targets, prefix {pl} and suffix {sl} tokens. Flip per unit kind "
         f"(`memloc flip {args.run} --examples noisy:all,clean:{args.clean} --max-units {args.max_units} "
@@ -138,10 +143,27 @@ def main(argv=None) -> None:
         "sequences the model reproduces (collateral).", "",
         *loc_rows, "",
     ]
+    mlp = summary.get("mlp")
     if heads is not None:
         lines.append(f"Targets vs clean on heads: median {heads[0]:g} vs {heads[1]:g} zeroed heads, AUROC {heads[2]:.3f} "
-                     "of \"fewer heads = target\" (Maini et al.'s unit-count finding, here with heads as the units). "
-                     f"With only {sum(layer.size for layer in layers)} heads the counts are coarse.")
+                     "of \"fewer heads = target\" (Maini et al.'s unit-count finding, here with heads as the units); "
+                     f"one head alone breaks {100 * heads[3]:.0f}% of the reproduced clean sequences searched.")
+    if heads is not None and mlp is not None:
+        better = "MLP neurons" if mlp[2] > heads[2] else "Heads"
+        lines.append(f"On MLP neurons: median {mlp[0]:g} vs {mlp[1]:g}, AUROC {mlp[2]:.3f}. {better} tell "
+                     f"memorised targets from clean sequences better on this run; with {sum(layer.size for layer in layers)} "
+                     f"heads of {layers[0].group} features each, a head is a coarse unit.")
+    both = summary.get("both")
+    if both is not None and heads is not None and mlp is not None:
+        near = "heads" if abs(both[2] - heads[2]) < abs(both[2] - mlp[2]) else "mlp"
+        lines.append(f"With both kinds searched together, AUROC {both[2]:.3f}, closer to `{near}`'s: "
+                     f"{100 * both[4]:.0f}% of the units those searches zeroed are heads.")
+    best = [m for m, (b, _) in found.items() if m != "random" and b >= 0.9]
+    if best:
+        m = min(best, key=lambda k: found[k][1])
+        lines.append(f"Of the methods whose top head breaks at least 90% of the targets, {m} picks the most specific "
+                     f"head: it breaks {100 * found[m][0]:.0f}% of the targets and {100 * found[m][1]:.0f}% of the clean "
+                     f"sequences (random heads: {100 * found['random'][0]:.0f}% and {100 * found['random'][1]:.0f}%).")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     finish(lines, started, args.out)
 
