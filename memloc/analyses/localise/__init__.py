@@ -30,7 +30,7 @@ from ...core.lm import sequence_measures
 from ...core.options import add_precision, nonnegative_int, number, positive_int
 from ...core.registry import Analysis, Command
 from ...core.results import Result
-from ...core.neurons import mlp_layers
+from ...core.neurons import UNIT_KINDS, unit_layers
 from ...core.precision import check_precision
 from ...core.runtime import check_choices, check_range, split_list
 from ...core.schemas import Schema, Var
@@ -39,7 +39,7 @@ from ...core.sequences import SequenceSet
 from ...core.store import stored
 from .plots import plot_localise
 from .common import HYPER, METHODS
-from .methods import method_options, neuron_scores
+from .methods import check_localised_units, method_options, neuron_scores
 
 __all__ = ["localise_neurons", "neuron_scores", "method_options", "select_targets", "reference_rows",
            "parse_settings",
@@ -91,26 +91,30 @@ def reference_rows(data: SequenceSet, ref_batch_size: int, *, exclude=(), seed: 
 @stored("localise_neurons")
 def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS, options: dict | None = None,
                      ref_batch_size: int = 8, checkpoint: int | None = None, eval_batch_size: int = 64,
-                     seed: int = 0, device="auto", precision: str = "fp32") -> Result:
+                     seed: int = 0, device="auto", precision: str = "fp32", units: str = "mlp") -> Result:
     """The ``"localise_neurons"`` result (module docstring) of a language-model run (``source``: a run or
     its path, ``checkpoint`` default final) or of a causal LM module with ``data`` (a SequenceSet), for
     the target sequences ``examples`` (:func:`select_targets`), by ``methods``; greedy keeps the loss of
     ``ref_batch_size`` clean training sequences low (:func:`reference_rows`; 0: none). ``precision``: every
-    forward pass under autocast (:mod:`memloc.core.precision`; :func:`neuron_scores`)."""
+    forward pass under autocast (:mod:`memloc.core.precision`; :func:`neuron_scores`). ``units``: rank the
+    MLP neurons (``"mlp"``) or the attention heads (``"heads"``: then ``neuron`` indexes the heads of the
+    layer, named after its output projection)."""
     check_choices("methods", methods, METHODS, "localisation method")     # bad options fail before any work
+    check_localised_units(units)
     method_options(options)
     ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
     check_precision(precision)
     seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="localise_neurons")
     check_precision(precision, next(model.parameters()).device)
-    mlp_layers(model)
+    unit_layers(model, units)
     rows = select_targets(model, data, examples, eval_batch_size=eval_batch_size, precision=precision)
     p, s = data.prefix_len, data.suffix_len
     tokens = data.tokens[torch.as_tensor(rows)]
     ref = reference_rows(data, ref_batch_size, exclude=rows, seed=seed)
     got = neuron_scores(model, tokens, p, s, methods=methods, reference=data.tokens[torch.as_tensor(ref)] if len(ref)
-                        else None, options=options, eval_batch_size=eval_batch_size, seed=seed, precision=precision)
+                        else None, options=options, eval_batch_size=eval_batch_size, seed=seed, precision=precision,
+                        units=units)
     measures = sequence_measures(model, tokens, p, s, eval_batch_size=eval_batch_size, precision=precision)
     chosen = list(got["scores"])
     d = next(iter(got["scores"].values())).shape[2]
@@ -126,7 +130,8 @@ def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS
               "neuron": np.arange(d)}
     config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "prefix_len": p,
               "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "checkpoint": epoch, "eval_batch_size": eval_batch_size, "seed": seed,
-              "device": str(next(model.parameters()).device), "data": data.name, "precision": precision}
+              "device": str(next(model.parameters()).device), "data": data.name, "precision": precision,
+              "units": units}
     return Result("localise_neurons", xr.Dataset(variables, coords=coords), config=config)
 
 
@@ -147,6 +152,9 @@ def _cli_arguments(p):
                    help="clean training sequences whose loss greedy zeroing keeps low (0: the target's loss alone)")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
                    help="random stream of the random baseline and Hard Concrete's noise")
+    p.add_argument("--units", default="mlp", choices=UNIT_KINDS[1:3],
+                   help="rank the MLP hidden neurons (mlp, default) or the attention heads (heads: a head's slice of "
+                        "the attention output before the output projection)")
     add_precision(p, what="every forward pass (fp16 mask learning with a scaled loss)")
 
 
@@ -171,13 +179,15 @@ def _cli_execute(args):
     return localise_neurons(args.run, examples=args.examples, methods=args.methods, checkpoint=args.checkpoint,
                             options=parse_settings(args.set),
                             ref_batch_size=args.ref_batch_size, eval_batch_size=args.eval_batch_size, seed=args.seed,
-                            device=args.device, precision=args.precision)
+                            device=args.device, precision=args.precision, units=args.units)
 
 
 def _cli_summary(res, args):
     score = res["score"]
-    lines = [f"{res.sizes['target']} target(s), {res.sizes['layer']} MLP layers of {res.sizes['neuron']} neurons; "
-             f"top neuron per layer of target {int(res['target'][0])}:",
+    what = ("attention layers", "heads", "head") if res.config.get("units") == "heads" else \
+        ("MLP layers", "neurons", "neuron")
+    lines = [f"{res.sizes['target']} target(s), {res.sizes['layer']} {what[0]} of {res.sizes['neuron']} {what[1]}; "
+             f"top {what[2]} per layer of target {int(res['target'][0])}:",
              f"{'method':<14} {'seconds':>9}  " + "  ".join(f"{str(n):>22}" for n in res["layer"].values)]
     for i, m in enumerate(res["method"].values):     # by position: sel(method=...) is xarray's own keyword
         top = score.values[i, 0].argmax(1)
@@ -196,8 +206,9 @@ ANALYSIS = Analysis(
                   "(memloc.localise_neurons)",
   {"method": Var(("method",), "zero_out | activations | ig | slimming | hard_concrete | grad_x_act | greedy | random"),
    "target": Var(("target",), "sequence id of the target"),
-   "layer": Var(("layer",), "the MLP's down-projection (its input features are the neurons)"),
-   "neuron": Var(("neuron",), "neuron index within the layer")},
+   "layer": Var(("layer",), "the MLP's down-projection (its input features are the neurons); config units heads: "
+                            "the attention's output projection (its input holds the heads' slices)"),
+   "neuron": Var(("neuron",), "neuron (config units heads: head) index within the layer")},
   {"score": Var(("method", "target", "layer", "neuron"), "higher = more responsible for the target's suffix"),
    "seconds": Var(("method",), "seconds the method took for all targets"),
    "suffix_loss": Var(("target",), "the target's suffix loss (nats per token)"),
