@@ -299,17 +299,19 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
     config = {"method": method, "subsets": names, "batch_size": eval_batch_size, "device": str(src.device),
               "checkpoint": src.checkpoint, "precision": precision}
     if src.run is not None and "flip_overlap" not in variables:
-        config["flip_overlap_missing"] = _why_no_overlap(src.run, names, weight_site, zeroed)
+        config["flip_overlap_missing"] = _why_no_overlap(src.run, names, flip_config)
     return Result("importance", xr.Dataset(variables, coords=coords), config=config)
 
 
-def _why_no_overlap(run, names, weight_site: bool, zeroed) -> str:
+def _why_no_overlap(run, names, flip_config: dict) -> str:
     """Why a run's importance has no ``flip_overlap`` and what to run to get it (said by summary and report)."""
-    if zeroed is None and not weight_site and "noisy" in names:
+    units = flip_config.get("units", "outputs")
+    if not flip_config and "noisy" in names:
         return (f"no results/flip.h5 in the run: run {command_line(run, 'flip')} first, then "
                 f"{command_line(run, 'importance')[:-1]} --overwrite`")
     return ("the noisy subset was not asked for" if "noisy" not in names else
-            "flip searched weights (site=weight), not units" if weight_site else "flip flipped no noisy example")
+            "flip searched weights (site=weight), not units" if flip_config.get("site") == "weight" else
+            f"flip zeroed {units} units, not layer outputs" if units != "outputs" else "flip flipped no noisy example")
 
 
 # The declaration: command line, report section and result schema (memloc.core.registry).
