@@ -29,11 +29,15 @@ from lm_benchmark import MODELS, RUN, ensure_run  # noqa: E402
 
 import memloc  # noqa: E402
 from memloc.analyses.localise import neuron_scores  # noqa: E402
-from memloc.analyses.mitigation import METHODS  # noqa: E402
+from memloc.analyses.mitigation import METHODS, _measures  # noqa: E402
 from memloc.core.units import trace  # noqa: E402
 
 #: scripts/lm_benchmark.py's TinyGPT run, trained for 150 epochs
 MIT_RUN = {**RUN, "epochs": 150}
+#: the second run, with memorisation sinks on both MLPs (train --etd-after mlp; memloc's p_gen / p_mem defaults)
+SINKS_RUN = {**MIT_RUN, "etd_after": "mlp", "p_gen": 0.4, "p_mem": 0.1}
+#: the groups of rows (--rows), in the table's order
+GROUPS = ("mitigate", "unlearn", "retrain", "sinks")
 #: the benchmark's settings (memloc.mitigate; every method at memloc's defaults)
 MITIGATE = dict(fractions=(0.01, 0.05, 0.1), ref_batch_size=64, seed=0)
 #: TinyMem's published 2-layer math-model figures (Sakarvadia et al., ICLR 2025), as the issue quotes them:
@@ -151,26 +155,24 @@ def _row(name, noisy, clean, acc, acc0, rule, changed, seconds) -> str:
             f"{changed} | {seconds:.2f} |")
 
 
-def own_methods(run, name: str, res, device: str) -> tuple[list[str], list[tuple]]:
+def own_methods(run, name: str, before: dict, device: str, groups) -> dict[str, list[str]]:
     """Rows of memloc.unlearn (every setting) and memloc.retrain (each layer), in the columns of :func:`table`,
-    and (setting, noisy left, token accuracy change) of each."""
-    acc0 = float(res["test_accuracy_before"])
-    rows, summary = [], []
-    for suffix, (methods, kw) in UNLEARN_SETTINGS.items():
+    by group (those of ``groups``); ``before``: the run's measures (mitigation's)."""
+    acc0 = before["test_accuracy"]
+    rows = {"unlearn": [], "retrain": []}
+    for suffix, (methods, kw) in (UNLEARN_SETTINGS.items() if "unlearn" in groups else ()):
         un = memloc.unlearn(run, methods=methods, seeds=(0,), device=device, **kw)
         base = un["baseline"]
-        for key, before in (("forget_given", "targets_memorised_before"), ("retain", "others_memorised_before"),
-                            ("test", "test_accuracy_before"), ("test_rule", "rule_accuracy_before")):
-            assert abs(float(base.sel(group=key)) - float(res[before])) < 1e-9, (key, before)   # the same measures
+        for key, mine in (("forget_given", "targets_memorised"), ("retain", "others_memorised"),
+                          ("test", "test_accuracy"), ("test_rule", "rule_accuracy")):
+            assert abs(float(base.sel(group=key)) - before[mine]) < 1e-9, (key, mine)   # the same measures
         for m in methods:
             a = un["accuracy"].sel(technique=m, seed=0)
             g = {k: float(a.sel(group=k)) for k in ("forget_given", "retain", "test", "test_rule")}
-            setting = f"unlearn:{m}{suffix}"
-            rows.append(_row(setting, g["forget_given"], g["retain"], g["test"], acc0, g["test_rule"],
-                             f"{float(un['passes'].sel(technique=m)):.1f} passes",
-                             float(un["seconds"].sel(technique=m, seed=0))))
-            summary.append((setting, g["forget_given"], 100 * (g["test"] - acc0)))
-    for layer in RETRAIN_LAYERS[name]:
+            rows["unlearn"].append(_row(f"unlearn:{m}{suffix}", g["forget_given"], g["retain"], g["test"], acc0,
+                                        g["test_rule"], f"{float(un['passes'].sel(technique=m)):.1f} passes",
+                                        float(un["seconds"].sel(technique=m, seed=0))))
+    for layer in (RETRAIN_LAYERS[name] if "retrain" in groups else ()):
         start = time.perf_counter()
         rt = memloc.retrain(run, layers=[layer], device=device, **RETRAIN)
         seconds = time.perf_counter() - start
@@ -179,51 +181,144 @@ def own_methods(run, name: str, res, device: str) -> tuple[list[str], list[tuple
         params = dict(model.named_parameters())
         n = sum(params[k].numel() for k in trace(model, run.data().tokens[:2]).layer(layer).params)
         g = {k: float(last.sel(subset=k)) for k in ("noisy", "clean", "test_tokens", "test")}
-        setting = f"retrain:{layer}"
-        rows.append(_row(setting, g["noisy"], g["clean"], g["test_tokens"], acc0, g["test"], f"{n} params", seconds))
-        summary.append((setting, g["noisy"], 100 * (g["test_tokens"] - acc0)))
-    return rows, summary
+        rows["retrain"].append(_row(f"retrain:{layer}", g["noisy"], g["clean"], g["test_tokens"], acc0, g["test"],
+                                    f"{n} params", seconds))
+    return {k: v for k, v in rows.items() if k in groups}
 
 
-def own_summary(summary, res) -> list[str]:
-    """Which of memloc's own settings come closest to the goal, said plainly."""
+def sinks_rows(name: str, device: str, runs_dir: Path) -> tuple[list[str], list[str]]:
+    """The sink-dropout row (memloc.mitigate(methods=["sinks"]) on a second run, trained with sinks) and a
+    sentence on that run."""
+    path = runs_dir / f"{name.replace(':', '_')}_sinks"
+    run, trained = ensure_run(path, name, device, SINKS_RUN)
+    res = memloc.mitigate(run, methods=["sinks"], **MITIGATE)
+    row = table(res)[2:]
+    row = [line.replace("| sinks |", "| sinks (own run) |", 1) for line in row]
+    note = (f"The sinks row is memloc.mitigate(methods=['sinks']) on a second run, trained the same way with "
+            f"memorisation sinks on both MLPs (etd_after=mlp, p_gen={SINKS_RUN['p_gen']}, p_mem={SINKS_RUN['p_mem']}"
+            + (f"; training took {trained:.0f} s" if trained is not None else "") + "): its change columns are "
+            f"against that run with its sinks kept at test scale (p_mem), which reproduces "
+            f"{float(res['targets_memorised_before']):.1%} of its noisy sequences and "
+            f"{float(res['others_memorised_before']):.1%} of its clean ones at held-out token accuracy "
+            f"{float(res['test_accuracy_before']):.2%} (suffix loss {float(res['test_loss_before']):.4f}, rule accuracy "
+            f"{float(res['rule_accuracy_before']):.1%}); 'changed' is the sink neurons dropped, seconds the switch to "
+            "drop mode.")
+    return row, [note]
+
+
+def _parsed(line: str) -> tuple[str, float, float]:
+    """(setting, noisy left, token accuracy change in points) of a row of :func:`table`."""
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    return cells[0], float(cells[1].rstrip("%")) / 100, float(cells[4])
+
+
+def own_summary(rows: list[str]) -> list[str]:
+    """Which of memloc's own settings (rows of the unlearn, retrain and sinks groups) come closest to the goal,
+    and the best trade-offs among them, said plainly."""
+    summary = [_parsed(line) for line in rows]
+    if not summary:
+        return []
     left, lost = GOAL
     ok = [s for s in summary if s[1] <= left and -s[2] <= lost]
     near = [s for s in summary if s[1] <= 0.05 and -s[2] <= 1.0]
     best = min(summary, key=lambda s: (s[1], -s[2]))
-    lines = ["memloc's own methods (the unlearn: and retrain: rows): "
+    cheap = [s for s in summary if -s[2] <= lost]
+    removed = [s for s in summary if s[1] <= left]
+    lines = ["memloc's own methods (the unlearn:, retrain: and sinks rows): "
              + (f"{', '.join(s[0] for s in ok)} meet the goal ({left:.0%} left at <= {lost} points lost)." if ok
                 else f"none meets the goal ({left:.0%} left at <= {lost} points lost).")
              + (f" Within 5% left at <= 1 point lost (issue 23's retraining acceptance): "
                 f"{', '.join(f'{s[0]} ({s[1]:.1%}, {s[2]:+.2f})' for s in near)}." if near else
                 " None leaves at most 5% at a cost of at most 1 point (issue 23's retraining acceptance).")
-             + f" Fewest left: {best[0]} ({best[1]:.1%}, {best[2]:+.2f} points)."]
+             + f" Fewest left: {best[0]} ({best[1]:.1%}, {best[2]:+.2f} points)."
+             + (" Best trade-offs: at most {:.0%} left, the least accuracy lost: {} ({:.1%}, {:+.2f} points)".format(
+                 left, *max(removed, key=lambda s: (s[2], -s[1]))) if removed else
+                f" No setting leaves at most {left:.0%}")
+             + ("; at most {} points lost, the fewest left: {} ({:.1%}, {:+.2f} points).".format(
+                 lost, *min(cheap, key=lambda s: (s[1], -s[2]))) if cheap else
+                f"; none loses at most {lost} points.")]
     return lines
 
 
-def section(name: str, device: str, runs_dir: Path, methods: str) -> list[str]:
-    """The tables of one lm_benchmark model (``gpt`` reuses the path runs_dir/gpt_mitigation)."""
+def section(name: str, device: str, runs_dir: Path, methods: str, groups) -> dict:
+    """One lm_benchmark model (``gpt`` reuses the path runs_dir/gpt_mitigation): ``{"rows": {group: table rows},
+    "notes": sentences after the table, "head": the lines before it, "tail": those after its summary}`` (head and
+    tail only when the mitigate group runs: they come from its result)."""
     path = runs_dir / ("gpt_mitigation" if name == "gpt" else f"{name.replace(':', '_')}_mitigation")
     run, trained = ensure_run(path, name, device, MIT_RUN)
-    warm = torch.randint(0, 10, (1, 24))         # imports (captum) and first calls are not charged to any method
-    neuron_scores(run.model(device=device), warm, 12, 12,
-                  options={"slimming": {"max_steps": 10}, "hard_concrete": {"max_steps": 10}})
-    res = memloc.mitigate(run, methods=methods, device=device, **MITIGATE)
-    own, summary = own_methods(run, name, res, device)
     data = run.data()
-    return [f"## {MODELS[name]} (`{name}`)", "",
-            (f"Training took {trained:.0f} s. " if trained is not None else "")
-            + f"Before: the run reproduces {float(res['targets_memorised_before']):.1%} of its "
-            f"{int(data.is_memorised_target.sum())} noisy sequences ({res.sizes['target']}) and "
-            f"{float(res['others_memorised_before']):.1%} of its clean training sequences; held-out "
-            f"({len(data.test_tokens)} test sequences): suffix loss {float(res['test_loss_before']):.4f}, token "
-            f"accuracy {float(res['test_accuracy_before']):.2%}, rule accuracy "
-            f"{float(res['rule_accuracy_before']):.1%}.", "",
-            "### Every setting", "", *table(res), *own, "", *own_summary(summary, res), "",
-            "### Beside TinyMem (2-layer math model)", "",
-            "Ours: each method's setting with the fewest noisy sequences left (then the highest accuracy). "
-            "TinyMem: its published figures as issue 24 quotes them.", "", *beside(res, list(res.config["methods"])),
-            "", *goal(res), ""]
+    before = _measures(run.model(device=device), data, slice(None), 64)
+    out = {"rows": {}, "notes": [], "head": None, "tail": None}
+    if "mitigate" in groups:
+        warm = torch.randint(0, 10, (1, 24))         # imports (captum) and first calls are not charged to any method
+        neuron_scores(run.model(device=device), warm, 12, 12,
+                      options={"slimming": {"max_steps": 10}, "hard_concrete": {"max_steps": 10}})
+        res = memloc.mitigate(run, methods=methods, device=device, **MITIGATE)
+        out["rows"]["mitigate"] = table(res)[2:]
+        out["head"] = [f"## {MODELS[name]} (`{name}`)", "",
+                       (f"Training took {trained:.0f} s. " if trained is not None else "")
+                       + f"Before: the run reproduces {float(res['targets_memorised_before']):.1%} of its "
+                       f"{int(data.is_memorised_target.sum())} noisy sequences ({res.sizes['target']}) and "
+                       f"{float(res['others_memorised_before']):.1%} of its clean training sequences; held-out "
+                       f"({len(data.test_tokens)} test sequences): suffix loss {float(res['test_loss_before']):.4f}, "
+                       f"token accuracy {float(res['test_accuracy_before']):.2%}, rule accuracy "
+                       f"{float(res['rule_accuracy_before']):.1%}.", "", "### Every setting", ""]
+        out["tail"] = ["### Beside TinyMem (2-layer math model)", "",
+                       "Ours: each method's setting with the fewest noisy sequences left (then the highest accuracy). "
+                       "TinyMem: its published figures as issue 24 quotes them.", "",
+                       *beside(res, list(res.config["methods"])), "", *goal(res), ""]
+    out["rows"].update(own_methods(run, name, before, device, groups))
+    if "sinks" in groups:
+        out["rows"]["sinks"], out["notes"] = sinks_rows(name, device, runs_dir)
+    return out
+
+
+def _group(line: str) -> str:
+    setting = line.strip().strip("|").split("|")[0].strip()
+    return next((g for g in GROUPS[1:] if setting.startswith(g)), "mitigate")
+
+
+def _table_lines(rows: dict) -> list[str]:
+    return [*table_header(), *(line for g in GROUPS for line in rows.get(g, []))]
+
+
+def table_header() -> list[str]:
+    return ["| setting | noisy memorised | clean memorised | token accuracy | change (points) | test loss change | "
+            "rule accuracy | changed | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+
+def splice(old: list[str], got: dict) -> list[str]:
+    """A model's section of the earlier artifact (``old``, from its '## ' heading to the next) with the rows of
+    the groups regenerated in ``got`` replaced, its own-methods summary and notes redone, the rest kept."""
+    start = old.index("### Every setting") + 2
+    end = start + next(k for k, line in enumerate(old[start:]) if not line.startswith("|"))
+    rows = {g: [] for g in GROUPS}
+    for line in old[start + 2:end]:
+        rows[_group(line)].append(line)
+    rows.update(got["rows"])
+    rest = old[end:]
+    after = next(k for k, line in enumerate(rest) if line.startswith("### "))   # summary and notes end there
+    return [*(got["head"] or old[:start]), *_table_lines(rows), "",
+            *own_summary([line for g in GROUPS[1:] for line in rows[g]]), *_notes(got), "",
+            *(got["tail"] or rest[after:])]
+
+
+def _notes(got: dict) -> list[str]:
+    return ["", *got["notes"]] if got["notes"] else []
+
+
+def assemble(got: dict) -> list[str]:
+    rows = {g: got["rows"].get(g, []) for g in GROUPS}
+    return [*got["head"], *_table_lines(rows), "", *own_summary([line for g in GROUPS[1:] for line in rows[g]]),
+            *_notes(got), "", *got["tail"]]
+
+
+def sections_of(text: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
+    """(the lines before the first model, {model title line: its lines}, the lines from 'What differs' on)."""
+    lines = text.rstrip("\n").split("\n")
+    heads = [k for k, line in enumerate(lines) if line.startswith("## ")]
+    parts = {lines[a]: lines[a:b] for a, b in zip(heads, heads[1:] + [len(lines)])}
+    return lines[:heads[0]], parts, []
 
 
 def main(argv=None) -> int:
@@ -233,29 +328,66 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", default="artifacts/lm_mitigation.md", help="write the tables here")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
+    p.add_argument("--rows", default=",".join(GROUPS),
+                   help=f"comma-separated groups of rows to compute: {', '.join(GROUPS)} (mitigate: memloc.mitigate's "
+                        "methods, the TinyMem comparison and the goal; sinks: a second run, trained with sinks). With "
+                        "fewer than all (or fewer models), the other rows and sections are kept from --markdown's "
+                        "earlier text and the artifact says which rows were regenerated, when and at which commit")
     args = p.parse_args(argv)
+    groups = [g for g in args.rows.split(",") if g]
+    bad = sorted(set(groups) - set(GROUPS))
+    if bad:
+        p.error(f"--rows: unknown group {bad[0]!r}; valid: {', '.join(GROUPS)}")
+    models = args.models.split(",")
+    partial = set(groups) != set(GROUPS) or set(models) != set(MODELS)
     torch.set_num_threads(1)
     started = time.time()
     command = invocation(__file__, argv)
-    sections = [line for name in args.models.split(",")
-                for line in section(name, args.device, Path(args.runs_dir), args.methods)]
-    lines = [f"`{command}`", "", "# Mitigation in language models: removing all memorised sequences at once "
-             "(after TinyMem)", "", f"memloc {memloc.__version__}; {machine(args.device)}.", "",
-             "Settings: runs (scripts/lm_benchmark.py's, 150 epochs) "
-             + ", ".join(f"{k}={v}" for k, v in MIT_RUN.items())
-             + "; memloc.mitigate " + ", ".join(f"{k}={v}" for k, v in MITIGATE.items())
-             + "; every method at memloc's defaults (memloc.analyses.mitigation.HYPER).", "",
-             "A setting is a method at a fraction: the share of each layer's neurons (neuron methods), of all MLP "
-             "weights (greedy_weights' budget; it stops once no noisy sequence is reproduced) or of each MLP "
-             "matrix's weights pruned (BalancedSubnet, Subnet); fine_tune takes none. 'changed': neurons or weights "
-             "zeroed (fine_tune: epochs). Seconds: the edit alone, one CPU thread, wall-clock on a shared machine. "
-             "The unlearn: and retrain: rows are memloc's own methods (memloc.unlearn, memloc.retrain; last item "
-             "of the differences below): 'changed' is their passes over the training data / the retrained layer's "
-             "parameters, seconds the whole call (EWC / MAS: with the importance pass; retrain: with its 21 "
-             "evaluations); '-': no test loss measured.",
-             "", *sections, "## What differs from TinyMem's setting", "", *DIFFERENCES]
+    old_sections = sections_of(Path(args.markdown).read_text())[1] if partial else {}
+    got = {f"## {MODELS[name]} (`{name}`)": section(name, args.device, Path(args.runs_dir), args.methods, groups)
+           for name in models}
+    sections = []
+    for title in [f"## {MODELS[name]} (`{name}`)" for name in MODELS]:
+        if title in got:
+            sections += assemble(got[title]) if not partial else splice(old_sections[title], got[title])
+        elif title in old_sections:
+            sections += old_sections[title]
+    preamble = []
+    if partial:
+        old_text = Path(args.markdown).read_text()
+        old_pre = sections_of(old_text)[0]
+        took = [line for line in old_text.splitlines() if line.startswith("Total time")]
+        preamble = [f"Regenerated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit()} by "
+                    f"`{command}`: the {', '.join(groups)} rows of {', '.join(MODELS[m] for m in models)}; every other "
+                    "row and section is from the earlier run below" + (f" ({took[-1][len('Total time: '):].rstrip('.')})"
+                                                            if took else "") + ".", "", *old_pre]
+    lines = preamble if partial else [
+        f"`{command}`", "", "# Mitigation in language models: removing all memorised sequences at once "
+        "(after TinyMem)", "", f"memloc {memloc.__version__}; {machine(args.device)}.", "",
+        "Settings: runs (scripts/lm_benchmark.py's, 150 epochs) "
+        + ", ".join(f"{k}={v}" for k, v in MIT_RUN.items())
+        + "; memloc.mitigate " + ", ".join(f"{k}={v}" for k, v in MITIGATE.items())
+        + "; every method at memloc's defaults (memloc.analyses.mitigation.HYPER).", "",
+        "A setting is a method at a fraction: the share of each layer's neurons (neuron methods), of all MLP "
+        "weights (greedy_weights' budget; it stops once no noisy sequence is reproduced) or of each MLP "
+        "matrix's weights pruned (BalancedSubnet, Subnet); fine_tune takes none. 'changed': neurons or weights "
+        "zeroed (fine_tune: epochs). Seconds: the edit alone, one CPU thread, wall-clock on a shared machine. "
+        "The unlearn:, retrain: and sinks rows are memloc's own methods (memloc.unlearn, memloc.retrain, "
+        "memloc.mitigate's sinks; last item of the differences below): 'changed' is their passes over the "
+        "training data / the retrained layer's parameters / the sink neurons dropped, seconds the whole call "
+        "(EWC / MAS: with the importance pass; retrain: with its 21 evaluations); '-': no test loss measured.", ""]
+    lines += [*sections, "## What differs from TinyMem's setting", "", *DIFFERENCES]
     finish(lines, started, args.markdown)
     return 0
+
+
+def commit() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 if __name__ == "__main__":
