@@ -26,10 +26,11 @@ etd_drop       a run trained with example-tied dropout (``train --etd-after``) e
 
 Optimiser: ``optimizer="sgd"`` (momentum 0.9) or ``"adam"`` (AdamW, no weight decay) for every
 fine-tuning method and ascent. Unset, a classifier's run takes SGD at ``lr`` 0.01 / ``ascent_lr`` 0.003
-(:data:`HYPER`); a language model's run (trained with AdamW, on whose scale those SGD rates leave
-90-98% of the targets memorised) takes its own training optimiser and lr, and ascent
-:data:`memloc.actions.continual.LM_ASCENT` x that lr (:func:`memloc.actions.continual.optimiser_settings`).
-The result's config records ``optimizer``, ``lr``, ``ascent_lr`` and where they came from (``defaults``).
+and 5 epochs (:data:`HYPER`); a language model's run (trained with AdamW, on whose scale those SGD rates
+leave 90-98% of the targets memorised) takes its own training optimiser and lr, ascent at
+:data:`memloc.actions.continual.LM_ASCENT` x that lr and ``LM_EPOCHS`` (20) epochs (measured:
+:func:`memloc.actions.continual.optimiser_settings`). The result's config records ``optimizer``, ``lr``,
+``ascent_lr``, ``epochs`` and where they came from (``defaults``).
 
 Conventions: both penalties are (lambda / 2) sum w (theta - theta*)^2 (Aljundi et al. write MAS
 without the 1/2); LwF is Hinton's T^2-scaled KL (Li & Hoiem weight a T-softened cross-entropy
@@ -83,7 +84,7 @@ from ..core.registry import Analysis, Command
 from ..core.deprecation import renamed
 from ..core.store import stored
 from ..core.optim import OPTIMIZERS
-from .continual import (LM_ASCENT, TEMPERATURE, distillation_loss, distillation_term, finetune, optimiser_settings,  # noqa: F401
+from .continual import (LM_ASCENT, LM_EPOCHS, TEMPERATURE, distillation_loss, distillation_term, finetune, optimiser_settings,  # noqa: F401
                         penalty_term, protection_weights, quadratic_penalty)
 
 __all__ = ["METHODS", "GROUPS", "HYPER", "available_methods", "quadratic_penalty", "distillation_loss",
@@ -193,14 +194,14 @@ def _run_method(m, model, run, task, retain, forget_ids, anchor, weight, lams, o
 
 @renamed(run="source")
 @stored('unlearn')
-def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs: int = HYPER["epochs"],
+def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs: int | None = None,
             lr: float | None = None, lam: dict | float | None = None, batch_size: int = HYPER["batch_size"],
             retrain_epochs: int = 20, ascent_lr: float | None = None, ascent_epochs: int = HYPER["ascent_epochs"],
             optimizer: str | None = None, device="auto", precision: str = "fp32") -> Result:
     """The ``"unlearn"`` result: accuracy (technique, seed, group), seconds, passes, the forget ids.
     ``precision``: every forward pass (evaluations, importance, fine-tuning, the retrained layer's) under
     autocast, fp16 training steps with a scaled loss (:mod:`memloc.core.precision`). ``optimizer`` / ``lr`` /
-    ``ascent_lr`` unset: the module docstring's defaults (a language model's run: its own optimiser and lr)."""
+    ``ascent_lr`` / ``epochs`` unset: the module docstring's defaults (a language model's run: its own optimiser and lr)."""
     from .children import check_seeds
     from ..core.units import trace
     run = as_run(source)
@@ -211,12 +212,11 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
         raise MemlocError(f"methods: etd_drop needs a run trained with example-tied dropout (train --etd-after); "
                           f"{str(run.path)!r} has none", argument="methods")
     seeds = check_seeds(seeds)
-    epochs = check_range("epochs", epochs, low=1, integer=True)
     batch_size = check_range("batch_size", batch_size, low=1, integer=True)
     opt = optimiser_settings(run, optimizer, None if lr is None else check_range("lr", lr, low=0, low_open=True),
                              None if ascent_lr is None else check_range("ascent_lr", ascent_lr, low=0, low_open=True),
-                             sgd_lr=HYPER["lr"], sgd_ascent_lr=HYPER["ascent_lr"])
-    optimizer, lr, ascent_lr = opt["optimizer"], opt["lr"], opt["ascent_lr"]
+                             None if epochs is None else check_range("epochs", epochs, low=1, integer=True), sgd=HYPER)
+    optimizer, lr, ascent_lr, epochs = opt["optimizer"], opt["lr"], opt["ascent_lr"], opt["epochs"]
     ascent_epochs = check_range("ascent_epochs", ascent_epochs, low=1, integer=True)
     retrain_epochs = check_range("retrain_epochs", retrain_epochs, low=1, integer=True)
     check_precision(precision)
@@ -286,7 +286,7 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
                      "seconds": (("technique", "seed"), seconds), "passes": ("technique", passes),
                      "forget": ("forget", forget_ids)},
                     coords={"technique": names, "seed": seeds, "group": list(task.groups)})
-    config = {"forget": forget, "methods": names, "seeds": seeds, "epochs": epochs, "lam": lams, **opt,
+    config = {"forget": forget, "methods": names, "seeds": seeds, "lam": lams, **opt,
               "ascent_epochs": ascent_epochs,
               "batch_size": batch_size, "retrain_epochs": retrain_epochs, "device": str(dev),
               "precision": precision}
@@ -306,7 +306,9 @@ def _cli_arguments(p):
     p.add_argument("--method", dest="methods", default="all",
                    help=f"comma-separated methods, or all (every method whose inputs exist: zero needs a flip result, "
                         f"etd_drop a run with example-tied dropout): {', '.join(METHODS)}")
-    p.add_argument("--epochs", type=positive_int, default=HYPER["epochs"], help="fine-tuning epochs over the retain set")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"fine-tuning epochs over the retain set (default {HYPER['epochs']}; a language model's run at its "
+                        f"own optimiser: {LM_EPOCHS})")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
                    help="optimiser of fine-tuning and ascent: sgd (momentum 0.9) or adam (AdamW, no weight decay); default "
                         "sgd, but a language model's run's own training optimiser (AdamW) with its lr")

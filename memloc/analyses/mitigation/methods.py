@@ -19,9 +19,10 @@ memorised targets at once, keeping its other sequences (TinyMem's protocol, Saka
 - ``fine_tune``: Adam on every weight, next-token loss on the clean training sequences (all
   non-target ones), whole epochs until no target is reproduced or ``max_epochs``; ``fraction`` unused.
 - ``sinks`` (not among the defaults, :data:`CHOICES`): a run trained with memorisation sinks (``train
-  --etd-after mlp``, :mod:`memloc.core.dropout.sinks`) measured with its sink neurons dropped (``drop``
-  mode) instead of scaled by ``p_mem`` (``test`` mode, the model "before"); ``fraction`` unused; changed:
-  the sink neurons dropped. A model without sinks is refused.
+  --etd-after mlp``, :mod:`memloc.core.dropout.sinks`) measured with its sink neurons dropped and the
+  others scaled by (p_gen + p_mem) / p_gen (``drop`` mode) instead of the sinks scaled by ``p_mem``
+  (``test`` mode, the model "before"); ``fraction`` unused; changed: the sink neurons dropped. A model
+  without sinks is refused.
 """
 from __future__ import annotations
 
