@@ -105,8 +105,7 @@ def best(res, method: str) -> int:
 
 def table(res) -> list[str]:
     acc0, loss0 = float(res["test_accuracy_before"]), float(res["test_loss_before"])
-    lines = ["| setting | noisy memorised | clean memorised | token accuracy | change (points) | test loss change | "
-             "rule accuracy | changed | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = table_header()
     for i, name in enumerate(res["setting"].values):
         lines.append(f"| {name} | {res['targets_memorised'].values[i]:.1%} | {res['others_memorised'].values[i]:.1%} | "
                      f"{res['test_accuracy'].values[i]:.2%} | {100 * (res['test_accuracy'].values[i] - acc0):+.2f} | "
@@ -292,10 +291,6 @@ def _group(line: str) -> str:
     return next((g for g in GROUPS[1:] if setting.startswith(g)), "mitigate")
 
 
-def _table_lines(rows: dict) -> list[str]:
-    return [*table_header(), *(line for g in GROUPS for line in rows.get(g, []))]
-
-
 def table_header() -> list[str]:
     return ["| setting | noisy memorised | clean memorised | token accuracy | change (points) | test loss change | "
             "rule accuracy | changed | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -314,27 +309,20 @@ def splice(old: list[str], got: dict) -> list[str]:
     after = next(k for k, line in enumerate(rest) if line.startswith("### "))   # summary and notes end there
     notes = got["notes"] if "sinks" in got["rows"] else [
         line for line in rest[:after] if line and not line.startswith("memloc's own methods")]
-    return [*(got["head"] or old[:start]), *_table_lines(rows), "",
-            *own_summary([line for g in GROUPS[1:] for line in rows[g]]), *_notes({"notes": notes}), "",
-            *(got["tail"] or rest[after:])]
+    return [*(got["head"] or old[:start]), *body(rows, notes), *(got["tail"] or rest[after:])]
 
 
-def _notes(got: dict) -> list[str]:
-    return ["", *got["notes"]] if got["notes"] else []
+def body(rows: dict, notes: list[str]) -> list[str]:
+    """The table of every setting (``rows`` by group), the summary of memloc's own rows and the notes."""
+    return [*table_header(), *(line for g in GROUPS for line in rows.get(g, [])), "",
+            *own_summary([line for g in GROUPS[1:] for line in rows.get(g, [])]), *(["", *notes] if notes else []), ""]
 
 
-def assemble(got: dict) -> list[str]:
-    rows = {g: got["rows"].get(g, []) for g in GROUPS}
-    return [*got["head"], *_table_lines(rows), "", *own_summary([line for g in GROUPS[1:] for line in rows[g]]),
-            *_notes(got), "", *got["tail"]]
-
-
-def sections_of(text: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
-    """(the lines before the first model, {model title line: its lines}, the lines from 'What differs' on)."""
+def sections_of(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(the lines before the first model, {'## ' heading line: the lines of its section})."""
     lines = text.rstrip("\n").split("\n")
     heads = [k for k, line in enumerate(lines) if line.startswith("## ")]
-    parts = {lines[a]: lines[a:b] for a, b in zip(heads, heads[1:] + [len(lines)])}
-    return lines[:heads[0]], parts, []
+    return lines[:heads[0]], {lines[a]: lines[a:b] for a, b in zip(heads, heads[1:] + [len(lines)])}
 
 
 def main(argv=None) -> int:
@@ -365,7 +353,8 @@ def main(argv=None) -> int:
     sections = []
     for title in [f"## {MODELS[name]} (`{name}`)" for name in MODELS]:
         if title in got:
-            sections += assemble(got[title]) if not partial else splice(old_sections[title], got[title])
+            sections += ([*got[title]["head"], *body(got[title]["rows"], got[title]["notes"]), *got[title]["tail"]]
+                         if not partial else splice(old_sections[title], got[title]))
         elif title in old_sections:      # its summary redone from its table (a function of the rows alone)
             sections += splice(old_sections[title], {"rows": {}, "notes": [], "head": None, "tail": None})
     preamble = []
@@ -394,7 +383,13 @@ def main(argv=None) -> int:
         "memloc.mitigate's sinks; last item of the differences below): 'changed' is their passes over the "
         "training data / the retrained layer's parameters / the sink neurons dropped, seconds the whole call "
         "(EWC / MAS: with the importance pass; retrain: with its 21 evaluations); '-': no test loss measured.", ""]
-    lines += [*sections, "## What differs from TinyMem's setting", "", *DIFFERENCES]
+    legacy = sorted({MODELS[m] for m in MODELS if any(line.startswith("| unlearn:") and "@3x" in line
+                                                       for line in old_sections.get(f"## {MODELS[m]} (`{m}`)", []))
+                     and (m not in models or "unlearn" not in groups)})
+    lines += [*sections, "## What differs from TinyMem's setting", "", *DIFFERENCES] + (
+        [f"- Not regenerated since memloc.unlearn took a language model's own optimiser: the unlearn: rows of "
+         f"{', '.join(legacy)}, at the image defaults of the time (SGD, momentum 0.9, lr 0.01 / ascent 0.003, 5 "
+         "epochs; @3x: lr 0.03 / ascent 0.009; ascent@lr0.03 / @lr0.1: ascent alone at those rates)."] if legacy else [])
     finish(lines, started, args.markdown)
     return 0
 
