@@ -22,8 +22,8 @@ __all__ = ["TEMPERATURE", "LM_ASCENT", "LM_EPOCHS", "quadratic_penalty", "distil
 #: LwF's distillation temperature
 TEMPERATURE = 2.0
 #: a language model's run at its own optimiser (artifacts/lm_mitigation.md, the 150-epoch TinyGPT TinyMem run,
-#: AdamW at lr 3e-3): gradient ascent's learning rate as a multiple of the run's (the largest of 1, 0.3, 0.1 and
-#: 0.03 that lost no held-out accuracy: 0.1 left 69% of the targets, 0.3 35% at -2.3 points, 1 none at -23) and
+#: AdamW at lr 3e-3): gradient ascent's learning rate as a multiple of the run's (the largest of 1, 1/3, 1/10 and
+#: 1/30 that lost no held-out accuracy: 1/10 left 69% of the targets, 1/3 35% at -2.3 points, 1 none at -23) and
 #: the fine-tuning epochs (the fewest of 5, 10 and 20 that left at most 1% of the targets: 5 and 10 left 10%)
 LM_ASCENT = 0.1
 LM_EPOCHS = 20
