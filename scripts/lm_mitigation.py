@@ -53,10 +53,10 @@ TINYMEM = {"balanced_subnet": ("0.0% (from 96.0%)", "97.24% (from 97.26%), ~30 s
 GOAL = (0.01, 0.1)
 OURS = "greedy_weights"
 #: memloc.unlearn's methods in the table, and its settings (suffix: (methods, options)): its defaults (a language
-#: model's run: AdamW at the run's lr, 20 epochs, ascent at 0.1x), fine-tuning at 5 epochs, ascent at 0.3x and 1x
+#: model's run: AdamW at the run's lr, 20 epochs, ascent at 0.1x), fine-tuning at 5 epochs and at lr 0.01, ascent at 0.3x and 1x
 #: the run's lr, and fine-tuning and ascent at the image defaults (SGD, momentum 0.9, lr 0.01 / 0.003, 5 epochs)
 UNLEARN = ("finetune", "ascent", "ewc", "mas", "lwf")
-UNLEARN_SETTINGS = {"": (UNLEARN, {}), "@5ep": (("finetune",), {"epochs": 5}),
+UNLEARN_SETTINGS = {"": (UNLEARN, {}), "@5ep": (("finetune",), {"epochs": 5}), "@lr0.01": (("finetune",), {"lr": 0.01}),
                     "@lr0.001": (("ascent",), {"ascent_lr": 1e-3}), "@lr0.003": (("ascent",), {"ascent_lr": 3e-3}),
                     "@sgd": (("finetune", "ascent"), {"optimizer": "sgd"})}
 #: memloc.retrain's settings (the runs' optimiser, AdamW at their lr, one-cycle) and the layers retrained,
@@ -87,6 +87,7 @@ DIFFERENCES = [
     "epochs) on the suffix loss of the clean training sequences (EWC / MAS: plus a penalty weighted by the Fisher / "
     "MAS importance of their suffixes, lambda 10; LwF: plus distillation of the original model's logits, lambda 1, "
     "T = 2), or ascends the targets' suffix loss (AdamW, 3 epochs, lr 0.0003 = 0.1x the run's); @5ep: 5 epochs; "
+    "finetune@lr0.01: lr 0.01; "
     "ascent@lr0.001 / @lr0.003: ascent at those rates; @sgd: the image defaults (SGD, momentum 0.9, lr 0.01 / "
     "ascent 0.003, 5 epochs), on whose scale the run barely moves; "
     "memloc.retrain resets one layer to its initialisation and retrains it alone with the next-token loss on "
