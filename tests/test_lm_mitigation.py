@@ -153,3 +153,33 @@ def test_mitigate_in_bf16_is_close_to_fp32(memorising):
         np.testing.assert_allclose(b[name].values, a[name].values, rtol=0.03, atol=0.02, err_msg=name)
     with pytest.raises(MemlocError, match="precision 'fp8' is unknown"):
         memloc.mitigate(model, data, precision="fp8", **kw)
+
+
+def test_sinks_dropped_are_their_neurons_zeroed(memorising):
+    """methods=["sinks"] on a model with sinks (p_mem = 1: in test mode the model as trained) measures it in drop
+    mode: the sink neurons (all but the first floor(p_gen d) of each MLP) zeroed and the others scaled by
+    (p_gen + p_mem) / p_gen, here by scaling their output weights; a model without sinks is refused."""
+    from memloc.core.dropout import insert_example_tied_dropout
+    from memloc.core.neurons import output_weights
+    model, data = memorising
+    sinky = copy.deepcopy(model)
+    insert_example_tied_dropout(sinky, "blocks.*.mlp.act", p_gen=0.5, p_mem=1.0)
+    res = memloc.mitigate(sinky, data, methods=["sinks"], device="cpu")
+    assert list(res["setting"].values) == ["sinks"] and float(res["targets_memorised_before"]) == 1.0
+    scaled = copy.deepcopy(model)
+    layers = mlp_layers(scaled)
+    scale = torch.zeros(layers[0].size)
+    scale[:layers[0].size // 2] = (0.5 + 1.0) / 0.5
+    with torch.no_grad():
+        for layer in layers:
+            weight, dim = output_weights(scaled, layer)
+            weight.mul_(scale.reshape([-1 if d == dim else 1 for d in range(weight.ndim)]))
+    _, _, memorised = _loss(scaled, data.tokens)
+    loss, accuracy, _ = _loss(scaled, data.test_tokens)
+    assert int(res["changed"][0]) == len(layers) * layers[0].size // 2
+    assert float(res["targets_memorised"][0]) == float(memorised[:4].float().mean())
+    assert float(res["others_memorised"][0]) == float(memorised[4:].float().mean())
+    assert float(res["test_loss"][0]) == pytest.approx(float(loss.mean()), rel=1e-5)
+    assert float(res["test_accuracy"][0]) == pytest.approx(float(accuracy.float().mean()), rel=1e-6)
+    with pytest.raises(MemlocError, match="sinks needs a run trained with memorisation sinks"):
+        memloc.mitigate(model, data, methods=["sinks"], device="cpu")

@@ -140,3 +140,45 @@ def test_unlearning_a_language_model_runs_targets(memorising_lm, tmp_path, capsy
     rl = memloc.unlearn(own, methods=["retrain_layer"], seeds=(0,), retrain_epochs=1, device="cpu")
     assert rl.config["retrain_layer"]["layer"] == str(best["layer"].values[int(np.argmin(best.values))])
     assert np.isfinite(rl["accuracy"].sel(group=["forget_given", "retain", "test"]).values).all()
+
+
+def test_finetune_takes_adamw_by_name():
+    """optimizer="adam": one step of finetune is AdamW's first step (no weight decay) on the suffix loss, by hand:
+    theta - lr g / (|g| + eps) (both moments bias-corrected)."""
+    data = _data()
+    model, task = _model("gpt", data.vocab_size), SequenceTask(data)
+    by_hand = copy.deepcopy(model)
+    finetune(model, task.train, epochs=1, lr=0.01, optimizer="adam", batch_size=len(data), task=task)
+    p, s = data.prefix_len, data.suffix_len
+    logits = _logits(by_hand.train(), data.tokens[:, :p + s - 1])
+    loss = F.cross_entropy(logits[:, p - 1:].reshape(-1, logits.shape[-1]), data.tokens[:, p:p + s].reshape(-1))
+    grads = torch.autograd.grad(loss, list(by_hand.parameters()))
+    for (k, q), g, (_, r) in zip(by_hand.named_parameters(), grads, model.named_parameters()):
+        assert torch.allclose(r, q - 0.01 * g / (g.abs() + 1e-8), rtol=1e-9, atol=1e-12), k
+
+
+def test_lm_unlearning_defaults_to_the_runs_own_optimiser(memorising_lm, capsys):
+    """A language model's run unlearns with its own training optimiser and lr unless told otherwise (recorded
+    in the config); ascent at those defaults removes more targets than at the image defaults (SGD)."""
+    from memloc.actions.continual import LM_ASCENT, LM_EPOCHS
+    from memloc.actions.unlearn import HYPER
+    run = memorising_lm
+    own = memloc.unlearn(run, methods=["ascent"], seeds=(0,), device="cpu")
+    lr = run.config["lr"]
+    assert (own.config["optimizer"], own.config["lr"], own.config["epochs"]) == (run.config["optimizer"], lr, LM_EPOCHS)
+    assert own.config["ascent_lr"] == pytest.approx(LM_ASCENT * lr) and "own training optimizer" in own.config["defaults"]
+    sgd = memloc.unlearn(run, methods=["ascent"], seeds=(0,), optimizer="sgd", device="cpu")
+    assert [sgd.config[k] for k in ("optimizer", "lr", "ascent_lr", "epochs")] == ["sgd", *(HYPER[k] for k in (
+        "lr", "ascent_lr", "epochs"))]
+    left = {name: float(r["accuracy"].sel(technique="ascent", seed=0, group="forget_given")) for name, r in
+            (("own", own), ("sgd", sgd))}
+    assert left["own"] < left["sgd"] <= float(sgd["baseline"].sel(group="forget_given"))
+    given = memloc.unlearn(run, methods=["ascent"], seeds=(0,), ascent_lr=1e-4, device="cpu")
+    assert given.config["ascent_lr"] == 1e-4 and given.config["optimizer"] == run.config["optimizer"]
+    with pytest.raises(memloc.MemlocError, match="unknown optimizer 'rmsprop'"):
+        memloc.unlearn(run, methods=["ascent"], optimizer="rmsprop", device="cpu")
+    # mitigate's sinks refuse a run trained without them, in one line
+    with pytest.raises(SystemExit) as e:
+        cli_run("mitigate", [str(run.path), "--methods", "sinks", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "sinks needs a run trained with memorisation sinks" in err[0]

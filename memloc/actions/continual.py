@@ -11,15 +11,52 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analyses.importance import param_importance
-from ..core.optim import epoch_seed, make_optimizer
+from ..core.errors import MemlocError
+from ..core.optim import OPTIMIZERS, epoch_seed, make_optimizer
 from ..core.precision import autocast, grad_scaler
 from ..core.tasks import ClassifierTask
 
-__all__ = ["TEMPERATURE", "quadratic_penalty", "distillation_loss", "protection_weights", "penalty_term",
-           "distillation_term", "finetune"]
+__all__ = ["TEMPERATURE", "LM_ASCENT", "LM_EPOCHS", "quadratic_penalty", "distillation_loss", "protection_weights",
+           "penalty_term", "distillation_term", "finetune", "optimiser_settings"]
 
 #: LwF's distillation temperature
 TEMPERATURE = 2.0
+#: a language model's run at its own optimiser (artifacts/lm_mitigation.md, the 150-epoch TinyGPT TinyMem run,
+#: AdamW at lr 3e-3): gradient ascent's learning rate as a multiple of the run's (the largest of 1, 1/3, 1/10 and
+#: 1/30 that lost no held-out accuracy: 1/10 left 69% of the targets, 1/3 35% at -2.3 points, 1 none at -23) and
+#: the fine-tuning epochs (the fewest of 5, 10 and 20 that left at most 1% of the targets: 5 and 10 left 10%)
+LM_ASCENT = 0.1
+LM_EPOCHS = 20
+
+
+def optimiser_settings(run, optimizer: str | None, lr: float | None, ascent_lr: float | None, epochs: int | None,
+                       *, sgd: dict) -> dict:
+    """The optimiser, learning rates and fine-tuning epochs of unlearning (:func:`memloc.unlearn`), and where
+    they come from (``defaults``).
+
+    Unset (``None``) values default to: on a language model's run, when ``optimizer`` is unset or is the
+    run's own training optimiser, the run's optimiser and learning rate (fine-tuning, EWC / MAS / LwF),
+    :data:`LM_ASCENT` x that rate (ascent) and :data:`LM_EPOCHS`; otherwise SGD (momentum 0.9) at ``sgd``'s
+    ``lr``, ``ascent_lr`` and ``epochs`` (the image defaults; with ``optimizer="adam"`` on a run not trained
+    with it, the same values)."""
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise MemlocError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}", argument="optimizer")
+    trained = run.config.get("optimizer")
+    own = bool(run.is_lm) and trained in OPTIMIZERS and optimizer in (None, trained)
+    if own:
+        base = float(run.config["lr"])
+        defaults = {"optimizer": trained, "lr": base, "ascent_lr": float(f"{LM_ASCENT * base:.6g}"),
+                    "epochs": LM_EPOCHS}
+        why = (f"the run's own training optimizer ({trained}) and lr ({base:g}); ascent at {LM_ASCENT:g}x that lr; "
+               f"{LM_EPOCHS} epochs (a language model's defaults)")
+    else:
+        defaults = {"optimizer": "sgd", **{k: sgd[k] for k in ("lr", "ascent_lr", "epochs")}}
+        why = "memloc.unlearn.HYPER (the image defaults)"
+    given = {k: v for k, v in (("optimizer", optimizer), ("lr", lr), ("ascent_lr", ascent_lr), ("epochs", epochs))
+             if v is not None}
+    if given:
+        why += "; given: " + ", ".join(f"{k}={v}" for k, v in given.items())
+    return {**defaults, **given, "defaults": why}
 
 
 def quadratic_penalty(model: nn.Module, anchor: dict[str, torch.Tensor], weight: dict[str, torch.Tensor],
@@ -66,17 +103,21 @@ def distillation_term(teacher: nn.Module, lam: float, temperature: float = TEMPE
 
 
 def finetune(model: nn.Module, examples, *, epochs: int, lr: float, batch_size: int = 128, momentum: float = 0.9,
-             seed: int = 0, ascent: bool = False, extra=None, optimizer=None, first_epoch: int = 1,
+             seed: int = 0, ascent: bool = False, extra=None, optimizer: str | torch.optim.Optimizer | None = None,
+             first_epoch: int = 1,
              precision: str = "fp32", scaler=None, task=None) -> nn.Module:
     """SGD on ``examples`` (an ExampleSet) in train mode: descent on CE (or ascent), plus
-    ``extra(model, x, logits)``. ``optimizer`` (reused across calls, momentum kept) and
-    ``first_epoch`` (batch orders seeded by ``(seed, epoch)``) let a caller train epoch by epoch.
+    ``extra(model, x, logits)``. ``optimizer``: a name of :data:`memloc.core.optim.OPTIMIZERS` (``"sgd"``,
+    the default, with ``momentum``; ``"adam"``: AdamW, no weight decay, a language model's optimiser) or an
+    optimiser (reused across calls, momentum kept); with ``first_epoch`` (batch orders seeded by
+    ``(seed, epoch)``) it lets a caller train epoch by epoch.
     ``precision``: the forward passes and the loss under autocast, the fp16 loss scaled by ``scaler``
     (default: a new :func:`memloc.core.precision.grad_scaler`; pass one with ``optimizer`` to keep its
     scale across calls); fp32 computes exactly as without it. ``task``: the loss (:mod:`memloc.core.tasks`;
     default the cross-entropy of a classifier; a language model's: the suffix loss)."""
     task = ClassifierTask if task is None else task
-    opt = optimizer or make_optimizer(model.parameters(), "sgd", lr=lr, momentum=momentum, weight_decay=0.0)
+    opt = (optimizer if isinstance(optimizer, torch.optim.Optimizer) else
+           make_optimizer(model.parameters(), optimizer or "sgd", lr=lr, momentum=momentum, weight_decay=0.0))
     device = next(model.parameters()).device
     scaler = scaler or grad_scaler(precision, device)
     for epoch in range(first_epoch, first_epoch + epochs):

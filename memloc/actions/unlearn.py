@@ -5,7 +5,7 @@
 is every other training example. Methods (:data:`METHODS`):
 
 =============  =================================================================================
-finetune       SGD on the retain set (``epochs``, ``lr``, momentum 0.9, constant lr)
+finetune       SGD on the retain set (``epochs``, ``lr``, momentum 0.9, constant lr; ``optimizer``)
 ascent         gradient *ascent* on the forget set's given labels (``ascent_epochs`` passes at
                ``ascent_lr``: larger steps destroy the model)
 ewc            finetune + (lambda / 2) sum_i F_i (theta_i - theta*_i)^2, F = diagonal Fisher of the
@@ -23,6 +23,14 @@ retrain_layer  one layer reset to initialisation and retrained alone on the reta
 etd_drop       a run trained with example-tied dropout (``train --etd-after``) evaluated in drop
                mode: its memorisation units dropped (Maini et al. 2023, section 4)
 =============  =================================================================================
+
+Optimiser: ``optimizer="sgd"`` (momentum 0.9) or ``"adam"`` (AdamW, no weight decay) for every
+fine-tuning method and ascent. Unset, a classifier's run takes SGD at ``lr`` 0.01 / ``ascent_lr`` 0.003
+and 5 epochs (:data:`HYPER`); a language model's run (trained with AdamW, on whose scale those SGD rates
+leave 90-98% of the targets memorised) takes its own training optimiser and lr, ascent at
+:data:`memloc.actions.continual.LM_ASCENT` x that lr and ``LM_EPOCHS`` (20) epochs (measured:
+:func:`memloc.actions.continual.optimiser_settings`). The result's config records ``optimizer``, ``lr``,
+``ascent_lr``, ``epochs`` and where they came from (``defaults``).
 
 Conventions: both penalties are (lambda / 2) sum w (theta - theta*)^2 (Aljundi et al. write MAS
 without the 1/2); LwF is Hinton's T^2-scaled KL (Li & Hoiem weight a T-softened cross-entropy
@@ -70,13 +78,14 @@ from ..core.run import as_run
 from ..core.prerequisites import command_line, missing_result, needed_result
 from ..core.runtime import check_choices, check_range, progress, resolve_device
 from ..core.options import TRAINING_PASSES, add_precision, mean_se, nonnegative_float, number, positive_float, positive_int
-from ..core.figures import figure, plt, save_figure, table
+from .unlearn_plots import _layer_note, draw_pareto, plot_unlearn  # noqa: F401 (draw_pareto: scripts)
 from ..core.schemas import Schema, Var
 from ..core.registry import Analysis, Command
 from ..core.deprecation import renamed
 from ..core.store import stored
-from .continual import (TEMPERATURE, distillation_loss, distillation_term, finetune, penalty_term,  # noqa: F401
-                        protection_weights, quadratic_penalty)
+from ..core.optim import OPTIMIZERS
+from .continual import (LM_ASCENT, LM_EPOCHS, TEMPERATURE, distillation_loss, distillation_term, finetune, optimiser_settings,  # noqa: F401
+                        penalty_term, protection_weights, quadratic_penalty)
 
 __all__ = ["METHODS", "GROUPS", "HYPER", "available_methods", "quadratic_penalty", "distillation_loss",
            "protection_weights", "penalty_term", "distillation_term", "finetune", "unlearn"]
@@ -159,11 +168,11 @@ def unavailable_methods(run) -> dict[str, str]:
 
 
 def _run_method(m, model, run, task, retain, forget_ids, anchor, weight, lams, original, critical, *, epochs, lr,
-                batch_size, seed, ascent_lr, ascent_epochs, retrain_epochs, precision="fp32") -> dict:
+                batch_size, seed, ascent_lr, ascent_epochs, retrain_epochs, precision="fp32", optimizer="sgd") -> dict:
     """Apply unlearning method ``m`` to ``model`` (a copy); returns ``{"model": ..., "mask": context or None}``."""
     from ..analyses.retrain import retrain_layer
     mask, data = None, task.data
-    tune = partial(finetune, batch_size=batch_size, seed=seed, precision=precision, task=task)
+    tune = partial(finetune, batch_size=batch_size, seed=seed, precision=precision, task=task, optimizer=optimizer)
     if m == "finetune":
         tune(model, retain, epochs=epochs, lr=lr)
     elif m == "ascent":
@@ -187,13 +196,14 @@ def _run_method(m, model, run, task, retain, forget_ids, anchor, weight, lams, o
 
 @renamed(run="source")
 @stored('unlearn')
-def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs: int = HYPER["epochs"],
-            lr: float = HYPER["lr"], lam: dict | float | None = None, batch_size: int = HYPER["batch_size"],
-            retrain_epochs: int = 20, ascent_lr: float = HYPER["ascent_lr"], ascent_epochs: int = HYPER["ascent_epochs"],
-            device="auto", precision: str = "fp32") -> Result:
+def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epochs: int | None = None,
+            lr: float | None = None, lam: dict | float | None = None, batch_size: int = HYPER["batch_size"],
+            retrain_epochs: int = 20, ascent_lr: float | None = None, ascent_epochs: int = HYPER["ascent_epochs"],
+            optimizer: str | None = None, device="auto", precision: str = "fp32") -> Result:
     """The ``"unlearn"`` result: accuracy (technique, seed, group), seconds, passes, the forget ids.
     ``precision``: every forward pass (evaluations, importance, fine-tuning, the retrained layer's) under
-    autocast, fp16 training steps with a scaled loss (:mod:`memloc.core.precision`)."""
+    autocast, fp16 training steps with a scaled loss (:mod:`memloc.core.precision`). ``optimizer`` / ``lr`` /
+    ``ascent_lr`` / ``epochs`` unset: the module docstring's defaults (a language model's run: its own optimiser and lr)."""
     from .children import check_seeds
     from ..core.units import trace
     run = as_run(source)
@@ -204,10 +214,11 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
         raise MemlocError(f"methods: etd_drop needs a run trained with example-tied dropout (train --etd-after); "
                           f"{str(run.path)!r} has none", argument="methods")
     seeds = check_seeds(seeds)
-    epochs = check_range("epochs", epochs, low=1, integer=True)
     batch_size = check_range("batch_size", batch_size, low=1, integer=True)
-    lr = check_range("lr", lr, low=0, low_open=True)
-    ascent_lr = check_range("ascent_lr", ascent_lr, low=0, low_open=True)
+    opt = optimiser_settings(run, optimizer, None if lr is None else check_range("lr", lr, low=0, low_open=True),
+                             None if ascent_lr is None else check_range("ascent_lr", ascent_lr, low=0, low_open=True),
+                             None if epochs is None else check_range("epochs", epochs, low=1, integer=True), sgd=HYPER)
+    optimizer, lr, ascent_lr, epochs = opt["optimizer"], opt["lr"], opt["ascent_lr"], opt["epochs"]
     ascent_epochs = check_range("ascent_epochs", ascent_epochs, low=1, integer=True)
     retrain_epochs = check_range("retrain_epochs", retrain_epochs, low=1, integer=True)
     check_precision(precision)
@@ -265,7 +276,8 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
                 torch.manual_seed(s)
                 ctx = _run_method(m, model, run, task, retain, forget_ids, anchor, weight, lams, original, critical,
                                   epochs=epochs, lr=lr, batch_size=batch_size, seed=s, ascent_lr=ascent_lr,
-                                  ascent_epochs=ascent_epochs, retrain_epochs=retrain_epochs, precision=precision)
+                                  ascent_epochs=ascent_epochs, retrain_epochs=retrain_epochs, precision=precision,
+                                  optimizer=optimizer)
                 model = ctx.pop("model")
             seconds[i, j] = time.perf_counter() - t0 + setup
             acc[i, j] = _groups(task, model, forget_ids, retain_ids, mask_context=ctx.get("mask"), precision=precision)
@@ -276,8 +288,8 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
                      "seconds": (("technique", "seed"), seconds), "passes": ("technique", passes),
                      "forget": ("forget", forget_ids)},
                     coords={"technique": names, "seed": seeds, "group": list(task.groups)})
-    config = {"forget": forget, "methods": names, "seeds": seeds, "epochs": epochs, "lr": lr, "lam": lams,
-              "ascent_lr": ascent_lr, "ascent_epochs": ascent_epochs,
+    config = {"forget": forget, "methods": names, "seeds": seeds, "lam": lams, **opt,
+              "ascent_epochs": ascent_epochs,
               "batch_size": batch_size, "retrain_epochs": retrain_epochs, "device": str(dev),
               "precision": precision}
     if critical is not None:        # the layer retrain_layer retrained, and why (a fallback is said, not silent)
@@ -296,8 +308,18 @@ def _cli_arguments(p):
     p.add_argument("--method", dest="methods", default="all",
                    help=f"comma-separated methods, or all (every method whose inputs exist: zero needs a flip result, "
                         f"etd_drop a run with example-tied dropout): {', '.join(METHODS)}")
-    p.add_argument("--epochs", type=positive_int, default=HYPER["epochs"], help="fine-tuning epochs over the retain set")
-    p.add_argument("--lr", type=positive_float, default=HYPER["lr"], help="fine-tuning learning rate (SGD, momentum 0.9)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"fine-tuning epochs over the retain set (default {HYPER['epochs']}; a language model's run at its "
+                        f"own optimiser: {LM_EPOCHS})")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
+                   help="optimiser of fine-tuning and ascent: sgd (momentum 0.9) or adam (AdamW, no weight decay); default "
+                        "sgd, but a language model's run's own training optimiser (AdamW) with its lr")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help=f"fine-tuning learning rate (default {HYPER['lr']} with sgd; a language model's run at its own "
+                        "optimiser: the run's training lr)")
+    p.add_argument("--ascent-lr", type=positive_float, default=None,
+                   help=f"gradient ascent's learning rate (default {HYPER['ascent_lr']} with sgd; a language model's run "
+                        f"at its own optimiser: {LM_ASCENT:g}x the run's training lr); the result records the rates used")
     p.add_argument("--lambda", dest="lam", type=nonnegative_float, default=None,
                    help=f"penalty weight of ewc / mas and distillation weight of lwf (default {HYPER['lam']})")
     p.add_argument("--retrain-epochs", type=positive_int, default=20, help="epochs of retrain_layer")
@@ -308,13 +330,15 @@ def _cli_arguments(p):
 
 def _cli_execute(args):
     return unlearn(args.run, forget=args.forget, methods=args.methods, seeds=args.seeds, epochs=args.epochs, lr=args.lr,
-                   lam=args.lam, retrain_epochs=args.retrain_epochs, device=args.device,
-                   precision=args.precision)
+                   lam=args.lam, retrain_epochs=args.retrain_epochs, ascent_lr=args.ascent_lr, optimizer=args.optimizer,
+                   device=args.device, precision=args.precision)
 
 
 def _cli_summary(res, args):
     groups = [str(g) for g in res["group"].values]
-    lines = [f"forget set: {res.sizes['forget']} examples ({res.config['forget']}); accuracy (mean +- s.e. over "
+    c = res.config
+    lines = [f"forget set: {res.sizes['forget']} examples ({c['forget']}); {c.get('optimizer', 'sgd')}, lr {c['lr']:g}, "
+             f"ascent lr {c['ascent_lr']:g} ({c.get('defaults', 'given')}); accuracy (mean +- s.e. over "
              f"{res.sizes['seed']} seed(s)):",
              f"{'method':<14}" + "".join(f"{g:>22}" for g in groups) + f"{'seconds':>10}",
              f"{'(trained)':<14}" + "".join(f"{v:>22.4f}" for v in res["baseline"].values)]
@@ -323,44 +347,6 @@ def _cli_summary(res, args):
         lines.append(f"{str(m):<14}" + "".join(f"{mean_se(r['accuracy'].sel(group=g).values):>22}" for g in groups)
                      + f"{float(r['seconds'].mean()):>10.1f}")
     return "\n".join(lines + _layer_note(res))
-
-
-def _layer_note(res) -> list[str]:
-    chosen, skipped = res.config.get("retrain_layer"), res.config.get("skipped") or {}
-    return ([f"retrain_layer retrained {chosen['layer']!r}: {chosen['chosen_by']}"] if chosen else []) + \
-        [f"{m} skipped: {why}" for m, why in skipped.items()]
-
-
-def draw_pareto(ax, res, title: str) -> None:
-    """Memorisation removed (1 - forget_given) vs test accuracy per method of an ``"unlearn"`` result,
-    mean +- std over seeds, with the trained model's test accuracy as a dashed line."""
-    for m in res["technique"].values:
-        r = res["accuracy"].sel(technique=m)
-        removed, test = 100 * (1 - r.sel(group="forget_given").values), 100 * r.sel(group="test").values
-        ax.errorbar(removed.mean(), test.mean(), xerr=removed.std(), yerr=test.std(), fmt="o", capsize=3,
-                    label=str(m))
-    ax.axhline(100 * float(res["baseline"].sel(group="test")), color="gray", ls="--", lw=1, label="trained model")
-    ax.set(xlabel="memorised labels removed (%)", ylabel="test accuracy (%)", xlim=(-3, 103), title=title)
-
-
-def plot_unlearn(res, out, run=None) -> str:
-    """Memorisation removed vs test accuracy per method (Pareto view), and the table."""
-    methods, groups = [str(m) for m in res["technique"].values], [str(g) for g in res["group"].values]
-    acc = res["accuracy"].values                       # (method, seed, group)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    draw_pareto(ax, res, f"unlearning: forget = {res.config.get('forget')}")
-    ax.legend(fontsize=7)
-    name = save_figure(fig, out, "unlearn.png")
-    rows = [["(trained)"] + [100 * float(v) for v in res["baseline"].values] + ["-"]]
-    rows += [[m] + [100 * float(v) for v in acc[i].mean(0)] + [f"{float(res['seconds'].values[i].mean()):.1f}"]
-             for i, m in enumerate(methods)]
-    return (f"## Unlearning memorised labels\n\nForget set: {res.sizes['forget']} examples "
-            f"({res.config.get('forget')}); accuracy (%) mean over {res.sizes['seed']} seed(s)."
-            + "".join(f" {line}." for line in _layer_note(res)) + "\n\n"
-            + figure("unlearn", name, "one point per method: further right, more of the memorised labels removed; "
-                     "higher, better test accuracy (the dashed line is the trained model's). The best methods sit at "
-                     "the top right; error bars are standard deviations over seeds.") + "\n\n"
-            + table(["method", *groups, "seconds"], rows, digits=1))
 
 
 ANALYSIS = Analysis(

@@ -5,7 +5,8 @@ model at once while keeping the rest.
 ``memloc mitigate RUN``): the targets are the memorisation targets (noisy TinyMem sequences, canaries)
 the model reproduces (greedy decoding gives their suffix); each method (:mod:`.methods`: TinyMem's
 BalancedSubnet and Subnet, MemPi's neuron localisation methods zeroing their top neurons, memloc's
-greedy zeroing of neurons or of single weights, fine-tuning on clean data) edits a fresh copy of the
+greedy zeroing of neurons or of single weights, fine-tuning on clean data; ``sinks``, chosen by name: a run
+trained with memorisation sinks with them dropped) edits a fresh copy of the
 model, once per fraction (the share of neurons or weights it may change; fine-tuning: once), and the
 copy is measured on every sequence.
 
@@ -39,7 +40,7 @@ from ...core.store import stored
 from ...core.selection import lm_source
 from ..deletion import check_fractions
 from ..localise import parse_settings, reference_rows
-from .methods import FUNCTIONS, HYPER, METHODS, NO_FRACTION, Task, mitigation_options
+from .methods import CHOICES, FUNCTIONS, HYPER, METHODS, NO_FRACTION, Task, check_sinks, mitigation_options
 from .plots import plot_mitigation
 
 __all__ = ["mitigate", "METHODS", "HYPER"]
@@ -69,7 +70,7 @@ def mitigate(source, data=None, *, methods=METHODS, fractions=(0.01,), options: 
     ``options``: {method: {name: value}} over :data:`HYPER` and the localisation methods' settings.
     ``precision``: every forward pass (measures, methods, fine-tuning and mask learning, their fp16 loss
     scaled) under autocast (:mod:`memloc.core.precision`)."""
-    chosen = check_choices("methods", methods, METHODS, "mitigation method")
+    chosen = check_choices("methods", methods, CHOICES, "mitigation method")
     fracs = check_fractions(fractions)
     opts = mitigation_options(options)
     ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
@@ -80,6 +81,9 @@ def mitigate(source, data=None, *, methods=METHODS, fractions=(0.01,), options: 
     if not len(data.test_tokens):
         raise MemlocError(f"data {data.name!r} has no test sequences: mitigation measures the held-out loss",
                           argument="data")
+    if "sinks" in chosen:
+        check_sinks(model, repr(str(getattr(source, "path", source))) if not isinstance(source, torch.nn.Module)
+                    else "the model")
     p, s = data.prefix_len, data.suffix_len
     dev = next(model.parameters()).device
     check_precision(precision, dev)
@@ -129,7 +133,9 @@ def mitigate(source, data=None, *, methods=METHODS, fractions=(0.01,), options: 
 # The declaration: command line and result schema (memloc.core.registry).
 
 def _cli_arguments(p):
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated methods: {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated methods: {', '.join(METHODS)} (the default), or sinks (a run trained with "
+                        "memorisation sinks, train --etd-after mlp: its sinks dropped at test time)")
     p.add_argument("--fractions", default="0.01",
                    help="comma-separated shares in (0, 1] of the neurons (per layer) or MLP weights a method may "
                         "change; each method runs once per fraction (fine_tune once)")
@@ -170,7 +176,7 @@ ANALYSIS = Analysis(
   {"setting": Var(_S, "a method at a fraction: method@fraction (fine_tune: its name)"),
    "target": Var(("target",), "sequence id of a memorised target (memorised before)")},
   {"method": Var(_S, "balanced_subnet | subnet | hard_concrete | slimming | zero_out | ig | activations | grad_x_act "
-                     "| greedy | greedy_weights | random | fine_tune"),
+                     "| greedy | greedy_weights | random | fine_tune | sinks"),
    "fraction": Var(_S, "share of each layer's neurons / each MLP matrix's weights the method may change (NaN: none)"),
    "targets_memorised": Var(_S, "share of all memorisation targets reproduced after"),
    "others_memorised": Var(_S, "share of the other (clean) training sequences reproduced after"),
@@ -178,7 +184,7 @@ ANALYSIS = Analysis(
    "test_accuracy": Var(_S, "mean suffix token accuracy of the test sequences after"),
    "rule_accuracy": Var(_S, "share of test sequences whose rule continuation is reproduced (NaN: not TinyMem)"),
    "seconds": Var(_S, "seconds of the method's edit"),
-   "changed": Var(_S, "neurons or weights zeroed (fine_tune: epochs run)"),
+   "changed": Var(_S, "neurons or weights zeroed (fine_tune: epochs run; sinks: sink neurons dropped)"),
    "memorised": Var(("setting", "target"), "the target is still reproduced after"),
    "targets_memorised_before": Var((), "share of all memorisation targets reproduced before"),
    "others_memorised_before": Var((), "share of the other training sequences reproduced before"),

@@ -18,6 +18,11 @@ memorised targets at once, keeping its other sequences (TinyMem's protocol, Saka
   -w dO/dw, ``per_step`` x (all MLP weights) zeroed per step, at most ``fraction`` of them.
 - ``fine_tune``: Adam on every weight, next-token loss on the clean training sequences (all
   non-target ones), whole epochs until no target is reproduced or ``max_epochs``; ``fraction`` unused.
+- ``sinks`` (not among the defaults, :data:`CHOICES`): a run trained with memorisation sinks (``train
+  --etd-after mlp``, :mod:`memloc.core.dropout.sinks`) measured with its sink neurons dropped and the
+  others scaled by (p_gen + p_mem) / p_gen (``drop`` mode) instead of the sinks scaled by ``p_mem``
+  (``test`` mode, the model "before"); ``fraction`` unused; changed: the sink neurons dropped. A model
+  without sinks is refused.
 """
 from __future__ import annotations
 
@@ -37,21 +42,23 @@ from ...core.precision import autocast, grad_scaler
 from ..localise import METHODS as LOCALISE, method_options as localise_options, neuron_scores
 from .subnet import HYPER as SUBNET, mlp_weights, subnet
 
-__all__ = ["METHODS", "HYPER", "Task", "FUNCTIONS", "mitigation_options", "zero_neurons"]
+__all__ = ["METHODS", "CHOICES", "HYPER", "Task", "FUNCTIONS", "mitigation_options", "zero_neurons", "check_sinks"]
 
 NEURON_METHODS = tuple(m for m in LOCALISE if m != "greedy")
 #: every method, in the order results list them
 METHODS = ("balanced_subnet", "subnet", "hard_concrete", "slimming", "zero_out", "ig", "activations", "grad_x_act",
            "greedy", "greedy_weights", "random", "fine_tune")
+#: every method a caller may choose: the defaults and ``sinks`` (only for a model trained with sinks)
+CHOICES = (*METHODS, "sinks")
 #: methods whose edit does not depend on ``fraction``
-NO_FRACTION = ("fine_tune",)
+NO_FRACTION = ("fine_tune", "sinks")
 
 #: default hyper-parameters of the methods of this module; the neuron methods take
 #: :data:`memloc.analyses.localise.HYPER`'s (``options`` sets either)
 HYPER = {"balanced_subnet": dict(SUBNET), "subnet": dict(SUBNET),
          "greedy": {"reference_weight": 1.0},
          "greedy_weights": {"reference_weight": 30.0, "per_step": 0.0002},
-         "fine_tune": {"lr": 1e-3, "batch_size": 32, "max_epochs": 10}}
+         "fine_tune": {"lr": 1e-3, "batch_size": 32, "max_epochs": 10}, "sinks": {}}
 
 
 def mitigation_options(options: dict | None) -> dict[str, dict]:
@@ -60,9 +67,9 @@ def mitigation_options(options: dict | None) -> dict[str, dict]:
         raise MemlocError(f"options must be a dict {{method: {{setting: value}}}}, got {type(options).__name__}",
                           argument="options")
     options = dict(options or {})
-    bad = sorted(set(options) - set(METHODS))
+    bad = sorted(set(options) - set(CHOICES))
     if bad:
-        raise MemlocError(f"options names no mitigation method {bad[0]!r}; valid: {', '.join(METHODS)}",
+        raise MemlocError(f"options names no mitigation method {bad[0]!r}; valid: {', '.join(CHOICES)}",
                           argument="options")
     merged = localise_options({m: v for m, v in options.items() if m in NEURON_METHODS})
     for method, defaults in HYPER.items():
@@ -71,7 +78,7 @@ def mitigation_options(options: dict | None) -> dict[str, dict]:
             raise MemlocError(f"options for {method} has no {unknown[0]!r}; valid: {', '.join(defaults)}",
                               argument="options")
         merged[method] = {**defaults, **options.get(method, {})}
-    return {m: merged[m] for m in METHODS}
+    return {m: merged[m] for m in CHOICES}
 
 
 @dataclass
@@ -218,6 +225,27 @@ def fine_tune(t: Task, opts: dict, fraction: float) -> int:
     return int(opts["max_epochs"])
 
 
+def check_sinks(model: nn.Module, what: str) -> dict:
+    """The example-tied dropout layers of ``model`` (its sinks); a one-line :class:`MemlocError` naming
+    ``what`` when it has none."""
+    from ...core.dropout import dropout_layers
+    layers = dropout_layers(model)
+    if not layers:
+        raise MemlocError(f"methods: sinks needs a run trained with memorisation sinks (train --etd-after mlp); {what} "
+                          "has none", argument="methods")
+    return layers
+
+
+def sinks(t: Task, opts: dict, fraction: float) -> int:
+    """Drop the sink neurons (``drop`` mode); returns how many there are."""
+    from ...core.dropout import set_mode
+    layers = check_sinks(t.model, "the model")
+    sizes = {layer.name.rpartition(".")[0]: layer.size for layer in t.layers}
+    units = [sizes.get(name.rpartition(".")[0], d.units_seen or 0) for name, d in layers.items()]
+    set_mode(t.model, "drop")
+    return sum(n - d.n_gen(n) for n, d in zip(units, layers.values()))
+
+
 FUNCTIONS = {"balanced_subnet": _subnet(True), "subnet": _subnet(False), "greedy": greedy,
-             "greedy_weights": greedy_weights, "fine_tune": fine_tune,
+             "greedy_weights": greedy_weights, "fine_tune": fine_tune, "sinks": sinks,
              **{m: _neurons(m) for m in NEURON_METHODS}}
