@@ -150,8 +150,8 @@ WORKER = textwrap.dedent("""
     memloc.rewind(run, checkpoints="0,5", device="cpu", save=True)
     memloc.retrain(run, epochs=1, layers="blocks.0.mlp.up,blocks.0.mlp.down,head", device="cpu", save=True)
     localised = []      # the targets each rank localises (every target once, by one rank)
-    for name in ("localise", "deletion", "inj"):
-        module = importlib.import_module("memloc.analyses." + name)
+    modules = [importlib.import_module("memloc.analyses." + name) for name in ("localise", "deletion", "inj")]
+    for module in modules:      # all imported first: each module's own name of the one function wrapped once
         module.neuron_scores = lambda m, tokens, *a, f=module.neuron_scores, **k: localised.append(len(tokens)) or f(
             m, tokens, *a, **k)
     for name, kw in json.loads(sys.argv[2]).items():
