@@ -43,7 +43,7 @@ ANALYSES = {
 LM_RUN = {"dataset": "tinymem:mult", "model": "gpt", "n_layer": 2, "d_model": 64, "n_head": 4, "n_train": 512,
           "n_test": 64, "seq_len": 32, "noise": 0.1, "epochs": 8, "batch_size": 32}
 LM_ANALYSES = {"scores": ["--scores", "grand,tracin"], "gradients": [], "rewind": [], "retrain": ["--epochs", "2"],
-               "localise-neurons": ["--examples", ",".join(map(str, range(16))), "--eval-batch-size", "4",
+               "localise-neurons": ["--examples", ",".join(map(str, range(48))), "--eval-batch-size", "4",
                                     "--methods", "grad_x_act,greedy,slimming,hard_concrete,random",
                                     "--set", "slimming.max_steps=200", "--set", "hard_concrete.max_steps=200"]}
 COMPARED = {"flip": ("n_units", "flipped", "unit_ids", "unit_offsets"), "rewind": ("accuracy",),
