@@ -31,6 +31,7 @@ _FACE = {
     "lm_logits": "memloc.core.lm", "greedy_decode": "memloc.core.lm",
     "ExampleTiedDropout": "memloc.core.dropout", "insert_example_tied_dropout": "memloc.core.dropout",
     "set_mode": "memloc.core.dropout", "example_ids": "memloc.core.dropout",
+    "insert_sinks": "memloc.core.dropout",
     # training
     "train": "memloc.training.train", "HFTrainerCallback": "memloc.training.hf_callback",
     "LightningCallback": "memloc.training.lightning_callback",

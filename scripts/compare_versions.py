@@ -52,7 +52,13 @@ print("computed", ", ".join(results))
 
 #: options a result's config records since some version, at the value that is the older code's computation:
 #: a config without the key equals one holding that value
-LATER_DEFAULTS = {"precision": "fp32"}
+LATER_DEFAULTS = {"precision": "fp32", "optimizer": "sgd"}   # retrain records its optimizer
+
+#: results whose summation order changed on purpose, with the relative tolerance float32 rounding explains:
+#: importance of a model made only of nn.Linear layers takes the outer-product path ((g^2)^T (a^2), 1037d8e)
+#: where the old code summed per-example gradients from torch.func; forced onto torch.func, the new code
+#: gives the old values exactly
+ROUNDING = {"importance": 1e-6}
 
 
 def config(ds, folder: Path) -> dict:
@@ -67,6 +73,15 @@ def compute(checkout: Path, out: Path) -> None:
     subprocess.run([sys.executable, "-c", COMPUTE, str(out)], env=env, check=True, cwd=out)
 
 
+def _close(a, b, rtol: float) -> bool:
+    """Same variables and coordinates, float values within ``rtol``, the rest equal."""
+    import numpy as np
+    if set(a.data_vars) != set(b.data_vars) or not a.coords.equals(b.coords):
+        return False
+    return all(np.allclose(a[k].values, b[k].values, rtol=rtol, atol=0, equal_nan=True)
+               if a[k].dtype.kind == "f" else a[k].equals(b[k]) for k in a.data_vars)
+
+
 def compare(old: Path, new: Path) -> list[str]:
     import numpy as np
     import torch
@@ -76,10 +91,12 @@ def compare(old: Path, new: Path) -> list[str]:
         a = xr.load_dataset(f, engine="h5netcdf")
         b = xr.load_dataset(new / f.name, engine="h5netcdf")
         ca, cb = config(a, old), config(b, new)
-        why = (["values"] if not a.equals(b) else []) + [f"config {k}" for k in sorted(set(ca) | set(cb))
-                                                         if ca.get(k) != cb.get(k)]
+        close = not a.equals(b) and f.stem in ROUNDING and _close(a, b, ROUNDING[f.stem])
+        why = (["values"] if not (a.equals(b) or close) else []) + [f"config {k}" for k in sorted(set(ca) | set(cb))
+                                                                  if ca.get(k) != cb.get(k)]
         same = not why
-        print(f"{f.stem:<12} {'equal' if same else 'DIFFERENT (' + ', '.join(why) + ')'} ({len(a.data_vars)} variables)")
+        said = f"equal to rtol {ROUNDING[f.stem]:g} (see ROUNDING)" if same and close else "equal"
+        print(f"{f.stem:<12} {said if same else 'DIFFERENT (' + ', '.join(why) + ')'} ({len(a.data_vars)} variables)")
         if not same:
             differ.append(f.stem)
     da, db = np.load(old / "dynamics.npz"), np.load(new / "dynamics.npz")

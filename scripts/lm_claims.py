@@ -178,7 +178,9 @@ def main(argv=None) -> int:
     ours["c"] = (f"median cosine over (epoch 10-{E}, {len(g['layer'])} layers) {med:+.2f}, {pct(below)} of the cells "
                  f"below -0.75; at epoch {E} (targets being memorised) median {med_final:+.2f}, {pct(below_final)} below. "
                  "artifacts/lm_layers.md, the 1000-sequence run with a warm-up + cosine schedule: see its cosine table "
-                 "(its own summary: strongly negative only at the last checkpoints)")
+                 "(its own summary: strongly negative only at the last checkpoints). Why the two differ: "
+                 "artifacts/lm_cosine.md (not the sequence count or the targets' definition: the constant learning rate "
+                 "keeps the model far from a stationary point; the same run annealed 10 epochs to lr 0 gives about -0.9)")
     verdicts["c"] = ("holds" if below > 0.5 else
                      "partly: negative, strongly so only late" if med < 0 or med_final < -0.5 else "does not hold")
     ours["d"] = (f"targets memorised {pct(base[NOISY])}; rewound to epoch {mid}, the best single layer `{layers[best_rw]}` "

@@ -6,7 +6,11 @@
 * ``tiny_run``: a small MLP on scikit-learn digits, 10% noise, 4 epochs (for fast error-path and
   equality tests);
 * ``memorising_lm``: a 2-block TinyGPT on TinyMem ``mult`` sequences that memorises part of its noisy
-  ones (a language model's run, about a second).
+  ones (a language model's run, about a second);
+* ``hf_run``: an HF GPT-2-config model trained in a plain user loop (:func:`user_loop`) and recorded by
+  ``SequenceRecorder``, 6 epochs (part of its noisy sequences memorised); ``hf_trainer_run``: the same
+  model trained by a transformers ``Trainer`` (:func:`hf_trainer`) and recorded by ``HFTrainerCallback``,
+  3 epochs (about 2 s each, on one thread).
 """
 import contextlib
 import functools
@@ -179,3 +183,84 @@ def memorising_lm(tmp_path_factory):
         return train(tmp_path_factory.mktemp("lm") / "mem", cfg, device="cpu")
     finally:
         torch.set_num_threads(before)
+
+
+HF_SIZES = dict(n_layer=1, n_head=2, d_model=32)       # the transformers models of the hf_* runs
+
+
+def user_loop(run_dir, data, *, epochs=3, lr=2e-2, seed=0, sinks=None):
+    """A notebook's loop: an HF GPT-2 model (random init), AdamW, shuffled batches of rows, the HF loss;
+    ``sinks``: memloc.insert_sinks's options (each batch's forward inside rec.sinks(idx))."""
+    import memloc
+    from memloc.core.sequence_recorder import SequenceRecorder
+    torch.manual_seed(seed)
+    model = memloc.hf_causal_lm("gpt2", vocab_size=data.vocab_size, max_len=data.seq_len, seed=seed, **HF_SIZES)
+    if sinks is not None:
+        memloc.insert_sinks(model, **sinks)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rec = SequenceRecorder(run_dir, model, data)                   # records epoch 0 (the initialisation)
+    try:
+        for _ in range(epochs):
+            model.train()
+            for idx in torch.randperm(len(data)).split(8):
+                x = data.tokens[idx]
+                with rec.sinks(idx) if sinks is not None else contextlib.nullcontext():
+                    out = model(input_ids=x, labels=x)
+                opt.zero_grad()
+                out.loss.backward()
+                opt.step()
+                rec.record_batch(idx, out, x)                      # the output itself: its .logits are read
+            rec.end_epoch()                                        # measures every sequence, checkpoints
+    finally:
+        rec.close()
+    return model
+
+
+def hf_trainer(out, model, dataset, callback, *, epochs=2, **kw):
+    """A transformers Trainer on the CPU (constant learning rate 2e-2, batches of 8, no saving unless asked)."""
+    from transformers import Trainer, TrainingArguments
+    kw = {"save_strategy": "no", "lr_scheduler_type": "constant", "learning_rate": 2e-2, **kw}
+    args = TrainingArguments(str(out), num_train_epochs=epochs, per_device_train_batch_size=8,
+                             use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True, seed=0, **kw)
+    return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def hf_run(tmp_path_factory):
+    """(run, model, data): the user loop's run of 6 epochs on TinyMem mult sequences (16, each noisy one 4 times)."""
+    import memloc
+    data = memloc.tinymem("mult", n_train=16, n_test=8, seq_len=16, suffix_len=4, noise=0.5, duplicate=4)
+    path = tmp_path_factory.mktemp("hf") / "loop"
+    with _threads(1):
+        model = user_loop(path, data, epochs=6)
+    return memloc.load(path), model, data
+
+
+@pytest.fixture(scope="session")
+def hf_trainer_data():
+    import memloc
+    return memloc.tinymem("mult", n_train=16, n_test=8, seq_len=16, suffix_len=4, noise=0.5, duplicate=2)
+
+
+@pytest.fixture(scope="session")
+def hf_trainer_run(tmp_path_factory, hf_trainer_data):
+    """(run, model, callback): a Trainer's run of 3 epochs on ``hf_trainer_data``, config {"note": "tiny"}."""
+    pytest.importorskip("accelerate")      # the Trainer needs it (the dev extra installs it)
+    import memloc
+    data = hf_trainer_data
+    tmp = tmp_path_factory.mktemp("trainer")
+    model = memloc.hf_causal_lm("gpt2", vocab_size=data.vocab_size, max_len=data.seq_len, **HF_SIZES)
+    cb = memloc.HFTrainerCallback(tmp / "run", data, config={"note": "tiny"})
+    with _threads(1):
+        hf_trainer(tmp / "out", model, cb.train_dataset(), cb, epochs=3).train()
+    return memloc.load(tmp / "run"), model, cb

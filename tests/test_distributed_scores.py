@@ -154,3 +154,33 @@ def test_commands_that_split_their_work():
     from memloc.core import registry
     sharded = {n for n in registry.commands() if registry.command(n).sharded}
     assert {"scores", "gradients", "prune", "clean", "jtt"} <= sharded
+
+
+CLEAN = ["--by", "el2n", "--seeds", "1", "--no-cleanlab", "--device", "cpu"]    # 2 fresh runs: 1 per rank
+
+
+@pytest.mark.slow
+def test_clean_grid_on_two_processes_equals_one_and_loses_nothing(run):
+    """clean under torchrun (issue 25): its fresh runs split across 2 gloo ranks are the runs one process
+    trains (same folders, same weights), its accuracies and flags the same, and nothing is left half done."""
+    shutil.rmtree(run.path / "children", ignore_errors=True)        # what another test of this module left
+    got = _distributed("clean", run, CLEAN)
+    children = _child_runs(run)
+    assert [c.name.rsplit("-", 1)[0] for c in children] == ["all-s1", "clean-memloc-drop-s1"]
+    weights = {}
+    for c in children:
+        child = memloc.load(c)
+        assert child.final_epoch == TINY["epochs"]                   # every epoch of every child, none lost
+        weights[c.name] = child.checkpoint(child.final_epoch)
+    leftovers = [p for p in run.path.rglob("*") if p.suffix in (".partial", ".tmp") or ".tmp" in p.name]
+    assert not leftovers, leftovers             # no part files nor half-written ones (the children's locks stay)
+    assert list(got["seed"].values) == [1] and list(got["flags"].values) == ["all", "memloc"]
+    shutil.rmtree(run.path / "children")
+    want = _single("clean", run, CLEAN)
+    assert _child_runs(run) == children
+    for c in children:
+        child = memloc.load(c)
+        for k, t in child.checkpoint(child.final_epoch).items():
+            assert torch.equal(t, weights[c.name][k]), (c.name, k)
+    _assert_same(_arrays(want), _arrays(got))
+    assert got.config == want.config

@@ -7,40 +7,26 @@ import pytest
 import torch
 
 pytest.importorskip("accelerate")      # the Trainer needs it (the dev extra installs it)
-from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import memloc  # noqa: E402
-from conftest import run_readme_example  # noqa: E402
+from conftest import HF_SIZES, hf_trainer, run_readme_example  # noqa: E402
+from memloc.core.dropout import dropout_layers, example_ids, set_mode, sink_ids  # noqa: E402
 from memloc.core.errors import MemlocError  # noqa: E402
+from memloc.core.lm import sequence_measures  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZES = dict(n_layer=1, n_head=2, d_model=32)
-
-
-def trainer(out, model, dataset, callback, *, epochs=2, **kw):
-    kw = {"save_strategy": "no", "lr_scheduler_type": "constant", "learning_rate": 2e-2, **kw}
-    args = TrainingArguments(str(out), num_train_epochs=epochs, per_device_train_batch_size=8,
-                             use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True, seed=0, **kw)
-    return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+SIZES = HF_SIZES
+trainer = hf_trainer
 
 
 @pytest.fixture(scope="module")
-def data():
-    return memloc.tinymem("mult", n_train=16, n_test=8, seq_len=16, suffix_len=4, noise=0.5, duplicate=2)
+def data(hf_trainer_data):
+    return hf_trainer_data
 
 
 def _model(data):
     return memloc.hf_causal_lm("gpt2", vocab_size=data.vocab_size, max_len=data.seq_len, **SIZES)
-
-
-@pytest.fixture(scope="module")
-def hf_trainer_run(tmp_path_factory, data):
-    tmp = tmp_path_factory.mktemp("trainer")
-    model = _model(data)
-    cb = memloc.HFTrainerCallback(tmp / "run", data, config={"note": "tiny"})
-    trainer(tmp / "out", model, cb.train_dataset(), cb, epochs=3).train()
-    return memloc.load(tmp / "run"), model, cb
 
 
 def test_trainer_run_is_a_memloc_run(hf_trainer_run, data):
@@ -122,3 +108,28 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch):
     run, res = out["run"], out["res"]
     assert run.epochs == [0, 1, 2, 3]
     np.testing.assert_array_equal(res["memorised"].values, run.dynamics("memorised")[-1])
+
+
+def test_sinks_in_a_trainer_run(tmp_path, data):
+    """A model given sinks (memloc.insert_sinks): the callback binds each row's sink id before every training
+    forward. At learning rate 0 the presentation measures are the rebuilt model's train mode with every
+    sequence's sink id; `memloc dropout` evaluates the recorded sinks; a row that is no sequence of data is an
+    error (its sinks are unknown)."""
+    model = _model(data)
+    spec = memloc.insert_sinks(model, p_gen=0.5, p_mem=0.1)
+    cb = memloc.HFTrainerCallback(tmp_path / "run", data)
+    trainer(tmp_path / "out", model, cb.train_dataset(), cb, epochs=1, learning_rate=0.0).train()
+    run = memloc.load(tmp_path / "run")
+    assert run.info["model"]["etd"] == spec and spec["after"] == ["transformer.h.0.mlp.act"]
+    back, rebuilt = run.data(), run.model(1)
+    set_mode(rebuilt, "train")
+    with torch.no_grad(), example_ids(rebuilt, sink_ids(back)):
+        own = sequence_measures(rebuilt, back.tokens, back.prefix_len, back.suffix_len, eval_batch_size=64)
+    np.testing.assert_allclose(run.dynamics("suffix_loss", "presentation")[1], own["suffix_loss"], rtol=1e-5)
+    acc = memloc.evaluate_dropout(run, device="cpu")["accuracy"].to_pandas()
+    assert acc.loc["test", "clean_tokens"] == pytest.approx(np.nanmean(run.dynamics("suffix_accuracy")[1][~run.is_noisy]))
+    assert not model._forward_pre_hooks and all(layer._ids is None for layer in dropout_layers(model).values())
+    foreign = [{"input_ids": row, "labels": row} for row in data.tokens]
+    foreign[3] = {"input_ids": data.tokens[3].flip(0), "labels": data.tokens[3].flip(0)}
+    with pytest.raises(MemlocError, match="1 rows that are no sequence of data"):
+        trainer(tmp_path / "out", model, foreign, memloc.HFTrainerCallback(tmp_path / "b", data), epochs=1).train()

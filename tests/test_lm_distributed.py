@@ -117,15 +117,30 @@ def _assert_follows(got, reference):
         assert np.array_equal(got.dynamics("memorised", when), reference.dynamics("memorised", when)), when
 
 
+#: memorisation sinks on both MLPs (MemSinks; --etd-after mlp), for the run resumed under torchrun
+SINKS = {"etd_after": "mlp", "p_gen": 0.5, "p_mem": 0.25}
+
+
 @pytest.mark.slow
-def test_resume_under_torchrun(reference, tmp_path):
-    """A run begun in one process and killed after epoch 4, resumed by 2 processes, follows the
-    uninterrupted one-process run (measured: weights within 1e-2, the same memorised flags)."""
+def test_resume_with_sinks_under_torchrun(tmp_path):
+    """A run with sinks begun in one process and killed after epoch 4, resumed by 2 processes, follows the
+    uninterrupted one-process run (measured: weights within 1e-2, the same memorised flags at presentation,
+    each sequence through its own sinks, and at epoch ends): each rank binds the sink ids of its slice of
+    every batch (the global sequence ids, a copy taking its original's); `memloc dropout` measures the same
+    shares in every mode."""
+    whole = train(tmp_path / "whole", {**CFG, **SINKS}, device="cpu")
     cut = tmp_path / "cut"
-    train_interrupted(cut, CFG, epoch=4, device="cpu")
-    p = _torchrun(["-m", "memloc", *FLAGS[:2], str(cut), *FLAGS[2:], "--resume"])
+    train_interrupted(cut, {**CFG, **SINKS}, epoch=4, device="cpu")
+    p = _torchrun(["-m", "memloc", *FLAGS[:2], str(cut), *FLAGS[2:], "--resume", "--etd-after", "mlp",
+                   "--p-gen", "0.5", "--p-mem", "0.25"])
     assert p.returncode == 0, p.stderr[-3000:]
-    _assert_follows(memloc.load(cut), reference)
+    got = memloc.load(cut)
+    assert got.info["model"]["etd"] == whole.info["model"]["etd"]
+    _assert_follows(got, whole)
+    flags = whole.dynamics("memorised", "presentation")[5:][:, whole.is_noisy]
+    assert 0 < flags.mean() < 1                    # targets reproduced through their own sinks, not all of them
+    one, two = (memloc.evaluate_dropout(r, device="cpu")["accuracy"].values for r in (whole, got))
+    assert np.array_equal(one, two, equal_nan=True)
 
 
 #: the analyses in one torchrun: a script that joins the process group and calls the library

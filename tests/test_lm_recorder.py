@@ -3,6 +3,7 @@
 rebuilt from run.json), and memorisation / exposure run on it."""
 from __future__ import annotations
 
+
 import h5py
 import numpy as np
 import pytest
@@ -10,43 +11,20 @@ import torch
 from torch import nn
 
 import memloc
+from memloc.cli import run as cli_run
+from memloc.core.dropout import example_ids, remove_example_tied_dropout, set_mode, sink_ids
 from memloc.core.errors import MemlocError
+from memloc.core.lm import sequence_measures
 from memloc.core.sequence_recorder import SequenceRecorder
 from memloc.training.train import train
+from conftest import HF_SIZES, user_loop
+
+from conftest import run_readme_example
+from test_lm_sinks import _check_against_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZES = dict(n_layer=1, n_head=2, d_model=32)
-
-
-def user_loop(run_dir, data, *, epochs=3, lr=2e-2, seed=0):
-    """A notebook's loop: an HF GPT-2 model (random init), AdamW, shuffled batches of rows, the HF loss."""
-    torch.manual_seed(seed)
-    model = memloc.hf_causal_lm("gpt2", vocab_size=data.vocab_size, max_len=data.seq_len, seed=seed, **SIZES)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rec = SequenceRecorder(run_dir, model, data)                   # records epoch 0 (the initialisation)
-    try:
-        for _ in range(epochs):
-            model.train()
-            for idx in torch.randperm(len(data)).split(8):
-                x = data.tokens[idx]
-                out = model(input_ids=x, labels=x)
-                opt.zero_grad()
-                out.loss.backward()
-                opt.step()
-                rec.record_batch(idx, out, x)                      # the output itself: its .logits are read
-            rec.end_epoch()                                        # measures every sequence, checkpoints
-    finally:
-        rec.close()
-    return model
-
-
-@pytest.fixture(scope="module")
-def hf_run(tmp_path_factory):
-    data = memloc.tinymem("mult", n_train=16, n_test=8, seq_len=16, suffix_len=4, noise=0.5, duplicate=4)
-    path = tmp_path_factory.mktemp("hf") / "loop"
-    model = user_loop(path, data, epochs=6)
-    return memloc.load(path), model, data
+SIZES = HF_SIZES
 
 
 def _layout(path):
@@ -150,3 +128,63 @@ def test_other_transformers_families_are_rebuilt_from_their_config(tmp_path, fam
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
     res = memloc.memorisation(back, run.data(), device="cpu")
     np.testing.assert_allclose(run.dynamics("suffix_loss")[0], res["suffix_loss"].values, rtol=1e-5)
+
+
+def test_sinks_in_a_user_loop_are_recorded_and_rebuilt(tmp_path, monkeypatch, capsys):
+    """The documented loop (callbacks.md, example lm-sinks): run.json holds the sinks, the rebuilt model's
+    train mode is each sequence's mask on the MLP neurons (duplicates share theirs), and `memloc dropout`
+    evaluates them: its test mode is the run's own end-of-epoch measures."""
+    scope = run_readme_example("lm-sinks", tmp_path, monkeypatch)
+    run, res = memloc.load(tmp_path / "runs/loop-sinks"), scope["res"]
+    assert run.info["model"]["etd"] == {"after": ["transformer.h.0.mlp.act"], "p_gen": 0.5, "p_mem": 0.25,
+                                        "seed": 0, "kind": "example_tied"} and run.info["model"]["etd_ids"]
+    _check_against_masks(run)
+    acc, m = res["accuracy"].to_pandas(), run.metrics()
+    assert acc.loc["test", "noisy"] == pytest.approx(m["target_memorised"][-1])
+    assert acc.loc["test", "test_tokens"] == pytest.approx(m["test_accuracy"][-1])
+    out = cli_run("dropout", [str(run.path), "--device", "cpu", "--overwrite"])
+    assert np.array_equal(out["accuracy"].values, res["accuracy"].values, equal_nan=True)
+
+
+def test_sinks_the_loop_trained_through_are_the_ones_evaluated(tmp_path):
+    """At learning rate 0 each training forward (sinks bound by rec.sinks) is the rebuilt model's train mode
+    with every sequence's sink id: the presentation measures equal it (and differ from test mode's)."""
+    data = memloc.tinymem("mult", n_train=16, n_test=8, seq_len=16, suffix_len=4, noise=0.5, duplicate=4)
+    user_loop(tmp_path / "r", data, epochs=1, lr=0.0, sinks={"p_gen": 0.5, "p_mem": 0.1})
+    run = memloc.load(tmp_path / "r")
+    model, back = run.model(1), run.data()
+    measures = {}
+    for mode in ("train", "test"):
+        set_mode(model, mode)
+        with torch.no_grad(), example_ids(model, sink_ids(back)):
+            measures[mode] = sequence_measures(model, back.tokens, back.prefix_len, back.suffix_len, eval_batch_size=64)
+    pres = run.dynamics("suffix_loss", "presentation")[1]
+    np.testing.assert_allclose(pres, measures["train"]["suffix_loss"], rtol=1e-5)
+    assert np.abs(pres - measures["test"]["suffix_loss"]).max() > 1e-3
+
+
+def test_sinks_mistakes_are_one_line_errors(tmp_path):
+    data = memloc.tinymem("increment", n_train=8, n_test=2, seq_len=12)
+    model = memloc.hf_causal_lm("gpt2", vocab_size=data.vocab_size, max_len=12, **SIZES)
+    rec = SequenceRecorder(tmp_path / "plain", model, data)
+    with pytest.raises(MemlocError, match="no memorisation sinks"):
+        rec.sinks(torch.arange(2))
+    rec.close()
+    memloc.insert_example_tied_dropout(model, "transformer.h.0.mlp.act", p_gen=0.5, p_mem=0.1)
+    with pytest.raises(MemlocError, match="memloc.insert_sinks"):
+        SequenceRecorder(tmp_path / "raw", model, data)           # layers run.json could not rebuild
+    assert not (tmp_path / "raw").exists()
+    model = memloc.hf_causal_lm("gpt2", vocab_size=data.vocab_size, max_len=12, **SIZES)
+    with pytest.raises(MemlocError, match="p_mem must be"):
+        memloc.insert_sinks(model, p_mem=2)
+    memloc.insert_sinks(model)
+    with pytest.raises(MemlocError, match="already has memorisation sinks"):
+        memloc.insert_sinks(model)
+    remove_example_tied_dropout(model)                         # the sinks and their spec gone: in again
+    assert memloc.insert_sinks(model, seed=3)["seed"] == 3
+    rec = SequenceRecorder(tmp_path / "unbound", model.train(), data)
+    try:
+        with pytest.raises(MemlocError, match=r"rec\.sinks\(idx\)"):
+            model(input_ids=data.tokens[:2])                   # a training forward without its sink ids
+    finally:
+        rec.close()

@@ -126,6 +126,8 @@ def test_report_of_an_hf_model_recorded_in_a_user_loop(tmp_path):
     rows = _kind_rows(md.read_text())
     assert int(rows["noisy (target)"][0]) == int(data.is_memorised_target.sum())
     assert float(rows["held out"][1]) == pytest.approx(100 * run.metrics()["test_rule_accuracy"][-1], abs=0.05)
+    settings = md.read_text().split("## Settings", 1)[1]        # what the recorder knew (its config is empty)
+    assert '| model | "GPT2LMHeadModel" |' in settings and '| data | "tinymem-mult" |' in settings
     _self_contained(md)
 
 
@@ -142,7 +144,7 @@ def test_memorisation_command_equals_the_recorded_epoch_and_gets_its_section(lm_
     assert float(rows["noisy"][1]) == pytest.approx(100 * res["memorised"].values[run.kind == "noisy"].mean(), abs=0.05)
 
 
-@pytest.mark.parametrize("argv, match", [(["--checkpoint", "99"], "checkpoint 99 is not in the run"),
+@pytest.mark.parametrize("argv, match", [(["--checkpoint", "99"], "no checkpoint for epoch 99"),
                                          (["--split", "dev"], "invalid choice")])
 def test_memorisation_command_refuses_bad_input_in_one_line(memorising_lm, argv, match, capsys):
     with pytest.raises(SystemExit) as e:
@@ -154,3 +156,22 @@ def test_memorisation_command_refuses_bad_input_in_one_line(memorising_lm, argv,
 def test_memorisation_of_a_classifier_run_is_one_error(tiny_run):
     with pytest.raises(memloc.MemlocError, match="not a language-model run"):
         memloc.memorisation(tiny_run, device="cpu")
+
+
+def test_layer_captions_name_targets_and_other_sequences(lm_reported, tmp_path):
+    """On a language model's run the layer analyses' sections say memorised targets / other sequences, never
+    noisy / clean (without a language model's run the sections keep an image run's words)."""
+    from memloc.analyses.gradients import plot_gradients
+    from memloc.analyses.retrain import plot_retrain
+    run, md = lm_reported
+    text = md.read_text()
+    rewind = text[text.index("## Layer rewinding"):]
+    grads = memloc.gradients(run, checkpoints="final", layers="head", device="cpu")
+    sections = {"rewind": rewind[:rewind.index("\n## ")], "gradients": plot_gradients(grads, tmp_path, run),
+                "retrain": plot_retrain(memloc.retrain(run, epochs=1, layers="head", device="cpu"), tmp_path, run)}
+    for name, section in sections.items():
+        prose = "\n".join(line for line in section.splitlines() if not line.startswith("|"))   # not the tables
+        assert "memorised targets" in prose and "other sequences" in prose, name
+        assert not re.search(r"\b(noisy|clean|wrong)", prose), name
+    image = plot_gradients(grads, tmp_path, None)
+    assert "noisy examples" in image and "memorised targets" not in image

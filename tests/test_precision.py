@@ -242,6 +242,29 @@ def test_channels_last_paths_match_contiguous(tmp_path, monkeypatch):
     np.testing.assert_array_equal(again["status"].values, flipped["status"].values)
 
 
+def test_the_newer_analyses_lay_conv_nets_out_channels_last_too(conv_runs, monkeypatch):
+    """The CUDA-only layout forced on the CPU: issues, importance and scores (el2n) run channels_last conv nets
+    (memloc.core.precision.laid_out) and agree with the contiguous computation within float tolerance."""
+    run = conv_runs["fp32"]
+    calls = {"find_label_issues": (lambda: memloc.find_label_issues(run, device="cpu"), "prob_given"),
+             "importance": (lambda: memloc.importance(run, subsets=[f"ids:{i}" for i in range(8)], device="cpu"),
+                            "layer_importance"),
+             "scores": (lambda: memloc.scores(run, methods="el2n", device="cpu"), "el2n")}
+    plain = {name: call()[v].values for name, (call, v) in calls.items()}
+    seen = []
+
+    def forced(model, precision, device):
+        seen.append(model)
+        return any(isinstance(m, nn.Conv2d) for m in model.modules())
+    monkeypatch.setattr(importlib.import_module("memloc.core.precision"), "use_channels_last", forced)
+    for name, (call, v) in calls.items():
+        seen.clear()
+        got = call()[v].values
+        convs = [m for model in seen for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs), name
+        np.testing.assert_allclose(got, plain[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def test_bf16_label_issues_and_importance_close_to_fp32(conv_runs):
     run = conv_runs["fp32"]
     issues = {p: memloc.find_label_issues(run, device="cpu", precision=p) for p in ("fp32", "bf16")}

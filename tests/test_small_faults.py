@@ -207,3 +207,29 @@ def test_clean_without_cleanlab_installed_says_so_before_any_work(bare, monkeypa
     with pytest.raises(memloc.MemlocError, match="the cleanlab baseline needs the cleanlab package"):
         memloc.clean(bare, seeds=[0], device="cpu")
     assert not (bare.path / "results" / "issues.h5").exists() and not (bare.path / "children").exists()
+
+
+# ----------------------------------------------------------------------------- 3. importance says why it has no overlap
+def test_importance_without_a_flip_result_says_in_its_report_which_command_gives_the_overlap(bare, tmp_path):
+    from memloc.analyses.importance import plot_importance
+    memloc.importance(bare, subsets="noisy", device="cpu", save=True)
+    res = bare.result("importance")          # as saved: the report reads what the store wrote
+    assert "flip_overlap" not in res
+    section = plot_importance(res, tmp_path)
+    said = [line for line in section.splitlines() if "overlap" in line]
+    assert said == [f"Flip overlap not computed: no results/flip.h5 in the run: run `memloc flip {bare.path}` first, "
+                    f"then `memloc importance {bare.path} --overwrite`."], section
+    assert "flip overlap not computed: no results/flip.h5" in command("importance").summary(res, None)
+    # asked without the noisy subset, the reason is that one
+    assert memloc.importance(bare, subsets="clean", device="cpu").config["flip_overlap_missing"] == \
+        "the noisy subset was not asked for"
+
+
+def test_importance_takes_an_ids_subset_whole_from_the_library_and_the_command_line(bare):
+    from memloc.cli import run as cli_run
+    from memloc.core.tasks import split_subsets
+    assert split_subsets("ids:3,1,2") == split_subsets(["ids:3,1,2"]) == ["ids:3,1,2"]
+    assert split_subsets("clean,noisy") == split_subsets(["clean", "noisy"]) == ["clean", "noisy"]
+    assert split_subsets(["clean", "ids:1,2", "class:3,all"]) == ["clean", "ids:1,2", "class:3", "all"]
+    got = cli_run("importance", [str(bare.path), "--subsets", "ids:3,1,2", "--device", "cpu"])
+    assert list(got["subset"].values) == ["ids:3,1,2"] and int(got["examples"].values[0]) == 3

@@ -44,7 +44,10 @@ __all__ = ["parent_config", "parent_labels", "subset_config", "check_seeds", "ch
 def parent_config(run: Run) -> dict:
     """The training config of ``run`` (keys of :data:`memloc.training.train.DEFAULTS`); runs recorded by a
     user's own loop cannot be retrained here."""
+    from ..core.sequences import not_classifier
     from ..training.train import DEFAULTS
+    if run.is_lm:          # before the recipe: a language model's run recorded by its own loop has none either
+        raise not_classifier(f"{str(run.path)!r} is a language model's run")
     cfg = run.config
     if "dataset" not in cfg or "model" not in cfg or "epochs" not in cfg:
         raise MemlocError(f"run {str(run.path)!r} was not trained by memloc train (a Recorder in your own loop): "

@@ -18,7 +18,7 @@ import xarray as xr
 from ..scale.distributed import alone, world
 from ..core.errors import MemlocError
 from ..core.evaluate import evaluate
-from ..core.precision import autocast, check_precision
+from ..core.precision import autocast, check_precision, laid_out
 from ..analyses.label_issues import find_label_issues, flag_quality
 from ..core.results import Result
 from ..core.run import as_run
@@ -74,7 +74,8 @@ def cleanlab_flags(parent, base: dict, *, folds: int = 5, jobs: int = 1, device=
     for rows, child in zip(held, runs):
         part = data.train.subset(rows)
         with autocast(precision, device):
-            logits = evaluate(child.model(device=device), part.batches(batch_size), logits=True)["logits"]
+            logits = evaluate(laid_out(child.model(device=device), precision, device), part.batches(batch_size),
+                              logits=True)["logits"]
         probs[rows] = torch.from_numpy(logits).softmax(1).numpy()
     return np.asarray(cl_find(labels=given, pred_probs=probs), dtype=bool), probs
 

@@ -27,7 +27,7 @@ import xarray as xr
 from ..core.errors import MemlocError
 from ..core.evaluate import evaluate
 from ..core.optim import make_optimizer
-from ..core.precision import autocast, check_precision, grad_scaler
+from ..core.precision import autocast, check_precision, grad_scaler, laid_out
 from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import check_choices, check_range, progress, resolve_device
@@ -104,7 +104,7 @@ def forgetting_order(source, *, orders=ORDERS, protect=PROTECTIONS, epochs: int 
         sizes[i] = len(first_ids), len(second_ids)
         first, second = data.train.subset(first_ids), data.train.subset(second_ids)
         torch.manual_seed(seed)
-        model = run.build_model().to(dev)
+        model = laid_out(run.build_model().to(dev), precision, dev)
         if run.info.get("model", {}).get("etd"):     # example-tied dropout: test mode (no example ids needed)
             from ..core.dropout import set_mode
             set_mode(model, "test")

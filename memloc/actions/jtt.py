@@ -18,7 +18,7 @@ import xarray as xr
 from ..scale.distributed import world
 from ..core.errors import MemlocError
 from ..core.evaluate import evaluate, nanmean, subset_accuracies
-from ..core.precision import autocast, check_precision
+from ..core.precision import autocast, check_precision, laid_out
 from ..core.results import Result
 from ..core.run import as_run
 from ..core.runtime import check_range, resolve_device
@@ -90,7 +90,8 @@ def jtt(source, *, checkpoint: int | None = None, upweight: float = 5.0, seeds=(
         return None             # rank 0 evaluates and returns the result
     data = run.data(dev)
     with autocast(precision, dev):
-        acc = np.stack([group_accuracies(r.model(device=dev), data, batch_size=eval_batch_size) for r in runs])
+        acc = np.stack([group_accuracies(laid_out(r.model(device=dev), precision, dev), data, batch_size=eval_batch_size)
+                        for r in runs])
     noisy = run.is_noisy
     ds = xr.Dataset({"accuracy": (("variant", "seed", "group"), acc.reshape(2, len(seeds), len(GROUPS))),
                      "error_set": ("error", errors),

@@ -63,7 +63,7 @@ import torch
 import xarray as xr
 
 from ..core.errors import MemlocError
-from ..core.precision import autocast, check_precision
+from ..core.precision import autocast, check_precision, laid_out
 from ..core.tasks import ClassifierTask, example_input, select_rows, task_of, with_targets
 from ..core.results import Result
 from ..core.run import as_run
@@ -234,7 +234,7 @@ def unlearn(source, *, forget: str = "noisy", methods=None, seeds=(0, 1, 2), epo
         raise MemlocError(f"forget {forget!r} holds every training example; nothing to retain",
                           argument="forget")
     retain = task.train.subset(retain_ids)
-    original = run.model(device=dev)
+    original = laid_out(run.model(device=dev), precision, dev)      # its copies keep the layout
     if has_etd:          # dropout layers scale memorisation units by p_mem, also while fine-tuning (no ids needed)
         from ..core.dropout import set_mode
         set_mode(original, "test")

@@ -33,10 +33,10 @@ from ..core.results import Result
 from ..core.runtime import check_choices, check_range, split_list
 from ..core.schemas import Schema, Var
 from ..core.store import stored
+from ..core.selection import lm_source
 from ..scale.distributed import world
 from ..scale.parts import Columns, split_rows
-from .localise import (METHODS, lm_source, method_options, neuron_scores, reference_rows, select_targets,
-                       target_parts)
+from .localise import METHODS, method_options, neuron_scores, reference_rows, select_targets, target_parts
 from .localise.plots import plot_del
 
 __all__ = ["del_benchmark", "zeroing_masks", "check_fractions", "FRACTIONS"]
@@ -109,7 +109,7 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
     seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     check_precision(precision)
     folder = target_parts(source, resume, "del")
-    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
+    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="del_benchmark")
     layers = mlp_layers(model)
     d = layers[0].size
     p, s = data.prefix_len, data.suffix_len

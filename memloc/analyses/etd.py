@@ -13,7 +13,7 @@ from ..core.dropout import EVAL_MODES, evaluate_modes, evaluate_sequence_modes, 
 from ..core.evaluate import SUBSETS
 from ..core.schemas import LM_SUBSETS
 from ..core.sequences import SequenceSet
-from ..core.precision import autocast, check_precision
+from ..core.precision import apply_channels_last, autocast, check_precision
 from ..core.results import Result
 from ..core.runtime import check_choices, check_flag, check_range
 from ..core.selection import resolve
@@ -45,7 +45,7 @@ def evaluate_dropout(source, data=None, *, checkpoint: int | None = None, modes=
     recalibrate_bn = check_flag("recalibrate_bn", recalibrate_bn)
     modes = check_choices("modes", modes, EVAL_MODES, "dropout mode")
     src = resolve(source, data, device=device, checkpoint=checkpoint)
-    check_precision(precision, src.device)
+    apply_channels_last(src.model, check_precision(precision, src.device), src.device)
     spec = src.run.info.get("model", {}).get("etd", {}) if src.run is not None else {}
     layers = require_dropout_layers(src.model)
     subsets = LM_SUBSETS if isinstance(src.data, SequenceSet) else SUBSETS

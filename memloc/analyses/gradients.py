@@ -48,7 +48,7 @@ from ..core.schemas import GRADIENT_PARTS
 from ..core.selection import layer_coords, prepare
 from ..core.units import NORM_TYPES, Layer
 from ..core.options import add_checkpoints, add_layers, add_precision, layer_table, positive_int
-from ..core.figures import figure, plt, COLORS, save_figure, table, short_names, coord_names, grid
+from ..core.figures import groups, figure, plt, COLORS, save_figure, table, short_names, coord_names, grid
 from ..core.schemas import Schema, Var, layer_vars
 from ..core.registry import Analysis, Command
 from ..core.deprecation import renamed
@@ -254,11 +254,11 @@ def plot_gradients(res, out, run=None) -> str:
     layers, epochs = coord_names(res), res["checkpoint"].values
     q = {f"norm_{'total' if k == 'all' else k}": res["norm"].sel(subset=k).values for k in ("clean", "noisy", "all")}
     q["cosine"] = res["cosine"].values
-    n = len(layers)
+    n, w = len(layers), groups(run)
     fig, axes = grid(n, sharex=True)
     for i, ax in enumerate(axes.flat[:n]):
         for key in ("clean", "noisy", "total"):
-            ax.plot(epochs, q[f"norm_{key}"][:, i], color=COLORS[key], label=key)
+            ax.plot(epochs, q[f"norm_{key}"][:, i], color=COLORS[key], label=w.get(key, key))
         ax.set_yscale("log")
         ax.set_title(short_names([layers[i]])[0], fontsize=9)
         ax.set_xlabel("epoch")
@@ -270,21 +270,22 @@ def plot_gradients(res, out, run=None) -> str:
     ax.set_yticks(range(n), short_names(layers), fontsize=7)
     step = max(1, len(epochs) // 15)
     ax.set_xticks(range(0, len(epochs), step), epochs[::step])
-    ax.set(xlabel="epoch", title="cosine(clean gradient, noisy gradient)")
+    ax.set(xlabel="epoch", title=f"cosine({w['clean']}' gradient, {w['noisy']}' gradient)")
     fig.colorbar(im, ax=ax)
     cos = save_figure(fig, out, "gradients_cosine.png")
     later = epochs >= 2
     rows = [[layers[i], f"{np.nanmean(q['norm_clean'][later, i]):.3g}", f"{np.nanmean(q['norm_noisy'][later, i]):.3g}",
              float(np.nanmean(q["cosine"][later, i]))] for i in range(n)]
-    return ("## Gradient accounting\n\nNorm of the gradient of the mean clean, noisy and total loss, per "
-            "parameter, and the cosine between the clean and noisy gradients.\n\n"
-            + figure("gradient norms", norms, "one panel per layer: the gradient norm of the mean loss of the clean, the "
-                     "noisy and all examples over training (log scale). Once the noisy curve lies above the clean "
-                     "one, the wrongly labelled examples drive what the layer learns.") + "\n\n"
-            + figure("cosine", cos, "the cosine between the clean and the noisy gradient per layer (row) and epoch "
-                     "(column): blue (below 0) means the two pull the layer's weights in opposite directions.")
+    return ("## Gradient accounting\n\nNorm of the gradient of the mean loss of the " + w["clean"] + ", of the "
+            + w["noisy"] + " and of " + w["all"] + ", per parameter, and the cosine between the first two.\n\n"
+            + figure("gradient norms", norms, f"one panel per layer: the gradient norm of the mean loss of the {w['clean']}, "
+                     f"the {w['noisy']} and {w['all']} over training (log scale). Once the {w['noisy']}' curve lies "
+                     f"above the {w['clean']}' one, the {w['noisy']} drive what the layer learns.") + "\n\n"
+            + figure("cosine", cos, f"the cosine between the {w['clean']}' and the {w['noisy']}' gradient per layer "
+                     "(row) and epoch (column): blue (below 0) means the two pull the layer's weights in opposite "
+                     "directions.")
             + "\n\nMeans over epochs >= 2:\n\n"
-            + table(["layer", "clean norm", "noisy norm", "cosine"], rows))
+            + table(["layer", f"{w['clean']}: norm", f"{w['noisy']}: norm", "cosine"], rows))
 
 
 ANALYSIS = Analysis(

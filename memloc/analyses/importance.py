@@ -35,7 +35,7 @@ import xarray as xr
 from ..core.deprecation import renamed
 from ..core.errors import MemlocError
 from ..core.evaluate import eval_mode
-from ..core.precision import autocast, check_precision
+from ..core.precision import apply_channels_last, autocast, check_precision
 from ..core.results import Result
 from ..core.runtime import check_range, progress
 from ..core.selection import layer_coords, resolve
@@ -44,9 +44,9 @@ from ..core.options import add_precision, layer_table, positive_int
 from ..core.figures import figure, plt, save_figure
 from ..core.schemas import Schema, Var, layer_vars
 from ..core.registry import Analysis, Command
-from ..core.prerequisites import needed_result
+from ..core.prerequisites import command_line, needed_result
 from ..core.store import stored
-from ..core.tasks import ClassifierTask, example_input, select_rows, task_of  # noqa: F401 (select_rows: its old home)
+from ..core.tasks import ClassifierTask, example_input, select_rows, split_subsets, task_of  # noqa: F401 (select_rows: its old home)
 
 __all__ = ["METHODS", "param_importance", "unit_importance", "layer_importance", "importance", "select_rows", "flip_units"]
 
@@ -261,11 +261,10 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
                eval_batch_size: int = 128, device="auto", precision: str = "fp32") -> Result:
     """The ``"importance"`` result: ``layer_importance`` (subset, layer), ``unit_importance`` (subset, unit).
     ``precision``: the gradient passes under autocast (:func:`param_importance`)."""
-    from ..core.runtime import split_list
     check_precision(precision)
     src = resolve(source, data, device=device)
-    check_precision(precision, src.device)
-    names = split_list(subsets) or []
+    apply_channels_last(src.model, check_precision(precision, src.device), src.device)
+    names = split_subsets(subsets)
     if not names:
         raise MemlocError("give at least one subset", argument="subsets")
     flagged = None
@@ -298,7 +297,18 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
         variables["flip_units"] = ("zeroed", zeroed)
     config = {"method": method, "subsets": names, "batch_size": eval_batch_size, "device": str(src.device),
               "checkpoint": src.checkpoint, "precision": precision}
+    if src.run is not None and "flip_overlap" not in variables:
+        config["flip_overlap_missing"] = _why_no_overlap(src.run, names, weight_site, zeroed)
     return Result("importance", xr.Dataset(variables, coords=coords), config=config)
+
+
+def _why_no_overlap(run, names, weight_site: bool, zeroed) -> str:
+    """Why a run's importance has no ``flip_overlap`` and what to run to get it (said by summary and report)."""
+    if zeroed is None and not weight_site and "noisy" in names:
+        return (f"no results/flip.h5 in the run: run {command_line(run, 'flip')} first, then "
+                f"{command_line(run, 'importance')[:-1]} --overwrite`")
+    return ("the noisy subset was not asked for" if "noisy" not in names else
+            "flip searched weights (site=weight), not units" if weight_site else "flip flipped no noisy example")
 
 
 # The declaration: command line, report section and result schema (memloc.core.registry).
@@ -315,8 +325,7 @@ def _cli_arguments(p):
 
 
 def _cli_execute(args):
-    subsets = [args.subsets] if args.subsets.startswith("ids:") else args.subsets
-    return importance(args.run, method=args.method, subsets=subsets, eval_batch_size=args.batch_size, device=args.device,
+    return importance(args.run, method=args.method, subsets=args.subsets, eval_batch_size=args.batch_size, device=args.device,
                       precision=args.precision)
 
 
@@ -328,6 +337,8 @@ def _cli_summary(res, args):
     if "flip_overlap" in res:
         text += (f"\noverlap (Jaccard) of the {res.sizes['zeroed']} units flip zeroed for noisy examples with as many "
                  f"top noisy-importance units: {float(res['flip_overlap']):.3f}")
+    elif res.config.get("flip_overlap_missing"):
+        text += f"\nflip overlap not computed: {res.config['flip_overlap_missing']}"
     unit = res["unit_importance"].values
     if np.isfinite(unit).any() and len(subsets) > 1:
         ratio = np.nanmean(unit[1]) / np.nanmean(unit[0])
@@ -358,6 +369,8 @@ def plot_importance(res, out, run=None) -> str:
     if "flip_overlap" in res:
         text += (f"\n\nOverlap (Jaccard) of the {res.sizes['zeroed']} units flip zeroed for noisy examples with as "
                  f"many top units by noisy importance: {float(res['flip_overlap']):.3f}.")
+    elif res.config.get("flip_overlap_missing"):
+        text += f"\n\nFlip overlap not computed: {res.config['flip_overlap_missing']}."
     return text
 
 

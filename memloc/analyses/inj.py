@@ -34,9 +34,10 @@ from ..core.results import Result
 from ..core.runtime import check_choices, check_range
 from ..core.schemas import Schema, Var
 from ..core.store import stored
+from ..core.selection import lm_source
 from ..scale.distributed import world
 from ..scale.parts import Columns, split_rows
-from .localise import METHODS, lm_source, method_options, neuron_scores, reference_rows, target_parts
+from .localise import METHODS, method_options, neuron_scores, reference_rows, target_parts
 from .localise.common import Targets, suffix_loss
 from .localise.plots import plot_inj
 
@@ -100,7 +101,7 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
     chosen = check_choices("methods", methods, METHODS, "localisation method")
     method_options(options)
     folder = target_parts(source, resume, "inj")
-    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
+    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="inj_benchmark")
     layers = mlp_layers(model)
     d = layers[0].size
     if n_injected > d:

@@ -45,7 +45,7 @@ import xarray as xr
 from ..core.deprecation import renamed
 from ..core.errors import MemlocError
 from ..core.evaluate import evaluate
-from ..core.precision import autocast, check_precision
+from ..core.precision import autocast, check_precision, laid_out
 from ..core.results import Result
 from ..core.run import Run, as_run
 from ..core.sequences import not_classifier
@@ -113,7 +113,8 @@ def _check_covered(table: dict[str, np.ndarray], method: str) -> None:
 def _probabilities(run: Run, epoch: int, device, batch_size: int, precision: str = "fp32") -> np.ndarray:
     train = run.data(device).train
     with autocast(precision, device):
-        logits = evaluate(run.model(epoch, device=device), train.batches(batch_size), logits=True)["logits"]
+        logits = evaluate(laid_out(run.model(epoch, device=device), precision, device), train.batches(batch_size),
+                          logits=True)["logits"]
     return torch.from_numpy(logits).softmax(1).numpy()
 
 

@@ -27,12 +27,13 @@ from ..core.errors import MemlocError
 from ..core.figures import figure, plt, save_figure, table
 from ..core.lm import suffix_measures
 from ..core.precision import check_precision
-from ..core.options import add_precision, nonnegative_int, positive_int
+from ..core.options import add_eval_batch_size, add_precision, nonnegative_int, positive_int
 from ..core.registry import Analysis, Command
 from ..core.results import Result
-from ..core.run import Run, as_run
+from ..core.run import Run
 from ..core.runtime import check_range, resolve_device
 from ..core.schemas import Schema, Var
+from ..core.selection import lm_source
 from ..core.sequences import KINDS, SequenceSet, check_span
 from ..core.store import stored
 from ..scale.ddp import measures_split
@@ -80,27 +81,10 @@ def memorisation_from_logits(logits, tokens, prefix_len: int, suffix_len: int) -
             "memorised": mem.cpu().numpy()}
 
 
-def _run_source(source, data, checkpoint):
-    """(model, data, epoch) of a language-model run (a :class:`memloc.Run` or its path; ``checkpoint``
-    default final)."""
-    if isinstance(source, (str, os.PathLike)) and not os.path.isdir(source):
-        raise MemlocError(f"source {str(source)!r} is not a run directory (give a language-model run or a causal "
-                          "language model with its data)", argument="source")
-    run = as_run(source)
-    if not run.is_lm:
-        raise MemlocError(f"run {str(run.path)!r} is not a language-model run (a classifier's); memorisation needs "
-                          "a causal language model", argument="source")
-    epoch = run.final_epoch if checkpoint is None else int(checkpoint)
-    if epoch not in run.epochs:
-        raise MemlocError(f"checkpoint {epoch} is not in the run (epochs {run.epochs[0]}..{run.epochs[-1]})",
-                          argument="checkpoint")
-    return run.model(epoch), (run.data() if data is None else data), epoch
-
-
 @torch.no_grad()
 @stored("memorisation")
 def memorisation(source, data: SequenceSet | None = None, *, split: str = "train", checkpoint: int | None = None,
-                 eval_batch_size: int = 256, device="auto", precision: str = "fp32") -> Result:
+                 eval_batch_size: int = 1024, device="auto", precision: str = "fp32") -> Result:
     """The ``"memorisation"`` result of language model ``source`` on ``data`` (a :class:`SequenceSet`):
     suffix loss, accuracy and exact memorisation of every sequence of ``split`` (``train``, or
     ``test``: held-out sequences, all clean, none a target), with its target flag and kind.
@@ -117,9 +101,9 @@ def memorisation(source, data: SequenceSet | None = None, *, split: str = "train
     """
     epoch = None
     if checkpoint is not None:
-        check_range("checkpoint", checkpoint, low=0, integer=True)
+        checkpoint = check_range("checkpoint", checkpoint, low=0, integer=True)
     if isinstance(source, (str, os.PathLike, Run)):
-        source, data, epoch = _run_source(source, data, checkpoint)
+        source, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="memorisation")
     elif not isinstance(source, torch.nn.Module):
         raise MemlocError(f"source must be a causal language model (a torch module) or a language-model run, got "
                           f"{type(source).__name__}", argument="source")
@@ -181,7 +165,7 @@ def _cli_arguments(p):
     p.add_argument("--checkpoint", type=nonnegative_int, default=None, help="checkpoint epoch (default: final)")
     p.add_argument("--split", default="train", choices=list(SPLITS),
                    help="train (the training sequences) or test (the held-out ones)")
-    p.add_argument("--eval-batch-size", type=positive_int, default=256, help="sequences per forward pass")
+    add_eval_batch_size(p)
     add_precision(p, what="every forward pass")
 
 

@@ -48,7 +48,7 @@ from ..core.selection import copy_layer, layer_coords, prepare
 from ..core.tasks import task_of
 from ..core.units import Layer
 from ..core.options import add_eval_batch_size, add_layers, add_precision, describe, layer_table, nonnegative_float, nonnegative_int, number, positive_float, positive_int
-from ..core.figures import (figure, save_figure, short_names, coord_names, grid, accuracy_rows, subset_color,
+from ..core.figures import (groups, figure, save_figure, short_names, coord_names, grid, accuracy_rows, subset_color,
                             subset_label)
 from ..core.schemas import Schema, Var, layer_vars, SUBSET_VAR
 from ..core.registry import Analysis, Command
@@ -361,11 +361,12 @@ def plot_retrain(res, out, run=None) -> str:
     axes[0, 0].set_ylabel("accuracy (%)")
     axes[0, 0].legend(fontsize=7)
     name = save_figure(fig, out, "retrain.png")
+    w = groups(run)
     return ("## Layer retraining\n\nOne layer at a time is reset to initialisation and retrained alone on the "
-            "clean examples.\n\n"
-            + figure("retrain", name, "one panel per layer, reset and retrained alone on the clean examples: if "
-                     "the red curve (wrong labels still fit) falls to 0 while the green one (test) holds, that layer "
-                     "held the memorised labels; a red curve that stays high means the other layers hold them.")
+            f"{w['clean']}.\n\n"
+            + figure("retrain", name, f"one panel per layer, reset and retrained alone on the {w['clean']}: if "
+                     f"the red curve ({w['still']}) falls to 0 while the green one ({w['test']}) holds, that layer "
+                     f"held the {w['memorised']}; a red curve that stays high means the other layers hold them.")
             + "\n\nAccuracy (%) after retraining:\n\n"
             + accuracy_rows(layers, subsets, acc[:, -1], base, "(final model)"))
 

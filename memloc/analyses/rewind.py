@@ -43,7 +43,7 @@ from ..core.selection import copy_layer, layer_coords, prepare
 from ..core.tasks import task_of
 from ..core.units import Layer
 from ..core.options import add_checkpoints, add_eval_batch_size, add_layers, add_precision, describe, layer_table
-from ..core.figures import figure, coord_names, heatmaps, accuracy_rows
+from ..core.figures import groups, figure, coord_names, heatmaps, accuracy_rows
 from ..core.schemas import Schema, Var, layer_vars, SUBSET_VAR
 from ..core.registry import Analysis, Command
 from ..core.deprecation import renamed
@@ -196,11 +196,12 @@ def plot_rewind(res, out, run=None) -> str:
     acc, base = res["accuracy"].values, res["baseline"].values   # (R, L, S), (S,)
     name = heatmaps(acc.transpose(1, 0, 2), subsets, layers, epochs, "rewound to epoch",
                      "rewinding one layer of the final model", out, "rewind.png")
-    e0 = int(np.argmin(epochs))
+    e0, w = int(np.argmin(epochs)), groups(run)
     return ("## Layer rewinding\n\nOne layer at a time is put back to an earlier checkpoint.\n\n"
             + figure("rewind", name, "one heatmap per subset; each cell is the accuracy (colour) with one layer "
                      "(row) put back to the checkpoint of one epoch (column). The layer whose rewinding loses the "
-                     "memorised (noisy) labels while clean and test accuracy stay high is where they are stored.")
+                     f"{w['memorised']} while the {w['clean']}' and {w['test']} accuracy stay high is where they are "
+                     "stored.")
             + "\n\n"
             f"Accuracy (%) with the layer rewound to epoch {epochs[e0]}:\n\n"
             + accuracy_rows(layers, subsets, acc[e0], base, "(no rewinding)"))

@@ -12,7 +12,7 @@ import numpy as np
 
 from .runtime import atomic_path
 
-__all__ = ["plt", "COLORS", "LABELS", "LM_LABELS", "subset_label", "subset_color", "save_figure", "figure", "table", "short_names", "coord_names", "grid", "heatmaps",
+__all__ = ["plt", "COLORS", "LABELS", "LM_LABELS", "subset_label", "subset_color", "groups", "save_figure", "figure", "table", "short_names", "coord_names", "grid", "heatmaps",
            "accuracy_rows", "mean_se_axis", "plus_minus"]
 
 
@@ -49,6 +49,18 @@ LM_COLORS = {"clean_tokens": "tab:cyan", "test_tokens": "tab:olive"}
 def subset_label(sub: str, subsets) -> str:
     """The label of subset ``sub`` among ``subsets`` (a language model's words when they are its subsets)."""
     return (LM_LABELS if "test_tokens" in list(subsets) else LABELS).get(sub, sub)
+
+
+#: how a section's text names the two groups of training examples: an image run's, a language model's
+GROUPS = {False: {"noisy": "noisy examples", "clean": "clean examples", "all": "all examples",
+                  "memorised": "memorised (noisy) labels", "still": "wrong labels still fit", "test": "test"},
+          True: {"noisy": "memorised targets", "clean": "other sequences", "all": "all sequences",
+                 "memorised": "memorised targets", "still": "memorised targets still reproduced", "test": "held-out"}}
+
+
+def groups(run) -> dict:
+    """:data:`GROUPS`' words for ``run`` (a language model's when it is one, an image run's when it is None)."""
+    return GROUPS[bool(getattr(run, "is_lm", False))]
 
 
 def subset_color(sub: str):

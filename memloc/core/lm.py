@@ -30,13 +30,18 @@ from .precision import autocast
 from .runtime import check_range
 
 __all__ = ["TinyGPT", "HF_FAMILIES", "LM_MODELS", "hf_causal_lm", "hf_from_config", "hf_config_of", "is_lm_name",
-           "build_lm", "lm_logits", "check_lm", "greedy_decode", "suffix_measures", "sequence_measures", "MEASURES"]
+           "build_lm", "lm_logits", "check_lm", "greedy_decode", "suffix_measures", "sequence_measures", "MEASURES",
+           "LOGITS_BUDGET", "lm_rows"]
 
 HF_FAMILIES = ("gpt2", "gpt_neox", "llama")
 #: the language models a run names: the built-in TinyGPT and the transformers families
 LM_MODELS = ("gpt",) + tuple(f"hf:{family}" for family in HF_FAMILIES)
 #: the per-sequence measures of :func:`suffix_measures`
 MEASURES = ("suffix_loss", "suffix_accuracy", "memorised")
+#: bytes of float32 logits (rows x positions x vocabulary x 4) one evaluation forward of a language model may
+#: hold: :func:`lm_rows` runs fewer rows than ``eval_batch_size`` where they would hold more (CONTRIBUTING.md,
+#: "One vocabulary": a GPT-2 vocabulary at 64 positions is 12.9 MB a row, 13.2 GB for 1024 rows)
+LOGITS_BUDGET = 2 ** 30
 
 
 class CausalSelfAttention(nn.Module):
@@ -302,16 +307,29 @@ def suffix_measures(logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int,
     return loss, right.double().mean(1), right.all(1)
 
 
+def lm_rows(model: nn.Module, eval_batch_size: int, positions: int) -> int:
+    """Rows per evaluation forward of ``model`` on ``positions`` tokens a row: ``eval_batch_size``, or fewer
+    (at least one) so that their float32 logits stay within :data:`LOGITS_BUDGET`. The vocabulary is
+    ``model.vocab_size`` (:class:`TinyGPT`) or ``model.config.vocab_size`` (``transformers``); a model
+    without either runs ``eval_batch_size`` rows."""
+    vocab = getattr(model, "vocab_size", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        return eval_batch_size
+    return max(1, min(eval_batch_size, LOGITS_BUDGET // (4 * vocab * max(1, positions))))
+
+
 @torch.no_grad()
 def sequence_measures(model: nn.Module, tokens: torch.Tensor, prefix_len: int, suffix_len: int, *,
-                      eval_batch_size: int = 256, precision: str = "fp32") -> dict[str, np.ndarray]:
+                      eval_batch_size: int = 1024, precision: str = "fp32") -> dict[str, np.ndarray]:
     """:data:`MEASURES` (numpy arrays (N,)) of ``model`` on every row of ``tokens`` (N, T), one
-    teacher-forced forward per batch of ``eval_batch_size`` on the model's device, under
-    ``precision`` autocast; the model runs as it is (put it in eval mode first)."""
+    teacher-forced forward per batch of ``eval_batch_size`` rows (fewer where their logits would exceed
+    :data:`LOGITS_BUDGET`: :func:`lm_rows`) on the model's device, under ``precision`` autocast; the model
+    runs as it is (put it in eval mode first)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     out = {k: [] for k in MEASURES}
-    for i in range(0, len(tokens), eval_batch_size):
-        batch = tokens[i:i + eval_batch_size, :prefix_len + suffix_len].to(device)
+    step = lm_rows(model, eval_batch_size, prefix_len + suffix_len - 1)
+    for i in range(0, len(tokens), step):
+        batch = tokens[i:i + step, :prefix_len + suffix_len].to(device)
         with autocast(precision, device):
             logits = lm_logits(model, batch[:, :-1])
         for key, value in zip(out, suffix_measures(logits, batch, prefix_len, suffix_len)):

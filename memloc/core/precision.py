@@ -20,7 +20,7 @@ from torch import nn
 from .errors import MemlocError
 
 __all__ = ["PRECISIONS", "check_precision", "autocast", "grad_scaler", "use_channels_last", "to_channels_last",
-           "apply_channels_last"]
+           "apply_channels_last", "laid_out"]
 
 #: precision name -> autocast dtype (None: no autocast)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -88,3 +88,12 @@ def apply_channels_last(model: nn.Module, precision: str, device) -> bool:
         return False
     to_channels_last(model)
     return True
+
+
+def laid_out(model: nn.Module, precision: str, device) -> nn.Module:
+    """``model`` after :func:`apply_channels_last`: what an analysis's passes run, in one expression
+    (``evaluate(laid_out(run.model(e, device=d), precision, d), ...)``). Every analysis that may run a conv
+    net in ``precision`` lays it out so (``tests/test_vocabulary.py``); a language model holds no 2-d
+    convolution, so it is returned as it is."""
+    apply_channels_last(model, precision, device)
+    return model

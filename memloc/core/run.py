@@ -43,7 +43,7 @@ from torch import nn
 
 from .corpora import build_sequences
 from .data import build_data
-from .dropout import insert_example_tied_dropout
+from .dropout import dropout_layers, insert_example_tied_dropout
 from .errors import MemlocError
 from .lm import build_lm, hf_from_config
 from .models import build_model, spec_name
@@ -295,9 +295,13 @@ class Run:
 
     def build_model(self) -> nn.Module:
         """A freshly constructed (randomly initialised) model of this run's architecture."""
-        if self._model_fn is not None:
-            return self._model_fn()
         spec = self.info.get("model", {})
+        model = self._model_fn() if self._model_fn is not None else self._build_from_spec(spec)
+        if spec.get("etd") and not dropout_layers(model):  # example-tied dropout layers (etd_after=; insert_sinks)
+            insert_example_tied_dropout(model, **spec["etd"])
+        return model
+
+    def _build_from_spec(self, spec: dict) -> nn.Module:
         if self.is_lm and not spec.get("spec") and spec.get("hf_config"):   # a transformers model recorded as it was
             return hf_from_config(spec["hf_config"])
         if not spec.get("spec"):
@@ -306,13 +310,9 @@ class Run:
                               "model_spec= (a memloc.register_model name or pkg.module:factory)")
         options = dict(spec.get("options", {}))
         if self.is_lm:
-            model = build_lm(spec["spec"], **options)
-        else:
-            model = build_model(spec_name(spec), options.pop("in_shape", spec.get("in_shape")),
-                                options.pop("num_classes", spec.get("num_classes")), **options)
-        if spec.get("etd"):  # example-tied dropout layers (train(..., etd_after=...); a language model's sinks)
-            insert_example_tied_dropout(model, **spec["etd"])
-        return model
+            return build_lm(spec["spec"], **options)
+        return build_model(spec_name(spec), options.pop("in_shape", spec.get("in_shape")),
+                           options.pop("num_classes", spec.get("num_classes")), **options)
 
     def model(self, epoch: int | None = None, device="cpu") -> nn.Module:
         """The model with the checkpoint of ``epoch`` (default final) loaded, in eval mode."""

@@ -3,6 +3,7 @@ layers every layer-level analysis starts from (:func:`prepare`)."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -127,6 +128,30 @@ def resolve(source, data=None, *, device="auto", checkpoint: int | None = None) 
     epoch = run.final_epoch if checkpoint is None else int(checkpoint)
     model = run.model(epoch, device=dev)
     return Source(run, model, run.data(dev) if data is None else _as_data(data).to(dev), dev, epoch)
+
+
+def lm_source(source, data=None, *, checkpoint: int | None = None, device="auto", analysis: str = "this analysis"):
+    """(model on ``device`` in eval mode, SequenceSet, checkpoint epoch or None) of a language-model run
+    (a :class:`Run` or its path; ``checkpoint`` default final) or of a causal LM module (a copy: the
+    caller's module is left as it is) with ``data``: :func:`resolve`'s twin for language models.
+    ``analysis`` names the caller in the message refusing a classifier's run."""
+    if checkpoint is not None:
+        checkpoint = check_range("checkpoint", checkpoint, low=0, integer=True)
+    dev = resolve_device(device)
+    if isinstance(source, nn.Module):
+        if not isinstance(data, SequenceSet):
+            raise MemlocError("data must be a SequenceSet (memloc.tinymem, memloc.canaries) when source is a model, "
+                              f"got {type(data).__name__}", argument="data")
+        return copy.deepcopy(source).to(dev).eval(), data, None
+    if isinstance(source, (str, os.PathLike)) and not os.path.isdir(source):
+        raise MemlocError(f"source {str(source)!r} is not a run directory (give a language-model run or a causal "
+                          "language model with its data)", argument="source")
+    run = as_run(source)
+    if not run.is_lm:
+        raise MemlocError(f"run {str(run.path)!r} is not a language-model run (a classifier's); "
+                          f"{analysis} needs a causal language model", argument="source")
+    epoch = run.final_epoch if checkpoint is None else checkpoint
+    return run.model(epoch, device=dev), (run.data() if data is None else data), epoch
 
 
 def _as_data(data):

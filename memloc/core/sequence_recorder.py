@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .dropout import dropout_layers, example_ids, sink_ids, sinks_spec
+from .dropout.sinks import SINK_IDS
 from .errors import MemlocError
 from .evaluate import eval_mode, nanmean
 from .h5 import put
@@ -53,7 +55,7 @@ class SequenceRecorder(RunWriter):
 
     def __init__(self, run_dir, model: nn.Module, data: SequenceSet, *, config: dict | None = None,
                  model_spec: dict | None = None, data_spec: dict | None = None, resume: bool = False,
-                 overwrite: bool = False, eval_batch_size: int = 256, precision: str = "fp32", argv=None,
+                 overwrite: bool = False, eval_batch_size: int = 1024, precision: str = "fp32", argv=None,
                  evaluated: dict | None = None):
         if not isinstance(data, SequenceSet):
             raise MemlocError(f"data must be a SequenceSet (memloc.tinymem, memloc.canaries), got "
@@ -66,6 +68,11 @@ class SequenceRecorder(RunWriter):
         self.METRIC_NAMES = tuple(k for k in LM_METRICS if self.has_rule or k != "test_rule_accuracy")
         self.is_noisy = np.asarray(data.is_memorised_target, dtype=bool)
         self._model_spec, self._data_spec = model_spec, data_spec
+        self._sinks = sinks_spec(model) if not (model_spec or {}).get("etd") else None
+        if dropout_layers(model) and not (model_spec or {}).get("etd") and self._sinks is None:
+            raise MemlocError("the model has example-tied dropout layers that run.json could not rebuild: put "
+                              "memorisation sinks in with memloc.insert_sinks(model, ...)", argument="model")
+        self._sink_ids = sink_ids(data) if dropout_layers(model) else None
         check_lm(model, data.tokens)        # (B, T, V) logits covering every token id, before any file is written
         self._start(run_dir, model, resume=resume, overwrite=overwrite, config=config, argv=argv, evaluated=evaluated)
 
@@ -74,6 +81,8 @@ class SequenceRecorder(RunWriter):
         model = {"class": cls, "spec": None, **(self._model_spec or {})}
         if model["spec"] is None and hf_config_of(self.model) is not None:   # rebuilt from its config
             model["hf_config"] = hf_config_of(self.model)
+        if self._sinks is not None:           # memloc.insert_sinks: run.model() puts the same sinks back
+            model.update(etd=self._sinks, etd_ids=SINK_IDS)
         out = {"kind": "lm", "model": model, "num_test": len(self.data.test_tokens), "sequence_set": self.data.name,
                "prefix_len": self.data.prefix_len, "suffix_len": self.data.suffix_len,
                "vocab": list(self.data.vocab), "sequence_info": plain(self.data.info)}
@@ -93,6 +102,16 @@ class SequenceRecorder(RunWriter):
         te = f.create_group("test")
         put(te, "index", np.arange(len(d.test_tokens)), dims=["example"])
         put(te, "tokens", d.test_tokens.cpu().numpy(), dims=["example", "position"])
+
+    def sinks(self, idx):
+        """Context manager binding the sink ids of the sequences ``idx`` (rows of ``data``) to the model's
+        memorisation sinks (:func:`memloc.insert_sinks`) for the training forwards inside it: each sequence
+        through its own sinks, a duplicate through the sinks of the sequence it copies."""
+        if self._sink_ids is None:
+            raise MemlocError("the model has no memorisation sinks (memloc.insert_sinks(model, ...) before the "
+                              "recorder)", argument="model")
+        rows = self._rows(idx, len(torch.as_tensor(idx).reshape(-1)), "the batch")
+        return example_ids(self.model, self._sink_ids[torch.as_tensor(rows)])
 
     def record_batch(self, idx, logits: torch.Tensor, tokens: torch.Tensor) -> None:
         """Record the suffix measures of a training batch: ``logits`` (B, T', V) of the batch's

@@ -56,7 +56,8 @@ class NotClassifierData(MemlocError, AttributeError):
 
 #: where a language model's run goes instead of an image analysis
 LM_ANALYSES = ("memloc.memorisation, memloc.exposure, memloc.localise_neurons, memloc.scores, memloc.detect, "
-               "memloc.gradients, memloc.rewind, memloc.retrain, memloc.importance, memloc.unlearn")
+               "memloc.gradients, memloc.rewind, memloc.retrain, memloc.importance, memloc.unlearn, memloc.flip, "
+               "memloc.mitigate")
 def not_classifier(what: str) -> NotClassifierData:
     """The error of an image analysis given a language model's data or run (``what`` says which)."""
     return NotClassifierData(f"this analysis works on image-classifier runs, and {what}; for language-model runs: "

@@ -43,7 +43,7 @@ from .lm import greedy_decode, lm_logits, sequence_measures, suffix_measures
 from .schemas import LM_SUBSETS, SUBSETS
 from .sequences import SequenceSet, follows_rule
 
-__all__ = ["ClassifierTask", "SequenceTask", "task_of", "with_targets", "select_rows", "example_input"]
+__all__ = ["ClassifierTask", "SequenceTask", "task_of", "with_targets", "select_rows", "split_subsets", "example_input"]
 
 
 class ClassifierTask:
@@ -229,6 +229,17 @@ def with_targets(data, mask):
         return dataclasses.replace(data, is_memorised_target=mask)
     out = copy.copy(data)
     out.is_noisy = mask
+    return out
+
+
+def split_subsets(subsets) -> list[str]:
+    """``"clean,noisy"`` / ``["clean", "class:3"]`` -> names of :func:`select_rows`; an ``ids:1,2,3`` item stays
+    whole (its commas separate ids, not subsets)."""
+    from .runtime import split_list
+    out = []
+    for item in list(subsets) if isinstance(subsets, (list, tuple)) else [subsets]:
+        ids = isinstance(item, str) and item.strip().startswith("ids:")
+        out += [item.strip()] if ids else split_list(item) or []
     return out
 
 

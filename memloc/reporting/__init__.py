@@ -41,7 +41,11 @@ def report(source, out=None, *, results: dict | None = None) -> Path:
     if out.exists() and not out.is_dir():
         raise MemlocError(f"output folder {str(out)!r} is a file", argument="out")
     out.mkdir(parents=True, exist_ok=True)
-    settings = dict(run.config) or {"model": run.info.get("model", {}).get("spec"), "data": run.info.get("data")}
+    settings = dict(run.config)
+    if "model" not in settings:      # recorded by the user's loop (Recorder, a Trainer callback): what its writer knew
+        model = run.info.get("model") or {}
+        settings["model"] = model.get("spec") or str(model.get("class") or "").rsplit(".", 1)[-1]
+        settings.setdefault("data", run.info.get("data") or run.info.get("sequence_set"))
     if not settings.get("etd_after"):   # dropout settings mean nothing without dropout layers
         settings = {k: v for k, v in settings.items() if k not in ("etd_after", "etd_kind", "p_gen", "p_mem")}
     settings = {k: v for k, v in settings.items() if not (v is None or v is False or v in ("", [], {}))}

@@ -88,8 +88,8 @@ def plot_lm_training(run: Run, out: Path) -> str:
             + table(["sequences", "count", "memorised (%)", "suffix token accuracy (%)", "suffix loss"], rows, digits=1)
             + ("\n\nFor held-out sequences the memorised column is the share whose greedy suffix follows the rule."
                if rule else "")
-            + "\n\nIn the layer analyses below, *noisy* stands for the memorisation targets and *clean* for the other "
-              "training sequences.")
+            + "\n\nThe layer analyses below name the memorisation targets *memorised targets* and the other "
+              "training sequences *other sequences* (in their result files the subsets `noisy` and `clean`).")
     planted = _planted(run)
     if planted:
         text += "\n\n" + _insertions(run, planted, out)

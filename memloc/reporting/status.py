@@ -87,7 +87,7 @@ class Status:
     def __str__(self) -> str:
         lines = [f"{self.path}: {self._what()}"]
         opts = ", ".join(f"{k} {_short(v)}" for k, v in self.options.items())
-        lines.append(f"options: {opts or 'the defaults'}")
+        lines.append(f"options: {opts or ('none recorded' if self.training == 'recorded' else 'the defaults')}")
         held = self.locks.get("writer.lock")
         state = {"complete": "complete", "interrupted": f"interrupted (continue: {self.resume})",
                  "training": f"being written now (pid {held})",

@@ -69,7 +69,7 @@ def gather_measures(values: dict, rows: slice | np.ndarray, device=None) -> dict
 
 
 def measures_split(model: nn.Module, tokens: torch.Tensor, prefix_len: int, suffix_len: int, *,
-                   eval_batch_size: int = 256, precision: str = "fp32") -> dict[str, np.ndarray]:
+                   eval_batch_size: int = 1024, precision: str = "fp32") -> dict[str, np.ndarray]:
     """:func:`memloc.core.lm.sequence_measures` split across the ranks: each measures every K-th of
     one process's batches (so every sequence's numbers are exactly one process's), gathered on every
     rank in row order; one process: ``sequence_measures`` itself."""

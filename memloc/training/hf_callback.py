@@ -16,6 +16,12 @@ of them). Rows that are no sequence of ``data`` are not recorded.
 An epoch the ``Trainer`` stops in the middle of (``max_steps``) is not recorded. ``trainer.train(resume_from_checkpoint=...)``
 continues the run from a checkpoint saved at an epoch end (``save_strategy="epoch"``) that the run
 holds. In a multi-process run only the world's process zero writes.
+
+Memorisation sinks (MemSinks): a model given sinks with :func:`memloc.insert_sinks` before the ``Trainer``
+is built trains each sequence through its own sinks: before every training forward, on every process, the
+callback binds each row's sink id (the row of ``data`` holding its tokens; copies share the id of the
+sequence they copy), and a row that is no sequence of ``data`` is an error. ``run.json`` records the
+sinks, so ``memloc dropout RUN`` rebuilds and evaluates them as for ``memloc train --etd-after mlp``.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from ..core.dropout import example_ids, sink_ids, sinks_spec
 from ..core.errors import MemlocError
 from ..core.run import is_complete
 from ..core.sequence_recorder import SequenceRecorder
@@ -72,7 +79,7 @@ class HFTrainerCallback(TrainerCallback):
     """
 
     def __init__(self, run_dir, data: SequenceSet, *, config: dict | None = None, model_spec: dict | None = None,
-                 data_spec: dict | None = None, overwrite: bool = False, eval_batch_size: int = 256,
+                 data_spec: dict | None = None, overwrite: bool = False, eval_batch_size: int = 1024,
                  precision: str = "fp32"):
         if not isinstance(data, SequenceSet):
             raise MemlocError(f"data must be a SequenceSet (memloc.tinymem, memloc.canaries), got "
@@ -82,7 +89,7 @@ class HFTrainerCallback(TrainerCallback):
                              eval_batch_size=eval_batch_size, precision=precision)
         self.recorder: SequenceRecorder | None = None
         self.metrics: list[dict[str, float]] = []
-        self._hook, self._rows = None, {}
+        self._hooks, self._rows, self._sink_ids, self._bound = [], {}, None, None
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         """The training sequences as a dataset of ``{"input_ids": row, "labels": row}`` (the model's own
@@ -90,6 +97,13 @@ class HFTrainerCallback(TrainerCallback):
         return _Rows(self.data.tokens)
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self._remove_hook()
+        self._rows = {}
+        for i, row in enumerate(self.data.tokens.cpu().numpy().astype(np.int64)):
+            self._rows.setdefault(row.tobytes(), []).append(i)
+        if sinks_spec(model) is not None:    # memloc.insert_sinks: every rank binds its rows' sink ids
+            self._sink_ids = sink_ids(self.data)
+            self._hooks.append(model.register_forward_pre_hook(self._bind_sinks, with_kwargs=True))
         if not state.is_world_process_zero:
             return
         dataset = getattr(train_dataloader, "dataset", None)
@@ -105,28 +119,55 @@ class HFTrainerCallback(TrainerCallback):
         self.recorder = SequenceRecorder(self.run_dir, model, self.data, resume=resume, **opts)
         if state.global_step > 0:       # the Trainer resumed from its checkpoint: continue the run from that epoch
             continue_at(self.recorder, state.epoch, "Trainer")
-        self._remove_hook()
-        self._rows = {}
-        for i, row in enumerate(self.data.tokens.cpu().numpy()):
-            self._rows.setdefault(row.tobytes(), []).append(i)
-        self._hook = model.register_forward_hook(self._record, with_kwargs=True)
+        self._hooks.append(model.register_forward_hook(self._record, with_kwargs=True))
+
+    def _found(self, module, args, kwargs) -> list[tuple[int, int]] | None:
+        """(row of the batch, sequence of ``data``) of every training row that is a sequence of ``data``; None
+        for a forward that is no training forward on token ids."""
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if not module.training or not torch.is_tensor(tokens) or tokens.ndim != 2:
+            return None
+        return [(pos, i) for pos, row in enumerate(tokens.detach().cpu().numpy().astype(np.int64))
+                for i in self._rows.get(row.tobytes(), ())]
+
+    def _bind_sinks(self, module, args, kwargs):
+        """Before a training forward: each row's sink id (of the first sequence of ``data`` it equals;
+        the copies of a sequence share its id) bound to the sinks until the forward ends."""
+        self._unbind()
+        found = self._found(module, args, kwargs)
+        if found is None:
+            return
+        first = {}
+        for pos, i in found:
+            first.setdefault(pos, i)
+        rows = len(kwargs.get("input_ids", args[0] if args else None))
+        if len(first) < rows:
+            raise MemlocError(f"a training batch holds {rows - len(first)} rows that are no sequence of data: "
+                              "their memorisation sinks are unknown (give the Trainer callback.train_dataset())",
+                              argument="data")
+        self._bound = example_ids(module, self._sink_ids[[first[pos] for pos in range(rows)]])
+        self._bound.__enter__()
+
+    def _unbind(self):
+        if self._bound is not None:
+            self._bound.__exit__(None, None, None)
+            self._bound = None
 
     def _record(self, module, args, kwargs, output):
         """The training forward's measures, for the sequences of ``data`` among its rows."""
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        if not module.training or self.recorder is None or not torch.is_tensor(tokens) or tokens.ndim != 2:
-            return
-        found = [(pos, i) for pos, row in enumerate(tokens.detach().cpu().numpy().astype(np.int64))
-                 for i in self._rows.get(row.tobytes(), ())]
+        self._unbind()
+        found = None if self.recorder is None else self._found(module, args, kwargs)
         if found:
+            tokens = kwargs.get("input_ids", args[0] if args else None)
             pos, ids = (torch.as_tensor(v) for v in zip(*found))
             logits = output if torch.is_tensor(output) else output.logits
             self.recorder.record_batch(ids, logits[pos.to(logits.device)], tokens[pos.to(tokens.device)])
 
     def _remove_hook(self):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self._unbind()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.recorder is not None:

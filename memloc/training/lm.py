@@ -42,7 +42,7 @@ from ..core.runtime import check_range, progress, resolve_device
 from ..core.sequence_recorder import SequenceRecorder
 from ..scale.ddp import data_parallel, gather_measures, measures_split
 from ..scale.distributed import local_rows, on_rank0, world
-from ..core.dropout import example_ids, insert_example_tied_dropout, resolve_sites, sink_ids
+from ..core.dropout import example_ids, insert_sinks, sink_ids
 from ..core.dropout.sinks import SINK_IDS
 from .common import (STATE_FILE, _etd_spec, _with_ids, check_ranges, check_run_dir, extend_config,
                      load_trainer_state, save_trainer_state, seed_epoch, trainer_state)
@@ -175,8 +175,7 @@ def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = 
     spec = _model_spec(cfg, vocab_size)
     model = build_lm(cfg["model"], **spec["options"])
     if cfg["etd_after"]:    # memorisation sinks (MemSinks): each sequence id keeps its own MLP neurons on
-        spec.update(etd={**_etd_spec(cfg), "after": resolve_sites(model, cfg["etd_after"])}, etd_ids=SINK_IDS)
-        insert_example_tied_dropout(model, **spec["etd"])
+        spec.update(etd=insert_sinks(model, **_etd_spec(cfg)), etd_ids=SINK_IDS)
         forward_context = _with_ids(forward_context, example_ids, sink_ids(data).to(device))
     if prepare_model is not None:
         prepare_model(model, cfg)

@@ -182,7 +182,8 @@ def plot_flip(res, out, run=None) -> str:
             a.hist(count[rows], bins=bins, alpha=0.6, color=COLORS[key], label=f"{key} (n={rows.sum()})")
     a.set(xlabel=f"units zeroed to flip the prediction (> {cap} = not flipped)", ylabel="examples",
           title="units needed")
-    a.legend(fontsize=8)
+    if a.get_legend_handles_labels()[0]:   # no example searched (none reproduced exactly): nothing to label
+        a.legend(fontsize=8)
     width = 0.4
     x = np.arange(len(layers))
     for k, (key, rows) in enumerate(groups.items()):

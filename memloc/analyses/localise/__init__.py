@@ -21,8 +21,6 @@ method took, and per target its suffix loss, memorisation and kind, and greedy's
 """
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 import xarray as xr
@@ -34,8 +32,9 @@ from ...core.registry import Analysis, Command
 from ...core.results import Result
 from ...core.neurons import mlp_layers
 from ...core.precision import check_precision
-from ...core.runtime import check_choices, check_range, resolve_device, split_list
+from ...core.runtime import check_choices, check_range, split_list
 from ...core.schemas import Schema, Var
+from ...core.selection import lm_source
 from ...core.sequences import SequenceSet
 from ...core.store import stored
 from ...scale.distributed import world
@@ -44,30 +43,9 @@ from .plots import plot_localise
 from .common import HYPER, METHODS
 from .methods import method_options, neuron_scores
 
-__all__ = ["localise_neurons", "neuron_scores", "method_options", "lm_source", "select_targets", "reference_rows",
+__all__ = ["localise_neurons", "neuron_scores", "method_options", "select_targets", "reference_rows",
            "parse_settings", "target_parts",
            "METHODS", "HYPER"]
-
-
-def lm_source(source, data=None, *, checkpoint: int | None = None, device="auto"):
-    """(model on ``device`` in eval mode, SequenceSet, checkpoint epoch or None) of a language-model run
-    (a :class:`memloc.Run` or its path; ``checkpoint`` default final) or of a causal LM module (a copy:
-    the caller's module is left as it is) with ``data``."""
-    if checkpoint is not None:
-        checkpoint = check_range("checkpoint", checkpoint, low=0, integer=True)
-    dev = resolve_device(device)
-    if isinstance(source, torch.nn.Module):
-        if not isinstance(data, SequenceSet):
-            raise MemlocError("data must be a SequenceSet (memloc.tinymem, memloc.canaries) when source is a model, "
-                              f"got {type(data).__name__}", argument="data")
-        return copy.deepcopy(source).to(dev).eval(), data, None
-    from ...core.run import as_run
-    run = as_run(source)
-    if not run.is_lm:
-        raise MemlocError(f"run {str(run.path)!r} is not a language-model run (a classifier's); "
-                          "localise_neurons needs a causal language model", argument="source")
-    epoch = run.final_epoch if checkpoint is None else int(checkpoint)
-    return run.model(epoch, device=dev), (run.data() if data is None else data), epoch
 
 
 def select_targets(model, data: SequenceSet, examples="memorised", *, eval_batch_size: int = 64,
@@ -143,7 +121,7 @@ def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS
     check_precision(precision)
     seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     folder = target_parts(source, resume, "localise_neurons")
-    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
+    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="localise_neurons")
     dev = next(model.parameters()).device
     check_precision(precision, dev)
     layers = mlp_layers(model)

@@ -36,8 +36,9 @@ from ...core.results import Result
 from ...core.runtime import check_choices, check_range
 from ...core.schemas import Schema, Var
 from ...core.store import stored
+from ...core.selection import lm_source
 from ..deletion import check_fractions
-from ..localise import lm_source, parse_settings, reference_rows
+from ..localise import parse_settings, reference_rows
 from .methods import FUNCTIONS, HYPER, METHODS, NO_FRACTION, Task, mitigation_options
 from .plots import plot_mitigation
 
@@ -75,7 +76,7 @@ def mitigate(source, data=None, *, methods=METHODS, fractions=(0.01,), options: 
     eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     seed = check_range("seed", seed, low=0, integer=True)
     check_precision(precision)
-    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device)
+    model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="mitigate")
     if not len(data.test_tokens):
         raise MemlocError(f"data {data.name!r} has no test sequences: mitigation measures the held-out loss",
                           argument="data")

@@ -178,7 +178,7 @@ def select_scores(names, run: Run | None, *, sequences: bool | None = None) -> l
 @renamed(names="methods", checkpoint_k="checkpoint", batch_size="eval_batch_size", resume_dir="resume")
 @stored('scores')
 def scores(source, data=None, *, methods="all", checkpoint: int | None = None, grad_method: str = "hooks",
-           eval_batch_size: int = 256, device="auto", resume=None, overwrite: bool = False,
+           eval_batch_size: int = 1024, device="auto", resume=None, overwrite: bool = False,
            precision: str = "fp32") -> Result | None:
     """Scores of every training example: the ``"scores"`` result, one (example,) variable per score.
 
@@ -270,7 +270,7 @@ def _cli_arguments(p):
     p.add_argument("--grad-method", default="hooks", choices=list(GRAD_NORM_METHODS),
                    help="per-example gradient norms for grand: hooks = per-layer norm tricks, "
                         "vmap = torch.func over the whole model, loop = one backward per example")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="examples per forward pass (el2n, grand, tracin)")
+    p.add_argument("--batch-size", type=positive_int, default=1024, help="examples per forward pass (el2n, grand, tracin)")
     add_precision(p, "run el2n's forward passes under autocast in bf16 or fp16 (the gradient norms of grand and "
                      "tracin stay fp32; the dynamics scores read what training recorded); fp32 (default) computes "
                      "exactly as without this option")

@@ -8,6 +8,7 @@ from torch import nn
 
 from ...core.errors import MemlocError
 from ...core.run import Run
+from ...core.precision import laid_out
 from ...core.prerequisites import needed_result
 from .functions import neuron_count
 from .passes import GRAD_NORMS, run_passes
@@ -36,7 +37,8 @@ class Inputs:
         """Compute the expensive passes (:mod:`memloc.analyses.scores.passes`); False on ranks > 0."""
         settings = {"grad_method": self.grad_method, "batch_size": self.batch_size, "device": self.device.type,
                     "precision": self.precision}
-        model_at = (lambda e: self._model) if self.run is None else (lambda e: self.run.model(e, device=self.device))
+        model_at = (lambda e: laid_out(self._model if self.run is None else self.run.model(e, device=self.device),
+                                       self.precision, self.device))
         merged = run_passes(passes, self.train(), model_at, self.cell, batch_size=self.batch_size,
                                  folder=folder, settings=settings, overwrite=overwrite)
         self.passes = merged or {}

@@ -16,7 +16,7 @@ import torch
 
 from ...core.errors import MemlocError
 from ...core.evaluate import eval_mode, evaluate
-from ...core.lm import lm_logits, suffix_measures
+from ...core.lm import lm_logits, lm_rows, suffix_measures
 from ...core.precision import autocast
 from .functions import el2n
 from .gradnorm import batch_grad_norms
@@ -83,7 +83,7 @@ class SequenceTask:
             yield tokens[i:i + batch_size], tokens[i:i + batch_size]
 
     def cell(self, kind: int, model, examples, *, batch_size: int, grad_method: str, precision: str, device):
-        batches = self.batches(examples, batch_size)
+        batches = self.batches(examples, lm_rows(model, batch_size, self.loss.prefix_len + self.loss.suffix_len - 1))
         if kind != EL2N:
             return batch_grad_norms(model, batches, method=grad_method, loss=self.loss)
         p, s = self.loss.prefix_len, self.loss.suffix_len

@@ -42,9 +42,10 @@ from .evaluate import EVAL_MODES, evaluate_modes, recalibrate_norms
 from .insert import (auto_as_test, dropout_layers, example_ids, insert_example_tied_dropout,
                      remove_example_tied_dropout, require_dropout_layers, set_mode)
 from .layer import KINDS, MODES, ExampleTiedDropout, FixedSparseDropout, StandardDropout, example_masks
-from .sinks import MLP_SITES, evaluate_sequence_modes, mlp_sites, resolve_sites, sink_ids
+from .sinks import MLP_SITES, evaluate_sequence_modes, insert_sinks, mlp_sites, resolve_sites, sink_ids, sinks_spec
 
 __all__ = ["ExampleTiedDropout", "StandardDropout", "FixedSparseDropout", "KINDS", "MODES", "EVAL_MODES",
            "insert_example_tied_dropout", "remove_example_tied_dropout", "dropout_layers", "set_mode",
            "auto_as_test", "example_ids", "example_masks", "evaluate_modes", "recalibrate_norms",
-           "require_dropout_layers", "MLP_SITES", "mlp_sites", "resolve_sites", "sink_ids", "evaluate_sequence_modes"]
+           "require_dropout_layers", "MLP_SITES", "mlp_sites", "resolve_sites", "sink_ids", "evaluate_sequence_modes",
+           "insert_sinks", "sinks_spec"]

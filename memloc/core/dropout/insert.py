@@ -15,6 +15,7 @@ __all__ = ["insert_example_tied_dropout", "remove_example_tied_dropout", "dropou
            "auto_as_test", "example_ids", "require_dropout_layers"]
 
 _ATTR = "_memloc_unit_dropout"   # instance attribute of a hooked module (outside _modules / state_dict)
+_SINKS = "_memloc_sinks"         # instance attribute of a model given sinks by memloc.insert_sinks (its spec)
 
 
 def _glob(name: str, pattern: str) -> bool:
@@ -95,7 +96,9 @@ def insert_example_tied_dropout(model: nn.Module, after, *, p_gen: float, p_mem:
 
 
 def remove_example_tied_dropout(model: nn.Module) -> int:
-    """Remove every layer inserted by :func:`insert_example_tied_dropout`; returns how many."""
+    """Remove every layer inserted by :func:`insert_example_tied_dropout` (and the spec of
+    :func:`memloc.insert_sinks`); returns how many."""
+    model.__dict__.pop(_SINKS, None)
     n = 0
     for m in model.modules():
         layer = m.__dict__.pop(_ATTR, None)

@@ -171,7 +171,8 @@ class ExampleTiedDropout(_UnitDropout):
     def _train(self, x, dim, ids):
         if ids is None:
             raise MemlocError(f"{self._label()} is in train mode but no example ids are bound: wrap the "
-                            "forward in `with memloc.core.dropout.example_ids(model, idx):` (or pass ids=), "
+                            "forward in `with memloc.core.dropout.example_ids(model, idx):` (or pass ids=; a "
+                            "SequenceRecorder's sinks: `with rec.sinks(idx):`), "
                             "or switch to eval / set_mode(model, 'test' or 'drop')")
         ids = torch.as_tensor(ids, device=x.device)
         if ids.ndim != 1 or ids.shape[0] != x.shape[0] or ids.dtype.is_floating_point or ids.dtype == torch.bool:

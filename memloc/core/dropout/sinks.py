@@ -14,6 +14,12 @@ MemSinks ties sinks to the sequence). At test time the sinks are dropped (``drop
 ``etd_after="mlp"`` (:data:`MLP_SITES`) in :func:`memloc.train` of a language model resolves to
 :func:`mlp_sites`; ``run.json`` stores the resolved module names, ``p_gen``, ``p_mem``, ``seed``,
 ``kind`` and ``ids`` (how the ids were derived), which is all a mask depends on.
+
+In a user's own loop or a ``transformers.Trainer``, :func:`insert_sinks` puts the same sinks into the
+model and remembers their spec on it (:func:`sinks_spec`): :class:`memloc.SequenceRecorder` and
+:class:`memloc.HFTrainerCallback` record it in ``run.json`` (so ``memloc.load(RUN).model()`` rebuilds the
+sinks and ``memloc dropout RUN`` evaluates them), ``with rec.sinks(idx):`` binds a batch's sink ids in a
+loop, and the callback binds them itself (each row of ``input_ids`` found among ``data``'s sequences).
 """
 from __future__ import annotations
 
@@ -21,9 +27,12 @@ import numpy as np
 import torch
 
 from ..errors import MemlocError
+from ..numeric import check_range
 from ..neurons import mlp_layers
+from .insert import _SINKS, insert_example_tied_dropout
 
-__all__ = ["MLP_SITES", "ACTIVATIONS", "mlp_sites", "resolve_sites", "sink_ids", "SINK_IDS"]
+__all__ = ["MLP_SITES", "ACTIVATIONS", "mlp_sites", "resolve_sites", "sink_ids", "SINK_IDS", "insert_sinks",
+           "sinks_spec"]
 
 #: the value of ``etd_after`` that names every MLP's hidden neurons
 MLP_SITES = "mlp"
@@ -52,6 +61,34 @@ def resolve_sites(model, after) -> list[str]:
     """``after`` (comma-separated names / patterns, or :data:`MLP_SITES`) as a list; ``"mlp"`` -> :func:`mlp_sites`."""
     names = [a.strip() for a in (after.split(",") if isinstance(after, str) else after) if str(a).strip()]
     return [site for name in names for site in (mlp_sites(model) if name == MLP_SITES else [name])]
+
+
+def insert_sinks(model, *, after=MLP_SITES, p_gen: float = 0.4, p_mem: float = 0.1, seed: int = 0,
+                 kind: str = "example_tied") -> dict:
+    """Put memorisation sinks into ``model`` (a causal LM) as ``memloc train --etd-after mlp`` does, and
+    remember their spec on it; returns the spec (``after`` resolved to module names, ``p_gen``, ``p_mem``,
+    ``seed``, ``kind``: the keywords of :func:`memloc.core.dropout.insert_example_tied_dropout`).
+
+    ``after``: :data:`MLP_SITES` (every MLP's hidden neurons) or module names / patterns. A
+    :class:`memloc.SequenceRecorder` or :class:`memloc.HFTrainerCallback` on the model records the spec
+    in ``run.json``; in train mode each forward needs its sequences' sink ids (``with rec.sinks(idx):``;
+    the callback binds them itself)."""
+    if not isinstance(model, torch.nn.Module):
+        raise MemlocError(f"model must be a torch.nn.Module, got {type(model).__name__}", argument="model")
+    if sinks_spec(model) is not None:
+        raise MemlocError(f"{type(model).__name__} already has memorisation sinks", argument="model")
+    spec = {"after": resolve_sites(model, after), "p_gen": float(check_range("p_gen", p_gen, low=0, high=1, low_open=True)),
+            "p_mem": None if p_mem is None else float(check_range("p_mem", p_mem, low=0, high=1)),
+            "seed": check_range("seed", seed, low=0, high=2**32 - 1, integer=True), "kind": kind}
+    insert_example_tied_dropout(model, **spec)
+    object.__setattr__(model, _SINKS, spec)
+    return dict(spec)
+
+
+def sinks_spec(model) -> dict | None:
+    """The spec :func:`insert_sinks` put into ``model``, or None."""
+    spec = getattr(model, "__dict__", {}).get(_SINKS)
+    return None if spec is None else dict(spec)
 
 
 def sink_ids(data) -> torch.Tensor:
