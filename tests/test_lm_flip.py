@@ -17,6 +17,7 @@ from memloc.core.errors import MemlocError
 from memloc.core.lm import lm_logits, sequence_measures
 from memloc.core.schemas import LM_SUBSETS
 from memloc.core.tasks import task_of
+from memloc.core.neurons import unit_structure
 from memloc.core.units import trace, unit_masks
 
 from conftest import results_free_copy
@@ -57,12 +58,12 @@ def _rows(res):
 
 
 def _assert_equals_reference(source, data, model, *, examples, repeats, ref_batch_size, max_units,
-                             site="pre_norm"):
+                             site="pre_norm", units="outputs"):
     """``source``: a run (then ``data`` is its sequences) or ``model`` itself (then passed with ``data``)."""
     res = memloc.flip(source, data if source is model else None, examples=examples, repeats=repeats, ref_batch_size=ref_batch_size,
                       ref_pool="all", max_units=max_units, site=site, dtype="float64", group_size=3, device="cpu",
-                      resume=None)     # the shared run's folder gets no part files
-    structure = trace(model, data.tokens[:2])
+                      resume=None, units=units)     # the shared run's folder gets no part files
+    structure = unit_structure(model, data.tokens[:2], units)
     assert list(res["layer"].values) == [sp.name for sp in structure.spaces]
     refs = res["reference"].values
     p, s = data.prefix_len, data.suffix_len

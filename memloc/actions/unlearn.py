@@ -97,20 +97,22 @@ def _groups(task, model, forget, retain, *, mask_context=None, batch_size: int =
 
 def _zero_context(run, model, data, forget):
     from ..analyses.importance import flip_units
-    from ..core.units import trace, unit_masks
+    from ..core.neurons import unit_structure
+    from ..core.units import unit_masks
     units = flip_units(run, examples=forget)
     if units is None:
         raise missing_result(run, "flip", "methods: zero", argument="methods", hint="on the forget examples")
     if not len(units):
         raise MemlocError("methods: zero needs flip searches of forget examples that flipped; flip has none: run "
                           "memloc flip on them first", argument="methods")
-    site = run.result("flip").config.get("site", "pre_norm")
+    config = run.result("flip").config
+    site = config.get("site", "pre_norm")
     if site == "weight":     # the flip searches zeroed parameter items (the official rule)
         from ..analyses.flip.weights import weight_items, weight_masks
         structure = weight_items(model)
         zeroing = weight_masks
     else:
-        structure = trace(model, example_input(data))
+        structure = unit_structure(model, example_input(data), config.get("units", "outputs"))   # flip's units
         zeroing = partial(unit_masks, site=site)
     mask = torch.ones(structure.n_units, device=next(model.parameters()).device)
     mask[torch.as_tensor(units, device=mask.device)] = 0

@@ -287,9 +287,10 @@ def importance(source, data=None, *, method: str = "fisher", subsets=("clean", "
     variables = {"layer_importance": (("subset", "layer"), np.stack(per_layer)),
                  "unit_importance": (("subset", "unit"), np.stack(per_unit)),
                  "examples": ("subset", np.asarray(sizes))}
-    weight_site = src.run is not None and src.run.results_path("flip").is_file() and \
-        src.run.result("flip").config.get("site") == "weight"
-    zeroed = None if weight_site else flip_units(src.run)      # weight-site flips zero parameter items, not units
+    flip_config = (src.run.result("flip").config if src.run is not None and src.run.results_path("flip").is_file()
+                   else {})
+    other_units = flip_config.get("site") == "weight" or flip_config.get("units", "outputs") != "outputs"
+    zeroed = None if other_units else flip_units(src.run)   # parameter items / heads / MLP inputs: not these units
     if zeroed is not None and "noisy" in names and len(zeroed):
         top = np.argsort(-np.nan_to_num(per_unit[names.index("noisy")], nan=-np.inf), kind="stable")[:len(zeroed)]
         inter = len(np.intersect1d(top, zeroed))

@@ -10,7 +10,9 @@
   ids ``s.offset .. s.offset + s.size - 1``.
 * :func:`unit_masks` multiplies those outputs by per-example masks through forward hooks (at
   the weight module's output, ``site="pre_norm"``, or its norm's output, ``site="post_norm"``);
-  the hooks are always removed and a hook that never fired is an error.
+  the hooks are always removed and a hook that never fired is an error. A language model's MLP
+  neurons and attention heads (:func:`memloc.core.neurons.unit_structure`) are unit spaces at a
+  module's *input* (``at="input"``, a forward pre-hook) whose units may span ``group`` features each.
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ class UnitSpace:
     size: int
     dim: int             # 1 for NCHW channels, -1 for last-dim features
     offset: int
+    group: int = 1       # features per unit (an attention head: the head_dim features of its slice)
+    at: str = "output"   # output: the module's output (forward hook); input: its first argument (pre-hook)
 
     def module_at(self, site: str) -> str:
         return self.norm if site == "post_norm" and self.norm else self.module
@@ -247,43 +251,51 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> Structure:
     return Structure(layers, spaces)
 
 
-def _mask_hook(mask: torch.Tensor, dim: int, name: str):
-    def hook(mod, inp, out):
+def _mask_hook(mask: torch.Tensor, dim: int, name: str, group: int = 1, at: str = "output"):
+    def scale(out):
         m = mask.to(out.dtype)
         if m.ndim == 1:
             m = m.unsqueeze(0)
         if m.shape[0] not in (1, out.shape[0]):
             raise ValueError(f"mask for {name!r} has batch {m.shape[0]} but the activation has batch {out.shape[0]}")
+        if group > 1:
+            m = m.repeat_interleave(group, 1)      # one mask value per slice of ``group`` features
         shape = [m.shape[0]] + [1] * (out.ndim - 1)
         shape[dim] = m.shape[1]
         return out * m.reshape(shape)
-    return hook
+    if at == "input":
+        return lambda mod, args: (scale(args[0]), *args[1:])
+    return lambda mod, inp, out: scale(out)
 
 
 @contextlib.contextmanager
-def hooks_of(model: nn.Module, hooks: dict[str, object], *, require_fired: bool = True):
-    """Temporarily register forward hooks ``{module name: hook(mod, inp, out)}``.
+def hooks_of(model: nn.Module, hooks: dict[str, object], *, require_fired: bool = True, pre: dict | None = None):
+    """Temporarily register forward hooks ``{module name: hook(mod, inp, out)}`` (and forward pre-hooks
+    ``pre`` = ``{module name: hook(mod, args)}``).
 
     Hooks are removed on exit (also on error). With ``require_fired``, a hook that never ran by
     the end of a successful block raises :class:`HookNotFiredError`.
     """
     modules = dict(model.named_modules())
-    missing = [n for n in hooks if n not in modules]
+    pre = pre or {}
+    missing = [n for n in (*hooks, *pre) if n not in modules]
     if missing:
         raise KeyError(f"no module named {missing[0]!r} in {type(model).__name__}")
     fired: set[str] = set()
 
     def wrap(name, fn):
-        def hook(mod, inp, out):
+        def hook(mod, *args):
             fired.add(name)
-            return fn(mod, inp, out)
+            return fn(mod, *args)
         return hook
 
     with Hooks() as h:
         for name, fn in hooks.items():
             h.forward(modules[name], wrap(name, fn))
+        for name, fn in pre.items():
+            h.forward_pre(modules[name], wrap(name, fn))
         yield
-    not_fired = [n for n in hooks if n not in fired]
+    not_fired = [n for n in (*hooks, *pre) if n not in fired]
     if require_fired and not_fired:
         raise HookNotFiredError(f"hooks on {', '.join(not_fired)} never fired: those modules are not on the forward path")
 
@@ -300,12 +312,12 @@ def unit_masks(model: nn.Module, structure: Structure, masks, *, site: str = "pr
         raise ValueError(f"unknown site {site!r}; valid: {', '.join(SITES)}")
     if torch.is_tensor(masks):
         masks = structure.split(masks)
-    hooks = {}
+    hooks, pre = {}, {}
     for name, mask in masks.items():
         s = structure.space(name)
         if mask.shape[-1] != s.size:
             raise ValueError(f"mask for {name!r} has {mask.shape[-1]} units, the layer has {s.size}")
         module = s.module_at(site)
-        hooks[module] = _mask_hook(mask, s.dim, module)
-    with hooks_of(model, hooks):
+        (pre if s.at == "input" else hooks)[module] = _mask_hook(mask, s.dim, module, s.group, s.at)
+    with hooks_of(model, hooks, pre=pre):
         yield

@@ -40,7 +40,9 @@ layer_hist, collateral``, the ordered unit ids as ``unit_ids`` / ``unit_offsets`
 Language models (:mod:`memloc.core.tasks`): the memorisation targets are the noisy examples; a
 sequence's loss is its suffix loss, "predicted" means its suffix reproduced exactly (the argmax right
 at every suffix position, teacher-forced), so a search zeroes units until the suffix is no longer
-reproduced; units only, no input noise.
+reproduced; units only, no input noise. ``units="mlp" | "heads" | "both"`` searches a language model's
+MLP hidden neurons, attention heads (zeroing a head zeroes its slice of the attention output before
+the output projection) or both instead of its layers' output features (:mod:`memloc.core.neurons`).
 
 The search is resumable: finished searches are saved in atomically written part files
 (``RUN/results/flip.partial/``); rerunning with the same settings continues where a killed run
@@ -55,6 +57,7 @@ import numpy as np
 from .driver import PROTOCOLS, SITES, part_settings, protocol_options, settings
 from ...scale.parts import canonical_settings, saved_settings
 from ...core.run import load
+from ...core.neurons import UNIT_KINDS
 from ...core.runtime import partial_folder
 from ...core.options import add_eval_batch_size, add_precision, nonnegative_float, nonnegative_int, number, positive_int
 from ...core.figures import figure, plt, COLORS, LABELS, save_figure, table, short_names, coord_names
@@ -87,6 +90,10 @@ def _cli_arguments(p):
                         "feature, comparable across layers), after the norm that follows it (post_norm), or a "
                         "parameter item by the official rule (weight: a whole conv filter, any other weight, bias or "
                         "norm scale / shift element by element, scored by weight x gradient)")
+    p.add_argument("--units", default="outputs", choices=UNIT_KINDS,
+                   help="which units a search zeroes: every conv / linear layer's output features (outputs, "
+                        "default); on a language model its MLP hidden neurons (mlp), its attention heads (heads: a "
+                        "head's slice of the attention output before the output projection) or both")
     p.add_argument("--noise-samples", type=nonnegative_int, default=None,
                    help="average the target's logits over this many Gaussian-noised copies of it (0 = off; "
                         "default 0, paper protocol 5)")
@@ -120,7 +127,7 @@ PROTOCOL_OPTIONS = ("site", "noise_samples", "noise_ratio", "repeats", "ref_batc
 def _cli_options(args) -> dict:
     return dict(examples=args.examples, checkpoint=args.checkpoint, max_units=args.max_units,
                 collateral=args.collateral, group_size=args.group_size, seed=args.seed, dtype=args.dtype,
-                precision=args.precision,
+                precision=args.precision, units=args.units,
                 protocol=args.protocol, **{k: getattr(args, k) for k in PROTOCOL_OPTIONS})
 
 
@@ -135,7 +142,7 @@ def _cli_requested(args, run):
 
 def _cli_already_done(args, run) -> bool:
     """Does the saved flip result hold exactly these settings?"""
-    stored = {"precision": "fp32", **run.result("flip").config}     # results from before --precision: fp32
+    stored = {"precision": "fp32", "units": "outputs", **run.result("flip").config}   # older results: their defaults
     return all(stored.get(k) == v for k, v in _cli_requested(args, run)[0].items())
 
 
@@ -201,6 +208,7 @@ def plot_flip(res, out, run=None) -> str:
         if r.any():
             rows.append([key, int(r.sum()), float(np.median(count[r])), 100 * float(flipped[r].mean())])
     text = (f"## Unit zeroing (flip)\n\nGreedy gradient-guided zeroing of units (site `{cfg.get('site')}`, "
+            f"units `{cfg.get('units', 'outputs')}`, "
             f"at most {cap} units) until the example's prediction changes (a language model's sequence: until its "
             "suffix is no longer reproduced exactly).\n\n"
             + figure("flip", name, "left, how many units had to be zeroed before each searched example's "
@@ -225,7 +233,7 @@ ANALYSIS = Analysis(
                   "config site = weight the units are parameter items (a conv filter, or one element of any other "
                   "parameter) and the layers are parameters",
                   {**EXAMPLE_VAR, "repeat": Var(("repeat",), "search repeat (own reference batch)"),
-                   "layer": Var(("layer",), "unit space (layer) name (weight site: parameter name)"), **SUBSET_VAR},
+                   "layer": Var(("layer",), "unit space (layer) name (weight site: parameter name; config units mlp / heads / both: the down- / output projection whose input features / head slices are the units)"), **SUBSET_VAR},
                   {"is_noisy": Var(("example",), "the example's given label is wrong (a sequence: a memorisation target)"),
                    "label": Var(("example",), "given label searched (-1: a language model's sequence)"),
                    "status": Var(("example",), "0 = searched, 1 = misclassified by the model (a sequence: its suffix "

@@ -15,6 +15,7 @@ from ...core.precision import apply_channels_last, autocast, check_precision
 from ...core.runtime import check_flag, check_range, progress
 from ...core.selection import resolve
 from ...core.tasks import SequenceTask, task_of
+from ...core.neurons import UNIT_KINDS, check_units, unit_structure
 from ...core.units import SITES as UNIT_SITES
 from .search import FlipSearch
 from .select import examples_spec, reference_batches, select_examples
@@ -73,7 +74,7 @@ def _check(max_units, repeats, group_size, eval_batch_size, noise_samples, noise
 
 
 def settings(is_noisy, *, checkpoint, examples, max_units, noise_samples, noise_ratio, repeats, site, collateral,
-             ref_batch_size, ref_pool, seed, dtype, precision="fp32") -> tuple[dict, np.ndarray, np.ndarray]:
+             ref_batch_size, ref_pool, seed, dtype, precision="fp32", units="outputs") -> tuple[dict, np.ndarray, np.ndarray]:
     """The config a search records, its example ids and its reference batches (R, B)."""
     examples = examples_spec(examples, len(is_noisy))      # values are recorded in their text form
     ids = select_examples(examples, is_noisy, seed=seed)
@@ -82,7 +83,7 @@ def settings(is_noisy, *, checkpoint, examples, max_units, noise_samples, noise_
     config = {"checkpoint": checkpoint, "site": site, "max_units": max_units, "repeats": repeats,
               "noise_samples": noise_samples, "noise_ratio": noise_ratio, "ref_batch_size": ref_batch_size,
               "ref_pool": ref_pool, "seed": seed, "examples": examples, "dtype": dtype, "precision": precision,
-              "collateral": collateral, "num_examples": len(ids)}
+              "collateral": collateral, "num_examples": len(ids), "units": units}
     return config, ids, refs
 
 
@@ -98,7 +99,7 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
          repeats: int | None = None, site: str | None = None, collateral: bool = False, group_size: int = 32,
          ref_batch_size: int | None = None, ref_pool: str | None = None, protocol: str = "memloc", seed: int = 0,
          dtype: str = "float32", eval_batch_size: int = 1024, device="auto", resume="auto",
-         overwrite: bool = False, log=None, precision: str = "fp32") -> Result | None:
+         overwrite: bool = False, log=None, precision: str = "fp32", units: str = "outputs") -> Result | None:
     """Greedy unit-zeroing searches (see :mod:`memloc.flip`) of the ``examples`` of a run.
 
     ``source``: a :class:`memloc.Run` / run path (``checkpoint``: its epoch, default final), or an
@@ -118,12 +119,17 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
     ``ref_batch_size``, ``repeats``, ``ref_pool``. ``site="weight"`` zeroes parameter items by the
     official rule (:mod:`memloc.analyses.flip.weights`). ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``;
     16 bits only with ``dtype="float32"``) runs the searches' forward passes under autocast
-    (:mod:`memloc.core.precision`). Returns the ``"flip"`` result.
+    (:mod:`memloc.core.precision`). ``units`` (:data:`memloc.core.neurons.UNIT_KINDS`): ``"outputs"``
+    zeroes every conv / linear layer's output channels / features (any model); on a language model
+    ``"mlp"`` its MLP hidden neurons, ``"heads"`` its attention heads (a head's slice of the attention
+    output before the output projection), ``"both"`` the two (:func:`memloc.core.neurons.unit_structure`).
+    Returns the ``"flip"`` result.
     """
     if log is not None and not callable(log):
         raise MemlocError(f"log must be a function of one message, got {type(log).__name__}", argument="log")
     log = log or (lambda msg: None)
     collateral = check_flag("collateral", collateral)
+    units = check_units(units)
     if ref_batch_size is not None:
         ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=1, integer=True)
     chosen = dict(site=site, noise_samples=noise_samples, noise_ratio=noise_ratio, ref_batch_size=ref_batch_size,
@@ -145,20 +151,22 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
         opts[k] for k in ("site", "noise_samples", "noise_ratio", "repeats", "ref_batch_size", "ref_pool"))
     if lm:
         _check_lm(site, noise_samples, protocol, chosen)
+    _check_units(units, lm, site)
     is_noisy = task.is_noisy
     given = np.full(len(is_noisy), -1) if lm else np.asarray(data.label_given)
     config, ids, refs = settings(is_noisy, checkpoint=epoch, examples=examples, max_units=max_units,
                                  noise_samples=noise_samples, noise_ratio=noise_ratio, repeats=repeats, site=site,
                                  collateral=collateral, ref_batch_size=ref_batch_size, ref_pool=ref_pool, seed=seed,
-                                 dtype=dtype, precision=precision)
+                                 dtype=dtype, precision=precision, units=units)
     train = task.train
     x = train.x[torch.as_tensor(ids, device=train.x.device)]
     y = task.target(x, train.y[torch.as_tensor(ids, device=train.y.device)])
     ridx = torch.as_tensor(refs, device=train.x.device)
+    structure = None if units == "outputs" else unit_structure(model, train.x[ridx[0, :1]], units)
     with autocast(precision, dev):
         search = (WeightFlipSearch if site == "weight" else FlipSearch)(
             model, train.x[ridx], task.target(train.x[ridx], train.y[ridx]), refs, site=site, dtype=DTYPES[dtype],
-            task=task, cache_prefix=task.prefix_cache)
+            task=task, cache_prefix=task.prefix_cache, **({} if structure is None else {"structure": structure}))
         status = (~search.correct(x, y)).cpu().numpy().astype(np.int8)
     structure = search.structure
     status = broadcast(status)      # split across processes: every rank works from rank 0's list
@@ -198,6 +206,18 @@ def _check_lm(site, noise_samples, protocol, chosen):
         raise MemlocError(f"noise_samples {noise_samples}{why('noise_samples')}: a language model's input is token ids, which take no "
                           "Gaussian noise; use {noise_samples}", options={"noise_samples": 0},
                           argument="noise_samples")
+
+
+def _check_units(units, lm, site):
+    """What the unit kinds other than layer outputs need: a language model, and the unit site."""
+    if units == "outputs":
+        return
+    if not lm:
+        raise MemlocError(f"units {units!r} are a language model's MLP neurons / attention heads; a classifier's "
+                          "units are its layers' outputs: use {units}", options={"units": "outputs"}, argument="units")
+    if site != "pre_norm":
+        raise MemlocError(f"site {site!r} applies to layer outputs; units {units!r} are zeroed at the input of the "
+                          "down- / output projection: use {site}", options={"site": "pre_norm"}, argument="site")
 
 
 def _search(search, parts, x, y, ids, todo, task, model, *, collateral, group_size, eval_batch_size, **kw):

@@ -30,7 +30,7 @@ from ...core.lm import sequence_measures
 from ...core.options import add_precision, nonnegative_int, number, positive_int
 from ...core.registry import Analysis, Command
 from ...core.results import Result
-from ...core.neurons import mlp_layers
+from ...core.neurons import UNIT_KINDS, unit_layers
 from ...core.precision import check_precision
 from ...core.runtime import check_choices, check_range, split_list
 from ...core.schemas import Schema, Var
@@ -41,7 +41,7 @@ from ...scale.distributed import world
 from ...scale.parts import Columns, parts_folder, split_rows
 from .plots import plot_localise
 from .common import HYPER, METHODS
-from .methods import method_options, neuron_scores
+from .methods import check_localised_units, method_options, neuron_scores
 
 __all__ = ["localise_neurons", "neuron_scores", "method_options", "select_targets", "reference_rows",
            "parse_settings", "target_parts",
@@ -100,13 +100,15 @@ def target_parts(source, resume, name: str):
 @stored("localise_neurons")
 def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS, options: dict | None = None,
                      ref_batch_size: int = 8, checkpoint: int | None = None, eval_batch_size: int = 64,
-                     seed: int = 0, device="auto", precision: str = "fp32", resume=None,
+                     seed: int = 0, device="auto", precision: str = "fp32", units: str = "mlp", resume=None,
                      overwrite: bool = False) -> Result | None:
     """The ``"localise_neurons"`` result (module docstring) of a language-model run (``source``: a run or
     its path, ``checkpoint`` default final) or of a causal LM module with ``data`` (a SequenceSet), for
     the target sequences ``examples`` (:func:`select_targets`), by ``methods``; greedy keeps the loss of
     ``ref_batch_size`` clean training sequences low (:func:`reference_rows`; 0: none). ``precision``: every
-    forward pass under autocast (:mod:`memloc.core.precision`; :func:`neuron_scores`).
+    forward pass under autocast (:mod:`memloc.core.precision`; :func:`neuron_scores`). ``units``: rank the
+    MLP neurons (``"mlp"``) or the attention heads (``"heads"``: then ``neuron`` indexes the heads of the
+    layer, named after its output projection).
 
     The targets are localised ``eval_batch_size`` at a time, each target's random streams keyed by its
     sequence id. ``resume``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
@@ -115,6 +117,7 @@ def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS
     (:mod:`memloc.scale.distributed`) the batches are split across the processes (None then means
     ``"auto"``) and rank 0 returns the merged result, equal to one process's, the other ranks None."""
     chosen = check_choices("methods", methods, METHODS, "localisation method")     # bad options fail before any work
+    check_localised_units(units)
     method_options(options)
     ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
     eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
@@ -124,7 +127,7 @@ def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="localise_neurons")
     dev = next(model.parameters()).device
     check_precision(precision, dev)
-    layers = mlp_layers(model)
+    layers = unit_layers(model, units)
     rows = select_targets(model, data, examples, eval_batch_size=eval_batch_size, precision=precision)
     p, s = data.prefix_len, data.suffix_len
     tokens, ids = data.tokens[torch.as_tensor(rows)], np.asarray(data.ids[rows], dtype=np.int64)
@@ -135,7 +138,8 @@ def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS
 
     def work(chunk):        # one batch of targets: every method's scores, its seconds shared out per target
         got = neuron_scores(model, tokens[chunk], p, s, methods=chosen, reference=reference, options=options,
-                            eval_batch_size=eval_batch_size, seed=seed, precision=precision, ids=ids[chunk])
+                            eval_batch_size=eval_batch_size, seed=seed, precision=precision, units=units,
+                            ids=ids[chunk])
         none = np.zeros(len(chunk))
         return columns.pack(score=np.stack([got["scores"][m] for m in chosen], 1),
                             seconds=np.tile([got["seconds"][m] / len(chunk) for m in chosen], (len(chunk), 1)),
@@ -143,7 +147,7 @@ def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS
     config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "prefix_len": p,
               "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "checkpoint": epoch,
               "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev), "data": data.name,
-              "precision": precision}
+              "precision": precision, "units": units}
     got = columns.unpack(split_rows(len(rows), eval_batch_size, work, folder=folder, what="localise_neurons",
                                     settings={**config, "device": dev.type, "targets": ids.tolist()},
                                     overwrite=overwrite))
@@ -180,6 +184,9 @@ def _cli_arguments(p):
                    help="clean training sequences whose loss greedy zeroing keeps low (0: the target's loss alone)")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
                    help="random stream of the random baseline and Hard Concrete's noise")
+    p.add_argument("--units", default="mlp", choices=UNIT_KINDS[1:3],
+                   help="rank the MLP hidden neurons (mlp, default) or the attention heads (heads: a head's slice of "
+                        "the attention output before the output projection)")
     add_precision(p, what="every forward pass (fp16 mask learning with a scaled loss)")
 
 
@@ -204,13 +211,16 @@ def _cli_execute(args):
     return localise_neurons(args.run, examples=args.examples, methods=args.methods, checkpoint=args.checkpoint,
                             options=parse_settings(args.set),
                             ref_batch_size=args.ref_batch_size, eval_batch_size=args.eval_batch_size, seed=args.seed,
-                            device=args.device, precision=args.precision, resume="auto", overwrite=args.overwrite)
+                            device=args.device, precision=args.precision, units=args.units, resume="auto",
+                            overwrite=args.overwrite)
 
 
 def _cli_summary(res, args):
     score = res["score"]
-    lines = [f"{res.sizes['target']} target(s), {res.sizes['layer']} MLP layers of {res.sizes['neuron']} neurons; "
-             f"top neuron per layer of target {int(res['target'][0])}:",
+    what = ("attention layers", "heads", "head") if res.config.get("units") == "heads" else \
+        ("MLP layers", "neurons", "neuron")
+    lines = [f"{res.sizes['target']} target(s), {res.sizes['layer']} {what[0]} of {res.sizes['neuron']} {what[1]}; "
+             f"top {what[2]} per layer of target {int(res['target'][0])}:",
              f"{'method':<14} {'seconds':>9}  " + "  ".join(f"{str(n):>22}" for n in res["layer"].values)]
     for i, m in enumerate(res["method"].values):     # by position: sel(method=...) is xarray's own keyword
         top = score.values[i, 0].argmax(1)
@@ -229,8 +239,9 @@ ANALYSIS = Analysis(
                   "(memloc.localise_neurons)",
   {"method": Var(("method",), "zero_out | activations | ig | slimming | hard_concrete | grad_x_act | greedy | random"),
    "target": Var(("target",), "sequence id of the target"),
-   "layer": Var(("layer",), "the MLP's down-projection (its input features are the neurons)"),
-   "neuron": Var(("neuron",), "neuron index within the layer")},
+   "layer": Var(("layer",), "the MLP's down-projection (its input features are the neurons); config units heads: "
+                            "the attention's output projection (its input holds the heads' slices)"),
+   "neuron": Var(("neuron",), "neuron (config units heads: head) index within the layer")},
   {"score": Var(("method", "target", "layer", "neuron"), "higher = more responsible for the target's suffix"),
    "seconds": Var(("method",), "seconds the method took for all targets"),
    "suffix_loss": Var(("target",), "the target's suffix loss (nats per token)"),

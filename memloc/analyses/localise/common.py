@@ -39,7 +39,7 @@ HYPER = {
 @dataclass
 class Targets:
     """Target sequences ``tokens`` (B, prefix_len + suffix_len) of ``model`` (on its device, eval
-    mode) with its MLP ``layers`` (all of one width ``d``), and optionally ``reference`` sequences
+    mode) with its unit ``layers`` (MLP neurons or attention heads, all of one width ``d``), and optionally ``reference`` sequences
     (R, prefix_len + suffix_len) whose suffix loss greedy keeps low. ``precision``: what the methods run in
     (:func:`memloc.analyses.localise.neuron_scores` runs them under its autocast; the learned masks scale
     their fp16 loss). ``ids``: each row's key of its random stream (:meth:`row_seed`; None: its position)."""

@@ -7,7 +7,8 @@ path from h = 0 to the real activations, times the activations (captum, ``n_step
 ``method`` rule, ``eval_batch_size`` points per pass), summed over positions. The attributions of a
 layer add up to F(h) - F(0) (completeness). MemPi scales one position at a time and attributes the
 target token's probability; a whole-layer path of the suffix log-likelihood needs one integral per
-layer instead of one per layer and suffix token.
+layer instead of one per layer and suffix token. An attention head's attribution (``units="heads"``)
+is the sum of its head_dim features' attributions (the path scales the output projection's input).
 """
 from __future__ import annotations
 
@@ -47,5 +48,6 @@ def ig(t: Targets, opts: dict) -> torch.Tensor:
             attr = IntegratedGradients(forward).attribute(
                 acts[layer], baselines=torch.zeros_like(acts[layer]), additional_forward_args=(x,),
                 n_steps=int(opts["n_steps"]), method=opts["method"], internal_batch_size=t.eval_batch_size)
-            out[b, layer] = attr[0].sum(0).double().cpu()
+            unit = t.layers[layer]          # a head's attribution: the sum over its head_dim features
+            out[b, layer] = attr[0].sum(0).view(unit.size, unit.group).sum(1).double().cpu()
     return out

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...core.errors import MemlocError
-from ...core.neurons import mlp_layers
+from ...core.neurons import check_units, unit_layers
 from ...core.precision import autocast, check_precision
 from ...core.runtime import check_choices, check_range
 from ...core.sequences import check_span
@@ -19,7 +19,7 @@ from .ig import ig
 from .masks import hard_concrete, slimming
 from .zero_out import zero_out
 
-__all__ = ["neuron_scores", "method_options", "FUNCTIONS"]
+__all__ = ["neuron_scores", "method_options", "check_localised_units", "FUNCTIONS"]
 
 
 def random(t: Targets, opts: dict) -> torch.Tensor:
@@ -46,6 +46,16 @@ def _token_ids(tokens, argument: str) -> torch.Tensor:
     return tokens.long()
 
 
+def check_localised_units(units) -> str:
+    """``units`` localisation ranks: ``mlp`` or ``heads`` (one kind per result: the scores are (layer, unit)
+    arrays of one width), else a one-line :class:`MemlocError`."""
+    if units in ("both", "outputs"):
+        raise MemlocError(f"units {units!r}: neuron localisation ranks one kind of unit at a time (a layer's units "
+                          "share one width): use {units}, then heads", options={"units": "mlp"},
+                          argument="units")
+    return check_units(units, ("mlp", "heads"))
+
+
 def method_options(options: dict | None) -> dict[str, dict]:
     """:data:`HYPER` with ``options`` ({method: {name: value}}) laid over it; unknown names are errors."""
     merged = {m: dict(v) for m, v in HYPER.items()}
@@ -69,13 +79,14 @@ def method_options(options: dict | None) -> dict[str, dict]:
 
 def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *, methods=METHODS,
                   reference=None, options: dict | None = None, eval_batch_size: int = 64, seed: int = 0,
-                  precision: str = "fp32", ids=None) -> dict:
-    """Scores of every MLP neuron of ``model`` for each target sequence (row of ``tokens`` (B, T), on
+                  precision: str = "fp32", units: str = "mlp", ids=None) -> dict:
+    """Scores of every MLP neuron (``units="mlp"``) or attention head (``units="heads"``,
+    :func:`memloc.core.neurons.attention_heads`) of ``model`` for each target sequence (row of ``tokens`` (B, T), on
     the model's device): higher = more responsible for the target's suffix
     ``tokens[:, prefix_len:prefix_len + suffix_len]`` given its prefix.
 
     Returns ``{"scores": {method: (B, L, d) float64 array}, "seconds": {method: float},
-    "layers": [down-projection names], "greedy_zeroed": (B,), "greedy_broken": (B,)}`` (the last two
+    "layers": [down- / output projection names], "greedy_zeroed": (B,), "greedy_broken": (B,)}`` (the last two
     with ``greedy``). The model runs in eval mode (its mode is restored) with its own weights.
     ``reference``: (R, T') token ids (T' >= prefix_len + suffix_len) of sequences whose suffix loss
     ``greedy`` keeps low (e.g. clean training sequences; None: the target's loss alone).
@@ -85,6 +96,7 @@ def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *,
     draws from seed ``seed + 2**32 ids[i]``, whatever the other rows; None: 0 .. B-1), e.g. the sequence ids.
     """
     chosen = check_choices("methods", methods, METHODS, "localisation method")
+    check_localised_units(units)
     opts = method_options(options)
     eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
@@ -101,10 +113,10 @@ def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *,
         if ids.shape != (len(tokens),) or ids.dtype.kind not in "iu" or (ids < 0).any() or (ids >= 2**32).any():
             raise MemlocError(f"ids must be {len(tokens)} integers in [0, 2**32) (one per row of tokens), got "
                               f"shape {ids.shape} of {ids.dtype}", argument="ids")
-    layers = mlp_layers(model)
+    layers = unit_layers(model, units)
     if len({layer.size for layer in layers}) > 1:
-        raise MemlocError(f"the MLP layers of {type(model).__name__} differ in width "
-                          f"({sorted({layer.size for layer in layers})}); give a model with one MLP width",
+        raise MemlocError(f"the {units} layers of {type(model).__name__} differ in width "
+                          f"({sorted({layer.size for layer in layers})}); give a model whose layers have one width",
                           argument="source")
     device = next(model.parameters()).device
     check_precision(precision, device)

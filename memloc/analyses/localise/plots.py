@@ -23,6 +23,8 @@ def plot_localise(res, out, run=None) -> str:
     score = res["score"].values                      # (method, target, layer, neuron)
     m, t, n_layer, width = score.shape
     k = min(TOP, n_layer * width)
+    heads = res.config.get("units") == "heads"
+    unit, where = ("heads", "attention layers") if heads else ("neurons", "MLP layers")
     share = np.zeros((m, n_layer))
     for i in range(m):
         flat = np.nan_to_num(score[i].reshape(t, -1), nan=-np.inf)
@@ -36,10 +38,10 @@ def plot_localise(res, out, run=None) -> str:
     for j, (layer, color) in enumerate(zip(layers, plt.cm.viridis(np.linspace(0.1, 0.9, n_layer)))):
         a.bar(x + (j - (n_layer - 1) / 2) * bar, 100 * share[:, j], bar, color=color, label=layer)
     a.set_xticks(x, methods, rotation=30, ha="right", fontsize=8)
-    a.set(ylabel=f"top-{k} neurons in the layer (%)", ylim=(0, 100), title="where each method's top neurons lie")
+    a.set(ylabel=f"top-{k} {unit} in the layer (%)", ylim=(0, 100), title=f"where each method's top {unit} lie")
     a.legend(fontsize=7)
     rows = [[meth, f"{float(res['seconds'].values[i]):.2f}"] + [100 * v for v in share[i]] for i, meth in enumerate(methods)]
-    how = (f"left, for each method the share of every target's {k} highest-scoring MLP neurons that lie in each "
+    how = (f"left, for each method the share of every target's {k} highest-scoring {'' if heads else 'MLP '}{unit} that lie in each "
            "layer (mean over targets): a method that concentrates them in one layer says the memorised suffixes "
            "are stored there")
     if greedy:
@@ -51,20 +53,20 @@ def plot_localise(res, out, run=None) -> str:
             rows_k = (kind == kd) & broken
             if rows_k.any():
                 b.hist(zeroed[rows_k], bins=bins, alpha=0.6, label=f"{kd} (n={int(rows_k.sum())})")
-        b.set(xlabel="neurons zeroed until the suffix is no longer reproduced", ylabel="targets",
-              title="greedy zeroing: neurons per target")
+        b.set(xlabel=f"{unit} zeroed until the suffix is no longer reproduced", ylabel="targets",
+              title=f"greedy zeroing: {unit} per target")
         b.legend(fontsize=8)
-        how += (". Right, how many neurons memloc's greedy zeroing removed before each target's suffix stopped "
+        how += (f". Right, how many {unit} memloc's greedy zeroing removed before each target's suffix stopped "
                 "being reproduced, by kind (targets it could not break are left out): few means the sequence "
-                "hangs on a few neurons")
+                f"hangs on a few {unit}")
     name = save_figure(fig, out, "localise_neurons.png")
-    text = (f"## Neurons holding memorised sequences\n\n{t} target sequences, {n_layer} MLP layers of {width} "
-            "neurons each, scored by every method (`memloc localise-neurons`).\n\n"
+    text = (f"## {unit.capitalize()} holding memorised sequences\n\n{t} target sequences, {n_layer} {where} of {width} "
+            f"{unit} each, scored by every method (`memloc localise-neurons`).\n\n"
             + figure("localisation", name, how + ".") + "\n\n"
             + table(["method", "seconds"] + [f"{layer} (%)" for layer in layers], rows, digits=1))
     if greedy:
         text += (f"\n\nGreedy zeroing broke {int(broken.sum())} of {len(zeroed)} targets, after a median of "
-                 f"{float(np.median(zeroed[broken])) if broken.any() else float('nan'):.0f} neurons.")
+                 f"{float(np.median(zeroed[broken])) if broken.any() else float('nan'):.0f} {unit}.")
     return text
 
 
