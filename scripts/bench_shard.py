@@ -42,9 +42,13 @@ ANALYSES = {
 #: the language-model run of --lm: TinyMem multiplication, 2 blocks (about a minute to train on one core)
 LM_RUN = {"dataset": "tinymem:mult", "model": "gpt", "n_layer": 2, "d_model": 64, "n_head": 4, "n_train": 512,
           "n_test": 64, "seq_len": 32, "noise": 0.1, "epochs": 8, "batch_size": 32}
-LM_ANALYSES = {"scores": ["--scores", "grand,tracin"], "gradients": [], "rewind": [], "retrain": ["--epochs", "2"]}
+LM_ANALYSES = {"scores": ["--scores", "grand,tracin"], "gradients": [], "rewind": [], "retrain": ["--epochs", "2"],
+               "localise-neurons": ["--examples", ",".join(map(str, range(48))), "--eval-batch-size", "4",
+                                    "--methods", "grad_x_act,greedy,slimming,hard_concrete,random",
+                                    "--set", "slimming.max_steps=200", "--set", "hard_concrete.max_steps=200"]}
 COMPARED = {"flip": ("n_units", "flipped", "unit_ids", "unit_offsets"), "rewind": ("accuracy",),
-            "retrain": ("accuracy",), "scores": ("grand", "tracin"), "gradients": ("norm", "cosine")}
+            "retrain": ("accuracy",), "scores": ("grand", "tracin"), "gradients": ("norm", "cosine"),
+            "localise-neurons": ("score", "greedy_zeroed")}
 
 
 def timed(cmd, env, check=True) -> float:
@@ -58,7 +62,7 @@ def compare(run, name, options, procs, repeats, env, *, compared=COMPARED, start
     times: the best wall times ``one`` / ``many``, with ``startup`` also those of the same command
     once its result exists (``one_idle`` / ``many_idle``: start-up only), and whether the results'
     ``compared[name]`` arrays are identical (``same``). The result file is removed afterwards."""
-    out = run.results_path(name)
+    out = run.results_path(name.replace("-", "_"))      # localise-neurons writes localise_neurons.h5
     base = ["-m", "memloc", name, str(run.path), *options, "--device", "cpu", "--overwrite"]
     one = [sys.executable, *base]
     many = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *base]
@@ -71,7 +75,7 @@ def compare(run, name, options, procs, repeats, env, *, compared=COMPARED, start
             if startup:  # the same command again stops at the existing result ("already complete", or
                 # "exists" with exit status 2): start-up, loading and checks only
                 times[f"{key}_idle"].append(timed([c for c in cmd if c != "--overwrite"], env, check=False))
-            res = memloc.load(run.path).result(name)
+            res = memloc.load(run.path).result(out.stem)
             results[key] = {k: res[k].values for k in compared[name]}
     out.unlink(missing_ok=True)
     same = all(np.array_equal(results["one"][k], results["many"][k], equal_nan=True) for k in compared[name])

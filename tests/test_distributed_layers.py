@@ -135,11 +135,17 @@ def test_parts_of_other_settings_are_not_mixed_in(run):
 
 def test_which_commands_split_their_work(run, monkeypatch, capsys):
     sharded = {n for n in registry.commands() if registry.command(n).sharded}
-    assert sharded == {"flip", "rewind", "retrain", "scores", "gradients", "prune", "clean", "jtt", "train"}
+    assert sharded == {"flip", "rewind", "retrain", "scores", "gradients", "prune", "clean", "jtt", "train",
+                       "localise-neurons"}
     monkeypatch.setenv("WORLD_SIZE", "2")       # the others refuse torchrun (each process would redo it all)
     with pytest.raises(SystemExit) as e:
         cli_run("importance", [str(run.path), "--device", "cpu"])
     assert e.value.code == 2 and "does not split its work" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:        # a command that cannot split says why, in one line
+        cli_run("mitigate", [str(run.path), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "does not split its work across processes (each method is one " \
+        "joint edit of the model over all memorised targets" in err
 
 
 def test_retrain_evaluations_handed_off_give_the_same_curve(run):

@@ -2,6 +2,7 @@
 their work (memorisation, scores, gradients, rewind, retrain) give exactly the single-process result,
 and ``memloc train`` of a language model trains one run with DDP that follows the one-process run
 (the image path's checks, tests/test_ddp.py)."""
+import json
 import os
 import subprocess
 import sys
@@ -144,7 +145,7 @@ def test_resume_with_sinks_under_torchrun(tmp_path):
 
 #: the analyses in one torchrun: a script that joins the process group and calls the library
 WORKER = textwrap.dedent("""
-    import os, sys, torch
+    import importlib, json, os, sys, torch
     torch.set_num_threads(1)
     import memloc
     from memloc.scale import ddp
@@ -163,8 +164,25 @@ WORKER = textwrap.dedent("""
     memloc.gradients(run, checkpoints="0,5,10", eval_batch_size=8, device="cpu", save=True)
     memloc.rewind(run, checkpoints="0,5", device="cpu", save=True)
     memloc.retrain(run, epochs=1, layers="blocks.0.mlp.up,blocks.0.mlp.down,head", device="cpu", save=True)
+    localised = []      # the targets each rank localises (every target once, by one rank)
+    modules = [importlib.import_module("memloc.analyses." + name) for name in ("localise", "deletion", "inj")]
+    for module in modules:      # all imported first: each module's own name of the one function wrapped once
+        module.neuron_scores = lambda m, tokens, *a, f=module.neuron_scores, **k: localised.append(len(tokens)) or f(
+            m, tokens, *a, **k)
+    for name, kw in json.loads(sys.argv[2]).items():
+        getattr(memloc, name)(run, device="cpu", save=True, **kw)
+    say(f"localised {sum(localised)}")
     say("done %d %d" % world())
 """)
+#: the per-target analyses (batches of 2 targets, cut short), by the methods that batch targets or draw random
+#: numbers (zero_out and ig localise one target at a time): one process's arrays exactly
+OPTIONS = {"slimming": {"max_steps": 10, "check_every": 5}, "hard_concrete": {"max_steps": 10, "check_every": 5},
+           "greedy": {"max_zeroed": 4}}
+LOCALISATION = {"localise_neurons": {"examples": "memorised:3"}, "del_benchmark": {"examples": "memorised:3",
+                "fractions": [0.05]}, "inj_benchmark": {"n_sequences": 2, "n_injected": 2, "lr": 0.3, "max_steps": 100}}
+for _kw in LOCALISATION.values():
+    _kw.update(methods="activations,grad_x_act,greedy,slimming,hard_concrete,random", options=OPTIONS,
+               eval_batch_size=2, ref_batch_size=2)
 ANALYSES = {"scores": {"methods": "el2n,grand,tracin,forgetting", "eval_batch_size": 8},
             "gradients": {"checkpoints": "0,5,10", "eval_batch_size": 8},
             "rewind": {"checkpoints": "0,5"},
@@ -184,9 +202,10 @@ def test_analyses_on_two_processes_equal_one(reference, tmp_path):
     run = results_free_copy(reference, tmp_path / "lm")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    p = _torchrun([str(script), str(run.path)])
+    p = _torchrun([str(script), str(run.path), json.dumps(LOCALISATION)])
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(line for line in p.stdout.split("\n") if line.startswith("done")) == ["done 0 2", "done 1 2"]
+    localised = sum(int(line.split()[1]) for line in p.stdout.split("\n") if line.startswith("localised"))
     assert p.stdout.count(f"measured {len(run.data()) // 2}\n") == 2        # each rank measured half the sequences
     for name in ANALYSES:
         assert not run.results_path(name).with_name(f"{name}.partial").exists()   # parts gone once saved
@@ -196,3 +215,13 @@ def test_analyses_on_two_processes_equal_one(reference, tmp_path):
     _assert_same(want, got["memorisation"])
     for name, kw in ANALYSES.items():
         _assert_same(getattr(memloc, name)(run, device="cpu", **kw), got[name])
+    results = {"localise_neurons": "localise_neurons", "del_benchmark": "del", "inj_benchmark": "inj"}
+    for name, kw in LOCALISATION.items():     # random baselines and Hard Concrete's noise included
+        want = getattr(memloc, name)(run, device="cpu", **kw)
+        assert not run.results_path(results[name]).with_name(f"{results[name]}.partial").exists()
+        got = run.result(results[name])
+        assert want["method"].values.tolist() == got["method"].values.tolist() == _kw["methods"].split(",")
+        assert "kind" not in want or want["kind"].values.tolist() == got["kind"].values.tolist()
+        timings = [k for k in ("seconds", "inject_seconds", "kind") if k in want]
+        _assert_same(want.dataset.drop_vars(timings), got.dataset.drop_vars(timings))
+    assert localised == 3 + 3 + int(want["injected_ok"].sum())     # each target localised once, by one rank

@@ -1,6 +1,8 @@
 """Neuron localisation in language models (issue 24): known answers, exactness and error paths."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -247,6 +249,33 @@ def test_localise_neurons_result_and_errors(memorising, tmp_path):
         memloc.localise_neurons(tiny_gpt(5), data, device="cpu")
     with pytest.raises(MemlocError, match="data must be a SequenceSet"):
         memloc.localise_neurons(model, x, device="cpu")
+
+
+def test_targets_keep_their_random_streams_and_batches_resume(memorising, tmp_path, monkeypatch):
+    """A target's random baseline is drawn from its id: the same in any batch, as any subset (what lets
+    torchrun split the targets); with ``resume`` each batch of targets is a part that a rerun takes back."""
+    model, x = memorising
+    data = SequenceSet("random", x, x[:0], np.arange(4), np.ones(4, bool), np.full(4, "canary"), 5, 5,
+                       list(TINYMEM_VOCAB))
+    kw = {"methods": "grad_x_act,random", "device": "cpu"}
+    whole = memloc.localise_neurons(model, data, eval_batch_size=4, **kw)
+    pair = memloc.localise_neurons(model, data, examples=[3, 1], eval_batch_size=1, **kw)
+    assert np.array_equal(pair["score"].values[1], whole["score"].values[1][[3, 1]])
+    assert not np.array_equal(whole["score"].values[1, 0], whole["score"].values[1, 1])     # one stream per target
+    parts = tmp_path / "parts"
+    first = memloc.localise_neurons(model, data, eval_batch_size=1, resume=parts, **kw)
+    saved = sorted(parts.glob("part_*.npz"))
+    assert len(saved) == 4 and np.array_equal(first["score"].values[1], whole["score"].values[1])
+    for part in saved[1:3]:
+        part.unlink()
+    localised = []
+    module = sys.modules["memloc.analyses.localise"]
+    monkeypatch.setattr(module, "neuron_scores", lambda m, tokens, *a, f=module.neuron_scores, **k:
+                        localised.append(len(tokens)) or f(m, tokens, *a, **k))
+    again = memloc.localise_neurons(model, data, eval_batch_size=1, resume=parts, **kw)
+    assert localised == [1, 1] and np.array_equal(again["score"].values, first["score"].values)
+    with pytest.raises(MemlocError, match="different settings"):
+        memloc.localise_neurons(model, data, eval_batch_size=1, resume=parts, seed=1, **kw)
 
 
 def test_command_on_a_run_and_inj_on_it(tmp_path, capsys):

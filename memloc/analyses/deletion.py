@@ -14,8 +14,9 @@
 The ``"del"`` result, per (method, fraction, target): ``memorised`` (the target still reproduced),
 ``accuracy`` / ``loss`` of its suffix, ``kept`` (specificity: the share of the other memorised
 sequences still reproduced), ``test_loss`` / ``test_accuracy`` (mean over the test sequences); per
-target the same before zeroing; per method the localisation seconds per target. A method scores all
-targets in one call (greedy and the masks batch them), so ``seconds`` is that call's time / targets.
+target the same before zeroing; per method the localisation seconds per target. A method scores
+``eval_batch_size`` targets in one call (greedy and the masks batch them), so ``seconds`` is the calls'
+time / targets. Under torchrun the batches of targets are split across the processes (one process's result).
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ from ..core.runtime import check_choices, check_range, split_list
 from ..core.schemas import Schema, Var
 from ..core.store import stored
 from ..core.selection import lm_source
-from .localise import METHODS, method_options, neuron_scores, reference_rows, select_targets
+from ..scale.distributed import world
+from ..scale.parts import Columns, split_rows
+from .localise import METHODS, method_options, neuron_scores, reference_rows, select_targets, target_parts
 from .localise.plots import plot_del
 
 __all__ = ["del_benchmark", "zeroing_masks", "check_fractions", "FRACTIONS"]
@@ -89,20 +92,23 @@ def _measure(model, layers, tokens, p: int, s: int, mask, eval_batch_size: int, 
 @stored("del")
 def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, examples="memorised",
                   options: dict | None = None, ref_batch_size: int = 8, checkpoint: int | None = None,
-                  eval_batch_size: int = 64, seed: int = 0, device="auto", precision: str = "fp32") -> Result:
+                  eval_batch_size: int = 64, seed: int = 0, device="auto", precision: str = "fp32", resume=None,
+                  overwrite: bool = False) -> Result | None:
     """The ``"del"`` result (module docstring) of a language-model run (``checkpoint`` default final) or
     a causal LM module with ``data`` (a SequenceSet): ``methods`` localise each memorised target
     (``examples``: ``"memorised"``, ``"memorised:N"``, ids or a mask, all memorised); the top
     ``fractions`` of every layer's neurons are zeroed. ``options`` / ``ref_batch_size`` / ``seed`` as
     :func:`memloc.localise_neurons`. ``precision``: every forward pass under autocast
-    (:mod:`memloc.core.precision`)."""
+    (:mod:`memloc.core.precision`). ``resume`` / ``overwrite`` and torchrun as :func:`memloc.localise_neurons`
+    (the targets' batches split across the processes, rank 0 returning the result)."""
     fracs = check_fractions(fractions)
     chosen = check_choices("methods", methods, METHODS, "localisation method")
     method_options(options)
     ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
     eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
-    seed = check_range("seed", seed, low=0, integer=True)
+    seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     check_precision(precision)
+    folder = target_parts(source, resume, "del")
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="del_benchmark")
     layers = mlp_layers(model)
     d = layers[0].size
@@ -122,51 +128,64 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
                           "deletes memorised sequences): use {examples}", options={"examples": "memorised"})
     if not len(data.test_tokens):
         raise MemlocError(f"data {data.name!r} has no test sequences: DEL measures the held-out loss", argument="data")
-    tokens = data.tokens[torch.as_tensor(rows)].to(dev)
+    tokens, ids = data.tokens[torch.as_tensor(rows)].to(dev), np.asarray(data.ids[rows], dtype=np.int64)
     others = data.tokens[torch.as_tensor(pool)][:, :p + s].to(dev)
     test = data.test_tokens[:, :p + s].to(dev)
     ref = reference_rows(data, ref_batch_size, exclude=rows, seed=seed)
-    got = neuron_scores(model, tokens, p, s, methods=chosen, reference=data.tokens[torch.as_tensor(ref)]
-                        if len(ref) else None, options=options, eval_batch_size=eval_batch_size, seed=seed,
-                        precision=precision)
+    reference = data.tokens[torch.as_tensor(ref)] if len(ref) else None
     counts = [max(1, int(round(f * d))) for f in fracs]
     test_before = _measure(model, layers, test, p, s, torch.ones(len(layers), d, device=dev), eval_batch_size,
                            precision)
-    shape = (len(chosen), len(fracs), len(rows))
-    out = {k: np.full(shape, np.nan) for k in ("loss", "accuracy", "kept", "test_loss", "test_accuracy")}
-    out["memorised"] = np.zeros(shape, bool)
-    for a, method in enumerate(chosen):
-        for b, k in enumerate(counts):
-            masks = zeroing_masks(got["scores"][method], k).to(dev)
-            for i, row in enumerate(rows):
-                loss, acc, mem = _measure(model, layers, others, p, s, masks[i], eval_batch_size, precision)
-                me = pool == row
-                out["loss"][a, b, i], out["accuracy"][a, b, i], out["memorised"][a, b, i] = loss[me][0], acc[me][0], mem[me][0]
-                if (~me).any():
-                    out["kept"][a, b, i] = mem[~me].mean()
-                t_loss, t_acc, _ = _measure(model, layers, test, p, s, masks[i], eval_batch_size, precision)
-                out["test_loss"][a, b, i], out["test_accuracy"][a, b, i] = t_loss.mean(), t_acc.mean()
+    per = (len(chosen), len(fracs))
+    columns = Columns(**{k: per for k in _MEASURED}, seconds=(len(chosen),))
+
+    def work(chunk):        # one batch of targets: localised together, then each target's zeroings measured
+        got = neuron_scores(model, tokens[chunk], p, s, methods=chosen, reference=reference, options=options,
+                            eval_batch_size=eval_batch_size, seed=seed, precision=precision, ids=ids[chunk])
+        out = {k: np.full((len(chunk), *per), np.nan) for k in _MEASURED}
+        for a, method in enumerate(chosen):
+            for b, k in enumerate(counts):
+                masks = zeroing_masks(got["scores"][method], k).to(dev)
+                for i, row in enumerate(rows[chunk]):
+                    loss, acc, mem = _measure(model, layers, others, p, s, masks[i], eval_batch_size, precision)
+                    me = pool == row
+                    out["loss"][i, a, b], out["accuracy"][i, a, b], out["memorised"][i, a, b] = (
+                        loss[me][0], acc[me][0], mem[me][0])
+                    if (~me).any():
+                        out["kept"][i, a, b] = mem[~me].mean()
+                    t_loss, t_acc, _ = _measure(model, layers, test, p, s, masks[i], eval_batch_size, precision)
+                    out["test_loss"][i, a, b], out["test_accuracy"][i, a, b] = t_loss.mean(), t_acc.mean()
+        return columns.pack(**out, seconds=np.tile([got["seconds"][m] / len(chunk) for m in chosen], (len(chunk), 1)))
+    config = {"methods": chosen, "fractions": fracs, "options": {m: method_options(options)[m] for m in chosen},
+              "prefix_len": p, "suffix_len": s, "d_mlp": d, "n_layers": len(layers),
+              "memorised": [int(i) for i in data.ids[pool]], "reference": [int(i) for i in data.ids[ref]],
+              "checkpoint": epoch, "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev),
+              "data": data.name, "precision": precision}
+    got = columns.unpack(split_rows(len(rows), eval_batch_size, work, folder=folder, what="del",
+                                    settings={**config, "device": dev.type, "targets": ids.tolist()},
+                                    overwrite=overwrite))
+    if world()[0] > 0:
+        return None             # rank 0 returns the merged result
+    out = {k: got[k].transpose(1, 2, 0) for k in _MEASURED}
+    out["memorised"] = out["memorised"].astype(bool)
     dims = ("method", "fraction", "target")
     variables = {key: (dims, value) for key, value in out.items()}
     variables.update({
         "zeroed": ("fraction", np.asarray(counts, dtype=np.int64)),
-        "seconds": ("method", np.asarray([got["seconds"][m] / len(rows) for m in chosen], dtype=np.float64)),
+        "seconds": ("method", got["seconds"].sum(0) / len(rows)),
         "loss_before": ("target", before["suffix_loss"][rows].astype(np.float64)),
         "accuracy_before": ("target", before["suffix_accuracy"][rows].astype(np.float64)),
         "test_loss_before": ((), float(test_before[0].mean())),
         "test_accuracy_before": ((), float(test_before[1].mean())),
         "kind": ("target", np.asarray(data.kind[rows], dtype=str))})
     coords = {"method": chosen, "fraction": np.asarray(fracs, dtype=np.float64),
-              "target": np.asarray(data.ids[rows], dtype=np.int64)}
-    config = {"methods": chosen, "fractions": fracs, "options": {m: method_options(options)[m] for m in chosen},
-              "prefix_len": p, "suffix_len": s, "d_mlp": d, "n_layers": len(layers),
-              "memorised": [int(i) for i in data.ids[pool]], "reference": [int(i) for i in data.ids[ref]],
-              "checkpoint": epoch, "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev),
-              "data": data.name, "precision": precision}
+              "target": ids}
     return Result("del", xr.Dataset(variables, coords=coords), config=config)
 
 
 _PER = ("method", "fraction", "target")
+#: what DEL measures per (method, fraction, target)
+_MEASURED = ("loss", "accuracy", "memorised", "kept", "test_loss", "test_accuracy")
 
 ANALYSIS = Analysis(
     name="del", order=159, compute=del_benchmark, plot=plot_del,

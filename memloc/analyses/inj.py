@@ -31,11 +31,13 @@ from ..core.optim import make_optimizer
 from ..core.precision import autocast, check_precision, grad_scaler
 from ..core.registry import Analysis
 from ..core.results import Result
-from ..core.runtime import check_choices, check_range, progress
+from ..core.runtime import check_choices, check_range
 from ..core.schemas import Schema, Var
 from ..core.store import stored
 from ..core.selection import lm_source
-from .localise import METHODS, method_options, neuron_scores, reference_rows
+from ..scale.distributed import world
+from ..scale.parts import Columns, split_rows
+from .localise import METHODS, method_options, neuron_scores, reference_rows, target_parts
 from .localise.common import Targets, suffix_loss
 from .localise.plots import plot_inj
 
@@ -82,19 +84,23 @@ def recall_at_k(scores: np.ndarray, neurons: np.ndarray) -> np.ndarray:
 def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 2, methods=METHODS,
                   prefix_len: int | None = None, suffix_len: int | None = None, options: dict | None = None,
                   ref_batch_size: int = 8, lr: float = 0.05, max_steps: int = 500, checkpoint: int | None = None,
-                  eval_batch_size: int = 64, seed: int = 0, device="auto", precision: str = "fp32") -> Result:
+                  eval_batch_size: int = 64, seed: int = 0, device="auto", precision: str = "fp32", resume=None,
+                  overwrite: bool = False) -> Result | None:
     """The ``"inj"`` result (module docstring) of a language-model run (``checkpoint`` default final) or
     a causal LM module with ``data`` (its SequenceSet gives the token ids to draw from, and the span
     unless ``prefix_len`` / ``suffix_len`` are given; greedy keeps the loss of ``ref_batch_size`` of its
     clean training sequences low). ``precision``: the injection's and the localisation's forward passes
-    under autocast, the injection's fp16 loss scaled (:mod:`memloc.core.precision`)."""
+    under autocast, the injection's fp16 loss scaled (:mod:`memloc.core.precision`). ``resume`` /
+    ``overwrite`` and torchrun as :func:`memloc.localise_neurons`: each sequence (drawn from ``seed``, its
+    localisation seeded ``seed`` + its number) is one part, claimed by whichever process is free."""
     n_sequences, n_injected, max_steps = (check_range(name, value, low=1, integer=True) for name, value in (
         ("n_sequences", n_sequences), ("n_injected", n_injected), ("max_steps", max_steps)))
     lr = check_range("lr", lr, low=0, low_open=True)
     seed = check_range("seed", seed, low=0, integer=True)
     check_precision(precision)
-    check_choices("methods", methods, METHODS, "localisation method")
+    chosen = check_choices("methods", methods, METHODS, "localisation method")
     method_options(options)
+    folder = target_parts(source, resume, "inj")
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="inj_benchmark")
     layers = mlp_layers(model)
     d = layers[0].size
@@ -114,54 +120,55 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
     ref = reference_rows(data, ref_batch_size, seed=seed)
     reference = data.tokens[torch.as_tensor(ref)].to(dev) if len(ref) else None
     original = [output_weights(model, layer)[0].detach().clone() for layer in layers]
-    chosen = None
-    recall, seconds, steps, ok = [], [], np.zeros(n_sequences, np.int64), np.zeros(n_sequences, bool)
-    before, greedy_zeroed = np.zeros(n_sequences, bool), np.full(n_sequences, -1, np.int64)
-    for i in progress(range(n_sequences), desc="inj", unit="seq"):
+    columns = Columns(recall=(len(chosen), len(layers)), seconds=(len(chosen),), inject_seconds=(), steps=(), ok=(),
+                      before=(), greedy_zeroed=())
+
+    def work(chunk):        # one sequence: injected, localised if that made it memorised, the weights restored
+        i = int(chunk[0])
         x = tokens[i:i + 1].to(dev)
         with torch.no_grad(), autocast(precision, dev):
-            before[i] = bool(suffix_loss(Targets(model, layers, x, p, s), x)[1].all())
+            before = bool(suffix_loss(Targets(model, layers, x, p, s), x)[1].all())
+        recall, greedy_zeroed = np.full((len(chosen), len(layers)), np.nan), -1
+        seconds = np.full(len(chosen) + 1, np.nan)          # the methods', then the injection's (NaN: not localised)
         try:
             start = time.perf_counter()
-            steps[i], ok[i] = inject_sequence(model, x, p, s, neurons[i], lr=lr, max_steps=max_steps,
-                                            precision=precision)
+            steps, ok = inject_sequence(model, x, p, s, neurons[i], lr=lr, max_steps=max_steps, precision=precision)
             inject_seconds = time.perf_counter() - start
-            if ok[i] and not before[i]:
-                got = neuron_scores(model, x, p, s, methods=methods, reference=reference, options=options,
+            if ok and not before:
+                got = neuron_scores(model, x, p, s, methods=chosen, reference=reference, options=options,
                                     eval_batch_size=eval_batch_size, seed=seed + i, precision=precision)
-                chosen = list(got["scores"])
-                greedy_zeroed[i] = got["greedy_zeroed"][0] if "greedy" in chosen else -1
-                recall.append([recall_at_k(got["scores"][m][0], neurons[i]) for m in chosen])
-                seconds.append([got["seconds"][m] for m in chosen] + [inject_seconds])
-            else:
-                recall.append(None)
-                seconds.append(None)
+                greedy_zeroed = got["greedy_zeroed"][0] if "greedy" in chosen else -1
+                recall = np.stack([recall_at_k(got["scores"][m][0], neurons[i]) for m in chosen])
+                seconds = np.asarray([got["seconds"][m] for m in chosen] + [inject_seconds])
         finally:
             with torch.no_grad():
                 for layer, w in zip(layers, original):
                     output_weights(model, layer)[0].copy_(w)
-    if chosen is None:
-        raise MemlocError(f"no sequence was injected (none memorised within max_steps={max_steps} steps at "
-                          f"lr={lr}): raise max_steps or lr", argument="max_steps")
-    nan_r = np.full((len(chosen), len(layers)), np.nan)
-    nan_s = np.full(len(chosen) + 1, np.nan)
-    rec = np.stack([nan_r if r is None else np.asarray(r) for r in recall], axis=1)          # (method, seq, L)
-    sec = np.stack([nan_s if t is None else np.asarray(t) for t in seconds], axis=1)         # (method + 1, seq)
-    variables = {"recall": (("method", "sequence", "layer"), rec),
-                 "seconds": (("method", "sequence"), sec[:-1]),
-                 "inject_seconds": ("sequence", sec[-1]),
-                 "injected": (("sequence", "layer", "slot"), neurons.astype(np.int64)),
-                 "inject_steps": ("sequence", steps), "injected_ok": ("sequence", ok & ~before),
-                 "tokens": (("sequence", "position"), tokens.numpy())}
-    if "greedy" in chosen:
-        variables["greedy_zeroed"] = ("sequence", greedy_zeroed)
-    coords = {"method": chosen, "sequence": np.arange(n_sequences), "layer": [layer.name for layer in layers],
-              "slot": np.arange(n_injected), "position": np.arange(p + s)}
+        return columns.pack(recall=recall[None], seconds=seconds[None, :-1], inject_seconds=seconds[-1:], steps=[steps],
+                            ok=[ok], before=[before], greedy_zeroed=[greedy_zeroed])
     config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "n_sequences": n_sequences,
               "n_injected": n_injected, "lr": lr, "max_steps": max_steps, "checkpoint": epoch, "prefix_len": p,
               "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "d_mlp": d,
               "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev),
               "data": data.name, "precision": precision}
+    got = columns.unpack(split_rows(n_sequences, 1, work, folder=folder, what="inj",
+                                    settings={**config, "device": dev.type}, overwrite=overwrite))
+    localised = (got["ok"] > 0) & (got["before"] == 0)
+    if not localised.any():
+        raise MemlocError(f"no sequence was injected (none memorised within max_steps={max_steps} steps at "
+                          f"lr={lr}): raise max_steps or lr", argument="max_steps")
+    if world()[0] > 0:
+        return None             # rank 0 returns the merged result
+    variables = {"recall": (("method", "sequence", "layer"), got["recall"].transpose(1, 0, 2)),
+                 "seconds": (("method", "sequence"), got["seconds"].T),
+                 "inject_seconds": ("sequence", got["inject_seconds"]),
+                 "injected": (("sequence", "layer", "slot"), neurons.astype(np.int64)),
+                 "inject_steps": ("sequence", got["steps"].astype(np.int64)), "injected_ok": ("sequence", localised),
+                 "tokens": (("sequence", "position"), tokens.numpy())}
+    if "greedy" in chosen:
+        variables["greedy_zeroed"] = ("sequence", got["greedy_zeroed"].astype(np.int64))
+    coords = {"method": chosen, "sequence": np.arange(n_sequences), "layer": [layer.name for layer in layers],
+              "slot": np.arange(n_injected), "position": np.arange(p + s)}
     return Result("inj", xr.Dataset(variables, coords=coords), config=config)
 
 

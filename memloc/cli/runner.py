@@ -84,7 +84,7 @@ def _join_processes(cmd: Command, args) -> int:
             if os.environ.get("RANK", "0") != "0":
                 time.sleep(2)       # torchrun stops the others at the first exit: let rank 0 print first
                 raise SystemExit(2)
-            return init_from_env("cpu", command=f"memloc {cmd.name}", sharded=False)[0]     # raises
+            return init_from_env("cpu", command=f"memloc {cmd.name}", sharded=False, why=cmd.unsplit)[0]   # raises
     from ..core.runtime import resolve_device
     device = resolve_device(getattr(args, "device", "cpu") or "cpu")
     return init_from_env(device, command=f"memloc {cmd.name}", sharded=cmd.sharded)[0]

@@ -62,7 +62,8 @@ class Command:
     complete for these settings / an interrupted one may be continued; ``after_save(result, args)``:
     extra outputs written once the result is safe. ``group``: its place in the order of work, a key of
     :data:`GROUPS` (``memloc --help`` lists the commands under these headings); ``example``: one command
-    line (``memloc NAME RUN ...``) that ``memloc --help`` and ``memloc NAME --help`` show.
+    line (``memloc NAME RUN ...``) that ``memloc --help`` and ``memloc NAME --help`` show. ``unsplit``: why
+    a command that does not split its work cannot (its refusal under torchrun says it).
     """
 
     name: str
@@ -85,6 +86,7 @@ class Command:
     group: str = "other"
     example: str | None = None
     result: str | None = None       # set from the analysis it belongs to
+    unsplit: str | None = None
 
     def __post_init__(self):
         if self.group not in GROUPS:

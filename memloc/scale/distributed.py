@@ -33,16 +33,18 @@ def requested_world() -> int:
         return 1
 
 
-def init_from_env(device: torch.device | str, *, command: str = "this command", sharded: bool = True) -> tuple[int, int]:
+def init_from_env(device: torch.device | str, *, command: str = "this command", sharded: bool = True,
+                  why: str | None = None) -> tuple[int, int]:
     """Join the process group torchrun describes, once; returns :func:`world`.
 
     Commands that cannot split their work refuse to run in more than one process (each would
-    repeat the whole job)."""
+    repeat the whole job); ``why``: the reason their refusal gives."""
     size = requested_world()
     if size == 1 or (dist.is_available() and dist.is_initialized()):
         return world()
     if not sharded:
-        raise MemlocError(f"{command} does not split its work across processes: run it without torchrun "
+        reason = f" ({why})" if why else ""
+        raise MemlocError(f"{command} does not split its work across processes{reason}: run it without torchrun "
                           f"(WORLD_SIZE is {size})")
     if not dist.is_available():
         raise MemlocError("WORLD_SIZE > 1 but this torch has no torch.distributed")

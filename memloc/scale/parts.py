@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .distributed import barrier, broadcast, rank_suffix, world
+from .distributed import barrier, broadcast, claim, rank_suffix, world
 from ..core.errors import MemlocError
-from ..core.runtime import FileLock, atomic_path, partial_folder
+from ..core.runtime import FileLock, atomic_path, partial_folder, progress
 
-__all__ = ["Format", "NPZ", "Parts", "parts_folder", "saved_settings", "canonical_settings", "read_folder"]
+__all__ = ["Format", "NPZ", "Parts", "parts_folder", "saved_settings", "canonical_settings", "read_folder",
+           "Columns", "split_rows"]
 
 SETTINGS = "settings.json"
 
@@ -182,3 +183,45 @@ class Parts:
         lock, self.lock = self.lock, None
         if lock is not None:
             lock.release()
+
+
+class Columns:
+    """Named per-row arrays side by side in one float64 row, as :func:`split_rows` keeps them: ``shapes``
+    maps each name to the shape of one row's value (``()`` for a number). Exact for float32 / float64
+    values, flags and integers below 2**53."""
+
+    def __init__(self, **shapes):
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self.sizes = [int(np.prod(v, dtype=np.int64)) for v in self.shapes.values()]
+
+    def pack(self, **arrays) -> np.ndarray:
+        """(rows, width) float64 from ``arrays`` (each (rows, *shape))."""
+        return np.concatenate([np.asarray(arrays[k], dtype=np.float64).reshape(len(arrays[k]), n)
+                               for k, n in zip(self.shapes, self.sizes)], axis=1)
+
+    def unpack(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """``{name: (rows, *shape) float64}`` of packed ``rows``."""
+        cuts = np.cumsum(self.sizes)[:-1]
+        return {k: v.reshape(len(rows), *shape) for (k, shape), v in
+                zip(self.shapes.items(), np.split(np.asarray(rows, dtype=np.float64), cuts, axis=1))}
+
+
+def split_rows(n: int, size: int, work, *, folder, settings: dict, what: str, overwrite: bool = False) -> np.ndarray:
+    """Work on rows ``0 .. n-1`` in chunks of ``size`` (the batches one process runs): ``work(rows)`` ->
+    (len(rows), W) float64 for each chunk, saved as one item of :class:`Parts` in ``folder`` (None:
+    nothing saved, one process only; a rerun with the same ``settings`` takes the saved chunks).
+    Under torchrun the chunks are claimed by whichever rank is free (:func:`claim`), so a chunk's
+    values must depend on its rows alone (seeds per row, never per rank): any number of processes
+    gives one process's arrays. Returns the (n, W) rows in order, on every rank. Collective."""
+    chunks = [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+    if not chunks:
+        return np.zeros((0, 0))
+    parts = Parts(folder, {**settings, "rows": n, "chunk": size}, what=what, overwrite=overwrite)
+    try:
+        for c in progress(claim([c for c in range(len(chunks)) if (c,) not in parts.done]), desc=what,
+                          unit="chunk"):
+            parts.add({(c,): work(chunks[c])})
+        parts.gather()
+    finally:
+        parts.release()
+    return np.concatenate([parts.done[(c,)] for c in range(len(chunks))])

@@ -37,12 +37,14 @@ from ...core.schemas import Schema, Var
 from ...core.selection import lm_source
 from ...core.sequences import SequenceSet
 from ...core.store import stored
+from ...scale.distributed import world
+from ...scale.parts import Columns, parts_folder, split_rows
 from .plots import plot_localise
 from .common import HYPER, METHODS
 from .methods import check_localised_units, method_options, neuron_scores
 
 __all__ = ["localise_neurons", "neuron_scores", "method_options", "select_targets", "reference_rows",
-           "parse_settings",
+           "parse_settings", "target_parts",
            "METHODS", "HYPER"]
 
 
@@ -88,50 +90,80 @@ def reference_rows(data: SequenceSet, ref_batch_size: int, *, exclude=(), seed: 
     return np.sort(np.random.default_rng(seed).permutation(pool)[:ref_batch_size])
 
 
+def target_parts(source, resume, name: str):
+    """The parts folder of analysis ``name`` (:func:`memloc.scale.parts.parts_folder`: ``resume``, or
+    under torchrun / for ``"auto"`` the run's ``results/<name>.partial``) of ``source`` (a run, its path or a model)."""
+    from ...core.run import as_run
+    return parts_folder(resume, None if isinstance(source, torch.nn.Module) else as_run(source), name)
+
+
 @stored("localise_neurons")
 def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS, options: dict | None = None,
                      ref_batch_size: int = 8, checkpoint: int | None = None, eval_batch_size: int = 64,
-                     seed: int = 0, device="auto", precision: str = "fp32", units: str = "mlp") -> Result:
+                     seed: int = 0, device="auto", precision: str = "fp32", units: str = "mlp", resume=None,
+                     overwrite: bool = False) -> Result | None:
     """The ``"localise_neurons"`` result (module docstring) of a language-model run (``source``: a run or
     its path, ``checkpoint`` default final) or of a causal LM module with ``data`` (a SequenceSet), for
     the target sequences ``examples`` (:func:`select_targets`), by ``methods``; greedy keeps the loss of
     ``ref_batch_size`` clean training sequences low (:func:`reference_rows`; 0: none). ``precision``: every
     forward pass under autocast (:mod:`memloc.core.precision`; :func:`neuron_scores`). ``units``: rank the
     MLP neurons (``"mlp"``) or the attention heads (``"heads"``: then ``neuron`` indexes the heads of the
-    layer, named after its output projection)."""
-    check_choices("methods", methods, METHODS, "localisation method")     # bad options fail before any work
+    layer, named after its output projection).
+
+    The targets are localised ``eval_batch_size`` at a time, each target's random streams keyed by its
+    sequence id. ``resume``: folder of resumable part files (:class:`memloc.scale.parts.Parts`; ``"auto"``:
+    ``RUN/results/localise_neurons.partial``, as the command uses; None: nothing saved in one process), a
+    batch of targets per part; ``overwrite`` discards parts made with other settings. Under torchrun
+    (:mod:`memloc.scale.distributed`) the batches are split across the processes (None then means
+    ``"auto"``) and rank 0 returns the merged result, equal to one process's, the other ranks None."""
+    chosen = check_choices("methods", methods, METHODS, "localisation method")     # bad options fail before any work
     check_localised_units(units)
     method_options(options)
     ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
+    eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     check_precision(precision)
     seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
+    folder = target_parts(source, resume, "localise_neurons")
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="localise_neurons")
-    check_precision(precision, next(model.parameters()).device)
-    unit_layers(model, units)
+    dev = next(model.parameters()).device
+    check_precision(precision, dev)
+    layers = unit_layers(model, units)
     rows = select_targets(model, data, examples, eval_batch_size=eval_batch_size, precision=precision)
     p, s = data.prefix_len, data.suffix_len
-    tokens = data.tokens[torch.as_tensor(rows)]
+    tokens, ids = data.tokens[torch.as_tensor(rows)], np.asarray(data.ids[rows], dtype=np.int64)
     ref = reference_rows(data, ref_batch_size, exclude=rows, seed=seed)
-    got = neuron_scores(model, tokens, p, s, methods=methods, reference=data.tokens[torch.as_tensor(ref)] if len(ref)
-                        else None, options=options, eval_batch_size=eval_batch_size, seed=seed, precision=precision,
-                        units=units)
+    reference = data.tokens[torch.as_tensor(ref)] if len(ref) else None
+    columns = Columns(score=(len(chosen), len(layers), layers[0].size), seconds=(len(chosen),), greedy_zeroed=(),
+                      greedy_broken=())
+
+    def work(chunk):        # one batch of targets: every method's scores, its seconds shared out per target
+        got = neuron_scores(model, tokens[chunk], p, s, methods=chosen, reference=reference, options=options,
+                            eval_batch_size=eval_batch_size, seed=seed, precision=precision, units=units,
+                            ids=ids[chunk])
+        none = np.zeros(len(chunk))
+        return columns.pack(score=np.stack([got["scores"][m] for m in chosen], 1),
+                            seconds=np.tile([got["seconds"][m] / len(chunk) for m in chosen], (len(chunk), 1)),
+                            greedy_zeroed=got.get("greedy_zeroed", none), greedy_broken=got.get("greedy_broken", none))
+    config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "prefix_len": p,
+              "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "checkpoint": epoch,
+              "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev), "data": data.name,
+              "precision": precision, "units": units}
+    got = columns.unpack(split_rows(len(rows), eval_batch_size, work, folder=folder, what="localise_neurons",
+                                    settings={**config, "device": dev.type, "targets": ids.tolist()},
+                                    overwrite=overwrite))
+    if world()[0] > 0:
+        return None             # rank 0 returns the merged result
     measures = sequence_measures(model, tokens, p, s, eval_batch_size=eval_batch_size, precision=precision)
-    chosen = list(got["scores"])
-    d = next(iter(got["scores"].values())).shape[2]
-    variables = {"score": (("method", "target", "layer", "neuron"), np.stack([got["scores"][m] for m in chosen])),
-                 "seconds": ("method", np.asarray([got["seconds"][m] for m in chosen], dtype=np.float64)),
+    variables = {"score": (("method", "target", "layer", "neuron"), got["score"].transpose(1, 0, 2, 3)),
+                 "seconds": ("method", got["seconds"].sum(0)),
                  "suffix_loss": ("target", measures["suffix_loss"].astype(np.float64)),
                  "memorised": ("target", measures["memorised"].astype(bool)),
                  "kind": ("target", np.asarray(data.kind[rows], dtype=str))}
-    if "greedy" in got["scores"]:
+    if "greedy" in chosen:
         variables["greedy_zeroed"] = ("target", got["greedy_zeroed"].astype(np.int64))
         variables["greedy_broken"] = ("target", got["greedy_broken"].astype(bool))
-    coords = {"method": chosen, "target": np.asarray(data.ids[rows], dtype=np.int64), "layer": got["layers"],
-              "neuron": np.arange(d)}
-    config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "prefix_len": p,
-              "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "checkpoint": epoch, "eval_batch_size": eval_batch_size, "seed": seed,
-              "device": str(next(model.parameters()).device), "data": data.name, "precision": precision,
-              "units": units}
+    coords = {"method": chosen, "target": ids, "layer": [layer.name for layer in layers],
+              "neuron": np.arange(layers[0].size)}
     return Result("localise_neurons", xr.Dataset(variables, coords=coords), config=config)
 
 
@@ -179,7 +211,8 @@ def _cli_execute(args):
     return localise_neurons(args.run, examples=args.examples, methods=args.methods, checkpoint=args.checkpoint,
                             options=parse_settings(args.set),
                             ref_batch_size=args.ref_batch_size, eval_batch_size=args.eval_batch_size, seed=args.seed,
-                            device=args.device, precision=args.precision, units=args.units)
+                            device=args.device, precision=args.precision, units=args.units, resume="auto",
+                            overwrite=args.overwrite)
 
 
 def _cli_summary(res, args):
@@ -224,6 +257,10 @@ ANALYSIS = Analysis(
         description="Scores every MLP hidden neuron of every layer for each target sequence by Zero-Out, Activations, "
                     "integrated gradients, Slimming, Hard Concrete (MemPi's methods and settings), gradient x "
                     "activation, memloc's greedy gradient-guided zeroing and a random baseline. Writes "
-                    "RUN/results/localise_neurons.h5.",
+                    "RUN/results/localise_neurons.h5; an interrupted run continues when the same command is run "
+                    "again. Under torchrun (torchrun --nproc-per-node K -m memloc localise-neurons RUN ...) the "
+                    "batches of targets are split across the processes, with the one-process result.",
+        sharded=True, interrupted="finished batches of targets are saved (rerun to continue)",
+        overwrite_help="replace an existing localise_neurons.h5 (or an interrupted one saved with other settings)",
         arguments=_cli_arguments, execute=_cli_execute, summary=_cli_summary, flags={"options": "--set"}),
 )

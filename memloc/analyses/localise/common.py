@@ -3,6 +3,7 @@ the methods' names and their default hyper-parameters (one commented dict)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ class Targets:
     mode) with its unit ``layers`` (MLP neurons or attention heads, all of one width ``d``), and optionally ``reference`` sequences
     (R, prefix_len + suffix_len) whose suffix loss greedy keeps low. ``precision``: what the methods run in
     (:func:`memloc.analyses.localise.neuron_scores` runs them under its autocast; the learned masks scale
-    their fp16 loss)."""
+    their fp16 loss). ``ids``: each row's key of its random stream (:meth:`row_seed`; None: its position)."""
 
     model: nn.Module
     layers: list[NeuronLayer]
@@ -52,6 +53,13 @@ class Targets:
     seed: int = 0
     reference: torch.Tensor | None = None
     precision: str = "fp32"
+    ids: Sequence[int] | None = None
+
+    def row_seed(self, row: int) -> int:
+        """The seed of ``row``'s random stream, ``seed + 2**32 x id`` (the row's id; ``seed`` itself for id 0):
+        a target draws the same numbers whichever targets share its batch (and whichever process computes it,
+        under torchrun)."""
+        return self.seed + (int(row if self.ids is None else self.ids[row]) << 32)
 
     @property
     def d(self) -> int:

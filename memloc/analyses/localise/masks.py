@@ -11,9 +11,9 @@ its own masks and its own stop (Adam is elementwise, so a target's masks do not 
   by clip(m, 0, 1), penalty = mean |m| over all neurons; score = clip(m, 0, 1).
 - ``hard_concrete`` (L0 masks, Louizos et al. 2018, MemPi's modeling_hardconcrete): log-alphas a
   initialised to log(q / (1 - q)), q = (mask_p - l) / (r - l); in training the mask is
-  clip(sigmoid((log u - log(1 - u) + a) / beta) (r - l) + l, 0, 1) with u ~ U(0, 1) drawn afresh each
-  step (``seed``), (l, r) = ``limits``; penalty = the expected share of non-zero masks, mean of
-  sigmoid(a - beta log(-l / r)); score = sigmoid(a).
+  clip(sigmoid((log u - log(1 - u) + a) / beta) (r - l) + l, 0, 1) with u ~ U(0, 1) drawn afresh
+  each step from the target's own stream (``seed`` and its id), (l, r) = ``limits``; penalty = the
+  expected share of non-zero masks, mean of sigmoid(a - beta log(-l / r)); score = sigmoid(a).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _learn(t: Targets, opts: dict, lam: float, init: float, mask_of, penalty_of,
         for step in range(int(opts["max_steps"])):
             active = torch.nonzero(~done).flatten()
             p = params[active]
-            loss, _ = suffix_loss(t, x[active], mask_of(p))
+            loss, _ = suffix_loss(t, x[active], mask_of(p, rows[active.cpu()]))
             penalty = penalty_of(p)
             go = torch.ones(len(active), dtype=torch.bool, device=x.device)
             if (step + 1) % check == 0:                    # MemPi: stop before this step's update
@@ -62,7 +62,7 @@ def _learn(t: Targets, opts: dict, lam: float, init: float, mask_of, penalty_of,
 
 def slimming(t: Targets, opts: dict) -> torch.Tensor:
     """(B, L, d) float64: clip(m, 0, 1) of the learned masks (module docstring)."""
-    return _learn(t, opts, float(opts["lambda_l1"]), 1.0, mask_of=lambda m: m.clamp(0, 1),
+    return _learn(t, opts, float(opts["lambda_l1"]), 1.0, mask_of=lambda m, rows: m.clamp(0, 1),
                   penalty_of=lambda m: m.abs().mean((1, 2)), score_of=lambda m: m.clamp(0, 1))
 
 
@@ -71,10 +71,15 @@ def hard_concrete(t: Targets, opts: dict) -> torch.Tensor:
     low, high = (float(v) for v in opts["limits"])
     beta = float(opts["beta"])
     q = (float(opts["mask_p"]) - low) / (high - low)
-    generator = torch.Generator(device=t.tokens.device).manual_seed(int(t.seed))
+    generators = {}         # each target's own noise stream (Targets.row_seed): the same in any batch
 
-    def mask_of(a):
-        u = torch.rand(a.shape, generator=generator, device=a.device, dtype=a.dtype).clamp(1e-4, 1 - 1e-4)
+    def noise(row: int, like):
+        if row not in generators:
+            generators[row] = torch.Generator(device=like.device).manual_seed(t.row_seed(row))
+        return torch.rand(like.shape[1:], generator=generators[row], device=like.device, dtype=like.dtype)
+
+    def mask_of(a, rows):
+        u = torch.stack([noise(r, a) for r in rows.tolist()]).clamp(1e-4, 1 - 1e-4)
         s = torch.sigmoid((u.log() - (1 - u).log() + a) / beta)
         return (s * (high - low) + low).clamp(0, 1)
     return _learn(t, opts, float(opts["lambda_l0"]), math.log(q / (1 - q)), mask_of=mask_of,

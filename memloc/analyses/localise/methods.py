@@ -23,8 +23,9 @@ __all__ = ["neuron_scores", "method_options", "check_localised_units", "FUNCTION
 
 
 def random(t: Targets, opts: dict) -> torch.Tensor:
-    """(B, L, d) float64 uniform scores drawn from ``seed``: the baseline."""
-    return torch.from_numpy(np.random.default_rng(t.seed).random(t.shape))
+    """(B, L, d) float64 uniform scores, each row drawn from its own stream (:meth:`Targets.row_seed`): the baseline."""
+    return torch.from_numpy(np.stack([np.random.default_rng(t.row_seed(i)).random(t.shape[1:])
+                                      for i in range(len(t.tokens))]))
 
 
 FUNCTIONS = {"zero_out": zero_out, "activations": activations, "ig": ig, "slimming": slimming,
@@ -78,7 +79,7 @@ def method_options(options: dict | None) -> dict[str, dict]:
 
 def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *, methods=METHODS,
                   reference=None, options: dict | None = None, eval_batch_size: int = 64, seed: int = 0,
-                  precision: str = "fp32", units: str = "mlp") -> dict:
+                  precision: str = "fp32", units: str = "mlp", ids=None) -> dict:
     """Scores of every MLP neuron (``units="mlp"``) or attention head (``units="heads"``,
     :func:`memloc.core.neurons.attention_heads`) of ``model`` for each target sequence (row of ``tokens`` (B, T), on
     the model's device): higher = more responsible for the target's suffix
@@ -91,12 +92,14 @@ def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *,
     ``greedy`` keeps low (e.g. clean training sequences; None: the target's loss alone).
     ``options``: {method: {hyper-parameter: value}} over :data:`HYPER`. ``precision``: every method's
     forward passes under autocast (:mod:`memloc.core.precision`); the learned masks' fp16 loss is scaled.
+    ``ids``: (B,) integer keys in [0, 2**32) of the rows' random streams (``random``, ``hard_concrete``: row i
+    draws from seed ``seed + 2**32 ids[i]``, whatever the other rows; None: 0 .. B-1), e.g. the sequence ids.
     """
     chosen = check_choices("methods", methods, METHODS, "localisation method")
     check_localised_units(units)
     opts = method_options(options)
     eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
-    seed = check_range("seed", seed, low=0, integer=True)
+    seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     check_precision(precision)
     tokens = _token_ids(tokens, "tokens")
     check_span(prefix_len, suffix_len, tokens.shape[1])
@@ -105,6 +108,11 @@ def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *,
         if reference.shape[1] < prefix_len + suffix_len:
             raise MemlocError(f"reference sequences have {reference.shape[1]} tokens, fewer than prefix_len + "
                               f"suffix_len = {prefix_len + suffix_len}", argument="reference")
+    if ids is not None:
+        ids = np.asarray(ids)
+        if ids.shape != (len(tokens),) or ids.dtype.kind not in "iu" or (ids < 0).any() or (ids >= 2**32).any():
+            raise MemlocError(f"ids must be {len(tokens)} integers in [0, 2**32) (one per row of tokens), got "
+                              f"shape {ids.shape} of {ids.dtype}", argument="ids")
     layers = unit_layers(model, units)
     if len({layer.size for layer in layers}) > 1:
         raise MemlocError(f"the {units} layers of {type(model).__name__} differ in width "
@@ -114,7 +122,7 @@ def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *,
     check_precision(precision, device)
     span = prefix_len + suffix_len
     t = Targets(model, layers, tokens[:, :span].to(device), int(prefix_len), int(suffix_len), int(eval_batch_size),
-                int(seed), None if reference is None else reference[:, :span].to(device), precision)
+                int(seed), None if reference is None else reference[:, :span].to(device), precision, ids)
     out = {"scores": {}, "seconds": {}, "layers": [layer.name for layer in layers]}
     was_training = model.training
     model.eval()

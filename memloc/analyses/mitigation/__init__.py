@@ -198,5 +198,7 @@ ANALYSIS = Analysis(
         description="Every method edits a copy of the model so that it no longer reproduces any of its memorised "
                     "targets while keeping the other sequences; reports the memorised shares, the held-out loss, "
                     "token and rule accuracy before and after, and seconds. Writes RUN/results/mitigation.h5.",
+        unsplit="each method is one joint edit of the model over all memorised targets at once, not independent "
+                "per-target work, so every process would repeat it",
         arguments=_cli_arguments, execute=_cli_execute, summary=_cli_summary, flags={"options": "--set"}),
 )
