@@ -282,11 +282,10 @@ def _baseline(p, task, setup: dict) -> np.ndarray:
 
 
 def _split(p, init, todo: list[int], parts: Parts, setup: dict, hyper: dict) -> None:
-    """The layers ``todo`` retrained under torchrun, each layer's part saved by one rank: layers are
-    claimed first to last by whichever rank is free (the first retrains the most network); the layer's
-    tensors after every epoch (0 = the reset) go to a :class:`memloc.scale.handoff.Handoff` (copied only
-    once a rank is idle) and are evaluated by their maker or an idle rank; the first rank out of layers
-    evaluates the final model (part :data:`BASELINE`). Each evaluation sees one process's tensors: same curves."""
+    """The layers ``todo`` retrained under torchrun, claimed first to last by whichever rank is free; each
+    epoch's tensors (0 = the reset) go to a :class:`memloc.scale.handoff.Handoff` (copied once a rank is idle),
+    evaluated by their maker or an idle rank; the first rank out of layers evaluates the final model (part
+    :data:`BASELINE`). Each evaluation sees one process's tensors: the same curves, bit for bit."""
     epochs = hyper["epochs"]
     handoff = Handoff({i: epochs + 1 for i in todo})
     held: dict[int, _Retraining] = {}           # the one layer this rank can evaluate without setting it up
