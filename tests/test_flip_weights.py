@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memloc.cli import run as cli_run
+from memloc.core.data import make_data
 
 flip = importlib.import_module("memloc.analyses.flip")
 weights = importlib.import_module("memloc.analyses.flip.weights")
@@ -303,3 +304,27 @@ def test_conv_net_linear_layers_run_with_shared_weights():
     with torch.no_grad():
         y = model(x).argmax(1)
     assert set(weights.WeightFlipSearch(model, x[None, :4], y[None, :4], np.arange(4)[None])._batched.linears) == {"9"}
+
+
+def test_weight_site_loop_fallback_is_recorded(monkeypatch, tmp_path):
+    """When vmap cannot batch a conv net's layers, the searches run one at a time (the same items) and the
+    result's config, the log, the command's summary and the report say so, with the reason."""
+    model, x = _conv_bn()
+    with torch.no_grad():
+        data = make_data(x, model(x).argmax(1))
+    kw = dict(examples="clean:3", site="weight", repeats=1, ref_batch_size=8, max_units=6, device="cpu")
+    batched = flip.flip(model, data, **kw)
+    assert (batched.config["weight_site_path"], batched.config["weight_site_fallback"]) == ("vmap", None)
+
+    def refuse(*a, **k):
+        raise RuntimeError("no batching rule for this layer\n(second line)")
+    monkeypatch.setattr(importlib.import_module("memloc.analyses.flip.batched"), "vmap", refuse)
+    logged = []
+    looped = flip.flip(model, data, log=logged.append, **kw)
+    assert looped.config["weight_site_path"] == "loop"
+    assert looped.config["weight_site_fallback"] == "RuntimeError: no batching rule for this layer"
+    assert np.array_equal(looped["unit_ids"].values, batched["unit_ids"].values) and len(batched["unit_ids"]) > 0
+    assert "one search at a time" in logged[-1] and "no batching rule" in logged[-1]
+    assert "one search at a time" in flip._cli_summary(looped, None)
+    assert "one search at a time" not in flip._cli_summary(batched, None)
+    assert "no batching rule" in flip.plot_flip(looped, tmp_path)

@@ -1,5 +1,6 @@
 """memloc.scale.handoff: every piece finished exactly once, by its maker or by a free rank, and each
-item's values returned in order to the one rank that records its last piece."""
+item's values returned in order to the one rank that records its last piece; pieces are copied to the
+store only once a rank is idle."""
 import socket
 
 import pytest
@@ -30,8 +31,10 @@ def _worker(rank, port, out):
         h = Handoff(COUNTS)
         finished, saved = [], {}
         mine = rank                               # rank r makes item r
+        h.put(mine, 0, {"i": mine, "j": 0})       # no rank is idle yet: kept, not copied to the store
+        copied_while_busy = h.published
         dist.barrier()
-        for j in range(COUNTS[mine]):
+        for j in range(1, COUNTS[mine]):
             if rank == 0:
                 time.sleep(0.3)                   # rank 1 is free long before item 0 is made
             h.put(mine, j, {"i": mine, "j": j})
@@ -42,7 +45,7 @@ def _worker(rank, port, out):
             assert piece == {"i": i, "j": j}
             finished.append((i, j))
             saved[i] = h.done(i, j, 100 * i + j) or saved.get(i)
-        out.put((rank, finished, {i: v for i, v in saved.items() if v}))
+        out.put((rank, finished, {i: v for i, v in saved.items() if v}, copied_while_busy, h.published))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -56,10 +59,13 @@ def test_two_processes_share_the_pieces_of_one_item():
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = mp.start_processes(_worker, args=(port, out), nprocs=2, join=False, start_method="spawn")
-    got = dict((r, (f, s)) for r, f, s in (out.get(timeout=120) for _ in range(2)))
+    got = dict((r, rest) for r, *rest in (out.get(timeout=120) for _ in range(2)))
     procs.join()
     finished = got[0][0] + got[1][0]
     assert sorted(finished) == [(i, j) for i in COUNTS for j in range(COUNTS[i])]   # each exactly once
-    assert any(i == 0 for i, _ in got[1][0])      # the free rank took pieces of rank 0's item
+    helped = sum(i == 0 for i, _ in got[1][0])
+    assert helped > 0                             # the free rank took pieces of rank 0's item
+    assert got[0][2] == got[1][2] == 0            # nothing copied while every rank had work of its own
+    assert helped <= got[0][3] <= COUNTS[0]       # then each piece rank 1 took, copied once at most
     saved = {**got[0][1], **got[1][1]}
     assert len(got[0][1]) + len(got[1][1]) == 2 and saved == {0: [0, 1, 2, 3, 4, 5], 1: [100, 101]}

@@ -67,6 +67,7 @@ HYPER = dict(
     seed=0,              # batch order (and any randomness of the layer's own modules)
     optimizer="sgd",     # sgd, or adam (AdamW: what language models are trained with; momentum unused)
 )
+BASELINE = (-1,)         # under torchrun, the part key of the final model's accuracies (the layers' keys are (i,))
 
 
 def retrain_layer(model: nn.Module, init: dict[str, torch.Tensor], layer: Layer, data, *,
@@ -260,14 +261,12 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
                 parts.add({(i,): curve})
         else:
             _split(p, init, todo, parts, setup, hyper)
-        if world()[0] == 0:     # while the other ranks finish their share
-            with autocast(precision, p.device):
-                baseline = task.subset_row(p.model, batch_size=eval_batch_size)
         parts.gather()
     finally:
         parts.release()
     if world()[0] > 0:
         return None             # rank 0 merges the parts and returns the result
+    baseline = parts.done.pop(BASELINE) if BASELINE in parts.done else _baseline(p, task, setup)
     curves = [parts.done[(i,)] for i in range(len(p.layers))]
     acc = np.stack(curves) if curves else np.zeros((0, epochs + 1, len(task.subsets)))
     ds = xr.Dataset({"accuracy": (("layer", "epoch", "subset"), acc), "baseline": (("subset",), baseline)},
@@ -276,12 +275,17 @@ def retrain(source, data=None, *, layers=None, checkpoint=0, epochs: int = HYPER
     return result
 
 
+def _baseline(p, task, setup: dict) -> np.ndarray:
+    """The final model's accuracies over the data's subsets."""
+    with autocast(setup["precision"], p.device):
+        return np.asarray(task.subset_row(p.model, batch_size=setup["eval_batch_size"]), dtype=np.float64)
+
+
 def _split(p, init, todo: list[int], parts: Parts, setup: dict, hyper: dict) -> None:
-    """The layers ``todo`` retrained under torchrun, each layer's part saved by one rank: layers are
-    claimed first to last by whichever rank is free (the first retrains the most network); the layer's
-    tensors after every epoch (0 = the reset) are handed off (:class:`memloc.scale.handoff.Handoff`) and
-    evaluated by the rank that retrained it once it has, or earlier by a rank with nothing else to do.
-    Every evaluation sees the same tensors as in one process, so the curves are the same, bit for bit."""
+    """The layers ``todo`` retrained under torchrun, claimed first to last by whichever rank is free; each
+    epoch's tensors (0 = the reset) go to a :class:`memloc.scale.handoff.Handoff` (copied once a rank is idle),
+    evaluated by their maker or an idle rank; the first rank out of layers evaluates the final model (part
+    :data:`BASELINE`). Each evaluation sees one process's tensors: the same curves, bit for bit."""
     epochs = hyper["epochs"]
     handoff = Handoff({i: epochs + 1 for i in todo})
     held: dict[int, _Retraining] = {}           # the one layer this rank can evaluate without setting it up
@@ -304,6 +308,8 @@ def _split(p, init, todo: list[int], parts: Parts, setup: dict, hyper: dict) -> 
         held = {i: r}
         for j in handoff.take(i):
             finish(i, j, r.row(states[j]))
+    for _ in claim([BASELINE]):
+        parts.add({BASELINE: _baseline(p, task_of(p.data), setup)})
     for i, j, state in handoff.ready(prefer=lambda i: i in held):
         if i not in held:
             held = {i: _Retraining(p.model, init, p.layers[i], p.data, **setup, **make)}

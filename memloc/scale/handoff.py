@@ -5,14 +5,18 @@ costs more than the rest together (retrain: the first layer retrains the whole n
 that one item bounds the speed-up. Part of such an item can often be done elsewhere: retraining a
 layer is a chain of epochs (one rank), but evaluating the weights of each epoch needs only those
 weights. A :class:`Handoff` carries such *pieces* (item ``i``'s piece ``j``: e.g. the layer's
-tensors after epoch ``j``) through the process group's key-value store: the rank making an item
-:meth:`~Handoff.put` s each piece as soon as it exists, and every piece is finished by exactly one
-rank, claimed the moment it is free: the maker itself once its item is made (:meth:`~Handoff.take`,
-its own copy, no transfer) or a rank with nothing else to do (:meth:`~Handoff.ready`, any published
-piece). :meth:`~Handoff.done` records a finished piece's value; the rank that records an item's last
-one gets all of them, in order, to save. Which rank finishes a piece depends on timing, so a piece's
-value must not depend on its rank. Outside a process group nothing is published and every piece is
-the caller's (one process does it all, in order).
+tensors after epoch ``j``) to free ranks through the process group's key-value store. Every piece is
+finished by exactly one rank, claimed in order the moment that rank is free: the maker itself once
+its item is made (:meth:`~Handoff.take`, its own copy, no transfer) or a rank with nothing else to do
+(:meth:`~Handoff.ready`, a published piece). The maker :meth:`~Handoff.put` s each piece as soon as
+it exists, but a piece is copied into the store only while some rank is idle (it has entered
+:meth:`~Handoff.ready`): while every rank has work of its own, handing off would only add copies.
+Once a rank is idle, the maker publishes the pieces made and not yet claimed, each new one as it is
+made, and while it finishes its own pieces it keeps ``size - 1`` pieces ahead published, the next
+ones a free rank can claim. :meth:`~Handoff.done` records a finished piece's value; the rank that
+records an item's last one gets all of them, in order, to save. Which rank finishes a piece depends
+on timing, so a piece's value must not depend on its rank. Outside a process group nothing is
+published and every piece is the caller's (one process does it all, in order).
 """
 from __future__ import annotations
 
@@ -42,14 +46,42 @@ class Handoff:
         self.prefix = f"memloc/handoff/{next(_CALLS)}"
         self.values: dict[tuple[int, int], object] = {}       # finished values (one process only)
         self.claimed: dict[int, int] = {}                     # claimed pieces per item (one process only)
+        self.made: dict[int, list] = {}                       # this rank's pieces per item, until claimed
+        self.mine: dict[int, set] = {}                        # per item: the pieces this rank claimed in take
+        self.shown: dict[int, set] = {}                       # per item: the pieces this rank published
+        self.idle = False                                     # whether some rank is known to be idle
+        self.published = 0                                    # pieces this rank copied into the store
 
-    def _key(self, kind: str, i: int, j: int | None = None) -> str:
-        return f"{self.prefix}/{kind}/{i}" + ("" if j is None else f"/{j}")
+    def _key(self, kind: str, i: int | None = None, j: int | None = None) -> str:
+        return f"{self.prefix}/{kind}" + ("" if i is None else f"/{i}") + ("" if j is None else f"/{j}")
 
     def put(self, i: int, j: int, piece) -> None:
-        """Publish item ``i``'s piece ``j`` (it must pickle) for any rank to finish."""
+        """Item ``i``'s piece ``j`` (made in order, it must pickle), for any rank to finish: kept here, and
+        published (with the earlier unclaimed ones) when some rank is idle."""
+        made = self.made.setdefault(i, [])
+        if j != len(made):
+            raise ValueError(f"item {i}: piece {j} put after {len(made)} pieces")
+        made.append(piece)
         if self.store is not None:
-            self.store.set(self._key("piece", i, j), pickle.dumps(piece, protocol=pickle.HIGHEST_PROTOCOL))
+            self._publish(i, len(made))
+
+    def _wanted(self) -> bool:
+        """Whether some rank has entered :meth:`ready` (once seen, not asked again)."""
+        if not self.idle and self.store is not None:
+            self.idle = self.store.add(self._key("idle"), 0) > 0
+        return self.idle
+
+    def _publish(self, i: int, upto: int) -> None:
+        """If some rank is idle, publish item ``i``'s made pieces not claimed by this rank nor published yet:
+        those below ``upto`` and every one another rank has claimed (it waits for it)."""
+        if not self._wanted():
+            return
+        made, mine, shown = self.made.get(i, ()), self.mine.setdefault(i, set()), self.shown.setdefault(i, set())
+        for j in range(min(len(made), max(upto, self._next(i, 0)))):
+            if j not in mine and j not in shown:
+                self.store.set(self._key("piece", i, j), pickle.dumps(made[j], protocol=pickle.HIGHEST_PROTOCOL))
+                self.published += 1
+                shown.add(j)
 
     def _next(self, i: int, take: int = 1) -> int:
         """The number of item ``i``'s pieces claimed so far, ``take`` more claimed (0: only read it)."""
@@ -60,18 +92,27 @@ class Handoff:
 
     def _drop(self, i: int, j: int) -> None:
         """Free a claimed piece's published copy (kept where the store cannot delete, e.g. a FileStore)."""
-        if self.store is not None:
+        if self.store is not None and j in self.shown.get(i, ()):
             try:
                 self.store.delete_key(self._key("piece", i, j))
             except (RuntimeError, NotImplementedError):
                 pass
 
     def take(self, i: int) -> Iterator[int]:
-        """The pieces of item ``i`` (made by this rank, which holds its own copies) that this rank is
-        to finish, each claimed when the previous one is finished; the others go to free ranks."""
-        while (j := self._next(i) - 1) < self.counts[i]:
+        """The pieces of item ``i`` (made and :meth:`put` by this rank, which holds its own copies) that
+        this rank is to finish, each claimed when the previous one is finished; the others go to idle
+        ranks (for them, the ``size - 1`` pieces after the one claimed are published first)."""
+        while True:
+            j = self._next(i) - 1
+            self.mine.setdefault(i, set()).add(j)
+            if self.store is not None:
+                self._publish(i, j + self.size)     # also any piece an idle rank claimed meanwhile
+            if j >= self.counts[i]:
+                break
             self._drop(i, j)
             yield j
+        for d in (self.made, self.mine, self.shown):
+            d.pop(i, None)
 
     def ready(self, prefer: Callable[[int], bool] = lambda i: False) -> Iterator[tuple[int, int, object]]:
         """``(i, j, piece)`` for the published pieces this rank claims, until every piece of every item
@@ -80,6 +121,7 @@ class Handoff:
         in order (each the next one not claimed)."""
         if self.store is None:
             return
+        self.store.add(self._key("idle"), 1)      # from now on, makers publish their pieces
         open_items = sorted(self.counts)
         while open_items:
             found = None

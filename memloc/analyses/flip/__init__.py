@@ -54,7 +54,7 @@ from .select import EXAMPLE_POOLS, examples_spec, reference_batches, select_exam
 from .store import layer_histogram
 import sys
 import numpy as np
-from .driver import PROTOCOLS, SITES, part_settings, protocol_options, settings
+from .driver import PROTOCOLS, SITES, WEIGHT_LOOP, part_settings, protocol_options, settings
 from ...scale.parts import canonical_settings, saved_settings
 from ...core.run import load
 from ...core.neurons import UNIT_KINDS
@@ -167,6 +167,8 @@ def _cli_summary(res, args):
         if rows.any():
             parts.append(f"{key}: median {np.median(count[rows]):g} {word}, "
                          f"{100 * res['flipped'].values[rows].mean():.0f}% flipped")
+    if res.config.get("weight_site_path") == "loop":
+        parts.append(f"{WEIGHT_LOOP}: {res.config.get('weight_site_fallback')}")
     return "; ".join(parts)
 
 
@@ -215,6 +217,8 @@ def plot_flip(res, out, run=None) -> str:
                      "prediction left its label, noisy and clean apart: noisy examples further left are stored in "
                      "fewer units. Right, the layers the zeroed units lie in.") + "\n\n"
             + table(["examples", "searched", "median units", "% flipped"], rows, digits=1))
+    if cfg.get("weight_site_path") == "loop":
+        text += f"\n\nNote: {WEIGHT_LOOP}: {cfg.get('weight_site_fallback')}."
     if groups["clean"].any() and groups["noisy"].any():
         from sklearn.metrics import roc_auc_score
         auc = roc_auc_score(noisy[searched], -count[searched])

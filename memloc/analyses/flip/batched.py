@@ -42,6 +42,7 @@ class BatchedSteps:
         self.params = {k: v.detach() for k, v in model.named_parameters()}
         self.buffers = dict(model.named_buffers())
         self.vmap = True
+        self.fallback = None         # why vmap was given up for a loop over the searches (None: it was not)
         self.slice = None
         self._hook_modules()
 
@@ -145,8 +146,9 @@ class BatchedSteps:
                     try:
                         logits, xs = vmap(one, in_dims=(0, 0, None if shared else 0))(masks, extra, inputs)
                         return logits, {w: e[3] for w, e in extra.items()}, xs
-                    except (RuntimeError, NotImplementedError, ValueError):
+                    except (RuntimeError, NotImplementedError, ValueError) as e:
                         self.vmap = False      # a layer that vmap cannot batch: one search at a time
+                        self.fallback = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
                 outs = [one({k: v[i] for k, v in masks.items()}, {w: tuple(t[i] for t in e) for w, e in extra.items()},
                             inputs if shared else inputs[i]) for i in range(g)]
         finally:

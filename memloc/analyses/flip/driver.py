@@ -29,6 +29,9 @@ __all__ = ["flip", "settings", "part_settings", "DTYPES", "REF_POOLS", "SITES", 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REF_POOLS = ("clean", "all")
 SITES = UNIT_SITES + ("weight",)
+#: what the command, the log and the report say when the weight site's batched searches fell back to a loop
+WEIGHT_LOOP = ("the weight site ran one search at a time (vmap could not batch this model's layers; the same items, "
+               "only slower)")
 #: Defaults of the options a protocol sets (explicit values always win). ``paper``: the official
 #: code's rule and settings (weight site, logits averaged over 5 noised copies of norm 0.01 x the
 #: input's, a 512-example reference batch, one search per example); memloc's default zeroes units
@@ -191,6 +194,10 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
         parts.release()
     if rank > 0:
         return None             # rank 0 merges the parts and writes the result
+    if site == "weight":
+        config = {**config, **search.path()}
+        if config["weight_site_path"] == "loop":
+            log(f"memloc.flip: {WEIGHT_LOOP} ({config['weight_site_fallback']})")
     result = _result(parts, ids, is_noisy, given, status, repeats, structure, refs, max_units, config, task.subsets)
     return result
 

@@ -128,6 +128,17 @@ class WeightFlipSearch(FlipSearch):
             self._dense = DenseSteps(self)
             self._stacked = StackedSteps(self._dense)
 
+    def path(self) -> dict:
+        """How the searches ran, for the result's config: ``weight_site_path`` ``"vmap"`` (conv nets, all
+        searches of a group in one pass), ``"loop"`` (conv nets whose layers ``vmap`` refused: one search
+        at a time, the same items; ``weight_site_fallback`` says why), ``"stacked"`` or ``"dense"``
+        (models without conv filters)."""
+        if self.batched:
+            loop = not self._batched.vmap
+            return {"weight_site_path": "loop" if loop else "vmap",
+                    "weight_site_fallback": self._batched.fallback if loop else None}
+        return {"weight_site_path": "stacked" if self._stacked.usable else "dense", "weight_site_fallback": None}
+
     def objective_grad(self, *args, **kwargs):
         raise NotImplementedError("the weight site has no unit masks; its steps are in BatchedSteps / "
                                   "StackedSteps / DenseSteps")
