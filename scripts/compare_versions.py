@@ -52,7 +52,12 @@ print("computed", ", ".join(results))
 
 #: options a result's config records since some version, at the value that is the older code's computation:
 #: a config without the key equals one holding that value
-LATER_DEFAULTS = {"precision": "fp32", "optimizer": "sgd"}   # retrain records its optimizer
+LATER_DEFAULTS = {"precision": "fp32", "optimizer": "sgd", "units": "outputs"}   # retrain's optimizer, flip's units
+
+#: config keys that say how a result was computed, not what it is, and are compared through its values:
+#: facts recorded since (flip's weight-site path, why importance has no flip overlap) and scores' batch,
+#: whose default went 256 -> 1024 (one eval_batch_size default for every evaluation pass)
+NOT_COMPARED = {"weight_site_path", "weight_site_fallback", "flip_overlap_missing", "batch_size"}
 
 #: results whose summation order changed on purpose, with the relative tolerance float32 rounding explains:
 #: importance of a model made only of nn.Linear layers takes the outer-product path ((g^2)^T (a^2), 1037d8e)
@@ -62,9 +67,11 @@ ROUNDING = {"importance": 1e-6}
 
 
 def config(ds, folder: Path) -> dict:
-    """A result's config, its run's folder written as ``<out>`` and :data:`LATER_DEFAULTS` at their default dropped."""
+    """A result's config, its run's folder written as ``<out>``, :data:`LATER_DEFAULTS` at their default and
+    :data:`NOT_COMPARED` dropped."""
     cfg = json.loads(str(ds.attrs.get("config", "{}")).replace(str(folder), "<out>"))
-    return {k: v for k, v in cfg.items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+    return {k: v for k, v in cfg.items()
+            if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k]) and k not in NOT_COMPARED}
 
 
 def compute(checkout: Path, out: Path) -> None:
