@@ -139,3 +139,11 @@ def test_units_errors(memorising_lm, capsys):
         cli_run("mitigate", [str(memorising_lm.path), "--units", "heads", "--methods", "fine_tune", "--device", "cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "fine_tune trains every weight" in err, err
+
+
+def test_the_findings_say_heads_where_localisation_ranked_heads():
+    from memloc.reporting.summary import _language_model
+    model, data = trained_to_memorise(4)
+    for units, words in (("heads", "zeroed attention heads"), ("mlp", "zeroed MLP neurons")):
+        res = memloc.localise_neurons(model, data, units=units, methods="greedy", ref_batch_size=0, device="cpu")
+        assert words in _language_model({"localise_neurons": res})[0], units
