@@ -11,6 +11,10 @@
    zeroing, the target, every OTHER memorised target and every held-out (test) sequence are measured
    (:func:`memloc.core.lm.suffix_measures`).
 
+``units="heads"``: the methods rank the attention heads instead (:func:`memloc.localise_neurons`'s
+``units``) and the top ``max(1, round(f * n_head))`` heads of every layer are zeroed (their slice of the
+output projection's input); the config records ``units`` and the units of a layer (``d_mlp`` / ``n_head``).
+
 The ``"del"`` result, per (method, fraction, target): ``memorised`` (the target still reproduced),
 ``accuracy`` / ``loss`` of its suffix, ``kept`` (specificity: the share of the other memorised
 sequences still reproduced), ``test_loss`` / ``test_accuracy`` (mean over the test sequences); per
@@ -26,7 +30,7 @@ import xarray as xr
 
 from ..core.errors import MemlocError
 from ..core.lm import lm_logits, sequence_measures, suffix_measures
-from ..core.neurons import mlp_layers, neuron_masks
+from ..core.neurons import neuron_masks, unit_layers
 from ..core.precision import autocast, check_precision
 from ..core.registry import Analysis
 from ..core.results import Result
@@ -37,6 +41,7 @@ from ..core.selection import lm_source
 from ..scale.distributed import world
 from ..scale.parts import Columns, split_rows
 from .localise import METHODS, method_options, neuron_scores, reference_rows, select_targets, target_parts
+from .localise.methods import check_localised_units
 from .localise.plots import plot_del
 
 __all__ = ["del_benchmark", "zeroing_masks", "check_fractions", "FRACTIONS"]
@@ -92,17 +97,19 @@ def _measure(model, layers, tokens, p: int, s: int, mask, eval_batch_size: int, 
 @stored("del")
 def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, examples="memorised",
                   options: dict | None = None, ref_batch_size: int = 8, checkpoint: int | None = None,
-                  eval_batch_size: int = 64, seed: int = 0, device="auto", precision: str = "fp32", resume=None,
-                  overwrite: bool = False) -> Result | None:
+                  eval_batch_size: int = 64, seed: int = 0, device="auto", precision: str = "fp32", units: str = "mlp",
+                  resume=None, overwrite: bool = False) -> Result | None:
     """The ``"del"`` result (module docstring) of a language-model run (``checkpoint`` default final) or
     a causal LM module with ``data`` (a SequenceSet): ``methods`` localise each memorised target
     (``examples``: ``"memorised"``, ``"memorised:N"``, ids or a mask, all memorised); the top
     ``fractions`` of every layer's neurons are zeroed. ``options`` / ``ref_batch_size`` / ``seed`` as
     :func:`memloc.localise_neurons`. ``precision``: every forward pass under autocast
     (:mod:`memloc.core.precision`). ``resume`` / ``overwrite`` and torchrun as :func:`memloc.localise_neurons`
-    (the targets' batches split across the processes, rank 0 returning the result)."""
+    (the targets' batches split across the processes, rank 0 returning the result). ``units``: rank and zero
+    the MLP neurons (``"mlp"``) or the attention heads (``"heads"``; module docstring)."""
     fracs = check_fractions(fractions)
     chosen = check_choices("methods", methods, METHODS, "localisation method")
+    check_localised_units(units)
     method_options(options)
     ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
     eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
@@ -110,7 +117,7 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
     check_precision(precision)
     folder = target_parts(source, resume, "del")
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="del_benchmark")
-    layers = mlp_layers(model)
+    layers = unit_layers(model, units)
     d = layers[0].size
     p, s = data.prefix_len, data.suffix_len
     dev = next(model.parameters()).device
@@ -141,7 +148,8 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
 
     def work(chunk):        # one batch of targets: localised together, then each target's zeroings measured
         got = neuron_scores(model, tokens[chunk], p, s, methods=chosen, reference=reference, options=options,
-                            eval_batch_size=eval_batch_size, seed=seed, precision=precision, ids=ids[chunk])
+                            eval_batch_size=eval_batch_size, seed=seed, precision=precision, units=units,
+                            ids=ids[chunk])
         out = {k: np.full((len(chunk), *per), np.nan) for k in _MEASURED}
         for a, method in enumerate(chosen):
             for b, k in enumerate(counts):
@@ -157,10 +165,10 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
                     out["test_loss"][i, a, b], out["test_accuracy"][i, a, b] = t_loss.mean(), t_acc.mean()
         return columns.pack(**out, seconds=np.tile([got["seconds"][m] / len(chunk) for m in chosen], (len(chunk), 1)))
     config = {"methods": chosen, "fractions": fracs, "options": {m: method_options(options)[m] for m in chosen},
-              "prefix_len": p, "suffix_len": s, "d_mlp": d, "n_layers": len(layers),
+              "prefix_len": p, "suffix_len": s, ("n_head" if units == "heads" else "d_mlp"): d, "n_layers": len(layers),
               "memorised": [int(i) for i in data.ids[pool]], "reference": [int(i) for i in data.ids[ref]],
               "checkpoint": epoch, "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev),
-              "data": data.name, "precision": precision}
+              "data": data.name, "precision": precision, "units": units}
     got = columns.unpack(split_rows(len(rows), eval_batch_size, work, folder=folder, what="del",
                                     settings={**config, "device": dev.type, "targets": ids.tolist()},
                                     overwrite=overwrite))
@@ -192,7 +200,7 @@ ANALYSIS = Analysis(
     schema=Schema("del", "DEL, deleting naturally memorised sequences by zeroing each localisation method's top "
                   "neurons (memloc.del_benchmark)",
   {"method": Var(("method",), "localisation method (memloc.localise_neurons)"),
-   "fraction": Var(("fraction",), "share of each layer's neurons zeroed (at least one neuron)"),
+   "fraction": Var(("fraction",), "share of each layer's neurons (config units heads: heads) zeroed (at least one)"),
    "target": Var(("target",), "sequence id of the memorised target")},
   {"memorised": Var(_PER, "the target's suffix is still reproduced after zeroing"),
    "accuracy": Var(_PER, "the target's suffix token accuracy after zeroing"),
@@ -200,7 +208,7 @@ ANALYSIS = Analysis(
    "kept": Var(_PER, "specificity: share of the other memorised sequences still reproduced (NaN: none other)"),
    "test_loss": Var(_PER, "mean suffix loss of the test sequences after zeroing"),
    "test_accuracy": Var(_PER, "mean suffix token accuracy of the test sequences after zeroing"),
-   "zeroed": Var(("fraction",), "neurons zeroed in every layer"),
+   "zeroed": Var(("fraction",), "neurons (config units heads: heads) zeroed in every layer"),
    "seconds": Var(("method",), "localisation seconds per target"),
    "loss_before": Var(("target",), "the target's suffix loss before zeroing"),
    "accuracy_before": Var(("target",), "the target's suffix token accuracy before zeroing"),

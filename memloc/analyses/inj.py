@@ -8,14 +8,17 @@
    neurons; a fixed count per layer suits small models) and fine-tune only their output weights (the
    down-projection's input columns; Adam, ``lr``; every other weight is left bit for bit) on the
    sequence's suffix loss until greedy decoding reproduces the suffix (at most ``max_steps`` steps).
-   Those neurons are the ground truth;
+   Those neurons are the ground truth. ``units="heads"``: attention heads instead
+   (:func:`memloc.core.neurons.attention_heads`), a head's output weights being the output projection's
+   input columns of its slice (head_dim of them), as :func:`memloc.localise_neurons` ranks them;
 3. run every localisation method (:func:`memloc.neuron_scores`) on the injected model and the
    sequence, and score its top-k neurons of each layer (k = the number injected there) by recall:
    the share of the injected neurons among them. Then restore the original weights.
 
 The ``"inj"`` result: ``recall`` (method, sequence, layer) and ``seconds`` (method, sequence), the
 injected neurons, the fine-tuning steps and whether injection succeeded (sequences whose injection
-failed are not localised: NaN recall). The random baseline's expected recall is k / d_mlp.
+failed are not localised: NaN recall). The random baseline's expected recall is k / d_mlp (heads: k /
+n_head). The config records ``units`` and the units of a layer (``d_mlp``, or ``n_head`` for heads).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 import xarray as xr
 
 from ..core.errors import MemlocError
-from ..core.neurons import mlp_layers, output_weights
+from ..core.neurons import output_weights, unit_layers
 from ..core.optim import make_optimizer
 from ..core.precision import autocast, check_precision, grad_scaler
 from ..core.registry import Analysis
@@ -38,6 +41,7 @@ from ..core.selection import lm_source
 from ..scale.distributed import world
 from ..scale.parts import Columns, split_rows
 from .localise import METHODS, method_options, neuron_scores, reference_rows, target_parts
+from .localise.methods import check_localised_units
 from .localise.common import Targets, suffix_loss
 from .localise.plots import plot_inj
 
@@ -45,17 +49,19 @@ __all__ = ["inj_benchmark", "inject_sequence", "recall_at_k"]
 
 
 def inject_sequence(model, tokens: torch.Tensor, prefix_len: int, suffix_len: int, neurons, *, lr: float = 0.05,
-                    max_steps: int = 500, precision: str = "fp32") -> tuple[int, bool]:
-    """Fine-tune the output weights of ``neurons`` ((L, k) indices per MLP layer) of ``model`` in place
+                    max_steps: int = 500, precision: str = "fp32", units: str = "mlp") -> tuple[int, bool]:
+    """Fine-tune the output weights of ``neurons`` ((L, k) indices per MLP layer; ``units="heads"``: per
+    attention layer, each head's head_dim input columns of the output projection) of ``model`` in place
     until it reproduces the suffix of ``tokens`` (1, T) from its prefix: (steps taken, memorised).
     ``precision``: the forward passes under autocast, the fp16 loss scaled (:mod:`memloc.core.precision`)."""
-    layers = mlp_layers(model)
+    layers = unit_layers(model, check_localised_units(units))
     t = Targets(model, layers, tokens, prefix_len, suffix_len)
     weights, keep = [], []
     for layer, chosen in zip(layers, neurons):
         weight, dim = output_weights(model, layer)
         mask = torch.zeros(layer.size, dtype=weight.dtype, device=weight.device)
         mask[torch.as_tensor(chosen, device=weight.device)] = 1
+        mask = mask.repeat_interleave(layer.group)      # a head: its head_dim features (a neuron: itself)
         weights.append(weight)
         keep.append(mask.view(-1, 1) if dim == 0 else mask.view(1, -1))
     optimiser = make_optimizer(weights, "adam", lr=lr, weight_decay=0.0)    # = Adam
@@ -84,28 +90,31 @@ def recall_at_k(scores: np.ndarray, neurons: np.ndarray) -> np.ndarray:
 def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 2, methods=METHODS,
                   prefix_len: int | None = None, suffix_len: int | None = None, options: dict | None = None,
                   ref_batch_size: int = 8, lr: float = 0.05, max_steps: int = 500, checkpoint: int | None = None,
-                  eval_batch_size: int = 64, seed: int = 0, device="auto", precision: str = "fp32", resume=None,
-                  overwrite: bool = False) -> Result | None:
+                  eval_batch_size: int = 64, seed: int = 0, device="auto", precision: str = "fp32", units: str = "mlp",
+                  resume=None, overwrite: bool = False) -> Result | None:
     """The ``"inj"`` result (module docstring) of a language-model run (``checkpoint`` default final) or
     a causal LM module with ``data`` (its SequenceSet gives the token ids to draw from, and the span
     unless ``prefix_len`` / ``suffix_len`` are given; greedy keeps the loss of ``ref_batch_size`` of its
     clean training sequences low). ``precision``: the injection's and the localisation's forward passes
     under autocast, the injection's fp16 loss scaled (:mod:`memloc.core.precision`). ``resume`` /
     ``overwrite`` and torchrun as :func:`memloc.localise_neurons`: each sequence (drawn from ``seed``, its
-    localisation seeded ``seed`` + its number) is one part, claimed by whichever process is free."""
+    localisation seeded ``seed`` + its number) is one part, claimed by whichever process is free. ``units``:
+    inject into and rank the MLP neurons (``"mlp"``) or the attention heads (``"heads"``; module docstring)."""
     n_sequences, n_injected, max_steps = (check_range(name, value, low=1, integer=True) for name, value in (
         ("n_sequences", n_sequences), ("n_injected", n_injected), ("max_steps", max_steps)))
     lr = check_range("lr", lr, low=0, low_open=True)
     seed = check_range("seed", seed, low=0, integer=True)
     check_precision(precision)
     chosen = check_choices("methods", methods, METHODS, "localisation method")
+    check_localised_units(units)
     method_options(options)
     folder = target_parts(source, resume, "inj")
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="inj_benchmark")
-    layers = mlp_layers(model)
-    d = layers[0].size
-    if n_injected > d:
-        raise MemlocError(f"n_injected {n_injected} is more than the {d} neurons of a layer", argument="n_injected")
+    layers = unit_layers(model, units)
+    d, what = layers[0].size, ("heads" if units == "heads" else "neurons")
+    if n_injected >= d:
+        raise MemlocError(f"n_injected {n_injected} is {'all' if n_injected == d else 'more than'} the {d} {what} of a "
+                          f"layer: every method's recall would be 1; inject fewer", argument="n_injected")
     p = data.prefix_len if prefix_len is None else prefix_len
     s = data.suffix_len if suffix_len is None else suffix_len
     p = check_range("prefix_len", p, low=1, integer=True)
@@ -132,11 +141,12 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
         seconds = np.full(len(chosen) + 1, np.nan)          # the methods', then the injection's (NaN: not localised)
         try:
             start = time.perf_counter()
-            steps, ok = inject_sequence(model, x, p, s, neurons[i], lr=lr, max_steps=max_steps, precision=precision)
+            steps, ok = inject_sequence(model, x, p, s, neurons[i], lr=lr, max_steps=max_steps, precision=precision,
+                                        units=units)
             inject_seconds = time.perf_counter() - start
             if ok and not before:
                 got = neuron_scores(model, x, p, s, methods=chosen, reference=reference, options=options,
-                                    eval_batch_size=eval_batch_size, seed=seed + i, precision=precision)
+                                    eval_batch_size=eval_batch_size, seed=seed + i, precision=precision, units=units)
                 greedy_zeroed = got["greedy_zeroed"][0] if "greedy" in chosen else -1
                 recall = np.stack([recall_at_k(got["scores"][m][0], neurons[i]) for m in chosen])
                 seconds = np.asarray([got["seconds"][m] for m in chosen] + [inject_seconds])
@@ -148,9 +158,10 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
                             ok=[ok], before=[before], greedy_zeroed=[greedy_zeroed])
     config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "n_sequences": n_sequences,
               "n_injected": n_injected, "lr": lr, "max_steps": max_steps, "checkpoint": epoch, "prefix_len": p,
-              "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "d_mlp": d,
+              "suffix_len": s, "reference": [int(i) for i in data.ids[ref]],
+              ("n_head" if units == "heads" else "d_mlp"): d,
               "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev),
-              "data": data.name, "precision": precision}
+              "data": data.name, "precision": precision, "units": units}
     got = columns.unpack(split_rows(n_sequences, 1, work, folder=folder, what="inj",
                                     settings={**config, "device": dev.type}, overwrite=overwrite))
     localised = (got["ok"] > 0) & (got["before"] == 0)
@@ -178,14 +189,15 @@ ANALYSIS = Analysis(
                   "(memloc.inj_benchmark)",
   {"method": Var(("method",), "localisation method (memloc.localise_neurons)"),
    "sequence": Var(("sequence",), "injected random sequence"),
-   "layer": Var(("layer",), "MLP layer (its down-projection)"),
-   "slot": Var(("slot",), "injected neuron of a layer"),
+   "layer": Var(("layer",), "MLP layer (its down-projection); config units heads: attention layer (its output "
+                            "projection)"),
+   "slot": Var(("slot",), "injected neuron (config units heads: head) of a layer"),
    "position": Var(("position",), "token position")},
   {"recall": Var(("method", "sequence", "layer"), "share of the injected neurons among the method's top-k of the "
                  "layer (k = injected per layer); NaN where injection failed"),
    "seconds": Var(("method", "sequence"), "seconds the method took for the sequence"),
    "inject_seconds": Var(("sequence",), "seconds the injection (fine-tuning) took"),
-   "injected": Var(("sequence", "layer", "slot"), "the injected neurons (the ground truth)"),
+   "injected": Var(("sequence", "layer", "slot"), "the injected neurons or heads (the ground truth)"),
    "inject_steps": Var(("sequence",), "fine-tuning steps until the suffix was reproduced"),
    "injected_ok": Var(("sequence",), "the sequence was new and got memorised by the injection"),
    "tokens": Var(("sequence", "position"), "the injected sequence (prefix, then suffix)"),

@@ -175,8 +175,10 @@ def _language_model(results: dict) -> list[str]:
     if loc is not None and "greedy_zeroed" in loc:
         broken = loc["greedy_broken"].values.astype(bool)
         if broken.any():
-            out.append(f"**Neurons (greedy zeroing)**: a memorised sequence stops being reproduced after a median of "
-                       f"{np.median(loc['greedy_zeroed'].values[broken]):.0f} zeroed MLP neurons ({int(broken.sum())} "
+            heads = loc.config.get("units") == "heads"
+            out.append(f"**{'Heads' if heads else 'Neurons'} (greedy zeroing)**: a memorised sequence stops being "
+                       f"reproduced after a median of {np.median(loc['greedy_zeroed'].values[broken]):.0f} zeroed "
+                       f"{'attention heads' if heads else 'MLP neurons'} ({int(broken.sum())} "
                        f"of {len(broken)} targets broken).")
     mt = results.get("mitigation")
     if mt is not None and mt.sizes["setting"]:

@@ -70,9 +70,14 @@ def plot_localise(res, out, run=None) -> str:
     return text
 
 
+def _unit(res) -> str:
+    """What a result's units are called: "heads" (config units heads) or "neurons"."""
+    return "heads" if res.config.get("units") == "heads" else "neurons"
+
+
 def plot_inj(res, out, run=None) -> str:
-    """MemPi's INJ: each method's recall of the neurons a sequence was injected into."""
-    methods = _names(res)
+    """MemPi's INJ: each method's recall of the neurons (or heads) a sequence was injected into."""
+    methods, unit = _names(res), _unit(res)
     ok = res["injected_ok"].values.astype(bool)
     recall = res["recall"].values[:, ok].reshape(len(methods), -1)           # (method, sequence x layer)
     mean = recall.mean(1) if recall.size else np.full(len(methods), np.nan)
@@ -82,21 +87,22 @@ def plot_inj(res, out, run=None) -> str:
     order = np.argsort(-np.nan_to_num(mean, nan=-1))
     ax.bar(np.arange(len(methods)), 100 * mean[order], yerr=100 * se[order], color="tab:blue", capsize=3)
     ax.set_xticks(np.arange(len(methods)), [methods[i] for i in order], rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel="recall of injected neurons (%)", ylim=(0, 105),
-           title=f"INJ: {int(ok.sum())} injected sequences, {res.sizes['slot']} neurons per layer")
+    ax.set(ylabel=f"recall of injected {unit} (%)", ylim=(0, 105),
+           title=f"INJ: {int(ok.sum())} injected sequences, {res.sizes['slot']} {unit} per layer")
     name = save_figure(fig, out, "inj.png")
     rows = [[methods[i], 100 * mean[i], seconds[i]] for i in order]
+    what = "attention heads (their output-projection columns)" if unit == "heads" else "neurons"
     return ("## Known-answer benchmark (INJ)\n\nMemPi's benchmark: new sequences are written into the output weights "
-            "of a few random neurons per layer until the model reproduces them; each method should rank those "
-            "neurons first.\n\n"
-            + figure("inj recall", name, "per method, the share of the injected neurons among its top-ranked neurons "
+            f"of a few random {what} per layer until the model reproduces them; each method should rank those "
+            f"{unit} first.\n\n"
+            + figure("inj recall", name, f"per method, the share of the injected {unit} among its top-ranked {unit} "
                      "of each layer (mean over sequences and layers, with its standard error); random is the floor.")
             + "\n\n" + table(["method", "recall (%)", "seconds per sequence"], rows, digits=2))
 
 
 def plot_del(res, out, run=None) -> str:
     """MemPi's DEL: targets deleted against the other memorised sequences kept, per method and fraction."""
-    methods, fractions = _names(res), res["fraction"].values
+    methods, fractions, unit = _names(res), res["fraction"].values, _unit(res)
     deleted = 1 - res["memorised"].values.astype(float).mean(2)         # (method, fraction)
     kept = np.nanmean(res["kept"].values, axis=2)
     test = res["test_accuracy"].values.mean(2)
@@ -106,7 +112,7 @@ def plot_del(res, out, run=None) -> str:
     for i, (meth, color) in enumerate(zip(methods, colors)):
         a.plot(100 * fractions, 100 * deleted[i], "o-", color=color, label=meth)
         b.plot(100 * deleted[i], 100 * kept[i], "o-", color=color, label=meth)
-    a.set(xscale="log", xlabel="neurons zeroed per layer (%)", ylabel="targets deleted (%)", ylim=(-2, 102),
+    a.set(xscale="log", xlabel=f"{unit} zeroed per layer (%)", ylabel="targets deleted (%)", ylim=(-2, 102),
           title="deletion by method")
     a.set_xticks(100 * fractions, [f"{100 * f:g}" for f in fractions])
     a.minorticks_off()
@@ -117,10 +123,10 @@ def plot_del(res, out, run=None) -> str:
     rows = [[meth, f"{100 * fractions[j]:g}", 100 * deleted[i, j], 100 * kept[i, j], 100 * test[i, j]]
             for i, meth in enumerate(methods) for j in range(len(fractions))]
     return (f"## Deleting memorised sequences (DEL)\n\nMemPi's DEL on {res.sizes['target']} sequences the model "
-            "memorised: each method's top neurons of every layer are zeroed, one target at a time.\n\n"
+            f"memorised: each method's top {unit} of every layer are zeroed, one target at a time.\n\n"
             + figure("del", name, "left, the share of targets no longer reproduced after zeroing each method's top "
-                     "neurons for the target (a share of every layer's neurons, at least one). Right, that share "
+                     f"{unit} for the target (a share of every layer's {unit}, at least one). Right, that share "
                      "against the share of the other memorised sequences still reproduced: the best methods sit top "
                      "right (the target gone, the rest kept).")
-            + "\n\n" + table(["method", "zeroed per layer (%)", "deleted (%)", "others kept (%)",
+            + "\n\n" + table(["method", f"{unit} zeroed per layer (%)", "deleted (%)", "others kept (%)",
                               f"held-out token accuracy (%; before {100 * before:.1f})"], rows, digits=1))

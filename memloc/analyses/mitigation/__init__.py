@@ -18,6 +18,11 @@ whose rule continuation is reproduced exactly); each before (scalars) and after;
 (its edit alone, not the measurements) and the units it changed. The learned masks of ``balanced_subnet``
 keep the loss of ``ref_batch_size`` clean training sequences low, as do both greedy searches; IG and
 the learned neuron masks score every target separately (:func:`memloc.neuron_scores`).
+
+``units="heads"``: the methods that rank and zero units (:data:`.methods.UNIT_METHODS`: the localisation
+methods and ``greedy``) rank and zero attention heads instead of MLP neurons (``fraction``: the share of
+each layer's heads, at least one; greedy's budget the share of all heads); the others edit MLP weights or
+every weight and are refused with heads. The config records ``units``.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import xarray as xr
 
 from ...core.errors import MemlocError
 from ...core.lm import sequence_measures
+from ...core.neurons import unit_layers
 from ...core.options import add_precision, nonnegative_int, number, positive_int
 from ...core.precision import check_precision
 from ...core.registry import Analysis, Command
@@ -40,7 +46,9 @@ from ...core.store import stored
 from ...core.selection import lm_source
 from ..deletion import check_fractions
 from ..localise import parse_settings, reference_rows
-from .methods import CHOICES, FUNCTIONS, HYPER, METHODS, NO_FRACTION, Task, check_sinks, mitigation_options
+from ..localise.methods import check_localised_units
+from .methods import (CHOICES, FUNCTIONS, HYPER, METHODS, NO_FRACTION, UNIT_METHODS, Task, check_method_units,
+                      check_sinks, default_methods, mitigation_options)
 from .plots import plot_mitigation
 
 __all__ = ["mitigate", "METHODS", "HYPER"]
@@ -61,16 +69,21 @@ def _measures(model, data, target_rows, eval_batch_size: int, precision: str = "
 
 
 @stored("mitigation")
-def mitigate(source, data=None, *, methods=METHODS, fractions=(0.01,), options: dict | None = None,
+def mitigate(source, data=None, *, methods=None, fractions=(0.01,), options: dict | None = None,
              ref_batch_size: int = 64, checkpoint: int | None = None, eval_batch_size: int = 64, seed: int = 0,
-             device="auto", precision: str = "fp32") -> Result:
+             device="auto", precision: str = "fp32", units: str = "mlp") -> Result:
     """The ``"mitigation"`` result (module docstring) of a language-model run (``checkpoint`` default
     final) or a causal LM module with ``data`` (a SequenceSet, with test sequences): every method of
-    ``methods`` at every fraction of ``fractions`` (in (0, 1]) removes all memorised targets at once.
+    ``methods`` (None: :data:`METHODS`, with heads the unit methods) at every fraction of ``fractions``
+    (in (0, 1]) removes all memorised targets at once. ``units``: what the unit methods rank and zero,
+    ``"mlp"`` neurons or attention ``"heads"`` (module docstring).
     ``options``: {method: {name: value}} over :data:`HYPER` and the localisation methods' settings.
     ``precision``: every forward pass (measures, methods, fine-tuning and mask learning, their fp16 loss
     scaled) under autocast (:mod:`memloc.core.precision`)."""
-    chosen = check_choices("methods", methods, CHOICES, "mitigation method")
+    check_localised_units(units)
+    chosen = check_choices("methods", default_methods(units) if methods is None else methods, CHOICES,
+                           "mitigation method")
+    check_method_units(chosen, units)
     fracs = check_fractions(fractions)
     opts = mitigation_options(options)
     ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
@@ -78,6 +91,7 @@ def mitigate(source, data=None, *, methods=METHODS, fractions=(0.01,), options: 
     seed = check_range("seed", seed, low=0, integer=True)
     check_precision(precision)
     model, data, epoch = lm_source(source, data, checkpoint=checkpoint, device=device, analysis="mitigate")
+    unit_layers(model, units)                   # a model without heads is refused before any work
     if not len(data.test_tokens):
         raise MemlocError(f"data {data.name!r} has no test sequences: mitigation measures the held-out loss",
                           argument="data")
@@ -106,7 +120,7 @@ def mitigate(source, data=None, *, methods=METHODS, fractions=(0.01,), options: 
         t = Task(copy.deepcopy(model).eval(), data.tokens[torch.as_tensor(all_targets)][:, :p + s].to(dev),
                  torch.from_numpy(np.isin(all_targets, rows)).to(dev),
                  data.tokens[torch.as_tensor(ref, dtype=torch.int64)][:, :p + s].to(dev), clean_all, p, s,
-                 eval_batch_size, seed, precision)
+                 eval_batch_size, seed, precision, units)
         start = time.perf_counter()
         out["changed"][i] = FUNCTIONS[method](t, opts[method], fraction)
         if dev.type == "cuda":
@@ -126,19 +140,23 @@ def mitigate(source, data=None, *, methods=METHODS, fractions=(0.01,), options: 
     config = {"methods": chosen, "fractions": fracs, "options": {m: opts[m] for m in chosen}, "prefix_len": p,
               "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "checkpoint": epoch,
               "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev), "data": data.name,
-              "precision": precision}
+              "precision": precision, "units": units}
     return Result("mitigation", xr.Dataset(variables, coords=coords), config=config)
 
 
 # The declaration: command line and result schema (memloc.core.registry).
 
 def _cli_arguments(p):
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--methods", default=None,
                    help=f"comma-separated methods: {', '.join(METHODS)} (the default), or sinks (a run trained with "
-                        "memorisation sinks, train --etd-after mlp: its sinks dropped at test time)")
+                        "memorisation sinks, train --etd-after mlp: its sinks dropped at test time); with --units "
+                        f"heads: {', '.join(UNIT_METHODS)} (the default)")
     p.add_argument("--fractions", default="0.01",
-                   help="comma-separated shares in (0, 1] of the neurons (per layer) or MLP weights a method may "
-                        "change; each method runs once per fraction (fine_tune once)")
+                   help="comma-separated shares in (0, 1] of the neurons or heads (per layer) or MLP weights a method "
+                        "may change; each method runs once per fraction (fine_tune once)")
+    p.add_argument("--units", default="mlp", choices=("mlp", "heads"),
+                   help="what the localisation methods and greedy rank and zero: MLP hidden neurons (mlp, default) or "
+                        "attention heads (heads: a head's slice of the attention output before the output projection)")
     p.add_argument("--checkpoint", type=nonnegative_int, default=None, help="checkpoint epoch (default: final)")
     p.add_argument("--eval-batch-size", type=positive_int, default=64, help="sequences per forward pass")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE",
@@ -153,13 +171,15 @@ def _cli_arguments(p):
 def _cli_execute(args):
     return mitigate(args.run, methods=args.methods, fractions=args.fractions, options=parse_settings(args.set),
                     checkpoint=args.checkpoint, ref_batch_size=args.ref_batch_size,
-                    eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device, precision=args.precision)
+                    eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device, precision=args.precision,
+                    units=args.units)
 
 
 def _cli_summary(res, args):
     acc0 = float(res["test_accuracy_before"])
     lines = [f"{res.sizes['target']} memorised target(s); before: {float(res['targets_memorised_before']):.1%} of the "
-             f"targets memorised, held-out token accuracy {acc0:.2%}",
+             f"targets memorised, held-out token accuracy {acc0:.2%}"
+             + ("; the unit methods zeroed attention heads" if res.config.get("units") == "heads" else ""),
              f"{'setting':<24} {'targets':>8} {'others':>8} {'accuracy':>9} {'seconds':>8}"]
     for i, name in enumerate(res["setting"].values):
         lines.append(f"{str(name):<24} {res['targets_memorised'].values[i]:8.1%} {res['others_memorised'].values[i]:8.1%}"
@@ -177,14 +197,16 @@ ANALYSIS = Analysis(
    "target": Var(("target",), "sequence id of a memorised target (memorised before)")},
   {"method": Var(_S, "balanced_subnet | subnet | hard_concrete | slimming | zero_out | ig | activations | grad_x_act "
                      "| greedy | greedy_weights | random | fine_tune | sinks"),
-   "fraction": Var(_S, "share of each layer's neurons / each MLP matrix's weights the method may change (NaN: none)"),
+   "fraction": Var(_S, "share of each layer's neurons (config units heads: heads) / each MLP matrix's weights the "
+                       "method may change (NaN: none)"),
    "targets_memorised": Var(_S, "share of all memorisation targets reproduced after"),
    "others_memorised": Var(_S, "share of the other (clean) training sequences reproduced after"),
    "test_loss": Var(_S, "mean suffix loss of the test sequences after"),
    "test_accuracy": Var(_S, "mean suffix token accuracy of the test sequences after"),
    "rule_accuracy": Var(_S, "share of test sequences whose rule continuation is reproduced (NaN: not TinyMem)"),
    "seconds": Var(_S, "seconds of the method's edit"),
-   "changed": Var(_S, "neurons or weights zeroed (fine_tune: epochs run; sinks: sink neurons dropped)"),
+   "changed": Var(_S, "neurons (config units heads: heads) or weights zeroed (fine_tune: epochs run; sinks: sink "
+                      "neurons dropped)"),
    "memorised": Var(("setting", "target"), "the target is still reproduced after"),
    "targets_memorised_before": Var((), "share of all memorisation targets reproduced before"),
    "others_memorised_before": Var((), "share of the other training sequences reproduced before"),

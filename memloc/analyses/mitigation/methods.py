@@ -23,6 +23,13 @@ memorised targets at once, keeping its other sequences (TinyMem's protocol, Saka
   others scaled by (p_gen + p_mem) / p_gen (``drop`` mode) instead of the sinks scaled by ``p_mem``
   (``test`` mode, the model "before"); ``fraction`` unused; changed: the sink neurons dropped. A model
   without sinks is refused.
+
+``units="heads"`` (:data:`UNIT_METHODS`: the neuron localisation methods and ``greedy``): the same
+ranking and zeroing over attention heads (:func:`memloc.core.neurons.attention_heads`; a head is zeroed
+by setting its slice of the output projection's input columns to 0). BalancedSubnet, Subnet and
+``greedy_weights`` prune single MLP weights (TinyMem's masks), ``fine_tune`` trains every weight and
+``sinks`` drops MLP sink neurons: none of them chooses units, so they are refused with heads
+(:func:`check_method_units`).
 """
 from __future__ import annotations
 
@@ -36,13 +43,14 @@ from torch import nn
 
 from ...core.errors import MemlocError
 from ...core.lm import lm_logits, sequence_measures, suffix_measures
-from ...core.neurons import NeuronLayer, mlp_layers, neuron_masks, output_weights
+from ...core.neurons import NeuronLayer, neuron_masks, output_weights, unit_layers
 from ...core.optim import make_optimizer
 from ...core.precision import autocast, grad_scaler
 from ..localise import METHODS as LOCALISE, method_options as localise_options, neuron_scores
 from .subnet import HYPER as SUBNET, mlp_weights, subnet
 
-__all__ = ["METHODS", "CHOICES", "HYPER", "Task", "FUNCTIONS", "mitigation_options", "zero_neurons", "check_sinks"]
+__all__ = ["METHODS", "CHOICES", "UNIT_METHODS", "HYPER", "Task", "FUNCTIONS", "mitigation_options", "zero_neurons",
+           "check_sinks", "check_method_units", "default_methods"]
 
 NEURON_METHODS = tuple(m for m in LOCALISE if m != "greedy")
 #: every method, in the order results list them
@@ -52,6 +60,8 @@ METHODS = ("balanced_subnet", "subnet", "hard_concrete", "slimming", "zero_out",
 CHOICES = (*METHODS, "sinks")
 #: methods whose edit does not depend on ``fraction``
 NO_FRACTION = ("fine_tune", "sinks")
+#: the methods that rank and zero units, so that take ``units="heads"`` as well as ``"mlp"``
+UNIT_METHODS = tuple(m for m in METHODS if m in (*NEURON_METHODS, "greedy"))
 
 #: default hyper-parameters of the methods of this module; the neuron methods take
 #: :data:`memloc.analyses.localise.HYPER`'s (``options`` sets either)
@@ -81,13 +91,28 @@ def mitigation_options(options: dict | None) -> dict[str, dict]:
     return {m: merged[m] for m in CHOICES}
 
 
+def default_methods(units: str) -> tuple[str, ...]:
+    """The methods ``mitigate`` runs when none are named: :data:`METHODS`, or with heads :data:`UNIT_METHODS`."""
+    return METHODS if units == "mlp" else UNIT_METHODS
+
+
+def check_method_units(chosen, units: str) -> None:
+    """A one-line :class:`MemlocError` when a method of ``chosen`` does not choose units of kind ``units``."""
+    bad = [m for m in chosen if units != "mlp" and m not in UNIT_METHODS]
+    if bad:
+        raise MemlocError(f"methods {', '.join(bad)} with units={units!r}: balanced_subnet, subnet and greedy_weights "
+                          "prune MLP weights (TinyMem), fine_tune trains every weight and sinks drops MLP neurons, so "
+                          f"they choose no heads; with heads use {', '.join(UNIT_METHODS)}", argument="methods")
+
+
 @dataclass
 class Task:
     """What a method works on: ``model`` (a copy it edits in place, eval mode), every memorisation target
     ``targets`` (of which ``was_memorised`` (B,) bool the model reproduced before) and the ``clean``
     reference sequences (prefix + suffix, on the model's device), every clean training sequence
     ``clean_all`` (whole, on the device), the span, the batch size, the seed and the precision of every
-    forward pass (:mod:`memloc.core.precision`; fp16 training steps scale their loss)."""
+    forward pass (:mod:`memloc.core.precision`; fp16 training steps scale their loss), and the kind of
+    ``units`` the unit methods rank and zero (``"mlp"`` or ``"heads"``)."""
 
     model: nn.Module
     targets: torch.Tensor
@@ -99,10 +124,11 @@ class Task:
     eval_batch_size: int = 64
     seed: int = 0
     precision: str = "fp32"
+    units: str = "mlp"
 
     @property
     def layers(self) -> list[NeuronLayer]:
-        return mlp_layers(self.model)
+        return unit_layers(self.model, self.units)
 
     def memorised(self) -> np.ndarray:
         return sequence_measures(self.model, self.targets, self.prefix_len, self.suffix_len,
@@ -111,10 +137,12 @@ class Task:
 
 @torch.no_grad()
 def zero_neurons(model: nn.Module, layers: list[NeuronLayer], zeroed: torch.Tensor) -> None:
-    """Set the output weights of the neurons where ``zeroed`` (L, d) is true to 0 (the same as zeroing them)."""
+    """Set the output weights of the units where ``zeroed`` (L, d) is true to 0 (the same as zeroing them; a
+    head's: its head_dim input columns of the output projection)."""
     for layer, rows in zip(layers, zeroed.to(torch.bool)):
         weight, dim = output_weights(model, layer)
-        weight.index_fill_(dim, torch.nonzero(rows.to(weight.device)).flatten(), 0.0)
+        features = rows[:layer.size].repeat_interleave(layer.group)
+        weight.index_fill_(dim, torch.nonzero(features.to(weight.device)).flatten(), 0.0)
 
 
 def _neurons(method: str):
@@ -122,8 +150,8 @@ def _neurons(method: str):
         layers = t.layers
         got = neuron_scores(t.model, t.targets[t.was_memorised], t.prefix_len, t.suffix_len, methods=[method],
                             reference=t.clean if len(t.clean) else None, options={method: opts},
-                            eval_batch_size=t.eval_batch_size, seed=t.seed,
-                            precision=t.precision)["scores"][method].mean(0)   # (L, d)
+                            eval_batch_size=t.eval_batch_size, seed=t.seed, precision=t.precision,
+                            units=t.units)["scores"][method].mean(0)   # (L, d)
         k = max(1, int(round(fraction * layers[0].size)))
         top = np.argsort(-got, axis=-1, kind="stable")[:, :k]
         zeroed = np.zeros(got.shape, dtype=bool)

@@ -34,7 +34,9 @@ def plot_mitigation(res, out, run=None) -> str:
                        + ([100 * float(res["rule_accuracy"].values[i])] if rule else [])
                        + [float(res["seconds"].values[i])] for i, s in enumerate(settings)]
     return ("## Removing memorised sequences (mitigation)\n\nEach method edits a copy of the model so that it no "
-            f"longer reproduces its {res.sizes['target']} memorised targets (`memloc mitigate`).\n\n"
+            f"longer reproduces its {res.sizes['target']} memorised targets (`memloc mitigate`"
+            + ("; the localisation methods and greedy zero attention heads" if res.config.get("units") == "heads" else "")
+            + ").\n\n"
             + figure("mitigation", name, "one point per method (and fraction): the share of memorisation targets the "
                      "edited model still reproduces (left is better) against its held-out suffix token accuracy "
                      "(higher is better); the star is the model before, the dotted line one point below it. The best "
