@@ -57,13 +57,24 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def progress(iterable=None, **kw):
-    """tqdm with memloc defaults: to stderr, hidden when stderr is not a terminal."""
+    """tqdm with memloc defaults: a bar on stderr when it is a terminal; otherwise (a log file) a line
+    with the elapsed time every 30 s (:class:`memloc.core.lines.Lines`)."""
     kw.setdefault("leave", False)
     kw.setdefault("dynamic_ncols", True)
     kw.setdefault("disable", None)
     if world()[0] > 0:          # split across processes: rank 0 shows the bars
         kw["disable"] = True
+    if kw["disable"] is None and not _terminal():
+        from .lines import Lines
+        return Lines(iterable, **kw)
     return tqdm(iterable, **kw)
+
+
+def _terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):     # replaced or closed stderr
+        return False
 
 
 def split_list(value) -> list[str] | None:
