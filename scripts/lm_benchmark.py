@@ -166,7 +166,8 @@ def plot(summaries: dict, path: Path) -> None:
             ax.annotate(m, (t / hc, r), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(summary["hard_concrete"][0], color="tab:blue", lw=0.8, ls="--")
         ax.set(xscale="log", xlabel="seconds per sequence / Hard Concrete's (same run)",
-               ylabel="recall of the injected neurons", title=f"INJ, {MODELS[name]} (random: {summary['random'][0]:.2f})")
+               ylabel="recall of the injected neurons",
+               title=f"INJ, {MODELS[name]} (random: {summary['random'][0]:.2f})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

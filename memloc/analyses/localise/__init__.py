@@ -180,7 +180,8 @@ def _cli_arguments(p):
     p.add_argument("--eval-batch-size", type=positive_int, default=64,
                    help="sequences (or ablations, or IG steps) per forward pass")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE",
-                   help="a method's hyper-parameter (memloc.analyses.localise.HYPER), e.g. greedy.min_zeroed=8 or "
+                   help="a method's hyper-parameter (memloc.analyses.localise.HYPER), e.g. greedy.min_zeroed=0 "
+                        "(stop greedy at the break; default auto: carry on to 1%% of every layer) or "
                         "slimming.lambda_l1=1000; repeat for several")
     p.add_argument("--ref-batch-size", type=nonnegative_int, default=8,
                    help="clean training sequences whose loss greedy zeroing keeps low (0: the target's loss alone)")
