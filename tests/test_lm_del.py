@@ -42,9 +42,11 @@ def test_del_reports_what_zeroing_really_does(memorising):
     assert res["memorised"].dims == ("method", "fraction", "target") and res["memorised"].shape == (4, 2, 4)
     assert res["method"].values.tolist() == ["zero_out", "grad_x_act", "greedy", "random"]
     assert res["zeroed"].values.tolist() == [1, 3] and res["target"].values.tolist() == [0, 1, 2, 3]
+    assert res.config["options"]["greedy"]["min_zeroed"] == 0
     assert (res["seconds"].values >= 0).all() and res["accuracy_before"].values.tolist() == [1.0] * 4
+    stop = {"greedy": {"min_zeroed": 0}}                   # DEL's greedy stops at the break
     scores = memloc.neuron_scores(model, data.tokens[:4], 5, 5, methods="zero_out,grad_x_act,greedy,random",
-                                  reference=data.tokens[4:], seed=0)["scores"]   # the 4 clean rows = the reference
+                                  reference=data.tokens[4:], seed=0, options=stop)["scores"]   # clean rows = reference
     layers = mlp_layers(model)
     others_rows = np.arange(4)
     for a, method in enumerate(["zero_out", "grad_x_act", "greedy", "random"]):

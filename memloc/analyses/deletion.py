@@ -5,7 +5,11 @@
 1. the targets are sequences the run memorised by itself: the memorisation targets (noisy TinyMem
    sequences, canaries) whose suffix greedy decoding reproduces (``examples``, as
    :func:`memloc.localise_neurons`); every memorised target is also one of the "other" sequences;
-2. every localisation method (:func:`memloc.neuron_scores`) scores the MLP neurons for each target;
+2. every localisation method (:func:`memloc.neuron_scores`) scores the MLP neurons for each target
+   (greedy stops at the break, ``min_zeroed`` 0, unless ``options`` say otherwise: on the TinyGPT run of
+   scripts/lm_del.py, carrying it on to the largest count x layers, its default elsewhere, deleted the
+   same targets, kept 0.91 / 0.77 of the other memorised ones instead of 0.93 / 0.80 at 1 / 3 neurons per
+   layer and took about 8x the time; ``"auto"`` carries it on to the largest count);
 3. for each method and fraction f, the top ``max(1, round(f * d_mlp))`` neurons of every layer (MemPi
    picks per layer too) are zeroed (:func:`memloc.core.neurons.neuron_masks`) and, under that
    zeroing, the target, every OTHER memorised target and every held-out (test) sequence are measured
@@ -40,7 +44,8 @@ from ..core.store import stored
 from ..core.selection import lm_source
 from ..scale.distributed import world
 from ..scale.parts import Columns, split_rows
-from .localise import METHODS, method_options, neuron_scores, reference_rows, select_targets, target_parts
+from .localise import (METHODS, method_options, neuron_scores, reference_rows, resolved_options, select_targets,
+                       target_parts)
 from .localise.methods import check_localised_units
 from .localise.plots import plot_del
 
@@ -111,6 +116,7 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
     chosen = check_choices("methods", methods, METHODS, "localisation method")
     check_localised_units(units)
     method_options(options)
+    options = {**(options or {}), "greedy": {"min_zeroed": 0, **(options or {}).get("greedy", {})}}   # step 2
     ref_batch_size = check_range("ref_batch_size", ref_batch_size, low=0, integer=True)
     eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
@@ -149,7 +155,7 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
     def work(chunk):        # one batch of targets: localised together, then each target's zeroings measured
         got = neuron_scores(model, tokens[chunk], p, s, methods=chosen, reference=reference, options=options,
                             eval_batch_size=eval_batch_size, seed=seed, precision=precision, units=units,
-                            ids=ids[chunk])
+                            ids=ids[chunk], top_k=max(counts))
         out = {k: np.full((len(chunk), *per), np.nan) for k in _MEASURED}
         for a, method in enumerate(chosen):
             for b, k in enumerate(counts):
@@ -164,7 +170,8 @@ def del_benchmark(source, data=None, *, fractions=FRACTIONS, methods=METHODS, ex
                     t_loss, t_acc, _ = _measure(model, layers, test, p, s, masks[i], eval_batch_size, precision)
                     out["test_loss"][i, a, b], out["test_accuracy"][i, a, b] = t_loss.mean(), t_acc.mean()
         return columns.pack(**out, seconds=np.tile([got["seconds"][m] / len(chunk) for m in chosen], (len(chunk), 1)))
-    config = {"methods": chosen, "fractions": fracs, "options": {m: method_options(options)[m] for m in chosen},
+    config = {"methods": chosen, "fractions": fracs,
+              "options": resolved_options(options, chosen, len(layers), d, max(counts)),
               "prefix_len": p, "suffix_len": s, ("n_head" if units == "heads" else "d_mlp"): d, "n_layers": len(layers),
               "memorised": [int(i) for i in data.ids[pool]], "reference": [int(i) for i in data.ids[ref]],
               "checkpoint": epoch, "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev),

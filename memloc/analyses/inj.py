@@ -13,7 +13,8 @@
    input columns of its slice (head_dim of them), as :func:`memloc.localise_neurons` ranks them;
 3. run every localisation method (:func:`memloc.neuron_scores`) on the injected model and the
    sequence, and score its top-k neurons of each layer (k = the number injected there) by recall:
-   the share of the injected neurons among them. Then restore the original weights.
+   the share of the injected neurons among them (greedy, at its default, carries on until it has
+   zeroed k x layers neurons). Then restore the original weights.
 
 The ``"inj"`` result: ``recall`` (method, sequence, layer) and ``seconds`` (method, sequence), the
 injected neurons, the fine-tuning steps and whether injection succeeded (sequences whose injection
@@ -40,7 +41,7 @@ from ..core.store import stored
 from ..core.selection import lm_source
 from ..scale.distributed import world
 from ..scale.parts import Columns, split_rows
-from .localise import METHODS, method_options, neuron_scores, reference_rows, target_parts
+from .localise import METHODS, method_options, neuron_scores, reference_rows, resolved_options, target_parts
 from .localise.methods import check_localised_units
 from .localise.common import Targets, suffix_loss
 from .localise.plots import plot_inj
@@ -146,7 +147,8 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
             inject_seconds = time.perf_counter() - start
             if ok and not before:
                 got = neuron_scores(model, x, p, s, methods=chosen, reference=reference, options=options,
-                                    eval_batch_size=eval_batch_size, seed=seed + i, precision=precision, units=units)
+                                    eval_batch_size=eval_batch_size, seed=seed + i, precision=precision, units=units,
+                                    top_k=n_injected)
                 greedy_zeroed = got["greedy_zeroed"][0] if "greedy" in chosen else -1
                 recall = np.stack([recall_at_k(got["scores"][m][0], neurons[i]) for m in chosen])
                 seconds = np.asarray([got["seconds"][m] for m in chosen] + [inject_seconds])
@@ -156,7 +158,8 @@ def inj_benchmark(source, data=None, *, n_sequences: int = 8, n_injected: int = 
                     output_weights(model, layer)[0].copy_(w)
         return columns.pack(recall=recall[None], seconds=seconds[None, :-1], inject_seconds=seconds[-1:], steps=[steps],
                             ok=[ok], before=[before], greedy_zeroed=[greedy_zeroed])
-    config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "n_sequences": n_sequences,
+    config = {"methods": chosen, "options": resolved_options(options, chosen, len(layers), d, n_injected),
+              "n_sequences": n_sequences,
               "n_injected": n_injected, "lr": lr, "max_steps": max_steps, "checkpoint": epoch, "prefix_len": p,
               "suffix_len": s, "reference": [int(i) for i in data.ids[ref]],
               ("n_head" if units == "heads" else "d_mlp"): d,

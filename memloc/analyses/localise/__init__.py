@@ -11,7 +11,8 @@ target's suffix from its prefix. The methods compared by MemPi (Chang et al., NA
 - ``ig``: integrated gradients of the suffix log-likelihood, per layer, by captum (:mod:`.ig`);
 - ``slimming`` / ``hard_concrete``: learned masks with an L1 / L0 penalty (:mod:`.masks`);
 - ``grad_x_act``: first-order loss increase of zeroing, one pass; ``greedy``: memloc's gradient-guided
-  zeroing until the suffix is no longer reproduced, the order zeroed first (:mod:`.greedy`);
+  zeroing until the suffix is no longer reproduced and (by default) 1% of every layer's neurons are
+  zeroed, the order zeroed first (:mod:`.greedy`);
 - ``random``: uniform scores (the baseline).
 
 Default hyper-parameters: :data:`HYPER` (MemPi's GPT-2 settings); ``options={method: {name: value}}``
@@ -41,10 +42,10 @@ from ...scale.distributed import world
 from ...scale.parts import Columns, parts_folder, split_rows
 from .plots import plot_localise
 from .common import HYPER, METHODS
-from .methods import check_localised_units, method_options, neuron_scores
+from .methods import check_localised_units, method_options, neuron_scores, resolved_options
 
-__all__ = ["localise_neurons", "neuron_scores", "method_options", "select_targets", "reference_rows",
-           "parse_settings", "target_parts",
+__all__ = ["localise_neurons", "neuron_scores", "method_options", "resolved_options", "select_targets",
+           "reference_rows", "parse_settings", "target_parts",
            "METHODS", "HYPER"]
 
 
@@ -144,7 +145,8 @@ def localise_neurons(source, data=None, *, examples="memorised", methods=METHODS
         return columns.pack(score=np.stack([got["scores"][m] for m in chosen], 1),
                             seconds=np.tile([got["seconds"][m] / len(chunk) for m in chosen], (len(chunk), 1)),
                             greedy_zeroed=got.get("greedy_zeroed", none), greedy_broken=got.get("greedy_broken", none))
-    config = {"methods": chosen, "options": {m: method_options(options)[m] for m in chosen}, "prefix_len": p,
+    config = {"methods": chosen, "options": resolved_options(options, chosen, len(layers), layers[0].size),
+              "prefix_len": p,
               "suffix_len": s, "reference": [int(i) for i in data.ids[ref]], "checkpoint": epoch,
               "eval_batch_size": eval_batch_size, "seed": seed, "device": str(dev), "data": data.name,
               "precision": precision, "units": units}
@@ -178,7 +180,8 @@ def _cli_arguments(p):
     p.add_argument("--eval-batch-size", type=positive_int, default=64,
                    help="sequences (or ablations, or IG steps) per forward pass")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE",
-                   help="a method's hyper-parameter (memloc.analyses.localise.HYPER), e.g. greedy.min_zeroed=8 or "
+                   help="a method's hyper-parameter (memloc.analyses.localise.HYPER), e.g. greedy.min_zeroed=0 "
+                        "(stop greedy at the break; default auto: carry on to 1%% of every layer) or "
                         "slimming.lambda_l1=1000; repeat for several")
     p.add_argument("--ref-batch-size", type=nonnegative_int, default=8,
                    help="clean training sequences whose loss greedy zeroing keeps low (0: the target's loss alone)")

@@ -11,7 +11,7 @@ from torch import nn
 from ...core.lm import lm_logits, suffix_measures
 from ...core.neurons import NeuronLayer, neuron_masks
 
-__all__ = ["METHODS", "HYPER", "Targets", "suffix_loss"]
+__all__ = ["METHODS", "HYPER", "Targets", "suffix_loss", "greedy_budget"]
 
 #: every method, in the order results list them
 METHODS = ("zero_out", "activations", "ig", "slimming", "hard_concrete", "grad_x_act", "greedy", "random")
@@ -30,10 +30,22 @@ HYPER = {
                       "limits": (-0.1, 1.1), "max_steps": 4000, "check_every": 10},
     "grad_x_act": {},
     "greedy": {"max_zeroed": 64,                 # zero at most this many neurons per target
-               "min_zeroed": 0,                  # > 0: go on past the break until this many are zeroed
+               "min_zeroed": "auto",             # go on past the break until this many are zeroed; "auto": the
+                                                 # top_k x layers the ranking is read at (greedy_budget); 0: stop
+                                                 # at the break
                "reference_weight": 1.0},         # weight of the reference sequences' loss (when given)
     "random": {},
 }
+
+
+def greedy_budget(min_zeroed, n_layers: int, d: int, top_k: int | None = None) -> int:
+    """greedy's ``min_zeroed`` as a count: an integer as given; ``"auto"``: ``top_k`` x ``n_layers``, the units
+    a per-layer top-k of its ranking reads (INJ: the neurons injected per layer; DEL: its largest count; None:
+    1% of a layer's ``d`` units, at least one, MemPi's largest DEL share), so that greedy orders them itself
+    instead of leaving all but the first few to the gradient at the break."""
+    if min_zeroed == "auto":
+        return int(n_layers * (max(1, round(0.01 * d)) if top_k is None else top_k))
+    return int(min_zeroed)
 
 
 @dataclass

@@ -13,13 +13,13 @@ from ...core.precision import autocast, check_precision
 from ...core.runtime import check_choices, check_range
 from ...core.sequences import check_span
 from .activations import activations
-from .common import HYPER, METHODS, Targets
+from .common import HYPER, METHODS, Targets, greedy_budget
 from .greedy import grad_x_act, greedy
 from .ig import ig
 from .masks import hard_concrete, slimming
 from .zero_out import zero_out
 
-__all__ = ["neuron_scores", "method_options", "check_localised_units", "FUNCTIONS"]
+__all__ = ["neuron_scores", "method_options", "resolved_options", "check_localised_units", "FUNCTIONS"]
 
 
 def random(t: Targets, opts: dict) -> torch.Tensor:
@@ -74,12 +74,24 @@ def method_options(options: dict | None) -> dict[str, dict]:
             raise MemlocError(f"options for {method} has no {bad[0]!r}; valid: {', '.join(HYPER[method]) or 'none'}",
                               argument="options")
         merged[method].update(values)
+    carry = merged["greedy"]["min_zeroed"]
+    if carry != "auto" and (isinstance(carry, bool) or not isinstance(carry, (int, np.integer)) or carry < 0):
+        raise MemlocError(f"greedy's min_zeroed {carry!r}: give auto (carry on to the top_k x layers the ranking is "
+                          "read at) or a count >= 0 (0: stop at the break)", argument="options")
     return merged
+
+
+def resolved_options(options: dict | None, methods, n_layers: int, d: int, top_k: int | None = None) -> dict:
+    """{method: settings} of ``methods`` as they run (:func:`method_options`), greedy's ``min_zeroed`` as the count
+    it carries on to (:func:`memloc.analyses.localise.common.greedy_budget`): what results record."""
+    opts = method_options(options)
+    opts["greedy"]["min_zeroed"] = greedy_budget(opts["greedy"]["min_zeroed"], n_layers, d, top_k)
+    return {m: opts[m] for m in methods}
 
 
 def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *, methods=METHODS,
                   reference=None, options: dict | None = None, eval_batch_size: int = 64, seed: int = 0,
-                  precision: str = "fp32", units: str = "mlp", ids=None) -> dict:
+                  precision: str = "fp32", units: str = "mlp", ids=None, top_k: int | None = None) -> dict:
     """Scores of every MLP neuron (``units="mlp"``) or attention head (``units="heads"``,
     :func:`memloc.core.neurons.attention_heads`) of ``model`` for each target sequence (row of ``tokens`` (B, T), on
     the model's device): higher = more responsible for the target's suffix
@@ -94,10 +106,15 @@ def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *,
     forward passes under autocast (:mod:`memloc.core.precision`); the learned masks' fp16 loss is scaled.
     ``ids``: (B,) integer keys in [0, 2**32) of the rows' random streams (``random``, ``hard_concrete``: row i
     draws from seed ``seed + 2**32 ids[i]``, whatever the other rows; None: 0 .. B-1), e.g. the sequence ids.
+    ``top_k``: the units per layer the rankings will be read at (INJ: the neurons injected; None: 1% of a
+    layer's): greedy's default (``min_zeroed="auto"``) carries its search on past the break until it has
+    zeroed ``top_k`` x layers units, so that it orders them itself.
     """
     chosen = check_choices("methods", methods, METHODS, "localisation method")
     check_localised_units(units)
-    opts = method_options(options)
+    method_options(options)
+    if top_k is not None:
+        top_k = check_range("top_k", top_k, low=1, integer=True)
     eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
     seed = check_range("seed", seed, low=0, high=2**32 - 1, integer=True)
     check_precision(precision)
@@ -118,6 +135,8 @@ def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *,
         raise MemlocError(f"the {units} layers of {type(model).__name__} differ in width "
                           f"({sorted({layer.size for layer in layers})}); give a model whose layers have one width",
                           argument="source")
+    opts = method_options(options)
+    opts["greedy"]["min_zeroed"] = greedy_budget(opts["greedy"]["min_zeroed"], len(layers), layers[0].size, top_k)
     device = next(model.parameters()).device
     check_precision(precision, device)
     span = prefix_len + suffix_len
