@@ -27,6 +27,19 @@ def add_common(p, runs_dir: str) -> None:
     p.add_argument("--markdown", default=None, help="write the tables to this Markdown file")
 
 
+def flip_search_arguments(p, out: str) -> None:
+    """The options of a flip search on scripts/tinymem_experiment.py's run (lm_zeroing.py, lm_heads.py):
+    the run, the Markdown ``out``put, device, threads, clean sequences searched, cap, reference batch, seed."""
+    p.add_argument("--run", default="runs/tinymem", help="run directory (reused or continued if it exists)")
+    p.add_argument("--out", default=out, help="the markdown tables")
+    p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--clean", type=int, default=100, help="clean training sequences to search (drawn with the seed)")
+    p.add_argument("--max-units", type=int, default=100, help="give up after this many zeroed units")
+    p.add_argument("--ref-batch-size", type=int, default=64, help="reference batch of clean sequences")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (else what :mod:`platform` knows)."""
     import platform

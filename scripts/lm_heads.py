@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _markdown import finish, invocation, machine  # noqa: E402
+from _markdown import finish, flip_search_arguments, invocation, machine  # noqa: E402
 from tinymem_experiment import CONFIG  # noqa: E402
 
 import memloc  # noqa: E402
@@ -47,15 +47,8 @@ def breaks(model, layers, tokens, p, s, flat_unit) -> np.ndarray:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default="runs/tinymem", help="run directory (reused or continued if it exists)")
-    p.add_argument("--out", default="artifacts/lm_heads.md", help="the markdown tables")
-    p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    flip_search_arguments(p, out="artifacts/lm_heads.md")
     p.add_argument("--units", default="heads,mlp,both,outputs", help="unit kinds to search, comma-separated")
-    p.add_argument("--clean", type=int, default=100, help="clean training sequences to search (drawn with the seed)")
-    p.add_argument("--max-units", type=int, default=100, help="give up after this many zeroed units")
-    p.add_argument("--ref-batch-size", type=int, default=64, help="reference batch of clean sequences")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -116,6 +109,15 @@ def main(argv=None) -> None:
         values, counts = np.unique(top, return_counts=True)
         loc_rows.append(f"| {method} | {float(loc['seconds'].values[i]):.2f} | {100 * broke.mean():.0f}% | "
                         f"{100 * collateral:.0f}% | {names[int(values[counts.argmax()])]} ({counts.max()} of {len(top)}) |")
+    # INJ on heads: one random head per layer fine-tuned per sequence; each method's recall of it
+    t = time.perf_counter()
+    inj = memloc.inj_benchmark(run, units="heads", n_sequences=8, n_injected=1, seed=args.seed, device=args.device)
+    t_inj = time.perf_counter() - t
+    injected = int(inj["injected_ok"].values.sum())
+    recall = inj["recall"].mean(("sequence", "layer")).to_pandas().sort_values(ascending=False)
+    per_seq = inj["seconds"].mean("sequence").to_pandas()
+    inj_rows = ["| method | recall of the injected head | seconds / sequence |", "|---|---:|---:|",
+                *(f"| {m} | {r:.2f} | {per_seq[m]:.2f} |" for m, r in recall.items())]
     load_after = os.getloadavg()
 
     cmd = invocation(__file__, argv)
@@ -143,6 +145,12 @@ def main(argv=None) -> None:
         "sequences the model reproduces (collateral).", "",
         *loc_rows, "",
     ]
+    lines += ["## INJ on heads: the known answer", "",
+              f"`memloc.inj_benchmark({args.run!r}, units='heads', n_sequences=8, n_injected=1, seed={args.seed})`: "
+              f"{injected} of 8 sequences injected, each into one random head per layer (its {layers[0].group} output-projection columns "
+              f"fine-tuned, every other weight unchanged); recall = the share of layers whose top-ranked head is the "
+              f"injected one (random: 1/{layers[0].size}); {t_inj:.0f} s in all. Greedy at its default carries on to one "
+              "head per layer.", "", *inj_rows, ""]
     mlp = summary.get("mlp")
     if heads is not None:
         lines.append(f"Targets vs clean on heads: median {heads[0]:g} vs {heads[1]:g} zeroed heads, AUROC {heads[2]:.3f} "
