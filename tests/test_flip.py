@@ -101,8 +101,7 @@ def test_batched_equals_reference_mlp(mlp_run):
                                max_units=20, noise_samples=3, noise_ratio=0.05, seed=3)
 
 
-@pytest.mark.slow
-def test_batched_equals_reference_lenet(lenet_run):
+def test_batched_equals_reference_lenet(lenet_run):     # ~7 CPU-s with its fixture: not slow
     data, model = lenet_run.data(), lenet_run.model()
     with torch.no_grad():
         fitted = model(data.train.x).argmax(1).numpy() == data.train.y.numpy()
