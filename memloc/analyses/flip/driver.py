@@ -112,8 +112,11 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
     memorisation targets are the noisy examples, the other training sequences the clean ones; a
     sequence is searched when the model reproduces its suffix exactly (the argmax right at every
     suffix position, teacher-forced), its loss is the suffix loss, and a search stops once the suffix
-    is no longer reproduced exactly (:mod:`memloc.core.tasks`); units only (``site`` pre_norm or
-    post_norm) and no input noise. ``label`` is -1 for sequences.
+    is no longer reproduced exactly (:mod:`memloc.core.tasks`). There ``site="weight"`` zeroes the
+    weights and biases of the layers whose outputs are the units (the blocks' projections;
+    :func:`memloc.analyses.flip.weights.lm_weight_params`) and ``noise_samples`` noises the token
+    embeddings (:mod:`memloc.analyses.flip.embed_noise`; the result's config says ``noised``:
+    ``token_embeddings``, ``inputs`` on images). ``label`` is -1 for sequences.
     ``resume``: folder of the resumable part files (``"auto"``: ``RUN/results/flip.partial``
     for a run, none for a model); finished searches found there with the same settings are not
     redone (also with ``overwrite``, which only discards parts made with other settings). The parts are deleted when

@@ -22,6 +22,11 @@ per-search corrections (:mod:`memloc.analyses.flip.stacked`), others one search 
 items zeroed in place (:mod:`memloc.analyses.flip.dense`); both take the stop test from the step's
 own forward, score large linear weights by the rows whose bound reaches the best score, and compute
 the first linear layer's reference rows once.
+
+A language model's weight site (:func:`lm_weight_params`) has items in the weights and biases of the
+layers whose outputs are flip's units, the blocks' projections (no conv filters): its searches run one
+at a time (:mod:`memloc.analyses.flip.dense`, the first layer's rows not cached: a transformer's
+residual stream has no single cut), stopping when the suffix is no longer reproduced.
 """
 from __future__ import annotations
 
