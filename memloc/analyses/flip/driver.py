@@ -171,6 +171,9 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
     kw = {} if structure is None else {"structure": structure}
     if lm and noise_samples:        # the noise goes on the token embeddings: the model must have them
         token_embedding(model, train.x[:1], task.outputs)
+    elif noise_samples and not train.x.is_floating_point():
+        raise MemlocError(f"noise_samples {noise_samples}: this classifier's inputs are integers (token ids), which take "
+                          "no Gaussian noise; use {noise_samples}", options={"noise_samples": 0}, argument="noise_samples")
     if site == "weight" and lm:     # the parameters of the layers whose outputs are flip's units
         kw = {"params": lm_weight_params(model, train.x[ridx[0, :2]])}
     with autocast(precision, dev):

@@ -26,9 +26,12 @@ __all__ = ["token_embedding", "replaced_embeddings"]
 def token_embedding(model: nn.Module, tokens: torch.Tensor, outputs) -> nn.Module:
     """The module that embeds ``model``'s token ids: ``get_input_embeddings()`` (``transformers``), else
     the one ``nn.Embedding`` whose input is the token rows in a forward ``outputs(model, tokens)``."""
-    get = getattr(model, "get_input_embeddings", None)
-    if callable(get) and isinstance(get(), nn.Module):
-        return get()
+    try:
+        found = model.get_input_embeddings()
+        if isinstance(found, nn.Module):
+            return found
+    except (AttributeError, NotImplementedError):
+        pass
     seen = []
     with torch.no_grad(), Hooks() as h:
         for m in model.modules():

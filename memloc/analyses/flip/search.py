@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...core.errors import MemlocError
-from ...core.tasks import ClassifierTask
+from ...core.tasks import ClassifierTask, SequenceTask
 from ...core.units import SITES, Hooks, Structure, hooks_of, trace, unit_masks
 from .embed_noise import replaced_embeddings, token_embedding
 
@@ -122,7 +122,7 @@ class FlipSearch:
     def _copies(self, s: dict, x: torch.Tensor, samples: int, ratio: float, seed: int) -> torch.Tensor:
         """The target copies of search ``s`` (row ``x``): ``samples`` noised copies of an image; a token row
         repeated, its noised token embeddings put in ``s["emb"]``."""
-        if x.is_floating_point() or not samples:
+        if not isinstance(self.task, SequenceTask) or not samples:
             return noisy_copies(self._cast(x), samples, ratio, seed) if samples else self._cast(x)[None]
         if self._embedding is None:
             self._embedding = token_embedding(self.model, x[None], self.task.outputs)
