@@ -181,6 +181,15 @@ def test_command_site_weight_and_what_is_refused(memorising_lm, tmp_path, capsys
     data = memorising_lm.data()
     with pytest.raises(MemlocError, match="no nn.Embedding taking its token ids.*noise_samples=0"):
         memloc.flip(OneHot(data.vocab_size), data, examples="noisy:2", noise_samples=2, device="cpu")
+    # a classifier of token ids: its noise would go on the ids themselves
+    from memloc.core.data import Data
+    from memloc.core.examples import ExampleSet
+    x, y = torch.randint(0, 5, (8, 3)), torch.zeros(8, dtype=torch.int64)
+    sets = [ExampleSet(x, y, torch.arange(8)), ExampleSet(x[:0], y[:0], torch.arange(0))]
+    tokens = Data("ids", *sets, 3, y.numpy(), y.numpy(), np.zeros(8, bool))
+    net = nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(12, 6), nn.Linear(6, 3))
+    with pytest.raises(MemlocError, match="inputs are integers.*noise_samples=0"):
+        memloc.flip(net, tokens, examples="clean:2", noise_samples=2, device="cpu")
 
 
 @pytest.mark.slow      # importing transformers takes 5-15 s on 2 busy cores
