@@ -1,7 +1,8 @@
 """memloc.flip on language-model runs (issue 23, item 5: greedy unit zeroing): the memorisation targets in the
 role of the noisy examples; a search zeroes units until the sequence's suffix is no longer reproduced exactly.
 The batched searches against a plain one-sequence-at-a-time reference in float64, the stopping rule on the
-model itself, the command line and the options a language model refuses."""
+model itself, the command line and the options a language model refuses (its weight site and input noise:
+tests/test_lm_flip_weights.py)."""
 from __future__ import annotations
 
 import copy
@@ -129,15 +130,13 @@ def test_command_and_what_a_language_model_refuses(memorising_lm, tmp_path, caps
     count = memloc.scores(run, methods="neuron_count", device="cpu", resume=None)["neuron_count"].values
     np.testing.assert_array_equal(count[saved["example"].values], saved["neuron_count"].values)
     assert np.isnan(np.delete(count, saved["example"].values)).all()
-    for argv, match in ((["--site", "weight"], "use --site pre_norm"),
-                        (["--protocol", "paper"], "set by protocol 'paper'"),
-                        (["--noise-samples", "2"], "use --noise-samples 0")):
-        with pytest.raises(SystemExit) as e:
-            cli_run("flip", [str(run.path), "--overwrite", "--device", "cpu", *argv])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
-    with pytest.raises(MemlocError, match="noise_samples=0"):
-        memloc.flip(run, noise_samples=1, device="cpu", resume=None)
+    # the weight site and input noise on language models: tests/test_lm_flip_weights.py
+    with pytest.raises(SystemExit) as e:
+        cli_run("flip", [str(run.path), "--overwrite", "--device", "cpu", "--units", "mlp", "--site", "post_norm"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "use --site pre_norm" in err, err
+    with pytest.raises(MemlocError, match="site='pre_norm'"):
+        memloc.flip(run, units="heads", site="weight", device="cpu", resume=None)
 
 
 @pytest.mark.slow      # importing transformers takes 5-15 s on 2 busy cores

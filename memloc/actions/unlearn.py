@@ -118,7 +118,7 @@ def _zero_context(run, model, data, forget):
     site = config.get("site", "pre_norm")
     if site == "weight":     # the flip searches zeroed parameter items (the official rule)
         from ..analyses.flip.weights import weight_items, weight_masks
-        structure = weight_items(model)
+        structure = weight_items(model, [str(k) for k in run.result("flip")["layer"].values])   # its items' parameters
         zeroing = weight_masks
     else:
         structure = unit_structure(model, example_input(data), config.get("units", "outputs"))   # flip's units

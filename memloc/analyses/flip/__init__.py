@@ -40,7 +40,9 @@ layer_hist, collateral``, the ordered unit ids as ``unit_ids`` / ``unit_offsets`
 Language models (:mod:`memloc.core.tasks`): the memorisation targets are the noisy examples; a
 sequence's loss is its suffix loss, "predicted" means its suffix reproduced exactly (the argmax right
 at every suffix position, teacher-forced), so a search zeroes units until the suffix is no longer
-reproduced; units only, no input noise. ``units="mlp" | "heads" | "both"`` searches a language model's
+reproduced; ``site="weight"`` zeroes the weights and biases of the blocks' projections (embeddings,
+norms and the logits layer are left out) and ``noise_samples`` puts the Gaussian noise on the token
+embeddings (:mod:`memloc.analyses.flip.embed_noise`). ``units="mlp" | "heads" | "both"`` searches a language model's
 MLP hidden neurons, attention heads (zeroing a head zeroes its slice of the attention output before
 the output projection) or both instead of its layers' output features (:mod:`memloc.core.neurons`).
 
@@ -89,16 +91,18 @@ def _cli_arguments(p):
                    help="what is zeroed: a unit at its layer's output (pre_norm, memloc's default: one channel / "
                         "feature, comparable across layers), after the norm that follows it (post_norm), or a "
                         "parameter item by the official rule (weight: a whole conv filter, any other weight, bias or "
-                        "norm scale / shift element by element, scored by weight x gradient)")
+                        "norm scale / shift element by element, scored by weight x gradient; on a language model the "
+                        "weights and biases of its blocks' projections)")
     p.add_argument("--units", default="outputs", choices=UNIT_KINDS,
                    help="which units a search zeroes: every conv / linear layer's output features (outputs, "
                         "default); on a language model its MLP hidden neurons (mlp), its attention heads (heads: a "
                         "head's slice of the attention output before the output projection) or both")
     p.add_argument("--noise-samples", type=nonnegative_int, default=None,
-                   help="average the target's logits over this many Gaussian-noised copies of it (0 = off; "
-                        "default 0, paper protocol 5)")
+                   help="average the target's logits over this many Gaussian-noised copies of it (a language "
+                        "model's: of its token embeddings; 0 = off; default 0, paper protocol 5)")
     p.add_argument("--noise-ratio", type=nonnegative_float, default=None,
-                   help="noise norm as a fraction of the input's norm (default 0.01)")
+                   help="noise norm as a fraction of the input's norm (a language model: of its token "
+                        "embeddings' norm; default 0.01)")
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="searches per example, each with its own reference batch (default 1)")
     p.add_argument("--ref-batch-size", type=positive_int, default=None,

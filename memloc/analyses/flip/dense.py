@@ -53,7 +53,8 @@ class DenseSteps:
     def __init__(self, search):
         self.search = search
         model, spaces = search.model, search.structure.spaces
-        self.params = list(model.parameters())
+        named = dict(model.named_parameters())
+        self.params = [named[sp.name] for sp in spaces]      # the parameters with items (all, or a language model's)
         index = {id(p): i for i, p in enumerate(self.params)}
         #: per parameter: (its items as rows of a 2-D view, the original values) for zeroing in place
         self.rows = [(p.detach().view(sp.size, -1), p.detach().clone().view(sp.size, -1))
@@ -65,18 +66,17 @@ class DenseSteps:
         #: {linear module: (weight's parameter number, bias's or None)}, their items scored by rows
         self.linears = {m: (index[id(m.weight)], index[id(m.bias)] if m.bias is not None else None)
                         for m in model.modules() if type(m) is nn.Linear and id(m.weight) in index
+                        and (m.bias is None or id(m.bias) in index)
                         and all(len(users[id(p)]) == 1 for p in m.parameters(recurse=False))}
         self.manual = {i for pair in self.linears.values() for i in pair if i is not None}
         #: large linear layers, scored by bounded rows (small first): their weights' largest values per row
         self.order = sorted((m for m in self.linears if m.weight.numel() > 65536), key=lambda m: m.weight.numel())
         self.top = {m: self._top_weights(m.weight.detach().abs()) for m in self.order}
-        model.requires_grad_(True)
-        for i in self.manual:
-            self.params[i].requires_grad_(False)
+        self._grad_params()
         self.first, self.prefix = None, None
         if self.linears and not self._agrees(use_prefix=False):
             self._plain()            # a linear weight used outside its module's forward
-        elif self.linears:
+        elif self.linears and search.task.prefix_cache:      # (a transformer's residual stream has no cut)
             self.first, self.prefix = self._prefix()
             if self.first is not None and not self._agrees(use_prefix=True):
                 self.first, self.prefix = None, None
@@ -84,7 +84,12 @@ class DenseSteps:
     def _plain(self):
         """Score every parameter from autograd's gradients (no linear layer by rows)."""
         self.linears, self.manual, self.order = {}, set(), []
-        self.search.model.requires_grad_(True)
+        self._grad_params()
+
+    def _grad_params(self):
+        """Autograd's gradients for the parameters with items that are not scored by rows, none for others."""
+        for i, p in enumerate(self.params):
+            p.requires_grad_(i not in self.manual)
 
     # -- one step
     def step(self, s: dict, go_on: bool) -> bool:
@@ -100,10 +105,10 @@ class DenseSteps:
                 for (row, _), idx in zeroed:
                     row.index_fill_(0, idx, 0)
             with torch.enable_grad():
-                logits, records = self._forward(s["xt"], s["r"], use_prefix)
+                logits, records = self._forward(s["xt"], s["r"], use_prefix, s.get("emb"))
                 nt = s["xt"].shape[0]
                 target = logits[:nt].mean(0, keepdim=True)
-                if int(target.argmax()) != int(s["y"]):
+                if not bool(search.task.right(target, s["y"][None])[0]):
                     return True
                 if not go_on:
                     return False
@@ -119,9 +124,10 @@ class DenseSteps:
                 for (row, orig), idx in zeroed:
                     row.index_copy_(0, idx, orig.index_select(0, idx))
 
-    def _forward(self, xt: torch.Tensor, r: int, use_prefix: bool):
+    def _forward(self, xt: torch.Tensor, r: int, use_prefix: bool, emb=None):
         """Logits of ``xt`` and reference batch ``r`` (one batch, as the official loop) and, per linear
-        module, its calls' (input rows, output) for the scores."""
+        module, its calls' (input rows, output) for the scores (``emb``: noised token embeddings of ``xt``,
+        :meth:`memloc.analyses.flip.search.FlipSearch._outputs`)."""
         records = {m: [] for m in self.linears}
 
         def record(mod, inp, out):
@@ -138,7 +144,7 @@ class DenseSteps:
         with Hooks() as h:
             for m in self.linears:
                 h.forward(m, record)
-            logits = search.model(xt if use_prefix else torch.cat([xt, search.ref_x[r]]))
+            logits = search._outputs(xt if use_prefix else torch.cat([xt, search.ref_x[r]]), emb)
         return logits, records
 
     def _best(self, objective: torch.Tensor, records: dict) -> tuple:

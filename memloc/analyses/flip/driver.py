@@ -20,7 +20,8 @@ from ...core.units import SITES as UNIT_SITES
 from .search import FlipSearch
 from .select import examples_spec, reference_batches, select_examples
 from .store import FLIP_PARTS, csr, layer_histogram
-from .weights import WeightFlipSearch
+from .weights import WeightFlipSearch, lm_weight_params
+from .embed_noise import token_embedding
 from ...core.deprecation import renamed
 from ...core.store import stored
 
@@ -111,8 +112,11 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
     memorisation targets are the noisy examples, the other training sequences the clean ones; a
     sequence is searched when the model reproduces its suffix exactly (the argmax right at every
     suffix position, teacher-forced), its loss is the suffix loss, and a search stops once the suffix
-    is no longer reproduced exactly (:mod:`memloc.core.tasks`); units only (``site`` pre_norm or
-    post_norm) and no input noise. ``label`` is -1 for sequences.
+    is no longer reproduced exactly (:mod:`memloc.core.tasks`). There ``site="weight"`` zeroes the
+    weights and biases of the layers whose outputs are the units (the blocks' projections;
+    :func:`memloc.analyses.flip.weights.lm_weight_params`) and ``noise_samples`` noises the token
+    embeddings (:mod:`memloc.analyses.flip.embed_noise`; the result's config says ``noised``:
+    ``token_embeddings``, ``inputs`` on images). ``label`` is -1 for sequences.
     ``resume``: folder of the resumable part files (``"auto"``: ``RUN/results/flip.partial``
     for a run, none for a model); finished searches found there with the same settings are not
     redone (also with ``overwrite``, which only discards parts made with other settings). The parts are deleted when
@@ -152,9 +156,7 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
     opts = protocol_options(protocol, task.is_noisy, **chosen)
     site, noise_samples, noise_ratio, repeats, ref_batch_size, ref_pool = (
         opts[k] for k in ("site", "noise_samples", "noise_ratio", "repeats", "ref_batch_size", "ref_pool"))
-    if lm:
-        _check_lm(site, noise_samples, protocol, chosen)
-    _check_units(units, lm, site)
+    _check_units(units, lm, site, f" (set by protocol {protocol!r})" if chosen["site"] is None else "")
     is_noisy = task.is_noisy
     given = np.full(len(is_noisy), -1) if lm else np.asarray(data.label_given)
     config, ids, refs = settings(is_noisy, checkpoint=epoch, examples=examples, max_units=max_units,
@@ -166,10 +168,18 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
     y = task.target(x, train.y[torch.as_tensor(ids, device=train.y.device)])
     ridx = torch.as_tensor(refs, device=train.x.device)
     structure = None if units == "outputs" else unit_structure(model, train.x[ridx[0, :1]], units)
+    kw = {} if structure is None else {"structure": structure}
+    if lm and noise_samples:        # the noise goes on the token embeddings: the model must have them
+        token_embedding(model, train.x[:1], task.outputs)
+    elif noise_samples and not train.x.is_floating_point():
+        raise MemlocError(f"noise_samples {noise_samples}: this classifier's inputs are integers (token ids), which take "
+                          "no Gaussian noise; use {noise_samples}", options={"noise_samples": 0}, argument="noise_samples")
+    if site == "weight" and lm:     # the parameters of the layers whose outputs are flip's units
+        kw = {"params": lm_weight_params(model, train.x[ridx[0, :2]])}
     with autocast(precision, dev):
         search = (WeightFlipSearch if site == "weight" else FlipSearch)(
             model, train.x[ridx], task.target(train.x[ridx], train.y[ridx]), refs, site=site, dtype=DTYPES[dtype],
-            task=task, cache_prefix=task.prefix_cache, **({} if structure is None else {"structure": structure}))
+            task=task, cache_prefix=task.prefix_cache, **kw)
         status = (~search.correct(x, y)).cpu().numpy().astype(np.int8)
     structure = search.structure
     status = broadcast(status)      # split across processes: every rank works from rank 0's list
@@ -194,6 +204,8 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
         parts.release()
     if rank > 0:
         return None             # rank 0 merges the parts and writes the result
+    if noise_samples:       # what the noise was added to
+        config = {**config, "noised": "token_embeddings" if lm else "inputs"}
     if site == "weight":
         config = {**config, **search.path()}
         if config["weight_site_path"] == "loop":
@@ -202,29 +214,18 @@ def flip(source, data=None, *, examples="noisy:100,clean:100", checkpoint: int |
     return result
 
 
-def _check_lm(site, noise_samples, protocol, chosen):
-    """What a language model's flip does not do: parameter items, and noise on token ids."""
-    def why(name):
-        return f" (set by protocol {protocol!r})" if chosen[name] is None else ""
-    if site == "weight":
-        raise MemlocError(f"site 'weight'{why('site')} zeroes parameter items of image classifiers; on a language model "
-                          "flip zeroes units: use {site}", options={"site": "pre_norm"}, argument="site")
-    if noise_samples:
-        raise MemlocError(f"noise_samples {noise_samples}{why('noise_samples')}: a language model's input is token ids, which take no "
-                          "Gaussian noise; use {noise_samples}", options={"noise_samples": 0},
-                          argument="noise_samples")
-
-
-def _check_units(units, lm, site):
-    """What the unit kinds other than layer outputs need: a language model, and the unit site."""
+def _check_units(units, lm, site, by=""):
+    """What the unit kinds other than layer outputs need: a language model, and the unit site (``by``: the
+    protocol that set the site, for the message)."""
     if units == "outputs":
         return
     if not lm:
         raise MemlocError(f"units {units!r} are a language model's MLP neurons / attention heads; a classifier's "
                           "units are its layers' outputs: use {units}", options={"units": "outputs"}, argument="units")
     if site != "pre_norm":
-        raise MemlocError(f"site {site!r} applies to layer outputs; units {units!r} are zeroed at the input of the "
-                          "down- / output projection: use {site}", options={"site": "pre_norm"}, argument="site")
+        what = "zeroes parameter items, not units" if site == "weight" else "applies to layer outputs"
+        raise MemlocError(f"site {site!r}{by} {what}; units {units!r} are zeroed at the input of the down- / output "
+                          "projection: use {site}", options={"site": "pre_norm"}, argument="site")
 
 
 def _search(search, parts, x, y, ids, todo, task, model, *, collateral, group_size, eval_batch_size, **kw):

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ...core.errors import MemlocError
-from ...core.tasks import ClassifierTask
-from ...core.units import SITES, Structure, hooks_of, trace, unit_masks
+from ...core.tasks import ClassifierTask, SequenceTask
+from ...core.units import SITES, Hooks, Structure, hooks_of, trace, unit_masks
+from .embed_noise import replaced_embeddings, token_embedding
 
 __all__ = ["noise_seed", "noisy_copies", "FlipTrace", "FlipSearch"]
 
@@ -104,13 +105,40 @@ class FlipSearch:
         self.ref_y = ref_y.to(device).long()
         self.ref_ids = torch.as_tensor(np.asarray(ref_ids), device=device).long()
         self._ref_sets = [set(row.tolist()) for row in self.ref_ids.cpu()]
+        self._embedding = None        # the token-embedding module (a language model's noise)
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         """Inputs in the search's dtype (integer inputs, token ids, as they are)."""
         return x.to(self.dtype) if x.is_floating_point() else x
 
-    def _outputs(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.task.outputs(self.model, self._cast(inputs))
+    def _outputs(self, inputs: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """The task's outputs of ``inputs``; ``emb`` (n, T, d): noised token embeddings of the first n rows
+        (a language model's noise, :mod:`memloc.analyses.flip.embed_noise`)."""
+        if emb is None:
+            return self.task.outputs(self.model, self._cast(inputs))
+        with replaced_embeddings(self._embedding, emb):
+            return self.task.outputs(self.model, inputs)
+
+    def _copies(self, s: dict, x: torch.Tensor, samples: int, ratio: float, seed: int) -> torch.Tensor:
+        """The target copies of search ``s`` (row ``x``): ``samples`` noised copies of an image; a token row
+        repeated, its noised token embeddings put in ``s["emb"]``."""
+        if not isinstance(self.task, SequenceTask) or not samples:
+            return noisy_copies(self._cast(x), samples, ratio, seed) if samples else self._cast(x)[None]
+        if self._embedding is None:
+            self._embedding = token_embedding(self.model, x[None], self.task.outputs)
+        if "clean" not in s:       # the row's token embeddings (upstream of every unit / zeroed parameter)
+            grab = []
+            with torch.no_grad(), Hooks() as h:
+                h.forward(self._embedding, lambda mod, inp, out: grab.append(out[0].detach()))
+                self.task.outputs(self.model, x[None])
+            s["clean"] = grab[0]
+        s["emb"] = noisy_copies(s["clean"], samples, ratio, seed)
+        return x[None].expand(samples, *x.shape)
+
+    @staticmethod
+    def _noised(slots: list[dict]):
+        """The noised token embeddings of ``slots``' copies, stacked (None: no such noise)."""
+        return torch.cat([s["emb"] for s in slots]) if slots and "emb" in slots[0] else None
 
     def _setup_memo(self, cache_mb):
         itemsize = torch.finfo(self.dtype).bits // 8
@@ -119,12 +147,12 @@ class FlipSearch:
         self.stats = {"example_steps": 0, "reference_evaluations": 0}
 
     # -- one forward/backward
-    def _terms(self, masks, xt, yt, ref_masks, ref_repeats, excluded, *, use_prefix=True):
+    def _terms(self, masks, xt, yt, ref_masks, ref_repeats, excluded, *, use_prefix=True, emb=None):
         """Forward/backward of the target term for G searches and the reference term for M masks.
 
         ``masks`` (G, n_units), ``xt`` (G, copies, ...), ``yt`` (G,); ``ref_masks`` (M, n_units),
         ``ref_repeats`` (M,) reference batch of each, ``excluded`` (M,) example id left out of
-        that reference mean (-1: none). Returns ``right`` (G,) (the copies' mean outputs right, bool),
+        that reference mean (-1: none); ``emb``: the targets' noised token embeddings (:meth:`_outputs`). Returns ``right`` (G,) (the copies' mean outputs right, bool),
         ``d(-loss_target)/dmask`` (G, n_units) and ``d(mean reference loss)/dmask`` (M, n_units).
         """
         g, nt = xt.shape[:2]
@@ -142,7 +170,7 @@ class FlipSearch:
             inputs = torch.cat([xt.flatten(0, 1), self.ref_x[ref_repeats].flatten(0, 1)])
         with torch.enable_grad():
             with hooks_of(self.model, hooks), unit_masks(self.model, self.structure, rows, site=self.site):
-                logits = self._outputs(inputs)
+                logits = self._outputs(inputs, emb)
             target_logits = logits[:g * nt].view(g, nt, *logits.shape[1:]).mean(1)
             objective = self._objective(target_logits, yt, logits[g * nt:].view(m, b, *logits.shape[1:]), ref_repeats,
                                         excluded)
@@ -209,9 +237,8 @@ class FlipSearch:
                 if not check:
                     break
                 for s in check:
-                    s["xt"] = (noisy_copies(x[s["k"]].to(self.dtype), noise_samples, noise_ratio,
-                                            noise_seed(seed, ids[s["k"]], s["r"], len(s["units"])))
-                               if noise_samples else self._cast(x[s["k"]][None]))
+                    s["xt"] = self._copies(s, x[s["k"]], noise_samples, noise_ratio,
+                                           noise_seed(seed, ids[s["k"]], s["r"], len(s["units"])))
                 for s, f in zip(check, self._check(check, max_units)):
                     if f or len(s["units"]) >= max_units or s.get("stuck"):
                         yield FlipTrace(s["k"], s["r"], np.array(s["units"], dtype=np.int64), bool(f))
@@ -231,7 +258,8 @@ class FlipSearch:
 
     def _check(self, check: list[dict], max_units: int) -> np.ndarray:
         """Has each search of ``check`` flipped under its current mask? (a forward of the targets only)"""
-        out = self._outputs_masked(torch.stack([s["mask"] for s in check]), torch.stack([s["xt"] for s in check]))
+        out = self._outputs_masked(torch.stack([s["mask"] for s in check]), torch.stack([s["xt"] for s in check]),
+                                   self._noised(check))
         return (~self.task.right(out, torch.stack([s["y"] for s in check]))).cpu().numpy()
 
     def _advance(self, slots: list[dict]) -> None:
@@ -249,7 +277,7 @@ class FlipSearch:
         """``dO/dmask`` (G, n_units) of the running searches: one forward/backward of every target
         term and of the reference terms not memoised yet."""
         keys, misses, first, repeats, excluded = self._misses(slots)
-        _, grad_t, grad_r = self._terms(masks, xt, yt, masks[first], repeats, excluded)
+        _, grad_t, grad_r = self._terms(masks, xt, yt, masks[first], repeats, excluded, emb=self._noised(slots))
         return grad_t + torch.stack(self._remember(keys, misses, grad_r))
 
     def _misses(self, slots: list[dict]):
@@ -286,11 +314,11 @@ class FlipSearch:
         """Context in which ``model`` (of this search's structure) runs with the units ``mask`` zeroed."""
         return unit_masks(model, self.structure, mask, site=self.site)
 
-    def _outputs_masked(self, masks: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
-        """Mean outputs (logits) of ``xt`` (G, copies, ...) under ``masks`` (G, n_units)."""
+    def _outputs_masked(self, masks: torch.Tensor, xt: torch.Tensor, emb=None) -> torch.Tensor:
+        """Mean outputs (logits) of ``xt`` (G, copies, ...) under ``masks`` (G, n_units) (``emb``: :meth:`_outputs`)."""
         g, nt = xt.shape[:2]
         with torch.no_grad(), unit_masks(self.model, self.structure, masks.repeat_interleave(nt, 0), site=self.site):
-            out = self._outputs(xt.flatten(0, 1))
+            out = self._outputs(xt.flatten(0, 1), emb)
         return out.view(g, nt, *out.shape[1:]).mean(1)
 
     # -- the cached prefix

@@ -22,6 +22,11 @@ per-search corrections (:mod:`memloc.analyses.flip.stacked`), others one search 
 items zeroed in place (:mod:`memloc.analyses.flip.dense`); both take the stop test from the step's
 own forward, score large linear weights by the rows whose bound reaches the best score, and compute
 the first linear layer's reference rows once.
+
+A language model's weight site (:func:`lm_weight_params`) has items in the weights and biases of the
+layers whose outputs are flip's units, the blocks' projections (no conv filters): its searches run one
+at a time (:mod:`memloc.analyses.flip.dense`, the first layer's rows not cached: a transformer's
+residual stream has no single cut), stopping when the suffix is no longer reproduced.
 """
 from __future__ import annotations
 
@@ -33,12 +38,13 @@ import torch
 from torch import nn
 
 from ...core.errors import MemlocError
+from ...core.tasks import SequenceTask
 from .batched import BatchedSteps
 from .dense import DenseSteps
 from .search import FlipSearch
 from .stacked import StackedSteps
 
-__all__ = ["ItemSpace", "WeightItems", "weight_items", "weight_masks", "WeightFlipSearch"]
+__all__ = ["ItemSpace", "WeightItems", "weight_items", "lm_weight_params", "weight_masks", "WeightFlipSearch"]
 
 
 @dataclass(frozen=True)
@@ -71,12 +77,20 @@ class WeightItems:
         return {s.name: flat[..., s.offset:s.offset + s.size].reshape(*lead, *s.item_shape) for s in self.spaces}
 
 
-def weight_items(model: nn.Module) -> WeightItems:
-    """The zeroing items of ``model``'s parameters (see the module docstring)."""
+def weight_items(model: nn.Module, params=None) -> WeightItems:
+    """The zeroing items of ``model``'s parameters (see the module docstring); ``params``: the names of
+    the parameters that have items (default all; a language model's: :func:`lm_weight_params`)."""
     from ...core.units import CONV_TYPES
     filters = {f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, CONV_TYPES)}
+    named = dict(model.named_parameters())
+    if params is not None:
+        unknown = [k for k in params if k not in named]
+        if unknown:
+            raise MemlocError(f"{type(model).__name__} has no parameter {unknown[0]!r}")
+        keep = set(params)
+        named = {k: v for k, v in named.items() if k in keep}
     spaces, offset = [], 0
-    for name, p in model.named_parameters():
+    for name, p in named.items():
         conv = name in filters and p.dim() >= 3
         item_shape = (p.shape[0],) + (1,) * (p.dim() - 1) if conv else tuple(p.shape)
         size = int(torch.Size(item_shape).numel())
@@ -85,6 +99,18 @@ def weight_items(model: nn.Module) -> WeightItems:
     if not spaces:
         raise MemlocError(f"{type(model).__name__} has no parameters to zero")
     return WeightItems(spaces)
+
+
+def lm_weight_params(model: nn.Module, tokens: torch.Tensor) -> list[str]:
+    """The parameters a language model's weight site zeroes: those of the layers whose outputs are
+    flip's units (:func:`memloc.core.units.trace`: the linear / ``Conv1D`` projections of the blocks, the
+    logits layer, embeddings and norms that follow nothing left out), weights and biases, in
+    ``named_parameters`` order. ``tokens``: (B, T) token ids to trace with."""
+    from ...core.units import trace
+    structure = trace(model, tokens)
+    names = {sp.name for sp in structure.spaces}
+    keep = {k for layer in structure.layers if layer.name in names for k in layer.params}
+    return [k for k, _ in model.named_parameters() if k in keep]
 
 
 @contextlib.contextmanager
@@ -110,16 +136,23 @@ class WeightFlipSearch(FlipSearch):
     """:class:`FlipSearch` at the weight site: the same objective, groups, memoised reference terms
     and stopping test; items instead of units, chosen by the official rule (highest positive
     ``weight x gradient``). Parameters as :class:`FlipSearch` (``site``, ``structure`` and
-    ``cache_prefix`` do not apply: the first layer's weights are masked too)."""
+    ``cache_prefix`` do not apply: the first layer's weights are masked too); ``params``: the names of
+    the parameters with items (default all; a language model's: :func:`lm_weight_params`). A language
+    model (``task`` a :class:`memloc.core.tasks.SequenceTask`) runs one search at a time
+    (:mod:`memloc.analyses.flip.dense`), its stop test the task's (the suffix no longer reproduced)."""
 
     def __init__(self, model: nn.Module, ref_x: torch.Tensor, ref_y: torch.Tensor, ref_ids, *,
-                 dtype: torch.dtype = torch.float32, cache_mb: float = 256, **_ignored):
-        self._setup(model, ref_x, ref_y, ref_ids, dtype)
+                 dtype: torch.dtype = torch.float32, cache_mb: float = 256, task=None, params=None, **_ignored):
+        self._setup(model, ref_x, ref_y, ref_ids, dtype, task)
         self.site = "weight"
-        self.structure = weight_items(self.model)
+        self.structure = weight_items(self.model, params)
         #: conv nets: all searches at once under vmap with per-search masks; models without conv
         #: filters (MLPs, transformers): index masks, the stacked group or one search at a time
         self.batched = any(sp.filter for sp in self.structure.spaces)
+        if self.batched and isinstance(self.task, SequenceTask):
+            raise MemlocError(f"{type(model).__name__} has conv filters among the parameters to zero; the weight site "
+                              "zeroes a language model's linear projections only: use {site}",
+                              options={"site": "pre_norm"}, argument="site")
         self._setup_memo(cache_mb)
         self.prefix = None
         if self.batched:
