@@ -30,7 +30,7 @@ BASELINE = "balanced_subnet"
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default="runs/lm_mitigation/gpt", help="the TinyGPT run (trained when missing)")
+    p.add_argument("--run", default="runs/lm_benchmark/gpt_mitigation", help="lm_mitigation.py's TinyGPT run (trained when missing)")
     p.add_argument("--out", default="artifacts/lm_mitigation_speed.md", help="the Markdown table")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--fraction", type=float, default=0.05, help="the methods' fraction (lm_mitigation.py's middle one)")
