@@ -124,6 +124,8 @@ def test_a_run_without_known_wrong_labels_is_sent_to_issues_not_flip(tiny_run, t
         f["examples/is_noisy"][...] = 0
     st = memloc.status(run)
     assert st.targets == 0 and st.next == [f"memloc issues {run}"]
+    from memloc.cli.train import summary           # what `memloc train` prints: no "noisy nan"
+    assert "no known noisy labels" in summary(memloc.load(run), None)
 
 
 def test_help_groups_every_command_by_the_order_of_work(capsys):
