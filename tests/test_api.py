@@ -248,3 +248,17 @@ def test_import_path_model_from_the_command_line(tmp_path, capsys):
     assert memloc.load(run).result("rewind")["layer"].values.tolist() == ["conv", "fc", "out"]
     train_exit2(capsys, [str(tmp_path / "x"), "--dataset", "digits", "--model", "test_api:nope", "--device", "cpu"],
                 "has no 'nope'")
+
+
+def test_a_data_spec_that_does_not_rebuild_the_recorded_examples_names_the_fix(tmp_path):
+    """Your own tensors recorded under a built-in dataset's name (issue 26): the first analysis that
+    rebuilds the data refuses with one message naming the two ways out (data= or a matching spec)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 1, 8, 8), torch.randint(0, 10, (60,))
+    model = SmallNet(2)
+    memloc.Recorder(tmp_path / "own", model, eval_train=(x, y), eval_test=(x[:10], y[:10]),
+                    model_spec="api_smallnet", model_options={"width": 2}, data_spec=DATA_SPEC).close()
+    run = memloc.load(tmp_path / "own")
+    with pytest.raises(memloc.MemlocError, match=r"does not match its stored labels: pass data= to memloc\.load"):
+        run.data()
+    assert run.epochs == [0] and memloc.load(tmp_path / "own", data=memloc.make_data(x, y, x[:10], y[:10])).data().train.x.shape[0] == 60

@@ -97,6 +97,19 @@ def test_cli_file_figure_and_common_subset(tiny_copy, capsys):
     assert "common_values" in res and res.sizes["common"] == 12
 
 
+def test_cli_says_not_measured_instead_of_a_table_of_nan(tiny_copy, capsys):
+    """A flip that searched clean examples only: neuron_count cannot rank noisy ones (issue 26)."""
+    run = tiny_copy
+    ids = np.flatnonzero(~run.is_noisy)[:6]
+    write_flip_h5(run, ids, np.zeros(6), np.arange(1, 7)[:, None], np.ones((6, 1)), max_units=20)
+    cli_run("scores", [str(run.path), "--scores", "confidence,neuron_count"])
+    cli_run("detect", [str(run.path)])
+    out = capsys.readouterr().out
+    assert "nan" not in out and "neuron_count (6 examples, 0 noisy)" in out
+    assert "where all are defined (0 noisy): not measured" in out
+    assert np.isnan(run.result("detect")["values"].sel(score="neuron_count").values).all()
+
+
 def test_same_seed_same_table(tmp_path):
     cfg = {"dataset": "digits", "model": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.1}
     tables = []

@@ -150,3 +150,27 @@ def _importable(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
+
+
+def test_the_flags_named_differently_in_the_library_are_all_listed():
+    """how-to/index.md lists every command flag whose word is not an argument of the command's function
+    (issue 26: `--scores` / `methods=` and the like), and lists no flag a command lacks."""
+    import inspect
+
+    import memloc
+    from memloc.cli.runner import parser
+    from memloc.core.registry import command, commands
+    text = (ROOT / "docs/how-to/index.md").read_text()
+    listed = set()
+    for row in re.findall(r"^\| (`[^|]+) \| ([^|]*) \| [^|]+ \|$", text, re.M):
+        for name in re.findall(r"`([\w-]+)`", row[0]):
+            listed |= {(name, flag) for flag in re.findall(r"`(--[\w-]+)", row[1])}
+    functions = {"issues": "find_label_issues", "dropout": "evaluate_dropout"}
+    common = {"--device", "--overwrite", "--stream", "--workers", "--precision", "--help", "--out"}
+    differ = set()
+    for name in set(commands()) - {"train", "demo"}:
+        params = inspect.signature(getattr(memloc, functions.get(name, name.replace("-", "_")))).parameters
+        flags = [max(a.option_strings, key=len) for a in parser(command(name))._actions if a.option_strings]
+        differ |= {(name, f) for f in flags if f not in common and f[2:].replace("-", "_") not in params}
+        assert not {f for n, f in listed if n == name} - set(flags), f"{name}: the table lists a flag it lacks"
+    assert listed == differ, f"missing from the table: {sorted(differ - listed)}; not different: {sorted(listed - differ)}"

@@ -113,6 +113,21 @@ def test_a_run_recorded_by_your_own_loop(tiny_run, tmp_path):
         train(run, resume=True)
 
 
+def test_a_run_without_known_wrong_labels_is_sent_to_issues_not_flip(tiny_run, tmp_path):
+    """flip's default searches the noisy examples: a run of your own labels (noise 0) has none, so the
+    first suggestion is issues (which needs no ground truth), then clean."""
+    import h5py
+    run = tmp_path / "own"
+    shutil.copytree(tiny_run.path, run, ignore=shutil.ignore_patterns("results", "children"))
+    with h5py.File(run / "run.h5", "r+") as f:
+        f["examples/label_given"][...] = f["examples/label_true"][...]
+        f["examples/is_noisy"][...] = 0
+    st = memloc.status(run)
+    assert st.targets == 0 and st.next == [f"memloc issues {run}"]
+    from memloc.cli.train import summary           # what `memloc train` prints: no "noisy nan"
+    assert "no known noisy labels" in summary(memloc.load(run), None)
+
+
 def test_help_groups_every_command_by_the_order_of_work(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

@@ -202,6 +202,10 @@ def test_retrain_layer_says_which_layer_and_why(small, tmp_path, capsys):
     assert run.result("unlearn").config["retrain_layer"]["layer"] == best
     md = memloc.report(run, tmp_path / "rep").read_text()
     assert f"retrain_layer retrained {best!r}" in md
+    from memloc.reporting.summary import _fixing            # the findings at the top name the layer too
+    res = run.result("unlearn")
+    res["baseline"].loc[{"group": "test"}] = 0.0            # retrain_layer the best within a point of it
+    assert f"Its layer, `{best}`: results/retrain.h5" in " ".join(_fixing({"unlearn": res}))
 
 
 def test_unlearn_and_importance_refuse_bad_input(small, tmp_path, capsys):

@@ -39,5 +39,6 @@ def plot_unlearn(res, out, run=None) -> str:
             + "".join(f" {line}." for line in _layer_note(res)) + "\n\n"
             + figure("unlearn", name, "one point per method: further right, more of the memorised labels removed; "
                      "higher, better test accuracy (the dashed line is the trained model's). The best methods sit at "
-                     "the top right; error bars are standard deviations over seeds.") + "\n\n"
+                     "the top right" + (f"; error bars are standard deviations over the {res.sizes['seed']} seeds."
+                                        if res.sizes["seed"] > 1 else " (one seed: no error bars).")) + "\n\n"
             + table(["method", *groups, "seconds"], rows, digits=1))

@@ -120,7 +120,7 @@ def format_table(table: dict, *, markdown: bool = False) -> str:
     lines = []
     for i, name in enumerate(table["names"]):
         lines.append([name, f"{table['direction'][i]:+d}", str(table["size"][i]), str(table["noisy"][i]),
-                      f"{table['base_rate'][i]:.3f}", *(f"{v:.3f}" for v in table["values"][i])])
+                      f"{table['base_rate'][i]:.3f}", *("-" if np.isnan(v) else f"{v:.3f}" for v in table["values"][i])])
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if j == 0 else "---:" for j in range(len(head))) + "|"]
         return "\n".join(out + ["| " + " | ".join(r) + " |" for r in lines])
@@ -242,11 +242,18 @@ def _cli_summary(res, args):
     targets, examples = _what(load(args.run))
     text = (f"noise detection ({int(res['noisy'].max())} {targets}); each score over the {examples} where it is "
             f"defined:\n" + format_table(_cli_table(res, res["values"].values, res["size"].values, res["noisy"].values)))
+    size, noisy = res["size"].values, res["noisy"].values
+    unmeasured = [f"{n} ({size[i]} {examples}, {noisy[i]} noisy)" for i, n in enumerate(res["score"].values)
+                  if not 0 < noisy[i] < size[i]]
+    if unmeasured:     # no ranking to measure on examples of one kind (e.g. a flip that searched no noisy example)
+        text += "\n- = not measured: the examples a score is defined on must include noisy and clean ones: " + \
+            ", ".join(unmeasured)
     if "common_values" in res:
         rows = res["common_example"].values
         noisy = int(load(args.run).is_noisy[rows].sum())
-        text += (f"\n\nevery score on the {len(rows)} {examples} where all are defined ({noisy} noisy):\n"
-                 + format_table(_cli_table(res, res["common_values"].values, len(rows), noisy)))
+        text += f"\n\nevery score on the {len(rows)} {examples} where all are defined ({noisy} noisy)" + (
+            ":\n" + format_table(_cli_table(res, res["common_values"].values, len(rows), noisy))
+            if 0 < noisy < len(rows) else ": not measured (they must include noisy and clean ones)")
     return text
 
 

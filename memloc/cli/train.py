@@ -74,9 +74,10 @@ def summary(run, args):
                 if "test_rule_accuracy" in m and str(run.config.get("dataset", "tinymem")).startswith("tinymem") else "")
         return (f"{run.path}: {run.final_epoch} epochs; memorised: targets {m['target_memorised'][-1]:.4f}, "
                 f"clean {m['clean_memorised'][-1]:.4f}; held-out {rule}token accuracy {m['test_accuracy'][-1]:.4f}")
+    noisy = (f"noisy (memorised) {m['noisy_accuracy'][-1]:.4f}" if run.is_noisy.any()
+             else "no known noisy labels (memloc issues finds the suspects)")
     return (f"{run.path}: {run.final_epoch} epochs; train {m['train_accuracy'][-1]:.4f}, "
-            f"clean {m['clean_accuracy'][-1]:.4f}, noisy (memorised) {m['noisy_accuracy'][-1]:.4f}, "
-            f"test {m['test_accuracy'][-1]:.4f}")
+            f"clean {m['clean_accuracy'][-1]:.4f}, {noisy}, test {m['test_accuracy'][-1]:.4f}")
 
 
 COMMAND = Command(

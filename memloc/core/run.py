@@ -9,11 +9,10 @@ Layout (see DESIGN.md)::
     RUN/results/<analysis>.h5            one result file per analysis (memloc.core.results)
 
 ``run.h5``: ``/examples/{index, source_index, label_true, label_given, is_noisy}`` (N,) for the training examples; ``/test/{index, source_index, label}`` (M,);
-``/dynamics/{presentation,end}/{loss, correct, margin}`` (epoch, N) -- at presentation (train mode,
-the last time an example was seen during that epoch; row 0 and unseen examples are NaN / -1) and
-at epoch end (eval mode, row 0 = initialisation); ``margin`` = given-label logit minus the
-largest other logit; ``/metrics/<name>`` (epoch,) for train / clean / noisy / test accuracy and
-test loss. ``correct`` is int8 (1, 0, or -1 = not presented).
+``/dynamics/{presentation,end}/{loss, correct, margin}`` (epoch, N) -- at the example's last presentation
+in that epoch (train mode; row 0 and unseen examples NaN / -1) and at epoch end (eval mode, row 0 =
+initialisation); ``margin`` = given-label logit minus the largest other logit; ``/metrics/<name>`` (epoch,)
+for train / clean / noisy / test accuracy and test loss. ``correct`` is int8 (1, 0, or -1 = not presented).
 
 A language model's run (``run.json`` ``"kind": "lm"``, written by
 :class:`memloc.core.sequence_recorder.SequenceRecorder`) keeps the layout with sequences for
@@ -341,7 +340,8 @@ class Run:
                                     stream=stream)
             if not (np.array_equal(self._data.label_given, self.label_given)
                     and np.array_equal(self._data.label_true, self.label_true)):
-                raise MemlocError(f"the dataset rebuilt for {str(self.path)!r} does not match its stored labels")
+                raise MemlocError(f"the dataset rebuilt for {str(self.path)!r} from {spec} does not match its stored labels: "
+                                  "pass data= to memloc.load, or record with a data_spec that rebuilds these examples")
         return self._data.to(device, stream=stream)
 
     def _sequences(self):

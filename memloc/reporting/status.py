@@ -246,7 +246,10 @@ def _next(st: Status, commands: dict[str, str]) -> list[str]:
         return []
     out = [f"{p.command or 'memloc ' + p.name} {run}" for p in st.partial if not st.busy(p.name)]
     have = {r.name for r in st.results if r.state == "current"} | {n for n in map(_locked, st.locks) if n}
-    order = ("localise_neurons",) if st.kind == "lm" else ("flip", "scores", "issues", "clean")
+    if st.kind == "lm":
+        order = ("localise_neurons",)
+    else:       # without known wrong labels flip has nothing to search by default: find them first
+        order = ("flip", "scores", "issues", "clean") if st.targets else ("issues", "clean")
     missing = next((n for n in order if n not in have), None)
     if missing is not None and not any(p.name == missing for p in st.partial):
         out.append(f"memloc {commands.get(missing, missing)} {run}")

@@ -150,10 +150,12 @@ def _fixing(results: dict) -> list[str]:
         forget, test = acc.sel(group="forget_given").to_pandas(), acc.sel(group="test").to_pandas()
         base_test = float(un["baseline"].sel(group="test"))
         best = _best_within_a_point(forget, test, base_test)
+        layer = un.config.get("retrain_layer") if best == "retrain_layer" else None   # which layer, and why
         if best is not None:
             out.append(f"**Unlearning**: `{best}` leaves {_pct(forget[best])} of the forget set's given labels "
                        f"(trained model: {_pct(float(un['baseline'].sel(group='forget_given')))}) at test accuracy "
-                       f"{_pct(test[best])} (trained: {_pct(base_test)}), the best of the methods within one test point.")
+                       f"{_pct(test[best])} (trained: {_pct(base_test)}), the best of the methods within one test point."
+                       + (f" Its layer, `{layer['layer']}`: {layer['chosen_by']}." if layer else ""))
     return out
 
 
