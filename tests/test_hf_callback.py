@@ -13,6 +13,8 @@ from conftest import HF_SIZES, hf_trainer, run_readme_example  # noqa: E402
 from memloc.core.dropout import dropout_layers, example_ids, set_mode, sink_ids  # noqa: E402
 from memloc.core.errors import MemlocError  # noqa: E402
 from memloc.core.lm import sequence_measures  # noqa: E402
+from memloc.core.optim import make_optimizer  # noqa: E402
+from memloc.analyses.scores.tracin import run_lrs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,6 +44,28 @@ def test_trainer_run_is_a_memloc_run(hf_trainer_run, data):
     pres = run.dynamics("memorised", "presentation")                 # ids through the items: every sequence seen
     assert (pres[0] == -1).all() and (pres[1:] >= 0).all()
     assert not any(h for h in (model._forward_hooks, model._forward_pre_hooks))   # the callback's hooks are gone
+    assert run_lrs(run, [1, 2, 3])[0].tolist() == pytest.approx([2e-2] * 3, rel=1e-14)   # every step's (constant)
+
+
+def test_tracin_weights_are_the_trainers_schedule(tmp_path, data):
+    """Warm-up + cosine: TracIn weights each checkpoint by the mean of the rates the scheduler gave the epoch's
+    steps -- transformers' own scheduler, stepped here on a stand-in optimiser."""
+    from transformers import get_scheduler
+    cb = memloc.HFTrainerCallback(tmp_path / "run", data)
+    trainer(tmp_path / "out", _model(data), cb.train_dataset(), cb, epochs=3, lr_scheduler_type="cosine",
+            warmup_steps=1).train()
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], "sgd", lr=2e-2)
+    steps = 3 * -(-len(data) // 8)
+    sched, used = get_scheduler("cosine", opt, num_warmup_steps=1, num_training_steps=steps), []
+    for _ in range(steps):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = np.array(used).reshape(3, -1).mean(1)
+    assert len(set(want)) == 3
+    res = memloc.scores(tmp_path / "run", methods="tracin", device="cpu")
+    assert res.config["tracin_weights_from"] == "recorded"
+    np.testing.assert_allclose(res.config["tracin_weights"], want, rtol=1e-12)
 
 
 def test_presentation_rows_are_the_training_forwards(tmp_path, data):

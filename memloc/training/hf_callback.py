@@ -22,6 +22,9 @@ is built trains each sequence through its own sinks: before every training forwa
 callback binds each row's sink id (the row of ``data`` holding its tokens; copies share the id of the
 sequence they copy), and a row that is no sequence of ``data`` is an error. ``run.json`` records the
 sinks, so ``memloc dropout RUN`` rebuilds and evaluates them as for ``memloc train --etd-after mlp``.
+
+The learning rate of every optimiser step (``param_groups[0]["lr"]`` before it: the ``Trainer``'s schedule)
+is recorded; each epoch's mean is ``run.h5``'s ``/optimizer/lr``, the weight TracIn gives its checkpoint.
 """
 from __future__ import annotations
 
@@ -168,6 +171,11 @@ class HFTrainerCallback(TrainerCallback):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        """The learning rate the step is about to use (each epoch's mean: run.h5's ``/optimizer/lr``)."""
+        if self.recorder is not None and optimizer is not None:
+            self.recorder.record_lr(optimizer.param_groups[0]["lr"])
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
