@@ -188,7 +188,8 @@ def test_sinks_in_a_trainer_run_under_torchrun(tmp_path, data):
     the rebuilt model's train mode through its own sinks), and `memloc dropout RUN` reads the run rank 0 wrote."""
     script = tmp_path / "worker.py"
     script.write_text(TORCHRUN_WORKER.replace("{sizes}", repr(SIZES)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(tmp_path)]
     p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -202,4 +203,5 @@ def test_sinks_in_a_trainer_run_under_torchrun(tmp_path, data):
         own = sequence_measures(rebuilt, back.tokens, back.prefix_len, back.suffix_len, eval_batch_size=64)
     np.testing.assert_allclose(run.dynamics("suffix_loss", "presentation")[1], own["suffix_loss"], rtol=1e-5)
     acc = cli_run("dropout", [str(run.path), "--device", "cpu"])["accuracy"].to_pandas()
-    assert acc.loc["test", "clean_tokens"] == pytest.approx(np.nanmean(run.dynamics("suffix_accuracy")[1][~run.is_noisy]))
+    clean = run.dynamics("suffix_accuracy")[1][~run.is_noisy]
+    assert acc.loc["test", "clean_tokens"] == pytest.approx(np.nanmean(clean))
