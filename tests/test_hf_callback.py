@@ -2,6 +2,11 @@
 callbacks): its end-of-epoch dynamics are what memloc.memorisation measures on its checkpoints."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +18,9 @@ from conftest import HF_SIZES, hf_trainer, run_readme_example  # noqa: E402
 from memloc.core.dropout import dropout_layers, example_ids, set_mode, sink_ids  # noqa: E402
 from memloc.core.errors import MemlocError  # noqa: E402
 from memloc.core.lm import sequence_measures  # noqa: E402
+from memloc.core.optim import make_optimizer  # noqa: E402
+from memloc.analyses.scores.tracin import run_lrs  # noqa: E402
+from memloc.cli import run as cli_run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,6 +50,27 @@ def test_trainer_run_is_a_memloc_run(hf_trainer_run, data):
     pres = run.dynamics("memorised", "presentation")                 # ids through the items: every sequence seen
     assert (pres[0] == -1).all() and (pres[1:] >= 0).all()
     assert not any(h for h in (model._forward_hooks, model._forward_pre_hooks))   # the callback's hooks are gone
+    assert run_lrs(run, [1, 2, 3])[0].tolist() == pytest.approx([2e-2] * 3, rel=1e-14)   # every step's (constant)
+
+
+def test_tracin_weights_are_the_trainers_schedule(tmp_path, data):
+    """Warm-up + cosine: TracIn weights each checkpoint by the mean of the rates the scheduler gave the epoch's
+    steps -- transformers' own scheduler, stepped here on a stand-in optimiser."""
+    from transformers import get_scheduler
+    cb = memloc.HFTrainerCallback(tmp_path / "run", data)
+    trainer(tmp_path / "out", _model(data), cb.train_dataset(), cb, epochs=2, lr_scheduler_type="cosine",
+            warmup_steps=1).train()
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], "sgd", lr=2e-2)
+    steps = 2 * -(-len(data) // 8)
+    sched, used = get_scheduler("cosine", opt, num_warmup_steps=1, num_training_steps=steps), []
+    for _ in range(steps):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = np.array(used).reshape(2, -1).mean(1)
+    weights, source = run_lrs(memloc.load(tmp_path / "run"), [1, 2])      # what memloc.scores weights tracin by
+    assert source == "recorded" and want[0] > 2 * want[1]
+    np.testing.assert_allclose(weights, want, rtol=1e-12)
 
 
 def test_presentation_rows_are_the_training_forwards(tmp_path, data):
@@ -133,3 +162,46 @@ def test_sinks_in_a_trainer_run(tmp_path, data):
     foreign[3] = {"input_ids": data.tokens[3].flip(0), "labels": data.tokens[3].flip(0)}
     with pytest.raises(MemlocError, match="1 rows that are no sequence of data"):
         trainer(tmp_path / "out", model, foreign, memloc.HFTrainerCallback(tmp_path / "b", data), epochs=1).train()
+
+
+TORCHRUN_WORKER = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    import memloc
+    from transformers import Trainer, TrainingArguments
+    data = memloc.tinymem("mult", n_train=16, n_test=8, seq_len=16, suffix_len=4, noise=0.5, duplicate=2)
+    model = memloc.hf_causal_lm("gpt2", vocab_size=data.vocab_size, max_len=data.seq_len, **{sizes})
+    memloc.insert_sinks(model, p_gen=0.5, p_mem=0.1)
+    cb = memloc.HFTrainerCallback(sys.argv[1] + "/run", data)
+    args = TrainingArguments(sys.argv[1] + "/out", num_train_epochs=1, per_device_train_batch_size=4, use_cpu=True,
+                             report_to=[], logging_strategy="no", disable_tqdm=True, seed=0, save_strategy="no",
+                             learning_rate=0.0)
+    Trainer(model=model, args=args, train_dataset=cb.train_dataset(), callbacks=[cb]).train()
+    print("ranks", torch.distributed.get_world_size(), "rank", torch.distributed.get_rank(), "epochs", len(cb.metrics))
+""")
+
+
+@pytest.mark.slow
+def test_sinks_in_a_trainer_run_under_torchrun(tmp_path, data):
+    """A Trainer with memorisation sinks in 2 gloo processes (about 25 CPU-s): every rank binds its rows' sink ids,
+    their training measures are gathered for rank 0's run (at learning rate 0 every sequence's presentation row is
+    the rebuilt model's train mode through its own sinks), and `memloc dropout RUN` reads the run rank 0 wrote."""
+    script = tmp_path / "worker.py"
+    script.write_text(TORCHRUN_WORKER.replace("{sizes}", repr(SIZES)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(tmp_path)]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ranks 2 rank 0 epochs 1" in p.stdout and "ranks 2 rank 1 epochs 0" in p.stdout   # rank 0 alone records
+    run = memloc.load(tmp_path / "run")
+    assert run.epochs == [0, 1] and run.info["model"]["etd"]["after"] == ["transformer.h.0.mlp.act"]
+    assert torch.equal(run.data().tokens, data.tokens)
+    back, rebuilt = run.data(), run.model(1)
+    set_mode(rebuilt, "train")
+    with torch.no_grad(), example_ids(rebuilt, sink_ids(back)):
+        own = sequence_measures(rebuilt, back.tokens, back.prefix_len, back.suffix_len, eval_batch_size=64)
+    np.testing.assert_allclose(run.dynamics("suffix_loss", "presentation")[1], own["suffix_loss"], rtol=1e-5)
+    acc = cli_run("dropout", [str(run.path), "--device", "cpu"])["accuracy"].to_pandas()
+    clean = run.dynamics("suffix_accuracy")[1][~run.is_noisy]
+    assert acc.loc["test", "clean_tokens"] == pytest.approx(np.nanmean(clean))

@@ -16,6 +16,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 import memloc  # noqa: E402
 from conftest import run_readme_example  # noqa: E402
+from memloc.analyses.scores.tracin import run_lrs  # noqa: E402
 from memloc.core.data import build_data  # noqa: E402
 from memloc.core.errors import MemlocError  # noqa: E402
 from memloc.core.evaluate import evaluate  # noqa: E402
@@ -100,6 +101,9 @@ def test_lightning_run_records_dynamics_equal_to_a_recomputation(lit_run, digits
     m = run.metrics()
     assert m["train_accuracy"][-1] > 0.5 and [e["test_accuracy"] for e in cb.metrics] == pytest.approx(m["test_accuracy"][1:])
     assert m["clean_accuracy"][-1] > m["noisy_accuracy"][-1]    # the noisy labels are fitted last
+    # every step's learning rate (configure_optimizers: SGD at 0.2): TracIn's weights
+    weights, source = run_lrs(run, [1, 2, 3])
+    assert source == "recorded" and weights.tolist() == pytest.approx([0.2] * 3, rel=1e-14)
 
 
 def test_analyses_run_on_the_lightning_run(lit_run):

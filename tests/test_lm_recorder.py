@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import memloc
+from memloc.analyses.scores.tracin import run_lrs
 from memloc.cli import run as cli_run
 from memloc.core.dropout import example_ids, remove_example_tied_dropout, set_mode, sink_ids
 from memloc.core.errors import MemlocError
@@ -55,6 +56,13 @@ def test_user_loop_run_reads_like_a_memloc_run(hf_run, tmp_path):
     # every sequence presented each epoch, nothing at the initialisation
     pres = run.dynamics("memorised", "presentation")
     assert (pres[0] == -1).all() and (pres[1:] >= 0).all()
+
+
+def test_a_loop_that_recorded_no_rates_gives_tracin_weights_1_with_a_warning(hf_run):
+    """The user's loop gave the recorder neither its optimiser nor record_lr, its config no schedule."""
+    with pytest.warns(UserWarning, match="weights every checkpoint 1 instead of its learning rate"):
+        weights, source = run_lrs(hf_run[0], [1, 2])
+    assert source == "none: 1" and weights.tolist() == [1.0, 1.0]
 
 
 def test_memorisation_on_the_recorded_run_equals_the_recorded_dynamics(hf_run):

@@ -103,7 +103,10 @@ def test_el2n_grand_tracin_equal_one_sequence_at_a_time_references(lm_run):
     batched = grad_norms(lm_run.model(3).double(), data.tokens[rows], data.tokens[rows], batch_size=p + s - 1,
                          loss=SuffixLoss(p, s))
     np.testing.assert_allclose(batched, ref, rtol=1e-10)
-    weights = res.config["tracin_weights"]
+    weights = res.config["tracin_weights"]      # recorded by the trainer: its warm-up + cosine schedule's
+    assert res.config["tracin_weights_from"] == "recorded" and len(set(weights)) == len(weights)
+    np.testing.assert_allclose(weights, S.checkpoint_lrs(lm_run.config, res.config["tracin_epochs"], len(data)),
+                               rtol=1e-12)
     by_hand = sum(w * grad_norms(lm_run.model(e), data.tokens, data.tokens, loss=SuffixLoss(p, s)) ** 2
                   for e, w in zip(res.config["tracin_epochs"], weights))
     np.testing.assert_allclose(res["tracin"].values, by_hand, rtol=1e-10)

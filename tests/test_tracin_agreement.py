@@ -107,7 +107,9 @@ def test_tracin_score_of_a_run(digits_run):
     res = memloc.scores(run, methods="tracin,grand", device="cpu")
     assert res.config["tracin_epochs"] == [1, 2, 3]
     weights = checkpoint_lrs(run.config, [1, 2, 3], run.num_train)
-    np.testing.assert_allclose(res.config["tracin_weights"], weights)
+    # the reference check: the rates the trainer's optimiser recorded (run.h5's /optimizer/lr) are the schedule's
+    assert res.config["tracin_weights_from"] == "recorded"
+    np.testing.assert_allclose(res.config["tracin_weights"], weights, rtol=1e-12)
     train = run.data().train
     by_hand = sum(w * scores.grad_norms(run.model(e), train.x, train.y) ** 2 for e, w in zip([1, 2, 3], weights))
     np.testing.assert_allclose(res["tracin"].values, by_hand, rtol=1e-10)
@@ -124,6 +126,22 @@ def test_tracin_score_of_a_run(digits_run):
     with pytest.raises(memloc.MemlocError, match="tracin needs a run's checkpoints") as e:
         memloc.scores(model, data, methods="tracin", device="cpu")
     assert e.value.argument == "methods"
+
+
+def test_a_run_without_recorded_rates_falls_back_to_its_config(digits_run, tmp_path):
+    """run.h5 written before /optimizer/lr existed (here: deleted from a copy): the config's schedule, as before."""
+    import shutil
+
+    import h5py
+    for name in ("run.json", "run.h5"):
+        shutil.copy(digits_run.path / name, tmp_path / name)
+    with h5py.File(tmp_path / "run.h5", "a") as f:
+        lrs = f["optimizer/lr"][:]
+        del f["optimizer"]
+    assert np.isnan(lrs[0]) and lrs.shape == (4,) and len(set(lrs[1:])) == 3    # onecycle: 3 different epochs
+    weights, source = scores.run_lrs(memloc.load(tmp_path), [1, 3])
+    assert source == "config schedule"
+    np.testing.assert_allclose(weights, lrs[[1, 3]], rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------- agreement

@@ -21,6 +21,7 @@ from .errors import MemlocError
 from .evaluate import eval_mode, evaluate, nanmean, per_example_stats, subset_accuracies
 from .h5 import put, write_root_attrs
 from .inputs import as_batches
+from .learning_rates import StepRates, create_lrs, truncate_lrs, write_lr
 from .models import import_path_of, model_name_of
 from .run import (CREATING, DYN_NAMES, METRICS, check_new_run_dir, checkpoint_epochs, clear_run_dir,
                   epochs_complete, is_complete, load_checkpoint, open_h5, save_atomic)
@@ -46,8 +47,11 @@ class RunWriter:
     DYNAMICS: dict = {}
     METRIC_NAMES: tuple = ()
 
-    def _start(self, run_dir, model: nn.Module, *, resume: bool, overwrite: bool, config, argv, evaluated):
-        """Take the writer lock, then resume the run or create it (epoch 0 recorded)."""
+    def _start(self, run_dir, model: nn.Module, *, resume: bool, overwrite: bool, config, argv, evaluated,
+               optimizer=None):
+        """Take the writer lock, then resume the run or create it (epoch 0 recorded). ``optimizer``: read
+        its learning rate before each step (:mod:`memloc.core.learning_rates`)."""
+        self._rates = StepRates(optimizer)         # checks it; follows its steps once the run is open
         self.dir = Path(run_dir)
         self.model = model
         self._presentation = self._empty()
@@ -63,6 +67,7 @@ class RunWriter:
         except BaseException:
             self.lock.release()
             raise
+        self._rates.start()
 
     def _open(self, resume, overwrite, config, argv, evaluated):
         """Resume the run, or create it (under the writer lock)."""
@@ -108,6 +113,7 @@ class RunWriter:
             g = f.create_group("metrics")
             for k in self.METRIC_NAMES:
                 put(g, k, np.zeros(0, np.float64), dims=["epoch"], maxshape=(None,))
+            create_lrs(f)
 
     def end_epoch(self, evaluated: dict | None = None) -> dict[str, float]:
         """Evaluate at epoch end, append the epoch's dynamics, save the checkpoint; returns metrics."""
@@ -127,6 +133,7 @@ class RunWriter:
                 ds = f[f"metrics/{k}"]
                 ds.resize(self.epoch + 1, axis=0)
                 ds[self.epoch] = metrics[k]
+            write_lr(f, self.epoch, self._rates.take())
             f.attrs["epochs_complete"] = self.epoch
         self._presentation = self._empty()
         return {k: float(v) for k, v in metrics.items()}
@@ -151,8 +158,14 @@ class RunWriter:
         with self._edit_h5() as f:
             f.attrs["config"] = json.dumps(config, sort_keys=True, default=str)
 
+    def record_lr(self, lr) -> None:
+        """Record the learning rate of one optimiser step of the current epoch (call it at every step, or
+        give the writer ``optimizer=``): run.h5's ``/optimizer/lr`` holds each epoch's mean, TracIn's weights."""
+        self._rates.record(lr)
+
     def close(self) -> None:
         """Release the run directory for other writers (also when this object is garbage collected)."""
+        self._rates.close()
         self.lock.release()
 
     # ------------------------------------------------------------------ resuming
@@ -173,12 +186,14 @@ class RunWriter:
                     f[f"dynamics/{when}/{k}"].resize(epoch + 1, axis=0)
             for k in self.METRIC_NAMES:
                 f[f"metrics/{k}"].resize(epoch + 1, axis=0)
+            truncate_lrs(f, epoch)
         for e in checkpoint_epochs(self.ckpt_dir):
             if e > epoch:
                 (self.ckpt_dir / f"epoch_{e:04d}.pt").unlink()
         self.model.load_state_dict(load_checkpoint(self.ckpt_dir / f"epoch_{epoch:04d}.pt"))
         self.epoch = epoch
         self._presentation = self._empty()
+        self._rates.take()
 
 
 class Recorder(RunWriter):
@@ -203,7 +218,9 @@ class Recorder(RunWriter):
     built-in dataset config, a :func:`memloc.register_data` name or ``pkg.module:factory`` so they
     can rebuild the data. ``resume=True`` reopens an existing run at its last complete epoch and
     loads that checkpoint into ``model``. ``evaluated``: a new run's epoch-0 evaluation done
-    elsewhere (see :meth:`end_epoch`).
+    elsewhere (see :meth:`end_epoch`). ``optimizer``: the ``torch.optim`` optimiser of the loop, whose
+    learning rate before every step is recorded (each epoch's mean in ``run.h5``'s ``/optimizer/lr``:
+    TracIn's weights; :meth:`record_lr` for another optimiser; neither: TracIn weights checkpoints 1).
     """
 
     DYNAMICS = {"loss": (np.float32, np.nan), "correct": (np.int8, -1), "margin": (np.float32, np.nan)}
@@ -214,7 +231,7 @@ class Recorder(RunWriter):
                  model_spec: str | dict | None = None, model_options: dict | None = None,
                  data_spec: str | dict | None = None, resume: bool = False, overwrite: bool = False,
                  eval_batch_size: int = 1024, source_index: dict | None = None, argv=None,
-                 evaluated: dict | None = None):
+                 evaluated: dict | None = None, optimizer=None):
         eval_batch_size = check_range("eval_batch_size", eval_batch_size, low=1, integer=True)
         self.eval_batch_size = eval_batch_size
         device = next((p.device for p in model.parameters()), torch.device("cpu"))   # batches go to the model
@@ -234,7 +251,8 @@ class Recorder(RunWriter):
         self.n = len(self.label_true)
         self._spec = (model_spec, model_options, data_spec)
         self._test_labels, self._source_index = test_labels, source_index or {}
-        self._start(run_dir, model, resume=resume, overwrite=overwrite, config=config, argv=argv, evaluated=evaluated)
+        self._start(run_dir, model, resume=resume, overwrite=overwrite, config=config, argv=argv, evaluated=evaluated,
+                    optimizer=optimizer)
 
     # ------------------------------------------------------------------ writing
     @staticmethod

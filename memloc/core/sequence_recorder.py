@@ -46,7 +46,8 @@ class SequenceRecorder(RunWriter):
     :class:`memloc.core.recorder.Recorder`. ``evaluated`` (here a new run's epoch 0, and
     :meth:`end_epoch`'s): the end-of-epoch measures done elsewhere (split across processes,
     :func:`memloc.scale.ddp.measures_split`), ``{"train": ..., "test": ...}`` of
-    :func:`memloc.core.lm.sequence_measures`.
+    :func:`memloc.core.lm.sequence_measures`. ``optimizer``: as for :class:`memloc.core.recorder.Recorder`
+    (each epoch's mean learning rate recorded; or :meth:`record_lr` at every step).
     """
 
     DYNAMICS = {"suffix_loss": (np.float32, np.nan), "suffix_accuracy": (np.float32, np.nan),
@@ -56,7 +57,7 @@ class SequenceRecorder(RunWriter):
     def __init__(self, run_dir, model: nn.Module, data: SequenceSet, *, config: dict | None = None,
                  model_spec: dict | None = None, data_spec: dict | None = None, resume: bool = False,
                  overwrite: bool = False, eval_batch_size: int = 1024, precision: str = "fp32", argv=None,
-                 evaluated: dict | None = None):
+                 evaluated: dict | None = None, optimizer=None):
         if not isinstance(data, SequenceSet):
             raise MemlocError(f"data must be a SequenceSet (memloc.tinymem, memloc.canaries), got "
                               f"{type(data).__name__}", argument="data")
@@ -74,7 +75,8 @@ class SequenceRecorder(RunWriter):
                               "memorisation sinks in with memloc.insert_sinks(model, ...)", argument="model")
         self._sink_ids = sink_ids(data) if dropout_layers(model) else None
         check_lm(model, data.tokens)        # (B, T, V) logits covering every token id, before any file is written
-        self._start(run_dir, model, resume=resume, overwrite=overwrite, config=config, argv=argv, evaluated=evaluated)
+        self._start(run_dir, model, resume=resume, overwrite=overwrite, config=config, argv=argv, evaluated=evaluated,
+                    optimizer=optimizer)
 
     def _describe(self) -> dict:
         cls = f"{type(self.model).__module__}.{type(self.model).__qualname__}"

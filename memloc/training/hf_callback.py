@@ -12,7 +12,8 @@ The presentation dynamics (``/dynamics/presentation``: each sequence's measures 
 that last saw it in the epoch) come from a forward hook on the model: the ``Trainer`` hands callbacks no
 batch ids, so each row of ``input_ids`` is matched to the sequence of ``data`` holding the same tokens (a
 ``duplicate`` and the rows it copies hold the same tokens: each of them records the latest forward of any
-of them). Rows that are no sequence of ``data`` are not recorded.
+of them). Rows that are no sequence of ``data`` are not recorded. Under ``torchrun`` each process's rows are
+measured where they are trained and gathered for process zero.
 An epoch the ``Trainer`` stops in the middle of (``max_steps``) is not recorded. ``trainer.train(resume_from_checkpoint=...)``
 continues the run from a checkpoint saved at an epoch end (``save_strategy="epoch"``) that the run
 holds. In a multi-process run only the world's process zero writes.
@@ -22,6 +23,9 @@ is built trains each sequence through its own sinks: before every training forwa
 callback binds each row's sink id (the row of ``data`` holding its tokens; copies share the id of the
 sequence they copy), and a row that is no sequence of ``data`` is an error. ``run.json`` records the
 sinks, so ``memloc dropout RUN`` rebuilds and evaluates them as for ``memloc train --etd-after mlp``.
+
+The learning rate of every optimiser step (``param_groups[0]["lr"]`` before it: the ``Trainer``'s schedule)
+is recorded; each epoch's mean is ``run.h5``'s ``/optimizer/lr``, the weight TracIn gives its checkpoint.
 """
 from __future__ import annotations
 
@@ -33,9 +37,12 @@ from transformers import TrainerCallback
 
 from ..core.dropout import example_ids, sink_ids, sinks_spec
 from ..core.errors import MemlocError
+from ..core.lm import MEASURES, suffix_measures
 from ..core.run import is_complete
 from ..core.sequence_recorder import SequenceRecorder
 from ..core.sequences import SequenceSet
+from ..scale.ddp import gather_measures
+from ..scale.distributed import all_gather_rows, world
 from .common import continue_at
 
 __all__ = ["HFTrainerCallback"]
@@ -104,7 +111,8 @@ class HFTrainerCallback(TrainerCallback):
         if sinks_spec(model) is not None:    # memloc.insert_sinks: every rank binds its rows' sink ids
             self._sink_ids = sink_ids(self.data)
             self._hooks.append(model.register_forward_pre_hook(self._bind_sinks, with_kwargs=True))
-        if not state.is_world_process_zero:
+        if not state.is_world_process_zero:     # its rows measured for process zero's recorder
+            self._hooks.append(model.register_forward_hook(self._record, with_kwargs=True))
             return
         dataset = getattr(train_dataloader, "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__") and len(dataset) != len(self.data):
@@ -154,20 +162,38 @@ class HFTrainerCallback(TrainerCallback):
             self._bound = None
 
     def _record(self, module, args, kwargs, output):
-        """The training forward's measures, for the sequences of ``data`` among its rows."""
+        """The training forward's measures, for the sequences of ``data`` among its rows (in several processes
+        every rank's rows, gathered for process zero's recorder: every rank takes part)."""
         self._unbind()
-        found = None if self.recorder is None else self._found(module, args, kwargs)
-        if found:
-            tokens = kwargs.get("input_ids", args[0] if args else None)
-            pos, ids = (torch.as_tensor(v) for v in zip(*found))
-            logits = output if torch.is_tensor(output) else output.logits
-            self.recorder.record_batch(ids, logits[pos.to(logits.device)], tokens[pos.to(tokens.device)])
+        parts = world()[1]
+        found = None if self.recorder is None and parts == 1 else self._found(module, args, kwargs)
+        if found is None:
+            return
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        pos, ids = (torch.as_tensor(v, dtype=torch.long) for v in (zip(*found) if found else ((), ())))
+        logits = output if torch.is_tensor(output) else output.logits
+        logits, tokens = logits[pos.to(logits.device)], tokens[pos.to(tokens.device)]
+        if parts == 1:
+            if found:
+                self.recorder.record_batch(ids, logits, tokens)
+            return
+        with torch.no_grad():
+            mine = suffix_measures(logits.detach(), tokens, self.data.prefix_len, self.data.suffix_len)
+        every = all_gather_rows(ids.to(logits.device)).cpu().numpy()
+        whole = gather_measures(dict(zip(MEASURES, (m.cpu().numpy() for m in mine))), ids.numpy(), logits.device)
+        if self.recorder is not None and len(every):
+            self.recorder.record_measures(np.sort(every, kind="stable"), whole)
 
     def _remove_hook(self):
         self._unbind()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        """The learning rate the step is about to use (each epoch's mean: run.h5's ``/optimizer/lr``)."""
+        if self.recorder is not None and optimizer is not None:
+            self.recorder.record_lr(optimizer.param_groups[0]["lr"])
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.recorder is not None:

@@ -17,6 +17,9 @@ The contract, checked at every batch:
   ``forward`` (``self(x)``) on the batch, whose output is taken;
 - ``module(x)`` gives (B, C) logits (what the analyses run).
 
+The learning rate of every optimiser step (``param_groups[0]["lr"]`` before it) is recorded: each epoch's
+mean is ``run.h5``'s ``/optimizer/lr``, the weight TracIn gives its checkpoint.
+
 One process (``devices=1``); an epoch Lightning stops in the middle of (``max_steps``) is not recorded;
 ``trainer.fit(..., ckpt_path=...)`` continues the run from a checkpoint saved at an epoch end that the run
 holds. ``lightning`` (or ``pytorch_lightning``) is imported when a callback is made.
@@ -121,6 +124,10 @@ class LightningCallback:
             raise MemlocError(f"the module gave logits of shape {tuple(logits.shape)} for a batch of {len(idx)} "
                               "examples; a classifier gives (B, C)", argument="model")
         self.recorder.record_batch(idx, logits.detach(), y)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.recorder is not None:   # each epoch's mean: run.h5's /optimizer/lr (TracIn's weights)
+            self.recorder.record_lr(optimizer.param_groups[0]["lr"])
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.recorder is not None:

@@ -205,7 +205,7 @@ def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = 
         nonlocal rec
         rec = SequenceRecorder(run_dir, model, data, config=cfg, model_spec=spec, data_spec=corpus, resume=resume,
                                overwrite=overwrite, eval_batch_size=eval_batch_size, precision=precision, argv=argv,
-                               evaluated=initial)
+                               evaluated=initial, optimizer=opt)
         try:
             if resume:
                 extend_config(rec, cfg)             # more epochs than stored: the run is extended

@@ -298,7 +298,7 @@ def train(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = Fal
             rec = Recorder(run_dir, model, eval_train=data.train, eval_test=data.test, label_true=data.label_true,
                            label_given=data.label_given, test_labels=data.test.y.cpu().numpy(), config=cfg,
                            model_spec=spec, resume=resume, overwrite=overwrite, source_index=data.source_index,
-                           argv=argv, eval_batch_size=eval_batch_size, evaluated=initial)
+                           argv=argv, eval_batch_size=eval_batch_size, evaluated=initial, optimizer=opt)
         try:
             if resume:
                 extend_config(rec, cfg)             # more epochs than stored: the run is extended

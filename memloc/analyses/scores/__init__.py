@@ -29,8 +29,9 @@ neuron_count   -1    mean over repeats of the units zeroed until the prediction 
                      or misclassified (Maini et al. 2023: memorised examples flip with fewer units)
 tracin         +1    TracIn self-influence (TracInCP, Pruthi et al. 2020): sum over the checkpoints
                      of epochs 1..final of lr_e x ||loss gradient||^2, lr_e the learning rate of
-                     epoch e (:func:`checkpoint_lrs`; 1 for runs without lr / schedule in their
-                     config); one forward + backward pass over the training set per checkpoint
+                     epoch e (:func:`run_lrs`: the rates the run recorded, else its config's
+                     schedule, else 1); one forward + backward pass over the training set per
+                     checkpoint
 =============  ====  =========================================================================
 
 Epoch k (``checkpoint``) defaults to 10% of training (at least 1), as Paul et al. score at epoch
@@ -75,7 +76,7 @@ from .gradnorm import GRAD_NORM_METHODS, grad_norms
 from .passes import GRAD_NORMS
 from .inputs import Inputs as _Inputs
 from .tasks import ClassifierTask, SequenceTask
-from .tracin import checkpoint_lrs, tracin_self_influence
+from .tracin import checkpoint_lrs, run_lrs, tracin_self_influence
 from ...core.run import load
 from ...core.options import add_precision, nonnegative_int, positive_int
 from ...core.schemas import Schema, Var, EXAMPLE_VAR, SCORE_NAMES
@@ -85,7 +86,7 @@ from ...core.prerequisites import missing_result
 from ...core.store import stored
 
 __all__ = ["final_loss", "confidence", "variability", "forgetting_events", "el2n", "aum", "neuron_count",
-           "grad_norms", "GRAD_NORM_METHODS", "tracin_self_influence", "checkpoint_lrs", "Score", "SCORES",
+           "grad_norms", "GRAD_NORM_METHODS", "tracin_self_influence", "checkpoint_lrs", "run_lrs", "Score", "SCORES",
            "default_epoch_k", "scores", "select_scores"]
 
 
@@ -188,7 +189,8 @@ def scores(source, data=None, *, methods="all", checkpoint: int | None = None, g
     computed on that model). ``methods``: ``"all"`` (every score whose inputs exist: neuron_count only
     with a flip result; neither it nor aum for sequences) or names of :data:`SCORES`; tracin (runs
     only) takes one forward + backward pass over the training set per checkpoint and records its
-    checkpoints and weights in the config (``tracin_epochs``, ``tracin_weights``).
+    checkpoints and weights in the config (``tracin_epochs``, ``tracin_weights``, and where the weights
+    came from, ``tracin_weights_from``: ``recorded``, ``config schedule`` or ``none: 1``).
     ``checkpoint``: the checkpoint epoch of el2n and grand (default :func:`default_epoch_k`).
     ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``): el2n's forward passes under autocast
     (:mod:`memloc.core.precision`); the per-example gradient norms (grand, tracin) stay float32, the

@@ -13,7 +13,7 @@ from ...core.prerequisites import needed_result
 from .functions import neuron_count
 from .passes import GRAD_NORMS, run_passes
 from .tasks import ClassifierTask
-from .tracin import checkpoint_lrs, tracin_from_norms
+from .tracin import run_lrs, tracin_from_norms
 
 __all__ = ["Inputs"]
 
@@ -87,8 +87,9 @@ class Inputs:
         if gaps:
             warnings.warn(f"checkpoints of epochs {gaps} are missing: tracin leaves their steps out")
         if not self.tracin_config:
-            weights = checkpoint_lrs(self.run.config, epochs, self.run.num_train)
-            self.tracin_config = {"tracin_epochs": epochs, "tracin_weights": [float(w) for w in weights]}
+            weights, source = run_lrs(self.run, epochs)
+            self.tracin_config = {"tracin_epochs": epochs, "tracin_weights": [float(w) for w in weights],
+                                  "tracin_weights_from": source}
         return epochs
 
     def tracin(self) -> np.ndarray:

@@ -10,7 +10,9 @@ ones -- have large gradients over many checkpoints. :func:`tracin_self_influence
 norms from :func:`memloc.analyses.scores.grad_norms` (one forward and one backward pass per batch and
 checkpoint, exact) rather than from materialised per-example gradients (what
 ``captum.influence.TracInCP.self_influence`` computes; the tests check both agree).
-:func:`checkpoint_lrs` gives each checkpoint's eta from a memloc training config.
+:func:`checkpoint_lrs` gives each checkpoint's eta from a memloc training config, :func:`run_lrs` from
+the learning rates the run recorded (``run.h5``'s ``/optimizer/lr``, :mod:`memloc.core.learning_rates`)
+when it has them, else from its config.
 """
 from __future__ import annotations
 
@@ -23,12 +25,15 @@ import torch
 from torch import nn
 
 from ...core.errors import MemlocError
+from ...core.learning_rates import recorded_lrs
 from ...core.optim import lr_factor
 from .gradnorm import grad_norms
 
-__all__ = ["tracin_self_influence", "tracin_from_norms", "checkpoint_lrs", "SCHEDULE_KEYS"]
+__all__ = ["tracin_self_influence", "tracin_from_norms", "checkpoint_lrs", "run_lrs", "SCHEDULE_KEYS", "LR_SOURCES"]
 
 SCHEDULE_KEYS = ("lr", "schedule", "epochs", "batch_size")   # config keys checkpoint_lrs needs
+#: where :func:`run_lrs` found the weights: the run's recorded rates, its config's schedule, nowhere (all 1)
+LR_SOURCES = ("recorded", "config schedule", "none: 1")
 
 
 def tracin_self_influence(models: Iterable[nn.Module], weights, x: torch.Tensor, y: torch.Tensor, *,
@@ -83,7 +88,8 @@ def checkpoint_lrs(config: dict, epochs, num_train: int) -> np.ndarray:
     :func:`memloc.train` steps it. Momentum and Adam's rescaling are ignored, as in TracIn.
 
     A config without the keys of :data:`SCHEDULE_KEYS` (a run recorded by your own training loop
-    through :class:`memloc.Recorder`) gives every checkpoint weight 1, with a warning saying so.
+    through :class:`memloc.Recorder`) gives every checkpoint weight 1, with a warning saying so
+    (:func:`run_lrs` first reads the rates such a run recorded).
     """
     epochs = [int(e) for e in np.atleast_1d(np.asarray(epochs))]
     missing = [k for k in SCHEDULE_KEYS if config.get(k) is None]
@@ -103,3 +109,16 @@ def checkpoint_lrs(config: dict, epochs, num_train: int) -> np.ndarray:
     schedule, warmup = config["schedule"], float(config.get("warmup") or 0.0)
     return np.array([lr * np.mean([lr_factor(s, total, schedule, warmup)
                                    for s in range((e - 1) * per_epoch, e * per_epoch)]) for e in epochs])
+
+
+def run_lrs(run, epochs) -> tuple[np.ndarray, str]:
+    """The TracIn weights of the checkpoints ``epochs`` of ``run`` (a :class:`memloc.Run`) and where they
+    come from (:data:`LR_SOURCES`): the learning rates the run recorded for those epochs (``run.h5``'s
+    ``/optimizer/lr``: every run memloc trains, and those of :class:`memloc.Recorder` given the optimiser,
+    of the Hugging Face and Lightning callbacks), else :func:`checkpoint_lrs` of its config (runs written
+    before the rates were recorded), else 1 with a warning."""
+    recorded = recorded_lrs(run, epochs)
+    if recorded is not None:
+        return recorded, "recorded"
+    source = LR_SOURCES[2] if any(run.config.get(k) is None for k in SCHEDULE_KEYS) else LR_SOURCES[1]
+    return checkpoint_lrs(run.config, epochs, run.num_train), source
