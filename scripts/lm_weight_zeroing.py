@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _markdown import finish, invocation, machine  # noqa: E402
+from _markdown import finish, flip_search_arguments, invocation, machine  # noqa: E402
 from tinymem_experiment import CONFIG  # noqa: E402
 
 import memloc  # noqa: E402
@@ -49,15 +49,9 @@ def commit() -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default="runs/tinymem", help="run directory (reused or continued if it exists)")
-    p.add_argument("--out", default="artifacts/lm_weight_zeroing.md", help="the markdown tables")
-    p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
-    p.add_argument("--clean", type=int, default=100, help="clean training sequences to search (drawn with the seed)")
-    p.add_argument("--max-units", type=int, default=100, help="give up after this many zeroed units / weights")
-    p.add_argument("--ref-batch-size", type=int, default=64, help="reference batch of clean sequences")
-    p.add_argument("--seed", type=int, default=0)
+    flip_search_arguments(p, out="artifacts/lm_weight_zeroing.md")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     started, load = time.time(), os.getloadavg()[0]
     run = memloc.train(args.run, CONFIG, device=args.device, resume=True)
     from sklearn.metrics import roc_auc_score
