@@ -29,15 +29,6 @@ torch.set_num_threads(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
-#: the longest tests, started first (then the other slow ones): pytest-xdist hands tests out in collection order,
-#: and a long test handed out last leaves the other worker idle at the end of the suite
-FIRST = ("test_demo_quick_produces_every_result_and_figure", "test_dry_run_runs_every_step")
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: 0 if item.name in FIRST else 1 if item.get_closest_marker("slow") else 2)
-
-
 def needs_cuda(devices: int = 1):
     """Decorator of a CUDA-only test: skipped without ``devices`` GPUs, marked ``cuda`` so that
     ``pytest -m cuda`` (scripts/gpu_check.py) selects exactly these."""
