@@ -156,6 +156,7 @@ def plot(summaries: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(summaries), figsize=(5.5 * len(summaries), 4), squeeze=False)
+    points = []
     for ax, (name, summary) in zip(axes[0], summaries.items()):
         hc = summary["hard_concrete"][1]
         for m, (r, t, se) in summary.items():
@@ -163,14 +164,33 @@ def plot(summaries: dict, path: Path) -> None:
                 continue
             color = "tab:red" if m.startswith("greedy") else "tab:gray" if m != "hard_concrete" else "tab:blue"
             ax.errorbar(t / hc, r, yerr=se, fmt="o", color=color, capsize=2)
-            ax.annotate(m, (t / hc, r), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            points.append((ax, m, (t / hc, r)))
         ax.axhline(summary["hard_concrete"][0], color="tab:blue", lw=0.8, ls="--")
         ax.set(xscale="log", xlabel="seconds per sequence / Hard Concrete's (same run)",
                ylabel="recall of the injected neurons",
                title=f"INJ, {MODELS[name]} (random: {summary['random'][0]:.2f})")
     fig.tight_layout()
+    _labels(fig, points)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _labels(fig, points) -> None:
+    """Label each point beside it, on the first side (above right, below right, above left, below left)
+    where the label stays inside its panel and overlaps no label already placed there."""
+    renderer = fig.canvas.get_renderer()
+    placed = {}
+    for ax, text, xy in points:
+        for dx, dy, ha, va in ((3, 3, "left", "bottom"), (3, -3, "left", "top"), (-3, 3, "right", "bottom"),
+                               (-3, -3, "right", "top")):
+            label = ax.annotate(text, xy, fontsize=7, xytext=(dx, dy), textcoords="offset points", ha=ha, va=va)
+            box, frame = label.get_window_extent(renderer), ax.get_window_extent(renderer)
+            if frame.x0 <= box.x0 and box.x1 <= frame.x1 and not any(box.overlaps(o) for o in placed.get(ax, [])):
+                break
+            label.remove()
+        else:
+            label = ax.annotate(text, xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
+        placed.setdefault(ax, []).append(label.get_window_extent(renderer))
 
 
 #: cost growth: widths (d_model; d_mlp = 4 d_model) of a random TinyGPT, and target counts on the TinyGPT run
