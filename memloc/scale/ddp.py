@@ -12,10 +12,11 @@ from torch import nn
 
 from .distributed import all_gather_rows, broadcast_state, world
 from ..core.evaluate import evaluate
-from ..core.lm import MEASURES, sequence_measures
+from ..core.lm import MEASURES, sequence_measures, suffix_measures
 from ..core.precision import autocast
 
-__all__ = ["batch_loss", "evaluate_split", "measures_split", "gather_measures", "sync_batchnorm", "data_parallel"]
+__all__ = ["batch_loss", "evaluate_split", "measures_split", "gather_measures", "gather_rows_measures",
+           "gather_suffix_measures", "sync_batchnorm", "data_parallel"]
 
 
 def batch_loss(logits, y, w, batch: int, parts: int) -> torch.Tensor:
@@ -55,17 +56,32 @@ def gather_measures(values: dict, rows: slice | np.ndarray, device=None) -> dict
     """Every rank's sequence measures ``values`` (:data:`memloc.core.lm.MEASURES`: arrays of this
     rank's ``rows``: a ``slice`` of a batch, or row ids) on every rank, each sequence in its place
     (the rows in ascending order; losses and accuracies as float64); ``values`` itself outside a group."""
-    if world()[1] == 1:
-        return {k: np.asarray(values[k]) for k in MEASURES}
+    return gather_rows_measures(values, rows, device)[1]
+
+
+def gather_rows_measures(values: dict, rows: slice | np.ndarray, device=None) -> tuple[np.ndarray, dict]:
+    """:func:`gather_measures` and the rows it put them in: every rank's, in ascending order (outside a
+    group ``rows`` as given). One gather of the rows serves both."""
     index = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else np.asarray(rows)
+    if world()[1] == 1:
+        return index, {k: np.asarray(values[k]) for k in MEASURES}
+    every = all_gather_rows(torch.as_tensor(index, dtype=torch.long, device=device)).cpu().numpy()
+    order = np.argsort(every, kind="stable")
     out = {}
-    order = np.argsort(all_gather_rows(torch.as_tensor(index, dtype=torch.long, device=device)).cpu().numpy(),
-                       kind="stable")
     for k in MEASURES:      # floats as float64 (exact for float32 values), the flag as bytes (gloo)
         v = torch.as_tensor(np.asarray(values[k], dtype=np.uint8 if k == "memorised" else np.float64))
         v = all_gather_rows(v.to(device)).cpu().numpy()[order]
         out[k] = v.astype(bool) if k == "memorised" else v
-    return out
+    return every[order], out
+
+
+def gather_suffix_measures(logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int, suffix_len: int,
+                           rows: slice | np.ndarray, device=None) -> tuple[np.ndarray, dict]:
+    """The suffix measures (:func:`memloc.core.lm.suffix_measures`) of this rank's training ``logits`` of
+    ``tokens`` (its ``rows``), gathered from every rank: :func:`gather_rows_measures`."""
+    with torch.no_grad():
+        mine = suffix_measures(logits.detach(), tokens, prefix_len, suffix_len)
+    return gather_rows_measures(dict(zip(MEASURES, (m.cpu().numpy() for m in mine))), rows, device)
 
 
 def measures_split(model: nn.Module, tokens: torch.Tensor, prefix_len: int, suffix_len: int, *,

@@ -37,12 +37,11 @@ from transformers import TrainerCallback
 
 from ..core.dropout import example_ids, sink_ids, sinks_spec
 from ..core.errors import MemlocError
-from ..core.lm import MEASURES, suffix_measures
 from ..core.run import is_complete
 from ..core.sequence_recorder import SequenceRecorder
 from ..core.sequences import SequenceSet
-from ..scale.ddp import gather_measures
-from ..scale.distributed import all_gather_rows, world
+from ..scale.ddp import gather_suffix_measures
+from ..scale.distributed import world
 from .common import continue_at
 
 __all__ = ["HFTrainerCallback"]
@@ -129,10 +128,15 @@ class HFTrainerCallback(TrainerCallback):
             continue_at(self.recorder, state.epoch, "Trainer")
         self._hooks.append(model.register_forward_hook(self._record, with_kwargs=True))
 
+    @staticmethod
+    def _tokens(args, kwargs):
+        """The token ids a forward was called with (``input_ids``, by keyword or first)."""
+        return kwargs.get("input_ids", args[0] if args else None)
+
     def _found(self, module, args, kwargs) -> list[tuple[int, int]] | None:
         """(row of the batch, sequence of ``data``) of every training row that is a sequence of ``data``; None
         for a forward that is no training forward on token ids."""
-        tokens = kwargs.get("input_ids", args[0] if args else None)
+        tokens = self._tokens(args, kwargs)
         if not module.training or not torch.is_tensor(tokens) or tokens.ndim != 2:
             return None
         return [(pos, i) for pos, row in enumerate(tokens.detach().cpu().numpy().astype(np.int64))
@@ -148,7 +152,7 @@ class HFTrainerCallback(TrainerCallback):
         first = {}
         for pos, i in found:
             first.setdefault(pos, i)
-        rows = len(kwargs.get("input_ids", args[0] if args else None))
+        rows = len(self._tokens(args, kwargs))
         if len(first) < rows:
             raise MemlocError(f"a training batch holds {rows - len(first)} rows that are no sequence of data: "
                               "their memorisation sinks are unknown (give the Trainer callback.train_dataset())",
@@ -169,7 +173,7 @@ class HFTrainerCallback(TrainerCallback):
         found = None if self.recorder is None and parts == 1 else self._found(module, args, kwargs)
         if found is None:
             return
-        tokens = kwargs.get("input_ids", args[0] if args else None)
+        tokens = self._tokens(args, kwargs)
         pos, ids = (torch.as_tensor(v, dtype=torch.long) for v in (zip(*found) if found else ((), ())))
         logits = output if torch.is_tensor(output) else output.logits
         logits, tokens = logits[pos.to(logits.device)], tokens[pos.to(tokens.device)]
@@ -177,12 +181,10 @@ class HFTrainerCallback(TrainerCallback):
             if found:
                 self.recorder.record_batch(ids, logits, tokens)
             return
-        with torch.no_grad():
-            mine = suffix_measures(logits.detach(), tokens, self.data.prefix_len, self.data.suffix_len)
-        every = all_gather_rows(ids.to(logits.device)).cpu().numpy()
-        whole = gather_measures(dict(zip(MEASURES, (m.cpu().numpy() for m in mine))), ids.numpy(), logits.device)
+        every, whole = gather_suffix_measures(logits, tokens, self.data.prefix_len, self.data.suffix_len, ids.numpy(),
+                                              logits.device)
         if self.recorder is not None and len(every):
-            self.recorder.record_measures(np.sort(every, kind="stable"), whole)
+            self.recorder.record_measures(every, whole)
 
     def _remove_hook(self):
         self._unbind()

@@ -34,13 +34,13 @@ import torch.nn.functional as F
 
 from ..core.corpora import FAMILY_KEYS, build_sequences, check_corpus, corpus_spec, parse_repeats
 from ..core.errors import MemlocError
-from ..core.lm import LM_MODELS, MEASURES, build_lm, check_lm, lm_logits, suffix_measures
+from ..core.lm import LM_MODELS, build_lm, check_lm, lm_logits
 from ..core.optim import lr_factor, make_optimizer, make_schedule
 from ..core.precision import autocast, check_precision, grad_scaler
 from ..core.run import load
 from ..core.runtime import check_range, progress, resolve_device
 from ..core.sequence_recorder import SequenceRecorder
-from ..scale.ddp import data_parallel, gather_measures, measures_split
+from ..scale.ddp import data_parallel, gather_suffix_measures, measures_split
 from ..scale.distributed import local_rows, on_rank0, world
 from ..core.dropout import example_ids, insert_sinks, sink_ids
 from ..core.dropout.sinks import SINK_IDS
@@ -249,9 +249,7 @@ def train_lm(run_dir, cfg: dict | None = None, *, device="auto", resume: bool = 
                 if parts == 1:
                     rec.record_batch(idx, logits, x)
                 else:               # the slices' suffix measures, for rank 0's recorder
-                    with torch.no_grad():
-                        mine = suffix_measures(logits.detach(), x, data.prefix_len, data.suffix_len)
-                    whole = gather_measures(dict(zip(MEASURES, (m.cpu().numpy() for m in mine))), rows, device)
+                    whole = gather_suffix_measures(logits, x, data.prefix_len, data.suffix_len, rows, device)[1]
                     if rec is not None:
                         rec.record_measures(idx, whole)
             metrics = on_rank0(finish_epoch, epoch, measured())
