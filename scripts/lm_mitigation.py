@@ -51,7 +51,7 @@ TINYMEM = {"balanced_subnet": ("0.0% (from 96.0%)", "97.24% (from 97.26%), ~30 s
            "zero_out": ("94%", None)}
 #: memloc's goal (issue 24): at most this share of targets left at no more than this many points of accuracy lost
 GOAL = (0.01, 0.1)
-OURS = "greedy_weights"
+OURS = "fine_tune_greedy"
 #: memloc.unlearn's methods in the table, and its settings (suffix: (methods, options)): its defaults (a language
 #: model's run: AdamW at the run's lr, 20 epochs, ascent at 0.1x), fine-tuning at 5 epochs and at lr 0.01, ascent at 0.3x and 1x
 #: the run's lr, and fine-tuning and ascent at the image defaults (SGD, momentum 0.9, lr 0.01 / 0.003, 5 epochs)
@@ -78,7 +78,9 @@ DIFFERENCES = [
     "and averaged over the targets, then the top fraction of each layer zeroed; TinyMem runs each on the batch of "
     "noisy sequences and sweeps its hyper-parameters per method and model, keeping the best, while every method "
     "here runs at memloc's defaults at three fractions. Their greedy is a weight-level greedy; ours (greedy) zeroes "
-    "neurons and greedy_weights single weights.",
+    "neurons and greedy_weights single weights (keeping the loss of a new batch of 64 clean sequences low at each "
+    "step); fine_tune_greedy (memloc's) fine-tunes every weight on the clean sequences for 6 epochs (Adam, lr 0.003, "
+    "the runs' own) and then runs greedy_weights on the noisy sequences still reproduced.",
     "- BalancedSubnet / Subnet: TinyMem's edge-popup masks over every MLP matrix with its optimiser settings, but 50 "
     "epochs instead of 5 (over 51 targets + 64 clean sequences 5 epochs are 10 steps) and the clean part of each "
     "batch drawn from 64 clean training sequences.",
@@ -134,7 +136,9 @@ def goal(res) -> list[str]:
     ok = [i for i in np.flatnonzero(res["method"].values == OURS)
           if res["targets_memorised"].values[i] <= left and 100 * (acc0 - res["test_accuracy"].values[i]) <= lost]
     head = (f"Goal for memloc's best method ({OURS}): at most {left:.0%} of the noisy sequences left at no more than "
-            f"{lost} points of token accuracy lost, faster than our BalancedSubnet on the same model.")
+            f"{lost} points of token accuracy lost, faster than our BalancedSubnet on the same model. Here: one draw "
+            "(seed 0) on the run's 64 test sequences, where one token is 0.13 points; over eight draws, on 1,953 fresh "
+            "test sequences and in CPU seconds of the edit: artifacts/lm_mitigation_speed.md.")
     if not ok:
         return [head, "", f"- memorisation and accuracy: **not met** by {OURS} at any fraction."]
     i = min(ok, key=lambda j: res["seconds"].values[j])
@@ -377,9 +381,9 @@ def main(argv=None) -> int:
         + "; memloc.mitigate " + ", ".join(f"{k}={v}" for k, v in MITIGATE.items())
         + "; every method at memloc's defaults (memloc.analyses.mitigation.HYPER).", "",
         "A setting is a method at a fraction: the share of each layer's neurons (neuron methods), of all MLP "
-        "weights (greedy_weights' budget; it stops once no noisy sequence is reproduced) or of each MLP "
+        "weights (greedy_weights' and fine_tune_greedy's budget; they stop once no noisy sequence is reproduced) or of each MLP "
         "matrix's weights pruned (BalancedSubnet, Subnet); fine_tune takes none. 'changed': neurons or weights "
-        "zeroed (fine_tune: epochs). Seconds: the edit alone, one CPU thread, wall-clock on a shared machine. "
+        "zeroed (fine_tune: epochs; fine_tune_greedy: the weights zeroed after its 6 epochs). Seconds: the edit alone, one CPU thread, wall-clock on a shared machine. "
         "The unlearn:, retrain: and sinks rows are memloc's own methods (memloc.unlearn, memloc.retrain, "
         "memloc.mitigate's sinks; last item of the differences below): 'changed' is their passes over the "
         "training data / the retrained layer's parameters / the sink neurons dropped, seconds the whole call "

@@ -1,11 +1,18 @@
-"""Issue 24's speed goal, measured in CPU seconds: memloc's greedy_weights against our BalancedSubnet.
+"""Issue 24's mitigation goal over several draws, in CPU seconds: memloc's best method against our BalancedSubnet.
 
-    python scripts/lm_mitigation_speed.py            # -> artifacts/lm_mitigation_speed.md
+    python scripts/lm_mitigation_speed.py            # -> artifacts/lm_mitigation_speed.md (about 5 minutes)
 
-lm_mitigation.py's `seconds` are wall-clock, which a loaded 2-core machine stretches by 1-3x from one
-row to the next. Here both methods run on the same TinyGPT run (lm_mitigation.py's, trained when
-missing), alternating, `--repeats` times each, at one fraction, on one torch thread, and each call's
-CPU time (time.process_time) is recorded beside its wall time; the ratio of the medians is the figure.
+lm_mitigation.py's table is one draw (seed 0) measured on the runs' 64 test sequences (768 suffix tokens:
+one token is 0.13 points, more than the goal's 0.1) with wall-clock seconds, which a loaded 2-core
+machine stretches by 1-3x from one row to the next. Here, on each of its runs (trained when missing),
+every method runs at one fraction for each of `--seeds` draws (the seed draws the clean reference
+sequences, BalancedSubnet's masks and batches, greedy_weights' order of clean batches and the
+fine-tuning's order), the methods alternating within a draw, on one torch thread; the CPU time
+(time.process_time) of each edit alone is recorded (not mitigate's measurements around it), and the held-out accuracy is measured on `--test-sequences` fresh
+sequences of the same rule (TinyMem increment sequences drawn with another seed, those whose prefix
+starts a training sequence dropped). The figure: per method, the
+median CPU seconds and its ratio to BalancedSubnet's, and in how many draws the goal (at most 1% of
+the noisy sequences left at no more than 0.1 points of held-out token accuracy lost) is met.
 """
 from __future__ import annotations
 
@@ -20,57 +27,112 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _markdown import finish, invocation, machine  # noqa: E402
-from lm_benchmark import ensure_run  # noqa: E402
+from lm_benchmark import MODELS, ensure_run  # noqa: E402
 from lm_mitigation import GOAL, MIT_RUN, OURS  # noqa: E402
 
 import memloc  # noqa: E402
+from memloc.analyses.mitigation.methods import FUNCTIONS  # noqa: E402
 
 BASELINE = "balanced_subnet"
+METHODS = (OURS, "greedy_weights", BASELINE)
+
+
+def fresh_test(data, n: int, seed: int = 1):
+    """``data`` with ``n`` new test sequences of its TinyMem rule in place of its own (drawn with ``seed``;
+    those whose prefix starts a training sequence dropped)."""
+    info = data.info
+    new = memloc.tinymem(info["task"], n_train=1, n_test=n, seq_len=data.tokens.shape[1], prefix_len=data.prefix_len,
+                         suffix_len=data.suffix_len, step=info.get("step"), modulus=info.get("modulus"), seed=seed)
+    assert new.vocab == data.vocab
+    seen = {tuple(x[:data.prefix_len].tolist()) for x in data.tokens}
+    keep = [i for i, x in enumerate(new.test_tokens) if tuple(x[:data.prefix_len].tolist()) not in seen]
+    return data.__class__(**{**data.__dict__, "test_tokens": new.test_tokens[keep]}), len(keep)
+
+
+#: CPU seconds of each method's edit alone (not mitigate's measurements before and after), in call order
+EDITS: list[float] = []
+
+
+def _timed(fn):
+    def edit(*args, **kwargs):
+        cpu = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            EDITS.append(time.process_time() - cpu)
+    return edit
+
+
+def one(run, data, method: str, fraction: float, seed: int, device: str) -> dict:
+    res = memloc.mitigate(run, data, methods=[method], fractions=(fraction,), ref_batch_size=64, seed=seed,
+                          device=device).dataset
+    return {"cpu": EDITS[-1], "left": float(res["targets_memorised"][0]),
+            "acc": 100 * (float(res["test_accuracy"][0]) - float(res["test_accuracy_before"])),
+            "loss": float(res["test_loss"][0]) - float(res["test_loss_before"]), "changed": int(res["changed"][0]),
+            "before": float(res["test_accuracy_before"])}
+
+
+def section(name: str, args) -> list[str]:
+    run, _ = ensure_run(Path(args.runs_dir) / f"{name.replace(':', '_')}_mitigation", name, args.device, MIT_RUN)
+    own = run.data()
+    big, n_big = fresh_test(own, args.test_sequences)
+    memloc.mitigate(run, methods=["random"], fractions=(args.fraction,), device=args.device)    # warm-up
+    got = {m: [] for m in METHODS}
+    for seed in args.seeds:
+        for method in METHODS:
+            fresh = one(run, big, method, args.fraction, seed, args.device)
+            got[method].append(fresh)
+            print(f"{name} seed {seed} {method}: {fresh['cpu']:.2f} CPU-s, {fresh['left']:.1%} left, "
+                  f"{fresh['acc']:+.2f} points", file=sys.stderr, flush=True)
+    left, lost = GOAL
+    base = np.median([r["cpu"] for r in got[BASELINE]])
+    lines = [f"## {MODELS[name]} (`{name}`)", "",
+             f"Held-out token accuracy before: {got[OURS][0]['before']:.2%} on {n_big} fresh test sequences "
+             f"({n_big * own.suffix_len} suffix tokens; one token = {100 / (n_big * own.suffix_len):.3f} points). "
+             "Accuracy changes in points, each draw in seed order.", "",
+             "| method | CPU s of the edit (median) | x BalancedSubnet | noisy left (worst) | accuracy change: mean | min | each "
+             "| test loss change (mean) | changed (mean) | goal met |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for method, rows in got.items():
+        acc = np.array([r["acc"] for r in rows])
+        met = sum(r["left"] <= left and -r["acc"] <= lost for r in rows)
+        lines.append(f"| {method} | {np.median([r['cpu'] for r in rows]):.2f} | "
+                     f"{np.median([r['cpu'] for r in rows]) / base:.2f} | {max(r['left'] for r in rows):.1%} | "
+                     f"{acc.mean():+.2f} | {acc.min():+.2f} | {', '.join(f'{a:+.2f}' for a in acc)} | "
+                     f"{np.mean([r['loss'] for r in rows]):+.4f} | {np.mean([r['changed'] for r in rows]):.0f} | "
+                     f"{met}/{len(rows)} |")
+    ratio = np.median([r["cpu"] for r in got[OURS]]) / base
+    met = sum(r["left"] <= left and -r["acc"] <= lost for r in got[OURS])
+    lines += ["", f"{OURS}: {ratio:.2f}x BalancedSubnet's median CPU time (speed goal "
+              f"{'met' if ratio < 1 else 'not met'}); the memorisation and accuracy goal met in {met} of "
+              f"{len(args.seeds)} draws.", ""]
+    return lines
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default="runs/lm_benchmark/gpt_mitigation", help="lm_mitigation.py's TinyGPT run (trained when missing)")
+    p.add_argument("--runs-dir", default="runs/lm_benchmark", help="lm_mitigation.py's runs (trained when missing)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
     p.add_argument("--out", default="artifacts/lm_mitigation_speed.md", help="the Markdown table")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--fraction", type=float, default=0.05, help="the methods' fraction (lm_mitigation.py's middle one)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(range(8)),
+                   help="comma-separated seeds, one draw each (default 0-7)")
+    p.add_argument("--test-sequences", type=int, default=2048, help="fresh test sequences drawn (before dropping)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    started = time.time()
-    run, _ = ensure_run(Path(args.run), "gpt", args.device, MIT_RUN)
-    memloc.mitigate(run, methods=["random"], fractions=(args.fraction,), device=args.device)    # warm-up
-    load = os.getloadavg()[0]
-    got = {m: [] for m in (OURS, BASELINE)}
-    for _ in range(args.repeats):
-        for method in got:
-            cpu = time.process_time()
-            res = memloc.mitigate(run, methods=[method], fractions=(args.fraction,), ref_batch_size=64, seed=0,
-                                  device=args.device).dataset
-            got[method].append((time.process_time() - cpu, float(res["seconds"][0]),
-                                float(res["targets_memorised"][0]), float(res["test_accuracy"][0]),
-                                float(res["test_accuracy_before"])))
+    for method in METHODS:             # the dict memloc.mitigate looks methods up in
+        FUNCTIONS[method] = _timed(FUNCTIONS[method])
+    started, load = time.time(), os.getloadavg()[0]
+    body = [line for name in args.models.split(",") for line in section(name, args)]
     lines = [f"`{invocation(__file__, argv)}`", "",
-             "# Mitigation speed: greedy_weights against BalancedSubnet, in CPU seconds", "",
+             f"# Mitigation over {len(args.seeds)} draws: {OURS} and greedy_weights against BalancedSubnet, in CPU "
+             "seconds", "",
              f"memloc {memloc.__version__}; {machine(args.device)}; load average {load:.1f} at the start, "
-             f"{os.getloadavg()[0]:.1f} at the end. Run: lm_mitigation.py's TinyGPT run ({args.run}); fraction "
-             f"{args.fraction}; {args.repeats} calls of each method, alternating.", "",
-             "| method | CPU s (median) | CPU s (each) | wall s (each) | targets left | test accuracy (before -> after) |",
-             "|---|---:|---|---|---:|---:|"]
-    for method, rows in got.items():
-        cpu = [r[0] for r in rows]
-        lines.append(f"| {method} | {np.median(cpu):.2f} | {', '.join(f'{c:.2f}' for c in cpu)} | "
-                     f"{', '.join(f'{r[1]:.1f}' for r in rows)} | {rows[0][2]:.1%} | "
-                     f"{rows[0][4]:.2%} -> {rows[0][3]:.2%} |")
-    ratio = np.median([r[0] for r in got[OURS]]) / np.median([r[0] for r in got[BASELINE]])
-    ours, base = got[OURS][0], got[BASELINE][0]
-    reached = ours[2] <= GOAL[0] and (ours[4] - ours[3]) * 100 <= GOAL[1]
-    lines += ["", f"{OURS} takes {ratio:.2f}x BalancedSubnet's CPU time: the speed goal (faster than our "
-              f"BalancedSubnet) is {'met' if ratio < 1 else 'not met'}. {OURS} "
-              f"{'reaches' if reached else 'does not reach'} the memorisation goal here ({ours[2]:.1%} left, "
-              f"{(ours[3] - ours[4]) * 100:+.2f} points); BalancedSubnet leaves {base[2]:.1%} at "
-              f"{(base[3] - base[4]) * 100:+.2f} points. Results are identical across repeats (deterministic); "
-              "only the times vary."]
+             f"{os.getloadavg()[0]:.1f} at the end. Runs: lm_mitigation.py's (150 epochs); fraction {args.fraction}; "
+             f"ref_batch_size 64; seeds {', '.join(map(str, args.seeds))}; every method at memloc's defaults. Goal: at "
+             f"most {GOAL[0]:.0%} of the noisy sequences left at no more than {GOAL[1]} points of held-out token "
+             "accuracy lost, faster than BalancedSubnet.", "", *body]
     finish(lines, started, args.out)
 
 

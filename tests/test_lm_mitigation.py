@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import memloc
-from memloc.analyses.mitigation.methods import FUNCTIONS, Task, mitigation_options
+from memloc.analyses.mitigation.methods import FUNCTIONS, Task, clean_batches, mitigation_options
 from memloc.analyses.mitigation.subnet import mlp_weights, subnet
 from memloc.cli import run as cli_run
 from memloc.core.errors import MemlocError
@@ -78,6 +78,34 @@ def test_greedy_searches_stop_once_no_target_is_reproduced(memorising):
         else:
             zeroed = [int((t.model.get_submodule(layer.name).weight == 0).all(0).sum()) for layer in mlp_layers(model)]
             assert sum(zeroed) == n
+
+
+def test_fine_tune_greedy_fine_tunes_then_zeroes_weights_until_no_target_is_reproduced(memorising):
+    model, data = memorising
+    t = _task(model, data)
+    opts = mitigation_options({"fine_tune_greedy": {"epochs": 2, "per_step": 0.005}})["fine_tune_greedy"]
+    n = FUNCTIONS["fine_tune_greedy"](t, opts, 0.5)
+    _, _, memorised = _loss(t.model, data.tokens)
+    assert not memorised[:4].any() and n >= 1
+    # every weight was fine-tuned (none exactly 0 after Adam), then exactly n MLP weights set to 0
+    assert sum(int((module.weight == 0).sum()) for _, module in mlp_weights(t.model)) == n
+    assert not torch.equal(t.model.tok.weight, model.tok.weight) and not t.model.training
+
+
+def test_clean_batches_take_every_clean_sequence_in_turn():
+    pool = torch.arange(8 * 12).reshape(8, 12)           # 8 distinct clean sequences of 12 tokens
+    t = Task(None, pool[:0, :10], torch.ones(0, dtype=torch.bool), pool[:3, :10], pool, 5, 5, seed=3)
+    batch = clean_batches(t)
+    rows = torch.cat([batch(step) for step in range(8)])  # 8 steps of 3 rows: every sequence 3 times
+    assert rows.shape == (24, 10) and torch.equal(rows, pool[rows[:, 0] // 12, :10])
+    first = rows[:, 0] // 12
+    assert sorted(first[:8].tolist()) == list(range(8))   # the first round: each sequence once
+    assert torch.bincount(first, minlength=8).tolist() == [3] * 8
+    assert torch.equal(batch(5), clean_batches(t)(5))     # the order is the seed's
+    other = clean_batches(Task(None, t.targets, t.was_memorised, t.clean, pool, 5, 5, seed=4))
+    assert not torch.equal(torch.cat([other(s) for s in range(3)]), rows[:9])
+    empty = clean_batches(Task(None, t.targets, t.was_memorised, pool[:0, :10], pool, 5, 5))
+    assert empty(0).shape == (0, 10)                      # ref_batch_size 0: no clean term
 
 
 def test_mitigate_reports_what_the_edits_do(memorising):

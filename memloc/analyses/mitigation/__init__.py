@@ -5,7 +5,8 @@ model at once while keeping the rest.
 ``memloc mitigate RUN``): the targets are the memorisation targets (noisy TinyMem sequences, canaries)
 the model reproduces (greedy decoding gives their suffix); each method (:mod:`.methods`: TinyMem's
 BalancedSubnet and Subnet, MemPi's neuron localisation methods zeroing their top neurons, memloc's
-greedy zeroing of neurons or of single weights, fine-tuning on clean data; ``sinks``, chosen by name: a run
+greedy zeroing of neurons or of single weights, fine-tuning on clean data, and fine-tuning followed by
+the greedy weight zeroing; ``sinks``, chosen by name: a run
 trained with memorisation sinks with them dropped) edits a fresh copy of the
 model, once per fraction (the share of neurons or weights it may change; fine-tuning: once), and the
 copy is measured on every sequence.
@@ -16,7 +17,8 @@ sequences the methods keep are among them), the held-out
 (test) suffix loss and token accuracy and, for TinyMem data, the rule accuracy (share of test sequences
 whose rule continuation is reproduced exactly); each before (scalars) and after; the method's seconds
 (its edit alone, not the measurements) and the units it changed. The learned masks of ``balanced_subnet``
-keep the loss of ``ref_batch_size`` clean training sequences low, as do both greedy searches; IG and
+keep the loss of ``ref_batch_size`` clean training sequences low, as does the greedy neuron search (the
+greedy weight search: a new batch of that many clean sequences each step, every one in turn); IG and
 the learned neuron masks score every target separately (:func:`memloc.neuron_scores`).
 
 ``units="heads"``: the methods that rank and zero units (:data:`.methods.UNIT_METHODS`: the localisation
@@ -163,7 +165,8 @@ def _cli_arguments(p):
                    help="a method's setting (memloc.analyses.mitigation.HYPER or the localisation methods'), e.g. "
                         "balanced_subnet.epochs=20; repeat for several")
     p.add_argument("--ref-batch-size", type=nonnegative_int, default=64,
-                   help="clean training sequences whose loss BalancedSubnet and the greedy searches keep low")
+                   help="clean training sequences whose loss BalancedSubnet and greedy keep low (greedy_weights and "
+                        "fine_tune_greedy: a new batch of this many each step, every clean sequence in turn)")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="random stream of every method")
     add_precision(p, what="every forward pass (fp16 mask learning and fine-tuning with a scaled loss)")
 
@@ -196,7 +199,7 @@ ANALYSIS = Analysis(
   {"setting": Var(_S, "a method at a fraction: method@fraction (fine_tune: its name)"),
    "target": Var(("target",), "sequence id of a memorised target (memorised before)")},
   {"method": Var(_S, "balanced_subnet | subnet | hard_concrete | slimming | zero_out | ig | activations | grad_x_act "
-                     "| greedy | greedy_weights | random | fine_tune | sinks"),
+                     "| greedy | greedy_weights | fine_tune_greedy | random | fine_tune | sinks"),
    "fraction": Var(_S, "share of each layer's neurons (config units heads: heads) / each MLP matrix's weights the "
                        "method may change (NaN: none)"),
    "targets_memorised": Var(_S, "share of all memorisation targets reproduced after"),
@@ -205,8 +208,8 @@ ANALYSIS = Analysis(
    "test_accuracy": Var(_S, "mean suffix token accuracy of the test sequences after"),
    "rule_accuracy": Var(_S, "share of test sequences whose rule continuation is reproduced (NaN: not TinyMem)"),
    "seconds": Var(_S, "seconds of the method's edit"),
-   "changed": Var(_S, "neurons (config units heads: heads) or weights zeroed (fine_tune: epochs run; sinks: sink "
-                      "neurons dropped)"),
+   "changed": Var(_S, "neurons (config units heads: heads) or weights zeroed (fine_tune_greedy: after its "
+                      "fine-tuning; fine_tune: epochs run; sinks: sink neurons dropped)"),
    "memorised": Var(("setting", "target"), "the target is still reproduced after"),
    "targets_memorised_before": Var((), "share of all memorisation targets reproduced before"),
    "others_memorised_before": Var((), "share of the other training sequences reproduced before"),
@@ -216,7 +219,7 @@ ANALYSIS = Analysis(
     command=Command(
         name="mitigate", group="acting", example="memloc mitigate RUN --methods greedy_weights,balanced_subnet",
         help="remove all memorised sequences of a language model at once (TinyMem's BalancedSubnet "
-                              "and Subnet, neuron zeroing by each localisation method, memloc's greedy, fine-tuning)",
+                              "and Subnet, neuron zeroing by each localisation method, memloc's greedy, fine-tuning, and fine-tuning then greedy weight zeroing)",
         description="Every method edits a copy of the model so that it no longer reproduces any of its memorised "
                     "targets while keeping the other sequences; reports the memorised shares, the held-out loss, "
                     "token and rule accuracy before and after, and seconds. Writes RUN/results/mitigation.h5.",
