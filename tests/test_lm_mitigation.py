@@ -83,13 +83,39 @@ def test_greedy_searches_stop_once_no_target_is_reproduced(memorising):
 def test_fine_tune_greedy_fine_tunes_then_zeroes_weights_until_no_target_is_reproduced(memorising):
     model, data = memorising
     t = _task(model, data)
-    opts = mitigation_options({"fine_tune_greedy": {"epochs": 2, "per_step": 0.005}})["fine_tune_greedy"]
+    opts = mitigation_options({"fine_tune_greedy": {"max_epochs": 2, "per_step": 0.005}})["fine_tune_greedy"]
     n = FUNCTIONS["fine_tune_greedy"](t, opts, 0.5)
     _, _, memorised = _loss(t.model, data.tokens)
     assert not memorised[:4].any() and n >= 1
     # every weight was fine-tuned (none exactly 0 after Adam), then exactly n MLP weights set to 0
     assert sum(int((module.weight == 0).sum()) for _, module in mlp_weights(t.model)) == n
     assert not torch.equal(t.model.tok.weight, model.tok.weight) and not t.model.training
+    assert all(q.requires_grad for q in t.model.parameters())
+    with pytest.raises(MemlocError, match="clean must be 'rotate' or 'fixed'"):
+        mitigation_options({"fine_tune_greedy": {"clean": "sometimes"}})
+
+
+def test_greedy_weights_keeps_a_new_clean_batch_low_at_each_step(memorising, monkeypatch):
+    """clean="rotate": each step's clean term is the next batch of clean_batches (2 of the 4 clean sequences in
+    turn); clean="fixed": the reference at every step."""
+    import memloc.analyses.mitigation.methods as methods
+    model, data = memorising
+    x = data.tokens
+    seen = []
+    original = methods._loss
+    monkeypatch.setattr(methods, "_loss", lambda t, rows: seen.append(rows) or original(t, rows))
+    for clean in ("rotate", "fixed"):
+        seen.clear()
+        t = Task(copy.deepcopy(model), x[:4], torch.ones(4, dtype=torch.bool), x[4:6], x[4:], 5, 5, seed=1)
+        opts = mitigation_options({"greedy_weights": {"per_step": 0.001, "clean": clean}})["greedy_weights"]
+        FUNCTIONS["greedy_weights"](t, opts, 0.5)
+        batches = [rows for rows in seen if len(rows) == 2 and not any(torch.equal(r, q) for r in rows for q in x[:4])]
+        steps = len(batches)
+        assert steps >= 2
+        want = [clean_batches(t)(k) for k in range(steps)] if clean == "rotate" else [x[4:6]] * steps
+        assert all(torch.equal(a, b) for a, b in zip(batches, want)), clean
+        if clean == "rotate":     # the batches go round all 4 clean sequences
+            assert {tuple(r.tolist()) for b in batches for r in b} == {tuple(r.tolist()) for r in x[4:]}
 
 
 def test_clean_batches_take_every_clean_sequence_in_turn():

@@ -150,9 +150,9 @@ def mitigate(source, data=None, *, methods=None, fractions=(0.01,), options: dic
 
 def _cli_arguments(p):
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods: {', '.join(METHODS)} (the default), or sinks (a run trained with "
-                        "memorisation sinks, train --etd-after mlp: its sinks dropped at test time); with --units "
-                        f"heads: {', '.join(UNIT_METHODS)} (the default)")
+                   help=f"comma-separated methods; default all of {', '.join(METHODS)}; also sinks (a run trained "
+                        "with memorisation sinks, train --etd-after mlp: its sinks dropped at test time); with --units "
+                        f"heads: default all of {', '.join(UNIT_METHODS)}")
     p.add_argument("--fractions", default="0.01",
                    help="comma-separated shares in (0, 1] of the neurons or heads (per layer) or MLP weights a method "
                         "may change; each method runs once per fraction (fine_tune once)")
