@@ -135,8 +135,7 @@ def neuron_scores(model: nn.Module, tokens, prefix_len: int, suffix_len: int, *,
         raise MemlocError(f"the {units} layers of {type(model).__name__} differ in width "
                           f"({sorted({layer.size for layer in layers})}); give a model whose layers have one width",
                           argument="source")
-    opts = method_options(options)
-    opts["greedy"]["min_zeroed"] = greedy_budget(opts["greedy"]["min_zeroed"], len(layers), layers[0].size, top_k)
+    opts = resolved_options(options, chosen, len(layers), layers[0].size, top_k)
     device = next(model.parameters()).device
     check_precision(precision, device)
     span = prefix_len + suffix_len

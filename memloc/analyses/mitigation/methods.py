@@ -41,9 +41,8 @@ memorised targets at once, keeping its other sequences (TinyMem's protocol, Saka
 ranking and zeroing over attention heads (:func:`memloc.core.neurons.attention_heads`; a head is zeroed
 by setting its slice of the output projection's input columns to 0). BalancedSubnet, Subnet and
 ``greedy_weights`` prune single MLP weights, ``fine_tune`` trains every weight (``fine_tune_greedy``
-then prunes MLP weights) and
-``sinks`` drops MLP sink neurons: none of them chooses units, so they are refused with heads
-(:func:`check_method_units`).
+then prunes MLP weights) and ``sinks`` drops MLP sink neurons: none of them chooses units, so they are
+refused with heads (:func:`check_method_units`).
 """
 from __future__ import annotations
 
