@@ -79,8 +79,9 @@ DIFFERENCES = [
     "noisy sequences and sweeps its hyper-parameters per method and model, keeping the best, while every method "
     "here runs at memloc's defaults at three fractions. Their greedy is a weight-level greedy; ours (greedy) zeroes "
     "neurons and greedy_weights single weights (keeping the loss of a new batch of 64 clean sequences low at each "
-    "step); fine_tune_greedy (memloc's) fine-tunes every weight on the clean sequences for 6 epochs (Adam, lr 0.003, "
-    "the runs' own) and then runs greedy_weights on the noisy sequences still reproduced.",
+    "step); fine_tune_greedy (memloc's) fine-tunes every weight on the clean sequences for at most 6 epochs (Adam, "
+    "lr 0.003, the runs' own), each step also raising the suffix loss of the noisy sequences that step still "
+    "reproduces (weight 0.3), and then runs greedy_weights on any noisy sequence still reproduced.",
     "- BalancedSubnet / Subnet: TinyMem's edge-popup masks over every MLP matrix with its optimiser settings, but 50 "
     "epochs instead of 5 (over 51 targets + 64 clean sequences 5 epochs are 10 steps) and the clean part of each "
     "batch drawn from 64 clean training sequences.",
@@ -381,9 +382,10 @@ def main(argv=None) -> int:
         + "; memloc.mitigate " + ", ".join(f"{k}={v}" for k, v in MITIGATE.items())
         + "; every method at memloc's defaults (memloc.analyses.mitigation.HYPER).", "",
         "A setting is a method at a fraction: the share of each layer's neurons (neuron methods), of all MLP "
-        "weights (greedy_weights' and fine_tune_greedy's budget; they stop once no noisy sequence is reproduced) or of each MLP "
-        "matrix's weights pruned (BalancedSubnet, Subnet); fine_tune takes none. 'changed': neurons or weights "
-        "zeroed (fine_tune: epochs; fine_tune_greedy: the weights zeroed after its 6 epochs). Seconds: the edit alone, one CPU thread, wall-clock on a shared machine. "
+        "weights (greedy_weights' and fine_tune_greedy's budget; they stop once no noisy sequence is reproduced) or "
+        "of each MLP matrix's weights pruned (BalancedSubnet, Subnet); fine_tune takes none. 'changed': neurons or "
+        "weights zeroed (fine_tune: epochs; fine_tune_greedy: the weights zeroed after its fine-tuning). Seconds: "
+        "the edit alone, one CPU thread, wall-clock on a shared machine. "
         "The unlearn:, retrain: and sinks rows are memloc's own methods (memloc.unlearn, memloc.retrain, "
         "memloc.mitigate's sinks; last item of the differences below): 'changed' is their passes over the "
         "training data / the retrained layer's parameters / the sink neurons dropped, seconds the whole call "

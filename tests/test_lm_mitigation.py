@@ -83,8 +83,8 @@ def test_greedy_searches_stop_once_no_target_is_reproduced(memorising):
 def test_fine_tune_greedy_fine_tunes_then_zeroes_weights_until_no_target_is_reproduced(memorising):
     model, data = memorising
     t = _task(model, data)
-    opts = mitigation_options({"fine_tune_greedy": {"max_epochs": 2, "per_step": 0.005}})["fine_tune_greedy"]
-    n = FUNCTIONS["fine_tune_greedy"](t, opts, 0.5)
+    opts = mitigation_options({"fine_tune_greedy": {"max_epochs": 2, "per_step": 0.005, "ascent_weight": 0.0}})
+    n = FUNCTIONS["fine_tune_greedy"](t, opts["fine_tune_greedy"], 0.5)          # fine-tuning alone leaves targets
     _, _, memorised = _loss(t.model, data.tokens)
     assert not memorised[:4].any() and n >= 1
     # every weight was fine-tuned (none exactly 0 after Adam), then exactly n MLP weights set to 0
@@ -93,6 +93,45 @@ def test_fine_tune_greedy_fine_tunes_then_zeroes_weights_until_no_target_is_repr
     assert all(q.requires_grad for q in t.model.parameters())
     with pytest.raises(MemlocError, match="clean must be 'rotate' or 'fixed'"):
         mitigation_options({"fine_tune_greedy": {"clean": "sometimes"}})
+
+
+def test_fine_tune_greedy_ascends_on_the_targets_each_step_still_reproduces(memorising, monkeypatch):
+    """ascent_weight: each epoch's ascent starts from the targets reproduced at its start, and each step's from
+    those of the step before that its forward reproduced; it removes the targets that fine-tuning alone
+    leaves to the greedy phase (here 2 epochs of 2 steps)."""
+    import memloc.analyses.mitigation.methods as methods
+    model, data = memorising
+
+    def opts(ascent):
+        return mitigation_options({"fine_tune_greedy": {"max_epochs": 2, "batch_size": 2, "per_step": 0.005,
+                                                        "ascent_weight": ascent}})["fine_tune_greedy"]
+    zeroed = {}
+    for ascent in (0.0, 0.3):
+        t = _task(model, data)
+        zeroed[ascent] = FUNCTIONS["fine_tune_greedy"](t, opts(ascent), 0.5)
+        assert not _loss(t.model, data.tokens)[2][:4].any(), ascent
+    assert zeroed[0.0] >= 1 and zeroed[0.3] == 0
+    events, loss, memorised = [], methods._loss, Task.memorised
+
+    def recorded_loss(t, rows):
+        got = loss(t, rows)
+        events.append(("step", rows, got[1]))
+        return got
+
+    def recorded_memorised(t):
+        got = memorised(t)
+        events.append(("epoch", t.targets[torch.from_numpy(got)], None))
+        return got
+    monkeypatch.setattr(methods, "_loss", recorded_loss)
+    monkeypatch.setattr(Task, "memorised", recorded_memorised)
+    t = _task(model, data)
+    FUNCTIONS["fine_tune"](t, opts(0.3), 0.5)
+    kinds = [kind for kind, _, _ in events]
+    assert kinds[0] == "epoch" and kinds.count("step") >= 2 and len(events[0][1]) == 4
+    assert any(kind == "step" and not reproduced.all() for kind, _, reproduced in events)     # some drop out
+    for (kind, rows, _), (_, before, reproduced) in zip(events[1:], events):
+        if kind == "step":          # the rows ascended on: the last step's reproduced ones (the epoch's at its start)
+            assert torch.equal(rows, before if reproduced is None else before[reproduced])
 
 
 def test_greedy_weights_keeps_a_new_clean_batch_low_at_each_step(memorising, monkeypatch):
