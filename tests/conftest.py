@@ -15,7 +15,11 @@
 """
 import contextlib
 import functools
+import json
 import os
+import subprocess
+import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -27,6 +31,14 @@ from memloc.training.train import train
 THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))
 torch.set_num_threads(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n``), the tests of a module marked ``xdist_group`` run on one worker, so that its
+    module fixtures (a trained run, one torchrun serving several tests) are made once, not once per worker
+    (xdist's default ``--dist load`` ignores the mark; ``loadgroup`` deals out the other tests as ``load`` does)."""
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
 
 
 def needs_cuda(devices: int = 1):
@@ -266,3 +278,74 @@ def hf_trainer_run(tmp_path_factory, hf_trainer_data):
     with _threads(1):
         hf_trainer(tmp / "out", model, cb.train_dataset(), cb, epochs=3).train()
     return memloc.load(tmp / "run"), model, cb
+
+
+#: the worker of :func:`torchrun_steps`: each step in turn, in the one process group (joined once), its output
+#: (file descriptors 1 and 2) in files of its own (step i, rank r: i.r.out, i.r.err) and its exit status in i.r.code;
+#: an exception other than SystemExit ends the process, as it ends a torchrun of that step alone
+STEPS = """
+import json, os, runpy, sys, traceback
+folder, steps, rank = sys.argv[1], json.loads(sys.argv[2]), os.environ["RANK"]
+for i, step in enumerate(steps):
+    base = os.path.join(folder, f"{i}.{rank}")
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(base + ".out", "w") as out, open(base + ".err", "w") as err:
+        os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
+        code = 0
+        try:
+            if step[0] == "-m":
+                sys.argv = [step[1], *step[2:]]
+                runpy.run_module(step[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = list(step)
+                runpy.run_path(step[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+    with open(base + ".code", "w") as f:
+        f.write(str(code))
+"""
+
+
+class Step(NamedTuple):
+    """One step of :func:`torchrun_steps`: what both ranks wrote (rank 0's output, then rank 1's) and their exit
+    statuses (None: the rank never finished the step; ``err`` then ends with torchrun's own error output)."""
+    out: str
+    err: str
+    codes: tuple
+
+    def ok(self) -> "Step":
+        """The step, checked: both ranks finished it with exit status 0 (else its error output fails the test)."""
+        assert self.codes == (0, 0), self.err[-3000:]
+        return self
+
+
+def torchrun_steps(folder, steps: list[list], *, env: dict | None = None, cwd=None, timeout: int = 300) -> list[Step]:
+    """Run ``steps`` in one torchrun of 2 processes (gloo on the CPU, one thread each) instead of one torchrun
+    each (each launch imports torch three times: ~15 CPU-s). A step is what follows torchrun's options:
+    ``["-m", "memloc", COMMAND, ...]`` or ``[SCRIPT, ...]``. Their outputs go to ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "steps.py"
+    script.write_text(STEPS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(folder), json.dumps([list(map(str, s)) for s in steps])]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout)
+
+    def read(name):
+        path = folder / name
+        return path.read_text() if path.exists() else None
+
+    out = []
+    for i in range(len(steps)):
+        codes = tuple(None if read(f"{i}.{r}.code") is None else int(read(f"{i}.{r}.code")) for r in (0, 1))
+        err = "".join(read(f"{i}.{r}.err") or "" for r in (0, 1))
+        out.append(Step("".join(read(f"{i}.{r}.out") or "" for r in (0, 1)),
+                        err + (p.stderr[-3000:] if None in codes else ""), codes))
+    return out

@@ -17,7 +17,9 @@ from memloc.scale.distributed import split_bounds
 from memloc.core.evaluate import evaluate
 from memloc.core.run import checkpoint_epochs
 from memloc.training.train import train
-from conftest import train_interrupted, needs_cuda
+from conftest import train_interrupted, needs_cuda, torchrun_steps
+
+pytestmark = pytest.mark.xdist_group("ddp")     # one worker makes the module's torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 # 1,000 digits = 27 x 37 + 1, so every batch splits 19 / 18 and the last one (a single example)
@@ -37,6 +39,29 @@ def _torchrun(args):
            "-m", "memloc", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+
+
+def _trained(launched, name) -> memloc.Run:
+    """The run of the module's torchrun step ``name``, which succeeded."""
+    path, step = launched[name]
+    step.ok()
+    return memloc.load(path)
+
+
+@pytest.fixture(scope="module")
+def launched(reference, ids_file, tmp_path_factory):
+    """The module's CPU torchrun, one `memloc train` after another in one process group: {name: (run directory,
+    step)} for "two" (a new run), "cut" (a run begun in one process, killed after epoch 1, resumed), "bn" (batch
+    norm) and "refused" (the existing reference again, without --resume: last, as it stops both ranks)."""
+    folder = tmp_path_factory.mktemp("ddp_torchrun")
+    cut, up = folder / "cut", ["--upweight-ids", str(ids_file)]
+    train_interrupted(cut, {**CFG, "upweight_ids": str(ids_file)}, device="cpu")
+    assert checkpoint_epochs(cut / "checkpoints") == [0, 1]
+    runs = {"two": (folder / "two", [*FLAGS, *up]), "cut": (cut, [*FLAGS, *up, "--resume"]),
+            "bn": (folder / "bn", [*BN_FLAGS, "--device", "cpu"]), "refused": (reference.path, FLAGS)}
+    steps = torchrun_steps(folder / "steps", [["-m", "memloc", "train", path, *flags] for path, flags in runs.values()],
+                           cwd=ROOT, timeout=240 * len(runs))
+    return {name: (path, step) for (name, (path, _)), step in zip(runs.items(), steps)}
 
 
 @pytest.fixture(scope="module")
@@ -87,25 +112,17 @@ def test_split_bounds():
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_one_process_run(reference, ids_file, tmp_path):
-    out = tmp_path / "two"
-    p = _torchrun(["train", str(out), *FLAGS, "--upweight-ids", str(ids_file)])
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("2 epochs") == 1              # rank 0 alone reports
-    got = memloc.load(out)
+def test_two_processes_train_the_one_process_run(reference, launched):
+    got = _trained(launched, "two")
+    assert launched["two"][1].out.count("2 epochs") == 1         # rank 0 alone reports
     assert got.config == reference.config
     _assert_close(got, reference)
     _evaluation_matches_checkpoint(got, 2)
 
 
 @pytest.mark.slow
-def test_resume_under_torchrun(reference, ids_file, tmp_path):
-    cut = tmp_path / "cut"
-    train_interrupted(cut, {**CFG, "upweight_ids": str(ids_file)}, device="cpu")
-    assert checkpoint_epochs(cut / "checkpoints") == [0, 1]
-    p = _torchrun(["train", str(cut), *FLAGS, "--upweight-ids", str(ids_file), "--resume"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    _assert_close(memloc.load(cut), reference)
+def test_resume_under_torchrun(reference, launched):
+    _assert_close(_trained(launched, "cut"), reference)       # begun in one process (checked there), ended on 2
 
 
 def test_batch_smaller_than_the_processes_is_one_line(monkeypatch, capsys, tmp_path):
@@ -118,12 +135,13 @@ def test_batch_smaller_than_the_processes_is_one_line(monkeypatch, capsys, tmp_p
     assert not (tmp_path / "r").exists()
 
 
-def test_rank0_refusal_stops_every_rank(reference):
-    p = _torchrun(["train", str(reference.path), *FLAGS])      # an existing run, no --resume / --overwrite
-    assert p.returncode != 0
+@pytest.mark.slow
+def test_rank0_refusal_stops_every_rank(reference, launched):
+    step = launched["refused"][1]                  # an existing run, no --resume / --overwrite
+    assert None not in step.codes and 0 not in step.codes, step.err[-2000:]
     # rank 0 checked the directory; both ranks stop with its one-line error (none waits for the other)
-    assert p.stderr.count("memloc train: error: run directory") == 2, p.stderr[-2000:]
-    assert "already exists (--resume continues it" in p.stderr
+    assert step.err.count("memloc train: error: run directory") == 2, step.err[-2000:]
+    assert "already exists (--resume continues it" in step.err
     assert memloc.load(reference.path).final_epoch == 2
 
 
@@ -132,12 +150,10 @@ BN_FLAGS = ["--dataset", "digits", "--train-size", "300", "--model", "resnet9", 
 
 
 @pytest.mark.slow
-def test_batchnorm_on_cpu_processes_warns(tmp_path):
-    p = _torchrun(["train", str(tmp_path / "bn"), *BN_FLAGS, "--device", "cpu"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stderr.count("memloc train: warning: batch norm across 2 CPU processes") == 1    # rank 0 says it
-    assert "Grad strides" not in p.stderr
-    run = memloc.load(tmp_path / "bn")
+def test_batchnorm_on_cpu_processes_warns(launched):
+    run, err = _trained(launched, "bn"), launched["bn"][1].err
+    assert err.count("memloc train: warning: batch norm across 2 CPU processes") == 1    # rank 0 says it
+    assert "Grad strides" not in err
     assert list(run.checkpoint(1)) == list(run.build_model().state_dict())     # BatchNorm keys, no wrapper
     _evaluation_matches_checkpoint(run, 1)        # rank 0's running statistics, everywhere
 

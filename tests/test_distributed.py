@@ -13,6 +13,9 @@ import pytest
 import memloc
 from memloc.cli import run as cli_run
 from memloc.training.train import train
+from conftest import results_free_copy, torchrun_steps
+
+pytestmark = pytest.mark.xdist_group("distributed")     # one worker makes the module's torchrun
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 20, "batch_size": 64, "lr": 0.1, "noise": 0.2}
 FLIP = ["--examples", "noisy:12,clean:12", "--dtype", "float64", "--collateral", "--repeats", "2",
@@ -65,17 +68,28 @@ def _single(run, extra=(), args=FLIP):
     return res
 
 
+@pytest.fixture(scope="module")
+def launched(run, tmp_path_factory):
+    """The module's torchrun (its two steps in one process group): {"passes": (parts folder, step) of PASSES,
+    "flip": (a copy of ``run``, step) of `memloc flip` with FLIP}."""
+    folder = tmp_path_factory.mktemp("dist_torchrun")
+    copy = results_free_copy(run, folder / "run")
+    (folder / "passes.py").write_text(PASSES)
+    steps = {"passes": (folder / "x.partial", [folder / "passes.py", folder / "x.partial"]),
+             "flip": (copy, ["-m", "memloc", "flip", copy.path, *FLIP])}
+    done = torchrun_steps(folder / "steps", [step for _, step in steps.values()], env={"PYTHONWARNINGS": "ignore"},
+                          timeout=300 * len(steps))
+    return {name: (what, step) for (name, (what, _)), step in zip(steps.items(), done)}
+
+
 @pytest.mark.slow
-def test_flip_on_two_processes_equals_one(run):
+def test_flip_on_two_processes_equals_one(run, launched):
     want = _single(run)
-    p = _torchrun(["flip", str(run.path), *FLIP])
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-2000:]
-    assert out.count("wrote ") == 1          # rank 0 alone saves and reports
-    got = _arrays(memloc.load(run.path).result("flip"))
+    copy, step = launched["flip"]
+    assert step.ok().out.count("wrote ") == 1          # rank 0 alone saves and reports
+    got = _arrays(memloc.load(copy.path).result("flip"))
     _assert_same(want, got)
-    assert not run.results_path("flip").with_name("flip.partial").exists()     # parts gone once saved
-    run.results_path("flip").unlink()
+    assert not copy.results_path("flip").with_name("flip.partial").exists()     # parts gone once saved
 
 
 @pytest.mark.slow
@@ -142,13 +156,8 @@ print(rank, got, flush=True)
 
 
 @pytest.mark.slow
-def test_a_pass_reads_every_part_before_the_next_pass_clears_the_folder(tmp_path):
+def test_a_pass_reads_every_part_before_the_next_pass_clears_the_folder(launched):
     """Two passes over one parts folder (as scores' passes share ``scores.partial``): rank 0 may clear it for
     the next pass only once every rank has read the last pass's parts (once a race: rank 1 lost its files)."""
-    script = tmp_path / "passes.py"
-    script.write_text(PASSES)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           str(tmp_path / "x.partial")]
-    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert sorted(p.stdout.split("\n")[:2]) == ["0 [(0,), (1,)]", "1 [(0,), (1,)]"]
+    step = launched["passes"][1]
+    assert sorted(step.ok().out.split("\n")[:2]) == ["0 [(0,), (1,)]", "1 [(0,), (1,)]"]

@@ -10,7 +10,9 @@ from memloc.cli import run as cli_run
 from memloc.core import registry
 from memloc.scale.parts import Parts
 from memloc.training.train import train
-from test_distributed import _torchrun
+from conftest import results_free_copy, torchrun_steps
+
+pytestmark = pytest.mark.xdist_group("distributed_layers")     # one worker makes the module's torchrun
 
 R = importlib.import_module("memloc.analyses.rewind")     # memloc.rewind / memloc.retrain are the functions
 T = importlib.import_module("memloc.analyses.retrain")
@@ -85,20 +87,33 @@ def test_interrupted_run_resumes_without_recomputing(name, run, monkeypatch):
 
 
 
+@pytest.fixture(scope="module")
+def finished(run, tmp_path_factory):
+    """rewind and retrain each interrupted after its first part in one process (on a copy of ``run`` of its own),
+    then finished on 2 processes, both in one torchrun: {name: (the copy, the number of parts it was left with,
+    its torchrun step)}."""
+    folder = tmp_path_factory.mktemp("dist_layers_torchrun")
+    copies, left = {name: results_free_copy(run, folder / name) for name in KW}, {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name, copy in copies.items():
+            _interrupt_after_first_part(getattr(memloc, name), copy, monkeypatch, **KW[name])
+            left[name] = len(list(copy.results_path(name).with_name(f"{name}.partial").glob("part_*.npz")))
+    steps = torchrun_steps(folder / "steps", [["-m", "memloc", name, copies[name].path, *KW_ARGS[name], "--device",
+                                               "cpu"] for name in KW],     # the same settings as KW
+                           env={"PYTHONWARNINGS": "ignore"}, timeout=300 * len(KW))
+    return {name: (copies[name], left[name], step) for name, step in zip(KW, steps)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["rewind", "retrain"])
-def test_two_processes_finish_an_interrupted_run(name, run, monkeypatch):
+def test_two_processes_finish_an_interrupted_run(name, run, finished):
     want = _arrays(getattr(memloc, name)(run, device="cpu", **KW[name]))
-    _interrupt_after_first_part(getattr(memloc, name), run, monkeypatch, **KW[name])
-    parts = run.results_path(name).with_name(f"{name}.partial")
-    assert len(list(parts.glob("part_*.npz"))) == 1
-    p = _torchrun([name, str(run.path), *KW_ARGS[name], "--device", "cpu"])     # the same settings as KW
-    stdout, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-2000:]
-    assert stdout.count("wrote ") == 1           # rank 0 alone saves and reports
-    _assert_same(want, _arrays(memloc.load(run.path).result(name)))   # 2 processes finish what 1 began = 1 alone
+    copy, left, step = finished[name]
+    parts = copy.results_path(name).with_name(f"{name}.partial")
+    assert left == 1
+    assert step.ok().out.count("wrote ") == 1         # rank 0 alone saves and reports
+    _assert_same(want, _arrays(memloc.load(copy.path).result(name)))   # 2 processes finish what 1 began = 1 alone
     assert not parts.exists()
-    run.results_path(name).unlink()
 
 
 def test_parts_of_other_settings_are_not_mixed_in(run):

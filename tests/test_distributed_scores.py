@@ -12,8 +12,10 @@ import memloc
 from memloc.cli import run as cli_run
 from memloc.core.evaluate import evaluate
 from memloc.training.train import train
-from test_distributed import _torchrun
+from conftest import results_free_copy, torchrun_steps
 from test_distributed_layers import _interrupt_after_first_part
+
+pytestmark = pytest.mark.xdist_group("distributed_scores")     # one worker makes the module's torchrun
 
 S = importlib.import_module("memloc.analyses.scores")     # the package (memloc.scores is the function)
 
@@ -26,6 +28,22 @@ PRUNE = ["--by", "el2n", "--keep", "0.5", "--seeds", "0", "--device", "cpu"]   #
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     return train(tmp_path_factory.mktemp("dist_scores") / "tiny", TINY, device="cpu")
+
+
+CLEAN = ["--by", "el2n", "--seeds", "1", "--no-cleanlab", "--device", "cpu"]    # 2 fresh runs: 1 per rank
+LAUNCHED = {"scores": ARGS["scores"], "gradients": ARGS["gradients"], "prune": PRUNE, "clean": CLEAN}
+
+
+@pytest.fixture(scope="module")
+def launched(run, tmp_path_factory):
+    """Each command of LAUNCHED on 2 processes, all in one torchrun, each on a copy of ``run`` of its own:
+    {name: (the copy, its torchrun step)}; each test compares one with the single-process result on that copy."""
+    folder = tmp_path_factory.mktemp("dist_scores_torchrun")
+    copies = {name: results_free_copy(run, folder / name) for name in LAUNCHED}
+    steps = torchrun_steps(folder / "steps", [["-m", "memloc", name, copies[name].path, *args]
+                                              for name, args in LAUNCHED.items()],
+                           env={"PYTHONWARNINGS": "ignore"}, timeout=300 * len(LAUNCHED))
+    return {name: (copies[name], step) for name, step in zip(LAUNCHED, steps)}
 
 
 @pytest.fixture(autouse=True)
@@ -56,25 +74,24 @@ def _single(name, run, args):
     return res
 
 
-def _distributed(name, run, args):
-    p = _torchrun([name, str(run.path), *args])
-    stdout, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    assert stdout.count("wrote ") == 1               # rank 0 alone saves and reports
+def _distributed(name, launched):
+    """The result of ``name`` on 2 processes (the module's torchrun), checked, and its copy of the run."""
+    run, step = launched[name]
+    assert step.ok().out.count("wrote ") == 1             # rank 0 alone saves and reports
     res = memloc.load(run.path).result(name)
     assert not run.results_path(name).with_name(f"{name}.partial").exists()     # parts gone once saved
     run.results_path(name).unlink()
-    return res
+    return res, run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["scores", "gradients"])
-def test_two_processes_equal_one(name, run):
+def test_two_processes_equal_one(name, launched):
+    got, run = _distributed(name, launched)
     want = _single(name, run, ARGS[name])
     if name == "scores":
         assert {"el2n", "grand", "tracin", "forgetting"} <= set(want.data_vars)
         assert all(want[k].dtype == np.float64 for k in want.data_vars)
-    got = _distributed(name, run, ARGS[name])
     _assert_same(_arrays(want), _arrays(got))
     assert got.config == {**want.config}
 
@@ -136,10 +153,10 @@ def _child_runs(run) -> list:
 
 
 @pytest.mark.slow
-def test_prune_grid_on_two_processes_equals_one(run):
+def test_prune_grid_on_two_processes_equals_one(launched):
     """The fresh runs of a grid are split across the ranks (each a one-process training); rank 0
     evaluates. Retrained in one process afterwards, the result is the same."""
-    got = _distributed("prune", run, PRUNE)
+    got, run = _distributed("prune", launched)
     children = _child_runs(run)
     assert len(children) == 2                    # el2n and random (all-s0 is the parent itself)
     for c in children:
@@ -156,15 +173,11 @@ def test_commands_that_split_their_work():
     assert {"scores", "gradients", "prune", "clean", "jtt"} <= sharded
 
 
-CLEAN = ["--by", "el2n", "--seeds", "1", "--no-cleanlab", "--device", "cpu"]    # 2 fresh runs: 1 per rank
-
-
 @pytest.mark.slow
-def test_clean_grid_on_two_processes_equals_one_and_loses_nothing(run):
+def test_clean_grid_on_two_processes_equals_one_and_loses_nothing(launched):
     """clean under torchrun (issue 25): its fresh runs split across 2 gloo ranks are the runs one process
     trains (same folders, same weights), its accuracies and flags the same, and nothing is left half done."""
-    shutil.rmtree(run.path / "children", ignore_errors=True)        # what another test of this module left
-    got = _distributed("clean", run, CLEAN)
+    got, run = _distributed("clean", launched)
     children = _child_runs(run)
     assert [c.name.rsplit("-", 1)[0] for c in children] == ["all-s1", "clean-memloc-drop-s1"]
     weights = {}

@@ -3,8 +3,6 @@ their work (memorisation, scores, gradients, rewind, retrain) give exactly the s
 and ``memloc train`` of a language model trains one run with DDP that follows the one-process run
 (the image path's checks, tests/test_ddp.py)."""
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -19,30 +17,24 @@ from memloc.core.lm import TinyGPT, lm_logits
 from memloc.scale.distributed import split_bounds
 from memloc.training.lm import _batch_loss
 from memloc.training.train import train
-from conftest import results_free_copy, train_interrupted
+from conftest import results_free_copy, torchrun_steps, train_interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.xdist_group("lm_distributed")]     # one worker makes the module's torchrun
 
 #: the conftest's memorising_lm, with 48 sequences (8 noisy, each with 4 copies) in batches of 7 that
 #: split 4 / 3 across 2 processes (the last batch of 6: 3 / 3)
 CFG = {"dataset": "tinymem:mult", "model": "gpt", "n_layer": 2, "d_model": 32, "n_head": 2, "n_train": 16,
        "n_test": 8, "seq_len": 16, "suffix_len": 4, "noise": 0.5, "duplicate": 4, "epochs": 10, "batch_size": 7,
        "lr": 2e-2, "weight_decay": 0.0}
-# "--" ends torchrun's own options: its parser takes --duplicate for an abbreviation of its --duplicate-stdout-filters
-FLAGS = ["--", "train", "--dataset", "tinymem:mult", "--model", "gpt", "--n-layer", "2", "--d-model", "32",
+FLAGS = ["--dataset", "tinymem:mult", "--model", "gpt", "--n-layer", "2", "--d-model", "32",
          "--n-head", "2", "--n-train", "16", "--n-test", "8", "--seq-len", "16", "--suffix-len", "4", "--noise", "0.5",
          "--duplicate", "4", "--epochs", "10", "--batch-size", "7", "--lr", "2e-2", "--weight-decay", "0",
          "--device", "cpu"]
 #: measured: AdamW turns the order of floating-point sums into weights that differ by <= 1.7e-4 after the
 #: first epoch (a near-zero gradient's rounding decides the sign of a whole step) and <= 1.3e-2 after ten
 ATOL_EPOCH1, ATOL = 1e-3, 5e-2
-
-
-def _torchrun(args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def test_slices_of_a_batch_give_the_whole_batch_gradient():
@@ -82,12 +74,28 @@ def _files(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
+@pytest.fixture(scope="module")
+def launched(reference, one_thread, tmp_path_factory):
+    """The module's torchrun, its steps in one process group: {name: (folder, step)} for "two" (`memloc train`
+    of CFG), "cut" (CFG with SINKS begun in one process, killed after epoch 4, resumed by `memloc train --resume`)
+    and "analyses" (WORKER on a copy of the reference)."""
+    folder = tmp_path_factory.mktemp("lmddp_torchrun")
+    cut, lm = folder / "cut", results_free_copy(reference, folder / "lm").path
+    train_interrupted(cut, {**CFG, **SINKS}, epoch=4, device="cpu")
+    (folder / "worker.py").write_text(WORKER)
+    steps = {"two": (folder / "two", ["-m", "memloc", "train", folder / "two", *FLAGS]),
+             "cut": (cut, ["-m", "memloc", "train", cut, *FLAGS, "--resume", "--etd-after", "mlp", "--p-gen", "0.5",
+                           "--p-mem", "0.25"]),
+             "analyses": (lm, [folder / "worker.py", lm, json.dumps(LOCALISATION)])}     # last: it wraps functions
+    done = torchrun_steps(folder / "steps", [step for _, step in steps.values()], env={"PYTHONWARNINGS": "ignore"},
+                          cwd=ROOT, timeout=300 * len(steps))
+    return {name: (path, step) for (name, (path, _)), step in zip(steps.items(), done)}
+
+
 @pytest.mark.slow
-def test_two_processes_train_the_one_process_run(reference, tmp_path):
-    out = tmp_path / "two"
-    p = _torchrun(["-m", "memloc", *FLAGS[:2], str(out), *FLAGS[2:]])
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("10 epochs") == 1                 # rank 0 alone reports
+def test_two_processes_train_the_one_process_run(reference, launched):
+    out, step = launched["two"]
+    assert step.ok().out.count("10 epochs") == 1            # rank 0 alone reports
     got = memloc.load(out)
     assert got.config == reference.config
     assert list(got.checkpoint(10)) == list(reference.checkpoint(10))      # the unwrapped module's keys
@@ -122,19 +130,16 @@ SINKS = {"etd_after": "mlp", "p_gen": 0.5, "p_mem": 0.25}
 
 
 @pytest.mark.slow
-def test_resume_with_sinks_under_torchrun(tmp_path):
+def test_resume_with_sinks_under_torchrun(launched, tmp_path):
     """A run with sinks begun in one process and killed after epoch 4, resumed by 2 processes, follows the
     uninterrupted one-process run (measured: weights within 1e-2, the same memorised flags at presentation,
     each sequence through its own sinks, and at epoch ends): each rank binds the sink ids of its slice of
     every batch (the global sequence ids, a copy taking its original's); `memloc dropout` measures the same
     shares in every mode."""
     whole = train(tmp_path / "whole", {**CFG, **SINKS}, device="cpu")
-    cut = tmp_path / "cut"
-    train_interrupted(cut, {**CFG, **SINKS}, epoch=4, device="cpu")
-    p = _torchrun(["-m", "memloc", *FLAGS[:2], str(cut), *FLAGS[2:], "--resume", "--etd-after", "mlp",
-                   "--p-gen", "0.5", "--p-mem", "0.25"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    got = memloc.load(cut)
+    path, step = launched["cut"]
+    step.ok()
+    got = memloc.load(path)
     assert got.info["model"]["etd"] == whole.info["model"]["etd"]
     _assert_follows(got, whole)
     flags = whole.dynamics("memorised", "presentation")[5:][:, whole.is_noisy]
@@ -198,15 +203,12 @@ def _assert_same(a, b):
 
 
 @pytest.mark.slow
-def test_analyses_on_two_processes_equal_one(reference, tmp_path):
-    run = results_free_copy(reference, tmp_path / "lm")
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    p = _torchrun([str(script), str(run.path), json.dumps(LOCALISATION)])
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert sorted(line for line in p.stdout.split("\n") if line.startswith("done")) == ["done 0 2", "done 1 2"]
-    localised = sum(int(line.split()[1]) for line in p.stdout.split("\n") if line.startswith("localised"))
-    assert p.stdout.count(f"measured {len(run.data()) // 2}\n") == 2        # each rank measured half the sequences
+def test_analyses_on_two_processes_equal_one(launched):
+    path, step = launched["analyses"]
+    run, stdout = memloc.load(path), step.ok().out
+    assert sorted(line for line in stdout.split("\n") if line.startswith("done")) == ["done 0 2", "done 1 2"]
+    localised = sum(int(line.split()[1]) for line in stdout.split("\n") if line.startswith("localised"))
+    assert stdout.count(f"measured {len(run.data()) // 2}\n") == 2        # each rank measured half the sequences
     for name in ANALYSES:
         assert not run.results_path(name).with_name(f"{name}.partial").exists()   # parts gone once saved
     got = {name: run.result(name) for name in ("memorisation", *ANALYSES)}
