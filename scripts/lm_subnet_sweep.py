@@ -1,0 +1,111 @@
+"""BalancedSubnet swept (issue 24): does any setting of it come near the mitigation goal on our runs?
+
+    python scripts/lm_subnet_sweep.py            # -> artifacts/lm_subnet_sweep.md (about 15 minutes)
+
+TinyMem (Sakarvadia et al. 2025) sweeps each method's hyper-parameters per model and keeps the best;
+memloc's tables (lm_mitigation.py, lm_mitigation_speed.py) run BalancedSubnet at memloc's defaults (SGD
+lr 0.1, 50 epochs), where it leaves 10-16% of the noisy sequences at a loss of about 10 points. Here,
+on lm_mitigation.py's runs, BalancedSubnet runs at every `--lrs` x `--epochs` x `--fractions` (the share
+of each MLP matrix pruned) for each of `--seeds` draws, measured as lm_mitigation_speed.py measures: held-out
+token accuracy on its fresh test sequences, the CPU time of each edit alone on one torch thread. Per model:
+every setting, then the one leaving the fewest noisy sequences among those losing at most the goal's 0.1
+points on average.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _markdown import finish, invocation, machine  # noqa: E402
+from lm_benchmark import MODELS, ensure_run  # noqa: E402
+from lm_mitigation import GOAL, MIT_RUN  # noqa: E402
+from lm_mitigation_speed import EDITS, _timed, fresh_test  # noqa: E402
+
+import memloc  # noqa: E402
+from memloc.analyses.mitigation.methods import FUNCTIONS  # noqa: E402
+
+METHOD = "balanced_subnet"
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def section(name: str, args) -> list[str]:
+    run, _ = ensure_run(Path(args.runs_dir) / f"{name.replace(':', '_')}_mitigation", name, args.device, MIT_RUN)
+    big, n_big = fresh_test(run.data(), args.test_sequences)
+    got = {}                    # (lr, epochs, fraction) -> [(left, accuracy change in points, CPU s)] per seed
+    for lr, epochs in itertools.product(args.lrs, args.epochs):
+        for seed in args.seeds:
+            EDITS.clear()
+            res = memloc.mitigate(run, big, methods=[METHOD], fractions=tuple(args.fractions), ref_batch_size=64,
+                                  seed=seed, options={METHOD: {"lr": lr, "epochs": int(epochs)}},
+                                  device=args.device).dataset
+            before = float(res["test_accuracy_before"])
+            for i, fraction in enumerate(res["fraction"].values):
+                cpu = EDITS[i][0] if args.device == "cpu" else EDITS[i][1]
+                got.setdefault((lr, int(epochs), float(fraction)), []).append(
+                    (float(res["targets_memorised"][i]), 100 * (float(res["test_accuracy"][i]) - before), cpu))
+            print(f"{name} lr {lr} epochs {epochs} seed {seed}: " + ", ".join(
+                f"{f}: {v[-1][0]:.1%} left {v[-1][1]:+.2f}" for (l, e, f), v in got.items() if (l, e) == (lr, epochs)),
+                file=sys.stderr, flush=True)
+    left, lost = GOAL
+    lines = [f"## {MODELS[name]} (`{name}`)", "",
+             f"Held-out token accuracy before: {before:.2%} on {n_big} fresh test sequences. Means over "
+             f"{len(args.seeds)} draws.", "",
+             "| lr | epochs | fraction | noisy left: mean | worst | accuracy change: mean | min | CPU s (median) "
+             "| goal met |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (lr, epochs, fraction), rows in got.items():
+        a = np.array(rows)
+        met = sum(r[0] <= left and -r[1] <= lost for r in rows)
+        lines.append(f"| {lr:g} | {epochs} | {fraction:g} | {a[:, 0].mean():.1%} | {a[:, 0].max():.1%} | "
+                     f"{a[:, 1].mean():+.2f} | {a[:, 1].min():+.2f} | {np.median(a[:, 2]):.2f} | {met}/{len(rows)} |")
+    kept = [(np.mean([r[0] for r in rows]), k) for k, rows in got.items() if -np.mean([r[1] for r in rows]) <= lost]
+    if kept:
+        share, (lr, epochs, fraction) = min(kept)
+        lines += ["", f"Fewest noisy sequences left at no more than {lost} points lost on average: lr {lr:g}, "
+                  f"{epochs} epochs, fraction {fraction:g}: {share:.1%} left (goal: at most {left:.0%})."]
+    else:
+        lines += ["", f"No setting loses at most {lost} points on average."]
+    return [*lines, ""]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs-dir", default="runs/lm_benchmark", help="lm_mitigation.py's runs (trained when missing)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
+    p.add_argument("--out", default="artifacts/lm_subnet_sweep.md", help="the Markdown table")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--lrs", type=_floats, default=[0.01, 0.1, 0.5], help="comma-separated SGD learning rates")
+    p.add_argument("--epochs", type=_floats, default=[50, 150], help="comma-separated epochs of mask learning")
+    p.add_argument("--fractions", type=_floats, default=[0.005, 0.01, 0.02, 0.05],
+                   help="comma-separated shares of each MLP matrix pruned")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1],
+                   help="comma-separated seeds, one draw each")
+    p.add_argument("--test-sequences", type=int, default=2048, help="fresh test sequences drawn (before dropping)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    FUNCTIONS[METHOD] = _timed(FUNCTIONS[METHOD])
+    started, load = time.time(), os.getloadavg()[0]
+    body = [line for name in args.models.split(",") for line in section(name, args)]
+    lines = [f"`{invocation(__file__, argv)}`", "",
+             "# BalancedSubnet swept: learning rate x epochs x fraction", "",
+             f"memloc {memloc.__version__}; {machine(args.device)}; load average {load:.1f} at the start, "
+             f"{os.getloadavg()[0]:.1f} at the end. Runs: lm_mitigation.py's (150 epochs); ref_batch_size 64; seeds "
+             f"{', '.join(map(str, args.seeds))}; the other settings memloc's defaults (momentum 0.9, weight decay "
+             f"5e-4, batch 64). Goal: at most {GOAL[0]:.0%} of the noisy sequences left at no more than {GOAL[1]} "
+             "points of held-out token accuracy lost. memloc's fine_tune_greedy on the same runs and test sequences: "
+             "artifacts/lm_mitigation_speed.md.", "", *body]
+    finish(lines, started, args.out)
+
+
+if __name__ == "__main__":
+    main()
