@@ -203,6 +203,12 @@ def test_mitigate_errors(memorising):
                           ({"fractions": "x"}, "no number"), ({"fractions": []}, "empty"),
                           ({"options": {"subnet": {"rate": 1}}}, "no 'rate'"),
                           ({"options": {"nope": {}}}, "no mitigation method 'nope'"),
+                          ({"options": {"fine_tune_greedy": {"ascent_weight": -1}}}, "ascent_weight must be a finite "
+                           "number >= 0, not -1"),
+                          ({"options": {"balanced_subnet": {"lr": "fast"}}}, "lr must be a finite number >= 0"),
+                          ({"options": {"fine_tune": {"max_epochs": 2.5}}}, "max_epochs must be a whole number >= 1"),
+                          ({"options": {"ig": {"n_steps": 0}}}, "options for ig: n_steps must be a whole number"),
+                          ({"options": {"greedy_weights": {"per_step": True}}}, "per_step must be a finite number"),
                           ({"ref_batch_size": -1}, "ref_batch_size")):
         with pytest.raises(MemlocError, match=match):
             memloc.mitigate(model, data, device="cpu", **kwargs)
@@ -228,7 +234,8 @@ def test_command_on_a_tinymem_run(tmp_path, capsys):
     assert res["targets_memorised"].values[0] < float(res["targets_memorised_before"])
     assert 0 <= float(res["rule_accuracy_before"]) <= 1
     for argv, flag in ((["--methods", "nope"], "--methods"), (["--fractions", "1.5"], "--fractions"),
-                       (["--set", "subnet.rate=1"], "--set for subnet")):
+                       (["--set", "subnet.rate=1"], "--set for subnet"),
+                       (["--set", "fine_tune_greedy.ascent_weight=abc"], "--set for fine_tune_greedy: ascent_weight")):
         with pytest.raises(SystemExit) as e:
             cli_run("mitigate", [str(run.path), *argv, "--overwrite", "--device", "cpu"])
         err = capsys.readouterr().err

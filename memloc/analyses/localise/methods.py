@@ -19,7 +19,8 @@ from .ig import ig
 from .masks import hard_concrete, slimming
 from .zero_out import zero_out
 
-__all__ = ["neuron_scores", "method_options", "resolved_options", "check_localised_units", "FUNCTIONS"]
+__all__ = ["neuron_scores", "method_options", "check_settings", "resolved_options", "check_localised_units",
+           "FUNCTIONS"]
 
 
 def random(t: Targets, opts: dict) -> torch.Tensor:
@@ -56,6 +57,23 @@ def check_localised_units(units) -> str:
     return check_units(units, ("mlp", "heads"))
 
 
+def check_settings(method: str, values: dict, defaults: dict) -> None:
+    """A one-line :class:`MemlocError` for a setting in ``values`` of ``method`` that is not of its default's kind:
+    a whole number >= 1 where the default is an int (steps, epochs, batch sizes), a finite number >= 0 where it is
+    a float (rates, weights, penalties); other settings are checked where they are read."""
+    for name, value in values.items():
+        default = defaults.get(name)
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue
+        number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+        if isinstance(default, int) and not (number and float(value).is_integer() and value >= 1):
+            raise MemlocError(f"options for {method}: {name} must be a whole number >= 1, not {value!r}",
+                              argument="options")
+        if isinstance(default, float) and not (number and np.isfinite(value) and value >= 0):
+            raise MemlocError(f"options for {method}: {name} must be a finite number >= 0, not {value!r}",
+                              argument="options")
+
+
 def method_options(options: dict | None) -> dict[str, dict]:
     """:data:`HYPER` with ``options`` ({method: {name: value}}) laid over it; unknown names are errors."""
     merged = {m: dict(v) for m, v in HYPER.items()}
@@ -73,6 +91,7 @@ def method_options(options: dict | None) -> dict[str, dict]:
         if bad:
             raise MemlocError(f"options for {method} has no {bad[0]!r}; valid: {', '.join(HYPER[method]) or 'none'}",
                               argument="options")
+        check_settings(method, values, HYPER[method])
         merged[method].update(values)
     carry = merged["greedy"]["min_zeroed"]
     if carry != "auto" and (isinstance(carry, bool) or not isinstance(carry, (int, np.integer)) or carry < 0):

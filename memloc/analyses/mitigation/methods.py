@@ -65,6 +65,7 @@ from ...core.neurons import NeuronLayer, neuron_masks, output_weights, unit_laye
 from ...core.optim import make_optimizer
 from ...core.precision import autocast, grad_scaler
 from ..localise import METHODS as LOCALISE, method_options as localise_options, neuron_scores
+from ..localise.methods import check_settings
 from .subnet import HYPER as SUBNET, mlp_weights, subnet
 
 __all__ = ["METHODS", "CHOICES", "UNIT_METHODS", "HYPER", "Task", "FUNCTIONS", "mitigation_options", "zero_neurons",
@@ -107,6 +108,7 @@ def mitigation_options(options: dict | None) -> dict[str, dict]:
         if unknown:
             raise MemlocError(f"options for {method} has no {unknown[0]!r}; valid: {', '.join(defaults)}",
                               argument="options")
+        check_settings(method, options.get(method, {}), defaults)
         merged[method] = {**defaults, **options.get(method, {})}
         if merged[method].get("clean", "rotate") not in ("rotate", "fixed"):
             raise MemlocError(f"options for {method}: clean must be 'rotate' or 'fixed', not {merged[method]['clean']!r}",
