@@ -78,20 +78,44 @@ def _timed(fn):
     return edit
 
 
+def common_arguments(p, out: str, seeds: list[int]) -> None:
+    """The options this script shares with lm_subnet_sweep.py: runs, models, output, device, draws, test size."""
+    p.add_argument("--runs-dir", default="runs/lm_benchmark", help="lm_mitigation.py's runs (trained when missing)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
+    p.add_argument("--out", default=out, help="the Markdown table")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=seeds,
+                   help=f"comma-separated seeds, one draw each (default {','.join(map(str, seeds))})")
+    p.add_argument("--test-sequences", type=int, default=2048, help="fresh test sequences drawn (before dropping)")
+
+
+def prepared(name: str, args):
+    """(run, its data with fresh test sequences, how many): lm_mitigation.py's run of model ``name`` (trained
+    when missing)."""
+    run, _ = ensure_run(Path(args.runs_dir) / f"{name.replace(':', '_')}_mitigation", name, args.device, MIT_RUN)
+    return (run, *fresh_test(run.data(), args.test_sequences))
+
+
+def header(args, load: float) -> str:
+    """The artifacts' line on the machine, the load and the runs."""
+    return (f"memloc {memloc.__version__}; {machine(args.device)}; load average {load:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end. Runs: lm_mitigation.py's (150 epochs); ref_batch_size 64; seeds "
+            f"{', '.join(map(str, args.seeds))}")
+
+
 def one(run, data, method: str, options: dict, fraction: float, seed: int, device: str) -> dict:
     res = memloc.mitigate(run, data, methods=[method], fractions=(fraction,), ref_batch_size=64, seed=seed,
                           options={method: options}, device=device).dataset
     cpu, wall = EDITS[-1]
     return {"cpu": cpu if device == "cpu" else wall, "left": float(res["targets_memorised"][0]),
+            "clean": float(res["others_memorised"][0]), "clean_before": float(res["others_memorised_before"]),
             "acc": 100 * (float(res["test_accuracy"][0]) - float(res["test_accuracy_before"])),
             "loss": float(res["test_loss"][0]) - float(res["test_loss_before"]), "changed": int(res["changed"][0]),
             "before": float(res["test_accuracy_before"])}
 
 
 def section(name: str, args) -> list[str]:
-    run, _ = ensure_run(Path(args.runs_dir) / f"{name.replace(':', '_')}_mitigation", name, args.device, MIT_RUN)
-    own = run.data()
-    big, n_big = fresh_test(own, args.test_sequences)
+    run, big, n_big = prepared(name, args)
     memloc.mitigate(run, methods=["random"], fractions=(args.fraction,), device=args.device)    # warm-up
     got = {label: [] for label, _, _ in ROWS}
     for k, seed in enumerate(args.seeds):
@@ -104,19 +128,23 @@ def section(name: str, args) -> list[str]:
     base = np.median([r["cpu"] for r in got[BASELINE]])
     lines = [f"## {MODELS[name]} (`{name}`)", "",
              f"Held-out token accuracy before: {got[OURS][0]['before']:.2%} on {n_big} fresh test sequences "
-             f"({n_big * own.suffix_len} suffix tokens; one token = {100 / (n_big * own.suffix_len):.3f} points). "
-             "Accuracy changes in points, each draw in seed order.", "",
-             f"| method | {'CPU' if args.device == 'cpu' else 'wall'} s of the edit (median) | x BalancedSubnet | noisy left (worst) | accuracy change: mean | min | each "
-             "| test loss change (mean) | changed (mean) | goal met |",
-             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+             f"({n_big * big.suffix_len} suffix tokens; one token = {100 / (n_big * big.suffix_len):.3f} points); "
+             f"clean training sequences reproduced before: {got[OURS][0]['clean_before']:.1%}. Accuracy changes in "
+             "points, each draw in seed order; 'changed': weights or neurons zeroed (fine_tune_greedy: after its "
+             "fine-tuning), and in how many draws any.", "",
+             f"| method | {'CPU' if args.device == 'cpu' else 'wall'} s of the edit (median) | x BalancedSubnet | "
+             "noisy left (worst) | clean reproduced (mean) | accuracy change: mean | min | each | test loss change "
+             "(mean) | changed (mean) | changed any | goal met |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for method, rows in got.items():
         acc = np.array([r["acc"] for r in rows])
         met = sum(r["left"] <= left and -r["acc"] <= lost for r in rows)
         lines.append(f"| {method} | {np.median([r['cpu'] for r in rows]):.2f} | "
                      f"{np.median([r['cpu'] for r in rows]) / base:.2f} | {max(r['left'] for r in rows):.1%} | "
+                     f"{np.mean([r['clean'] for r in rows]):.1%} | "
                      f"{acc.mean():+.2f} | {acc.min():+.2f} | {', '.join(f'{a:+.2f}' for a in acc)} | "
                      f"{np.mean([r['loss'] for r in rows]):+.4f} | {np.mean([r['changed'] for r in rows]):.0f} | "
-                     f"{met}/{len(rows)} |")
+                     f"{sum(r['changed'] > 0 for r in rows)}/{len(rows)} | {met}/{len(rows)} |")
     ratio = np.median([r["cpu"] for r in got[OURS]]) / base
     met = sum(r["left"] <= left and -r["acc"] <= lost for r in got[OURS])
     lines += ["", f"{OURS}: {ratio:.2f}x BalancedSubnet's median CPU time (speed goal "
@@ -127,14 +155,8 @@ def section(name: str, args) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs-dir", default="runs/lm_benchmark", help="lm_mitigation.py's runs (trained when missing)")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
-    p.add_argument("--out", default="artifacts/lm_mitigation_speed.md", help="the Markdown table")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    common_arguments(p, "artifacts/lm_mitigation_speed.md", list(range(8)))
     p.add_argument("--fraction", type=float, default=0.05, help="the methods' fraction (lm_mitigation.py's middle one)")
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(range(8)),
-                   help="comma-separated seeds, one draw each (default 0-7)")
-    p.add_argument("--test-sequences", type=int, default=2048, help="fresh test sequences drawn (before dropping)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     for method in {method for _, method, _ in ROWS}:     # the dict memloc.mitigate looks methods up in
@@ -144,9 +166,8 @@ def main(argv=None) -> None:
     lines = [f"`{invocation(__file__, argv)}`", "",
              f"# Mitigation over {len(args.seeds)} draws: {OURS} and greedy_weights against BalancedSubnet, in "
              f"{'CPU' if args.device == 'cpu' else 'wall'} seconds", "",
-             f"memloc {memloc.__version__}; {machine(args.device)}; load average {load:.1f} at the start, "
-             f"{os.getloadavg()[0]:.1f} at the end. Runs: lm_mitigation.py's (150 epochs); fraction {args.fraction}; "
-             f"ref_batch_size 64; seeds {', '.join(map(str, args.seeds))}; every method at memloc's defaults. Goal: at "
+             f"{header(args, load)}; fraction {args.fraction}; every method at memloc's defaults but in the last two "
+             "rows' named settings. Goal: at "
              f"most {GOAL[0]:.0%} of the noisy sequences left at no more than {GOAL[1]} points of held-out token "
              "accuracy lost, faster than BalancedSubnet.", "", *body]
     finish(lines, started, args.out)

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _markdown import finish, invocation, machine  # noqa: E402
-from lm_benchmark import MODELS, ensure_run  # noqa: E402
-from lm_mitigation import GOAL, MIT_RUN  # noqa: E402
-from lm_mitigation_speed import EDITS, _timed, fresh_test  # noqa: E402
+from _markdown import finish, invocation  # noqa: E402
+from lm_benchmark import MODELS  # noqa: E402
+from lm_mitigation import GOAL  # noqa: E402
+from lm_mitigation_speed import EDITS, _timed, common_arguments, header, prepared  # noqa: E402
 
 import memloc  # noqa: E402
 from memloc.analyses.mitigation.methods import FUNCTIONS  # noqa: E402
@@ -40,19 +40,18 @@ def _floats(text: str) -> list[float]:
 
 
 def section(name: str, args) -> list[str]:
-    run, _ = ensure_run(Path(args.runs_dir) / f"{name.replace(':', '_')}_mitigation", name, args.device, MIT_RUN)
-    big, n_big = fresh_test(run.data(), args.test_sequences)
+    run, big, n_big = prepared(name, args)
     got = {}                    # (lr, epochs, fraction) -> [(left, accuracy change in points, CPU s)] per seed
     for lr, epochs in itertools.product(args.lrs, args.epochs):
         for seed in args.seeds:
             EDITS.clear()
             res = memloc.mitigate(run, big, methods=[METHOD], fractions=tuple(args.fractions), ref_batch_size=64,
-                                  seed=seed, options={METHOD: {"lr": lr, "epochs": int(epochs)}},
+                                  seed=seed, options={METHOD: {"lr": lr, "epochs": epochs}},
                                   device=args.device).dataset
             before = float(res["test_accuracy_before"])
             for i, fraction in enumerate(res["fraction"].values):
                 cpu = EDITS[i][0] if args.device == "cpu" else EDITS[i][1]
-                got.setdefault((lr, int(epochs), float(fraction)), []).append(
+                got.setdefault((lr, epochs, float(fraction)), []).append(
                     (float(res["targets_memorised"][i]), 100 * (float(res["test_accuracy"][i]) - before), cpu))
             print(f"{name} lr {lr} epochs {epochs} seed {seed}: " + ", ".join(
                 f"{f}: {v[-1][0]:.1%} left {v[-1][1]:+.2f}" for (l, e, f), v in got.items() if (l, e) == (lr, epochs)),
@@ -80,17 +79,12 @@ def section(name: str, args) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs-dir", default="runs/lm_benchmark", help="lm_mitigation.py's runs (trained when missing)")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
-    p.add_argument("--out", default="artifacts/lm_subnet_sweep.md", help="the Markdown table")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    common_arguments(p, "artifacts/lm_subnet_sweep.md", [0, 1])
     p.add_argument("--lrs", type=_floats, default=[0.01, 0.1, 0.5], help="comma-separated SGD learning rates")
-    p.add_argument("--epochs", type=_floats, default=[50, 150], help="comma-separated epochs of mask learning")
+    p.add_argument("--epochs", type=lambda s: [int(x) for x in s.split(",")], default=[50, 150],
+                   help="comma-separated epochs of mask learning")
     p.add_argument("--fractions", type=_floats, default=[0.005, 0.01, 0.02, 0.05],
                    help="comma-separated shares of each MLP matrix pruned")
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1],
-                   help="comma-separated seeds, one draw each")
-    p.add_argument("--test-sequences", type=int, default=2048, help="fresh test sequences drawn (before dropping)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     FUNCTIONS[METHOD] = _timed(FUNCTIONS[METHOD])
@@ -98,9 +92,7 @@ def main(argv=None) -> None:
     body = [line for name in args.models.split(",") for line in section(name, args)]
     lines = [f"`{invocation(__file__, argv)}`", "",
              "# BalancedSubnet swept: learning rate x epochs x fraction", "",
-             f"memloc {memloc.__version__}; {machine(args.device)}; load average {load:.1f} at the start, "
-             f"{os.getloadavg()[0]:.1f} at the end. Runs: lm_mitigation.py's (150 epochs); ref_batch_size 64; seeds "
-             f"{', '.join(map(str, args.seeds))}; the other settings memloc's defaults (momentum 0.9, weight decay "
+             f"{header(args, load)}; the other settings memloc's defaults (momentum 0.9, weight decay "
              f"5e-4, batch 64). Goal: at most {GOAL[0]:.0%} of the noisy sequences left at no more than {GOAL[1]} "
              "points of held-out token accuracy lost. memloc's fine_tune_greedy on the same runs and test sequences: "
              "artifacts/lm_mitigation_speed.md.", "", *body]

@@ -96,14 +96,15 @@ def test_fine_tune_greedy_fine_tunes_then_zeroes_weights_until_no_target_is_repr
 
 
 def test_fine_tune_greedy_ascends_on_the_targets_each_step_still_reproduces(memorising, monkeypatch):
-    """ascent_weight: each epoch's ascent starts from the targets reproduced at its start, and each step's from
-    those of the step before that its forward reproduced; it removes the targets that fine-tuning alone
-    leaves to the greedy phase (here 2 epochs of 2 steps)."""
+    """ascent_weight: it removes the targets that fine-tuning alone leaves to the greedy phase (2 epochs of 2
+    steps); step by step (4 steps an epoch): each epoch's ascent starts from the targets reproduced at its
+    start, each step's from those of the step before that its forward reproduced, and the loss gradient
+    reaches exactly the rows reproduced, each pushed up."""
     import memloc.analyses.mitigation.methods as methods
     model, data = memorising
 
-    def opts(ascent):
-        return mitigation_options({"fine_tune_greedy": {"max_epochs": 2, "batch_size": 2, "per_step": 0.005,
+    def opts(ascent, batch_size=2):
+        return mitigation_options({"fine_tune_greedy": {"max_epochs": 2, "batch_size": batch_size, "per_step": 0.005,
                                                         "ascent_weight": ascent}})["fine_tune_greedy"]
     zeroed = {}
     for ascent in (0.0, 0.3):
@@ -111,11 +112,12 @@ def test_fine_tune_greedy_ascends_on_the_targets_each_step_still_reproduces(memo
         zeroed[ascent] = FUNCTIONS["fine_tune_greedy"](t, opts(ascent), 0.5)
         assert not _loss(t.model, data.tokens)[2][:4].any(), ascent
     assert zeroed[0.0] >= 1 and zeroed[0.3] == 0
-    events, loss, memorised = [], methods._loss, Task.memorised
+    events, grads, loss, memorised = [], [], methods._loss, Task.memorised
 
     def recorded_loss(t, rows):
         got = loss(t, rows)
         events.append(("step", rows, got[1]))
+        got[0].register_hook(lambda grad: grads.append((grad, got[1])))
         return got
 
     def recorded_memorised(t):
@@ -125,13 +127,15 @@ def test_fine_tune_greedy_ascends_on_the_targets_each_step_still_reproduces(memo
     monkeypatch.setattr(methods, "_loss", recorded_loss)
     monkeypatch.setattr(Task, "memorised", recorded_memorised)
     t = _task(model, data)
-    FUNCTIONS["fine_tune"](t, opts(0.3), 0.5)
+    FUNCTIONS["fine_tune"](t, opts(0.3, batch_size=1), 0.5)
     kinds = [kind for kind, _, _ in events]
-    assert kinds[0] == "epoch" and kinds.count("step") >= 2 and len(events[0][1]) == 4
-    assert any(kind == "step" and not reproduced.all() for kind, _, reproduced in events)     # some drop out
+    assert kinds[0] == "epoch" and kinds.count("step") >= 4 and len(events[0][1]) == 4
+    # some target drops out at a step that another step of the same epoch follows
+    assert any(a[0] == b[0] == "step" and not a[2].all() for a, b in zip(events, events[1:]))
     for (kind, rows, _), (_, before, reproduced) in zip(events[1:], events):
         if kind == "step":          # the rows ascended on: the last step's reproduced ones (the epoch's at its start)
             assert torch.equal(rows, before if reproduced is None else before[reproduced])
+    assert grads and all((g[~r] == 0).all() and (g[r] < 0).all() for g, r in grads)
 
 
 def test_greedy_weights_keeps_a_new_clean_batch_low_at_each_step(memorising, monkeypatch):
@@ -253,6 +257,9 @@ def test_mitigate_in_bf16_is_close_to_fp32(memorising):
         np.testing.assert_allclose(b[name].values, a[name].values, rtol=0.03, atol=0.02, err_msg=name)
     with pytest.raises(MemlocError, match="precision 'fp8' is unknown"):
         memloc.mitigate(model, data, precision="fp8", **kw)
+    ours = memloc.mitigate(model, data, methods="fine_tune_greedy", fractions=(0.5,), ref_batch_size=2,  # the ascent
+                           options={"fine_tune_greedy": {"max_epochs": 2}}, precision="bf16", device="cpu")
+    assert float(ours["targets_memorised"][0]) == 0 and float(ours["targets_memorised_before"]) == 1
 
 
 def test_sinks_dropped_are_their_neurons_zeroed(memorising):

@@ -26,14 +26,15 @@ memorised targets at once, keeping its other sequences (TinyMem's protocol, Saka
   ``reference_weight`` 10 (the default), at 1.7x (1.4x) the CPU time.
 - ``fine_tune_greedy`` (memloc's best on those runs): ``fine_tune`` (Adam at ``lr``) on the clean
   training sequences for ``max_epochs`` (fewer once no target is reproduced), each step also raising the
-  suffix loss of the targets that step's forward still reproduces (``ascent_weight`` x their mean suffix
-  loss subtracted from the clean loss; a target leaves the ascent for the rest of the epoch as soon as it
-  is no longer reproduced; 0: fine-tuning alone), then ``greedy_weights`` (its own ``reference_weight``,
-  ``per_step`` and ``clean``) on any target still reproduced; ``changed``: the weights zeroed (mostly
-  none: the ascent removes the targets). Fine-tuning alone stalls at 2-7 of the ~50 targets after 3-5
-  epochs, which the greedy phase then pruned at some cost in accuracy and time; the ascent removes them
-  while the fine-tuning raises the held-out accuracy (artifacts/lm_mitigation_speed.md). ``lr`` is a
-  fixed default (0.003, the benchmark runs' own), not read from the run: set it near the run's.
+  suffix loss of the targets the model still reproduces (``ascent_weight`` x their mean suffix loss
+  subtracted from the clean loss, measured in eval mode; a target leaves the ascent for the rest of the
+  epoch as soon as it is no longer reproduced; 0: fine-tuning alone), then ``greedy_weights`` (its own
+  ``reference_weight``, ``per_step`` and ``clean``) on any target still reproduced; ``changed``: the
+  weights zeroed (none in most draws of artifacts/lm_mitigation_speed.md). Fine-tuning alone leaves a
+  few targets, which the greedy phase then prunes at some cost in held-out accuracy and time; the ascent
+  removes them while the fine-tuning raises the held-out accuracy (that table's "no ascent" row); the
+  clean training sequences still reproduced are about as many with it as without. ``lr`` is a fixed default
+  (0.003, the benchmark runs' own), not read from the run: set it near the run's.
 - ``fine_tune``: Adam on every weight, next-token loss on the clean training sequences (all
   non-target ones), whole epochs until no target is reproduced or ``max_epochs``; ``fraction`` unused.
 - ``sinks`` (not among the defaults, :data:`CHOICES`): a run trained with memorisation sinks (``train
@@ -104,6 +105,9 @@ def mitigation_options(options: dict | None) -> dict[str, dict]:
                           argument="options")
     merged = localise_options({m: v for m, v in options.items() if m in NEURON_METHODS})
     for method, defaults in HYPER.items():
+        if not isinstance(options.get(method, {}), dict):
+            raise MemlocError(f"options for {method!r} must be a dict {{setting: value}}, got "
+                              f"{type(options[method]).__name__}", argument="options")
         unknown = sorted(set(options.get(method, {})) - set(defaults))
         if unknown:
             raise MemlocError(f"options for {method} has no {unknown[0]!r}; valid: {', '.join(defaults)}",
@@ -134,8 +138,8 @@ def check_method_units(chosen, units: str) -> None:
 @dataclass
 class Task:
     """What a method works on: ``model`` (a copy it edits in place, eval mode), every memorisation target
-    ``targets`` (of which ``was_memorised`` (B,) bool the model reproduced before) and the ``clean``
-    reference sequences (prefix + suffix, on the model's device), every clean training sequence
+    ``targets`` on the model's device (of which ``was_memorised`` (B,) bool the model reproduced before) and
+    the ``clean`` reference sequences (prefix + suffix, on the model's device), every clean training sequence
     ``clean_all`` (whole, on the device), the span, the batch size, the seed and the precision of every
     forward pass (:mod:`memloc.core.precision`; fp16 training steps scale their loss), and the kind of
     ``units`` the unit methods rank and zero (``"mlp"`` or ``"heads"``)."""
@@ -280,7 +284,9 @@ def _subnet(balanced: bool):
 def fine_tune(t: Task, opts: dict, fraction: float) -> int:
     """Adam on the clean training sequences, whole epochs until no target is reproduced or ``max_epochs``;
     with ``opts["ascent_weight"]`` (``fine_tune_greedy``'s) each step also raises the mean suffix loss of
-    the targets reproduced at the epoch's start that the step's forward still reproduces. Returns the
+    the targets reproduced at the epoch's start and by every ascent forward of the epoch so far (those
+    forwards in eval mode, without dropout, as the targets are measured; one not reproduced stays out
+    until the next epoch, and the fewer remain, the larger each one's share of the push). Returns the
     epochs run."""
     if not len(t.clean_all):
         raise MemlocError("there is no clean (non-target) training sequence to fine-tune on", argument="methods")
@@ -300,8 +306,10 @@ def fine_tune(t: Task, opts: dict, fraction: float) -> int:
             with autocast(t.precision, x.device):
                 logits = lm_logits(t.model, x[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
-            if ascent and len(active):        # raise the loss of the targets this forward still reproduces
+            if ascent and len(active):        # raise the loss of the targets the model still reproduces
+                t.model.eval()                # as they are measured: without dropout
                 target_loss, reproduced = _loss(t, t.targets[active])
+                t.model.train()
                 active = active[reproduced]
                 if len(active):
                     loss = loss - ascent * target_loss[reproduced].mean()
