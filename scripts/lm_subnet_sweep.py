@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _markdown import finish, invocation  # noqa: E402
 from lm_benchmark import MODELS  # noqa: E402
-from lm_mitigation import GOAL  # noqa: E402
-from lm_mitigation_speed import EDITS, _timed, common_arguments, header, prepared  # noqa: E402
+from lm_mitigation import GOAL, meets_goal  # noqa: E402
+from lm_mitigation_speed import EDITS, _timed, common_arguments, edit_seconds, header, prepared  # noqa: E402
 
 import memloc  # noqa: E402
 from memloc.analyses.mitigation.methods import FUNCTIONS  # noqa: E402
@@ -50,9 +50,9 @@ def section(name: str, args) -> list[str]:
                                   device=args.device).dataset
             before = float(res["test_accuracy_before"])
             for i, fraction in enumerate(res["fraction"].values):
-                cpu = EDITS[i][0] if args.device == "cpu" else EDITS[i][1]
                 got.setdefault((lr, epochs, float(fraction)), []).append(
-                    (float(res["targets_memorised"][i]), 100 * (float(res["test_accuracy"][i]) - before), cpu))
+                    (float(res["targets_memorised"][i]), 100 * (float(res["test_accuracy"][i]) - before),
+                     edit_seconds(i, args.device)))
             print(f"{name} lr {lr} epochs {epochs} seed {seed}: " + ", ".join(
                 f"{f}: {v[-1][0]:.1%} left {v[-1][1]:+.2f}" for (l, e, f), v in got.items() if (l, e) == (lr, epochs)),
                 file=sys.stderr, flush=True)
@@ -64,7 +64,7 @@ def section(name: str, args) -> list[str]:
              "| goal met |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (lr, epochs, fraction), rows in got.items():
         a = np.array(rows)
-        met = sum(r[0] <= left and -r[1] <= lost for r in rows)
+        met = sum(meets_goal(r[0], r[1]) for r in rows)
         lines.append(f"| {lr:g} | {epochs} | {fraction:g} | {a[:, 0].mean():.1%} | {a[:, 0].max():.1%} | "
                      f"{a[:, 1].mean():+.2f} | {a[:, 1].min():+.2f} | {np.median(a[:, 2]):.2f} | {met}/{len(rows)} |")
     kept = [(np.mean([r[0] for r in rows]), k) for k, rows in got.items() if -np.mean([r[1] for r in rows]) <= lost]

@@ -74,8 +74,8 @@ def steps(out: Path, quick: bool, device: str) -> list[tuple[str, str, list[str]
         ("rewind each layer of the language model", "rewind", [lm, "--checkpoints", s["lm_rewind_epochs"], *dev]),
         ("which MLP neurons hold the memorised sequences", "localise-neurons",
          [lm, "--methods", s["lm_localise_methods"], *dev]),
-        ("remove every memorised sequence at once", "mitigate", [lm, "--methods", "greedy,fine_tune_greedy,fine_tune,random",
-                                                                  *dev]),
+        ("remove every memorised sequence at once", "mitigate",
+         [lm, "--methods", "greedy,fine_tune_greedy,fine_tune,random", *dev]),
         ("report (language model)", "report", [lm]),
     ]
 

@@ -57,10 +57,18 @@ def check_localised_units(units) -> str:
     return check_units(units, ("mlp", "heads"))
 
 
-def check_settings(method: str, values: dict, defaults: dict) -> None:
-    """A one-line :class:`MemlocError` for a setting in ``values`` of ``method`` that is not of its default's kind:
-    a whole number >= 1 where the default is an int (steps, epochs, batch sizes), a finite number >= 0 where it is
-    a float (rates, weights, penalties); other settings are checked where they are read."""
+def check_settings(method: str, values, defaults: dict) -> None:
+    """A one-line :class:`MemlocError` unless ``values`` is a dict of settings of ``method`` named in
+    ``defaults``, each of its default's kind: a whole number >= 1 where the default is an int (steps, epochs,
+    batch sizes), a finite number >= 0 where it is a float (rates, weights, penalties); other settings are
+    checked where they are read."""
+    if not isinstance(values, dict):
+        raise MemlocError(f"options for {method!r} must be a dict {{name: value}}, got {type(values).__name__}",
+                          argument="options")
+    bad = sorted(set(values) - set(defaults))
+    if bad:
+        raise MemlocError(f"options for {method} has no {bad[0]!r}; valid: {', '.join(defaults) or 'none'}",
+                          argument="options")
     for name, value in values.items():
         default = defaults.get(name)
         if isinstance(default, bool) or not isinstance(default, (int, float)):
@@ -81,15 +89,8 @@ def method_options(options: dict | None) -> dict[str, dict]:
         raise MemlocError(f"options must be a dict {{method: {{name: value}}}}, got {type(options).__name__}",
                           argument="options")
     for method, values in (options or {}).items():
-        if not isinstance(values, dict):
-            raise MemlocError(f"options for {method!r} must be a dict {{name: value}}, got {type(values).__name__}",
-                              argument="options")
         if method not in HYPER:
             raise MemlocError(f"options names no localisation method {method!r}; valid: {', '.join(METHODS)}",
-                              argument="options")
-        bad = sorted(set(values) - set(HYPER[method]))
-        if bad:
-            raise MemlocError(f"options for {method} has no {bad[0]!r}; valid: {', '.join(HYPER[method]) or 'none'}",
                               argument="options")
         check_settings(method, values, HYPER[method])
         merged[method].update(values)

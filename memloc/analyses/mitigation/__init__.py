@@ -219,7 +219,8 @@ ANALYSIS = Analysis(
     command=Command(
         name="mitigate", group="acting", example="memloc mitigate RUN --methods greedy_weights,balanced_subnet",
         help="remove all memorised sequences of a language model at once (TinyMem's BalancedSubnet "
-                              "and Subnet, neuron zeroing by each localisation method, memloc's greedy, fine-tuning, and fine-tuning then greedy weight zeroing)",
+                              "and Subnet, neuron zeroing by each localisation method, memloc's greedy, fine-tuning, "
+                              "and fine-tuning then greedy weight zeroing)",
         description="Every method edits a copy of the model so that it no longer reproduces any of its memorised "
                     "targets while keeping the other sequences; reports the memorised shares, the held-out loss, "
                     "token and rule accuracy before and after, and seconds. Writes RUN/results/mitigation.h5.",

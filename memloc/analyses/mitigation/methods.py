@@ -105,13 +105,6 @@ def mitigation_options(options: dict | None) -> dict[str, dict]:
                           argument="options")
     merged = localise_options({m: v for m, v in options.items() if m in NEURON_METHODS})
     for method, defaults in HYPER.items():
-        if not isinstance(options.get(method, {}), dict):
-            raise MemlocError(f"options for {method!r} must be a dict {{setting: value}}, got "
-                              f"{type(options[method]).__name__}", argument="options")
-        unknown = sorted(set(options.get(method, {})) - set(defaults))
-        if unknown:
-            raise MemlocError(f"options for {method} has no {unknown[0]!r}; valid: {', '.join(defaults)}",
-                              argument="options")
         check_settings(method, options.get(method, {}), defaults)
         merged[method] = {**defaults, **options.get(method, {})}
         if merged[method].get("clean", "rotate") not in ("rotate", "fixed"):
