@@ -326,26 +326,28 @@ class Step(NamedTuple):
         return self
 
 
-def torchrun_steps(folder, steps: list[list], *, env: dict | None = None, cwd=None, timeout: int = 300) -> list[Step]:
-    """Run ``steps`` in one torchrun of 2 processes (gloo on the CPU, one thread each) instead of one torchrun
-    each (each launch imports torch three times: ~15 CPU-s). A step is what follows torchrun's options:
+def torchrun_steps(folder, steps: dict[str, list], *, env: dict | None = None, cwd=None,
+                   step_timeout: int = 300) -> dict[str, Step]:
+    """Run ``steps`` ({name: step}) in one torchrun of 2 processes (gloo on the CPU, one thread each) instead of
+    one torchrun each (each launch imports torch three times: ~15 CPU-s), in their order, ``step_timeout``
+    seconds each at most; {name: its :class:`Step`}. A step is what follows torchrun's options:
     ``["-m", "memloc", COMMAND, ...]`` or ``[SCRIPT, ...]``. Their outputs go to ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "steps.py"
     script.write_text(STEPS)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           str(folder), json.dumps([list(map(str, s)) for s in steps])]
+           str(folder), json.dumps([list(map(str, s)) for s in steps.values()])]
     p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=cwd, capture_output=True,
-                       text=True, timeout=timeout)
+                       text=True, timeout=step_timeout * len(steps))
 
     def read(name):
         path = folder / name
         return path.read_text() if path.exists() else None
 
-    out = []
-    for i in range(len(steps)):
-        codes = tuple(None if read(f"{i}.{r}.code") is None else int(read(f"{i}.{r}.code")) for r in (0, 1))
+    out = {}
+    for i, name in enumerate(steps):
+        codes = tuple(None if (code := read(f"{i}.{r}.code")) is None else int(code) for r in (0, 1))
         err = "".join(read(f"{i}.{r}.err") or "" for r in (0, 1))
-        out.append(Step("".join(read(f"{i}.{r}.out") or "" for r in (0, 1)),
-                        err + (p.stderr[-3000:] if None in codes else ""), codes))
+        out[name] = Step("".join(read(f"{i}.{r}.out") or "" for r in (0, 1)),
+                         err + (p.stderr[-3000:] if None in codes else ""), codes)
     return out

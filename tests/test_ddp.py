@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import memloc
 from memloc.cli import run as cli_run
@@ -59,9 +58,9 @@ def launched(reference, ids_file, tmp_path_factory):
     assert checkpoint_epochs(cut / "checkpoints") == [0, 1]
     runs = {"two": (folder / "two", [*FLAGS, *up]), "cut": (cut, [*FLAGS, *up, "--resume"]),
             "bn": (folder / "bn", [*BN_FLAGS, "--device", "cpu"]), "refused": (reference.path, FLAGS)}
-    steps = torchrun_steps(folder / "steps", [["-m", "memloc", "train", path, *flags] for path, flags in runs.values()],
-                           cwd=ROOT, timeout=240 * len(runs))
-    return {name: (path, step) for (name, (path, _)), step in zip(runs.items(), steps)}
+    steps = torchrun_steps(folder / "steps", {name: ["-m", "memloc", "train", path, *flags]
+                                              for name, (path, flags) in runs.items()}, cwd=ROOT, step_timeout=240)
+    return {name: (path, steps[name]) for name, (path, _) in runs.items()}
 
 
 @pytest.fixture(scope="module")

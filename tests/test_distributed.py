@@ -77,9 +77,9 @@ def launched(run, tmp_path_factory):
     (folder / "passes.py").write_text(PASSES)
     steps = {"passes": (folder / "x.partial", [folder / "passes.py", folder / "x.partial"]),
              "flip": (copy, ["-m", "memloc", "flip", copy.path, *FLIP])}
-    done = torchrun_steps(folder / "steps", [step for _, step in steps.values()], env={"PYTHONWARNINGS": "ignore"},
-                          timeout=300 * len(steps))
-    return {name: (what, step) for (name, (what, _)), step in zip(steps.items(), done)}
+    done = torchrun_steps(folder / "steps", {name: step for name, (_, step) in steps.items()},
+                          env={"PYTHONWARNINGS": "ignore"})
+    return {name: (what, done[name]) for name, (what, _) in steps.items()}
 
 
 @pytest.mark.slow

@@ -98,10 +98,10 @@ def finished(run, tmp_path_factory):
         for name, copy in copies.items():
             _interrupt_after_first_part(getattr(memloc, name), copy, monkeypatch, **KW[name])
             left[name] = len(list(copy.results_path(name).with_name(f"{name}.partial").glob("part_*.npz")))
-    steps = torchrun_steps(folder / "steps", [["-m", "memloc", name, copies[name].path, *KW_ARGS[name], "--device",
-                                               "cpu"] for name in KW],     # the same settings as KW
-                           env={"PYTHONWARNINGS": "ignore"}, timeout=300 * len(KW))
-    return {name: (copies[name], left[name], step) for name, step in zip(KW, steps)}
+    steps = torchrun_steps(folder / "steps", {name: ["-m", "memloc", name, copies[name].path, *KW_ARGS[name],
+                                                     "--device", "cpu"] for name in KW},     # the same settings as KW
+                           env={"PYTHONWARNINGS": "ignore"})
+    return {name: (copies[name], left[name], steps[name]) for name in KW}
 
 
 @pytest.mark.slow

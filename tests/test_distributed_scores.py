@@ -40,10 +40,9 @@ def launched(run, tmp_path_factory):
     {name: (the copy, its torchrun step)}; each test compares one with the single-process result on that copy."""
     folder = tmp_path_factory.mktemp("dist_scores_torchrun")
     copies = {name: results_free_copy(run, folder / name) for name in LAUNCHED}
-    steps = torchrun_steps(folder / "steps", [["-m", "memloc", name, copies[name].path, *args]
-                                              for name, args in LAUNCHED.items()],
-                           env={"PYTHONWARNINGS": "ignore"}, timeout=300 * len(LAUNCHED))
-    return {name: (copies[name], step) for name, step in zip(LAUNCHED, steps)}
+    steps = torchrun_steps(folder / "steps", {name: ["-m", "memloc", name, copies[name].path, *args]
+                                              for name, args in LAUNCHED.items()}, env={"PYTHONWARNINGS": "ignore"})
+    return {name: (copies[name], steps[name]) for name in LAUNCHED}
 
 
 @pytest.fixture(autouse=True)

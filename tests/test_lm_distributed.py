@@ -87,9 +87,9 @@ def launched(reference, one_thread, tmp_path_factory):
              "cut": (cut, ["-m", "memloc", "train", cut, *FLAGS, "--resume", "--etd-after", "mlp", "--p-gen", "0.5",
                            "--p-mem", "0.25"]),
              "analyses": (lm, [folder / "worker.py", lm, json.dumps(LOCALISATION)])}     # last: it wraps functions
-    done = torchrun_steps(folder / "steps", [step for _, step in steps.values()], env={"PYTHONWARNINGS": "ignore"},
-                          cwd=ROOT, timeout=300 * len(steps))
-    return {name: (path, step) for (name, (path, _)), step in zip(steps.items(), done)}
+    done = torchrun_steps(folder / "steps", {name: step for name, (_, step) in steps.items()},
+                          env={"PYTHONWARNINGS": "ignore"}, cwd=ROOT)
+    return {name: (path, done[name]) for name, (path, _) in steps.items()}
 
 
 @pytest.mark.slow
